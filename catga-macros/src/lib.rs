@@ -1,0 +1,49 @@
+//! Procedural macros of [catga](https://docs.rs/catga): `#[command]` and
+//! `#[event]`. Use them through the `catga` crate, which re-exports them.
+//!
+//! One attribute, two roles: on a struct or enum it declares a message type
+//! (subject, reply type, version); on an `async fn` it registers a handler in
+//! catga's `linkme` registry. Each attribute's module is split into parse,
+//! validate and expand steps; `attr` holds the shared argument parser.
+#![forbid(unsafe_code)]
+
+mod attr;
+mod command;
+mod event;
+mod handler;
+mod item;
+mod message;
+mod names;
+
+use proc_macro::TokenStream;
+
+/// Declares a command type, or registers a command handler.
+///
+/// On a struct or enum: `#[command]`, `#[command(subject = "orders.create",
+/// reply = OrderId, version = 1)]`. The subject defaults to `cmd.` plus the
+/// type name in snake case; the reply defaults to `()`.
+///
+/// On an `async fn(C) -> catga::Result<C::Reply>` or
+/// `async fn(&Context, C) -> catga::Result<C::Reply>`:
+/// `#[command(queue_group = "order-workers", concurrency = 32)]`. Exactly one
+/// replica of the queue group (default: the command's subject) handles each
+/// command.
+#[proc_macro_attribute]
+pub fn command(attr: TokenStream, item: TokenStream) -> TokenStream {
+    command::expand(attr.into(), item.into()).into()
+}
+
+/// Declares an event type, or registers an event handler.
+///
+/// On a struct or enum: `#[event]`, `#[event(subject = "orders.created",
+/// version = 2)]`. The subject defaults to `evt.` plus the type name in snake
+/// case.
+///
+/// On an `async fn(E) -> catga::Result<()>` or
+/// `async fn(&Context, E) -> catga::Result<()>`: `#[event]` (every replica
+/// receives each event) or `#[event(queue_group = "billing")]` (one replica
+/// per group).
+#[proc_macro_attribute]
+pub fn event(attr: TokenStream, item: TokenStream) -> TokenStream {
+    event::expand(attr.into(), item.into()).into()
+}

@@ -1,0 +1,519 @@
+//! Start-up, serving and graceful shutdown: [`run`], [`Runtime`] and
+//! [`RuntimeBuilder`].
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::client::{Client, Context, error_body, error_headers, incoming_meta};
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::headers;
+use crate::registry::{self, HandlerKind, HandlerSpec};
+use crate::transport::memory::MemoryBus;
+use crate::transport::nats::NatsTransport;
+use crate::transport::{Incoming, Subscription, Transport};
+
+/// Runs the service: reads [`Config`] from the environment, serves every
+/// registered handler and returns after a graceful drain on SIGTERM or
+/// Ctrl-C.
+///
+/// Without `NATS_URL` it runs on the embedded in-memory transport and says so
+/// in its log.
+pub async fn run() -> Result<()> {
+    init_logging();
+    let runtime = Runtime::builder().config(Config::from_env()?).start().await?;
+    runtime.run_until_signal().await
+}
+
+/// Installs a plain log subscriber (filter from `RUST_LOG`, default `info`)
+/// unless the application installed one.
+fn init_logging() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer())
+        .with(filter)
+        .try_init();
+}
+
+type Filter = Box<dyn Fn(&HandlerSpec) -> bool + Send + Sync>;
+
+/// Builds a [`Runtime`] in code: the same settings as the environment
+/// variables of [`Config`], for tests and embedding.
+pub struct RuntimeBuilder {
+    config: Config,
+    bus: Option<MemoryBus>,
+    filter: Option<Filter>,
+}
+
+impl RuntimeBuilder {
+    /// Replaces every setting with `config`.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Serves over NATS at `url`.
+    pub fn nats_url(mut self, url: impl Into<String>) -> Self {
+        self.config.nats_url = Some(url.into());
+        self
+    }
+
+    /// Serves on the given in-memory bus (share it between runtimes and
+    /// clients of one process). Takes precedence over a NATS URL.
+    pub fn memory(mut self, bus: MemoryBus) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// Sets the service name.
+    pub fn service(mut self, name: impl Into<String>) -> Self {
+        self.config.service = name.into();
+        self
+    }
+
+    /// Sets the replica id.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.config.instance_id = id.into();
+        self
+    }
+
+    /// Sets the default reply time-out of `send`.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Sets how long shutdown waits for in-flight handlers.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Sets the default in-flight limit per handler.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n.max(1);
+        self
+    }
+
+    /// Starts without handlers: a process that only sends and publishes.
+    pub fn client_only(mut self) -> Self {
+        self.config.client_only = true;
+        self
+    }
+
+    /// Serves only the handlers for which `keep` returns true (several
+    /// runtimes in one process, or a binary that splits its handlers over
+    /// deployments).
+    pub fn handlers(mut self, keep: impl Fn(&HandlerSpec) -> bool + Send + Sync + 'static) -> Self {
+        self.filter = Some(Box::new(keep));
+        self
+    }
+
+    /// Checks the handler table, connects and subscribes.
+    ///
+    /// Returns as soon as the subscriptions are requested: a broker that is
+    /// down is retried in the background, and [`Runtime::ready`] tells when
+    /// the server confirmed every subscription.
+    pub async fn start(self) -> Result<Runtime> {
+        let RuntimeBuilder { config, bus, filter } = self;
+        let selected: Vec<&'static HandlerSpec> = if config.client_only {
+            Vec::new()
+        } else {
+            registry::handlers()
+                .iter()
+                .filter(|s| filter.as_ref().is_none_or(|f| f(s)))
+                .collect()
+        };
+        registry::check(&selected, config.client_only)?;
+
+        let transport = match (&bus, &config.nats_url) {
+            (Some(bus), _) => Transport::Memory(bus.clone()),
+            (None, Some(url)) => {
+                let name = format!("{}/{}", config.service, config.instance_id);
+                Transport::Nats(NatsTransport::connect(url, &name, config.subscription_capacity).await?)
+            }
+            (None, None) => Transport::Memory(MemoryBus::new()),
+        };
+        match (&transport, &config.nats_url) {
+            (Transport::Memory(_), None) if bus.is_none() => tracing::info!(
+                service = %config.service,
+                instance = %config.instance_id,
+                "NATS_URL is not set: running on the embedded in-memory transport (one process)"
+            ),
+            (Transport::Memory(_), _) => tracing::info!(
+                service = %config.service,
+                instance = %config.instance_id,
+                "running on a shared in-memory bus"
+            ),
+            (Transport::Nats(_), url) => tracing::info!(
+                service = %config.service,
+                instance = %config.instance_id,
+                nats_url = url.as_deref().unwrap_or_default(),
+                "running over NATS"
+            ),
+        }
+        log_table(&selected, &config);
+
+        let client = Client::from_transport(
+            transport.clone(),
+            config.service.clone(),
+            config.instance_id.clone(),
+            config.request_timeout,
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut loops = Vec::with_capacity(selected.len());
+        for spec in &selected {
+            let sub = transport
+                .subscribe(spec.subject, spec.queue_group(), config.subscription_capacity)
+                .await?;
+            let limit = if spec.concurrency > 0 {
+                spec.concurrency
+            } else {
+                config.concurrency
+            };
+            loops.push(tokio::spawn(serve(
+                spec,
+                sub,
+                client.clone(),
+                limit,
+                stop_rx.clone(),
+                config.drain_timeout,
+            )));
+        }
+
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let confirm = tokio::spawn(confirm_subscriptions(transport.clone(), config.instance_id.clone(), ready_tx));
+        Ok(Runtime {
+            client,
+            handlers: selected,
+            loops,
+            confirm,
+            stop: stop_tx,
+            ready: ready_rx,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+}
+
+fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
+    tracing::info!(count = selected.len(), "handler table");
+    for s in selected {
+        let kind = match s.kind {
+            HandlerKind::Command => "command",
+            HandlerKind::Event => "event",
+        };
+        tracing::info!(
+            kind,
+            subject = s.subject,
+            queue_group = s.queue_group().unwrap_or("-"),
+            handler = s.name,
+            message = s.message_type,
+            concurrency = if s.concurrency > 0 { s.concurrency } else { config.concurrency },
+            "handler"
+        );
+    }
+}
+
+/// Confirms that the server has every subscription: the server handles one
+/// connection's protocol lines in order, so once a message published after
+/// the subscriptions comes back to a probe subscription made after them,
+/// they are all in place.
+async fn confirm_subscriptions(transport: Transport, instance_id: String, ready: watch::Sender<bool>) {
+    let subject = format!("_CATGA.probe.{}", crate::message::new_message_id());
+    let mut probe = match transport.subscribe(&subject, None, 4).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe the readiness probe");
+            return;
+        }
+    };
+    loop {
+        if let Err(e) = transport
+            .publish(&subject, crate::transport::Headers::new(), bytes::Bytes::new())
+            .await
+        {
+            tracing::warn!(error = %e, "readiness probe not sent");
+        }
+        match tokio::time::timeout(Duration::from_millis(500), probe.next()).await {
+            Ok(Some(_)) => break,
+            Ok(None) => return,
+            Err(_) => tracing::debug!("waiting for the broker to confirm subscriptions"),
+        }
+    }
+    tracing::info!(instance = %instance_id, "ready: every subscription is confirmed by the broker");
+    let _ = ready.send(true);
+    probe.drain().await;
+}
+
+/// A running replica. Dropping it without [`shutdown`](Self::shutdown)
+/// aborts its handlers.
+pub struct Runtime {
+    client: Client,
+    handlers: Vec<&'static HandlerSpec>,
+    loops: Vec<JoinHandle<()>>,
+    confirm: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    ready: watch::Receiver<bool>,
+    drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("client", &self.client)
+            .field("handlers", &self.handlers.len())
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// A builder with the defaults of [`Config`] (not the environment).
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder {
+            config: Config::default(),
+            bus: None,
+            filter: None,
+        }
+    }
+
+    /// A client on this runtime's transport, carrying its service and
+    /// instance id.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The handlers this runtime serves.
+    pub fn handlers(&self) -> &[&'static HandlerSpec] {
+        &self.handlers
+    }
+
+    /// True once the broker confirmed every subscription and while the
+    /// connection is up.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow() && self.client.is_connected()
+    }
+
+    /// Waits until the broker confirmed every subscription.
+    pub async fn ready(&self) -> Result<()> {
+        let mut ready = self.ready.clone();
+        ready
+            .wait_for(|r| *r)
+            .await
+            .map(|_| ())
+            .map_err(|_| Error::new(ErrorKind::Internal, "readiness probe stopped"))
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> Result<()> {
+        shutdown_signal().await;
+        tracing::info!("shutdown signal received: draining");
+        self.shutdown().await
+    }
+
+    /// Stops taking work, drains every subscription, waits (up to the drain
+    /// time-out) for in-flight handlers and flushes their replies.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        self.confirm.abort();
+        let deadline = self.drain_timeout + Duration::from_secs(1);
+        let mut clean = true;
+        for handle in std::mem::take(&mut self.loops) {
+            match tokio::time::timeout(deadline, handle).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    clean = false;
+                    tracing::error!(error = %e, "handler loop failed");
+                }
+                Err(_) => clean = false,
+            }
+        }
+        let flushed = tokio::time::timeout(Duration::from_secs(2), self.client.transport().flush()).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!("could not flush the last replies to the broker");
+        }
+        tracing::info!(clean, "shutdown complete");
+        if clean {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::Unavailable,
+                "shutdown deadline passed with handlers still running",
+            ))
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.confirm.abort();
+        for l in &self.loops {
+            l.abort();
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// One handler's loop: takes messages while permits are free, runs each in
+/// its own task, and on stop drains the subscription and waits for the
+/// tasks in flight.
+async fn serve(
+    spec: &'static HandlerSpec,
+    mut sub: Subscription,
+    client: Client,
+    limit: usize,
+    mut stop: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) {
+    let permits = Arc::new(Semaphore::new(limit));
+    let mut draining = false;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            changed = stop.changed(), if !draining => {
+                if changed.is_err() || *stop.borrow() {
+                    draining = true;
+                    sub.drain().await;
+                }
+                continue;
+            }
+            msg = sub.next() => msg,
+        };
+        let Some(msg) = msg else { break };
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            break;
+        };
+        let client = client.clone();
+        tokio::spawn(async move {
+            handle(spec, msg, client).await;
+            drop(permit);
+        });
+    }
+    // Every permit back means every handler finished.
+    let all = u32::try_from(limit).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain_timeout, permits.acquire_many(all)).await.is_err() {
+        tracing::warn!(
+            handler = spec.name,
+            "drain time-out: handlers still running at shutdown"
+        );
+    }
+}
+
+/// Runs one message through its handler and answers it.
+async fn handle(spec: &'static HandlerSpec, msg: Incoming, client: Client) {
+    let Incoming {
+        subject,
+        headers: hdrs,
+        payload,
+        reply,
+    } = msg;
+    let meta = incoming_meta(&subject, hdrs.as_ref());
+    let span = tracing::info_span!(
+        "handle",
+        handler = spec.name,
+        subject = spec.subject,
+        message_id = %meta.message_id,
+        correlation_id = %meta.correlation_id,
+    );
+    let result = match check_version(spec, hdrs.as_ref()) {
+        Err(e) => Err(e),
+        Ok(()) => {
+            let ctx = Context::new(client.clone(), meta);
+            match AssertUnwindSafe((spec.call)(ctx, payload))
+                .catch_unwind()
+                .instrument(span.clone())
+                .await
+            {
+                Ok(r) => r,
+                Err(panic) => Err(Error::new(
+                    ErrorKind::Panic,
+                    format!("handler `{}` panicked: {}", spec.name, panic_message(&panic)),
+                )),
+            }
+        }
+    };
+    let _enter = span.enter();
+    match (&result, &reply) {
+        (Err(e), _) if e.kind() == ErrorKind::Panic => tracing::error!(error = %e, "handler panicked"),
+        (Err(e), _) if e.code() >= 500 => tracing::error!(error = %e, "handler failed"),
+        (Err(e), _) => tracing::warn!(error = %e, "message rejected"),
+        (Ok(_), _) => tracing::trace!("handled"),
+    }
+    let Some(reply) = reply else {
+        return;
+    };
+    let sent = match result {
+        Ok(body) => client.transport().respond(reply, None, body).await,
+        Err(e) => {
+            client
+                .transport()
+                .respond(reply, Some(error_headers(&e)), error_body(&e))
+                .await
+        }
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "reply not sent");
+    }
+}
+
+fn check_version(spec: &HandlerSpec, hdrs: Option<&crate::transport::Headers>) -> Result<()> {
+    let Some(v) = hdrs.and_then(|h| h.get(headers::VERSION)) else {
+        return Ok(());
+    };
+    match v.as_str().trim().parse::<u32>() {
+        Ok(v) if v <= spec.version => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "unknown version {} of `{}`: handler `{}` understands up to version {}",
+                v.as_str(),
+                spec.message_type,
+                spec.name,
+                spec.version
+            ),
+        )),
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
