@@ -130,6 +130,25 @@ impl Client {
         self.publish_from(event, None).await
     }
 
+    /// Sends a raw payload to a command subject and returns the raw reply
+    /// body (for gateways that forward JSON); an error reply becomes
+    /// [`Error`] with its kind and message.
+    pub async fn send_raw(&self, subject: &str, payload: Bytes) -> Result<Bytes> {
+        let id = new_message_id();
+        let mut h = Headers::new();
+        h.insert(headers::CORRELATION_ID, id.as_str());
+        h.insert(headers::MESSAGE_ID, id);
+        let reply = self
+            .inner
+            .transport
+            .request(subject, h, payload, self.inner.request_timeout)
+            .await?;
+        if let Some(err) = reply_error(&reply) {
+            return Err(err);
+        }
+        Ok(reply.payload)
+    }
+
     pub(crate) async fn send_within<C: Command>(
         &self,
         cmd: C,
@@ -175,18 +194,23 @@ fn version_str(v: u32) -> String {
     v.to_string()
 }
 
+/// The error carried by an error reply, if it is one.
+fn reply_error(reply: &Reply) -> Option<Error> {
+    let h = reply.headers.as_ref()?;
+    let code = h.get(headers::SERVICE_ERROR_CODE)?;
+    let code = code.as_str().trim().parse::<u16>().ok();
+    let kind = ErrorKind::from_wire(h.get(headers::ERROR_KIND).map(|v| v.as_str()), code);
+    let message = match h.get(headers::SERVICE_ERROR) {
+        Some(m) => m.as_str().to_owned(),
+        None => String::from_utf8_lossy(&reply.payload).into_owned(),
+    };
+    Some(Error::new(kind, message))
+}
+
 /// Turns a reply into the command's reply type, or into the handler's error.
 pub(crate) fn decode_reply<R: serde::de::DeserializeOwned>(subject: &str, reply: Reply) -> Result<R> {
-    if let Some(h) = &reply.headers {
-        if let Some(code) = h.get(headers::SERVICE_ERROR_CODE) {
-            let code = code.as_str().trim().parse::<u16>().ok();
-            let kind = ErrorKind::from_wire(h.get(headers::ERROR_KIND).map(|v| v.as_str()), code);
-            let message = match h.get(headers::SERVICE_ERROR) {
-                Some(m) => m.as_str().to_owned(),
-                None => String::from_utf8_lossy(&reply.payload).into_owned(),
-            };
-            return Err(Error::new(kind, message));
-        }
+    if let Some(err) = reply_error(&reply) {
+        return Err(err);
     }
     codec::decode(&reply.payload, std::any::type_name::<R>()).map_err(|e| {
         Error::new(

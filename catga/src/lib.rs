@@ -45,7 +45,7 @@ pub use config::Config;
 pub use error::{Error, ErrorKind, Result};
 pub use message::{Command, Event, Message, MessageKind, MessageMeta};
 pub use registry::{HandlerKind, HandlerSpec};
-pub use runtime::{Runtime, RuntimeBuilder, run};
+pub use runtime::{Runtime, RuntimeBuilder, run, start};
 pub use transport::memory::MemoryBus;
 
 /// Used by the code that `#[command]` and `#[event]` generate. Not API: it

@@ -26,9 +26,15 @@ use crate::transport::{Incoming, Subscription, Transport};
 /// Without `NATS_URL` it runs on the embedded in-memory transport and says so
 /// in its log.
 pub async fn run() -> Result<()> {
+    start().await?.run_until_signal().await
+}
+
+/// What [`run`] does before it waits for a signal: sets up logging, reads the
+/// environment, starts serving, and returns the [`Runtime`] so that `main`
+/// can also use its [`client`](Runtime::client).
+pub async fn start() -> Result<Runtime> {
     init_logging();
-    let runtime = Runtime::builder().config(Config::from_env()?).start().await?;
-    runtime.run_until_signal().await
+    Runtime::builder().config(Config::from_env()?).start().await
 }
 
 /// Installs a plain log subscriber (filter from `RUST_LOG`, default `info`)
@@ -218,7 +224,7 @@ fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
             subject = s.subject,
             queue_group = s.queue_group().unwrap_or("-"),
             handler = s.name,
-            message = s.message_type,
+            message_type = s.message_type,
             concurrency = if s.concurrency > 0 { s.concurrency } else { config.concurrency },
             "handler"
         );

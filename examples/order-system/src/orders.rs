@@ -1,0 +1,330 @@
+//! Messages, handlers and the read model of the order service.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use catga::{Context, Error, Result, command, event};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// An order's id.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OrderId(pub String);
+
+impl std::fmt::Display for OrderId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One line of an order.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Line {
+    /// Product code.
+    pub sku: String,
+    /// How many.
+    pub quantity: u32,
+    /// Price of one, in cents.
+    pub unit_cents: u64,
+}
+
+/// Where an order is in its lifecycle.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Created, waiting for payment.
+    Created,
+    /// Paid, waiting for shipping.
+    Paid,
+    /// Shipped: final.
+    Shipped,
+    /// Cancelled: final.
+    Cancelled,
+}
+
+/// Places an order.
+#[command(reply = OrderId)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct CreateOrder {
+    /// Who orders.
+    pub customer: String,
+    /// What.
+    pub lines: Vec<Line>,
+}
+
+/// Pays an order in full.
+#[command]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PayOrder {
+    /// Which order.
+    pub id: OrderId,
+    /// Must equal the order's total.
+    pub amount_cents: u64,
+}
+
+/// Ships a paid order; replies with the tracking number.
+#[command(reply = String)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ShipOrder {
+    /// Which order.
+    pub id: OrderId,
+}
+
+/// Cancels an order that has not shipped.
+#[command]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct CancelOrder {
+    /// Which order.
+    pub id: OrderId,
+    /// Why.
+    pub reason: String,
+}
+
+/// Reads an order.
+#[command(subject = "orders.get", reply = OrderView)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct GetOrder {
+    /// Which order.
+    pub id: OrderId,
+}
+
+/// An order as the read model sees it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct OrderView {
+    /// Id.
+    pub id: OrderId,
+    /// Customer.
+    pub customer: String,
+    /// Total in cents.
+    pub total_cents: u64,
+    /// Lifecycle state.
+    pub status: Status,
+    /// Set once shipped.
+    pub tracking: Option<String>,
+}
+
+/// An order was placed.
+#[event(subject = "orders.created")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OrderCreated {
+    /// Id.
+    pub id: OrderId,
+    /// Customer.
+    pub customer: String,
+    /// Total in cents.
+    pub total_cents: u64,
+}
+
+/// An order was paid.
+#[event(subject = "orders.paid")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OrderPaid {
+    /// Id.
+    pub id: OrderId,
+    /// Amount in cents.
+    pub amount_cents: u64,
+}
+
+/// An order left the warehouse.
+#[event(subject = "orders.shipped")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OrderShipped {
+    /// Id.
+    pub id: OrderId,
+    /// Tracking number.
+    pub tracking: String,
+}
+
+/// An order was cancelled.
+#[event(subject = "orders.cancelled")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct OrderCancelled {
+    /// Id.
+    pub id: OrderId,
+    /// Why.
+    pub reason: String,
+}
+
+/// The read model: every replica builds it from the broadcast events, so any
+/// replica answers queries and checks commands against it.
+#[derive(Default)]
+struct ReadModel {
+    orders: Mutex<HashMap<OrderId, OrderView>>,
+    changed: Notify,
+}
+
+static READ_MODEL: LazyLock<ReadModel> = LazyLock::new(ReadModel::default);
+
+/// How long a command waits for the read model to see an order created on
+/// another replica an instant earlier.
+const CATCH_UP: Duration = Duration::from_secs(2);
+
+impl ReadModel {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, OrderView>> {
+        self.orders.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, id: &OrderId, f: impl FnOnce(&mut OrderView)) {
+        if let Some(view) = self.lock().get_mut(id) {
+            f(view);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The order once it satisfies `ready`, waiting up to [`CATCH_UP`].
+    async fn wait_for(&self, id: &OrderId, ready: impl Fn(&OrderView) -> bool) -> Option<OrderView> {
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        loop {
+            let notified = self.changed.notified();
+            if let Some(view) = self.lock().get(id).filter(|v| ready(v)).cloned() {
+                return Some(view);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.lock().get(id).cloned();
+            }
+        }
+    }
+}
+
+#[command(queue_group = "order-workers")]
+async fn create_order(ctx: &Context, cmd: CreateOrder) -> Result<OrderId> {
+    if cmd.customer.trim().is_empty() {
+        return Err(Error::invalid("customer is required"));
+    }
+    if cmd.lines.is_empty() || cmd.lines.iter().any(|l| l.quantity == 0) {
+        return Err(Error::invalid("an order needs at least one line with a quantity"));
+    }
+    let total_cents = cmd
+        .lines
+        .iter()
+        .map(|l| u64::from(l.quantity) * l.unit_cents)
+        .sum();
+    let id = OrderId(format!("ord-{}", ctx.message_id()));
+    ctx.publish(OrderCreated {
+        id: id.clone(),
+        customer: cmd.customer,
+        total_cents,
+    })
+    .await?;
+    tracing::info!(order = %id, total_cents, replica = ctx.instance_id(), "order created");
+    Ok(id)
+}
+
+#[command(queue_group = "order-workers")]
+async fn pay_order(ctx: &Context, cmd: PayOrder) -> Result<()> {
+    let view = READ_MODEL
+        .wait_for(&cmd.id, |v| v.status != Status::Created || v.total_cents > 0)
+        .await
+        .ok_or_else(|| Error::not_found(format!("order {} does not exist", cmd.id)))?;
+    if view.status != Status::Created {
+        return Err(Error::conflict(format!("order {} is {:?}, not awaiting payment", cmd.id, view.status)));
+    }
+    if cmd.amount_cents != view.total_cents {
+        return Err(Error::invalid(format!(
+            "order {} totals {} cents, payment was {}",
+            cmd.id, view.total_cents, cmd.amount_cents
+        )));
+    }
+    ctx.publish(OrderPaid {
+        id: cmd.id.clone(),
+        amount_cents: cmd.amount_cents,
+    })
+    .await?;
+    tracing::info!(order = %cmd.id, replica = ctx.instance_id(), "order paid");
+    Ok(())
+}
+
+#[command(queue_group = "order-workers")]
+async fn ship_order(ctx: &Context, cmd: ShipOrder) -> Result<String> {
+    let view = READ_MODEL
+        .wait_for(&cmd.id, |v| v.status != Status::Created)
+        .await
+        .ok_or_else(|| Error::not_found(format!("order {} does not exist", cmd.id)))?;
+    if view.status != Status::Paid {
+        return Err(Error::conflict(format!("order {} is {:?}, not paid", cmd.id, view.status)));
+    }
+    let tracking = format!("TRK-{}", ctx.message_id());
+    ctx.publish(OrderShipped {
+        id: cmd.id.clone(),
+        tracking: tracking.clone(),
+    })
+    .await?;
+    tracing::info!(order = %cmd.id, %tracking, replica = ctx.instance_id(), "order shipped");
+    Ok(tracking)
+}
+
+#[command(queue_group = "order-workers")]
+async fn cancel_order(ctx: &Context, cmd: CancelOrder) -> Result<()> {
+    let view = READ_MODEL
+        .wait_for(&cmd.id, |_| true)
+        .await
+        .ok_or_else(|| Error::not_found(format!("order {} does not exist", cmd.id)))?;
+    match view.status {
+        Status::Created | Status::Paid => {}
+        other => return Err(Error::conflict(format!("order {} is {other:?}, too late to cancel", cmd.id))),
+    }
+    ctx.publish(OrderCancelled {
+        id: cmd.id.clone(),
+        reason: cmd.reason.clone(),
+    })
+    .await?;
+    tracing::info!(order = %cmd.id, reason = %cmd.reason, replica = ctx.instance_id(), "order cancelled");
+    Ok(())
+}
+
+#[command(queue_group = "order-queries", concurrency = 512)]
+async fn get_order(query: GetOrder) -> Result<OrderView> {
+    READ_MODEL
+        .wait_for(&query.id, |_| true)
+        .await
+        .ok_or_else(|| Error::not_found(format!("order {} does not exist", query.id)))
+}
+
+// Projections: plain #[event] handlers, so every replica receives every event.
+
+#[event]
+async fn project_created(e: OrderCreated) -> Result<()> {
+    READ_MODEL.lock().entry(e.id.clone()).or_insert(OrderView {
+        id: e.id,
+        customer: e.customer,
+        total_cents: e.total_cents,
+        status: Status::Created,
+        tracking: None,
+    });
+    READ_MODEL.changed.notify_waiters();
+    Ok(())
+}
+
+#[event]
+async fn project_paid(e: OrderPaid) -> Result<()> {
+    READ_MODEL.update(&e.id, |v| v.status = Status::Paid);
+    Ok(())
+}
+
+#[event]
+async fn project_shipped(e: OrderShipped) -> Result<()> {
+    READ_MODEL.update(&e.id, |v| {
+        v.status = Status::Shipped;
+        v.tracking = Some(e.tracking);
+    });
+    Ok(())
+}
+
+#[event]
+async fn project_cancelled(e: OrderCancelled) -> Result<()> {
+    READ_MODEL.update(&e.id, |v| v.status = Status::Cancelled);
+    Ok(())
+}
+
+/// One replica of the "notifications" group tells the customer.
+#[event(queue_group = "notifications")]
+async fn notify_customer(ctx: &Context, e: OrderShipped) -> Result<()> {
+    tracing::info!(
+        order = %e.id,
+        tracking = %e.tracking,
+        replica = ctx.instance_id(),
+        correlation_id = ctx.correlation_id(),
+        "customer notified of shipment"
+    );
+    Ok(())
+}
