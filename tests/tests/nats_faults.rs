@@ -1,0 +1,136 @@
+//! Broker faults and wire compatibility over a real nats-server.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use catga_tests::handlers::echo;
+use catga_tests::{Backend, NatsServer};
+
+/// Sends until it succeeds or `within` passes; returns the last error.
+async fn send_until_ok(client: &catga::Client, within: Duration) -> Result<echo::Echoed, catga::Error> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let r = client
+            .send_with_timeout(echo::Echo { text: "again".into() }, Duration::from_millis(500))
+            .await;
+        match r {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                assert!(e.is_retryable(), "only transient errors while the broker is away: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_while_nats_is_down_then_serves_when_it_comes_up() {
+    let mut server = NatsServer::reserve();
+    let rt = catga::Runtime::builder()
+        .nats_url(server.url())
+        .instance_id("early")
+        .handlers(|s| s.name.starts_with("catga_tests::handlers::echo::"))
+        .start()
+        .await
+        .expect("start-up does not fail while NATS is down");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!rt.is_ready(), "not ready without a broker");
+
+    server.resume();
+    tokio::time::timeout(Duration::from_secs(15), rt.ready())
+        .await
+        .expect("ready once NATS is up")
+        .expect("readiness");
+    assert!(rt.is_ready());
+    let backend = Backend::Nats(server);
+    let client = backend.client().await;
+    let r = send_until_ok(&client, Duration::from_secs(10)).await.expect("served");
+    assert_eq!(r.instance, "early");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_mid_run_and_the_runtime_recovers() {
+    let backend = Backend::nats();
+    let rt = backend.runtime("echo", "survivor").await;
+    let client = backend.client().await;
+    send_until_ok(&client, Duration::from_secs(5)).await.expect("served before the crash");
+
+    let Backend::Nats(mut server) = backend else {
+        unreachable!("nats backend")
+    };
+    server.kill();
+    let err = client
+        .send_with_timeout(echo::Echo { text: "lost".into() }, Duration::from_millis(500))
+        .await
+        .expect_err("the broker is down");
+    assert!(err.is_retryable(), "a broker outage is retryable: {err}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!rt.is_ready(), "not ready while disconnected");
+
+    server.resume();
+    let r = send_until_ok(&client, Duration::from_secs(20))
+        .await
+        .expect("served again after the broker came back");
+    assert_eq!(r.instance, "survivor");
+    assert!(rt.is_ready(), "ready again");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// Error replies follow the NATS micro convention, so plain NATS clients
+/// (and `nats req`) understand them; plain clients without catga headers
+/// are served too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_format_is_plain_nats() {
+    let backend = Backend::nats();
+    let rt = backend.runtime("faults", "r1").await;
+    let Backend::Nats(server) = &backend else {
+        unreachable!("nats backend")
+    };
+    let nats = async_nats::connect(server.url()).await.expect("raw client");
+
+    let ok = nats
+        .request("cmd.fail", Bytes::from_static(br#"{"mode":"ok"}"#))
+        .await
+        .expect("reply");
+    assert_eq!(&ok.payload[..], b"7");
+    assert!(ok.headers.is_none(), "a success reply carries no error headers");
+
+    let err = nats
+        .request("cmd.fail", Bytes::from_static(br#"{"mode":"not_found"}"#))
+        .await
+        .expect("reply");
+    let h = err.headers.expect("error headers");
+    assert_eq!(h.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("404"));
+    assert_eq!(h.get("Nats-Service-Error").map(|v| v.as_str()), Some("no such thing"));
+    assert_eq!(h.get("Catga-Error-Kind").map(|v| v.as_str()), Some("not_found"));
+    assert_eq!(&err.payload[..], b"no such thing");
+
+    let bad = nats
+        .request("cmd.fail", Bytes::from_static(b"\xff\xfe"))
+        .await
+        .expect("reply");
+    let h = bad.headers.expect("error headers");
+    assert_eq!(h.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("400"));
+    assert!(
+        h.get("Nats-Service-Error")
+            .is_some_and(|v| v.as_str().contains("cannot decode payload as `Fail`")),
+        "{h:?}"
+    );
+
+    let mut newer = async_nats::HeaderMap::new();
+    newer.insert("Catga-Version", "9");
+    let future = nats
+        .request_with_headers("cmd.fail", newer, Bytes::from_static(br#"{"mode":"ok"}"#))
+        .await
+        .expect("reply");
+    let h = future.headers.expect("error headers");
+    assert_eq!(h.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("400"));
+    assert!(
+        h.get("Nats-Service-Error")
+            .is_some_and(|v| v.as_str().contains("unknown version 9 of `Fail`")),
+        "{h:?}"
+    );
+    rt.shutdown().await.expect("clean shutdown");
+}
