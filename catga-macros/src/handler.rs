@@ -2,7 +2,7 @@
 //! registers a trampoline in catga's `linkme` handler slice.
 
 use proc_macro2::TokenStream;
-use quote::{format_ident, quote, quote_spanned};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{FnArg, ItemFn, ReturnType, Type};
 
@@ -144,13 +144,13 @@ pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, f: &ItemFn)
         None => quote!(::core::option::Option::None),
     };
     let concurrency = opts.concurrency.unwrap_or(0);
-    let (kind_variant, info_fn, decode_fn) = match kind {
-        Kind::Command => (quote!(Command), format_ident!("command_info"), format_ident!("decode_command")),
-        Kind::Event => (quote!(Event), format_ident!("event_info"), format_ident!("decode_event")),
+    let (kind_variant, info_fn) = match kind {
+        Kind::Command => (quote!(Command), format_ident!("command_info")),
+        Kind::Event => (quote!(Event), format_ident!("event_info")),
     };
-    // Spanned on the user's message type: "`X` is not a catga command" points there.
-    let info = quote_spanned!(msg_ty.span()=> #p::#info_fn::<#msg_ty>());
-    let decode = quote_spanned!(msg_ty.span()=> #p::#decode_fn::<#msg_ty>(&__catga_payload));
+    // The one place that requires `T: Command` (or `Event`), spanned on the
+    // user's type: "`X` is not a catga command" points there, once.
+    let info = quote_spanned!(msg_ty.span()=> let __catga_described = #p::#info_fn::<#msg_ty>(););
     let call = if sig.takes_context {
         quote!(#fn_ident(&__catga_ctx, __catga_msg))
     } else {
@@ -159,47 +159,81 @@ pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, f: &ItemFn)
             #fn_ident(__catga_msg)
         })
     };
-    // Spanned on the user's return type: a wrong reply type is reported there.
-    let output = sig.output;
-    let body = match kind {
-        Kind::Command => quote_spanned! {output.span()=>
-            let __catga_out: #p::Result<#p::ReplyOf<#msg_ty>> = #call.await;
-            #p::encode(&__catga_out?)
+    // The result variable carries the span of the user's return type, so a
+    // wrong reply type is reported there.
+    let ret_span = sig
+        .output
+        .to_token_stream()
+        .into_iter()
+        .next()
+        .map_or_else(proc_macro2::Span::call_site, |t| t.span());
+    let out = quote_spanned!(ret_span=> __catga_out);
+    // `#p` was built at the call site; inside the spanned entry point it takes
+    // the message type's span too.
+    let p = respan(p, msg_ty.span());
+    let reply = match kind {
+        Kind::Command => quote_spanned! {msg_ty.span()=>
+            let #out = #call.await;
+            let __catga_reply = #p::reply_of(&__catga_described, #out)?;
+            #p::encode(&__catga_reply)
         },
-        Kind::Event => quote_spanned! {output.span()=>
-            let __catga_out: #p::Result<()> = #call.await;
-            __catga_out?;
+        Kind::Event => quote_spanned! {msg_ty.span()=>
+            let #out = #call.await;
+            #p::reply_of(&__catga_described, #out)?;
             ::core::result::Result::Ok(#p::Bytes::new())
         },
+    };
+
+    // Spanned on the user's message type: if it is not a command (event), every
+    // use of its reply type reports at the same place and rustc shows one error.
+    let entry = quote_spanned! {msg_ty.span()=>
+        fn __catga_entry(__catga_invocation: #p::Invocation) -> #p::Outcome {
+            #info
+            match __catga_invocation {
+                #p::Invocation::Describe => #p::Outcome::Described(__catga_described.info),
+                #p::Invocation::Call(__catga_ctx, __catga_payload) => {
+                    #p::Outcome::Running(::std::boxed::Box::pin(async move {
+                        let __catga_msg: #msg_ty =
+                            #p::decode_payload(&__catga_payload, __catga_described.info.name)?;
+                        #reply
+                    }))
+                }
+            }
+        }
     };
 
     quote! {
         #item
         const _: () = {
-            const __CATGA_INFO: #p::MessageInfo = #info;
-
             #[#p::linkme::distributed_slice(#p::HANDLERS)]
             #[linkme(crate = #p::linkme)]
             static __CATGA_HANDLER: #p::HandlerSpec = #p::HandlerSpec {
                 kind: #p::HandlerKind::#kind_variant,
                 name: ::core::concat!(::core::module_path!(), "::", #fn_name),
-                subject: __CATGA_INFO.subject,
-                message_type: __CATGA_INFO.name,
-                version: __CATGA_INFO.version,
                 queue_group: #queue_group,
                 concurrency: #concurrency,
-                call: __catga_call,
+                entry: __catga_entry,
             };
 
-            fn __catga_call(
-                __catga_ctx: #p::Context,
-                __catga_payload: #p::Bytes,
-            ) -> #p::BoxFuture<'static, #p::Result<#p::Bytes>> {
-                ::std::boxed::Box::pin(async move {
-                    let __catga_msg = #decode?;
-                    #body
-                })
-            }
+            #entry
         };
     }
+}
+
+/// `tokens` with every span set to `span`.
+fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
+    use proc_macro2::{Group, TokenTree};
+    tokens
+        .into_iter()
+        .map(|mut tt| {
+            if let TokenTree::Group(g) = &tt {
+                let mut group = Group::new(g.delimiter(), respan(g.stream(), span));
+                group.set_span(span);
+                tt = TokenTree::Group(group);
+            } else {
+                tt.set_span(span);
+            }
+            tt
+        })
+        .collect()
 }

@@ -59,45 +59,50 @@ pub mod __private {
     pub use bytes::Bytes;
     pub use linkme;
 
-    /// The reply type of a command.
-    pub type ReplyOf<C> = <C as Command>::Reply;
+    pub use crate::registry::{Invocation, MessageInfo, Outcome};
+    use std::marker::PhantomData;
 
-    /// What a handler registration needs to know of its message type.
-    pub struct MessageInfo {
-        /// Subject.
-        pub subject: &'static str,
-        /// Type name.
-        pub name: &'static str,
-        /// Version.
-        pub version: u32,
+    /// [`MessageInfo`] plus the reply type, for the reply-type check.
+    pub struct Described<R> {
+        /// The facts of the message type.
+        pub info: MessageInfo,
+        reply: PhantomData<fn() -> R>,
     }
 
-    /// The registration facts of a command type.
-    pub const fn command_info<C: Command>() -> MessageInfo {
-        MessageInfo {
-            subject: C::SUBJECT,
-            name: C::NAME,
-            version: C::VERSION,
+    /// The facts of a command type; the only place generated code requires
+    /// `C: Command`.
+    pub const fn command_info<C: Command>() -> Described<C::Reply> {
+        Described {
+            info: MessageInfo {
+                subject: C::SUBJECT,
+                name: C::NAME,
+                version: C::VERSION,
+            },
+            reply: PhantomData,
         }
     }
 
-    /// The registration facts of an event type.
-    pub const fn event_info<E: Event>() -> MessageInfo {
-        MessageInfo {
-            subject: E::SUBJECT,
-            name: E::NAME,
-            version: E::VERSION,
+    /// The facts of an event type; the only place generated code requires
+    /// `E: Event`.
+    pub const fn event_info<E: Event>() -> Described<()> {
+        Described {
+            info: MessageInfo {
+                subject: E::SUBJECT,
+                name: E::NAME,
+                version: E::VERSION,
+            },
+            reply: PhantomData,
         }
     }
 
-    /// Decodes a command handler's payload.
-    pub fn decode_command<C: Command>(payload: &[u8]) -> Result<C> {
-        crate::codec::decode(payload, C::NAME)
+    /// Checks that a handler's result has the declared reply type.
+    pub fn reply_of<R>(_: &Described<R>, out: Result<R>) -> Result<R> {
+        out
     }
 
-    /// Decodes an event handler's payload.
-    pub fn decode_event<E: Event>(payload: &[u8]) -> Result<E> {
-        crate::codec::decode(payload, E::NAME)
+    /// Decodes a handler's payload; the error names the expected type.
+    pub fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8], type_name: &str) -> Result<T> {
+        crate::codec::decode(payload, type_name)
     }
 
     /// Encodes a handler's reply.

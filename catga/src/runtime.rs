@@ -181,7 +181,7 @@ impl RuntimeBuilder {
         let mut loops = Vec::with_capacity(selected.len());
         for spec in &selected {
             let sub = transport
-                .subscribe(spec.subject, spec.queue_group(), config.subscription_capacity)
+                .subscribe(spec.subject(), spec.queue_group(), config.subscription_capacity)
                 .await?;
             let limit = if spec.concurrency > 0 {
                 spec.concurrency
@@ -219,12 +219,13 @@ fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
             HandlerKind::Command => "command",
             HandlerKind::Event => "event",
         };
+        let info = s.info();
         tracing::info!(
             kind,
-            subject = s.subject,
+            subject = info.subject,
             queue_group = s.queue_group().unwrap_or("-"),
             handler = s.name,
-            message_type = s.message_type,
+            message_type = info.name,
             concurrency = if s.concurrency > 0 { s.concurrency } else { config.concurrency },
             "handler"
         );
@@ -450,7 +451,7 @@ async fn handle(spec: &'static HandlerSpec, msg: Incoming, client: Client) {
     let span = tracing::info_span!(
         "handle",
         handler = spec.name,
-        subject = spec.subject,
+        subject = %subject,
         message_id = %meta.message_id,
         correlation_id = %meta.correlation_id,
     );
@@ -458,7 +459,7 @@ async fn handle(spec: &'static HandlerSpec, msg: Incoming, client: Client) {
         Err(e) => Err(e),
         Ok(()) => {
             let ctx = Context::new(client.clone(), meta);
-            match AssertUnwindSafe((spec.call)(ctx, payload))
+            match AssertUnwindSafe(spec.call(ctx, payload))
                 .catch_unwind()
                 .instrument(span.clone())
                 .await
@@ -499,16 +500,17 @@ fn check_version(spec: &HandlerSpec, hdrs: Option<&crate::transport::Headers>) -
     let Some(v) = hdrs.and_then(|h| h.get(headers::VERSION)) else {
         return Ok(());
     };
+    let info = spec.info();
     match v.as_str().trim().parse::<u32>() {
-        Ok(v) if v <= spec.version => Ok(()),
+        Ok(v) if v <= info.version => Ok(()),
         _ => Err(Error::new(
             ErrorKind::Invalid,
             format!(
                 "unknown version {} of `{}`: handler `{}` understands up to version {}",
                 v.as_str(),
-                spec.message_type,
+                info.name,
                 spec.name,
-                spec.version
+                info.version
             ),
         )),
     }

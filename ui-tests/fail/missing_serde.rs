@@ -1,0 +1,8 @@
+use catga::command;
+
+#[command]
+pub struct NoSerde {
+    pub a: u64,
+}
+
+fn main() {}

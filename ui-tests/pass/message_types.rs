@@ -1,0 +1,62 @@
+//! Every form of message type declaration.
+
+use catga::{Command, Event, Message, MessageKind, command, event};
+use serde::{Deserialize, Serialize};
+
+#[command]
+#[derive(Serialize, Deserialize)]
+pub struct CreateOrder {
+    pub customer: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct OrderId(pub String);
+
+#[command(subject = "orders.pay", reply = OrderId, version = 3)]
+#[derive(Serialize, Deserialize)]
+pub struct PayOrder;
+
+#[command(reply = Vec<(String, u64)>)]
+#[derive(Serialize, Deserialize)]
+pub enum Query {
+    All,
+    ByCustomer(String),
+}
+
+#[event]
+#[derive(Serialize, Deserialize)]
+pub struct OrderCreated {
+    pub id: u64,
+}
+
+#[event(subject = "orders.v2.paid", version = 2)]
+#[derive(Serialize, Deserialize)]
+pub enum PaymentOutcome {
+    Paid { cents: u64 },
+    Declined,
+}
+
+fn reply_of<C: Command>() -> &'static str {
+    std::any::type_name::<C::Reply>()
+}
+
+fn main() {
+    assert_eq!(CreateOrder::SUBJECT, "cmd.create_order");
+    assert_eq!(CreateOrder::NAME, "CreateOrder");
+    assert_eq!(CreateOrder::VERSION, 1);
+    assert_eq!(CreateOrder::KIND, MessageKind::Command);
+    assert_eq!(reply_of::<CreateOrder>(), "()");
+
+    assert_eq!(PayOrder::SUBJECT, "orders.pay");
+    assert_eq!(PayOrder::VERSION, 3);
+    assert!(reply_of::<PayOrder>().ends_with("OrderId"));
+    assert_eq!(Query::SUBJECT, "cmd.query");
+
+    assert_eq!(OrderCreated::SUBJECT, "evt.order_created");
+    assert_eq!(OrderCreated::KIND, MessageKind::Event);
+    assert_eq!(PaymentOutcome::SUBJECT, "orders.v2.paid");
+    assert_eq!(PaymentOutcome::VERSION, 2);
+
+    fn is_event<E: Event>() {}
+    is_event::<OrderCreated>();
+}
