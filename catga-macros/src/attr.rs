@@ -139,9 +139,11 @@ fn misplaced(role: Role, key: &str) -> Option<String> {
     let a = role.attr();
     match (key, role.is_type()) {
         ("reply", true) => Some("events have no reply: `reply` is only for #[command] types".to_owned()),
-        ("reply", false) => Some(format!(
-            "`reply` goes on the command type (`#[command(reply = T)]` on the struct), not on its handler; the handler returns `catga::Result<T>`"
-        )),
+        ("reply", false) => Some(
+            "`reply` goes on the command type (`#[command(reply = T)]` on the struct), not on its handler; \
+             the handler returns `catga::Result<T>`"
+                .to_owned(),
+        ),
         ("subject" | "version", false) => Some(format!(
             "`{key}` goes on the message type (`{a}` on the struct or enum), not on its handler"
         )),
@@ -203,11 +205,15 @@ pub(crate) fn validate(args: Vec<Arg>, role: Role, errors: &mut Errors) -> Optio
                 _ => errors.spanned(&lit, "`concurrency` must be a whole number from 1 to 1000000"),
             },
             ("reply", Value::Type(ty)) => opts.reply = Some(*ty),
-            ("reply", Value::Str(lit)) => errors.spanned(&lit, "`reply` takes a type, not a string: reply = OrderId"),
-            ("reply", Value::Int(lit)) => errors.spanned(&lit, "`reply` takes a type: reply = OrderId"),
-            ("subject" | "queue_group" | "crate", other) => {
-                errors.push(value_error(&key, other, "a string literal, e.g. \"orders.created\""))
+            ("reply", Value::Str(lit)) => {
+                errors.spanned(&lit, "`reply` takes a type, not a string: reply = OrderId")
             }
+            ("reply", Value::Int(lit)) => errors.spanned(&lit, "`reply` takes a type: reply = OrderId"),
+            ("subject" | "queue_group" | "crate", other) => errors.push(value_error(
+                &key,
+                other,
+                "a string literal, e.g. \"orders.created\"",
+            )),
             (_, other) => errors.push(value_error(&key, other, "a whole number")),
         }
     }

@@ -22,10 +22,7 @@ fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
     let noun = kind.noun();
     let attr = kind.attr();
     if sig.asyncness.is_none() {
-        errors.spanned(
-            sig.fn_token,
-            format!("a {attr} handler must be an `async fn`"),
-        );
+        errors.spanned(sig.fn_token, format!("a {attr} handler must be an `async fn`"));
     }
     if let Some(c) = &sig.constness {
         errors.spanned(c, format!("a {attr} handler cannot be a `const fn`"));
@@ -88,13 +85,15 @@ fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
             ),
         }
     }
-    if let Some(msg) = msg {
-        if let Type::Reference(r) = &*msg.ty {
-            errors.spanned(
-                r,
-                format!("a {attr} handler takes the {noun} by value: `{noun}: {}`", quote!(#r).to_string().trim_start_matches('&').trim()),
-            );
-        }
+    if let Some(Type::Reference(r)) = msg.map(|m| &*m.ty) {
+        let elem = &r.elem;
+        errors.spanned(
+            r,
+            format!(
+                "a {attr} handler takes the {noun} by value: `{noun}: {}`",
+                quote!(#elem)
+            ),
+        );
     }
     let output = match &sig.output {
         ReturnType::Type(_, ty) => Some(&**ty),
@@ -174,8 +173,7 @@ pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, f: &ItemFn)
     let reply = match kind {
         Kind::Command => quote_spanned! {msg_ty.span()=>
             let #out = #call.await;
-            let __catga_reply = #p::reply_of(&__catga_described, #out)?;
-            #p::encode(&__catga_reply)
+            #p::encode(&#p::reply_of(&__catga_described, #out)?)
         },
         Kind::Event => quote_spanned! {msg_ty.span()=>
             let #out = #call.await;

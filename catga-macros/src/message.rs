@@ -14,7 +14,13 @@ use crate::names;
 /// recoverable mistake the impls are still emitted (with defaults for the bad
 /// arguments), so that one mistake yields one error and no follow-up errors
 /// where the type is used.
-pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, ident: &Ident, generics: &Generics) -> TokenStream {
+pub(crate) fn expand(
+    kind: Kind,
+    args: Vec<Arg>,
+    item: &TokenStream,
+    ident: &Ident,
+    generics: &Generics,
+) -> TokenStream {
     let role = match kind {
         Kind::Command => Role::CommandType,
         Kind::Event => Role::EventType,

@@ -99,7 +99,9 @@ mod tests {
     fn subject_rules() {
         assert!(check_subject("orders.created").is_ok());
         assert!(check_subject("orders.v2-created_x").is_ok());
-        for bad in ["", "orders.*", "orders.>", "a..b", ".a", "a.", "a b", "$JS.x", "_INBOX.x", "a.b%"] {
+        for bad in [
+            "", "orders.*", "orders.>", "a..b", ".a", "a.", "a b", "$JS.x", "_INBOX.x", "a.b%",
+        ] {
             assert!(check_subject(bad).is_err(), "{bad:?} should be refused");
         }
     }

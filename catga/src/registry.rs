@@ -114,9 +114,9 @@ impl HandlerSpec {
     pub(crate) fn call(&self, ctx: Context, payload: Bytes) -> BoxFuture<'static, Result<Bytes>> {
         match (self.entry)(Invocation::Call(ctx, payload)) {
             Outcome::Running(fut) => fut,
-            Outcome::Described(_) => Box::pin(async {
-                Err(Error::new(ErrorKind::Internal, "handler entry point did not run"))
-            }),
+            Outcome::Described(_) => {
+                Box::pin(async { Err(Error::new(ErrorKind::Internal, "handler entry point did not run")) })
+            }
         }
     }
 

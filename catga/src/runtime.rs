@@ -199,7 +199,11 @@ impl RuntimeBuilder {
         }
 
         let (ready_tx, ready_rx) = watch::channel(false);
-        let confirm = tokio::spawn(confirm_subscriptions(transport.clone(), config.instance_id.clone(), ready_tx));
+        let confirm = tokio::spawn(confirm_subscriptions(
+            transport.clone(),
+            config.instance_id.clone(),
+            ready_tx,
+        ));
         Ok(Runtime {
             client,
             handlers: selected,
@@ -226,7 +230,11 @@ fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
             queue_group = s.queue_group().unwrap_or("-"),
             handler = s.name,
             message_type = info.name,
-            concurrency = if s.concurrency > 0 { s.concurrency } else { config.concurrency },
+            concurrency = if s.concurrency > 0 {
+                s.concurrency
+            } else {
+                config.concurrency
+            },
             "handler"
         );
     }
@@ -431,7 +439,10 @@ async fn serve(
     }
     // Every permit back means every handler finished.
     let all = u32::try_from(limit).unwrap_or(u32::MAX);
-    if tokio::time::timeout(drain_timeout, permits.acquire_many(all)).await.is_err() {
+    if tokio::time::timeout(drain_timeout, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
         tracing::warn!(
             handler = spec.name,
             "drain time-out: handlers still running at shutdown"

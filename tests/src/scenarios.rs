@@ -10,7 +10,7 @@ use catga::ErrorKind;
 use futures_util::future::join_all;
 
 use crate::backend::Backend;
-use crate::handlers::{echo, faults, fanout, groups, lb, slow};
+use crate::handlers::{echo, fanout, faults, groups, lb, slow};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -29,7 +29,10 @@ pub async fn command_round_trip(b: &Backend) {
         .expect("echo reply");
     assert_eq!(r.text, "hi");
     assert_eq!(r.instance, "r1");
-    assert_eq!(r.correlation_id, r.message_id, "a root message correlates to itself");
+    assert_eq!(
+        r.correlation_id, r.message_id,
+        "a root message correlates to itself"
+    );
     assert!(r.causation_id.is_none());
 
     let relayed = client
@@ -197,7 +200,9 @@ pub async fn no_handler_fails_fast(b: &Backend) {
     let client = b.client().await.with_request_timeout(Duration::from_secs(30));
     let started = std::time::Instant::now();
     let err = client
-        .send(echo::Echo { text: "anyone?".into() })
+        .send(echo::Echo {
+            text: "anyone?".into(),
+        })
         .await
         .expect_err("nobody subscribes");
     assert_eq!(err.kind(), ErrorKind::NoHandler, "{err}");
@@ -266,14 +271,22 @@ pub async fn concurrency_limit(b: &Backend) {
 
 /// Wiring mistakes stop start-up with a clear error.
 pub async fn registry_checks(b: &Backend) {
-    let err = b.builder("dup", "r1").start().await.expect_err("two handlers for one command");
+    let err = b
+        .builder("dup", "r1")
+        .start()
+        .await
+        .expect_err("two handlers for one command");
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(
         err.message().contains("catga_tests::handlers::dup::dup_first")
             && err.message().contains("catga_tests::handlers::dup::dup_second"),
         "names both handlers: {err}"
     );
-    let err = b.builder("nothing_here", "r1").start().await.expect_err("no handlers");
+    let err = b
+        .builder("nothing_here", "r1")
+        .start()
+        .await
+        .expect_err("no handlers");
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(err.message().contains("no handlers registered"), "{err}");
     let client_only = b

@@ -19,7 +19,8 @@ fn find_binary(name: &str, env_var: &str) -> PathBuf {
         return p;
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = std::env::split_paths(&path).chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
+    let dirs =
+        std::env::split_paths(&path).chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
     for dir in dirs {
         let candidate = dir.join(name);
         if candidate.is_file() {
@@ -161,7 +162,16 @@ impl RedisServer {
         assert!(self.child.is_none(), "redis-server is already running");
         let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("log file");
         let child = Command::new(&self.binary)
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())

@@ -22,7 +22,9 @@ async fn library_handler_serves() {
         .await
         .expect("starts");
     let reply = catga::Client::memory(&bus)
-        .send(catga_extern_handlers::Greet { name: "linker".into() })
+        .send(catga_extern_handlers::Greet {
+            name: "linker".into(),
+        })
         .await
         .expect("reply");
     assert_eq!(reply, "hello, linker");

@@ -17,7 +17,10 @@ async fn send_until_ok(client: &catga::Client, within: Duration) -> Result<echo:
             Ok(v) => return Ok(v),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
             Err(e) => {
-                assert!(e.is_retryable(), "only transient errors while the broker is away: {e}");
+                assert!(
+                    e.is_retryable(),
+                    "only transient errors while the broker is away: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -45,7 +48,9 @@ async fn start_up_while_nats_is_down_then_serves_when_it_comes_up() {
     assert!(rt.is_ready());
     let backend = Backend::Nats(server);
     let client = backend.client().await;
-    let r = send_until_ok(&client, Duration::from_secs(10)).await.expect("served");
+    let r = send_until_ok(&client, Duration::from_secs(10))
+        .await
+        .expect("served");
     assert_eq!(r.instance, "early");
     rt.shutdown().await.expect("clean shutdown");
 }
@@ -55,7 +60,9 @@ async fn nats_restart_mid_run_and_the_runtime_recovers() {
     let backend = Backend::nats();
     let rt = backend.runtime("echo", "survivor").await;
     let client = backend.client().await;
-    send_until_ok(&client, Duration::from_secs(5)).await.expect("served before the crash");
+    send_until_ok(&client, Duration::from_secs(5))
+        .await
+        .expect("served before the crash");
 
     let Backend::Nats(mut server) = backend else {
         unreachable!("nats backend")
@@ -103,7 +110,10 @@ async fn wire_format_is_plain_nats() {
         .expect("reply");
     let h = err.headers.expect("error headers");
     assert_eq!(h.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("404"));
-    assert_eq!(h.get("Nats-Service-Error").map(|v| v.as_str()), Some("no such thing"));
+    assert_eq!(
+        h.get("Nats-Service-Error").map(|v| v.as_str()),
+        Some("no such thing")
+    );
     assert_eq!(h.get("Catga-Error-Kind").map(|v| v.as_str()), Some("not_found"));
     assert_eq!(&err.payload[..], b"no such thing");
 

@@ -278,7 +278,8 @@ mod tests {
         let mut b = bus.subscribe("s", Some("g"));
         let mut c = bus.subscribe("s", None);
         for _ in 0..10 {
-            bus.publish("s", headers(), Bytes::from_static(b"x")).expect("publish");
+            bus.publish("s", headers(), Bytes::from_static(b"x"))
+                .expect("publish");
         }
         let (mut na, mut nb, mut nc) = (0, 0, 0);
         while a.rx.try_recv().is_ok() {

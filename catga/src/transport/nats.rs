@@ -28,7 +28,11 @@ fn reconnect_delay(attempts: usize) -> Duration {
 impl NatsTransport {
     /// Connects in the background: returns at once, retries forever, and
     /// queues subscriptions until the first connection succeeds.
-    pub(crate) async fn connect(url: &str, name: &str, subscription_capacity: usize) -> Result<NatsTransport> {
+    pub(crate) async fn connect(
+        url: &str,
+        name: &str,
+        subscription_capacity: usize,
+    ) -> Result<NatsTransport> {
         let slow = Arc::new(AtomicU64::new(0));
         let slow_cb = Arc::clone(&slow);
         let client = async_nats::ConnectOptions::new()
@@ -45,14 +49,18 @@ impl NatsTransport {
                             tracing::warn!(sid, "slow consumer: NATS subscription is full, messages dropped");
                         }
                         async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                        async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS, reconnecting"),
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS, reconnecting")
+                        }
                         other => tracing::info!(event = %other, "NATS event"),
                     }
                 }
             })
             .connect(url)
             .await
-            .map_err(|e| Error::new(ErrorKind::Config, format!("invalid NATS url {url}: {e}")).with_source(e))?;
+            .map_err(|e| {
+                Error::new(ErrorKind::Config, format!("invalid NATS url {url}: {e}")).with_source(e)
+            })?;
         Ok(NatsTransport {
             client,
             slow_consumer_events: slow,
@@ -108,10 +116,17 @@ impl NatsTransport {
         self.client
             .publish_with_headers(subject.to_owned(), headers, payload)
             .await
-            .map_err(|e| Error::new(ErrorKind::Transport, format!("publish on {subject} failed: {e}")).with_source(e))
+            .map_err(|e| {
+                Error::new(ErrorKind::Transport, format!("publish on {subject} failed: {e}")).with_source(e)
+            })
     }
 
-    pub(crate) async fn respond(&self, to: async_nats::Subject, headers: Option<Headers>, payload: Bytes) -> Result<()> {
+    pub(crate) async fn respond(
+        &self,
+        to: async_nats::Subject,
+        headers: Option<Headers>,
+        payload: Bytes,
+    ) -> Result<()> {
         match headers {
             Some(h) => self.client.publish_with_headers(to, h, payload).await,
             None => self.client.publish(to, payload).await,
@@ -119,7 +134,11 @@ impl NatsTransport {
         .map_err(|e| Error::new(ErrorKind::Transport, format!("reply failed: {e}")).with_source(e))
     }
 
-    pub(crate) async fn subscribe(&self, subject: &str, queue_group: Option<&str>) -> Result<NatsSubscription> {
+    pub(crate) async fn subscribe(
+        &self,
+        subject: &str,
+        queue_group: Option<&str>,
+    ) -> Result<NatsSubscription> {
         let sub = match queue_group {
             Some(group) => {
                 self.client
@@ -128,7 +147,13 @@ impl NatsTransport {
             }
             None => self.client.subscribe(subject.to_owned()).await,
         }
-        .map_err(|e| Error::new(ErrorKind::Transport, format!("subscribe to {subject} failed: {e}")).with_source(e))?;
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Transport,
+                format!("subscribe to {subject} failed: {e}"),
+            )
+            .with_source(e)
+        })?;
         Ok(NatsSubscription { sub })
     }
 

@@ -68,7 +68,7 @@ async fn one_order(client: &Client, n: u64) -> Result<()> {
         .await?;
     let view = client.send(GetOrder { id: id.clone() }).await?;
     tracing::info!(order = %id, total_cents = view.total_cents, status = ?view.status, "demo: created");
-    if n % 4 == 0 {
+    if n.is_multiple_of(4) {
         client
             .send(CancelOrder {
                 id: id.clone(),

@@ -217,7 +217,10 @@ async fn pay_order(ctx: &Context, cmd: PayOrder) -> Result<()> {
         .await
         .ok_or_else(|| Error::not_found(format!("order {} does not exist", cmd.id)))?;
     if view.status != Status::Created {
-        return Err(Error::conflict(format!("order {} is {:?}, not awaiting payment", cmd.id, view.status)));
+        return Err(Error::conflict(format!(
+            "order {} is {:?}, not awaiting payment",
+            cmd.id, view.status
+        )));
     }
     if cmd.amount_cents != view.total_cents {
         return Err(Error::invalid(format!(
@@ -241,7 +244,10 @@ async fn ship_order(ctx: &Context, cmd: ShipOrder) -> Result<String> {
         .await
         .ok_or_else(|| Error::not_found(format!("order {} does not exist", cmd.id)))?;
     if view.status != Status::Paid {
-        return Err(Error::conflict(format!("order {} is {:?}, not paid", cmd.id, view.status)));
+        return Err(Error::conflict(format!(
+            "order {} is {:?}, not paid",
+            cmd.id, view.status
+        )));
     }
     let tracking = format!("TRK-{}", ctx.message_id());
     ctx.publish(OrderShipped {
@@ -261,7 +267,12 @@ async fn cancel_order(ctx: &Context, cmd: CancelOrder) -> Result<()> {
         .ok_or_else(|| Error::not_found(format!("order {} does not exist", cmd.id)))?;
     match view.status {
         Status::Created | Status::Paid => {}
-        other => return Err(Error::conflict(format!("order {} is {other:?}, too late to cancel", cmd.id))),
+        other => {
+            return Err(Error::conflict(format!(
+                "order {} is {other:?}, too late to cancel",
+                cmd.id
+            )));
+        }
     }
     ctx.publish(OrderCancelled {
         id: cmd.id.clone(),
