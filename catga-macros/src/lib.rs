@@ -14,6 +14,8 @@ mod handler;
 mod item;
 mod message;
 mod names;
+#[cfg(test)]
+mod tests;
 
 use proc_macro::TokenStream;
 
