@@ -11,8 +11,11 @@
 //! `ORDER_DEMO=0` turns the driver off; `ORDER_DEMO_ORDERS=N` stops it after
 //! N orders; `ORDER_DEMO_INTERVAL_MS` paces it (default 1000).
 
-mod demo;
-mod orders;
+use order_system::demo;
+
+// The handlers live in this package's library crate. `use` above names it,
+// which is what keeps its handlers at link time; a binary that used nothing
+// from it would name it with `catga::link!(order_system);`.
 
 #[tokio::main]
 async fn main() -> catga::Result<()> {
