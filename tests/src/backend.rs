@@ -52,6 +52,15 @@ impl Backend {
         rt
     }
 
+    /// Starts `n` ready replicas `r1`..`rn` serving one handler module.
+    pub async fn replicas(&self, module: &str, n: usize) -> Vec<Runtime> {
+        let mut out = Vec::with_capacity(n);
+        for i in 1..=n {
+            out.push(self.runtime(module, &format!("r{i}")).await);
+        }
+        out
+    }
+
     /// A client that hosts no handlers.
     pub async fn client(&self) -> Client {
         match self {

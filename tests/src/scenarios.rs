@@ -18,6 +18,12 @@ fn run_id() -> String {
     catga::message::new_message_id()
 }
 
+async fn shutdown_all(replicas: Vec<catga::Runtime>) {
+    for rt in replicas {
+        rt.shutdown().await.expect("clean shutdown");
+    }
+}
+
 /// A command goes to its handler and the reply comes back; ids propagate
 /// from a handler's incoming message to what it sends.
 pub async fn command_round_trip(b: &Backend) {
@@ -53,10 +59,7 @@ pub async fn command_round_trip(b: &Backend) {
 /// Commands spread over three replicas of one queue group, each handled
 /// exactly once.
 pub async fn queue_group_load_balancing(b: &Backend) {
-    let mut replicas = Vec::new();
-    for i in 1..=3 {
-        replicas.push(b.runtime("lb", &format!("r{i}")).await);
-    }
+    let replicas = b.replicas("lb", 3).await;
     let client = b.client().await;
     let run = run_id();
     let n = 90u64;
@@ -81,17 +84,12 @@ pub async fn queue_group_load_balancing(b: &Backend) {
     }
     assert_eq!(by_record, by_reply, "replies name the replica that handled them");
     assert_eq!(by_record.len(), 3, "every replica got a share: {by_record:?}");
-    for rt in replicas {
-        rt.shutdown().await.expect("clean shutdown");
-    }
+    shutdown_all(replicas).await;
 }
 
 /// Every replica receives every event of a plain `#[event]` handler.
 pub async fn event_fan_out(b: &Backend) {
-    let mut replicas = Vec::new();
-    for i in 1..=3 {
-        replicas.push(b.runtime("fanout", &format!("r{i}")).await);
-    }
+    let replicas = b.replicas("fanout", 3).await;
     let client = b.client().await;
     let run = run_id();
     for seq in 0..10 {
@@ -107,17 +105,12 @@ pub async fn event_fan_out(b: &Backend) {
     assert_eq!(records.len(), 30, "3 replicas x 10 events");
     let pairs: BTreeSet<(String, u64)> = records.iter().map(|r| (r.instance.clone(), r.seq)).collect();
     assert_eq!(pairs.len(), 30, "each replica got each event once");
-    for rt in replicas {
-        rt.shutdown().await.expect("clean shutdown");
-    }
+    shutdown_all(replicas).await;
 }
 
 /// A queue-grouped event reaches one replica per group.
 pub async fn queue_grouped_events(b: &Backend) {
-    let mut replicas = Vec::new();
-    for i in 1..=3 {
-        replicas.push(b.runtime("groups", &format!("r{i}")).await);
-    }
+    let replicas = b.replicas("groups", 3).await;
     let client = b.client().await;
     let run = run_id();
     let n = 20u64;
@@ -140,9 +133,7 @@ pub async fn queue_grouped_events(b: &Backend) {
     }
     let instances: BTreeSet<&str> = records.iter().map(|r| r.instance.as_str()).collect();
     assert!(instances.len() > 1, "groups spread over replicas: {instances:?}");
-    for rt in replicas {
-        rt.shutdown().await.expect("clean shutdown");
-    }
+    shutdown_all(replicas).await;
 }
 
 /// Handler errors come back with their kind and message; a panic is

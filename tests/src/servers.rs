@@ -50,20 +50,67 @@ fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     panic!("{what} did not become ready within {timeout:?}");
 }
 
-fn kill(child: &mut Option<Child>) {
-    if let Some(mut c) = child.take() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-}
-
-/// A `nats-server` with JetStream, on a free loopback port.
-pub struct NatsServer {
+/// A server process on a fixed port and directory, restartable.
+struct Process {
     binary: PathBuf,
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
+
+impl Process {
+    fn new(name: &str, env_var: &str) -> Process {
+        Process {
+            binary: find_binary(name, env_var),
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        }
+    }
+
+    /// Spawns the binary with `args` (its log in the directory) and waits
+    /// until `ready(port)`.
+    fn spawn(&mut self, args: &[std::ffi::OsString], ready: impl FnMut(u16) -> bool) {
+        assert!(
+            self.child.is_none(),
+            "{} is already running",
+            self.binary.display()
+        );
+        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
+        let log2 = log.try_clone().expect("log file");
+        let child = Command::new(&self.binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let mut ready = ready;
+        let port = self.port;
+        wait_until(
+            &self.binary.display().to_string(),
+            Duration::from_secs(10),
+            || ready(port),
+        );
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `nats-server` with JetStream, on a free loopback port.
+pub struct NatsServer(Process);
 
 impl NatsServer {
     /// Starts a server and waits until it accepts clients.
@@ -77,111 +124,81 @@ impl NatsServer {
     /// runtime that starts while NATS is down); [`resume`](Self::resume)
     /// starts it.
     pub fn reserve() -> NatsServer {
-        NatsServer {
-            binary: find_binary("nats-server", "CATGA_NATS_SERVER"),
-            port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            child: None,
-        }
+        NatsServer(Process::new("nats-server", "CATGA_NATS_SERVER"))
     }
 
     /// The client URL.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://127.0.0.1:{}", self.0.port)
     }
 
     /// Kills the server (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        kill(&mut self.child);
+        self.0.kill();
     }
 
     /// Starts (again) on the same port and directory and waits until ready.
     pub fn resume(&mut self) {
-        assert!(self.child.is_none(), "nats-server is already running");
-        let log = std::fs::File::create(self.dir.path().join("nats.log")).expect("log file");
-        let child = Command::new(&self.binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(self.dir.path().join("js"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
-        self.child = Some(child);
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        wait_until("nats-server", Duration::from_secs(10), || {
-            let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-                return false;
-            };
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-            let mut line = String::new();
-            BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO ")
-        });
+        let args: Vec<std::ffi::OsString> = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            self.0.port.to_string().into(),
+            "-js".into(),
+            "-sd".into(),
+            self.0.dir.path().join("js").into(),
+        ];
+        self.0.spawn(&args, nats_answers);
     }
 }
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// True when a NATS server on `port` greets with `INFO`.
+fn nats_answers(port: u16) -> bool {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let Ok(stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO ")
 }
 
 /// A `redis-server` without persistence, on a free loopback port.
-pub struct RedisServer {
-    binary: PathBuf,
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
+pub struct RedisServer(Process);
 
 impl RedisServer {
     /// Starts a server and waits until it answers `PING`.
     pub fn start() -> RedisServer {
-        let mut s = RedisServer {
-            binary: find_binary("redis-server", "CATGA_REDIS_SERVER"),
-            port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            child: None,
-        };
+        let mut s = RedisServer(Process::new("redis-server", "CATGA_REDIS_SERVER"));
         s.resume();
         s
     }
 
     /// The client URL.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("redis://127.0.0.1:{}/", self.0.port)
     }
 
     /// Kills the server (SIGKILL).
     pub fn kill(&mut self) {
-        kill(&mut self.child);
+        self.0.kill();
     }
 
     /// Starts (again) on the same port and waits until it answers `PING`.
     pub fn resume(&mut self) {
-        assert!(self.child.is_none(), "redis-server is already running");
-        let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("log file");
-        let child = Command::new(&self.binary)
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
-        self.child = Some(child);
-        let port = self.port;
-        wait_until("redis-server", Duration::from_secs(10), || ping_redis(port));
+        let args: Vec<std::ffi::OsString> = vec![
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            self.0.port.to_string().into(),
+            "--save".into(),
+            "".into(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+            self.0.dir.path().into(),
+        ];
+        self.0.spawn(&args, ping_redis);
     }
 }
 
@@ -197,10 +214,4 @@ pub fn ping_redis(port: u16) -> bool {
     }
     let mut buf = [0u8; 7];
     stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }

@@ -175,7 +175,11 @@ impl ReadModel {
     async fn wait_for(&self, id: &OrderId, ready: impl Fn(&OrderView) -> bool) -> Option<OrderView> {
         let deadline = tokio::time::Instant::now() + CATCH_UP;
         loop {
+            // Registered before the check, so a change between the check
+            // and the wait still wakes us.
             let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if let Some(view) = self.lock().get(id).filter(|v| ready(v)).cloned() {
                 return Some(view);
             }
