@@ -59,6 +59,15 @@ pub struct Echo {
     pub data: String,
 }
 
+/// The same request, sent by a catga client to the raw responder (which
+/// echoes the JSON bytes): isolates the client side's cost.
+#[command(subject = "raw.echo", reply = Blob)]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct RawEcho {
+    /// Payload.
+    pub data: String,
+}
+
 /// The reply of [`Echo`].
 #[derive(Serialize, Deserialize)]
 pub struct Blob {
@@ -170,6 +179,7 @@ async fn main() {
     let rt = Runtime::builder()
         .nats_url(server.url())
         .instance_id("bench")
+        .handlers(|s| s.name.starts_with("catga_bench::"))
         .concurrency(1024)
         .start()
         .await
@@ -218,8 +228,16 @@ async fn main() {
             async move { c.send(Echo { data: d }).await.is_ok() }
         })
         .await;
+        let c = catga_client.clone();
+        let d = data.clone();
+        let half = measure(concurrency, duration, move || {
+            let c = c.clone();
+            let d = d.clone();
+            async move { c.send(RawEcho { data: d }).await.is_ok() }
+        })
+        .await;
         println!(
-            "| {concurrency} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+            "| {concurrency} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} |",
             raw.throughput(),
             cat.throughput(),
             cat.throughput() / raw.throughput(),
@@ -227,7 +245,8 @@ async fn main() {
             cat.p50_us,
             raw.p99_us,
             cat.p99_us,
-            raw.errors + cat.errors,
+            raw.errors + cat.errors + half.errors,
+            half.throughput(),
         );
     }
     rt.shutdown().await.expect("shutdown");
@@ -238,6 +257,7 @@ async fn main() {
     let bus = MemoryBus::new();
     let mem_rt = Runtime::builder()
         .memory(bus.clone())
+        .handlers(|s| s.name.starts_with("catga_bench::"))
         .concurrency(1024)
         .start()
         .await

@@ -134,10 +134,8 @@ impl Client {
     /// body (for gateways that forward JSON); an error reply becomes
     /// [`Error`] with its kind and message.
     pub async fn send_raw(&self, subject: &str, payload: Bytes) -> Result<Bytes> {
-        let id = new_message_id();
         let mut h = Headers::new();
-        h.insert(headers::CORRELATION_ID, id.as_str());
-        h.insert(headers::MESSAGE_ID, id);
+        h.insert(headers::MESSAGE_ID, new_message_id());
         let reply = self
             .inner
             .transport
@@ -172,26 +170,24 @@ impl Client {
     }
 }
 
-/// The headers of a new message: a fresh id, the parent's correlation id (or
-/// the new id for a root message), the parent as causation, type and version.
+/// The headers of a new message: a fresh id, the parent's correlation id and
+/// the parent as causation (a root message's correlation id is its own id,
+/// implied by the absence of the header), type and version.
 fn outgoing_headers<M: Message>(parent: Option<&MessageMeta>) -> Headers {
-    let id = new_message_id();
     let mut h = Headers::new();
-    match parent {
-        Some(p) => {
-            h.insert(headers::CORRELATION_ID, p.correlation_id.as_str());
-            h.insert(headers::CAUSATION_ID, p.message_id.as_str());
-        }
-        None => h.insert(headers::CORRELATION_ID, id.as_str()),
+    if let Some(p) = parent {
+        h.insert(headers::CORRELATION_ID, p.correlation_id());
+        h.insert(headers::CAUSATION_ID, p.message_id());
     }
-    h.insert(headers::MESSAGE_ID, id);
+    h.insert(headers::MESSAGE_ID, new_message_id());
     h.insert(headers::TYPE, M::NAME);
-    h.insert(headers::VERSION, version_str(M::VERSION));
+    // Versions are small; the common ones need no formatting.
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match SMALL.get(M::VERSION as usize) {
+        Some(v) => h.insert(headers::VERSION, *v),
+        None => h.insert(headers::VERSION, M::VERSION.to_string()),
+    }
     h
-}
-
-fn version_str(v: u32) -> String {
-    v.to_string()
 }
 
 /// The error carried by an error reply, if it is one.
@@ -261,22 +257,22 @@ impl Context {
 
     /// Id of the message being handled.
     pub fn message_id(&self) -> &str {
-        &self.meta.message_id
+        self.meta.message_id()
     }
 
     /// Correlation id of the message being handled.
     pub fn correlation_id(&self) -> &str {
-        &self.meta.correlation_id
+        self.meta.correlation_id()
     }
 
     /// Id of the message that caused the one being handled, if any.
     pub fn causation_id(&self) -> Option<&str> {
-        self.meta.causation_id.as_deref()
+        self.meta.causation_id()
     }
 
     /// Subject the message arrived on.
     pub fn subject(&self) -> &str {
-        &self.meta.subject
+        self.meta.subject()
     }
 
     /// Everything known about the message being handled.
@@ -297,20 +293,6 @@ impl Context {
     /// A client without the causal link, for work not caused by this message.
     pub fn client(&self) -> &Client {
         &self.client
-    }
-}
-
-/// Reads the identity of an incoming message from its headers; a message
-/// without an id (sent by a plain NATS client) gets a fresh one.
-pub(crate) fn incoming_meta(subject: &str, h: Option<&Headers>) -> MessageMeta {
-    let get = |name: &str| h.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
-    let message_id = get(headers::MESSAGE_ID).unwrap_or_else(new_message_id);
-    let correlation_id = get(headers::CORRELATION_ID).unwrap_or_else(|| message_id.clone());
-    MessageMeta {
-        causation_id: get(headers::CAUSATION_ID),
-        correlation_id,
-        message_id,
-        subject: subject.to_owned(),
     }
 }
 
@@ -352,8 +334,9 @@ mod tests {
 
     #[test]
     fn root_messages_correlate_to_themselves() {
-        let meta = incoming_meta("s", None);
-        assert_eq!(meta.message_id, meta.correlation_id);
-        assert!(meta.causation_id.is_none());
+        let meta = MessageMeta::new("s".into(), None);
+        assert_eq!(meta.message_id(), meta.correlation_id());
+        assert_eq!(meta.message_id(), meta.message_id(), "a made-up id is stable");
+        assert!(meta.causation_id().is_none());
     }
 }

@@ -69,17 +69,60 @@ pub mod headers {
     pub const ERROR_KIND: &str = "Catga-Error-Kind";
 }
 
-/// Identity of a message as seen by its handler.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Identity of a message as seen by its handler, read from its headers on
+/// demand (nothing is copied per message unless asked for).
+#[derive(Debug, Clone)]
 pub struct MessageMeta {
-    /// Unique id of the message.
-    pub message_id: String,
-    /// Correlation id (the root message's id when the sender set none).
-    pub correlation_id: String,
+    subject: async_nats::Subject,
+    headers: Option<async_nats::HeaderMap>,
+    generated_id: std::sync::OnceLock<String>,
+}
+
+impl MessageMeta {
+    /// The identity of a message that arrived on `subject` with `headers`.
+    pub fn new(subject: async_nats::Subject, headers: Option<async_nats::HeaderMap>) -> MessageMeta {
+        MessageMeta {
+            subject,
+            headers,
+            generated_id: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.as_ref()?.get(name).map(|v| v.as_str())
+    }
+
+    /// Unique id of the message; one is made up (once) for a message sent
+    /// without one, e.g. by a plain NATS client.
+    pub fn message_id(&self) -> &str {
+        match self.header(headers::MESSAGE_ID) {
+            Some(id) => id,
+            None => self.generated_id.get_or_init(new_message_id),
+        }
+    }
+
+    /// Correlation id: the sender's, or the message id for a root message.
+    pub fn correlation_id(&self) -> &str {
+        match self.header(headers::CORRELATION_ID) {
+            Some(id) => id,
+            None => self.message_id(),
+        }
+    }
+
     /// Id of the message that caused this one, if any.
-    pub causation_id: Option<String>,
+    pub fn causation_id(&self) -> Option<&str> {
+        self.header(headers::CAUSATION_ID)
+    }
+
     /// The subject it arrived on.
-    pub subject: String,
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The message's headers, as received.
+    pub fn headers(&self) -> Option<&async_nats::HeaderMap> {
+        self.headers.as_ref()
+    }
 }
 
 /// A fresh, unique message id (a NUID: 22 base-62 characters).

@@ -10,7 +10,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::client::{Client, Context, error_body, error_headers, incoming_meta};
+use crate::client::{Client, Context, error_body, error_headers};
+use crate::message::MessageMeta;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::headers;
@@ -460,15 +461,16 @@ async fn handle(spec: &'static HandlerSpec, msg: Incoming, client: Client) {
         payload,
         reply,
     } = msg;
-    let meta = incoming_meta(&subject, hdrs.as_ref());
+    let version_check = check_version(spec, hdrs.as_ref());
+    let meta = MessageMeta::new(subject, hdrs);
     let span = tracing::info_span!(
         "handle",
         handler = spec.name,
-        subject = %subject,
-        message_id = %meta.message_id,
-        correlation_id = %meta.correlation_id,
+        subject = meta.subject(),
+        message_id = meta.message_id(),
+        correlation_id = meta.correlation_id(),
     );
-    let result = match check_version(spec, hdrs.as_ref()) {
+    let result = match version_check {
         Err(e) => Err(e),
         Ok(()) => {
             let ctx = Context::new(client.clone(), meta);

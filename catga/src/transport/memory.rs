@@ -169,9 +169,10 @@ impl MemoryBus {
     }
 
     pub(crate) fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<()> {
+        let subject_ = async_nats::Subject::from(subject);
         for (tx, capacity) in self.targets(subject) {
             let msg = Incoming {
-                subject: subject.to_owned(),
+                subject: subject_.clone(),
                 headers: Some(headers.clone()),
                 payload: payload.clone(),
                 reply: None,
@@ -195,9 +196,10 @@ impl MemoryBus {
         let (tx, rx) = oneshot::channel();
         let slot = ReplySlot(Arc::new(Mutex::new(Some(tx))));
         let mut delivered = false;
+        let subject_ = async_nats::Subject::from(subject);
         for (target, capacity) in targets {
             let msg = Incoming {
-                subject: subject.to_owned(),
+                subject: subject_.clone(),
                 headers: Some(headers.clone()),
                 payload: payload.clone(),
                 reply: Some(ReplyTo::Memory(slot.clone())),

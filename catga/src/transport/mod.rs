@@ -14,7 +14,7 @@ pub use async_nats::HeaderMap as Headers;
 
 /// A message as received by a subscription.
 pub(crate) struct Incoming {
-    pub subject: String,
+    pub subject: async_nats::Subject,
     pub headers: Option<Headers>,
     pub payload: Bytes,
     pub reply: Option<ReplyTo>,

@@ -174,7 +174,7 @@ impl NatsSubscription {
     pub(crate) async fn next(&mut self) -> Option<Incoming> {
         let msg = self.sub.next().await?;
         Some(Incoming {
-            subject: msg.subject.to_string(),
+            subject: msg.subject,
             headers: msg.headers,
             payload: msg.payload,
             reply: msg.reply.map(ReplyTo::Nats),
