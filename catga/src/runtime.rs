@@ -2,11 +2,10 @@
 //! [`RuntimeBuilder`].
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use tokio::sync::{Semaphore, watch};
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -405,9 +404,14 @@ async fn shutdown_signal() {
     }
 }
 
-/// One handler's loop: takes messages while permits are free, runs each in
-/// its own task, and on stop drains the subscription and waits for the
-/// tasks in flight.
+/// One handler's loop: takes messages while fewer than `limit` are in
+/// flight and drives them concurrently on this task (no task spawn per
+/// message: that halved throughput in the benchmark); on stop it drains the
+/// subscription and finishes the handlers in flight.
+///
+/// The handlers of one subscription therefore share a task: they run
+/// concurrently, not in parallel. A handler doing heavy CPU work should move
+/// it to `tokio::task::spawn_blocking`.
 async fn serve(
     spec: &'static HandlerSpec,
     mut sub: Subscription,
@@ -416,36 +420,26 @@ async fn serve(
     mut stop: watch::Receiver<bool>,
     drain_timeout: Duration,
 ) {
-    let permits = Arc::new(Semaphore::new(limit));
+    let mut inflight = futures_util::stream::FuturesUnordered::new();
     let mut draining = false;
     loop {
-        let msg = tokio::select! {
+        tokio::select! {
             biased;
             changed = stop.changed(), if !draining => {
                 if changed.is_err() || *stop.borrow() {
                     draining = true;
                     sub.drain().await;
                 }
-                continue;
             }
-            msg = sub.next() => msg,
-        };
-        let Some(msg) = msg else { break };
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            break;
-        };
-        let client = client.clone();
-        tokio::spawn(async move {
-            handle(spec, msg, client).await;
-            drop(permit);
-        });
+            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            msg = sub.next(), if inflight.len() < limit => match msg {
+                Some(msg) => inflight.push(handle(spec, msg, client.clone())),
+                None => break,
+            },
+        }
     }
-    // Every permit back means every handler finished.
-    let all = u32::try_from(limit).unwrap_or(u32::MAX);
-    if tokio::time::timeout(drain_timeout, permits.acquire_many(all))
-        .await
-        .is_err()
-    {
+    let finish = async { while inflight.next().await.is_some() {} };
+    if tokio::time::timeout(drain_timeout, finish).await.is_err() {
         tracing::warn!(
             handler = spec.name,
             "drain time-out: handlers still running at shutdown"
