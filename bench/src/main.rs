@@ -208,9 +208,9 @@ async fn main() {
     println!("## Command request/reply over NATS: catga vs raw async-nats");
     println!();
     println!(
-        "| concurrency | raw req/s | catga req/s | ratio | raw p50 µs | catga p50 µs | raw p99 µs | catga p99 µs | errors |"
+        "| concurrency | raw req/s | catga req/s | ratio | raw p50 µs | catga p50 µs | raw p99 µs | catga p99 µs | errors | catga client → raw responder req/s |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for concurrency in [1usize, 16, 64, 256] {
         let c = raw_client.clone();
         let p = raw_payload.clone();
@@ -284,7 +284,7 @@ async fn main() {
     println!("| concurrency | round trips/s | p50 µs | p99 µs | allocations per round trip |");
     println!("|---:|---:|---:|---:|---:|");
     println!(
-        "| 1 (sequential loop) | {:.0} | - | - | {:.1} |",
+        "| 1, main thread (cross-thread wake-ups) | {:.0} | - | - | {:.1} |",
         n as f64 / elapsed.as_secs_f64(),
         allocs as f64 / n as f64
     );

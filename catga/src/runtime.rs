@@ -10,9 +10,9 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::client::{Client, Context, error_body, error_headers};
-use crate::message::MessageMeta;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::message::MessageMeta;
 use crate::message::headers;
 use crate::registry::{self, HandlerKind, HandlerSpec};
 use crate::transport::memory::MemoryBus;
