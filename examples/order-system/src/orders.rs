@@ -147,10 +147,44 @@ pub struct OrderCancelled {
 
 /// The read model: every replica builds it from the broadcast events, so any
 /// replica answers queries and checks commands against it.
+///
+/// Events on different subjects are not ordered with each other (each
+/// subscription is served on its own), so `OrderPaid` may arrive before
+/// `OrderCreated`: every event is merged in, and the status only moves
+/// forward.
 #[derive(Default)]
 struct ReadModel {
-    orders: Mutex<HashMap<OrderId, OrderView>>,
+    orders: Mutex<HashMap<OrderId, Entry>>,
     changed: Notify,
+}
+
+#[derive(Default)]
+struct Entry {
+    /// Customer and total, once `OrderCreated` arrived.
+    created: Option<(String, u64)>,
+    status: Option<Status>,
+    tracking: Option<String>,
+}
+
+fn rank(s: Status) -> u8 {
+    match s {
+        Status::Created => 0,
+        Status::Paid => 1,
+        Status::Shipped | Status::Cancelled => 2,
+    }
+}
+
+impl Entry {
+    fn view(&self, id: &OrderId) -> Option<OrderView> {
+        let (customer, total_cents) = self.created.clone()?;
+        Some(OrderView {
+            id: id.clone(),
+            customer,
+            total_cents,
+            status: self.status.unwrap_or(Status::Created),
+            tracking: self.tracking.clone(),
+        })
+    }
 }
 
 static READ_MODEL: LazyLock<ReadModel> = LazyLock::new(ReadModel::default);
@@ -160,15 +194,30 @@ static READ_MODEL: LazyLock<ReadModel> = LazyLock::new(ReadModel::default);
 const CATCH_UP: Duration = Duration::from_secs(2);
 
 impl ReadModel {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, OrderView>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, Entry>> {
         self.orders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn update(&self, id: &OrderId, f: impl FnOnce(&mut OrderView)) {
-        if let Some(view) = self.lock().get_mut(id) {
-            f(view);
-        }
+    /// Merges one event into the order's entry.
+    fn apply(&self, id: &OrderId, f: impl FnOnce(&mut Entry)) {
+        f(self.lock().entry(id.clone()).or_default());
         self.changed.notify_waiters();
+    }
+
+    /// Moves the status forward (never back).
+    fn advance(&self, id: &OrderId, status: Status, tracking: Option<String>) {
+        self.apply(id, |e| {
+            if e.status.is_none_or(|s| rank(status) > rank(s)) {
+                e.status = Some(status);
+            }
+            if tracking.is_some() {
+                e.tracking = tracking;
+            }
+        });
+    }
+
+    fn view(&self, id: &OrderId) -> Option<OrderView> {
+        self.lock().get(id).and_then(|e| e.view(id))
     }
 
     /// The order once it satisfies `ready`, waiting up to [`CATCH_UP`].
@@ -180,11 +229,11 @@ impl ReadModel {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(view) = self.lock().get(id).filter(|v| ready(v)).cloned() {
+            if let Some(view) = self.view(id).filter(|v| ready(v)) {
                 return Some(view);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.lock().get(id).cloned();
+                return self.view(id);
             }
         }
     }
@@ -217,7 +266,7 @@ async fn create_order(ctx: &Context, cmd: CreateOrder) -> Result<OrderId> {
 #[command(queue_group = "order-workers")]
 async fn pay_order(ctx: &Context, cmd: PayOrder) -> Result<()> {
     let view = READ_MODEL
-        .wait_for(&cmd.id, |v| v.status != Status::Created || v.total_cents > 0)
+        .wait_for(&cmd.id, |_| true)
         .await
         .ok_or_else(|| Error::not_found(format!("order {} does not exist", cmd.id)))?;
     if view.status != Status::Created {
@@ -299,35 +348,25 @@ async fn get_order(query: GetOrder) -> Result<OrderView> {
 
 #[event]
 async fn project_created(e: OrderCreated) -> Result<()> {
-    READ_MODEL.lock().entry(e.id.clone()).or_insert(OrderView {
-        id: e.id,
-        customer: e.customer,
-        total_cents: e.total_cents,
-        status: Status::Created,
-        tracking: None,
-    });
-    READ_MODEL.changed.notify_waiters();
+    READ_MODEL.apply(&e.id, |entry| entry.created = Some((e.customer, e.total_cents)));
     Ok(())
 }
 
 #[event]
 async fn project_paid(e: OrderPaid) -> Result<()> {
-    READ_MODEL.update(&e.id, |v| v.status = Status::Paid);
+    READ_MODEL.advance(&e.id, Status::Paid, None);
     Ok(())
 }
 
 #[event]
 async fn project_shipped(e: OrderShipped) -> Result<()> {
-    READ_MODEL.update(&e.id, |v| {
-        v.status = Status::Shipped;
-        v.tracking = Some(e.tracking);
-    });
+    READ_MODEL.advance(&e.id, Status::Shipped, Some(e.tracking));
     Ok(())
 }
 
 #[event]
 async fn project_cancelled(e: OrderCancelled) -> Result<()> {
-    READ_MODEL.update(&e.id, |v| v.status = Status::Cancelled);
+    READ_MODEL.advance(&e.id, Status::Cancelled, None);
     Ok(())
 }
 
