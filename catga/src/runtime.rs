@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::MessageMeta;
 use crate::message::headers;
-use crate::registry::{self, HandlerKind, HandlerSpec};
+use crate::registry::{self, HandlerKind, HandlerSpec, MessageInfo};
 use crate::transport::memory::MemoryBus;
 use crate::transport::nats::NatsTransport;
 use crate::transport::{Incoming, Subscription, Transport};
@@ -182,8 +182,10 @@ impl RuntimeBuilder {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut loops = Vec::with_capacity(selected.len());
         for spec in &selected {
+            // Asked once here; the loop and every message reuse it.
+            let info = spec.info();
             let sub = transport
-                .subscribe(spec.subject(), spec.queue_group(), config.subscription_capacity)
+                .subscribe(info.subject, spec.queue_group(), config.subscription_capacity)
                 .await?;
             let limit = if spec.concurrency > 0 {
                 spec.concurrency
@@ -192,6 +194,7 @@ impl RuntimeBuilder {
             };
             loops.push(tokio::spawn(serve(
                 spec,
+                info,
                 sub,
                 client.clone(),
                 limit,
@@ -414,6 +417,7 @@ async fn shutdown_signal() {
 /// it to `tokio::task::spawn_blocking`.
 async fn serve(
     spec: &'static HandlerSpec,
+    info: MessageInfo,
     mut sub: Subscription,
     client: Client,
     limit: usize,
@@ -433,7 +437,7 @@ async fn serve(
             }
             Some(()) = inflight.next(), if !inflight.is_empty() => {}
             msg = sub.next(), if inflight.len() < limit => match msg {
-                Some(msg) => inflight.push(handle(spec, msg, client.clone())),
+                Some(msg) => inflight.push(handle(spec, info, msg, client.clone())),
                 None => break,
             },
         }
@@ -448,14 +452,14 @@ async fn serve(
 }
 
 /// Runs one message through its handler and answers it.
-async fn handle(spec: &'static HandlerSpec, msg: Incoming, client: Client) {
+async fn handle(spec: &'static HandlerSpec, info: MessageInfo, msg: Incoming, client: Client) {
     let Incoming {
         subject,
         headers: hdrs,
         payload,
         reply,
     } = msg;
-    let version_check = check_version(spec, hdrs.as_ref());
+    let version_check = check_version(spec, &info, hdrs.as_ref());
     let meta = MessageMeta::new(subject, hdrs);
     let span = tracing::info_span!(
         "handle",
@@ -505,11 +509,14 @@ async fn handle(spec: &'static HandlerSpec, msg: Incoming, client: Client) {
     }
 }
 
-fn check_version(spec: &HandlerSpec, hdrs: Option<&crate::transport::Headers>) -> Result<()> {
+fn check_version(
+    spec: &HandlerSpec,
+    info: &MessageInfo,
+    hdrs: Option<&crate::transport::Headers>,
+) -> Result<()> {
     let Some(v) = hdrs.and_then(|h| h.get(headers::VERSION)) else {
         return Ok(());
     };
-    let info = spec.info();
     match v.as_str().trim().parse::<u32>() {
         Ok(v) if v <= info.version => Ok(()),
         _ => Err(Error::new(
