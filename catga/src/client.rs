@@ -9,10 +9,10 @@ use bytes::Bytes;
 
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Command, Event, Message, MessageMeta, headers, new_message_id};
+use crate::message::{Command, Event, Message, MessageKind, MessageMeta, headers, new_message_id};
 use crate::transport::memory::MemoryBus;
 use crate::transport::nats::NatsTransport;
-use crate::transport::{Headers, Reply, Transport};
+use crate::transport::{Headers, Reply, Subject, Transport};
 
 /// Default time a [`Client::send`] waits for a reply.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -116,30 +116,45 @@ impl Client {
     /// Fails fast with [`ErrorKind::NoHandler`] when nobody subscribes to the
     /// subject, with [`ErrorKind::Timeout`] when no reply arrives in time, and
     /// with the handler's own error kind and message when it fails.
+    ///
+    /// The command carries no message id: its one receiver makes one up.
+    /// Use [`send_with_id`](Self::send_with_id) to choose it, e.g. to retry
+    /// a command under the same id.
     pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
-        self.send_within(cmd, self.inner.request_timeout, None).await
+        self.send_within(cmd, self.inner.request_timeout, Cause::Root)
+            .await
     }
 
     /// [`send`](Self::send) with an explicit reply time-out.
     pub async fn send_with_timeout<C: Command>(&self, cmd: C, timeout: Duration) -> Result<C::Reply> {
-        self.send_within(cmd, timeout, None).await
+        self.send_within(cmd, timeout, Cause::Root).await
+    }
+
+    /// [`send`](Self::send) under a message id chosen by the caller (sent as
+    /// `Nats-Msg-Id`; the handler sees it as [`Context::message_id`]).
+    pub async fn send_with_id<C: Command>(&self, cmd: C, message_id: &str) -> Result<C::Reply> {
+        self.send_within(cmd, self.inner.request_timeout, Cause::Id(message_id))
+            .await
     }
 
     /// Publishes an event to every subscriber (once per queue group).
     pub async fn publish<E: Event>(&self, event: E) -> Result<()> {
-        self.publish_from(event, None).await
+        self.publish_from(event, Cause::Root).await
     }
 
     /// Sends a raw payload to a command subject and returns the raw reply
     /// body (for gateways that forward JSON); an error reply becomes
     /// [`Error`] with its kind and message.
     pub async fn send_raw(&self, subject: &str, payload: Bytes) -> Result<Bytes> {
-        let mut h = Headers::new();
-        h.insert(headers::MESSAGE_ID, new_message_id());
         let reply = self
             .inner
             .transport
-            .request(subject, h, payload, self.inner.request_timeout)
+            .request(
+                &Subject::from(subject),
+                Headers::new(),
+                payload,
+                self.inner.request_timeout,
+            )
             .await?;
         if let Some(err) = reply_error(&reply) {
             return Err(err);
@@ -151,41 +166,65 @@ impl Client {
         &self,
         cmd: C,
         timeout: Duration,
-        parent: Option<&MessageMeta>,
+        cause: Cause<'_>,
     ) -> Result<C::Reply> {
         let payload = codec::encode(&cmd)?;
-        let headers = outgoing_headers::<C>(parent);
+        let headers = outgoing_headers::<C>(cause);
         let reply = self
             .inner
             .transport
-            .request(C::SUBJECT, headers, payload, timeout)
+            .request(&Subject::from_static(C::SUBJECT), headers, payload, timeout)
             .await?;
         decode_reply::<C::Reply>(C::SUBJECT, reply)
     }
 
-    pub(crate) async fn publish_from<E: Event>(&self, event: E, parent: Option<&MessageMeta>) -> Result<()> {
+    pub(crate) async fn publish_from<E: Event>(&self, event: E, cause: Cause<'_>) -> Result<()> {
         let payload = codec::encode(&event)?;
-        let headers = outgoing_headers::<E>(parent);
-        self.inner.transport.publish(E::SUBJECT, headers, payload).await
+        let headers = outgoing_headers::<E>(cause);
+        self.inner
+            .transport
+            .publish(&Subject::from_static(E::SUBJECT), headers, payload)
+            .await
     }
 }
 
-/// The headers of a new message: a fresh id, the parent's correlation id and
-/// the parent as causation (a root message's correlation id is its own id,
-/// implied by the absence of the header), type and version.
-fn outgoing_headers<M: Message>(parent: Option<&MessageMeta>) -> Headers {
+/// Where a new message comes from.
+#[derive(Clone, Copy)]
+pub(crate) enum Cause<'a> {
+    /// Sent by a client, not caused by another message.
+    Root,
+    /// Sent by a client under a message id it chose.
+    Id(&'a str),
+    /// Sent from the handler of this message.
+    Parent(&'a MessageMeta),
+}
+
+/// The headers of a new message. A header is sent only when it says
+/// something the receiver cannot infer, because every header costs
+/// allocations on both sides (one `Nats-Msg-Id` header cost 11% of
+/// request/reply throughput in the benchmark, see BENCHMARKS.md):
+/// - `Nats-Msg-Id` on every event (its receivers must agree on its id), on
+///   every message sent from a handler, and on a command whose sender chose
+///   an id; a root command without one gets its id from its single receiver;
+/// - correlation and causation ids only for a message sent from a handler
+///   (a root message's correlation id is its own id);
+/// - `Catga-Version` only above version 1;
+/// - no type header: a subject carries exactly one message type, fixed at
+///   compile time.
+fn outgoing_headers<M: Message>(cause: Cause<'_>) -> Headers {
     let mut h = Headers::new();
-    if let Some(p) = parent {
-        h.insert(headers::CORRELATION_ID, p.correlation_id());
-        h.insert(headers::CAUSATION_ID, p.message_id());
+    match cause {
+        Cause::Parent(p) => {
+            h.insert(headers::CORRELATION_ID, p.correlation_id());
+            h.insert(headers::CAUSATION_ID, p.message_id());
+            h.insert(headers::MESSAGE_ID, new_message_id());
+        }
+        Cause::Id(id) => h.insert(headers::MESSAGE_ID, id),
+        Cause::Root if M::KIND == MessageKind::Event => h.insert(headers::MESSAGE_ID, new_message_id()),
+        Cause::Root => {}
     }
-    h.insert(headers::MESSAGE_ID, new_message_id());
-    h.insert(headers::TYPE, M::NAME);
-    // Versions are small; the common ones need no formatting.
-    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
-    match SMALL.get(M::VERSION as usize) {
-        Some(v) => h.insert(headers::VERSION, *v),
-        None => h.insert(headers::VERSION, M::VERSION.to_string()),
+    if M::VERSION != 1 {
+        h.insert(headers::VERSION, M::VERSION.to_string());
     }
     h
 }
@@ -241,18 +280,20 @@ impl Context {
     /// Sends a command caused by the message being handled.
     pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
         self.client
-            .send_within(cmd, self.client.inner.request_timeout, Some(&self.meta))
+            .send_within(cmd, self.client.inner.request_timeout, Cause::Parent(&self.meta))
             .await
     }
 
     /// [`send`](Self::send) with an explicit reply time-out.
     pub async fn send_with_timeout<C: Command>(&self, cmd: C, timeout: Duration) -> Result<C::Reply> {
-        self.client.send_within(cmd, timeout, Some(&self.meta)).await
+        self.client
+            .send_within(cmd, timeout, Cause::Parent(&self.meta))
+            .await
     }
 
     /// Publishes an event caused by the message being handled.
     pub async fn publish<E: Event>(&self, event: E) -> Result<()> {
-        self.client.publish_from(event, Some(&self.meta)).await
+        self.client.publish_from(event, Cause::Parent(&self.meta)).await
     }
 
     /// Id of the message being handled.

@@ -9,8 +9,11 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// Encodes a value as JSON.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
-    serde_json::to_vec(value)
-        .map(Bytes::from)
+    // serde_json starts at 128 bytes; most messages are a little larger, and
+    // growing the buffer mid-way costs a reallocation and a copy.
+    let mut buf = Vec::with_capacity(256);
+    serde_json::to_writer(&mut buf, value)
+        .map(|()| Bytes::from(buf))
         .map_err(|e| Error::new(ErrorKind::Internal, format!("cannot encode payload: {e}")))
 }
 

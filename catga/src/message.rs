@@ -22,7 +22,8 @@ pub enum MessageKind {
 pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The NATS subject the message travels on.
     const SUBJECT: &'static str;
-    /// The Rust type name, carried in the `Catga-Type` header.
+    /// The Rust type name, used in logs and error messages (the subject
+    /// already identifies the type on the wire).
     const NAME: &'static str;
     /// The schema version, carried in the `Catga-Version` header.
     const VERSION: u32;
@@ -49,24 +50,26 @@ pub trait Command: Message {
 )]
 pub trait Event: Message {}
 
-/// Header names catga sets on every message.
+/// Header names catga reads and writes: typed names, built at compile time,
+/// so inserting or looking one up allocates nothing; use them with
+/// [`Headers`](crate::transport::Headers) `get` and `insert`.
 pub mod headers {
+    use async_nats::HeaderName;
+
     /// Unique id of this message; also the JetStream de-duplication id.
-    pub const MESSAGE_ID: &str = "Nats-Msg-Id";
+    pub const MESSAGE_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
     /// Id shared by every message caused, directly or not, by one root message.
-    pub const CORRELATION_ID: &str = "Catga-Correlation-Id";
+    pub const CORRELATION_ID: HeaderName = HeaderName::from_static("Catga-Correlation-Id");
     /// Id of the message whose handler sent this one.
-    pub const CAUSATION_ID: &str = "Catga-Causation-Id";
-    /// Rust type name of the payload.
-    pub const TYPE: &str = "Catga-Type";
-    /// Schema version of the payload.
-    pub const VERSION: &str = "Catga-Version";
+    pub const CAUSATION_ID: HeaderName = HeaderName::from_static("Catga-Causation-Id");
+    /// Schema version of the payload; absent means version 1.
+    pub const VERSION: HeaderName = HeaderName::from_static("Catga-Version");
     /// NATS micro convention: error description of an error reply.
-    pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+    pub const SERVICE_ERROR: HeaderName = HeaderName::from_static("Nats-Service-Error");
     /// NATS micro convention: status code of an error reply.
-    pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+    pub const SERVICE_ERROR_CODE: HeaderName = HeaderName::from_static("Nats-Service-Error-Code");
     /// catga's error kind of an error reply (see [`ErrorKind`](crate::ErrorKind)).
-    pub const ERROR_KIND: &str = "Catga-Error-Kind";
+    pub const ERROR_KIND: HeaderName = HeaderName::from_static("Catga-Error-Kind");
 }
 
 /// Identity of a message as seen by its handler, read from its headers on
@@ -88,7 +91,7 @@ impl MessageMeta {
         }
     }
 
-    fn header(&self, name: &str) -> Option<&str> {
+    fn header(&self, name: async_nats::HeaderName) -> Option<&str> {
         self.headers.as_ref()?.get(name).map(|v| v.as_str())
     }
 

@@ -250,7 +250,8 @@ fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
 /// the subscriptions comes back to a probe subscription made after them,
 /// they are all in place.
 async fn confirm_subscriptions(transport: Transport, instance_id: String, ready: watch::Sender<bool>) {
-    let subject = format!("_CATGA.probe.{}", crate::message::new_message_id());
+    let subject =
+        crate::transport::Subject::from(format!("_CATGA.probe.{}", crate::message::new_message_id()));
     let mut probe = match transport.subscribe(&subject, None, 4).await {
         Ok(p) => p,
         Err(e) => {
@@ -425,15 +426,20 @@ async fn serve(
     drain_timeout: Duration,
 ) {
     let mut inflight = futures_util::stream::FuturesUnordered::new();
+    // One stop future for the whole loop: making a new `changed()` future on
+    // every message would register and unregister a waiter each time.
+    let stopped = async move {
+        // An error means the runtime is gone: stop as well.
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stopped);
     let mut draining = false;
     loop {
         tokio::select! {
             biased;
-            changed = stop.changed(), if !draining => {
-                if changed.is_err() || *stop.borrow() {
-                    draining = true;
-                    sub.drain().await;
-                }
+            () = &mut stopped, if !draining => {
+                draining = true;
+                sub.drain().await;
             }
             Some(()) = inflight.next(), if !inflight.is_empty() => {}
             msg = sub.next(), if inflight.len() < limit => match msg {

@@ -18,6 +18,8 @@ pub struct Record {
     pub instance: String,
     /// The message's sequence number in the run.
     pub seq: u64,
+    /// The message's id as the handler saw it.
+    pub message_id: String,
 }
 
 /// A shared log of [`Record`]s.
@@ -29,13 +31,14 @@ impl Recorder {
         Recorder(Mutex::new(Vec::new()))
     }
 
-    /// Appends a record.
-    pub fn record(&self, run: &str, tag: &'static str, instance: &str, seq: u64) {
+    /// Appends what the handler with `ctx` saw of message `seq` of `run`.
+    pub fn record(&self, run: &str, tag: &'static str, ctx: &catga::Context, seq: u64) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).push(Record {
             run: run.to_owned(),
             tag,
-            instance: instance.to_owned(),
+            instance: ctx.instance_id().to_owned(),
             seq,
+            message_id: ctx.message_id().to_owned(),
         });
     }
 
@@ -160,7 +163,7 @@ pub mod lb {
 
     #[command(queue_group = "lb-workers")]
     async fn work(ctx: &Context, w: Work) -> Result<String> {
-        HANDLED.record(&w.run, "work", ctx.instance_id(), w.seq);
+        HANDLED.record(&w.run, "work", ctx, w.seq);
         // A little work, so that replicas overlap.
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         Ok(ctx.instance_id().to_owned())
@@ -189,7 +192,7 @@ pub mod fanout {
 
     #[event]
     async fn on_tick(ctx: &Context, t: Tick) -> Result<()> {
-        RECEIVED.record(&t.run, "tick", ctx.instance_id(), t.seq);
+        RECEIVED.record(&t.run, "tick", ctx, t.seq);
         Ok(())
     }
 }
@@ -216,13 +219,13 @@ pub mod groups {
 
     #[event(queue_group = "billing")]
     async fn billing(ctx: &Context, j: Job) -> Result<()> {
-        RECEIVED.record(&j.run, "billing", ctx.instance_id(), j.seq);
+        RECEIVED.record(&j.run, "billing", ctx, j.seq);
         Ok(())
     }
 
     #[event(queue_group = "shipping")]
     async fn shipping(ctx: &Context, j: Job) -> Result<()> {
-        RECEIVED.record(&j.run, "shipping", ctx.instance_id(), j.seq);
+        RECEIVED.record(&j.run, "shipping", ctx, j.seq);
         Ok(())
     }
 }
@@ -288,9 +291,9 @@ pub mod slow {
     async fn slow(ctx: &Context, s: Slow) -> Result<u64> {
         let now = IN_FLIGHT.fetch_add(1, Ordering::SeqCst) + 1;
         MAX_IN_FLIGHT.fetch_max(now, Ordering::SeqCst);
-        STARTED.record(&s.run, "start", ctx.instance_id(), s.seq);
+        STARTED.record(&s.run, "start", ctx, s.seq);
         tokio::time::sleep(Duration::from_millis(s.ms)).await;
-        FINISHED.record(&s.run, "finish", ctx.instance_id(), s.seq);
+        FINISHED.record(&s.run, "finish", ctx, s.seq);
         IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
         Ok(s.seq)
     }

@@ -39,7 +39,18 @@ pub async fn command_round_trip(b: &Backend) {
         r.correlation_id, r.message_id,
         "a root message correlates to itself"
     );
+    assert!(!r.message_id.is_empty(), "the receiver made up an id");
     assert!(r.causation_id.is_none());
+
+    let chosen = client
+        .send_with_id(echo::Echo { text: "again".into() }, "order-42-attempt")
+        .await
+        .expect("echo reply");
+    assert_eq!(
+        chosen.message_id, "order-42-attempt",
+        "the sender's id reaches the handler"
+    );
+    assert_eq!(chosen.correlation_id, "order-42-attempt");
 
     let relayed = client
         .send(echo::Relay { text: "x".into() })
@@ -105,6 +116,14 @@ pub async fn event_fan_out(b: &Backend) {
     assert_eq!(records.len(), 30, "3 replicas x 10 events");
     let pairs: BTreeSet<(String, u64)> = records.iter().map(|r| (r.instance.clone(), r.seq)).collect();
     assert_eq!(pairs.len(), 30, "each replica got each event once");
+    for seq in 0..10 {
+        let ids: BTreeSet<&str> = records
+            .iter()
+            .filter(|r| r.seq == seq)
+            .map(|r| r.message_id.as_str())
+            .collect();
+        assert_eq!(ids.len(), 1, "every replica sees one id for event {seq}: {ids:?}");
+    }
     shutdown_all(replicas).await;
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Headers, Incoming, Reply, ReplyTo};
+use super::{Headers, Incoming, Reply, ReplyTo, Subject};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Default number of messages a subscription buffers before it drops (and
@@ -168,12 +168,11 @@ impl MemoryBus {
         }
     }
 
-    pub(crate) fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<()> {
-        let subject_ = async_nats::Subject::from(subject);
+    pub(crate) fn publish(&self, subject: &Subject, headers: Headers, payload: Bytes) -> Result<()> {
         for (tx, capacity) in self.targets(subject) {
             let msg = Incoming {
-                subject: subject_.clone(),
-                headers: Some(headers.clone()),
+                subject: subject.clone(),
+                headers: (!headers.is_empty()).then(|| headers.clone()),
                 payload: payload.clone(),
                 reply: None,
             };
@@ -184,7 +183,7 @@ impl MemoryBus {
 
     pub(crate) async fn request(
         &self,
-        subject: &str,
+        subject: &Subject,
         headers: Headers,
         payload: Bytes,
         timeout: Duration,
@@ -196,11 +195,10 @@ impl MemoryBus {
         let (tx, rx) = oneshot::channel();
         let slot = ReplySlot(Arc::new(Mutex::new(Some(tx))));
         let mut delivered = false;
-        let subject_ = async_nats::Subject::from(subject);
         for (target, capacity) in targets {
             let msg = Incoming {
-                subject: subject_.clone(),
-                headers: Some(headers.clone()),
+                subject: subject.clone(),
+                headers: (!headers.is_empty()).then(|| headers.clone()),
                 payload: payload.clone(),
                 reply: Some(ReplyTo::Memory(slot.clone())),
             };
@@ -280,7 +278,7 @@ mod tests {
         let mut b = bus.subscribe("s", Some("g"));
         let mut c = bus.subscribe("s", None);
         for _ in 0..10 {
-            bus.publish("s", headers(), Bytes::from_static(b"x"))
+            bus.publish(&"s".into(), headers(), Bytes::from_static(b"x"))
                 .expect("publish");
         }
         let (mut na, mut nb, mut nc) = (0, 0, 0);
@@ -304,7 +302,7 @@ mod tests {
     async fn request_without_subscriber_fails_fast() {
         let bus = MemoryBus::new();
         let err = bus
-            .request("nobody", headers(), Bytes::new(), Duration::from_secs(5))
+            .request(&"nobody".into(), headers(), Bytes::new(), Duration::from_secs(5))
             .await
             .err()
             .expect("no responders");
@@ -316,8 +314,10 @@ mod tests {
     async fn full_subscription_drops_and_counts() {
         let bus = MemoryBus::new();
         let _s = bus.subscribe_with_capacity("s", None, 1);
-        bus.publish("s", headers(), Bytes::new()).expect("publish");
-        bus.publish("s", headers(), Bytes::new()).expect("publish");
+        bus.publish(&"s".into(), headers(), Bytes::new())
+            .expect("publish");
+        bus.publish(&"s".into(), headers(), Bytes::new())
+            .expect("publish");
         assert_eq!(bus.dropped(), 1);
     }
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use crate::error::Result;
 pub use async_nats::HeaderMap as Headers;
+pub use async_nats::Subject;
 
 /// A message as received by a subscription.
 pub(crate) struct Incoming {
@@ -42,7 +43,7 @@ pub(crate) enum Transport {
 impl Transport {
     pub(crate) async fn request(
         &self,
-        subject: &str,
+        subject: &Subject,
         headers: Headers,
         payload: Bytes,
         timeout: Duration,
@@ -53,7 +54,7 @@ impl Transport {
         }
     }
 
-    pub(crate) async fn publish(&self, subject: &str, headers: Headers, payload: Bytes) -> Result<()> {
+    pub(crate) async fn publish(&self, subject: &Subject, headers: Headers, payload: Bytes) -> Result<()> {
         match self {
             Transport::Nats(t) => t.publish(subject, headers, payload).await,
             Transport::Memory(t) => t.publish(subject, headers, payload),
