@@ -8,9 +8,11 @@
 //! 2. The embedded transport: round trips per second and heap allocations
 //!    per round trip (counted by a wrapping global allocator).
 //!
-//! `BENCH_SECONDS` sets the measuring time per cell (default 3).
+//! `BENCH_SECONDS` sets the measuring time per cell (default 3);
+//! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256).
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,24 +57,25 @@ static GLOBAL: Counting = Counting;
 #[command(subject = "bench.echo", reply = Blob)]
 #[derive(Serialize, Deserialize, Clone)]
 pub struct Echo {
-    /// Payload.
-    pub data: String,
+    /// Payload. Borrowed on the sending side, so that building a request
+    /// costs no more than the raw baseline's shared `Bytes`.
+    pub data: Cow<'static, str>,
 }
 
-/// The same request, sent by a catga client to the raw responder (which
-/// echoes the JSON bytes): isolates the client side's cost.
-#[command(subject = "raw.echo", reply = Blob)]
+/// [`Echo`] sent by a catga client to the raw typed responder
+/// (`BENCH_DIAG=1` only: splits the cost between client and runtime).
+#[command(subject = "typed.echo", reply = Blob)]
 #[derive(Serialize, Deserialize, Clone)]
-pub struct RawEcho {
+pub struct TypedEcho {
     /// Payload.
-    pub data: String,
+    pub data: Cow<'static, str>,
 }
 
 /// The reply of [`Echo`].
 #[derive(Serialize, Deserialize)]
 pub struct Blob {
     /// Payload.
-    pub data: String,
+    pub data: Cow<'static, str>,
 }
 
 #[command(queue_group = "bench")]
@@ -85,6 +88,9 @@ const PAYLOAD: usize = 128;
 
 struct Stats {
     ops: u64,
+    /// Heap allocations per operation, over the whole process (client and
+    /// responder), warm-up included.
+    allocs_per_op: f64,
     errors: u64,
     seconds: f64,
     p50_us: f64,
@@ -104,6 +110,7 @@ where
     Fut: Future<Output = bool> + Send,
 {
     let op = Arc::new(op);
+    let allocs_before = ALLOCATIONS.load(Ordering::Relaxed);
     let warm_until = Instant::now() + Duration::from_millis(500);
     let until = warm_until + duration;
     let tasks: Vec<_> = (0..concurrency)
@@ -112,12 +119,14 @@ where
             tokio::spawn(async move {
                 let mut lat = Vec::with_capacity(1 << 14);
                 let mut errors = 0u64;
+                let mut total = 0u64;
                 loop {
                     let start = Instant::now();
                     if start >= until {
                         break;
                     }
                     let ok = op().await;
+                    total += 1;
                     if start >= warm_until {
                         if ok {
                             lat.push(start.elapsed().as_nanos() as u64);
@@ -126,17 +135,20 @@ where
                         }
                     }
                 }
-                (lat, errors)
+                (lat, errors, total)
             })
         })
         .collect();
     let mut all = Vec::new();
     let mut errors = 0;
+    let mut total = 0;
     for t in tasks {
-        let (lat, e) = t.await.expect("bench task");
+        let (lat, e, n) = t.await.expect("bench task");
         all.extend(lat);
         errors += e;
+        total += n;
     }
+    let allocs = ALLOCATIONS.load(Ordering::Relaxed) - allocs_before;
     all.sort_unstable();
     let pct = |p: f64| {
         if all.is_empty() {
@@ -147,6 +159,7 @@ where
     };
     Stats {
         ops: all.len() as u64,
+        allocs_per_op: allocs as f64 / total.max(1) as f64,
         errors,
         seconds: duration.as_secs_f64(),
         p50_us: pct(0.50),
@@ -161,8 +174,8 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let duration = Duration::from_secs(seconds);
-    let data: String = "x".repeat(PAYLOAD);
-    let raw_payload = Bytes::from(serde_json::to_vec(&Echo { data: data.clone() }).expect("json"));
+    let data: &'static str = "x".repeat(PAYLOAD).leak();
+    let raw_payload = Bytes::from(serde_json::to_vec(&Echo { data: data.into() }).expect("json"));
 
     let server = catga_tests::NatsServer::start();
     println!("# catga benchmark");
@@ -187,66 +200,118 @@ async fn main() {
     rt.ready().await.expect("ready");
     let catga_client = Client::connect(&server.url()).await.expect("client");
 
-    // raw async-nats: a queue-group responder on its own connection, as a
-    // hand-written service would be, and a separate requester connection.
+    // raw async-nats, two responders on their own connection, each a
+    // hand-written service loop in a queue group:
+    // - "raw.echo" echoes the bytes: the floor, no work at all;
+    // - "typed.echo" decodes the request and encodes the reply with
+    //   serde_json, as a typed service written on async-nats does.
     let responder = async_nats::connect(server.url()).await.expect("raw responder");
-    let mut sub = responder
-        .queue_subscribe("raw.echo", "bench".to_owned())
-        .await
-        .expect("raw sub");
-    let raw_resp = responder.clone();
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if let Some(reply) = m.reply {
-                let _ = raw_resp.publish(reply, m.payload).await;
+    for (subject, typed) in [("raw.echo", false), ("typed.echo", true)] {
+        let mut sub = responder
+            .queue_subscribe(subject, "bench".to_owned())
+            .await
+            .expect("raw sub");
+        let nats = responder.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let Some(reply) = m.reply else { continue };
+                let body = if typed {
+                    match serde_json::from_slice::<Echo>(&m.payload) {
+                        Ok(e) => Bytes::from(serde_json::to_vec(&Blob { data: e.data }).expect("json")),
+                        Err(_) => continue,
+                    }
+                } else {
+                    m.payload
+                };
+                let _ = nats.publish(reply, body).await;
             }
-        }
-    });
+        });
+    }
     responder.flush().await.expect("flush");
     let raw_client = async_nats::connect(server.url()).await.expect("raw requester");
 
     println!("## Command request/reply over NATS: catga vs raw async-nats");
     println!();
     println!(
-        "| concurrency | raw req/s | catga req/s | ratio | raw p50 µs | catga p50 µs | raw p99 µs | catga p99 µs | errors | catga client → raw responder req/s |"
+        "| concurrency | raw bytes req/s | raw typed req/s | catga req/s | catga / raw typed | catga / raw bytes | raw typed p50 µs | catga p50 µs | raw typed p99 µs | catga p99 µs | raw typed allocs/req | catga allocs/req | errors |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for concurrency in [1usize, 16, 64, 256] {
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let levels: Vec<usize> = std::env::var("BENCH_LEVELS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 64, 256]);
+    for concurrency in levels {
         let c = raw_client.clone();
         let p = raw_payload.clone();
-        let raw = measure(concurrency, duration, move || {
+        let bytes = measure(concurrency, duration, move || {
             let c = c.clone();
             let p = p.clone();
             async move { c.request("raw.echo", p).await.is_ok() }
         })
         .await;
+        let c = raw_client.clone();
+        let typed = measure(concurrency, duration, move || {
+            let c = c.clone();
+            async move {
+                let Ok(body) = serde_json::to_vec(&Echo { data: data.into() }) else {
+                    return false;
+                };
+                match c.request("typed.echo", Bytes::from(body)).await {
+                    Ok(m) => serde_json::from_slice::<Blob>(&m.payload).is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
         let c = catga_client.clone();
-        let d = data.clone();
         let cat = measure(concurrency, duration, move || {
             let c = c.clone();
-            let d = d.clone();
-            async move { c.send(Echo { data: d }).await.is_ok() }
+            async move { c.send(Echo { data: data.into() }).await.is_ok() }
         })
         .await;
-        let c = catga_client.clone();
-        let d = data.clone();
-        let half = measure(concurrency, duration, move || {
-            let c = c.clone();
-            let d = d.clone();
-            async move { c.send(RawEcho { data: d }).await.is_ok() }
-        })
-        .await;
+        if std::env::var_os("BENCH_DIAG").is_some() {
+            let c = raw_client.clone();
+            let server_side = measure(concurrency, duration, move || {
+                let c = c.clone();
+                async move {
+                    let Ok(body) = serde_json::to_vec(&Echo { data: data.into() }) else {
+                        return false;
+                    };
+                    match c.request("bench.echo", Bytes::from(body)).await {
+                        Ok(m) => serde_json::from_slice::<Blob>(&m.payload).is_ok(),
+                        Err(_) => false,
+                    }
+                }
+            })
+            .await;
+            let c = catga_client.clone();
+            let client_side = measure(concurrency, duration, move || {
+                let c = c.clone();
+                async move { c.send(TypedEcho { data: data.into() }).await.is_ok() }
+            })
+            .await;
+            eprintln!(
+                "diag {concurrency}: raw client -> catga runtime {:.0} req/s ({:.1} allocs); catga client -> raw typed responder {:.0} req/s ({:.1} allocs)",
+                server_side.throughput(),
+                server_side.allocs_per_op,
+                client_side.throughput(),
+                client_side.allocs_per_op
+            );
+        }
         println!(
-            "| {concurrency} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} |",
-            raw.throughput(),
+            "| {concurrency} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} |",
+            bytes.throughput(),
+            typed.throughput(),
             cat.throughput(),
-            cat.throughput() / raw.throughput(),
-            raw.p50_us,
+            cat.throughput() / typed.throughput(),
+            cat.throughput() / bytes.throughput(),
+            typed.p50_us,
             cat.p50_us,
-            raw.p99_us,
+            typed.p99_us,
             cat.p99_us,
-            raw.errors + cat.errors + half.errors,
-            half.throughput(),
+            typed.allocs_per_op,
+            cat.allocs_per_op,
+            bytes.errors + typed.errors + cat.errors,
         );
     }
     rt.shutdown().await.expect("shutdown");
@@ -266,7 +331,7 @@ async fn main() {
     // Allocations per round trip, sequential, after a warm-up.
     for _ in 0..1000 {
         mem_client
-            .send(Echo { data: data.clone() })
+            .send(Echo { data: data.into() })
             .await
             .expect("warm-up");
     }
@@ -275,7 +340,7 @@ async fn main() {
     let start = Instant::now();
     for _ in 0..n {
         mem_client
-            .send(Echo { data: data.clone() })
+            .send(Echo { data: data.into() })
             .await
             .expect("round trip");
     }
@@ -290,11 +355,10 @@ async fn main() {
     );
     for concurrency in [1usize, 16, 64] {
         let c = mem_client.clone();
-        let d = data.clone();
+        let d = data;
         let s = measure(concurrency, duration, move || {
             let c = c.clone();
-            let d = d.clone();
-            async move { c.send(Echo { data: d }).await.is_ok() }
+            async move { c.send(Echo { data: d.into() }).await.is_ok() }
         })
         .await;
         println!(
