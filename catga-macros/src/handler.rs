@@ -2,7 +2,7 @@
 //! registers a trampoline in catga's `linkme` handler slice.
 
 use proc_macro2::TokenStream;
-use quote::{ToTokens, format_ident, quote, quote_spanned};
+use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{FnArg, ItemFn, ReturnType, Type};
 
@@ -143,13 +143,16 @@ pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, f: &ItemFn)
         None => quote!(::core::option::Option::None),
     };
     let concurrency = opts.concurrency.unwrap_or(0);
-    let (kind_variant, info_fn) = match kind {
-        Kind::Command => (quote!(Command), format_ident!("command_info")),
-        Kind::Event => (quote!(Event), format_ident!("event_info")),
+    let kind_variant = match kind {
+        Kind::Command => quote!(Command),
+        Kind::Event => quote!(Event),
     };
-    // The one place that requires `T: Command` (or `Event`), spanned on the
-    // user's type: "`X` is not a catga command" points there, once.
-    let info = quote_spanned!(msg_ty.span()=> let __catga_described = #p::#info_fn::<#msg_ty>(););
+    // The one expression that requires `T: Command` (or `Event`), spanned on
+    // the user's type: "`X` is not a catga command" points there, once (the
+    // associated const's type is an error type after that, so nothing else
+    // that depends on the reply type is reported again).
+    let info =
+        quote_spanned!(msg_ty.span()=> let __catga_described = <#msg_ty as #p::#kind_variant>::__DESCRIBED;);
     let call = if sig.takes_context {
         quote!(#fn_ident(&__catga_ctx, __catga_msg))
     } else {
@@ -167,9 +170,6 @@ pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, f: &ItemFn)
         .next()
         .map_or_else(proc_macro2::Span::call_site, |t| t.span());
     let out = quote_spanned!(ret_span=> __catga_out);
-    // `#p` was built at the call site; inside the spanned entry point it takes
-    // the message type's span too.
-    let p = respan(p, msg_ty.span());
     let reply = match kind {
         Kind::Command => quote_spanned! {msg_ty.span()=>
             let #out = #call.await;
@@ -182,8 +182,9 @@ pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, f: &ItemFn)
         },
     };
 
-    // Spanned on the user's message type: if it is not a command (event), every
-    // use of its reply type reports at the same place and rustc shows one error.
+    // Spanned on the user's message type, like `#info`, the only expression
+    // that names the `Command`/`Event` bound: a type that is not one is
+    // reported once, there.
     let entry = quote_spanned! {msg_ty.span()=>
         fn __catga_entry(__catga_invocation: #p::Invocation) -> #p::Outcome {
             #info
@@ -216,22 +217,4 @@ pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, f: &ItemFn)
             #entry
         };
     }
-}
-
-/// `tokens` with every span set to `span`.
-fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
-    use proc_macro2::{Group, TokenTree};
-    tokens
-        .into_iter()
-        .map(|mut tt| {
-            if let TokenTree::Group(g) = &tt {
-                let mut group = Group::new(g.delimiter(), respan(g.stream(), span));
-                group.set_span(span);
-                tt = TokenTree::Group(group);
-            } else {
-                tt.set_span(span);
-            }
-            tt
-        })
-        .collect()
 }

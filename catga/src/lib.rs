@@ -69,29 +69,17 @@ pub mod __private {
         reply: PhantomData<fn() -> R>,
     }
 
-    /// The facts of a command type; the only place generated code requires
-    /// `C: Command`.
-    pub const fn command_info<C: Command>() -> Described<C::Reply> {
-        Described {
-            info: MessageInfo {
-                subject: C::SUBJECT,
-                name: C::NAME,
-                version: C::VERSION,
-            },
-            reply: PhantomData,
-        }
-    }
-
-    /// The facts of an event type; the only place generated code requires
-    /// `E: Event`.
-    pub const fn event_info<E: Event>() -> Described<()> {
-        Described {
-            info: MessageInfo {
-                subject: E::SUBJECT,
-                name: E::NAME,
-                version: E::VERSION,
-            },
-            reply: PhantomData,
+    impl<R> Described<R> {
+        /// The facts of a message type whose handlers reply with `R`.
+        pub const fn new(subject: &'static str, name: &'static str, version: u32) -> Described<R> {
+            Described {
+                info: MessageInfo {
+                    subject,
+                    name,
+                    version,
+                },
+                reply: PhantomData,
+            }
         }
     }
 

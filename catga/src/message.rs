@@ -14,12 +14,13 @@ pub enum MessageKind {
 }
 
 /// A message type: implemented by `#[command]` and `#[event]` on a struct or
-/// enum, never by hand.
+/// enum, never by hand. The serde bounds sit on [`Command`] and [`Event`], so
+/// a type missing a derive is reported once per missing trait.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a catga message type",
     note = "annotate the type with `#[catga::command]` or `#[catga::event]`"
 )]
-pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
+pub trait Message: Send + Sync + 'static {
     /// The NATS subject the message travels on.
     const SUBJECT: &'static str;
     /// The Rust type name, used in logs and error messages (the subject
@@ -37,9 +38,15 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     label = "not a command type",
     note = "annotate the type with `#[catga::command]` (use `#[catga::event]` for events)"
 )]
-pub trait Command: Message {
+pub trait Command: Message + Serialize + DeserializeOwned {
     /// What the handler answers with.
     type Reply: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Used by generated handler code (one expression names the bound, so a
+    /// misuse is reported once). Not API.
+    #[doc(hidden)]
+    const __DESCRIBED: crate::__private::Described<Self::Reply> =
+        crate::__private::Described::new(Self::SUBJECT, Self::NAME, Self::VERSION);
 }
 
 /// An event: delivered to every subscriber, or once per queue group.
@@ -48,7 +55,12 @@ pub trait Command: Message {
     label = "not an event type",
     note = "annotate the type with `#[catga::event]` (use `#[catga::command]` for commands)"
 )]
-pub trait Event: Message {}
+pub trait Event: Message + Serialize + DeserializeOwned {
+    /// Used by generated handler code (see [`Command`]). Not API.
+    #[doc(hidden)]
+    const __DESCRIBED: crate::__private::Described<()> =
+        crate::__private::Described::new(Self::SUBJECT, Self::NAME, Self::VERSION);
+}
 
 /// Header names catga reads and writes: typed names, built at compile time,
 /// so inserting or looking one up allocates nothing; use them with
