@@ -474,45 +474,45 @@ async fn handle(spec: &'static HandlerSpec, info: MessageInfo, msg: Incoming, cl
         message_id = meta.message_id(),
         correlation_id = meta.correlation_id(),
     );
-    let result = match version_check {
-        Err(e) => Err(e),
-        Ok(()) => {
-            let ctx = Context::new(client.clone(), meta);
-            match AssertUnwindSafe(spec.call(ctx, payload))
-                .catch_unwind()
-                .instrument(span.clone())
-                .await
-            {
-                Ok(r) => r,
-                Err(panic) => Err(Error::new(
-                    ErrorKind::Panic,
-                    format!("handler `{}` panicked: {}", spec.name, panic_message(&panic)),
-                )),
+    // Everything below runs inside the span, across its awaits too.
+    async move {
+        let result = match version_check {
+            Err(e) => Err(e),
+            Ok(()) => {
+                let ctx = Context::new(client.clone(), meta);
+                match AssertUnwindSafe(spec.call(ctx, payload)).catch_unwind().await {
+                    Ok(r) => r,
+                    Err(panic) => Err(Error::new(
+                        ErrorKind::Panic,
+                        format!("handler `{}` panicked: {}", spec.name, panic_message(&panic)),
+                    )),
+                }
             }
+        };
+        match &result {
+            Err(e) if e.kind() == ErrorKind::Panic => tracing::error!(error = %e, "handler panicked"),
+            Err(e) if e.code() >= 500 => tracing::error!(error = %e, "handler failed"),
+            Err(e) => tracing::warn!(error = %e, "message rejected"),
+            Ok(_) => tracing::trace!("handled"),
         }
-    };
-    let _enter = span.enter();
-    match (&result, &reply) {
-        (Err(e), _) if e.kind() == ErrorKind::Panic => tracing::error!(error = %e, "handler panicked"),
-        (Err(e), _) if e.code() >= 500 => tracing::error!(error = %e, "handler failed"),
-        (Err(e), _) => tracing::warn!(error = %e, "message rejected"),
-        (Ok(_), _) => tracing::trace!("handled"),
-    }
-    let Some(reply) = reply else {
-        return;
-    };
-    let sent = match result {
-        Ok(body) => client.transport().respond(reply, None, body).await,
-        Err(e) => {
-            client
-                .transport()
-                .respond(reply, Some(error_headers(&e)), error_body(&e))
-                .await
+        let Some(reply) = reply else {
+            return;
+        };
+        let sent = match result {
+            Ok(body) => client.transport().respond(reply, None, body).await,
+            Err(e) => {
+                client
+                    .transport()
+                    .respond(reply, Some(error_headers(&e)), error_body(&e))
+                    .await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "reply not sent");
         }
-    };
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "reply not sent");
     }
+    .instrument(span)
+    .await
 }
 
 fn check_version(
