@@ -179,6 +179,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.0.port)
     }
 
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.0.port
+    }
+
     /// Kills the server (SIGKILL).
     pub fn kill(&mut self) {
         self.0.kill();

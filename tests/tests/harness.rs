@@ -7,12 +7,8 @@ use catga_tests::{NatsServer, RedisServer};
 #[test]
 fn redis_server_starts_stops_and_restarts() {
     let mut redis = RedisServer::start();
-    let port: u16 = redis
-        .url()
-        .trim_start_matches("redis://127.0.0.1:")
-        .trim_end_matches('/')
-        .parse()
-        .expect("port in url");
+    let port = redis.port();
+    assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}/"));
     assert!(ping_redis(port));
     redis.kill();
     assert!(!ping_redis(port), "killed means gone");
