@@ -1,21 +1,7 @@
-#![allow(unused_imports)] // the shared header imports more than each case uses
-
-use catga::{Context, Result, command, event};
-use serde::{Deserialize, Serialize};
-
-#[command(reply = u64)]
-#[derive(Serialize, Deserialize)]
-pub struct Add {
-    pub a: u64,
-}
-
-#[event]
-#[derive(Serialize, Deserialize)]
-pub struct Added {
-    pub sum: u64,
-}
+include!("shared/messages.rs"); // Add (a command replying u64), Added (an event)
 
 #[event(subject = "numbers.*")]
 #[derive(Serialize, Deserialize)]
 pub struct AnyNumber;
+
 fn main() {}
