@@ -252,15 +252,7 @@ async fn main() {
         let c = raw_client.clone();
         let typed = measure(concurrency, duration, move || {
             let c = c.clone();
-            async move {
-                let Ok(body) = serde_json::to_vec(&Echo { data: data.into() }) else {
-                    return false;
-                };
-                match c.request("typed.echo", Bytes::from(body)).await {
-                    Ok(m) => serde_json::from_slice::<Blob>(&m.payload).is_ok(),
-                    Err(_) => false,
-                }
-            }
+            typed_request(c, "typed.echo", data)
         })
         .await;
         let c = catga_client.clone();
@@ -273,15 +265,7 @@ async fn main() {
             let c = raw_client.clone();
             let server_side = measure(concurrency, duration, move || {
                 let c = c.clone();
-                async move {
-                    let Ok(body) = serde_json::to_vec(&Echo { data: data.into() }) else {
-                        return false;
-                    };
-                    match c.request("bench.echo", Bytes::from(body)).await {
-                        Ok(m) => serde_json::from_slice::<Blob>(&m.payload).is_ok(),
-                        Err(_) => false,
-                    }
-                }
+                typed_request(c, "bench.echo", data)
             })
             .await;
             let c = catga_client.clone();
@@ -369,6 +353,18 @@ async fn main() {
         );
     }
     mem_rt.shutdown().await.expect("shutdown");
+}
+
+/// One request the way a typed service on raw async-nats sends it: encode
+/// `Echo` with serde_json, request, decode `Blob`.
+async fn typed_request(nats: async_nats::Client, subject: &'static str, data: &'static str) -> bool {
+    let Ok(body) = serde_json::to_vec(&Echo { data: data.into() }) else {
+        return false;
+    };
+    match nats.request(subject, Bytes::from(body)).await {
+        Ok(m) => serde_json::from_slice::<Blob>(&m.payload).is_ok(),
+        Err(_) => false,
+    }
 }
 
 fn cores() -> usize {
