@@ -114,6 +114,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Sets how many messages each subscription buffers before it drops
+    /// (and counts) further ones; see [`Runtime::dropped_messages`].
+    pub fn subscription_capacity(mut self, n: usize) -> Self {
+        self.config.subscription_capacity = n.max(1);
+        self
+    }
+
     /// Starts without handlers: a process that only sends and publishes.
     pub fn client_only(mut self) -> Self {
         self.config.client_only = true;
@@ -324,6 +331,14 @@ impl Runtime {
     /// connection is up.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow() && self.client.is_connected()
+    }
+
+    /// Messages dropped because a subscription's buffer was full (a slow
+    /// consumer); each drop is also logged. Over NATS this counts the slow
+    /// consumer events of this runtime's connection (at least one per burst
+    /// of drops); on the in-memory bus, every dropped message of the bus.
+    pub fn dropped_messages(&self) -> u64 {
+        self.client.transport().dropped_messages()
     }
 
     /// Waits until the broker confirmed every subscription.

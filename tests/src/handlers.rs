@@ -299,6 +299,36 @@ pub mod slow {
     }
 }
 
+/// A slow event handler behind a small buffer: slow-consumer drops.
+pub mod flood {
+    use std::time::Duration;
+
+    use catga::{Context, Result, event};
+    use serde::{Deserialize, Serialize};
+
+    use super::Recorder;
+
+    /// Published faster than it is handled.
+    #[event]
+    #[derive(Serialize, Deserialize, Debug)]
+    pub struct Flood {
+        /// Test run.
+        pub run: String,
+        /// Sequence number.
+        pub seq: u64,
+    }
+
+    /// Every handled `Flood`.
+    pub static HANDLED: Recorder = Recorder::new();
+
+    #[event(concurrency = 1)]
+    async fn on_flood(ctx: &Context, f: Flood) -> Result<()> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        HANDLED.record(&f.run, "flood", ctx, f.seq);
+        Ok(())
+    }
+}
+
 /// Two handlers for one command subject: refused at start-up.
 pub mod dup {
     use catga::{Result, command};

@@ -10,7 +10,7 @@ use catga::ErrorKind;
 use futures_util::future::join_all;
 
 use crate::backend::Backend;
-use crate::handlers::{echo, fanout, faults, groups, lb, slow};
+use crate::handlers::{echo, fanout, faults, flood, groups, lb, slow};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -279,6 +279,54 @@ pub async fn concurrency_limit(b: &Backend) {
     rt.shutdown().await.expect("clean shutdown");
 }
 
+/// A subscription whose buffer is full drops further messages, and the drops
+/// are counted (and logged), never silent.
+pub async fn slow_consumer_drops_are_counted(b: &Backend) {
+    let rt = b
+        .builder("flood", "r1")
+        .subscription_capacity(4)
+        .start()
+        .await
+        .expect("starts");
+    tokio::time::timeout(WAIT, rt.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    let client = b.client().await;
+    let run = run_id();
+    let n = 100u64;
+    for seq in 0..n {
+        client
+            .publish(flood::Flood {
+                run: run.clone(),
+                seq,
+            })
+            .await
+            .expect("publish");
+    }
+    // Let the handler work through what was buffered.
+    let mut handled = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = flood::HANDLED.of(&run).len();
+        if now == handled && now > 0 {
+            break;
+        }
+        handled = now;
+    }
+    let handled = flood::HANDLED.of(&run).len() as u64;
+    let dropped = rt.dropped_messages();
+    assert!(dropped > 0, "a 4-message buffer cannot take {n} at once");
+    assert!(handled < n, "some were dropped: handled {handled}");
+    match b {
+        // The bus counts every dropped message: nothing is unaccounted for.
+        Backend::Memory(_) => assert_eq!(handled + dropped, n, "handled {handled}, dropped {dropped}"),
+        // NATS reports slow-consumer events, at least one per burst of drops.
+        Backend::Nats(_) => assert!(handled + dropped <= n, "handled {handled}, events {dropped}"),
+    }
+    rt.shutdown().await.expect("clean shutdown");
+}
+
 /// Wiring mistakes stop start-up with a clear error.
 pub async fn registry_checks(b: &Backend) {
     let err = b
@@ -323,6 +371,7 @@ macro_rules! scenario_tests {
             no_handler_fails_fast,
             graceful_shutdown,
             concurrency_limit,
+            slow_consumer_drops_are_counted,
             registry_checks,
         );
     };

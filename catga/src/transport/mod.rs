@@ -110,6 +110,13 @@ impl Transport {
         }
     }
 
+    pub(crate) fn dropped_messages(&self) -> u64 {
+        match self {
+            Transport::Nats(t) => t.slow_consumer_events(),
+            Transport::Memory(bus) => bus.dropped(),
+        }
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Transport::Nats(_) => "nats",
