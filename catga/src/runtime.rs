@@ -289,7 +289,7 @@ async fn confirm_subscriptions(transport: Transport, instance_id: String, ready:
 pub struct Runtime {
     client: Client,
     handlers: Vec<&'static HandlerSpec>,
-    loops: Vec<JoinHandle<()>>,
+    loops: Vec<JoinHandle<bool>>,
     confirm: JoinHandle<()>,
     stop: watch::Sender<bool>,
     ready: watch::Receiver<bool>,
@@ -367,7 +367,9 @@ impl Runtime {
         let mut clean = true;
         for handle in std::mem::take(&mut self.loops) {
             match tokio::time::timeout(deadline, handle).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(true)) => {}
+                // The loop gave up on handlers still running at its deadline.
+                Ok(Ok(false)) => clean = false,
                 Ok(Err(e)) => {
                     clean = false;
                     tracing::error!(error = %e, "handler loop failed");
@@ -431,6 +433,9 @@ async fn shutdown_signal() {
 /// The handlers of one subscription therefore share a task: they run
 /// concurrently, not in parallel. A handler doing heavy CPU work should move
 /// it to `tokio::task::spawn_blocking`.
+///
+/// Returns false when handlers were still running at the drain deadline
+/// (they are cancelled: their messages get no reply).
 async fn serve(
     spec: &'static HandlerSpec,
     info: MessageInfo,
@@ -439,7 +444,7 @@ async fn serve(
     limit: usize,
     mut stop: watch::Receiver<bool>,
     drain_timeout: Duration,
-) {
+) -> bool {
     let mut inflight = futures_util::stream::FuturesUnordered::new();
     // One stop future for the whole loop: making a new `changed()` future on
     // every message would register and unregister a waiter each time.
@@ -467,9 +472,11 @@ async fn serve(
     if tokio::time::timeout(drain_timeout, finish).await.is_err() {
         tracing::warn!(
             handler = spec.name,
-            "drain time-out: handlers still running at shutdown"
+            "drain time-out: handlers still running at shutdown are cancelled"
         );
+        return false;
     }
+    true
 }
 
 /// Runs one message through its handler and answers it.

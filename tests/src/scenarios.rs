@@ -257,6 +257,53 @@ pub async fn graceful_shutdown(b: &Backend) {
     assert_eq!(err.kind(), ErrorKind::NoHandler, "{err}");
 }
 
+/// A handler that outlives the drain deadline does not hold shutdown up:
+/// shutdown returns an error in bounded time and the sender gets a
+/// retryable error, not a hang.
+pub async fn drain_deadline_is_enforced(b: &Backend) {
+    let rt = b
+        .builder("slow", "r1")
+        .drain_timeout(Duration::from_millis(300))
+        .start()
+        .await
+        .expect("starts");
+    tokio::time::timeout(WAIT, rt.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    let client = b.client().await.with_request_timeout(Duration::from_secs(2));
+    let run = run_id();
+    let pending = {
+        let run = run.clone();
+        tokio::spawn(async move {
+            client
+                .send(slow::Slow {
+                    run,
+                    seq: 0,
+                    ms: 10_000,
+                })
+                .await
+        })
+    };
+    assert_eq!(slow::STARTED.wait_for(&run, 1, WAIT).await.len(), 1, "in flight");
+    let started = std::time::Instant::now();
+    let err = rt
+        .shutdown()
+        .await
+        .expect_err("the deadline passed with a handler running");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the drain deadline"
+    );
+    let reply = pending
+        .await
+        .expect("task")
+        .expect_err("the cancelled handler sends no reply");
+    assert!(reply.is_retryable(), "{reply}");
+    assert!(slow::FINISHED.of(&run).is_empty(), "the handler was cancelled");
+}
+
 /// `concurrency = 2` bounds the handlers in flight; the rest wait their turn.
 pub async fn concurrency_limit(b: &Backend) {
     let rt = b.runtime("slow", "r1").await;
@@ -370,6 +417,7 @@ macro_rules! scenario_tests {
             undecodable_payload,
             no_handler_fails_fast,
             graceful_shutdown,
+            drain_deadline_is_enforced,
             concurrency_limit,
             slow_consumer_drops_are_counted,
             registry_checks,
