@@ -311,6 +311,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn request_to_a_full_subscription_fails_fast_and_counts() {
+        let bus = MemoryBus::new();
+        let _s = bus.subscribe_with_capacity("s", Some("g"), 1);
+        bus.publish(&"s".into(), headers(), Bytes::new())
+            .expect("fills the buffer");
+        let err = bus
+            .request(&"s".into(), headers(), Bytes::new(), Duration::from_secs(5))
+            .await
+            .err()
+            .expect("over capacity");
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+        assert!(err.is_retryable());
+        assert_eq!(bus.dropped(), 1);
+    }
+
+    #[tokio::test]
     async fn full_subscription_drops_and_counts() {
         let bus = MemoryBus::new();
         let _s = bus.subscribe_with_capacity("s", None, 1);
