@@ -51,7 +51,8 @@ impl Default for Config {
             .unwrap_or_else(|| "catga".to_owned());
         Config {
             nats_url: None,
-            instance_id: format!("{service}-{}", &crate::message::new_message_id()[..8]),
+            // A whole NUID: its first half is shared by every id of one process.
+            instance_id: format!("{service}-{}", crate::message::new_message_id()),
             service,
             request_timeout: crate::client::DEFAULT_REQUEST_TIMEOUT,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
@@ -141,5 +142,7 @@ mod tests {
         assert!(err.message().contains("CATGA_CONCURRENCY"), "{err}");
         let memory = Config::from_lookup(|_| None).expect("defaults");
         assert!(memory.nats_url.is_none());
+        let other = Config::from_lookup(|_| None).expect("defaults");
+        assert_ne!(memory.instance_id, other.instance_id, "default instance ids differ");
     }
 }
