@@ -103,6 +103,19 @@ impl Config {
     }
 }
 
+/// A server URL for logs: user names, passwords and tokens
+/// (`nats://user:secret@host`) are replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &one[..scheme + 3], &one[at..]),
+            (None, Some(at)) => format!("***{}", &one[at..]),
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn number(name: &str, v: &str) -> Result<u64> {
     v.parse::<u64>()
         .map_err(|_| config_error(name, v, "expected a whole number"))
@@ -124,6 +137,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn urls_in_logs_hide_credentials() {
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_url("nats://app:s3cret@nats:4222"), "nats://***@nats:4222");
+        assert_eq!(
+            redact_url("nats://tok@a:4222,nats://b:4222"),
+            "nats://***@a:4222,nats://b:4222"
+        );
+        assert_eq!(redact_url("user:pw@host:4222"), "***@host:4222");
+    }
+
+    #[test]
     fn reads_and_validates_variables() {
         let c = Config::from_lookup(|n| match n {
             "NATS_URL" => Some("nats://127.0.0.1:4222".into()),
@@ -143,6 +167,9 @@ mod tests {
         let memory = Config::from_lookup(|_| None).expect("defaults");
         assert!(memory.nats_url.is_none());
         let other = Config::from_lookup(|_| None).expect("defaults");
-        assert_ne!(memory.instance_id, other.instance_id, "default instance ids differ");
+        assert_ne!(
+            memory.instance_id, other.instance_id,
+            "default instance ids differ"
+        );
     }
 }

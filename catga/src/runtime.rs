@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::client::{Client, Context, error_body, error_headers};
-use crate::config::Config;
+use crate::config::{Config, redact_url};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::MessageMeta;
 use crate::message::headers;
@@ -152,32 +152,24 @@ impl RuntimeBuilder {
         };
         registry::check(&selected, config.client_only)?;
 
-        let transport = match (&bus, &config.nats_url) {
-            (Some(bus), _) => Transport::Memory(bus.clone()),
+        let (transport, mode) = match (bus, &config.nats_url) {
+            (Some(bus), _) => (Transport::Memory(bus), "a shared in-memory bus"),
             (None, Some(url)) => {
                 let name = format!("{}/{}", config.service, config.instance_id);
-                Transport::Nats(NatsTransport::connect(url, &name, config.subscription_capacity).await?)
+                let nats = NatsTransport::connect(url, &name, config.subscription_capacity).await?;
+                (Transport::Nats(nats), "NATS")
             }
-            (None, None) => Transport::Memory(MemoryBus::new()),
+            (None, None) => (
+                Transport::Memory(MemoryBus::new()),
+                "the embedded in-memory transport, one process (NATS_URL is not set)",
+            ),
         };
-        match (&transport, &config.nats_url) {
-            (Transport::Memory(_), None) if bus.is_none() => tracing::info!(
-                service = %config.service,
-                instance = %config.instance_id,
-                "NATS_URL is not set: running on the embedded in-memory transport (one process)"
-            ),
-            (Transport::Memory(_), _) => tracing::info!(
-                service = %config.service,
-                instance = %config.instance_id,
-                "running on a shared in-memory bus"
-            ),
-            (Transport::Nats(_), url) => tracing::info!(
-                service = %config.service,
-                instance = %config.instance_id,
-                nats_url = url.as_deref().unwrap_or_default(),
-                "running over NATS"
-            ),
-        }
+        tracing::info!(
+            service = %config.service,
+            instance = %config.instance_id,
+            nats_url = %config.nats_url.as_deref().map(redact_url).unwrap_or_default(),
+            "running on {mode}"
+        );
         log_table(&selected, &config);
 
         let client = Client::from_transport(
