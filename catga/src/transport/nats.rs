@@ -59,7 +59,11 @@ impl NatsTransport {
             .connect(url)
             .await
             .map_err(|e| {
-                Error::new(ErrorKind::Config, format!("invalid NATS url {url}: {e}")).with_source(e)
+                Error::new(
+                    ErrorKind::Config,
+                    format!("invalid NATS url {}: {e}", crate::config::redact_url(url)),
+                )
+                .with_source(e)
             })?;
         Ok(NatsTransport {
             client,
