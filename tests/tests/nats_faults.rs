@@ -144,3 +144,18 @@ async fn wire_format_is_plain_nats() {
     );
     rt.shutdown().await.expect("clean shutdown");
 }
+
+/// A URL that cannot be parsed is a configuration error at start-up, and the
+/// error does not repeat the credentials in it.
+#[tokio::test]
+async fn invalid_nats_url_is_a_config_error_without_credentials() {
+    let err = catga::Runtime::builder()
+        .nats_url("nats://app:s3cret@127.0.0.1:not-a-port")
+        .client_only()
+        .start()
+        .await
+        .expect_err("unparsable URL");
+    assert_eq!(err.kind(), catga::ErrorKind::Config, "{err}");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    assert!(err.to_string().contains("***"), "{err}");
+}
