@@ -162,6 +162,17 @@ impl Client {
         Ok(reply.payload)
     }
 
+    /// Publishes a raw payload on an event subject (for bridges that
+    /// forward JSON), with a fresh `Nats-Msg-Id` like every event.
+    pub async fn publish_raw(&self, subject: &str, payload: Bytes) -> Result<()> {
+        let mut h = Headers::new();
+        h.insert(headers::MESSAGE_ID, new_message_id());
+        self.inner
+            .transport
+            .publish(&Subject::from(subject), h, payload)
+            .await
+    }
+
     pub(crate) async fn send_within<C: Command>(
         &self,
         cmd: C,

@@ -205,6 +205,32 @@ pub async fn undecodable_payload(b: &Backend) {
     rt.shutdown().await.expect("clean shutdown");
 }
 
+/// An event that cannot be decoded is refused (and logged) without taking
+/// the handler down: the events after it are handled.
+pub async fn undecodable_event_is_skipped(b: &Backend) {
+    let rt = b.runtime("fanout", "r1").await;
+    let client = b.client().await;
+    let run = run_id();
+    client
+        .publish_raw("evt.tick", Bytes::from_static(b"{not json"))
+        .await
+        .expect("publish garbage");
+    client
+        .publish_raw("evt.tick", Bytes::from_static(br#"{"run":"x"}"#))
+        .await
+        .expect("publish a wrong shape");
+    client
+        .publish(fanout::Tick {
+            run: run.clone(),
+            seq: 1,
+        })
+        .await
+        .expect("publish");
+    let records = fanout::RECEIVED.wait_for(&run, 1, WAIT).await;
+    assert_eq!(records.len(), 1, "the valid event after the bad ones is handled");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
 /// A command nobody handles fails at once with "no handler", not a time-out.
 pub async fn no_handler_fails_fast(b: &Backend) {
     let client = b.client().await.with_request_timeout(Duration::from_secs(30));
@@ -415,6 +441,7 @@ macro_rules! scenario_tests {
             queue_grouped_events,
             error_replies,
             undecodable_payload,
+            undecodable_event_is_skipped,
             no_handler_fails_fast,
             graceful_shutdown,
             drain_deadline_is_enforced,
