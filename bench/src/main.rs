@@ -192,7 +192,7 @@ async fn main() {
     let rt = Runtime::builder()
         .nats_url(server.url())
         .instance_id("bench")
-        .handlers(|s| s.name.starts_with("catga_bench::"))
+        .handlers(|s| s.name().starts_with("catga_bench::"))
         .concurrency(1024)
         .start()
         .await
@@ -306,7 +306,7 @@ async fn main() {
     let bus = MemoryBus::new();
     let mem_rt = Runtime::builder()
         .memory(bus.clone())
-        .handlers(|s| s.name.starts_with("catga_bench::"))
+        .handlers(|s| s.name().starts_with("catga_bench::"))
         .concurrency(1024)
         .start()
         .await

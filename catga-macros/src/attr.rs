@@ -1,22 +1,25 @@
-//! Argument parsing shared by every attribute: `key = value` pairs, checked
-//! against the keys the attribute accepts in its role, every mistake
-//! collected and reported at once.
+//! Attribute arguments: `key = value` pairs and bare flags, checked against
+//! one table of keys ([`KEYS`]): which roles take each key, what value it
+//! takes, and what to say when it is put on the wrong item. Adding a key is
+//! one row here plus the code that reads it.
+//!
+//! Every mistake is collected in [`Errors`] and reported at once, each on
+//! the token that is wrong.
 
 use proc_macro2::{Span, TokenStream};
 use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream, Parser};
 use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
 use syn::{Ident, LitInt, LitStr, Path, Token, Type};
+
+use crate::role::{Attr, Role, Target};
 
 /// Collects every error of one expansion (after serde_derive's `Ctxt`).
 #[derive(Default)]
 pub(crate) struct Errors(Vec<syn::Error>);
 
 impl Errors {
-    pub(crate) fn push(&mut self, err: syn::Error) {
-        self.0.push(err);
-    }
-
     pub(crate) fn at(&mut self, span: Span, msg: impl std::fmt::Display) {
         self.0.push(syn::Error::new(span, msg));
     }
@@ -35,18 +38,27 @@ impl Errors {
     }
 }
 
-/// One `key = value` (or bare `key`) argument.
-pub(crate) struct Arg {
-    pub key: Ident,
-    pub value: Value,
+/// One argument as written: `key = value` or a bare `key`.
+struct Arg {
+    key: Ident,
+    value: Option<Written>,
 }
 
-/// The value of an argument, as written.
-pub(crate) enum Value {
-    Flag,
+/// A value as written.
+enum Written {
     Str(LitStr),
     Int(LitInt),
     Type(Box<Type>),
+}
+
+impl Written {
+    fn span(&self) -> Span {
+        match self {
+            Written::Str(v) => v.span(),
+            Written::Int(v) => v.span(),
+            Written::Type(v) => v.span(),
+        }
+    }
 }
 
 impl Parse for Arg {
@@ -54,178 +66,279 @@ impl Parse for Arg {
         // `parse_any` accepts keywords, for `crate = "..."`.
         let key = input.call(Ident::parse_any)?;
         if !input.peek(Token![=]) {
-            return Ok(Arg {
-                key,
-                value: Value::Flag,
-            });
+            return Ok(Arg { key, value: None });
         }
         input.parse::<Token![=]>()?;
         let value = if input.peek(LitStr) {
-            Value::Str(input.parse()?)
+            Written::Str(input.parse()?)
         } else if input.peek(LitInt) {
-            Value::Int(input.parse()?)
+            Written::Int(input.parse()?)
         } else {
-            Value::Type(Box::new(input.parse()?))
+            Written::Type(Box::new(input.parse()?))
         };
-        Ok(Arg { key, value })
+        Ok(Arg {
+            key,
+            value: Some(value),
+        })
     }
 }
 
-/// Parses the attribute's argument list.
-pub(crate) fn parse(tokens: TokenStream) -> syn::Result<Vec<Arg>> {
-    let args = Punctuated::<Arg, Token![,]>::parse_terminated.parse2(tokens)?;
-    Ok(args.into_iter().collect())
+/// What a key takes.
+enum Takes {
+    /// A string literal, checked by the function.
+    Str(fn(&str) -> Result<(), String>),
+    /// A whole number in `min..=max`.
+    Int { min: u64, max: u64 },
+    /// A type.
+    Type,
+    /// A path, written as a string (`crate = "::my::catga"`).
+    Path,
+    /// Nothing: a bare flag.
+    #[allow(
+        dead_code,
+        reason = "the first flags (`idempotent`, `leader`) arrive with their features"
+    )]
+    Flag,
 }
 
-/// Which attribute, on which kind of item.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    CommandType,
-    EventType,
-    CommandHandler,
-    EventHandler,
+/// One row of the key table.
+struct Key {
+    name: &'static str,
+    roles: &'static [Role],
+    takes: Takes,
+    /// Where the key goes instead, said when it is put elsewhere.
+    belongs: &'static str,
 }
 
-impl Role {
-    pub(crate) fn attr(self) -> &'static str {
-        match self {
-            Role::CommandType | Role::CommandHandler => "#[command]",
-            Role::EventType | Role::EventHandler => "#[event]",
-        }
-    }
+const COMMAND_TYPE: Role = Role {
+    attr: Attr::Command,
+    target: Target::Type,
+};
+const EVENT_TYPE: Role = Role {
+    attr: Attr::Event,
+    target: Target::Type,
+};
+const COMMAND_HANDLER: Role = Role {
+    attr: Attr::Command,
+    target: Target::Handler,
+};
+const EVENT_HANDLER: Role = Role {
+    attr: Attr::Event,
+    target: Target::Handler,
+};
 
-    fn on(self) -> &'static str {
-        match self {
-            Role::CommandType => "a command type",
-            Role::EventType => "an event type",
-            Role::CommandHandler => "a command handler",
-            Role::EventHandler => "an event handler",
-        }
-    }
+/// Every key of every attribute.
+const KEYS: &[Key] = &[
+    Key {
+        name: "subject",
+        roles: &[COMMAND_TYPE, EVENT_TYPE],
+        takes: Takes::Str(crate::names::check_subject),
+        belongs: "on the message type (the struct or enum), not on its handler",
+    },
+    Key {
+        name: "reply",
+        roles: &[COMMAND_TYPE],
+        takes: Takes::Type,
+        belongs: "on the command type (`#[command(reply = T)]` on the struct); events have no reply, \
+                  and a handler returns `catga::Result<T>`",
+    },
+    Key {
+        name: "version",
+        roles: &[COMMAND_TYPE, EVENT_TYPE],
+        takes: Takes::Int {
+            min: 1,
+            max: u32::MAX as u64,
+        },
+        belongs: "on the message type (the struct or enum), not on its handler",
+    },
+    Key {
+        name: "queue_group",
+        roles: &[COMMAND_HANDLER, EVENT_HANDLER],
+        takes: Takes::Str(crate::names::check_queue_group),
+        belongs: "on a handler (an `async fn`), not on a message type",
+    },
+    Key {
+        name: "concurrency",
+        roles: &[COMMAND_HANDLER, EVENT_HANDLER],
+        takes: Takes::Int {
+            min: 1,
+            max: 1_000_000,
+        },
+        belongs: "on a handler (an `async fn`), not on a message type",
+    },
+    Key {
+        name: "parallel",
+        roles: &[COMMAND_HANDLER, EVENT_HANDLER],
+        takes: Takes::Int { min: 1, max: 1024 },
+        belongs: "on a handler (an `async fn`), not on a message type",
+    },
+    Key {
+        name: "crate",
+        roles: &[COMMAND_TYPE, EVENT_TYPE, COMMAND_HANDLER, EVENT_HANDLER],
+        takes: Takes::Path,
+        belongs: "",
+    },
+];
 
-    fn keys(self) -> &'static [&'static str] {
-        match self {
-            Role::CommandType => &["subject", "reply", "version", "crate"],
-            Role::EventType => &["subject", "version", "crate"],
-            Role::CommandHandler | Role::EventHandler => &["queue_group", "concurrency", "crate"],
-        }
-    }
-
-    fn is_type(self) -> bool {
-        matches!(self, Role::CommandType | Role::EventType)
-    }
+/// A checked value.
+pub(crate) enum Value {
+    Str(LitStr),
+    Int(u64),
+    Type(Box<Type>),
+    Path(Path),
+    Flag,
 }
 
-/// The arguments of one attribute, validated for its role.
+/// The checked arguments of one attribute.
 #[derive(Default)]
 pub(crate) struct Options {
-    pub subject: Option<LitStr>,
-    pub reply: Option<Type>,
-    pub version: Option<u32>,
-    pub queue_group: Option<LitStr>,
-    pub concurrency: Option<usize>,
-    pub krate: Option<Path>,
+    values: Vec<(&'static str, Value)>,
 }
 
 impl Options {
+    fn get(&self, key: &str) -> Option<&Value> {
+        debug_assert!(KEYS.iter().any(|k| k.name == key), "`{key}` is not in KEYS");
+        self.values.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    pub(crate) fn str(&self, key: &str) -> Option<&LitStr> {
+        match self.get(key) {
+            Some(Value::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn int(&self, key: &str) -> Option<u64> {
+        match self.get(key) {
+            Some(Value::Int(n)) => Some(*n),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn ty(&self, key: &str) -> Option<&Type> {
+        match self.get(key) {
+            Some(Value::Type(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    #[allow(dead_code)] // the first flags (`idempotent`, `leader`) come with their features
+    pub(crate) fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some(Value::Flag))
+    }
+
     /// The path to the catga crate: `crate = "..."` or `::catga`.
     pub(crate) fn krate(&self) -> Path {
-        self.krate.clone().unwrap_or_else(|| syn::parse_quote!(::catga))
+        match self.get("crate") {
+            Some(Value::Path(p)) => p.clone(),
+            _ => syn::parse_quote!(::catga),
+        }
     }
 }
 
-/// Why a known key is refused in this role, if it belongs to another.
-fn misplaced(role: Role, key: &str) -> Option<String> {
-    let a = role.attr();
-    match (key, role.is_type()) {
-        ("reply", true) => Some("events have no reply: `reply` is only for #[command] types".to_owned()),
-        ("reply", false) => Some(
-            "`reply` goes on the command type (`#[command(reply = T)]` on the struct), not on its handler; \
-             the handler returns `catga::Result<T>`"
-                .to_owned(),
-        ),
-        ("subject" | "version", false) => Some(format!(
-            "`{key}` goes on the message type (`{a}` on the struct or enum), not on its handler"
-        )),
-        ("queue_group" | "concurrency", true) => Some(format!(
-            "`{key}` goes on a handler (`{a}` on an `async fn`), not on a message type"
-        )),
-        _ => None,
-    }
-}
-
-/// Checks every argument against the role, collecting every mistake.
-pub(crate) fn validate(args: Vec<Arg>, role: Role, errors: &mut Errors) -> Options {
+/// Parses and checks the arguments of an attribute in `role`.
+pub(crate) fn parse(tokens: TokenStream, role: Role, errors: &mut Errors) -> Options {
+    let args = match Punctuated::<Arg, Token![,]>::parse_terminated.parse2(tokens) {
+        Ok(args) => args,
+        Err(e) => {
+            errors.0.push(e);
+            return Options::default();
+        }
+    };
     let mut opts = Options::default();
-    let mut seen: Vec<String> = Vec::new();
     for Arg { key, value } in args {
         let name = key.to_string();
-        if !role.keys().contains(&name.as_str()) {
-            let msg = misplaced(role, &name).unwrap_or_else(|| {
-                let expected = role
-                    .keys()
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+        let Some(row) = KEYS.iter().find(|k| k.name == name) else {
+            let expected = KEYS
+                .iter()
+                .filter(|k| k.roles.contains(&role))
+                .map(|k| format!("`{}`", k.name))
+                .collect::<Vec<_>>()
+                .join(", ");
+            errors.spanned(
+                &key,
                 format!(
                     "unknown argument `{name}` for {} on {}; expected one of: {expected}",
-                    role.attr(),
-                    role.on()
-                )
-            });
-            errors.spanned(&key, msg);
+                    role.attr.name(),
+                    role.item()
+                ),
+            );
+            continue;
+        };
+        if !row.roles.contains(&role) {
+            errors.spanned(&key, format!("`{name}` goes {}", row.belongs));
             continue;
         }
-        if seen.contains(&name) {
+        if opts.values.iter().any(|(k, _)| *k == row.name) {
             errors.spanned(&key, format!("duplicate argument `{name}`"));
             continue;
         }
-        seen.push(name.clone());
-        match (name.as_str(), value) {
-            (_, Value::Flag) => errors.spanned(&key, format!("`{name}` needs a value: `{name} = ...`")),
-            ("subject", Value::Str(lit)) => match crate::names::check_subject(&lit.value()) {
-                Ok(()) => opts.subject = Some(lit),
-                Err(why) => errors.spanned(&lit, format!("invalid subject {:?}: {why}", lit.value())),
-            },
-            ("queue_group", Value::Str(lit)) => match crate::names::check_queue_group(&lit.value()) {
-                Ok(()) => opts.queue_group = Some(lit),
-                Err(why) => errors.spanned(&lit, format!("invalid queue group {:?}: {why}", lit.value())),
-            },
-            ("crate", Value::Str(lit)) => match lit.parse::<Path>() {
-                Ok(path) => opts.krate = Some(path),
-                Err(_) => errors.spanned(&lit, "`crate` takes a path, e.g. crate = \"::my_app::catga\""),
-            },
-            ("version", Value::Int(lit)) => match lit.base10_parse::<u32>() {
-                Ok(v) if v >= 1 => opts.version = Some(v),
-                _ => errors.spanned(&lit, "`version` must be a whole number from 1 to 4294967295"),
-            },
-            ("concurrency", Value::Int(lit)) => match lit.base10_parse::<usize>() {
-                Ok(n) if (1..=1_000_000).contains(&n) => opts.concurrency = Some(n),
-                _ => errors.spanned(&lit, "`concurrency` must be a whole number from 1 to 1000000"),
-            },
-            ("reply", Value::Type(ty)) => opts.reply = Some(*ty),
-            ("reply", Value::Str(lit)) => {
-                errors.spanned(&lit, "`reply` takes a type, not a string: reply = OrderId")
-            }
-            ("reply", Value::Int(lit)) => errors.spanned(&lit, "`reply` takes a type: reply = OrderId"),
-            ("subject" | "queue_group" | "crate", other) => errors.push(value_error(
-                &key,
-                other,
-                "a string literal, e.g. \"orders.created\"",
-            )),
-            (_, other) => errors.push(value_error(&key, other, "a whole number")),
+        if let Some(v) = check(row, &key, value, errors) {
+            opts.values.push((row.name, v));
         }
     }
     opts
 }
 
-fn value_error(key: &Ident, value: Value, expected: &str) -> syn::Error {
-    let msg = format!("`{key}` takes {expected}");
-    match value {
-        Value::Flag => syn::Error::new_spanned(key, msg),
-        Value::Str(v) => syn::Error::new_spanned(v, msg),
-        Value::Int(v) => syn::Error::new_spanned(v, msg),
-        Value::Type(v) => syn::Error::new_spanned(v, msg),
+/// Checks one value against its key's row.
+fn check(row: &Key, key: &Ident, value: Option<Written>, errors: &mut Errors) -> Option<Value> {
+    let name = row.name;
+    match (&row.takes, value) {
+        (Takes::Flag, None) => Some(Value::Flag),
+        (Takes::Flag, Some(v)) => {
+            errors.at(
+                v.span(),
+                format!("`{name}` is a flag and takes no value: write `{name}`"),
+            );
+            None
+        }
+        (_, None) => {
+            errors.spanned(key, format!("`{name}` needs a value: `{name} = ...`"));
+            None
+        }
+        (Takes::Str(rule), Some(Written::Str(lit))) => match rule(&lit.value()) {
+            Ok(()) => Some(Value::Str(lit)),
+            Err(why) => {
+                errors.spanned(
+                    &lit,
+                    format!("invalid {} {:?}: {why}", name.replace('_', " "), lit.value()),
+                );
+                None
+            }
+        },
+        (Takes::Int { min, max }, Some(Written::Int(lit))) => match lit.base10_parse::<u64>() {
+            Ok(n) if (*min..=*max).contains(&n) => Some(Value::Int(n)),
+            _ => {
+                errors.spanned(
+                    &lit,
+                    format!("`{name}` must be a whole number from {min} to {max}"),
+                );
+                None
+            }
+        },
+        (Takes::Type, Some(Written::Type(ty))) => Some(Value::Type(ty)),
+        (Takes::Path, Some(Written::Str(lit))) => match lit.parse::<Path>() {
+            Ok(path) => Some(Value::Path(path)),
+            Err(_) => {
+                errors.spanned(&lit, "`crate` takes a path, e.g. crate = \"::my_app::catga\"");
+                None
+            }
+        },
+        (takes, Some(other)) => {
+            let expected = match takes {
+                Takes::Str(_) => "a string literal, e.g. \"orders.created\"".to_owned(),
+                Takes::Int { .. } => "a whole number".to_owned(),
+                Takes::Type => format!("a type, not a literal: {name} = OrderId"),
+                Takes::Path => "a path in a string, e.g. crate = \"::my_app::catga\"".to_owned(),
+                Takes::Flag => unreachable_flag(),
+            };
+            errors.at(other.span(), format!("`{name}` takes {expected}"));
+            None
+        }
     }
+}
+
+/// Flags are matched before this arm; kept total without a panic.
+fn unreachable_flag() -> String {
+    "no value".to_owned()
 }

@@ -1,13 +1,19 @@
-//! `#[command]` / `#[event]` on an `async fn`: validates the signature and
-//! registers a trampoline in catga's `linkme` handler slice.
+//! `#[command]` / `#[event]` on an `async fn`: a handler. The function is
+//! re-emitted unchanged; a zero-sized type implements catga's
+//! `CommandHandler` or `EventHandler` by calling it, and a `HandlerSpec`
+//! for that type goes into the `linkme` registry. Decoding, encoding and
+//! the facts of the message type are generic code in catga.
+//!
+//! Parse (the arguments, by [`attr`](crate::attr); the signature here),
+//! validate (every mistake of the signature, at once), expand.
 
-use proc_macro2::TokenStream;
-use quote::{ToTokens, quote, quote_spanned};
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{FnArg, ItemFn, ReturnType, Type};
 
-use crate::attr::{self, Arg, Errors, Role};
-use crate::item::Kind;
+use crate::attr::{self, Errors, Options};
+use crate::role::{Attr, Role, Target};
 
 /// The parts of a valid handler signature.
 struct Signature<'a> {
@@ -17,30 +23,30 @@ struct Signature<'a> {
 }
 
 /// Checks the signature, collecting every mistake.
-fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signature<'a>> {
+fn validate<'a>(attr: Attr, f: &'a ItemFn, errors: &mut Errors) -> Option<Signature<'a>> {
     let sig = &f.sig;
-    let noun = kind.noun();
-    let attr = kind.attr();
+    let noun = attr.noun();
+    let a = attr.a();
     if sig.asyncness.is_none() {
-        errors.spanned(sig.fn_token, format!("a {attr} handler must be an `async fn`"));
+        errors.spanned(sig.fn_token, format!("{a} handler must be an `async fn`"));
     }
     if let Some(c) = &sig.constness {
-        errors.spanned(c, format!("a {attr} handler cannot be a `const fn`"));
+        errors.spanned(c, format!("{a} handler cannot be a `const fn`"));
     }
     if let syn::Safety::Unsafe(u) = &sig.safety {
-        errors.spanned(u, format!("a {attr} handler cannot be an `unsafe fn`"));
+        errors.spanned(u, format!("{a} handler cannot be an `unsafe fn`"));
     }
     if let Some(abi) = &sig.abi {
-        errors.spanned(abi, format!("a {attr} handler cannot have an `extern` ABI"));
+        errors.spanned(abi, format!("{a} handler cannot have an `extern` ABI"));
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
         errors.spanned(
             &sig.generics,
-            format!("a {attr} handler cannot be generic: the registry needs one concrete {noun} type"),
+            format!("{a} handler cannot be generic: the registry needs one concrete {noun} type"),
         );
     }
     if let Some(v) = &sig.variadic {
-        errors.spanned(v, format!("a {attr} handler cannot be variadic"));
+        errors.spanned(v, format!("{a} handler cannot be variadic"));
     }
 
     let forms = format!(
@@ -52,7 +58,9 @@ fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
         match input {
             FnArg::Receiver(r) => errors.spanned(
                 r,
-                format!("a {attr} handler is a free function: methods with `self` cannot be registered; use {forms}"),
+                format!(
+                    "{a} handler is a free function: methods with `self` cannot be registered; use {forms}"
+                ),
             ),
             FnArg::Typed(pt) => typed.push(pt),
         }
@@ -62,7 +70,7 @@ fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
             if sig.receiver().is_none() {
                 errors.at(
                     sig.paren_token.span.join(),
-                    format!("a {attr} handler takes the {noun} it handles: {forms}"),
+                    format!("{a} handler takes the {noun} it handles: {forms}"),
                 );
             }
             (None, None)
@@ -71,7 +79,7 @@ fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
         [ctx, msg] => (Some(*ctx), Some(*msg)),
         [_, _, extra @ ..] => {
             for e in extra {
-                errors.spanned(e, format!("too many arguments: a {attr} handler is {forms}"));
+                errors.spanned(e, format!("too many arguments: {a} handler is {forms}"));
             }
             (None, None)
         }
@@ -81,7 +89,7 @@ fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
             Type::Reference(r) if r.mutability.is_none() => {}
             other => errors.spanned(
                 other,
-                format!("the first argument of a {attr} handler is the context, taken by shared reference: `ctx: &Context`"),
+                format!("the first argument of {a} handler is the context, taken by shared reference: `ctx: &Context`"),
             ),
         }
     }
@@ -90,7 +98,7 @@ fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
         errors.spanned(
             r,
             format!(
-                "a {attr} handler takes the {noun} by value: `{noun}: {}`",
+                "{a} handler takes the {noun} by value: `{noun}: {}`",
                 quote!(#elem)
             ),
         );
@@ -98,13 +106,13 @@ fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
     let output = match &sig.output {
         ReturnType::Type(_, ty) => Some(&**ty),
         ReturnType::Default => {
-            let reply = match kind {
-                Kind::Command => "Reply",
-                Kind::Event => "()",
+            let reply = match attr {
+                Attr::Command => "Reply",
+                Attr::Event => "()",
             };
             errors.at(
                 sig.paren_token.span.close(),
-                format!("a {attr} handler returns `catga::Result<{reply}>`: add `-> catga::Result<{reply}>`"),
+                format!("{a} handler returns `catga::Result<{reply}>`: add `-> catga::Result<{reply}>`"),
             );
             None
         }
@@ -117,42 +125,43 @@ fn validate<'a>(kind: Kind, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
 }
 
 /// Emits the function unchanged plus its registration.
-pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, f: &ItemFn) -> TokenStream {
-    let role = match kind {
-        Kind::Command => Role::CommandHandler,
-        Kind::Event => Role::EventHandler,
-    };
+pub(crate) fn expand(attr: Attr, args: TokenStream, item: &TokenStream, f: &ItemFn) -> TokenStream {
     let mut errors = Errors::default();
-    let opts = attr::validate(args, role, &mut errors);
-    let sig = validate(kind, f, &mut errors);
-    let sig = match sig {
-        Some(sig) if errors.is_empty() => sig,
+    let role = Role {
+        attr,
+        target: Target::Handler,
+    };
+    let opts = attr::parse(args, role, &mut errors);
+    let sig = validate(attr, f, &mut errors);
+    match sig {
+        Some(sig) if errors.is_empty() => {
+            let registration = registration(attr, &opts, f, &sig);
+            quote! {
+                #item
+                #registration
+            }
+        }
         _ => {
             let errs = errors.to_compile_errors();
-            return quote!(#item #errs);
+            quote!(#item #errs)
         }
-    };
+    }
+}
 
-    let krate = opts.krate();
-    let p = quote!(#krate::__private);
+/// The handler type, its trait impl and its registry entry.
+fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> TokenStream {
+    let p = {
+        let krate = opts.krate();
+        quote!(#krate::__private)
+    };
     let fn_ident = &f.sig.ident;
     let fn_name = fn_ident.to_string();
     let msg_ty = sig.message;
-    let queue_group = match &opts.queue_group {
-        Some(lit) => quote!(::core::option::Option::Some(#lit)),
-        None => quote!(::core::option::Option::None),
-    };
-    let concurrency = opts.concurrency.unwrap_or(0);
-    let kind_variant = match kind {
-        Kind::Command => quote!(Command),
-        Kind::Event => quote!(Event),
-    };
-    // The one expression that requires `T: Command` (or `Event`), spanned on
-    // the user's type: "`X` is not a catga command" points there, once (the
-    // associated const's type is an error type after that, so nothing else
-    // that depends on the reply type is reported again).
-    let info =
-        quote_spanned!(msg_ty.span()=> let __catga_described = <#msg_ty as #p::#kind_variant>::__DESCRIBED;);
+    let (message_trait, handler_trait) = attr.traits();
+    let message_trait = format_ident!("{}", message_trait);
+    let handler_trait = format_ident!("{}", handler_trait, span = Span::call_site());
+    let assoc = format_ident!("{}", message_trait.to_string(), span = msg_ty.span());
+
     let call = if sig.takes_context {
         quote!(#fn_ident(&__catga_ctx, __catga_msg))
     } else {
@@ -161,60 +170,67 @@ pub(crate) fn expand(kind: Kind, args: Vec<Arg>, item: &TokenStream, f: &ItemFn)
             #fn_ident(__catga_msg)
         })
     };
-    // The result variable carries the span of the user's return type, so a
-    // wrong reply type is reported there.
-    let ret_span = sig
-        .output
-        .to_token_stream()
-        .into_iter()
-        .next()
-        .map_or_else(proc_macro2::Span::call_site, |t| t.span());
-    let out = quote_spanned!(ret_span=> __catga_out);
-    let reply = match kind {
-        Kind::Command => quote_spanned! {msg_ty.span()=>
-            let #out = #call.await;
-            #p::encode(&#p::reply_of(&__catga_described, #out)?)
-        },
-        Kind::Event => quote_spanned! {msg_ty.span()=>
-            let #out = #call.await;
-            #p::reply_of(&__catga_described, #out)?;
-            ::core::result::Result::Ok(#p::Bytes::new())
-        },
+    let user_output = sig.output;
+    let (assoc_reply, output) = match attr {
+        Attr::Command => (
+            quote_spanned!(user_output.span()=> type Reply = <#user_output as #p::HandlerResult>::Ok;),
+            quote!(#p::Result<Self::Reply>),
+        ),
+        Attr::Event => (quote!(), quote!(#p::Result<()>)),
     };
-
-    // Spanned on the user's message type, like `#info`, the only expression
-    // that names the `Command`/`Event` bound: a type that is not one is
-    // reported once, there.
-    let entry = quote_spanned! {msg_ty.span()=>
-        fn __catga_entry(__catga_invocation: #p::Invocation) -> #p::Outcome {
-            #info
-            match __catga_invocation {
-                #p::Invocation::Describe => #p::Outcome::Described(__catga_described.info),
-                #p::Invocation::Call(__catga_ctx, __catga_payload) => {
-                    #p::Outcome::Running(::std::boxed::Box::pin(async move {
-                        let __catga_msg: #msg_ty =
-                            #p::decode_payload(&__catga_payload, __catga_described.info.name)?;
-                        #reply
-                    }))
-                }
-            }
-        }
+    // The return type of `call` is spanned on the function's name: a
+    // future that is not `Send` (an `Rc` held across an await) is reported
+    // there, once, as axum's `debug_handler` does.
+    let fn_span = fn_ident.span();
+    let returns = quote_spanned! {fn_span=>
+        impl ::core::future::Future<Output = #output> + ::core::marker::Send
+    };
+    let body = quote! {
+        async move { #call.await }
+    };
+    let queue_group = match opts.str("queue_group") {
+        Some(lit) => quote!(::core::option::Option::Some(#lit)),
+        None => quote!(::core::option::Option::None),
+    };
+    let concurrency = opts.int("concurrency").unwrap_or(0) as usize;
+    let parallel = opts.int("parallel").unwrap_or(0) as usize;
+    let constructor = match attr {
+        Attr::Command => quote!(command),
+        Attr::Event => quote!(event),
+    };
+    // The one place that requires the handled type to be a catga command
+    // (or event) with the reply the function returns, spanned on the
+    // handled type: a misuse is reported there, once.
+    let spec = quote_spanned! {msg_ty.span()=>
+        #p::HandlerSpec::#constructor::<__CatgaHandler>(
+            ::core::concat!(::core::module_path!(), "::", #fn_name),
+            #p::HandlerOptions {
+                queue_group: #queue_group,
+                concurrency: #concurrency,
+                parallel: #parallel,
+            },
+        )
     };
 
     quote! {
-        #item
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals, unused_qualifications, clippy::absolute_paths)]
         const _: () = {
+            struct __CatgaHandler;
+
+            #[automatically_derived]
+            impl #p::#handler_trait for __CatgaHandler {
+                type #assoc = #msg_ty;
+                #assoc_reply
+
+                fn call(__catga_ctx: #p::Context, __catga_msg: #msg_ty) -> #returns {
+                    #body
+                }
+            }
+
             #[#p::linkme::distributed_slice(#p::HANDLERS)]
             #[linkme(crate = #p::linkme)]
-            static __CATGA_HANDLER: #p::HandlerSpec = #p::HandlerSpec {
-                kind: #p::HandlerKind::#kind_variant,
-                name: ::core::concat!(::core::module_path!(), "::", #fn_name),
-                queue_group: #queue_group,
-                concurrency: #concurrency,
-                entry: __catga_entry,
-            };
-
-            #entry
+            static __CATGA_HANDLER: #p::HandlerSpec = #spec;
         };
     }
 }

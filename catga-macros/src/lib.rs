@@ -1,23 +1,22 @@
 //! Procedural macros of [catga](https://docs.rs/catga): `#[command]` and
 //! `#[event]`. Use them through the `catga` crate, which re-exports them.
 //!
-//! One attribute, two roles: on a struct or enum it declares a message type
-//! (subject, reply type, version); on an `async fn` it registers a handler in
-//! catga's `linkme` registry. Each attribute's module is split into parse,
-//! validate and expand steps; `attr` holds the shared argument parser.
+//! One attribute, two roles ([`role`]): on a struct or enum it declares a
+//! message type ([`message`]: subject, reply type, version); on an
+//! `async fn` it registers a handler ([`handler`]). Arguments are checked
+//! against one table of keys ([`attr`]); subject rules live in [`names`].
 #![forbid(unsafe_code)]
 
 mod attr;
-mod command;
-mod event;
 mod handler;
-mod item;
 mod message;
 mod names;
+mod role;
 #[cfg(test)]
 mod tests;
 
 use proc_macro::TokenStream;
+use role::Attr;
 
 /// Declares a command type, or registers a command handler.
 ///
@@ -27,12 +26,12 @@ use proc_macro::TokenStream;
 ///
 /// On an `async fn(C) -> catga::Result<C::Reply>` or
 /// `async fn(&Context, C) -> catga::Result<C::Reply>`:
-/// `#[command(queue_group = "order-workers", concurrency = 32)]`. Exactly one
-/// replica of the queue group (default: the command's subject) handles each
-/// command.
+/// `#[command(queue_group = "order-workers", concurrency = 32, parallel = 2)]`.
+/// Exactly one replica of the queue group (default: the command's subject)
+/// handles each command.
 #[proc_macro_attribute]
 pub fn command(attr: TokenStream, item: TokenStream) -> TokenStream {
-    command::expand(attr.into(), item.into()).into()
+    role::expand(Attr::Command, attr.into(), item.into()).into()
 }
 
 /// Declares an event type, or registers an event handler.
@@ -47,5 +46,5 @@ pub fn command(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// per group).
 #[proc_macro_attribute]
 pub fn event(attr: TokenStream, item: TokenStream) -> TokenStream {
-    event::expand(attr.into(), item.into()).into()
+    role::expand(Attr::Event, attr.into(), item.into()).into()
 }

@@ -1,93 +1,108 @@
 //! `#[command]` / `#[event]` on a struct or enum: implements the message
 //! traits (subject, name, version, reply type).
+//!
+//! Parse (the arguments, by [`attr`](crate::attr)), validate (no generics),
+//! expand. On a recoverable mistake the impls are still emitted with
+//! defaults for the bad arguments, so that one mistake yields one error and
+//! no follow-up errors where the type is used.
 
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Generics, Ident};
 
-use crate::attr::{self, Arg, Errors, Role};
-use crate::item::Kind;
-use crate::names;
+use crate::attr::{self, Errors, Options};
+use crate::role::{Attr, Role, Target};
 
-/// Validates the arguments and emits the item with its trait impls. On a
-/// recoverable mistake the impls are still emitted (with defaults for the bad
-/// arguments), so that one mistake yields one error and no follow-up errors
-/// where the type is used.
+/// Checks what the arguments cannot: a message type is not generic.
+fn validate(attr: Attr, generics: &Generics, errors: &mut Errors) -> bool {
+    if generics.params.is_empty() && generics.where_clause.is_none() {
+        return true;
+    }
+    errors.spanned(
+        generics,
+        format!(
+            "{} types cannot be generic: the subject and the handler registry are fixed at compile time",
+            attr.noun()
+        ),
+    );
+    false
+}
+
+/// Emits the item and its trait impls.
 pub(crate) fn expand(
-    kind: Kind,
-    args: Vec<Arg>,
+    attr: Attr,
+    args: TokenStream,
     item: &TokenStream,
     ident: &Ident,
     generics: &Generics,
 ) -> TokenStream {
-    let role = match kind {
-        Kind::Command => Role::CommandType,
-        Kind::Event => Role::EventType,
-    };
     let mut errors = Errors::default();
-    let opts = attr::validate(args, role, &mut errors);
-    if !generics.params.is_empty() || generics.where_clause.is_some() {
-        errors.spanned(
-            generics,
-            format!(
-                "{} types cannot be generic: the subject and the handler registry are fixed at compile time",
-                kind.noun()
-            ),
-        );
+    let role = Role {
+        attr,
+        target: Target::Type,
+    };
+    let opts = attr::parse(args, role, &mut errors);
+    if !validate(attr, generics, &mut errors) {
         let errs = errors.to_compile_errors();
         return quote!(#item #errs);
     }
-
-    let krate = opts.krate();
-    let name = ident.to_string();
-    let subject = match &opts.subject {
-        Some(lit) => lit.value(),
-        None => names::default_subject(
-            match kind {
-                Kind::Command => "cmd",
-                Kind::Event => "evt",
-            },
-            &name,
-        ),
-    };
-    let version = opts.version.unwrap_or(1);
-    let kind_variant = match kind {
-        Kind::Command => quote!(Command),
-        Kind::Event => quote!(Event),
-    };
-    let message_impl = quote_spanned! {ident.span()=>
-        impl #krate::__private::Message for #ident {
-            const SUBJECT: &'static str = #subject;
-            const NAME: &'static str = #name;
-            const VERSION: u32 = #version;
-            const KIND: #krate::__private::MessageKind = #krate::__private::MessageKind::#kind_variant;
-        }
-    };
-    let role_impl = match kind {
-        Kind::Command => {
-            let reply = match &opts.reply {
-                Some(ty) => quote_spanned!(ty.span()=> #ty),
-                None => quote!(()),
-            };
-            let span = opts.reply.as_ref().map_or(ident.span(), |t| t.span());
-            quote_spanned! {span=>
-                impl #krate::__private::Command for #ident {
-                    type Reply = #reply;
-                }
-            }
-        }
-        Kind::Event => quote_spanned! {ident.span()=>
-            impl #krate::__private::Event for #ident {}
-        },
-    };
+    let impls = impls(attr, &opts, ident);
     let errs = errors.to_compile_errors();
     quote! {
         #item
         #errs
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals, unused_qualifications, clippy::absolute_paths)]
         const _: () = {
-            #message_impl
-            #role_impl
+            #impls
         };
+    }
+}
+
+fn impls(attr: Attr, opts: &Options, ident: &Ident) -> TokenStream {
+    let p = {
+        let krate = opts.krate();
+        quote!(#krate::__private)
+    };
+    let name = ident.to_string();
+    let subject = match opts.str("subject") {
+        Some(lit) => lit.value(),
+        None => crate::names::default_subject(attr.subject_prefix(), &name),
+    };
+    let version = u32::try_from(opts.int("version").unwrap_or(1)).unwrap_or(1);
+    let (kind, _) = attr.traits();
+    let kind = Ident::new(kind, ident.span());
+    let message_impl = quote_spanned! {ident.span()=>
+        #[automatically_derived]
+        impl #p::Message for #ident {
+            const SUBJECT: &'static str = #subject;
+            const NAME: &'static str = #name;
+            const VERSION: u32 = #version;
+            const KIND: #p::MessageKind = #p::MessageKind::#kind;
+        }
+    };
+    let role_impl = match attr {
+        Attr::Command => {
+            let reply = match opts.ty("reply") {
+                Some(ty) => quote_spanned!(ty.span()=> #ty),
+                None => quote!(()),
+            };
+            let span = opts.ty("reply").map_or(ident.span(), |t| t.span());
+            quote_spanned! {span=>
+                #[automatically_derived]
+                impl #p::Command for #ident {
+                    type Reply = #reply;
+                }
+            }
+        }
+        Attr::Event => quote_spanned! {ident.span()=>
+            #[automatically_derived]
+            impl #p::Event for #ident {}
+        },
+    };
+    quote! {
+        #message_impl
+        #role_impl
     }
 }

@@ -1,132 +1,147 @@
-//! Expansion snapshots: each case expands an attribute on an item, pretty
-//! prints the result with prettyplease and compares it with
-//! `snapshots/<case>.snap`. `UPDATE_SNAPSHOTS=1 cargo test -p catga-macros`
-//! rewrites them; review the diff before committing.
+//! Expansion snapshots over the trybuild fixtures: every file in
+//! `ui-tests/pass` and `ui-tests/fail` is parsed, each item carrying
+//! `#[command]` or `#[event]` is replaced by its expansion, and the file is
+//! pretty printed with prettyplease and compared with
+//! `snapshots/<pass|fail>__<case>.snap`. So each fixture is checked twice:
+//! by rustc through trybuild (does it compile, what does the user read) and
+//! here (what code does the macro write).
+//!
+//! `UPDATE_SNAPSHOTS=1 cargo test -p catga-macros` rewrites the snapshots;
+//! review the diff before committing.
+
+use std::path::{Path, PathBuf};
 
 use proc_macro2::TokenStream;
-use quote::quote;
+use quote::ToTokens;
 
-use crate::item::{Kind, expand};
+use crate::role::{Attr, expand};
 
-fn check(case: &str, kind: Kind, attr: TokenStream, item: TokenStream) {
-    let out = expand(kind, attr, item);
-    let file: syn::File =
-        syn::parse2(out.clone()).unwrap_or_else(|e| panic!("{case}: expansion does not parse: {e}\n{out}"));
-    let pretty = prettyplease::unparse(&file);
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("snapshots")
-        .join(format!("{case}.snap"));
-    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
-        std::fs::write(&path, &pretty).expect("write snapshot");
-        return;
+/// The catga attribute on an item, if any: which one and its arguments.
+fn catga_attr(attrs: &mut Vec<syn::Attribute>) -> Option<(Attr, TokenStream)> {
+    let pos = attrs.iter().position(|a| {
+        let last = a.path().segments.last().map(|s| s.ident.to_string());
+        matches!(last.as_deref(), Some("command" | "event"))
+    })?;
+    let attr = attrs.remove(pos);
+    let which = match attr
+        .path()
+        .segments
+        .last()
+        .map(|s| s.ident.to_string())
+        .as_deref()
+    {
+        Some("command") => Attr::Command,
+        _ => Attr::Event,
+    };
+    let args = match attr.meta {
+        syn::Meta::List(list) => list.tokens,
+        _ => TokenStream::new(),
+    };
+    Some((which, args))
+}
+
+fn attrs_of(item: &mut syn::Item) -> Option<&mut Vec<syn::Attribute>> {
+    match item {
+        syn::Item::Struct(s) => Some(&mut s.attrs),
+        syn::Item::Enum(e) => Some(&mut e.attrs),
+        syn::Item::Fn(f) => Some(&mut f.attrs),
+        syn::Item::Mod(m) => Some(&mut m.attrs),
+        syn::Item::Trait(t) => Some(&mut t.attrs),
+        syn::Item::Static(s) => Some(&mut s.attrs),
+        syn::Item::Const(c) => Some(&mut c.attrs),
+        _ => None,
     }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "{case}: no snapshot at {}; run with UPDATE_SNAPSHOTS=1 and review it",
-            path.display()
-        )
-    });
-    assert_eq!(
-        pretty, expected,
-        "{case}: expansion changed; run with UPDATE_SNAPSHOTS=1 and review the diff"
+}
+
+/// The fixture with every catga attribute expanded.
+fn expand_file(source: &str, case: &str) -> String {
+    let file: syn::File = syn::parse_str(source).unwrap_or_else(|e| panic!("{case}: does not parse: {e}"));
+    let mut out = TokenStream::new();
+    for attr in &file.attrs {
+        attr.to_tokens(&mut out);
+    }
+    for mut item in file.items {
+        match attrs_of(&mut item).and_then(catga_attr) {
+            Some((which, args)) => out.extend(expand(which, args, item.to_token_stream())),
+            None => item.to_tokens(&mut out),
+        }
+    }
+    let expanded: syn::File =
+        syn::parse2(out.clone()).unwrap_or_else(|e| panic!("{case}: expansion does not parse: {e}\n{out}"));
+    prettyplease::unparse(&expanded)
+}
+
+fn fixtures(dir: &str) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ui-tests")
+        .join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn check_dir(dir: &str) {
+    let update = std::env::var_os("UPDATE_SNAPSHOTS").is_some();
+    let mut changed = Vec::new();
+    for path in fixtures(dir) {
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let case = format!("{dir}__{stem}");
+        let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let pretty = expand_file(&source, &case);
+        let snap = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("snapshots")
+            .join(format!("{case}.snap"));
+        if update {
+            std::fs::write(&snap, &pretty).unwrap_or_else(|e| panic!("{case}: {e}"));
+            continue;
+        }
+        match std::fs::read_to_string(&snap) {
+            Ok(expected) if expected == pretty => {}
+            Ok(_) => changed.push(format!("{case}: expansion changed")),
+            Err(_) => changed.push(format!("{case}: no snapshot at {}", snap.display())),
+        }
+    }
+    assert!(
+        changed.is_empty(),
+        "{}\nrun with UPDATE_SNAPSHOTS=1 and review the diff",
+        changed.join("\n")
     );
 }
 
 #[test]
-fn command_type_with_defaults() {
-    check(
-        "command_type_defaults",
-        Kind::Command,
-        quote!(),
-        quote! {
-            #[derive(Serialize, Deserialize)]
-            pub struct CreateOrder { pub customer: String }
-        },
-    );
+fn expansions_of_the_pass_fixtures() {
+    check_dir("pass");
 }
 
 #[test]
-fn command_type_with_every_argument() {
-    check(
-        "command_type_full",
-        Kind::Command,
-        quote!(
-            subject = "orders.pay",
-            reply = OrderId,
-            version = 2,
-            crate = "::app::catga"
-        ),
-        quote! {
-            #[derive(Serialize, Deserialize)]
-            pub enum PayOrder { Card(String), Cash }
-        },
-    );
+fn expansions_of_the_fail_fixtures() {
+    check_dir("fail");
 }
 
 #[test]
-fn event_type() {
-    check(
-        "event_type",
-        Kind::Event,
-        quote!(subject = "orders.created"),
-        quote! {
-            #[derive(Serialize, Deserialize)]
-            pub struct OrderCreated { pub id: u64 }
-        },
-    );
-}
-
-#[test]
-fn command_handler_with_context() {
-    check(
-        "command_handler",
-        Kind::Command,
-        quote!(queue_group = "order-workers", concurrency = 16),
-        quote! {
-            async fn create_order(ctx: &Context, cmd: CreateOrder) -> Result<OrderId> {
-                ctx.publish(OrderCreated { id: 1 }).await?;
-                Ok(OrderId(1))
-            }
-        },
-    );
-}
-
-#[test]
-fn event_handler_without_context() {
-    check(
-        "event_handler",
-        Kind::Event,
-        quote!(),
-        quote! {
-            pub async fn project(e: OrderCreated) -> catga::Result<()> {
-                Ok(())
-            }
-        },
-    );
-}
-
-#[test]
-fn mistakes_keep_the_item_and_add_one_error_each() {
-    check(
-        "handler_errors",
-        Kind::Command,
-        quote!(queue_group = "", reply = u64),
-        quote! {
-            fn create_order<T>(&self) {}
-        },
-    );
-}
-
-#[test]
-fn bad_type_arguments_still_implement_the_traits() {
-    // The impls are emitted with defaults so that uses of the type do not
-    // add follow-up errors to the one that matters.
-    check(
-        "type_errors",
-        Kind::Event,
-        quote!(subject = "orders.*"),
-        quote! {
-            pub struct OrderCreated;
-        },
-    );
+fn every_snapshot_has_a_fixture() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("snapshots");
+    for entry in std::fs::read_dir(&dir).expect("snapshots dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((kind, rest)) = name.trim_end_matches(".snap").split_once("__") else {
+            panic!("{name}: not a fixture snapshot");
+        };
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../ui-tests")
+            .join(kind)
+            .join(format!("{rest}.rs"));
+        assert!(
+            fixture.is_file(),
+            "{name}: its fixture {} is gone",
+            fixture.display()
+        );
+    }
 }

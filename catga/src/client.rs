@@ -1,21 +1,21 @@
 //! Sending commands and publishing events: [`Client`] for processes that host
 //! no handlers, [`Context`] inside a handler (same API, plus propagation of
-//! correlation and causation ids).
+//! correlation and causation ids and of the caller's deadline).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
-use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Command, Event, Message, MessageKind, MessageMeta, headers, new_message_id};
+use crate::message::{Command, Event, MessageKind};
 use crate::transport::memory::MemoryBus;
-use crate::transport::nats::NatsTransport;
-use crate::transport::{Headers, Reply, Subject, Transport};
-
-/// Default time a [`Client::send`] waits for a reply.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::transport::nats::{NatsConnect, NatsTransport};
+use crate::transport::{Reply, Transport};
+use crate::wire::codec::Decode;
+use crate::wire::deadline::Deadline;
+use crate::wire::{self, Cause, MessageMeta};
 
 /// Sends commands and publishes events. Cheap to clone; share one per process.
 #[derive(Clone)]
@@ -41,16 +41,22 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client over NATS at `url` (e.g. `nats://127.0.0.1:4222`). Connects in
-    /// the background and keeps reconnecting; operations fail with a
-    /// retryable error while the broker is unreachable.
+    /// A client over NATS at `url` (e.g. `nats://127.0.0.1:4222`; several
+    /// servers comma separated). Connects in the background and keeps
+    /// reconnecting; while the broker is unreachable, each operation waits
+    /// up to its time-out for the connection and then fails with a
+    /// retryable error, having sent nothing.
     pub async fn connect(url: &str) -> Result<Client> {
-        let transport = NatsTransport::connect(url, "catga-client", crate::config::DEFAULT_CAPACITY).await?;
+        let transport = NatsTransport::connect(&NatsConnect {
+            url: url.to_owned(),
+            name: "catga-client".to_owned(),
+        })
+        .await?;
         Ok(Client::from_transport(
-            Transport::Nats(transport),
+            transport.into(),
             "client".to_owned(),
-            new_message_id(),
-            DEFAULT_REQUEST_TIMEOUT,
+            wire::new_message_id(),
+            crate::config::DEFAULT_REQUEST_TIMEOUT,
         ))
     }
 
@@ -58,10 +64,10 @@ impl Client {
     /// runtime was built with.
     pub fn memory(bus: &MemoryBus) -> Client {
         Client::from_transport(
-            Transport::Memory(bus.clone()),
+            bus.clone().into(),
             "client".to_owned(),
-            new_message_id(),
-            DEFAULT_REQUEST_TIMEOUT,
+            wire::new_message_id(),
+            crate::config::DEFAULT_REQUEST_TIMEOUT,
         )
     }
 
@@ -95,6 +101,11 @@ impl Client {
         &self.inner.transport
     }
 
+    /// The default reply time-out of [`send`](Self::send).
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
     /// The service name this client speaks for.
     pub fn service(&self) -> &str {
         &self.inner.service
@@ -103,6 +114,12 @@ impl Client {
     /// The id of this replica (or client).
     pub fn instance_id(&self) -> &str {
         &self.inner.instance_id
+    }
+
+    /// Requests sent by this client's connection that wait for their reply
+    /// right now (an unanswered request leaves when its sender gives up).
+    pub fn requests_in_flight(&self) -> usize {
+        self.inner.transport.pending_requests()
     }
 
     /// Whether the broker connection is up (always true in memory).
@@ -115,150 +132,113 @@ impl Client {
     ///
     /// Fails fast with [`ErrorKind::NoHandler`] when nobody subscribes to the
     /// subject, with [`ErrorKind::Timeout`] when no reply arrives in time, and
-    /// with the handler's own error kind and message when it fails.
+    /// with the handler's own error kind when it fails. A command whose
+    /// time-out passed before a replica took it is not run.
     ///
     /// The command carries no message id: its one receiver makes one up.
     /// Use [`send_with_id`](Self::send_with_id) to choose it, e.g. to retry
     /// a command under the same id.
     pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
-        self.send_within(cmd, self.inner.request_timeout, Cause::Root)
+        self.send_until(cmd, Deadline::after(self.inner.request_timeout), Cause::Root)
             .await
     }
 
     /// [`send`](Self::send) with an explicit reply time-out.
     pub async fn send_with_timeout<C: Command>(&self, cmd: C, timeout: Duration) -> Result<C::Reply> {
-        self.send_within(cmd, timeout, Cause::Root).await
+        self.send_until(cmd, Deadline::after(timeout), Cause::Root).await
     }
 
     /// [`send`](Self::send) under a message id chosen by the caller (sent as
-    /// `Nats-Msg-Id`; the handler sees it as [`Context::message_id`]).
+    /// `Nats-Msg-Id`; the handler sees it as [`Context::message_id`]): 1 to
+    /// 256 visible ASCII characters, else an [`ErrorKind::Invalid`] error.
     pub async fn send_with_id<C: Command>(&self, cmd: C, message_id: &str) -> Result<C::Reply> {
-        self.send_within(cmd, self.inner.request_timeout, Cause::Id(message_id))
-            .await
+        wire::check_id(message_id)?;
+        self.send_until(
+            cmd,
+            Deadline::after(self.inner.request_timeout),
+            Cause::Id(message_id),
+        )
+        .await
     }
 
     /// Publishes an event to every subscriber (once per queue group).
+    /// Returns within the request time-out; an error means it was not sent.
     pub async fn publish<E: Event>(&self, event: E) -> Result<()> {
         self.publish_from(event, Cause::Root).await
     }
 
     /// Sends a raw payload to a command subject and returns the raw reply
     /// body (for gateways that forward JSON); an error reply becomes
-    /// [`Error`] with its kind and message.
+    /// [`Error`] with its kind and message. The subject follows the rules of
+    /// the macros: no wildcards, nothing under `$` or `_INBOX`.
     pub async fn send_raw(&self, subject: &str, payload: Bytes) -> Result<Bytes> {
+        wire::check_subject(subject)?;
+        let subject = Subject::from(subject);
         let reply = self
             .inner
             .transport
             .request(
-                &Subject::from(subject),
-                Headers::new(),
+                &subject,
+                HeaderMap::new(),
                 payload,
-                self.inner.request_timeout,
+                Deadline::after(self.inner.request_timeout),
             )
             .await?;
-        if let Some(err) = reply_error(&reply) {
+        if let Some(err) = wire::errors::decode(reply.headers.as_ref(), &reply.payload, &subject) {
             return Err(err);
         }
         Ok(reply.payload)
     }
 
     /// Publishes a raw payload on an event subject (for bridges that
-    /// forward JSON), with a fresh `Nats-Msg-Id` like every event.
+    /// forward JSON), with a fresh `Nats-Msg-Id` like every event. The
+    /// subject follows the rules of [`send_raw`](Self::send_raw).
     pub async fn publish_raw(&self, subject: &str, payload: Bytes) -> Result<()> {
-        let mut h = Headers::new();
-        h.insert(headers::MESSAGE_ID, new_message_id());
+        wire::check_subject(subject)?;
+        let h = wire::message_headers(MessageKind::Event, 1, Cause::Root);
         self.inner
             .transport
-            .publish(&Subject::from(subject), h, payload)
+            .publish(&Subject::from(subject), h, payload, self.inner.request_timeout)
             .await
     }
 
-    pub(crate) async fn send_within<C: Command>(
+    pub(crate) async fn send_until<C: Command>(
         &self,
         cmd: C,
-        timeout: Duration,
+        deadline: Deadline,
         cause: Cause<'_>,
     ) -> Result<C::Reply> {
-        let payload = codec::encode(&cmd)?;
-        let headers = outgoing_headers::<C>(cause);
+        let payload = cmd.encode()?;
+        let headers = wire::message_headers(C::KIND, C::VERSION, cause);
         let reply = self
             .inner
             .transport
-            .request(&Subject::from_static(C::SUBJECT), headers, payload, timeout)
+            .request(&Subject::from_static(C::SUBJECT), headers, payload, deadline)
             .await?;
         decode_reply::<C::Reply>(C::SUBJECT, reply)
     }
 
     pub(crate) async fn publish_from<E: Event>(&self, event: E, cause: Cause<'_>) -> Result<()> {
-        let payload = codec::encode(&event)?;
-        let headers = outgoing_headers::<E>(cause);
+        let payload = event.encode()?;
+        let headers = wire::message_headers(E::KIND, E::VERSION, cause);
         self.inner
             .transport
-            .publish(&Subject::from_static(E::SUBJECT), headers, payload)
+            .publish(
+                &Subject::from_static(E::SUBJECT),
+                headers,
+                payload,
+                self.inner.request_timeout,
+            )
             .await
     }
 }
 
-/// Where a new message comes from.
-#[derive(Clone, Copy)]
-pub(crate) enum Cause<'a> {
-    /// Sent by a client, not caused by another message.
-    Root,
-    /// Sent by a client under a message id it chose.
-    Id(&'a str),
-    /// Sent from the handler of this message.
-    Parent(&'a MessageMeta),
-}
-
-/// The headers of a new message. A header is sent only when it says
-/// something the receiver cannot infer, because every header costs
-/// allocations on both sides (one `Nats-Msg-Id` header cost 11% of
-/// request/reply throughput in the benchmark, see BENCHMARKS.md):
-/// - `Nats-Msg-Id` on every event (its receivers must agree on its id), on
-///   every message sent from a handler, and on a command whose sender chose
-///   an id; a root command without one gets its id from its single receiver;
-/// - correlation and causation ids only for a message sent from a handler
-///   (a root message's correlation id is its own id);
-/// - `Catga-Version` only above version 1;
-/// - no type header: a subject carries exactly one message type, fixed at
-///   compile time.
-fn outgoing_headers<M: Message>(cause: Cause<'_>) -> Headers {
-    let mut h = Headers::new();
-    match cause {
-        Cause::Parent(p) => {
-            h.insert(headers::CORRELATION_ID, p.correlation_id());
-            h.insert(headers::CAUSATION_ID, p.message_id());
-            h.insert(headers::MESSAGE_ID, new_message_id());
-        }
-        Cause::Id(id) => h.insert(headers::MESSAGE_ID, id),
-        Cause::Root if M::KIND == MessageKind::Event => h.insert(headers::MESSAGE_ID, new_message_id()),
-        Cause::Root => {}
-    }
-    if M::VERSION != 1 {
-        h.insert(headers::VERSION, M::VERSION.to_string());
-    }
-    h
-}
-
-/// The error carried by an error reply, if it is one.
-fn reply_error(reply: &Reply) -> Option<Error> {
-    let h = reply.headers.as_ref()?;
-    let code = h.get(headers::SERVICE_ERROR_CODE)?;
-    let code = code.as_str().trim().parse::<u16>().ok();
-    let kind = ErrorKind::from_wire(h.get(headers::ERROR_KIND).map(|v| v.as_str()), code);
-    let message = match h.get(headers::SERVICE_ERROR) {
-        Some(m) => m.as_str().to_owned(),
-        None => String::from_utf8_lossy(&reply.payload).into_owned(),
-    };
-    Some(Error::new(kind, message))
-}
-
 /// Turns a reply into the command's reply type, or into the handler's error.
-pub(crate) fn decode_reply<R: serde::de::DeserializeOwned>(subject: &str, reply: Reply) -> Result<R> {
-    if let Some(err) = reply_error(&reply) {
+fn decode_reply<R: Decode>(subject: &str, reply: Reply) -> Result<R> {
+    if let Some(err) = wire::errors::decode(reply.headers.as_ref(), &reply.payload, subject) {
         return Err(err);
     }
-    codec::decode(&reply.payload, std::any::type_name::<R>()).map_err(|e| {
+    R::decode(&reply.payload, std::any::type_name::<R>()).map_err(|e| {
         Error::new(
             ErrorKind::Internal,
             format!("undecodable reply on subject {subject}: {}", e.message()),
@@ -267,11 +247,12 @@ pub(crate) fn decode_reply<R: serde::de::DeserializeOwned>(subject: &str, reply:
 }
 
 /// What a handler sees: the incoming message's identity and a client whose
-/// sends and publishes carry its correlation id and name it as their cause.
+/// sends and publishes carry its correlation id, name it as their cause,
+/// and fit in what is left of its sender's deadline.
 #[derive(Clone)]
 pub struct Context {
     client: Client,
-    meta: MessageMeta,
+    meta: Arc<MessageMeta>,
 }
 
 impl std::fmt::Debug for Context {
@@ -284,22 +265,39 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    pub(crate) fn new(client: Client, meta: MessageMeta) -> Context {
+    pub(crate) fn new(client: Client, meta: Arc<MessageMeta>) -> Context {
         Context { client, meta }
     }
 
-    /// Sends a command caused by the message being handled.
-    pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
-        self.client
-            .send_within(cmd, self.client.inner.request_timeout, Cause::Parent(&self.meta))
-            .await
+    /// The deadline for a nested send: the default time-out, but no later
+    /// than the deadline of the message being handled.
+    fn nested_deadline(&self, timeout: Duration) -> Deadline {
+        match self.meta.deadline() {
+            Some(d) => d.min_after(timeout),
+            None => Deadline::after(timeout),
+        }
     }
 
-    /// [`send`](Self::send) with an explicit reply time-out.
+    /// Sends a command caused by the message being handled, within what is
+    /// left of its sender's deadline. A failure (the command's handler's
+    /// error, no handler, a time-out) is returned as is; if this handler
+    /// passes it on with `?`, its own caller sees this handler's failure,
+    /// with the downstream cause in the message (see [`Error`]).
+    pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
+        let deadline = self.nested_deadline(self.client.inner.request_timeout);
+        self.client
+            .send_until(cmd, deadline, Cause::Parent(&self.meta))
+            .await
+            .map_err(|e| e.downstream(C::SUBJECT))
+    }
+
+    /// [`send`](Self::send) with an explicit reply time-out (still no later
+    /// than the deadline of the message being handled).
     pub async fn send_with_timeout<C: Command>(&self, cmd: C, timeout: Duration) -> Result<C::Reply> {
         self.client
-            .send_within(cmd, timeout, Cause::Parent(&self.meta))
+            .send_until(cmd, self.nested_deadline(timeout), Cause::Parent(&self.meta))
             .await
+            .map_err(|e| e.downstream(C::SUBJECT))
     }
 
     /// Publishes an event caused by the message being handled.
@@ -327,6 +325,11 @@ impl Context {
         self.meta.subject()
     }
 
+    /// When the sender stops waiting for the reply, if it said.
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.meta.deadline()
+    }
+
     /// Everything known about the message being handled.
     pub fn meta(&self) -> &MessageMeta {
         &self.meta
@@ -348,47 +351,19 @@ impl Context {
     }
 }
 
-/// The headers of an error reply, in the NATS micro convention.
-pub(crate) fn error_headers(err: &Error) -> Headers {
-    let mut h = Headers::new();
-    // Header values cannot hold line breaks.
-    let message: String = err
-        .message()
-        .chars()
-        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
-        .collect();
-    h.insert(headers::SERVICE_ERROR, message);
-    h.insert(headers::SERVICE_ERROR_CODE, err.code().to_string());
-    h.insert(headers::ERROR_KIND, err.kind().as_str());
-    h
-}
-
-/// The body of an error reply: the message, so that `nats req` shows it.
-pub(crate) fn error_body(err: &Error) -> Bytes {
-    Bytes::from(err.message().to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn error_replies_round_trip_kind_and_message() {
-        let err = Error::not_found("order 7 does not exist\nreally");
-        let reply = Reply {
-            headers: Some(error_headers(&err)),
-            payload: error_body(&err),
-        };
-        let back = decode_reply::<u32>("s", reply).expect_err("error reply");
-        assert_eq!(back.kind(), ErrorKind::NotFound);
-        assert_eq!(back.message(), "order 7 does not exist really");
-    }
-
-    #[test]
-    fn root_messages_correlate_to_themselves() {
-        let meta = MessageMeta::new("s".into(), None);
-        assert_eq!(meta.message_id(), meta.correlation_id());
-        assert_eq!(meta.message_id(), meta.message_id(), "a made-up id is stable");
-        assert!(meta.causation_id().is_none());
+    fn nested_sends_fit_in_the_callers_deadline() {
+        let bus = MemoryBus::new();
+        let client = Client::memory(&bus);
+        let soon = Deadline::after(Duration::from_millis(300));
+        let meta = MessageMeta::new("s".into(), None, Some(soon), 1);
+        let ctx = Context::new(client.clone(), Arc::new(meta));
+        assert_eq!(ctx.nested_deadline(Duration::from_secs(5)), soon);
+        let free = Context::new(client, Arc::new(MessageMeta::new("s".into(), None, None, 1)));
+        assert!(free.nested_deadline(Duration::from_secs(5)) > soon);
     }
 }

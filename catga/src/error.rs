@@ -15,12 +15,18 @@ pub enum ErrorKind {
     /// The payload could not be decoded into the expected message type (400).
     Decode,
     /// The message was decoded but is not acceptable: failed validation,
-    /// unknown version (400).
+    /// unknown version, a malformed id or subject (400).
     Invalid,
+    /// The broker or the store refused the credentials (401).
+    Unauthorized,
     /// The thing the message refers to does not exist (404).
     NotFound,
-    /// The message conflicts with the current state (409).
+    /// The message conflicts with the current state (409). Retryable: a
+    /// version conflict may pass on a second attempt with fresh state.
     Conflict,
+    /// A message or reply is larger than the broker accepts (413). Sending
+    /// it again cannot succeed.
+    TooLarge,
     /// The handler failed (500).
     Handler,
     /// The handler panicked; the panic was contained (500).
@@ -29,9 +35,10 @@ pub enum ErrorKind {
     NoHandler,
     /// No reply arrived in time (504). Retryable.
     Timeout,
-    /// The broker connection failed or is gone (503). Retryable.
+    /// The broker or store connection failed or is gone (503). Retryable.
     Transport,
-    /// The replica is shutting down or over its capacity (503). Retryable.
+    /// The replica is shutting down, over its capacity, or a circuit breaker
+    /// is open (503). Retryable.
     Unavailable,
     /// The configuration or the handler registry is wrong; fix and restart.
     Config,
@@ -39,13 +46,33 @@ pub enum ErrorKind {
     Internal,
 }
 
+/// Every kind, for tables and tests.
+pub(crate) const ALL_KINDS: [ErrorKind; 14] = [
+    ErrorKind::Decode,
+    ErrorKind::Invalid,
+    ErrorKind::Unauthorized,
+    ErrorKind::NotFound,
+    ErrorKind::Conflict,
+    ErrorKind::TooLarge,
+    ErrorKind::Handler,
+    ErrorKind::Panic,
+    ErrorKind::NoHandler,
+    ErrorKind::Timeout,
+    ErrorKind::Transport,
+    ErrorKind::Unavailable,
+    ErrorKind::Config,
+    ErrorKind::Internal,
+];
+
 impl ErrorKind {
     /// The status code used in error replies (`Nats-Service-Error-Code`).
     pub fn code(self) -> u16 {
         match self {
             ErrorKind::Decode | ErrorKind::Invalid => 400,
+            ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound => 404,
             ErrorKind::Conflict => 409,
+            ErrorKind::TooLarge => 413,
             ErrorKind::Handler | ErrorKind::Panic | ErrorKind::Internal | ErrorKind::Config => 500,
             ErrorKind::NoHandler | ErrorKind::Transport | ErrorKind::Unavailable => 503,
             ErrorKind::Timeout => 504,
@@ -57,8 +84,10 @@ impl ErrorKind {
         match self {
             ErrorKind::Decode => "decode",
             ErrorKind::Invalid => "invalid",
+            ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::NotFound => "not_found",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::TooLarge => "too_large",
             ErrorKind::Handler => "handler",
             ErrorKind::Panic => "panic",
             ErrorKind::NoHandler => "no_handler",
@@ -73,29 +102,40 @@ impl ErrorKind {
     /// Parses [`as_str`](Self::as_str); falls back on the status code for
     /// replies from non-catga services.
     pub fn from_wire(name: Option<&str>, code: Option<u16>) -> ErrorKind {
-        let by_name = match name {
-            Some("decode") => Some(ErrorKind::Decode),
-            Some("invalid") => Some(ErrorKind::Invalid),
-            Some("not_found") => Some(ErrorKind::NotFound),
-            Some("conflict") => Some(ErrorKind::Conflict),
-            Some("handler") => Some(ErrorKind::Handler),
-            Some("panic") => Some(ErrorKind::Panic),
-            Some("no_handler") => Some(ErrorKind::NoHandler),
-            Some("timeout") => Some(ErrorKind::Timeout),
-            Some("transport") => Some(ErrorKind::Transport),
-            Some("unavailable") => Some(ErrorKind::Unavailable),
-            Some("config") => Some(ErrorKind::Config),
-            Some("internal") => Some(ErrorKind::Internal),
-            _ => None,
-        };
-        by_name.unwrap_or(match code {
+        if let Some(kind) = name.and_then(|n| ALL_KINDS.into_iter().find(|k| k.as_str() == n)) {
+            return kind;
+        }
+        match code {
             Some(400) => ErrorKind::Invalid,
+            Some(401 | 403) => ErrorKind::Unauthorized,
             Some(404) => ErrorKind::NotFound,
             Some(409) => ErrorKind::Conflict,
+            Some(413) => ErrorKind::TooLarge,
             Some(503) => ErrorKind::Unavailable,
             Some(504) => ErrorKind::Timeout,
             _ => ErrorKind::Handler,
-        })
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::NoHandler
+                | ErrorKind::Timeout
+                | ErrorKind::Transport
+                | ErrorKind::Unavailable
+                | ErrorKind::Conflict
+        )
+    }
+
+    /// Whether an error reply of this kind carries the handler's own text.
+    /// Client-side mistakes (4xx) do: the handler wrote them for the
+    /// caller. Failures (5xx) do not by default: their text may hold
+    /// internals (a database error with a password, a file path), so the
+    /// reply names the kind and an error id and the text goes to the log.
+    pub(crate) fn is_public(self) -> bool {
+        self.code() < 500
     }
 }
 
@@ -108,11 +148,25 @@ impl fmt::Display for ErrorKind {
 /// The error of every catga operation and of every handler.
 ///
 /// Handlers return it to produce an error reply; senders receive it with the
-/// same kind and message, across processes.
+/// same kind across processes. The message of a 4xx error
+/// ([`invalid`](Self::invalid), [`not_found`](Self::not_found),
+/// [`conflict`](Self::conflict)) reaches the sender as written; the message
+/// of a 5xx error is logged where it happened, under an error id, and the
+/// sender gets the kind and that id.
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    origin: Origin,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// Where an error was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    /// Here.
+    Local,
+    /// In the handler behind `subject`, decoded from its error reply.
+    Remote { subject: String },
 }
 
 impl Error {
@@ -121,6 +175,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            origin: Origin::Local,
             source: None,
         }
     }
@@ -145,6 +200,12 @@ impl Error {
         Error::new(ErrorKind::Conflict, message)
     }
 
+    /// A transient failure the sender may retry (503), e.g. a dependency
+    /// that is down.
+    pub fn unavailable(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Unavailable, message)
+    }
+
     /// Wraps any error as a handler failure, keeping it as the source.
     pub fn handler<E>(err: E) -> Error
     where
@@ -160,6 +221,38 @@ impl Error {
     {
         self.source = Some(Box::new(err));
         self
+    }
+
+    /// An error decoded from the error reply of the handler behind `subject`.
+    pub(crate) fn remote(kind: ErrorKind, message: String, subject: &str) -> Error {
+        Error {
+            kind,
+            message,
+            origin: Origin::Remote {
+                subject: subject.to_owned(),
+            },
+            source: None,
+        }
+    }
+
+    /// Marks an error met while calling the handler behind `subject` from
+    /// inside a handler (see [`into_handler_failure`](Self::into_handler_failure)).
+    pub(crate) fn downstream(self, subject: &str) -> Error {
+        match self.origin {
+            Origin::Remote { .. } => self,
+            Origin::Local => Error {
+                origin: Origin::Remote {
+                    subject: subject.to_owned(),
+                },
+                ..self
+            },
+        }
+    }
+
+    /// Whether this error came back from another handler (a nested send)
+    /// rather than being made here.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.origin, Origin::Remote { .. })
     }
 
     /// What went wrong.
@@ -179,13 +272,29 @@ impl Error {
 
     /// Whether retrying the same operation later may succeed.
     ///
-    /// True for missing responders, time-outs, broker failures and replicas
-    /// that are shutting down; false for bad input and handler failures.
+    /// True for missing responders, time-outs, broker failures, replicas
+    /// that are shutting down or over capacity, and version conflicts;
+    /// false for bad input and handler failures.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self.kind,
-            ErrorKind::NoHandler | ErrorKind::Timeout | ErrorKind::Transport | ErrorKind::Unavailable
-        )
+        self.kind.is_retryable()
+    }
+
+    /// What a handler's caller sees when the handler returns this error
+    /// (see [`Error`]): a failure of a nested send is the handler's own
+    /// failure, not the downstream kind, because the handler already ran.
+    pub(crate) fn into_handler_failure(self) -> Error {
+        match &self.origin {
+            Origin::Local => self,
+            Origin::Remote { subject } => Error::new(
+                ErrorKind::Handler,
+                format!(
+                    "a downstream call failed: {subject} answered {} ({}): {}",
+                    self.kind,
+                    self.kind.code(),
+                    self.message
+                ),
+            ),
+        }
     }
 }
 
@@ -193,6 +302,9 @@ impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
         d.field("kind", &self.kind).field("message", &self.message);
+        if let Origin::Remote { subject } = &self.origin {
+            d.field("from", subject);
+        }
         if let Some(source) = &self.source {
             d.field("source", source);
         }
@@ -226,23 +338,11 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_through_their_wire_names() {
-        for kind in [
-            ErrorKind::Decode,
-            ErrorKind::Invalid,
-            ErrorKind::NotFound,
-            ErrorKind::Conflict,
-            ErrorKind::Handler,
-            ErrorKind::Panic,
-            ErrorKind::NoHandler,
-            ErrorKind::Timeout,
-            ErrorKind::Transport,
-            ErrorKind::Unavailable,
-            ErrorKind::Config,
-            ErrorKind::Internal,
-        ] {
+        for kind in ALL_KINDS {
             assert_eq!(ErrorKind::from_wire(Some(kind.as_str()), None), kind);
         }
         assert_eq!(ErrorKind::from_wire(None, Some(404)), ErrorKind::NotFound);
+        assert_eq!(ErrorKind::from_wire(None, Some(413)), ErrorKind::TooLarge);
         assert_eq!(ErrorKind::from_wire(Some("???"), Some(500)), ErrorKind::Handler);
     }
 
@@ -250,8 +350,25 @@ mod tests {
     fn only_transient_kinds_are_retryable() {
         assert!(Error::new(ErrorKind::Timeout, "t").is_retryable());
         assert!(Error::new(ErrorKind::NoHandler, "n").is_retryable());
+        assert!(Error::conflict("stale version").is_retryable());
         assert!(!Error::invalid("bad").is_retryable());
         assert!(!Error::msg("boom").is_retryable());
+        assert!(!Error::new(ErrorKind::TooLarge, "big").is_retryable());
         assert_eq!(Error::not_found("x").to_string(), "not_found (404): x");
+    }
+
+    #[test]
+    fn a_downstream_failure_is_the_handlers_own() {
+        let downstream = Error::remote(ErrorKind::NoHandler, "no handler".into(), "cmd.echo");
+        assert!(downstream.is_retryable() && downstream.is_remote());
+        let own = downstream.into_handler_failure();
+        assert_eq!(own.kind(), ErrorKind::Handler);
+        assert!(!own.is_retryable());
+        assert!(
+            own.message().contains("cmd.echo answered no_handler (503)"),
+            "{own}"
+        );
+        let local = Error::invalid("x").into_handler_failure();
+        assert_eq!(local.kind(), ErrorKind::Invalid);
     }
 }

@@ -27,26 +27,31 @@
 //! name (`OrderCreated` → `evt.order_created`). The module path is not part
 //! of it, so moving a type does not change its wire name; set
 //! `subject = "..."` to choose one (checked at compile time: NATS tokens,
-//! no wildcards).
+//! no wildcards). Two services on one NATS account that each define a type
+//! with the same name share its default subject: give such types an
+//! explicit subject.
 #![forbid(unsafe_code)]
 
-pub mod client;
-pub mod codec;
-pub mod config;
-pub mod error;
-pub mod message;
-pub mod registry;
-pub mod runtime;
-pub mod transport;
+mod client;
+mod config;
+mod error;
+mod message;
+mod registry;
+mod runtime;
+mod transport;
+mod wire;
 
 pub use catga_macros::{command, event};
 pub use client::{Client, Context};
-pub use config::Config;
+pub use config::{Config, SETTINGS, Setting, redact_url};
 pub use error::{Error, ErrorKind, Result};
-pub use message::{Command, Event, Message, MessageKind, MessageMeta};
-pub use registry::{HandlerKind, HandlerSpec};
-pub use runtime::{Runtime, RuntimeBuilder, run, start};
+pub use message::{Command, Event, Message, MessageKind};
+pub use registry::{CommandHandler, EventHandler, HandlerKind, HandlerSpec, handlers};
+pub use runtime::{Readiness, Runtime, RuntimeBuilder, run, start};
+pub use transport::DEFAULT_MAX_PAYLOAD;
 pub use transport::memory::MemoryBus;
+pub use wire::deadline::Deadline;
+pub use wire::{MessageMeta, headers, new_message_id};
 
 /// Used by the code that `#[command]` and `#[event]` generate. Not API: it
 /// changes without notice.
@@ -55,46 +60,16 @@ pub mod __private {
     pub use crate::client::Context;
     pub use crate::error::Result;
     pub use crate::message::{Command, Event, Message, MessageKind};
-    pub use crate::registry::{BoxFuture, HANDLERS, HandlerKind, HandlerSpec};
-    pub use bytes::Bytes;
+    pub use crate::registry::{
+        CommandHandler, EventHandler, HANDLERS, HandlerOptions, HandlerResult, HandlerSpec,
+    };
+    pub use crate::wire::codec::{Decode, Encode};
     pub use linkme;
 
-    pub use crate::registry::{Invocation, MessageInfo, Outcome};
-    use std::marker::PhantomData;
-
-    /// [`MessageInfo`] plus the reply type, for the reply-type check.
-    pub struct Described<R> {
-        /// The facts of the message type.
-        pub info: MessageInfo,
-        reply: PhantomData<fn() -> R>,
-    }
-
-    impl<R> Described<R> {
-        /// The facts of a message type whose handlers reply with `R`.
-        pub const fn new(subject: &'static str, name: &'static str, version: u32) -> Described<R> {
-            Described {
-                info: MessageInfo {
-                    subject,
-                    name,
-                    version,
-                },
-                reply: PhantomData,
-            }
-        }
-    }
-
-    /// Checks that a handler's result has the declared reply type.
-    pub fn reply_of<R>(_: &Described<R>, out: Result<R>) -> Result<R> {
-        out
-    }
-
-    /// Decodes a handler's payload; the error names the expected type.
-    pub fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8], type_name: &str) -> Result<T> {
-        crate::codec::decode(payload, type_name)
-    }
-
-    /// Encodes a handler's reply.
-    pub fn encode<T: serde::Serialize>(value: &T) -> Result<Bytes> {
-        crate::codec::encode(value)
+    /// Names a type in a position that requires `T: Send`: generated code
+    /// calls it with a handler's future, spanned on the handler's name, so
+    /// that a future that is not `Send` is reported there.
+    pub fn assert_send<T: Send>(t: T) -> T {
+        t
     }
 }

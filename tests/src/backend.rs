@@ -1,6 +1,8 @@
 //! One test, two transports: a [`Backend`] builds runtimes and clients either
 //! on a real nats-server or on one shared in-memory bus.
 
+use std::time::Duration;
+
 use catga::{Client, MemoryBus, Runtime, RuntimeBuilder};
 
 use crate::servers::NatsServer;
@@ -24,35 +26,62 @@ impl Backend {
         Backend::Memory(MemoryBus::new())
     }
 
-    /// A runtime builder on this backend, serving only handlers whose path
-    /// starts with `catga_tests::handlers::{module}::`.
+    /// Which transport, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Nats(_) => "nats",
+            Backend::Memory(_) => "memory",
+        }
+    }
+
+    /// The nats-server, on the NATS backend.
+    pub fn nats_server(&mut self) -> Option<&mut NatsServer> {
+        match self {
+            Backend::Nats(s) => Some(s),
+            Backend::Memory(_) => None,
+        }
+    }
+
+    /// A runtime builder on this backend serving the handlers defined in
+    /// module `module` (pass `module_path!()`). A module without handlers
+    /// makes `start` fail: a selection is never silently empty.
     pub fn builder(&self, module: &str, instance: &str) -> RuntimeBuilder {
-        let prefix = format!("catga_tests::handlers::{module}::");
+        let prefix = format!("{module}::");
         let b = Runtime::builder()
             .service("catga-tests")
             .instance_id(instance)
-            .handlers(move |s| s.name.starts_with(&prefix));
+            .handlers(move |s| s.name().starts_with(&prefix));
+        self.attach(b)
+    }
+
+    /// Points a builder at this backend.
+    pub fn attach(&self, b: RuntimeBuilder) -> RuntimeBuilder {
         match self {
             Backend::Nats(s) => b.nats_url(s.url()),
             Backend::Memory(bus) => b.memory(bus.clone()),
         }
     }
 
-    /// Starts a runtime and waits until it is ready.
-    pub async fn runtime(&self, module: &str, instance: &str) -> Runtime {
-        let rt = self
-            .builder(module, instance)
+    /// Starts a built runtime and waits until it is ready.
+    pub async fn started(&self, b: RuntimeBuilder) -> Runtime {
+        let rt = b
             .start()
             .await
-            .unwrap_or_else(|e| panic!("runtime {instance} failed to start: {e}"));
-        tokio::time::timeout(std::time::Duration::from_secs(10), rt.ready())
+            .unwrap_or_else(|e| panic!("runtime failed to start: {e}"));
+        tokio::time::timeout(Duration::from_secs(10), rt.ready())
             .await
             .expect("runtime ready within 10 s")
             .expect("readiness");
         rt
     }
 
-    /// Starts `n` ready replicas `r1`..`rn` serving one handler module.
+    /// Starts a runtime serving `module`'s handlers and waits until it is
+    /// ready.
+    pub async fn runtime(&self, module: &str, instance: &str) -> Runtime {
+        self.started(self.builder(module, instance)).await
+    }
+
+    /// Starts `n` ready replicas `r1`..`rn` serving `module`'s handlers.
     pub async fn replicas(&self, module: &str, n: usize) -> Vec<Runtime> {
         let mut out = Vec::with_capacity(n);
         for i in 1..=n {
@@ -71,11 +100,18 @@ impl Backend {
                     if c.is_connected() {
                         break;
                     }
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 c
             }
             Backend::Memory(bus) => Client::memory(bus),
         }
+    }
+}
+
+/// Shuts every runtime down, expecting a clean drain.
+pub async fn shutdown_all(replicas: Vec<Runtime>) {
+    for rt in replicas {
+        rt.shutdown().await.expect("clean shutdown");
     }
 }

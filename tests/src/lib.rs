@@ -1,12 +1,40 @@
 //! Test harness of catga: real `nats-server` and `redis-server` processes on
 //! free loopback ports, a [`Backend`] that builds runtimes on NATS or on the
-//! embedded bus, the handlers the tests use, and the scenarios that run the
-//! same way on both transports.
+//! embedded bus, per-run records for handlers, and [`on_both!`], which runs
+//! a scenario on both transports.
+//!
+//! The scenarios live in `tests/scenarios/`, one file per topic holding its
+//! handlers and its scenarios.
 
 pub mod backend;
-pub mod handlers;
-pub mod scenarios;
+pub mod record;
 pub mod servers;
 
 pub use backend::Backend;
+pub use record::{Gauge, Recorder, Tally, run_id};
 pub use servers::{NatsServer, RedisServer};
+
+/// Defines one test per scenario and backend: `nats::name` against a fresh
+/// nats-server, `memory::name` on a fresh in-memory bus. Each scenario is an
+/// `async fn name(b: &Backend)` in the calling module.
+#[macro_export]
+macro_rules! on_both {
+    ($($name:ident),+ $(,)?) => {
+        mod nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&$crate::Backend::nats()).await;
+                }
+            )+
+        }
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&$crate::Backend::memory()).await;
+                }
+            )+
+        }
+    };
+}

@@ -5,7 +5,7 @@ catga::link!(catga_extern_handlers);
 
 #[test]
 fn named_library_crate_keeps_its_handlers() {
-    let names: Vec<&str> = catga::registry::handlers().iter().map(|h| h.name).collect();
+    let names: Vec<&str> = catga::handlers().iter().map(|h| h.name()).collect();
     assert!(
         names.contains(&"catga_extern_handlers::greet"),
         "registered handlers: {names:?}"
@@ -17,7 +17,7 @@ async fn library_handler_serves() {
     let bus = catga::MemoryBus::new();
     let rt = catga::Runtime::builder()
         .memory(bus.clone())
-        .handlers(|s| s.name.starts_with("catga_extern_handlers::"))
+        .handlers(|s| s.name().starts_with("catga_extern_handlers::"))
         .start()
         .await
         .expect("starts");

@@ -9,4 +9,10 @@ async fn add(cmd: Add) -> Result<u64> {
 #[derive(Serialize, Deserialize)]
 pub struct Zero;
 
+#[event(parallel = 5000)]
+async fn added(e: Added) -> Result<()> {
+    let _ = e.sum;
+    Ok(())
+}
+
 fn main() {}

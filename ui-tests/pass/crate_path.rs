@@ -17,5 +17,5 @@ async fn hello(_: Hello) -> framework::bus::Result<String> {
 
 fn main() {
     assert_eq!(<Hello as catga::Message>::SUBJECT, "cmd.hello");
-    assert_eq!(catga::registry::handlers().len(), 1);
+    assert_eq!(catga::handlers().len(), 1);
 }

@@ -1,182 +1,265 @@
 //! The embedded in-memory bus: one process, NATS semantics.
+//!
+//! Routes live in one map behind a read-write lock; sending takes the read
+//! lock, picks the receivers (every plain subscriber, one member of each
+//! queue group in turn) and hands each a [`Delivery`] without allocating a
+//! list of targets. Buffers are unbounded here: the runtime bounds what it
+//! takes from a subscription and counts what it drops, the same way for
+//! both transports.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Headers, Incoming, Reply, ReplyTo, Subject};
+use super::{DEFAULT_MAX_PAYLOAD, Delivery, Reply, ReplyTo, SubscribeTo};
 use crate::error::{Error, ErrorKind, Result};
-
-/// Default number of messages a subscription buffers before it drops (and
-/// counts) further ones, like a NATS slow consumer.
-pub const DEFAULT_CAPACITY: usize = 8192;
+use crate::wire::deadline::Deadline;
 
 /// An in-process message bus. Clone it to connect several runtimes and
 /// clients in one process (each clone is the same bus).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryBus {
     inner: Arc<BusInner>,
 }
 
-#[derive(Default)]
+impl Default for MemoryBus {
+    fn default() -> MemoryBus {
+        MemoryBus::with_max_payload(DEFAULT_MAX_PAYLOAD)
+    }
+}
+
+impl std::fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBus")
+            .field("max_payload", &self.inner.max_payload)
+            .finish()
+    }
+}
+
 struct BusInner {
-    state: Mutex<BusState>,
+    routes: RwLock<HashMap<String, Route>>,
     next_id: AtomicU64,
-    dropped: AtomicU64,
+    max_payload: usize,
 }
 
 #[derive(Default)]
-struct BusState {
-    subjects: HashMap<String, Vec<Entry>>,
-    round_robin: u64,
+struct Route {
+    plain: Vec<Member>,
+    groups: Vec<Group>,
 }
 
-struct Entry {
+struct Group {
+    name: String,
+    members: Vec<Member>,
+    turn: AtomicUsize,
+}
+
+struct Member {
     id: u64,
-    queue_group: Option<String>,
-    capacity: usize,
-    tx: mpsc::Sender<Incoming>,
+    tx: mpsc::UnboundedSender<Delivery>,
 }
 
-/// The reply slot of an in-memory request: the first answer wins, as with NATS.
-#[derive(Clone)]
-pub(crate) struct ReplySlot(Arc<Mutex<Option<oneshot::Sender<Reply>>>>);
+impl Route {
+    fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.groups.is_empty()
+    }
+
+    /// How many copies one message makes: one per plain subscriber, one
+    /// per queue group.
+    fn fan_out(&self) -> usize {
+        self.plain.len() + self.groups.len()
+    }
+
+    /// Hands one copy to each receiver; `make` builds each copy. Returns
+    /// how many were handed over.
+    fn deliver(&self, mut make: impl FnMut() -> Delivery) -> usize {
+        let mut n = 0;
+        for m in &self.plain {
+            if m.tx.send(make()).is_ok() {
+                n += 1;
+            }
+        }
+        for g in &self.groups {
+            let len = g.members.len();
+            let start = g.turn.fetch_add(1, Ordering::Relaxed);
+            let mut msg = make();
+            // A member whose subscription is gone gives the message back;
+            // try the next one.
+            for i in 0..len {
+                match g.members[(start + i) % len].tx.send(msg) {
+                    Ok(()) => {
+                        n += 1;
+                        break;
+                    }
+                    Err(mpsc::error::SendError(back)) => msg = back,
+                }
+            }
+        }
+        n
+    }
+}
+
+/// The reply slot of an in-memory request: the first answer wins, as with
+/// NATS. A request with one receiver (the common case: one queue group)
+/// needs no shared slot.
+pub(crate) struct ReplySlot {
+    tx: SlotTx,
+    max_payload: usize,
+}
+
+enum SlotTx {
+    One(oneshot::Sender<Reply>),
+    Shared(Arc<Mutex<Option<oneshot::Sender<Reply>>>>),
+}
 
 impl ReplySlot {
-    pub(crate) fn send(&self, reply: Reply) {
-        let sender = lock(&self.0).take();
-        if let Some(tx) = sender {
-            // The requester may have given up (time-out); nothing to do then.
+    /// Answers; a reply over the payload limit is replaced by a "too large"
+    /// error reply, as over NATS.
+    pub(crate) fn send(self, headers: Option<HeaderMap>, payload: Bytes) -> Result<()> {
+        let size = wire_size(headers.as_ref(), payload.len());
+        if size > self.max_payload {
+            let err = too_large("the reply", size, self.max_payload);
+            let (h, b) = crate::wire::errors::encode(&err, None);
+            self.deliver(Reply {
+                headers: Some(h),
+                payload: b,
+            });
+            return Err(err);
+        }
+        self.deliver(Reply { headers, payload });
+        Ok(())
+    }
+
+    fn deliver(self, reply: Reply) {
+        let tx = match self.tx {
+            SlotTx::One(tx) => Some(tx),
+            SlotTx::Shared(shared) => shared.lock().unwrap_or_else(PoisonError::into_inner).take(),
+        };
+        // The requester may have given up (time-out); nothing to do then.
+        if let Some(tx) = tx {
             let _ = tx.send(reply);
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the bus state half-updated
-    // (every critical section is a single insert/remove/lookup), so the
-    // poisoned value is still consistent.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn no_handler(subject: &str) -> Error {
+    Error::new(ErrorKind::NoHandler, format!("no handler for subject {subject}"))
+}
+
+/// The size a message takes against the payload limit: payload plus a
+/// header block like the one NATS would write.
+pub(crate) fn wire_size(headers: Option<&HeaderMap>, payload: usize) -> usize {
+    let headers = headers.filter(|h| !h.is_empty()).map_or(0, |h| {
+        // "NATS/1.0\r\n" + "name: value\r\n" per header + "\r\n"
+        12 + h
+            .iter()
+            .map(|(k, vs)| {
+                vs.iter()
+                    .map(|v| AsRef::<str>::as_ref(k).len() + v.as_str().len() + 4)
+                    .sum::<usize>()
+            })
+            .sum::<usize>()
+    });
+    headers + payload
+}
+
+pub(crate) fn too_large(subject: &str, size: usize, max: usize) -> Error {
+    Error::new(
+        ErrorKind::TooLarge,
+        format!("a message of {size} bytes on {subject} is over the broker's limit of {max} bytes"),
+    )
 }
 
 impl MemoryBus {
-    /// A new, empty bus.
+    /// A new, empty bus with NATS' default payload limit (1 MiB).
     pub fn new() -> MemoryBus {
         MemoryBus::default()
     }
 
-    /// Messages dropped because a subscription was over capacity.
-    pub fn dropped(&self) -> u64 {
-        self.inner.dropped.load(Ordering::Relaxed)
+    /// A new, empty bus that refuses messages over `max_payload` bytes
+    /// (payload plus headers), as a nats-server with that `max_payload`.
+    pub fn with_max_payload(max_payload: usize) -> MemoryBus {
+        MemoryBus {
+            inner: Arc::new(BusInner {
+                routes: RwLock::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+                max_payload,
+            }),
+        }
     }
 
-    #[cfg(test)]
-    pub(crate) fn subscribe(&self, subject: &str, queue_group: Option<&str>) -> MemorySubscription {
-        self.subscribe_with_capacity(subject, queue_group, DEFAULT_CAPACITY)
+    /// The payload limit.
+    pub fn max_payload(&self) -> usize {
+        self.inner.max_payload
     }
 
-    pub(crate) fn subscribe_with_capacity(
-        &self,
-        subject: &str,
-        queue_group: Option<&str>,
-        capacity: usize,
-    ) -> MemorySubscription {
-        let capacity = capacity.max(1);
-        let (tx, rx) = mpsc::channel(capacity);
+    fn check_size(&self, subject: &str, headers: Option<&HeaderMap>, payload: usize) -> Result<()> {
+        let size = wire_size(headers, payload);
+        if size > self.inner.max_payload {
+            return Err(too_large(subject, size, self.inner.max_payload));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn subscribe(&self, to: &SubscribeTo) -> Result<MemorySubscription> {
+        let (tx, rx) = mpsc::unbounded_channel();
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.inner.state)
-            .subjects
-            .entry(subject.to_owned())
-            .or_default()
-            .push(Entry {
-                id,
-                queue_group: queue_group.map(str::to_owned),
-                capacity,
-                tx,
-            });
-        MemorySubscription {
+        let mut routes = self.inner.routes.write().unwrap_or_else(PoisonError::into_inner);
+        let route = routes.entry(to.subject.clone()).or_default();
+        let member = Member { id, tx };
+        match &to.queue_group {
+            None => route.plain.push(member),
+            Some(name) => match route.groups.iter_mut().find(|g| &g.name == name) {
+                Some(g) => g.members.push(member),
+                None => route.groups.push(Group {
+                    name: name.clone(),
+                    members: vec![member],
+                    turn: AtomicUsize::new(0),
+                }),
+            },
+        }
+        Ok(MemorySubscription {
             rx,
             bus: self.clone(),
-            subject: subject.to_owned(),
+            subject: to.subject.clone(),
             id,
             removed: false,
-        }
+        })
     }
 
     fn remove(&self, subject: &str, id: u64) {
-        let mut state = lock(&self.inner.state);
-        if let Some(entries) = state.subjects.get_mut(subject) {
-            entries.retain(|e| e.id != id);
-            if entries.is_empty() {
-                state.subjects.remove(subject);
+        let mut routes = self.inner.routes.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(route) = routes.get_mut(subject) {
+            route.plain.retain(|m| m.id != id);
+            for g in &mut route.groups {
+                g.members.retain(|m| m.id != id);
+            }
+            route.groups.retain(|g| !g.members.is_empty());
+            if route.is_empty() {
+                routes.remove(subject);
             }
         }
     }
 
-    /// Picks the receivers of one message: every plain subscriber and one
-    /// member of each queue group (round-robin).
-    fn targets(&self, subject: &str) -> Vec<(mpsc::Sender<Incoming>, usize)> {
-        let mut state = lock(&self.inner.state);
-        state.round_robin = state.round_robin.wrapping_add(1);
-        let turn = state.round_robin;
-        let Some(entries) = state.subjects.get_mut(subject) else {
-            return Vec::new();
-        };
-        entries.retain(|e| !e.tx.is_closed());
-        let mut out = Vec::new();
-        let mut groups: Vec<(&str, Vec<&Entry>)> = Vec::new();
-        for e in entries.iter() {
-            match &e.queue_group {
-                None => out.push((e.tx.clone(), e.capacity)),
-                Some(g) => match groups.iter_mut().find(|(name, _)| *name == g.as_str()) {
-                    Some((_, members)) => members.push(e),
-                    None => groups.push((g.as_str(), vec![e])),
-                },
-            }
-        }
-        for (_, members) in groups {
-            // Prefer a member with room, starting at this message's turn.
-            let n = members.len();
-            let start = (turn % n as u64) as usize;
-            let pick = (0..n)
-                .map(|i| members[(start + i) % n])
-                .find(|e| e.tx.capacity() > 0)
-                .unwrap_or(members[start]);
-            out.push((pick.tx.clone(), pick.capacity));
-        }
-        out
-    }
-
-    fn deliver(&self, tx: &mpsc::Sender<Incoming>, capacity: usize, msg: Incoming) -> bool {
-        match tx.try_send(msg) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(m)) => {
-                self.inner.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    subject = %m.subject,
-                    capacity,
-                    "slow consumer: subscription is full, message dropped"
-                );
-                false
-            }
-            // Closed between lookup and send: the subscriber is gone.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    pub(crate) fn publish(&self, subject: &Subject, headers: Headers, payload: Bytes) -> Result<()> {
-        for (tx, capacity) in self.targets(subject) {
-            let msg = Incoming {
-                subject: subject.clone(),
-                headers: (!headers.is_empty()).then(|| headers.clone()),
-                payload: payload.clone(),
-                reply: None,
-            };
-            self.deliver(&tx, capacity, msg);
+    pub(crate) fn publish(&self, subject: &Subject, headers: HeaderMap, payload: Bytes) -> Result<()> {
+        let headers = (!headers.is_empty()).then_some(headers);
+        self.check_size(subject, headers.as_ref(), payload.len())?;
+        let routes = self.inner.routes.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(route) = routes.get(subject.as_str()) {
+            route.deliver(|| {
+                Delivery::new(
+                    subject.clone(),
+                    headers.clone(),
+                    payload.clone(),
+                    None,
+                    ReplyTo::None,
+                )
+            });
         }
         Ok(())
     }
@@ -184,37 +267,62 @@ impl MemoryBus {
     pub(crate) async fn request(
         &self,
         subject: &Subject,
-        headers: Headers,
+        headers: HeaderMap,
         payload: Bytes,
+        deadline: Deadline,
         timeout: Duration,
     ) -> Result<Reply> {
-        let targets = self.targets(subject);
-        if targets.is_empty() {
-            return Err(no_handler(subject));
-        }
+        let headers = (!headers.is_empty()).then_some(headers);
+        self.check_size(subject, headers.as_ref(), payload.len())?;
         let (tx, rx) = oneshot::channel();
-        let slot = ReplySlot(Arc::new(Mutex::new(Some(tx))));
-        let mut delivered = false;
-        for (target, capacity) in targets {
-            let msg = Incoming {
-                subject: subject.clone(),
-                headers: (!headers.is_empty()).then(|| headers.clone()),
-                payload: payload.clone(),
-                reply: Some(ReplyTo::Memory(slot.clone())),
+        let max_payload = self.inner.max_payload;
+        {
+            let routes = self.inner.routes.read().unwrap_or_else(PoisonError::into_inner);
+            let route = routes.get(subject.as_str()).ok_or_else(|| no_handler(subject))?;
+            let delivered = if route.fan_out() == 1 {
+                let mut one = Some(tx);
+                let mut headers = headers;
+                route.deliver(|| {
+                    let slot = match one.take() {
+                        Some(tx) => SlotTx::One(tx),
+                        // One receiver: `make` runs once (again only when
+                        // the chosen member is gone, with the message given
+                        // back), so this arm is not reached.
+                        None => SlotTx::Shared(Arc::new(Mutex::new(None))),
+                    };
+                    Delivery::new(
+                        subject.clone(),
+                        headers.take(),
+                        payload.clone(),
+                        Some(deadline),
+                        ReplyTo::Memory(ReplySlot {
+                            tx: slot,
+                            max_payload,
+                        }),
+                    )
+                })
+            } else {
+                let shared = Arc::new(Mutex::new(Some(tx)));
+                route.deliver(|| {
+                    Delivery::new(
+                        subject.clone(),
+                        headers.clone(),
+                        payload.clone(),
+                        Some(deadline),
+                        ReplyTo::Memory(ReplySlot {
+                            tx: SlotTx::Shared(Arc::clone(&shared)),
+                            max_payload,
+                        }),
+                    )
+                })
             };
-            delivered |= self.deliver(&target, capacity, msg);
-        }
-        drop(slot);
-        if !delivered {
-            return Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("every handler of subject {subject} is over capacity"),
-            ));
+            if delivered == 0 {
+                return Err(no_handler(subject));
+            }
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
-            // Every receiver dropped the request without answering: it was
-            // drained during shutdown.
+            // Every receiver dropped the request without answering.
             Ok(Err(_)) => Err(Error::new(
                 ErrorKind::Unavailable,
                 format!("the handler of subject {subject} went away before answering"),
@@ -227,13 +335,9 @@ impl MemoryBus {
     }
 }
 
-pub(crate) fn no_handler(subject: &str) -> Error {
-    Error::new(ErrorKind::NoHandler, format!("no handler for subject {subject}"))
-}
-
 /// A subscription on the in-memory bus.
 pub(crate) struct MemorySubscription {
-    rx: mpsc::Receiver<Incoming>,
+    rx: mpsc::UnboundedReceiver<Delivery>,
     bus: MemoryBus,
     subject: String,
     id: u64,
@@ -241,16 +345,17 @@ pub(crate) struct MemorySubscription {
 }
 
 impl MemorySubscription {
-    pub(crate) async fn next(&mut self) -> Option<Incoming> {
+    pub(crate) async fn next(&mut self) -> Option<Delivery> {
         self.rx.recv().await
     }
 
+    /// Leaves the routes at once (the bus is in this process, so nothing is
+    /// in flight); what is buffered is still returned.
     pub(crate) fn drain(&mut self) {
         if !self.removed {
             self.removed = true;
             self.bus.remove(&self.subject, self.id);
         }
-        // Buffered messages are still returned; `recv` yields `None` after them.
         self.rx.close();
     }
 }
@@ -267,32 +372,34 @@ impl Drop for MemorySubscription {
 mod tests {
     use super::*;
 
-    fn headers() -> Headers {
-        Headers::new()
+    fn to(subject: &str, group: Option<&str>) -> SubscribeTo {
+        SubscribeTo {
+            subject: subject.into(),
+            queue_group: group.map(Into::into),
+        }
+    }
+
+    fn count(s: &mut MemorySubscription) -> usize {
+        let mut n = 0;
+        while s.rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
     }
 
     #[tokio::test]
     async fn queue_groups_get_one_copy_plain_subscribers_all() {
         let bus = MemoryBus::new();
-        let mut a = bus.subscribe("s", Some("g"));
-        let mut b = bus.subscribe("s", Some("g"));
-        let mut c = bus.subscribe("s", None);
+        let mut a = bus.subscribe(&to("s", Some("g"))).expect("sub");
+        let mut b = bus.subscribe(&to("s", Some("g"))).expect("sub");
+        let mut c = bus.subscribe(&to("s", None)).expect("sub");
         for _ in 0..10 {
-            bus.publish(&"s".into(), headers(), Bytes::from_static(b"x"))
+            bus.publish(&"s".into(), HeaderMap::new(), Bytes::from_static(b"x"))
                 .expect("publish");
         }
-        let (mut na, mut nb, mut nc) = (0, 0, 0);
-        while a.rx.try_recv().is_ok() {
-            na += 1;
-        }
-        while b.rx.try_recv().is_ok() {
-            nb += 1;
-        }
-        while c.rx.try_recv().is_ok() {
-            nc += 1;
-        }
+        let (na, nb, nc) = (count(&mut a), count(&mut b), count(&mut c));
         assert_eq!(na + nb, 10);
-        assert!(na > 0 && nb > 0, "round robin: {na} {nb}");
+        assert_eq!((na, nb), (5, 5), "round robin");
         assert_eq!(nc, 10);
         c.drain();
         assert!(c.next().await.is_none());
@@ -302,7 +409,13 @@ mod tests {
     async fn request_without_subscriber_fails_fast() {
         let bus = MemoryBus::new();
         let err = bus
-            .request(&"nobody".into(), headers(), Bytes::new(), Duration::from_secs(5))
+            .request(
+                &"nobody".into(),
+                HeaderMap::new(),
+                Bytes::new(),
+                Deadline::after(Duration::from_secs(5)),
+                Duration::from_secs(5),
+            )
             .await
             .err()
             .expect("no responders");
@@ -311,29 +424,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn request_to_a_full_subscription_fails_fast_and_counts() {
-        let bus = MemoryBus::new();
-        let _s = bus.subscribe_with_capacity("s", Some("g"), 1);
-        bus.publish(&"s".into(), headers(), Bytes::new())
-            .expect("fills the buffer");
+    async fn oversized_messages_are_refused() {
+        let bus = MemoryBus::with_max_payload(10);
+        let _s = bus.subscribe(&to("s", None)).expect("sub");
         let err = bus
-            .request(&"s".into(), headers(), Bytes::new(), Duration::from_secs(5))
-            .await
-            .err()
-            .expect("over capacity");
-        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-        assert!(err.is_retryable());
-        assert_eq!(bus.dropped(), 1);
+            .publish(&"s".into(), HeaderMap::new(), Bytes::from(vec![0u8; 11]))
+            .expect_err("too large");
+        assert_eq!(err.kind(), ErrorKind::TooLarge);
+        assert!(!err.is_retryable());
     }
 
     #[tokio::test]
-    async fn full_subscription_drops_and_counts() {
+    async fn a_dropped_request_answers_unavailable() {
         let bus = MemoryBus::new();
-        let _s = bus.subscribe_with_capacity("s", None, 1);
-        bus.publish(&"s".into(), headers(), Bytes::new())
-            .expect("publish");
-        bus.publish(&"s".into(), headers(), Bytes::new())
-            .expect("publish");
-        assert_eq!(bus.dropped(), 1);
+        let mut s = bus.subscribe(&to("s", Some("g"))).expect("sub");
+        let subject: Subject = "s".into();
+        let req = bus.request(
+            &subject,
+            HeaderMap::new(),
+            Bytes::new(),
+            Deadline::after(Duration::from_secs(5)),
+            Duration::from_secs(5),
+        );
+        let drop_it = async {
+            let d = s.next().await.expect("delivered");
+            drop(d);
+        };
+        let (reply, ()) = tokio::join!(req, drop_it);
+        let reply = reply.expect("an error reply, not a time-out");
+        let err = crate::wire::errors::decode(reply.headers.as_ref(), &reply.payload, "s").expect("error");
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
     }
 }

@@ -1,0 +1,111 @@
+//! What an attribute does depends on two things: which attribute it is
+//! ([`Attr`]) and what it is on ([`Target`]): a struct or enum declares a
+//! message type, an `async fn` registers a handler.
+
+/// Which attribute.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Attr {
+    Command,
+    Event,
+}
+
+/// What the attribute is on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Target {
+    /// A struct or enum: a message type.
+    Type,
+    /// An `async fn`: a handler.
+    Handler,
+}
+
+/// One attribute on one kind of item.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Role {
+    pub attr: Attr,
+    pub target: Target,
+}
+
+impl Attr {
+    /// `#[command]`
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Attr::Command => "#[command]",
+            Attr::Event => "#[event]",
+        }
+    }
+
+    /// "a #[command]", "an #[event]"
+    pub(crate) fn a(self) -> &'static str {
+        match self {
+            Attr::Command => "a #[command]",
+            Attr::Event => "an #[event]",
+        }
+    }
+
+    /// "command", "event"
+    pub(crate) fn noun(self) -> &'static str {
+        match self {
+            Attr::Command => "command",
+            Attr::Event => "event",
+        }
+    }
+
+    /// The subject prefix of a message type without `subject`.
+    pub(crate) fn subject_prefix(self) -> &'static str {
+        match self {
+            Attr::Command => "cmd",
+            Attr::Event => "evt",
+        }
+    }
+
+    /// The catga trait of the message type, and of the handler.
+    pub(crate) fn traits(self) -> (&'static str, &'static str) {
+        match self {
+            Attr::Command => ("Command", "CommandHandler"),
+            Attr::Event => ("Event", "EventHandler"),
+        }
+    }
+}
+
+impl Role {
+    /// "a command type", "an event handler"
+    pub(crate) fn item(self) -> &'static str {
+        match (self.attr, self.target) {
+            (Attr::Command, Target::Type) => "a command type",
+            (Attr::Event, Target::Type) => "an event type",
+            (Attr::Command, Target::Handler) => "a command handler",
+            (Attr::Event, Target::Handler) => "an event handler",
+        }
+    }
+}
+
+/// Expands `attr(args)` on `item`: finds the role from the item and hands
+/// it to [`message`](crate::message) or [`handler`](crate::handler). The
+/// item is always re-emitted unchanged.
+pub(crate) fn expand(
+    attr: Attr,
+    args: proc_macro2::TokenStream,
+    item: proc_macro2::TokenStream,
+) -> proc_macro2::TokenStream {
+    let parsed: syn::Item = match syn::parse2(item.clone()) {
+        Ok(parsed) => parsed,
+        // Not even an item: rustc reports the syntax error itself.
+        Err(_) => return item,
+    };
+    match &parsed {
+        syn::Item::Struct(s) => crate::message::expand(attr, args, &item, &s.ident, &s.generics),
+        syn::Item::Enum(e) => crate::message::expand(attr, args, &item, &e.ident, &e.generics),
+        syn::Item::Fn(f) => crate::handler::expand(attr, args, &item, f),
+        other => {
+            let err = syn::Error::new_spanned(
+                other,
+                format!(
+                    "{} goes on a struct or an enum (a message type) or on an `async fn` (a handler)",
+                    attr.name()
+                ),
+            )
+            .to_compile_error();
+            quote::quote!(#item #err)
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! [`RuntimeBuilder`]: the settings of [`Config`] in code, the handler
+//! selection, and start-up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use super::{Runtime, Shared, log_table, ready::Health, spawn_handler, watch_refusals};
+use crate::client::Client;
+use crate::config::{Config, redact_url};
+use crate::error::Result;
+use crate::registry::{self, HandlerSpec};
+use crate::transport::Transport;
+use crate::transport::memory::MemoryBus;
+use crate::transport::nats::{NatsConnect, NatsTransport};
+
+type Filter = Box<dyn Fn(&HandlerSpec) -> bool + Send + Sync>;
+
+/// Builds a [`Runtime`] in code: the same settings as the environment
+/// variables of [`Config`], for tests and embedding.
+pub struct RuntimeBuilder {
+    config: Config,
+    bus: Option<MemoryBus>,
+    filter: Option<Filter>,
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("config", &self.config)
+            .field("memory", &self.bus.is_some())
+            .field("filtered", &self.filter.is_some())
+            .finish()
+    }
+}
+
+impl RuntimeBuilder {
+    pub(super) fn new() -> RuntimeBuilder {
+        RuntimeBuilder {
+            config: Config::default(),
+            bus: None,
+            filter: None,
+        }
+    }
+
+    /// Replaces every setting with `config`.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Serves over NATS at `url` (several servers comma separated).
+    pub fn nats_url(mut self, url: impl Into<String>) -> Self {
+        self.config.nats_url = Some(url.into());
+        self
+    }
+
+    /// Serves on the given in-memory bus (share it between runtimes and
+    /// clients of one process). Takes precedence over a NATS URL.
+    pub fn memory(mut self, bus: MemoryBus) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// Sets the service name.
+    pub fn service(mut self, name: impl Into<String>) -> Self {
+        self.config.service = name.into();
+        self
+    }
+
+    /// Sets the replica id.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.config.instance_id = id.into();
+        self
+    }
+
+    /// Sets the default reply time-out of `send` (and time-out of `publish`).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the one deadline of a graceful shutdown.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Sets the default in-flight limit per subscription.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n.max(1);
+        self
+    }
+
+    /// Sets the default number of subscriptions (and tasks) per handler.
+    pub fn parallel(mut self, n: usize) -> Self {
+        self.config.parallel = n.max(1);
+        self
+    }
+
+    /// Sets how many messages each subscription queues beyond its in-flight
+    /// limit before it drops (and counts) further ones; see
+    /// [`Runtime::dropped_messages`].
+    pub fn subscription_capacity(mut self, n: usize) -> Self {
+        self.config.subscription_capacity = n.max(1);
+        self
+    }
+
+    /// Starts without handlers: a process that only sends and publishes.
+    pub fn client_only(mut self) -> Self {
+        self.config.client_only = true;
+        self
+    }
+
+    /// Serves only the handlers for which `keep` returns true (several
+    /// runtimes in one process, or a binary that splits its handlers over
+    /// deployments). A selection of none is an error unless the runtime is
+    /// a pure client.
+    pub fn handlers(mut self, keep: impl Fn(&HandlerSpec) -> bool + Send + Sync + 'static) -> Self {
+        self.filter = Some(Box::new(keep));
+        self
+    }
+
+    /// Checks the handler table, connects and subscribes.
+    ///
+    /// Returns as soon as the subscriptions are requested: a broker that is
+    /// down is retried in the background, and [`Runtime::ready`] tells when
+    /// the server confirmed every subscription.
+    pub async fn start(self) -> Result<Runtime> {
+        let RuntimeBuilder { config, bus, filter } = self;
+        let selected: Vec<&'static HandlerSpec> = if config.client_only {
+            Vec::new()
+        } else {
+            registry::handlers()
+                .iter()
+                .filter(|s| filter.as_ref().is_none_or(|f| f(s)))
+                .collect()
+        };
+        registry::check(&selected, config.client_only)?;
+
+        let (transport, mode): (Transport, &str) = match (bus, &config.nats_url) {
+            (Some(bus), _) => (bus.into(), "a shared in-memory bus"),
+            (None, Some(url)) => {
+                let nats = NatsTransport::connect(&NatsConnect {
+                    url: url.clone(),
+                    name: format!("{}/{}", config.service, config.instance_id),
+                })
+                .await?;
+                (nats.into(), "NATS")
+            }
+            (None, None) => (
+                MemoryBus::new().into(),
+                "the embedded in-memory transport, one process (NATS_URL is not set)",
+            ),
+        };
+        tracing::info!(
+            service = %config.service,
+            instance = %config.instance_id,
+            nats_url = %config.nats_url.as_deref().map(redact_url).unwrap_or_default(),
+            "running on {mode}"
+        );
+        log_table(&selected, &config);
+
+        let client = Client::from_transport(
+            transport.clone(),
+            config.service.clone(),
+            config.instance_id.clone(),
+            config.request_timeout,
+        );
+        let shared = Arc::new(Shared {
+            client,
+            config,
+            health: Health::new(),
+            dropped: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+        });
+        let mut serving = HashMap::with_capacity(selected.len());
+        for spec in &selected {
+            serving.insert(spec.name(), spawn_handler(spec, &shared).await?);
+        }
+        let subjects = registry::handlers()
+            .iter()
+            .map(|s| s.subject().to_owned())
+            .collect();
+        let background = vec![
+            tokio::spawn(
+                shared
+                    .health
+                    .clone()
+                    .confirm_loop(transport, shared.config.instance_id.clone()),
+            ),
+            tokio::spawn(watch_refusals(Arc::clone(&shared), subjects)),
+        ];
+        Ok(Runtime {
+            shared,
+            handlers: selected,
+            serving: tokio::sync::Mutex::new(serving),
+            background,
+        })
+    }
+}

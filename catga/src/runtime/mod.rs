@@ -1,0 +1,402 @@
+//! Start-up, serving and graceful shutdown: [`run`], [`Runtime`] and
+//! [`RuntimeBuilder`].
+//!
+//! - `builder`: settings, the handler selection and start-up;
+//! - `serve`: one loop per subscription (take, bound, queue, resubscribe,
+//!   drain);
+//! - `pipeline`: the steps of one message;
+//! - `ready`: readiness and fatal errors;
+//! - `shutdown`: signals and the one-deadline drain.
+
+mod builder;
+mod pipeline;
+mod ready;
+mod serve;
+mod shutdown;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use builder::RuntimeBuilder;
+pub use ready::Readiness;
+
+use crate::client::Client;
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::registry::{HandlerKind, HandlerSpec};
+use crate::transport::SubscribeTo;
+use ready::Health;
+use serve::ServeReport;
+
+/// Runs the service: reads [`Config`] from the environment, serves every
+/// registered handler and returns after a graceful drain on SIGTERM or
+/// Ctrl-C, or with the error that stopped it (a subscription the broker
+/// refused, one that keeps ending), so that the orchestrator restarts the
+/// process.
+///
+/// Without `NATS_URL` it runs on the embedded in-memory transport and says so
+/// in its log.
+pub async fn run() -> Result<()> {
+    start().await?.run_until_signal().await
+}
+
+/// What [`run`] does before it waits for a signal: sets up logging, reads the
+/// environment, starts serving, and returns the [`Runtime`] so that `main`
+/// can also use its [`client`](Runtime::client).
+pub async fn start() -> Result<Runtime> {
+    init_logging();
+    Runtime::builder().config(Config::from_env()?).start().await
+}
+
+/// Installs a plain log subscriber (filter from `RUST_LOG`, default `info`)
+/// unless the application installed one.
+fn init_logging() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+        )
+        .with(filter)
+        .try_init();
+}
+
+/// What every serve loop of one runtime shares.
+pub(crate) struct Shared {
+    pub client: Client,
+    pub config: Config,
+    pub health: Health,
+    dropped: AtomicU64,
+    expired: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_expired(&self) {
+        self.expired.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One handler as this runtime serves it.
+pub(crate) struct Served {
+    pub spec: &'static HandlerSpec,
+    pub to: SubscribeTo,
+    /// Handler invocations in flight per subscription.
+    pub limit: usize,
+    /// Messages queued per subscription beyond `limit`.
+    pub capacity: usize,
+    /// Subscriptions (and tasks).
+    pub parallel: usize,
+}
+
+impl Served {
+    fn new(spec: &'static HandlerSpec, config: &Config) -> Served {
+        let parallel = spec.parallel().unwrap_or(config.parallel).max(1);
+        let queue_group = match spec.queue_group() {
+            Some(g) => Some(g.to_owned()),
+            // Several subscriptions of a fan-out event handler would each
+            // get every event: they share a queue group of their own, so
+            // that this replica still gets every event once.
+            None if parallel > 1 => Some(private_group(&config.instance_id, spec)),
+            None => None,
+        };
+        Served {
+            spec,
+            to: SubscribeTo {
+                subject: spec.subject().to_owned(),
+                queue_group,
+            },
+            limit: spec.concurrency().unwrap_or(config.concurrency).max(1),
+            capacity: config.subscription_capacity,
+            parallel,
+        }
+    }
+}
+
+/// A queue group that only this replica's subscriptions of `spec` join.
+fn private_group(instance: &str, spec: &HandlerSpec) -> String {
+    let clean: String = instance
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("catga.{clean}.{}", spec.name().replace("::", "."))
+}
+
+/// The running serve loops of one handler.
+struct Serving {
+    served: Arc<Served>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<ServeReport>>,
+}
+
+/// A running replica. Dropping it without [`shutdown`](Self::shutdown)
+/// aborts its handlers.
+pub struct Runtime {
+    shared: Arc<Shared>,
+    handlers: Vec<&'static HandlerSpec>,
+    /// One lock for starting and stopping handlers, held across the
+    /// subscribing and the draining, so that they never interleave.
+    serving: tokio::sync::Mutex<HashMap<&'static str, Serving>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("client", &self.shared.client)
+            .field("handlers", &self.handlers.len())
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// A builder with the defaults of [`Config`] (not the environment).
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::new()
+    }
+
+    /// A client on this runtime's transport, carrying its service and
+    /// instance id.
+    pub fn client(&self) -> Client {
+        self.shared.client.clone()
+    }
+
+    /// The handlers this runtime was started with.
+    pub fn handlers(&self) -> &[&'static HandlerSpec] {
+        &self.handlers
+    }
+
+    /// True while the broker connection is up, every wanted subscription
+    /// is live and confirmed by the broker, and the runtime is neither
+    /// draining nor stopped by a fatal error.
+    pub fn is_ready(&self) -> bool {
+        self.readiness().ready
+    }
+
+    /// Readiness with the reasons, for a readiness probe's body.
+    pub fn readiness(&self) -> Readiness {
+        self.shared.health.check(self.shared.client.transport())
+    }
+
+    /// The error that stopped the runtime, if one did.
+    pub fn fatal_error(&self) -> Option<Error> {
+        self.shared.health.fatal()
+    }
+
+    /// Messages dropped because a subscription was full (a slow consumer):
+    /// counted exactly, one per message, and logged (at most once a second
+    /// per subscription, with the count).
+    pub fn dropped_messages(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed) + self.shared.client.transport().client_dropped()
+    }
+
+    /// Requests not started because their sender had stopped waiting.
+    pub fn expired_requests(&self) -> u64 {
+        self.shared.expired.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the runtime is ready (see [`is_ready`](Self::is_ready));
+    /// fails with the fatal error if one stops it first.
+    pub async fn ready(&self) -> Result<()> {
+        self.shared
+            .health
+            .wait_ready(self.shared.client.transport())
+            .await
+    }
+
+    /// Starts serving a handler of this binary that is not being served
+    /// (one this runtime was started with and later stopped, or any other
+    /// registered one): e.g. on gaining leadership or a shard.
+    pub async fn start_handler(&self, name: &str) -> Result<()> {
+        let spec = crate::registry::handlers()
+            .iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| Error::new(ErrorKind::Config, format!("no handler named `{name}`")))?;
+        let mut serving = self.serving.lock().await;
+        if serving.contains_key(spec.name()) {
+            return Ok(());
+        }
+        if self.shared.health.fatal().is_some() || self.is_shutting_down() {
+            return Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping"));
+        }
+        let mut others: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();
+        others.push(spec);
+        crate::registry::check(&others, true)?;
+        let started = spawn_handler(spec, &self.shared).await?;
+        serving.insert(spec.name(), started);
+        Ok(())
+    }
+
+    /// Stops serving a handler: its subscriptions drain and its messages in
+    /// flight finish (bounded by the drain time-out). The rest of the
+    /// runtime goes on.
+    pub async fn stop_handler(&self, name: &str) -> Result<()> {
+        let mut all = self.serving.lock().await;
+        let Some(serving) = all.remove(name) else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("handler `{name}` is not being served"),
+            ));
+        };
+        let deadline = tokio::time::Instant::now() + self.shared.config.drain_timeout;
+        let wanted = serving.served.parallel;
+        let outcome = shutdown::stop_serving(vec![serving], deadline).await;
+        self.shared.health.unwant(wanted);
+        drop(all);
+        if outcome.cancelled > 0 {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "handler `{name}` stopped with {} loops cancelled at the drain deadline",
+                    outcome.cancelled
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The handlers being served right now.
+    pub async fn serving(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self.serving.lock().await.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.readiness().failing.iter().any(|f| f.starts_with("draining"))
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then shuts down gracefully; or until
+    /// a fatal error, then shuts down and returns it.
+    pub async fn run_until_signal(self) -> Result<()> {
+        let fatal = tokio::select! {
+            () = shutdown::signal() => {
+                tracing::info!("shutdown signal received: draining");
+                None
+            }
+            e = self.shared.health.wait_fatal() => Some(e),
+        };
+        let drained = self.shutdown().await;
+        match fatal {
+            Some(e) => Err(e),
+            None => drained,
+        }
+    }
+
+    /// Stops taking work, drains every subscription, finishes the messages
+    /// in flight and flushes their replies, all within one deadline (the
+    /// drain time-out). At the deadline, whatever still runs is cancelled
+    /// (its requests answer "unavailable") and an error is returned.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let serving: Vec<Serving> = self.serving.get_mut().drain().map(|(_, s)| s).collect();
+        let background = std::mem::take(&mut self.background);
+        shutdown::shutdown(&self.shared, serving, background).await
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for b in &self.background {
+            b.abort();
+        }
+        for s in self.serving.get_mut().values() {
+            for t in &s.tasks {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// Subscribes one handler (the client queues subscriptions while it
+/// connects, so this fails only when the client is closed) and spawns its
+/// serve loops.
+async fn spawn_handler(spec: &'static HandlerSpec, shared: &Arc<Shared>) -> Result<Serving> {
+    let served = Arc::new(Served::new(spec, &shared.config));
+    let mut subs = Vec::with_capacity(served.parallel);
+    for _ in 0..served.parallel {
+        subs.push(shared.client.transport().subscribe(&served.to).await?);
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    shared.health.want(served.parallel);
+    let tasks = subs
+        .into_iter()
+        .map(|sub| {
+            shared.health.subscribed();
+            tokio::spawn(serve::serve(
+                Arc::clone(&served),
+                Arc::clone(shared),
+                sub,
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    Ok(Serving { served, stop, tasks })
+}
+
+fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
+    tracing::info!(count = selected.len(), "handler table");
+    for s in selected {
+        let served = Served::new(s, config);
+        tracing::info!(
+            kind = match s.kind() {
+                HandlerKind::Command => "command",
+                HandlerKind::Event => "event",
+            },
+            subject = s.subject(),
+            queue_group = served.to.queue_group.as_deref().unwrap_or("-"),
+            handler = s.name(),
+            message_type = s.message_type(),
+            concurrency = served.limit,
+            parallel = served.parallel,
+            "handler"
+        );
+    }
+}
+
+/// Watches the broker's errors for a refused subscription of this
+/// runtime: the broker keeps the connection and never delivers, so without
+/// this the replica would look ready and be deaf.
+async fn watch_refusals(shared: Arc<Shared>, subjects: Vec<String>) {
+    let Some(mut errors) = shared.client.transport().server_errors() else {
+        return;
+    };
+    loop {
+        let text = match errors.recv().await {
+            Ok(t) => t,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let lower = text.to_ascii_lowercase();
+        if !lower.contains("permissions violation for subscription") {
+            continue;
+        }
+        let refused = text.split('"').nth(1).unwrap_or_default();
+        if subjects.iter().any(|s| s == refused) {
+            shared.health.set_fatal(&Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the NATS server refused the subscription to \"{refused}\" ({text}); grant this \
+                     user subscribe permission on it"
+                ),
+            ));
+        }
+    }
+}

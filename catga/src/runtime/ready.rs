@@ -1,0 +1,188 @@
+//! Readiness: a replica is ready when every subscription it wants is live
+//! and confirmed by the broker, the connection is up, it is not draining,
+//! and nothing fatal happened. Liveness: its serve loops run and no fatal
+//! error stopped it.
+//!
+//! Confirmation uses tickets: a subscription takes the next ticket after
+//! its SUB is queued on the connection; a round trip started later proves
+//! the broker has every subscription with a smaller ticket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::transport::Transport;
+
+#[derive(Debug, Clone, Default)]
+struct State {
+    /// Subscriptions the runtime wants right now.
+    wanted: usize,
+    /// Subscriptions that are live (may still await confirmation).
+    live: usize,
+    /// The next ticket to hand out.
+    next_ticket: u64,
+    /// Every ticket below this one is confirmed by the broker.
+    confirmed_upto: u64,
+    draining: bool,
+    fatal: Option<(ErrorKind, String)>,
+}
+
+/// Why a replica is not ready, in words an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// Every check passed.
+    pub ready: bool,
+    /// The checks that failed, e.g. "subscriptions: 2 of 5 live".
+    pub failing: Vec<String>,
+}
+
+/// Shared readiness state of one runtime. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Health {
+    state: Arc<watch::Sender<State>>,
+}
+
+impl Health {
+    pub(crate) fn new() -> Health {
+        Health {
+            state: Arc::new(watch::Sender::new(State::default())),
+        }
+    }
+
+    /// `n` more subscriptions are wanted (a handler starts).
+    pub(crate) fn want(&self, n: usize) {
+        self.state.send_modify(|s| s.wanted += n);
+    }
+
+    /// `n` fewer subscriptions are wanted (a handler stopped).
+    pub(crate) fn unwant(&self, n: usize) {
+        self.state.send_modify(|s| s.wanted = s.wanted.saturating_sub(n));
+    }
+
+    /// A subscription is live; its SUB is queued. Returns nothing: the
+    /// ticket it takes is confirmed by the next round trip.
+    pub(crate) fn subscribed(&self) {
+        self.state.send_modify(|s| {
+            s.live += 1;
+            s.next_ticket += 1;
+        });
+    }
+
+    /// A subscription ended (drained, or lost).
+    pub(crate) fn unsubscribed(&self) {
+        self.state.send_modify(|s| s.live = s.live.saturating_sub(1));
+    }
+
+    pub(crate) fn set_draining(&self) {
+        self.state.send_modify(|s| s.draining = true);
+    }
+
+    /// Something the runtime cannot recover from: it stops being ready and
+    /// live, and `run()` returns this error (so that the orchestrator
+    /// restarts the process). The first one wins.
+    pub(crate) fn set_fatal(&self, err: &Error) {
+        self.state.send_if_modified(|s| {
+            if s.fatal.is_some() {
+                return false;
+            }
+            tracing::error!(error = %err, "fatal: the runtime stops serving and reports not ready");
+            s.fatal = Some((err.kind(), err.message().to_owned()));
+            true
+        });
+    }
+
+    pub(crate) fn fatal(&self) -> Option<Error> {
+        self.state
+            .borrow()
+            .fatal
+            .as_ref()
+            .map(|(k, m)| Error::new(*k, m.clone()))
+    }
+
+    /// Waits until a fatal error is set.
+    pub(crate) async fn wait_fatal(&self) -> Error {
+        let mut rx = self.state.subscribe();
+        loop {
+            if let Some(e) = self.fatal() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                return Error::new(ErrorKind::Internal, "the runtime's state went away");
+            }
+        }
+    }
+
+    pub(crate) fn check(&self, transport: &Transport) -> Readiness {
+        let s = self.state.borrow().clone();
+        let mut failing = Vec::new();
+        if let Some((kind, msg)) = &s.fatal {
+            failing.push(format!("fatal: {kind}: {msg}"));
+        }
+        if s.draining {
+            failing.push("draining: shutting down".to_owned());
+        }
+        if !transport.is_connected() {
+            failing.push("broker: not connected".to_owned());
+        }
+        if s.live < s.wanted {
+            failing.push(format!("subscriptions: {} of {} live", s.live, s.wanted));
+        }
+        if s.next_ticket > s.confirmed_upto {
+            failing.push("subscriptions: waiting for the broker to confirm".to_owned());
+        }
+        Readiness {
+            ready: failing.is_empty(),
+            failing,
+        }
+    }
+
+    /// Waits until ready, or fails with the fatal error.
+    pub(crate) async fn wait_ready(&self, transport: &Transport) -> Result<()> {
+        let mut rx = self.state.subscribe();
+        loop {
+            if let Some(e) = self.fatal() {
+                return Err(e);
+            }
+            if self.check(transport).ready {
+                return Ok(());
+            }
+            // The connection state is not part of the watched state: poll
+            // it as well.
+            let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+        }
+    }
+
+    /// Confirms new subscriptions by round trips, for as long as it runs.
+    pub(crate) async fn confirm_loop(self, transport: Transport, instance: String) {
+        let mut rx = self.state.subscribe();
+        let mut announced = false;
+        loop {
+            let target = {
+                let s = rx.borrow_and_update();
+                (s.next_ticket > s.confirmed_upto).then_some(s.next_ticket)
+            };
+            let Some(target) = target else {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            match transport.round_trip(Duration::from_millis(500)).await {
+                Ok(()) => {
+                    self.state
+                        .send_modify(|s| s.confirmed_upto = s.confirmed_upto.max(target));
+                    if !announced && self.check(&transport).ready {
+                        announced = true;
+                        tracing::info!(%instance, "ready: every subscription is confirmed by the broker");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "waiting for the broker to confirm subscriptions");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The serve loop of one subscription: takes every message at once, runs
+//! up to `concurrency` of them through the [pipeline](super::pipeline) at a
+//! time on this task, queues up to `capacity` more and drops (and counts)
+//! the rest; resubscribes when the subscription ends unexpectedly; drains
+//! on stop.
+//!
+//! The handlers of one subscription share its task: they run concurrently,
+//! not in parallel (no task spawn per message: that halved throughput in
+//! the benchmark). `parallel = N` gives a handler N subscriptions, each on
+//! its own task, which the runtime spreads over the cores.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::watch;
+
+use super::{Served, Shared, pipeline};
+use crate::error::{Error, ErrorKind};
+use crate::transport::{Delivery, Subscription};
+
+/// How a serve loop ended.
+pub(crate) struct ServeReport {
+    /// The broker confirmed that nothing more was on its way when the
+    /// subscription closed (see `NatsSubscription::drain`).
+    pub handover_confirmed: bool,
+}
+
+/// Unexpected ends tolerated within [`FLAP_WINDOW`] before the runtime
+/// gives up (a replica that cannot keep a subscription must not look
+/// healthy).
+const MAX_FLAPS: usize = 5;
+const FLAP_WINDOW: Duration = Duration::from_secs(60);
+
+/// Serves `first`, a subscription of `served`, until `stop` turns true (then
+/// drains) or a fatal error.
+pub(crate) async fn serve(
+    served: Arc<Served>,
+    shared: Arc<Shared>,
+    first: Subscription,
+    mut stop: watch::Receiver<bool>,
+) -> ServeReport {
+    let served = &*served;
+    let shared = &*shared;
+    let mut sub = Some(first);
+    let mut inflight = FuturesUnordered::new();
+    let mut queue: VecDeque<Delivery> = VecDeque::new();
+    let mut draining = false;
+    let mut handover_confirmed = true;
+    let mut ends: VecDeque<Instant> = VecDeque::new();
+    let mut drops = DropLog::default();
+    let mut resubscribe_at: Option<tokio::time::Instant> = None;
+    // One stop future for the whole loop: making a new `changed()` future
+    // on every message would register and unregister a waiter each time.
+    let stopped = async move {
+        // An error means the runtime is gone: stop as well.
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped);
+    loop {
+        while inflight.len() < served.limit {
+            match queue.pop_front() {
+                Some(d) => inflight.push(pipeline::process(served, shared, d)),
+                None => break,
+            }
+        }
+        if draining && sub.is_none() && queue.is_empty() && inflight.is_empty() {
+            break;
+        }
+        if shared.health.fatal().is_some() && sub.is_none() && inflight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            () = &mut stopped, if !draining => {
+                draining = true;
+                resubscribe_at = None;
+                if let Some(s) = sub.as_mut() {
+                    s.drain().await;
+                }
+            }
+            Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            msg = next(&mut sub), if sub.is_some() => match msg {
+                Some(d) => {
+                    if inflight.len() < served.limit {
+                        inflight.push(pipeline::process(served, shared, d));
+                    } else if queue.len() < served.capacity {
+                        queue.push_back(d);
+                    } else {
+                        shared.count_dropped();
+                        drops.record(served);
+                        if d.expects_reply() {
+                            let (_, settler) = d.split();
+                            settler.refuse_now(&Error::new(
+                                ErrorKind::Unavailable,
+                                "the replica is over capacity; retry",
+                            ));
+                        }
+                    }
+                }
+                None => {
+                    if let Some(ended) = sub.take() {
+                        handover_confirmed &= ended.handover_confirmed();
+                    }
+                    shared.health.unsubscribed();
+                    if !draining {
+                        let now = Instant::now();
+                        ends.push_back(now);
+                        while ends.front().is_some_and(|t| now.duration_since(*t) > FLAP_WINDOW) {
+                            ends.pop_front();
+                        }
+                        tracing::error!(
+                            subject = %served.to.subject,
+                            handler = served.spec.name(),
+                            "the subscription ended unexpectedly; subscribing again"
+                        );
+                        if ends.len() > MAX_FLAPS {
+                            shared.health.set_fatal(&Error::new(
+                                ErrorKind::Transport,
+                                format!(
+                                    "the subscription to {} ended {} times within {FLAP_WINDOW:?}",
+                                    served.to.subject,
+                                    ends.len()
+                                ),
+                            ));
+                        } else {
+                            let backoff = Duration::from_millis(100 << ends.len().min(5));
+                            resubscribe_at = Some(tokio::time::Instant::now() + backoff);
+                        }
+                    }
+                }
+            },
+            () = sleep_until(resubscribe_at), if resubscribe_at.is_some() => {
+                resubscribe_at = None;
+                match shared.client.transport().subscribe(&served.to).await {
+                    Ok(s) => {
+                        shared.health.subscribed();
+                        tracing::info!(subject = %served.to.subject, "subscribed again");
+                        sub = Some(s);
+                    }
+                    Err(e) => shared.health.set_fatal(&Error::new(
+                        ErrorKind::Transport,
+                        format!("cannot subscribe to {} again: {}", served.to.subject, e.message()),
+                    )),
+                }
+            }
+        }
+    }
+    drops.flush(served);
+    ServeReport { handover_confirmed }
+}
+
+async fn next(sub: &mut Option<Subscription>) -> Option<Delivery> {
+    match sub {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Logs drops without flooding: the first at once, then a count at most
+/// once a second.
+#[derive(Default)]
+struct DropLog {
+    unlogged: u64,
+    last: Option<Instant>,
+}
+
+impl DropLog {
+    fn record(&mut self, served: &Served) {
+        self.unlogged += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            self.flush(served);
+        }
+    }
+
+    fn flush(&mut self, served: &Served) {
+        if self.unlogged > 0 {
+            tracing::warn!(
+                subject = %served.to.subject,
+                handler = served.spec.name(),
+                dropped = self.unlogged,
+                in_flight_limit = served.limit,
+                capacity = served.capacity,
+                "slow consumer: the subscription is full, messages dropped"
+            );
+        }
+        self.unlogged = 0;
+        self.last = Some(Instant::now());
+    }
+}

@@ -1,0 +1,122 @@
+//! Graceful shutdown under one deadline: readiness turns false first, every
+//! serve loop drains at once (not one after another), and at the deadline
+//! whatever still runs is aborted, awaited and reported. Flushing the last
+//! replies shares the same deadline, so a broker that is down at SIGTERM
+//! cannot stretch it.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Serving, Shared};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Waits for SIGTERM or Ctrl-C.
+pub(crate) async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// What stopping some serve loops came to.
+pub(crate) struct Stopped {
+    /// Loops still running at the deadline, aborted.
+    pub cancelled: usize,
+    /// Every subscription closed with the broker's confirmation that
+    /// nothing more was on its way.
+    pub handover_confirmed: bool,
+}
+
+/// Tells every loop of `serving` to drain, waits for them until
+/// `deadline`, and aborts (and awaits) the rest.
+pub(crate) async fn stop_serving(serving: Vec<Serving>, deadline: Instant) -> Stopped {
+    let mut tasks: Vec<JoinHandle<super::ServeReport>> = Vec::new();
+    for s in serving {
+        let _ = s.stop.send(true);
+        tasks.extend(s.tasks);
+    }
+    let mut stopped = Stopped {
+        cancelled: 0,
+        handover_confirmed: true,
+    };
+    for task in &mut tasks {
+        match tokio::time::timeout_at(deadline, &mut *task).await {
+            Ok(Ok(report)) => stopped.handover_confirmed &= report.handover_confirmed,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "a serve loop failed");
+                stopped.cancelled += 1;
+            }
+            Err(_) => {
+                task.abort();
+                stopped.cancelled += 1;
+            }
+        }
+    }
+    // An aborted task stops at its next await; wait for that, so that
+    // nothing of this runtime runs after shutdown returns.
+    for task in tasks.iter_mut().filter(|t| !t.is_finished()) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
+    stopped
+}
+
+pub(crate) async fn shutdown(
+    shared: &Shared,
+    serving: Vec<Serving>,
+    background: Vec<JoinHandle<()>>,
+) -> Result<()> {
+    let deadline = Instant::now() + shared.config.drain_timeout;
+    shared.health.set_draining();
+    let stopped = stop_serving(serving, deadline).await;
+    for b in &background {
+        b.abort();
+    }
+    // The last replies: what is left of the deadline, but at least a
+    // moment, and never long when the broker is away.
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let flushed = if shared.client.transport().is_connected() {
+        shared.client.transport().flush(left).await.is_ok()
+    } else {
+        false
+    };
+    if !flushed {
+        tracing::warn!("could not flush the last replies to the broker");
+    }
+    let clean = stopped.cancelled == 0 && stopped.handover_confirmed && flushed;
+    tracing::info!(
+        clean,
+        cancelled = stopped.cancelled,
+        handover_confirmed = stopped.handover_confirmed,
+        "shutdown complete"
+    );
+    if stopped.cancelled > 0 {
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "shutdown deadline passed with {} serve loops still running; they were cancelled",
+                stopped.cancelled
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! The protocol on the wire, in one place: header names, id and subject
+//! rules, the payload codec, error replies (NATS micro convention), the
+//! version rule and request deadlines.
+//!
+//! A header is sent only when it says something the receiver cannot infer,
+//! because each header costs allocations on both sides (one `Nats-Msg-Id`
+//! header cost 11% of request/reply throughput in the benchmark, see
+//! BENCHMARKS.md):
+//! - `Nats-Msg-Id` on every event (its receivers must agree on its id), on
+//!   every message sent from a handler, and on a command whose sender chose
+//!   an id; a root command without one gets its id from its single receiver;
+//! - correlation and causation ids only for a message sent from a handler
+//!   (a root message's correlation id is its own id);
+//! - `Catga-Version` only above version 1;
+//! - no type header: a subject carries exactly one message type, fixed at
+//!   compile time;
+//! - a request's deadline travels in its reply subject (see [`deadline`]).
+
+pub(crate) mod codec;
+pub(crate) mod deadline;
+pub(crate) mod errors;
+mod meta;
+
+pub use meta::MessageMeta;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Header names catga reads and writes: typed names, built at compile time,
+/// so inserting or looking one up allocates nothing.
+pub mod headers {
+    use async_nats::HeaderName;
+
+    /// Unique id of this message; also the JetStream de-duplication id.
+    pub const MESSAGE_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+    /// Id shared by every message caused, directly or not, by one root message.
+    pub const CORRELATION_ID: HeaderName = HeaderName::from_static("Catga-Correlation-Id");
+    /// Id of the message whose handler sent this one.
+    pub const CAUSATION_ID: HeaderName = HeaderName::from_static("Catga-Causation-Id");
+    /// Schema version of the payload; absent means version 1.
+    pub const VERSION: HeaderName = HeaderName::from_static("Catga-Version");
+    /// Deadline of a request, in milliseconds since the Unix epoch, for
+    /// clients that cannot put it in the reply subject (see
+    /// [`deadline`](super::deadline)).
+    pub const DEADLINE: HeaderName = HeaderName::from_static("Catga-Deadline");
+    /// NATS micro convention: error description of an error reply.
+    pub const SERVICE_ERROR: HeaderName = HeaderName::from_static("Nats-Service-Error");
+    /// NATS micro convention: status code of an error reply.
+    pub const SERVICE_ERROR_CODE: HeaderName = HeaderName::from_static("Nats-Service-Error-Code");
+    /// catga's error kind of an error reply (see [`ErrorKind`](crate::ErrorKind)).
+    pub const ERROR_KIND: HeaderName = HeaderName::from_static("Catga-Error-Kind");
+    /// Id under which a failure's full text was logged by the replica that
+    /// failed.
+    pub const ERROR_ID: HeaderName = HeaderName::from_static("Catga-Error-Id");
+}
+
+/// The longest message id catga accepts.
+pub const MAX_ID_LEN: usize = 256;
+
+/// A fresh, unique message id (a NUID: 22 base-62 characters).
+pub fn new_message_id() -> String {
+    nuid::next().to_string()
+}
+
+/// Checks a message id chosen by a caller: 1 to [`MAX_ID_LEN`] visible
+/// ASCII characters. Line breaks and other control characters would break
+/// the header block (async-nats panics on some of them), and spaces are
+/// trimmed by some clients, so both are refused.
+pub(crate) fn check_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!("a message id must be 1 to {MAX_ID_LEN} characters long"),
+        ));
+    }
+    if let Some(bad) = id.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "a message id may only contain visible ASCII characters, found {:?}",
+                bad.escape_default().to_string()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a subject given at run time (`send_raw`, `publish_raw`), with
+/// the rules the macros apply at compile time: dot-separated tokens of
+/// visible ASCII, no wildcards, not in the `$` or `_INBOX` name spaces.
+pub(crate) fn check_subject(subject: &str) -> Result<()> {
+    let refuse = |why: &str| {
+        Err(Error::new(
+            ErrorKind::Invalid,
+            format!("invalid subject {subject:?}: {why}"),
+        ))
+    };
+    if subject.is_empty() || subject.len() > 1024 {
+        return refuse("a subject must be 1 to 1024 characters long");
+    }
+    if subject.starts_with('$') || subject == "_INBOX" || subject.starts_with("_INBOX.") {
+        return refuse("subjects starting with `$` or `_INBOX` are reserved by NATS");
+    }
+    for token in subject.split('.') {
+        if token.is_empty() {
+            return refuse("empty token: a subject cannot start or end with `.` or contain `..`");
+        }
+        if token.contains(['*', '>']) {
+            return refuse("wildcards (`*`, `>`) are not allowed in a message subject");
+        }
+        if !token.chars().all(|c| c.is_ascii_graphic()) {
+            return refuse("a subject may only contain visible ASCII characters");
+        }
+    }
+    Ok(())
+}
+
+/// Where a new message comes from.
+#[derive(Clone, Copy)]
+pub(crate) enum Cause<'a> {
+    /// Sent by a client, not caused by another message.
+    Root,
+    /// Sent by a client under a message id it chose.
+    Id(&'a str),
+    /// Sent from the handler of this message.
+    Parent(&'a MessageMeta),
+}
+
+/// The headers of a new message (see the rules at the top of this module).
+pub(crate) fn message_headers(
+    kind: crate::MessageKind,
+    version: u32,
+    cause: Cause<'_>,
+) -> async_nats::HeaderMap {
+    let mut h = async_nats::HeaderMap::new();
+    match cause {
+        Cause::Parent(p) => {
+            h.insert(headers::CORRELATION_ID, p.correlation_id());
+            h.insert(headers::CAUSATION_ID, p.message_id());
+            h.insert(headers::MESSAGE_ID, nuid::next().as_str());
+        }
+        Cause::Id(id) => h.insert(headers::MESSAGE_ID, id),
+        Cause::Root if kind == crate::MessageKind::Event => {
+            h.insert(headers::MESSAGE_ID, nuid::next().as_str())
+        }
+        Cause::Root => {}
+    }
+    if version != 1 {
+        h.insert(headers::VERSION, version.to_string());
+    }
+    h
+}
+
+/// Checks a message's `Catga-Version` against the newest version its
+/// handler knows: absent means 1, newer is refused.
+pub(crate) fn check_version(headers: Option<&async_nats::HeaderMap>, name: &str, known: u32) -> Result<()> {
+    let Some(v) = headers.and_then(|h| h.get(headers::VERSION)) else {
+        return Ok(());
+    };
+    match v.as_str().trim().parse::<u32>() {
+        Ok(v) if v <= known => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "unknown version {:?} of `{name}`: this service understands up to version {known}",
+                v.as_str()
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_visible_ascii() {
+        assert!(check_id("order-42-attempt").is_ok());
+        assert!(check_id(&new_message_id()).is_ok());
+        for bad in ["", "a\nb", "a b", "é", "a\rb", &"x".repeat(MAX_ID_LEN + 1)] {
+            let err = check_id(bad).expect_err(bad);
+            assert_eq!(err.kind(), ErrorKind::Invalid);
+        }
+    }
+
+    #[test]
+    fn runtime_subjects_follow_the_macro_rules() {
+        assert!(check_subject("orders.created").is_ok());
+        assert!(check_subject("cmd.fail").is_ok());
+        for bad in [
+            "",
+            "_INBOX.x",
+            "_INBOX",
+            "$JS.API.x",
+            "a.*",
+            "a.>",
+            "a..b",
+            ".a",
+            "a.",
+            "a b",
+            "a\r\nb",
+        ] {
+            assert_eq!(
+                check_subject(bad).expect_err(bad).kind(),
+                ErrorKind::Invalid,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn versions_above_the_known_one_are_refused() {
+        let mut h = async_nats::HeaderMap::new();
+        assert!(check_version(None, "X", 1).is_ok());
+        h.insert(headers::VERSION, "2");
+        assert!(check_version(Some(&h), "X", 2).is_ok());
+        let err = check_version(Some(&h), "X", 1).expect_err("newer");
+        assert!(err.message().contains("unknown version \"2\" of `X`"), "{err}");
+        h.insert(headers::VERSION, "two");
+        assert!(check_version(Some(&h), "X", 9).is_err());
+    }
+}

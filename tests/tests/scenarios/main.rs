@@ -1,0 +1,19 @@
+//! Scenarios that run the same on NATS and on the embedded bus: one module
+//! per topic, each holding its handlers and its scenarios, and naming its
+//! scenarios once in `catga_tests::on_both!` (which makes a `nats::` and a
+//! `memory::` test of each).
+
+mod back_pressure;
+mod errors;
+mod fan_out;
+mod lifecycle;
+mod load_balancing;
+mod parallel;
+mod registry;
+mod request_reply;
+mod shutdown;
+
+use std::time::Duration;
+
+/// How long a scenario waits for something that should happen at once.
+pub const WAIT: Duration = Duration::from_secs(10);
