@@ -83,11 +83,51 @@ async fn echo(e: Echo) -> Result<Blob> {
     Ok(Blob { data: e.data })
 }
 
+/// CPU-bound work: `rounds` of a hash, served by one task.
+#[command(subject = "bench.crunch1", reply = u64)]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct CrunchOne {
+    /// How much work.
+    pub rounds: u64,
+}
+
+/// The same work, served by two tasks (`parallel = 2`).
+#[command(subject = "bench.crunch2", reply = u64)]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct CrunchTwo {
+    /// How much work.
+    pub rounds: u64,
+}
+
+/// Burns CPU without awaiting: what a handler that parses, validates or
+/// computes does.
+fn crunch(rounds: u64) -> u64 {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..rounds {
+        x = (x ^ i).wrapping_mul(0xBF58_476D_1CE4_E5B9).rotate_left(31);
+    }
+    std::hint::black_box(x)
+}
+
+#[command(queue_group = "bench", concurrency = 64)]
+async fn crunch_one(c: CrunchOne) -> Result<u64> {
+    Ok(crunch(c.rounds))
+}
+
+#[command(queue_group = "bench", concurrency = 64, parallel = 2)]
+async fn crunch_two(c: CrunchTwo) -> Result<u64> {
+    Ok(crunch(c.rounds))
+}
+
 /// Payload characters: with the JSON wrapping, about 140 bytes on the wire.
 const PAYLOAD: usize = 128;
 
 struct Stats {
     ops: u64,
+    /// CPU time of this process (client and responder, all threads) per
+    /// operation, in microseconds: far steadier on a shared machine than
+    /// throughput, which other tenants' load moves.
+    cpu_us_per_op: f64,
     /// Heap allocations per operation, over the whole process (client and
     /// responder), warm-up included.
     allocs_per_op: f64,
@@ -111,6 +151,7 @@ where
 {
     let op = Arc::new(op);
     let allocs_before = ALLOCATIONS.load(Ordering::Relaxed);
+    let cpu_before = process_cpu_seconds();
     let warm_until = Instant::now() + Duration::from_millis(500);
     let until = warm_until + duration;
     let tasks: Vec<_> = (0..concurrency)
@@ -149,6 +190,7 @@ where
         total += n;
     }
     let allocs = ALLOCATIONS.load(Ordering::Relaxed) - allocs_before;
+    let cpu = process_cpu_seconds() - cpu_before;
     all.sort_unstable();
     let pct = |p: f64| {
         if all.is_empty() {
@@ -158,6 +200,7 @@ where
         }
     };
     Stats {
+        cpu_us_per_op: cpu * 1e6 / total.max(1) as f64,
         ops: all.len() as u64,
         allocs_per_op: allocs as f64 / total.max(1) as f64,
         errors,
@@ -165,6 +208,28 @@ where
         p50_us: pct(0.50),
         p99_us: pct(0.99),
     }
+}
+
+/// Rounds per cell (`BENCH_ROUNDS`, default 3).
+fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1)
+}
+
+/// The median of some ratios.
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Whether `BENCH_ONLY` (comma separated) selects `section`; unset selects all.
+fn selected(section: &str) -> bool {
+    std::env::var("BENCH_ONLY")
+        .map(|v| v.split(',').any(|s| s.trim() == section))
+        .unwrap_or(true)
 }
 
 #[tokio::main]
@@ -177,7 +242,6 @@ async fn main() {
     let data: &'static str = "x".repeat(PAYLOAD).leak();
     let raw_payload = Bytes::from(serde_json::to_vec(&Echo { data: data.into() }).expect("json"));
 
-    let server = catga_tests::NatsServer::start();
     println!("# catga benchmark");
     println!();
     println!("- machine: {} cores, {}", cores(), cpu_model());
@@ -187,12 +251,26 @@ async fn main() {
         raw_payload.len()
     );
     println!();
+    if selected("reqreply") {
+        request_reply(duration, data, raw_payload).await;
+    }
+    if selected("embedded") {
+        embedded(duration, data).await;
+    }
+    if selected("parallel") {
+        parallel(duration).await;
+    }
+}
+
+/// Command request/reply over NATS: catga vs raw async-nats.
+async fn request_reply(duration: Duration, data: &'static str, raw_payload: Bytes) {
+    let server = catga_tests::NatsServer::start();
 
     // catga: a runtime serving `echo`, and a separate client connection.
     let rt = Runtime::builder()
         .nats_url(server.url())
         .instance_id("bench")
-        .handlers(|s| s.name().starts_with("catga_bench::"))
+        .handlers(|s| s.name() == "catga_bench::echo")
         .concurrency(1024)
         .start()
         .await
@@ -233,39 +311,85 @@ async fn main() {
     println!("## Command request/reply over NATS: catga vs raw async-nats");
     println!();
     println!(
-        "| concurrency | raw bytes req/s | raw typed req/s | catga req/s | catga / raw typed | catga / raw bytes | raw typed p50 µs | catga p50 µs | raw typed p99 µs | catga p99 µs | raw typed allocs/req | catga allocs/req | errors |"
+        "| concurrency | raw bytes req/s | raw typed req/s | catga req/s | catga / raw typed (each round) | catga / raw bytes | raw typed CPU µs/req | catga CPU µs/req | raw typed p50 µs | catga p50 µs | raw typed p99 µs | catga p99 µs | raw typed allocs/req | catga allocs/req | errors |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let levels: Vec<usize> = std::env::var("BENCH_LEVELS")
         .ok()
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 16, 64, 256]);
+    let rounds = rounds();
     for concurrency in levels {
-        let c = raw_client.clone();
-        let p = raw_payload.clone();
-        let bytes = measure(concurrency, duration, move || {
-            let c = c.clone();
-            let p = p.clone();
-            async move { c.request("raw.echo", p).await.is_ok() }
-        })
-        .await;
-        let c = raw_client.clone();
-        let typed = measure(concurrency, duration, move || {
-            let c = c.clone();
-            typed_request(c, "typed.echo", data)
-        })
-        .await;
-        let c = catga_client.clone();
-        let cat = measure(concurrency, duration, move || {
-            let c = c.clone();
-            async move { c.send(Echo { data: data.into() }).await.is_ok() }
-        })
-        .await;
+        let mut cells: Vec<[Stats; 3]> = Vec::with_capacity(rounds);
+        for round in 0..rounds {
+            // Each round measures the three back to back, starting with a
+            // different one, so that a change in the machine's load hits
+            // each system alike; the table shows the median round.
+            let mut out: [Option<Stats>; 3] = [None, None, None];
+            for k in 0..3 {
+                let which = (round + k) % 3;
+                let stats = match which {
+                    0 => {
+                        let (c, p) = (raw_client.clone(), raw_payload.clone());
+                        measure(concurrency, duration, move || {
+                            let (c, p) = (c.clone(), p.clone());
+                            async move { c.request("raw.echo", p).await.is_ok() }
+                        })
+                        .await
+                    }
+                    1 => {
+                        let c = raw_client.clone();
+                        measure(concurrency, duration, move || {
+                            typed_request(c.clone(), "typed.echo", data)
+                        })
+                        .await
+                    }
+                    _ => {
+                        let c = catga_client.clone();
+                        measure(concurrency, duration, move || {
+                            let c = c.clone();
+                            async move { c.send(Echo { data: data.into() }).await.is_ok() }
+                        })
+                        .await
+                    }
+                };
+                out[which] = Some(stats);
+            }
+            let [Some(b), Some(t), Some(c)] = out else {
+                unreachable!("three cells")
+            };
+            cells.push([b, t, c]);
+        }
+        let ratio_typed = median(
+            cells
+                .iter()
+                .map(|[_, t, c]| c.throughput() / t.throughput())
+                .collect(),
+        );
+        let ratio_bytes = median(
+            cells
+                .iter()
+                .map(|[b, _, c]| c.throughput() / b.throughput())
+                .collect(),
+        );
+        // The round whose catga / raw typed ratio is the median one.
+        let mid = cells
+            .iter()
+            .min_by(|x, y| {
+                let dx = (x[2].throughput() / x[1].throughput() - ratio_typed).abs();
+                let dy = (y[2].throughput() / y[1].throughput() - ratio_typed).abs();
+                dx.total_cmp(&dy)
+            })
+            .expect("a round");
+        let [bytes, typed, cat] = mid;
+        let spread: Vec<String> = cells
+            .iter()
+            .map(|[_, t, c]| format!("{:.2}", c.throughput() / t.throughput()))
+            .collect();
         if std::env::var_os("BENCH_DIAG").is_some() {
             let c = raw_client.clone();
             let server_side = measure(concurrency, duration, move || {
-                let c = c.clone();
-                typed_request(c, "bench.echo", data)
+                typed_request(c.clone(), "bench.echo", data)
             })
             .await;
             let c = catga_client.clone();
@@ -275,38 +399,50 @@ async fn main() {
             })
             .await;
             eprintln!(
-                "diag {concurrency}: raw client -> catga runtime {:.0} req/s ({:.1} allocs); catga client -> raw typed responder {:.0} req/s ({:.1} allocs)",
+                "diag {concurrency}: raw client -> catga runtime {:.0} req/s ({:.1} allocs, {:.1} CPU us); catga client -> raw typed responder {:.0} req/s ({:.1} allocs, {:.1} CPU us); typed both sides {:.1} CPU us",
                 server_side.throughput(),
                 server_side.allocs_per_op,
+                server_side.cpu_us_per_op,
                 client_side.throughput(),
-                client_side.allocs_per_op
+                client_side.allocs_per_op,
+                client_side.cpu_us_per_op,
+                typed.cpu_us_per_op
             );
         }
         println!(
-            "| {concurrency} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} |",
+            "| {concurrency} | {:.0} | {:.0} | {:.0} | {:.2}x ({}) | {:.2}x | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {} |",
             bytes.throughput(),
             typed.throughput(),
             cat.throughput(),
-            cat.throughput() / typed.throughput(),
-            cat.throughput() / bytes.throughput(),
+            ratio_typed,
+            spread.join(", "),
+            ratio_bytes,
+            median(cells.iter().map(|[_, t, _]| t.cpu_us_per_op).collect()),
+            median(cells.iter().map(|[_, _, c]| c.cpu_us_per_op).collect()),
             typed.p50_us,
             cat.p50_us,
             typed.p99_us,
             cat.p99_us,
             typed.allocs_per_op,
             cat.allocs_per_op,
-            bytes.errors + typed.errors + cat.errors,
+            cells
+                .iter()
+                .map(|[b, t, c]| b.errors + t.errors + c.errors)
+                .sum::<u64>(),
         );
     }
     rt.shutdown().await.expect("shutdown");
+}
 
+/// The embedded transport: round trips per second and allocations.
+async fn embedded(duration: Duration, data: &'static str) {
     println!();
     println!("## Embedded transport (in-memory bus)");
     println!();
     let bus = MemoryBus::new();
     let mem_rt = Runtime::builder()
         .memory(bus.clone())
-        .handlers(|s| s.name().starts_with("catga_bench::"))
+        .handlers(|s| s.name() == "catga_bench::echo")
         .concurrency(1024)
         .start()
         .await
@@ -332,12 +468,53 @@ async fn main() {
     let allocs = ALLOCATIONS.load(Ordering::Relaxed) - before;
     println!("| concurrency | round trips/s | p50 µs | p99 µs | allocations per round trip |");
     println!("|---:|---:|---:|---:|---:|");
+    // The bus alone, without the multi-thread scheduler waking its idle
+    // worker on every hand-over: client and runtime on one current-thread
+    // runtime.
+    let single = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("current-thread runtime");
+        rt.block_on(async move {
+            let bus = MemoryBus::new();
+            let served = Runtime::builder()
+                .memory(bus.clone())
+                .handlers(|s| s.name() == "catga_bench::echo")
+                .start()
+                .await
+                .expect("memory runtime");
+            let client = Client::memory(&bus);
+            for _ in 0..1000 {
+                client.send(Echo { data: data.into() }).await.expect("warm-up");
+            }
+            let n = 200_000u64;
+            let start = Instant::now();
+            for _ in 0..n {
+                client.send(Echo { data: data.into() }).await.expect("round trip");
+            }
+            let per = start.elapsed() / n as u32;
+            served.shutdown().await.expect("shutdown");
+            per
+        })
+    })
+    .join()
+    .expect("current-thread bench");
+    println!(
+        "| 1, current-thread runtime | {:.0} | {:.2} | - | - |",
+        1.0 / single.as_secs_f64(),
+        single.as_secs_f64() * 1e6
+    );
     println!(
         "| 1, main thread (cross-thread wake-ups) | {:.0} | - | - | {:.1} |",
         n as f64 / elapsed.as_secs_f64(),
         allocs as f64 / n as f64
     );
-    for concurrency in [1usize, 16, 64] {
+    let levels: Vec<usize> = std::env::var("BENCH_LEVELS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 64]);
+    for concurrency in levels {
         let c = mem_client.clone();
         let d = data;
         let s = measure(concurrency, duration, move || {
@@ -355,6 +532,57 @@ async fn main() {
     mem_rt.shutdown().await.expect("shutdown");
 }
 
+/// A CPU-bound handler on one task (`parallel = 1`) vs two
+/// (`parallel = 2`), same work, same requesters, in one run; on the
+/// embedded bus (no broker sharing the two cores) and over NATS.
+async fn parallel(duration: Duration) {
+    // About 50 µs of CPU per request on this machine.
+    const ROUNDS: u64 = 40_000;
+    println!();
+    println!("## Parallel handlers: a CPU-bound handler on 1 vs 2 tasks");
+    println!();
+    println!("| transport | requesters | parallel = 1 req/s | parallel = 2 req/s | 2 / 1 |");
+    println!("|---|---:|---:|---:|---:|");
+    let server = catga_tests::NatsServer::start();
+    for transport in ["memory", "nats"] {
+        let bus = MemoryBus::new();
+        let builder = Runtime::builder()
+            .handlers(|s| s.name().starts_with("catga_bench::crunch_"))
+            .instance_id("bench");
+        let builder = if transport == "memory" {
+            builder.memory(bus.clone())
+        } else {
+            builder.nats_url(server.url())
+        };
+        let rt = builder.start().await.expect("runtime");
+        rt.ready().await.expect("ready");
+        let client = if transport == "memory" {
+            Client::memory(&bus)
+        } else {
+            Client::connect(&server.url()).await.expect("client")
+        };
+        let c = client.clone();
+        let one = measure(64, duration, move || {
+            let c = c.clone();
+            async move { c.send(CrunchOne { rounds: ROUNDS }).await.is_ok() }
+        })
+        .await;
+        let c = client.clone();
+        let two = measure(64, duration, move || {
+            let c = c.clone();
+            async move { c.send(CrunchTwo { rounds: ROUNDS }).await.is_ok() }
+        })
+        .await;
+        println!(
+            "| {transport} | 64 | {:.0} | {:.0} | {:.2}x |",
+            one.throughput(),
+            two.throughput(),
+            two.throughput() / one.throughput()
+        );
+        rt.shutdown().await.expect("shutdown");
+    }
+}
+
 /// One request the way a typed service on raw async-nats sends it: encode
 /// `Echo` with serde_json, request, decode `Blob`.
 async fn typed_request(nats: async_nats::Client, subject: &'static str, data: &'static str) -> bool {
@@ -365,6 +593,21 @@ async fn typed_request(nats: async_nats::Client, subject: &'static str, data: &'
         Ok(m) => serde_json::from_slice::<Blob>(&m.payload).is_ok(),
         Err(_) => false,
     }
+}
+
+/// User plus system CPU time of this process so far, from /proc (clock
+/// ticks of 10 ms: about 1% resolution over a cell of a second at full
+/// load).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn cores() -> usize {

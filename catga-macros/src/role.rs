@@ -78,34 +78,3 @@ impl Role {
         }
     }
 }
-
-/// Expands `attr(args)` on `item`: finds the role from the item and hands
-/// it to [`message`](crate::message) or [`handler`](crate::handler). The
-/// item is always re-emitted unchanged.
-pub(crate) fn expand(
-    attr: Attr,
-    args: proc_macro2::TokenStream,
-    item: proc_macro2::TokenStream,
-) -> proc_macro2::TokenStream {
-    let parsed: syn::Item = match syn::parse2(item.clone()) {
-        Ok(parsed) => parsed,
-        // Not even an item: rustc reports the syntax error itself.
-        Err(_) => return item,
-    };
-    match &parsed {
-        syn::Item::Struct(s) => crate::message::expand(attr, args, &item, &s.ident, &s.generics),
-        syn::Item::Enum(e) => crate::message::expand(attr, args, &item, &e.ident, &e.generics),
-        syn::Item::Fn(f) => crate::handler::expand(attr, args, &item, f),
-        other => {
-            let err = syn::Error::new_spanned(
-                other,
-                format!(
-                    "{} goes on a struct or an enum (a message type) or on an `async fn` (a handler)",
-                    attr.name()
-                ),
-            )
-            .to_compile_error();
-            quote::quote!(#item #err)
-        }
-    }
-}

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use proc_macro2::TokenStream;
 use quote::ToTokens;
 
-use crate::role::{Attr, expand};
+use crate::expand;
+use crate::role::Attr;
 
 /// The catga attribute on an item, if any: which one and its arguments.
 fn catga_attr(attrs: &mut Vec<syn::Attribute>) -> Option<(Attr, TokenStream)> {

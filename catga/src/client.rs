@@ -195,7 +195,7 @@ impl Client {
     /// subject follows the rules of [`send_raw`](Self::send_raw).
     pub async fn publish_raw(&self, subject: &str, payload: Bytes) -> Result<()> {
         wire::check_subject(subject)?;
-        let h = wire::message_headers(MessageKind::Event, 1, Cause::Root);
+        let h = wire::message_headers(true, 1, Cause::Root);
         self.inner
             .transport
             .publish(&Subject::from(subject), h, payload, self.inner.request_timeout)
@@ -209,7 +209,7 @@ impl Client {
         cause: Cause<'_>,
     ) -> Result<C::Reply> {
         let payload = cmd.encode()?;
-        let headers = wire::message_headers(C::KIND, C::VERSION, cause);
+        let headers = wire::message_headers(C::KIND == MessageKind::Event, C::VERSION, cause);
         let reply = self
             .inner
             .transport
@@ -220,7 +220,7 @@ impl Client {
 
     pub(crate) async fn publish_from<E: Event>(&self, event: E, cause: Cause<'_>) -> Result<()> {
         let payload = event.encode()?;
-        let headers = wire::message_headers(E::KIND, E::VERSION, cause);
+        let headers = wire::message_headers(E::KIND == MessageKind::Event, E::VERSION, cause);
         self.inner
             .transport
             .publish(

@@ -69,7 +69,7 @@ pub(crate) async fn serve(
         if draining && sub.is_none() && queue.is_empty() && inflight.is_empty() {
             break;
         }
-        if shared.health.fatal().is_some() && sub.is_none() && inflight.is_empty() {
+        if sub.is_none() && inflight.is_empty() && shared.health.fatal().is_some() {
             break;
         }
         tokio::select! {

@@ -147,6 +147,13 @@ impl ReplySlot {
     }
 }
 
+fn went_away(subject: &str) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("the handler of subject {subject} went away before answering"),
+    )
+}
+
 fn no_handler(subject: &str) -> Error {
     Error::new(ErrorKind::NoHandler, format!("no handler for subject {subject}"))
 }
@@ -323,10 +330,7 @@ impl MemoryBus {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             // Every receiver dropped the request without answering.
-            Ok(Err(_)) => Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("the handler of subject {subject} went away before answering"),
-            )),
+            Ok(Err(_)) => Err(went_away(subject)),
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,
                 format!("no reply on subject {subject} within {timeout:?}"),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_nats::client::PublishErrorKind;
 use async_nats::{HeaderMap, StatusCode, Subject};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 
@@ -518,8 +518,24 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl NatsReply {
     pub(crate) async fn send(self, headers: Option<HeaderMap>, body: Bytes) -> Result<()> {
-        let h = headers.unwrap_or_default();
-        match self.transport.publish(&self.to, h, body, REPLY_TIMEOUT).await {
+        // The common case first: the client's command queue has room, so
+        // the reply is queued at once, with no timer and no clock read.
+        let client = self.transport.client();
+        let first = match &headers {
+            None => client.publish(self.to.clone(), body.clone()).now_or_never(),
+            Some(h) => client
+                .publish_with_headers(self.to.clone(), h.clone(), body.clone())
+                .now_or_never(),
+        };
+        let result = match first {
+            Some(r) => r.map_err(|e| publish_error(&self.to, e)),
+            None => {
+                self.transport
+                    .publish(&self.to, headers.unwrap_or_default(), body, REPLY_TIMEOUT)
+                    .await
+            }
+        };
+        match result {
             Err(e) if e.kind() == ErrorKind::TooLarge => {
                 // The sender would wait out its time-out for a reply that is
                 // never sent, then retry a command that already ran: tell it
@@ -538,7 +554,6 @@ impl NatsReply {
     /// does unless the broker is away; then the sender times out, as it
     /// would anyway.
     pub(crate) fn send_now(self, headers: HeaderMap, body: Bytes) {
-        use futures_util::FutureExt;
         let _ = self
             .transport
             .client()
@@ -556,10 +571,12 @@ struct Rate {
 }
 
 impl Rate {
-    fn tick(&mut self) {
+    /// Counts `n` more messages (called every 64, so that the clock is
+    /// read once per 64 messages, not per message).
+    fn tick(&mut self, n: u64) {
         let now = Instant::now();
         let start = *self.window_start.get_or_insert(now);
-        self.in_window += 1;
+        self.in_window += n;
         let elapsed = now.duration_since(start);
         if elapsed >= Duration::from_secs(1) {
             self.per_second = self.in_window as f64 / elapsed.as_secs_f64();
@@ -634,7 +651,9 @@ impl NatsSubscription {
                 return None;
             };
             self.read += 1;
-            self.rate.tick();
+            if self.read % 64 == 0 {
+                self.rate.tick(64);
+            }
             let deadline = msg
                 .reply
                 .as_ref()

@@ -125,12 +125,9 @@ pub(crate) enum Cause<'a> {
     Parent(&'a MessageMeta),
 }
 
-/// The headers of a new message (see the rules at the top of this module).
-pub(crate) fn message_headers(
-    kind: crate::MessageKind,
-    version: u32,
-    cause: Cause<'_>,
-) -> async_nats::HeaderMap {
+/// The headers of a new message (see the rules at the top of this module);
+/// `event` says whether it is an event.
+pub(crate) fn message_headers(event: bool, version: u32, cause: Cause<'_>) -> async_nats::HeaderMap {
     let mut h = async_nats::HeaderMap::new();
     match cause {
         Cause::Parent(p) => {
@@ -139,9 +136,7 @@ pub(crate) fn message_headers(
             h.insert(headers::MESSAGE_ID, nuid::next().as_str());
         }
         Cause::Id(id) => h.insert(headers::MESSAGE_ID, id),
-        Cause::Root if kind == crate::MessageKind::Event => {
-            h.insert(headers::MESSAGE_ID, nuid::next().as_str())
-        }
+        Cause::Root if event => h.insert(headers::MESSAGE_ID, nuid::next().as_str()),
         Cause::Root => {}
     }
     if version != 1 {
