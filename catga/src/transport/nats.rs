@@ -651,7 +651,7 @@ impl NatsSubscription {
                 return None;
             };
             self.read += 1;
-            if self.read % 64 == 0 {
+            if self.read.is_multiple_of(64) {
                 self.rate.tick(64);
             }
             let deadline = msg
