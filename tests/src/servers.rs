@@ -95,6 +95,16 @@ impl Process {
         );
     }
 
+    fn signal(&self, signal: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .args([format!("-{signal}"), c.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{signal} failed");
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -110,7 +120,11 @@ impl Drop for Process {
 }
 
 /// A `nats-server` with JetStream, on a free loopback port.
-pub struct NatsServer(Process);
+pub struct NatsServer {
+    process: Process,
+    /// Extra configuration (nats-server's config file syntax), if any.
+    config: Option<String>,
+}
 
 impl NatsServer {
     /// Starts a server and waits until it accepts clients.
@@ -120,35 +134,76 @@ impl NatsServer {
         s
     }
 
+    /// Starts a server with extra configuration in nats-server's config
+    /// syntax (authorization, limits, ...) and waits until it accepts
+    /// clients.
+    pub fn start_with(config: &str) -> NatsServer {
+        let mut s = NatsServer::reserve();
+        s.config = Some(config.to_owned());
+        s.resume();
+        s
+    }
+
     /// Picks the port and directory without starting the server (to test a
     /// runtime that starts while NATS is down); [`resume`](Self::resume)
     /// starts it.
     pub fn reserve() -> NatsServer {
-        NatsServer(Process::new("nats-server", "CATGA_NATS_SERVER"))
+        NatsServer {
+            process: Process::new("nats-server", "CATGA_NATS_SERVER"),
+            config: None,
+        }
     }
 
     /// The client URL.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.0.port)
+        format!("nats://127.0.0.1:{}", self.process.port)
+    }
+
+    /// The loopback port it listens on.
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.process.dir.path().join("server.log")).unwrap_or_default()
     }
 
     /// Kills the server (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        self.0.kill();
+        self.process.kill();
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is
+    /// read or answered, as with a server stuck or cut off by the network.
+    pub fn pause(&self) {
+        self.process.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT); it then handles what its
+    /// clients sent meanwhile.
+    pub fn unpause(&self) {
+        self.process.signal("CONT");
     }
 
     /// Starts (again) on the same port and directory and waits until ready.
     pub fn resume(&mut self) {
-        let args: Vec<std::ffi::OsString> = vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "-a".into(),
             "127.0.0.1".into(),
             "-p".into(),
-            self.0.port.to_string().into(),
+            self.process.port.to_string().into(),
             "-js".into(),
             "-sd".into(),
-            self.0.dir.path().join("js").into(),
+            self.process.dir.path().join("js").into(),
         ];
-        self.0.spawn(&args, nats_answers);
+        if let Some(config) = &self.config {
+            let path = self.process.dir.path().join("server.conf");
+            std::fs::write(&path, config).expect("write nats-server config");
+            args.push("-c".into());
+            args.push(path.into());
+        }
+        self.process.spawn(&args, nats_answers);
     }
 }
 

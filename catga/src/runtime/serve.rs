@@ -28,10 +28,8 @@ pub(crate) struct ServeReport {
     pub handover_confirmed: bool,
 }
 
-/// Unexpected ends tolerated within [`FLAP_WINDOW`] before the runtime
-/// gives up (a replica that cannot keep a subscription must not look
-/// healthy).
-const MAX_FLAPS: usize = 5;
+/// Unexpected ends within this window make the resubscription back off
+/// further.
 const FLAP_WINDOW: Duration = Duration::from_secs(60);
 
 /// Serves `first`, a subscription of `served`, until `stop` turns true (then
@@ -114,21 +112,13 @@ pub(crate) async fn serve(
                         tracing::error!(
                             subject = %served.to.subject,
                             handler = served.spec.name(),
+                            recent_ends = ends.len(),
                             "the subscription ended unexpectedly; subscribing again"
                         );
-                        if ends.len() > MAX_FLAPS {
-                            shared.health.set_fatal(&Error::new(
-                                ErrorKind::Transport,
-                                format!(
-                                    "the subscription to {} ended {} times within {FLAP_WINDOW:?}",
-                                    served.to.subject,
-                                    ends.len()
-                                ),
-                            ));
-                        } else {
-                            let backoff = Duration::from_millis(100 << ends.len().min(5));
-                            resubscribe_at = Some(tokio::time::Instant::now() + backoff);
-                        }
+                        // Back off when it keeps ending: 100 ms, doubling
+                        // per end within the window, up to 3.2 s.
+                        let backoff = Duration::from_millis(100 << (ends.len() - 1).min(5));
+                        resubscribe_at = Some(tokio::time::Instant::now() + backoff);
                     }
                 }
             },
@@ -140,6 +130,9 @@ pub(crate) async fn serve(
                         tracing::info!(subject = %served.to.subject, "subscribed again");
                         sub = Some(s);
                     }
+                    // Subscribing fails only when no client can be made
+                    // (the transport replaces a dead one): the replica
+                    // cannot serve; stop, so that it is restarted.
                     Err(e) => shared.health.set_fatal(&Error::new(
                         ErrorKind::Transport,
                         format!("cannot subscribe to {} again: {}", served.to.subject, e.message()),

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_nats::client::PublishErrorKind;
@@ -56,7 +56,13 @@ pub(crate) struct NatsTransport {
 }
 
 struct Inner {
-    client: async_nats::Client,
+    /// The async-nats client in use; replaced if its connection task dies
+    /// (see [`NatsTransport::revive`]).
+    client: RwLock<Arc<async_nats::Client>>,
+    how: NatsConnect,
+    events: EventSink,
+    /// Held while a replacement client is made, so that it is made once.
+    reviving: tokio::sync::Mutex<()>,
     inbox: Arc<Inbox>,
     /// Whether the inbox subscription is in place.
     inbox_live: Arc<AtomicBool>,
@@ -187,38 +193,48 @@ pub(crate) fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>> {
     Ok(addrs)
 }
 
+/// Makes an async-nats client: connects in the background, retries
+/// forever, and queues subscriptions until the first connection succeeds.
+async fn open(how: &NatsConnect, events: &EventSink) -> Result<async_nats::Client> {
+    let addrs = server_addrs(&how.url)?;
+    let events = events.clone();
+    async_nats::ConnectOptions::new()
+        .name(&how.name)
+        .retry_on_initial_connect()
+        .subscription_capacity(CLIENT_BUFFER)
+        .reconnect_delay_callback(reconnect_delay)
+        .event_callback(move |event| {
+            let events = events.clone();
+            async move { events.on(event) }
+        })
+        .connect(addrs)
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("cannot connect to {}: {e}", crate::config::redact_url(&how.url)),
+            )
+        })
+}
+
 impl NatsTransport {
     /// Connects in the background: returns at once, retries forever, and
     /// queues subscriptions until the first connection succeeds.
     pub(crate) async fn connect(how: &NatsConnect) -> Result<NatsTransport> {
-        let addrs = server_addrs(&how.url)?;
         let slow = Arc::new(AtomicU64::new(0));
         let (server_errors, _) = broadcast::channel(64);
         let events = EventSink {
             slow: Arc::clone(&slow),
             server_errors: server_errors.clone(),
         };
-        let client = async_nats::ConnectOptions::new()
-            .name(&how.name)
-            .retry_on_initial_connect()
-            .subscription_capacity(CLIENT_BUFFER)
-            .reconnect_delay_callback(reconnect_delay)
-            .event_callback(move |event| {
-                let events = events.clone();
-                async move { events.on(event) }
-            })
-            .connect(addrs)
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("cannot connect to {}: {e}", crate::config::redact_url(&how.url)),
-                )
-            })?;
+        let client = open(how, &events).await?;
         let prefix = format!("{}.", client.new_inbox());
         Ok(NatsTransport {
             inner: Arc::new(Inner {
-                client,
+                client: RwLock::new(Arc::new(client)),
+                how: how.clone(),
+                events,
+                reviving: tokio::sync::Mutex::new(()),
                 inbox: Arc::new(Inbox {
                     prefix,
                     pending: Mutex::new(HashMap::new()),
@@ -232,8 +248,48 @@ impl NatsTransport {
         })
     }
 
-    fn client(&self) -> &async_nats::Client {
-        &self.inner.client
+    /// The async-nats client in use now.
+    fn client(&self) -> Arc<async_nats::Client> {
+        Arc::clone(&self.inner.client.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Replaces a client whose connection task died.
+    ///
+    /// async-nats 0.51 runs each connection in one task and asserts on some
+    /// input from the server: a header value with a bare carriage return,
+    /// which any client may publish to our subjects, panics that task
+    /// (`HeaderValue::from` in its HMSG parser). Every subscription of the
+    /// client then ends and nothing can be sent on it again. Rather than
+    /// leave the replica deaf, or stop it (so that one hostile frame takes
+    /// a replica down), a new client is made; the serve loops resubscribe
+    /// on it. Called with the client seen to be dead, so that several
+    /// callers noticing at once replace it once.
+    pub(crate) async fn revive(&self, dead: &Arc<async_nats::Client>) -> Result<()> {
+        let _one_at_a_time = self.inner.reviving.lock().await;
+        if !Arc::ptr_eq(dead, &self.client()) {
+            return Ok(());
+        }
+        tracing::error!(
+            "the NATS client's connection task died (async-nats panics on some malformed frames); \
+             connecting again"
+        );
+        let fresh = Arc::new(open(&self.inner.how, &self.inner.events).await?);
+        *self.inner.client.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    /// The error of a failed publish; a client that can no longer send at
+    /// all (its connection task died) is replaced for the next attempt.
+    async fn failed(
+        &self,
+        client: &Arc<async_nats::Client>,
+        subject: &str,
+        e: async_nats::PublishError,
+    ) -> Error {
+        if e.kind() == PublishErrorKind::Send {
+            let _ = self.revive(client).await;
+        }
+        publish_error(subject, e)
     }
 
     /// Slow-consumer events reported by async-nats so far.
@@ -277,15 +333,14 @@ impl NatsTransport {
         if slot.as_ref().is_some_and(|d| !d.is_finished()) {
             return Ok(());
         }
-        let subject = format!("{}>", self.inner.inbox.prefix);
-        let sub = self
-            .client()
-            .subscribe(subject)
-            .await
-            .map_err(|e| transport_error("cannot subscribe the reply inbox".into(), e))?;
+        let to = SubscribeTo {
+            subject: format!("{}>", self.inner.inbox.prefix),
+            queue_group: None,
+        };
+        let sub = self.subscribe(&to).await?.sub;
         self.inner.inbox_live.store(true, Ordering::Release);
         *slot = Some(tokio::spawn(dispatch_replies(
-            self.client().clone(),
+            Arc::downgrade(&self.inner),
             Arc::clone(&self.inner.inbox),
             sub,
             Arc::clone(&self.inner.inbox_live),
@@ -314,20 +369,19 @@ impl NatsTransport {
         let left = timeout.saturating_sub(start.elapsed());
         // Without headers the message goes as a plain PUB, cheaper to write
         // and to parse.
+        let client = self.client();
         let send = async {
             if headers.is_empty() {
-                self.client()
-                    .publish_with_reply(subject.clone(), reply, payload)
-                    .await
+                client.publish_with_reply(subject.clone(), reply, payload).await
             } else {
-                self.client()
+                client
                     .publish_with_reply_and_headers(subject.clone(), reply, headers, payload)
                     .await
             }
         };
         match tokio::time::timeout(left, send).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(publish_error(subject, e)),
+            Ok(Err(e)) => return Err(self.failed(&client, subject, e).await),
             Err(_) => return Err(not_connected(subject, timeout)),
         }
         let left = timeout.saturating_sub(start.elapsed());
@@ -368,11 +422,12 @@ impl NatsTransport {
     ) -> Result<()> {
         let start = Instant::now();
         self.wait_connected(subject, timeout).await?;
+        let client = self.client();
         let send = async {
             if headers.is_empty() {
-                self.client().publish(subject.clone(), payload).await
+                client.publish(subject.clone(), payload).await
             } else {
-                self.client()
+                client
                     .publish_with_headers(subject.clone(), headers, payload)
                     .await
             }
@@ -381,21 +436,25 @@ impl NatsTransport {
         // not queued (the queue's send is cancel-safe): an error means "not
         // sent".
         match tokio::time::timeout(timeout.saturating_sub(start.elapsed()), send).await {
-            Ok(r) => r.map_err(|e| publish_error(subject, e)),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.failed(&client, subject, e).await),
             Err(_) => Err(not_connected(subject, timeout)),
         }
     }
 
     pub(crate) async fn subscribe(&self, to: &SubscribeTo) -> Result<NatsSubscription> {
-        let sub = match &to.queue_group {
-            Some(group) => {
-                self.client()
-                    .queue_subscribe(to.subject.clone(), group.clone())
+        let client = self.client();
+        let sub = match subscribe_on(&client, to).await {
+            Ok(sub) => sub,
+            // Subscribing only fails when the client's connection task is
+            // gone: replace the client and try once more.
+            Err(_) => {
+                self.revive(&client).await?;
+                subscribe_on(&self.client(), to)
                     .await
+                    .map_err(|e| transport_error(format!("subscribe to {} failed", to.subject), e))?
             }
-            None => self.client().subscribe(to.subject.clone()).await,
-        }
-        .map_err(|e| transport_error(format!("subscribe to {} failed", to.subject), e))?;
+        };
         Ok(NatsSubscription {
             sub,
             subject: to.subject.clone(),
@@ -439,10 +498,20 @@ impl NatsTransport {
     }
 }
 
+async fn subscribe_on(
+    client: &async_nats::Client,
+    to: &SubscribeTo,
+) -> std::result::Result<async_nats::Subscriber, async_nats::SubscribeError> {
+    match &to.queue_group {
+        Some(group) => client.queue_subscribe(to.subject.clone(), group.clone()).await,
+        None => client.subscribe(to.subject.clone()).await,
+    }
+}
+
 /// Reads the inbox subscription and hands each reply to its request; if
 /// the subscription ends while the client lives, subscribes it again.
 async fn dispatch_replies(
-    client: async_nats::Client,
+    transport: std::sync::Weak<Inner>,
     inbox: Arc<Inbox>,
     first: async_nats::Subscriber,
     live: Arc<AtomicBool>,
@@ -464,13 +533,16 @@ async fn dispatch_replies(
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        match client.subscribe(subject.clone()).await {
-            Ok(s) => {
-                live.store(true, Ordering::Release);
-                sub = Some(s);
-            }
-            // The client is closed: nothing will be sent again.
-            Err(_) => return,
+        // The transport is gone: nothing will be sent again.
+        let Some(inner) = transport.upgrade() else { return };
+        let t = NatsTransport { inner };
+        let to = SubscribeTo {
+            subject: subject.clone(),
+            queue_group: None,
+        };
+        if let Ok(s) = t.subscribe(&to).await {
+            live.store(true, Ordering::Release);
+            sub = Some(s.sub);
         }
     }
 }

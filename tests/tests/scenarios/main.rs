@@ -6,9 +6,11 @@
 mod back_pressure;
 mod errors;
 mod fan_out;
+mod handover;
 mod lifecycle;
 mod load_balancing;
 mod parallel;
+mod parity;
 mod registry;
 mod request_reply;
 mod shutdown;

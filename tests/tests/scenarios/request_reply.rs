@@ -53,6 +53,21 @@ async fn echo(ctx: &Context, cmd: Echo) -> Result<Echoed> {
     })
 }
 
+/// Nobody handles it.
+#[command(subject = "tests.request_reply.nobody")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Nobody;
+
+/// Relays to [`Nobody`].
+#[command(subject = "tests.request_reply.relay_to_nobody")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct RelayToNobody;
+
+#[command]
+async fn relay_to_nobody(ctx: &Context, _: RelayToNobody) -> Result<()> {
+    ctx.send(Nobody).await
+}
+
 #[command]
 async fn relay(ctx: &Context, cmd: Relay) -> Result<Relayed> {
     let inner = ctx.send(Echo { text: cmd.text }).await?;
@@ -66,7 +81,8 @@ async fn relay(ctx: &Context, cmd: Relay) -> Result<Relayed> {
 catga_tests::on_both!(
     command_round_trip,
     no_handler_fails_fast,
-    nested_sends_inherit_the_deadline
+    nested_sends_inherit_the_deadline,
+    a_downstream_failure_is_the_handlers_own
 );
 
 /// A command goes to its handler and the reply comes back; ids propagate
@@ -146,5 +162,22 @@ async fn nested_sends_inherit_the_deadline(b: &Backend) {
         "no more than the caller's 1.5 s, not the 5 s default: {left} ms"
     );
     assert!(left > 500, "most of it is left: {left} ms");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A handler that passes on the failure of its nested send fails itself:
+/// its caller gets a handler failure (500, not retryable: the handler ran),
+/// not the downstream "no handler" (503, retryable).
+async fn a_downstream_failure_is_the_handlers_own(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let err = client.send(RelayToNobody).await.expect_err("the relay fails");
+    assert_eq!(err.kind(), ErrorKind::Handler, "{err}");
+    assert_eq!(err.code(), 500);
+    assert!(!err.is_retryable(), "{err}");
+    assert!(
+        err.message().contains("error id"),
+        "the cause is in the replica's log: {err}"
+    );
     rt.shutdown().await.expect("clean shutdown");
 }
