@@ -42,21 +42,44 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// A client over NATS at `url` (e.g. `nats://127.0.0.1:4222`; several
-    /// servers comma separated). Connects in the background and keeps
-    /// reconnecting; while the broker is unreachable, each operation waits
-    /// up to its time-out for the connection and then fails with a
-    /// retryable error, having sent nothing.
+    /// servers comma separated; `user:password@` or `token@` in the URL is
+    /// used to log in).
+    ///
+    /// Waits up to the default request time-out for the first connection:
+    /// a broker that refuses the credentials or the TLS handshake is an
+    /// error ([`ErrorKind::Unauthorized`], [`ErrorKind::Config`]); a broker
+    /// that is not reachable yet is not: the client keeps connecting in the
+    /// background, and while the broker is unreachable each operation waits
+    /// up to its time-out for it and then fails with a retryable error,
+    /// having sent nothing.
     pub async fn connect(url: &str) -> Result<Client> {
+        let config = crate::config::Config {
+            nats_url: Some(url.to_owned()),
+            ..crate::config::Config::default()
+        };
+        Client::connect_with(&config).await
+    }
+
+    /// [`connect`](Self::connect) with every NATS setting of `config`
+    /// (URL, credentials, TLS, request time-out): a gateway connects the
+    /// same way as a service.
+    pub async fn connect_with(config: &crate::config::Config) -> Result<Client> {
+        let url = config
+            .nats_url
+            .clone()
+            .ok_or_else(|| Error::new(ErrorKind::Config, "NATS_URL is not set"))?;
         let transport = NatsTransport::connect(&NatsConnect {
-            url: url.to_owned(),
+            url,
             name: "catga-client".to_owned(),
+            security: config.nats_security.clone(),
         })
         .await?;
+        transport.first_connection(config.request_timeout).await?;
         Ok(Client::from_transport(
             transport.into(),
             "client".to_owned(),
             wire::new_message_id(),
-            crate::config::DEFAULT_REQUEST_TIMEOUT,
+            config.request_timeout,
         ))
     }
 

@@ -39,6 +39,36 @@ pub const SETTINGS: &[Setting] = &[
         default: "unset: the embedded in-memory transport",
     },
     Setting {
+        name: "NATS_CREDS",
+        meaning: "path of a NATS `.creds` file (decentralized JWT auth)",
+        default: "unset",
+    },
+    Setting {
+        name: "NATS_NKEY",
+        meaning: "an nkey seed (`SU...`), or the path of a file holding one",
+        default: "unset",
+    },
+    Setting {
+        name: "NATS_TLS_CA",
+        meaning: "PEM file of the CA that signed the NATS server's certificate",
+        default: "unset: the system's roots",
+    },
+    Setting {
+        name: "NATS_TLS_CERT",
+        meaning: "PEM client certificate for mutual TLS (with `NATS_TLS_KEY`)",
+        default: "unset",
+    },
+    Setting {
+        name: "NATS_TLS_KEY",
+        meaning: "PEM private key of `NATS_TLS_CERT`",
+        default: "unset",
+    },
+    Setting {
+        name: "NATS_TLS_FIRST",
+        meaning: "`true`: TLS handshake before the server's INFO (servers with `handshake_first`)",
+        default: "false",
+    },
+    Setting {
         name: "CATGA_SERVICE",
         meaning: "service name",
         default: "the executable's name",
@@ -90,11 +120,53 @@ pub const SETTINGS: &[Setting] = &[
     },
 ];
 
+/// A secret setting: kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How to authenticate to NATS and secure the connection, beyond what the
+/// URL says (`user:password@` or `token@` in a URL is applied too).
+#[derive(Debug, Clone, Default)]
+pub struct NatsSecurity {
+    /// `NATS_CREDS`: a `.creds` file.
+    pub creds_file: Option<std::path::PathBuf>,
+    /// `NATS_NKEY`: an nkey seed.
+    pub nkey_seed: Option<Secret>,
+    /// `NATS_TLS_CA`: the CA of the server's certificate.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// `NATS_TLS_CERT`: client certificate for mutual TLS.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// `NATS_TLS_KEY`: the key of `tls_cert`.
+    pub tls_key: Option<std::path::PathBuf>,
+    /// `NATS_TLS_FIRST`: TLS before the server's INFO.
+    pub tls_first: bool,
+}
+
 /// Everything a runtime needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// NATS URL(s); `None` runs on the embedded in-memory transport.
     pub nats_url: Option<String>,
+    /// Credentials and TLS for NATS.
+    pub nats_security: NatsSecurity,
     /// Service name.
     pub service: String,
     /// Replica id, unique among the service's replicas.
@@ -121,6 +193,7 @@ impl Default for Config {
             .unwrap_or_else(|| "catga".to_owned());
         Config {
             nats_url: None,
+            nats_security: NatsSecurity::default(),
             // A whole NUID: its first half is shared by every id of one process.
             instance_id: format!("{service}-{}", crate::wire::new_message_id()),
             service,
@@ -151,6 +224,17 @@ impl Config {
             get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
         };
         c.nats_url = get("NATS_URL");
+        c.nats_security = NatsSecurity {
+            creds_file: get("NATS_CREDS").map(Into::into),
+            nkey_seed: get("NATS_NKEY").map(|v| read_seed("NATS_NKEY", &v)).transpose()?,
+            tls_ca: get("NATS_TLS_CA").map(Into::into),
+            tls_cert: get("NATS_TLS_CERT").map(Into::into),
+            tls_key: get("NATS_TLS_KEY").map(Into::into),
+            tls_first: get("NATS_TLS_FIRST")
+                .map(|v| boolean("NATS_TLS_FIRST", &v))
+                .transpose()?
+                .unwrap_or(false),
+        };
         if let Some(s) = get("CATGA_SERVICE") {
             c.service = s;
         }
@@ -199,6 +283,62 @@ pub fn redact_url(url: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// An nkey seed given directly or in a file. Errors name the variable, never
+/// the value.
+fn read_seed(name: &str, value: &str) -> Result<Secret> {
+    let seed = if value.starts_with('S') && !value.contains(['/', '.']) {
+        value.to_owned()
+    } else {
+        std::fs::read_to_string(value)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "{name} is neither an nkey seed nor a readable file ({})",
+                        e.kind()
+                    ),
+                )
+            })?
+    };
+    if nkeys::KeyPair::from_seed(&seed).is_err() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("{name} does not hold a valid nkey seed"),
+        ));
+    }
+    Ok(Secret(seed))
+}
+
+impl NatsSecurity {
+    /// Checks that the files exist and go together; errors name the
+    /// variable and the path, never a secret.
+    pub(crate) fn check(&self) -> Result<()> {
+        let readable = |name: &str, path: &Option<std::path::PathBuf>| -> Result<()> {
+            if let Some(p) = path {
+                std::fs::metadata(p).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("{name}: cannot read {}: {e}", p.display()),
+                    )
+                })?;
+            }
+            Ok(())
+        };
+        readable("NATS_CREDS", &self.creds_file)?;
+        readable("NATS_TLS_CA", &self.tls_ca)?;
+        readable("NATS_TLS_CERT", &self.tls_cert)?;
+        readable("NATS_TLS_KEY", &self.tls_key)?;
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "NATS_TLS_CERT and NATS_TLS_KEY go together: set both or neither",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn number(name: &str, v: &str) -> Result<u64> {
@@ -264,6 +404,7 @@ mod tests {
         assert!(err.message().contains("CATGA_CLIENT_ONLY"), "{err}");
         let memory = Config::from_lookup(|_| None).expect("defaults");
         assert!(memory.nats_url.is_none());
+        assert!(memory.nats_security.creds_file.is_none());
     }
 
     #[test]
@@ -272,5 +413,53 @@ mod tests {
         for s in SETTINGS {
             assert!(table.contains(&format!("`{}`", s.name)));
         }
+    }
+}
+
+#[cfg(test)]
+mod security_tests {
+    use super::*;
+
+    #[test]
+    fn nkey_seeds_are_checked_and_never_shown() {
+        let kp = nkeys::KeyPair::new_user();
+        let seed = kp.seed().expect("seed");
+        let c = Config::from_lookup(|n| (n == "NATS_NKEY").then(|| seed.clone())).expect("a seed");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(&seed), "the seed must not be printed: {shown}");
+        assert_eq!(
+            c.nats_security.nkey_seed.as_ref().map(Secret::expose),
+            Some(seed.as_str())
+        );
+
+        let bad = "SUAAAAAAAAAAAAAAAAAAAAAA";
+        let err = Config::from_lookup(|n| (n == "NATS_NKEY").then(|| bad.to_owned())).expect_err("bad seed");
+        assert!(
+            err.message().contains("NATS_NKEY") && !err.message().contains(bad),
+            "{err}"
+        );
+        let err = Config::from_lookup(|n| (n == "NATS_NKEY").then(|| "/nonexistent/seed.nk".to_owned()))
+            .expect_err("missing file");
+        assert!(err.message().contains("NATS_NKEY"), "{err}");
+    }
+
+    #[test]
+    fn files_must_exist_and_certificates_come_with_keys() {
+        let missing = NatsSecurity {
+            creds_file: Some("/nonexistent/app.creds".into()),
+            ..NatsSecurity::default()
+        };
+        let err = missing.check().expect_err("missing creds");
+        assert!(err.message().starts_with("NATS_CREDS"), "{err}");
+        let half = NatsSecurity {
+            tls_cert: Some(std::env::temp_dir()),
+            ..NatsSecurity::default()
+        };
+        assert!(
+            half.check()
+                .expect_err("cert without key")
+                .message()
+                .contains("NATS_TLS_KEY")
+        );
     }
 }

@@ -43,7 +43,7 @@ mod wire;
 
 pub use catga_macros::{command, event};
 pub use client::{Client, Context};
-pub use config::{Config, SETTINGS, Setting, redact_url};
+pub use config::{Config, NatsSecurity, SETTINGS, Secret, Setting, redact_url};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{Command, Event, Message, MessageKind};
 pub use registry::{CommandHandler, EventHandler, HandlerKind, HandlerSpec, handlers};

@@ -39,17 +39,6 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if ready() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("{what} did not become ready within {timeout:?}");
-}
-
 /// A server process on a fixed port and directory, restartable.
 struct Process {
     binary: PathBuf,
@@ -88,10 +77,18 @@ impl Process {
         self.child = Some(child);
         let mut ready = ready;
         let port = self.port;
-        wait_until(
-            &self.binary.display().to_string(),
-            Duration::from_secs(10),
-            || ready(port),
+        let log = self.dir.path().join("server.log");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if ready(port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "{} did not become ready within 10 s; its log:\n{}",
+            self.binary.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
         );
     }
 
@@ -197,13 +194,32 @@ impl NatsServer {
             "-sd".into(),
             self.process.dir.path().join("js").into(),
         ];
+        let mut ready: fn(u16) -> bool = nats_answers;
         if let Some(config) = &self.config {
             let path = self.process.dir.path().join("server.conf");
             std::fs::write(&path, config).expect("write nats-server config");
             args.push("-c".into());
             args.push(path.into());
+            // A TLS-first server greets only after a TLS handshake.
+            if config.contains("handshake_first") {
+                ready = accepts_tcp;
+            }
         }
-        self.process.spawn(&args, nats_answers);
+        self.process.spawn(&args, ready);
+    }
+}
+
+/// True when something accepts TCP connections on `port`.
+fn accepts_tcp(port: u16) -> bool {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// The directory the server keeps its files in (config, log, JetStream).
+impl NatsServer {
+    /// Where a test may put files the server reads (certificates).
+    pub fn dir(&self) -> &std::path::Path {
+        self.process.dir.path()
     }
 }
 

@@ -56,6 +56,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Sets how to log in to NATS and secure the connection (the
+    /// `NATS_CREDS`, `NATS_NKEY` and `NATS_TLS_*` settings).
+    pub fn nats_security(mut self, security: crate::config::NatsSecurity) -> Self {
+        self.config.nats_security = security;
+        self
+    }
+
     /// Serves on the given in-memory bus (share it between runtimes and
     /// clients of one process). Takes precedence over a NATS URL.
     pub fn memory(mut self, bus: MemoryBus) -> Self {
@@ -145,6 +152,7 @@ impl RuntimeBuilder {
                 let nats = NatsTransport::connect(&NatsConnect {
                     url: url.clone(),
                     name: format!("{}/{}", config.service, config.instance_id),
+                    security: config.nats_security.clone(),
                 })
                 .await?;
                 (nats.into(), "NATS")

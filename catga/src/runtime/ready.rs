@@ -124,7 +124,10 @@ impl Health {
             failing.push("draining: shutting down".to_owned());
         }
         if !transport.is_connected() {
-            failing.push("broker: not connected".to_owned());
+            match transport.refusal() {
+                Some(why) => failing.push(format!("broker: refused: {why}")),
+                None => failing.push("broker: not connected".to_owned()),
+            }
         }
         if s.live < s.wanted {
             failing.push(format!("subscriptions: {} of {} live", s.live, s.wanted));

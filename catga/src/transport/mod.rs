@@ -121,6 +121,15 @@ impl Transport {
         }
     }
 
+    /// Why the broker refuses this connection, if it does (credentials,
+    /// TLS).
+    pub(crate) fn refusal(&self) -> Option<String> {
+        match &self.0 {
+            Kind::Nats(t) => t.refusal().map(|r| r.message),
+            Kind::Memory(_) => None,
+        }
+    }
+
     /// Requests waiting for a reply (NATS: catga's pending-request map; in
     /// memory nothing is kept outside the waiting task).
     pub(crate) fn pending_requests(&self) -> usize {

@@ -34,13 +34,64 @@ pub(crate) struct NatsConnect {
     pub url: String,
     /// The connection name the server shows (`service/instance`).
     pub name: String,
+    /// Credentials and TLS beyond the URL.
+    pub security: crate::config::NatsSecurity,
 }
 
-/// Reconnect back-off: 50 ms doubling up to 2 s, so that a restarted broker
-/// is found again within about two seconds.
+/// Credentials written in a URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UrlAuth {
+    UserPassword(String, String),
+    Token(String),
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let pair = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| hex(bytes[i + 1]).zip(hex(bytes[i + 2])))
+            .flatten();
+        match pair {
+            Some((hi, lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Splits the credentials off one URL: the URL without them, and them.
+fn split_credentials(url: &str) -> (String, Option<UrlAuth>) {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => (&url[..i + 3], &url[i + 3..]),
+        None => ("", url),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let userinfo = &rest[..at];
+    let auth = match userinfo.split_once(':') {
+        Some((user, pass)) => UrlAuth::UserPassword(percent_decode(user), percent_decode(pass)),
+        None => UrlAuth::Token(percent_decode(userinfo)),
+    };
+    (format!("{scheme}{}", &rest[at + 1..]), Some(auth))
+}
+
+/// Reconnect back-off: 100 ms doubling up to 2 s, so that a restarted
+/// broker is found again within about two seconds, and a broker that
+/// refuses us is asked (and logged about) at most every two seconds.
 fn reconnect_delay(attempts: usize) -> Duration {
-    let exp = attempts.min(6) as u32;
-    Duration::from_millis(50u64 << exp).min(Duration::from_secs(2))
+    let exp = attempts.saturating_sub(1).min(5) as u32;
+    Duration::from_millis(100u64 << exp).min(Duration::from_secs(2))
 }
 
 /// Messages async-nats buffers per subscription before it drops. catga
@@ -172,40 +223,87 @@ fn not_connected(subject: &str, waited: Duration) -> Error {
     )
 }
 
-/// Parses the comma-separated server list of `NATS_URL`.
-pub(crate) fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>> {
-    let addrs = url
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(|u| {
-            u.parse::<async_nats::ServerAddr>().map_err(|e| {
-                Error::new(
-                    ErrorKind::Config,
-                    format!("invalid NATS url {}: {e}", crate::config::redact_url(u)),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+/// Parses the comma-separated server list of `NATS_URL`, and the
+/// credentials written in it.
+///
+/// async-nats 0.51 parses `user:password@` and `token@` in a URL but never
+/// sends them (its CONNECT only uses the options' auth), so a URL that
+/// works with other clients is refused. catga takes them out of the URLs
+/// and sets them as options; all URLs must agree, since a connection has
+/// one set of credentials.
+fn server_addrs(url: &str) -> Result<(Vec<async_nats::ServerAddr>, Option<UrlAuth>)> {
+    let mut auth: Option<UrlAuth> = None;
+    let mut addrs = Vec::new();
+    for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (bare, creds) = split_credentials(one);
+        if let Some(c) = creds {
+            match &auth {
+                Some(seen) if *seen != c => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        "the URLs in NATS_URL carry different credentials; a connection has one set: \
+                         give them all the same, or only the first",
+                    ));
+                }
+                _ => auth = Some(c),
+            }
+        }
+        addrs.push(bare.parse::<async_nats::ServerAddr>().map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("invalid NATS url {}: {e}", crate::config::redact_url(one)),
+            )
+        })?);
+    }
     if addrs.is_empty() {
         return Err(Error::new(ErrorKind::Config, "NATS_URL names no server"));
     }
-    Ok(addrs)
+    Ok((addrs, auth))
 }
 
 /// Makes an async-nats client: connects in the background, retries
 /// forever, and queues subscriptions until the first connection succeeds.
 async fn open(how: &NatsConnect, events: &EventSink) -> Result<async_nats::Client> {
-    let addrs = server_addrs(&how.url)?;
+    let (addrs, url_auth) = server_addrs(&how.url)?;
+    let sec = &how.security;
+    sec.check()?;
     let events = events.clone();
-    async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(path) = &sec.creds_file {
+        options = options.credentials_file(path).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("NATS_CREDS: cannot use {}: {e}", path.display()),
+            )
+        })?;
+    }
+    if let Some(seed) = &sec.nkey_seed {
+        options = options.nkey(seed.expose().to_owned());
+    }
+    match url_auth {
+        Some(UrlAuth::UserPassword(user, pass)) => options = options.user_and_password(user, pass),
+        Some(UrlAuth::Token(token)) => options = options.token(token),
+        None => {}
+    }
+    if let Some(ca) = &sec.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&sec.tls_cert, &sec.tls_key) {
+        options = options
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    if sec.tls_first {
+        options = options.tls_first();
+    }
+    options
         .name(&how.name)
         .retry_on_initial_connect()
         .subscription_capacity(CLIENT_BUFFER)
         .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |event| {
             let events = events.clone();
-            async move { events.on(event) }
+            async move { events.on(event).await }
         })
         .connect(addrs)
         .await
@@ -223,10 +321,7 @@ impl NatsTransport {
     pub(crate) async fn connect(how: &NatsConnect) -> Result<NatsTransport> {
         let slow = Arc::new(AtomicU64::new(0));
         let (server_errors, _) = broadcast::channel(64);
-        let events = EventSink {
-            slow: Arc::clone(&slow),
-            server_errors: server_errors.clone(),
-        };
+        let events = EventSink::new(Arc::clone(&slow), server_errors.clone(), how)?;
         let client = open(how, &events).await?;
         let prefix = format!("{}.", client.new_inbox());
         Ok(NatsTransport {
@@ -295,6 +390,35 @@ impl NatsTransport {
     /// Slow-consumer events reported by async-nats so far.
     pub(crate) fn slow_consumer_events(&self) -> u64 {
         self.inner.slow_consumer_events.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `timeout` for the first connection. Fails at once with
+    /// the reason when the broker refuses us (credentials, TLS); returns
+    /// `Ok(false)` if the broker is just not reachable yet.
+    pub(crate) async fn first_connection(&self, timeout: Duration) -> Result<bool> {
+        let mut refused = self.inner.events.refused.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.is_connected() {
+                return Ok(true);
+            }
+            if let Some(r) = refused.borrow_and_update().clone() {
+                return Err(Error::new(r.kind, r.message));
+            }
+            let wait = tokio::time::sleep(Duration::from_millis(20));
+            tokio::select! {
+                () = wait => {}
+                _ = refused.changed() => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Why the broker refuses us right now, if it does.
+    pub(crate) fn refusal(&self) -> Option<Refusal> {
+        self.inner.events.refused.borrow().clone()
     }
 
     pub(crate) fn server_errors(&self) -> broadcast::Receiver<String> {
@@ -547,17 +671,100 @@ async fn dispatch_replies(
     }
 }
 
-/// Turns async-nats events into logs, a slow-consumer count and a stream of
-/// server errors the runtime checks (a refused subscription shows up only
-/// here).
+/// Turns async-nats events into logs, a slow-consumer count, the last
+/// reason the connection was refused, and a stream of server errors the
+/// runtime checks (a refused subscription shows up only here).
 #[derive(Clone)]
 struct EventSink {
     slow: Arc<AtomicU64>,
     server_errors: broadcast::Sender<String>,
+    refused: Arc<tokio::sync::watch::Sender<Option<Refusal>>>,
+    failed_attempts: Arc<AtomicU64>,
+    /// Where the servers listen, and whether TLS is asked for: to tell a
+    /// failed TLS handshake from a server that is down (see
+    /// [`EventSink::attempt_failed`]).
+    servers: Arc<Vec<(String, u16)>>,
+    tls: bool,
+}
+
+/// Why the broker refused a connection: no retry will help until the
+/// configuration changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub kind: ErrorKind,
+    pub message: String,
 }
 
 impl EventSink {
-    fn on(&self, event: async_nats::Event) {
+    fn new(
+        slow: Arc<AtomicU64>,
+        server_errors: broadcast::Sender<String>,
+        how: &NatsConnect,
+    ) -> Result<EventSink> {
+        let (addrs, _) = server_addrs(&how.url)?;
+        let sec = &how.security;
+        Ok(EventSink {
+            slow,
+            server_errors,
+            refused: Arc::new(tokio::sync::watch::Sender::new(None)),
+            failed_attempts: Arc::new(AtomicU64::new(0)),
+            tls: sec.tls_ca.is_some()
+                || sec.tls_cert.is_some()
+                || sec.tls_first
+                || addrs.iter().any(|a| a.tls_required()),
+            servers: Arc::new(addrs.iter().map(|a| (a.host().to_owned(), a.port())).collect()),
+        })
+    }
+
+    /// Whether any server accepts TCP connections.
+    async fn any_server_listens(&self) -> bool {
+        for (host, port) in self.servers.iter() {
+            let connect = tokio::net::TcpStream::connect((host.as_str(), *port));
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), connect).await {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// One line per failed attempt: what failed and which setting to check.
+    ///
+    /// async-nats 0.51 reports only the kind of a failed attempt, and a
+    /// failed TLS handshake as an "IO error", like a server that is down
+    /// (the detail is in its own debug log). With TLS asked for, an IO error
+    /// on a server that accepts TCP connections is taken for what it almost
+    /// always is: the handshake was refused (untrusted or expired
+    /// certificate, missing client certificate).
+    async fn attempt_failed(&self, what: &str) {
+        let attempt = self.failed_attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        let handshake = what == "IO error" && self.tls && self.any_server_listens().await;
+        let what = if handshake { "TLS error" } else { what };
+        let refusal = match what {
+            "authorization violation" | "failed signing nonce" => Some(Refusal {
+                kind: ErrorKind::Unauthorized,
+                message: "the NATS server refused the credentials: check the user and password or \
+                          token in NATS_URL, NATS_CREDS, or NATS_NKEY"
+                    .to_owned(),
+            }),
+            "TLS error" => Some(Refusal {
+                kind: ErrorKind::Config,
+                message: "the TLS handshake with the NATS server failed: check NATS_TLS_CA (the CA of \
+                          the server's certificate), that the certificate is valid for this host and \
+                          not expired, NATS_TLS_CERT and NATS_TLS_KEY (mutual TLS), and NATS_TLS_FIRST"
+                    .to_owned(),
+            }),
+            _ => None,
+        };
+        match &refusal {
+            Some(r) => tracing::error!(attempt, "{}", r.message),
+            None => tracing::warn!(attempt, error = %what, "cannot reach the NATS server; retrying"),
+        }
+        if refusal.is_some() {
+            self.refused.send_replace(refusal);
+        }
+    }
+
+    async fn on(&self, event: async_nats::Event) {
         match event {
             async_nats::Event::SlowConsumer(sid) => {
                 self.slow.fetch_add(1, Ordering::Relaxed);
@@ -566,12 +773,21 @@ impl EventSink {
                     "slow consumer: async-nats dropped messages of a full subscription"
                 );
             }
-            async_nats::Event::Connected => tracing::info!("connected to NATS"),
+            async_nats::Event::Connected => {
+                self.failed_attempts.store(0, Ordering::Relaxed);
+                self.refused.send_replace(None);
+                tracing::info!("connected to NATS");
+            }
             async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS, reconnecting"),
+            // Reported again, with a hint, as the failed attempt it ends.
+            async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {}
             async_nats::Event::ServerError(e) => {
                 let text = e.to_string();
                 tracing::error!(error = %text, "NATS server error");
                 let _ = self.server_errors.send(text);
+            }
+            async_nats::Event::ClientError(async_nats::ClientError::Other(what)) => {
+                self.attempt_failed(&what).await
             }
             async_nats::Event::ClientError(e) => tracing::warn!(error = %e, "NATS client error"),
             other => tracing::info!(event = %other, "NATS event"),
@@ -769,8 +985,11 @@ impl NatsSubscription {
         }
         if !self.transport.is_connected() {
             // The server already forgot the subscription (or will when it
-            // sees the connection gone); keep what is buffered.
-            self.unsubscribe_plainly().await;
+            // sees the connection gone), and nothing more can arrive: end
+            // the stream here, after what is buffered (waiting for the
+            // connection task to end it could take until the deadline).
+            self.drain = DrainState::Unconfirmed;
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.sub.unsubscribe()).await;
             return;
         }
         let slack = MIN_SLACK.max((self.rate.current() * 0.02).ceil() as u64);
@@ -807,17 +1026,38 @@ mod tests {
 
     #[test]
     fn reconnect_delay_is_bounded() {
-        assert_eq!(reconnect_delay(0), Duration::from_millis(50));
         assert_eq!(reconnect_delay(1), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(2), Duration::from_millis(200));
         assert_eq!(reconnect_delay(100), Duration::from_secs(2));
     }
 
     #[test]
     fn every_comma_separated_url_is_a_server() {
-        let addrs = server_addrs("nats://127.0.0.1:1, nats://127.0.0.1:2").expect("two urls");
+        let (addrs, auth) = server_addrs("nats://127.0.0.1:1, nats://127.0.0.1:2").expect("two urls");
         assert_eq!(addrs.len(), 2);
+        assert_eq!(auth, None);
         let err = server_addrs("nats://a:s3cret@127.0.0.1:x").expect_err("bad port");
         assert!(!err.message().contains("s3cret"), "{err}");
         assert!(server_addrs(" , ").is_err());
+    }
+
+    #[test]
+    fn credentials_come_out_of_the_urls() {
+        let (addrs, auth) =
+            server_addrs("nats://svc:p%40ss@127.0.0.1:1,tls://svc:p%40ss@127.0.0.1:2").expect("urls");
+        assert_eq!(auth, Some(UrlAuth::UserPassword("svc".into(), "p@ss".into())));
+        assert!(
+            addrs.iter().all(|a| !format!("{a:?}").contains("svc")),
+            "{addrs:?}"
+        );
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%é%41"), "%éA");
+        let (_, auth) = server_addrs("nats://s3cr3t-token@127.0.0.1:1").expect("token");
+        assert_eq!(auth, Some(UrlAuth::Token("s3cr3t-token".into())));
+        let err = server_addrs("nats://a:b@127.0.0.1:1,nats://c:d@127.0.0.1:2").expect_err("two sets");
+        assert!(
+            !err.message().contains(":b") && !err.message().contains(":d"),
+            "{err}"
+        );
     }
 }

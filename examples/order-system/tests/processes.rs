@@ -124,8 +124,82 @@ async fn lifecycle(client: &Client, n: u32) -> OrderId {
     panic!("order {id} never read back as shipped");
 }
 
+/// Sends `CreateOrder` from 16 tasks until told to stop; counts replies
+/// and failed attempts (each failed attempt is retried once if retryable).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(client: &Client) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..16)
+            .map(|t| {
+                let (client, stop) = (client.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (mut ok, mut failed) = (0u64, Vec::new());
+                    let mut n = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let cmd = CreateOrder {
+                            customer: format!("load-{t}-{n}"),
+                            lines: vec![Line {
+                                sku: "tea".into(),
+                                quantity: 1,
+                                unit_cents: 100,
+                            }],
+                        };
+                        match client.send(cmd.clone()).await {
+                            Ok(_) => ok += 1,
+                            Err(e) => {
+                                failed.push(e.to_string());
+                                if e.is_retryable() && client.send(cmd).await.is_ok() {
+                                    ok += 1;
+                                }
+                            }
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    async fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for t in self.tasks {
+            let (o, f) = t.await.expect("load task");
+            ok += o;
+            failed.extend(f);
+        }
+        (ok, failed)
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{sig}"), child.id().to_string()])
+        .status()
+        .expect("send signal");
+    assert!(status.success());
+}
+
+async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..300 {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the replica did not exit within 15 s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm() {
+async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm_under_load() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut replicas: Vec<Replica> = ["p1", "p2", "p3"]
@@ -135,7 +209,10 @@ async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm() {
     for r in &replicas {
         r.wait_ready().await;
     }
-    let client = Client::connect(&server.url()).await.expect("client");
+    let client = Client::connect(&server.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(3));
 
     for n in 0..30 {
         lifecycle(&client, n).await;
@@ -151,42 +228,45 @@ async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm() {
         "every replica took a share: {created:?}"
     );
 
-    // SIGKILL p1: the other two carry on.
+    // SIGKILL p1 while 16 senders keep going: requests in flight at p1
+    // fail (and are retried); the others carry on.
+    let load = Load::start(&client);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut p1 = replicas.remove(0);
-    if let Some(mut child) = p1.child.take() {
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reaped");
-    }
-    let before: Vec<usize> = replicas.iter().map(Replica::created).collect();
-    for n in 30..40 {
-        lifecycle(&client, n).await;
-    }
-    let after: Vec<usize> = replicas.iter().map(Replica::created).collect();
-    assert_eq!(
-        after.iter().sum::<usize>() - before.iter().sum::<usize>(),
-        10,
-        "the survivors created every new order exactly once"
+    let mut child = p1.child.take().expect("running");
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ok, failed) = load.stop().await;
+    eprintln!(
+        "SIGKILL of one of 3 replicas under load: {ok} orders created, {} attempts failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 100, "the load was real and went on");
+    assert!(
+        failed.len() <= 64,
+        "at most what was in flight at the killed replica failed"
     );
 
-    // SIGTERM p2: graceful drain and a clean exit.
+    // SIGTERM p2 while 16 senders keep going: it drains and hands over;
+    // no sender sees a failure.
+    let load = Load::start(&client);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut p2 = replicas.remove(0);
     let mut child = p2.child.take().expect("running");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("send SIGTERM");
-    assert!(status.success());
-    let mut exited = None;
-    for _ in 0..200 {
-        if let Some(s) = child.try_wait().expect("wait") {
-            exited = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let exited = exited.expect("p2 exits within 10 s of SIGTERM");
-    assert!(exited.success(), "clean exit: {exited:?}");
+    signal(&child, "TERM");
+    let exited = wait_exit(&mut child).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, failed) = load.stop().await;
+    eprintln!(
+        "SIGTERM of one of 2 replicas under load: {ok} orders created, {} attempts failed",
+        failed.len()
+    );
+    assert!(exited.success(), "clean exit: {exited:?}\n{}", p2.log());
     assert!(p2.log().contains("shutdown complete"), "{}", p2.log());
+    assert!(failed.is_empty(), "a drained replica loses nothing: {failed:?}");
+    assert!(ok > 100, "the load was real");
 
     // p3 alone still serves.
     lifecycle(&client, 40).await;

@@ -1,0 +1,516 @@
+//! Secured brokers: nats-server configured for user/password, token, nkey,
+//! TLS, mutual TLS, TLS-first and decentralized (JWT) auth, each with a
+//! runtime and a client that must get in, and wrong settings that must be
+//! refused with a clear error that never shows the secret. Every log line
+//! of the test is captured and searched for the secrets.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use catga::{Client, Config, ErrorKind, NatsSecurity, Result, Runtime, Secret, command};
+use catga_tests::NatsServer;
+use serde::{Deserialize, Serialize};
+
+/// Answers with a greeting.
+#[command(reply = String)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Hello {
+    /// Who to greet.
+    pub name: String,
+}
+
+#[command]
+async fn hello(h: Hello) -> Result<String> {
+    Ok(format!("hello {}", h.name))
+}
+
+/// Everything logged in this process.
+fn log() -> &'static Mutex<Vec<u8>> {
+    static LOG: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    let buffer = LOG.get_or_init(|| Mutex::new(Vec::new()));
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        struct Sink;
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                log()
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(|| Sink)
+            .try_init();
+    });
+    buffer
+}
+
+fn logged() -> String {
+    String::from_utf8_lossy(&log().lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
+/// Asserts that no log line and no error text shows `secret`.
+fn assert_hidden(secret: &str, errors: &[String]) {
+    assert!(!logged().contains(secret), "the secret appears in the log");
+    for e in errors {
+        assert!(!e.contains(secret), "the secret appears in an error: {e}");
+    }
+}
+
+fn builder(url: &str, security: NatsSecurity) -> catga::RuntimeBuilder {
+    Runtime::builder()
+        .nats_url(url)
+        .nats_security(security)
+        .instance_id("secured")
+        .handlers(|s| s.name() == "secured::hello")
+}
+
+/// A runtime that must get in and serve, and a client with the same
+/// settings that must reach it.
+async fn serves(url: &str, security: NatsSecurity) {
+    let _ = log();
+    let rt = builder(url, security.clone()).start().await.expect("starts");
+    tokio::time::timeout(Duration::from_secs(10), rt.ready())
+        .await
+        .unwrap_or_else(|_| panic!("not ready: {:?}", rt.readiness()))
+        .expect("ready");
+    let config = Config {
+        nats_url: Some(url.to_owned()),
+        nats_security: security,
+        ..Config::default()
+    };
+    let client = Client::connect_with(&config)
+        .await
+        .expect("the client gets in too");
+    let reply = client.send(Hello { name: "tls".into() }).await.expect("served");
+    assert_eq!(reply, "hello tls");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A runtime that must stay not ready, saying why, and a client that must
+/// be refused at once with `kind`. Returns the texts it saw.
+async fn refused(url: &str, security: NatsSecurity, kind: ErrorKind, why: &str) -> Vec<String> {
+    let _ = log();
+    let rt = builder(url, security.clone())
+        .start()
+        .await
+        .expect("start-up itself succeeds");
+    let started = Instant::now();
+    let mut readiness = rt.readiness();
+    while started.elapsed() < Duration::from_secs(3) {
+        readiness = rt.readiness();
+        if readiness.failing.iter().any(|f| f.contains(why)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!readiness.ready);
+    assert!(
+        readiness.failing.iter().any(|f| f.contains(why)),
+        "readiness says why: {readiness:?}\n{}",
+        logged()
+            .lines()
+            .filter(|l| l.contains("NATS") || l.contains("nats"))
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let config = Config {
+        nats_url: Some(url.to_owned()),
+        nats_security: security,
+        ..Config::default()
+    };
+    let started = Instant::now();
+    let err = Client::connect_with(&config).await.expect_err("refused");
+    assert_eq!(err.kind(), kind, "{err}");
+    assert!(err.message().contains(why), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "within its connect time-out"
+    );
+    let _ = rt.shutdown().await;
+    let mut texts = readiness.failing;
+    texts.push(err.to_string());
+    texts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_in_the_url() {
+    let password = format!("pw-{}", catga::new_message_id());
+    let server = NatsServer::start_with(&format!(
+        "authorization {{ user: svc, password: \"{password}\" }}"
+    ));
+    let port = server.port();
+    serves(
+        &format!("nats://svc:{password}@127.0.0.1:{port}"),
+        NatsSecurity::default(),
+    )
+    .await;
+    let wrong = format!("nope-{}", catga::new_message_id());
+    let texts = refused(
+        &format!("nats://svc:{wrong}@127.0.0.1:{port}"),
+        NatsSecurity::default(),
+        ErrorKind::Unauthorized,
+        "refused the credentials",
+    )
+    .await;
+    assert_hidden(&password, &texts);
+    assert_hidden(&wrong, &texts);
+    // One line per attempt, with back-off: not several a second.
+    let lines = logged().matches("refused the credentials").count();
+    assert!(lines >= 2, "each attempt is logged: {lines}");
+    assert!(
+        lines <= 20,
+        "with back-off, not a flood: {lines} lines in about 4 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_in_the_url() {
+    let token = format!("tok-{}", catga::new_message_id());
+    let server = NatsServer::start_with(&format!("authorization {{ token: \"{token}\" }}"));
+    let port = server.port();
+    serves(
+        &format!("nats://{token}@127.0.0.1:{port}"),
+        NatsSecurity::default(),
+    )
+    .await;
+    let texts = refused(
+        &format!("nats://not-{token}@127.0.0.1:{port}"),
+        NatsSecurity::default(),
+        ErrorKind::Unauthorized,
+        "refused the credentials",
+    )
+    .await;
+    assert_hidden(&token, &texts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_user() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let server = NatsServer::start_with(&format!(
+        "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}",
+        user.public_key()
+    ));
+    let url = server.url();
+    let security = NatsSecurity {
+        nkey_seed: Some(Secret::new(seed.clone())),
+        ..NatsSecurity::default()
+    };
+    serves(&url, security).await;
+    let other = nkeys::KeyPair::new_user().seed().expect("seed");
+    let texts = refused(
+        &url,
+        NatsSecurity {
+            nkey_seed: Some(Secret::new(other.clone())),
+            ..NatsSecurity::default()
+        },
+        ErrorKind::Unauthorized,
+        "refused the credentials",
+    )
+    .await;
+    assert_hidden(&seed, &texts);
+    assert_hidden(&other, &texts);
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new(server_expired: bool) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "catga test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let write = |name: &str, pem: String| {
+            std::fs::write(dir.path().join(name), pem).expect("write pem");
+        };
+        write("ca.pem", ca_cert.pem());
+
+        let server_key = KeyPair::generate().expect("key");
+        let mut server_params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).expect("params");
+        if server_expired {
+            server_params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            server_params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let server_cert = server_params
+            .signed_by(&server_key, &issuer)
+            .expect("server cert");
+        write("server.pem", server_cert.pem());
+        write("server-key.pem", server_key.serialize_pem());
+
+        let client_key = KeyPair::generate().expect("key");
+        let mut client_params = CertificateParams::new(vec!["client".to_owned()]).expect("params");
+        client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client_params
+            .signed_by(&client_key, &issuer)
+            .expect("client cert");
+        write("client.pem", client_cert.pem());
+        write("client-key.pem", client_key.serialize_pem());
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn server_block(&self, extra: &str) -> String {
+        let p = |n: &str| self.path(n).display().to_string();
+        format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\" {extra} }}",
+            p("server.pem"),
+            p("server-key.pem"),
+            p("ca.pem")
+        )
+    }
+}
+
+fn with_ca(pki: &Pki) -> NatsSecurity {
+    NatsSecurity {
+        tls_ca: Some(pki.path("ca.pem")),
+        ..NatsSecurity::default()
+    }
+}
+
+fn tls_url(server: &NatsServer) -> String {
+    format!("tls://127.0.0.1:{}", server.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_custom_ca() {
+    let pki = Pki::new(false);
+    let server = NatsServer::start_with(&pki.server_block(""));
+    serves(&tls_url(&server), with_ca(&pki)).await;
+    // Without the CA, the server's certificate is not trusted.
+    refused(
+        &tls_url(&server),
+        NatsSecurity::default(),
+        ErrorKind::Config,
+        "TLS handshake",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_server_certificate_is_refused() {
+    let pki = Pki::new(true);
+    let server = NatsServer::start_with(&pki.server_block(""));
+    refused(
+        &tls_url(&server),
+        with_ca(&pki),
+        ErrorKind::Config,
+        "TLS handshake",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls() {
+    let pki = Pki::new(false);
+    let server = NatsServer::start_with(&pki.server_block(", verify: true"));
+    let mtls = NatsSecurity {
+        tls_cert: Some(pki.path("client.pem")),
+        tls_key: Some(pki.path("client-key.pem")),
+        ..with_ca(&pki)
+    };
+    serves(&tls_url(&server), mtls).await;
+    // Without a client certificate the server refuses the handshake.
+    refused(
+        &tls_url(&server),
+        with_ca(&pki),
+        ErrorKind::Config,
+        "TLS handshake",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_before_the_server_greets() {
+    let pki = Pki::new(false);
+    let server = NatsServer::start_with(&pki.server_block(", handshake_first: true"));
+    let first = NatsSecurity {
+        tls_first: true,
+        ..with_ca(&pki)
+    };
+    serves(&tls_url(&server), first).await;
+}
+
+#[tokio::test]
+async fn missing_files_are_config_errors_that_name_the_variable() {
+    let err = Client::connect_with(&Config {
+        nats_url: Some("nats://127.0.0.1:1".into()),
+        nats_security: NatsSecurity {
+            creds_file: Some(Path::new("/nonexistent/app.creds").to_owned()),
+            ..NatsSecurity::default()
+        },
+        ..Config::default()
+    })
+    .await
+    .expect_err("missing creds file");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.message().contains("NATS_CREDS"), "{err}");
+}
+
+/// Decentralized auth, built here without `nsc`: an operator, an account
+/// and a user, each an nkey; JWTs signed with them; the server trusts the
+/// operator and preloads the account; the user's `.creds` file holds its
+/// JWT and seed.
+mod jwt {
+    fn base64url(data: &[u8]) -> String {
+        const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::with_capacity(data.len() * 4 / 3 + 3);
+        for chunk in data.chunks(3) {
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    /// A JWT with `claims` (the `nats` part), signed by `issuer` about
+    /// `subject`.
+    pub fn sign(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+        let header = base64url(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let claims = serde_json::json!({
+            "jti": catga::new_message_id(),
+            "iat": now,
+            "iss": issuer.public_key(),
+            "name": name,
+            "sub": subject,
+            "nats": nats,
+        });
+        let body = base64url(claims.to_string().as_bytes());
+        let signed = format!("{header}.{body}");
+        let sig = issuer.sign(signed.as_bytes()).expect("sign");
+        format!("{signed}.{}", base64url(&sig))
+    }
+
+    #[test]
+    fn base64url_without_padding() {
+        assert_eq!(base64url(b"f"), "Zg");
+        assert_eq!(base64url(b"fo"), "Zm8");
+        assert_eq!(base64url(b"foo"), "Zm9v");
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_with_decentralized_auth() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = jwt::sign(
+        &operator,
+        &operator.public_key(),
+        "catga-test-operator",
+        serde_json::json!({ "type": "operator", "version": 2 }),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+    });
+    let account_jwt = jwt::sign(
+        &operator,
+        &account.public_key(),
+        "catga-test-account",
+        serde_json::json!({ "limits": unlimited, "type": "account", "version": 2 }),
+    );
+    let user_jwt = jwt::sign(
+        &account,
+        &user.public_key(),
+        "catga-test-user",
+        serde_json::json!({
+            "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2
+        }),
+    );
+    let seed = user.seed().expect("seed");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let creds = dir.path().join("user.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        ),
+    )
+    .expect("write creds");
+    // The system account may not have JetStream (the test servers run
+    // with it): a second account, without JetStream limits.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt::sign(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({ "limits": { "subs": -1, "data": -1, "payload": -1, "imports": -1,
+            "exports": -1, "wildcards": true, "conn": -1, "leaf": -1 }, "type": "account", "version": 2 }),
+    );
+    let server = NatsServer::start_with(&format!(
+        "operator: \"{operator_jwt}\"\nsystem_account: \"{sys}\"\nresolver: MEMORY\n\
+         resolver_preload: {{ {acc}: \"{account_jwt}\", {sys}: \"{system_jwt}\" }}\n",
+        acc = account.public_key(),
+        sys = system.public_key()
+    ));
+    let with_creds = NatsSecurity {
+        creds_file: Some(creds.clone()),
+        ..NatsSecurity::default()
+    };
+    serves(&server.url(), with_creds).await;
+
+    // A user of another account the server does not know is refused.
+    let stranger = nkeys::KeyPair::new_account();
+    let other_user = nkeys::KeyPair::new_user();
+    let other_jwt = jwt::sign(
+        &stranger,
+        &other_user.public_key(),
+        "stranger",
+        serde_json::json!({ "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2 }),
+    );
+    let other_seed = other_user.seed().expect("seed");
+    let other_creds = dir.path().join("stranger.creds");
+    std::fs::write(
+        &other_creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{other_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{other_seed}\n------END USER NKEY SEED------\n"
+        ),
+    )
+    .expect("write creds");
+    let texts = refused(
+        &server.url(),
+        NatsSecurity {
+            creds_file: Some(other_creds),
+            ..NatsSecurity::default()
+        },
+        ErrorKind::Unauthorized,
+        "refused the credentials",
+    )
+    .await;
+    assert_hidden(&seed, &texts);
+    assert_hidden(&other_seed, &texts);
+}
