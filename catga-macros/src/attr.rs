@@ -48,6 +48,7 @@ struct Arg {
 enum Written {
     Str(LitStr),
     Int(LitInt),
+    Bool(syn::LitBool),
     Type(Box<Type>),
 }
 
@@ -56,6 +57,7 @@ impl Written {
         match self {
             Written::Str(v) => v.span(),
             Written::Int(v) => v.span(),
+            Written::Bool(v) => v.span(),
             Written::Type(v) => v.span(),
         }
     }
@@ -73,6 +75,8 @@ impl Parse for Arg {
             Written::Str(input.parse()?)
         } else if input.peek(LitInt) {
             Written::Int(input.parse()?)
+        } else if input.peek(syn::LitBool) {
+            Written::Bool(input.parse()?)
         } else {
             Written::Type(Box::new(input.parse()?))
         };
@@ -173,6 +177,31 @@ const KEYS: &[Key] = &[
         belongs: "on a handler (an `async fn`), not on a message type",
     },
     Key {
+        name: "idempotent",
+        roles: &[COMMAND_TYPE, EVENT_HANDLER],
+        takes: Takes::Flag,
+        belongs: "on a command type (`#[command(idempotent)]` on the struct: its senders attach a message id) \
+                  or on an event handler (`#[event(idempotent)]` on an async fn)",
+    },
+    Key {
+        name: "durable",
+        roles: &[EVENT_HANDLER],
+        takes: Takes::Str(crate::names::check_durable),
+        belongs: "on an event handler (`#[event(durable = \"billing\")]` on an async fn)",
+    },
+    Key {
+        name: "max_deliver",
+        roles: &[EVENT_HANDLER],
+        takes: Takes::Int { min: 1, max: 1000 },
+        belongs: "on a durable event handler (`#[event(durable = \"billing\", max_deliver = 5)]`)",
+    },
+    Key {
+        name: "retry",
+        roles: &[COMMAND_HANDLER, EVENT_HANDLER],
+        takes: Takes::Int { min: 0, max: 100 },
+        belongs: "on a handler (an `async fn`), not on a message type",
+    },
+    Key {
         name: "crate",
         roles: &[COMMAND_TYPE, EVENT_TYPE, COMMAND_HANDLER, EVENT_HANDLER],
         takes: Takes::Path,
@@ -193,6 +222,8 @@ pub(crate) enum Value {
 #[derive(Default)]
 pub(crate) struct Options {
     values: Vec<(&'static str, Value)>,
+    /// Each accepted key's token, to point at it.
+    keys: Vec<(&'static str, Ident)>,
 }
 
 impl Options {
@@ -206,6 +237,11 @@ impl Options {
             Some(Value::Str(s)) => Some(s),
             _ => None,
         }
+    }
+
+    /// The key as written, for errors about combinations.
+    pub(crate) fn written(&self, key: &str) -> Option<&Ident> {
+        self.keys.iter().find(|(k, _)| *k == key).map(|(_, ident)| ident)
     }
 
     pub(crate) fn int(&self, key: &str) -> Option<u64> {
@@ -222,7 +258,6 @@ impl Options {
         }
     }
 
-    #[allow(dead_code)] // the first flags (`idempotent`, `leader`) come with their features
     pub(crate) fn flag(&self, key: &str) -> bool {
         matches!(self.get(key), Some(Value::Flag))
     }
@@ -275,6 +310,7 @@ pub(crate) fn parse(tokens: TokenStream, role: Role, errors: &mut Errors) -> Opt
         }
         if let Some(v) = check(row, &key, value, errors) {
             opts.values.push((row.name, v));
+            opts.keys.push((row.name, key));
         }
     }
     opts

@@ -124,6 +124,24 @@ fn validate<'a>(attr: Attr, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
     })
 }
 
+/// Checks the keys that only make sense together.
+fn combinations(opts: &Options, errors: &mut Errors) {
+    let durable = opts.str("durable").is_some();
+    if let (Some(key), false) = (opts.written("max_deliver"), durable) {
+        errors.spanned(
+            key,
+            "`max_deliver` counts the deliveries of a durable consumer: add `durable = \"name\"`",
+        );
+    }
+    if let (Some(key), true) = (opts.written("queue_group"), durable) {
+        errors.spanned(
+            key,
+            "a durable handler shares its events by its durable name (replicas with the same name split \
+             them): remove `queue_group`",
+        );
+    }
+}
+
 /// Emits the function unchanged plus its registration.
 pub(crate) fn expand(attr: Attr, args: TokenStream, item: &TokenStream, f: &ItemFn) -> TokenStream {
     let mut errors = Errors::default();
@@ -132,6 +150,7 @@ pub(crate) fn expand(attr: Attr, args: TokenStream, item: &TokenStream, f: &Item
         target: Target::Handler,
     };
     let opts = attr::parse(args, role, &mut errors);
+    combinations(&opts, &mut errors);
     let sig = validate(attr, f, &mut errors);
     match sig {
         Some(sig) if errors.is_empty() => {
@@ -194,6 +213,13 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
     };
     let concurrency = opts.int("concurrency").unwrap_or(0) as usize;
     let parallel = opts.int("parallel").unwrap_or(0) as usize;
+    let durable = match opts.str("durable") {
+        Some(lit) => quote!(::core::option::Option::Some(#lit)),
+        None => quote!(::core::option::Option::None),
+    };
+    let max_deliver = opts.int("max_deliver").unwrap_or(0) as u32;
+    let retry = opts.int("retry").unwrap_or(0) as u32;
+    let idempotent = opts.flag("idempotent");
     let constructor = match attr {
         Attr::Command => quote!(command),
         Attr::Event => quote!(event),
@@ -208,6 +234,10 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
                 queue_group: #queue_group,
                 concurrency: #concurrency,
                 parallel: #parallel,
+                durable: #durable,
+                max_deliver: #max_deliver,
+                retry: #retry,
+                idempotent: #idempotent,
             },
         )
     };

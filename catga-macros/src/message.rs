@@ -89,10 +89,12 @@ fn impls(attr: Attr, opts: &Options, ident: &Ident) -> TokenStream {
                 None => quote!(()),
             };
             let span = opts.ty("reply").map_or(ident.span(), |t| t.span());
+            let idempotent = opts.flag("idempotent");
             quote_spanned! {span=>
                 #[automatically_derived]
                 impl #p::Command for #ident {
                     type Reply = #reply;
+                    const IDEMPOTENT: bool = #idempotent;
                 }
             }
         }

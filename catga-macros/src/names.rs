@@ -82,6 +82,21 @@ pub(crate) fn check_queue_group(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A durable consumer name: ASCII letters, digits, `_` and `-` (JetStream
+/// refuses `.`, wildcards and white space in consumer names).
+pub(crate) fn check_durable(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err("a durable name must be 1 to 64 characters long".to_owned());
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+    {
+        return Err("a durable name may only contain ASCII letters, digits, `_` and `-`".to_owned());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +118,14 @@ mod tests {
             "", "orders.*", "orders.>", "a..b", ".a", "a.", "a b", "$JS.x", "_INBOX.x", "a.b%",
         ] {
             assert!(check_subject(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn durable_rules() {
+        assert!(check_durable("billing-v2").is_ok());
+        for bad in ["", "a.b", "a b", "a*", &"x".repeat(65)] {
+            assert!(check_durable(bad).is_err(), "{bad:?}");
         }
     }
 

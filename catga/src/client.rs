@@ -9,7 +9,8 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::{Command, Event, MessageKind};
+use crate::message::{Command, Event};
+use crate::store::Work;
 use crate::transport::memory::MemoryBus;
 use crate::transport::nats::{NatsConnect, NatsTransport};
 use crate::transport::{Reply, Transport};
@@ -162,32 +163,114 @@ impl Client {
     /// Use [`send_with_id`](Self::send_with_id) to choose it, e.g. to retry
     /// a command under the same id.
     pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
-        self.send_until(cmd, Deadline::after(self.inner.request_timeout), Cause::Root)
-            .await
+        let deadline = Deadline::after(self.inner.request_timeout);
+        if C::IDEMPOTENT {
+            return self.send_idempotent(cmd, &wire::new_message_id(), deadline).await;
+        }
+        let headers = wire::message_headers(false, C::VERSION, Cause::Root);
+        self.send_until(cmd, deadline, headers).await
     }
 
     /// [`send`](Self::send) with an explicit reply time-out.
     pub async fn send_with_timeout<C: Command>(&self, cmd: C, timeout: Duration) -> Result<C::Reply> {
-        self.send_until(cmd, Deadline::after(timeout), Cause::Root).await
+        let deadline = Deadline::after(timeout);
+        if C::IDEMPOTENT {
+            return self.send_idempotent(cmd, &wire::new_message_id(), deadline).await;
+        }
+        let headers = wire::message_headers(false, C::VERSION, Cause::Root);
+        self.send_until(cmd, deadline, headers).await
     }
 
     /// [`send`](Self::send) under a message id chosen by the caller (sent as
     /// `Nats-Msg-Id`; the handler sees it as [`Context::message_id`]): 1 to
     /// 256 visible ASCII characters, else an [`ErrorKind::Invalid`] error.
+    /// For an idempotent command, sending again under the same id (after a
+    /// time-out, or from another process) gets the first answer.
     pub async fn send_with_id<C: Command>(&self, cmd: C, message_id: &str) -> Result<C::Reply> {
         wire::check_id(message_id)?;
-        self.send_until(
-            cmd,
-            Deadline::after(self.inner.request_timeout),
-            Cause::Id(message_id),
-        )
-        .await
+        let deadline = Deadline::after(self.inner.request_timeout);
+        if C::IDEMPOTENT {
+            return self.send_idempotent(cmd, message_id, deadline).await;
+        }
+        let headers = wire::message_headers(false, C::VERSION, Cause::Id(message_id));
+        self.send_until(cmd, deadline, headers).await
+    }
+
+    /// An idempotent command carries a message id, so it can be sent again
+    /// safely: a failure that says the command never ran or may be asked
+    /// again (no handler, unavailable, broker away) is retried under the
+    /// same id with back-off until the deadline. A time-out is not: no time
+    /// is left.
+    async fn send_idempotent<C: Command>(&self, cmd: C, id: &str, deadline: Deadline) -> Result<C::Reply> {
+        let headers = wire::message_headers(false, C::VERSION, Cause::Id(id));
+        self.send_idempotent_with(cmd, id, deadline, headers).await
+    }
+
+    pub(crate) async fn send_idempotent_with<C: Command>(
+        &self,
+        cmd: C,
+        id: &str,
+        deadline: Deadline,
+        headers: HeaderMap,
+    ) -> Result<C::Reply> {
+        let _ = id;
+        let payload = cmd.encode()?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let headers = headers.clone();
+            let result = self
+                .inner
+                .transport
+                .request(
+                    &Subject::from_static(C::SUBJECT),
+                    headers,
+                    payload.clone(),
+                    deadline,
+                )
+                .await
+                .and_then(|reply| decode_reply::<C::Reply>(C::SUBJECT, reply));
+            match result {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::NoHandler | ErrorKind::Unavailable | ErrorKind::Transport
+                    ) =>
+                {
+                    let pause = crate::resilience::backoff(Duration::from_millis(50), attempt);
+                    match deadline.remaining() {
+                        Some(left) if left > pause => tokio::time::sleep(pause).await,
+                        _ => return Err(e),
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Publishes an event to every subscriber (once per queue group).
     /// Returns within the request time-out; an error means it was not sent.
     pub async fn publish<E: Event>(&self, event: E) -> Result<()> {
-        self.publish_from(event, Cause::Root).await
+        let headers = wire::message_headers(true, E::VERSION, Cause::Root);
+        self.publish_with(event, headers, false).await
+    }
+
+    /// [`publish`](Self::publish) under a message id chosen by the caller:
+    /// publishing again under the same id is dropped by JetStream within
+    /// its duplicate window, and runs an idempotent handler once.
+    pub async fn publish_with_id<E: Event>(&self, event: E, message_id: &str) -> Result<()> {
+        wire::check_id(message_id)?;
+        let headers = wire::message_headers(true, E::VERSION, Cause::Id(message_id));
+        self.publish_with(event, headers, false).await
+    }
+
+    /// Publishes an event to the JetStream stream that keeps its subject
+    /// (the stream a durable handler of it creates) and waits until it is
+    /// stored: once this returns, durable handlers will get it. No stream
+    /// for the subject is an [`ErrorKind::NoHandler`] error.
+    pub async fn publish_durable<E: Event>(&self, event: E) -> Result<()> {
+        let headers = wire::message_headers(true, E::VERSION, Cause::Root);
+        self.publish_with(event, headers, true).await
     }
 
     /// Sends a raw payload to a command subject and returns the raw reply
@@ -229,10 +312,9 @@ impl Client {
         &self,
         cmd: C,
         deadline: Deadline,
-        cause: Cause<'_>,
+        headers: HeaderMap,
     ) -> Result<C::Reply> {
         let payload = cmd.encode()?;
-        let headers = wire::message_headers(C::KIND == MessageKind::Event, C::VERSION, cause);
         let reply = self
             .inner
             .transport
@@ -241,9 +323,20 @@ impl Client {
         decode_reply::<C::Reply>(C::SUBJECT, reply)
     }
 
-    pub(crate) async fn publish_from<E: Event>(&self, event: E, cause: Cause<'_>) -> Result<()> {
+    pub(crate) async fn publish_with<E: Event>(
+        &self,
+        event: E,
+        headers: HeaderMap,
+        durable: bool,
+    ) -> Result<()> {
         let payload = event.encode()?;
-        let headers = wire::message_headers(E::KIND == MessageKind::Event, E::VERSION, cause);
+        if durable {
+            return self
+                .inner
+                .transport
+                .publish_durable(E::SUBJECT, headers, payload, self.inner.request_timeout)
+                .await;
+        }
         self.inner
             .transport
             .publish(
@@ -269,13 +362,15 @@ fn decode_reply<R: Decode>(subject: &str, reply: Reply) -> Result<R> {
     })
 }
 
-/// What a handler sees: the incoming message's identity and a client whose
+/// What a handler sees: the incoming message's identity, a client whose
 /// sends and publishes carry its correlation id, name it as their cause,
-/// and fit in what is left of its sender's deadline.
+/// and fit in what is left of its sender's deadline, and the state store
+/// (see [`Context::load`] and [`Context::save`]).
 #[derive(Clone)]
 pub struct Context {
     client: Client,
     meta: Arc<MessageMeta>,
+    work: Arc<Work>,
 }
 
 impl std::fmt::Debug for Context {
@@ -283,13 +378,50 @@ impl std::fmt::Debug for Context {
         f.debug_struct("Context")
             .field("meta", &self.meta)
             .field("client", &self.client)
+            .field("store", &self.work.store.name())
+            .field("idempotent", &self.work.staged.is_some())
             .finish()
     }
 }
 
+/// The id of the `n`th message a handler sends while handling `parent`:
+/// the same on every run of the handler, so that a run repeated after a
+/// crash sends what its receivers (if idempotent) recognise.
+fn child_id(parent: &str, n: u64) -> String {
+    if parent.len() + 24 <= wire::MAX_ID_LEN {
+        return format!("{parent}.{n}");
+    }
+    // Too long to extend: a stable hash of the parent stands in for it.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in parent.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}.{n}")
+}
+
 impl Context {
-    pub(crate) fn new(client: Client, meta: Arc<MessageMeta>) -> Context {
-        Context { client, meta }
+    pub(crate) fn new(client: Client, meta: Arc<MessageMeta>, work: Arc<Work>) -> Context {
+        Context { client, meta, work }
+    }
+
+    pub(crate) fn work(&self) -> &Work {
+        &self.work
+    }
+
+    /// The headers of a message this handler sends: its correlation id,
+    /// this message as the cause, and an id of its own (derived from this
+    /// message's id in an idempotent handler, see [`child_id`]).
+    pub(crate) fn child_headers(&self, event: bool, version: u32) -> HeaderMap {
+        let mut h = wire::message_headers(event, version, Cause::Parent(&self.meta));
+        if self.work.staged.is_some() {
+            let n = self.work.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            h.insert(
+                wire::headers::MESSAGE_ID,
+                child_id(self.meta.message_id(), n).as_str(),
+            );
+        }
+        h
     }
 
     /// The deadline for a nested send: the default time-out, but no later
@@ -307,25 +439,55 @@ impl Context {
     /// passes it on with `?`, its own caller sees this handler's failure,
     /// with the downstream cause in the message (see [`Error`]).
     pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
-        let deadline = self.nested_deadline(self.client.inner.request_timeout);
-        self.client
-            .send_until(cmd, deadline, Cause::Parent(&self.meta))
+        self.send_with_timeout(cmd, self.client.inner.request_timeout)
             .await
-            .map_err(|e| e.downstream(C::SUBJECT))
     }
 
     /// [`send`](Self::send) with an explicit reply time-out (still no later
     /// than the deadline of the message being handled).
     pub async fn send_with_timeout<C: Command>(&self, cmd: C, timeout: Duration) -> Result<C::Reply> {
-        self.client
-            .send_until(cmd, self.nested_deadline(timeout), Cause::Parent(&self.meta))
-            .await
-            .map_err(|e| e.downstream(C::SUBJECT))
+        let deadline = self.nested_deadline(timeout);
+        let headers = self.child_headers(false, C::VERSION);
+        let result = if C::IDEMPOTENT {
+            let id = headers
+                .get(wire::headers::MESSAGE_ID)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_else(wire::new_message_id);
+            self.client
+                .send_idempotent_with(cmd, &id, deadline, headers)
+                .await
+        } else {
+            self.client.send_until(cmd, deadline, headers).await
+        };
+        result.map_err(|e| e.downstream(C::SUBJECT))
     }
 
-    /// Publishes an event caused by the message being handled.
+    /// Publishes an event caused by the message being handled. In an
+    /// idempotent handler it goes through the outbox, committed with the
+    /// handler's answer; on a subject with a durable handler in this
+    /// process, it waits for JetStream's acknowledgement.
     pub async fn publish<E: Event>(&self, event: E) -> Result<()> {
-        self.client.publish_from(event, Cause::Parent(&self.meta)).await
+        if self.work.staged.is_some() {
+            let entry = self.outbox_entry(&event)?;
+            if let Some(staged) = &self.work.staged {
+                staged
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .events
+                    .push(entry);
+            }
+            return Ok(());
+        }
+        let durable = self.work.durable_subjects.contains(E::SUBJECT);
+        let headers = self.child_headers(true, E::VERSION);
+        self.client.publish_with(event, headers, durable).await
+    }
+
+    /// Publishes an event to the stream that keeps its subject and waits
+    /// until it is stored (see [`Client::publish_durable`]).
+    pub async fn publish_durable<E: Event>(&self, event: E) -> Result<()> {
+        let headers = self.child_headers(true, E::VERSION);
+        self.client.publish_with(event, headers, true).await
     }
 
     /// Id of the message being handled.
@@ -379,14 +541,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn child_ids_are_stable_and_bounded() {
+        assert_eq!(child_id("m1", 0), "m1.0");
+        assert_eq!(child_id("m1", 0), child_id("m1", 0));
+        let long = "x".repeat(250);
+        let id = child_id(&long, 3);
+        assert!(id.len() <= wire::MAX_ID_LEN && id.ends_with(".3"), "{id}");
+        wire::check_id(&id).expect("a valid id");
+    }
+
+    #[test]
     fn nested_sends_fit_in_the_callers_deadline() {
         let bus = MemoryBus::new();
         let client = Client::memory(&bus);
         let soon = Deadline::after(Duration::from_millis(300));
         let meta = MessageMeta::new("s".into(), None, Some(soon), 1);
-        let ctx = Context::new(client.clone(), Arc::new(meta));
+        let work = || {
+            Arc::new(Work {
+                store: crate::store::MemoryStore::new().into(),
+                staged: None,
+                durable_subjects: Arc::default(),
+                sent: Default::default(),
+            })
+        };
+        let ctx = Context::new(client.clone(), Arc::new(meta), work());
         assert_eq!(ctx.nested_deadline(Duration::from_secs(5)), soon);
-        let free = Context::new(client, Arc::new(MessageMeta::new("s".into(), None, None, 1)));
+        let free = Context::new(
+            client,
+            Arc::new(MessageMeta::new("s".into(), None, None, 1)),
+            work(),
+        );
         assert!(free.nested_deadline(Duration::from_secs(5)) > soon);
     }
 }

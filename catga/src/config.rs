@@ -69,6 +69,26 @@ pub const SETTINGS: &[Setting] = &[
         default: "false",
     },
     Setting {
+        name: "REDIS_URL",
+        meaning: "Redis for state, outbox and inbox (`redis://`, `rediss://`; `user:password@` for AUTH)",
+        default: "unset: the in-memory store, one process",
+    },
+    Setting {
+        name: "REDIS_TLS_CA",
+        meaning: "PEM file of the CA that signed Redis' certificate (`rediss://`)",
+        default: "unset: the system's roots",
+    },
+    Setting {
+        name: "REDIS_TLS_CERT",
+        meaning: "PEM client certificate for Redis (with `REDIS_TLS_KEY`)",
+        default: "unset",
+    },
+    Setting {
+        name: "REDIS_TLS_KEY",
+        meaning: "PEM private key of `REDIS_TLS_CERT`",
+        default: "unset",
+    },
+    Setting {
         name: "CATGA_SERVICE",
         meaning: "service name",
         default: "the executable's name",
@@ -107,6 +127,66 @@ pub const SETTINGS: &[Setting] = &[
         name: "CATGA_SUBSCRIPTION_CAPACITY",
         meaning: "messages a subscription buffers beyond its in-flight limit, then drops and counts",
         default: "8192",
+    },
+    Setting {
+        name: "CATGA_INBOX_WINDOW_MS",
+        meaning: "how long an idempotent message's answer is kept for retries",
+        default: "86400000 (a day)",
+    },
+    Setting {
+        name: "CATGA_INBOX_LEASE_MS",
+        meaning: "how long a replica holds a message it is handling before a retry may take it",
+        default: "30000",
+    },
+    Setting {
+        name: "CATGA_MAX_DELIVER",
+        meaning: "default deliveries of a durable event before it is dead-lettered (`max_deliver = N` overrides)",
+        default: "5",
+    },
+    Setting {
+        name: "CATGA_ACK_WAIT_MS",
+        meaning: "how long JetStream waits for a durable handler before it redelivers",
+        default: "30000",
+    },
+    Setting {
+        name: "CATGA_JS_STORAGE",
+        meaning: "`file` or `memory`: where JetStream keeps the event streams catga creates",
+        default: "file",
+    },
+    Setting {
+        name: "CATGA_JS_REPLICAS",
+        meaning: "replicas of each stream (3 on a 3-node cluster)",
+        default: "1",
+    },
+    Setting {
+        name: "CATGA_JS_MAX_AGE_MS",
+        meaning: "how long a stream keeps events (dead letters: at least 30 days)",
+        default: "604800000 (7 days)",
+    },
+    Setting {
+        name: "CATGA_JS_DUPLICATE_WINDOW_MS",
+        meaning: "how long JetStream remembers message ids to drop duplicates",
+        default: "120000",
+    },
+    Setting {
+        name: "CATGA_OUTBOX_STALE_MS",
+        meaning: "how long an outbox entry a relay took may stay unsent before another relay takes it over",
+        default: "10000",
+    },
+    Setting {
+        name: "CATGA_RETRY_BASE_MS",
+        meaning: "first back-off of `retry = N` and of redeliveries, doubling with jitter",
+        default: "100",
+    },
+    Setting {
+        name: "CATGA_BREAKER_FAILURES",
+        meaning: "failures in a row that open a handler's circuit breaker (0: no breaker)",
+        default: "10",
+    },
+    Setting {
+        name: "CATGA_BREAKER_OPEN_MS",
+        meaning: "how long an open breaker refuses work before it lets one message try",
+        default: "5000",
     },
     Setting {
         name: "CATGA_CLIENT_ONLY",
@@ -183,6 +263,65 @@ pub struct Config {
     pub subscription_capacity: usize,
     /// Start with no handlers (a process that only sends).
     pub client_only: bool,
+    /// Redis URL; `None` keeps state in memory.
+    pub redis_url: Option<String>,
+    /// `REDIS_TLS_CA`, `REDIS_TLS_CERT`, `REDIS_TLS_KEY`.
+    pub redis_tls: RedisTls,
+    /// How long an idempotent message's answer is kept.
+    pub inbox_window: Duration,
+    /// How long a replica holds a message it handles before a retry may
+    /// take it.
+    pub inbox_lease: Duration,
+    /// Default deliveries of a durable event before it is dead-lettered.
+    pub max_deliver: u32,
+    /// How long JetStream waits for an ack before it redelivers.
+    pub ack_wait: Duration,
+    /// Streams catga creates for durable events.
+    pub streams: StreamSettings,
+    /// How long an outbox entry a relay took may stay unsent before another
+    /// relay takes it over.
+    pub outbox_stale: Duration,
+    /// First back-off of retries and redeliveries.
+    pub retry_base: Duration,
+    /// Failures in a row that open a breaker (0: none).
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses work.
+    pub breaker_open: Duration,
+}
+
+/// TLS files for Redis (`rediss://`).
+#[derive(Debug, Clone, Default)]
+pub struct RedisTls {
+    /// `REDIS_TLS_CA`.
+    pub ca: Option<std::path::PathBuf>,
+    /// `REDIS_TLS_CERT`.
+    pub cert: Option<std::path::PathBuf>,
+    /// `REDIS_TLS_KEY`.
+    pub key: Option<std::path::PathBuf>,
+}
+
+/// How catga creates the JetStream streams of durable events.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// On disk (`file`) or in memory.
+    pub memory_storage: bool,
+    /// Replicas of each stream.
+    pub replicas: usize,
+    /// How long events are kept.
+    pub max_age: Duration,
+    /// How long message ids are remembered to drop duplicates.
+    pub duplicate_window: Duration,
+}
+
+impl Default for StreamSettings {
+    fn default() -> StreamSettings {
+        StreamSettings {
+            memory_storage: false,
+            replicas: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
 }
 
 impl Default for Config {
@@ -203,6 +342,17 @@ impl Default for Config {
             parallel: DEFAULT_PARALLEL,
             subscription_capacity: DEFAULT_CAPACITY,
             client_only: false,
+            redis_url: None,
+            redis_tls: RedisTls::default(),
+            inbox_window: Duration::from_secs(24 * 3600),
+            inbox_lease: Duration::from_secs(30),
+            max_deliver: 5,
+            ack_wait: Duration::from_secs(30),
+            streams: StreamSettings::default(),
+            outbox_stale: Duration::from_secs(10),
+            retry_base: Duration::from_millis(100),
+            breaker_failures: 10,
+            breaker_open: Duration::from_secs(5),
         }
     }
 }
@@ -258,6 +408,53 @@ impl Config {
         }
         if let Some(v) = get("CATGA_CLIENT_ONLY") {
             c.client_only = boolean("CATGA_CLIENT_ONLY", &v)?;
+        }
+        c.redis_url = get("REDIS_URL");
+        c.redis_tls = RedisTls {
+            ca: get("REDIS_TLS_CA").map(Into::into),
+            cert: get("REDIS_TLS_CERT").map(Into::into),
+            key: get("REDIS_TLS_KEY").map(Into::into),
+        };
+        let ms = |name: &str, v: &str| number(name, v).map(Duration::from_millis);
+        if let Some(v) = get("CATGA_INBOX_WINDOW_MS") {
+            c.inbox_window = ms("CATGA_INBOX_WINDOW_MS", &v)?;
+        }
+        if let Some(v) = get("CATGA_INBOX_LEASE_MS") {
+            c.inbox_lease = ms("CATGA_INBOX_LEASE_MS", &v)?;
+        }
+        if let Some(v) = get("CATGA_MAX_DELIVER") {
+            c.max_deliver = positive("CATGA_MAX_DELIVER", &v)? as u32;
+        }
+        if let Some(v) = get("CATGA_ACK_WAIT_MS") {
+            c.ack_wait = ms("CATGA_ACK_WAIT_MS", &v)?;
+        }
+        if let Some(v) = get("CATGA_JS_STORAGE") {
+            c.streams.memory_storage = match v.to_ascii_lowercase().as_str() {
+                "file" => false,
+                "memory" => true,
+                _ => return Err(config_error("CATGA_JS_STORAGE", &v, "expected file or memory")),
+            };
+        }
+        if let Some(v) = get("CATGA_JS_REPLICAS") {
+            c.streams.replicas = positive("CATGA_JS_REPLICAS", &v)?;
+        }
+        if let Some(v) = get("CATGA_JS_MAX_AGE_MS") {
+            c.streams.max_age = ms("CATGA_JS_MAX_AGE_MS", &v)?;
+        }
+        if let Some(v) = get("CATGA_JS_DUPLICATE_WINDOW_MS") {
+            c.streams.duplicate_window = ms("CATGA_JS_DUPLICATE_WINDOW_MS", &v)?;
+        }
+        if let Some(v) = get("CATGA_OUTBOX_STALE_MS") {
+            c.outbox_stale = ms("CATGA_OUTBOX_STALE_MS", &v)?;
+        }
+        if let Some(v) = get("CATGA_RETRY_BASE_MS") {
+            c.retry_base = ms("CATGA_RETRY_BASE_MS", &v)?;
+        }
+        if let Some(v) = get("CATGA_BREAKER_FAILURES") {
+            c.breaker_failures = number("CATGA_BREAKER_FAILURES", &v)? as u32;
+        }
+        if let Some(v) = get("CATGA_BREAKER_OPEN_MS") {
+            c.breaker_open = ms("CATGA_BREAKER_OPEN_MS", &v)?;
         }
         Ok(c)
     }

@@ -157,6 +157,9 @@ pub struct Error {
     kind: ErrorKind,
     message: String,
     origin: Origin,
+    /// Written by catga itself for the caller (an open breaker, a full
+    /// subscription): safe to send as written, whatever the kind.
+    exposed: bool,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -176,8 +179,21 @@ impl Error {
             kind,
             message: message.into(),
             origin: Origin::Local,
+            exposed: false,
             source: None,
         }
+    }
+
+    /// The same error, marked as written by catga for the caller.
+    pub(crate) fn exposed(mut self) -> Error {
+        self.exposed = true;
+        self
+    }
+
+    /// Whether a caller may see the message as written: a 4xx error, or
+    /// one catga wrote for the caller.
+    pub(crate) fn is_public(&self) -> bool {
+        self.exposed || self.kind.is_public()
     }
 
     /// A handler failure (500) with the given message.
@@ -231,6 +247,7 @@ impl Error {
             origin: Origin::Remote {
                 subject: subject.to_owned(),
             },
+            exposed: false,
             source: None,
         }
     }

@@ -34,20 +34,27 @@
 
 mod client;
 mod config;
+mod dead_letters;
 mod error;
 mod message;
 mod registry;
+mod resilience;
 mod runtime;
+mod state;
+mod store;
 mod transport;
 mod wire;
 
 pub use catga_macros::{command, event};
 pub use client::{Client, Context};
-pub use config::{Config, NatsSecurity, SETTINGS, Secret, Setting, redact_url};
+pub use config::{Config, NatsSecurity, RedisTls, SETTINGS, Secret, Setting, StreamSettings, redact_url};
+pub use dead_letters::{DeadLetter, DeadLetters};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{Command, Event, Message, MessageKind};
 pub use registry::{CommandHandler, EventHandler, HandlerKind, HandlerSpec, handlers};
 pub use runtime::{Readiness, Runtime, RuntimeBuilder, run, start};
+pub use state::Save;
+pub use store::{State, Versioned};
 pub use transport::DEFAULT_MAX_PAYLOAD;
 pub use transport::memory::MemoryBus;
 pub use wire::deadline::Deadline;

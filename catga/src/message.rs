@@ -39,6 +39,9 @@ pub trait Message: Send + Sync + 'static {
 pub trait Command: Message + Encode + Decode {
     /// What the handler answers with.
     type Reply: Encode + Decode + Send + 'static;
+    /// `#[command(idempotent)]`: every send carries a message id, and the
+    /// handler runs once per id (a retry gets the first answer).
+    const IDEMPOTENT: bool = false;
 }
 
 /// An event: delivered to every subscriber, or once per queue group.

@@ -119,6 +119,14 @@ pub struct HandlerOptions {
     pub concurrency: usize,
     /// `parallel = N`: subscriptions (and tasks) serving this handler.
     pub parallel: usize,
+    /// `durable = "name"`: a JetStream durable consumer of that name.
+    pub durable: Option<&'static str>,
+    /// `max_deliver = N`: deliveries before a dead letter.
+    pub max_deliver: u32,
+    /// `retry = N`: in-process retries of retryable failures.
+    pub retry: u32,
+    /// `idempotent` on an event handler.
+    pub idempotent: bool,
 }
 
 impl HandlerOptions {
@@ -127,6 +135,10 @@ impl HandlerOptions {
         queue_group: None,
         concurrency: 0,
         parallel: 0,
+        durable: None,
+        max_deliver: 0,
+        retry: 0,
+        idempotent: false,
     };
 }
 
@@ -137,6 +149,7 @@ pub struct HandlerSpec {
     subject: &'static str,
     message_type: &'static str,
     version: u32,
+    idempotent: bool,
     options: HandlerOptions,
     call: CallFn,
 }
@@ -169,6 +182,7 @@ impl HandlerSpec {
             subject: <H::Command as Message>::SUBJECT,
             message_type: <H::Command as Message>::NAME,
             version: <H::Command as Message>::VERSION,
+            idempotent: <H::Command as Command>::IDEMPOTENT,
             options,
             call: call_command::<H>,
         }
@@ -187,6 +201,7 @@ impl HandlerSpec {
             subject: <H::Event as Message>::SUBJECT,
             message_type: <H::Event as Message>::NAME,
             version: <H::Event as Message>::VERSION,
+            idempotent: options.idempotent,
             options,
             call: call_event::<H>,
         }
@@ -241,6 +256,27 @@ impl HandlerSpec {
     /// `parallel = N` from the attribute, if set.
     pub fn parallel(&self) -> Option<usize> {
         (self.options.parallel > 0).then_some(self.options.parallel)
+    }
+
+    /// Whether it runs once per message id: an `idempotent` command type,
+    /// or `#[event(idempotent)]` on an event handler.
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    /// `durable = "name"`: the JetStream durable consumer it pulls from.
+    pub fn durable(&self) -> Option<&'static str> {
+        self.options.durable
+    }
+
+    /// `max_deliver = N`, if set.
+    pub fn max_deliver(&self) -> Option<u32> {
+        (self.options.max_deliver > 0).then_some(self.options.max_deliver)
+    }
+
+    /// `retry = N`: how often a retryable failure is retried in place.
+    pub fn retries(&self) -> u32 {
+        self.options.retry
     }
 
     /// Runs the handler on one payload: decode, call, encode.
@@ -341,6 +377,7 @@ mod tests {
             subject,
             message_type: "X",
             version: 1,
+            idempotent: false,
             options: HandlerOptions {
                 queue_group: group,
                 ..HandlerOptions::DEFAULT

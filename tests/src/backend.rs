@@ -5,20 +5,21 @@ use std::time::Duration;
 
 use catga::{Client, MemoryBus, Runtime, RuntimeBuilder};
 
-use crate::servers::NatsServer;
+use crate::servers::{NatsServer, RedisServer};
 
-/// Where the runtimes of a test talk to each other.
+/// Where the runtimes of a test talk to each other and keep their state.
 pub enum Backend {
-    /// A real nats-server, killed when the backend is dropped.
-    Nats(NatsServer),
-    /// The embedded bus.
+    /// A real nats-server (with JetStream) and a real redis-server, killed
+    /// when the backend is dropped.
+    Nats(NatsServer, RedisServer),
+    /// The embedded bus and its in-memory store.
     Memory(MemoryBus),
 }
 
 impl Backend {
-    /// A fresh nats-server.
+    /// A fresh nats-server and redis-server.
     pub fn nats() -> Backend {
-        Backend::Nats(NatsServer::start())
+        Backend::Nats(NatsServer::start(), RedisServer::start())
     }
 
     /// A fresh in-memory bus.
@@ -29,7 +30,7 @@ impl Backend {
     /// Which transport, for messages.
     pub fn name(&self) -> &'static str {
         match self {
-            Backend::Nats(_) => "nats",
+            Backend::Nats(..) => "nats",
             Backend::Memory(_) => "memory",
         }
     }
@@ -37,7 +38,15 @@ impl Backend {
     /// The nats-server, on the NATS backend.
     pub fn nats_server(&mut self) -> Option<&mut NatsServer> {
         match self {
-            Backend::Nats(s) => Some(s),
+            Backend::Nats(s, _) => Some(s),
+            Backend::Memory(_) => None,
+        }
+    }
+
+    /// The redis-server, on the NATS backend.
+    pub fn redis_server(&mut self) -> Option<&mut RedisServer> {
+        match self {
+            Backend::Nats(_, r) => Some(r),
             Backend::Memory(_) => None,
         }
     }
@@ -57,7 +66,7 @@ impl Backend {
     /// Points a builder at this backend.
     pub fn attach(&self, b: RuntimeBuilder) -> RuntimeBuilder {
         match self {
-            Backend::Nats(s) => b.nats_url(s.url()),
+            Backend::Nats(s, r) => b.nats_url(s.url()).redis_url(r.url()),
             Backend::Memory(bus) => b.memory(bus.clone()),
         }
     }
@@ -93,7 +102,7 @@ impl Backend {
     /// A client that hosts no handlers.
     pub async fn client(&self) -> Client {
         match self {
-            Backend::Nats(s) => {
+            Backend::Nats(s, _) => {
                 let c = Client::connect(&s.url()).await.expect("client connects");
                 // Wait for the first connection so that tests start clean.
                 for _ in 0..200 {

@@ -93,7 +93,7 @@ async fn start_up_while_nats_is_down_then_serves_when_it_comes_up() {
         .expect("ready once NATS is up")
         .expect("readiness");
     assert!(rt.is_ready());
-    let backend = Backend::Nats(server);
+    let backend = Backend::Nats(server, catga_tests::RedisServer::start());
     let client = backend.client().await;
     let r = send_until_ok(&client, Duration::from_secs(10))
         .await
@@ -111,7 +111,7 @@ async fn nats_restart_mid_run_and_the_runtime_recovers() {
         .await
         .expect("served before the crash");
 
-    let Backend::Nats(mut server) = backend else {
+    let Backend::Nats(mut server, _redis) = backend else {
         unreachable!("nats backend")
     };
     server.kill();
@@ -139,7 +139,7 @@ async fn nats_restart_mid_run_and_the_runtime_recovers() {
 async fn wire_format_is_plain_nats() {
     let backend = Backend::nats();
     let rt = backend.runtime("nats_faults::faults", "r1").await;
-    let Backend::Nats(server) = &backend else {
+    let Backend::Nats(server, _) = &backend else {
         unreachable!("nats backend")
     };
     let nats = async_nats::connect(server.url()).await.expect("raw client");
@@ -251,7 +251,7 @@ fn hpub(subject: &str, header_block: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_headers_never_leave_a_deaf_ready_replica() {
     let backend = Backend::nats();
-    let Backend::Nats(server) = &backend else {
+    let Backend::Nats(server, _) = &backend else {
         unreachable!("nats backend")
     };
     let url = server.url();
@@ -327,7 +327,7 @@ async fn every_comma_separated_url_is_tried() {
         .await
         .expect("ready through the second URL")
         .expect("readiness");
-    let backend = Backend::Nats(live);
+    let backend = Backend::Nats(live, catga_tests::RedisServer::start());
     let client = backend.client().await;
     let served = send_until_ok(&client, Duration::from_secs(5)).await;
     assert_eq!(
@@ -386,7 +386,7 @@ async fn a_request_that_timed_out_is_not_run_later() {
         .send(stale::Mark { run: fresh.clone() })
         .await
         .expect("served while all is well");
-    let Backend::Nats(server) = &backend else {
+    let Backend::Nats(server, _) = &backend else {
         unreachable!("nats backend")
     };
     server.pause();
@@ -502,7 +502,7 @@ async fn shutdown_with_the_broker_gone_is_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_requests_leave_nothing_behind() {
     let backend = Backend::nats();
-    let Backend::Nats(server) = &backend else {
+    let Backend::Nats(server, _) = &backend else {
         unreachable!("nats backend")
     };
     // Takes every request and never answers.
@@ -535,7 +535,7 @@ async fn unanswered_requests_leave_nothing_behind() {
 async fn micro_service_errors_map_to_kinds() {
     use async_nats::service::ServiceExt;
     let backend = Backend::nats();
-    let Backend::Nats(server) = &backend else {
+    let Backend::Nats(server, _) = &backend else {
         unreachable!("nats backend")
     };
     let nats = async_nats::connect(server.url()).await.expect("raw client");
@@ -598,7 +598,7 @@ mod versions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_version_header_is_sent_above_version_1() {
     let backend = Backend::nats();
-    let Backend::Nats(server) = &backend else {
+    let Backend::Nats(server, _) = &backend else {
         unreachable!("nats backend")
     };
     let nats = async_nats::connect(server.url()).await.expect("raw client");

@@ -15,6 +15,17 @@ fn the_configuration_table_is_the_one_the_code_reads() {
         .expect("table start marker")
         + "<!-- settings-table -->\n".len();
     let end = readme.find("<!-- /settings-table -->").expect("table end marker");
+    if std::env::var_os("UPDATE_README").is_some() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let updated = format!(
+            "{}{}{}",
+            &readme[..start],
+            catga::Config::table_markdown(),
+            &readme[end..]
+        );
+        std::fs::write(path, updated).expect("write README.md");
+        return;
+    }
     assert_eq!(
         &readme[start..end],
         catga::Config::table_markdown(),

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use super::{Runtime, Shared, log_table, ready::Health, spawn_handler, watch_refusals};
+use super::{Runtime, Shared, log_table, ready::Health, spawn_handler, watch_refusals, watch_store};
 use crate::client::Client;
 use crate::config::{Config, redact_url};
 use crate::error::Result;
 use crate::registry::{self, HandlerSpec};
+use crate::store::{MemoryStore, RedisConnect, RedisStore, Store};
 use crate::transport::Transport;
 use crate::transport::memory::MemoryBus;
 use crate::transport::nats::{NatsConnect, NatsTransport};
@@ -53,6 +54,56 @@ impl RuntimeBuilder {
     /// Serves over NATS at `url` (several servers comma separated).
     pub fn nats_url(mut self, url: impl Into<String>) -> Self {
         self.config.nats_url = Some(url.into());
+        self
+    }
+
+    /// Keeps state, outbox and inbox in Redis at `url` (`redis://` or
+    /// `rediss://`).
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.config.redis_url = Some(url.into());
+        self
+    }
+
+    /// Sets how long an idempotent message's answer is kept, and how long a
+    /// replica holds a message it handles before a retry may take it.
+    pub fn inbox(mut self, window: Duration, lease: Duration) -> Self {
+        self.config.inbox_window = window;
+        self.config.inbox_lease = lease;
+        self
+    }
+
+    /// Sets the ack wait of durable consumers and the default number of
+    /// deliveries before a dead letter.
+    pub fn durable_defaults(mut self, ack_wait: Duration, max_deliver: u32) -> Self {
+        self.config.ack_wait = ack_wait;
+        self.config.max_deliver = max_deliver.max(1);
+        self
+    }
+
+    /// Sets the circuit breakers: failures in a row that open one (0: none),
+    /// and how long it stays open.
+    pub fn breaker(mut self, failures: u32, open_for: Duration) -> Self {
+        self.config.breaker_failures = failures;
+        self.config.breaker_open = open_for;
+        self
+    }
+
+    /// Sets the first back-off of retries and redeliveries.
+    pub fn retry_base(mut self, base: Duration) -> Self {
+        self.config.retry_base = base;
+        self
+    }
+
+    /// Sets how catga creates JetStream streams.
+    pub fn streams(mut self, settings: crate::config::StreamSettings) -> Self {
+        self.config.streams = settings;
+        self
+    }
+
+    /// Sets how long the outbox relay waits before it takes over entries
+    /// another relay took and never marked sent.
+    pub fn outbox_stale(mut self, stale: Duration) -> Self {
+        self.config.outbox_stale = stale;
         self
     }
 
@@ -146,8 +197,11 @@ impl RuntimeBuilder {
         };
         registry::check(&selected, config.client_only)?;
 
-        let (transport, mode): (Transport, &str) = match (bus, &config.nats_url) {
-            (Some(bus), _) => (bus.into(), "a shared in-memory bus"),
+        let (transport, mode, bus_store): (Transport, &str, Option<_>) = match (bus, &config.nats_url) {
+            (Some(bus), _) => {
+                let store = Arc::clone(bus.store());
+                (bus.into(), "a shared in-memory bus", Some(store))
+            }
             (None, Some(url)) => {
                 let nats = NatsTransport::connect(&NatsConnect {
                     url: url.clone(),
@@ -155,17 +209,44 @@ impl RuntimeBuilder {
                     security: config.nats_security.clone(),
                 })
                 .await?;
-                (nats.into(), "NATS")
+                (nats.into(), "NATS", None)
             }
-            (None, None) => (
-                MemoryBus::new().into(),
-                "the embedded in-memory transport, one process (NATS_URL is not set)",
-            ),
+            (None, None) => {
+                let bus = MemoryBus::new();
+                let store = Arc::clone(bus.store());
+                (
+                    bus.into(),
+                    "the embedded in-memory transport, one process (NATS_URL is not set)",
+                    Some(store),
+                )
+            }
+        };
+        let store: Store = match (&config.redis_url, bus_store) {
+            (Some(url), _) => RedisStore::connect(
+                &RedisConnect {
+                    url: url.clone(),
+                    tls_ca: config.redis_tls.ca.clone(),
+                    tls_cert: config.redis_tls.cert.clone(),
+                    tls_key: config.redis_tls.key.clone(),
+                },
+                &config.service,
+            )?
+            .into(),
+            (None, Some(bus_store)) => bus_store.into(),
+            (None, None) => {
+                tracing::warn!(
+                    "REDIS_URL is not set: state, outbox and inbox are kept in this process only; \
+                     replicas do not share them"
+                );
+                MemoryStore::new().into()
+            }
         };
         tracing::info!(
             service = %config.service,
             instance = %config.instance_id,
             nats_url = %config.nats_url.as_deref().map(redact_url).unwrap_or_default(),
+            store = store.name(),
+            redis_url = %config.redis_url.as_deref().map(redact_url).unwrap_or_default(),
             "running on {mode}"
         );
         log_table(&selected, &config);
@@ -176,10 +257,17 @@ impl RuntimeBuilder {
             config.instance_id.clone(),
             config.request_timeout,
         );
+        let durable_subjects = selected
+            .iter()
+            .filter(|s| s.durable().is_some())
+            .map(|s| s.subject())
+            .collect();
         let shared = Arc::new(Shared {
             client,
             config,
             health: Health::new(),
+            store,
+            durable_subjects: Arc::new(durable_subjects),
             dropped: AtomicU64::new(0),
             expired: AtomicU64::new(0),
         });
@@ -199,6 +287,8 @@ impl RuntimeBuilder {
                     .confirm_loop(transport, shared.config.instance_id.clone()),
             ),
             tokio::spawn(watch_refusals(Arc::clone(&shared), subjects)),
+            tokio::spawn(watch_store(Arc::clone(&shared))),
+            tokio::spawn(super::outbox::run(Arc::clone(&shared))),
         ];
         Ok(Runtime {
             shared,

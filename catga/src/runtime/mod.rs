@@ -9,6 +9,7 @@
 //! - `shutdown`: signals and the one-deadline drain.
 
 mod builder;
+mod outbox;
 mod pipeline;
 mod ready;
 mod serve;
@@ -28,7 +29,7 @@ use crate::client::Client;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::registry::{HandlerKind, HandlerSpec};
-use crate::transport::SubscribeTo;
+use crate::transport::{DurableOptions, SubscribeTo};
 use ready::Health;
 use serve::ServeReport;
 
@@ -74,6 +75,9 @@ pub(crate) struct Shared {
     pub client: Client,
     pub config: Config,
     pub health: Health,
+    pub store: crate::store::Store,
+    /// Subjects with a durable handler in this process.
+    pub durable_subjects: Arc<std::collections::HashSet<&'static str>>,
     dropped: AtomicU64,
     expired: AtomicU64,
 }
@@ -98,6 +102,11 @@ pub(crate) struct Served {
     pub capacity: usize,
     /// Subscriptions (and tasks).
     pub parallel: usize,
+    /// The durable consumer it pulls from, if any.
+    pub durable: Option<(&'static str, DurableOptions)>,
+    /// Deliveries of a durable message before it is dead-lettered.
+    pub max_deliver: u32,
+    pub breaker: crate::resilience::Breaker,
 }
 
 impl Served {
@@ -111,15 +120,46 @@ impl Served {
             None if parallel > 1 => Some(private_group(&config.instance_id, spec)),
             None => None,
         };
+        let limit = spec.concurrency().unwrap_or(config.concurrency).max(1);
+        let max_deliver = spec.max_deliver().unwrap_or(config.max_deliver).max(1);
+        let durable = spec.durable().map(|name| {
+            (
+                name,
+                DurableOptions {
+                    ack_wait: config.ack_wait,
+                    max_deliver,
+                    max_ack_pending: (limit * parallel * 4).max(256),
+                    batch: limit,
+                },
+            )
+        });
         Served {
             spec,
             to: SubscribeTo {
                 subject: spec.subject().to_owned(),
                 queue_group,
             },
-            limit: spec.concurrency().unwrap_or(config.concurrency).max(1),
+            limit,
             capacity: config.subscription_capacity,
             parallel,
+            durable,
+            max_deliver,
+            breaker: crate::resilience::Breaker::new(config.breaker_failures, config.breaker_open),
+        }
+    }
+
+    /// Subscribes: a core subscription, or the durable consumer (creating
+    /// its stream first).
+    pub(crate) async fn subscribe(&self, shared: &Shared) -> Result<crate::transport::Subscription> {
+        let transport = shared.client.transport();
+        match &self.durable {
+            None => transport.subscribe(&self.to).await,
+            Some((name, options)) => {
+                transport
+                    .ensure_stream(&self.to.subject, &shared.config.streams)
+                    .await?;
+                transport.durable_subscribe(&self.to.subject, name, options).await
+            }
         }
     }
 }
@@ -206,6 +246,11 @@ impl Runtime {
     /// per subscription, with the count).
     pub fn dropped_messages(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed) + self.shared.client.transport().client_dropped()
+    }
+
+    /// Events saved to the outbox and not yet published.
+    pub async fn outbox_backlog(&self) -> Result<u64> {
+        self.shared.store.outbox_backlog().await
     }
 
     /// Requests not started because their sender had stopped waiting.
@@ -325,21 +370,27 @@ impl Drop for Runtime {
     }
 }
 
-/// Subscribes one handler (the client queues subscriptions while it
+/// Subscribes one handler (the client queues core subscriptions while it
 /// connects, so this fails only when the client is closed) and spawns its
-/// serve loops.
+/// serve loops. A durable handler subscribes in its loops, retrying until
+/// JetStream answers: a broker that is down at start-up must not stop it.
 async fn spawn_handler(spec: &'static HandlerSpec, shared: &Arc<Shared>) -> Result<Serving> {
     let served = Arc::new(Served::new(spec, &shared.config));
     let mut subs = Vec::with_capacity(served.parallel);
     for _ in 0..served.parallel {
-        subs.push(shared.client.transport().subscribe(&served.to).await?);
+        subs.push(match served.durable {
+            None => Some(served.subscribe(shared).await?),
+            Some(_) => None,
+        });
     }
     let (stop, stop_rx) = watch::channel(false);
     shared.health.want(served.parallel);
     let tasks = subs
         .into_iter()
         .map(|sub| {
-            shared.health.subscribed();
+            if sub.is_some() {
+                shared.health.subscribed();
+            }
             tokio::spawn(serve::serve(
                 Arc::clone(&served),
                 Arc::clone(shared),
@@ -368,6 +419,35 @@ fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
             parallel = served.parallel,
             "handler"
         );
+    }
+}
+
+/// Pings the store once a second: readiness requires it to answer, so
+/// that Kubernetes stops routing to a replica that cannot reach Redis.
+async fn watch_store(shared: Arc<Shared>) {
+    let mut was_ok = true;
+    loop {
+        let ok = match tokio::time::timeout(std::time::Duration::from_secs(2), shared.store.ping()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                if was_ok {
+                    tracing::error!(error = %e, "the state store does not answer; not ready until it does");
+                }
+                false
+            }
+            Err(_) => {
+                if was_ok {
+                    tracing::error!("the state store does not answer within 2 s; not ready until it does");
+                }
+                false
+            }
+        };
+        if ok && !was_ok {
+            tracing::info!("the state store answers again");
+        }
+        shared.health.set_store_ok(ok);
+        was_ok = ok;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 

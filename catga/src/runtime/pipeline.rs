@@ -1,39 +1,53 @@
 //! The path of one message, from the transport to the handler and back.
 //! Every step is a small function below, called in this order by
-//! [`process`]:
+//! [`process`] (through [`steps`]):
 //!
 //! 1. [`read`]: the headers become the message's identity ([`MessageMeta`]).
 //! 2. [`check_version`]: a payload newer than the handler knows is refused.
 //! 3. [`check_deadline`]: a request whose sender stopped waiting is not
 //!    started (it may already have been retried elsewhere).
-//! 4. [`call`]: the handler runs inside its span; a panic is caught.
-//! 5. [`conclude`]: a failure becomes the handler's own (a downstream error
-//!    is wrapped), 5xx texts are logged under an error id.
-//! 6. [`Settler::settle`](crate::transport::Settler::settle): reply, error
-//!    reply, or nothing.
+//! 4. [`claim`]: an idempotent handler takes the message's id in the inbox,
+//!    or finds the answer it gave before, or finds it in progress.
+//! 5. [`admit`]: the handler's circuit breaker lets it through, or not.
+//! 6. [`call`]: the handler runs inside its span (a panic is caught); an
+//!    idempotent handler's writes commit with its answer; a retryable
+//!    failure is retried up to `retry = N` times ([`call_with_retries`]).
+//! 7. [`record`]: the breaker learns how it went.
+//! 8. [`release`]: the inbox keeps the answer, or lets a retry run it.
+//! 9. [`conclude`]: the outcome becomes the answer: a reply, an error reply
+//!    (5xx texts logged under an error id), an ack, a redelivery later, or a
+//!    dead letter; [`Settler::settle`](crate::transport::Settler::settle)
+//!    sends it.
 //!
 //! A step that ends the path early returns the [`Outcome`] to settle with.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use tracing::Instrument;
 
-use super::Served;
-use super::Shared;
+use super::{Served, Shared};
 use crate::client::Context;
-use crate::error::{Error, ErrorKind};
-use crate::transport::{Delivery, Settle};
+use crate::error::{Error, ErrorKind, Result};
+use crate::registry::HandlerKind;
+use crate::resilience::{Admit, backoff};
+use crate::store::{Committed, Inbox, InboxWrite, StoredReply, Work};
+use crate::transport::{DeadLetter, Delivery, Settle};
 use crate::wire::{self, MessageMeta};
 
 /// How a message ended.
 pub(crate) enum Outcome {
     /// The handler succeeded with this reply body.
     Done(Bytes),
+    /// The handler answered this message before: the same answer.
+    Answered(StoredReply),
     /// The message failed.
     Failed(Error),
+    /// Another attempt holds it right now (idempotent handlers).
+    Busy,
     /// The sender stopped waiting before the handler started.
     Expired,
 }
@@ -41,7 +55,12 @@ pub(crate) enum Outcome {
 /// Runs one message down the path (see the module documentation).
 pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery) {
     let (incoming, settler) = delivery.split();
-    let meta = Arc::new(read(incoming.subject, incoming.headers, incoming.deadline));
+    let meta = Arc::new(read(
+        incoming.subject,
+        incoming.headers,
+        incoming.deadline,
+        incoming.delivered,
+    ));
     let span = tracing::info_span!(
         "handle",
         handler = served.spec.name(),
@@ -50,11 +69,9 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
         correlation_id = meta.correlation_id(),
     );
     async move {
-        let outcome = match check_version(served, &meta).and_then(|()| check_deadline(shared, &meta)) {
-            Err(early) => early,
-            Ok(()) => call(served, shared, &meta, incoming.payload).await,
-        };
-        let settle = conclude(outcome);
+        let payload = incoming.payload;
+        let outcome = steps(served, shared, &meta, payload.clone()).await;
+        let settle = conclude(served, shared, &meta, &payload, outcome);
         if let Err(e) = settler.settle(settle).await {
             tracing::warn!(error = %e, "the answer was not sent as is");
         }
@@ -63,13 +80,36 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
     .await
 }
 
+/// Steps 2 to 8.
+async fn steps(served: &Served, shared: &Shared, meta: &Arc<MessageMeta>, payload: Bytes) -> Outcome {
+    if let Err(early) = check_version(served, meta).and_then(|()| check_deadline(shared, meta)) {
+        return early;
+    }
+    let claim = match claim(served, shared, meta).await {
+        Ok(c) => c,
+        Err(early) => return early,
+    };
+    if let Err(early) = admit(served) {
+        release(shared, &claim, None).await;
+        return early;
+    }
+    let result = call_with_retries(served, shared, meta, &payload, &claim).await;
+    record(served, &result);
+    release(shared, &claim, result.as_ref().err()).await;
+    match result {
+        Ok(body) => Outcome::Done(body),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
 /// Step 1: the message's identity, read from its headers on demand.
 fn read(
     subject: async_nats::Subject,
     headers: Option<async_nats::HeaderMap>,
     deadline: Option<wire::deadline::Deadline>,
+    delivered: u64,
 ) -> MessageMeta {
-    MessageMeta::new(subject, headers, deadline, 1)
+    MessageMeta::new(subject, headers, deadline, delivered)
 }
 
 /// Step 2: refuses a version newer than the handler's message type.
@@ -94,32 +134,253 @@ fn check_deadline(shared: &Shared, meta: &MessageMeta) -> Result<(), Outcome> {
     }
 }
 
-/// Step 4: runs the handler; a panic is contained.
-async fn call(served: &Served, shared: &Shared, meta: &Arc<MessageMeta>, payload: Bytes) -> Outcome {
-    let ctx = Context::new(shared.client.clone(), Arc::clone(meta));
-    match AssertUnwindSafe(served.spec.call(ctx, payload))
-        .catch_unwind()
-        .await
-    {
-        Ok(Ok(body)) => Outcome::Done(body),
-        Ok(Err(e)) => Outcome::Failed(e.into_handler_failure()),
-        Err(panic) => Outcome::Failed(Error::new(
-            ErrorKind::Panic,
-            format!("the handler panicked: {}", panic_message(&panic)),
+/// What the inbox step decided.
+enum Claim {
+    /// Not an idempotent handler, or a message without an id.
+    None,
+    /// This attempt owns the message's id until it releases it.
+    Owned {
+        scope: &'static str,
+        id: String,
+        owner: String,
+    },
+}
+
+/// Step 4: an idempotent handler takes the message's id: first time, it
+/// runs; answered before, the same answer; in progress elsewhere, a
+/// command waits for the answer (up to its deadline), a durable event
+/// comes back later.
+async fn claim(served: &Served, shared: &Shared, meta: &MessageMeta) -> Result<Claim, Outcome> {
+    let spec = served.spec;
+    if !spec.is_idempotent() {
+        return Ok(Claim::None);
+    }
+    if !meta.has_sender_id() {
+        tracing::debug!("idempotent handler, but the message has no id to remember it by");
+        return Ok(Claim::None);
+    }
+    let scope = match spec.kind() {
+        // One handler per command subject: the subject names the scope.
+        HandlerKind::Command => spec.subject(),
+        HandlerKind::Event => spec.name(),
+    };
+    let id = meta.message_id().to_owned();
+    let owner = format!("{}/{}", shared.config.instance_id, wire::new_message_id());
+    let lease = shared.config.inbox_lease;
+    loop {
+        match shared.store.inbox_begin(scope, &id, &owner, lease).await {
+            Ok(Inbox::Fresh) => return Ok(Claim::Owned { scope, id, owner }),
+            Ok(Inbox::Done(reply)) => return Err(Outcome::Answered(reply)),
+            Ok(Inbox::Busy) => {
+                let waits = spec.kind() == HandlerKind::Command
+                    && meta
+                        .deadline()
+                        .and_then(|d| d.remaining())
+                        .is_some_and(|left| left > Duration::from_millis(60));
+                if !waits {
+                    return Err(Outcome::Busy);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(Outcome::Failed(e)),
+        }
+    }
+}
+
+/// Step 5: asks the handler's breaker.
+fn admit(served: &Served) -> Result<(), Outcome> {
+    match served.breaker.admit() {
+        Admit::Yes => Ok(()),
+        Admit::No(wait) => Err(Outcome::Failed(
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the handler keeps failing: its circuit breaker is open for {} ms more; retry later",
+                    wait.as_millis()
+                ),
+            )
+            .exposed(),
         )),
     }
 }
 
-/// Step 5: logs the outcome and decides the answer. A 5xx failure gets an
-/// error id: the log line carries the full text, the reply only the id.
-fn conclude(outcome: Outcome) -> Settle {
+/// Step 6: runs the handler, again after a retryable failure while
+/// `retry = N` allows and the deadline leaves time.
+async fn call_with_retries(
+    served: &Served,
+    shared: &Shared,
+    meta: &Arc<MessageMeta>,
+    payload: &Bytes,
+    claim: &Claim,
+) -> Result<Bytes> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match call(served, shared, meta, payload.clone(), claim).await {
+            Err(e) if e.is_retryable() && attempt <= served.spec.retries() => {
+                let pause = backoff(shared.config.retry_base, attempt).min(Duration::from_secs(1));
+                let fits = meta
+                    .deadline()
+                    .is_none_or(|d| d.remaining().is_some_and(|left| left > pause));
+                if !fits {
+                    return Err(e);
+                }
+                tracing::info!(error = %e, attempt, "retrying the handler");
+                tokio::time::sleep(pause).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One run of the handler; a panic is contained. An idempotent handler's
+/// saves and publishes commit here, with its answer, atomically.
+async fn call(
+    served: &Served,
+    shared: &Shared,
+    meta: &Arc<MessageMeta>,
+    payload: Bytes,
+    claim: &Claim,
+) -> Result<Bytes> {
+    let work = Arc::new(Work {
+        store: shared.store.clone(),
+        staged: matches!(claim, Claim::Owned { .. }).then(Default::default),
+        durable_subjects: Arc::clone(&shared.durable_subjects),
+        sent: Default::default(),
+    });
+    let ctx = Context::new(shared.client.clone(), Arc::clone(meta), Arc::clone(&work));
+    let body = match AssertUnwindSafe(served.spec.call(ctx, payload))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => return Err(e.into_handler_failure()),
+        Err(panic) => {
+            return Err(Error::new(
+                ErrorKind::Panic,
+                format!("the handler panicked: {}", panic_message(&panic)),
+            ));
+        }
+    };
+    let Claim::Owned { scope, id, owner } = claim else {
+        return Ok(body);
+    };
+    let staged = work
+        .staged
+        .as_ref()
+        .map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)))
+        .unwrap_or_default();
+    let commit = staged.into_commit(Some(InboxWrite {
+        scope: (*scope).to_owned(),
+        id: id.clone(),
+        owner: owner.clone(),
+        reply: StoredReply::Ok(body.clone()),
+        window: shared.config.inbox_window,
+    }));
+    match shared.store.commit(&commit).await? {
+        Committed::Yes(_) => Ok(body),
+        Committed::Conflict { index, current } => Err(Error::conflict(format!(
+            "{} {} changed while the handler ran (now version {current})",
+            commit.states[index].kind, commit.states[index].key
+        ))),
+        Committed::LostClaim => Err(Error::new(
+            ErrorKind::Unavailable,
+            "the message was taken over by another attempt after this one's lease ran out; retry",
+        )),
+    }
+}
+
+/// Step 7: tells the breaker whether the handler did its job. A client
+/// error (invalid input, not found) means it did.
+fn record(served: &Served, result: &Result<Bytes>) {
+    let ok = match result {
+        Ok(_) => true,
+        Err(e) => e.kind().is_public() && !e.is_retryable(),
+    };
+    if served.breaker.record(ok) {
+        tracing::error!(
+            handler = served.spec.name(),
+            "circuit breaker opened: the handler keeps failing"
+        );
+    }
+}
+
+/// Step 8: after a failure, the inbox keeps a client error as the
+/// message's answer (sending it again cannot change it) and lets any other
+/// failure be retried. The answer of a success was written with the
+/// handler's writes in step 6.
+async fn release(shared: &Shared, claim: &Claim, failure: Option<&Error>) {
+    let Claim::Owned { scope, id, owner } = claim else {
+        return;
+    };
+    let kept = match failure {
+        None => return,
+        Some(e) if e.kind().is_public() && !e.is_retryable() => {
+            let reply = StoredReply::Err {
+                kind: e.kind(),
+                message: e.message().to_owned(),
+            };
+            shared
+                .store
+                .inbox_finish(scope, id, &reply, shared.config.inbox_window)
+                .await
+        }
+        Some(_) => shared.store.inbox_abandon(scope, id, owner).await,
+    };
+    if let Err(e) = kept {
+        tracing::warn!(error = %e, "the inbox could not be updated; the claim runs out with its lease");
+    }
+}
+
+/// Step 9: logs the outcome and decides the answer. A 5xx failure gets an
+/// error id: the log line carries the full text, the reply only the id. A
+/// durable message that failed is redelivered later while it may still
+/// succeed and its deliveries last, and dead-lettered otherwise.
+fn conclude(
+    served: &Served,
+    shared: &Shared,
+    meta: &MessageMeta,
+    payload: &Bytes,
+    outcome: Outcome,
+) -> Settle {
+    let durable = served.durable.is_some();
     match outcome {
         Outcome::Done(body) => {
             tracing::trace!("handled");
             Settle::Reply(body)
         }
+        Outcome::Answered(StoredReply::Ok(body)) => {
+            tracing::debug!("answered before: the same answer again");
+            Settle::Reply(body)
+        }
+        Outcome::Answered(StoredReply::Err { kind, message }) => Settle::Error {
+            error: Error::new(kind, message),
+            error_id: None,
+        },
         Outcome::Expired => Settle::Drop,
-        Outcome::Failed(error) if error.kind().is_public() => {
+        Outcome::Busy if durable => Settle::Retry {
+            delay: Duration::from_secs(1),
+        },
+        Outcome::Busy => Settle::Error {
+            error: Error::new(
+                ErrorKind::Unavailable,
+                "this message is being handled right now; retry for its answer",
+            )
+            .exposed(),
+            error_id: None,
+        },
+        Outcome::Failed(error) if durable => {
+            let max = served.max_deliver;
+            let delivered = meta.delivery();
+            if error.is_retryable() && delivered < u64::from(max) {
+                let delay = backoff(shared.config.retry_base, delivered as u32);
+                tracing::warn!(error = %error, delivered, max, ?delay, "failed; it will be delivered again");
+                return Settle::Retry { delay };
+            }
+            tracing::error!(error = %error, delivered, "failed for good: dead-lettered");
+            Settle::Dead(Box::new(dead_letter(served, shared, meta, payload, &error)))
+        }
+        Outcome::Failed(error) if error.is_public() => {
             tracing::info!(error = %error, "message rejected");
             Settle::Error {
                 error,
@@ -138,6 +399,36 @@ fn conclude(outcome: Outcome) -> Settle {
                 error_id: Some(error_id),
             }
         }
+    }
+}
+
+fn dead_letter(
+    served: &Served,
+    shared: &Shared,
+    meta: &MessageMeta,
+    payload: &Bytes,
+    error: &Error,
+) -> DeadLetter {
+    let id_header = wire::headers::MESSAGE_ID;
+    DeadLetter {
+        seq: 0,
+        subject: meta.subject().to_owned(),
+        service: shared.config.service.clone(),
+        handler: served.spec.name().to_owned(),
+        error_kind: error.kind(),
+        error: error.message().to_owned(),
+        deliveries: meta.delivery(),
+        message_id: meta.has_sender_id().then(|| meta.message_id().to_owned()),
+        headers: meta
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .filter(|(k, _)| AsRef::<str>::as_ref(*k) != AsRef::<str>::as_ref(&id_header))
+                    .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        payload: payload.clone(),
     }
 }
 

@@ -26,6 +26,8 @@ struct State {
     /// Every ticket below this one is confirmed by the broker.
     confirmed_upto: u64,
     draining: bool,
+    /// The state store answered its last ping (assumed until it fails).
+    store_down: bool,
     fatal: Option<(ErrorKind, String)>,
 }
 
@@ -73,6 +75,15 @@ impl Health {
     /// A subscription ended (drained, or lost).
     pub(crate) fn unsubscribed(&self) {
         self.state.send_modify(|s| s.live = s.live.saturating_sub(1));
+    }
+
+    /// The state store answers, or not.
+    pub(crate) fn set_store_ok(&self, ok: bool) {
+        self.state.send_if_modified(|s| {
+            let changed = s.store_down == ok;
+            s.store_down = !ok;
+            changed
+        });
     }
 
     pub(crate) fn set_draining(&self) {
@@ -128,6 +139,9 @@ impl Health {
                 Some(why) => failing.push(format!("broker: refused: {why}")),
                 None => failing.push("broker: not connected".to_owned()),
             }
+        }
+        if s.store_down {
+            failing.push("store: the state store does not answer".to_owned());
         }
         if s.live < s.wanted {
             failing.push(format!("subscriptions: {} of {} live", s.live, s.wanted));

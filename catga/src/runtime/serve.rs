@@ -32,24 +32,26 @@ pub(crate) struct ServeReport {
 /// further.
 const FLAP_WINDOW: Duration = Duration::from_secs(60);
 
-/// Serves `first`, a subscription of `served`, until `stop` turns true (then
-/// drains) or a fatal error.
+/// Serves `first`, a subscription of `served` (or subscribes first, for a
+/// durable handler), until `stop` turns true (then drains) or a fatal
+/// error.
 pub(crate) async fn serve(
     served: Arc<Served>,
     shared: Arc<Shared>,
-    first: Subscription,
+    first: Option<Subscription>,
     mut stop: watch::Receiver<bool>,
 ) -> ServeReport {
     let served = &*served;
     let shared = &*shared;
-    let mut sub = Some(first);
+    let mut resubscribe_at = first.is_none().then(tokio::time::Instant::now);
+    let mut setup_failures: u32 = 0;
+    let mut sub = first;
     let mut inflight = FuturesUnordered::new();
     let mut queue: VecDeque<Delivery> = VecDeque::new();
     let mut draining = false;
     let mut handover_confirmed = true;
     let mut ends: VecDeque<Instant> = VecDeque::new();
     let mut drops = DropLog::default();
-    let mut resubscribe_at: Option<tokio::time::Instant> = None;
     // One stop future for the whole loop: making a new `changed()` future
     // on every message would register and unregister a waiter each time.
     let stopped = async move {
@@ -67,6 +69,12 @@ pub(crate) async fn serve(
         if draining && sub.is_none() && queue.is_empty() && inflight.is_empty() {
             break;
         }
+        // A durable consumer keeps what is not taken: take only what can
+        // run now, and nothing while the breaker is open (messages stay in
+        // the stream instead of burning deliveries).
+        let durable = sub.as_ref().is_some_and(Subscription::is_durable);
+        let breaker_wait = if durable { served.breaker.is_open() } else { None };
+        let take = sub.is_some() && (!durable || (inflight.len() < served.limit && breaker_wait.is_none()));
         if sub.is_none() && inflight.is_empty() && shared.health.fatal().is_some() {
             break;
         }
@@ -80,7 +88,8 @@ pub(crate) async fn serve(
                 }
             }
             Some(()) = inflight.next(), if !inflight.is_empty() => {}
-            msg = next(&mut sub), if sub.is_some() => match msg {
+            () = tokio::time::sleep(breaker_wait.unwrap_or_default()), if breaker_wait.is_some() => {}
+            msg = next(&mut sub), if take => match msg {
                 Some(d) => {
                     if inflight.len() < served.limit {
                         inflight.push(pipeline::process(served, shared, d));
@@ -91,10 +100,10 @@ pub(crate) async fn serve(
                         drops.record(served);
                         if d.expects_reply() {
                             let (_, settler) = d.split();
-                            settler.refuse_now(&Error::new(
-                                ErrorKind::Unavailable,
-                                "the replica is over capacity; retry",
-                            ));
+                            settler.refuse_now(
+                                &Error::new(ErrorKind::Unavailable, "the replica is over capacity; retry")
+                                    .exposed(),
+                            );
                         }
                     }
                 }
@@ -122,13 +131,29 @@ pub(crate) async fn serve(
                     }
                 }
             },
-            () = sleep_until(resubscribe_at), if resubscribe_at.is_some() => {
+            () = sleep_until(resubscribe_at), if resubscribe_at.is_some() && !draining => {
                 resubscribe_at = None;
-                match shared.client.transport().subscribe(&served.to).await {
+                match served.subscribe(shared).await {
                     Ok(s) => {
                         shared.health.subscribed();
-                        tracing::info!(subject = %served.to.subject, "subscribed again");
+                        if setup_failures > 0 || !ends.is_empty() {
+                            tracing::info!(subject = %served.to.subject, "subscribed again");
+                        }
+                        setup_failures = 0;
                         sub = Some(s);
+                    }
+                    // A durable consumer needs JetStream to answer: keep
+                    // trying while the broker is away (not ready meanwhile).
+                    Err(e) if served.durable.is_some() => {
+                        setup_failures += 1;
+                        tracing::warn!(
+                            error = %e,
+                            subject = %served.to.subject,
+                            attempt = setup_failures,
+                            "cannot bind the durable consumer yet; retrying"
+                        );
+                        let pause = Duration::from_millis(200 << setup_failures.min(4));
+                        resubscribe_at = Some(tokio::time::Instant::now() + pause);
                     }
                     // Subscribing fails only when no client can be made
                     // (the transport replaces a dead one): the replica

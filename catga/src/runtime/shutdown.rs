@@ -79,7 +79,7 @@ pub(crate) async fn stop_serving(serving: Vec<Serving>, deadline: Instant) -> St
 }
 
 pub(crate) async fn shutdown(
-    shared: &Shared,
+    shared: &std::sync::Arc<Shared>,
     serving: Vec<Serving>,
     background: Vec<JoinHandle<()>>,
 ) -> Result<()> {
@@ -89,6 +89,10 @@ pub(crate) async fn shutdown(
     for b in &background {
         b.abort();
     }
+    // What the handlers saved to the outbox goes out before the
+    // connection closes (Redis would keep it for another replica; the
+    // in-memory store would not).
+    super::outbox::flush(std::sync::Arc::clone(shared), deadline).await;
     // The last replies: what is left of the deadline, but at least a
     // moment, and never long when the broker is away.
     let left = deadline

@@ -45,6 +45,10 @@ struct BusInner {
     routes: RwLock<HashMap<String, Route>>,
     next_id: AtomicU64,
     max_payload: usize,
+    streams: Arc<super::memory_streams::Streams>,
+    /// The state store of the embedded mode: runtimes on one bus share it,
+    /// as replicas share Redis.
+    store: Arc<crate::store::MemoryStore>,
 }
 
 #[derive(Default)]
@@ -196,6 +200,8 @@ impl MemoryBus {
                 routes: RwLock::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 max_payload,
+                streams: Arc::default(),
+                store: Arc::default(),
             }),
         }
     }
@@ -203,6 +209,44 @@ impl MemoryBus {
     /// The payload limit.
     pub fn max_payload(&self) -> usize {
         self.inner.max_payload
+    }
+
+    /// The state store shared by the runtimes on this bus.
+    pub(crate) fn store(&self) -> &Arc<crate::store::MemoryStore> {
+        &self.inner.store
+    }
+
+    /// The bus's durable streams.
+    pub(crate) fn streams(&self) -> &Arc<super::memory_streams::Streams> {
+        &self.inner.streams
+    }
+
+    /// Stores a message in the stream of `subject` (an error if there is
+    /// none) and, as a JetStream publish does, hands it to the plain
+    /// subscribers of the subject too.
+    pub(crate) fn publish_durable(&self, subject: &str, headers: HeaderMap, payload: Bytes) -> Result<()> {
+        let headers = (!headers.is_empty()).then_some(headers);
+        self.check_size(subject, headers.as_ref(), payload.len())?;
+        self.inner
+            .streams
+            .publish(subject, headers.clone(), payload.clone())?;
+        self.fan_out(&Subject::from(subject), headers, payload);
+        Ok(())
+    }
+
+    fn fan_out(&self, subject: &Subject, headers: Option<HeaderMap>, payload: Bytes) {
+        let routes = self.inner.routes.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(route) = routes.get(subject.as_str()) {
+            route.deliver(|| {
+                Delivery::new(
+                    subject.clone(),
+                    headers.clone(),
+                    payload.clone(),
+                    None,
+                    ReplyTo::None,
+                )
+            });
+        }
     }
 
     fn check_size(&self, subject: &str, headers: Option<&HeaderMap>, payload: usize) -> Result<()> {
@@ -256,18 +300,18 @@ impl MemoryBus {
     pub(crate) fn publish(&self, subject: &Subject, headers: HeaderMap, payload: Bytes) -> Result<()> {
         let headers = (!headers.is_empty()).then_some(headers);
         self.check_size(subject, headers.as_ref(), payload.len())?;
-        let routes = self.inner.routes.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(route) = routes.get(subject.as_str()) {
-            route.deliver(|| {
-                Delivery::new(
-                    subject.clone(),
-                    headers.clone(),
-                    payload.clone(),
-                    None,
-                    ReplyTo::None,
-                )
-            });
+        // As with JetStream, a stream keeps what is published on its
+        // subject, however it was published.
+        match self
+            .inner
+            .streams
+            .publish(subject, headers.clone(), payload.clone())
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NoHandler => {}
+            Err(e) => return Err(e),
         }
+        self.fan_out(subject, headers, payload);
         Ok(())
     }
 

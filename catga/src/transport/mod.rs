@@ -7,7 +7,9 @@
 //! with which a message answers itself. It never asks which transport it
 //! runs on.
 
+pub(crate) mod jetstream;
 pub(crate) mod memory;
+pub(crate) mod memory_streams;
 pub(crate) mod nats;
 
 use std::time::Duration;
@@ -20,6 +22,149 @@ use crate::wire::deadline::Deadline;
 
 /// The payload limit of the embedded bus and the default of nats-server.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// How a durable consumer is bound.
+#[derive(Debug, Clone)]
+pub(crate) struct DurableOptions {
+    /// How long the broker waits for an ack before it redelivers.
+    pub ack_wait: Duration,
+    /// Deliveries before catga dead-letters a message.
+    pub max_deliver: u32,
+    /// Messages delivered and not yet acknowledged, over all subscribers.
+    pub max_ack_pending: usize,
+    /// Messages pulled at a time.
+    pub batch: usize,
+}
+
+/// The JetStream stream that keeps `subject`: `CATGA_` plus the subject
+/// with its dots as underscores, plus a short hash of the exact subject
+/// (so that `a.b_c` and `a_b.c` get different streams).
+pub(crate) fn stream_name(subject: &str) -> String {
+    let readable: String = subject
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    // FNV-1a: stable across builds and platforms.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in subject.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("CATGA_{readable}_{h:08x}")
+}
+
+/// A message a handler gave up on, kept for an operator to look at,
+/// replay or purge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its place in the dead-letter store.
+    pub seq: u64,
+    /// The subject it came on.
+    pub subject: String,
+    /// The service whose handler gave up.
+    pub service: String,
+    /// The handler that gave up.
+    pub handler: String,
+    /// The error kind of its last attempt.
+    pub error_kind: ErrorKind,
+    /// The error text of its last attempt (the full text: dead letters are
+    /// for operators).
+    pub error: String,
+    /// How many times it was delivered.
+    pub deliveries: u64,
+    /// Its message id, if it had one.
+    pub message_id: Option<String>,
+    /// Its other headers, as received.
+    pub headers: Vec<(String, String)>,
+    /// Its payload, as received.
+    pub payload: Bytes,
+}
+
+impl DeadLetter {
+    /// The subject and headers it is stored under: the original headers
+    /// plus `Catga-Dlq-*` ones; its `Nats-Msg-Id` is the original id plus
+    /// the handler, so that dead-lettering it again (a crash between
+    /// storing it and settling the original) keeps one copy.
+    pub(crate) fn to_stored(&self) -> (String, HeaderMap) {
+        let mut h = HeaderMap::new();
+        for (k, v) in &self.headers {
+            h.append(k.as_str(), v.as_str());
+        }
+        let header = |s: &str| crate::wire::header_value(s);
+        h.insert(crate::wire::headers::DLQ_SUBJECT, header(&self.subject));
+        h.insert(crate::wire::headers::DLQ_SERVICE, header(&self.service));
+        h.insert(crate::wire::headers::DLQ_HANDLER, header(&self.handler));
+        h.insert(crate::wire::headers::DLQ_ERROR_KIND, self.error_kind.as_str());
+        h.insert(crate::wire::headers::DLQ_ERROR, header(&self.error));
+        h.insert(crate::wire::headers::DLQ_DELIVERIES, self.deliveries.to_string());
+        if let Some(id) = &self.message_id {
+            h.insert(crate::wire::headers::DLQ_MESSAGE_ID, header(id));
+            h.insert(
+                crate::wire::headers::MESSAGE_ID,
+                header(&format!("dlq.{id}.{}", self.handler)),
+            );
+        }
+        (format!("catga.dlq.{}.{}", self.service, self.subject), h)
+    }
+
+    pub(crate) fn from_stored(seq: u64, headers: HeaderMap, payload: Bytes) -> DeadLetter {
+        use crate::wire::headers as H;
+        let get = |n: async_nats::HeaderName| headers.get(n).map(|v| v.as_str().to_owned());
+        let ours = [
+            H::DLQ_SUBJECT,
+            H::DLQ_SERVICE,
+            H::DLQ_HANDLER,
+            H::DLQ_ERROR_KIND,
+            H::DLQ_ERROR,
+            H::DLQ_DELIVERIES,
+            H::DLQ_MESSAGE_ID,
+            H::MESSAGE_ID,
+        ];
+        let rest = headers
+            .iter()
+            .filter(|(k, _)| {
+                !ours
+                    .iter()
+                    .any(|o| AsRef::<str>::as_ref(o) == AsRef::<str>::as_ref(*k))
+            })
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
+            .collect();
+        DeadLetter {
+            seq,
+            subject: get(H::DLQ_SUBJECT).unwrap_or_default(),
+            service: get(H::DLQ_SERVICE).unwrap_or_default(),
+            handler: get(H::DLQ_HANDLER).unwrap_or_default(),
+            error_kind: ErrorKind::from_wire(get(H::DLQ_ERROR_KIND).as_deref(), None),
+            error: get(H::DLQ_ERROR).unwrap_or_default(),
+            deliveries: get(H::DLQ_DELIVERIES).and_then(|d| d.parse().ok()).unwrap_or(0),
+            message_id: get(H::DLQ_MESSAGE_ID),
+            headers: rest,
+            payload,
+        }
+    }
+
+    /// The headers to send it again with: the original ones and a new
+    /// message id (the original one would be dropped as a duplicate by
+    /// JetStream, and never succeeded anyway).
+    pub(crate) fn replay_headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in &self.headers {
+            h.append(k.as_str(), v.as_str());
+        }
+        let id = match &self.message_id {
+            Some(id) => format!("{id}.replay{}", self.seq),
+            None => crate::wire::new_message_id(),
+        };
+        h.insert(crate::wire::headers::MESSAGE_ID, crate::wire::header_value(&id));
+        h
+    }
+}
 
 /// An answer to a request.
 pub(crate) struct Reply {
@@ -92,6 +237,82 @@ impl Transport {
         match &self.0 {
             Kind::Nats(t) => t.subscribe(to).await.map(|s| Subscription(Sub::Nats(s))),
             Kind::Memory(t) => t.subscribe(to).map(|s| Subscription(Sub::Memory(s))),
+        }
+    }
+
+    /// Creates the stream that keeps `subject` (and the dead-letter stream),
+    /// or brings its settings in line.
+    pub(crate) async fn ensure_stream(
+        &self,
+        subject: &str,
+        settings: &crate::config::StreamSettings,
+    ) -> Result<()> {
+        match &self.0 {
+            Kind::Nats(t) => {
+                t.ensure_dead_letters(settings).await?;
+                t.ensure_stream(subject, settings).await
+            }
+            Kind::Memory(bus) => {
+                bus.streams().ensure(subject, settings);
+                Ok(())
+            }
+        }
+    }
+
+    /// Binds a durable consumer and pulls from it.
+    pub(crate) async fn durable_subscribe(
+        &self,
+        subject: &str,
+        durable: &str,
+        options: &DurableOptions,
+    ) -> Result<Subscription> {
+        match &self.0 {
+            Kind::Nats(t) => t
+                .durable_subscribe(subject, durable, options)
+                .await
+                .map(|s| Subscription(Sub::Js(Box::new(s)))),
+            Kind::Memory(bus) => bus
+                .streams()
+                .bind(subject, durable, options)
+                .map(|s| Subscription(Sub::MemoryDurable(s))),
+        }
+    }
+
+    /// Publishes to the stream of `subject` and waits until it is stored.
+    pub(crate) async fn publish_durable(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<()> {
+        match &self.0 {
+            Kind::Nats(t) => t.publish_durable(subject, headers, payload, timeout).await,
+            Kind::Memory(bus) => bus.publish_durable(subject, headers, payload),
+        }
+    }
+
+    /// Dead letters from `from`, oldest first, at most `limit`.
+    pub(crate) async fn dead_letters(&self, from: u64, limit: usize) -> Result<Vec<DeadLetter>> {
+        match &self.0 {
+            Kind::Nats(t) => t.dead_letters(from, limit).await,
+            Kind::Memory(bus) => Ok(bus.streams().dead_letters(from, limit)),
+        }
+    }
+
+    /// One dead letter.
+    pub(crate) async fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>> {
+        match &self.0 {
+            Kind::Nats(t) => t.dead_letter(seq).await,
+            Kind::Memory(bus) => Ok(bus.streams().dead_letter(seq)),
+        }
+    }
+
+    /// Deletes a dead letter.
+    pub(crate) async fn delete_dead_letter(&self, seq: u64) -> Result<bool> {
+        match &self.0 {
+            Kind::Nats(t) => t.delete_dead_letter(seq).await,
+            Kind::Memory(bus) => Ok(bus.streams().delete_dead_letter(seq)),
         }
     }
 
@@ -179,6 +400,8 @@ pub(crate) struct Subscription(Sub);
 enum Sub {
     Nats(nats::NatsSubscription),
     Memory(memory::MemorySubscription),
+    Js(Box<jetstream::JsSubscription>),
+    MemoryDurable(memory_streams::MemoryDurable),
 }
 
 impl Subscription {
@@ -188,7 +411,16 @@ impl Subscription {
         match &mut self.0 {
             Sub::Nats(s) => s.next().await,
             Sub::Memory(s) => s.next().await,
+            Sub::Js(s) => s.next().await,
+            Sub::MemoryDurable(s) => s.next().await,
         }
+    }
+
+    /// Whether the broker keeps what this subscription has not taken
+    /// (a durable consumer): then it is read only as fast as it is handled,
+    /// and nothing is ever dropped for lack of room.
+    pub(crate) fn is_durable(&self) -> bool {
+        matches!(self.0, Sub::Js(_) | Sub::MemoryDurable(_))
     }
 
     /// Stops new deliveries. Messages the broker delivered before it took
@@ -198,6 +430,8 @@ impl Subscription {
         match &mut self.0 {
             Sub::Nats(s) => s.drain().await,
             Sub::Memory(s) => s.drain(),
+            Sub::Js(s) => s.drain().await,
+            Sub::MemoryDurable(s) => s.drain(),
         }
     }
 
@@ -206,7 +440,7 @@ impl Subscription {
     pub(crate) fn handover_confirmed(&self) -> bool {
         match &self.0 {
             Sub::Nats(s) => s.handover_confirmed(),
-            Sub::Memory(_) => true,
+            Sub::Memory(_) | Sub::Js(_) | Sub::MemoryDurable(_) => true,
         }
     }
 }
@@ -218,6 +452,8 @@ pub(crate) struct Delivery {
     pub headers: Option<HeaderMap>,
     pub payload: Bytes,
     pub deadline: Option<Deadline>,
+    /// Which delivery this is (1 unless a durable consumer redelivers).
+    pub delivered: u64,
     pub settler: Settler,
 }
 
@@ -227,6 +463,7 @@ pub(crate) struct Incoming {
     pub headers: Option<HeaderMap>,
     pub payload: Bytes,
     pub deadline: Option<Deadline>,
+    pub delivered: u64,
 }
 
 impl Delivery {
@@ -242,6 +479,7 @@ impl Delivery {
             headers,
             payload,
             deadline,
+            delivered: 1,
             settler: Settler { reply },
         }
     }
@@ -258,6 +496,7 @@ impl Delivery {
             headers,
             payload,
             deadline,
+            delivered,
             settler,
         } = self;
         (
@@ -266,6 +505,7 @@ impl Delivery {
                 headers,
                 payload,
                 deadline,
+                delivered,
             },
             settler,
         )
@@ -277,15 +517,22 @@ pub(crate) enum ReplyTo {
     None,
     Nats(nats::NatsReply),
     Memory(memory::ReplySlot),
+    Js(Box<jetstream::JsAck>),
+    MemoryDurable(memory_streams::MemoryAck),
 }
 
 /// How a delivery ends.
 pub(crate) enum Settle {
-    /// Success: the reply body (ignored for events).
+    /// Success: the reply body (ignored for events); a durable message is
+    /// acknowledged.
     Reply(Bytes),
     /// Failure: an error reply; `error_id` names the log line with the full
-    /// text of a 5xx error.
+    /// text of a 5xx error. A durable message is settled as dead.
     Error { error: Error, error_id: Option<String> },
+    /// Try again later: a durable message is redelivered after `delay`.
+    Retry { delay: Duration },
+    /// Give up: a durable message goes to the dead letters.
+    Dead(Box<DeadLetter>),
     /// No answer: the sender stopped waiting.
     Drop,
 }
@@ -307,18 +554,57 @@ impl Settler {
     /// log.
     pub(crate) async fn settle(mut self, how: Settle) -> Result<()> {
         let reply = std::mem::replace(&mut self.reply, ReplyTo::None);
-        let (headers, body) = match how {
-            Settle::Drop => return Ok(()),
-            Settle::Reply(body) => (None, body),
-            Settle::Error { error, error_id } => {
-                let (h, b) = crate::wire::errors::encode(&error, error_id.as_deref());
-                (Some(h), b)
-            }
-        };
         match reply {
             ReplyTo::None => Ok(()),
-            ReplyTo::Nats(to) => to.send(headers, body).await,
-            ReplyTo::Memory(slot) => slot.send(headers, body),
+            ReplyTo::Js(ack) => match how {
+                Settle::Reply(_) | Settle::Drop => ack.ack().await,
+                Settle::Retry { delay } => ack.nak(delay).await,
+                Settle::Dead(letter) => ack.dead(*letter).await,
+                // The pipeline turns failures of durable messages into
+                // Retry or Dead; an error here is a dead end too.
+                Settle::Error { .. } => ack.nak(Duration::from_secs(1)).await,
+            },
+            ReplyTo::MemoryDurable(ack) => {
+                match how {
+                    Settle::Reply(_) | Settle::Drop => ack.ack(),
+                    Settle::Retry { delay } => ack.nak(delay),
+                    Settle::Dead(letter) => ack.dead(*letter),
+                    Settle::Error { .. } => ack.nak(Duration::from_secs(1)),
+                }
+                Ok(())
+            }
+            ReplyTo::Nats(to) => match answer(how) {
+                Some((headers, body)) => to.send(headers, body).await,
+                None => Ok(()),
+            },
+            ReplyTo::Memory(slot) => match answer(how) {
+                Some((headers, body)) => slot.send(headers, body),
+                None => Ok(()),
+            },
+        }
+    }
+}
+
+/// What a request's sender gets for `how`, if anything.
+fn answer(how: Settle) -> Option<(Option<HeaderMap>, Bytes)> {
+    match how {
+        Settle::Drop => None,
+        Settle::Reply(body) => Some((None, body)),
+        Settle::Error { error, error_id } => {
+            let (h, b) = crate::wire::errors::encode(&error, error_id.as_deref());
+            Some((Some(h), b))
+        }
+        // Core requests are not redelivered: the sender decides, so it
+        // learns the handler is unavailable for now.
+        Settle::Retry { .. } => {
+            let e = Error::new(ErrorKind::Unavailable, "the handler cannot take this now; retry").exposed();
+            let (h, b) = crate::wire::errors::encode(&e, None);
+            Some((Some(h), b))
+        }
+        Settle::Dead(letter) => {
+            let e = Error::new(letter.error_kind, letter.error.clone());
+            let (h, b) = crate::wire::errors::encode(&e, None);
+            Some((Some(h), b))
         }
     }
 }
@@ -334,16 +620,20 @@ impl Settler {
 }
 
 fn refuse(reply: ReplyTo, error: &Error) {
-    if matches!(reply, ReplyTo::None) {
-        return;
-    }
-    let (h, b) = crate::wire::errors::encode(error, None);
     match reply {
         ReplyTo::None => {}
-        ReplyTo::Nats(to) => to.send_now(h, b),
+        ReplyTo::Nats(to) => {
+            let (h, b) = crate::wire::errors::encode(error, None);
+            to.send_now(h, b);
+        }
         ReplyTo::Memory(slot) => {
+            let (h, b) = crate::wire::errors::encode(error, None);
             let _ = slot.send(Some(h), b);
         }
+        // A durable message nobody settled goes back to the broker at
+        // once, for another delivery.
+        ReplyTo::Js(ack) => ack.give_back_now(),
+        ReplyTo::MemoryDurable(ack) => ack.nak(Duration::ZERO),
     }
 }
 
@@ -355,7 +645,8 @@ impl Drop for Settler {
             &Error::new(
                 ErrorKind::Unavailable,
                 "the replica stopped before answering; retry",
-            ),
+            )
+            .exposed(),
         );
     }
 }

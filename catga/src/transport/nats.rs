@@ -118,6 +118,9 @@ struct Inner {
     /// Whether the inbox subscription is in place.
     inbox_live: Arc<AtomicBool>,
     dispatcher: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The JetStream context of the client in use (it runs a task of its
+    /// own, so it is made once per client).
+    jetstream: Mutex<Option<(usize, async_nats::jetstream::Context)>>,
     slow_consumer_events: Arc<AtomicU64>,
     server_errors: broadcast::Sender<String>,
 }
@@ -337,10 +340,30 @@ impl NatsTransport {
                 }),
                 inbox_live: Arc::new(AtomicBool::new(false)),
                 dispatcher: tokio::sync::Mutex::new(None),
+                jetstream: Mutex::new(None),
                 slow_consumer_events: slow,
                 server_errors,
             }),
         })
+    }
+
+    /// The JetStream context of the client in use.
+    pub(crate) fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = self.client();
+        let id = Arc::as_ptr(&client) as usize;
+        let mut cached = self
+            .inner
+            .jetstream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &*cached {
+            Some((seen, js)) if *seen == id => js.clone(),
+            _ => {
+                let js = async_nats::jetstream::new((*client).clone());
+                *cached = Some((id, js.clone()));
+                js
+            }
+        }
     }
 
     /// The async-nats client in use now.

@@ -18,7 +18,7 @@ pub(crate) const MAX_TEXT: usize = 1024;
 /// What a caller is told about a failure: the text for 4xx kinds, the kind
 /// and the error id for 5xx kinds (see [`Error`]).
 pub(crate) fn public_text(err: &Error, error_id: Option<&str>) -> String {
-    if err.kind().is_public() {
+    if err.is_public() {
         return err.message().to_owned();
     }
     let what = match err.kind() {

@@ -51,6 +51,20 @@ pub mod headers {
     /// Id under which a failure's full text was logged by the replica that
     /// failed.
     pub const ERROR_ID: HeaderName = HeaderName::from_static("Catga-Error-Id");
+    /// Dead letter: the subject the message came on.
+    pub const DLQ_SUBJECT: HeaderName = HeaderName::from_static("Catga-Dlq-Subject");
+    /// Dead letter: the service whose handler gave up on it.
+    pub const DLQ_SERVICE: HeaderName = HeaderName::from_static("Catga-Dlq-Service");
+    /// Dead letter: the handler that gave up on it.
+    pub const DLQ_HANDLER: HeaderName = HeaderName::from_static("Catga-Dlq-Handler");
+    /// Dead letter: the error kind of the last attempt.
+    pub const DLQ_ERROR_KIND: HeaderName = HeaderName::from_static("Catga-Dlq-Error-Kind");
+    /// Dead letter: the error text of the last attempt.
+    pub const DLQ_ERROR: HeaderName = HeaderName::from_static("Catga-Dlq-Error");
+    /// Dead letter: how many times it was delivered.
+    pub const DLQ_DELIVERIES: HeaderName = HeaderName::from_static("Catga-Dlq-Deliveries");
+    /// Dead letter: its original `Nats-Msg-Id`.
+    pub const DLQ_MESSAGE_ID: HeaderName = HeaderName::from_static("Catga-Dlq-Msg-Id");
 }
 
 /// The longest message id catga accepts.
@@ -59,6 +73,14 @@ pub const MAX_ID_LEN: usize = 256;
 /// A fresh, unique message id (a NUID: 22 base-62 characters).
 pub fn new_message_id() -> String {
     nuid::next().to_string()
+}
+
+/// Makes `text` a valid header value: line breaks and other control
+/// characters become spaces (async-nats panics on some of them).
+pub(crate) fn header_value(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Checks a message id chosen by a caller: 1 to [`MAX_ID_LEN`] visible

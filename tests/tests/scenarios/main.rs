@@ -4,9 +4,11 @@
 //! `memory::` test of each).
 
 mod back_pressure;
+mod durable;
 mod errors;
 mod fan_out;
 mod handover;
+mod idempotency;
 mod lifecycle;
 mod load_balancing;
 mod parallel;
@@ -14,6 +16,7 @@ mod parity;
 mod registry;
 mod request_reply;
 mod shutdown;
+mod state;
 
 use std::time::Duration;
 

@@ -1,0 +1,222 @@
+//! The typed state API of a handler's [`Context`]: load a value with its
+//! version, change it, save it with the events it produced, in one atomic
+//! store operation.
+//!
+//! ```ignore
+//! let mut order = ctx.load::<Order>(&cmd.id).await?;        // NotFound if missing
+//! order.pay(cmd.amount_cents)?;
+//! ctx.save(order).with_event(OrderPaid { id: cmd.id, amount_cents }).await?; // Conflict if it changed
+//! ```
+//!
+//! In a handler that is not idempotent each save commits at once. In an
+//! idempotent one (an `idempotent` command type, or `#[event(idempotent)]`)
+//! saves and publishes are kept until the handler answers, then committed
+//! together with the answer to the inbox: all of it or none, so a replica
+//! that dies half way leaves nothing behind, and a retry of a message that
+//! was answered gets the same answer without running again.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+use crate::client::Context;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Event;
+use crate::store::{Commit, Committed, OutboxEntry, StagedState, State, StateWrite, Versioned};
+use crate::wire::codec::{Decode, Encode};
+
+impl Context {
+    /// Loads the state `key` of kind `T`, with its version; a missing key is
+    /// [`ErrorKind::NotFound`].
+    pub async fn load<T: State>(&self, key: &str) -> Result<Versioned<T>> {
+        self.try_load(key)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("{} {key} does not exist", T::KIND)))
+    }
+
+    /// Loads the state `key` of kind `T`, or `None` if there is none. In an
+    /// idempotent handler, a value it saved earlier is read back as saved.
+    pub async fn try_load<T: State>(&self, key: &str) -> Result<Option<Versioned<T>>> {
+        let work = self.work();
+        if let Some(staged) = &work.staged {
+            let found = {
+                let staged = staged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                staged
+                    .states
+                    .iter()
+                    .find(|s| s.kind == T::KIND && s.key == key)
+                    .map(|s| (s.version, s.data.clone()))
+            };
+            if let Some((version, data)) = found {
+                return decode::<T>(key, version, &data).map(Some);
+            }
+        }
+        match work.store.load(T::KIND, key).await? {
+            Some((version, data)) => decode::<T>(key, version, &data).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Saves `state` (if nobody saved its key since it was loaded); add the
+    /// events it produced with [`Save::with_event`]: they go out through
+    /// the outbox, never lost once the save returned. A stale version is a
+    /// retryable [`ErrorKind::Conflict`]; `retry = N` on the handler runs it
+    /// again with fresh state.
+    pub fn save<T: State>(&self, state: Versioned<T>) -> Save<'_, T> {
+        Save {
+            ctx: self,
+            state,
+            events: Ok(Vec::new()),
+        }
+    }
+
+    pub(crate) fn outbox_entry<E: Event>(&self, event: &E) -> Result<OutboxEntry> {
+        let payload = event.encode()?;
+        let headers = self.child_headers(true, E::VERSION);
+        let id = headers
+            .get(crate::wire::headers::MESSAGE_ID)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(crate::wire::new_message_id);
+        Ok(OutboxEntry {
+            id,
+            subject: E::SUBJECT.to_owned(),
+            headers: headers
+                .iter()
+                .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
+                .collect(),
+            payload: payload.to_vec(),
+        })
+    }
+
+    async fn commit_save<T: State>(
+        &self,
+        state: Versioned<T>,
+        events: Vec<OutboxEntry>,
+    ) -> Result<Versioned<T>> {
+        let data = state.encode_value()?;
+        let work = self.work();
+        if let Some(staged) = &work.staged {
+            let mut staged = staged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let version = match staged
+                .states
+                .iter_mut()
+                .find(|s| s.kind == T::KIND && s.key == state.key())
+            {
+                Some(s) if s.version != state.version() => {
+                    return Err(conflict::<T>(state.key(), state.version(), s.version));
+                }
+                Some(s) => {
+                    s.version += 1;
+                    s.data = data;
+                    s.version
+                }
+                None => {
+                    staged.states.push(StagedState {
+                        kind: T::KIND,
+                        key: state.key().to_owned(),
+                        expected: state.version(),
+                        version: state.version() + 1,
+                        data,
+                    });
+                    state.version() + 1
+                }
+            };
+            staged.events.extend(events);
+            let (key, value) = (state.key().to_owned(), state.into_inner());
+            return Ok(Versioned::loaded(key, version, value));
+        }
+        let commit = Commit {
+            states: vec![StateWrite {
+                kind: T::KIND.to_owned(),
+                key: state.key().to_owned(),
+                expected: state.version(),
+                data,
+            }],
+            events,
+            inbox: None,
+        };
+        match work.store.commit(&commit).await? {
+            Committed::Yes(versions) => {
+                let version = versions.first().copied().unwrap_or(state.version() + 1);
+                let (key, value) = (state.key().to_owned(), state.into_inner());
+                Ok(Versioned::loaded(key, version, value))
+            }
+            Committed::Conflict { current, .. } => Err(conflict::<T>(state.key(), state.version(), current)),
+            Committed::LostClaim => Err(Error::new(
+                ErrorKind::Unavailable,
+                "the message was taken over; retry",
+            )),
+        }
+    }
+}
+
+fn conflict<T: State>(key: &str, loaded: u64, now: u64) -> Error {
+    let what = if loaded == 0 {
+        format!("{} {key} exists already (version {now})", T::KIND)
+    } else {
+        format!(
+            "{} {key} changed since it was loaded (loaded at version {loaded}, now {now})",
+            T::KIND
+        )
+    };
+    Error::conflict(what)
+}
+
+fn decode<T: State>(key: &str, version: u64, data: &[u8]) -> Result<Versioned<T>> {
+    let value = T::decode(data, T::KIND).map_err(|e| {
+        Error::new(
+            ErrorKind::Internal,
+            format!("stored {} {key} cannot be read: {}", T::KIND, e.message()),
+        )
+    })?;
+    Ok(Versioned::loaded(key.to_owned(), version, value))
+}
+
+impl<T: State> Versioned<T> {
+    fn encode_value(&self) -> Result<Bytes> {
+        (**self).encode()
+    }
+}
+
+/// A save in the making: add the events the change produced, then await
+/// it. Returns the saved value with its new version.
+#[must_use = "a save does nothing until awaited"]
+pub struct Save<'a, T> {
+    ctx: &'a Context,
+    state: Versioned<T>,
+    events: Result<Vec<OutboxEntry>>,
+}
+
+impl<T: State> Save<'_, T> {
+    /// Adds an event to publish, atomically with the state.
+    pub fn with_event<E: Event>(mut self, event: E) -> Self {
+        if let Ok(events) = &mut self.events {
+            match self.ctx.outbox_entry(&event) {
+                Ok(e) => events.push(e),
+                Err(e) => self.events = Err(e),
+            }
+        }
+        self
+    }
+
+    /// Adds events to publish, atomically with the state.
+    pub fn with_events<E: Event>(mut self, events: impl IntoIterator<Item = E>) -> Self {
+        for e in events {
+            self = self.with_event(e);
+        }
+        self
+    }
+}
+
+impl<'a, T: State> IntoFuture for Save<'a, T> {
+    type Output = Result<Versioned<T>>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Versioned<T>>> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let events = self.events?;
+            self.ctx.commit_save(self.state, events).await
+        })
+    }
+}

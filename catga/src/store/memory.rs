@@ -1,0 +1,334 @@
+//! The in-memory store: the embedded mode's twin of Redis, same semantics
+//! (versions, an outbox with entries taken, marked sent, and taken over
+//! when their relay goes quiet, an inbox with leases and windows).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Commit, Committed, Inbox, OutboxEntry, StoredReply};
+use crate::error::Result;
+
+#[derive(Default)]
+pub(crate) struct MemoryStore {
+    inner: Mutex<Inner>,
+    /// Wakes a relay waiting for new outbox entries.
+    appended: Notify,
+}
+
+#[derive(Default)]
+struct Inner {
+    state: HashMap<(String, String), (u64, Bytes)>,
+    outbox: BTreeMap<u64, Queued>,
+    next_entry: u64,
+    inbox: HashMap<(String, String), (InboxValue, Instant)>,
+}
+
+struct Queued {
+    entry: OutboxEntry,
+    /// The relay that took it, and when.
+    taken: Option<(String, Instant)>,
+}
+
+#[derive(Clone)]
+enum InboxValue {
+    Pending(String),
+    Done(StoredReply),
+}
+
+impl MemoryStore {
+    pub(crate) fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section leaves the maps consistent before it can
+        // panic, so a poisoned lock still guards consistent data.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
+    pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
+        Ok(self.lock().state.get(&(kind.to_owned(), key.to_owned())).cloned())
+    }
+
+    fn append(inner: &mut Inner, events: Vec<OutboxEntry>) {
+        for entry in events {
+            inner.next_entry += 1;
+            let n = inner.next_entry;
+            inner.outbox.insert(n, Queued { entry, taken: None });
+        }
+    }
+
+    pub(crate) async fn commit(&self, commit: &Commit) -> Result<Committed> {
+        let appended = {
+            let mut inner = self.lock();
+            for (index, w) in commit.states.iter().enumerate() {
+                let current = inner
+                    .state
+                    .get(&(w.kind.clone(), w.key.clone()))
+                    .map_or(0, |(v, _)| *v);
+                if current != w.expected {
+                    return Ok(Committed::Conflict { index, current });
+                }
+            }
+            let now = Instant::now();
+            if let Some(i) = &commit.inbox {
+                let owned = matches!(
+                    inner.inbox.get(&(i.scope.clone(), i.id.clone())),
+                    Some((InboxValue::Pending(o), expires)) if *o == i.owner && *expires > now
+                );
+                if !owned {
+                    return Ok(Committed::LostClaim);
+                }
+            }
+            let mut versions = Vec::with_capacity(commit.states.len());
+            for w in &commit.states {
+                inner
+                    .state
+                    .insert((w.kind.clone(), w.key.clone()), (w.expected + 1, w.data.clone()));
+                versions.push(w.expected + 1);
+            }
+            if let Some(i) = &commit.inbox {
+                inner.inbox.insert(
+                    (i.scope.clone(), i.id.clone()),
+                    (InboxValue::Done(i.reply.clone()), now + i.window),
+                );
+            }
+            Self::append(&mut inner, commit.events.clone());
+            (versions, !commit.events.is_empty())
+        };
+        if appended.1 {
+            self.appended.notify_waiters();
+        }
+        Ok(Committed::Yes(appended.0))
+    }
+
+    fn take_now(&self, relay: &str, count: usize, stale: Duration) -> Vec<(String, OutboxEntry)> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for (n, q) in inner.outbox.iter_mut() {
+            if out.len() >= count {
+                break;
+            }
+            let free = match &q.taken {
+                None => true,
+                Some((_, at)) => now.duration_since(*at) >= stale,
+            };
+            if free {
+                q.taken = Some((relay.to_owned(), now));
+                out.push((n.to_string(), q.entry.clone()));
+            }
+        }
+        out
+    }
+
+    pub(crate) async fn outbox_take(
+        &self,
+        relay: &str,
+        count: usize,
+        block: Duration,
+        stale: Duration,
+    ) -> Result<Vec<(String, OutboxEntry)>> {
+        let deadline = Instant::now() + block;
+        loop {
+            let appended = self.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            let taken = self.take_now(relay, count, stale);
+            if !taken.is_empty() {
+                return Ok(taken);
+            }
+            if tokio::time::timeout_at(deadline, appended).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    pub(crate) async fn outbox_done(&self, ids: &[String]) -> Result<()> {
+        let mut inner = self.lock();
+        for id in ids {
+            if let Ok(n) = id.parse::<u64>() {
+                inner.outbox.remove(&n);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn outbox_backlog(&self) -> Result<u64> {
+        Ok(self.lock().outbox.len() as u64)
+    }
+
+    pub(crate) async fn inbox_begin(
+        &self,
+        scope: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Inbox> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let k = (scope.to_owned(), id.to_owned());
+        match inner.inbox.get(&k) {
+            Some((value, expires)) if *expires > now => Ok(match value {
+                InboxValue::Done(r) => Inbox::Done(r.clone()),
+                InboxValue::Pending(_) => Inbox::Busy,
+            }),
+            _ => {
+                inner
+                    .inbox
+                    .insert(k, (InboxValue::Pending(owner.to_owned()), now + lease));
+                // Expired entries go when the map is touched, a few at a
+                // time, so that it does not grow without bound.
+                if inner.inbox.len() > 1024 {
+                    inner.inbox.retain(|_, (_, expires)| *expires > now);
+                }
+                Ok(Inbox::Fresh)
+            }
+        }
+    }
+
+    pub(crate) async fn inbox_finish(
+        &self,
+        scope: &str,
+        id: &str,
+        reply: &StoredReply,
+        window: Duration,
+    ) -> Result<()> {
+        self.lock().inbox.insert(
+            (scope.to_owned(), id.to_owned()),
+            (InboxValue::Done(reply.clone()), Instant::now() + window),
+        );
+        Ok(())
+    }
+
+    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let k = (scope.to_owned(), id.to_owned());
+        if matches!(inner.inbox.get(&k), Some((InboxValue::Pending(o), _)) if o == owner) {
+            inner.inbox.remove(&k);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str) -> OutboxEntry {
+        OutboxEntry {
+            id: id.into(),
+            subject: "evt.x".into(),
+            headers: vec![],
+            payload: b"{}".to_vec(),
+        }
+    }
+
+    fn write(key: &str, expected: u64, data: &'static [u8]) -> super::super::StateWrite {
+        super::super::StateWrite {
+            kind: "k".into(),
+            key: key.into(),
+            expected,
+            data: Bytes::from_static(data),
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_guard_commits() {
+        let s = MemoryStore::new();
+        let one = Commit {
+            states: vec![write("a", 0, b"1")],
+            ..Commit::default()
+        };
+        assert_eq!(s.commit(&one).await.expect("commit"), Committed::Yes(vec![1]));
+        assert_eq!(
+            s.commit(&one).await.expect("commit"),
+            Committed::Conflict { index: 0, current: 1 }
+        );
+        let two = Commit {
+            states: vec![write("b", 0, b"x"), write("a", 1, b"2")],
+            events: vec![entry("e1")],
+            inbox: None,
+        };
+        assert_eq!(s.commit(&two).await.expect("commit"), Committed::Yes(vec![1, 2]));
+        assert_eq!(
+            s.load("k", "a").await.expect("load"),
+            Some((2, Bytes::from_static(b"2")))
+        );
+        assert_eq!(s.outbox_backlog().await.expect("backlog"), 1);
+        // All or nothing: a conflict on the second key writes neither.
+        let partial = Commit {
+            states: vec![write("c", 0, b"c"), write("a", 1, b"3")],
+            events: vec![entry("e2")],
+            inbox: None,
+        };
+        assert_eq!(
+            s.commit(&partial).await.expect("commit"),
+            Committed::Conflict { index: 1, current: 2 }
+        );
+        assert_eq!(s.load("k", "c").await.expect("load"), None);
+        assert_eq!(s.outbox_backlog().await.expect("backlog"), 1);
+    }
+
+    #[tokio::test]
+    async fn outbox_entries_are_taken_over_when_their_relay_goes_quiet() {
+        let s = MemoryStore::new();
+        let c = Commit {
+            events: vec![entry("e1")],
+            ..Commit::default()
+        };
+        s.commit(&c).await.expect("commit");
+        let stale = Duration::from_millis(50);
+        let a = s.outbox_take("a", 10, Duration::ZERO, stale).await.expect("take");
+        assert_eq!(a.len(), 1);
+        assert!(
+            s.outbox_take("b", 10, Duration::ZERO, stale)
+                .await
+                .expect("take")
+                .is_empty()
+        );
+        tokio::time::sleep(stale).await;
+        let b = s.outbox_take("b", 10, Duration::ZERO, stale).await.expect("take");
+        assert_eq!(b.len(), 1, "relay a went quiet: b takes over");
+        s.outbox_done(&[b[0].0.clone()]).await.expect("done");
+        assert_eq!(s.outbox_backlog().await.expect("backlog"), 0);
+    }
+
+    #[tokio::test]
+    async fn the_inbox_runs_a_message_once() {
+        let s = MemoryStore::new();
+        let lease = Duration::from_secs(5);
+        assert_eq!(
+            s.inbox_begin("h", "m1", "r1", lease).await.expect("begin"),
+            Inbox::Fresh
+        );
+        assert_eq!(
+            s.inbox_begin("h", "m1", "r2", lease).await.expect("begin"),
+            Inbox::Busy
+        );
+        let reply = StoredReply::Ok(Bytes::from_static(b"7"));
+        s.inbox_finish("h", "m1", &reply, lease).await.expect("finish");
+        assert_eq!(
+            s.inbox_begin("h", "m1", "r2", lease).await.expect("begin"),
+            Inbox::Done(reply)
+        );
+        assert_eq!(
+            s.inbox_begin("h", "m2", "r1", lease).await.expect("begin"),
+            Inbox::Fresh
+        );
+        s.inbox_abandon("h", "m2", "r1").await.expect("abandon");
+        assert_eq!(
+            s.inbox_begin("h", "m2", "r2", lease).await.expect("begin"),
+            Inbox::Fresh
+        );
+    }
+}

@@ -1,0 +1,407 @@
+//! Shared state: typed values with a version, saved together with the
+//! events they produced in one atomic operation (state + outbox), and an
+//! inbox that makes handlers idempotent. Redis when `REDIS_URL` is set, an
+//! in-memory twin with the same semantics otherwise.
+//!
+//! Key space: `catga:{<service>}:<kind>:<key>`. The service name is the
+//! Redis hash tag, so every key of one service lives in one Redis Cluster
+//! slot and each atomic operation (a Lua script over a state key and the
+//! outbox stream) works on a cluster unchanged. The cost: one service's
+//! state does not spread over several shards.
+
+mod memory;
+mod redis;
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, ErrorKind, Result};
+
+pub(crate) use self::memory::MemoryStore;
+pub(crate) use self::redis::{RedisConnect, RedisStore};
+
+/// A kind of state kept in the store: a serde type with a name for its
+/// keys.
+///
+/// ```ignore
+/// #[derive(Serialize, Deserialize)]
+/// struct Order { customer: String, status: Status }
+///
+/// impl catga::State for Order {
+///     const KIND: &'static str = "order";
+/// }
+/// ```
+pub trait State: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The kind's name in store keys (`catga:{service}:state:<KIND>:<key>`).
+    const KIND: &'static str;
+}
+
+/// A state value with its key and the version it was loaded at. Saving it
+/// succeeds only if nobody saved that key since (optimistic concurrency);
+/// a value made with [`Versioned::new`] is saved only if the key does not
+/// exist yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<T> {
+    key: String,
+    version: u64,
+    value: T,
+}
+
+impl<T> Versioned<T> {
+    /// A value that is not stored yet (version 0): saving it creates the
+    /// key, and fails with a conflict if the key exists.
+    pub fn new(key: impl Into<String>, value: T) -> Versioned<T> {
+        Versioned {
+            key: key.into(),
+            version: 0,
+            value,
+        }
+    }
+
+    pub(crate) fn loaded(key: String, version: u64, value: T) -> Versioned<T> {
+        Versioned { key, version, value }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The version it was loaded at (0: not stored yet). Each save adds one.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The value.
+    pub fn into_inner(self) -> T {
+        self.value
+    }
+}
+
+impl<T> Deref for Versioned<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> DerefMut for Versioned<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.value
+    }
+}
+
+/// An event waiting in the outbox: saved atomically with the state that
+/// produced it, published by the relay, never lost once the save returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub(crate) struct OutboxEntry {
+    /// Its message id (`Nats-Msg-Id`): JetStream drops a second publish of
+    /// the same id, so a relay that crashed between publishing and marking
+    /// the entry sent does not deliver it twice.
+    pub id: String,
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Vec<u8>,
+}
+
+/// One state write of a commit: the key, the version it must still be
+/// at, and the new value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StateWrite {
+    pub kind: String,
+    pub key: String,
+    pub expected: u64,
+    pub data: Bytes,
+}
+
+/// The inbox part of a commit: the message's answer, kept for `window`,
+/// written only if `owner` still holds the message's claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InboxWrite {
+    pub scope: String,
+    pub id: String,
+    pub owner: String,
+    pub reply: StoredReply,
+    pub window: Duration,
+}
+
+/// Everything a handler changed, written in one atomic operation: state
+/// (each key at the version it was loaded at), events to the outbox, and
+/// the handler's answer to the inbox. All or nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Commit {
+    pub states: Vec<StateWrite>,
+    pub events: Vec<OutboxEntry>,
+    pub inbox: Option<InboxWrite>,
+}
+
+/// What a commit found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Committed {
+    /// Written: the new version of each state, in order.
+    Yes(Vec<u64>),
+    /// Nothing written: the state at `index` was saved by someone else
+    /// since it was loaded; its version now (0: it does not exist).
+    Conflict { index: usize, current: u64 },
+    /// Nothing written: the message's claim passed to another replica (its
+    /// lease ran out while this one worked).
+    LostClaim,
+}
+
+/// A handler's answer as the inbox keeps it, to give a retry the same
+/// answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StoredReply {
+    Ok(Bytes),
+    Err { kind: ErrorKind, message: String },
+}
+
+impl StoredReply {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        match self {
+            StoredReply::Ok(b) => {
+                let mut v = b"D+".to_vec();
+                v.extend_from_slice(b);
+                v
+            }
+            StoredReply::Err { kind, message } => format!("D-{}:{message}", kind.as_str()).into_bytes(),
+        }
+    }
+
+    pub(crate) fn decode(raw: &[u8]) -> Option<StoredReply> {
+        match raw {
+            [b'D', b'+', rest @ ..] => Some(StoredReply::Ok(Bytes::copy_from_slice(rest))),
+            [b'D', b'-', rest @ ..] => {
+                let text = String::from_utf8_lossy(rest);
+                let (kind, message) = text.split_once(':')?;
+                Some(StoredReply::Err {
+                    kind: ErrorKind::from_wire(Some(kind), None),
+                    message: message.to_owned(),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the inbox knows of a message id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Inbox {
+    /// First time: this caller now owns it until it finishes or its lease
+    /// passes.
+    Fresh,
+    /// Handled before: the answer then.
+    Done(StoredReply),
+    /// Being handled right now (by this replica or another).
+    Busy,
+}
+
+/// The store a runtime uses. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Store(Arc<Kind>);
+
+// Behind an `Arc` already: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Kind {
+    Redis(RedisStore),
+    Memory(Arc<MemoryStore>),
+}
+
+impl From<RedisStore> for Store {
+    fn from(s: RedisStore) -> Store {
+        Store(Arc::new(Kind::Redis(s)))
+    }
+}
+
+impl From<MemoryStore> for Store {
+    fn from(s: MemoryStore) -> Store {
+        Store(Arc::new(Kind::Memory(Arc::new(s))))
+    }
+}
+
+impl From<Arc<MemoryStore>> for Store {
+    fn from(s: Arc<MemoryStore>) -> Store {
+        Store(Arc::new(Kind::Memory(s)))
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &*$self.0 {
+            Kind::Redis($s) => $e,
+            Kind::Memory($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Which kind, for logs.
+    pub(crate) fn name(&self) -> &'static str {
+        match &*self.0 {
+            Kind::Redis(_) => "redis",
+            Kind::Memory(_) => "memory",
+        }
+    }
+
+    /// Whether the store answers.
+    pub(crate) async fn ping(&self) -> Result<()> {
+        each!(self, s => s.ping().await)
+    }
+
+    /// The value of a state key and its version.
+    pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
+        each!(self, s => s.load(kind, key).await)
+    }
+
+    /// Writes a commit atomically (see [`Commit`]).
+    pub(crate) async fn commit(&self, commit: &Commit) -> Result<Committed> {
+        if commit.states.is_empty() && commit.events.is_empty() && commit.inbox.is_none() {
+            return Ok(Committed::Yes(Vec::new()));
+        }
+        each!(self, s => s.commit(commit).await)
+    }
+
+    /// Outbox entries nobody is publishing: new ones (waiting up to
+    /// `block` for some), then ones whose relay went quiet for `stale`.
+    pub(crate) async fn outbox_take(
+        &self,
+        relay: &str,
+        count: usize,
+        block: Duration,
+        stale: Duration,
+    ) -> Result<Vec<(String, OutboxEntry)>> {
+        each!(self, s => s.outbox_take(relay, count, block, stale).await)
+    }
+
+    /// Marks outbox entries published.
+    pub(crate) async fn outbox_done(&self, ids: &[String]) -> Result<()> {
+        each!(self, s => s.outbox_done(ids).await)
+    }
+
+    /// Entries waiting to be published (not yet marked sent).
+    pub(crate) async fn outbox_backlog(&self) -> Result<u64> {
+        each!(self, s => s.outbox_backlog().await)
+    }
+
+    /// Claims `id` in `scope` for `owner` for `lease`, or tells what is
+    /// known of it.
+    pub(crate) async fn inbox_begin(
+        &self,
+        scope: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Inbox> {
+        each!(self, s => s.inbox_begin(scope, id, owner, lease).await)
+    }
+
+    /// Keeps `reply` as the answer to `id` for `window`.
+    pub(crate) async fn inbox_finish(
+        &self,
+        scope: &str,
+        id: &str,
+        reply: &StoredReply,
+        window: Duration,
+    ) -> Result<()> {
+        each!(self, s => s.inbox_finish(scope, id, reply, window).await)
+    }
+
+    /// Gives `id` up (a retryable failure): the next attempt runs it.
+    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {
+        each!(self, s => s.inbox_abandon(scope, id, owner).await)
+    }
+}
+
+/// What a handler's context needs of the store: the store, and for an
+/// idempotent handler the writes it keeps until the handler answers.
+pub(crate) struct Work {
+    pub store: Store,
+    /// `Some` in an idempotent handler: saves and publishes wait here and
+    /// commit atomically with the handler's answer (see the pipeline).
+    pub staged: Option<std::sync::Mutex<Staged>>,
+    /// Subjects with a durable handler in this process: publishing on them
+    /// waits for JetStream's acknowledgement.
+    pub durable_subjects: Arc<std::collections::HashSet<&'static str>>,
+    /// Messages sent so far by the handler (numbers its children's ids).
+    pub sent: std::sync::atomic::AtomicU64,
+}
+
+/// The writes of an idempotent handler, not committed yet.
+#[derive(Default)]
+pub(crate) struct Staged {
+    pub states: Vec<StagedState>,
+    pub events: Vec<OutboxEntry>,
+}
+
+/// One staged state: the version it was loaded at (what the commit
+/// checks), the version it has now in the handler, and its value.
+pub(crate) struct StagedState {
+    pub kind: &'static str,
+    pub key: String,
+    pub expected: u64,
+    pub version: u64,
+    pub data: Bytes,
+}
+
+impl Staged {
+    /// The commit these writes make, with the handler's answer.
+    pub(crate) fn into_commit(self, inbox: Option<InboxWrite>) -> Commit {
+        Commit {
+            states: self
+                .states
+                .into_iter()
+                .map(|s| StateWrite {
+                    kind: s.kind.to_owned(),
+                    key: s.key,
+                    expected: s.expected,
+                    data: s.data,
+                })
+                .collect(),
+            events: self.events,
+            inbox,
+        }
+    }
+}
+
+/// A store failure as callers see it: retryable while the store is away.
+pub(crate) fn unavailable(what: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Transport,
+        format!("the state store is unavailable: {what}"),
+    )
+}
+
+/// The `catga:{service}` prefix of every key.
+pub(crate) fn prefix(service: &str) -> String {
+    format!("catga:{{{service}}}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_replies_round_trip() {
+        for r in [
+            StoredReply::Ok(Bytes::from_static(br#"{"id":"o-1"}"#)),
+            StoredReply::Ok(Bytes::new()),
+            StoredReply::Err {
+                kind: ErrorKind::Invalid,
+                message: "amount: too big: really".into(),
+            },
+        ] {
+            assert_eq!(StoredReply::decode(&r.encode()), Some(r));
+        }
+        assert_eq!(StoredReply::decode(b"P:owner"), None);
+    }
+
+    #[test]
+    fn keys_share_the_service_hash_tag() {
+        assert_eq!(prefix("orders"), "catga:{orders}");
+    }
+}

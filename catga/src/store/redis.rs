@@ -1,0 +1,471 @@
+//! The Redis store: a connection manager that reconnects by itself, Lua
+//! scripts for the atomic operations, a stream with a consumer group for
+//! the outbox.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script, Value};
+
+use super::{Commit, Committed, Inbox, OutboxEntry, StoredReply, prefix, unavailable};
+use crate::error::{Error, ErrorKind, Result};
+
+/// How to reach Redis: `REDIS_URL` (`redis://` or `rediss://`, with
+/// `user:password@` or `:password@` for AUTH) and TLS files.
+#[derive(Debug, Clone)]
+pub(crate) struct RedisConnect {
+    pub url: String,
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+/// How long one store operation may take before it fails (retryably).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) struct RedisStore {
+    /// Everything but the outbox's blocking reads.
+    conn: ConnectionManager,
+    /// The outbox's blocking reads: a blocked read holds its connection,
+    /// and the main connection is shared by every handler.
+    relay: ConnectionManager,
+    prefix: String,
+    outbox: String,
+    group_ready: AtomicBool,
+    commit: Script,
+    inbox_begin: Script,
+    inbox_abandon: Script,
+}
+
+/// A Redis failure: unavailable (retryable) while Redis is away, refused
+/// credentials, anything else internal.
+fn map_err(e: RedisError) -> Error {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+    {
+        return Error::new(
+            ErrorKind::Unauthorized,
+            format!(
+                "Redis refused the credentials ({:?}): check the user and password in REDIS_URL",
+                e.kind()
+            ),
+        );
+    }
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return unavailable(e);
+    }
+    Error::new(ErrorKind::Internal, format!("Redis: {e}"))
+}
+
+fn read_file(name: &str, path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!("{name}: cannot read {}: {e}", path.display()),
+        )
+    })
+}
+
+/// Writes a commit (see `Commit`): checks every state's version and the
+/// inbox claim, then writes states, the inbox answer and the outbox
+/// entries, or nothing.
+///
+/// KEYS: the state keys, the outbox stream, the inbox key (if any).
+/// ARGV: state count, "1" if there is an inbox part, (expected version,
+/// data) per state, then (claim marker, answer, window ms) if there is an
+/// inbox part, then (id, subject, headers, payload) per event.
+const COMMIT: &str = r"
+local n = tonumber(ARGV[1])
+local has_inbox = ARGV[2] == '1'
+for i = 1, n do
+  local cur = redis.call('HGET', KEYS[i], 'v')
+  local expected = tonumber(ARGV[1 + 2 * i])
+  if (cur == false and expected ~= 0) or (cur ~= false and tonumber(cur) ~= expected) then
+    return {0, i, tonumber(cur or '0')}
+  end
+end
+local at = 3 + 2 * n
+if has_inbox and redis.call('GET', KEYS[n + 2]) ~= ARGV[at] then
+  return {2}
+end
+local out = {1}
+for i = 1, n do
+  local version = tonumber(ARGV[1 + 2 * i]) + 1
+  redis.call('HSET', KEYS[i], 'v', version, 'd', ARGV[2 + 2 * i])
+  out[i + 1] = version
+end
+if has_inbox then
+  redis.call('SET', KEYS[n + 2], ARGV[at + 1], 'PX', ARGV[at + 2])
+  at = at + 3
+end
+for j = at, #ARGV, 4 do
+  redis.call('XADD', KEYS[n + 1], '*', 'id', ARGV[j], 'subject', ARGV[j + 1], 'headers', ARGV[j + 2], 'payload', ARGV[j + 3])
+end
+return out
+";
+
+/// Claims an inbox key for `ARGV[1]` (the owner marker) for `ARGV[2]` ms,
+/// or returns what it holds.
+const INBOX_BEGIN: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return false
+end
+return v
+";
+
+/// Deletes an inbox key if `ARGV[1]` still owns it.
+const INBOX_ABANDON: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+const GROUP: &str = "relay";
+
+fn entry_fields(fields: &[(String, Value)]) -> Option<OutboxEntry> {
+    let get = |name: &str| -> Option<Vec<u8>> {
+        fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| match v {
+            Value::BulkString(b) => Some(b.clone()),
+            Value::SimpleString(s) => Some(s.clone().into_bytes()),
+            _ => None,
+        })
+    };
+    let headers: Vec<(String, String)> = serde_json::from_slice(&get("headers")?).ok()?;
+    Some(OutboxEntry {
+        id: String::from_utf8(get("id")?).ok()?,
+        subject: String::from_utf8(get("subject")?).ok()?,
+        headers,
+        payload: get("payload")?,
+    })
+}
+
+/// Parses `[[id, [field, value, ...]], ...]`, the entry list of XREADGROUP
+/// and XAUTOCLAIM.
+fn entries(list: &Value) -> Vec<(String, OutboxEntry)> {
+    let Value::Array(items) = list else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in items {
+        let Value::Array(pair) = item else { continue };
+        let [Value::BulkString(id), Value::Array(kv)] = pair.as_slice() else {
+            continue;
+        };
+        let fields: Vec<(String, Value)> = kv
+            .chunks(2)
+            .filter_map(|c| match c {
+                [Value::BulkString(k), v] => Some((String::from_utf8_lossy(k).into_owned(), v.clone())),
+                _ => None,
+            })
+            .collect();
+        let id = String::from_utf8_lossy(id).into_owned();
+        match entry_fields(&fields) {
+            Some(e) => out.push((id, e)),
+            None => tracing::error!(entry = %id, "an outbox entry cannot be read; it stays in the stream"),
+        }
+    }
+    out
+}
+
+impl RedisStore {
+    /// Prepares the connections; they connect on first use and reconnect
+    /// by themselves, so a Redis that is down at start-up does not stop
+    /// the runtime (it reports not ready until Redis answers).
+    pub(crate) fn connect(how: &RedisConnect, service: &str) -> Result<RedisStore> {
+        let bad_url = |e: RedisError| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "invalid REDIS_URL {}: {:?}",
+                    crate::config::redact_url(&how.url),
+                    e.kind()
+                ),
+            )
+        };
+        let client = if how.tls_ca.is_some() || how.tls_cert.is_some() {
+            let client_tls = match (&how.tls_cert, &how.tls_key) {
+                (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                    client_cert: read_file("REDIS_TLS_CERT", c)?,
+                    client_key: read_file("REDIS_TLS_KEY", k)?,
+                }),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        "REDIS_TLS_CERT and REDIS_TLS_KEY go together: set both or neither",
+                    ));
+                }
+            };
+            let root_cert = how
+                .tls_ca
+                .as_ref()
+                .map(|p| read_file("REDIS_TLS_CA", p))
+                .transpose()?;
+            redis::Client::build_with_tls(
+                how.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
+            .map_err(bad_url)?
+        } else {
+            redis::Client::open(how.url.as_str()).map_err(bad_url)?
+        };
+        let config = |response: Duration| {
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(Some(response))
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_secs(1))
+        };
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config(RESPONSE_TIMEOUT))
+            .map_err(map_err)?;
+        let relay = ConnectionManager::new_lazy_with_config(
+            client,
+            config(RESPONSE_TIMEOUT + Duration::from_secs(5)),
+        )
+        .map_err(map_err)?;
+        let prefix = prefix(service);
+        Ok(RedisStore {
+            conn,
+            relay,
+            outbox: format!("{prefix}:outbox"),
+            prefix,
+            group_ready: AtomicBool::new(false),
+            commit: Script::new(COMMIT),
+            inbox_begin: Script::new(INBOX_BEGIN),
+            inbox_abandon: Script::new(INBOX_ABANDON),
+        })
+    }
+
+    fn state_key(&self, kind: &str, key: &str) -> String {
+        format!("{}:state:{kind}:{key}", self.prefix)
+    }
+
+    fn inbox_key(&self, scope: &str, id: &str) -> String {
+        format!("{}:inbox:{scope}:{id}", self.prefix)
+    }
+
+    pub(crate) async fn ping(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map_err(map_err)
+            .map(|_| ())
+    }
+
+    pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
+        let mut c = self.conn.clone();
+        let (v, d): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(self.state_key(kind, key))
+            .arg("v")
+            .arg("d")
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok(v.zip(d).map(|(v, d)| (v, Bytes::from(d))))
+    }
+
+    pub(crate) async fn commit(&self, commit: &Commit) -> Result<Committed> {
+        let mut inv = self.commit.prepare_invoke();
+        for w in &commit.states {
+            inv.key(self.state_key(&w.kind, &w.key));
+        }
+        inv.key(&self.outbox);
+        if let Some(i) = &commit.inbox {
+            inv.key(self.inbox_key(&i.scope, &i.id));
+        }
+        inv.arg(commit.states.len())
+            .arg(if commit.inbox.is_some() { "1" } else { "0" });
+        for w in &commit.states {
+            inv.arg(w.expected).arg(w.data.as_ref());
+        }
+        if let Some(i) = &commit.inbox {
+            inv.arg(format!("P:{}", i.owner))
+                .arg(i.reply.encode())
+                .arg(i.window.as_millis().max(1) as u64);
+        }
+        for e in &commit.events {
+            let headers = serde_json::to_vec(&e.headers)
+                .map_err(|err| Error::new(ErrorKind::Internal, format!("outbox headers: {err}")))?;
+            inv.arg(&e.id).arg(&e.subject).arg(headers).arg(&e.payload);
+        }
+        let mut c = self.conn.clone();
+        let out: Vec<u64> = inv.invoke_async(&mut c).await.map_err(map_err)?;
+        Ok(match out.as_slice() {
+            [1, versions @ ..] => Committed::Yes(versions.to_vec()),
+            [0, index, current] => Committed::Conflict {
+                index: (*index as usize).saturating_sub(1),
+                current: *current,
+            },
+            _ => Committed::LostClaim,
+        })
+    }
+
+    async fn ensure_group(&self) -> Result<()> {
+        if self.group_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        // From the start of the stream ("0"): entries saved before the
+        // first relay ever ran are published too.
+        let created = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.outbox)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async::<()>(&mut c)
+            .await;
+        match created {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(map_err(e)),
+        }
+        self.group_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    pub(crate) async fn outbox_take(
+        &self,
+        relay: &str,
+        count: usize,
+        block: Duration,
+        stale: Duration,
+    ) -> Result<Vec<(String, OutboxEntry)>> {
+        self.ensure_group().await?;
+        // Entries a relay took and never marked sent (it crashed between
+        // publishing and marking): taken over once they are `stale`.
+        let mut c = self.conn.clone();
+        let claimed: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&self.outbox)
+            .arg(GROUP)
+            .arg(relay)
+            .arg(stale.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        if let Value::Array(parts) = &claimed
+            && let Some(list) = parts.get(1)
+        {
+            let taken = entries(list);
+            if !taken.is_empty() {
+                return Ok(taken);
+            }
+        }
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP").arg(GROUP).arg(relay).arg("COUNT").arg(count);
+        // A blocking read holds its connection (even after its caller gave
+        // up, until Redis answers it): only blocking reads go to the relay's
+        // own connection. BLOCK 0 would wait forever: no BLOCK at all reads
+        // what is there.
+        let mut r = if block.is_zero() {
+            self.conn.clone()
+        } else {
+            read.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+            self.relay.clone()
+        };
+        let read: Value = read
+            .arg("STREAMS")
+            .arg(&self.outbox)
+            .arg(">")
+            .query_async(&mut r)
+            .await
+            .map_err(map_err)?;
+        // RESP2: [[stream, [entries...]]]; RESP3: {stream: [entries...]}.
+        let list = match &read {
+            Value::Array(streams) => streams.first().and_then(|s| match s {
+                Value::Array(pair) => pair.get(1).cloned(),
+                _ => None,
+            }),
+            Value::Map(m) => m.first().map(|(_, v)| v.clone()),
+            _ => None,
+        };
+        Ok(list.map(|l| entries(&l)).unwrap_or_default())
+    }
+
+    pub(crate) async fn outbox_done(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("XACK").arg(&self.outbox).arg(GROUP).arg(ids).ignore();
+        pipe.cmd("XDEL").arg(&self.outbox).arg(ids).ignore();
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await.map_err(map_err)
+    }
+
+    pub(crate) async fn outbox_backlog(&self) -> Result<u64> {
+        let mut c = self.conn.clone();
+        redis::cmd("XLEN")
+            .arg(&self.outbox)
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)
+    }
+
+    pub(crate) async fn inbox_begin(
+        &self,
+        scope: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Inbox> {
+        let mut c = self.conn.clone();
+        let found: Option<Vec<u8>> = self
+            .inbox_begin
+            .key(self.inbox_key(scope, id))
+            .arg(format!("P:{owner}"))
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok(match found {
+            None => Inbox::Fresh,
+            Some(v) => match StoredReply::decode(&v) {
+                Some(reply) => Inbox::Done(reply),
+                None => Inbox::Busy,
+            },
+        })
+    }
+
+    pub(crate) async fn inbox_finish(
+        &self,
+        scope: &str,
+        id: &str,
+        reply: &StoredReply,
+        window: Duration,
+    ) -> Result<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.inbox_key(scope, id))
+            .arg(reply.encode())
+            .arg("PX")
+            .arg(window.as_millis().max(1) as u64)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(map_err)
+    }
+
+    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        self.inbox_abandon
+            .key(self.inbox_key(scope, id))
+            .arg(format!("P:{owner}"))
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(map_err)
+            .map(|_| ())
+    }
+}

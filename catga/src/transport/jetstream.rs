@@ -1,0 +1,339 @@
+//! JetStream: streams for the subjects of durable events, durable pull
+//! consumers, acknowledged publishing, and the dead-letter stream.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+
+use super::nats::NatsTransport;
+use super::{DeadLetter, Delivery, DurableOptions, ReplyTo, stream_name};
+use crate::config::StreamSettings;
+use crate::error::{Error, ErrorKind, Result};
+
+/// The stream that keeps dead letters, and its subjects.
+pub(crate) const DLQ_STREAM: &str = "CATGA_DLQ";
+pub(crate) const DLQ_SUBJECTS: &str = "catga.dlq.>";
+
+fn js_error(what: &str, e: impl std::fmt::Display) -> Error {
+    let text = e.to_string();
+    let kind = if text.contains("not enabled") || text.contains("no responders") {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Transport
+    };
+    Error::new(kind, format!("JetStream {what}: {text}"))
+}
+
+fn stream_config(
+    name: String,
+    subjects: Vec<String>,
+    settings: &StreamSettings,
+    max_age: Duration,
+) -> stream::Config {
+    stream::Config {
+        name,
+        subjects,
+        retention: stream::RetentionPolicy::Limits,
+        storage: if settings.memory_storage {
+            stream::StorageType::Memory
+        } else {
+            stream::StorageType::File
+        },
+        num_replicas: settings.replicas,
+        max_age,
+        duplicate_window: settings.duplicate_window,
+        ..Default::default()
+    }
+}
+
+impl NatsTransport {
+    /// Creates the stream of `subject`, or brings its settings in line.
+    /// Every replica does this at start-up; it is idempotent.
+    pub(crate) async fn ensure_stream(&self, subject: &str, settings: &StreamSettings) -> Result<()> {
+        self.ensure(stream_config(
+            stream_name(subject),
+            vec![subject.to_owned()],
+            settings,
+            settings.max_age,
+        ))
+        .await
+    }
+
+    /// The dead-letter stream: dead letters are kept 30 days, or as long
+    /// as events if that is longer.
+    pub(crate) async fn ensure_dead_letters(&self, settings: &StreamSettings) -> Result<()> {
+        let keep = settings.max_age.max(Duration::from_secs(30 * 24 * 3600));
+        self.ensure(stream_config(
+            DLQ_STREAM.to_owned(),
+            vec![DLQ_SUBJECTS.to_owned()],
+            settings,
+            keep,
+        ))
+        .await
+    }
+
+    async fn ensure(&self, config: stream::Config) -> Result<()> {
+        let js = self.jetstream();
+        match js.get_stream(&config.name).await {
+            Ok(mut existing) => {
+                let info = existing.info().await.map_err(|e| js_error("stream info", e))?;
+                let current = &info.config;
+                if current.max_age != config.max_age
+                    || current.duplicate_window != config.duplicate_window
+                    || current.num_replicas != config.num_replicas
+                    || current.subjects != config.subjects
+                {
+                    js.update_stream(&config)
+                        .await
+                        .map_err(|e| js_error("stream update", e))?;
+                    tracing::info!(stream = %config.name, "stream settings updated");
+                }
+                Ok(())
+            }
+            Err(_) => match js.create_stream(config.clone()).await {
+                Ok(_) => {
+                    tracing::info!(stream = %config.name, subjects = ?config.subjects, "stream created");
+                    Ok(())
+                }
+                // Another replica created it meanwhile.
+                Err(e) if js.get_stream(&config.name).await.is_ok() => {
+                    tracing::debug!(error = %e, "stream created by another replica");
+                    Ok(())
+                }
+                Err(e) => Err(js_error("stream create", e)),
+            },
+        }
+    }
+
+    /// Binds the durable consumer `durable` on `subject` (creating or
+    /// updating it) and starts pulling from it.
+    pub(crate) async fn durable_subscribe(
+        &self,
+        subject: &str,
+        durable: &str,
+        options: &DurableOptions,
+    ) -> Result<JsSubscription> {
+        let js = self.jetstream();
+        let stream = js
+            .get_stream(stream_name(subject))
+            .await
+            .map_err(|e| js_error("stream lookup", e))?;
+        let config = consumer::pull::Config {
+            durable_name: Some(durable.to_owned()),
+            filter_subject: subject.to_owned(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            // catga dead-letters at `max_deliver` itself; the server's
+            // limit, a little higher, only stops a message that crashes
+            // every replica that takes it.
+            max_deliver: i64::from(options.max_deliver) + 2,
+            max_ack_pending: options.max_ack_pending as i64,
+            ..Default::default()
+        };
+        let consumer: consumer::PullConsumer = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| js_error("consumer create", e))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(options.batch.max(1))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| js_error("pull", e))?;
+        Ok(JsSubscription {
+            messages: Some(messages),
+            transport: self.clone(),
+            subject: subject.to_owned(),
+        })
+    }
+
+    /// Publishes to a stream and waits for its acknowledgement: the message
+    /// is stored once this returns. No stream for the subject is an error
+    /// ([`ErrorKind::NoHandler`]).
+    pub(crate) async fn publish_durable(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<()> {
+        let js = self.jetstream();
+        let run = async {
+            let ack = js
+                .publish_with_headers(subject.to_owned(), headers, payload)
+                .await
+                .map_err(|e| publish_error(subject, e))?;
+            ack.await.map_err(|e| publish_error(subject, e)).map(|_| ())
+        };
+        tokio::time::timeout(timeout, run).await.unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                format!("no acknowledgement from JetStream for {subject} within {timeout:?}"),
+            ))
+        })
+    }
+
+    async fn dlq(&self) -> Result<stream::Stream> {
+        self.jetstream()
+            .get_stream(DLQ_STREAM)
+            .await
+            .map_err(|e| js_error("dead-letter stream", e))
+    }
+
+    /// Dead letters, oldest first, from sequence `from`, at most `limit`.
+    pub(crate) async fn dead_letters(&self, from: u64, limit: usize) -> Result<Vec<DeadLetter>> {
+        let mut s = self.dlq().await?;
+        let info = s.info().await.map_err(|e| js_error("dead-letter stream", e))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let mut out = Vec::new();
+        let mut seq = from.max(first);
+        while seq <= last && out.len() < limit {
+            if let Ok(m) = s.get_raw_message(seq).await {
+                out.push(DeadLetter::from_stored(m.sequence, m.headers, m.payload));
+            }
+            seq += 1;
+        }
+        Ok(out)
+    }
+
+    /// One dead letter.
+    pub(crate) async fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>> {
+        let s = self.dlq().await?;
+        match s.get_raw_message(seq).await {
+            Ok(m) => Ok(Some(DeadLetter::from_stored(m.sequence, m.headers, m.payload))),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Deletes a dead letter; false if it was not there.
+    pub(crate) async fn delete_dead_letter(&self, seq: u64) -> Result<bool> {
+        let s = self.dlq().await?;
+        Ok(s.delete_message(seq).await.unwrap_or(false))
+    }
+}
+
+fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
+    use jetstream::context::PublishErrorKind as K;
+    match e.kind() {
+        K::StreamNotFound => Error::new(
+            ErrorKind::NoHandler,
+            format!("no stream stores subject {subject}"),
+        ),
+        K::MaxPayloadExceeded => {
+            Error::new(ErrorKind::TooLarge, format!("message on {subject} refused: {e}"))
+        }
+        K::TimedOut => Error::new(ErrorKind::Timeout, format!("JetStream publish on {subject}: {e}")),
+        _ => Error::new(
+            ErrorKind::Transport,
+            format!("JetStream publish on {subject} failed: {e}"),
+        ),
+    }
+}
+
+/// A durable pull consumer, read as a subscription.
+pub(crate) struct JsSubscription {
+    messages: Option<consumer::pull::Stream>,
+    transport: NatsTransport,
+    subject: String,
+}
+
+impl JsSubscription {
+    pub(crate) async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            let messages = self.messages.as_mut()?;
+            match messages.next().await {
+                Some(Ok(m)) => return Some(self.delivery(m)),
+                Some(Err(e)) => {
+                    // Missed heartbeats and the like: the stream goes on.
+                    tracing::warn!(error = %e, subject = %self.subject, "pull from JetStream failed; pulling on");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                None => return None,
+            }
+        }
+    }
+
+    fn delivery(&self, m: jetstream::Message) -> Delivery {
+        let delivered = m.info().map(|i| i.delivered as u64).unwrap_or(1);
+        let mut d = Delivery::new(
+            m.message.subject.clone(),
+            m.message.headers.clone(),
+            m.message.payload.clone(),
+            None,
+            ReplyTo::Js(Box::new(JsAck {
+                message: m,
+                transport: self.transport.clone(),
+            })),
+        );
+        d.delivered = delivered;
+        d
+    }
+
+    /// Stops pulling. Messages pulled but not yet taken are given back at
+    /// once (a negative ack without delay) instead of waiting out their ack
+    /// wait; messages being handled are acknowledged as they finish.
+    pub(crate) async fn drain(&mut self) {
+        if let Some(mut messages) = self.messages.take() {
+            while let Some(Some(Ok(m))) = messages.next().now_or_never() {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    }
+}
+
+/// Acknowledges a JetStream message.
+pub(crate) struct JsAck {
+    message: jetstream::Message,
+    transport: NatsTransport,
+}
+
+impl JsAck {
+    pub(crate) async fn ack(self) -> Result<()> {
+        self.message
+            .ack()
+            .await
+            .map_err(|e| Error::new(ErrorKind::Transport, format!("ack failed: {e}")))
+    }
+
+    pub(crate) async fn nak(self, delay: Duration) -> Result<()> {
+        self.message
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Transport, format!("nak failed: {e}")))
+    }
+
+    /// Publishes the message to the dead-letter stream, then terminates it;
+    /// if the dead letter cannot be stored, the message is left to be
+    /// redelivered rather than lost.
+    pub(crate) async fn dead(self, letter: DeadLetter) -> Result<()> {
+        let (subject, headers) = letter.to_stored();
+        match self
+            .transport
+            .publish_durable(&subject, headers, letter.payload.clone(), Duration::from_secs(5))
+            .await
+        {
+            Ok(()) => self
+                .message
+                .ack_with(AckKind::Term)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Transport, format!("term failed: {e}"))),
+            Err(e) => {
+                let _ = self
+                    .message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends the message back to be redelivered now (an unsettled delivery).
+    pub(crate) fn give_back_now(self) {
+        let _ = self.message.ack_with(AckKind::Nak(None)).now_or_never();
+    }
+}

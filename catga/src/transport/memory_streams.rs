@@ -1,0 +1,359 @@
+//! Durable events on the embedded bus, with JetStream's semantics: a
+//! stream per subject that keeps messages (dropping a repeated message id
+//! within the duplicate window), durable consumers shared by every
+//! subscriber of the same name, explicit acks, redelivery after a negative
+//! ack or when the ack wait passes, and a dead-letter store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{DeadLetter, Delivery, DurableOptions, ReplyTo};
+use crate::config::StreamSettings;
+use crate::error::{Error, ErrorKind, Result};
+use crate::wire::headers;
+
+/// Every stream of one bus, and its dead letters.
+#[derive(Default)]
+pub(crate) struct Streams {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    streams: HashMap<String, Stream>,
+    dead: BTreeMap<u64, DeadLetter>,
+    dead_seq: u64,
+}
+
+struct Stream {
+    settings: StreamSettings,
+    last_seq: u64,
+    messages: BTreeMap<u64, Stored>,
+    recent_ids: HashMap<String, Instant>,
+    consumers: HashMap<String, Consumer>,
+}
+
+struct Stored {
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+    at: Instant,
+}
+
+struct Consumer {
+    options: DurableOptions,
+    /// The next sequence not delivered yet.
+    next: u64,
+    /// Delivered, not acknowledged: deliveries so far, and when it may be
+    /// delivered again (the ack deadline, or a nak's delay).
+    pending: BTreeMap<u64, (u64, Instant)>,
+    wake: Arc<Notify>,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // Each critical section updates the maps in place without panicking
+    // in between, so a poisoned lock still guards consistent data.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Stream {
+    fn prune(&mut self, now: Instant) {
+        let max_age = self.settings.max_age;
+        while let Some((&seq, m)) = self.messages.iter().next() {
+            if now.duration_since(m.at) < max_age {
+                break;
+            }
+            self.messages.remove(&seq);
+        }
+        let window = self.settings.duplicate_window;
+        self.recent_ids.retain(|_, at| now.duration_since(*at) < window);
+    }
+}
+
+impl Streams {
+    pub(crate) fn ensure(&self, subject: &str, settings: &StreamSettings) {
+        lock(&self.inner)
+            .streams
+            .entry(subject.to_owned())
+            .or_insert_with(|| Stream {
+                settings: settings.clone(),
+                last_seq: 0,
+                messages: BTreeMap::new(),
+                recent_ids: HashMap::new(),
+                consumers: HashMap::new(),
+            });
+    }
+
+    /// Stores a message; a repeated message id within the duplicate window
+    /// is acknowledged and dropped, as JetStream does.
+    pub(crate) fn publish(&self, subject: &str, headers: Option<HeaderMap>, payload: Bytes) -> Result<()> {
+        let wakes: Vec<Arc<Notify>> = {
+            let mut inner = lock(&self.inner);
+            let Some(stream) = inner.streams.get_mut(subject) else {
+                return Err(Error::new(
+                    ErrorKind::NoHandler,
+                    format!("no stream stores subject {subject}"),
+                ));
+            };
+            let now = Instant::now();
+            stream.prune(now);
+            let id = headers
+                .as_ref()
+                .and_then(|h| h.get(headers::MESSAGE_ID))
+                .map(|v| v.as_str().to_owned());
+            if let Some(id) = &id {
+                if stream.recent_ids.contains_key(id) {
+                    return Ok(());
+                }
+                stream.recent_ids.insert(id.clone(), now);
+            }
+            stream.last_seq += 1;
+            let seq = stream.last_seq;
+            stream.messages.insert(
+                seq,
+                Stored {
+                    headers,
+                    payload,
+                    at: now,
+                },
+            );
+            stream.consumers.values().map(|c| Arc::clone(&c.wake)).collect()
+        };
+        for w in wakes {
+            w.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Binds `durable` on `subject`, creating it to start at the stream's
+    /// beginning (as a new JetStream durable with the default policy).
+    pub(crate) fn bind(
+        self: &Arc<Self>,
+        subject: &str,
+        durable: &str,
+        options: &DurableOptions,
+    ) -> Result<MemoryDurable> {
+        let mut inner = lock(&self.inner);
+        let Some(stream) = inner.streams.get_mut(subject) else {
+            return Err(Error::new(
+                ErrorKind::NoHandler,
+                format!("no stream stores subject {subject}"),
+            ));
+        };
+        let first = stream
+            .messages
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(stream.last_seq + 1);
+        let consumer = stream
+            .consumers
+            .entry(durable.to_owned())
+            .or_insert_with(|| Consumer {
+                options: options.clone(),
+                next: first,
+                pending: BTreeMap::new(),
+                wake: Arc::new(Notify::new()),
+            });
+        consumer.options = options.clone();
+        Ok(MemoryDurable {
+            streams: Arc::clone(self),
+            subject: subject.to_owned(),
+            durable: durable.to_owned(),
+            wake: Arc::clone(&consumer.wake),
+            stopped: false,
+        })
+    }
+
+    /// The next message for `durable`: a redelivery that is due, or a new
+    /// one; `Err(when)` tells when to look again (None: when woken).
+    fn take(
+        &self,
+        subject: &str,
+        durable: &str,
+    ) -> std::result::Result<(u64, u64, Stored2), Option<Instant>> {
+        let mut inner = lock(&self.inner);
+        let Some(stream) = inner.streams.get_mut(subject) else {
+            return Err(None);
+        };
+        let now = Instant::now();
+        stream.prune(now);
+        let Stream {
+            messages, consumers, ..
+        } = stream;
+        let Some(c) = consumers.get_mut(durable) else {
+            return Err(None);
+        };
+        // A pending message whose message was pruned is gone.
+        c.pending.retain(|seq, _| messages.contains_key(seq));
+        let due = c.pending.iter().find(|(_, (_, at))| *at <= now).map(|(s, _)| *s);
+        let (seq, deliveries) = match due {
+            Some(seq) => {
+                let entry = c.pending.get_mut(&seq).map(|e| {
+                    e.0 += 1;
+                    e.1 = now + c.options.ack_wait;
+                    e.0
+                });
+                (seq, entry.unwrap_or(1))
+            }
+            None => {
+                let in_flight = c.pending.len();
+                let next = messages.range(c.next..).next().map(|(s, _)| *s);
+                match next {
+                    Some(seq) if in_flight < c.options.max_ack_pending => {
+                        c.next = seq + 1;
+                        c.pending.insert(seq, (1, now + c.options.ack_wait));
+                        (seq, 1)
+                    }
+                    _ => return Err(c.pending.values().map(|(_, at)| *at).min()),
+                }
+            }
+        };
+        let m = &messages[&seq];
+        Ok((
+            seq,
+            deliveries,
+            Stored2 {
+                headers: m.headers.clone(),
+                payload: m.payload.clone(),
+            },
+        ))
+    }
+
+    fn settle(&self, subject: &str, durable: &str, seq: u64, redeliver_in: Option<Duration>) {
+        let wake = {
+            let mut inner = lock(&self.inner);
+            let Some(c) = inner
+                .streams
+                .get_mut(subject)
+                .and_then(|s| s.consumers.get_mut(durable))
+            else {
+                return;
+            };
+            match redeliver_in {
+                None => {
+                    c.pending.remove(&seq);
+                }
+                Some(delay) => {
+                    if let Some(e) = c.pending.get_mut(&seq) {
+                        e.1 = Instant::now() + delay;
+                    }
+                }
+            }
+            Arc::clone(&c.wake)
+        };
+        wake.notify_waiters();
+    }
+
+    pub(crate) fn add_dead(&self, mut letter: DeadLetter) {
+        let mut inner = lock(&self.inner);
+        inner.dead_seq += 1;
+        letter.seq = inner.dead_seq;
+        let seq = letter.seq;
+        inner.dead.insert(seq, letter);
+    }
+
+    pub(crate) fn dead_letters(&self, from: u64, limit: usize) -> Vec<DeadLetter> {
+        lock(&self.inner)
+            .dead
+            .range(from..)
+            .take(limit)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
+    pub(crate) fn dead_letter(&self, seq: u64) -> Option<DeadLetter> {
+        lock(&self.inner).dead.get(&seq).cloned()
+    }
+
+    pub(crate) fn delete_dead_letter(&self, seq: u64) -> bool {
+        lock(&self.inner).dead.remove(&seq).is_some()
+    }
+}
+
+struct Stored2 {
+    headers: Option<HeaderMap>,
+    payload: Bytes,
+}
+
+/// A subscriber of an in-memory durable consumer.
+pub(crate) struct MemoryDurable {
+    streams: Arc<Streams>,
+    subject: String,
+    durable: String,
+    wake: Arc<Notify>,
+    stopped: bool,
+}
+
+impl MemoryDurable {
+    pub(crate) async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            if self.stopped {
+                return None;
+            }
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            match self.streams.take(&self.subject, &self.durable) {
+                Ok((seq, deliveries, m)) => {
+                    let mut d = Delivery::new(
+                        Subject::from(self.subject.as_str()),
+                        m.headers,
+                        m.payload,
+                        None,
+                        ReplyTo::MemoryDurable(MemoryAck {
+                            streams: Arc::clone(&self.streams),
+                            subject: self.subject.clone(),
+                            durable: self.durable.clone(),
+                            seq,
+                        }),
+                    );
+                    d.delivered = deliveries;
+                    return Some(d);
+                }
+                Err(Some(at)) => {
+                    tokio::select! {
+                        () = woken => {}
+                        () = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                Err(None) => woken.await,
+            }
+        }
+    }
+
+    /// Stops taking messages; what this subscriber holds is settled by its
+    /// acks, and what it never took stays for the others.
+    pub(crate) fn drain(&mut self) {
+        self.stopped = true;
+    }
+}
+
+/// Acknowledges a message of an in-memory durable consumer.
+pub(crate) struct MemoryAck {
+    streams: Arc<Streams>,
+    subject: String,
+    durable: String,
+    seq: u64,
+}
+
+impl MemoryAck {
+    pub(crate) fn ack(self) {
+        self.streams.settle(&self.subject, &self.durable, self.seq, None);
+    }
+
+    pub(crate) fn nak(self, delay: Duration) {
+        self.streams
+            .settle(&self.subject, &self.durable, self.seq, Some(delay));
+    }
+
+    pub(crate) fn dead(self, letter: DeadLetter) {
+        self.streams.add_dead(letter);
+        self.streams.settle(&self.subject, &self.durable, self.seq, None);
+    }
+}

@@ -1,0 +1,299 @@
+//! Durable events: at-least-once through a durable consumer, redelivery of
+//! retryable failures, dead letters for poison and exhausted messages
+//! (the messages behind them keep flowing), replay and purge, and a circuit
+//! breaker that stops pulling while its handler fails.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use catga::{Context, Error, ErrorKind, Result, command, event};
+use catga_tests::{Backend, Recorder, Tally, run_id};
+use serde::{Deserialize, Serialize};
+
+use crate::WAIT;
+
+/// A job whose handler behaves as `mode` says.
+#[event(subject = "tests.durable.job")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Job {
+    pub run: String,
+    pub seq: u64,
+    /// `ok`, `fail_once`, `poison`, `retry_forever` or `until_fixed`.
+    pub mode: String,
+}
+
+/// Handled while its run is not broken.
+#[event(subject = "tests.durable.fragile")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Fragile {
+    pub run: String,
+    pub seq: u64,
+}
+
+/// A command whose handler fails while its run is broken.
+#[command(subject = "tests.durable.flaky")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Flaky {
+    pub run: String,
+}
+
+static HANDLED: Recorder = Recorder::new();
+static ATTEMPTS: Tally = Tally::new();
+static BROKEN: Mutex<BTreeMap<String, bool>> = Mutex::new(BTreeMap::new());
+
+fn broken(run: &str) -> bool {
+    BROKEN.lock().expect("lock").get(run).copied().unwrap_or(false)
+}
+
+fn set_broken(run: &str, b: bool) {
+    BROKEN.lock().expect("lock").insert(run.to_owned(), b);
+}
+
+#[event(durable = "jobs", max_deliver = 3)]
+async fn on_job(ctx: &Context, j: Job) -> Result<()> {
+    ATTEMPTS.add(&format!("{}:{}", j.run, j.seq));
+    let delivery = ctx.meta().delivery();
+    match j.mode.as_str() {
+        "fail_once" if delivery == 1 => return Err(Error::unavailable("not yet")),
+        "poison" => return Err(Error::invalid("this job can never be done")),
+        "retry_forever" => return Err(Error::unavailable("still down")),
+        "until_fixed" if broken(&j.run) => return Err(Error::unavailable("still down")),
+        _ => {}
+    }
+    HANDLED.record(&j.run, "job", ctx, j.seq);
+    Ok(())
+}
+
+#[event(durable = "fragile", max_deliver = 100)]
+async fn on_fragile(ctx: &Context, f: Fragile) -> Result<()> {
+    ATTEMPTS.add(&f.run);
+    if broken(&f.run) {
+        return Err(Error::unavailable("the database is down"));
+    }
+    HANDLED.record(&f.run, "fragile", ctx, f.seq);
+    Ok(())
+}
+
+#[command]
+async fn flaky(f: Flaky) -> Result<()> {
+    ATTEMPTS.add(&f.run);
+    if broken(&f.run) {
+        return Err(Error::unavailable("the database is down"));
+    }
+    Ok(())
+}
+
+fn job(run: &str, seq: u64, mode: &str) -> Job {
+    Job {
+        run: run.to_owned(),
+        seq,
+        mode: mode.to_owned(),
+    }
+}
+
+async fn runtime(b: &Backend) -> catga::Runtime {
+    b.started(
+        b.builder(module_path!(), "r1")
+            .retry_base(Duration::from_millis(20))
+            .breaker(3, Duration::from_millis(400)),
+    )
+    .await
+}
+
+catga_tests::on_both!(
+    durable_events_are_handled_and_redelivered,
+    poison_and_exhausted_messages_are_dead_lettered,
+    dead_letters_can_be_replayed_and_purged,
+    an_open_breaker_stops_pulling,
+    an_open_breaker_answers_commands_unavailable
+);
+
+async fn durable_events_are_handled_and_redelivered(b: &Backend) {
+    let rt = runtime(b).await;
+    let client = b.client().await;
+    let run = run_id();
+    for seq in 0..10 {
+        client
+            .publish_durable(job(&run, seq, "ok"))
+            .await
+            .expect("stored");
+    }
+    client
+        .publish_durable(job(&run, 10, "fail_once"))
+        .await
+        .expect("stored");
+    let records = HANDLED.wait_for(&run, 11, WAIT).await;
+    let seqs: BTreeSet<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (0..=10).collect(), "every job handled");
+    assert_eq!(records.len(), 11, "each once");
+    assert_eq!(
+        ATTEMPTS.get(&format!("{run}:10")),
+        2,
+        "the failed one was delivered again"
+    );
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+async fn poison_and_exhausted_messages_are_dead_lettered(b: &Backend) {
+    let rt = runtime(b).await;
+    let client = b.client().await;
+    let run = run_id();
+    client
+        .publish_durable(job(&run, 1, "poison"))
+        .await
+        .expect("stored");
+    client
+        .publish_durable(job(&run, 2, "retry_forever"))
+        .await
+        .expect("stored");
+    client
+        .publish_raw(
+            "tests.durable.job",
+            Bytes::from(format!("{{\"run\":\"{run}\",\"garbage\":")),
+        )
+        .await
+        .expect("stored");
+    for seq in 10..15 {
+        client
+            .publish_durable(job(&run, seq, "ok"))
+            .await
+            .expect("stored");
+    }
+    let records = HANDLED.wait_for(&run, 5, WAIT).await;
+    assert_eq!(records.len(), 5, "the messages behind the bad ones flow");
+    let letters = wait_letters(&client, &run, 3).await;
+    let by_kind: std::collections::HashMap<ErrorKind, &catga::DeadLetter> =
+        letters.iter().map(|l| (l.error_kind, l)).collect();
+    let poison = by_kind.get(&ErrorKind::Invalid).expect("the poison job");
+    assert_eq!(poison.deliveries, 1, "a non-retryable failure is not retried");
+    assert!(poison.error.contains("can never be done"));
+    assert!(poison.handler.ends_with("durable::on_job"));
+    assert_eq!(poison.subject, "tests.durable.job");
+    let exhausted = by_kind.get(&ErrorKind::Unavailable).expect("the exhausted job");
+    assert_eq!(exhausted.deliveries, 3, "retried until max_deliver");
+    assert_eq!(ATTEMPTS.get(&format!("{run}:2")), 3);
+    let garbage = by_kind.get(&ErrorKind::Decode).expect("the undecodable one");
+    assert!(garbage.error.contains("`Job`"), "{}", garbage.error);
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// The dead letters of `run` (their payload names it), once there are `n`.
+async fn wait_letters(client: &catga::Client, run: &str, n: usize) -> Vec<catga::DeadLetter> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let letters: Vec<catga::DeadLetter> = client
+            .dead_letters()
+            .list(0, 10_000)
+            .await
+            .expect("list")
+            .into_iter()
+            .filter(|l| String::from_utf8_lossy(&l.payload).contains(run))
+            .collect();
+        if letters.len() >= n || tokio::time::Instant::now() >= deadline {
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn dead_letters_can_be_replayed_and_purged(b: &Backend) {
+    let rt = runtime(b).await;
+    let client = b.client().await;
+    let run = run_id();
+    set_broken(&run, true);
+    client
+        .publish_durable(job(&run, 1, "until_fixed"))
+        .await
+        .expect("stored");
+    client
+        .publish_durable(job(&run, 2, "poison"))
+        .await
+        .expect("stored");
+    let letters = wait_letters(&client, &run, 2).await;
+    assert_eq!(letters.len(), 2);
+    let fixable = letters
+        .iter()
+        .find(|l| l.error_kind == ErrorKind::Unavailable)
+        .expect("fixable");
+    let one = client.dead_letters().get(fixable.seq).await.expect("get");
+    assert_eq!(&one, fixable);
+    set_broken(&run, false);
+    client.dead_letters().replay(fixable.seq).await.expect("replayed");
+    let handled = HANDLED.wait_for(&run, 1, WAIT).await;
+    assert_eq!(
+        handled.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![1],
+        "handled after the fix"
+    );
+    let poison = letters
+        .iter()
+        .find(|l| l.error_kind == ErrorKind::Invalid)
+        .expect("poison");
+    client.dead_letters().purge(poison.seq).await.expect("purged");
+    assert!(wait_letters(&client, &run, 0).await.is_empty(), "none left");
+    let err = client.dead_letters().get(poison.seq).await.expect_err("gone");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+async fn an_open_breaker_stops_pulling(b: &Backend) {
+    let rt = runtime(b).await;
+    let client = b.client().await;
+    let run = run_id();
+    set_broken(&run, true);
+    for seq in 0..20 {
+        client
+            .publish_durable(Fragile {
+                run: run.clone(),
+                seq,
+            })
+            .await
+            .expect("stored");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let attempts = ATTEMPTS.get(&run);
+    assert!(attempts >= 3, "it tried: {attempts}");
+    // Three failures open the breaker for 400 ms; then one trial, which
+    // fails and opens it again: a handful of attempts in 1.5 s, not 20
+    // messages times their redeliveries.
+    assert!(
+        attempts <= 12,
+        "the open breaker stopped the pulling: {attempts} attempts"
+    );
+    set_broken(&run, false);
+    let records = HANDLED.wait_for(&run, 20, Duration::from_secs(15)).await;
+    assert_eq!(
+        records.len(),
+        20,
+        "every message handled once the dependency is back"
+    );
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+async fn an_open_breaker_answers_commands_unavailable(b: &Backend) {
+    let rt = runtime(b).await;
+    let client = b.client().await;
+    let run = run_id();
+    set_broken(&run, true);
+    for _ in 0..3 {
+        let err = client.send(Flaky { run: run.clone() }).await.expect_err("fails");
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+    }
+    let err = client
+        .send(Flaky { run: run.clone() })
+        .await
+        .expect_err("breaker open");
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert!(err.message().contains("circuit breaker is open"), "{err}");
+    assert_eq!(ATTEMPTS.get(&run), 3, "the open breaker did not call the handler");
+    set_broken(&run, false);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    client
+        .send(Flaky { run: run.clone() })
+        .await
+        .expect("half-open trial passes, breaker closes");
+    client.send(Flaky { run }).await.expect("closed");
+    rt.shutdown().await.expect("clean shutdown");
+}

@@ -1,0 +1,174 @@
+//! Idempotent commands and event handlers: one execution per message id,
+//! the same answer to every retry, a retry during the first attempt waits
+//! for it, and the handler's writes commit with its answer.
+
+use std::time::Duration;
+
+use catga::{Context, Error, ErrorKind, Result, State, Versioned, command, event};
+use catga_tests::{Backend, Tally, run_id};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Account {
+    pub cents: u64,
+}
+
+impl State for Account {
+    const KIND: &'static str = "account";
+}
+
+/// Adds money, once per message id.
+#[command(reply = u64, subject = "tests.idem.deposit", idempotent)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Deposit {
+    pub account: String,
+    pub cents: u64,
+    pub hold_ms: u64,
+}
+
+/// Reads a balance.
+#[command(reply = u64, subject = "tests.idem.balance")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Balance {
+    pub account: String,
+}
+
+/// Counted by an idempotent event handler.
+#[event(subject = "tests.idem.tick")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Tick {
+    pub run: String,
+}
+
+static RUNS: Tally = Tally::new();
+static TICKS: Tally = Tally::new();
+
+#[command]
+async fn deposit(ctx: &Context, d: Deposit) -> Result<u64> {
+    RUNS.add(&d.account);
+    if d.cents == 0 {
+        return Err(Error::invalid("a deposit needs an amount"));
+    }
+    tokio::time::sleep(Duration::from_millis(d.hold_ms)).await;
+    let mut account = ctx
+        .try_load::<Account>(&d.account)
+        .await?
+        .unwrap_or_else(|| Versioned::new(d.account.clone(), Account::default()));
+    account.cents += d.cents;
+    Ok(ctx.save(account).await?.cents)
+}
+
+#[command]
+async fn balance(ctx: &Context, b: Balance) -> Result<u64> {
+    Ok(ctx.try_load::<Account>(&b.account).await?.map_or(0, |a| a.cents))
+}
+
+#[event(idempotent)]
+async fn on_tick(t: Tick) -> Result<()> {
+    TICKS.add(&t.run);
+    Ok(())
+}
+
+catga_tests::on_both!(
+    a_repeated_id_runs_once,
+    a_retry_while_the_first_runs_waits_for_it,
+    client_errors_are_remembered,
+    idempotent_event_handlers_run_once_per_id
+);
+
+async fn a_repeated_id_runs_once(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let account = run_id();
+    let d = Deposit {
+        account: account.clone(),
+        cents: 100,
+        hold_ms: 0,
+    };
+    assert_eq!(client.send_with_id(d.clone(), "dep-1").await.expect("first"), 100);
+    assert_eq!(
+        client.send_with_id(d.clone(), "dep-1").await.expect("again"),
+        100,
+        "the same answer"
+    );
+    assert_eq!(RUNS.get(&account), 1, "ran once");
+    assert_eq!(
+        client
+            .send(Balance {
+                account: account.clone()
+            })
+            .await
+            .expect("balance"),
+        100
+    );
+    // `send` attaches a fresh id: a second send is a second deposit.
+    assert_eq!(client.send(d.clone()).await.expect("new id"), 200);
+    assert_eq!(client.send(d).await.expect("new id"), 300);
+    assert_eq!(RUNS.get(&account), 3);
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+async fn a_retry_while_the_first_runs_waits_for_it(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let account = run_id();
+    let d = Deposit {
+        account: account.clone(),
+        cents: 7,
+        hold_ms: 600,
+    };
+    let first = {
+        let (c, d) = (client.clone(), d.clone());
+        tokio::spawn(async move { c.send_with_id(d, "slow-1").await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = client
+        .send_with_id(d, "slow-1")
+        .await
+        .expect("the retry gets the answer");
+    let first = first.await.expect("task").expect("the first attempt");
+    assert_eq!((first, second), (7, 7));
+    assert_eq!(RUNS.get(&account), 1, "one execution");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+async fn client_errors_are_remembered(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let account = run_id();
+    let d = Deposit {
+        account: account.clone(),
+        cents: 0,
+        hold_ms: 0,
+    };
+    for _ in 0..2 {
+        let err = client.send_with_id(d.clone(), "zero").await.expect_err("invalid");
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        assert!(err.message().contains("needs an amount"), "{err}");
+    }
+    assert_eq!(RUNS.get(&account), 1, "the answer was remembered, not recomputed");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+async fn idempotent_event_handlers_run_once_per_id(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let run = run_id();
+    for _ in 0..3 {
+        client
+            .publish_with_id(Tick { run: run.clone() }, &format!("{run}-a"))
+            .await
+            .expect("publish");
+    }
+    client
+        .publish_with_id(Tick { run: run.clone() }, &format!("{run}-b"))
+        .await
+        .expect("publish");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while TICKS.get(&run) < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(TICKS.get(&run), 2, "once per id");
+    rt.shutdown().await.expect("clean shutdown");
+}

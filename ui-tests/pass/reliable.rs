@@ -1,0 +1,68 @@
+//! Idempotent commands, durable and idempotent event handlers, retries.
+
+use catga::{Command, Context, HandlerKind, Result, command, event};
+use serde::{Deserialize, Serialize};
+
+#[command(reply = String, idempotent)]
+#[derive(Serialize, Deserialize)]
+pub struct Charge {
+    pub cents: u64,
+}
+
+#[command]
+#[derive(Serialize, Deserialize)]
+pub struct Plain;
+
+#[event]
+#[derive(Serialize, Deserialize)]
+pub struct Charged {
+    pub cents: u64,
+}
+
+#[command(retry = 3)]
+async fn charge(ctx: &Context, c: Charge) -> Result<String> {
+    ctx.publish(Charged { cents: c.cents }).await?;
+    Ok(ctx.message_id().to_owned())
+}
+
+#[command]
+async fn plain(_: Plain) -> Result<()> {
+    Ok(())
+}
+
+#[event(durable = "ledger", max_deliver = 7, idempotent)]
+async fn ledger(e: Charged) -> Result<()> {
+    let _ = e.cents;
+    Ok(())
+}
+
+#[event(durable = "audit")]
+async fn audit(e: Charged) -> Result<()> {
+    let _ = e.cents;
+    Ok(())
+}
+
+fn main() {
+    assert!(Charge::IDEMPOTENT);
+    assert!(!Plain::IDEMPOTENT);
+    let table = catga::handlers();
+    let find = |name: &str| {
+        table
+            .iter()
+            .find(|h| h.name().ends_with(name))
+            .unwrap_or_else(|| panic!("{name} is not registered"))
+    };
+    let charge = find("::charge");
+    assert!(charge.is_idempotent(), "from the command type");
+    assert_eq!(charge.retries(), 3);
+    assert!(!find("::plain").is_idempotent());
+    let ledger = find("::ledger");
+    assert_eq!(ledger.kind(), HandlerKind::Event);
+    assert_eq!(ledger.durable(), Some("ledger"));
+    assert_eq!(ledger.max_deliver(), Some(7));
+    assert!(ledger.is_idempotent());
+    let audit = find("::audit");
+    assert_eq!(audit.durable(), Some("audit"));
+    assert_eq!(audit.max_deliver(), None);
+    assert!(!audit.is_idempotent());
+}
