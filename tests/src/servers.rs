@@ -234,47 +234,89 @@ fn nats_answers(port: u16) -> bool {
     BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO ")
 }
 
-/// A `redis-server` without persistence, on a free loopback port.
-pub struct RedisServer(Process);
+/// A `redis-server` on a free loopback port: without persistence, or with
+/// an append-only file synced on every write (to survive being killed).
+pub struct RedisServer {
+    process: Process,
+    persistent: bool,
+    extra: Vec<String>,
+}
 
 impl RedisServer {
-    /// Starts a server and waits until it answers `PING`.
+    /// Starts a server without persistence and waits until it answers
+    /// `PING`.
     pub fn start() -> RedisServer {
-        let mut s = RedisServer(Process::new("redis-server", "CATGA_REDIS_SERVER"));
+        RedisServer::start_with(false, &[])
+    }
+
+    /// Starts a server that writes every change to its append-only file
+    /// before answering, so that a SIGKILL loses nothing.
+    pub fn start_persistent() -> RedisServer {
+        RedisServer::start_with(true, &[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments (`--requirepass`,
+    /// TLS settings, ...). `ready` must then be checked by the caller if
+    /// the arguments change how it answers `PING` (see [`resume_with`]).
+    pub fn start_with(persistent: bool, extra: &[&str]) -> RedisServer {
+        let mut s = RedisServer {
+            process: Process::new("redis-server", "CATGA_REDIS_SERVER"),
+            persistent,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+        };
         s.resume();
         s
     }
 
     /// The client URL.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.0.port)
+        format!("redis://127.0.0.1:{}/", self.process.port)
     }
 
     /// The loopback port it listens on.
     pub fn port(&self) -> u16 {
-        self.0.port
+        self.process.port
+    }
+
+    /// Where it keeps its files.
+    pub fn dir(&self) -> &std::path::Path {
+        self.process.dir.path()
     }
 
     /// Kills the server (SIGKILL).
     pub fn kill(&mut self) {
-        self.0.kill();
+        self.process.kill();
     }
 
-    /// Starts (again) on the same port and waits until it answers `PING`.
+    /// Starts (again) on the same port and directory and waits until it
+    /// accepts connections (and answers `PING` when it takes plain ones
+    /// without a password).
     pub fn resume(&mut self) {
-        let args: Vec<std::ffi::OsString> = vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "--bind".into(),
             "127.0.0.1".into(),
-            "--port".into(),
-            self.0.port.to_string().into(),
+            "--dir".into(),
+            self.process.dir.path().into(),
             "--save".into(),
             "".into(),
-            "--appendonly".into(),
-            "no".into(),
-            "--dir".into(),
-            self.0.dir.path().into(),
         ];
-        self.0.spawn(&args, ping_redis);
+        if self.persistent {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(Into::into));
+        } else {
+            args.extend(["--appendonly", "no"].map(Into::into));
+        }
+        let plain = self.extra.is_empty();
+        let tls = self.extra.iter().any(|a| a.starts_with("--tls"));
+        if tls {
+            // A TLS server listens on its TLS port; the plain port is off.
+            args.extend(["--port", "0", "--tls-port"].map(Into::into));
+        } else {
+            args.push("--port".into());
+        }
+        args.push(self.process.port.to_string().into());
+        args.extend(self.extra.iter().map(Into::into));
+        let ready: fn(u16) -> bool = if plain { ping_redis } else { accepts_tcp };
+        self.process.spawn(&args, ready);
     }
 }
 

@@ -1,0 +1,277 @@
+//! Reliable delivery under faults, against real nats-server and
+//! redis-server processes: Redis stopped mid-run, nats-server restarted
+//! with JetStream on disk, and an outbox relay that died between publishing
+//! an event and marking it sent.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use catga::{Context, ErrorKind, Result, State, Versioned, command, event};
+use catga_tests::{NatsServer, Recorder, RedisServer, run_id};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Total {
+    pub value: u64,
+}
+
+impl State for Total {
+    const KIND: &'static str = "total";
+}
+
+/// Adds one to total `key`, once per message id.
+#[command(reply = u64, subject = "tests.faults.add", idempotent)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Add {
+    pub key: String,
+}
+
+/// A durable event, recorded once per message id.
+#[event(subject = "tests.faults.entry")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Entry {
+    pub run: String,
+    pub seq: u64,
+}
+
+static ENTRIES: Recorder = Recorder::new();
+
+#[command]
+async fn add(ctx: &Context, a: Add) -> Result<u64> {
+    let mut total = ctx
+        .try_load::<Total>(&a.key)
+        .await?
+        .unwrap_or_else(|| Versioned::new(a.key.clone(), Total::default()));
+    total.value += 1;
+    Ok(ctx.save(total).await?.value)
+}
+
+#[event(durable = "entries", idempotent)]
+async fn on_entry(ctx: &Context, e: Entry) -> Result<()> {
+    ENTRIES.record(&e.run, "entry", ctx, e.seq);
+    Ok(())
+}
+
+fn builder(nats: &NatsServer, redis: &RedisServer) -> catga::RuntimeBuilder {
+    catga::Runtime::builder()
+        .service("faults")
+        .instance_id("r1")
+        .nats_url(nats.url())
+        .redis_url(redis.url())
+        .handlers(|s| s.name().starts_with("reliable_faults::"))
+}
+
+async fn ready(rt: &catga::Runtime) {
+    tokio::time::timeout(Duration::from_secs(20), rt.ready())
+        .await
+        .unwrap_or_else(|_| panic!("not ready: {:?}", rt.readiness()))
+        .expect("ready");
+}
+
+/// While Redis is away, handlers that need state fail with a retryable
+/// error in bounded time and the replica is not ready; when it is back,
+/// work resumes where it stopped: nothing lost, nothing doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_run() {
+    let nats = NatsServer::start();
+    let mut redis = RedisServer::start_persistent();
+    let rt = builder(&nats, &redis).start().await.expect("starts");
+    ready(&rt).await;
+    let client = catga::Client::connect(&nats.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(3));
+    let key = run_id();
+    for n in 1..=5 {
+        assert_eq!(client.send(Add { key: key.clone() }).await.expect("add"), n);
+    }
+    redis.kill();
+    let started = std::time::Instant::now();
+    // The command sent during the outage has an id of its own; a sender
+    // that did not get its answer asks again under the same id.
+    let during = format!("{key}-during");
+    let err = client
+        .send_with_id(Add { key: key.clone() }, &during)
+        .await
+        .expect_err("no store");
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    let mut not_ready = false;
+    for _ in 0..50 {
+        if rt.readiness().failing.iter().any(|f| f.starts_with("store")) {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(not_ready, "not ready while Redis is away: {:?}", rt.readiness());
+    redis.resume();
+    ready(&rt).await;
+    let mut value = 0;
+    for _ in 0..50 {
+        match client.send_with_id(Add { key: key.clone() }, &during).await {
+            Ok(v) => {
+                value = v;
+                break;
+            }
+            Err(e) => {
+                assert!(e.is_retryable(), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert_eq!(
+        value, 6,
+        "the five before the outage kept, the one sent during it applied once"
+    );
+    assert_eq!(
+        client
+            .send_with_id(Add { key: key.clone() }, &during)
+            .await
+            .expect("again"),
+        6,
+        "asking again gets the same answer"
+    );
+    assert_eq!(client.send(Add { key: key.clone() }).await.expect("next"), 7);
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// nats-server restarted in the middle of a stream of durable events (its
+/// JetStream store on disk): every event acknowledged by JetStream is
+/// handled, once, and the consumer resumes by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_mid_stream_loses_no_durable_event() {
+    let mut nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let rt = builder(&nats, &redis).start().await.expect("starts");
+    ready(&rt).await;
+    let client = catga::Client::connect(&nats.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(2));
+    let run = run_id();
+    let mut stored = BTreeSet::new();
+    for seq in 0..40u64 {
+        if seq == 20 {
+            nats.kill();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            nats.resume();
+        }
+        // A publish is stored once JetStream acknowledged it; retry until
+        // the broker is back.
+        for _ in 0..100 {
+            match client
+                .publish_durable(Entry {
+                    run: run.clone(),
+                    seq,
+                })
+                .await
+            {
+                Ok(()) => {
+                    stored.insert(seq);
+                    break;
+                }
+                Err(e) => {
+                    assert!(e.is_retryable() || e.kind() == ErrorKind::NoHandler, "{e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    assert_eq!(stored.len(), 40, "every publish eventually acknowledged");
+    let records = ENTRIES.wait_for(&run, 40, Duration::from_secs(30)).await;
+    let seen: BTreeSet<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(seen, stored, "every stored event handled");
+    assert_eq!(records.len(), 40, "each once");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A relay takes an outbox entry, publishes it and dies before marking it
+/// sent. Another relay takes it over and publishes it again: JetStream
+/// drops the copy (same message id), and the idempotent handler runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_died_between_publish_and_mark_delivers_once() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let run = run_id();
+    // The stream and consumer exist first (a runtime made them), then the
+    // runtime goes away, so that no relay runs while the dead one works.
+    {
+        let rt = builder(&nats, &redis).start().await.expect("starts");
+        ready(&rt).await;
+        rt.shutdown().await.expect("clean shutdown");
+    }
+    let message_id = format!("{run}-e1");
+    let payload = serde_json::to_vec(&Entry {
+        run: run.clone(),
+        seq: 1,
+    })
+    .expect("json");
+    let headers = serde_json::to_vec(&vec![("Nats-Msg-Id".to_owned(), message_id.clone())]).expect("json");
+    let r = redis::Client::open(redis.url()).expect("redis url");
+    let mut con = r.get_multiplexed_async_connection().await.expect("redis");
+    let outbox = "catga:{faults}:outbox";
+    let _: String = redis::cmd("XADD")
+        .arg(outbox)
+        .arg("*")
+        .arg("id")
+        .arg(&message_id)
+        .arg("subject")
+        .arg("tests.faults.entry")
+        .arg("headers")
+        .arg(headers)
+        .arg("payload")
+        .arg(&payload)
+        .query_async(&mut con)
+        .await
+        .expect("XADD");
+    // The dying relay: takes the entry, publishes it, never marks it sent.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("relay")
+        .arg("dead-relay")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(outbox)
+        .arg(">")
+        .query_async(&mut con)
+        .await
+        .expect("XREADGROUP");
+    let nc = async_nats::connect(nats.url()).await.expect("nats");
+    let js = async_nats::jetstream::new(nc);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Msg-Id", message_id.as_str());
+    js.publish_with_headers("tests.faults.entry", h, payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    // A live relay takes it over once it is stale, and publishes it again.
+    let rt = builder(&nats, &redis)
+        .outbox_stale(Duration::from_millis(500))
+        .start()
+        .await
+        .expect("starts");
+    ready(&rt).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let backlog = rt.outbox_backlog().await.expect("backlog");
+        if backlog == 0 || tokio::time::Instant::now() >= deadline {
+            assert_eq!(
+                backlog, 0,
+                "the live relay took the entry over and marked it sent"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let records = ENTRIES.wait_for(&run, 1, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ENTRIES.of(&run).len(), 1, "delivered once: {records:?}");
+    rt.shutdown().await.expect("clean shutdown");
+}
