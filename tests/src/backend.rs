@@ -8,6 +8,8 @@ use catga::{Client, MemoryBus, Runtime, RuntimeBuilder};
 use crate::servers::{NatsServer, RedisServer};
 
 /// Where the runtimes of a test talk to each other and keep their state.
+// One per test: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     /// A real nats-server (with JetStream) and a real redis-server, killed
     /// when the backend is dropped.
