@@ -10,8 +10,10 @@ use catga::{Context, ErrorKind, Result, State, Versioned, command, event};
 use catga_tests::{NatsServer, Recorder, RedisServer, run_id};
 use serde::{Deserialize, Serialize};
 
+/// A counter kept in the store.
 #[derive(Serialize, Deserialize, Debug, Default)]
 pub struct Total {
+    /// Its value.
     pub value: u64,
 }
 
@@ -23,6 +25,7 @@ impl State for Total {
 #[command(reply = u64, subject = "tests.faults.add", idempotent)]
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Add {
+    /// Which total.
     pub key: String,
 }
 
@@ -30,7 +33,9 @@ pub struct Add {
 #[event(subject = "tests.faults.entry")]
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Entry {
+    /// The test run.
     pub run: String,
+    /// Its number in the run.
     pub seq: u64,
 }
 
