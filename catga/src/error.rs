@@ -21,9 +21,15 @@ pub enum ErrorKind {
     Unauthorized,
     /// The thing the message refers to does not exist (404).
     NotFound,
-    /// The message conflicts with the current state (409). Retryable: a
-    /// version conflict may pass on a second attempt with fresh state.
+    /// The message conflicts with the current state (409): the order is
+    /// shipped already, the seat is taken. Not retryable: sending it again
+    /// meets the same state.
     Conflict,
+    /// The state changed since the handler loaded it (409): an
+    /// optimistic-concurrency conflict on save. Retryable: a second attempt
+    /// loads the new version and may pass (`retry = N` does that in the
+    /// handler's replica).
+    Stale,
     /// A message or reply is larger than the broker accepts (413). Sending
     /// it again cannot succeed.
     TooLarge,
@@ -47,12 +53,13 @@ pub enum ErrorKind {
 }
 
 /// Every kind, for tables and tests.
-pub(crate) const ALL_KINDS: [ErrorKind; 14] = [
+pub(crate) const ALL_KINDS: [ErrorKind; 15] = [
     ErrorKind::Decode,
     ErrorKind::Invalid,
     ErrorKind::Unauthorized,
     ErrorKind::NotFound,
     ErrorKind::Conflict,
+    ErrorKind::Stale,
     ErrorKind::TooLarge,
     ErrorKind::Handler,
     ErrorKind::Panic,
@@ -71,7 +78,7 @@ impl ErrorKind {
             ErrorKind::Decode | ErrorKind::Invalid => 400,
             ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound => 404,
-            ErrorKind::Conflict => 409,
+            ErrorKind::Conflict | ErrorKind::Stale => 409,
             ErrorKind::TooLarge => 413,
             ErrorKind::Handler | ErrorKind::Panic | ErrorKind::Internal | ErrorKind::Config => 500,
             ErrorKind::NoHandler | ErrorKind::Transport | ErrorKind::Unavailable => 503,
@@ -87,6 +94,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::NotFound => "not_found",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::Stale => "stale",
             ErrorKind::TooLarge => "too_large",
             ErrorKind::Handler => "handler",
             ErrorKind::Panic => "panic",
@@ -125,7 +133,7 @@ impl ErrorKind {
                 | ErrorKind::Timeout
                 | ErrorKind::Transport
                 | ErrorKind::Unavailable
-                | ErrorKind::Conflict
+                | ErrorKind::Stale
         )
     }
 
@@ -211,9 +219,15 @@ impl Error {
         Error::new(ErrorKind::NotFound, message)
     }
 
-    /// The message conflicts with the current state (409).
+    /// The message conflicts with the current state (409, not retryable).
     pub fn conflict(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::Conflict, message)
+    }
+
+    /// The state changed since it was loaded (409, retryable); what a
+    /// stale [`Context::save`](crate::Context::save) returns.
+    pub fn stale(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Stale, message)
     }
 
     /// A transient failure the sender may retry (503), e.g. a dependency
@@ -367,7 +381,9 @@ mod tests {
     fn only_transient_kinds_are_retryable() {
         assert!(Error::new(ErrorKind::Timeout, "t").is_retryable());
         assert!(Error::new(ErrorKind::NoHandler, "n").is_retryable());
-        assert!(Error::conflict("stale version").is_retryable());
+        assert!(Error::stale("stale version").is_retryable());
+        assert!(!Error::conflict("already shipped").is_retryable());
+        assert_eq!(Error::stale("s").code(), Error::conflict("c").code());
         assert!(!Error::invalid("bad").is_retryable());
         assert!(!Error::msg("boom").is_retryable());
         assert!(!Error::new(ErrorKind::TooLarge, "big").is_retryable());

@@ -5,7 +5,7 @@
 //! ```ignore
 //! let mut order = ctx.load::<Order>(&cmd.id).await?;        // NotFound if missing
 //! order.pay(cmd.amount_cents)?;
-//! ctx.save(order).with_event(OrderPaid { id: cmd.id, amount_cents }).await?; // Conflict if it changed
+//! ctx.save(order).with_event(OrderPaid { id: cmd.id, amount_cents }).await?; // Stale if it changed
 //! ```
 //!
 //! In a handler that is not idempotent each save commits at once. In an
@@ -61,7 +61,7 @@ impl Context {
     /// Saves `state` (if nobody saved its key since it was loaded); add the
     /// events it produced with [`Save::with_event`]: they go out through
     /// the outbox, never lost once the save returned. A stale version is a
-    /// retryable [`ErrorKind::Conflict`]; `retry = N` on the handler runs it
+    /// retryable [`ErrorKind::Stale`]; `retry = N` on the handler runs it
     /// again with fresh state.
     pub fn save<T: State>(&self, state: Versioned<T>) -> Save<'_, T> {
         Save {
@@ -160,7 +160,7 @@ fn conflict<T: State>(key: &str, loaded: u64, now: u64) -> Error {
             T::KIND
         )
     };
-    Error::conflict(what)
+    Error::stale(what)
 }
 
 fn decode<T: State>(key: &str, version: u64, data: &[u8]) -> Result<Versioned<T>> {

@@ -3,7 +3,6 @@
 //! relay left behind. Every replica runs one; the store hands each entry
 //! to one relay at a time.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,25 +14,15 @@ use super::Shared;
 use crate::error::{ErrorKind, Result};
 use crate::store::OutboxEntry;
 
-/// How long to remember that a subject has no stream (its events are
-/// published on core NATS).
-const NO_STREAM_MEMORY: Duration = Duration::from_secs(30);
-
 struct Relay {
     shared: Arc<Shared>,
     name: String,
-    /// Subjects found without a stream, and when.
-    no_stream: HashMap<String, Instant>,
 }
 
 /// Runs the relay until the runtime stops it.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let name = shared.config.instance_id.clone();
-    let mut relay = Relay {
-        shared,
-        name,
-        no_stream: HashMap::new(),
-    };
+    let mut relay = Relay { shared, name };
     let mut failures: u32 = 0;
     loop {
         match relay.round(Duration::from_secs(1)).await {
@@ -56,7 +45,6 @@ pub(crate) async fn flush(shared: Arc<Shared>, deadline: Instant) {
     let mut relay = Relay {
         name: shared.config.instance_id.clone(),
         shared,
-        no_stream: HashMap::new(),
     };
     while Instant::now() < deadline {
         match tokio::time::timeout_at(deadline, relay.round(Duration::ZERO)).await {
@@ -113,20 +101,14 @@ impl Relay {
         let payload = Bytes::copy_from_slice(&entry.payload);
         let transport = self.shared.client.transport();
         let timeout = self.shared.config.request_timeout;
-        let known_plain = self
-            .no_stream
-            .get(&entry.subject)
-            .is_some_and(|at| at.elapsed() < NO_STREAM_MEMORY);
-        if !known_plain {
-            match transport
-                .publish_durable(&entry.subject, headers.clone(), payload.clone(), timeout)
-                .await
-            {
-                Err(e) if e.kind() == ErrorKind::NoHandler => {
-                    self.no_stream.insert(entry.subject.clone(), Instant::now());
-                }
-                other => return other,
-            }
+        // The transport knows (and remembers a while) whether a stream
+        // stores the subject; without one the event goes on core NATS.
+        match transport
+            .publish_durable(&entry.subject, headers.clone(), payload.clone(), timeout)
+            .await
+        {
+            Err(e) if e.kind() == ErrorKind::NoHandler => {}
+            other => return other,
         }
         transport
             .publish(&Subject::from(entry.subject.as_str()), headers, payload, timeout)

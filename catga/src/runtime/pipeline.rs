@@ -279,7 +279,7 @@ async fn call(
     }));
     match shared.store.commit(&commit).await? {
         Committed::Yes(_) => Ok(body),
-        Committed::Conflict { index, current } => Err(Error::conflict(format!(
+        Committed::Conflict { index, current } => Err(Error::stale(format!(
             "{} {} changed while the handler ran (now version {current})",
             commit.states[index].kind, commit.states[index].key
         ))),
@@ -290,12 +290,14 @@ async fn call(
     }
 }
 
-/// Step 7: tells the breaker whether the handler did its job. A client
-/// error (invalid input, not found) means it did.
+/// Step 7: tells the breaker whether the handler did its job. A 4xx
+/// answer (invalid input, not found, a conflict, a stale save that lost a
+/// race) means it did: only failures of the handler or what it depends on
+/// open the breaker, or a hot key would shut its handler down.
 fn record(served: &Served, result: &Result<Bytes>) {
     let ok = match result {
         Ok(_) => true,
-        Err(e) => e.kind().is_public() && !e.is_retryable(),
+        Err(e) => e.kind().is_public(),
     };
     if served.breaker.record(ok) {
         tracing::error!(

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use super::{Served, Shared, pipeline};
 use crate::error::{Error, ErrorKind};
+use crate::registry::HandlerKind;
 use crate::transport::{Delivery, Subscription};
 
 /// How a serve loop ended.
@@ -91,6 +92,7 @@ pub(crate) async fn serve(
             () = tokio::time::sleep(breaker_wait.unwrap_or_default()), if breaker_wait.is_some() => {}
             msg = next(&mut sub), if take => match msg {
                 Some(d) => {
+                    let d = if served.spec.kind() == HandlerKind::Event { d.unanswered() } else { d };
                     if inflight.len() < served.limit {
                         inflight.push(pipeline::process(served, shared, d));
                     } else if queue.len() < served.capacity {

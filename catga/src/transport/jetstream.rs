@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::GetStreamByNameErrorKind as stream_error;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
@@ -16,6 +17,10 @@ use crate::error::{Error, ErrorKind, Result};
 /// The stream that keeps dead letters, and its subjects.
 pub(crate) const DLQ_STREAM: &str = "CATGA_DLQ";
 pub(crate) const DLQ_SUBJECTS: &str = "catga.dlq.>";
+
+/// How long whether a subject has a stream is remembered: a stream made
+/// by a service deployed later is used within this time.
+const STREAM_MEMORY: Duration = Duration::from_secs(10);
 
 fn js_error(what: &str, e: impl std::fmt::Display) -> Error {
     let text = e.to_string();
@@ -59,7 +64,9 @@ impl NatsTransport {
             settings,
             settings.max_age,
         ))
-        .await
+        .await?;
+        self.remember_stream(subject, true);
+        Ok(())
     }
 
     /// The dead-letter stream: dead letters are kept 30 days, or as long
@@ -152,9 +159,33 @@ impl NatsTransport {
         })
     }
 
+    /// Whether the stream of `subject` exists, looked up at most every
+    /// [`STREAM_MEMORY`] per subject.
+    ///
+    /// Asked before a JetStream publish rather than learnt from one: a
+    /// JetStream publish is a request on the subject itself, so with no
+    /// stream but plain subscribers it reaches them (an event delivered
+    /// outside the stream) and then waits out its time-out for an
+    /// acknowledgement nobody sends.
+    pub(crate) async fn has_stream(&self, subject: &str) -> Result<bool> {
+        if let Some(exists) = self.stream_known(subject, STREAM_MEMORY) {
+            return Ok(exists);
+        }
+        // By subject, not by the name catga gives its streams: the
+        // dead-letter stream and streams an operator made store subjects
+        // by wildcard.
+        let exists = match self.jetstream().stream_by_subject(subject).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == stream_error::NotFound => false,
+            Err(e) => return Err(js_error("stream lookup", e)),
+        };
+        self.remember_stream(subject, exists);
+        Ok(exists)
+    }
+
     /// Publishes to a stream and waits for its acknowledgement: the message
     /// is stored once this returns. No stream for the subject is an error
-    /// ([`ErrorKind::NoHandler`]).
+    /// ([`ErrorKind::NoHandler`]), found before anything is sent.
     pub(crate) async fn publish_durable(
         &self,
         subject: &str,
@@ -162,6 +193,20 @@ impl NatsTransport {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<()> {
+        let lookup = tokio::time::timeout(timeout, self.has_stream(subject))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("no answer from JetStream about the stream of {subject} within {timeout:?}"),
+                ))
+            })?;
+        if !lookup {
+            return Err(Error::new(
+                ErrorKind::NoHandler,
+                format!("no stream stores subject {subject}"),
+            ));
+        }
         let js = self.jetstream();
         let run = async {
             let ack = js

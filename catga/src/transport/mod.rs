@@ -484,6 +484,18 @@ impl Delivery {
         }
     }
 
+    /// The delivery of an event: a core reply subject is not answered. An
+    /// event comes with one when it was published as a JetStream publish
+    /// (a request whose answer is the stream's acknowledgement); a plain
+    /// subscriber answering it would reach the publisher first and spoil
+    /// that acknowledgement (async-nats fails to parse an empty one).
+    pub(crate) fn unanswered(mut self) -> Delivery {
+        if matches!(self.settler.reply, ReplyTo::Nats(_) | ReplyTo::Memory(_)) {
+            self.settler.reply = ReplyTo::None;
+        }
+        self
+    }
+
     /// Whether the sender waits for an answer.
     pub(crate) fn expects_reply(&self) -> bool {
         !matches!(self.settler.reply, ReplyTo::None)

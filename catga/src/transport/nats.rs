@@ -121,6 +121,9 @@ struct Inner {
     /// The JetStream context of the client in use (it runs a task of its
     /// own, so it is made once per client).
     jetstream: Mutex<Option<(usize, async_nats::jetstream::Context)>>,
+    /// Whether a stream stores a subject, and when that was looked up (see
+    /// `NatsTransport::has_stream`).
+    streams: Mutex<HashMap<String, (bool, Instant)>>,
     slow_consumer_events: Arc<AtomicU64>,
     server_errors: broadcast::Sender<String>,
 }
@@ -341,10 +344,31 @@ impl NatsTransport {
                 inbox_live: Arc::new(AtomicBool::new(false)),
                 dispatcher: tokio::sync::Mutex::new(None),
                 jetstream: Mutex::new(None),
+                streams: Mutex::new(HashMap::new()),
                 slow_consumer_events: slow,
                 server_errors,
             }),
         })
+    }
+
+    /// Whether a stream stores `subject`, if looked up within `memory`.
+    pub(super) fn stream_known(&self, subject: &str, memory: Duration) -> Option<bool> {
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(subject)
+            .filter(|(_, at)| at.elapsed() < memory)
+            .map(|(exists, _)| *exists)
+    }
+
+    /// Remembers whether a stream stores `subject`.
+    pub(super) fn remember_stream(&self, subject: &str, exists: bool) {
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(subject.to_owned(), (exists, Instant::now()));
     }
 
     /// The JetStream context of the client in use.

@@ -52,7 +52,48 @@ pub struct Incremented {
     pub value: u64,
 }
 
+/// Adds one to counter `key` (idempotent: the saves commit with the
+/// answer, so a stale one is found at the commit).
+#[command(reply = u64, subject = "tests.state.incr_once", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct IncrOnce {
+    pub key: String,
+}
+
+/// Always loses its race.
+#[command(subject = "tests.state.lose")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Lose;
+
+/// Saves a note with an event that only plain subscribers take (its
+/// subject has no stream).
+#[command(subject = "tests.state.note")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Note {
+    pub key: String,
+    pub seq: u64,
+}
+
+/// A note was saved.
+#[event(subject = "tests.state.noted")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Noted {
+    pub key: String,
+    pub seq: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
+pub struct Notes {
+    pub last: u64,
+}
+
+impl State for Notes {
+    const KIND: &'static str = "notes";
+}
+
 static SEEN: Recorder = Recorder::new();
+static NOTED: Recorder = Recorder::new();
+static PLAIN: Recorder = Recorder::new();
 
 #[command(retry = 100)]
 async fn incr(ctx: &Context, c: Incr) -> Result<u64> {
@@ -90,9 +131,60 @@ async fn watch(ctx: &Context, e: Incremented) -> Result<()> {
     Ok(())
 }
 
+/// A plain subscriber next to the durable one: a JetStream publish reaches
+/// it as a request, which it must not answer.
+#[event]
+async fn glance(ctx: &Context, e: Incremented) -> Result<()> {
+    PLAIN.record(&e.key, "glanced", ctx, e.value);
+    Ok(())
+}
+
+#[command(retry = 100)]
+async fn incr_once(ctx: &Context, c: IncrOnce) -> Result<u64> {
+    let mut counter = ctx
+        .try_load::<Counter>(&c.key)
+        .await?
+        .unwrap_or_else(|| Versioned::new(c.key.clone(), Counter::default()));
+    counter.value += 1;
+    let value = counter.value;
+    ctx.save(counter).await?;
+    Ok(value)
+}
+
+#[command]
+async fn lose(_: Lose) -> Result<()> {
+    Err(Error::stale("lost the race"))
+}
+
+#[command]
+async fn note(ctx: &Context, n: Note) -> Result<()> {
+    let notes = ctx
+        .try_load::<Notes>(&n.key)
+        .await?
+        .unwrap_or_else(|| Versioned::new(n.key.clone(), Notes::default()));
+    let mut notes = notes;
+    notes.last = n.seq;
+    ctx.save(notes)
+        .with_event(Noted {
+            key: n.key,
+            seq: n.seq,
+        })
+        .await?;
+    Ok(())
+}
+
+#[event]
+async fn on_noted(ctx: &Context, e: Noted) -> Result<()> {
+    NOTED.record(&e.key, "noted", ctx, e.seq);
+    Ok(())
+}
+
 catga_tests::on_both!(
     concurrent_updates_lose_nothing,
-    a_stale_save_is_a_retryable_conflict
+    a_stale_save_is_a_retryable_stale_error,
+    stale_commits_of_idempotent_handlers_are_retried,
+    outbox_events_without_a_stream_reach_plain_subscribers_once,
+    plain_event_subscribers_never_answer
 );
 
 /// 60 increments of one counter, 20 at a time, over 3 replicas: every
@@ -143,7 +235,7 @@ async fn concurrent_updates_lose_nothing(b: &Backend) {
     shutdown_all(replicas).await;
 }
 
-async fn a_stale_save_is_a_retryable_conflict(b: &Backend) {
+async fn a_stale_save_is_a_retryable_stale_error(b: &Backend) {
     let rt = b.runtime(module_path!(), "r1").await;
     let client = b.client().await;
     let key = run_id();
@@ -158,7 +250,7 @@ async fn a_stale_save_is_a_retryable_conflict(b: &Backend) {
     let [kind, retryable, message] = report.splitn(3, '|').collect::<Vec<_>>()[..] else {
         panic!("{report}")
     };
-    assert_eq!(kind, ErrorKind::Conflict.as_str());
+    assert_eq!(kind, ErrorKind::Stale.as_str());
     assert_eq!(retryable, "true");
     assert!(message.contains("changed since it was loaded"), "{message}");
     let err = client
@@ -166,5 +258,106 @@ async fn a_stale_save_is_a_retryable_conflict(b: &Backend) {
         .await
         .expect_err("unknown key");
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    // Lost races are not failures of the handler: 30 in a row (the breaker
+    // opens after 10 failures) still reach the sender as stale errors.
+    for _ in 0..30 {
+        let err = client.send(Lose).await.expect_err("stale");
+        assert_eq!(err.kind(), ErrorKind::Stale, "{err}");
+    }
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// 60 idempotent increments of one key, 20 at a time, over 3 replicas: the
+/// saves commit with the answer, so a lost race shows at the commit as a
+/// stale error; it is retried in the replica and none fails.
+async fn stale_commits_of_idempotent_handlers_are_retried(b: &Backend) {
+    let mut replicas = Vec::new();
+    for i in 1..=3 {
+        let builder = b
+            .builder(module_path!(), &format!("r{i}"))
+            .retry_base(Duration::from_millis(2));
+        replicas.push(b.started(builder).await);
+    }
+    let client = b.client().await.with_request_timeout(Duration::from_secs(20));
+    let key = run_id();
+    let mut values = BTreeSet::new();
+    for _ in 0..3 {
+        let replies = join_all((0..20).map(|_| client.send(IncrOnce { key: key.clone() }))).await;
+        for r in replies {
+            values.insert(r.expect("every increment succeeds"));
+        }
+    }
+    assert_eq!(
+        values,
+        (1..=60).collect(),
+        "each increment once, at its own version"
+    );
+    shutdown_all(replicas).await;
+}
+
+/// Events saved with state go out through the outbox. With no stream for
+/// their subject they go out on core NATS, once: the relay learns that
+/// there is no stream by asking, not by a JetStream publish (which would
+/// reach the plain subscribers as well and then wait for an
+/// acknowledgement nobody sends).
+async fn outbox_events_without_a_stream_reach_plain_subscribers_once(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let key = run_id();
+    for seq in 1..=20 {
+        client
+            .send(Note {
+                key: key.clone(),
+                seq,
+            })
+            .await
+            .expect("noted");
+    }
+    let seen = NOTED.wait_for(&key, 20, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen_later = NOTED.of(&key);
+    assert_eq!(seen_later.len(), 20, "each event once: {:?}", seen_later);
+    let seqs: BTreeSet<u64> = seen.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=20).collect());
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// Plain event subscribers never answer, even a message that came as a
+/// request: a JetStream publish is one (its answer is the stream's
+/// acknowledgement), and a subscriber answering first would spoil it. A
+/// durable publish to a subject that also has a plain subscriber is
+/// acknowledged by the stream, and both handlers get the event.
+async fn plain_event_subscribers_never_answer(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await.with_request_timeout(Duration::from_secs(2));
+    let key = run_id();
+    let noted = serde_json::to_vec(&Noted {
+        key: key.clone(),
+        seq: 1,
+    })
+    .expect("encode");
+    let asked = client
+        .with_request_timeout(Duration::from_millis(500))
+        .send_raw("tests.state.noted", noted.into())
+        .await;
+    assert_eq!(NOTED.wait_for(&key, 1, WAIT).await.len(), 1, "handled");
+    // NATS: nobody answers, the request times out; the embedded bus sees
+    // every receiver drop the request unanswered and says so at once.
+    let err = asked.expect_err("an event handler does not answer");
+    assert!(
+        matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Unavailable),
+        "{err}"
+    );
+    for value in 1..=5 {
+        client
+            .publish_durable(Incremented {
+                key: key.clone(),
+                value,
+            })
+            .await
+            .expect("stored and acknowledged");
+    }
+    assert_eq!(SEEN.wait_for(&key, 5, WAIT).await.len(), 5, "the durable handler");
+    assert_eq!(PLAIN.wait_for(&key, 5, WAIT).await.len(), 5, "the plain one");
     rt.shutdown().await.expect("clean shutdown");
 }
