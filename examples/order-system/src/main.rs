@@ -1,16 +1,21 @@
-//! The order service: commands to create, pay, ship and cancel orders and a
-//! query to read one; events that every replica projects into its read
-//! model; a queue-grouped notifier. A demo driver pushes orders through
+//! The order service: commands to create, pay, ship and cancel orders and
+//! queries to read one and the revenue ledger; orders kept in the state
+//! store with their events in its outbox; a durable, idempotent billing
+//! consumer; a queue-grouped notifier. A demo driver pushes orders through
 //! their lifecycle so that the example shows something out of the box.
 //!
 //! ```text
 //! cargo run -p order-system                              # embedded, one process
-//! NATS_URL=nats://127.0.0.1:4222 cargo run -p order-system  # several copies share the work
+//! NATS_URL=nats://127.0.0.1:4222 REDIS_URL=redis://127.0.0.1:6379 \
+//!     cargo run -p order-system                          # several copies share the work
+//! cargo run -p order-system -- dlq list                  # dead letters (also: show N,
+//!                                                        # replay N, purge N, purge-all)
 //! ```
 //!
 //! `ORDER_DEMO=0` turns the driver off; `ORDER_DEMO_ORDERS=N` stops it after
 //! N orders; `ORDER_DEMO_INTERVAL_MS` paces it (default 1000).
 
+use catga::{Client, Config, Error, Result};
 use order_system::demo;
 
 // The handlers live in this package's library crate. `use` above names it,
@@ -18,7 +23,11 @@ use order_system::demo;
 // from it would name it with `catga::link!(order_system);`.
 
 #[tokio::main]
-async fn main() -> catga::Result<()> {
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("dlq") {
+        return dead_letters(&args[1..]).await;
+    }
     let runtime = catga::start().await?;
     let settings = demo::Settings::from_env();
     if settings.enabled {
@@ -30,4 +39,60 @@ async fn main() -> catga::Result<()> {
         });
     }
     runtime.run_until_signal().await
+}
+
+/// `dlq list [FROM]`, `dlq show N`, `dlq replay N`, `dlq purge N`,
+/// `dlq purge-all`: the dead letters of the broker in `NATS_URL`.
+async fn dead_letters(args: &[String]) -> Result<()> {
+    let seq = |i: usize| -> Result<u64> {
+        args.get(i)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::invalid("expected a dead letter's number"))
+    };
+    let client = Client::connect_with(&Config::from_env()?).await?;
+    let dlq = client.dead_letters();
+    match args.first().map(String::as_str) {
+        Some("list") => {
+            let from = seq(1).unwrap_or(0);
+            for l in dlq.list(from, 100).await? {
+                println!(
+                    "#{} {} handler={} deliveries={} {:?}: {}",
+                    l.seq, l.subject, l.handler, l.deliveries, l.error_kind, l.error
+                );
+            }
+        }
+        Some("show") => {
+            let l = dlq.get(seq(1)?).await?;
+            println!(
+                "#{} on {} (service {}, handler {})",
+                l.seq, l.subject, l.service, l.handler
+            );
+            println!(
+                "failed {} times, last {:?}: {}",
+                l.deliveries, l.error_kind, l.error
+            );
+            println!("message id: {}", l.message_id.as_deref().unwrap_or("-"));
+            for (k, v) in &l.headers {
+                println!("{k}: {v}");
+            }
+            println!("{}", String::from_utf8_lossy(&l.payload));
+        }
+        Some("replay") => {
+            let n = seq(1)?;
+            dlq.replay(n).await?;
+            println!("replayed #{n}");
+        }
+        Some("purge") => {
+            let n = seq(1)?;
+            dlq.purge(n).await?;
+            println!("purged #{n}");
+        }
+        Some("purge-all") => println!("purged {}", dlq.purge_all().await?),
+        _ => {
+            return Err(Error::invalid(
+                "usage: dlq list [FROM] | show N | replay N | purge N | purge-all",
+            ));
+        }
+    }
+    Ok(())
 }

@@ -1,14 +1,26 @@
 //! Several OS processes of the example binary share the work over a real
-//! nats-server; one is killed with SIGKILL and the others carry on; one is
-//! stopped with SIGTERM and drains cleanly.
+//! nats-server and redis-server, the way it runs in production. Replicas
+//! are killed with SIGKILL and stopped with SIGTERM while clients keep
+//! sending; the clients count what they lost, and the store shows what was
+//! done (each order once, each payment counted once).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use catga::Client;
-use catga_tests::NatsServer;
-use order_system::orders::{CreateOrder, GetOrder, Line, OrderId, PayOrder, ShipOrder, Status};
+use catga::{Client, ErrorKind};
+use catga_tests::{NatsServer, RedisServer};
+use order_system::orders::{
+    CancelOrder, CreateOrder, GetOrder, GetRevenue, Line, MAX_TOTAL_CENTS, OrderId, PayOrder, Revenue,
+    ShipOrder, Status,
+};
+
+/// Short leases and ack waits, so that the work of a killed replica is
+/// taken over within the test's patience (production keeps the defaults).
+const LEASE_MS: &str = "1500";
+const ACK_WAIT_MS: &str = "1500";
 
 struct Replica {
     name: String,
@@ -17,13 +29,16 @@ struct Replica {
 }
 
 impl Replica {
-    fn spawn(nats_url: &str, name: &str, dir: &std::path::Path) -> Replica {
+    fn spawn(servers: &Servers, name: &str, dir: &Path) -> Replica {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_order-system"))
-            .env("NATS_URL", nats_url)
+            .env("NATS_URL", servers.nats.url())
+            .env("REDIS_URL", servers.redis.url())
             .env("CATGA_INSTANCE_ID", name)
             .env("CATGA_SERVICE", "orders")
+            .env("CATGA_INBOX_LEASE_MS", LEASE_MS)
+            .env("CATGA_ACK_WAIT_MS", ACK_WAIT_MS)
             .env("ORDER_DEMO", "0")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -56,6 +71,27 @@ impl Replica {
         }
         panic!("{} not ready; log:\n{}", self.name, self.log());
     }
+
+    fn sigkill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+    }
+}
+
+/// The warnings and errors in the replicas' logs, for a failure message.
+fn trouble(replicas: &[Replica]) -> String {
+    replicas
+        .iter()
+        .flat_map(|r| {
+            r.log()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .map(|l| format!("{}: {l}", r.name))
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Drop for Replica {
@@ -67,7 +103,60 @@ impl Drop for Replica {
     }
 }
 
-/// Retries only what a replica crash can cause (no responder, time-out).
+struct Servers {
+    nats: NatsServer,
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+}
+
+impl Servers {
+    fn start() -> Servers {
+        Servers {
+            nats: NatsServer::start(),
+            redis: RedisServer::start(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    async fn replicas(&self, names: &[&str]) -> Vec<Replica> {
+        let replicas: Vec<Replica> = names
+            .iter()
+            .map(|n| Replica::spawn(self, n, self.dir.path()))
+            .collect();
+        for r in &replicas {
+            r.wait_ready().await;
+        }
+        replicas
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(&self.nats.url())
+            .await
+            .expect("client")
+            .with_request_timeout(Duration::from_secs(3))
+    }
+
+    /// Runs `order-system dlq ARGS` against these servers; its stdout.
+    fn dlq(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_order-system"))
+            .arg("dlq")
+            .args(args)
+            .env("NATS_URL", self.nats.url())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run dlq");
+        assert!(
+            out.status.success(),
+            "dlq {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Retries what a replica crash or a handover can cause (no responder,
+/// time-out, "being handled right now"), always under the same message
+/// id: an idempotent command runs once however often it is sent.
 async fn with_retry<T, F, Fut>(mut op: F) -> catga::Result<T>
 where
     F: FnMut() -> Fut,
@@ -76,65 +165,82 @@ where
     let mut attempt = 0;
     loop {
         match op().await {
-            Err(e) if e.is_retryable() && attempt < 3 => {
+            Err(e) if e.is_retryable() && attempt < 40 => {
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
             }
             other => return other,
         }
     }
 }
 
+fn lines(n: u32) -> Vec<Line> {
+    vec![Line {
+        sku: "tea".into(),
+        quantity: 1 + n % 3,
+        unit_cents: 300,
+    }]
+}
+
+/// Create, pay, ship; each read back at once from whichever replica
+/// answers (the store makes them agree).
 async fn lifecycle(client: &Client, n: u32) -> OrderId {
+    let create_id = format!("create-{n}-{}", catga::new_message_id());
     let id = with_retry(|| {
-        client.send(CreateOrder {
-            customer: format!("c{n}"),
-            lines: vec![Line {
-                sku: "tea".into(),
-                quantity: 1 + n % 3,
-                unit_cents: 300,
-            }],
-        })
+        client.send_with_id(
+            CreateOrder {
+                customer: format!("c{n}"),
+                lines: lines(n),
+            },
+            &create_id,
+        )
     })
     .await
     .expect("create");
-    let total = u64::from(1 + n % 3) * 300;
+    let view = with_retry(|| client.send(GetOrder { id: id.clone() }))
+        .await
+        .expect("get");
+    assert_eq!(view.status, Status::Created);
+    let pay_id = catga::new_message_id();
     with_retry(|| {
-        client.send(PayOrder {
-            id: id.clone(),
-            amount_cents: total,
-        })
+        client.send_with_id(
+            PayOrder {
+                id: id.clone(),
+                amount_cents: view.total_cents,
+            },
+            &pay_id,
+        )
     })
     .await
     .expect("pay");
-    with_retry(|| client.send(ShipOrder { id: id.clone() }))
+    let ship_id = catga::new_message_id();
+    let tracking = with_retry(|| client.send_with_id(ShipOrder { id: id.clone() }, &ship_id))
         .await
         .expect("ship");
-    // The read model is eventually consistent: every replica applies the
-    // events on its own, so the replica answering may lag an instant.
-    for _ in 0..50 {
+    for _ in 0..3 {
         let view = with_retry(|| client.send(GetOrder { id: id.clone() }))
             .await
             .expect("get");
-        if view.status == Status::Shipped {
-            return id;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            view.status,
+            Status::Shipped,
+            "read right after the reply: {view:?}"
+        );
+        assert_eq!(view.tracking.as_deref(), Some(tracking.as_str()));
     }
-    panic!("order {id} never read back as shipped");
+    id
 }
 
 /// Sends `CreateOrder` from 16 tasks until told to stop; counts replies
-/// and failed attempts (each failed attempt is retried once if retryable).
+/// and failed attempts (each failed attempt is retried under its id).
 struct Load {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
 }
 
 impl Load {
     fn start(client: &Client) -> Load {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let tasks = (0..16)
             .map(|t| {
                 let (client, stop) = (client.clone(), stop.clone());
@@ -143,19 +249,18 @@ impl Load {
                     let mut n = 0u32;
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
+                        let id = catga::new_message_id();
                         let cmd = CreateOrder {
                             customer: format!("load-{t}-{n}"),
-                            lines: vec![Line {
-                                sku: "tea".into(),
-                                quantity: 1,
-                                unit_cents: 100,
-                            }],
+                            lines: lines(1),
                         };
-                        match client.send(cmd.clone()).await {
+                        match client.send_with_id(cmd.clone(), &id).await {
                             Ok(_) => ok += 1,
                             Err(e) => {
                                 failed.push(e.to_string());
-                                if e.is_retryable() && client.send(cmd).await.is_ok() {
+                                if e.is_retryable()
+                                    && with_retry(|| client.send_with_id(cmd.clone(), &id)).await.is_ok()
+                                {
                                     ok += 1;
                                 }
                             }
@@ -169,7 +274,7 @@ impl Load {
     }
 
     async fn stop(self) -> (u64, Vec<String>) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         let (mut ok, mut failed) = (0, Vec::new());
         for t in self.tasks {
             let (o, f) = t.await.expect("load task");
@@ -200,19 +305,9 @@ async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm_under_load() {
-    let server = NatsServer::start();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut replicas: Vec<Replica> = ["p1", "p2", "p3"]
-        .iter()
-        .map(|n| Replica::spawn(&server.url(), n, dir.path()))
-        .collect();
-    for r in &replicas {
-        r.wait_ready().await;
-    }
-    let client = Client::connect(&server.url())
-        .await
-        .expect("client")
-        .with_request_timeout(Duration::from_secs(3));
+    let servers = Servers::start();
+    let mut replicas = servers.replicas(&["p1", "p2", "p3"]).await;
+    let client = servers.client().await;
 
     for n in 0..30 {
         lifecycle(&client, n).await;
@@ -229,17 +324,15 @@ async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm_under_load() {
     );
 
     // SIGKILL p1 while 16 senders keep going: requests in flight at p1
-    // fail (and are retried); the others carry on.
+    // fail and are retried under their id; the others carry on.
     let load = Load::start(&client);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut p1 = replicas.remove(0);
-    let mut child = p1.child.take().expect("running");
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
+    p1.sigkill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (ok, failed) = load.stop().await;
     eprintln!(
-        "SIGKILL of one of 3 replicas under load: {ok} orders created, {} attempts failed: {:?}",
+        "SIGKILL of one of 3 replicas under load: {ok} orders created, {} attempts failed first time: {:?}",
         failed.len(),
         &failed[..failed.len().min(3)]
     );
@@ -270,4 +363,238 @@ async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm_under_load() {
 
     // p3 alone still serves.
     lifecycle(&client, 40).await;
+}
+
+/// Payers create and pay orders while replicas are SIGKILLed and
+/// restarted; each retries under its message ids until answered. No
+/// payer gives up, every order is paid once, and the durable billing
+/// ledger counts each payment exactly once, also after every redelivery
+/// of the killed replicas' unacknowledged events is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_are_counted_exactly_once_while_replicas_are_killed() {
+    let servers = Servers::start();
+    let mut replicas = servers.replicas(&["p1", "p2", "p3"]).await;
+    let client = servers.client().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let payers: Vec<_> = (0..8u32)
+        .map(|t| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut paid: Vec<(OrderId, u64)> = Vec::new();
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let (create_id, pay_id) = (format!("c-{t}-{n}"), format!("p-{t}-{n}"));
+                    let cmd = CreateOrder {
+                        customer: format!("payer-{t}"),
+                        lines: lines(n),
+                    };
+                    let id = with_retry(|| client.send_with_id(cmd.clone(), &create_id))
+                        .await
+                        .unwrap_or_else(|e| panic!("create {create_id} lost: {e}"));
+                    let amount = u64::from(1 + n % 3) * 300;
+                    let pay = PayOrder {
+                        id: id.clone(),
+                        amount_cents: amount,
+                    };
+                    with_retry(|| client.send_with_id(pay.clone(), &pay_id))
+                        .await
+                        .unwrap_or_else(|e| panic!("pay {pay_id} of {id} lost: {e}"));
+                    paid.push((id, amount));
+                }
+                paid
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    replicas[0].sigkill();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    replicas.push(Replica::spawn(&servers, "p1-again", servers.dir.path()));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    replicas[1].sigkill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut paid = Vec::new();
+    for p in payers {
+        paid.extend(p.await.expect("payer"));
+    }
+    let expected = Revenue {
+        payments: paid.len() as u64,
+        cents: paid.iter().map(|(_, c)| c).sum(),
+    };
+    eprintln!("{} orders paid while 2 of 3 replicas were killed", paid.len());
+    assert!(paid.len() > 50, "the load was real: {}", paid.len());
+
+    // Every order reads back paid, from any replica.
+    for (id, _) in &paid {
+        let view = with_retry(|| client.send(GetOrder { id: id.clone() }))
+            .await
+            .expect("get");
+        assert_eq!(view.status, Status::Paid, "{view:?}");
+        assert_eq!(view.version, 2, "created once and paid once: {view:?}");
+    }
+
+    // The ledger catches up (events of the killed replicas are redelivered
+    // after the ack wait) and then stays put: nothing counted twice.
+    let mut revenue = Revenue::default();
+    for _ in 0..200 {
+        revenue = with_retry(|| client.send(GetRevenue)).await.expect("revenue");
+        if revenue.payments >= expected.payments {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(revenue, expected, "every payment counted once");
+    tokio::time::sleep(Duration::from_millis(3 * 1500)).await;
+    let later = with_retry(|| client.send(GetRevenue)).await.expect("revenue");
+    assert_eq!(later, expected, "and no redelivery counted again");
+}
+
+/// The order rules hold across replicas: of a ship and a cancel racing on
+/// one paid order exactly one wins; creating again under the same id
+/// answers the first order; bad input is a 400, an unknown order a 404;
+/// an undecodable payment event becomes a dead letter that the `dlq`
+/// command lists and purges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_rules_hold_across_replicas() {
+    let servers = Servers::start();
+    let replicas = servers.replicas(&["p1", "p2", "p3"]).await;
+    let client = servers.client().await;
+
+    for n in 0..20u32 {
+        let id = client
+            .send(CreateOrder {
+                customer: "racer".into(),
+                lines: lines(n),
+            })
+            .await
+            .expect("create");
+        client
+            .send(PayOrder {
+                id: id.clone(),
+                amount_cents: u64::from(1 + n % 3) * 300,
+            })
+            .await
+            .expect("pay");
+        let (ship, cancel) = tokio::join!(
+            client.send(ShipOrder { id: id.clone() }),
+            client.send(CancelOrder {
+                id: id.clone(),
+                reason: "race".into(),
+            })
+        );
+        let view = client.send(GetOrder { id: id.clone() }).await.expect("get");
+        match (&ship, &cancel) {
+            (Ok(_), Err(e)) => {
+                assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+                assert_eq!(view.status, Status::Shipped);
+            }
+            (Err(e), Ok(())) => {
+                assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+                assert_eq!(view.status, Status::Cancelled);
+            }
+            other => panic!("exactly one of ship and cancel wins: {other:?}"),
+        }
+        assert_eq!(view.version, 3, "created, paid, then one of the two: {view:?}");
+    }
+
+    let first = client
+        .send_with_id(
+            CreateOrder {
+                customer: "again".into(),
+                lines: lines(1),
+            },
+            "same-create",
+        )
+        .await
+        .expect("create");
+    for _ in 0..5 {
+        let again = client
+            .send_with_id(
+                CreateOrder {
+                    customer: "again".into(),
+                    lines: lines(1),
+                },
+                "same-create",
+            )
+            .await
+            .expect("create again");
+        assert_eq!(again, first, "the same id answers the first order");
+    }
+
+    let overflow = client
+        .send(CreateOrder {
+            customer: "big".into(),
+            lines: vec![Line {
+                sku: "gold".into(),
+                quantity: u32::MAX,
+                unit_cents: u64::MAX,
+            }],
+        })
+        .await
+        .expect_err("overflow");
+    assert_eq!(overflow.kind(), ErrorKind::Invalid, "{overflow}");
+    assert_eq!(overflow.code(), 400);
+    assert!(
+        overflow.to_string().contains(&MAX_TOTAL_CENTS.to_string()),
+        "{overflow}"
+    );
+
+    let started = std::time::Instant::now();
+    let missing = client
+        .send(GetOrder {
+            id: OrderId("ord-nope".into()),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(missing.kind(), ErrorKind::NotFound, "{missing}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "answered, not timed out"
+    );
+
+    // A payment event nobody can decode: billing gives up on it at once
+    // and keeps it as a dead letter for an operator.
+    client
+        .publish_raw("orders.paid", bytes::Bytes::from_static(b"\xff not json"))
+        .await
+        .expect("publish");
+    let mut listed = String::new();
+    for _ in 0..100 {
+        listed = servers.dlq(&["list"]);
+        if listed.contains("orders.paid") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        listed.contains("orders.paid") && listed.contains("record_payment"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("deliveries=1"),
+        "undecodable is not retried: {listed}"
+    );
+    let shown = servers.dlq(&[
+        "show",
+        listed.trim_start_matches('#').split(' ').next().unwrap_or("1"),
+    ]);
+    assert!(shown.contains("not json"), "{shown}");
+    assert_eq!(servers.dlq(&["purge-all"]).trim(), "purged 1");
+    assert_eq!(servers.dlq(&["list"]).trim(), "");
+    let mut revenue = Revenue::default();
+    for _ in 0..100 {
+        revenue = client.send(GetRevenue).await.expect("revenue");
+        if revenue.payments >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        revenue.payments,
+        20,
+        "each real payment counted, the garbage not; {}",
+        trouble(&replicas)
+    );
 }
