@@ -1,16 +1,20 @@
 //! Secured brokers: nats-server configured for user/password, token, nkey,
-//! TLS, mutual TLS, TLS-first and decentralized (JWT) auth, each with a
-//! runtime and a client that must get in, and wrong settings that must be
-//! refused with a clear error that never shows the secret. Every log line
-//! of the test is captured and searched for the secrets.
+//! TLS, mutual TLS, TLS-first and decentralized (JWT) auth, and
+//! redis-server with a password, an ACL user, TLS and mutual TLS; each with
+//! a runtime (and for NATS a client) that must get in, and wrong settings
+//! that must be refused with a clear error that never shows the secret.
+//! Every log line of the test is captured and searched for the secrets.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use catga::{Client, Config, ErrorKind, NatsSecurity, Result, Runtime, Secret, command};
-use catga_tests::NatsServer;
+use catga::{
+    Client, Config, Context, ErrorKind, NatsSecurity, RedisTls, Result, Runtime, Secret, State, Versioned,
+    command,
+};
+use catga_tests::{NatsServer, RedisServer};
 use serde::{Deserialize, Serialize};
 
 /// Answers with a greeting.
@@ -24,6 +28,33 @@ pub struct Hello {
 #[command]
 async fn hello(h: Hello) -> Result<String> {
     Ok(format!("hello {}", h.name))
+}
+
+/// Counts in the state store: each call adds one to counter `key`.
+#[command(reply = u64)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Remember {
+    /// Which counter.
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Default)]
+struct Count(u64);
+
+impl State for Count {
+    const KIND: &'static str = "count";
+}
+
+#[command]
+async fn remember(ctx: &Context, r: Remember) -> Result<u64> {
+    let mut count = ctx
+        .try_load::<Count>(&r.key)
+        .await?
+        .unwrap_or_else(|| Versioned::new(r.key.clone(), Count::default()));
+    count.0 += 1;
+    let n = count.0;
+    ctx.save(count).await?;
+    Ok(n)
 }
 
 /// Everything logged in this process.
@@ -513,4 +544,175 @@ async fn creds_file_with_decentralized_auth() {
     .await;
     assert_hidden(&seed, &texts);
     assert_hidden(&other_seed, &texts);
+}
+
+// ---- Redis ----
+
+/// A runtime on the embedded bus that keeps its state in Redis at `url`.
+async fn redis_runtime(url: &str, tls: RedisTls) -> Runtime {
+    let _ = log();
+    Runtime::builder()
+        .redis_url(url)
+        .redis_tls(tls)
+        .instance_id("secured-redis")
+        .handlers(|s| s.name() == "secured::remember")
+        .start()
+        .await
+        .expect("start-up itself succeeds")
+}
+
+/// The runtime gets in: it becomes ready and its state lives in Redis.
+async fn redis_serves(url: &str, tls: RedisTls) {
+    let rt = redis_runtime(url, tls).await;
+    tokio::time::timeout(Duration::from_secs(10), rt.ready())
+        .await
+        .unwrap_or_else(|_| panic!("not ready: {:?}", rt.readiness()))
+        .expect("ready");
+    let client = rt.client();
+    let key = catga_tests::run_id();
+    assert_eq!(
+        client.send(Remember { key: key.clone() }).await.expect("served"),
+        1
+    );
+    assert_eq!(client.send(Remember { key }).await.expect("served"), 2);
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// The runtime stays not ready, saying `why`; a command that needs the
+/// store fails with a retryable "unavailable" (the sender did nothing
+/// wrong) whose text shows neither the reason nor a secret. Returns the
+/// texts it saw.
+async fn redis_refused(url: &str, tls: RedisTls, why: &str) -> Vec<String> {
+    let rt = redis_runtime(url, tls).await;
+    let started = Instant::now();
+    let mut readiness = rt.readiness();
+    while started.elapsed() < Duration::from_secs(5) {
+        readiness = rt.readiness();
+        if readiness.failing.iter().any(|f| f.contains(why)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!readiness.ready);
+    assert!(
+        readiness.failing.iter().any(|f| f.contains(why)),
+        "readiness says why: {readiness:?}"
+    );
+    let err = rt
+        .client()
+        .send(Remember { key: "k".into() })
+        .await
+        .expect_err("no store");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.is_retryable());
+    let _ = rt.shutdown().await;
+    let mut texts = readiness.failing;
+    texts.push(err.to_string());
+    texts
+}
+
+fn redis_url(server: &RedisServer, userinfo: &str) -> String {
+    format!("redis://{userinfo}127.0.0.1:{}/", server.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_password_in_the_url() {
+    let password = "redis-s3cr3t-pw";
+    let server = RedisServer::start_with(false, &["--requirepass", password]);
+    redis_serves(&redis_url(&server, &format!(":{password}@")), RedisTls::default()).await;
+    let texts = redis_refused(
+        &redis_url(&server, ":not-the-password-0x@"),
+        RedisTls::default(),
+        "Redis refused the credentials",
+    )
+    .await;
+    assert_hidden("not-the-password-0x", &texts);
+    assert_hidden(password, &texts);
+    let texts = redis_refused(
+        &redis_url(&server, ""),
+        RedisTls::default(),
+        "Redis refused the credentials",
+    )
+    .await;
+    assert_hidden(password, &texts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_acl_user() {
+    let server = RedisServer::start_with(
+        false,
+        &[
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "orders",
+            "on",
+            ">orders-s3cr3t",
+            "~catga:*",
+            "&*",
+            "+@all",
+        ],
+    );
+    redis_serves(&redis_url(&server, "orders:orders-s3cr3t@"), RedisTls::default()).await;
+    let texts = redis_refused(
+        &redis_url(&server, "orders:wrong-s3cr3t@"),
+        RedisTls::default(),
+        "Redis refused the credentials",
+    )
+    .await;
+    assert_hidden("wrong-s3cr3t", &texts);
+    assert_hidden("orders-s3cr3t", &texts);
+}
+
+fn redis_tls_server(pki: &Pki, clients: &str) -> RedisServer {
+    let p = |n: &str| pki.path(n).display().to_string();
+    let (cert, key, ca) = (p("server.pem"), p("server-key.pem"), p("ca.pem"));
+    RedisServer::start_with(
+        false,
+        &[
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            clients,
+        ],
+    )
+}
+
+fn rediss_url(server: &RedisServer) -> String {
+    format!("rediss://127.0.0.1:{}/", server.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_tls_with_a_custom_ca() {
+    let pki = Pki::new(false);
+    let server = redis_tls_server(&pki, "no");
+    let with_ca = RedisTls {
+        ca: Some(pki.path("ca.pem")),
+        ..RedisTls::default()
+    };
+    redis_serves(&rediss_url(&server), with_ca).await;
+    // Without the CA the server's certificate is not trusted.
+    redis_refused(&rediss_url(&server), RedisTls::default(), "TLS").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_mutual_tls() {
+    let pki = Pki::new(false);
+    let server = redis_tls_server(&pki, "yes");
+    let mutual = RedisTls {
+        ca: Some(pki.path("ca.pem")),
+        cert: Some(pki.path("client.pem")),
+        key: Some(pki.path("client-key.pem")),
+    };
+    redis_serves(&rediss_url(&server), mutual).await;
+    let ca_only = RedisTls {
+        ca: Some(pki.path("ca.pem")),
+        ..RedisTls::default()
+    };
+    redis_refused(&rediss_url(&server), ca_only, "TLS").await;
 }

@@ -114,6 +114,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Sets the TLS files for a `rediss://` store (the `REDIS_TLS_*`
+    /// settings).
+    pub fn redis_tls(mut self, tls: crate::config::RedisTls) -> Self {
+        self.config.redis_tls = tls;
+        self
+    }
+
     /// Serves on the given in-memory bus (share it between runtimes and
     /// clients of one process). Takes precedence over a NATS URL.
     pub fn memory(mut self, bus: MemoryBus) -> Self {

@@ -425,28 +425,22 @@ fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
 /// Pings the store once a second: readiness requires it to answer, so
 /// that Kubernetes stops routing to a replica that cannot reach Redis.
 async fn watch_store(shared: Arc<Shared>) {
-    let mut was_ok = true;
+    let mut was: Option<String> = None;
     loop {
-        let ok = match tokio::time::timeout(std::time::Duration::from_secs(2), shared.store.ping()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                if was_ok {
-                    tracing::error!(error = %e, "the state store does not answer; not ready until it does");
-                }
-                false
-            }
-            Err(_) => {
-                if was_ok {
-                    tracing::error!("the state store does not answer within 2 s; not ready until it does");
-                }
-                false
-            }
+        let now = match tokio::time::timeout(std::time::Duration::from_secs(2), shared.store.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.message().to_owned()),
+            Err(_) => Some("the state store does not answer within 2 s".to_owned()),
         };
-        if ok && !was_ok {
-            tracing::info!("the state store answers again");
+        match (&was, &now) {
+            (None, Some(why)) => {
+                tracing::error!(error = %why, "the state store fails; not ready until it answers")
+            }
+            (Some(_), None) => tracing::info!("the state store answers again"),
+            _ => {}
         }
-        shared.health.set_store_ok(ok);
-        was_ok = ok;
+        shared.health.set_store_down(now.clone());
+        was = now;
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }

@@ -26,8 +26,9 @@ struct State {
     /// Every ticket below this one is confirmed by the broker.
     confirmed_upto: u64,
     draining: bool,
-    /// The state store answered its last ping (assumed until it fails).
-    store_down: bool,
+    /// Why the state store failed its last ping, if it did (it is assumed
+    /// to answer until it fails).
+    store_down: Option<String>,
     fatal: Option<(ErrorKind, String)>,
 }
 
@@ -77,11 +78,11 @@ impl Health {
         self.state.send_modify(|s| s.live = s.live.saturating_sub(1));
     }
 
-    /// The state store answers, or not.
-    pub(crate) fn set_store_ok(&self, ok: bool) {
+    /// The state store answers (`None`), or not, and why.
+    pub(crate) fn set_store_down(&self, why: Option<String>) {
         self.state.send_if_modified(|s| {
-            let changed = s.store_down == ok;
-            s.store_down = !ok;
+            let changed = s.store_down != why;
+            s.store_down = why;
             changed
         });
     }
@@ -140,8 +141,8 @@ impl Health {
                 None => failing.push("broker: not connected".to_owned()),
             }
         }
-        if s.store_down {
-            failing.push("store: the state store does not answer".to_owned());
+        if let Some(why) = &s.store_down {
+            failing.push(format!("store: {why}"));
         }
         if s.live < s.wanted {
             failing.push(format!("subscriptions: {} of {} live", s.live, s.wanted));
