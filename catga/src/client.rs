@@ -159,9 +159,12 @@ impl Client {
     /// with the handler's own error kind when it fails. A command whose
     /// time-out passed before a replica took it is not run.
     ///
-    /// The command carries no message id: its one receiver makes one up.
-    /// Use [`send_with_id`](Self::send_with_id) to choose it, e.g. to retry
-    /// a command under the same id.
+    /// A plain command carries no message id: its one receiver makes one
+    /// up. An idempotent one (`#[command(idempotent)]`) carries a fresh
+    /// one, and a failure that says it did not run (no handler, replica
+    /// unavailable, broker away) is sent again under that id until the
+    /// time-out. Use [`send_with_id`](Self::send_with_id) to choose the id,
+    /// e.g. to retry later, or from another process, under the same id.
     pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
         let deadline = Deadline::after(self.inner.request_timeout);
         if C::IDEMPOTENT {
