@@ -98,8 +98,15 @@ pub(crate) async fn shutdown(
     let left = deadline
         .saturating_duration_since(Instant::now())
         .clamp(Duration::from_millis(100), Duration::from_secs(2));
-    let flushed = if shared.client.transport().is_connected() {
-        shared.client.transport().flush(left).await.is_ok()
+    // A round trip, not only a flush: async-nats' flush writes the buffer
+    // out but does not wait for the server, so a sender on another
+    // connection could still reach a subscription whose UNSUB the server
+    // had not read yet (seen in a full test run:
+    // `shutdown::nats::graceful_shutdown` got "no reply" instead of "no
+    // handler" right after shutdown returned).
+    let transport = shared.client.transport();
+    let flushed = if transport.is_connected() {
+        transport.flush(left).await.is_ok() && transport.round_trip(left).await.is_ok()
     } else {
         false
     };
