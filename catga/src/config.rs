@@ -189,6 +189,11 @@ pub const SETTINGS: &[Setting] = &[
         default: "5000",
     },
     Setting {
+        name: "CATGA_HTTP_ADDR",
+        meaning: "address of the HTTP endpoint: `/health`, `/ready`, `/metrics` (e.g. `0.0.0.0:8080`)",
+        default: "unset: no endpoint",
+    },
+    Setting {
         name: "CATGA_CLIENT_ONLY",
         meaning: "`true`: start with no handlers (a process that only sends)",
         default: "false",
@@ -263,6 +268,8 @@ pub struct Config {
     pub subscription_capacity: usize,
     /// Start with no handlers (a process that only sends).
     pub client_only: bool,
+    /// Where `/health`, `/ready` and `/metrics` are served; `None`: nowhere.
+    pub http_addr: Option<String>,
     /// Redis URL; `None` keeps state in memory.
     pub redis_url: Option<String>,
     /// `REDIS_TLS_CA`, `REDIS_TLS_CERT`, `REDIS_TLS_KEY`.
@@ -342,6 +349,7 @@ impl Default for Config {
             parallel: DEFAULT_PARALLEL,
             subscription_capacity: DEFAULT_CAPACITY,
             client_only: false,
+            http_addr: None,
             redis_url: None,
             redis_tls: RedisTls::default(),
             inbox_window: Duration::from_secs(24 * 3600),
@@ -409,6 +417,7 @@ impl Config {
         if let Some(v) = get("CATGA_CLIENT_ONLY") {
             c.client_only = boolean("CATGA_CLIENT_ONLY", &v)?;
         }
+        c.http_addr = get("CATGA_HTTP_ADDR").filter(|a| !a.trim().is_empty());
         c.redis_url = get("REDIS_URL");
         c.redis_tls = RedisTls {
             ca: get("REDIS_TLS_CA").map(Into::into),

@@ -37,6 +37,7 @@ mod config;
 mod dead_letters;
 mod error;
 mod message;
+mod ops;
 mod registry;
 mod resilience;
 mod runtime;

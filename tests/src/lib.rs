@@ -7,6 +7,7 @@
 //! handlers and its scenarios.
 
 pub mod backend;
+pub mod http;
 pub mod record;
 pub mod servers;
 

@@ -114,6 +114,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Serves `/health`, `/ready` and `/metrics` on `addr` (port 0: a free
+    /// one, see [`Runtime::http_addr`](super::Runtime::http_addr)).
+    pub fn http_addr(mut self, addr: impl Into<String>) -> Self {
+        self.config.http_addr = Some(addr.into());
+        self
+    }
+
     /// Sets the TLS files for a `rediss://` store (the `REDIS_TLS_*`
     /// settings).
     pub fn redis_tls(mut self, tls: crate::config::RedisTls) -> Self {
@@ -194,6 +201,11 @@ impl RuntimeBuilder {
     /// the server confirmed every subscription.
     pub async fn start(self) -> Result<Runtime> {
         let RuntimeBuilder { config, bus, filter } = self;
+        // Before any handler registers its metrics: a handle registered
+        // without the recorder stays a no-op.
+        if config.http_addr.is_some() {
+            crate::ops::metrics::install();
+        }
         let selected: Vec<&'static HandlerSpec> = if config.client_only {
             Vec::new()
         } else {
@@ -297,11 +309,16 @@ impl RuntimeBuilder {
             tokio::spawn(watch_store(Arc::clone(&shared))),
             tokio::spawn(super::outbox::run(Arc::clone(&shared))),
         ];
+        let http = match shared.config.http_addr.clone() {
+            Some(addr) => Some(super::HttpEndpoint::start(&addr, &shared).await?),
+            None => None,
+        };
         Ok(Runtime {
             shared,
             handlers: selected,
             serving: tokio::sync::Mutex::new(serving),
             background,
+            http,
         })
     }
 }

@@ -107,6 +107,7 @@ pub(crate) struct Served {
     /// Deliveries of a durable message before it is dead-lettered.
     pub max_deliver: u32,
     pub breaker: crate::resilience::Breaker,
+    pub metrics: crate::ops::metrics::HandlerMetrics,
 }
 
 impl Served {
@@ -145,6 +146,7 @@ impl Served {
             durable,
             max_deliver,
             breaker: crate::resilience::Breaker::new(config.breaker_failures, config.breaker_open),
+            metrics: crate::ops::metrics::HandlerMetrics::new(spec),
         }
     }
 
@@ -195,6 +197,65 @@ pub struct Runtime {
     /// subscribing and the draining, so that they never interleave.
     serving: tokio::sync::Mutex<HashMap<&'static str, Serving>>,
     background: Vec<JoinHandle<()>>,
+    http: Option<HttpEndpoint>,
+}
+
+/// The running HTTP endpoint: it answers until the shutdown is over, so
+/// that `/ready` says "draining" while the replica drains.
+struct HttpEndpoint {
+    addr: std::net::SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl HttpEndpoint {
+    async fn start(addr: &str, shared: &Arc<Shared>) -> Result<HttpEndpoint> {
+        let (live, ready, refresh) = (Arc::clone(shared), Arc::clone(shared), Arc::clone(shared));
+        let probes = crate::ops::http::Probes {
+            liveness: Arc::new(move || match live.health.fatal() {
+                Some(e) => Err(e.to_string()),
+                None => Ok(()),
+            }),
+            readiness: Arc::new(move || {
+                let r = ready.health.check(ready.client.transport());
+                (r.ready, r.failing)
+            }),
+            refresh: Arc::new(move || {
+                let shared = Arc::clone(&refresh);
+                Box::pin(async move {
+                    let transport = shared.client.transport();
+                    let backlog = tokio::time::timeout(
+                        std::time::Duration::from_millis(500),
+                        shared.store.outbox_backlog(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                    crate::ops::metrics::replica(
+                        shared.health.check(transport).ready,
+                        transport.is_connected(),
+                        !shared.health.store_down(),
+                        transport.client_dropped(),
+                        backlog,
+                    );
+                })
+            }),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let (addr, task) = crate::ops::http::serve(addr, probes, stop_rx).await?;
+        Ok(HttpEndpoint { addr, stop, task })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        if tokio::time::timeout(std::time::Duration::from_secs(1), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Runtime {
@@ -246,6 +307,12 @@ impl Runtime {
     /// per subscription, with the count).
     pub fn dropped_messages(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed) + self.shared.client.transport().client_dropped()
+    }
+
+    /// Where the HTTP endpoint listens (`CATGA_HTTP_ADDR`, with the port
+    /// chosen if it was 0), if it runs.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(|h| h.addr)
     }
 
     /// Events saved to the outbox and not yet published.
@@ -353,7 +420,11 @@ impl Runtime {
     pub async fn shutdown(mut self) -> Result<()> {
         let serving: Vec<Serving> = self.serving.get_mut().drain().map(|(_, s)| s).collect();
         let background = std::mem::take(&mut self.background);
-        shutdown::shutdown(&self.shared, serving, background).await
+        let outcome = shutdown::shutdown(&self.shared, serving, background).await;
+        if let Some(http) = self.http.take() {
+            http.stop().await;
+        }
+        outcome
     }
 }
 
@@ -361,6 +432,9 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         for b in &self.background {
             b.abort();
+        }
+        if let Some(http) = &self.http {
+            http.task.abort();
         }
         for s in self.serving.get_mut().values() {
             for t in &s.tasks {

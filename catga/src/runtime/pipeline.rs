@@ -32,6 +32,7 @@ use tracing::Instrument;
 use super::{Served, Shared};
 use crate::client::Context;
 use crate::error::{Error, ErrorKind, Result};
+use crate::ops::metrics::Ended;
 use crate::registry::HandlerKind;
 use crate::resilience::{Admit, backoff};
 use crate::store::{Committed, Inbox, InboxWrite, StoredReply, Work};
@@ -68,16 +69,35 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
         message_id = meta.message_id(),
         correlation_id = meta.correlation_id(),
     );
+    let started = served.metrics.start();
     async move {
         let payload = incoming.payload;
         let outcome = steps(served, shared, &meta, payload.clone()).await;
+        let ended = ended(&outcome);
         let settle = conclude(served, shared, &meta, &payload, outcome);
+        match &settle {
+            Settle::Dead(_) => served.metrics.dead_letters.increment(1),
+            Settle::Retry { .. } if served.durable.is_some() => served.metrics.redeliveries.increment(1),
+            _ => {}
+        }
         if let Err(e) = settler.settle(settle).await {
             tracing::warn!(error = %e, "the answer was not sent as is");
         }
+        served.metrics.end(started, ended);
     }
     .instrument(span)
     .await
+}
+
+/// The `outcome` label of the metrics.
+fn ended(outcome: &Outcome) -> Ended {
+    match outcome {
+        Outcome::Done(_) => Ended::Ok,
+        Outcome::Answered(_) => Ended::Answered,
+        Outcome::Failed(e) => Ended::Failed(e.kind()),
+        Outcome::Busy => Ended::Busy,
+        Outcome::Expired => Ended::Expired,
+    }
 }
 
 /// Steps 2 to 8.
@@ -189,7 +209,9 @@ async fn claim(served: &Served, shared: &Shared, meta: &MessageMeta) -> Result<C
 
 /// Step 5: asks the handler's breaker.
 fn admit(served: &Served) -> Result<(), Outcome> {
-    match served.breaker.admit() {
+    let admitted = served.breaker.admit();
+    served.metrics.breaker(matches!(admitted, Admit::No(_)));
+    match admitted {
         Admit::Yes => Ok(()),
         Admit::No(wait) => Err(Outcome::Failed(
             Error::new(
@@ -226,6 +248,7 @@ async fn call_with_retries(
                     return Err(e);
                 }
                 tracing::info!(error = %e, attempt, "retrying the handler");
+                served.metrics.retries.increment(1);
                 tokio::time::sleep(pause).await;
             }
             other => return other,

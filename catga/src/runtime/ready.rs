@@ -105,6 +105,11 @@ impl Health {
         });
     }
 
+    /// Whether the state store failed its last ping.
+    pub(crate) fn store_down(&self) -> bool {
+        self.state.borrow().store_down.is_some()
+    }
+
     pub(crate) fn fatal(&self) -> Option<Error> {
         self.state
             .borrow()

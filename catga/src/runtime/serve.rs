@@ -99,6 +99,7 @@ pub(crate) async fn serve(
                         queue.push_back(d);
                     } else {
                         shared.count_dropped();
+                        served.metrics.dropped.increment(1);
                         drops.record(served);
                         if d.expects_reply() {
                             let (_, settler) = d.split();

@@ -1,0 +1,258 @@
+//! Metrics through the `metrics` facade, exported in the Prometheus text
+//! format by `metrics-exporter-prometheus`.
+//!
+//! The recorder is installed once per process, when a runtime serves
+//! `/metrics` (`CATGA_HTTP_ADDR`); metrics that an application records
+//! itself with the `metrics` macros appear on the same page. Without it,
+//! recording costs a no-op call. Labels are bounded: handler and subject
+//! (both fixed at compile time) and an outcome from a fixed list, never a
+//! message id.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `catga_messages_received_total` | counter | handler, subject |
+//! | `catga_messages_handled_total` | counter | handler, subject, outcome |
+//! | `catga_handler_duration_seconds` | histogram | handler |
+//! | `catga_handler_in_flight` | gauge | handler |
+//! | `catga_handler_retries_total` | counter | handler |
+//! | `catga_redeliveries_total` | counter | handler |
+//! | `catga_dead_letters_total` | counter | handler |
+//! | `catga_messages_dropped_total` | counter | handler |
+//! | `catga_breaker_open` | gauge | handler |
+//! | `catga_ready`, `catga_broker_connected`, `catga_store_up` | gauge | |
+//! | `catga_slow_consumer_drops_total` | counter | |
+//! | `catga_outbox_backlog` | gauge | |
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::error::{ALL_KINDS, ErrorKind};
+use crate::registry::HandlerSpec;
+
+/// The process's Prometheus recorder: `None` if another recorder was
+/// installed first (by the application).
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Latency buckets, in seconds: 100 µs to 30 s.
+const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
+];
+
+/// Installs the Prometheus recorder (once per process) and returns its
+/// handle, or `None` when the application installed another recorder.
+pub(crate) fn install() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let built = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &BUCKETS)
+                .and_then(PrometheusBuilder::install_recorder);
+            match built {
+                Ok(handle) => {
+                    describe();
+                    // Histograms keep their samples until upkeep folds
+                    // them in: without scrapes they would grow.
+                    let keep = handle.clone();
+                    std::thread::Builder::new()
+                        .name("catga-metrics-upkeep".to_owned())
+                        .spawn(move || {
+                            loop {
+                                std::thread::sleep(Duration::from_secs(5));
+                                keep.run_upkeep();
+                            }
+                        })
+                        .map_err(|e| tracing::warn!(error = %e, "no metrics upkeep thread"))
+                        .ok();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "another metrics recorder is installed: /metrics cannot show catga's metrics"
+                    );
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// The installed recorder, if [`install`] ran and succeeded.
+pub(crate) fn handle() -> Option<PrometheusHandle> {
+    PROMETHEUS.get().cloned().flatten()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "catga_messages_received_total",
+        "Messages taken from the broker, per handler"
+    );
+    describe_counter!(
+        "catga_messages_handled_total",
+        "Messages settled, per handler and outcome (ok, answered, expired, busy, or the error kind)"
+    );
+    describe_histogram!(
+        "catga_handler_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from taking a message to settling it, retries included"
+    );
+    describe_gauge!("catga_handler_in_flight", "Messages being handled right now");
+    describe_counter!(
+        "catga_handler_retries_total",
+        "Retries of a handler in place (retry = N)"
+    );
+    describe_counter!(
+        "catga_redeliveries_total",
+        "Durable messages given back for a later delivery"
+    );
+    describe_counter!("catga_dead_letters_total", "Messages moved to the dead letters");
+    describe_counter!(
+        "catga_messages_dropped_total",
+        "Messages dropped because a subscription was full (its in-flight limit and queue)"
+    );
+    describe_gauge!(
+        "catga_breaker_open",
+        "1 while the handler's circuit breaker is open"
+    );
+    describe_gauge!("catga_ready", "1 while the replica is ready");
+    describe_gauge!("catga_broker_connected", "1 while the broker connection is up");
+    describe_gauge!("catga_store_up", "1 while the state store answers");
+    describe_counter!(
+        "catga_slow_consumer_drops_total",
+        "Messages the NATS client dropped because a subscription could not keep up"
+    );
+    describe_gauge!(
+        "catga_outbox_backlog",
+        "Events saved to the outbox and not yet published"
+    );
+}
+
+/// How a message ended, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    Ok,
+    Answered,
+    Expired,
+    Busy,
+    Failed(ErrorKind),
+}
+
+const FIXED: [&str; 4] = ["ok", "answered", "expired", "busy"];
+
+impl Ended {
+    fn index(self) -> usize {
+        match self {
+            Ended::Ok => 0,
+            Ended::Answered => 1,
+            Ended::Expired => 2,
+            Ended::Busy => 3,
+            Ended::Failed(kind) => FIXED.len() + ALL_KINDS.iter().position(|k| *k == kind).unwrap_or(0),
+        }
+    }
+
+    fn label(index: usize) -> &'static str {
+        FIXED
+            .get(index)
+            .copied()
+            .unwrap_or_else(|| ALL_KINDS[index - FIXED.len()].as_str())
+    }
+}
+
+/// One handler's metric handles, registered once: recording is an atomic
+/// operation, no lookup per message.
+pub(crate) struct HandlerMetrics {
+    spec: &'static HandlerSpec,
+    received: Counter,
+    outcomes: [OnceLock<Counter>; FIXED.len() + ALL_KINDS.len()],
+    duration: Histogram,
+    in_flight: Gauge,
+    pub retries: Counter,
+    pub redeliveries: Counter,
+    pub dead_letters: Counter,
+    pub dropped: Counter,
+    breaker_open: Gauge,
+}
+
+impl HandlerMetrics {
+    pub(crate) fn new(spec: &'static HandlerSpec) -> HandlerMetrics {
+        let (h, s) = (spec.name(), spec.subject());
+        HandlerMetrics {
+            spec,
+            received: counter!("catga_messages_received_total", "handler" => h, "subject" => s),
+            outcomes: std::array::from_fn(|_| OnceLock::new()),
+            duration: histogram!("catga_handler_duration_seconds", "handler" => h),
+            in_flight: gauge!("catga_handler_in_flight", "handler" => h),
+            retries: counter!("catga_handler_retries_total", "handler" => h),
+            redeliveries: counter!("catga_redeliveries_total", "handler" => h),
+            dead_letters: counter!("catga_dead_letters_total", "handler" => h),
+            dropped: counter!("catga_messages_dropped_total", "handler" => h),
+            breaker_open: gauge!("catga_breaker_open", "handler" => h),
+        }
+    }
+
+    /// A message was taken: counts it and returns when it started.
+    pub(crate) fn start(&self) -> std::time::Instant {
+        self.received.increment(1);
+        self.in_flight.increment(1.0);
+        std::time::Instant::now()
+    }
+
+    /// A message was settled.
+    pub(crate) fn end(&self, started: std::time::Instant, ended: Ended) {
+        self.in_flight.decrement(1.0);
+        self.duration.record(started.elapsed().as_secs_f64());
+        let i = ended.index();
+        if let Some(slot) = self.outcomes.get(i) {
+            slot.get_or_init(|| {
+                counter!(
+                    "catga_messages_handled_total",
+                    "handler" => self.spec.name(),
+                    "subject" => self.spec.subject(),
+                    "outcome" => Ended::label(i)
+                )
+            })
+            .increment(1);
+        }
+    }
+
+    /// The breaker is open (`true`) or lets messages through.
+    pub(crate) fn breaker(&self, open: bool) {
+        self.breaker_open.set(if open { 1.0 } else { 0.0 });
+    }
+}
+
+/// Sets the replica-wide gauges, before a scrape.
+pub(crate) fn replica(
+    ready: bool,
+    connected: bool,
+    store_up: bool,
+    slow_consumer_drops: u64,
+    outbox: Option<u64>,
+) {
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    gauge!("catga_ready").set(flag(ready));
+    gauge!("catga_broker_connected").set(flag(connected));
+    gauge!("catga_store_up").set(flag(store_up));
+    counter!("catga_slow_consumer_drops_total").absolute(slow_consumer_drops);
+    if let Some(n) = outbox {
+        gauge!("catga_outbox_backlog").set(n as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_has_its_own_label() {
+        let mut labels: Vec<&str> = (0..FIXED.len() + ALL_KINDS.len()).map(Ended::label).collect();
+        assert_eq!(Ended::label(Ended::Failed(ErrorKind::Stale).index()), "stale");
+        assert_eq!(Ended::label(Ended::Ok.index()), "ok");
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), FIXED.len() + ALL_KINDS.len());
+    }
+}
