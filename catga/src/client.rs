@@ -498,6 +498,12 @@ impl Context {
         self.meta.message_id()
     }
 
+    /// Id of the W3C trace the message being handled belongs to, if its
+    /// sender continued or started one (see [`TraceParent`](crate::TraceParent)).
+    pub fn trace_id(&self) -> Option<String> {
+        self.meta.trace_id()
+    }
+
     /// Correlation id of the message being handled.
     pub fn correlation_id(&self) -> &str {
         self.meta.correlation_id()

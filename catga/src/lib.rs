@@ -59,6 +59,7 @@ pub use store::{State, Versioned};
 pub use transport::DEFAULT_MAX_PAYLOAD;
 pub use transport::memory::MemoryBus;
 pub use wire::deadline::Deadline;
+pub use wire::trace::TraceParent;
 pub use wire::{MessageMeta, headers, new_message_id};
 
 /// Used by the code that `#[command]` and `#[event]` generate. Not API: it

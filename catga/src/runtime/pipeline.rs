@@ -68,7 +68,13 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
         subject = meta.subject(),
         message_id = meta.message_id(),
         correlation_id = meta.correlation_id(),
+        trace_id = tracing::field::Empty,
     );
+    if !span.is_disabled()
+        && let Some(trace) = meta.trace_id()
+    {
+        span.record("trace_id", trace.as_str());
+    }
     let started = served.metrics.start();
     async move {
         let payload = incoming.payload;

@@ -4,6 +4,7 @@ use std::sync::OnceLock;
 
 use super::deadline::Deadline;
 use super::headers;
+use super::trace::{TraceParent, span_id};
 
 /// Identity of a message as seen by its handler, read from its headers on
 /// demand (nothing is copied per message unless asked for).
@@ -14,6 +15,9 @@ pub struct MessageMeta {
     deadline: Option<Deadline>,
     delivery: u64,
     generated_id: OnceLock<InlineId>,
+    /// The trace it continues (parsed on demand), and the span id of its
+    /// handling, the parent of what the handler sends.
+    trace: OnceLock<Option<(TraceParent, [u8; 8])>>,
 }
 
 /// A NUID kept inline (22 ASCII characters), so that making up an id
@@ -49,6 +53,7 @@ impl MessageMeta {
             deadline,
             delivery,
             generated_id: OnceLock::new(),
+            trace: OnceLock::new(),
         }
     }
 
@@ -98,6 +103,38 @@ impl MessageMeta {
     /// durable consumer redelivers it.
     pub fn delivery(&self) -> u64 {
         self.delivery
+    }
+
+    fn trace(&self) -> Option<&(TraceParent, [u8; 8])> {
+        self.trace
+            .get_or_init(|| {
+                self.header(headers::TRACEPARENT)
+                    .and_then(TraceParent::parse)
+                    .map(|t| (t, span_id()))
+            })
+            .as_ref()
+    }
+
+    /// The trace it continues, as its sender gave it (`traceparent`).
+    pub fn traceparent(&self) -> Option<TraceParent> {
+        self.trace().map(|(t, _)| *t)
+    }
+
+    /// Id of the trace it belongs to, if it continues one.
+    pub fn trace_id(&self) -> Option<String> {
+        self.trace().map(|(t, _)| t.trace_id())
+    }
+
+    /// Id of the span of its handling (the parent of what its handler
+    /// sends), if it continues a trace.
+    pub fn span_id(&self) -> Option<String> {
+        self.trace().map(|(_, s)| super::trace::to_hex(s))
+    }
+
+    /// The trace for messages its handler sends: the same trace, with this
+    /// handling as their parent.
+    pub(crate) fn child_trace(&self) -> Option<TraceParent> {
+        self.trace().map(|(t, s)| t.with_parent(*s))
     }
 
     /// The message's headers, as received.

@@ -14,12 +14,14 @@
 //! - `Catga-Version` only above version 1;
 //! - no type header: a subject carries exactly one message type, fixed at
 //!   compile time;
-//! - a request's deadline travels in its reply subject (see [`deadline`]).
+//! - a request's deadline travels in its reply subject (see [`deadline`]);
+//! - `traceparent` only when there is a trace to continue (see [`trace`]).
 
 pub(crate) mod codec;
 pub(crate) mod deadline;
 pub(crate) mod errors;
 mod meta;
+pub(crate) mod trace;
 
 pub use meta::MessageMeta;
 
@@ -32,6 +34,8 @@ pub mod headers {
 
     /// Unique id of this message; also the JetStream de-duplication id.
     pub const MESSAGE_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+    /// W3C trace context, when the message continues a trace.
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
     /// Id shared by every message caused, directly or not, by one root message.
     pub const CORRELATION_ID: HeaderName = HeaderName::from_static("Catga-Correlation-Id");
     /// Id of the message whose handler sent this one.
@@ -151,15 +155,25 @@ pub(crate) enum Cause<'a> {
 /// `event` says whether it is an event.
 pub(crate) fn message_headers(event: bool, version: u32, cause: Cause<'_>) -> async_nats::HeaderMap {
     let mut h = async_nats::HeaderMap::new();
-    match cause {
+    let trace = match cause {
         Cause::Parent(p) => {
             h.insert(headers::CORRELATION_ID, p.correlation_id());
             h.insert(headers::CAUSATION_ID, p.message_id());
             h.insert(headers::MESSAGE_ID, nuid::next().as_str());
+            p.child_trace()
         }
-        Cause::Id(id) => h.insert(headers::MESSAGE_ID, id),
-        Cause::Root if event => h.insert(headers::MESSAGE_ID, nuid::next().as_str()),
-        Cause::Root => {}
+        Cause::Id(id) => {
+            h.insert(headers::MESSAGE_ID, id);
+            trace::TraceParent::current()
+        }
+        Cause::Root if event => {
+            h.insert(headers::MESSAGE_ID, nuid::next().as_str());
+            trace::TraceParent::current()
+        }
+        Cause::Root => trace::TraceParent::current(),
+    };
+    if let Some(t) = trace {
+        h.insert(headers::TRACEPARENT, t.to_string().as_str());
     }
     if version != 1 {
         h.insert(headers::VERSION, version.to_string());

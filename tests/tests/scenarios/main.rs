@@ -17,6 +17,7 @@ mod registry;
 mod request_reply;
 mod shutdown;
 mod state;
+mod tracing;
 
 use std::time::Duration;
 
