@@ -189,6 +189,16 @@ pub const SETTINGS: &[Setting] = &[
         default: "5000",
     },
     Setting {
+        name: "CATGA_SERVICE_VERSION",
+        meaning: "version the replica reports in NATS micro discovery (`$SRV.INFO`)",
+        default: "0.0.0",
+    },
+    Setting {
+        name: "CATGA_SUBJECT_CONFLICT",
+        meaning: "`refuse` or `warn`: what start-up does when another service already serves one of its command subjects (found by NATS micro discovery)",
+        default: "refuse",
+    },
+    Setting {
         name: "CATGA_HTTP_ADDR",
         meaning: "address of the HTTP endpoint: `/health`, `/ready`, `/metrics` (e.g. `0.0.0.0:8080`)",
         default: "unset: no endpoint",
@@ -270,6 +280,11 @@ pub struct Config {
     pub client_only: bool,
     /// Where `/health`, `/ready` and `/metrics` are served; `None`: nowhere.
     pub http_addr: Option<String>,
+    /// The version reported in NATS micro discovery.
+    pub service_version: String,
+    /// Refuse to start (`true`) or only warn when another service serves
+    /// one of this replica's command subjects.
+    pub refuse_subject_conflicts: bool,
     /// Redis URL; `None` keeps state in memory.
     pub redis_url: Option<String>,
     /// `REDIS_TLS_CA`, `REDIS_TLS_CERT`, `REDIS_TLS_KEY`.
@@ -350,6 +365,8 @@ impl Default for Config {
             subscription_capacity: DEFAULT_CAPACITY,
             client_only: false,
             http_addr: None,
+            service_version: "0.0.0".to_owned(),
+            refuse_subject_conflicts: true,
             redis_url: None,
             redis_tls: RedisTls::default(),
             inbox_window: Duration::from_secs(24 * 3600),
@@ -418,6 +435,21 @@ impl Config {
             c.client_only = boolean("CATGA_CLIENT_ONLY", &v)?;
         }
         c.http_addr = get("CATGA_HTTP_ADDR").filter(|a| !a.trim().is_empty());
+        if let Some(v) = get("CATGA_SERVICE_VERSION") {
+            c.service_version = v;
+        }
+        if let Some(v) = get("CATGA_SUBJECT_CONFLICT") {
+            c.refuse_subject_conflicts = match v.trim() {
+                "refuse" => true,
+                "warn" => false,
+                other => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!("CATGA_SUBJECT_CONFLICT must be `refuse` or `warn`, not `{other}`"),
+                    ));
+                }
+            };
+        }
         c.redis_url = get("REDIS_URL");
         c.redis_tls = RedisTls {
             ca: get("REDIS_TLS_CA").map(Into::into),

@@ -174,6 +174,17 @@ pub(crate) struct HandlerMetrics {
     pub dead_letters: Counter,
     pub dropped: Counter,
     breaker_open: Gauge,
+    /// The same, readable: for the NATS micro `$SRV.STATS` answer.
+    pub stats: EndpointStats,
+}
+
+/// What NATS micro discovery reports of an endpoint.
+#[derive(Default)]
+pub(crate) struct EndpointStats {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub errors: std::sync::atomic::AtomicU64,
+    pub processing_ns: std::sync::atomic::AtomicU64,
+    pub last_error: std::sync::Mutex<String>,
 }
 
 impl HandlerMetrics {
@@ -190,6 +201,7 @@ impl HandlerMetrics {
             dead_letters: counter!("catga_dead_letters_total", "handler" => h),
             dropped: counter!("catga_messages_dropped_total", "handler" => h),
             breaker_open: gauge!("catga_breaker_open", "handler" => h),
+            stats: EndpointStats::default(),
         }
     }
 
@@ -202,8 +214,25 @@ impl HandlerMetrics {
 
     /// A message was settled.
     pub(crate) fn end(&self, started: std::time::Instant, ended: Ended) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let took = started.elapsed();
         self.in_flight.decrement(1.0);
-        self.duration.record(started.elapsed().as_secs_f64());
+        self.duration.record(took.as_secs_f64());
+        self.stats.requests.fetch_add(1, Relaxed);
+        self.stats
+            .processing_ns
+            .fetch_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        if let Ended::Failed(kind) = ended {
+            self.stats.errors.fetch_add(1, Relaxed);
+            let mut last = self
+                .stats
+                .last_error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.as_str() != kind.as_str() {
+                kind.as_str().clone_into(&mut last);
+            }
+        }
         let i = ended.index();
         if let Some(slot) = self.outcomes.get(i) {
             slot.get_or_init(|| {

@@ -114,6 +114,21 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Whether start-up refuses (`true`, the default) or only logs that
+    /// another service already serves one of its command subjects
+    /// (`CATGA_SUBJECT_CONFLICT`).
+    pub fn refuse_subject_conflicts(mut self, refuse: bool) -> Self {
+        self.config.refuse_subject_conflicts = refuse;
+        self
+    }
+
+    /// Sets the version reported in NATS micro discovery
+    /// (`CATGA_SERVICE_VERSION`).
+    pub fn service_version(mut self, version: impl Into<String>) -> Self {
+        self.config.service_version = version.into();
+        self
+    }
+
     /// Serves `/health`, `/ready` and `/metrics` on `addr` (port 0: a free
     /// one, see [`Runtime::http_addr`](super::Runtime::http_addr)).
     pub fn http_addr(mut self, addr: impl Into<String>) -> Self {
@@ -287,9 +302,14 @@ impl RuntimeBuilder {
             health: Health::new(),
             store,
             durable_subjects: Arc::new(durable_subjects),
+            endpoints: std::sync::Mutex::new(HashMap::new()),
             dropped: AtomicU64::new(0),
             expired: AtomicU64::new(0),
         });
+        super::discovery::check_conflicts(&shared, &selected).await?;
+        // Listen for the broker's refusals before the first SUB goes out:
+        // a connected client gets the refusal back within a millisecond.
+        let refusals = shared.client.transport().server_errors();
         let mut serving = HashMap::with_capacity(selected.len());
         for spec in &selected {
             serving.insert(spec.name(), spawn_handler(spec, &shared).await?);
@@ -305,9 +325,10 @@ impl RuntimeBuilder {
                     .clone()
                     .confirm_loop(transport, shared.config.instance_id.clone()),
             ),
-            tokio::spawn(watch_refusals(Arc::clone(&shared), subjects)),
+            tokio::spawn(watch_refusals(Arc::clone(&shared), refusals, subjects)),
             tokio::spawn(watch_store(Arc::clone(&shared))),
             tokio::spawn(super::outbox::run(Arc::clone(&shared))),
+            tokio::spawn(super::discovery::serve(Arc::clone(&shared))),
         ];
         let http = match shared.config.http_addr.clone() {
             Some(addr) => Some(super::HttpEndpoint::start(&addr, &shared).await?),

@@ -9,6 +9,7 @@
 //! - `shutdown`: signals and the one-deadline drain.
 
 mod builder;
+mod discovery;
 mod outbox;
 mod pipeline;
 mod ready;
@@ -78,6 +79,8 @@ pub(crate) struct Shared {
     pub store: crate::store::Store,
     /// Subjects with a durable handler in this process.
     pub durable_subjects: Arc<std::collections::HashSet<&'static str>>,
+    /// The handlers being served, for NATS micro discovery.
+    pub endpoints: std::sync::Mutex<HashMap<&'static str, Arc<Served>>>,
     dropped: AtomicU64,
     expired: AtomicU64,
 }
@@ -368,6 +371,11 @@ impl Runtime {
                 format!("handler `{name}` is not being served"),
             ));
         };
+        self.shared
+            .endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
         let deadline = tokio::time::Instant::now() + self.shared.config.drain_timeout;
         let wanted = serving.served.parallel;
         let outcome = shutdown::stop_serving(vec![serving], deadline).await;
@@ -458,6 +466,11 @@ async fn spawn_handler(spec: &'static HandlerSpec, shared: &Arc<Shared>) -> Resu
         });
     }
     let (stop, stop_rx) = watch::channel(false);
+    shared
+        .endpoints
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(spec.name(), Arc::clone(&served));
     shared.health.want(served.parallel);
     let tasks = subs
         .into_iter()
@@ -522,8 +535,12 @@ async fn watch_store(shared: Arc<Shared>) {
 /// Watches the broker's errors for a refused subscription of this
 /// runtime: the broker keeps the connection and never delivers, so without
 /// this the replica would look ready and be deaf.
-async fn watch_refusals(shared: Arc<Shared>, subjects: Vec<String>) {
-    let Some(mut errors) = shared.client.transport().server_errors() else {
+async fn watch_refusals(
+    shared: Arc<Shared>,
+    errors: Option<tokio::sync::broadcast::Receiver<String>>,
+    subjects: Vec<String>,
+) {
+    let Some(mut errors) = errors else {
         return;
     };
     loop {

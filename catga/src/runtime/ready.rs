@@ -194,6 +194,13 @@ impl Health {
             };
             match transport.round_trip(Duration::from_millis(500)).await {
                 Ok(()) => {
+                    // The server's refusal of a SUB (-ERR) comes before the
+                    // round trip's message on the wire, but async-nats hands
+                    // it to its event callback through a task of its own:
+                    // the reply can win that race (seen: 1 start-up in 3
+                    // ready with a refused subscription). A moment for the
+                    // refusal to arrive, before confirming.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     self.state
                         .send_modify(|s| s.confirmed_upto = s.confirmed_upto.max(target));
                     if !announced && self.check(&transport).ready {

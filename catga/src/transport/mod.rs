@@ -233,6 +233,20 @@ impl Transport {
         }
     }
 
+    /// Every answer to an empty request on `subject` within `window` (NATS
+    /// micro discovery); none on the embedded bus.
+    pub(crate) async fn gather(&self, subject: &str, window: Duration) -> Result<Vec<Bytes>> {
+        match &self.0 {
+            Kind::Nats(t) => t.gather(subject, window).await,
+            Kind::Memory(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Whether this is a NATS transport (not the embedded bus).
+    pub(crate) fn is_nats(&self) -> bool {
+        matches!(self.0, Kind::Nats(_))
+    }
+
     pub(crate) async fn subscribe(&self, to: &SubscribeTo) -> Result<Subscription> {
         match &self.0 {
             Kind::Nats(t) => t.subscribe(to).await.map(|s| Subscription(Sub::Nats(s))),

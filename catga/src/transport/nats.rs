@@ -493,6 +493,32 @@ impl NatsTransport {
         Err(not_connected(subject, timeout))
     }
 
+    /// Sends an empty request to `subject` and collects every answer that
+    /// arrives within `window` (a discovery request: many may answer).
+    pub(crate) async fn gather(&self, subject: &str, window: Duration) -> Result<Vec<Bytes>> {
+        self.wait_connected(subject, window).await?;
+        let client = self.client();
+        let inbox = client.new_inbox();
+        let mut sub = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| transport_error(format!("subscribe to the answers of {subject}"), e))?;
+        client
+            .publish_with_reply(subject.to_owned(), inbox, Bytes::new())
+            .await
+            .map_err(|e| transport_error(format!("publish to {subject}"), e))?;
+        let until = tokio::time::Instant::now() + window;
+        let mut answers = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
+            // "No responders" comes as a status message: not an answer.
+            if m.status.is_none() {
+                answers.push(m.payload);
+            }
+        }
+        let _ = sub.unsubscribe().await;
+        Ok(answers)
+    }
+
     /// Subscribes the reply inbox and starts its dispatcher, unless it runs.
     /// Awaited before the first request goes out: the SUB must reach the
     /// server before a PUB whose reply (or "no responders") goes to it.

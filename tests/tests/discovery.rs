@@ -1,0 +1,203 @@
+//! NATS micro discovery against a real nats-server, spoken by a plain
+//! async-nats client: `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` for all
+//! services, one service and one replica; and the start-up check that
+//! refuses a second service on a command subject.
+
+use std::time::Duration;
+
+use catga::{Error, Result, Runtime, command, event};
+use catga_tests::NatsServer;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Adds one.
+#[command(reply = u64, subject = "shop.add")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Add {
+    /// The number.
+    pub n: u64,
+}
+
+/// Fails.
+#[command(subject = "shop.fail")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Fail;
+
+/// Something happened.
+#[event(subject = "shop.happened")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Happened;
+
+#[command(queue_group = "adders")]
+async fn add(a: Add) -> Result<u64> {
+    Ok(a.n + 1)
+}
+
+#[command]
+async fn fail(_f: Fail) -> Result<()> {
+    Err(Error::invalid("always"))
+}
+
+#[event]
+async fn on_happened(_h: Happened) -> Result<()> {
+    Ok(())
+}
+
+async fn shop(nats: &NatsServer, service: &str, id: &str) -> Result<Runtime> {
+    let rt = Runtime::builder()
+        .nats_url(nats.url())
+        .service(service)
+        .service_version("1.2.3")
+        .instance_id(id)
+        .handlers(|s| s.name().starts_with("discovery::"))
+        .start()
+        .await?;
+    rt.ready().await?;
+    Ok(rt)
+}
+
+/// Every answer to `subject` within half a second, as a plain client
+/// collects them.
+async fn ask(nats: &async_nats::Client, subject: &str) -> Vec<Value> {
+    let inbox = nats.new_inbox();
+    let mut sub = nats.subscribe(inbox.clone()).await.expect("sub");
+    nats.publish_with_reply(subject.to_owned(), inbox, "".into())
+        .await
+        .expect("publish");
+    let mut out = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
+        // A status message ("no responders") is not an answer.
+        if m.status.is_none() {
+            out.push(serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("{e}: {m:?}")));
+        }
+    }
+    out.sort_by_key(|v: &Value| v["id"].as_str().unwrap_or_default().to_owned());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_answer_ping_info_and_stats() {
+    let server = NatsServer::start();
+    let r1 = shop(&server, "shop", "r1").await.expect("r1");
+    let r2 = shop(&server, "shop", "r2").await.expect("r2");
+    let plain = async_nats::connect(server.url()).await.expect("plain client");
+
+    let pings = ask(&plain, "$SRV.PING").await;
+    assert_eq!(pings.len(), 2, "{pings:?}");
+    for (p, id) in pings.iter().zip(["r1", "r2"]) {
+        assert_eq!(p["type"], "io.nats.micro.v1.ping_response");
+        assert_eq!(p["name"], "shop");
+        assert_eq!(p["id"], id);
+        assert_eq!(p["version"], "1.2.3");
+    }
+    assert_eq!(ask(&plain, "$SRV.PING.shop.r2").await.len(), 1);
+    assert!(ask(&plain, "$SRV.PING.other").await.is_empty());
+
+    let infos = ask(&plain, "$SRV.INFO.shop").await;
+    assert_eq!(infos.len(), 2);
+    let info = &infos[0];
+    assert_eq!(info["type"], "io.nats.micro.v1.info_response");
+    let endpoints = info["endpoints"].as_array().expect("endpoints");
+    let subjects: Vec<(&str, &str, &str)> = endpoints
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap_or_default(),
+                e["subject"].as_str().unwrap_or_default(),
+                e["queue_group"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        subjects,
+        [("add", "shop.add", "adders"), ("fail", "shop.fail", "shop.fail")],
+        "command handlers only, with their queue groups"
+    );
+    assert_eq!(endpoints[0]["metadata"]["handler"], "discovery::add");
+
+    let client = catga::Client::connect(&server.url()).await.expect("client");
+    for n in 0..6 {
+        assert_eq!(client.send(Add { n }).await.expect("add"), n + 1);
+    }
+    for _ in 0..2 {
+        client.send(Fail).await.expect_err("fails");
+    }
+    let stats = ask(&plain, "$SRV.STATS.shop").await;
+    assert_eq!(stats.len(), 2);
+    let total = |name: &str, field: &str| -> u64 {
+        stats
+            .iter()
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["name"] == name)
+            .map(|e| e[field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(total("add", "num_requests"), 6);
+    assert_eq!(total("add", "num_errors"), 0);
+    assert_eq!(total("fail", "num_requests"), 2);
+    assert_eq!(total("fail", "num_errors"), 2);
+    let failing = stats
+        .iter()
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["name"] == "fail" && e["num_errors"].as_u64() > Some(0))
+        .expect("a replica that failed");
+    assert_eq!(failing["last_error"], "invalid");
+    assert_eq!(stats[0]["type"], "io.nats.micro.v1.stats_response");
+    assert!(stats[0]["started"].as_str().is_some_and(|s| s.ends_with('Z')));
+
+    r1.shutdown().await.expect("shutdown");
+    assert_eq!(ask(&plain, "$SRV.PING.shop").await.len(), 1, "r1 is gone");
+    r2.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_service_on_a_command_subject_is_refused() {
+    let server = NatsServer::start();
+    let shop_rt = shop(&server, "shop", "s1").await.expect("first");
+    let err = shop(&server, "not-shop", "n1").await.expect_err("refused");
+    assert_eq!(err.kind(), catga::ErrorKind::Config, "{err}");
+    let text = err.message();
+    assert!(
+        text.contains("shop.add (served by `shop`)") && text.contains("shop.fail"),
+        "{text}"
+    );
+    assert!(text.contains("CATGA_SUBJECT_CONFLICT"), "{text}");
+    // Another replica of the same service is no conflict.
+    let second = shop(&server, "shop", "s2").await.expect("same service");
+    // Told to warn, it starts.
+    let warned = Runtime::builder()
+        .nats_url(server.url())
+        .service("not-shop")
+        .refuse_subject_conflicts(false)
+        .handlers(|s| s.name().starts_with("discovery::"))
+        .start()
+        .await
+        .expect("starts with a warning");
+    for rt in [shop_rt, second, warned] {
+        rt.shutdown().await.expect("shutdown");
+    }
+}
+
+/// A service that is not catga but speaks NATS micro (async-nats' own
+/// `service` implementation) is found too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_micro_service_on_the_subject_is_found() {
+    use async_nats::service::ServiceExt;
+    let server = NatsServer::start();
+    let plain = async_nats::connect(server.url()).await.expect("plain");
+    let legacy = plain
+        .service_builder()
+        .description("an adder written on async-nats")
+        .start("legacy-adder", "0.9.0")
+        .await
+        .expect("micro service");
+    let _endpoint = legacy.endpoint("shop.add").await.expect("endpoint");
+    plain.flush().await.expect("flush");
+    let err = shop(&server, "shop", "s1").await.expect_err("refused");
+    assert!(
+        err.message().contains("shop.add (served by `legacy-adder`)"),
+        "{err}"
+    );
+}
