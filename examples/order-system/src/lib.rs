@@ -2,4 +2,5 @@
 //! clients (the demo driver, tests, other services) share the message types.
 
 pub mod demo;
+pub mod load;
 pub mod orders;

@@ -10,7 +10,12 @@
 //!     cargo run -p order-system                          # several copies share the work
 //! cargo run -p order-system -- dlq list                  # dead letters (also: show N,
 //!                                                        # replay N, purge N, purge-all)
+//! cargo run -p order-system -- load 1000 16              # a load client: 1000 orders, 16 at once
+//! order-system probe 127.0.0.1:8080 /ready               # exit 0 if the endpoint answers 200
 //! ```
+//!
+//! `probe` lets a container health check ask the replica's HTTP endpoint
+//! without curl in the image.
 //!
 //! `ORDER_DEMO=0` turns the driver off; `ORDER_DEMO_ORDERS=N` stops it after
 //! N orders; `ORDER_DEMO_INTERVAL_MS` paces it (default 1000).
@@ -25,8 +30,11 @@ use order_system::demo;
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("dlq") {
-        return dead_letters(&args[1..]).await;
+    match args.first().map(String::as_str) {
+        Some("dlq") => return dead_letters(&args[1..]).await,
+        Some("load") => return order_system::load::run(&args[1..]).await,
+        Some("probe") => std::process::exit(probe(&args[1..])),
+        _ => {}
     }
     let runtime = catga::start().await?;
     let settings = demo::Settings::from_env();
@@ -95,4 +103,33 @@ async fn dead_letters(args: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `probe HOST:PORT PATH`: 0 if `GET PATH` answers 200, 1 otherwise.
+fn probe(args: &[String]) -> i32 {
+    use std::io::{Read, Write};
+    let (Some(addr), Some(path)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: probe HOST:PORT PATH");
+        return 2;
+    };
+    let Ok(mut stream) = std::net::TcpStream::connect(addr.as_str()) else {
+        eprintln!("probe: cannot connect to {addr}");
+        return 1;
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(3)));
+    if write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return 1;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let ok = answer.starts_with("HTTP/1.1 200");
+    if !ok {
+        eprintln!("probe: {}", answer.lines().next().unwrap_or("no answer"));
+    }
+    i32::from(!ok)
 }

@@ -1,0 +1,137 @@
+//! Drives `deploy/local-cluster`: a 3-node nats-server cluster, Redis and
+//! two replicas as real processes on loopback; a load client runs while
+//! the NATS node it may be connected to is SIGKILLed; nothing is lost;
+//! `stop` leaves nothing running.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/local-cluster")
+}
+
+/// A base port whose 50 successors are free right now.
+fn free_base() -> u16 {
+    for _ in 0..200 {
+        let base = 20_000 + (std::process::id() as u16 % 1000) * 30 + rand_offset();
+        if (1..=50).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free range of 50 ports");
+}
+
+fn rand_offset() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos % 10_000) as u16
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    base: u16,
+}
+
+impl Cluster {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(script())
+            .args(args)
+            .env("CATGA_CLUSTER_DIR", self.dir.path())
+            .env("CATGA_CLUSTER_BASE_PORT", self.base.to_string())
+            .env("ORDER_SYSTEM_BIN", env!("CARGO_BIN_EXE_order-system"));
+        if std::env::var_os("CATGA_NATS_SERVER").is_none() {
+            c.env("CATGA_NATS_SERVER", "nats-server");
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.command(args).output().expect("run the script");
+        assert!(
+            out.status.success(),
+            "local-cluster {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.pid")))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.command(&["stop"]).output();
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+#[test]
+fn local_cluster_serves_survives_a_nats_node_and_stops_cleanly() {
+    let cluster = Cluster {
+        dir: tempfile::tempdir().expect("temp dir"),
+        base: free_base(),
+    };
+    let started = cluster.run(&["start", "2"]);
+    let status = String::from_utf8_lossy(&started.stdout).into_owned();
+    for i in 1..=2 {
+        let port = cluster.base + 40 + i;
+        assert!(
+            status.contains(&format!("http://127.0.0.1:{port}/metrics")),
+            "{status}"
+        );
+        let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let (code, body) = catga_tests::http::get(addr, "/metrics");
+        assert_eq!(code, 200);
+        assert!(body.contains("catga_ready 1"), "{body}");
+    }
+    let pids: Vec<u32> = ["nats1", "nats2", "nats3", "redis", "orders1", "orders2"]
+        .iter()
+        .map(|n| cluster.pid(n))
+        .collect();
+
+    // A load client while one NATS node is SIGKILLed.
+    let load = cluster
+        .command(&["load", "400", "8"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("load");
+    std::thread::sleep(Duration::from_millis(500));
+    let nats1 = cluster.pid("nats1");
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &nats1.to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let out = load.wait_with_output().expect("load ran");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the load lost orders");
+    assert!(text.contains("400 ok, 0 failed"), "{text}");
+
+    cluster.run(&["stop"]);
+    std::thread::sleep(Duration::from_millis(200));
+    for pid in pids {
+        assert!(!alive(pid), "pid {pid} still runs after stop");
+    }
+    let status = cluster.run(&["status"]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("not running"));
+}
