@@ -13,7 +13,7 @@ pub mod servers;
 
 pub use backend::Backend;
 pub use record::{Gauge, Recorder, Tally, run_id};
-pub use servers::{NatsServer, RedisServer};
+pub use servers::{NatsCluster, NatsServer, RedisServer};
 
 /// Defines one test per scenario and backend: `nats::name` against a fresh
 /// nats-server, `memory::name` on a fresh in-memory bus. Each scenario is an

@@ -209,6 +209,49 @@ impl NatsServer {
     }
 }
 
+/// Three `nats-server`s with JetStream in one cluster (routes on
+/// loopback), each on its own free client port.
+pub struct NatsCluster {
+    /// The nodes, in order; kill and resume them one by one.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts the three nodes and waits until each accepts clients (the
+    /// JetStream meta group elects its leader a moment later; clients that
+    /// create streams retry until it has).
+    pub fn start() -> NatsCluster {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes: Vec<NatsServer> = (0..3).map(|_| NatsServer::reserve()).collect();
+        for (i, node) in nodes.iter_mut().enumerate() {
+            let others: Vec<String> = routes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| format!("\"nats-route://127.0.0.1:{p}\""))
+                .collect();
+            node.config = Some(format!(
+                "server_name: n{i}\ncluster {{\n  name: catga\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                routes[i],
+                others.join(", ")
+            ));
+        }
+        for node in &mut nodes {
+            node.resume();
+        }
+        NatsCluster { nodes }
+    }
+
+    /// Every node's client URL, comma separated (as `NATS_URL` takes them).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// True when something accepts TCP connections on `port`.
 fn accepts_tcp(port: u16) -> bool {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
