@@ -296,12 +296,20 @@ impl RuntimeBuilder {
             .filter(|s| s.durable().is_some())
             .map(|s| s.subject())
             .collect();
+        let durable_subjects = Arc::new(durable_subjects);
+        let plain_work = Arc::new(crate::store::Work {
+            store: store.clone(),
+            staged: None,
+            durable_subjects: Arc::clone(&durable_subjects),
+            sent: Default::default(),
+        });
         let shared = Arc::new(Shared {
             client,
             config,
             health: Health::new(),
             store,
-            durable_subjects: Arc::new(durable_subjects),
+            plain_work,
+            durable_subjects,
             endpoints: std::sync::Mutex::new(HashMap::new()),
             dropped: AtomicU64::new(0),
             expired: AtomicU64::new(0),

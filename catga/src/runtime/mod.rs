@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub durable_subjects: Arc<std::collections::HashSet<&'static str>>,
     /// The handlers being served, for NATS micro discovery.
     pub endpoints: std::sync::Mutex<HashMap<&'static str, Arc<Served>>>,
+    /// What handlers that stage nothing work with (shared by all).
+    pub plain_work: Arc<crate::store::Work>,
     dropped: AtomicU64,
     expired: AtomicU64,
 }

@@ -13,8 +13,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use super::{Served, Shared, pipeline};
@@ -88,26 +88,51 @@ pub(crate) async fn serve(
                     s.drain().await;
                 }
             }
-            Some(()) = inflight.next(), if !inflight.is_empty() => {}
-            () = tokio::time::sleep(breaker_wait.unwrap_or_default()), if breaker_wait.is_some() => {}
+            Some(()) = inflight.next(), if !inflight.is_empty() => {
+                // Collect every other handler that finished meanwhile,
+                // without going around the select for each.
+                while let Some(Some(())) = inflight.next().now_or_never() {}
+            }
+            // Lazily: select! builds every branch's future, enabled or
+            // not, and a `sleep` reads the clock and sets up a timer.
+            () = sleep_for(breaker_wait), if breaker_wait.is_some() => {}
             msg = next(&mut sub), if take => match msg {
                 Some(d) => {
-                    let d = if served.spec.kind() == HandlerKind::Event { d.unanswered() } else { d };
-                    if inflight.len() < served.limit {
-                        inflight.push(pipeline::process(served, shared, d));
-                    } else if queue.len() < served.capacity {
-                        queue.push_back(d);
-                    } else {
-                        shared.count_dropped();
-                        served.metrics.dropped.increment(1);
-                        drops.record(served);
-                        if d.expects_reply() {
-                            let (_, settler) = d.split();
-                            settler.refuse_now(
-                                &Error::new(ErrorKind::Unavailable, "the replica is over capacity; retry")
-                                    .exposed(),
-                            );
+                    macro_rules! accept {
+                        ($d:expr) => {{
+                            let d = $d;
+                            let d = if served.spec.kind() == HandlerKind::Event { d.unanswered() } else { d };
+                            if inflight.len() < served.limit {
+                                inflight.push(pipeline::process(served, shared, d));
+                            } else if queue.len() < served.capacity {
+                                queue.push_back(d);
+                            } else {
+                                shared.count_dropped();
+                                served.metrics.dropped.increment(1);
+                                drops.record(served);
+                                if d.expects_reply() {
+                                    let (_, settler) = d.split();
+                                    settler.refuse_now(
+                                        &Error::new(ErrorKind::Unavailable, "the replica is over capacity; retry")
+                                            .exposed(),
+                                    );
+                                }
+                            }
+                        }};
+                    }
+                    accept!(d);
+                    // Take what else is already waiting, up to a batch,
+                    // without going around the select for each message
+                    // (its branches cost more than a message's handling
+                    // in an event burst). A durable consumer takes only
+                    // what can run now.
+                    let mut batch = 1;
+                    while batch < BATCH && (!durable || inflight.len() < served.limit) {
+                        match sub.as_mut().and_then(|s| s.next().now_or_never()) {
+                            Some(Some(d)) => accept!(d),
+                            _ => break,
                         }
+                        batch += 1;
                     }
                 }
                 None => {
@@ -176,6 +201,16 @@ pub(crate) async fn serve(
 async fn next(sub: &mut Option<Subscription>) -> Option<Delivery> {
     match sub {
         Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Messages taken in one go when several are waiting.
+const BATCH: usize = 64;
+
+async fn sleep_for(wait: Option<Duration>) {
+    match wait {
+        Some(d) => tokio::time::sleep(d).await,
         None => std::future::pending().await,
     }
 }

@@ -582,14 +582,21 @@ impl Settler {
         let reply = std::mem::replace(&mut self.reply, ReplyTo::None);
         match reply {
             ReplyTo::None => Ok(()),
-            ReplyTo::Js(ack) => match how {
-                Settle::Reply(_) | Settle::Drop => ack.ack().await,
-                Settle::Retry { delay } => ack.nak(delay).await,
-                Settle::Dead(letter) => ack.dead(*letter).await,
-                // The pipeline turns failures of durable messages into
-                // Retry or Dead; an error here is a dead end too.
-                Settle::Error { .. } => ack.nak(Duration::from_secs(1)).await,
-            },
+            // Boxed: JetStream's futures (a dead letter is a publish) are
+            // large, and would make every message's future as large.
+            ReplyTo::Js(ack) => {
+                Box::pin(async move {
+                    match how {
+                        Settle::Reply(_) | Settle::Drop => ack.ack().await,
+                        Settle::Retry { delay } => ack.nak(delay).await,
+                        Settle::Dead(letter) => ack.dead(*letter).await,
+                        // The pipeline turns failures of durable messages
+                        // into Retry or Dead; an error here is a dead end too.
+                        Settle::Error { .. } => ack.nak(Duration::from_secs(1)).await,
+                    }
+                })
+                .await
+            }
             ReplyTo::MemoryDurable(ack) => {
                 match how {
                     Settle::Reply(_) | Settle::Drop => ack.ack(),

@@ -890,10 +890,14 @@ impl NatsReply {
         };
         let result = match first {
             Some(r) => r.map_err(|e| publish_error(&self.to, e)),
+            // The slow paths are boxed: their futures are large, and an
+            // unboxed one would make every message's future as large.
             None => {
-                self.transport
-                    .publish(&self.to, headers.unwrap_or_default(), body, REPLY_TIMEOUT)
-                    .await
+                Box::pin(
+                    self.transport
+                        .publish(&self.to, headers.unwrap_or_default(), body, REPLY_TIMEOUT),
+                )
+                .await
             }
         };
         match result {
@@ -902,7 +906,7 @@ impl NatsReply {
                 // never sent, then retry a command that already ran: tell it
                 // at once, in a reply small enough to go through.
                 let (h, b) = crate::wire::errors::encode(&e, None);
-                self.transport.publish(&self.to, h, b, REPLY_TIMEOUT).await?;
+                Box::pin(self.transport.publish(&self.to, h, b, REPLY_TIMEOUT)).await?;
                 Err(e)
             }
             other => other,
