@@ -74,6 +74,11 @@ pub const SETTINGS: &[Setting] = &[
         default: "unset: the in-memory store, one process",
     },
     Setting {
+        name: "CATGA_REDIS_MODE",
+        meaning: "`server`: `REDIS_URL` is one server; `cluster`: Redis Cluster, `REDIS_URL` lists seed nodes, comma separated",
+        default: "server",
+    },
+    Setting {
         name: "REDIS_TLS_CA",
         meaning: "PEM file of the CA that signed Redis' certificate (`rediss://`)",
         default: "unset: the system's roots",
@@ -135,8 +140,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "CATGA_INBOX_LEASE_MS",
-        meaning: "how long a replica holds a message it is handling before a retry may take it",
-        default: "30000",
+        meaning: "how long the claim of a replica on a message it handles lasts unless renewed (every third of it, while the handler runs): a retry of a message whose replica died runs after at most this",
+        default: "5000",
     },
     Setting {
         name: "CATGA_MAX_DELIVER",
@@ -285,8 +290,11 @@ pub struct Config {
     /// Refuse to start (`true`) or only warn when another service serves
     /// one of this replica's command subjects.
     pub refuse_subject_conflicts: bool,
-    /// Redis URL; `None` keeps state in memory.
+    /// Redis URL; `None` keeps state in memory. In cluster mode, seed
+    /// nodes separated by commas.
     pub redis_url: Option<String>,
+    /// `REDIS_URL` names Redis Cluster nodes (`CATGA_REDIS_MODE=cluster`).
+    pub redis_cluster: bool,
     /// `REDIS_TLS_CA`, `REDIS_TLS_CERT`, `REDIS_TLS_KEY`.
     pub redis_tls: RedisTls,
     /// How long an idempotent message's answer is kept.
@@ -368,9 +376,10 @@ impl Default for Config {
             service_version: "0.0.0".to_owned(),
             refuse_subject_conflicts: true,
             redis_url: None,
+            redis_cluster: false,
             redis_tls: RedisTls::default(),
             inbox_window: Duration::from_secs(24 * 3600),
-            inbox_lease: Duration::from_secs(30),
+            inbox_lease: Duration::from_secs(5),
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
             streams: StreamSettings::default(),
@@ -451,6 +460,18 @@ impl Config {
             };
         }
         c.redis_url = get("REDIS_URL");
+        if let Some(v) = get("CATGA_REDIS_MODE") {
+            c.redis_cluster = match v.trim() {
+                "server" => false,
+                "cluster" => true,
+                other => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!("CATGA_REDIS_MODE must be `server` or `cluster`, not `{other}`"),
+                    ));
+                }
+            };
+        }
         c.redis_tls = RedisTls {
             ca: get("REDIS_TLS_CA").map(Into::into),
             cert: get("REDIS_TLS_CERT").map(Into::into),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use catga::{Client, MemoryBus, Runtime, RuntimeBuilder};
 
-use crate::servers::{NatsServer, RedisServer};
+use crate::servers::{NatsServer, RedisCluster, RedisServer};
 
 /// Where the runtimes of a test talk to each other and keep their state.
 // One per test: the size of its variants does not matter.
@@ -16,12 +16,19 @@ pub enum Backend {
     Nats(NatsServer, RedisServer),
     /// The embedded bus and its in-memory store.
     Memory(MemoryBus),
+    /// A real nats-server and the state store on a 3-master Redis Cluster.
+    RedisCluster(NatsServer, RedisCluster),
 }
 
 impl Backend {
     /// A fresh nats-server and redis-server.
     pub fn nats() -> Backend {
         Backend::Nats(NatsServer::start(), RedisServer::start())
+    }
+
+    /// A fresh nats-server and Redis Cluster.
+    pub fn redis_cluster() -> Backend {
+        Backend::RedisCluster(NatsServer::start(), RedisCluster::start())
     }
 
     /// A fresh in-memory bus.
@@ -34,13 +41,14 @@ impl Backend {
         match self {
             Backend::Nats(..) => "nats",
             Backend::Memory(_) => "memory",
+            Backend::RedisCluster(..) => "nats with Redis Cluster",
         }
     }
 
     /// The nats-server, on the NATS backend.
     pub fn nats_server(&mut self) -> Option<&mut NatsServer> {
         match self {
-            Backend::Nats(s, _) => Some(s),
+            Backend::Nats(s, _) | Backend::RedisCluster(s, _) => Some(s),
             Backend::Memory(_) => None,
         }
     }
@@ -49,7 +57,7 @@ impl Backend {
     pub fn redis_server(&mut self) -> Option<&mut RedisServer> {
         match self {
             Backend::Nats(_, r) => Some(r),
-            Backend::Memory(_) => None,
+            Backend::Memory(_) | Backend::RedisCluster(..) => None,
         }
     }
 
@@ -70,6 +78,7 @@ impl Backend {
         match self {
             Backend::Nats(s, r) => b.nats_url(s.url()).redis_url(r.url()),
             Backend::Memory(bus) => b.memory(bus.clone()),
+            Backend::RedisCluster(s, r) => b.nats_url(s.url()).redis_cluster(&r.urls()),
         }
     }
 
@@ -104,7 +113,7 @@ impl Backend {
     /// A client that hosts no handlers.
     pub async fn client(&self) -> Client {
         match self {
-            Backend::Nats(s, _) => {
+            Backend::Nats(s, _) | Backend::RedisCluster(s, _) => {
                 let c = Client::connect(&s.url()).await.expect("client connects");
                 // Wait for the first connection so that tests start clean.
                 for _ in 0..200 {

@@ -13,7 +13,7 @@ pub mod servers;
 
 pub use backend::Backend;
 pub use record::{Gauge, Recorder, Tally, run_id};
-pub use servers::{NatsCluster, NatsServer, RedisServer};
+pub use servers::{NatsCluster, NatsServer, RedisCluster, RedisServer};
 
 /// Defines one test per scenario and backend: `nats::name` against a fresh
 /// nats-server, `memory::name` on a fresh in-memory bus. Each scenario is an
@@ -34,6 +34,24 @@ macro_rules! on_both {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(&$crate::Backend::memory()).await;
+                }
+            )+
+        }
+    };
+}
+
+/// [`on_both!`], plus `redis_cluster::name`: the same scenario on NATS
+/// with the state store on a 3-master Redis Cluster. For the scenarios
+/// that exercise the store.
+#[macro_export]
+macro_rules! on_every_store {
+    ($($name:ident),+ $(,)?) => {
+        $crate::on_both!($($name),+);
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&$crate::Backend::redis_cluster()).await;
                 }
             )+
         }

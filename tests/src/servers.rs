@@ -376,3 +376,97 @@ pub fn ping_redis(port: u16) -> bool {
     let mut buf = [0u8; 7];
     stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
+
+/// A Redis Cluster of three masters (no replicas) on loopback: every slot
+/// assigned, `cluster_state:ok` on each node before it is handed out.
+pub struct RedisCluster {
+    /// The nodes, in the order their slots were assigned.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled servers and joins them with
+    /// `redis-cli --cluster create`.
+    pub fn start() -> RedisCluster {
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ];
+        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true, &args)).collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (it comes with redis-server)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok`.
+    pub fn wait_ok(&self) {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        for n in &self.nodes {
+            loop {
+                let info = std::process::Command::new("redis-cli")
+                    .args(["-p", &n.port().to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < until,
+                    "the Redis cluster is not ok: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The node that serves the slot of `key` (its index in `nodes`).
+    pub fn owner_of(&self, key: &str) -> usize {
+        let cli = |port: u16, args: &[&str]| -> String {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .expect("redis-cli")
+        };
+        let slot = cli(self.nodes[0].port(), &["cluster", "keyslot", key]);
+        let slot: u16 = slot.parse().unwrap_or_else(|_| panic!("keyslot answered {slot}"));
+        for (i, n) in self.nodes.iter().enumerate() {
+            let nodes = cli(n.port(), &["cluster", "nodes"]);
+            let Some(me) = nodes.lines().find(|l| l.contains("myself")) else {
+                continue;
+            };
+            // Fields 9 and on are the node's slots: `a-b` or `a`.
+            let owns = me.split_whitespace().skip(8).any(|range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if (a..=b).contains(&slot))
+            });
+            if owns {
+                return i;
+            }
+        }
+        panic!("no node owns slot {slot}");
+    }
+}

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use catga::{Context, ErrorKind, Result, State, Versioned, command, event};
-use catga_tests::{NatsServer, Recorder, RedisServer, run_id};
+use catga_tests::{NatsServer, Recorder, RedisCluster, RedisServer, run_id};
 use serde::{Deserialize, Serialize};
 
 /// A counter kept in the store.
@@ -80,7 +80,44 @@ async fn ready(rt: &catga::Runtime) {
 async fn redis_stopped_mid_run() {
     let nats = NatsServer::start();
     let mut redis = RedisServer::start_persistent();
-    let rt = builder(&nats, &redis).start().await.expect("starts");
+    let b = builder(&nats, &redis);
+    store_outage(&nats, b, |down| {
+        if down {
+            redis.kill();
+        } else {
+            redis.resume();
+        }
+    })
+    .await;
+}
+
+/// The same on Redis Cluster: the node that holds the service's keys (one
+/// slot: they share the service as hash tag) is killed and comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_node_stopped_mid_run() {
+    let nats = NatsServer::start();
+    let mut cluster = RedisCluster::start();
+    let node = cluster.owner_of("catga:{faults}");
+    let b = catga::Runtime::builder()
+        .service("faults")
+        .instance_id("r1")
+        .nats_url(nats.url())
+        .redis_cluster(&cluster.urls())
+        .handlers(|s| s.name().starts_with("reliable_faults::"));
+    store_outage(&nats, b, |down| {
+        if down {
+            cluster.nodes[node].kill();
+        } else {
+            cluster.nodes[node].resume();
+            cluster.wait_ok();
+        }
+    })
+    .await;
+}
+
+/// `set_down(true)` stops the store, `set_down(false)` brings it back.
+async fn store_outage(nats: &NatsServer, b: catga::RuntimeBuilder, mut set_down: impl FnMut(bool)) {
+    let rt = b.start().await.expect("starts");
     ready(&rt).await;
     let client = catga::Client::connect(&nats.url())
         .await
@@ -90,7 +127,7 @@ async fn redis_stopped_mid_run() {
     for n in 1..=5 {
         assert_eq!(client.send(Add { key: key.clone() }).await.expect("add"), n);
     }
-    redis.kill();
+    set_down(true);
     let started = std::time::Instant::now();
     // The command sent during the outage has an id of its own; a sender
     // that did not get its answer asks again under the same id.
@@ -114,7 +151,7 @@ async fn redis_stopped_mid_run() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(not_ready, "not ready while Redis is away: {:?}", rt.readiness());
-    redis.resume();
+    set_down(false);
     ready(&rt).await;
     let mut value = 0;
     for _ in 0..50 {

@@ -64,6 +64,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Uses Redis Cluster, `nodes` being seed nodes (as
+    /// `CATGA_REDIS_MODE=cluster` with `REDIS_URL`).
+    pub fn redis_cluster<S: AsRef<str>>(mut self, nodes: &[S]) -> Self {
+        let urls: Vec<&str> = nodes.iter().map(AsRef::as_ref).collect();
+        self.config.redis_url = Some(urls.join(","));
+        self.config.redis_cluster = true;
+        self
+    }
+
     /// Sets how long an idempotent message's answer is kept, and how long a
     /// replica holds a message it handles before a retry may take it.
     pub fn inbox(mut self, window: Duration, lease: Duration) -> Self {
@@ -259,6 +268,7 @@ impl RuntimeBuilder {
             (Some(url), _) => RedisStore::connect(
                 &RedisConnect {
                     url: url.clone(),
+                    cluster: config.redis_cluster,
                     tls_ca: config.redis_tls.ca.clone(),
                     tls_cert: config.redis_tls.cert.clone(),
                     tls_key: config.redis_tls.key.clone(),

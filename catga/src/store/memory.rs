@@ -210,6 +210,25 @@ impl MemoryStore {
         Ok(())
     }
 
+    pub(crate) async fn inbox_renew(
+        &self,
+        scope: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let k = (scope.to_owned(), id.to_owned());
+        Ok(match inner.inbox.get_mut(&k) {
+            Some((InboxValue::Pending(o), expires)) if o == owner && *expires > now => {
+                *expires = now + lease;
+                true
+            }
+            _ => false,
+        })
+    }
+
     pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {
         let mut inner = self.lock();
         let k = (scope.to_owned(), id.to_owned());
@@ -325,7 +344,10 @@ mod tests {
             s.inbox_begin("h", "m2", "r1", lease).await.expect("begin"),
             Inbox::Fresh
         );
+        assert!(s.inbox_renew("h", "m2", "r1", lease).await.expect("renew"));
+        assert!(!s.inbox_renew("h", "m2", "r2", lease).await.expect("renew"));
         s.inbox_abandon("h", "m2", "r1").await.expect("abandon");
+        assert!(!s.inbox_renew("h", "m2", "r1", lease).await.expect("renew"));
         assert_eq!(
             s.inbox_begin("h", "m2", "r2", lease).await.expect("begin"),
             Inbox::Fresh

@@ -311,6 +311,18 @@ impl Store {
         each!(self, s => s.inbox_finish(scope, id, reply, window).await)
     }
 
+    /// Extends the claim `owner` holds on `id` by `lease` from now; false
+    /// if it no longer holds it (the lease ran out and another took it).
+    pub(crate) async fn inbox_renew(
+        &self,
+        scope: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool> {
+        each!(self, s => s.inbox_renew(scope, id, owner, lease).await)
+    }
+
     /// Gives `id` up (a retryable failure): the next attempt runs it.
     pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {
         each!(self, s => s.inbox_abandon(scope, id, owner).await)

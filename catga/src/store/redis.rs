@@ -2,12 +2,15 @@
 //! scripts for the atomic operations, a stream with a consumer group for
 //! the outbox.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{RedisError, RedisFuture, Script, Value};
 
 use super::{Commit, Committed, Inbox, OutboxEntry, StoredReply, prefix, unavailable};
 use crate::error::{Error, ErrorKind, Result};
@@ -16,7 +19,10 @@ use crate::error::{Error, ErrorKind, Result};
 /// `user:password@` or `:password@` for AUTH) and TLS files.
 #[derive(Debug, Clone)]
 pub(crate) struct RedisConnect {
+    /// One URL, or in cluster mode several seed nodes, comma separated.
     pub url: String,
+    /// Redis Cluster (`CATGA_REDIS_MODE=cluster`) or one server.
+    pub cluster: bool,
     pub tls_ca: Option<std::path::PathBuf>,
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
@@ -27,16 +33,80 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) struct RedisStore {
     /// Everything but the outbox's blocking reads.
-    conn: ConnectionManager,
+    conn: Conn,
     /// The outbox's blocking reads: a blocked read holds its connection,
     /// and the main connection is shared by every handler.
-    relay: ConnectionManager,
+    relay: Conn,
     prefix: String,
     outbox: String,
     group_ready: AtomicBool,
     commit: Script,
     inbox_begin: Script,
     inbox_abandon: Script,
+    inbox_renew: Script,
+}
+
+/// A connection to Redis, whichever the topology; cheap to clone, and
+/// every clone shares the same connections.
+#[derive(Clone)]
+enum Conn {
+    /// One server: a connection manager that reconnects by itself.
+    Server(ConnectionManager),
+    /// Redis Cluster: commands go to the node that owns their key's slot
+    /// (every key of a service carries the service as hash tag, so one
+    /// atomic operation stays on one node), following MOVED and ASK when
+    /// slots move. Connected on first use, so a cluster that is down at
+    /// start-up does not stop the runtime.
+    Cluster(Arc<LazyCluster>),
+}
+
+struct LazyCluster {
+    client: ClusterClient,
+    conn: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+impl LazyCluster {
+    /// The shared cluster connection, connecting first if no attempt has
+    /// succeeded yet (a failed attempt is tried again on the next use).
+    async fn get(&self) -> redis::RedisResult<ClusterConnection> {
+        self.conn
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Server(c) => c.req_packed_command(cmd),
+            Conn::Cluster(lazy) => Box::pin(async move { lazy.get().await?.req_packed_command(cmd).await }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Server(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(lazy) => Box::pin(async move {
+                lazy.get()
+                    .await?
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Server(c) => c.get_db(),
+            Conn::Cluster(_) => 0,
+        }
+    }
 }
 
 /// A Redis failure: unavailable (retryable) while Redis is away, refuses
@@ -79,7 +149,16 @@ fn map_err(e: RedisError) -> Error {
             ),
         );
     }
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+    if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || matches!(
+            e.code(),
+            Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "LOADING")
+        )
+    {
         return unavailable(e);
     }
     Error::new(ErrorKind::Internal, format!("Redis: {e}"))
@@ -151,6 +230,15 @@ end
 return 0
 ";
 
+/// Extends an inbox claim's lease (`ARGV[2]` ms) if `ARGV[1]` still owns
+/// it; 1 if it did.
+const INBOX_RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
 const GROUP: &str = "relay";
 
 fn entry_fields(fields: &[(String, Value)]) -> Option<OutboxEntry> {
@@ -213,7 +301,7 @@ impl RedisStore {
                 ),
             )
         };
-        let client = if how.tls_ca.is_some() || how.tls_cert.is_some() {
+        let certificates = if how.tls_ca.is_some() || how.tls_cert.is_some() {
             let client_tls = match (&how.tls_cert, &how.tls_key) {
                 (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
                     client_cert: read_file("REDIS_TLS_CERT", c)?,
@@ -232,36 +320,71 @@ impl RedisStore {
                 .as_ref()
                 .map(|p| read_file("REDIS_TLS_CA", p))
                 .transpose()?;
-            redis::Client::build_with_tls(
-                how.url.as_str(),
-                redis::TlsCertificates {
-                    client_tls,
-                    root_cert,
-                },
-            )
-            .map_err(bad_url)?
+            Some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            })
         } else {
-            redis::Client::open(how.url.as_str()).map_err(bad_url)?
+            None
         };
-        // Two reconnection attempts per operation, not redis-rs' six: with
-        // six, a command against a stopped Redis or one refusing the TLS
-        // handshake took 4 s to fail (measured), longer than most senders
-        // wait; the store's health check keeps trying every second anyway.
-        let config = |response: Duration| {
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(1)))
-                .set_response_timeout(Some(response))
-                .set_number_of_retries(2)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_secs(1))
-        };
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config(RESPONSE_TIMEOUT))
+        let (conn, relay) = if how.cluster {
+            let nodes: Vec<&str> = how
+                .url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
+            // The same budget as one server's: fail within a few seconds
+            // while the cluster is away, and let the health check retry.
+            let client = |response: Duration| {
+                let mut b = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(Duration::from_secs(1))
+                    .response_timeout(response)
+                    .retries(2)
+                    .min_retry_wait(50)
+                    .max_retry_wait(1000);
+                if let Some(certs) = &certificates {
+                    b = b.certs(certs.clone());
+                }
+                b.build().map(|client| {
+                    Conn::Cluster(Arc::new(LazyCluster {
+                        client,
+                        conn: tokio::sync::OnceCell::new(),
+                    }))
+                })
+            };
+            (
+                client(RESPONSE_TIMEOUT).map_err(bad_url)?,
+                client(RESPONSE_TIMEOUT + Duration::from_secs(5)).map_err(bad_url)?,
+            )
+        } else {
+            let client = match certificates {
+                Some(certs) => redis::Client::build_with_tls(how.url.as_str(), certs),
+                None => redis::Client::open(how.url.as_str()),
+            }
+            .map_err(bad_url)?;
+            // Two reconnection attempts per operation, not redis-rs' six:
+            // with six, a command against a stopped Redis or one refusing
+            // the TLS handshake took 4 s to fail (measured), longer than
+            // most senders wait; the store's health check keeps trying
+            // every second anyway.
+            let config = |response: Duration| {
+                ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(1)))
+                    .set_response_timeout(Some(response))
+                    .set_number_of_retries(2)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_secs(1))
+            };
+            let conn = ConnectionManager::new_lazy_with_config(client.clone(), config(RESPONSE_TIMEOUT))
+                .map_err(map_err)?;
+            let relay = ConnectionManager::new_lazy_with_config(
+                client,
+                config(RESPONSE_TIMEOUT + Duration::from_secs(5)),
+            )
             .map_err(map_err)?;
-        let relay = ConnectionManager::new_lazy_with_config(
-            client,
-            config(RESPONSE_TIMEOUT + Duration::from_secs(5)),
-        )
-        .map_err(map_err)?;
+            (Conn::Server(conn), Conn::Server(relay))
+        };
         let prefix = prefix(service);
         Ok(RedisStore {
             conn,
@@ -272,6 +395,7 @@ impl RedisStore {
             commit: Script::new(COMMIT),
             inbox_begin: Script::new(INBOX_BEGIN),
             inbox_abandon: Script::new(INBOX_ABANDON),
+            inbox_renew: Script::new(INBOX_RENEW),
         })
     }
 
@@ -285,11 +409,18 @@ impl RedisStore {
 
     pub(crate) async fn ping(&self) -> Result<()> {
         let mut c = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut c)
-            .await
-            .map_err(map_err)
-            .map(|_| ())
+        match &c {
+            Conn::Server(_) => redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ()),
+            // A cluster's PING goes to any node; the node that matters is
+            // the one holding this service's slot, which a keyed command
+            // reaches.
+            Conn::Cluster(_) => redis::cmd("EXISTS")
+                .arg(&self.outbox)
+                .query_async::<i64>(&mut c)
+                .await
+                .map(|_| ()),
+        }
+        .map_err(map_err)
     }
 
     pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
@@ -487,6 +618,24 @@ impl RedisStore {
             .query_async::<()>(&mut c)
             .await
             .map_err(map_err)
+    }
+
+    pub(crate) async fn inbox_renew(
+        &self,
+        scope: &str,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool> {
+        let mut c = self.conn.clone();
+        self.inbox_renew
+            .key(self.inbox_key(scope, id))
+            .arg(format!("P:{owner}"))
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(map_err)
+            .map(|n| n == 1)
     }
 
     pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {

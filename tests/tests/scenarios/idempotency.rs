@@ -69,9 +69,10 @@ async fn on_tick(t: Tick) -> Result<()> {
     Ok(())
 }
 
-catga_tests::on_both!(
+catga_tests::on_every_store!(
     a_repeated_id_runs_once,
     a_retry_while_the_first_runs_waits_for_it,
+    a_handler_outliving_its_lease_keeps_its_claim,
     client_errors_are_remembered,
     idempotent_event_handlers_run_once_per_id
 );
@@ -130,6 +131,40 @@ async fn a_retry_while_the_first_runs_waits_for_it(b: &Backend) {
     assert_eq!((first, second), (7, 7));
     assert_eq!(RUNS.get(&account), 1, "one execution");
     rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A claim lasts one lease unless renewed; it is renewed while the
+/// handler runs, so a retry that comes after the lease but before the
+/// answer still waits for it instead of running the message again.
+async fn a_handler_outliving_its_lease_keeps_its_claim(b: &Backend) {
+    let mut replicas = Vec::new();
+    for i in 1..=2 {
+        let builder = b
+            .builder(module_path!(), &format!("r{i}"))
+            .inbox(Duration::from_secs(60), Duration::from_millis(300));
+        replicas.push(b.started(builder).await);
+    }
+    let client = b.client().await;
+    let account = run_id();
+    let d = Deposit {
+        account: account.clone(),
+        cents: 5,
+        hold_ms: 1500,
+    };
+    let first = {
+        let (c, d) = (client.clone(), d.clone());
+        tokio::spawn(async move { c.send_with_id(d, "long-1").await })
+    };
+    // Past two leases: without renewal the claim would have lapsed.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let second = client
+        .send_with_id(d, "long-1")
+        .await
+        .expect("the retry gets the answer");
+    let first = first.await.expect("task").expect("the first attempt");
+    assert_eq!((first, second), (5, 5));
+    assert_eq!(RUNS.get(&account), 1, "one execution");
+    catga_tests::backend::shutdown_all(replicas).await;
 }
 
 async fn client_errors_are_remembered(b: &Backend) {

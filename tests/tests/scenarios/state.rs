@@ -179,7 +179,7 @@ async fn on_noted(ctx: &Context, e: Noted) -> Result<()> {
     Ok(())
 }
 
-catga_tests::on_both!(
+catga_tests::on_every_store!(
     concurrent_updates_lose_nothing,
     a_stale_save_is_a_retryable_stale_error,
     stale_commits_of_idempotent_handlers_are_retried,
