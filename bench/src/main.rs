@@ -14,9 +14,21 @@
 //!    loads and saves state through catga vs a raw responder doing Redis
 //!    GET and SET; an idempotent command vs a plain one.
 //!
+//! 5. Event fan-out: a burst of small events to 3 replicas, catga vs raw
+//!    async-nats subscribers that decode the same JSON.
+//!
+//! 6. Scaling: 1, 3 and 5 replicas as separate processes, handler awaiting
+//!    2 ms.
+//! 7. Failover: one of 3 replica processes stopped by SIGKILL and by
+//!    SIGTERM under load.
+//! 8. Observability overhead: request/reply with metrics and tracing spans
+//!    on vs off.
+//!
 //! `BENCH_SECONDS` sets the measuring time per cell (default 3);
 //! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256);
-//! `BENCH_ONLY=reqreply,embedded,parallel,reliable` picks sections.
+//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead`
+//! picks sections;
+//! `BENCH_BURST` sets the fan-out burst (default 1,000,000).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
@@ -124,6 +136,30 @@ async fn crunch_one(c: CrunchOne) -> Result<u64> {
 #[command(queue_group = "bench", concurrency = 64, parallel = 2)]
 async fn crunch_two(c: CrunchTwo) -> Result<u64> {
     Ok(crunch(c.rounds))
+}
+
+/// A small event for the fan-out section.
+#[event(subject = "bench.fan")]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Fan {
+    /// Its number.
+    pub seq: u64,
+    /// Something to decode.
+    pub sku: Cow<'static, str>,
+}
+
+/// Events each of the 3 fan-out replicas handled.
+static FANNED: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+#[event]
+async fn on_fan(ctx: &catga::Context, _f: Fan) -> Result<()> {
+    let i = match ctx.instance_id() {
+        "fan1" => 0,
+        "fan2" => 1,
+        _ => 2,
+    };
+    FANNED[i].fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 /// A durable event for the reliable-delivery section.
@@ -310,8 +346,13 @@ fn selected(section: &str) -> bool {
         .unwrap_or(true)
 }
 
+mod cluster;
+
 #[tokio::main]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("replica") {
+        return cluster::replica().await;
+    }
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -340,6 +381,18 @@ async fn main() {
     }
     if selected("reliable") {
         reliable(duration, data).await;
+    }
+    if selected("fanout") {
+        fanout().await;
+    }
+    if selected("scaling") {
+        cluster::scaling(duration).await;
+    }
+    if selected("failover") {
+        cluster::failover().await;
+    }
+    if selected("overhead") {
+        overhead(duration, data).await;
     }
 }
 
@@ -873,6 +926,177 @@ async fn reliable(duration: Duration, data: &'static str) {
     rt.shutdown().await.expect("shutdown");
 }
 
+/// A burst of events to 3 replicas: how many each received, how many were
+/// dropped, and how fast each absorbed them; catga `#[event]` replicas
+/// against raw async-nats subscribers that decode the same JSON, on the
+/// same server, in one run.
+async fn fanout() {
+    let burst: u64 = std::env::var("BENCH_BURST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let server = catga_tests::NatsServer::start();
+    let publisher = async_nats::connect(server.url()).await.expect("publisher");
+    println!();
+    println!("## Event fan-out: a burst of {burst} events to 3 replicas");
+    println!();
+    println!(
+        "| subscribers | received per replica (min) | dropped (sum) | absorb events/s per replica | publish s | CPU µs per event received (all sides) | allocations per event received (all sides) | vs raw typed |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let mut rates = [Vec::new(), Vec::new()];
+    for round in 0..rounds() {
+        for k in 0..2 {
+            let which = (round + k) % 2;
+            // BENCH_FAN=catga or raw: one side only (to profile it).
+            let only = std::env::var("BENCH_FAN").ok();
+            if only.as_deref().is_some_and(|o| o != ["raw", "catga"][which]) {
+                continue;
+            }
+            let allocs = ALLOCATIONS.load(Ordering::Relaxed);
+            let cpu = process_cpu_seconds();
+            let (received, dropped, rate, publish_s) = if which == 0 {
+                fan_raw(&server, &publisher, burst).await
+            } else {
+                fan_catga(&server, &publisher, burst).await
+            };
+            let allocs = (ALLOCATIONS.load(Ordering::Relaxed) - allocs) as f64 / (3 * received.max(1)) as f64;
+            let cpu_us = (process_cpu_seconds() - cpu) * 1e6 / (3 * received.max(1)) as f64;
+            rates[which].push(rate);
+            println!(
+                "| {} (round {}) | {received} ({:.1}%) | {dropped} | {rate:.0} | {publish_s:.2} | {cpu_us:.2} | {allocs:.1} | {} |",
+                if which == 0 {
+                    "raw async-nats, typed"
+                } else {
+                    "catga `#[event]`"
+                },
+                round + 1,
+                received as f64 * 100.0 / burst as f64,
+                if which == 1 {
+                    format!("{:.2}x", rate / rates[0].last().copied().unwrap_or(rate))
+                } else {
+                    "1.00x".to_owned()
+                }
+            );
+        }
+    }
+}
+
+fn fan_payload(seq: u64) -> Bytes {
+    Bytes::from(
+        serde_json::to_vec(&Fan {
+            seq,
+            sku: "tea-leaves".into(),
+        })
+        .expect("json"),
+    )
+}
+
+/// Publishes the burst; returns how long it took.
+async fn publish_burst(publisher: &async_nats::Client, subject: &'static str, burst: u64) -> f64 {
+    let started = Instant::now();
+    for seq in 0..burst {
+        publisher
+            .publish(subject, fan_payload(seq))
+            .await
+            .expect("publish");
+    }
+    publisher.flush().await.expect("flush");
+    started.elapsed().as_secs_f64()
+}
+
+/// Waits until `count` stops moving for 500 ms (or reaches `target`);
+/// returns the count and when it last moved.
+async fn settle(count: impl Fn() -> u64, target: u64, since: Instant) -> (u64, f64) {
+    let mut last = (count(), since.elapsed().as_secs_f64());
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = count();
+        if now != last.0 {
+            last = (now, since.elapsed().as_secs_f64());
+        }
+        if now >= target || since.elapsed().as_secs_f64() - last.1 > 0.5 {
+            return last;
+        }
+    }
+}
+
+async fn fan_raw(
+    server: &catga_tests::NatsServer,
+    publisher: &async_nats::Client,
+    burst: u64,
+) -> (u64, u64, f64, f64) {
+    let counts: Arc<[AtomicU64; 3]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let c = async_nats::connect(server.url()).await.expect("subscriber");
+        let mut sub = c.subscribe("raw.fan").await.expect("sub");
+        c.flush().await.expect("flush");
+        let counts = Arc::clone(&counts);
+        tasks.push(tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                if serde_json::from_slice::<Fan>(&m.payload).is_ok() {
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+        clients.push(c);
+    }
+    let started = Instant::now();
+    let publish_s = publish_burst(publisher, "raw.fan", burst).await;
+    let min = || {
+        counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    };
+    let (received, last) = settle(min, burst, started).await;
+    let total: u64 = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    for t in tasks {
+        t.abort();
+    }
+    (received, 3 * burst - total, received as f64 / last, publish_s)
+}
+
+async fn fan_catga(
+    server: &catga_tests::NatsServer,
+    publisher: &async_nats::Client,
+    burst: u64,
+) -> (u64, u64, f64, f64) {
+    for c in &FANNED {
+        c.store(0, Ordering::Relaxed);
+    }
+    let mut replicas = Vec::new();
+    for id in ["fan1", "fan2", "fan3"] {
+        let rt = Runtime::builder()
+            .nats_url(server.url())
+            .instance_id(id)
+            .handlers(|s| s.name() == "catga_bench::on_fan")
+            .start()
+            .await
+            .expect("replica");
+        rt.ready().await.expect("ready");
+        replicas.push(rt);
+    }
+    let started = Instant::now();
+    let publish_s = publish_burst(publisher, "bench.fan", burst).await;
+    let min = || {
+        FANNED
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    };
+    let (received, last) = settle(min, burst, started).await;
+    let dropped: u64 = replicas.iter().map(Runtime::dropped_messages).sum();
+    for rt in replicas {
+        rt.shutdown().await.expect("shutdown");
+    }
+    (received, dropped, received as f64 / last, publish_s)
+}
+
 /// Publishes `events` from `publishers` tasks with `publish`, and returns
 /// events per second from the first publish until the consumer counted
 /// the last one.
@@ -1030,11 +1254,158 @@ fn cpu_model() -> String {
 }
 
 fn nats_version() -> String {
-    std::process::Command::new("nats-server")
+    let bin = std::env::var("CATGA_NATS_SERVER").unwrap_or_else(|_| "nats-server".to_owned());
+    std::process::Command::new(bin)
         .arg("--version")
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "nats-server (version unknown)".to_owned())
+}
+
+/// [`Echo`] on its own subject, served by the runtime whose metrics are on.
+#[command(subject = "bench.echo_metered", reply = Blob)]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct EchoMetered {
+    /// Payload.
+    pub data: Cow<'static, str>,
+}
+
+#[command(queue_group = "bench")]
+async fn echo_metered(e: EchoMetered) -> Result<Blob> {
+    Ok(Blob { data: e.data })
+}
+
+/// Whether the bench's tracing layer records spans (section 8 switches it
+/// between measurements).
+static TRACING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Section 8: the same request/reply with observability off, with
+/// Prometheus metrics on, and with metrics plus tracing spans recorded.
+async fn overhead(duration: Duration, data: &'static str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{Layer, util::SubscriberInitExt};
+
+    // A subscriber that records every INFO span (the `handle` span of
+    // each message with its fields) when `TRACING` is set, into a sink:
+    // the cost of recording, without an exporter's I/O. A dynamic filter
+    // is asked per span (a plain `filter_fn` is cached per call site), so
+    // switching it takes effect at once.
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::sink)
+        .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|m, _| {
+            TRACING.load(Ordering::Relaxed) && *m.level() <= tracing::Level::INFO
+        }));
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+
+    let server = catga_tests::NatsServer::start();
+    // Metrics are one recorder per process, installed by the first runtime
+    // with an HTTP endpoint; a runtime started before that, and warmed up
+    // before it, keeps no-op handles: that is the "off" one.
+    let off = Runtime::builder()
+        .nats_url(server.url())
+        .instance_id("bench-off")
+        .handlers(|s| s.name() == "catga_bench::echo")
+        .concurrency(1024)
+        .start()
+        .await
+        .expect("runtime");
+    off.ready().await.expect("ready");
+    let client = Client::connect(&server.url()).await.expect("client");
+    client.send(Echo { data: data.into() }).await.expect("warm-up");
+    let on = Runtime::builder()
+        .nats_url(server.url())
+        .instance_id("bench-on")
+        .handlers(|s| s.name() == "catga_bench::echo_metered")
+        .concurrency(1024)
+        .http_addr("127.0.0.1:0")
+        .start()
+        .await
+        .expect("runtime");
+    on.ready().await.expect("ready");
+    let metrics_addr = on.http_addr();
+
+    println!("## Observability overhead: request/reply with metrics and tracing on vs off");
+    println!();
+    println!(
+        "Off: no metrics recorder for this runtime, spans filtered out. Metrics: the Prometheus recorder of `CATGA_HTTP_ADDR` (per-handler counters, histogram, in-flight gauge). Metrics + spans: also every message's `handle` span recorded by a tracing-subscriber fmt layer into a sink (no exporter)."
+    );
+    println!();
+    println!(
+        "| concurrency | off req/s | metrics req/s | metrics + spans req/s | metrics / off (each round) | metrics + spans / off (each round) | off CPU µs/req | metrics CPU µs/req | metrics + spans CPU µs/req |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let rounds = rounds();
+    for concurrency in [16usize, 64] {
+        let mut cells: Vec<[Stats; 3]> = Vec::with_capacity(rounds);
+        for round in 0..rounds {
+            let mut out: [Option<Stats>; 3] = [None, None, None];
+            for k in 0..3 {
+                let which = (round + k) % 3;
+                TRACING.store(which == 2, Ordering::Relaxed);
+                let c = client.clone();
+                let stats = if which == 0 {
+                    measure(concurrency, duration, move || {
+                        let c = c.clone();
+                        async move { c.send(Echo { data: data.into() }).await.is_ok() }
+                    })
+                    .await
+                } else {
+                    measure(concurrency, duration, move || {
+                        let c = c.clone();
+                        async move { c.send(EchoMetered { data: data.into() }).await.is_ok() }
+                    })
+                    .await
+                };
+                out[which] = Some(stats);
+            }
+            TRACING.store(false, Ordering::Relaxed);
+            let [Some(o), Some(m), Some(t)] = out else {
+                unreachable!("three cells")
+            };
+            cells.push([o, m, t]);
+        }
+        let ratios = |i: usize| -> (f64, String) {
+            let all: Vec<f64> = cells
+                .iter()
+                .map(|c| c[i].throughput() / c[0].throughput())
+                .collect();
+            let spread = all
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (median(all), spread)
+        };
+        let (m, m_spread) = ratios(1);
+        let (t, t_spread) = ratios(2);
+        let rate = |i: usize| median(cells.iter().map(|c| c[i].throughput()).collect());
+        let cpu = |i: usize| median(cells.iter().map(|c| c[i].cpu_us_per_op).collect());
+        println!(
+            "| {concurrency} | {:.0} | {:.0} | {:.0} | {m:.2}x ({m_spread}) | {t:.2}x ({t_spread}) | {:.1} | {:.1} | {:.1} |",
+            rate(0),
+            rate(1),
+            rate(2),
+            cpu(0),
+            cpu(1),
+            cpu(2),
+        );
+    }
+    println!();
+    // The metered runtime did count: read back what /metrics says.
+    if let Some(addr) = metrics_addr {
+        let (_, body) = tokio::task::spawn_blocking(move || catga_tests::http::get(addr, "/metrics"))
+            .await
+            .expect("scrape");
+        let received = body
+            .lines()
+            .find(|l| l.starts_with("catga_messages_received_total{handler=\"catga_bench::echo_metered\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("none");
+        println!("(/metrics of the metered runtime: {received} messages received.)");
+        println!();
+    }
+    on.shutdown().await.expect("shutdown");
+    off.shutdown().await.expect("shutdown");
 }

@@ -1,0 +1,415 @@
+//! Sections 6 and 7: replicas as separate OS processes (this binary, run
+//! with the `replica` argument), driven over NATS by a client in the bench
+//! process.
+//!
+//! - Scaling: 1, 3 and 5 replicas whose handler awaits 2 ms (standing for
+//!   a remote call) with a fixed concurrency per replica; throughput
+//!   against one replica.
+//! - Failover: 3 replicas under a steady load of idempotent commands from
+//!   a retrying client; one replica is stopped by SIGKILL (then, in a
+//!   second run, by SIGTERM) while requests are in flight. Reports the
+//!   requests that failed for good, the ones that needed a retry, how long
+//!   the load took to return to its level, when discovery stopped listing
+//!   the replica, and whether every acknowledged command took effect
+//!   exactly once (counters in Redis).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use catga::{Client, Result, Runtime, command};
+use serde::{Deserialize, Serialize};
+
+/// What the scaling replicas serve: waits 2 ms, replies its number.
+#[command(subject = "bench.io", reply = u64)]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct IoWork {
+    /// Echoed back.
+    pub n: u64,
+}
+
+#[command(queue_group = "bench-io")]
+async fn io_work(w: IoWork) -> Result<u64> {
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    Ok(w.n)
+}
+
+/// What the failover replicas serve: adds one to a shard of a counter in
+/// Redis, once per message id however often it is delivered.
+#[command(subject = "bench.deposit", reply = u64, idempotent)]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Deposit {
+    /// Picks the counter shard.
+    pub n: u64,
+}
+
+/// Shards of the deposit counter: fewer version conflicts between
+/// concurrent deposits than one key.
+const SHARDS: u64 = 32;
+
+#[command(queue_group = "bench-deposit", retry = 20)]
+async fn deposit(ctx: &catga::Context, d: Deposit) -> Result<u64> {
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let key = format!("shard-{}", d.n % SHARDS);
+    let mut c = ctx
+        .try_load::<crate::Counter>(&key)
+        .await?
+        .unwrap_or_else(|| catga::Versioned::new(key.clone(), crate::Counter::default()));
+    c.0 += 1;
+    let n = c.0;
+    ctx.save(c).await?;
+    Ok(n)
+}
+
+/// Sums the deposit counter's shards.
+#[command(subject = "bench.deposits", reply = u64)]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Deposits {}
+
+#[command(queue_group = "bench-deposit")]
+async fn deposits(ctx: &catga::Context, _d: Deposits) -> Result<u64> {
+    let mut total = 0;
+    for shard in 0..SHARDS {
+        if let Some(c) = ctx.try_load::<crate::Counter>(&format!("shard-{shard}")).await? {
+            total += c.0;
+        }
+    }
+    Ok(total)
+}
+
+/// The service name the replicas run under (discovery lists it).
+const SERVICE: &str = "bench-replicas";
+
+/// catga's default `CATGA_INBOX_LEASE_MS`.
+const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+
+/// `catga-bench replica`: serves `BENCH_HANDLER` (`io` or `deposit`) until
+/// SIGTERM, with `BENCH_REPLICA_CONCURRENCY` messages at a time.
+pub async fn replica() {
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let which = env("BENCH_HANDLER");
+    let concurrency = env("BENCH_REPLICA_CONCURRENCY").parse().unwrap_or(4);
+    let lease = Duration::from_millis(env("BENCH_LEASE_MS").parse().unwrap_or(5000));
+    let mut builder = Runtime::builder()
+        .nats_url(env("NATS_URL"))
+        .service(SERVICE)
+        .instance_id(env("CATGA_INSTANCE_ID"))
+        .concurrency(concurrency)
+        .drain_timeout(Duration::from_secs(5))
+        .inbox(Duration::from_secs(3600), lease)
+        .handlers(move |s| match which.as_str() {
+            "io" => s.name() == "catga_bench::cluster::io_work",
+            _ => s.name().starts_with("catga_bench::cluster::deposit"),
+        });
+    if let Ok(redis) = std::env::var("REDIS_URL") {
+        builder = builder.redis_url(redis);
+    }
+    let rt = builder.start().await.expect("replica start");
+    rt.ready().await.expect("replica ready");
+    println!("ready");
+    if let Err(e) = rt.run_until_signal().await {
+        eprintln!("replica: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// A replica process; SIGKILLed when dropped, so a panicking bench leaves
+/// nothing behind.
+struct Replica(Child);
+
+impl Replica {
+    fn spawn(
+        id: &str,
+        handler: &str,
+        nats: &str,
+        redis: Option<&str>,
+        concurrency: usize,
+        lease: Duration,
+    ) -> Replica {
+        let exe = std::env::current_exe().expect("own path");
+        let mut cmd = Process::new(exe);
+        cmd.arg("replica")
+            .env("NATS_URL", nats)
+            .env("CATGA_INSTANCE_ID", id)
+            .env("BENCH_HANDLER", handler)
+            .env("BENCH_REPLICA_CONCURRENCY", concurrency.to_string())
+            .env("BENCH_LEASE_MS", lease.as_millis().to_string())
+            .env("RUST_LOG", "error")
+            .env_remove("CATGA_HTTP_ADDR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        match redis {
+            Some(url) => cmd.env("REDIS_URL", url),
+            None => cmd.env_remove("REDIS_URL"),
+        };
+        let mut child = cmd.spawn().expect("spawn replica");
+        let out = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line).expect("replica output");
+        assert_eq!(line.trim(), "ready", "replica {id} did not start");
+        Replica(child)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Process::new("kill")
+            .args([&format!("-{signal}"), &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to end, at most `limit`.
+    fn wait(&mut self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("replica did not stop within {limit:?}");
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Section 6: throughput of 1, 3 and 5 replica processes.
+pub async fn scaling(duration: Duration) {
+    let server = catga_tests::NatsServer::start();
+    let url = server.url();
+    // Four at a time each: far below what a core can run, so the figure
+    // shows how the queue group spreads load, not how the 2 cores of this
+    // host are shared (5 replicas x 4 / 2 ms is 10,000 req/s at most).
+    let per_replica = 4;
+    let client = Client::connect(&url).await.expect("client");
+    println!("## Scaling: replicas as separate processes, handler awaiting 2 ms");
+    println!();
+    println!(
+        "{per_replica} messages at a time per replica; the client keeps twice the replicas' total in flight."
+    );
+    println!();
+    println!("| replicas | req/s | vs 1 replica | ideal | p50 µs | p99 µs | errors |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut one = None;
+    for n in [1usize, 3, 5] {
+        let replicas: Vec<Replica> = (0..n)
+            .map(|i| Replica::spawn(&format!("io{i}"), "io", &url, None, per_replica, DEFAULT_LEASE))
+            .collect();
+        let client = client.clone();
+        let counter = Arc::new(AtomicU64::new(0));
+        let stats = crate::measure(2 * n * per_replica, duration, move || {
+            let client = client.clone();
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            async move { client.send(IoWork { n }).await.is_ok() }
+        })
+        .await;
+        let rate = stats.throughput();
+        let base = *one.get_or_insert(rate);
+        println!(
+            "| {n} | {rate:.0} | {:.2}x | {n}x | {:.0} | {:.0} | {} |",
+            rate / base,
+            stats.p50_us,
+            stats.p99_us,
+            stats.errors
+        );
+        drop(replicas);
+    }
+    println!();
+}
+
+/// Section 7: one of 3 replicas stopped under load, by SIGKILL then by
+/// SIGTERM.
+pub async fn failover() {
+    println!("## Failover: one of 3 replica processes stopped under load");
+    println!();
+    println!(
+        "A retrying client keeps 8 idempotent commands in flight (each awaits 2 ms and commits a counter in Redis); 3 replicas serve 8 at a time each, so 2 can carry the load. The client waits 1 s for an answer and retries under the same message id."
+    );
+    println!();
+    println!(
+        "| signal | inbox lease ms | requests | failed | retried | longest wait ms | req/s before | req/s 5-9 s after | back to 90 % after ms | discovery lists 2 after ms | effects in Redis | lost or doubled |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (signal, lease) in [
+        ("KILL", DEFAULT_LEASE),
+        ("KILL", Duration::from_millis(1500)),
+        ("TERM", DEFAULT_LEASE),
+    ] {
+        failover_run(signal, lease).await;
+    }
+    println!();
+}
+
+async fn failover_run(signal: &str, lease: Duration) {
+    let nats = catga_tests::NatsServer::start();
+    let redis = catga_tests::RedisServer::start();
+    let (url, redis_url) = (nats.url(), redis.url());
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|i| Replica::spawn(&format!("fo{i}"), "deposit", &url, Some(&redis_url), 8, lease))
+        .collect();
+    let client = Client::connect(&url)
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(1));
+    let raw = async_nats::connect(&url).await.expect("raw client");
+
+    // The load: 8 tasks, each sending deposits one after the other, each
+    // retried under its message id until it is answered (at most 10 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let retried = Arc::new(AtomicU64::new(0));
+    // The longest a request waited for its answer, retries included (ms).
+    let longest = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    // Answers per 100 ms since `started`.
+    let bins: Arc<Vec<AtomicU64>> = Arc::new((0..200).map(|_| AtomicU64::new(0)).collect());
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let longest = Arc::clone(&longest);
+            let (client, stop, next, acked, failed, retried, bins) = (
+                client.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&next),
+                Arc::clone(&acked),
+                Arc::clone(&failed),
+                Arc::clone(&retried),
+                Arc::clone(&bins),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let id = format!("deposit-{n}");
+                    let began = Instant::now();
+                    let give_up = began + Duration::from_secs(10);
+                    let mut tries = 0;
+                    loop {
+                        tries += 1;
+                        match client.send_with_id(Deposit { n }, &id).await {
+                            Ok(_) => {
+                                acked.fetch_add(1, Ordering::Relaxed);
+                                let bin = (started.elapsed().as_millis() / 100) as usize;
+                                if let Some(b) = bins.get(bin) {
+                                    b.fetch_add(1, Ordering::Relaxed);
+                                }
+                                break;
+                            }
+                            Err(e) if e.is_retryable() && Instant::now() < give_up => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            Err(e) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                eprintln!("deposit {n} failed: {e}");
+                                break;
+                            }
+                        }
+                    }
+                    if tries > 1 {
+                        retried.fetch_add(1, Ordering::Relaxed);
+                    }
+                    longest.fetch_max(began.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    // 3 s of steady load, the signal, then 9 s more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let killed_at = started.elapsed();
+    replicas[0].signal(signal);
+    let listed = discovery_drop(&raw, 3).await;
+    tokio::time::sleep(Duration::from_secs(9).saturating_sub(started.elapsed() - killed_at)).await;
+    let stopped = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    replicas[0].wait(Duration::from_secs(10));
+
+    let bin_of = |d: Duration| (d.as_millis() / 100) as usize;
+    let rate = |from: usize, to: usize| -> f64 {
+        let sum: u64 = bins[from..to].iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        sum as f64 * 10.0 / (to - from).max(1) as f64
+    };
+    let kill_bin = bin_of(killed_at);
+    // The last full bin before the load stopped.
+    let end_bin = bin_of(stopped).min(bins.len());
+    let before = rate(5, kill_bin);
+    let after = rate(kill_bin + 50, end_bin);
+    // From when every later 1 s window reaches 90 % of the level (100 ms
+    // bins are too noisy on this host to judge).
+    let back = (kill_bin..end_bin.saturating_sub(10))
+        .find(|&b| (b..end_bin - 10).all(|x| rate(x, x + 10) >= 0.9 * before))
+        .map_or("never".to_owned(), |b| format!("{}", (b - kill_bin) * 100));
+
+    if std::env::var_os("BENCH_DIAG").is_some() {
+        let line: Vec<String> = bins[..end_bin]
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed).to_string())
+            .collect();
+        eprintln!(
+            "answers per 100 ms (signal in bin {kill_bin}): {}",
+            line.join(" ")
+        );
+    }
+    let effects = client.send(Deposits {}).await.expect("sum of deposits");
+    let acked = acked.load(Ordering::Relaxed);
+    let failed = failed.load(Ordering::Relaxed);
+    let issued = next.load(Ordering::Relaxed);
+    // Every deposit was retried until answered or failed for good; an
+    // answered one must have taken effect exactly once. One that failed
+    // for good may or may not have: it is reported, not excused.
+    let verdict = if effects == acked && failed == 0 {
+        "none".to_owned()
+    } else {
+        format!(
+            "{} (acked {acked}, failed {failed})",
+            effects as i64 - acked as i64
+        )
+    };
+    println!(
+        "| SIG{signal} | {} | {issued} | {failed} | {} | {} | {before:.0} | {after:.0} | {back} | {listed} | {effects} | {verdict} |",
+        lease.as_millis(),
+        retried.load(Ordering::Relaxed),
+        longest.load(Ordering::Relaxed),
+    );
+    for r in &mut replicas[1..] {
+        r.signal("TERM");
+        r.wait(Duration::from_secs(10));
+    }
+}
+
+/// Milliseconds from now until `$SRV.PING.<service>` is answered by fewer
+/// than `before` replicas (polled every 50 ms, each poll waiting 100 ms
+/// for answers).
+async fn discovery_drop(raw: &async_nats::Client, before: usize) -> String {
+    use futures_util::StreamExt;
+    let since = Instant::now();
+    while since.elapsed() < Duration::from_secs(10) {
+        let inbox = raw.new_inbox();
+        let Ok(mut sub) = raw.subscribe(inbox.clone()).await else {
+            break;
+        };
+        let _ = raw
+            .publish_with_reply(format!("$SRV.PING.{SERVICE}"), inbox, bytes::Bytes::new())
+            .await;
+        let mut answers = 0;
+        let until = tokio::time::Instant::now() + Duration::from_millis(100);
+        while let Ok(Some(_)) = tokio::time::timeout_at(until, sub.next()).await {
+            answers += 1;
+        }
+        if answers < before {
+            return format!("{}", since.elapsed().as_millis());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    "never".to_owned()
+}
