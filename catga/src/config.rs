@@ -75,8 +75,13 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "CATGA_REDIS_MODE",
-        meaning: "`server`: `REDIS_URL` is one server; `cluster`: Redis Cluster, `REDIS_URL` lists seed nodes, comma separated",
+        meaning: "`server`: `REDIS_URL` is one server; `cluster`: Redis Cluster, `REDIS_URL` lists seed nodes; `sentinel`: `REDIS_URL` lists the sentinels (comma separated), whose credentials are the master's too",
         default: "server",
+    },
+    Setting {
+        name: "CATGA_REDIS_SENTINEL_MASTER",
+        meaning: "the master's name the sentinels monitor (`CATGA_REDIS_MODE=sentinel`)",
+        default: "mymaster",
     },
     Setting {
         name: "REDIS_TLS_CA",
@@ -293,8 +298,10 @@ pub struct Config {
     /// Redis URL; `None` keeps state in memory. In cluster mode, seed
     /// nodes separated by commas.
     pub redis_url: Option<String>,
-    /// `REDIS_URL` names Redis Cluster nodes (`CATGA_REDIS_MODE=cluster`).
-    pub redis_cluster: bool,
+    /// What `REDIS_URL` names: one server, cluster nodes or sentinels.
+    pub redis_mode: RedisMode,
+    /// The master's name in Sentinel mode.
+    pub redis_sentinel_master: String,
     /// `REDIS_TLS_CA`, `REDIS_TLS_CERT`, `REDIS_TLS_KEY`.
     pub redis_tls: RedisTls,
     /// How long an idempotent message's answer is kept.
@@ -317,6 +324,17 @@ pub struct Config {
     pub breaker_failures: u32,
     /// How long an open breaker refuses work.
     pub breaker_open: Duration,
+}
+
+/// How the state store reaches Redis (`CATGA_REDIS_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// `REDIS_URL` is one server.
+    Server,
+    /// Redis Cluster: `REDIS_URL` lists seed nodes.
+    Cluster,
+    /// Redis Sentinel: `REDIS_URL` lists the sentinels.
+    Sentinel,
 }
 
 /// TLS files for Redis (`rediss://`).
@@ -376,7 +394,8 @@ impl Default for Config {
             service_version: "0.0.0".to_owned(),
             refuse_subject_conflicts: true,
             redis_url: None,
-            redis_cluster: false,
+            redis_mode: RedisMode::Server,
+            redis_sentinel_master: "mymaster".to_owned(),
             redis_tls: RedisTls::default(),
             inbox_window: Duration::from_secs(24 * 3600),
             inbox_lease: Duration::from_secs(5),
@@ -461,16 +480,20 @@ impl Config {
         }
         c.redis_url = get("REDIS_URL");
         if let Some(v) = get("CATGA_REDIS_MODE") {
-            c.redis_cluster = match v.trim() {
-                "server" => false,
-                "cluster" => true,
+            c.redis_mode = match v.trim() {
+                "server" => RedisMode::Server,
+                "cluster" => RedisMode::Cluster,
+                "sentinel" => RedisMode::Sentinel,
                 other => {
                     return Err(Error::new(
                         ErrorKind::Config,
-                        format!("CATGA_REDIS_MODE must be `server` or `cluster`, not `{other}`"),
+                        format!("CATGA_REDIS_MODE must be `server`, `cluster` or `sentinel`, not `{other}`"),
                     ));
                 }
             };
+        }
+        if let Some(v) = get("CATGA_REDIS_SENTINEL_MASTER") {
+            c.redis_sentinel_master = v;
         }
         c.redis_tls = RedisTls {
             ca: get("REDIS_TLS_CA").map(Into::into),

@@ -48,7 +48,9 @@ mod wire;
 
 pub use catga_macros::{command, event};
 pub use client::{Client, Context};
-pub use config::{Config, NatsSecurity, RedisTls, SETTINGS, Secret, Setting, StreamSettings, redact_url};
+pub use config::{
+    Config, NatsSecurity, RedisMode, RedisTls, SETTINGS, Secret, Setting, StreamSettings, redact_url,
+};
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{Command, Event, Message, MessageKind};

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use catga::{Client, MemoryBus, Runtime, RuntimeBuilder};
 
-use crate::servers::{NatsServer, RedisCluster, RedisServer};
+use crate::servers::{NatsServer, RedisCluster, RedisSentinel, RedisServer};
 
 /// Where the runtimes of a test talk to each other and keep their state.
 // One per test: the size of its variants does not matter.
@@ -18,6 +18,9 @@ pub enum Backend {
     Memory(MemoryBus),
     /// A real nats-server and the state store on a 3-master Redis Cluster.
     RedisCluster(NatsServer, RedisCluster),
+    /// A real nats-server and the state store on the master that Redis
+    /// Sentinel names.
+    RedisSentinel(NatsServer, RedisSentinel),
 }
 
 impl Backend {
@@ -31,6 +34,11 @@ impl Backend {
         Backend::RedisCluster(NatsServer::start(), RedisCluster::start())
     }
 
+    /// A fresh nats-server and Redis master, replica and sentinel.
+    pub fn redis_sentinel() -> Backend {
+        Backend::RedisSentinel(NatsServer::start(), RedisSentinel::start())
+    }
+
     /// A fresh in-memory bus.
     pub fn memory() -> Backend {
         Backend::Memory(MemoryBus::new())
@@ -42,13 +50,14 @@ impl Backend {
             Backend::Nats(..) => "nats",
             Backend::Memory(_) => "memory",
             Backend::RedisCluster(..) => "nats with Redis Cluster",
+            Backend::RedisSentinel(..) => "nats with Redis Sentinel",
         }
     }
 
     /// The nats-server, on the NATS backend.
     pub fn nats_server(&mut self) -> Option<&mut NatsServer> {
         match self {
-            Backend::Nats(s, _) | Backend::RedisCluster(s, _) => Some(s),
+            Backend::Nats(s, _) | Backend::RedisCluster(s, _) | Backend::RedisSentinel(s, _) => Some(s),
             Backend::Memory(_) => None,
         }
     }
@@ -57,7 +66,7 @@ impl Backend {
     pub fn redis_server(&mut self) -> Option<&mut RedisServer> {
         match self {
             Backend::Nats(_, r) => Some(r),
-            Backend::Memory(_) | Backend::RedisCluster(..) => None,
+            Backend::Memory(_) | Backend::RedisCluster(..) | Backend::RedisSentinel(..) => None,
         }
     }
 
@@ -79,6 +88,7 @@ impl Backend {
             Backend::Nats(s, r) => b.nats_url(s.url()).redis_url(r.url()),
             Backend::Memory(bus) => b.memory(bus.clone()),
             Backend::RedisCluster(s, r) => b.nats_url(s.url()).redis_cluster(&r.urls()),
+            Backend::RedisSentinel(s, r) => b.nats_url(s.url()).redis_sentinel(&[r.url()], "mymaster"),
         }
     }
 
@@ -113,7 +123,7 @@ impl Backend {
     /// A client that hosts no handlers.
     pub async fn client(&self) -> Client {
         match self {
-            Backend::Nats(s, _) | Backend::RedisCluster(s, _) => {
+            Backend::Nats(s, _) | Backend::RedisCluster(s, _) | Backend::RedisSentinel(s, _) => {
                 let c = Client::connect(&s.url()).await.expect("client connects");
                 // Wait for the first connection so that tests start clean.
                 for _ in 0..200 {

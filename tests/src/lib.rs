@@ -13,7 +13,7 @@ pub mod servers;
 
 pub use backend::Backend;
 pub use record::{Gauge, Recorder, Tally, run_id};
-pub use servers::{NatsCluster, NatsServer, RedisCluster, RedisServer};
+pub use servers::{NatsCluster, NatsServer, RedisCluster, RedisSentinel, RedisServer};
 
 /// Defines one test per scenario and backend: `nats::name` against a fresh
 /// nats-server, `memory::name` on a fresh in-memory bus. Each scenario is an
@@ -40,9 +40,10 @@ macro_rules! on_both {
     };
 }
 
-/// [`on_both!`], plus `redis_cluster::name`: the same scenario on NATS
-/// with the state store on a 3-master Redis Cluster. For the scenarios
-/// that exercise the store.
+/// [`on_both!`], plus `redis_cluster::name` and `redis_sentinel::name`:
+/// the same scenario on NATS with the state store on a 3-master Redis
+/// Cluster and on a master found through Redis Sentinel. For the
+/// scenarios that exercise the store.
 #[macro_export]
 macro_rules! on_every_store {
     ($($name:ident),+ $(,)?) => {
@@ -52,6 +53,14 @@ macro_rules! on_every_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(&$crate::Backend::redis_cluster()).await;
+                }
+            )+
+        }
+        mod redis_sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&$crate::Backend::redis_sentinel()).await;
                 }
             )+
         }

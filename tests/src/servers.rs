@@ -470,3 +470,91 @@ impl RedisCluster {
         panic!("no node owns slot {slot}");
     }
 }
+
+/// Redis with Sentinel on loopback: a master, a replica of it and one
+/// sentinel that monitors it as `mymaster` (down after 1 s, so a test sees
+/// a failover within a few seconds).
+pub struct RedisSentinel {
+    /// The master at start.
+    pub master: RedisServer,
+    /// Its replica, promoted when the master dies.
+    pub replica: RedisServer,
+    sentinel: Process,
+}
+
+impl RedisSentinel {
+    /// Starts the three and waits until the sentinel knows the replica.
+    pub fn start() -> RedisSentinel {
+        // Redis waits 5 s before a first full sync by default, to gather
+        // replicas: a test would kill the master before the replica has
+        // anything.
+        let master = RedisServer::start_with(true, &["--repl-diskless-sync-delay", "0"]);
+        let replica =
+            RedisServer::start_with(true, &["--replicaof", "127.0.0.1", &master.port().to_string()]);
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info = Command::new("redis-cli")
+                .args(["-p", &replica.port().to_string(), "info", "replication"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                break;
+            }
+            assert!(Instant::now() < until, "the replica did not sync: {info}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut sentinel = Process::new("redis-server", "CATGA_REDIS_SERVER");
+        let conf = sentinel.dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 5000\nsentinel parallel-syncs mymaster 1\n",
+                sentinel.port,
+                sentinel.dir.path().display(),
+                master.port()
+            ),
+        )
+        .expect("sentinel.conf");
+        sentinel.spawn(&[conf.into_os_string(), "--sentinel".into()], accepts_tcp);
+        let s = RedisSentinel {
+            master,
+            replica,
+            sentinel,
+        };
+        // The sentinel learns of the replica from the master's INFO.
+        let until = Instant::now() + Duration::from_secs(20);
+        while !s
+            .sentinel_says("replicas", "mymaster")
+            .contains(&s.replica.port().to_string())
+        {
+            assert!(Instant::now() < until, "the sentinel did not find the replica");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    /// The sentinel's URL (what `REDIS_URL` lists in Sentinel mode).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.sentinel.port)
+    }
+
+    /// The port of the server the sentinel currently names master.
+    pub fn master_port(&self) -> u16 {
+        let out = self.sentinel_says("get-master-addr-by-name", "mymaster");
+        out.lines()
+            .nth(1)
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no master address: {out}"))
+    }
+
+    fn sentinel_says(&self, what: &str, name: &str) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &self.sentinel.port.to_string(), "sentinel", what, name])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use catga::{Context, ErrorKind, Result, State, Versioned, command, event};
-use catga_tests::{NatsServer, Recorder, RedisCluster, RedisServer, run_id};
+use catga_tests::{NatsServer, Recorder, RedisCluster, RedisSentinel, RedisServer, run_id};
 use serde::{Deserialize, Serialize};
 
 /// A counter kept in the store.
@@ -113,6 +113,75 @@ async fn a_redis_cluster_node_stopped_mid_run() {
         }
     })
     .await;
+}
+
+/// Redis Sentinel: the master is killed, the sentinel promotes its
+/// replica, and the store follows: the command sent during the failover
+/// is retried under its id until it succeeds, once, on the new master,
+/// which has everything written before (replication is asynchronous: a
+/// write acknowledged by the master in its last moments can be lost with
+/// it, as Redis documents; the test lets the replica catch up first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_follows_a_sentinel_failover() {
+    let nats = NatsServer::start();
+    let mut redis = RedisSentinel::start();
+    let rt = catga::Runtime::builder()
+        .service("faults")
+        .instance_id("r1")
+        .nats_url(nats.url())
+        .redis_sentinel(&[redis.url()], "mymaster")
+        .handlers(|s| s.name().starts_with("reliable_faults::"))
+        .start()
+        .await
+        .expect("starts");
+    ready(&rt).await;
+    let client = catga::Client::connect(&nats.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(3));
+    let key = run_id();
+    for n in 1..=5 {
+        assert_eq!(client.send(Add { key: key.clone() }).await.expect("add"), n);
+    }
+    assert_eq!(redis.master_port(), redis.master.port());
+    // Let the replica catch up (see above), then kill the master.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.master.kill();
+    let during = format!("{key}-during");
+    let started = std::time::Instant::now();
+    let mut value = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        match client.send_with_id(Add { key: key.clone() }, &during).await {
+            Ok(v) => {
+                value = v;
+                break;
+            }
+            Err(e) => {
+                assert!(e.is_retryable(), "{e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert_eq!(
+        redis.master_port(),
+        redis.replica.port(),
+        "the sentinel promoted the replica"
+    );
+    assert_eq!(
+        value, 6,
+        "the five before the failover kept, the one during it applied once"
+    );
+    assert_eq!(
+        client
+            .send_with_id(Add { key: key.clone() }, &during)
+            .await
+            .expect("again"),
+        6,
+        "asking again gets the same answer"
+    );
+    assert_eq!(client.send(Add { key: key.clone() }).await.expect("next"), 7);
+    ready(&rt).await;
+    rt.shutdown().await.expect("clean shutdown");
 }
 
 /// `set_down(true)` stops the store, `set_down(false)` brings it back.

@@ -69,7 +69,18 @@ impl RuntimeBuilder {
     pub fn redis_cluster<S: AsRef<str>>(mut self, nodes: &[S]) -> Self {
         let urls: Vec<&str> = nodes.iter().map(AsRef::as_ref).collect();
         self.config.redis_url = Some(urls.join(","));
-        self.config.redis_cluster = true;
+        self.config.redis_mode = crate::config::RedisMode::Cluster;
+        self
+    }
+
+    /// Uses the master that Redis Sentinel names `master`, asking
+    /// `sentinels` (as `CATGA_REDIS_MODE=sentinel` with `REDIS_URL` and
+    /// `CATGA_REDIS_SENTINEL_MASTER`).
+    pub fn redis_sentinel<S: AsRef<str>>(mut self, sentinels: &[S], master: impl Into<String>) -> Self {
+        let urls: Vec<&str> = sentinels.iter().map(AsRef::as_ref).collect();
+        self.config.redis_url = Some(urls.join(","));
+        self.config.redis_mode = crate::config::RedisMode::Sentinel;
+        self.config.redis_sentinel_master = master.into();
         self
     }
 
@@ -268,7 +279,8 @@ impl RuntimeBuilder {
             (Some(url), _) => RedisStore::connect(
                 &RedisConnect {
                     url: url.clone(),
-                    cluster: config.redis_cluster,
+                    mode: config.redis_mode,
+                    sentinel_master: config.redis_sentinel_master.clone(),
                     tls_ca: config.redis_tls.ca.clone(),
                     tls_cert: config.redis_tls.cert.clone(),
                     tls_key: config.redis_tls.key.clone(),

@@ -21,8 +21,10 @@ use crate::error::{Error, ErrorKind, Result};
 pub(crate) struct RedisConnect {
     /// One URL, or in cluster mode several seed nodes, comma separated.
     pub url: String,
-    /// Redis Cluster (`CATGA_REDIS_MODE=cluster`) or one server.
-    pub cluster: bool,
+    /// One server, Redis Cluster or Sentinel (`CATGA_REDIS_MODE`).
+    pub mode: crate::config::RedisMode,
+    /// The master's name in Sentinel mode.
+    pub sentinel_master: String,
     pub tls_ca: Option<std::path::PathBuf>,
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
@@ -58,6 +60,66 @@ enum Conn {
     /// slots move. Connected on first use, so a cluster that is down at
     /// start-up does not stop the runtime.
     Cluster(Arc<LazyCluster>),
+    /// A master found through Redis Sentinel, found again after a
+    /// failover (see [`Followed`]).
+    Sentinel(Arc<Followed>),
+}
+
+/// The connection to the master that Sentinel names. Sentinel does not
+/// move clients: a connection to the old master either fails (it is
+/// down) or, once it is back as a replica, answers writes with READONLY.
+/// Either error drops the connection, and the next operation asks the
+/// sentinels for the master again.
+struct Followed {
+    sentinel: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    master: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    config: redis::AsyncConnectionConfig,
+}
+
+impl Followed {
+    async fn get(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let mut sentinel = self.sentinel.lock().await;
+        // Another operation may have found it while this one waited.
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let client = sentinel.async_get_client().await?;
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        *self
+            .master
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn current(&self) -> Option<redis::aio::MultiplexedConnection> {
+        self.master
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Drops the connection after an error that says the master moved.
+    fn check<T>(&self, r: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &r
+            && (e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+                || e.code() == Some("READONLY"))
+        {
+            *self
+                .master
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+        r
+    }
 }
 
 struct LazyCluster {
@@ -81,6 +143,10 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Server(c) => c.req_packed_command(cmd),
             Conn::Cluster(lazy) => Box::pin(async move { lazy.get().await?.req_packed_command(cmd).await }),
+            Conn::Sentinel(f) => Box::pin(async move {
+                let mut c = f.get().await?;
+                f.check(c.req_packed_command(cmd).await)
+            }),
         }
     }
 
@@ -98,13 +164,17 @@ impl ConnectionLike for Conn {
                     .req_packed_commands(pipeline, offset, count)
                     .await
             }),
+            Conn::Sentinel(f) => Box::pin(async move {
+                let mut c = f.get().await?;
+                f.check(c.req_packed_commands(pipeline, offset, count).await)
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Server(c) => c.get_db(),
-            Conn::Cluster(_) => 0,
+            Conn::Cluster(_) | Conn::Sentinel(_) => 0,
         }
     }
 }
@@ -156,7 +226,12 @@ fn map_err(e: RedisError) -> Error {
         || e.is_cluster_error()
         || matches!(
             e.code(),
-            Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "LOADING")
+            Some("CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "LOADING" | "READONLY")
+        )
+        // During a Sentinel failover: no server is master yet.
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::MasterNameNotFoundBySentinel | redis::ErrorKind::NoValidReplicasFoundBySentinel
         )
     {
         return unavailable(e);
@@ -327,7 +402,50 @@ impl RedisStore {
         } else {
             None
         };
-        let (conn, relay) = if how.cluster {
+        let (conn, relay) = if how.mode == crate::config::RedisMode::Sentinel {
+            if certificates.is_some() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "REDIS_TLS_CA, REDIS_TLS_CERT and REDIS_TLS_KEY are not supported with CATGA_REDIS_MODE=sentinel yet",
+                ));
+            }
+            let sentinels: Vec<&str> = how
+                .url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
+            // The credentials of the first URL are the master's too (the
+            // usual set-up gives sentinels and servers one password).
+            let first =
+                redis::IntoConnectionInfo::into_connection_info(sentinels.first().copied().unwrap_or(""))
+                    .map_err(bad_url)?;
+            let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(first.redis_settings().clone());
+            if how.url.trim_start().starts_with("rediss://") {
+                node = node.set_tls_mode(redis::TlsMode::Secure);
+            }
+            let followed = |response: Duration| -> Result<Conn> {
+                let client = redis::sentinel::SentinelClient::build(
+                    sentinels.clone(),
+                    how.sentinel_master.as_str(),
+                    Some(node.clone()),
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(bad_url)?;
+                Ok(Conn::Sentinel(Arc::new(Followed {
+                    sentinel: tokio::sync::Mutex::new(client),
+                    master: std::sync::Mutex::new(None),
+                    config: redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(Duration::from_secs(1)))
+                        .set_response_timeout(Some(response)),
+                })))
+            };
+            (
+                followed(RESPONSE_TIMEOUT)?,
+                followed(RESPONSE_TIMEOUT + Duration::from_secs(5))?,
+            )
+        } else if how.mode == crate::config::RedisMode::Cluster {
             let nodes: Vec<&str> = how
                 .url
                 .split(',')
@@ -410,7 +528,9 @@ impl RedisStore {
     pub(crate) async fn ping(&self) -> Result<()> {
         let mut c = self.conn.clone();
         match &c {
-            Conn::Server(_) => redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ()),
+            Conn::Server(_) | Conn::Sentinel(_) => {
+                redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ())
+            }
             // A cluster's PING goes to any node; the node that matters is
             // the one holding this service's slot, which a keyed command
             // reaches.
@@ -495,6 +615,17 @@ impl RedisStore {
         Ok(())
     }
 
+    /// An error of a group read. NOGROUP means the stream or its group
+    /// is gone (a Redis restarted without persistence, or a failover to a
+    /// replica that never got them): created again on the next take.
+    fn group_error(&self, e: RedisError) -> Error {
+        if e.code() == Some("NOGROUP") {
+            self.group_ready.store(false, Ordering::Release);
+            return unavailable(e);
+        }
+        map_err(e)
+    }
+
     pub(crate) async fn outbox_take(
         &self,
         relay: &str,
@@ -516,7 +647,7 @@ impl RedisStore {
             .arg(count)
             .query_async(&mut c)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| self.group_error(e))?;
         if let Value::Array(parts) = &claimed
             && let Some(list) = parts.get(1)
         {
@@ -543,7 +674,7 @@ impl RedisStore {
             .arg(">")
             .query_async(&mut r)
             .await
-            .map_err(map_err)?;
+            .map_err(|e| self.group_error(e))?;
         // RESP2: [[stream, [entries...]]]; RESP3: {stream: [entries...]}.
         let list = match &read {
             Value::Array(streams) => streams.first().and_then(|s| match s {
