@@ -220,8 +220,18 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "RUST_LOG",
-        meaning: "log filter (`tracing_subscriber` targets syntax)",
+        meaning: "log filter (`tracing_subscriber` targets syntax); also which spans are exported",
         default: "info",
+    },
+    Setting {
+        name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+        meaning: "with the `otlp` feature: the OpenTelemetry collector spans are exported to over OTLP/HTTP (`http://collector:4318`); `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `_HEADERS`, `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SDK_DISABLED` are read by the OpenTelemetry SDK as usual",
+        default: "unset: no export",
+    },
+    Setting {
+        name: "OTEL_SERVICE_NAME",
+        meaning: "the service name on exported spans",
+        default: "`CATGA_SERVICE`",
     },
 ];
 

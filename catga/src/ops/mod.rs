@@ -4,3 +4,5 @@
 
 pub(crate) mod http;
 pub(crate) mod metrics;
+#[cfg(feature = "otlp")]
+pub(crate) mod otel;

@@ -70,6 +70,8 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
         correlation_id = meta.correlation_id(),
         trace_id = tracing::field::Empty,
     );
+    #[cfg(feature = "otlp")]
+    meta.link_trace(|incoming| crate::wire::trace::otel::link(&span, incoming));
     if !span.is_disabled()
         && let Some(trace) = meta.trace_id()
     {

@@ -105,6 +105,21 @@ impl MessageMeta {
         self.delivery
     }
 
+    /// Settles the trace of this handling with `link`, which gets the
+    /// trace the message continues (if any) and may return the trace and
+    /// handling span id to use instead (the OpenTelemetry span's, when
+    /// spans are exported). Call before anything reads the trace.
+    #[cfg(feature = "otlp")]
+    pub(crate) fn link_trace(
+        &self,
+        link: impl FnOnce(Option<TraceParent>) -> Option<(TraceParent, [u8; 8])>,
+    ) {
+        self.trace.get_or_init(|| {
+            let incoming = self.header(headers::TRACEPARENT).and_then(TraceParent::parse);
+            link(incoming).or_else(|| incoming.map(|t| (t, span_id())))
+        });
+    }
+
     fn trace(&self) -> Option<&(TraceParent, [u8; 8])> {
         self.trace
             .get_or_init(|| {

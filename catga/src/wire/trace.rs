@@ -88,9 +88,14 @@ impl TraceParent {
         CURRENT.scope(self, fut).await
     }
 
-    /// The trace set by [`scope`](Self::scope) around the running task.
+    /// The trace set by [`scope`](Self::scope) around the running task
+    /// or, with the `otlp` feature exporting spans, the OpenTelemetry
+    /// context of the current `tracing` span.
     pub fn current() -> Option<TraceParent> {
-        CURRENT.try_with(|t| *t).ok()
+        let scoped = CURRENT.try_with(|t| *t).ok();
+        #[cfg(feature = "otlp")]
+        let scoped = scoped.or_else(otel::current);
+        scoped
     }
 }
 
@@ -103,6 +108,71 @@ impl fmt::Display for TraceParent {
             to_hex(&self.parent_id),
             self.flags
         )
+    }
+}
+
+/// The bridge to OpenTelemetry spans (the `otlp` feature): a handling's
+/// `handle` span becomes the child of the trace its message continues, and
+/// the span id catga propagates for it is the exported span's, so that a
+/// trace reads as one tree in the collector.
+#[cfg(feature = "otlp")]
+pub(crate) mod otel {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::TraceParent;
+
+    /// Set once an OpenTelemetry layer is installed: until then nothing
+    /// here costs anything.
+    pub(crate) static ON: AtomicBool = AtomicBool::new(false);
+
+    fn on() -> bool {
+        ON.load(Ordering::Relaxed)
+    }
+
+    fn from_context(sc: &SpanContext) -> Option<TraceParent> {
+        sc.is_valid().then(|| TraceParent {
+            trace_id: sc.trace_id().to_bytes(),
+            parent_id: sc.span_id().to_bytes(),
+            flags: sc.trace_flags().to_u8(),
+        })
+    }
+
+    /// The current `tracing` span's OpenTelemetry context, if exported.
+    pub(super) fn current() -> Option<TraceParent> {
+        if !on() {
+            return None;
+        }
+        let cx = tracing::Span::current().context();
+        from_context(cx.span().span_context())
+    }
+
+    /// Makes `span` the child of `incoming` (the trace a message carries)
+    /// and returns the trace and span id of the handling: the exported
+    /// span's. A message without a trace starts one (the exported span is
+    /// then a root), so that what its handler sends joins it.
+    pub(crate) fn link(
+        span: &tracing::Span,
+        incoming: Option<TraceParent>,
+    ) -> Option<(TraceParent, [u8; 8])> {
+        if !on() || span.is_disabled() {
+            return None;
+        }
+        if let Some(t) = incoming {
+            let parent = SpanContext::new(
+                TraceId::from_bytes(t.trace_id),
+                SpanId::from_bytes(t.parent_id),
+                TraceFlags::new(t.flags),
+                true,
+                TraceState::default(),
+            );
+            let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(parent));
+        }
+        let cx = span.context();
+        let own = from_context(cx.span().span_context())?;
+        Some((incoming.unwrap_or(own), own.parent_id))
     }
 }
 
