@@ -184,6 +184,13 @@ const KEYS: &[Key] = &[
                   or on an event handler (`#[event(idempotent)]` on an async fn)",
     },
     Key {
+        name: "leader",
+        roles: &[EVENT_HANDLER],
+        takes: Takes::Flag,
+        belongs: "on an event handler (`#[event(leader)]` on an async fn): only the replica holding \
+                  the service's leader lease serves it",
+    },
+    Key {
         name: "durable",
         roles: &[EVENT_HANDLER],
         takes: Takes::Str(crate::names::check_durable),

@@ -220,6 +220,7 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
     let max_deliver = opts.int("max_deliver").unwrap_or(0) as u32;
     let retry = opts.int("retry").unwrap_or(0) as u32;
     let idempotent = opts.flag("idempotent");
+    let leader = opts.flag("leader");
     let constructor = match attr {
         Attr::Command => quote!(command),
         Attr::Event => quote!(event),
@@ -238,6 +239,7 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
                 max_deliver: #max_deliver,
                 retry: #retry,
                 idempotent: #idempotent,
+                leader: #leader,
             },
         )
     };

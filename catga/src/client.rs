@@ -571,6 +571,7 @@ mod tests {
                 staged: None,
                 durable_subjects: Arc::default(),
                 sent: Default::default(),
+                fence: None,
             })
         };
         let ctx = Context::new(client.clone(), Arc::new(meta), work());

@@ -149,6 +149,11 @@ pub const SETTINGS: &[Setting] = &[
         default: "5000",
     },
     Setting {
+        name: "CATGA_LEADER_LEASE_MS",
+        meaning: "the leader lease: `#[event(leader)]` handlers run on the one replica holding it, renewed every third of it; a standby takes over within two leases of the leader's death",
+        default: "10000",
+    },
+    Setting {
         name: "CATGA_MAX_DELIVER",
         meaning: "default deliveries of a durable event before it is dead-lettered (`max_deliver = N` overrides)",
         default: "5",
@@ -319,6 +324,8 @@ pub struct Config {
     /// How long a replica holds a message it handles before a retry may
     /// take it.
     pub inbox_lease: Duration,
+    /// The leader lease (see `CATGA_LEADER_LEASE_MS`).
+    pub leader_lease: Duration,
     /// Default deliveries of a durable event before it is dead-lettered.
     pub max_deliver: u32,
     /// How long JetStream waits for an ack before it redelivers.
@@ -409,6 +416,7 @@ impl Default for Config {
             redis_tls: RedisTls::default(),
             inbox_window: Duration::from_secs(24 * 3600),
             inbox_lease: Duration::from_secs(5),
+            leader_lease: Duration::from_secs(10),
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
             streams: StreamSettings::default(),
@@ -516,6 +524,9 @@ impl Config {
         }
         if let Some(v) = get("CATGA_INBOX_LEASE_MS") {
             c.inbox_lease = ms("CATGA_INBOX_LEASE_MS", &v)?;
+        }
+        if let Some(v) = get("CATGA_LEADER_LEASE_MS") {
+            c.leader_lease = ms("CATGA_LEADER_LEASE_MS", &v)?.max(Duration::from_millis(30));
         }
         if let Some(v) = get("CATGA_MAX_DELIVER") {
             c.max_deliver = positive("CATGA_MAX_DELIVER", &v)? as u32;

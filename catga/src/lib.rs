@@ -54,10 +54,10 @@ pub use config::{
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{Command, Event, Message, MessageKind};
-pub use registry::{CommandHandler, EventHandler, HandlerKind, HandlerSpec, handlers};
-pub use runtime::{Readiness, Runtime, RuntimeBuilder, init_telemetry, run, start};
 #[cfg(feature = "otlp")]
 pub use ops::otel::layer as otlp_layer;
+pub use registry::{CommandHandler, EventHandler, HandlerKind, HandlerSpec, handlers};
+pub use runtime::{Readiness, Runtime, RuntimeBuilder, init_telemetry, run, start};
 pub use state::Save;
 pub use store::{State, Versioned};
 pub use transport::DEFAULT_MAX_PAYLOAD;

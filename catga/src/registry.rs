@@ -127,6 +127,8 @@ pub struct HandlerOptions {
     pub retry: u32,
     /// `idempotent` on an event handler.
     pub idempotent: bool,
+    /// `leader` on an event handler: served by the leader only.
+    pub leader: bool,
 }
 
 impl HandlerOptions {
@@ -139,6 +141,7 @@ impl HandlerOptions {
         max_deliver: 0,
         retry: 0,
         idempotent: false,
+        leader: false,
     };
 }
 
@@ -262,6 +265,12 @@ impl HandlerSpec {
     /// or `#[event(idempotent)]` on an event handler.
     pub fn is_idempotent(&self) -> bool {
         self.idempotent
+    }
+
+    /// `leader`: served only by the replica that holds the service's leader
+    /// lease, and its saves are fenced with the lease's token.
+    pub fn is_leader(&self) -> bool {
+        self.options.leader
     }
 
     /// `durable = "name"`: the JetStream durable consumer it pulls from.

@@ -135,6 +135,7 @@ impl Context {
             }],
             events,
             inbox: None,
+            fence: work.fence,
         };
         match work.store.commit(&commit).await? {
             Committed::Yes(versions) => {
@@ -147,8 +148,17 @@ impl Context {
                 ErrorKind::Unavailable,
                 "the message was taken over; retry",
             )),
+            Committed::Fenced => Err(fenced()),
         }
     }
+}
+
+/// A write of a replica that lost the leader lease.
+pub(crate) fn fenced() -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        "this replica is no longer the leader: its write was refused (fenced); the new leader takes over",
+    )
 }
 
 fn conflict<T: State>(key: &str, loaded: u64, now: u64) -> Error {

@@ -1,4 +1,5 @@
-//! Idempotent commands, durable and idempotent event handlers, retries.
+//! Idempotent commands, durable and idempotent event handlers, retries,
+//! leader-only event handlers.
 
 use catga::{Command, Context, HandlerKind, Result, command, event};
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,12 @@ async fn audit(e: Charged) -> Result<()> {
     Ok(())
 }
 
+#[event(durable = "settle", leader)]
+async fn settle(e: Charged) -> Result<()> {
+    let _ = e.cents;
+    Ok(())
+}
+
 fn main() {
     assert!(Charge::IDEMPOTENT);
     assert!(!Plain::IDEMPOTENT);
@@ -65,4 +72,6 @@ fn main() {
     assert_eq!(audit.durable(), Some("audit"));
     assert_eq!(audit.max_deliver(), None);
     assert!(!audit.is_idempotent());
+    assert!(!audit.is_leader());
+    assert!(find("::settle").is_leader());
 }

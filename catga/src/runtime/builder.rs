@@ -84,6 +84,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Sets the leader lease (`CATGA_LEADER_LEASE_MS`): how long a leader
+    /// that stopped renewing keeps it; renewed every third of it.
+    pub fn leader_lease(mut self, lease: Duration) -> Self {
+        self.config.leader_lease = lease;
+        self
+    }
+
     /// Sets how long an idempotent message's answer is kept, and how long a
     /// replica holds a message it handles before a retry may take it.
     pub fn inbox(mut self, window: Duration, lease: Duration) -> Self {
@@ -324,7 +331,9 @@ impl RuntimeBuilder {
             staged: None,
             durable_subjects: Arc::clone(&durable_subjects),
             sent: Default::default(),
+            fence: None,
         });
+        let leadership = super::leader::Leadership::new(&config.instance_id);
         let shared = Arc::new(Shared {
             client,
             config,
@@ -333,6 +342,7 @@ impl RuntimeBuilder {
             plain_work,
             durable_subjects,
             endpoints: std::sync::Mutex::new(HashMap::new()),
+            leadership,
             dropped: AtomicU64::new(0),
             expired: AtomicU64::new(0),
         });
@@ -341,9 +351,19 @@ impl RuntimeBuilder {
         // a connected client gets the refusal back within a millisecond.
         let refusals = shared.client.transport().server_errors();
         let mut serving = HashMap::with_capacity(selected.len());
-        for spec in &selected {
+        // `leader` handlers start when this replica wins the lease.
+        for spec in selected.iter().filter(|s| !s.is_leader()) {
             serving.insert(spec.name(), spawn_handler(spec, &shared).await?);
         }
+        let serving = Arc::new(tokio::sync::Mutex::new(serving));
+        let leaders: Vec<&'static HandlerSpec> = selected.iter().copied().filter(|s| s.is_leader()).collect();
+        let leader = (!leaders.is_empty()).then(|| {
+            tokio::spawn(super::leader::run(
+                Arc::clone(&shared),
+                Arc::clone(&serving),
+                leaders,
+            ))
+        });
         let subjects = registry::handlers()
             .iter()
             .map(|s| s.subject().to_owned())
@@ -367,8 +387,9 @@ impl RuntimeBuilder {
         Ok(Runtime {
             shared,
             handlers: selected,
-            serving: tokio::sync::Mutex::new(serving),
+            serving,
             background,
+            leader,
             http,
         })
     }

@@ -10,6 +10,7 @@
 
 mod builder;
 mod discovery;
+mod leader;
 mod outbox;
 mod pipeline;
 mod ready;
@@ -92,6 +93,8 @@ pub(crate) struct Shared {
     pub endpoints: std::sync::Mutex<HashMap<&'static str, Arc<Served>>>,
     /// What handlers that stage nothing work with (shared by all).
     pub plain_work: Arc<crate::store::Work>,
+    /// This replica's side of the leader lease.
+    pub leadership: leader::Leadership,
     dropped: AtomicU64,
     expired: AtomicU64,
 }
@@ -209,8 +212,10 @@ pub struct Runtime {
     handlers: Vec<&'static HandlerSpec>,
     /// One lock for starting and stopping handlers, held across the
     /// subscribing and the draining, so that they never interleave.
-    serving: tokio::sync::Mutex<HashMap<&'static str, Serving>>,
+    serving: Arc<tokio::sync::Mutex<HashMap<&'static str, Serving>>>,
     background: Vec<JoinHandle<()>>,
+    /// The leadership loop, when some handler is `leader`.
+    leader: Option<JoinHandle<()>>,
     http: Option<HttpEndpoint>,
 }
 
@@ -356,52 +361,20 @@ impl Runtime {
             .iter()
             .find(|s| s.name() == name)
             .ok_or_else(|| Error::new(ErrorKind::Config, format!("no handler named `{name}`")))?;
-        let mut serving = self.serving.lock().await;
-        if serving.contains_key(spec.name()) {
-            return Ok(());
-        }
-        if self.shared.health.fatal().is_some() || self.is_shutting_down() {
-            return Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping"));
-        }
-        let mut others: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();
-        others.push(spec);
-        crate::registry::check(&others, true)?;
-        let started = spawn_handler(spec, &self.shared).await?;
-        serving.insert(spec.name(), started);
-        Ok(())
+        start_serving(spec, &self.shared, &self.serving).await
     }
 
     /// Stops serving a handler: its subscriptions drain and its messages in
     /// flight finish (bounded by the drain time-out). The rest of the
     /// runtime goes on.
     pub async fn stop_handler(&self, name: &str) -> Result<()> {
-        let mut all = self.serving.lock().await;
-        let Some(serving) = all.remove(name) else {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!("handler `{name}` is not being served"),
-            ));
-        };
-        self.shared
-            .endpoints
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(name);
-        let deadline = tokio::time::Instant::now() + self.shared.config.drain_timeout;
-        let wanted = serving.served.parallel;
-        let outcome = shutdown::stop_serving(vec![serving], deadline).await;
-        self.shared.health.unwant(wanted);
-        drop(all);
-        if outcome.cancelled > 0 {
-            return Err(Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "handler `{name}` stopped with {} loops cancelled at the drain deadline",
-                    outcome.cancelled
-                ),
-            ));
-        }
-        Ok(())
+        stop_serving_one(name, &self.shared, &self.serving).await
+    }
+
+    /// Whether this replica holds the service's leader lease (and serves
+    /// the `leader` handlers).
+    pub fn is_leader(&self) -> bool {
+        self.shared.leadership.token().is_some()
     }
 
     /// The handlers being served right now.
@@ -409,10 +382,6 @@ impl Runtime {
         let mut names: Vec<&'static str> = self.serving.lock().await.keys().copied().collect();
         names.sort_unstable();
         names
-    }
-
-    fn is_shutting_down(&self) -> bool {
-        self.readiness().failing.iter().any(|f| f.starts_with("draining"))
     }
 
     /// Serves until SIGTERM or Ctrl-C, then shuts down gracefully; or until
@@ -437,9 +406,15 @@ impl Runtime {
     /// drain time-out). At the deadline, whatever still runs is cancelled
     /// (its requests answer "unavailable") and an error is returned.
     pub async fn shutdown(mut self) -> Result<()> {
-        let serving: Vec<Serving> = self.serving.get_mut().drain().map(|(_, s)| s).collect();
+        // No leader handler may start while the rest drains.
+        if let Some(leader) = self.leader.take() {
+            leader.abort();
+            let _ = leader.await;
+        }
+        let serving: Vec<Serving> = self.serving.lock().await.drain().map(|(_, s)| s).collect();
         let background = std::mem::take(&mut self.background);
         let outcome = shutdown::shutdown(&self.shared, serving, background).await;
+        self.shared.leadership.release(&self.shared).await;
         if let Some(http) = self.http.take() {
             http.stop().await;
         }
@@ -458,12 +433,80 @@ impl Drop for Runtime {
         if let Some(http) = &self.http {
             http.task.abort();
         }
-        for s in self.serving.get_mut().values() {
-            for t in &s.tasks {
-                t.abort();
+        if let Some(leader) = &self.leader {
+            leader.abort();
+        }
+        if let Ok(serving) = self.serving.try_lock() {
+            for s in serving.values() {
+                for t in &s.tasks {
+                    t.abort();
+                }
             }
         }
     }
+}
+
+/// Starts serving `spec` unless it is served already (see
+/// [`Runtime::start_handler`]).
+async fn start_serving(
+    spec: &'static HandlerSpec,
+    shared: &Arc<Shared>,
+    serving: &tokio::sync::Mutex<HashMap<&'static str, Serving>>,
+) -> Result<()> {
+    let mut serving = serving.lock().await;
+    if serving.contains_key(spec.name()) {
+        return Ok(());
+    }
+    let draining = shared
+        .health
+        .check(shared.client.transport())
+        .failing
+        .iter()
+        .any(|f| f.starts_with("draining"));
+    if shared.health.fatal().is_some() || draining {
+        return Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping"));
+    }
+    let mut others: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();
+    others.push(spec);
+    crate::registry::check(&others, true)?;
+    let started = spawn_handler(spec, shared).await?;
+    serving.insert(spec.name(), started);
+    Ok(())
+}
+
+/// Stops serving handler `name` (see [`Runtime::stop_handler`]).
+async fn stop_serving_one(
+    name: &str,
+    shared: &Arc<Shared>,
+    serving: &tokio::sync::Mutex<HashMap<&'static str, Serving>>,
+) -> Result<()> {
+    let mut all = serving.lock().await;
+    let Some(serving) = all.remove(name) else {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("handler `{name}` is not being served"),
+        ));
+    };
+    shared
+        .endpoints
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(name);
+    let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
+    let wanted = serving.served.parallel;
+    let outcome = shutdown::stop_serving(vec![serving], deadline).await;
+    shared.health.unwant(wanted);
+    drop(all);
+    if outcome.cancelled > 0 {
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "handler `{name}` stopped with {} loops cancelled at the drain deadline",
+                outcome.cancelled
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Subscribes one handler (the client queues core subscriptions while it

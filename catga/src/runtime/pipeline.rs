@@ -321,16 +321,25 @@ async fn call(
     payload: Bytes,
     claim: &Claim,
 ) -> Result<Bytes> {
-    // A handler that stages nothing shares one `Work` (one allocation
-    // less per message); an idempotent one gets its own to stage in.
-    let work = match claim {
-        Claim::Owned { .. } => Arc::new(Work {
+    // A handler that stages nothing and is not fenced shares one `Work`
+    // (one allocation less per message); an idempotent one gets its own
+    // to stage in, a `leader` one its own with the lease's fencing token.
+    let fence = if served.spec.is_leader() {
+        // Not the leader (any more): the lease was lost after this message
+        // was taken; the subscription is closing.
+        Some(shared.leadership.token().ok_or_else(crate::state::fenced)?)
+    } else {
+        None
+    };
+    let work = match (claim, fence) {
+        (Claim::None, None) => Arc::clone(&shared.plain_work),
+        (claim, fence) => Arc::new(Work {
             store: shared.store.clone(),
-            staged: Some(Default::default()),
+            staged: matches!(claim, Claim::Owned { .. }).then(Default::default),
             durable_subjects: Arc::clone(&shared.durable_subjects),
             sent: Default::default(),
+            fence,
         }),
-        Claim::None => Arc::clone(&shared.plain_work),
     };
     let ctx = Context::new(shared.client.clone(), Arc::clone(meta), Arc::clone(&work));
     let body = match AssertUnwindSafe(served.spec.call(ctx, payload))
@@ -354,13 +363,16 @@ async fn call(
         .as_ref()
         .map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)))
         .unwrap_or_default();
-    let commit = staged.into_commit(Some(InboxWrite {
-        scope: (*scope).to_owned(),
-        id: id.clone(),
-        owner: owner.clone(),
-        reply: StoredReply::Ok(body.clone()),
-        window: shared.config.inbox_window,
-    }));
+    let commit = staged.into_commit(
+        Some(InboxWrite {
+            scope: (*scope).to_owned(),
+            id: id.clone(),
+            owner: owner.clone(),
+            reply: StoredReply::Ok(body.clone()),
+            window: shared.config.inbox_window,
+        }),
+        work.fence,
+    );
     // Boxed, here and at the other store calls: a store operation's future
     // is large, and an unboxed one would make every message's future as
     // large, idempotent or not (9 KB per message, copied on each push,
@@ -375,6 +387,7 @@ async fn call(
             ErrorKind::Unavailable,
             "the message was taken over by another attempt after this one's lease ran out; retry",
         )),
+        Committed::Fenced => Err(crate::state::fenced()),
     }
 }
 

@@ -26,6 +26,10 @@ struct Inner {
     outbox: BTreeMap<u64, Queued>,
     next_entry: u64,
     inbox: HashMap<(String, String), (InboxValue, Instant)>,
+    /// The leader lease: its holder and when it runs out.
+    leader: Option<(String, Instant)>,
+    /// The fencing token of the latest lease granted.
+    fence: u64,
 }
 
 struct Queued {
@@ -70,6 +74,9 @@ impl MemoryStore {
     pub(crate) async fn commit(&self, commit: &Commit) -> Result<Committed> {
         let appended = {
             let mut inner = self.lock();
+            if commit.fence.is_some_and(|t| t != inner.fence) {
+                return Ok(Committed::Fenced);
+            }
             for (index, w) in commit.states.iter().enumerate() {
                 let current = inner
                     .state
@@ -210,6 +217,45 @@ impl MemoryStore {
         Ok(())
     }
 
+    pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        match &inner.leader {
+            Some((o, expires)) if *expires > now => {
+                if o == owner {
+                    inner.leader = Some((owner.to_owned(), now + lease));
+                    return Ok(Some(inner.fence));
+                }
+                Ok(None)
+            }
+            _ => {
+                inner.fence += 1;
+                inner.leader = Some((owner.to_owned(), now + lease));
+                Ok(Some(inner.fence))
+            }
+        }
+    }
+
+    pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        Ok(match &mut inner.leader {
+            Some((o, expires)) if o == owner && *expires > now => {
+                *expires = now + lease;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.leader.as_ref().is_some_and(|(o, _)| o == owner) {
+            inner.leader = None;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn inbox_renew(
         &self,
         scope: &str,
@@ -277,6 +323,7 @@ mod tests {
             states: vec![write("b", 0, b"x"), write("a", 1, b"2")],
             events: vec![entry("e1")],
             inbox: None,
+            fence: None,
         };
         assert_eq!(s.commit(&two).await.expect("commit"), Committed::Yes(vec![1, 2]));
         assert_eq!(
@@ -289,6 +336,7 @@ mod tests {
             states: vec![write("c", 0, b"c"), write("a", 1, b"3")],
             events: vec![entry("e2")],
             inbox: None,
+            fence: None,
         };
         assert_eq!(
             s.commit(&partial).await.expect("commit"),
@@ -351,6 +399,66 @@ mod tests {
         assert_eq!(
             s.inbox_begin("h", "m2", "r2", lease).await.expect("begin"),
             Inbox::Fresh
+        );
+    }
+
+    #[tokio::test]
+    async fn the_leader_lease_is_held_by_one_and_fences_the_old_holder() {
+        let s = MemoryStore::new();
+        let lease = Duration::from_millis(50);
+        let a = s
+            .leader_acquire("a", lease)
+            .await
+            .expect("acquire")
+            .expect("granted");
+        assert_eq!(
+            s.leader_acquire("b", lease).await.expect("acquire"),
+            None,
+            "held by a"
+        );
+        assert_eq!(
+            s.leader_acquire("a", lease).await.expect("again"),
+            Some(a),
+            "a keeps its token"
+        );
+        assert!(s.leader_renew("a", lease).await.expect("renew"));
+        assert!(!s.leader_renew("b", lease).await.expect("renew"));
+        let write = |fence| Commit {
+            states: vec![crate::store::StateWrite {
+                kind: "k".into(),
+                key: "x".into(),
+                expected: 0,
+                data: Bytes::from_static(b"1"),
+            }],
+            events: vec![],
+            inbox: None,
+            fence: Some(fence),
+        };
+        // a stalls past its lease; b takes over with a newer token.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let b = s
+            .leader_acquire("b", lease)
+            .await
+            .expect("acquire")
+            .expect("granted");
+        assert!(b > a);
+        assert!(!s.leader_renew("a", lease).await.expect("renew"), "a lost it");
+        assert_eq!(s.commit(&write(a)).await.expect("commit"), Committed::Fenced);
+        assert!(s.load("k", "x").await.expect("load").is_none(), "nothing written");
+        assert!(matches!(
+            s.commit(&write(b)).await.expect("commit"),
+            Committed::Yes(_)
+        ));
+        s.leader_release("a").await.expect("release");
+        assert!(
+            s.leader_renew("b", lease)
+                .await
+                .expect("a cannot release b's lease")
+        );
+        s.leader_release("b").await.expect("release");
+        assert!(
+            s.leader_acquire("a", lease).await.expect("acquire").is_some(),
+            "free again"
         );
     }
 }

@@ -138,6 +138,9 @@ pub(crate) struct Commit {
     pub states: Vec<StateWrite>,
     pub events: Vec<OutboxEntry>,
     pub inbox: Option<InboxWrite>,
+    /// The leader lease's fencing token the writer holds: the commit is
+    /// refused unless it is still the latest one granted.
+    pub fence: Option<u64>,
 }
 
 /// What a commit found.
@@ -151,6 +154,9 @@ pub(crate) enum Committed {
     /// Nothing written: the message's claim passed to another replica (its
     /// lease ran out while this one worked).
     LostClaim,
+    /// Nothing written: the writer's leader lease was granted to another
+    /// replica since (its fencing token is not the latest).
+    Fenced,
 }
 
 /// A handler's answer as the inbox keeps it, to give a retry the same
@@ -311,6 +317,22 @@ impl Store {
         each!(self, s => s.inbox_finish(scope, id, reply, window).await)
     }
 
+    /// Takes the service's leader lease for `lease` (or extends it, if
+    /// `owner` holds it): its fencing token, or `None` if another holds it.
+    pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {
+        each!(self, s => s.leader_acquire(owner, lease).await)
+    }
+
+    /// Extends the leader lease `owner` holds; false if it no longer does.
+    pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
+        each!(self, s => s.leader_renew(owner, lease).await)
+    }
+
+    /// Gives the leader lease up if `owner` holds it.
+    pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
+        each!(self, s => s.leader_release(owner).await)
+    }
+
     /// Extends the claim `owner` holds on `id` by `lease` from now; false
     /// if it no longer holds it (the lease ran out and another took it).
     pub(crate) async fn inbox_renew(
@@ -341,6 +363,9 @@ pub(crate) struct Work {
     pub durable_subjects: Arc<std::collections::HashSet<&'static str>>,
     /// Messages sent so far by the handler (numbers its children's ids).
     pub sent: std::sync::atomic::AtomicU64,
+    /// In a `leader` handler: the fencing token of the lease it started
+    /// under; its writes are refused once a newer lease was granted.
+    pub fence: Option<u64>,
 }
 
 /// The writes of an idempotent handler, not committed yet.
@@ -362,7 +387,7 @@ pub(crate) struct StagedState {
 
 impl Staged {
     /// The commit these writes make, with the handler's answer.
-    pub(crate) fn into_commit(self, inbox: Option<InboxWrite>) -> Commit {
+    pub(crate) fn into_commit(self, inbox: Option<InboxWrite>, fence: Option<u64>) -> Commit {
         Commit {
             states: self
                 .states
@@ -376,6 +401,7 @@ impl Staged {
                 .collect(),
             events: self.events,
             inbox,
+            fence,
         }
     }
 }

@@ -46,6 +46,7 @@ pub(crate) struct RedisStore {
     inbox_begin: Script,
     inbox_abandon: Script,
     inbox_renew: Script,
+    leader_acquire: Script,
 }
 
 /// A connection to Redis, whichever the topology; cheap to clone, and
@@ -252,28 +253,32 @@ fn read_file(name: &str, path: &std::path::Path) -> Result<Vec<u8>> {
 /// inbox claim, then writes states, the inbox answer and the outbox
 /// entries, or nothing.
 ///
-/// KEYS: the state keys, the outbox stream, the inbox key (if any).
-/// ARGV: state count, "1" if there is an inbox part, (expected version,
-/// data) per state, then (claim marker, answer, window ms) if there is an
+/// KEYS: the state keys, the outbox stream, the inbox key (if any), the
+/// leader fence key (if fenced).
+/// ARGV: state count, "1" if there is an inbox part, the fencing token (or
+/// ""), (expected version, data) per state, then (claim marker, answer, window ms) if there is an
 /// inbox part, then (id, subject, headers, payload) per event.
 const COMMIT: &str = r"
 local n = tonumber(ARGV[1])
 local has_inbox = ARGV[2] == '1'
+if ARGV[3] ~= '' and (redis.call('GET', KEYS[#KEYS]) or '0') ~= ARGV[3] then
+  return {3}
+end
 for i = 1, n do
   local cur = redis.call('HGET', KEYS[i], 'v')
-  local expected = tonumber(ARGV[1 + 2 * i])
+  local expected = tonumber(ARGV[2 + 2 * i])
   if (cur == false and expected ~= 0) or (cur ~= false and tonumber(cur) ~= expected) then
     return {0, i, tonumber(cur or '0')}
   end
 end
-local at = 3 + 2 * n
+local at = 4 + 2 * n
 if has_inbox and redis.call('GET', KEYS[n + 2]) ~= ARGV[at] then
   return {2}
 end
 local out = {1}
 for i = 1, n do
-  local version = tonumber(ARGV[1 + 2 * i]) + 1
-  redis.call('HSET', KEYS[i], 'v', version, 'd', ARGV[2 + 2 * i])
+  local version = tonumber(ARGV[2 + 2 * i]) + 1
+  redis.call('HSET', KEYS[i], 'v', version, 'd', ARGV[3 + 2 * i])
   out[i + 1] = version
 end
 if has_inbox then
@@ -310,6 +315,20 @@ return 0
 const INBOX_RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Takes the leader lease (KEYS[1]) for `ARGV[1]` for `ARGV[2]` ms and
+/// returns a new fencing token (INCR of KEYS[2]); extends it and returns
+/// the current token if `ARGV[1]` holds it already; 0 if another does.
+const LEADER_ACQUIRE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('GET', KEYS[2]) or '0')
 end
 return 0
 ";
@@ -514,11 +533,57 @@ impl RedisStore {
             inbox_begin: Script::new(INBOX_BEGIN),
             inbox_abandon: Script::new(INBOX_ABANDON),
             inbox_renew: Script::new(INBOX_RENEW),
+            leader_acquire: Script::new(LEADER_ACQUIRE),
         })
     }
 
     fn state_key(&self, kind: &str, key: &str) -> String {
         format!("{}:state:{kind}:{key}", self.prefix)
+    }
+
+    fn leader_key(&self) -> String {
+        format!("{}:leader", self.prefix)
+    }
+
+    fn fence_key(&self) -> String {
+        format!("{}:leader:fence", self.prefix)
+    }
+
+    pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {
+        let mut c = self.conn.clone();
+        let token: u64 = self
+            .leader_acquire
+            .key(self.leader_key())
+            .key(self.fence_key())
+            .arg(owner)
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok((token > 0).then_some(token))
+    }
+
+    pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
+        let mut c = self.conn.clone();
+        self.inbox_renew
+            .key(self.leader_key())
+            .arg(owner)
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(map_err)
+            .map(|n| n == 1)
+    }
+
+    pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        self.inbox_abandon
+            .key(self.leader_key())
+            .arg(owner)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(map_err)
+            .map(|_| ())
     }
 
     fn inbox_key(&self, scope: &str, id: &str) -> String {
@@ -564,8 +629,12 @@ impl RedisStore {
         if let Some(i) = &commit.inbox {
             inv.key(self.inbox_key(&i.scope, &i.id));
         }
+        if commit.fence.is_some() {
+            inv.key(self.fence_key());
+        }
         inv.arg(commit.states.len())
-            .arg(if commit.inbox.is_some() { "1" } else { "0" });
+            .arg(if commit.inbox.is_some() { "1" } else { "0" })
+            .arg(commit.fence.map(|t| t.to_string()).unwrap_or_default());
         for w in &commit.states {
             inv.arg(w.expected).arg(w.data.as_ref());
         }
@@ -583,6 +652,7 @@ impl RedisStore {
         let out: Vec<u64> = inv.invoke_async(&mut c).await.map_err(map_err)?;
         Ok(match out.as_slice() {
             [1, versions @ ..] => Committed::Yes(versions.to_vec()),
+            [3] => Committed::Fenced,
             [0, index, current] => Committed::Conflict {
                 index: (*index as usize).saturating_sub(1),
                 current: *current,

@@ -1,0 +1,128 @@
+//! Leadership: the replica that holds the service's leader lease serves
+//! the `leader` handlers (`#[event(leader)]`); the others stand by.
+//!
+//! The lease lives in the store (`SET NX PX` and a compare-and-extend
+//! script on Redis), each grant with a fencing token from `INCR`. A
+//! replica renews every third of the lease; when a renewal fails, or it
+//! cannot renew before its lease would run out, it stops serving the
+//! `leader` handlers. A replica that stalls past its lease (a long pause,
+//! a partition) may still try to write: every save of a `leader` handler
+//! carries the token it started under, and the store refuses it once a
+//! newer lease was granted, in the same atomic operation as the write.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::{Serving, Shared};
+use crate::registry::HandlerSpec;
+
+/// This replica's side of the lease.
+pub(crate) struct Leadership {
+    /// Who holds it, to the store: the instance id and a nonce of this
+    /// start, so that a restarted replica never inherits its old lease.
+    owner: String,
+    /// The fencing token of the lease held; 0: not the leader.
+    token: AtomicU64,
+}
+
+impl Leadership {
+    pub(crate) fn new(instance_id: &str) -> Leadership {
+        Leadership {
+            owner: format!("{instance_id}/{}", crate::wire::new_message_id()),
+            token: AtomicU64::new(0),
+        }
+    }
+
+    /// The fencing token of the lease held, if this replica leads.
+    pub(crate) fn token(&self) -> Option<u64> {
+        let t = self.token.load(Ordering::Acquire);
+        (t != 0).then_some(t)
+    }
+
+    fn set(&self, token: u64) {
+        self.token.store(token, Ordering::Release);
+        metrics::gauge!("catga_leader").set(if token == 0 { 0.0 } else { 1.0 });
+    }
+
+    /// Gives the lease up (at shutdown), so that a standby takes over at
+    /// its next attempt instead of after the lease runs out.
+    pub(crate) async fn release(&self, shared: &Shared) {
+        if self.token().is_some() {
+            self.set(0);
+            if let Err(e) = shared.store.leader_release(&self.owner).await {
+                tracing::warn!(error = %e, "the leader lease could not be released; it runs out by itself");
+            }
+        }
+    }
+}
+
+/// Tries for the lease, keeps it, and starts or stops `specs` as it is
+/// won or lost; runs until aborted.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    serving: Arc<Mutex<HashMap<&'static str, Serving>>>,
+    specs: Vec<&'static HandlerSpec>,
+) {
+    let lease = shared.config.leader_lease;
+    let every = lease / 3;
+    let me = &shared.leadership;
+    // Until when this replica surely holds the lease: from before the
+    // last successful grant or renewal was asked, plus the lease.
+    let mut held_until = Instant::now();
+    loop {
+        let asked = Instant::now();
+        if me.token().is_none() {
+            match shared.store.leader_acquire(&me.owner, lease).await {
+                Ok(Some(token)) => {
+                    held_until = asked + lease;
+                    me.set(token);
+                    tracing::info!(
+                        token,
+                        "this replica is the leader now: serving the leader handlers"
+                    );
+                    for spec in &specs {
+                        if let Err(e) = super::start_serving(spec, &shared, &serving).await {
+                            tracing::error!(handler = spec.name(), error = %e, "a leader handler could not start");
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "the leader lease could not be asked for"),
+            }
+        } else {
+            let lost = match shared.store.leader_renew(&me.owner, lease).await {
+                Ok(true) => {
+                    held_until = asked + lease;
+                    None
+                }
+                Ok(false) => Some("the lease passed to another replica".to_owned()),
+                // Not renewed: the lease may still be ours until it runs
+                // out; stop before it could be granted to another.
+                Err(e) if Instant::now() + every >= held_until => {
+                    Some(format!("the lease could not be renewed before it ran out: {e}"))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the leader lease could not be renewed; trying again");
+                    None
+                }
+            };
+            if let Some(why) = lost {
+                // Fence first: from now on this replica's leader handlers
+                // start nothing new, and what they save is refused once
+                // another replica holds the lease.
+                me.set(0);
+                tracing::warn!(reason = %why, "this replica is no longer the leader: stopping the leader handlers");
+                for spec in &specs {
+                    if let Err(e) = super::stop_serving_one(spec.name(), &shared, &serving).await {
+                        tracing::warn!(handler = spec.name(), error = %e, "a leader handler stopped uncleanly");
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}

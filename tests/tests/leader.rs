@@ -1,0 +1,173 @@
+//! The leader lease against a real redis-server: a leader that dies
+//! without giving the lease up is replaced within two leases, and a
+//! leader that stalled past its lease cannot write once another replica
+//! was granted it (its save is fenced in the same atomic operation).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use catga::{Context, Result, Runtime, State, Versioned, event};
+use catga_tests::{NatsServer, RedisServer, run_id};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+/// A job for the leader.
+#[event(subject = "tests.leader.job")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Job {
+    /// Where its result is saved.
+    pub key: String,
+    /// Wait for the test's go before saving.
+    pub hold: bool,
+}
+
+/// What a job saves.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Done {
+    /// The replica that did it.
+    pub by: String,
+}
+
+impl State for Done {
+    const KIND: &'static str = "done";
+}
+
+static STARTED: AtomicU64 = AtomicU64::new(0);
+static GO: Semaphore = Semaphore::const_new(0);
+/// What one job's save came to: its key, the replica, Ok or the error.
+type Saved = (String, String, std::result::Result<(), String>);
+
+static SAVES: Mutex<Vec<Saved>> = Mutex::new(Vec::new());
+
+#[event(leader)]
+async fn on_job(ctx: &Context, j: Job) -> Result<()> {
+    STARTED.fetch_add(1, Ordering::SeqCst);
+    if j.hold {
+        GO.acquire().await.expect("semaphore").forget();
+    }
+    let saved = ctx
+        .save(Versioned::new(
+            j.key.clone(),
+            Done {
+                by: ctx.instance_id().to_owned(),
+            },
+        ))
+        .await;
+    SAVES.lock().expect("saves").push((
+        j.key,
+        ctx.instance_id().to_owned(),
+        saved.as_ref().map(|_| ()).map_err(ToString::to_string),
+    ));
+    saved.map(|_| ())
+}
+
+const LEASE: Duration = Duration::from_millis(400);
+
+async fn replica(nats: &NatsServer, redis: &RedisServer, id: &str) -> Runtime {
+    let rt = Runtime::builder()
+        .service("leaders")
+        .instance_id(id)
+        .nats_url(nats.url())
+        .redis_url(redis.url())
+        .leader_lease(LEASE)
+        .handlers(|s| s.name().starts_with("leader::"))
+        .start()
+        .await
+        .expect("starts");
+    tokio::time::timeout(Duration::from_secs(10), rt.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    rt
+}
+
+async fn until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    started.elapsed()
+}
+
+/// The leader's process dies (its runtime is dropped: tasks aborted, the
+/// lease not given up): the standby leads once the lease runs out, within
+/// two leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_leader_is_replaced_within_two_leases() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let a = replica(&nats, &redis, "a").await;
+    until("a leads", Duration::from_secs(5), || a.is_leader()).await;
+    let b = replica(&nats, &redis, "b").await;
+    tokio::time::sleep(2 * LEASE).await;
+    assert!(a.is_leader() && !b.is_leader(), "one leader, kept by renewal");
+    drop(a);
+    let took = until("b leads", 3 * LEASE, || b.is_leader()).await;
+    assert!(took < 2 * LEASE, "took over after {took:?}");
+    b.shutdown().await.expect("clean shutdown");
+}
+
+/// The leader stalls with a job in hand past its lease (here: its lease
+/// key is deleted, as when it ran out); another grant follows, and when
+/// the stalled handler goes on, its save is refused: nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_leaders_write_is_fenced() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let a = replica(&nats, &redis, "a").await;
+    until("a leads", Duration::from_secs(5), || a.is_leader()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = a.client();
+    let key = run_id();
+    client
+        .publish(Job {
+            key: key.clone(),
+            hold: true,
+        })
+        .await
+        .expect("publish");
+    until("the job started", Duration::from_secs(5), || {
+        STARTED.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The lease runs out under the stalled leader.
+    let mut conn = redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let deleted: u64 = redis::cmd("DEL")
+        .arg("catga:{leaders}:leader")
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    assert_eq!(deleted, 1, "the lease key is where the store keeps it");
+    let b = replica(&nats, &redis, "b").await;
+    until("a steps down", 3 * LEASE, || !a.is_leader()).await;
+    until("someone leads again", 3 * LEASE, || {
+        a.is_leader() || b.is_leader()
+    })
+    .await;
+    // The stalled handler goes on: its save carries the old token.
+    GO.add_permits(1);
+    until("the save came back", Duration::from_secs(5), || {
+        SAVES.lock().expect("saves").iter().any(|(k, _, _)| *k == key)
+    })
+    .await;
+    let saves = SAVES.lock().expect("saves").clone();
+    let (_, by, outcome) = saves.iter().find(|(k, _, _)| *k == key).expect("the save");
+    assert_eq!(by, "a");
+    let err = outcome.as_ref().expect_err("fenced");
+    assert!(err.contains("fenced"), "{err}");
+    let stored: Option<String> = redis::cmd("HGET")
+        .arg(format!("catga:{{leaders}}:state:done:{key}"))
+        .arg("d")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert!(stored.is_none(), "nothing written: {stored:?}");
+    a.shutdown().await.expect("clean shutdown");
+    b.shutdown().await.expect("clean shutdown");
+}
