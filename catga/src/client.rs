@@ -218,21 +218,54 @@ impl Client {
     ) -> Result<C::Reply> {
         let _ = id;
         let payload = cmd.encode()?;
+        let reply = self
+            .request_retrying(&Subject::from_static(C::SUBJECT), headers, payload, deadline)
+            .await?;
+        decode_reply::<C::Reply>(C::SUBJECT, reply)
+    }
+
+    /// A request under message id `id` (to an idempotent command), sent
+    /// again while it says it did not run, until the request time-out;
+    /// the reply's body, or its error.
+    pub(crate) async fn request_with_id(&self, subject: &str, payload: Bytes, id: &str) -> Result<Bytes> {
+        wire::check_id(id)?;
+        let subject = Subject::from(subject);
+        let headers = wire::message_headers(false, 1, Cause::Id(id));
+        let deadline = Deadline::after(self.inner.request_timeout);
+        let reply = self
+            .request_retrying(&subject, headers, payload, deadline)
+            .await?;
+        if let Some(err) = wire::errors::decode(reply.headers.as_ref(), &reply.payload, &subject) {
+            return Err(err);
+        }
+        Ok(reply.payload)
+    }
+
+    /// Sends a request again after a failure that says it did not run (no
+    /// handler, unavailable, broker away), with back-off, until `deadline`.
+    async fn request_retrying(
+        &self,
+        subject: &Subject,
+        headers: HeaderMap,
+        payload: Bytes,
+        deadline: Deadline,
+    ) -> Result<Reply> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let headers = headers.clone();
             let result = self
                 .inner
                 .transport
-                .request(
-                    &Subject::from_static(C::SUBJECT),
-                    headers,
-                    payload.clone(),
-                    deadline,
-                )
+                .request(subject, headers.clone(), payload.clone(), deadline)
                 .await
-                .and_then(|reply| decode_reply::<C::Reply>(C::SUBJECT, reply));
+                .and_then(|reply| {
+                    match wire::errors::decode(reply.headers.as_ref(), &reply.payload, subject) {
+                        Some(e) if matches!(e.kind(), ErrorKind::NoHandler | ErrorKind::Unavailable) => {
+                            Err(e)
+                        }
+                        _ => Ok(reply),
+                    }
+                });
             match result {
                 Err(e)
                     if matches!(

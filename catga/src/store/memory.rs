@@ -30,6 +30,8 @@ struct Inner {
     leader: Option<(String, Instant)>,
     /// The fencing token of the latest lease granted.
     fence: u64,
+    /// Saga journals, by saga id.
+    sagas: HashMap<String, std::collections::BTreeMap<String, Bytes>>,
 }
 
 struct Queued {
@@ -215,6 +217,29 @@ impl MemoryStore {
             (InboxValue::Done(reply.clone()), Instant::now() + window),
         );
         Ok(())
+    }
+
+    pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
+        Ok(self.lock().sagas.get(id).cloned().unwrap_or_default())
+    }
+
+    pub(crate) async fn saga_write(
+        &self,
+        id: &str,
+        field: &str,
+        value: &[u8],
+        fence: Option<u64>,
+    ) -> Result<bool> {
+        let mut inner = self.lock();
+        if fence.is_some_and(|t| t != inner.fence) {
+            return Ok(false);
+        }
+        inner
+            .sagas
+            .entry(id.to_owned())
+            .or_default()
+            .insert(field.to_owned(), Bytes::copy_from_slice(value));
+        Ok(true)
     }
 
     pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {

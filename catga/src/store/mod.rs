@@ -317,6 +317,23 @@ impl Store {
         each!(self, s => s.inbox_finish(scope, id, reply, window).await)
     }
 
+    /// A saga's journal: its fields, by name.
+    pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
+        each!(self, s => s.saga_load(id).await)
+    }
+
+    /// Writes one field of a saga's journal; false (nothing written) if
+    /// `fence` is not the latest leader lease's token.
+    pub(crate) async fn saga_write(
+        &self,
+        id: &str,
+        field: &str,
+        value: &[u8],
+        fence: Option<u64>,
+    ) -> Result<bool> {
+        each!(self, s => s.saga_write(id, field, value, fence).await)
+    }
+
     /// Takes the service's leader lease for `lease` (or extends it, if
     /// `owner` holds it): its fencing token, or `None` if another holds it.
     pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {

@@ -47,6 +47,7 @@ pub(crate) struct RedisStore {
     inbox_abandon: Script,
     inbox_renew: Script,
     leader_acquire: Script,
+    saga_write: Script,
 }
 
 /// A connection to Redis, whichever the topology; cheap to clone, and
@@ -333,6 +334,17 @@ end
 return 0
 ";
 
+/// Writes field `ARGV[1]` = `ARGV[2]` of a saga's journal (KEYS[1]) unless
+/// `ARGV[3]` is a fencing token that is not the latest (KEYS[2]); 1 if
+/// written.
+const SAGA_WRITE: &str = r"
+if ARGV[3] ~= '' and (redis.call('GET', KEYS[2]) or '0') ~= ARGV[3] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+";
+
 const GROUP: &str = "relay";
 
 fn entry_fields(fields: &[(String, Value)]) -> Option<OutboxEntry> {
@@ -534,11 +546,47 @@ impl RedisStore {
             inbox_abandon: Script::new(INBOX_ABANDON),
             inbox_renew: Script::new(INBOX_RENEW),
             leader_acquire: Script::new(LEADER_ACQUIRE),
+            saga_write: Script::new(SAGA_WRITE),
         })
     }
 
     fn state_key(&self, kind: &str, key: &str) -> String {
         format!("{}:state:{kind}:{key}", self.prefix)
+    }
+
+    fn saga_key(&self, id: &str) -> String {
+        format!("{}:saga:{id}", self.prefix)
+    }
+
+    pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
+        let mut c = self.conn.clone();
+        let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(self.saga_key(id))
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok(fields.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())
+    }
+
+    pub(crate) async fn saga_write(
+        &self,
+        id: &str,
+        field: &str,
+        value: &[u8],
+        fence: Option<u64>,
+    ) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let written: i64 = self
+            .saga_write
+            .key(self.saga_key(id))
+            .key(self.fence_key())
+            .arg(field)
+            .arg(value)
+            .arg(fence.map(|t| t.to_string()).unwrap_or_default())
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok(written == 1)
     }
 
     fn leader_key(&self) -> String {

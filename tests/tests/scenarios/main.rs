@@ -16,6 +16,7 @@ mod parallel;
 mod parity;
 mod registry;
 mod request_reply;
+mod sagas;
 mod shutdown;
 mod state;
 mod tracing;

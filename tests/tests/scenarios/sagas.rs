@@ -1,0 +1,256 @@
+//! Sagas (`Context::saga`) on a leader-only durable event handler: each
+//! step once, compensations newest first when a step fails for good, a
+//! saga resumed from its journal after a retryable failure, and a saga
+//! whose code panics compensated.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use catga::{Context, Error, Result, Runtime, SagaOutcome, command, event};
+use catga_tests::{Backend, Tally, run_id};
+use serde::{Deserialize, Serialize};
+
+use crate::WAIT;
+
+/// Step 1.
+#[command(reply = u64, subject = "tests.saga.reserve", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Reserve {
+    pub run: String,
+}
+
+/// Undoes step 1.
+#[command(subject = "tests.saga.release", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Release {
+    pub run: String,
+}
+
+/// Step 2: declined on demand (400, for good).
+#[command(subject = "tests.saga.charge", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Charge {
+    pub run: String,
+    pub decline: bool,
+}
+
+/// Undoes step 2.
+#[command(subject = "tests.saga.refund", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Refund {
+    pub run: String,
+}
+
+/// Step 3.
+#[command(subject = "tests.saga.ship", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Ship {
+    pub run: String,
+}
+
+/// Starts a saga.
+#[event(subject = "tests.saga.placed")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Placed {
+    pub run: String,
+    pub decline: bool,
+    /// Fail retryably once, after step 1.
+    pub hiccup: bool,
+    /// Panic after step 1.
+    pub panic: bool,
+}
+
+/// Effects, per `run:operation`; saga runs, per `run:runs`.
+static EFFECTS: Tally = Tally::new();
+static HICCUPS: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+static OUTCOMES: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+fn effect(run: &str, op: &str) {
+    EFFECTS.add(&format!("{run}:{op}"));
+}
+
+#[command]
+async fn reserve(r: Reserve) -> Result<u64> {
+    effect(&r.run, "reserve");
+    Ok(7)
+}
+
+#[command]
+async fn release(r: Release) -> Result<()> {
+    effect(&r.run, "release");
+    Ok(())
+}
+
+#[command]
+async fn charge(c: Charge) -> Result<()> {
+    effect(&c.run, "charge");
+    if c.decline {
+        return Err(Error::invalid("payment declined"));
+    }
+    Ok(())
+}
+
+#[command]
+async fn refund(r: Refund) -> Result<()> {
+    effect(&r.run, "refund");
+    Ok(())
+}
+
+#[command]
+async fn ship(s: Ship) -> Result<()> {
+    effect(&s.run, "ship");
+    Ok(())
+}
+
+#[event(durable = "fulfil", leader)]
+async fn fulfil(ctx: &Context, p: Placed) -> Result<()> {
+    let run = p.run.clone();
+    let outcome = ctx
+        .saga(|saga| async move {
+            effect(&p.run, "runs");
+            let hold = saga
+                .step("reserve", Reserve { run: p.run.clone() })
+                .compensate(Release { run: p.run.clone() })
+                .await?;
+            assert_eq!(hold, 7, "the step's answer, journaled or not");
+            let first = HICCUPS
+                .lock()
+                .expect("hiccups")
+                .get_or_insert_with(HashSet::new)
+                .insert(p.run.clone());
+            if p.hiccup && first {
+                return Err(Error::unavailable("a hiccup after the first step"));
+            }
+            if p.panic {
+                panic!("the saga's own code failed");
+            }
+            saga.step(
+                "charge",
+                Charge {
+                    run: p.run.clone(),
+                    decline: p.decline,
+                },
+            )
+            .compensate(Refund { run: p.run.clone() })
+            .await?;
+            saga.step("ship", Ship { run: p.run.clone() }).await?;
+            Ok(())
+        })
+        .await?;
+    let outcome = match outcome {
+        SagaOutcome::Completed(()) => "completed".to_owned(),
+        SagaOutcome::Compensated { cause } => format!("compensated: {}", cause.message()),
+        SagaOutcome::Ended(status) => format!("ended: {status:?}"),
+    };
+    OUTCOMES.lock().expect("outcomes").push((run, outcome));
+    Ok(())
+}
+
+catga_tests::on_every_store!(
+    a_saga_takes_each_step_once,
+    a_step_that_fails_for_good_compensates_the_steps_before,
+    a_saga_resumes_from_its_journal,
+    a_panicking_saga_is_compensated
+);
+
+/// One replica, leading, with the saga's consumer pulling.
+async fn leader(b: &Backend) -> Runtime {
+    let rt = b
+        .started(
+            b.builder(module_path!(), "r1")
+                .leader_lease(Duration::from_millis(300))
+                .retry_base(Duration::from_millis(20)),
+        )
+        .await;
+    let started = Instant::now();
+    while !(rt.is_leader() && rt.serving().await.iter().any(|h| h.ends_with("::fulfil")) && rt.is_ready()) {
+        assert!(started.elapsed() < WAIT, "not leading");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rt
+}
+
+async fn outcome(b: &Backend, placed: Placed) -> String {
+    let rt = leader(b).await;
+    let run = placed.run.clone();
+    b.client().await.publish_durable(placed).await.expect("published");
+    let started = Instant::now();
+    let outcome = loop {
+        if let Some((_, o)) = OUTCOMES.lock().expect("outcomes").iter().find(|(r, _)| *r == run) {
+            break o.clone();
+        }
+        assert!(started.elapsed() < WAIT, "the saga did not end");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    rt.shutdown().await.expect("clean shutdown");
+    outcome
+}
+
+fn effects(run: &str) -> [u64; 6] {
+    ["reserve", "charge", "ship", "release", "refund", "runs"].map(|op| EFFECTS.get(&format!("{run}:{op}")))
+}
+
+fn placed(run: &str) -> Placed {
+    Placed {
+        run: run.to_owned(),
+        decline: false,
+        hiccup: false,
+        panic: false,
+    }
+}
+
+async fn a_saga_takes_each_step_once(b: &Backend) {
+    let run = run_id();
+    assert_eq!(outcome(b, placed(&run)).await, "completed");
+    // reserve, charge, ship once; no compensation; one run.
+    assert_eq!(effects(&run), [1, 1, 1, 0, 0, 1]);
+}
+
+async fn a_step_that_fails_for_good_compensates_the_steps_before(b: &Backend) {
+    let run = run_id();
+    let o = outcome(
+        b,
+        Placed {
+            decline: true,
+            ..placed(&run)
+        },
+    )
+    .await;
+    assert!(
+        o.starts_with("compensated") && o.contains("payment declined"),
+        "{o}"
+    );
+    // The declined charge took no effect, so only the reservation is
+    // released; nothing is shipped or refunded.
+    assert_eq!(effects(&run), [1, 1, 0, 1, 0, 1]);
+}
+
+async fn a_saga_resumes_from_its_journal(b: &Backend) {
+    let run = run_id();
+    let o = outcome(
+        b,
+        Placed {
+            hiccup: true,
+            ..placed(&run)
+        },
+    )
+    .await;
+    assert_eq!(o, "completed");
+    // Two runs of the saga function; each step took effect once.
+    assert_eq!(effects(&run), [1, 1, 1, 0, 0, 2]);
+}
+
+async fn a_panicking_saga_is_compensated(b: &Backend) {
+    let run = run_id();
+    let o = outcome(
+        b,
+        Placed {
+            panic: true,
+            ..placed(&run)
+        },
+    )
+    .await;
+    assert!(o.starts_with("compensated") && o.contains("panicked"), "{o}");
+    assert_eq!(effects(&run), [1, 0, 0, 1, 0, 1]);
+}
