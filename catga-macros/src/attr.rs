@@ -130,6 +130,10 @@ const EVENT_HANDLER: Role = Role {
     attr: Attr::Event,
     target: Target::Handler,
 };
+const SAGA: Role = Role {
+    attr: Attr::Saga,
+    target: Target::Handler,
+};
 
 /// Every key of every attribute.
 const KEYS: &[Key] = &[
@@ -163,7 +167,7 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "concurrency",
-        roles: &[COMMAND_HANDLER, EVENT_HANDLER],
+        roles: &[COMMAND_HANDLER, EVENT_HANDLER, SAGA],
         takes: Takes::Int {
             min: 1,
             max: 1_000_000,
@@ -185,32 +189,32 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "leader",
-        roles: &[EVENT_HANDLER],
+        roles: &[EVENT_HANDLER, SAGA],
         takes: Takes::Flag,
         belongs: "on an event handler (`#[event(leader)]` on an async fn): only the replica holding \
                   the service's leader lease serves it",
     },
     Key {
         name: "durable",
-        roles: &[EVENT_HANDLER],
+        roles: &[EVENT_HANDLER, SAGA],
         takes: Takes::Str(crate::names::check_durable),
         belongs: "on an event handler (`#[event(durable = \"billing\")]` on an async fn)",
     },
     Key {
         name: "max_deliver",
-        roles: &[EVENT_HANDLER],
+        roles: &[EVENT_HANDLER, SAGA],
         takes: Takes::Int { min: 1, max: 1000 },
         belongs: "on a durable event handler (`#[event(durable = \"billing\", max_deliver = 5)]`)",
     },
     Key {
         name: "retry",
-        roles: &[COMMAND_HANDLER, EVENT_HANDLER],
+        roles: &[COMMAND_HANDLER, EVENT_HANDLER, SAGA],
         takes: Takes::Int { min: 0, max: 100 },
         belongs: "on a handler (an `async fn`), not on a message type",
     },
     Key {
         name: "crate",
-        roles: &[COMMAND_TYPE, EVENT_TYPE, COMMAND_HANDLER, EVENT_HANDLER],
+        roles: &[COMMAND_TYPE, EVENT_TYPE, COMMAND_HANDLER, EVENT_HANDLER, SAGA],
         takes: Takes::Path,
         belongs: "",
     },
@@ -308,7 +312,20 @@ pub(crate) fn parse(tokens: TokenStream, role: Role, errors: &mut Errors) -> Opt
             continue;
         };
         if !row.roles.contains(&role) {
-            errors.spanned(&key, format!("`{name}` goes {}", row.belongs));
+            if role == SAGA && row.roles.iter().any(|r| r.target == Target::Handler) {
+                let expected = KEYS
+                    .iter()
+                    .filter(|k| k.roles.contains(&SAGA))
+                    .map(|k| format!("`{}`", k.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                errors.spanned(
+                    &key,
+                    format!("`{name}` is not an argument of #[saga]; a saga takes {expected}"),
+                );
+            } else {
+                errors.spanned(&key, format!("`{name}` goes {}", row.belongs));
+            }
             continue;
         }
         if opts.values.iter().any(|(k, _)| *k == row.name) {

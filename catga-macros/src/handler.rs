@@ -49,10 +49,14 @@ fn validate<'a>(attr: Attr, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
         errors.spanned(v, format!("{a} handler cannot be variadic"));
     }
 
-    let forms = format!(
-        "`async fn {name}({noun}: T)` or `async fn {name}(ctx: &Context, {noun}: T)`",
-        name = sig.ident
-    );
+    let forms = if attr == Attr::Saga {
+        format!("`async fn {name}(saga: &Saga, event: E)`", name = sig.ident)
+    } else {
+        format!(
+            "`async fn {name}({noun}: T)` or `async fn {name}(ctx: &Context, {noun}: T)`",
+            name = sig.ident
+        )
+    };
     let mut typed = Vec::new();
     for input in &sig.inputs {
         match input {
@@ -75,6 +79,10 @@ fn validate<'a>(attr: Attr, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
             }
             (None, None)
         }
+        [msg] if attr == Attr::Saga => {
+            errors.spanned(msg, format!("{a} takes its saga first: {forms}"));
+            (None, None)
+        }
         [msg] => (None, Some(*msg)),
         [ctx, msg] => (Some(*ctx), Some(*msg)),
         [_, _, extra @ ..] => {
@@ -87,6 +95,10 @@ fn validate<'a>(attr: Attr, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
     if let Some(ctx) = ctx {
         match &*ctx.ty {
             Type::Reference(r) if r.mutability.is_none() => {}
+            other if attr == Attr::Saga => errors.spanned(
+                other,
+                format!("the first argument of {a} is the saga, taken by shared reference: `saga: &Saga`"),
+            ),
             other => errors.spanned(
                 other,
                 format!("the first argument of {a} handler is the context, taken by shared reference: `ctx: &Context`"),
@@ -108,7 +120,7 @@ fn validate<'a>(attr: Attr, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
         ReturnType::Default => {
             let reply = match attr {
                 Attr::Command => "Reply",
-                Attr::Event => "()",
+                Attr::Event | Attr::Saga => "()",
             };
             errors.at(
                 sig.paren_token.span.close(),
@@ -181,7 +193,11 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
     let handler_trait = format_ident!("{}", handler_trait, span = Span::call_site());
     let assoc = format_ident!("{}", message_trait.to_string(), span = msg_ty.span());
 
-    let call = if sig.takes_context {
+    let call = if attr == Attr::Saga {
+        quote!(#p::run_saga(&__catga_ctx, move |__catga_saga| async move {
+            #fn_ident(&__catga_saga, __catga_msg).await
+        }))
+    } else if sig.takes_context {
         quote!(#fn_ident(&__catga_ctx, __catga_msg))
     } else {
         quote!({
@@ -195,7 +211,7 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
             quote_spanned!(user_output.span()=> type Reply = <#user_output as #p::HandlerResult>::Ok;),
             quote!(#p::Result<Self::Reply>),
         ),
-        Attr::Event => (quote!(), quote!(#p::Result<()>)),
+        Attr::Event | Attr::Saga => (quote!(), quote!(#p::Result<()>)),
     };
     // The return type of `call` is spanned on the function's name: a
     // future that is not `Send` (an `Rc` held across an await) is reported
@@ -215,6 +231,8 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
     let parallel = opts.int("parallel").unwrap_or(0) as usize;
     let durable = match opts.str("durable") {
         Some(lit) => quote!(::core::option::Option::Some(#lit)),
+        // A saga's trigger is durable: none is lost while it cannot run.
+        None if attr == Attr::Saga => quote!(::core::option::Option::Some(#fn_name)),
         None => quote!(::core::option::Option::None),
     };
     let max_deliver = opts.int("max_deliver").unwrap_or(0) as u32;
@@ -223,7 +241,7 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
     let leader = opts.flag("leader");
     let constructor = match attr {
         Attr::Command => quote!(command),
-        Attr::Event => quote!(event),
+        Attr::Event | Attr::Saga => quote!(event),
     };
     // The one place that requires the handled type to be a catga command
     // (or event) with the reply the function returns, spanned on the

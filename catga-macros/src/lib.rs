@@ -1,5 +1,5 @@
-//! Procedural macros of [catga](https://docs.rs/catga): `#[command]` and
-//! `#[event]`. Use them through the `catga` crate, which re-exports them.
+//! Procedural macros of [catga](https://docs.rs/catga): `#[command]`,
+//! `#[event]` and `#[saga]`. Use them through the `catga` crate, which re-exports them.
 //!
 //! One attribute, two roles ([`role`]): on a struct or enum it declares a
 //! message type ([`message`]: subject, reply type, version); on an
@@ -49,6 +49,19 @@ pub fn event(attr: TokenStream, item: TokenStream) -> TokenStream {
     expand(Attr::Event, attr.into(), item.into()).into()
 }
 
+/// Registers a saga: `#[saga]` or `#[saga(leader)]` on an
+/// `async fn(saga: &Saga, event: E) -> catga::Result<()>`.
+///
+/// The function runs through `Context::saga` in a handler of a durable
+/// consumer of `E` (named after the function, or `durable = "..."`), so
+/// its steps are journaled and it resumes after a crash; with `leader`,
+/// only the replica holding the leader lease runs it. Also takes
+/// `max_deliver`, `retry`, `concurrency`.
+#[proc_macro_attribute]
+pub fn saga(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand(Attr::Saga, attr.into(), item.into()).into()
+}
+
 /// Expands `attr(args)` on `item`: finds the role from the item and hands
 /// it to [`message`](crate::message) or [`handler`](crate::handler). The
 /// item is always re-emitted unchanged.
@@ -63,6 +76,15 @@ fn expand(
         Err(_) => return item,
     };
     match &parsed {
+        syn::Item::Struct(_) | syn::Item::Enum(_) if attr == Attr::Saga => {
+            let err = syn::Error::new_spanned(
+                &parsed,
+                "#[saga] goes on an `async fn(saga: &Saga, event: E) -> catga::Result<()>`; \
+                 the event that starts it is an #[event] type",
+            )
+            .to_compile_error();
+            quote::quote!(#item #err)
+        }
         syn::Item::Struct(s) => message::expand(attr, args, &item, &s.ident, &s.generics),
         syn::Item::Enum(e) => message::expand(attr, args, &item, &e.ident, &e.generics),
         syn::Item::Fn(f) => handler::expand(attr, args, &item, f),

@@ -98,7 +98,8 @@ fn impls(attr: Attr, opts: &Options, ident: &Ident) -> TokenStream {
                 }
             }
         }
-        Attr::Event => quote_spanned! {ident.span()=>
+        // `#[saga]` on a type is refused before it gets here.
+        Attr::Event | Attr::Saga => quote_spanned! {ident.span()=>
             #[automatically_derived]
             impl #p::Event for #ident {}
         },

@@ -7,6 +7,8 @@
 pub(crate) enum Attr {
     Command,
     Event,
+    /// Only on an `async fn`: a saga triggered by an event.
+    Saga,
 }
 
 /// What the attribute is on.
@@ -31,6 +33,7 @@ impl Attr {
         match self {
             Attr::Command => "#[command]",
             Attr::Event => "#[event]",
+            Attr::Saga => "#[saga]",
         }
     }
 
@@ -39,6 +42,7 @@ impl Attr {
         match self {
             Attr::Command => "a #[command]",
             Attr::Event => "an #[event]",
+            Attr::Saga => "a #[saga]",
         }
     }
 
@@ -46,7 +50,7 @@ impl Attr {
     pub(crate) fn noun(self) -> &'static str {
         match self {
             Attr::Command => "command",
-            Attr::Event => "event",
+            Attr::Event | Attr::Saga => "event",
         }
     }
 
@@ -54,7 +58,7 @@ impl Attr {
     pub(crate) fn subject_prefix(self) -> &'static str {
         match self {
             Attr::Command => "cmd",
-            Attr::Event => "evt",
+            Attr::Event | Attr::Saga => "evt",
         }
     }
 
@@ -62,7 +66,7 @@ impl Attr {
     pub(crate) fn traits(self) -> (&'static str, &'static str) {
         match self {
             Attr::Command => ("Command", "CommandHandler"),
-            Attr::Event => ("Event", "EventHandler"),
+            Attr::Event | Attr::Saga => ("Event", "EventHandler"),
         }
     }
 }
@@ -75,6 +79,8 @@ impl Role {
             (Attr::Event, Target::Type) => "an event type",
             (Attr::Command, Target::Handler) => "a command handler",
             (Attr::Event, Target::Handler) => "an event handler",
+            (Attr::Saga, Target::Type) => "a type",
+            (Attr::Saga, Target::Handler) => "a saga",
         }
     }
 }

@@ -47,7 +47,7 @@ mod store;
 mod transport;
 mod wire;
 
-pub use catga_macros::{command, event};
+pub use catga_macros::{command, event, saga};
 pub use client::{Client, Context};
 pub use config::{
     Config, NatsSecurity, RedisMode, RedisTls, SETTINGS, Secret, Setting, StreamSettings, redact_url,
@@ -86,5 +86,22 @@ pub mod __private {
     /// that a future that is not `Send` is reported there.
     pub fn assert_send<T: Send>(t: T) -> T {
         t
+    }
+
+    /// The body of a `#[saga]` handler: runs the saga function through
+    /// [`Context::saga`]; a compensated saga is an outcome (logged), not a
+    /// failure of the handler.
+    pub async fn run_saga<F, Fut>(ctx: &Context, saga: F) -> Result<()>
+    where
+        F: FnOnce(crate::Saga) -> Fut,
+        Fut: std::future::Future<Output = Result<()>> + Send,
+    {
+        match ctx.saga(saga).await? {
+            crate::SagaOutcome::Compensated { cause } => {
+                tracing::info!(saga = %ctx.message_id(), %cause, "the saga was compensated");
+            }
+            crate::SagaOutcome::Completed(()) | crate::SagaOutcome::Ended(_) => {}
+        }
+        Ok(())
     }
 }

@@ -71,7 +71,7 @@ async fn replica(nats: &NatsServer, redis: &RedisServer, id: &str) -> Runtime {
         .nats_url(nats.url())
         .redis_url(redis.url())
         .leader_lease(LEASE)
-        .handlers(|s| s.name().starts_with("leader::"))
+        .handlers(|s| s.name() == "leader::on_job")
         .start()
         .await
         .expect("starts");
@@ -169,5 +169,151 @@ async fn a_stalled_leaders_write_is_fenced() {
         .expect("HGET");
     assert!(stored.is_none(), "nothing written: {stored:?}");
     a.shutdown().await.expect("clean shutdown");
+    b.shutdown().await.expect("clean shutdown");
+}
+
+/// A step of the sagas below: adds one to counter `key` in the store, once
+/// per message id, after a short pause (so that sagas are in flight).
+#[catga::command(reply = u64, subject = "tests.leader.bump", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Bump {
+    /// The counter.
+    pub key: String,
+}
+
+/// Reads counter `key`.
+#[catga::command(reply = u64, subject = "tests.leader.count")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Count {
+    /// The counter.
+    pub key: String,
+}
+
+/// A counter in the store.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Counter {
+    /// Its value.
+    pub n: u64,
+}
+
+impl State for Counter {
+    const KIND: &'static str = "counter";
+}
+
+/// Starts a saga of four steps.
+#[event(subject = "tests.leader.order")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Order {
+    /// The saga's counters' prefix.
+    pub id: String,
+}
+
+#[catga::command(retry = 20)]
+async fn bump(ctx: &Context, b: Bump) -> Result<u64> {
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let mut c = ctx
+        .try_load::<Counter>(&b.key)
+        .await?
+        .unwrap_or_else(|| Versioned::new(b.key.clone(), Counter::default()));
+    c.n += 1;
+    Ok(ctx.save(c).await?.n)
+}
+
+#[catga::command]
+async fn count(ctx: &Context, c: Count) -> Result<u64> {
+    Ok(ctx.try_load::<Counter>(&c.key).await?.map_or(0, |c| c.n))
+}
+
+#[catga::saga(leader, concurrency = 2)]
+async fn order_saga(saga: &catga::Saga, o: Order) -> Result<()> {
+    for step in ["one", "two", "three", "done"] {
+        saga.step(
+            step,
+            Bump {
+                key: format!("{}:{step}", o.id),
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The leader dies (its runtime dropped: tasks aborted, connections gone,
+/// the lease not given up) with sagas in flight: the standby takes the
+/// lease, the unacknowledged triggers come back to it, and every saga ends
+/// with each step applied exactly once (counters in Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagas_survive_the_leaders_crash() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let start = |id: &'static str| {
+        Runtime::builder()
+            .service("leaders")
+            .instance_id(id)
+            .nats_url(nats.url())
+            .redis_url(redis.url())
+            .leader_lease(LEASE)
+            .durable_defaults(Duration::from_millis(800), 50)
+            .inbox(Duration::from_secs(600), Duration::from_millis(600))
+            .retry_base(Duration::from_millis(20))
+            .handlers(|s| ["leader::bump", "leader::count", "leader::order_saga"].contains(&s.name()))
+            .start()
+    };
+    let a = start("a").await.expect("a starts");
+    until("a leads", Duration::from_secs(5), || a.is_leader()).await;
+    let b = start("b").await.expect("b starts");
+    tokio::time::timeout(Duration::from_secs(10), b.ready())
+        .await
+        .expect("b ready in time")
+        .expect("b ready");
+    let client = b.client();
+    let ids: Vec<String> = (0..20).map(|i| format!("{}-{i}", run_id())).collect();
+    for id in &ids {
+        client
+            .publish_durable(Order { id: id.clone() })
+            .await
+            .expect("published");
+    }
+    let counter = |id: &str, step: &str| {
+        client.send(Count {
+            key: format!("{id}:{step}"),
+        })
+    };
+    // Some sagas finished and one is half done (two run at a time): the
+    // leader dies then.
+    let started = Instant::now();
+    loop {
+        let (mut finished, mut half) = (0, 0);
+        for id in &ids {
+            let first = counter(id, "one").await.expect("count");
+            let last = counter(id, "done").await.expect("count");
+            finished += last;
+            half += u64::from(first == 1 && last == 0);
+        }
+        if finished >= 3 && half >= 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no saga was half done"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(a);
+    until("b leads", 3 * LEASE, || b.is_leader()).await;
+    let started = Instant::now();
+    for id in &ids {
+        while counter(id, "done").await.expect("count") == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "saga {id} did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for step in ["one", "two", "three", "done"] {
+            let n = counter(id, step).await.expect("count");
+            assert_eq!(n, 1, "saga {id}, step {step}: applied once");
+        }
+    }
     b.shutdown().await.expect("clean shutdown");
 }

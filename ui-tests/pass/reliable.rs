@@ -1,7 +1,7 @@
 //! Idempotent commands, durable and idempotent event handlers, retries,
-//! leader-only event handlers.
+//! leader-only event handlers, sagas.
 
-use catga::{Command, Context, HandlerKind, Result, command, event};
+use catga::{Command, Context, HandlerKind, Result, Saga, command, event, saga};
 use serde::{Deserialize, Serialize};
 
 #[command(reply = String, idempotent)]
@@ -49,6 +49,20 @@ async fn settle(e: Charged) -> Result<()> {
     Ok(())
 }
 
+#[saga(leader)]
+async fn fulfil(saga: &Saga, e: Charged) -> Result<()> {
+    saga.step("charge", Charge { cents: e.cents })
+        .compensate(Charge { cents: 0 })
+        .await?;
+    Ok(())
+}
+
+#[saga(durable = "audit-trail", max_deliver = 9)]
+async fn trail(saga: &Saga, e: Charged) -> Result<()> {
+    let _ = (saga.id(), e.cents);
+    Ok(())
+}
+
 fn main() {
     assert!(Charge::IDEMPOTENT);
     assert!(!Plain::IDEMPOTENT);
@@ -74,4 +88,12 @@ fn main() {
     assert!(!audit.is_idempotent());
     assert!(!audit.is_leader());
     assert!(find("::settle").is_leader());
+    let fulfil = find("::fulfil");
+    assert_eq!(fulfil.kind(), HandlerKind::Event);
+    assert!(fulfil.is_leader());
+    assert_eq!(fulfil.durable(), Some("fulfil"), "a saga's trigger is durable");
+    let trail = find("::trail");
+    assert!(!trail.is_leader());
+    assert_eq!(trail.durable(), Some("audit-trail"));
+    assert_eq!(trail.max_deliver(), Some(9));
 }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use catga::{Context, Error, Result, Runtime, SagaOutcome, command, event};
+use catga::{Context, Error, Result, Runtime, Saga, SagaOutcome, command, event, saga};
 use catga_tests::{Backend, Tally, run_id};
 use serde::{Deserialize, Serialize};
 
@@ -147,12 +147,72 @@ async fn fulfil(ctx: &Context, p: Placed) -> Result<()> {
     Ok(())
 }
 
+/// Starts the saga written with `#[saga]`.
+#[event(subject = "tests.saga.quick")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Quick {
+    pub run: String,
+    pub decline: bool,
+}
+
+/// The same saga, with the attribute: a leader-only durable consumer of
+/// `Quick` named `quick`.
+#[saga(leader)]
+async fn quick(saga: &Saga, q: Quick) -> Result<()> {
+    saga.step("reserve", Reserve { run: q.run.clone() })
+        .compensate(Release { run: q.run.clone() })
+        .await?;
+    saga.step(
+        "charge",
+        Charge {
+            run: q.run.clone(),
+            decline: q.decline,
+        },
+    )
+    .compensate(Refund { run: q.run.clone() })
+    .await?;
+    effect(&q.run, "runs");
+    Ok(())
+}
+
 catga_tests::on_every_store!(
+    the_saga_attribute_runs_a_saga,
     a_saga_takes_each_step_once,
     a_step_that_fails_for_good_compensates_the_steps_before,
     a_saga_resumes_from_its_journal,
     a_panicking_saga_is_compensated
 );
+
+async fn the_saga_attribute_runs_a_saga(b: &Backend) {
+    let rt = leader(b).await;
+    let client = b.client().await;
+    let (done, declined) = (run_id(), run_id());
+    for (run, decline) in [(&done, false), (&declined, true)] {
+        client
+            .publish_durable(Quick {
+                run: run.clone(),
+                decline,
+            })
+            .await
+            .expect("published");
+    }
+    let started = Instant::now();
+    // Completed: reserve and charge once. Declined: reserve, the charge
+    // that failed, the release; the saga function ended there.
+    while effects(&done)[..2] != [1, 1] || effects(&declined)[3] != 1 {
+        assert!(
+            started.elapsed() < WAIT,
+            "sagas not done: {:?} {:?}",
+            effects(&done),
+            effects(&declined)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(effects(&done), [1, 1, 0, 0, 0, 1]);
+    assert_eq!(effects(&declined), [1, 1, 0, 1, 0, 0]);
+    rt.shutdown().await.expect("clean shutdown");
+}
 
 /// One replica, leading, with the saga's consumer pulling.
 async fn leader(b: &Backend) -> Runtime {
@@ -164,7 +224,16 @@ async fn leader(b: &Backend) -> Runtime {
         )
         .await;
     let started = Instant::now();
-    while !(rt.is_leader() && rt.serving().await.iter().any(|h| h.ends_with("::fulfil")) && rt.is_ready()) {
+    while !(rt.is_leader()
+        && rt
+            .serving()
+            .await
+            .iter()
+            .filter(|h| h.ends_with("::fulfil") || h.ends_with("::quick"))
+            .count()
+            == 2
+        && rt.is_ready())
+    {
         assert!(started.elapsed() < WAIT, "not leading");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
