@@ -79,6 +79,30 @@ async fn deposits(ctx: &catga::Context, _d: Deposits) -> Result<u64> {
     Ok(total)
 }
 
+/// Sent every few milliseconds during the takeover benchmark.
+#[catga::event(subject = "bench.tick")]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Tick {
+    /// Its number.
+    pub seq: u64,
+}
+
+/// What the leader answers a tick with.
+#[catga::event(subject = "bench.ticked")]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Ticked {
+    /// The replica that leads.
+    pub by: String,
+}
+
+#[catga::event(leader)]
+async fn on_tick(ctx: &catga::Context, _t: Tick) -> Result<()> {
+    ctx.publish(Ticked {
+        by: ctx.instance_id().to_owned(),
+    })
+    .await
+}
+
 /// The service name the replicas run under (discovery lists it).
 const SERVICE: &str = "bench-replicas";
 
@@ -92,6 +116,7 @@ pub async fn replica() {
     let which = env("BENCH_HANDLER");
     let concurrency = env("BENCH_REPLICA_CONCURRENCY").parse().unwrap_or(4);
     let lease = Duration::from_millis(env("BENCH_LEASE_MS").parse().unwrap_or(5000));
+    let leader_lease = Duration::from_millis(env("BENCH_LEADER_LEASE_MS").parse().unwrap_or(10_000));
     let mut builder = Runtime::builder()
         .nats_url(env("NATS_URL"))
         .service(SERVICE)
@@ -99,8 +124,10 @@ pub async fn replica() {
         .concurrency(concurrency)
         .drain_timeout(Duration::from_secs(5))
         .inbox(Duration::from_secs(3600), lease)
+        .leader_lease(leader_lease)
         .handlers(move |s| match which.as_str() {
             "io" => s.name() == "catga_bench::cluster::io_work",
+            "tick" => s.name() == "catga_bench::cluster::on_tick",
             _ => s.name().starts_with("catga_bench::cluster::deposit"),
         });
     if let Ok(redis) = std::env::var("REDIS_URL") {
@@ -219,6 +246,107 @@ pub async fn scaling(duration: Duration) {
             stats.p99_us,
             stats.errors
         );
+        drop(replicas);
+    }
+    println!();
+}
+
+/// Section 9: the leader of 2 replica processes SIGKILLed: how long until
+/// the standby handles the leader-only events, for two lease lengths.
+pub async fn takeover() {
+    use futures_util::StreamExt;
+    println!("## Leader takeover: the leader of 2 replica processes SIGKILLed");
+    println!();
+    println!(
+        "A publisher sends a tick every 5 ms to an `#[event(leader)]` handler that answers with the replica it runs on. The leader is SIGKILLed (its lease is not given up); \"gap\" is the time from the kill to the first answer from the standby. Target: under two leases."
+    );
+    println!();
+    println!("| leader lease ms | renewal every ms | gap ms | gap / lease | ticks lost |");
+    println!("|---:|---:|---:|---:|---:|");
+    for lease_ms in [1000u64, 3000] {
+        let nats = catga_tests::NatsServer::start();
+        let redis = catga_tests::RedisServer::start();
+        let (url, redis_url) = (nats.url(), redis.url());
+        let spawn = |id: &str| {
+            let mut cmd = Process::new(std::env::current_exe().expect("own path"));
+            cmd.arg("replica")
+                .env("NATS_URL", &url)
+                .env("REDIS_URL", &redis_url)
+                .env("CATGA_INSTANCE_ID", id)
+                .env("BENCH_HANDLER", "tick")
+                .env("BENCH_LEADER_LEASE_MS", lease_ms.to_string())
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            let mut child = cmd.spawn().expect("spawn replica");
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("replica output");
+            Replica(child)
+        };
+        let replicas = [spawn("t1"), spawn("t2")];
+        let raw = async_nats::connect(&url).await.expect("raw client");
+        let mut answers = raw.subscribe("bench.ticked").await.expect("subscribe");
+        raw.flush().await.expect("flush");
+        let client = Client::connect(&url).await.expect("client");
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let (stop, sent, client) = (Arc::clone(&stop), Arc::clone(&sent), client.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let seq = sent.fetch_add(1, Ordering::Relaxed);
+                    let _ = client.publish(Tick { seq }).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        let by = |m: &async_nats::Message| {
+            serde_json::from_slice::<Ticked>(&m.payload)
+                .map(|t| t.by)
+                .unwrap_or_default()
+        };
+        // The first leader, once it answers steadily.
+        let first = loop {
+            let m = answers.next().await.expect("answers");
+            let who = by(&m);
+            if !who.is_empty() {
+                break who;
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (killed, standby) = if first == "t1" { (0, "t2") } else { (1, "t1") };
+        replicas[killed].signal("KILL");
+        let killed_at = Instant::now();
+        let mut gap = None;
+        while killed_at.elapsed() < Duration::from_millis(4 * lease_ms) {
+            match tokio::time::timeout(Duration::from_millis(100), answers.next()).await {
+                Ok(Some(m)) if by(&m) == standby => {
+                    gap.get_or_insert(killed_at.elapsed());
+                }
+                _ => {}
+            }
+            if gap.is_some_and(|g| killed_at.elapsed() > g + Duration::from_millis(500)) {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = ticker.await;
+        match gap {
+            Some(g) => {
+                // Ticks sent while nobody led are lost: plain events are
+                // at-most-once (a durable trigger would be redelivered).
+                let lost = (g.as_millis() as f64 / 5.0).round();
+                println!(
+                    "| {lease_ms} | {} | {} | {:.2} | about {lost:.0} (plain events; durable ones wait) |",
+                    lease_ms / 3,
+                    g.as_millis(),
+                    g.as_millis() as f64 / lease_ms as f64
+                );
+            }
+            None => println!("| {lease_ms} | {} | never | - | - |", lease_ms / 3),
+        }
         drop(replicas);
     }
     println!();

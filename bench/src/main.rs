@@ -23,10 +23,11 @@
 //!    SIGTERM under load.
 //! 8. Observability overhead: request/reply with metrics and tracing spans
 //!    on vs off.
+//! 9. Leader takeover: the leader of 2 replica processes SIGKILLed.
 //!
 //! `BENCH_SECONDS` sets the measuring time per cell (default 3);
 //! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256);
-//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead`
+//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover`
 //! picks sections;
 //! `BENCH_BURST` sets the fan-out burst (default 1,000,000).
 
@@ -393,6 +394,9 @@ async fn main() {
     }
     if selected("overhead") {
         overhead(duration, data).await;
+    }
+    if selected("takeover") {
+        cluster::takeover().await;
     }
 }
 
