@@ -59,7 +59,7 @@ pub use message::{Command, Event, Message, MessageKind};
 pub use ops::otel::layer as otlp_layer;
 pub use registry::{CommandHandler, EventHandler, HandlerKind, HandlerSpec, handlers};
 pub use runtime::{Readiness, Runtime, RuntimeBuilder, init_telemetry, run, start};
-pub use saga::{Saga, SagaOutcome, SagaStatus, Step};
+pub use saga::{Saga, SagaInfo, SagaOutcome, SagaStatus, SagaStepInfo, Step};
 pub use state::Save;
 pub use store::{State, Versioned};
 pub use transport::DEFAULT_MAX_PAYLOAD;

@@ -40,7 +40,9 @@ pub enum SagaStatus {
 }
 
 impl SagaStatus {
-    fn as_str(self) -> &'static str {
+    /// Its name in the journal: `running`, `compensating`, `completed`,
+    /// `compensated` or `failed`.
+    pub fn as_str(self) -> &'static str {
         match self {
             SagaStatus::Running => "running",
             SagaStatus::Compensating => "compensating",
@@ -57,6 +59,75 @@ impl SagaStatus {
             b"compensated" => SagaStatus::Compensated,
             b"failed" => SagaStatus::Failed,
             _ => SagaStatus::Running,
+        }
+    }
+}
+
+/// A saga as its journal tells it (see `Runtime::sagas`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaInfo {
+    /// The saga's id (its trigger's message id).
+    pub id: String,
+    /// Where it stands.
+    pub status: SagaStatus,
+    /// Its steps: those with a compensation in the order they were taken,
+    /// then the others.
+    pub steps: Vec<SagaStepInfo>,
+    /// Why it was compensated, or failed.
+    pub error: Option<String>,
+}
+
+/// One step of a [`SagaInfo`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaStepInfo {
+    /// Its name.
+    pub name: String,
+    /// Its command was answered.
+    pub done: bool,
+    /// Its compensation: `None` without one; `Some("pending")`, `"sent"`,
+    /// or `"not run"` (the step itself failed, so nothing to undo).
+    pub compensation: Option<String>,
+}
+
+impl SagaInfo {
+    /// Reads a journal.
+    pub(crate) fn from_journal(id: String, journal: &BTreeMap<String, Bytes>) -> SagaInfo {
+        let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
+        let mut steps: Vec<SagaStepInfo> = Vec::new();
+        for (field, _) in journal.range(COMPENSATION.to_owned()..) {
+            if !field.starts_with(COMPENSATION) {
+                break;
+            }
+            let name = field.splitn(3, ':').nth(2).unwrap_or_default().to_owned();
+            steps.push(SagaStepInfo {
+                done: journal.contains_key(&format!("{DONE}{name}")),
+                compensation: Some(
+                    journal
+                        .get(&format!("{UNDONE}{name}"))
+                        .map_or_else(|| "pending".to_owned(), text),
+                ),
+                name,
+            });
+        }
+        for (field, _) in journal.range(DONE.to_owned()..) {
+            let Some(name) = field.strip_prefix(DONE) else {
+                break;
+            };
+            if !steps.iter().any(|s| s.name == name) {
+                steps.push(SagaStepInfo {
+                    name: name.to_owned(),
+                    done: true,
+                    compensation: None,
+                });
+            }
+        }
+        SagaInfo {
+            status: journal
+                .get(STATUS)
+                .map_or(SagaStatus::Running, |s| SagaStatus::parse(s)),
+            error: journal.get(ERROR).map(text),
+            id,
+            steps,
         }
     }
 }

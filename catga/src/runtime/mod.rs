@@ -371,6 +371,17 @@ impl Runtime {
         stop_serving_one(name, &self.shared, &self.serving).await
     }
 
+    /// The service's sagas, newest first, at most `limit`, with their
+    /// steps, as their journals in the store tell them.
+    pub async fn sagas(&self, limit: usize) -> Result<Vec<crate::SagaInfo>> {
+        let mut out = Vec::new();
+        for id in self.shared.store.saga_list(limit).await? {
+            let journal = self.shared.store.saga_load(&id).await?;
+            out.push(crate::SagaInfo::from_journal(id, &journal));
+        }
+        Ok(out)
+    }
+
     /// Whether this replica holds the service's leader lease (and serves
     /// the `leader` handlers).
     pub fn is_leader(&self) -> bool {

@@ -32,6 +32,8 @@ struct Inner {
     fence: u64,
     /// Saga journals, by saga id.
     sagas: HashMap<String, std::collections::BTreeMap<String, Bytes>>,
+    /// Saga ids, oldest first.
+    saga_order: Vec<String>,
 }
 
 struct Queued {
@@ -234,12 +236,19 @@ impl MemoryStore {
         if fence.is_some_and(|t| t != inner.fence) {
             return Ok(false);
         }
+        if !inner.sagas.contains_key(id) {
+            inner.saga_order.push(id.to_owned());
+        }
         inner
             .sagas
             .entry(id.to_owned())
             .or_default()
             .insert(field.to_owned(), Bytes::copy_from_slice(value));
         Ok(true)
+    }
+
+    pub(crate) async fn saga_list(&self, limit: usize) -> Result<Vec<String>> {
+        Ok(self.lock().saga_order.iter().rev().take(limit).cloned().collect())
     }
 
     pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {

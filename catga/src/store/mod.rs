@@ -322,8 +322,14 @@ impl Store {
         each!(self, s => s.saga_load(id).await)
     }
 
-    /// Writes one field of a saga's journal; false (nothing written) if
-    /// `fence` is not the latest leader lease's token.
+    /// The ids of the sagas with a journal, newest first, at most `limit`.
+    pub(crate) async fn saga_list(&self, limit: usize) -> Result<Vec<String>> {
+        each!(self, s => s.saga_list(limit).await)
+    }
+
+    /// Writes one field of a saga's journal (and lists the saga, the
+    /// first time); false (nothing written) if `fence` is not the latest
+    /// leader lease's token.
     pub(crate) async fn saga_write(
         &self,
         id: &str,

@@ -335,13 +335,14 @@ return 0
 ";
 
 /// Writes field `ARGV[1]` = `ARGV[2]` of a saga's journal (KEYS[1]) unless
-/// `ARGV[3]` is a fencing token that is not the latest (KEYS[2]); 1 if
-/// written.
+/// `ARGV[3]` is a fencing token that is not the latest (KEYS[2]), and lists
+/// saga `ARGV[5]` in KEYS[3] at time `ARGV[4]` the first time; 1 if written.
 const SAGA_WRITE: &str = r"
 if ARGV[3] ~= '' and (redis.call('GET', KEYS[2]) or '0') ~= ARGV[3] then
   return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[5])
 return 1
 ";
 
@@ -580,13 +581,34 @@ impl RedisStore {
             .saga_write
             .key(self.saga_key(id))
             .key(self.fence_key())
+            .key(format!("{}:sagas", self.prefix))
             .arg(field)
             .arg(value)
             .arg(fence.map(|t| t.to_string()).unwrap_or_default())
+            .arg(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            )
+            .arg(id)
             .invoke_async(&mut c)
             .await
             .map_err(map_err)?;
         Ok(written == 1)
+    }
+
+    pub(crate) async fn saga_list(&self, limit: usize) -> Result<Vec<String>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn.clone();
+        redis::cmd("ZREVRANGE")
+            .arg(format!("{}:sagas", self.prefix))
+            .arg(0)
+            .arg(limit - 1)
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)
     }
 
     fn leader_key(&self) -> String {

@@ -7,7 +7,10 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use catga::{Context, Error, Result, Runtime, Saga, SagaOutcome, command, event, saga};
+use catga::{
+    Context, Error, Result, Runtime, Saga, SagaInfo, SagaOutcome, SagaStatus, SagaStepInfo, command, event,
+    saga,
+};
 use catga_tests::{Backend, Tally, run_id};
 use serde::{Deserialize, Serialize};
 
@@ -240,7 +243,8 @@ async fn leader(b: &Backend) -> Runtime {
     rt
 }
 
-async fn outcome(b: &Backend, placed: Placed) -> String {
+/// Runs one saga to its end: its outcome and what `Runtime::sagas` says.
+async fn outcome(b: &Backend, placed: Placed) -> (String, Vec<SagaInfo>) {
     let rt = leader(b).await;
     let run = placed.run.clone();
     b.client().await.publish_durable(placed).await.expect("published");
@@ -252,8 +256,17 @@ async fn outcome(b: &Backend, placed: Placed) -> String {
         assert!(started.elapsed() < WAIT, "the saga did not end");
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    let sagas = rt.sagas(10).await.expect("sagas");
     rt.shutdown().await.expect("clean shutdown");
-    outcome
+    (outcome, sagas)
+}
+
+fn step(name: &str, done: bool, compensation: Option<&str>) -> SagaStepInfo {
+    SagaStepInfo {
+        name: name.to_owned(),
+        done,
+        compensation: compensation.map(str::to_owned),
+    }
 }
 
 fn effects(run: &str) -> [u64; 6] {
@@ -271,14 +284,27 @@ fn placed(run: &str) -> Placed {
 
 async fn a_saga_takes_each_step_once(b: &Backend) {
     let run = run_id();
-    assert_eq!(outcome(b, placed(&run)).await, "completed");
+    let (o, sagas) = outcome(b, placed(&run)).await;
+    assert_eq!(o, "completed");
     // reserve, charge, ship once; no compensation; one run.
     assert_eq!(effects(&run), [1, 1, 1, 0, 0, 1]);
+    let [saga] = &sagas[..] else {
+        panic!("one saga: {sagas:?}")
+    };
+    assert_eq!(saga.status, SagaStatus::Completed);
+    assert_eq!(
+        saga.steps,
+        [
+            step("reserve", true, Some("pending")),
+            step("charge", true, Some("pending")),
+            step("ship", true, None)
+        ]
+    );
 }
 
 async fn a_step_that_fails_for_good_compensates_the_steps_before(b: &Backend) {
     let run = run_id();
-    let o = outcome(
+    let (o, sagas) = outcome(
         b,
         Placed {
             decline: true,
@@ -293,11 +319,28 @@ async fn a_step_that_fails_for_good_compensates_the_steps_before(b: &Backend) {
     // The declined charge took no effect, so only the reservation is
     // released; nothing is shipped or refunded.
     assert_eq!(effects(&run), [1, 1, 0, 1, 0, 1]);
+    let [saga] = &sagas[..] else {
+        panic!("one saga: {sagas:?}")
+    };
+    assert_eq!(saga.status, SagaStatus::Compensated);
+    assert_eq!(
+        saga.steps,
+        [
+            step("reserve", true, Some("sent")),
+            step("charge", false, Some("not run"))
+        ]
+    );
+    assert!(
+        saga.error
+            .as_deref()
+            .is_some_and(|e| e.contains("payment declined")),
+        "{saga:?}"
+    );
 }
 
 async fn a_saga_resumes_from_its_journal(b: &Backend) {
     let run = run_id();
-    let o = outcome(
+    let (o, _) = outcome(
         b,
         Placed {
             hiccup: true,
@@ -312,7 +355,7 @@ async fn a_saga_resumes_from_its_journal(b: &Backend) {
 
 async fn a_panicking_saga_is_compensated(b: &Backend) {
     let run = run_id();
-    let o = outcome(
+    let (o, _) = outcome(
         b,
         Placed {
             panic: true,
