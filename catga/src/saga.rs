@@ -208,6 +208,28 @@ impl Context {
         F: FnOnce(Saga) -> Fut,
         Fut: Future<Output = Result<T>> + Send,
     {
+        // A retryable failure of a step (a command's replica that was
+        // busy, a stale save there) must stay retryable: the saga resumes
+        // when its trigger comes back. Passed on as is, it would count as
+        // this handler's own failure of a nested send (500, not
+        // retryable), and the trigger would be dead-lettered.
+        self.run_saga(saga).await.map_err(|e| {
+            if e.is_retryable() && e.is_remote() {
+                Error::new(
+                    e.kind(),
+                    format!("a saga step will be tried again: {}", e.message()),
+                )
+            } else {
+                e
+            }
+        })
+    }
+
+    async fn run_saga<F, Fut, T>(&self, saga: F) -> Result<SagaOutcome<T>>
+    where
+        F: FnOnce(Saga) -> Fut,
+        Fut: Future<Output = Result<T>> + Send,
+    {
         let id = self.message_id().to_owned();
         let journal = self.work().store.saga_load(&id).await?;
         let s = Saga {

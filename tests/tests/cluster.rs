@@ -148,11 +148,15 @@ async fn a_nats_node_killed_under_load_loses_nothing() {
     }
     eprintln!("answered every 250 ms after the kill: {trace:?}");
     let after = answered.load(Ordering::Relaxed);
-    // The replica on the surviving node answers throughout: only what was
-    // in flight at r1 waits for its time-out (2 s) and is retried.
+    // The replica on the surviving node goes on answering; what was in
+    // flight at r1 waits for its time-out (2 s) and is retried. Answers
+    // may pause while the pingers wait on r1 (all 8 at once, or the host
+    // busy with the rest of the suite: a full run once paused 1.5 s), but
+    // never past the time-out and a margin: that bound is what a replica
+    // that did not recover, or a lost subscription, would break.
     let stalled = trace.windows(2).filter(|w| w[0] == w[1]).count();
     assert!(
-        stalled <= 2,
+        stalled <= 10,
         "answers stalled for {stalled} quarter seconds: {trace:?}"
     );
     stop.store(true, Ordering::Relaxed);

@@ -49,7 +49,12 @@ fn strings(y: &Yaml, what: &str) -> Vec<String> {
 }
 
 /// Variables the example reads besides catga's.
-const EXAMPLE_VARIABLES: [&str; 3] = ["ORDER_DEMO", "ORDER_DEMO_ORDERS", "ORDER_DEMO_INTERVAL_MS"];
+const EXAMPLE_VARIABLES: [&str; 4] = [
+    "ORDER_DEMO",
+    "ORDER_DEMO_ORDERS",
+    "ORDER_DEMO_INTERVAL_MS",
+    "ORDER_COURIER_REFUSALS",
+];
 
 fn known_variable(name: &str) -> bool {
     catga::SETTINGS.iter().any(|s| s.name == name) || EXAMPLE_VARIABLES.contains(&name)

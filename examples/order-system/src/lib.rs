@@ -2,5 +2,6 @@
 //! clients (the demo driver, tests, other services) share the message types.
 
 pub mod demo;
+pub mod fulfilment;
 pub mod load;
 pub mod orders;

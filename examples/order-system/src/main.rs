@@ -1,7 +1,9 @@
 //! The order service: commands to create, pay, ship and cancel orders and
 //! queries to read one and the revenue ledger; orders kept in the state
 //! store with their events in its outbox; a durable, idempotent billing
-//! consumer; a queue-grouped notifier. A demo driver pushes orders through
+//! consumer; a fulfilment saga per paid order, run by the leader
+//! (`ORDER_COURIER_REFUSALS` percent of orders find no courier and are
+//! compensated); a queue-grouped notifier. A demo driver pushes orders through
 //! their lifecycle so that the example shows something out of the box.
 //!
 //! ```text

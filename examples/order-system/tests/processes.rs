@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use catga::{Client, ErrorKind};
 use catga_tests::{NatsServer, RedisServer};
+use order_system::fulfilment::{Fulfilment, GetFulfilment, refused_at};
 use order_system::orders::{
     CancelOrder, CreateOrder, GetOrder, GetRevenue, Line, MAX_TOTAL_CENTS, OrderId, PayOrder, Revenue,
     ShipOrder, Status,
@@ -21,6 +22,13 @@ use order_system::orders::{
 /// taken over within the test's patience (production keeps the defaults).
 const LEASE_MS: &str = "1500";
 const ACK_WAIT_MS: &str = "1500";
+const LEADER_LEASE_MS: &str = "1500";
+/// Percent of orders no courier takes (their fulfilment compensates).
+const REFUSALS: u64 = 30;
+
+fn refused(id: &OrderId) -> bool {
+    refused_at(id, REFUSALS)
+}
 
 struct Replica {
     name: String,
@@ -39,6 +47,8 @@ impl Replica {
             .env("CATGA_SERVICE", "orders")
             .env("CATGA_INBOX_LEASE_MS", LEASE_MS)
             .env("CATGA_ACK_WAIT_MS", ACK_WAIT_MS)
+            .env("CATGA_LEADER_LEASE_MS", LEADER_LEASE_MS)
+            .env("ORDER_COURIER_REFUSALS", REFUSALS.to_string())
             .env("ORDER_DEMO", "0")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -554,8 +564,9 @@ async fn order_rules_hold_across_replicas() {
         "answered, not timed out"
     );
 
-    // A payment event nobody can decode: billing gives up on it at once
-    // and keeps it as a dead letter for an operator.
+    // A payment event nobody can decode: billing and the fulfilment saga
+    // (both durable consumers of it) give up on it at once and keep it as
+    // a dead letter each, for an operator.
     client
         .publish_raw("orders.paid", bytes::Bytes::from_static(b"\xff not json"))
         .await
@@ -563,13 +574,13 @@ async fn order_rules_hold_across_replicas() {
     let mut listed = String::new();
     for _ in 0..100 {
         listed = servers.dlq(&["list"]);
-        if listed.contains("orders.paid") {
+        if listed.contains("record_payment") && listed.contains("fulfil") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        listed.contains("orders.paid") && listed.contains("record_payment"),
+        listed.contains("orders.paid") && listed.contains("record_payment") && listed.contains("fulfil"),
         "{listed}"
     );
     assert!(
@@ -581,7 +592,7 @@ async fn order_rules_hold_across_replicas() {
         listed.trim_start_matches('#').split(' ').next().unwrap_or("1"),
     ]);
     assert!(shown.contains("not json"), "{shown}");
-    assert_eq!(servers.dlq(&["purge-all"]).trim(), "purged 1");
+    assert_eq!(servers.dlq(&["purge-all"]).trim(), "purged 2");
     assert_eq!(servers.dlq(&["list"]).trim(), "");
     let mut revenue = Revenue::default();
     for _ in 0..100 {
@@ -596,5 +607,142 @@ async fn order_rules_hold_across_replicas() {
         20,
         "each real payment counted, the garbage not; {}",
         trouble(&replicas)
+    );
+}
+
+/// Whether `replica` became the leader (by its log).
+fn leads(replica: &Replica) -> bool {
+    replica.log().contains("this replica is the leader now")
+}
+
+/// Orders are paid while the fulfilment sagas run on the leader; the
+/// leader is SIGKILLed mid-way, then the next one is SIGSTOPped for two
+/// leases and resumed (its writes are fenced, it steps down). Every order
+/// ends fulfilled (stock reserved once, courier booked once) or, when no
+/// courier takes it, with its stock reserved once and released once;
+/// nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
+    let servers = Servers::start();
+    let mut replicas = servers.replicas(&["s1", "s2", "s3"]).await;
+    let client = servers.client().await;
+    let mut ids = Vec::new();
+    for n in 0..60u32 {
+        let create_id = format!("create-{n}-{}", catga::new_message_id());
+        let id = with_retry(|| {
+            client.send_with_id(
+                CreateOrder {
+                    customer: format!("f{n}"),
+                    lines: lines(n),
+                },
+                &create_id,
+            )
+        })
+        .await
+        .expect("create");
+        let pay_id = format!("pay-{n}-{}", catga::new_message_id());
+        let amount = u64::from(1 + n % 3) * 300;
+        with_retry(|| {
+            client.send_with_id(
+                PayOrder {
+                    id: id.clone(),
+                    amount_cents: amount,
+                },
+                &pay_id,
+            )
+        })
+        .await
+        .expect("pay");
+        ids.push(id);
+    }
+    let state = |id: OrderId| {
+        let client = client.clone();
+        async move { with_retry(|| client.send(GetFulfilment { id: id.clone() })).await }
+    };
+    let terminal = |id: &OrderId, f: &Fulfilment| {
+        if refused(id) { f.released > 0 } else { f.booked > 0 }
+    };
+    // Some sagas are done, the rest still to run: the leader dies.
+    let mut done = 0;
+    for _ in 0..600 {
+        done = 0;
+        for id in &ids {
+            let f = state(id.clone()).await.expect("fulfilment");
+            done += usize::from(terminal(id, &f));
+        }
+        if done >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        (5..ids.len()).contains(&done),
+        "sagas done before the kill: {done}"
+    );
+    let first = replicas.iter().position(leads).expect("a leader");
+    replicas[first].sigkill();
+    // The next leader, stalled for two leases, then resumed.
+    let mut next = None;
+    for _ in 0..200 {
+        next = (0..replicas.len()).find(|&i| i != first && leads(&replicas[i]));
+        if next.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let next = next.unwrap_or_else(|| panic!("no new leader:\n{}", trouble(&replicas)));
+    let child = replicas[next].child.as_ref().expect("running");
+    signal(child, "STOP");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    signal(child, "CONT");
+    // Every saga ends, each step applied once.
+    for id in &ids {
+        let mut f = Fulfilment::default();
+        for _ in 0..600 {
+            f = state(id.clone()).await.expect("fulfilment");
+            if terminal(id, &f) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let expected = if refused(id) {
+            Fulfilment {
+                reserved: 1,
+                released: 1,
+                booked: 0,
+            }
+        } else {
+            Fulfilment {
+                reserved: 1,
+                released: 0,
+                booked: 1,
+            }
+        };
+        let about = |id: &OrderId| {
+            replicas
+                .iter()
+                .flat_map(|r| {
+                    r.log()
+                        .lines()
+                        .filter(|l| l.contains(&id.0) || l.contains("leader"))
+                        .map(|l| format!("{}: {l}", r.name))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(f, expected, "order {}:\n{}", id.0, about(id));
+    }
+    assert!(
+        ids.iter().any(refused) && ids.iter().any(|id| !refused(id)),
+        "both outcomes exercised"
+    );
+    // The stalled leader found it had lost the lease.
+    assert!(
+        replicas[next]
+            .log()
+            .contains("this replica is no longer the leader"),
+        "the stalled leader stepped down:\n{}",
+        replicas[next].log()
     );
 }

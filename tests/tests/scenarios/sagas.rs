@@ -50,7 +50,10 @@ pub struct Refund {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Ship {
     pub run: String,
+    pub stale_once: bool,
 }
+
+static STALE_SHIPS: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
 /// Starts a saga.
 #[event(subject = "tests.saga.placed")]
@@ -62,6 +65,8 @@ pub struct Placed {
     pub hiccup: bool,
     /// Panic after step 1.
     pub panic: bool,
+    /// The shipping replica answers "stale" (retryable) once.
+    pub stale_ship: bool,
 }
 
 /// Effects, per `run:operation`; saga runs, per `run:runs`.
@@ -102,6 +107,14 @@ async fn refund(r: Refund) -> Result<()> {
 
 #[command]
 async fn ship(s: Ship) -> Result<()> {
+    let first = STALE_SHIPS
+        .lock()
+        .expect("stale ships")
+        .get_or_insert_with(HashSet::new)
+        .insert(s.run.clone());
+    if s.stale_once && first {
+        return Err(Error::stale("the shipment changed meanwhile"));
+    }
     effect(&s.run, "ship");
     Ok(())
 }
@@ -137,7 +150,14 @@ async fn fulfil(ctx: &Context, p: Placed) -> Result<()> {
             )
             .compensate(Refund { run: p.run.clone() })
             .await?;
-            saga.step("ship", Ship { run: p.run.clone() }).await?;
+            saga.step(
+                "ship",
+                Ship {
+                    run: p.run.clone(),
+                    stale_once: p.stale_ship,
+                },
+            )
+            .await?;
             Ok(())
         })
         .await?;
@@ -183,6 +203,7 @@ catga_tests::on_every_store!(
     a_saga_takes_each_step_once,
     a_step_that_fails_for_good_compensates_the_steps_before,
     a_saga_resumes_from_its_journal,
+    a_step_that_fails_retryably_is_resumed,
     a_panicking_saga_is_compensated
 );
 
@@ -279,6 +300,7 @@ fn placed(run: &str) -> Placed {
         decline: false,
         hiccup: false,
         panic: false,
+        stale_ship: false,
     }
 }
 
@@ -350,6 +372,23 @@ async fn a_saga_resumes_from_its_journal(b: &Backend) {
     .await;
     assert_eq!(o, "completed");
     // Two runs of the saga function; each step took effect once.
+    assert_eq!(effects(&run), [1, 1, 1, 0, 0, 2]);
+}
+
+/// A step's command answers with a retryable error (stale): the saga's
+/// handler fails retryably, its trigger comes back, and the saga resumes
+/// and completes (not dead-lettered, not compensated).
+async fn a_step_that_fails_retryably_is_resumed(b: &Backend) {
+    let run = run_id();
+    let (o, _) = outcome(
+        b,
+        Placed {
+            stale_ship: true,
+            ..placed(&run)
+        },
+    )
+    .await;
+    assert_eq!(o, "completed");
     assert_eq!(effects(&run), [1, 1, 1, 0, 0, 2]);
 }
 
