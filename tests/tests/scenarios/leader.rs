@@ -26,7 +26,7 @@ async fn on_tick(ctx: &Context, t: Tick) -> Result<()> {
     Ok(())
 }
 
-const LEASE: Duration = Duration::from_millis(300);
+const LEASE: Duration = Duration::from_millis(500);
 
 catga_tests::on_every_store!(one_leader_serves_and_a_standby_takes_over);
 
@@ -48,41 +48,8 @@ async fn leader_of(replicas: &[&Runtime]) -> usize {
     }
 }
 
-async fn one_leader_serves_and_a_standby_takes_over(b: &Backend) {
-    let mut replicas = Vec::new();
-    for i in 1..=2 {
-        let builder = b.builder(module_path!(), &format!("r{i}")).leader_lease(LEASE);
-        replicas.push(b.started(builder).await);
-    }
-    let client = b.client().await;
-    let first = leader_of(&replicas.iter().collect::<Vec<_>>()).await;
-    let run = run_id();
-    for seq in 0..20 {
-        client
-            .publish(Tick {
-                run: run.clone(),
-                seq,
-            })
-            .await
-            .expect("publish");
-    }
-    let seen = TICKS.wait_for(&run, 20, WAIT).await;
-    let leader_id = format!("r{}", first + 1);
-    assert!(
-        seen.iter().all(|r| r.instance == leader_id),
-        "all on the leader {leader_id}: {seen:?}"
-    );
-    // The leader stops (and gives the lease up): the standby leads within
-    // two leases.
-    let old = replicas.remove(first);
-    old.shutdown().await.expect("clean shutdown");
-    let stopped = Instant::now();
-    let next = leader_of(&replicas.iter().collect::<Vec<_>>()).await;
-    assert!(
-        stopped.elapsed() < 2 * LEASE,
-        "took over after {:?}",
-        stopped.elapsed()
-    );
+/// Publishes 20 ticks of a new run; the records of their handling.
+async fn ticks(client: &catga::Client) -> Vec<catga_tests::record::Record> {
     let run = run_id();
     for seq in 0..20 {
         client
@@ -96,7 +63,35 @@ async fn one_leader_serves_and_a_standby_takes_over(b: &Backend) {
     let seen = TICKS.wait_for(&run, 20, WAIT).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(TICKS.of(&run).len(), 20, "each once");
-    let survivor = replicas.remove(next);
+    seen
+}
+
+async fn one_leader_serves_and_a_standby_takes_over(b: &Backend) {
+    let mut replicas = Vec::new();
+    for i in 1..=2 {
+        let builder = b.builder(module_path!(), &format!("r{i}")).leader_lease(LEASE);
+        replicas.push(b.started(builder).await);
+    }
+    let client = b.client().await;
+    let first = leader_of(&replicas.iter().collect::<Vec<_>>()).await;
+    let leader_id = format!("r{}", first + 1);
+    let seen = ticks(&client).await;
+    assert!(
+        seen.iter().all(|r| r.instance == leader_id),
+        "all on the leader {leader_id}: {seen:?}"
+    );
+    // The leader stops (and gives the lease up): the standby holds it
+    // within two leases.
+    let old = replicas.remove(first);
+    old.shutdown().await.expect("clean shutdown");
+    let stopped = Instant::now();
+    while !replicas[0].is_leader() {
+        assert!(stopped.elapsed() < 2 * LEASE, "no takeover within two leases");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let next = leader_of(&replicas.iter().collect::<Vec<_>>()).await;
+    let seen = ticks(&client).await;
     assert!(seen.iter().all(|r| r.instance != leader_id));
+    let survivor = replicas.remove(next);
     survivor.shutdown().await.expect("clean shutdown");
 }
