@@ -13,6 +13,7 @@
 //! cargo run -p order-system -- dlq list                  # dead letters (also: show N,
 //!                                                        # replay N, purge N, purge-all)
 //! cargo run -p order-system -- load 1000 16              # a load client: 1000 orders, 16 at once
+//! cargo run -p order-system -- sagas 20                  # the newest 20 fulfilment sagas (REDIS_URL)
 //! order-system probe 127.0.0.1:8080 /ready               # exit 0 if the endpoint answers 200
 //! ```
 //!
@@ -34,6 +35,7 @@ async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("dlq") => return dead_letters(&args[1..]).await,
+        Some("sagas") => return sagas(&args[1..]).await,
         Some("load") => return order_system::load::run(&args[1..]).await,
         Some("probe") => std::process::exit(probe(&args[1..])),
         _ => {}
@@ -105,6 +107,50 @@ async fn dead_letters(args: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `sagas [N]`: the newest N (default 20) sagas of the service, from the
+/// store in `REDIS_URL` (`CATGA_SERVICE` names the service), with their
+/// steps.
+async fn sagas(args: &[String]) -> Result<()> {
+    let n = match args.first() {
+        None => 20,
+        Some(s) => s
+            .parse()
+            .map_err(|_| Error::invalid(format!("usage: sagas [N], not `{s}`")))?,
+    };
+    let config = Config::from_env()?;
+    if config.redis_url.is_none() {
+        return Err(Error::invalid(
+            "sagas are read from the store: set REDIS_URL (and CATGA_SERVICE) as the replicas have it",
+        ));
+    }
+    let runtime = catga::Runtime::builder()
+        .config(config)
+        .client_only()
+        .start()
+        .await?;
+    for saga in runtime.sagas(n).await? {
+        let steps: Vec<String> = saga
+            .steps
+            .iter()
+            .map(|s| {
+                let done = if s.done { "done" } else { "not done" };
+                match &s.compensation {
+                    Some(c) => format!("{} ({done}, compensation {c})", s.name),
+                    None => format!("{} ({done})", s.name),
+                }
+            })
+            .collect();
+        println!(
+            "{} {} {}{}",
+            saga.id,
+            saga.status.as_str(),
+            steps.join(", "),
+            saga.error.map(|e| format!(" error: {e}")).unwrap_or_default()
+        );
+    }
+    runtime.shutdown().await
 }
 
 /// `probe HOST:PORT PATH`: 0 if `GET PATH` answers 200, 1 otherwise.

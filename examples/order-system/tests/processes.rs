@@ -146,6 +146,26 @@ impl Servers {
             .with_request_timeout(Duration::from_secs(3))
     }
 
+    /// Runs `order-system sagas N` against these servers; its stdout.
+    fn sagas(&self, n: usize) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_order-system"))
+            .args(["sagas", &n.to_string()])
+            .env("NATS_URL", self.nats.url())
+            .env("REDIS_URL", self.redis.url())
+            .env("CATGA_SERVICE", "orders")
+            .env("CATGA_INSTANCE_ID", "saga-lister")
+            .env("RUST_LOG", "error")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run sagas");
+        assert!(
+            out.status.success(),
+            "sagas failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `order-system dlq ARGS` against these servers; its stdout.
     fn dlq(&self, args: &[&str]) -> String {
         let out = Command::new(env!("CARGO_BIN_EXE_order-system"))
@@ -736,6 +756,28 @@ async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
     assert!(
         ids.iter().any(refused) && ids.iter().any(|id| !refused(id)),
         "both outcomes exercised"
+    );
+    // The CLI lists them: one line per saga, compensated or completed.
+    let listed = servers.sagas(100);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), ids.len(), "{listed}");
+    let compensated = lines.iter().filter(|l| l.contains(" compensated ")).count();
+    assert_eq!(
+        compensated,
+        ids.iter().filter(|id| refused(id)).count(),
+        "{listed}"
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.contains(" compensated "))
+            .all(|l| l.contains("reserve (done, compensation sent)") && l.contains("no courier")),
+        "{listed}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains(" completed ")).count(),
+        ids.len() - compensated,
+        "{listed}"
     );
     // The stalled leader found it had lost the lease.
     assert!(
