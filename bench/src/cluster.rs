@@ -109,6 +109,9 @@ const SERVICE: &str = "bench-replicas";
 /// catga's default `CATGA_INBOX_LEASE_MS`.
 const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 
+/// catga's default `CATGA_LEADER_LEASE_MS`.
+const LEADER_LEASE: Duration = Duration::from_secs(10);
+
 /// `catga-bench replica`: serves `BENCH_HANDLER` (`io` or `deposit`) until
 /// SIGTERM, with `BENCH_REPLICA_CONCURRENCY` messages at a time.
 pub async fn replica() {
@@ -154,6 +157,7 @@ impl Replica {
         redis: Option<&str>,
         concurrency: usize,
         lease: Duration,
+        leader_lease: Duration,
     ) -> Replica {
         let exe = std::env::current_exe().expect("own path");
         let mut cmd = Process::new(exe);
@@ -163,6 +167,7 @@ impl Replica {
             .env("BENCH_HANDLER", handler)
             .env("BENCH_REPLICA_CONCURRENCY", concurrency.to_string())
             .env("BENCH_LEASE_MS", lease.as_millis().to_string())
+            .env("BENCH_LEADER_LEASE_MS", leader_lease.as_millis().to_string())
             .env("RUST_LOG", "error")
             .env_remove("CATGA_HTTP_ADDR")
             .stdout(Stdio::piped())
@@ -227,7 +232,17 @@ pub async fn scaling(duration: Duration) {
     let mut one = None;
     for n in [1usize, 3, 5] {
         let replicas: Vec<Replica> = (0..n)
-            .map(|i| Replica::spawn(&format!("io{i}"), "io", &url, None, per_replica, DEFAULT_LEASE))
+            .map(|i| {
+                Replica::spawn(
+                    &format!("io{i}"),
+                    "io",
+                    &url,
+                    None,
+                    per_replica,
+                    DEFAULT_LEASE,
+                    LEADER_LEASE,
+                )
+            })
             .collect();
         let client = client.clone();
         let counter = Arc::new(AtomicU64::new(0));
@@ -268,22 +283,15 @@ pub async fn takeover() {
         let redis = catga_tests::RedisServer::start();
         let (url, redis_url) = (nats.url(), redis.url());
         let spawn = |id: &str| {
-            let mut cmd = Process::new(std::env::current_exe().expect("own path"));
-            cmd.arg("replica")
-                .env("NATS_URL", &url)
-                .env("REDIS_URL", &redis_url)
-                .env("CATGA_INSTANCE_ID", id)
-                .env("BENCH_HANDLER", "tick")
-                .env("BENCH_LEADER_LEASE_MS", lease_ms.to_string())
-                .env("RUST_LOG", "error")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
-            let mut child = cmd.spawn().expect("spawn replica");
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().expect("stdout"))
-                .read_line(&mut line)
-                .expect("replica output");
-            Replica(child)
+            Replica::spawn(
+                id,
+                "tick",
+                &url,
+                Some(&redis_url),
+                4,
+                DEFAULT_LEASE,
+                Duration::from_millis(lease_ms),
+            )
         };
         let replicas = [spawn("t1"), spawn("t2")];
         let raw = async_nats::connect(&url).await.expect("raw client");
@@ -380,7 +388,17 @@ async fn failover_run(signal: &str, lease: Duration) {
     let redis = catga_tests::RedisServer::start();
     let (url, redis_url) = (nats.url(), redis.url());
     let mut replicas: Vec<Replica> = (0..3)
-        .map(|i| Replica::spawn(&format!("fo{i}"), "deposit", &url, Some(&redis_url), 8, lease))
+        .map(|i| {
+            Replica::spawn(
+                &format!("fo{i}"),
+                "deposit",
+                &url,
+                Some(&redis_url),
+                8,
+                lease,
+                LEADER_LEASE,
+            )
+        })
         .collect();
     let client = Client::connect(&url)
         .await

@@ -218,10 +218,10 @@ impl Client {
     ) -> Result<C::Reply> {
         let _ = id;
         let payload = cmd.encode()?;
-        let reply = self
+        let body = self
             .request_retrying(&Subject::from_static(C::SUBJECT), headers, payload, deadline)
             .await?;
-        decode_reply::<C::Reply>(C::SUBJECT, reply)
+        decode_body::<C::Reply>(C::SUBJECT, &body)
     }
 
     /// A request under message id `id` (to an idempotent command), sent
@@ -232,24 +232,19 @@ impl Client {
         let subject = Subject::from(subject);
         let headers = wire::message_headers(false, 1, Cause::Id(id));
         let deadline = Deadline::after(self.inner.request_timeout);
-        let reply = self
-            .request_retrying(&subject, headers, payload, deadline)
-            .await?;
-        if let Some(err) = wire::errors::decode(reply.headers.as_ref(), &reply.payload, &subject) {
-            return Err(err);
-        }
-        Ok(reply.payload)
+        self.request_retrying(&subject, headers, payload, deadline).await
     }
 
     /// Sends a request again after a failure that says it did not run (no
-    /// handler, unavailable, broker away), with back-off, until `deadline`.
+    /// handler, unavailable, broker away), with back-off, until `deadline`;
+    /// the reply's body, or the error it carries.
     async fn request_retrying(
         &self,
         subject: &Subject,
         headers: HeaderMap,
         payload: Bytes,
         deadline: Deadline,
-    ) -> Result<Reply> {
+    ) -> Result<Bytes> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -258,14 +253,7 @@ impl Client {
                 .transport
                 .request(subject, headers.clone(), payload.clone(), deadline)
                 .await
-                .and_then(|reply| {
-                    match wire::errors::decode(reply.headers.as_ref(), &reply.payload, subject) {
-                        Some(e) if matches!(e.kind(), ErrorKind::NoHandler | ErrorKind::Unavailable) => {
-                            Err(e)
-                        }
-                        _ => Ok(reply),
-                    }
-                });
+                .and_then(|reply| reply_body(subject, reply));
             match result {
                 Err(e)
                     if matches!(
@@ -326,10 +314,7 @@ impl Client {
                 Deadline::after(self.inner.request_timeout),
             )
             .await?;
-        if let Some(err) = wire::errors::decode(reply.headers.as_ref(), &reply.payload, &subject) {
-            return Err(err);
-        }
-        Ok(reply.payload)
+        reply_body(&subject, reply)
     }
 
     /// Publishes a raw payload on an event subject (for bridges that
@@ -387,10 +372,20 @@ impl Client {
 
 /// Turns a reply into the command's reply type, or into the handler's error.
 fn decode_reply<R: Decode>(subject: &str, reply: Reply) -> Result<R> {
-    if let Some(err) = wire::errors::decode(reply.headers.as_ref(), &reply.payload, subject) {
-        return Err(err);
+    decode_body(subject, &reply_body(subject, reply)?)
+}
+
+/// A reply's body, or the handler's error it carries.
+fn reply_body(subject: &str, reply: Reply) -> Result<Bytes> {
+    match wire::errors::decode(reply.headers.as_ref(), &reply.payload, subject) {
+        Some(err) => Err(err),
+        None => Ok(reply.payload),
     }
-    R::decode(&reply.payload, std::any::type_name::<R>()).map_err(|e| {
+}
+
+/// A reply body as the command's reply type.
+fn decode_body<R: Decode>(subject: &str, body: &[u8]) -> Result<R> {
+    R::decode(body, std::any::type_name::<R>()).map_err(|e| {
         Error::new(
             ErrorKind::Internal,
             format!("undecodable reply on subject {subject}: {}", e.message()),

@@ -23,6 +23,15 @@ const COMPENSATION: &str = "c:";
 /// `u:<step>`: the step's compensation was sent (or not needed).
 const UNDONE: &str = "u:";
 
+/// The journaled compensations, in the order their steps were taken:
+/// (step, subject and payload).
+fn compensations(journal: &BTreeMap<String, Bytes>) -> impl Iterator<Item = (&str, &Bytes)> {
+    journal
+        .range(COMPENSATION.to_owned()..)
+        .take_while(|(k, _)| k.starts_with(COMPENSATION))
+        .map(|(k, v)| (k.splitn(3, ':').nth(2).unwrap_or_default(), v))
+}
+
 /// Where a saga stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SagaStatus {
@@ -93,22 +102,17 @@ impl SagaInfo {
     /// Reads a journal.
     pub(crate) fn from_journal(id: String, journal: &BTreeMap<String, Bytes>) -> SagaInfo {
         let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
-        let mut steps: Vec<SagaStepInfo> = Vec::new();
-        for (field, _) in journal.range(COMPENSATION.to_owned()..) {
-            if !field.starts_with(COMPENSATION) {
-                break;
-            }
-            let name = field.splitn(3, ':').nth(2).unwrap_or_default().to_owned();
-            steps.push(SagaStepInfo {
+        let mut steps: Vec<SagaStepInfo> = compensations(journal)
+            .map(|(name, _)| SagaStepInfo {
+                name: name.to_owned(),
                 done: journal.contains_key(&format!("{DONE}{name}")),
                 compensation: Some(
                     journal
                         .get(&format!("{UNDONE}{name}"))
                         .map_or_else(|| "pending".to_owned(), text),
                 ),
-                name,
-            });
-        }
+            })
+            .collect();
         for (field, _) in journal.range(DONE.to_owned()..) {
             let Some(name) = field.strip_prefix(DONE) else {
                 break;
@@ -258,11 +262,7 @@ impl Context {
             }
             Ok(Err(e)) => e,
             Err(panic) => {
-                let text = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".to_owned());
+                let text = crate::error::panic_message(&panic);
                 tracing::error!(saga = %s.id(), panic = %text, "the saga panicked: compensating");
                 Error::new(ErrorKind::Panic, format!("the saga panicked: {text}"))
             }
@@ -372,14 +372,11 @@ impl Saga {
     async fn compensate(&self) -> Result<()> {
         let pending: Vec<(String, Bytes)> = {
             let journal = self.inner.journal.lock().unwrap_or_else(PoisonError::into_inner);
-            journal
-                .range(COMPENSATION.to_owned()..)
-                .take_while(|(k, _)| k.starts_with(COMPENSATION))
-                .map(|(k, v)| (k.clone(), v.clone()))
+            compensations(&journal)
+                .map(|(step, v)| (step.to_owned(), v.clone()))
                 .collect()
         };
-        for (field, value) in pending.into_iter().rev() {
-            let step = field.splitn(3, ':').nth(2).unwrap_or_default().to_owned();
+        for (step, value) in pending.into_iter().rev() {
             if self.get(&format!("{UNDONE}{step}")).is_some() {
                 continue;
             }
@@ -463,21 +460,17 @@ impl<C: Command> Step<C> {
         }
         if let Some(compensation) = compensation {
             let (subject, payload) = compensation?;
-            let known = {
+            let (known, count) = {
                 let journal = saga.inner.journal.lock().unwrap_or_else(PoisonError::into_inner);
-                let suffix = format!(":{name}");
-                let count = journal.keys().filter(|k| k.starts_with(COMPENSATION)).count();
-                let known = journal
-                    .keys()
-                    .any(|k| k.starts_with(COMPENSATION) && k.ends_with(&suffix));
-                (known, count)
+                let known = compensations(&journal).any(|(step, _)| step == name);
+                (known, compensations(&journal).count())
             };
-            if !known.0 {
+            if !known {
                 let mut value = Vec::with_capacity(subject.len() + 1 + payload.len());
                 value.extend_from_slice(subject.as_bytes());
                 value.push(b'\n');
                 value.extend_from_slice(&payload);
-                saga.write(&format!("{COMPENSATION}{:04}:{name}", known.1), &value)
+                saga.write(&format!("{COMPENSATION}{count:04}:{name}"), &value)
                     .await?;
             }
         }

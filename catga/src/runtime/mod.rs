@@ -468,13 +468,7 @@ async fn start_serving(
     if serving.contains_key(spec.name()) {
         return Ok(());
     }
-    let draining = shared
-        .health
-        .check(shared.client.transport())
-        .failing
-        .iter()
-        .any(|f| f.starts_with("draining"));
-    if shared.health.fatal().is_some() || draining {
+    if shared.health.fatal().is_some() || shared.health.is_draining() {
         return Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping"));
     }
     let mut others: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();

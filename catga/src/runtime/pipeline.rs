@@ -351,7 +351,7 @@ async fn call(
         Err(panic) => {
             return Err(Error::new(
                 ErrorKind::Panic,
-                format!("the handler panicked: {}", panic_message(&panic)),
+                format!("the handler panicked: {}", crate::error::panic_message(&panic)),
             ));
         }
     };
@@ -534,15 +534,5 @@ fn dead_letter(
             })
             .unwrap_or_default(),
         payload: payload.clone(),
-    }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
     }
 }

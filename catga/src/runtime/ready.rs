@@ -105,6 +105,11 @@ impl Health {
         });
     }
 
+    /// Whether a shutdown started.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.state.borrow().draining
+    }
+
     /// Whether the state store failed its last ping.
     pub(crate) fn store_down(&self) -> bool {
         self.state.borrow().store_down.is_some()

@@ -44,8 +44,11 @@ pub(crate) struct RedisStore {
     group_ready: AtomicBool,
     commit: Script,
     inbox_begin: Script,
-    inbox_abandon: Script,
-    inbox_renew: Script,
+    /// Deletes a key if the caller still holds it (inbox claims, the
+    /// leader lease).
+    delete_if_held: Script,
+    /// Extends a key if the caller still holds it (same).
+    extend_if_held: Script,
     leader_acquire: Script,
     saga_write: Script,
 }
@@ -241,6 +244,11 @@ fn map_err(e: RedisError) -> Error {
     Error::new(ErrorKind::Internal, format!("Redis: {e}"))
 }
 
+/// The URLs of a comma-separated `REDIS_URL` (cluster nodes, sentinels).
+fn urls(list: &str) -> Vec<&str> {
+    list.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
+
 fn read_file(name: &str, path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| {
         Error::new(
@@ -303,17 +311,18 @@ end
 return v
 ";
 
-/// Deletes an inbox key if `ARGV[1]` still owns it.
-const INBOX_ABANDON: &str = r"
+/// Deletes a key (an inbox claim, the leader lease) if `ARGV[1]` still
+/// holds it.
+const DELETE_IF_HELD: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 ";
 
-/// Extends an inbox claim's lease (`ARGV[2]` ms) if `ARGV[1]` still owns
-/// it; 1 if it did.
-const INBOX_RENEW: &str = r"
+/// Extends a key (an inbox claim, the leader lease) by `ARGV[2]` ms if
+/// `ARGV[1]` still holds it; 1 if it did.
+const EXTEND_IF_HELD: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
@@ -441,12 +450,7 @@ impl RedisStore {
                     "REDIS_TLS_CA, REDIS_TLS_CERT and REDIS_TLS_KEY are not supported with CATGA_REDIS_MODE=sentinel yet",
                 ));
             }
-            let sentinels: Vec<&str> = how
-                .url
-                .split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
-                .collect();
+            let sentinels: Vec<&str> = urls(&how.url);
             // The credentials of the first URL are the master's too (the
             // usual set-up gives sentinels and servers one password).
             let first =
@@ -478,12 +482,7 @@ impl RedisStore {
                 followed(RESPONSE_TIMEOUT + Duration::from_secs(5))?,
             )
         } else if how.mode == crate::config::RedisMode::Cluster {
-            let nodes: Vec<&str> = how
-                .url
-                .split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
-                .collect();
+            let nodes: Vec<&str> = urls(&how.url);
             // The same budget as one server's: fail within a few seconds
             // while the cluster is away, and let the health check retry.
             let client = |response: Duration| {
@@ -544,8 +543,8 @@ impl RedisStore {
             group_ready: AtomicBool::new(false),
             commit: Script::new(COMMIT),
             inbox_begin: Script::new(INBOX_BEGIN),
-            inbox_abandon: Script::new(INBOX_ABANDON),
-            inbox_renew: Script::new(INBOX_RENEW),
+            delete_if_held: Script::new(DELETE_IF_HELD),
+            extend_if_held: Script::new(EXTEND_IF_HELD),
             leader_acquire: Script::new(LEADER_ACQUIRE),
             saga_write: Script::new(SAGA_WRITE),
         })
@@ -635,7 +634,7 @@ impl RedisStore {
 
     pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
         let mut c = self.conn.clone();
-        self.inbox_renew
+        self.extend_if_held
             .key(self.leader_key())
             .arg(owner)
             .arg(lease.as_millis().max(1) as u64)
@@ -647,7 +646,7 @@ impl RedisStore {
 
     pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
         let mut c = self.conn.clone();
-        self.inbox_abandon
+        self.delete_if_held
             .key(self.leader_key())
             .arg(owner)
             .invoke_async::<i64>(&mut c)
@@ -899,7 +898,7 @@ impl RedisStore {
         lease: Duration,
     ) -> Result<bool> {
         let mut c = self.conn.clone();
-        self.inbox_renew
+        self.extend_if_held
             .key(self.inbox_key(scope, id))
             .arg(format!("P:{owner}"))
             .arg(lease.as_millis().max(1) as u64)
@@ -911,7 +910,7 @@ impl RedisStore {
 
     pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {
         let mut c = self.conn.clone();
-        self.inbox_abandon
+        self.delete_if_held
             .key(self.inbox_key(scope, id))
             .arg(format!("P:{owner}"))
             .invoke_async::<i64>(&mut c)
