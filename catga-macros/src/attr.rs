@@ -97,6 +97,8 @@ enum Takes {
     Type,
     /// A path, written as a string (`crate = "::my::catga"`).
     Path,
+    /// A field name of the handled message (`key = order_id`).
+    Field,
     /// Nothing: a bare flag.
     #[allow(
         dead_code,
@@ -213,6 +215,25 @@ const KEYS: &[Key] = &[
         belongs: "on a handler (an `async fn`), not on a message type",
     },
     Key {
+        name: "key",
+        roles: &[SAGA],
+        takes: Takes::Field,
+        belongs: "on a saga (`#[saga(key = order_id)]` on an async fn): its instances are partitioned by \
+                  that field of the trigger event",
+    },
+    Key {
+        name: "partitions",
+        roles: &[SAGA],
+        takes: Takes::Int { min: 1, max: 4096 },
+        belongs: "on a keyed saga (`#[saga(key = order_id, partitions = 64)]`)",
+    },
+    Key {
+        name: "timeout",
+        roles: &[SAGA],
+        takes: Takes::Str(check_duration),
+        belongs: "on a saga (`#[saga(timeout = \"30s\")]`): past it, an unfinished saga is compensated",
+    },
+    Key {
         name: "crate",
         roles: &[COMMAND_TYPE, EVENT_TYPE, COMMAND_HANDLER, EVENT_HANDLER, SAGA],
         takes: Takes::Path,
@@ -222,6 +243,7 @@ const KEYS: &[Key] = &[
 
 /// A checked value.
 pub(crate) enum Value {
+    Field(Ident),
     Str(LitStr),
     Int(u64),
     Type(Box<Type>),
@@ -265,6 +287,13 @@ impl Options {
     pub(crate) fn ty(&self, key: &str) -> Option<&Type> {
         match self.get(key) {
             Some(Value::Type(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn field(&self, key: &str) -> Option<&Ident> {
+        match self.get(key) {
+            Some(Value::Field(f)) => Some(f),
             _ => None,
         }
     }
@@ -377,6 +406,18 @@ fn check(row: &Key, key: &Ident, value: Option<Written>, errors: &mut Errors) ->
             }
         },
         (Takes::Type, Some(Written::Type(ty))) => Some(Value::Type(ty)),
+        (Takes::Field, Some(Written::Type(ty))) => match &*ty {
+            Type::Path(p) if p.qself.is_none() && p.path.get_ident().is_some() => {
+                p.path.get_ident().cloned().map(Value::Field)
+            }
+            _ => {
+                errors.spanned(
+                    &ty,
+                    format!("`{name}` names one field of the trigger event: `{name} = order_id`"),
+                );
+                None
+            }
+        },
         (Takes::Path, Some(Written::Str(lit))) => match lit.parse::<Path>() {
             Ok(path) => Some(Value::Path(path)),
             Err(_) => {
@@ -390,12 +431,42 @@ fn check(row: &Key, key: &Ident, value: Option<Written>, errors: &mut Errors) ->
                 Takes::Int { .. } => "a whole number".to_owned(),
                 Takes::Type => format!("a type, not a literal: {name} = OrderId"),
                 Takes::Path => "a path in a string, e.g. crate = \"::my_app::catga\"".to_owned(),
+                Takes::Field => {
+                    format!("the name of a field of the trigger event, not a literal: {name} = order_id")
+                }
                 Takes::Flag => unreachable_flag(),
             };
             errors.at(other.span(), format!("`{name}` takes {expected}"));
             None
         }
     }
+}
+
+/// A duration: a whole number and a unit (`ms`, `s`, `m`, `h`), at least
+/// 1 ms.
+pub(crate) fn duration_ms(text: &str) -> Result<u64, String> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &text[digits.len()..];
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "write a whole number and a unit: \"500ms\", \"30s\", \"5m\", \"2h\"".to_owned())?;
+    let per = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "" => return Err(format!("add a unit: \"{n}s\" (ms, s, m or h)")),
+        other => return Err(format!("unknown unit `{other}`; use ms, s, m or h")),
+    };
+    match n.checked_mul(per) {
+        Some(0) => Err("must be at least 1ms".to_owned()),
+        Some(ms) => Ok(ms),
+        None => Err("too long".to_owned()),
+    }
+}
+
+fn check_duration(text: &str) -> Result<(), String> {
+    duration_ms(text).map(|_| ())
 }
 
 /// Flags are matched before this arm; kept total without a panic.

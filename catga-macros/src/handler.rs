@@ -137,8 +137,22 @@ fn validate<'a>(attr: Attr, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
 }
 
 /// Checks the keys that only make sense together.
-fn combinations(opts: &Options, errors: &mut Errors) {
-    let durable = opts.str("durable").is_some();
+fn combinations(attr: Attr, opts: &Options, errors: &mut Errors) {
+    // A saga's trigger is always durable.
+    let durable = opts.str("durable").is_some() || attr == Attr::Saga;
+    if let (Some(key), Some(_)) = (opts.written("leader"), opts.written("key")) {
+        errors.spanned(
+            key,
+            "a keyed saga runs on the replica that owns its key's partition, not on the leader: \
+             remove `leader` or `key`",
+        );
+    }
+    if let (Some(key), None) = (opts.written("partitions"), opts.written("key")) {
+        errors.spanned(
+            key,
+            "`partitions` splits a keyed saga's instances: add `key = <field of the trigger event>`",
+        );
+    }
     if let (Some(key), false) = (opts.written("max_deliver"), durable) {
         errors.spanned(
             key,
@@ -162,7 +176,7 @@ pub(crate) fn expand(attr: Attr, args: TokenStream, item: &TokenStream, f: &Item
         target: Target::Handler,
     };
     let opts = attr::parse(args, role, &mut errors);
-    combinations(&opts, &mut errors);
+    combinations(attr, &opts, &mut errors);
     let sig = validate(attr, f, &mut errors);
     match sig {
         Some(sig) if errors.is_empty() => {
@@ -239,6 +253,29 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
     let retry = opts.int("retry").unwrap_or(0) as u32;
     let idempotent = opts.flag("idempotent");
     let leader = opts.flag("leader");
+    let saga = attr == Attr::Saga;
+    let keyed = opts.field("key").is_some();
+    let partitions = opts.int("partitions").unwrap_or(0) as u32;
+    let timeout_ms = opts
+        .str("timeout")
+        .and_then(|t| crate::attr::duration_ms(&t.value()).ok())
+        .unwrap_or(0);
+    // A keyed saga's key: the field, as text. Spanned on the field as
+    // written: a missing field or one that is not `Display` is reported
+    // there.
+    let key_fn = match opts.field("key") {
+        Some(field) => {
+            let read = quote_spanned! {field.span()=>
+                #p::saga_key(&__catga_event.#field)
+            };
+            quote! {
+                fn key(__catga_event: &#msg_ty) -> ::core::option::Option<::std::string::String> {
+                    ::core::option::Option::Some(#read)
+                }
+            }
+        }
+        None => quote!(),
+    };
     let constructor = match attr {
         Attr::Command => quote!(command),
         Attr::Event | Attr::Saga => quote!(event),
@@ -258,6 +295,10 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
                 retry: #retry,
                 idempotent: #idempotent,
                 leader: #leader,
+                saga: #saga,
+                keyed: #keyed,
+                partitions: #partitions,
+                timeout_ms: #timeout_ms,
             },
         )
     };
@@ -276,6 +317,8 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
                 fn call(__catga_ctx: #p::Context, __catga_msg: #msg_ty) -> #returns {
                     #body
                 }
+
+                #key_fn
             }
 
             #[#p::linkme::distributed_slice(#p::HANDLERS)]

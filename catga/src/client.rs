@@ -225,13 +225,19 @@ impl Client {
     }
 
     /// A request under message id `id` (to an idempotent command), sent
-    /// again while it says it did not run, until the request time-out;
-    /// the reply's body, or its error.
-    pub(crate) async fn request_with_id(&self, subject: &str, payload: Bytes, id: &str) -> Result<Bytes> {
+    /// again while it says it did not run, until `timeout` (the request
+    /// time-out without one); the reply's body, or its error.
+    pub(crate) async fn request_with_id(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Bytes> {
         wire::check_id(id)?;
         let subject = Subject::from(subject);
         let headers = wire::message_headers(false, 1, Cause::Id(id));
-        let deadline = Deadline::after(self.inner.request_timeout);
+        let deadline = Deadline::after(timeout.unwrap_or(self.inner.request_timeout));
         self.request_retrying(&subject, headers, payload, deadline).await
     }
 
@@ -600,6 +606,8 @@ mod tests {
                 durable_subjects: Arc::default(),
                 sent: Default::default(),
                 fence: None,
+                last_delivery: false,
+                saga_timeout: None,
             })
         };
         let ctx = Context::new(client.clone(), Arc::new(meta), work());

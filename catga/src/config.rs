@@ -154,6 +154,16 @@ pub const SETTINGS: &[Setting] = &[
         default: "10000",
     },
     Setting {
+        name: "CATGA_MEMBER_HEARTBEAT_MS",
+        meaning: "how often a replica with keyed sagas says it is alive, renews its partition leases and rebalances",
+        default: "1000",
+    },
+    Setting {
+        name: "CATGA_MEMBER_TIMEOUT_MS",
+        meaning: "a replica silent this long leaves the ring of keyed sagas; also their partition lease, so its partitions move within about this time of its death",
+        default: "5000",
+    },
+    Setting {
         name: "CATGA_MAX_DELIVER",
         meaning: "default deliveries of a durable event before it is dead-lettered (`max_deliver = N` overrides)",
         default: "5",
@@ -326,6 +336,11 @@ pub struct Config {
     pub inbox_lease: Duration,
     /// The leader lease (see `CATGA_LEADER_LEASE_MS`).
     pub leader_lease: Duration,
+    /// How often a replica with keyed sagas heartbeats and rebalances.
+    pub member_heartbeat: Duration,
+    /// When a silent replica leaves the ring; its partition leases last as
+    /// long.
+    pub member_timeout: Duration,
     /// Default deliveries of a durable event before it is dead-lettered.
     pub max_deliver: u32,
     /// How long JetStream waits for an ack before it redelivers.
@@ -417,6 +432,8 @@ impl Default for Config {
             inbox_window: Duration::from_secs(24 * 3600),
             inbox_lease: Duration::from_secs(5),
             leader_lease: Duration::from_secs(10),
+            member_heartbeat: Duration::from_secs(1),
+            member_timeout: Duration::from_secs(5),
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
             streams: StreamSettings::default(),
@@ -527,6 +544,19 @@ impl Config {
         }
         if let Some(v) = get("CATGA_LEADER_LEASE_MS") {
             c.leader_lease = ms("CATGA_LEADER_LEASE_MS", &v)?.max(Duration::from_millis(30));
+        }
+        if let Some(v) = get("CATGA_MEMBER_HEARTBEAT_MS") {
+            c.member_heartbeat = ms("CATGA_MEMBER_HEARTBEAT_MS", &v)?.max(Duration::from_millis(10));
+        }
+        if let Some(v) = get("CATGA_MEMBER_TIMEOUT_MS") {
+            c.member_timeout = ms("CATGA_MEMBER_TIMEOUT_MS", &v)?.max(Duration::from_millis(30));
+        }
+        if c.member_timeout < c.member_heartbeat * 2 {
+            return Err(config_error(
+                "CATGA_MEMBER_TIMEOUT_MS",
+                &c.member_timeout.as_millis().to_string(),
+                "must be at least twice CATGA_MEMBER_HEARTBEAT_MS, or live replicas would drop out between heartbeats",
+            ));
         }
         if let Some(v) = get("CATGA_MAX_DELIVER") {
             c.max_deliver = positive("CATGA_MAX_DELIVER", &v)? as u32;

@@ -168,6 +168,9 @@ pub struct Error {
     /// Written by catga itself for the caller (an open breaker, a full
     /// subscription): safe to send as written, whatever the kind.
     exposed: bool,
+    /// When a durable message that failed with it should come back (a
+    /// saga waiting for a durable timer), instead of the back-off.
+    retry_after: Option<std::time::Duration>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -188,8 +191,20 @@ impl Error {
             message: message.into(),
             origin: Origin::Local,
             exposed: false,
+            retry_after: None,
             source: None,
         }
+    }
+
+    /// The same error, asking a durable message to come back after `delay`.
+    pub(crate) fn with_retry_after(mut self, delay: std::time::Duration) -> Error {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// When the durable message should come back, if the error says.
+    pub(crate) fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     /// The same error, marked as written by catga for the caller.
@@ -262,6 +277,7 @@ impl Error {
                 subject: subject.to_owned(),
             },
             exposed: false,
+            retry_after: None,
             source: None,
         }
     }

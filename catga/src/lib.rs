@@ -40,6 +40,7 @@ mod message;
 mod ops;
 mod registry;
 mod resilience;
+pub mod ring;
 mod runtime;
 mod saga;
 mod state;
@@ -86,6 +87,11 @@ pub mod __private {
     /// that a future that is not `Send` is reported there.
     pub fn assert_send<T: Send>(t: T) -> T {
         t
+    }
+
+    /// A keyed saga's key (`#[saga(key = field)]`): the field as text.
+    pub fn saga_key<K: std::fmt::Display + ?Sized>(key: &K) -> String {
+        key.to_string()
     }
 
     /// The body of a `#[saga]` handler: runs the saga function through

@@ -55,6 +55,13 @@ pub trait EventHandler: 'static {
     type Event;
     /// Handles one event.
     fn call(ctx: Context, event: Self::Event) -> impl Future<Output = Result<()>> + Send;
+
+    /// A keyed saga's key of `event` (`#[saga(key = field)]`): the field,
+    /// as text. `None` for every other handler.
+    fn key(event: &Self::Event) -> Option<String> {
+        let _ = event;
+        None
+    }
 }
 
 /// The success type of a handler's return type: `T` of `catga::Result<T>`.
@@ -74,6 +81,22 @@ impl<T> HandlerResult for Result<T> {
 
 /// Decode, call, encode: one message through a handler.
 type CallFn = fn(Context, Bytes) -> BoxFuture<'static, Result<Bytes>>;
+
+/// Decode and read a keyed saga's key.
+type KeyFn = fn(&Bytes) -> Result<Option<String>>;
+
+fn no_key(_: &Bytes) -> Result<Option<String>> {
+    Ok(None)
+}
+
+fn event_key<H>(payload: &Bytes) -> Result<Option<String>>
+where
+    H: EventHandler,
+    H::Event: Event,
+{
+    let event = <H::Event as Decode>::decode(payload, <H::Event as Message>::NAME)?;
+    Ok(H::key(&event))
+}
 
 fn call_command<H>(ctx: Context, payload: Bytes) -> BoxFuture<'static, Result<Bytes>>
 where
@@ -129,6 +152,15 @@ pub struct HandlerOptions {
     pub idempotent: bool,
     /// `leader` on an event handler: served by the leader only.
     pub leader: bool,
+    /// A `#[saga]`.
+    pub saga: bool,
+    /// `key = field` on a saga: keyed, with `partitions` partitions (0:
+    /// the default).
+    pub keyed: bool,
+    /// `partitions = N` on a keyed saga.
+    pub partitions: u32,
+    /// `timeout = "30s"` on a saga, in ms (0: none).
+    pub timeout_ms: u64,
 }
 
 impl HandlerOptions {
@@ -142,8 +174,15 @@ impl HandlerOptions {
         retry: 0,
         idempotent: false,
         leader: false,
+        saga: false,
+        keyed: false,
+        partitions: 0,
+        timeout_ms: 0,
     };
 }
+
+/// Partitions of a keyed saga without `partitions = N`.
+pub const DEFAULT_PARTITIONS: u32 = 64;
 
 /// One registered handler: what it handles and how, read-only.
 pub struct HandlerSpec {
@@ -155,6 +194,7 @@ pub struct HandlerSpec {
     idempotent: bool,
     options: HandlerOptions,
     call: CallFn,
+    key: KeyFn,
 }
 
 impl std::fmt::Debug for HandlerSpec {
@@ -188,6 +228,7 @@ impl HandlerSpec {
             idempotent: <H::Command as Command>::IDEMPOTENT,
             options,
             call: call_command::<H>,
+            key: no_key,
         }
     }
 
@@ -207,6 +248,7 @@ impl HandlerSpec {
             idempotent: options.idempotent,
             options,
             call: call_event::<H>,
+            key: event_key::<H>,
         }
     }
 
@@ -286,6 +328,32 @@ impl HandlerSpec {
     /// `retry = N`: how often a retryable failure is retried in place.
     pub fn retries(&self) -> u32 {
         self.options.retry
+    }
+
+    /// Whether it is a `#[saga]`.
+    pub fn is_saga(&self) -> bool {
+        self.options.saga
+    }
+
+    /// A keyed saga's partitions (`#[saga(key = ...)]`); `None` if it is
+    /// not keyed.
+    pub fn partitions(&self) -> Option<u32> {
+        let n = match self.options.partitions {
+            0 => DEFAULT_PARTITIONS,
+            n => n,
+        };
+        self.options.keyed.then_some(n)
+    }
+
+    /// A saga's `timeout`, if set: past it, an unfinished saga is
+    /// compensated.
+    pub fn saga_timeout(&self) -> Option<std::time::Duration> {
+        (self.options.timeout_ms > 0).then(|| std::time::Duration::from_millis(self.options.timeout_ms))
+    }
+
+    /// A keyed saga's key of a payload (decoding it).
+    pub(crate) fn key_of(&self, payload: &Bytes) -> Result<Option<String>> {
+        (self.key)(payload)
     }
 
     /// Runs the handler on one payload: decode, call, encode.
@@ -392,6 +460,7 @@ mod tests {
                 ..HandlerOptions::DEFAULT
             },
             call: never,
+            key: no_key,
         }
     }
 

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -22,6 +24,33 @@ const DONE: &str = "s:";
 const COMPENSATION: &str = "c:";
 /// `u:<step>`: the step's compensation was sent (or not needed).
 const UNDONE: &str = "u:";
+/// When the saga first ran (ms since the Unix epoch), for its `timeout`.
+const STARTED: &str = "started";
+/// `w:<timer>`: when a durable timer of the saga fires (ms since the
+/// Unix epoch).
+const WAKE: &str = "w:";
+
+/// A wait this short is slept in the process; a longer one hands the
+/// trigger back to the broker to come back when the timer fires.
+const IN_PROCESS_WAIT: Duration = Duration::from_secs(1);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms_of(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn parse_ms(v: &[u8]) -> u64 {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0)
+}
 
 /// The journaled compensations, in the order their steps were taken:
 /// (step, subject and payload).
@@ -183,7 +212,16 @@ pub enum SagaOutcome<T> {
 ///   fails the handler, so the trigger comes back and the saga resumes.
 ///   A panic in the saga's code compensates as well.
 /// - Every journal write of a `leader` handler carries its lease's fencing
-///   token: a replica that lost the lease cannot move a saga on.
+///   token (a keyed saga's: its partition's lease): a replica that lost the
+///   lease cannot move a saga on.
+/// - Time: a step may have a time-out ([`Step::timeout`]); a `#[saga]`
+///   may have one (`timeout = "30s"`), past which it is compensated; and
+///   [`Saga::sleep`] waits durably (the wake-up time is journaled, a long
+///   wait gives the trigger back to the broker until then). A retryable
+///   failure on the trigger's last delivery, or past the saga's time-out,
+///   compensates instead of leaving the saga half done; so does a step
+///   whose outcome is unknown then (it timed out): its own compensation is
+///   sent too, so compensations must accept undoing what never happened.
 #[derive(Clone)]
 pub struct Saga {
     inner: Arc<Inner>,
@@ -193,6 +231,8 @@ struct Inner {
     ctx: Context,
     id: String,
     journal: Mutex<BTreeMap<String, Bytes>>,
+    /// When the saga times out (ms since the Unix epoch); 0: never.
+    deadline: AtomicU64,
 }
 
 impl std::fmt::Debug for Saga {
@@ -241,6 +281,7 @@ impl Context {
                 ctx: self.clone(),
                 id,
                 journal: Mutex::new(journal),
+                deadline: AtomicU64::new(0),
             }),
         };
         match s.status() {
@@ -253,6 +294,27 @@ impl Context {
                 return Ok(SagaOutcome::Compensated { cause: s.cause() });
             }
             SagaStatus::Running => {}
+        }
+        if let Some(timeout) = self.work().saga_timeout {
+            let started = match s.get(STARTED) {
+                Some(v) => parse_ms(&v),
+                None => {
+                    let now = now_ms();
+                    s.write(STARTED, now.to_string().as_bytes()).await?;
+                    now
+                }
+            };
+            let deadline = started + timeout.as_millis() as u64;
+            s.inner.deadline.store(deadline, Ordering::Relaxed);
+            if now_ms() >= deadline {
+                let cause = Error::new(
+                    ErrorKind::Timeout,
+                    format!("the saga timed out: it did not finish within {timeout:?}"),
+                );
+                tracing::warn!(saga = %s.id(), "the saga timed out: compensating");
+                s.abort(None, &cause).await?;
+                return Ok(SagaOutcome::Compensated { cause });
+            }
         }
         let ran = std::panic::AssertUnwindSafe(saga(s.clone())).catch_unwind().await;
         let failure = match ran {
@@ -272,7 +334,9 @@ impl Context {
             SagaStatus::Compensated => Ok(SagaOutcome::Compensated { cause: failure }),
             SagaStatus::Failed => Err(s.failed()),
             // Resumed later: the trigger comes back.
-            SagaStatus::Running | SagaStatus::Compensating if failure.is_retryable() => Err(failure),
+            SagaStatus::Running | SagaStatus::Compensating if failure.is_retryable() && !s.out_of_time() => {
+                Err(failure)
+            }
             // Failed for good in the saga's own code (or a panic).
             _ => {
                 s.abort(None, &failure).await?;
@@ -286,6 +350,75 @@ impl Saga {
     /// The saga's id: the id of the message that triggered it.
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// The context of the handler running the saga (its trigger's
+    /// identity, this replica's client and store).
+    pub fn context(&self) -> &Context {
+        &self.inner.ctx
+    }
+
+    /// Waits durably for `wait` from the first time the saga reaches this
+    /// timer (`name`, unique in the saga): the wake-up time is journaled,
+    /// so a resumed saga waits only for what is left. A wait of more than a
+    /// second hands the trigger back to the broker, to come back when the
+    /// timer fires (each such wait costs one delivery of the trigger:
+    /// count them in `max_deliver`).
+    pub async fn sleep(&self, name: &'static str, wait: Duration) -> Result<()> {
+        let field = format!("{WAKE}{name}");
+        let wake = match self.get(&field) {
+            Some(v) => parse_ms(&v),
+            None => {
+                let at = now_ms() + wait.as_millis() as u64;
+                self.write(&field, at.to_string().as_bytes()).await?;
+                at
+            }
+        };
+        self.wait_until(name, wake).await
+    }
+
+    /// Waits durably until `at` (see [`sleep`](Self::sleep)).
+    pub async fn sleep_until(&self, name: &'static str, at: SystemTime) -> Result<()> {
+        let field = format!("{WAKE}{name}");
+        if self.get(&field).is_none() {
+            self.write(&field, ms_of(at).to_string().as_bytes()).await?;
+        }
+        self.wait_until(name, ms_of(at)).await
+    }
+
+    async fn wait_until(&self, name: &str, wake: u64) -> Result<()> {
+        let now = now_ms();
+        if now >= wake {
+            return Ok(());
+        }
+        let left = Duration::from_millis(wake - now);
+        if left <= IN_PROCESS_WAIT {
+            tokio::time::sleep(left).await;
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "saga {} waits for its timer {name} ({} ms left): its trigger comes back then",
+                self.id(),
+                left.as_millis()
+            ),
+        )
+        .with_retry_after(left))
+    }
+
+    /// When it times out, if it has a time-out.
+    fn deadline(&self) -> Option<u64> {
+        match self.inner.deadline.load(Ordering::Relaxed) {
+            0 => None,
+            d => Some(d),
+        }
+    }
+
+    /// No more tries: the trigger's last delivery, or past the time-out.
+    /// A retryable failure then compensates.
+    fn out_of_time(&self) -> bool {
+        self.inner.ctx.work().last_delivery || self.deadline().is_some_and(|d| now_ms() >= d)
     }
 
     /// Where it stands.
@@ -303,6 +436,7 @@ impl Saga {
             name,
             cmd,
             compensation: None,
+            timeout: None,
         }
     }
 
@@ -320,7 +454,7 @@ impl Saga {
         let work = self.inner.ctx.work();
         if !work
             .store
-            .saga_write(&self.inner.id, field, value, work.fence)
+            .saga_write(&self.inner.id, field, value, work.fence.as_ref())
             .await?
         {
             return Err(crate::state::fenced());
@@ -333,8 +467,9 @@ impl Saga {
         Ok(())
     }
 
-    /// Ends the saga after `failed` (a step, or its own code when
-    /// `None`) failed for good with `cause`: compensates the steps before.
+    /// Ends the saga after `failed` (a step that took no effect, or its
+    /// own code when `None`) failed for good with `cause`: compensates the
+    /// steps before (and a step whose outcome is unknown, not named here).
     async fn abort(&self, failed: Option<&str>, cause: &Error) -> Result<()> {
         if let Some(step) = failed {
             // Its command failed for good: it took no effect.
@@ -393,7 +528,7 @@ impl Saga {
                 .inner
                 .ctx
                 .client()
-                .request_with_id(&subject, payload, &id)
+                .request_with_id(&subject, payload, &id, None)
                 .await
             {
                 Ok(_) => self.write(&format!("{UNDONE}{step}"), b"sent").await?,
@@ -418,6 +553,7 @@ pub struct Step<C: Command> {
     name: &'static str,
     cmd: C,
     compensation: Option<Result<(&'static str, Bytes)>>,
+    timeout: Option<Duration>,
 }
 
 impl<C: Command> Step<C> {
@@ -428,12 +564,22 @@ impl<C: Command> Step<C> {
         self
     }
 
+    /// How long the step may take (its command sent again meanwhile while
+    /// no replica takes it); the request time-out without it. Past it, the
+    /// step failed retryably: the saga resumes later, or compensates if it
+    /// is out of time (this step included, since it may have run).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
     async fn run(self) -> Result<C::Reply> {
         let Step {
             saga,
             name,
             cmd,
             compensation,
+            timeout,
         } = self;
         if !C::IDEMPOTENT {
             return Err(Error::new(
@@ -476,16 +622,31 @@ impl<C: Command> Step<C> {
         }
         let payload = cmd.encode()?;
         let id = format!("{}/{name}", saga.id());
+        // Within the saga's time-out too.
+        let left = saga
+            .deadline()
+            .map(|d| Duration::from_millis(d.saturating_sub(now_ms()).max(1)));
+        let within = match (timeout, left) {
+            (Some(t), Some(l)) => Some(t.min(l)),
+            (t, l) => t.or(l),
+        };
         match saga
             .inner
             .ctx
             .client()
-            .request_with_id(C::SUBJECT, payload, &id)
+            .request_with_id(C::SUBJECT, payload, &id, within)
             .await
         {
             Ok(answer) => {
                 saga.write(&format!("{DONE}{name}"), &answer).await?;
                 decode::<C::Reply>(name, &answer)
+            }
+            // Out of tries: the step may or may not have run; compensate
+            // it with the others.
+            Err(e) if e.is_retryable() && saga.out_of_time() => {
+                tracing::warn!(saga = %saga.id(), step = name, error = %e, "the saga is out of time: compensating");
+                saga.abort(None, &e).await?;
+                Err(e)
             }
             Err(e) if e.is_retryable() => Err(e),
             Err(e) => {

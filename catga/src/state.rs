@@ -135,7 +135,7 @@ impl Context {
             }],
             events,
             inbox: None,
-            fence: work.fence,
+            fence: work.fence.clone(),
         };
         match work.store.commit(&commit).await? {
             Committed::Yes(versions) => {
@@ -153,11 +153,12 @@ impl Context {
     }
 }
 
-/// A write of a replica that lost the leader lease.
+/// A write of a replica that lost the lease its work started under.
 pub(crate) fn fenced() -> Error {
     Error::new(
         ErrorKind::Unavailable,
-        "this replica is no longer the leader: its write was refused (fenced); the new leader takes over",
+        "this replica is no longer the leader (or the owner of the saga's partition): its write was \
+         refused (fenced); the new holder of the lease takes over",
     )
 }
 

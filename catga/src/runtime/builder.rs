@@ -91,6 +91,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Sets how often a replica with keyed sagas heartbeats and rebalances
+    /// (`CATGA_MEMBER_HEARTBEAT_MS`) and when a silent one leaves the ring
+    /// and its partition leases run out (`CATGA_MEMBER_TIMEOUT_MS`).
+    pub fn membership(mut self, heartbeat: Duration, timeout: Duration) -> Self {
+        self.config.member_heartbeat = heartbeat;
+        self.config.member_timeout = timeout.max(heartbeat * 2);
+        self
+    }
+
     /// Sets how long an idempotent message's answer is kept, and how long a
     /// replica holds a message it handles before a retry may take it.
     pub fn inbox(mut self, window: Duration, lease: Duration) -> Self {
@@ -332,6 +341,8 @@ impl RuntimeBuilder {
             durable_subjects: Arc::clone(&durable_subjects),
             sent: Default::default(),
             fence: None,
+            last_delivery: false,
+            saga_timeout: None,
         });
         let leadership = super::leader::Leadership::new(&config.instance_id);
         let shared = Arc::new(Shared {
@@ -364,6 +375,19 @@ impl RuntimeBuilder {
                 leaders,
             ))
         });
+        let keyed_specs: Vec<&'static HandlerSpec> = selected
+            .iter()
+            .copied()
+            .filter(|s| s.partitions().is_some())
+            .collect();
+        let owned = Arc::new(tokio::sync::Mutex::new(super::keyed::Owned::default()));
+        let keyed = (!keyed_specs.is_empty()).then(|| {
+            tokio::spawn(super::keyed::run(
+                Arc::clone(&shared),
+                Arc::clone(&owned),
+                keyed_specs.clone(),
+            ))
+        });
         let subjects = registry::handlers()
             .iter()
             .map(|s| s.subject().to_owned())
@@ -390,6 +414,9 @@ impl RuntimeBuilder {
             serving,
             background,
             leader,
+            keyed,
+            owned,
+            keyed_specs,
             http,
         })
     }

@@ -27,6 +27,8 @@ pub(crate) struct Leadership {
     owner: String,
     /// The fencing token of the lease held; 0: not the leader.
     token: AtomicU64,
+    /// The lease's name, as fences carry it.
+    lease: Arc<str>,
 }
 
 impl Leadership {
@@ -34,13 +36,29 @@ impl Leadership {
         Leadership {
             owner: format!("{instance_id}/{}", crate::wire::new_message_id()),
             token: AtomicU64::new(0),
+            lease: crate::store::LEADER_LEASE.into(),
         }
+    }
+
+    /// This start's name in the store (also its name in the ring of
+    /// keyed sagas).
+    pub(crate) fn owner(&self) -> &str {
+        &self.owner
     }
 
     /// The fencing token of the lease held, if this replica leads.
     pub(crate) fn token(&self) -> Option<u64> {
         let t = self.token.load(Ordering::Acquire);
         (t != 0).then_some(t)
+    }
+
+    /// The fence of a `leader` handler's message taken now, if this
+    /// replica leads.
+    pub(crate) fn fence(&self) -> Option<crate::store::Fence> {
+        self.token().map(|token| crate::store::Fence {
+            lease: Arc::clone(&self.lease),
+            token,
+        })
     }
 
     fn set(&self, token: u64) {

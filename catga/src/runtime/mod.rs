@@ -10,6 +10,7 @@
 
 mod builder;
 mod discovery;
+mod keyed;
 mod leader;
 mod outbox;
 mod pipeline;
@@ -20,6 +21,7 @@ mod shutdown;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -120,7 +122,12 @@ pub(crate) struct Served {
     /// Subscriptions (and tasks).
     pub parallel: usize,
     /// The durable consumer it pulls from, if any.
-    pub durable: Option<(&'static str, DurableOptions)>,
+    pub durable: Option<(String, DurableOptions)>,
+    /// The partition of a keyed saga it serves, if it does.
+    pub partition: Option<Arc<keyed::Partition>>,
+    /// How often to tell the broker a message is still being handled
+    /// (the keyed saga consumers, see `keyed::ACK_WAIT`).
+    pub progress: Option<Duration>,
     /// Deliveries of a durable message before it is dead-lettered.
     pub max_deliver: u32,
     pub breaker: crate::resilience::Breaker,
@@ -138,16 +145,31 @@ impl Served {
             None if parallel > 1 => Some(private_group(&config.instance_id, spec)),
             None => None,
         };
-        let limit = spec.concurrency().unwrap_or(config.concurrency).max(1);
+        let mut limit = spec.concurrency().unwrap_or(config.concurrency).max(1);
+        let mut parallel = parallel;
+        let mut max_ack_pending = (limit * parallel * 4).max(256);
+        if spec.partitions().is_some() {
+            // A keyed saga's trigger consumer routes one trigger at a time,
+            // cluster-wide: the order triggers reach their partitions is
+            // the order they were published (its `concurrency` bounds the
+            // sagas run per replica instead, see `keyed`).
+            (limit, parallel, max_ack_pending) = (1, 1, 1);
+        }
+        let ack_wait = if spec.partitions().is_some() {
+            config.ack_wait.min(keyed::ACK_WAIT)
+        } else {
+            config.ack_wait
+        };
         let max_deliver = spec.max_deliver().unwrap_or(config.max_deliver).max(1);
         let durable = spec.durable().map(|name| {
             (
-                name,
+                name.to_owned(),
                 DurableOptions {
-                    ack_wait: config.ack_wait,
+                    ack_wait,
                     max_deliver,
-                    max_ack_pending: (limit * parallel * 4).max(256),
+                    max_ack_pending,
                     batch: limit,
+                    stream: None,
                 },
             )
         });
@@ -161,10 +183,37 @@ impl Served {
             capacity: config.subscription_capacity,
             parallel,
             durable,
+            partition: None,
+            progress: spec.partitions().map(|_| ack_wait / 3),
             max_deliver,
             breaker: crate::resilience::Breaker::new(config.breaker_failures, config.breaker_open),
             metrics: crate::ops::metrics::HandlerMetrics::new(spec),
         }
+    }
+
+    /// A partition of keyed saga `spec`: its own durable consumer on the
+    /// partition's subject, one message at a time (the key's order).
+    fn partition(spec: &'static HandlerSpec, config: &Config, partition: Arc<keyed::Partition>) -> Served {
+        let mut served = Served::new(spec, config);
+        let base = keyed::partition_base(&config.service, spec);
+        served.to = SubscribeTo {
+            subject: format!("{base}.{}", partition.index),
+            queue_group: None,
+        };
+        served.limit = 1;
+        served.parallel = 1;
+        served.durable = Some((
+            format!("{}-p{}", spec.durable().unwrap_or("saga"), partition.index),
+            DurableOptions {
+                ack_wait: config.ack_wait.min(keyed::ACK_WAIT),
+                max_deliver: served.max_deliver,
+                max_ack_pending: 1,
+                batch: 1,
+                stream: Some(partition.stream_subject.clone()),
+            },
+        ));
+        served.partition = Some(partition);
+        served
     }
 
     /// Subscribes: a core subscription, or the durable consumer (creating
@@ -173,6 +222,10 @@ impl Served {
         let transport = shared.client.transport();
         match &self.durable {
             None => transport.subscribe(&self.to).await,
+            // Its stream was made by the ownership loop.
+            Some((name, options)) if self.partition.is_some() => {
+                transport.durable_subscribe(&self.to.subject, name, options).await
+            }
             Some((name, options)) => {
                 transport
                     .ensure_stream(&self.to.subject, &shared.config.streams)
@@ -216,6 +269,11 @@ pub struct Runtime {
     background: Vec<JoinHandle<()>>,
     /// The leadership loop, when some handler is `leader`.
     leader: Option<JoinHandle<()>>,
+    /// The ownership loop of keyed sagas, if any, their partitions served
+    /// here, and the keyed sagas.
+    keyed: Option<JoinHandle<()>>,
+    owned: Arc<tokio::sync::Mutex<keyed::Owned>>,
+    keyed_specs: Vec<&'static HandlerSpec>,
     http: Option<HttpEndpoint>,
 }
 
@@ -388,6 +446,12 @@ impl Runtime {
         self.shared.leadership.token().is_some()
     }
 
+    /// The partitions of keyed sagas (`#[saga(key = ...)]`) this replica
+    /// serves right now, per saga handler name.
+    pub async fn partitions(&self) -> std::collections::BTreeMap<&'static str, Vec<u32>> {
+        self.owned.lock().await.served()
+    }
+
     /// The handlers being served right now.
     pub async fn serving(&self) -> Vec<&'static str> {
         let mut names: Vec<&'static str> = self.serving.lock().await.keys().copied().collect();
@@ -422,10 +486,22 @@ impl Runtime {
             leader.abort();
             let _ = leader.await;
         }
-        let serving: Vec<Serving> = self.serving.lock().await.drain().map(|(_, s)| s).collect();
+        if let Some(keyed) = self.keyed.take() {
+            keyed.abort();
+            let _ = keyed.await;
+        }
+        let mut serving: Vec<Serving> = self.serving.lock().await.drain().map(|(_, s)| s).collect();
+        let (partitions, draining) = self.owned.lock().await.take_all();
+        serving.extend(partitions);
         let background = std::mem::take(&mut self.background);
         let outcome = shutdown::shutdown(&self.shared, serving, background).await;
+        for d in draining {
+            let _ = d.await;
+        }
         self.shared.leadership.release(&self.shared).await;
+        if !self.keyed_specs.is_empty() {
+            keyed::leave(&self.shared, &self.keyed_specs).await;
+        }
         if let Some(http) = self.http.take() {
             http.stop().await;
         }
@@ -446,6 +522,12 @@ impl Drop for Runtime {
         }
         if let Some(leader) = &self.leader {
             leader.abort();
+        }
+        if let Some(keyed) = &self.keyed {
+            keyed.abort();
+        }
+        if let Ok(owned) = self.owned.try_lock() {
+            owned.abort_all();
         }
         if let Ok(serving) = self.serving.try_lock() {
             for s in serving.values() {
@@ -520,6 +602,28 @@ async fn stop_serving_one(
 /// JetStream answers: a broker that is down at start-up must not stop it.
 async fn spawn_handler(spec: &'static HandlerSpec, shared: &Arc<Shared>) -> Result<Serving> {
     let served = Arc::new(Served::new(spec, &shared.config));
+    shared
+        .endpoints
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(spec.name(), Arc::clone(&served));
+    spawn_served(served, shared).await
+}
+
+/// Serves one partition of keyed saga `spec`.
+async fn spawn_partition(
+    spec: &'static HandlerSpec,
+    shared: &Arc<Shared>,
+    partition: Arc<keyed::Partition>,
+) -> Result<Serving> {
+    spawn_served(
+        Arc::new(Served::partition(spec, &shared.config, partition)),
+        shared,
+    )
+    .await
+}
+
+async fn spawn_served(served: Arc<Served>, shared: &Arc<Shared>) -> Result<Serving> {
     let mut subs = Vec::with_capacity(served.parallel);
     for _ in 0..served.parallel {
         subs.push(match served.durable {
@@ -528,11 +632,6 @@ async fn spawn_handler(spec: &'static HandlerSpec, shared: &Arc<Shared>) -> Resu
         });
     }
     let (stop, stop_rx) = watch::channel(false);
-    shared
-        .endpoints
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(spec.name(), Arc::clone(&served));
     shared.health.want(served.parallel);
     let tasks = subs
         .into_iter()

@@ -80,7 +80,27 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
     let started = served.metrics.start();
     async move {
         let payload = incoming.payload;
-        let outcome = steps(served, shared, &meta, payload.clone()).await;
+        let work = steps(served, shared, &meta, payload.clone());
+        let outcome = match served.progress {
+            None => work.await,
+            // A keyed saga's consumers have a short ack wait (a delivery
+            // lost in a hand-over comes back soon) and one message in
+            // flight (a redelivery while it runs would be the next one's
+            // turn): tell the broker the message is still being handled.
+            Some(every) => {
+                tokio::pin!(work);
+                loop {
+                    tokio::select! {
+                        outcome = &mut work => break outcome,
+                        () = tokio::time::sleep(every) => {
+                            if let Err(e) = settler.progress().await {
+                                tracing::debug!(error = %e, "progress ack not sent");
+                            }
+                        }
+                    }
+                }
+            }
+        };
         let ended = ended(&outcome);
         let settle = conclude(served, shared, &meta, &payload, outcome);
         match &settle {
@@ -324,21 +344,41 @@ async fn call(
     // A handler that stages nothing and is not fenced shares one `Work`
     // (one allocation less per message); an idempotent one gets its own
     // to stage in, a `leader` one its own with the lease's fencing token.
-    let fence = if served.spec.is_leader() {
-        // Not the leader (any more): the lease was lost after this message
-        // was taken; the subscription is closing.
-        Some(shared.leadership.token().ok_or_else(crate::state::fenced)?)
-    } else {
-        None
+    let spec = served.spec;
+    // A keyed saga's trigger consumer only routes the trigger to its
+    // key's partition.
+    if spec.partitions().is_some() && served.partition.is_none() {
+        return super::keyed::route(served, shared, meta, payload).await;
+    }
+    // A keyed saga's partition runs at most `concurrency` sagas on this
+    // replica at once, over all its partitions.
+    let _permit = match &served.partition {
+        Some(p) => Some(
+            Arc::clone(&p.gate)
+                .acquire_owned()
+                .await
+                .map_err(|_| crate::state::fenced())?,
+        ),
+        None => None,
+    };
+    let fence = match &served.partition {
+        // The partition was given up or lost after this message was
+        // taken; the subscription is closing.
+        Some(p) => Some(p.fence()?),
+        // Not the leader (any more): likewise.
+        None if spec.is_leader() => Some(shared.leadership.fence().ok_or_else(crate::state::fenced)?),
+        None => None,
     };
     let work = match (claim, fence) {
-        (Claim::None, None) => Arc::clone(&shared.plain_work),
+        (Claim::None, None) if !spec.is_saga() => Arc::clone(&shared.plain_work),
         (claim, fence) => Arc::new(Work {
             store: shared.store.clone(),
             staged: matches!(claim, Claim::Owned { .. }).then(Default::default),
             durable_subjects: Arc::clone(&shared.durable_subjects),
             sent: Default::default(),
             fence,
+            last_delivery: served.durable.is_some() && meta.delivery() >= u64::from(served.max_deliver),
+            saga_timeout: spec.saga_timeout(),
         }),
     };
     let ctx = Context::new(shared.client.clone(), Arc::clone(meta), Arc::clone(&work));
@@ -371,7 +411,7 @@ async fn call(
             reply: StoredReply::Ok(body.clone()),
             window: shared.config.inbox_window,
         }),
-        work.fence,
+        work.fence.clone(),
     );
     // Boxed, here and at the other store calls: a store operation's future
     // is large, and an unboxed one would make every message's future as
@@ -478,7 +518,9 @@ fn conclude(
             let max = served.max_deliver;
             let delivered = meta.delivery();
             if error.is_retryable() && delivered < u64::from(max) {
-                let delay = backoff(shared.config.retry_base, delivered as u32);
+                let delay = error
+                    .retry_after()
+                    .unwrap_or_else(|| backoff(shared.config.retry_base, delivered as u32));
                 tracing::warn!(error = %error, delivered, max, ?delay, "failed; it will be delivered again");
                 return Settle::Retry { delay };
             }

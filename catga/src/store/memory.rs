@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Commit, Committed, Inbox, OutboxEntry, StoredReply};
+use super::{Commit, Committed, Fence, Inbox, LEADER_LEASE, OutboxEntry, StoredReply};
 use crate::error::Result;
 
 #[derive(Default)]
@@ -26,10 +26,12 @@ struct Inner {
     outbox: BTreeMap<u64, Queued>,
     next_entry: u64,
     inbox: HashMap<(String, String), (InboxValue, Instant)>,
-    /// The leader lease: its holder and when it runs out.
-    leader: Option<(String, Instant)>,
-    /// The fencing token of the latest lease granted.
-    fence: u64,
+    /// Leases by name: the holder and when it runs out.
+    leases: HashMap<String, (String, Instant)>,
+    /// The fencing token of each lease's latest grant.
+    fences: HashMap<String, u64>,
+    /// Members and when each last said it was alive.
+    members: HashMap<String, Instant>,
     /// Saga journals, by saga id.
     sagas: HashMap<String, std::collections::BTreeMap<String, Bytes>>,
     /// Saga ids, oldest first.
@@ -46,6 +48,44 @@ struct Queued {
 enum InboxValue {
     Pending(String),
     Done(StoredReply),
+}
+
+impl Inner {
+    /// Whether a write carrying `fence` may go ahead: it carries none, or
+    /// the token of its lease's latest grant.
+    fn fence_holds(&self, fence: Option<&Fence>) -> bool {
+        fence.is_none_or(|f| self.fences.get(&*f.lease).copied().unwrap_or(0) == f.token)
+    }
+
+    /// Takes or extends lease `name` for `owner` (`want`), or gives it up:
+    /// its token, 0 if `owner` does not hold it.
+    fn lease(&mut self, name: &str, want: bool, owner: &str, ttl: Duration) -> u64 {
+        let now = Instant::now();
+        let held_by = self
+            .leases
+            .get(name)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(o, _)| o.as_str());
+        match (want, held_by) {
+            (true, Some(o)) if o == owner => {
+                self.leases.insert(name.to_owned(), (owner.to_owned(), now + ttl));
+                self.fences.get(name).copied().unwrap_or(0)
+            }
+            (true, Some(_)) => 0,
+            (true, None) => {
+                let token = self.fences.entry(name.to_owned()).or_insert(0);
+                *token += 1;
+                let token = *token;
+                self.leases.insert(name.to_owned(), (owner.to_owned(), now + ttl));
+                token
+            }
+            (false, Some(o)) if o == owner => {
+                self.leases.remove(name);
+                0
+            }
+            (false, _) => 0,
+        }
+    }
 }
 
 impl MemoryStore {
@@ -78,7 +118,7 @@ impl MemoryStore {
     pub(crate) async fn commit(&self, commit: &Commit) -> Result<Committed> {
         let appended = {
             let mut inner = self.lock();
-            if commit.fence.is_some_and(|t| t != inner.fence) {
+            if !inner.fence_holds(commit.fence.as_ref()) {
                 return Ok(Committed::Fenced);
             }
             for (index, w) in commit.states.iter().enumerate() {
@@ -230,10 +270,10 @@ impl MemoryStore {
         id: &str,
         field: &str,
         value: &[u8],
-        fence: Option<u64>,
+        fence: Option<&Fence>,
     ) -> Result<bool> {
         let mut inner = self.lock();
-        if fence.is_some_and(|t| t != inner.fence) {
+        if !inner.fence_holds(fence) {
             return Ok(false);
         }
         if !inner.sagas.contains_key(id) {
@@ -252,28 +292,14 @@ impl MemoryStore {
     }
 
     pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        match &inner.leader {
-            Some((o, expires)) if *expires > now => {
-                if o == owner {
-                    inner.leader = Some((owner.to_owned(), now + lease));
-                    return Ok(Some(inner.fence));
-                }
-                Ok(None)
-            }
-            _ => {
-                inner.fence += 1;
-                inner.leader = Some((owner.to_owned(), now + lease));
-                Ok(Some(inner.fence))
-            }
-        }
+        let token = self.lock().lease(LEADER_LEASE, true, owner, lease);
+        Ok((token > 0).then_some(token))
     }
 
     pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
         let now = Instant::now();
         let mut inner = self.lock();
-        Ok(match &mut inner.leader {
+        Ok(match inner.leases.get_mut(LEADER_LEASE) {
             Some((o, expires)) if o == owner && *expires > now => {
                 *expires = now + lease;
                 true
@@ -283,11 +309,35 @@ impl MemoryStore {
     }
 
     pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
-        let mut inner = self.lock();
-        if inner.leader.as_ref().is_some_and(|(o, _)| o == owner) {
-            inner.leader = None;
-        }
+        self.lock().lease(LEADER_LEASE, false, owner, Duration::ZERO);
         Ok(())
+    }
+
+    pub(crate) async fn lease_sync(
+        &self,
+        leases: &[(String, bool)],
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Vec<u64>> {
+        let mut inner = self.lock();
+        Ok(leases
+            .iter()
+            .map(|(name, want)| inner.lease(name, *want, owner, ttl))
+            .collect())
+    }
+
+    pub(crate) async fn members(&self, member: &str, alive: bool, timeout: Duration) -> Result<Vec<String>> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if alive {
+            inner.members.insert(member.to_owned(), now);
+        } else {
+            inner.members.remove(member);
+        }
+        inner.members.retain(|_, at| now.duration_since(*at) < timeout);
+        let mut out: Vec<String> = inner.members.keys().cloned().collect();
+        out.sort_unstable();
+        Ok(out)
     }
 
     pub(crate) async fn inbox_renew(
@@ -466,7 +516,10 @@ mod tests {
             }],
             events: vec![],
             inbox: None,
-            fence: Some(fence),
+            fence: Some(Fence {
+                lease: LEADER_LEASE.into(),
+                token: fence,
+            }),
         };
         // a stalls past its lease; b takes over with a newer token.
         tokio::time::sleep(Duration::from_millis(80)).await;

@@ -138,10 +138,24 @@ pub(crate) struct Commit {
     pub states: Vec<StateWrite>,
     pub events: Vec<OutboxEntry>,
     pub inbox: Option<InboxWrite>,
-    /// The leader lease's fencing token the writer holds: the commit is
+    /// The fencing token of the lease the writer holds: the commit is
     /// refused unless it is still the latest one granted.
-    pub fence: Option<u64>,
+    pub fence: Option<Fence>,
 }
+
+/// A lease's fencing token, as a write carries it: the write is refused
+/// once a newer grant of the same lease exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fence {
+    /// The lease: `leader`, or a keyed saga's partition
+    /// (`part:<saga>:<n>`).
+    pub lease: Arc<str>,
+    /// The token of the grant the writer started under.
+    pub token: u64,
+}
+
+/// The leader lease's name.
+pub(crate) const LEADER_LEASE: &str = "leader";
 
 /// What a commit found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,13 +343,13 @@ impl Store {
 
     /// Writes one field of a saga's journal (and lists the saga, the
     /// first time); false (nothing written) if `fence` is not the latest
-    /// leader lease's token.
+    /// token of its lease.
     pub(crate) async fn saga_write(
         &self,
         id: &str,
         field: &str,
         value: &[u8],
-        fence: Option<u64>,
+        fence: Option<&Fence>,
     ) -> Result<bool> {
         each!(self, s => s.saga_write(id, field, value, fence).await)
     }
@@ -354,6 +368,29 @@ impl Store {
     /// Gives the leader lease up if `owner` holds it.
     pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
         each!(self, s => s.leader_release(owner).await)
+    }
+
+    /// Brings many leases in line in one round trip: each wanted one is
+    /// taken (a new fencing token) or extended by `ttl` (its current
+    /// token); each unwanted one that `owner` holds is given up. The token
+    /// per lease, 0 where `owner` does not hold it.
+    pub(crate) async fn lease_sync(
+        &self,
+        leases: &[(String, bool)],
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Vec<u64>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        each!(self, s => s.lease_sync(leases, owner, ttl).await)
+    }
+
+    /// Records that `member` is alive (or, with `alive` false, that it
+    /// leaves), forgets members silent for `timeout`, and returns the
+    /// members alive, sorted.
+    pub(crate) async fn members(&self, member: &str, alive: bool, timeout: Duration) -> Result<Vec<String>> {
+        each!(self, s => s.members(member, alive, timeout).await)
     }
 
     /// Extends the claim `owner` holds on `id` by `lease` from now; false
@@ -386,9 +423,15 @@ pub(crate) struct Work {
     pub durable_subjects: Arc<std::collections::HashSet<&'static str>>,
     /// Messages sent so far by the handler (numbers its children's ids).
     pub sent: std::sync::atomic::AtomicU64,
-    /// In a `leader` handler: the fencing token of the lease it started
-    /// under; its writes are refused once a newer lease was granted.
-    pub fence: Option<u64>,
+    /// In a `leader` handler or a keyed saga's partition: the fencing
+    /// token of the lease it started under; its writes are refused once a
+    /// newer grant of that lease exists.
+    pub fence: Option<Fence>,
+    /// A durable message's last delivery before it is dead-lettered: a
+    /// saga compensates rather than fail retryably.
+    pub last_delivery: bool,
+    /// A saga's `timeout`.
+    pub saga_timeout: Option<Duration>,
 }
 
 /// The writes of an idempotent handler, not committed yet.
@@ -410,7 +453,7 @@ pub(crate) struct StagedState {
 
 impl Staged {
     /// The commit these writes make, with the handler's answer.
-    pub(crate) fn into_commit(self, inbox: Option<InboxWrite>, fence: Option<u64>) -> Commit {
+    pub(crate) fn into_commit(self, inbox: Option<InboxWrite>, fence: Option<Fence>) -> Commit {
         Commit {
             states: self
                 .states

@@ -12,7 +12,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisError, RedisFuture, Script, Value};
 
-use super::{Commit, Committed, Inbox, OutboxEntry, StoredReply, prefix, unavailable};
+use super::{Commit, Committed, Fence, Inbox, LEADER_LEASE, OutboxEntry, StoredReply, prefix, unavailable};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How to reach Redis: `REDIS_URL` (`redis://` or `rediss://`, with
@@ -51,6 +51,8 @@ pub(crate) struct RedisStore {
     extend_if_held: Script,
     leader_acquire: Script,
     saga_write: Script,
+    lease_sync: Script,
+    members: Script,
 }
 
 /// A connection to Redis, whichever the topology; cheap to clone, and
@@ -355,6 +357,45 @@ redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[5])
 return 1
 ";
 
+/// Brings leases in line (see `Store::lease_sync`). KEYS: per lease, its
+/// key and its fence key. ARGV: the owner, the lease in ms, then per lease
+/// '1' (wanted) or '0'. Returns the token per lease, 0 where not held.
+const LEASE_SYNC: &str = r"
+local out = {}
+for i = 1, #KEYS / 2 do
+  local k, f = KEYS[2 * i - 1], KEYS[2 * i]
+  local held = redis.call('GET', k) == ARGV[1]
+  out[i] = 0
+  if ARGV[2 + i] == '1' then
+    if held then
+      redis.call('PEXPIRE', k, ARGV[2])
+      out[i] = tonumber(redis.call('GET', f) or '0')
+    elseif redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2]) then
+      out[i] = redis.call('INCR', f)
+    end
+  elseif held then
+    redis.call('DEL', k)
+  end
+end
+return out
+";
+
+/// Membership (KEYS[1], a sorted set by last heartbeat, on the server's
+/// clock so that replicas' clocks do not matter): adds `ARGV[1]` now (or
+/// removes it when `ARGV[3]` is '0'), forgets members silent for `ARGV[2]`
+/// ms, and returns those left.
+const MEMBERS: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+";
+
 const GROUP: &str = "relay";
 
 fn entry_fields(fields: &[(String, Value)]) -> Option<OutboxEntry> {
@@ -547,6 +588,8 @@ impl RedisStore {
             extend_if_held: Script::new(EXTEND_IF_HELD),
             leader_acquire: Script::new(LEADER_ACQUIRE),
             saga_write: Script::new(SAGA_WRITE),
+            lease_sync: Script::new(LEASE_SYNC),
+            members: Script::new(MEMBERS),
         })
     }
 
@@ -573,17 +616,17 @@ impl RedisStore {
         id: &str,
         field: &str,
         value: &[u8],
-        fence: Option<u64>,
+        fence: Option<&Fence>,
     ) -> Result<bool> {
         let mut c = self.conn.clone();
         let written: i64 = self
             .saga_write
             .key(self.saga_key(id))
-            .key(self.fence_key())
+            .key(self.fence_key(fence.map_or(LEADER_LEASE, |f| &f.lease)))
             .key(format!("{}:sagas", self.prefix))
             .arg(field)
             .arg(value)
-            .arg(fence.map(|t| t.to_string()).unwrap_or_default())
+            .arg(fence.map(|f| f.token.to_string()).unwrap_or_default())
             .arg(
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -611,11 +654,48 @@ impl RedisStore {
     }
 
     fn leader_key(&self) -> String {
-        format!("{}:leader", self.prefix)
+        self.lease_key(LEADER_LEASE)
     }
 
-    fn fence_key(&self) -> String {
-        format!("{}:leader:fence", self.prefix)
+    fn lease_key(&self, lease: &str) -> String {
+        format!("{}:{lease}", self.prefix)
+    }
+
+    fn fence_key(&self, lease: &str) -> String {
+        format!("{}:{lease}:fence", self.prefix)
+    }
+
+    pub(crate) async fn lease_sync(
+        &self,
+        leases: &[(String, bool)],
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Vec<u64>> {
+        let mut inv = self.lease_sync.prepare_invoke();
+        for (name, _) in leases {
+            inv.key(self.lease_key(name)).key(self.fence_key(name));
+        }
+        inv.arg(owner).arg(ttl.as_millis().max(1) as u64);
+        for (_, want) in leases {
+            inv.arg(if *want { "1" } else { "0" });
+        }
+        let mut c = self.conn.clone();
+        inv.invoke_async(&mut c).await.map_err(map_err)
+    }
+
+    pub(crate) async fn members(&self, member: &str, alive: bool, timeout: Duration) -> Result<Vec<String>> {
+        let mut c = self.conn.clone();
+        let mut out: Vec<String> = self
+            .members
+            .key(format!("{}:members", self.prefix))
+            .arg(member)
+            .arg(timeout.as_millis().max(1) as u64)
+            .arg(if alive { "1" } else { "0" })
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        out.sort_unstable();
+        Ok(out)
     }
 
     pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {
@@ -623,7 +703,7 @@ impl RedisStore {
         let token: u64 = self
             .leader_acquire
             .key(self.leader_key())
-            .key(self.fence_key())
+            .key(self.fence_key(LEADER_LEASE))
             .arg(owner)
             .arg(lease.as_millis().max(1) as u64)
             .invoke_async(&mut c)
@@ -698,12 +778,18 @@ impl RedisStore {
         if let Some(i) = &commit.inbox {
             inv.key(self.inbox_key(&i.scope, &i.id));
         }
-        if commit.fence.is_some() {
-            inv.key(self.fence_key());
+        if let Some(f) = &commit.fence {
+            inv.key(self.fence_key(&f.lease));
         }
         inv.arg(commit.states.len())
             .arg(if commit.inbox.is_some() { "1" } else { "0" })
-            .arg(commit.fence.map(|t| t.to_string()).unwrap_or_default());
+            .arg(
+                commit
+                    .fence
+                    .as_ref()
+                    .map(|f| f.token.to_string())
+                    .unwrap_or_default(),
+            );
         for w in &commit.states {
             inv.arg(w.expected).arg(w.data.as_ref());
         }

@@ -69,6 +69,30 @@ impl NatsTransport {
         Ok(())
     }
 
+    /// The stream of a keyed saga's partitions (`<base>.*`); each
+    /// partition's subject is remembered as stored, so that routing to it
+    /// needs no lookup.
+    pub(crate) async fn ensure_partition_stream(
+        &self,
+        base: &str,
+        partitions: u32,
+        settings: &StreamSettings,
+    ) -> Result<()> {
+        self.ensure_dead_letters(settings).await?;
+        let subject = format!("{base}.*");
+        self.ensure(stream_config(
+            stream_name(&subject),
+            vec![subject],
+            settings,
+            settings.max_age,
+        ))
+        .await?;
+        for p in 0..partitions {
+            self.remember_stream(&format!("{base}.{p}"), true);
+        }
+        Ok(())
+    }
+
     /// The dead-letter stream: dead letters are kept 30 days, or as long
     /// as events if that is longer.
     pub(crate) async fn ensure_dead_letters(&self, settings: &StreamSettings) -> Result<()> {
@@ -125,7 +149,7 @@ impl NatsTransport {
     ) -> Result<JsSubscription> {
         let js = self.jetstream();
         let stream = js
-            .get_stream(stream_name(subject))
+            .get_stream(stream_name(options.stream.as_deref().unwrap_or(subject)))
             .await
             .map_err(|e| js_error("stream lookup", e))?;
         let config = consumer::pull::Config {
@@ -343,6 +367,14 @@ impl JsAck {
             .ack()
             .await
             .map_err(|e| Error::new(ErrorKind::Transport, format!("ack failed: {e}")))
+    }
+
+    /// Still working on it: the ack wait starts again.
+    pub(crate) async fn progress(&self) -> Result<()> {
+        self.message
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Transport, format!("progress ack failed: {e}")))
     }
 
     pub(crate) async fn nak(self, delay: Duration) -> Result<()> {

@@ -347,6 +347,21 @@ impl MemoryAck {
         self.streams.settle(&self.subject, &self.durable, self.seq, None);
     }
 
+    /// Still working on it: the ack wait starts again.
+    pub(crate) fn progress(&self) {
+        let mut inner = lock(&self.streams.inner);
+        if let Some(c) = inner
+            .streams
+            .get_mut(&self.subject)
+            .and_then(|s| s.consumers.get_mut(&self.durable))
+        {
+            let again = Instant::now() + c.options.ack_wait;
+            if let Some(e) = c.pending.get_mut(&self.seq) {
+                e.1 = again;
+            }
+        }
+    }
+
     pub(crate) fn nak(self, delay: Duration) {
         self.streams
             .settle(&self.subject, &self.durable, self.seq, Some(delay));

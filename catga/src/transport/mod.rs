@@ -34,6 +34,10 @@ pub(crate) struct DurableOptions {
     pub max_ack_pending: usize,
     /// Messages pulled at a time.
     pub batch: usize,
+    /// The subject of the stream to bind in, when it stores more than the
+    /// consumer's subject (a keyed saga's partitions share one stream on
+    /// NATS).
+    pub stream: Option<String>,
 }
 
 /// The JetStream stream that keeps `subject`: `CATGA_` plus the subject
@@ -268,6 +272,26 @@ impl Transport {
             }
             Kind::Memory(bus) => {
                 bus.streams().ensure(subject, settings);
+                Ok(())
+            }
+        }
+    }
+
+    /// Creates the stream of a keyed saga's partitions `<base>.0` to
+    /// `<base>.<partitions - 1>`: one stream of `<base>.*` on NATS, one per
+    /// partition on the embedded bus (its streams store one subject each).
+    pub(crate) async fn ensure_partition_streams(
+        &self,
+        base: &str,
+        partitions: u32,
+        settings: &crate::config::StreamSettings,
+    ) -> Result<()> {
+        match &self.0 {
+            Kind::Nats(t) => t.ensure_partition_stream(base, partitions, settings).await,
+            Kind::Memory(bus) => {
+                for p in 0..partitions {
+                    bus.streams().ensure(&format!("{base}.{p}"), settings);
+                }
                 Ok(())
             }
         }
@@ -574,6 +598,19 @@ pub(crate) struct Settler {
 }
 
 impl Settler {
+    /// Tells the broker a durable message is still being worked on, so
+    /// that its ack wait starts again; nothing for other messages.
+    pub(crate) async fn progress(&self) -> Result<()> {
+        match &self.reply {
+            ReplyTo::Js(ack) => ack.progress().await,
+            ReplyTo::MemoryDurable(ack) => {
+                ack.progress();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Answers the message. A reply larger than the broker accepts is
     /// replaced by a small "too large" error reply, so the sender learns at
     /// once that asking again cannot succeed; the error is returned for the

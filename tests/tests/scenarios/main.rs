@@ -9,6 +9,7 @@ mod errors;
 mod fan_out;
 mod handover;
 mod idempotency;
+mod keyed;
 mod leader;
 mod lifecycle;
 mod load_balancing;

@@ -1,0 +1,220 @@
+//! Keyed sagas (`#[saga(key = ...)]`): instances partitioned by key over
+//! the live replicas, one owner per partition, a key's sagas in the order
+//! their triggers were published, each step once; partitions move when a
+//! replica leaves or joins.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use catga::{Result, Runtime, Saga, command, event, saga};
+use catga_tests::{Backend, run_id};
+use serde::{Deserialize, Serialize};
+
+use crate::WAIT;
+
+/// Posts an entry to an account (idempotent: once per saga).
+#[command(subject = "tests.keyed.post", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Post {
+    pub run: String,
+    pub account: String,
+    pub seq: u64,
+}
+
+/// Starts a saga keyed by its account.
+#[event(subject = "tests.keyed.posted")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Posted {
+    pub run: String,
+    pub account: String,
+    pub seq: u64,
+}
+
+/// (run, account) -> the seqs posted, in order.
+static LEDGER: Mutex<BTreeMap<(String, String), Vec<u64>>> = Mutex::new(BTreeMap::new());
+/// (run, account, seq) -> the replicas whose saga finished it.
+static RAN_ON: Mutex<BTreeMap<(String, String, u64), Vec<String>>> = Mutex::new(BTreeMap::new());
+
+#[command]
+async fn post(p: Post) -> Result<()> {
+    // A pause, as a remote call would take: sagas of one key overlap if
+    // their order is not kept.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    LEDGER
+        .lock()
+        .expect("ledger")
+        .entry((p.run, p.account))
+        .or_default()
+        .push(p.seq);
+    Ok(())
+}
+
+#[saga(key = account, partitions = 8, concurrency = 4)]
+async fn ledger(saga: &Saga, e: Posted) -> Result<()> {
+    saga.step(
+        "post",
+        Post {
+            run: e.run.clone(),
+            account: e.account.clone(),
+            seq: e.seq,
+        },
+    )
+    .await?;
+    RAN_ON
+        .lock()
+        .expect("ran on")
+        .entry((e.run, e.account, e.seq))
+        .or_default()
+        .push(saga.context().instance_id().to_owned());
+    Ok(())
+}
+
+catga_tests::on_both!(keyed_sagas_keep_key_order_while_replicas_leave_and_join);
+
+const ACCOUNTS: [&str; 6] = ["acct-a", "acct-b", "acct-c", "acct-d", "acct-e", "acct-f"];
+
+async fn replica(b: &Backend, name: &str) -> Runtime {
+    b.started(
+        b.builder(module_path!(), name)
+            .membership(Duration::from_millis(100), Duration::from_millis(500))
+            .retry_base(Duration::from_millis(20)),
+    )
+    .await
+}
+
+/// Waits until `replicas` serve every partition of the saga, each once,
+/// and every one of them serves some; returns who serves what.
+async fn spread(replicas: &[&Runtime]) -> Vec<Vec<u32>> {
+    let started = Instant::now();
+    loop {
+        let mut held = Vec::new();
+        for rt in replicas {
+            let parts = rt.partitions().await;
+            held.push(
+                parts
+                    .iter()
+                    .find(|(name, _)| name.ends_with("::ledger"))
+                    .map(|(_, p)| p.clone())
+                    .unwrap_or_default(),
+            );
+        }
+        let all: Vec<u32> = held.iter().flatten().copied().collect();
+        let distinct: BTreeSet<u32> = all.iter().copied().collect();
+        if all.len() == 8 && distinct.len() == 8 && held.iter().all(|h| !h.is_empty()) {
+            return held;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the partitions did not spread over {} replicas: {held:?}",
+            replicas.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes `per_account` triggers per account (interleaved), from seq
+/// `from`.
+async fn publish(client: &catga::Client, run: &str, from: u64, per_account: u64) {
+    for seq in from..from + per_account {
+        for account in ACCOUNTS {
+            client
+                .publish_durable(Posted {
+                    run: run.to_owned(),
+                    account: account.to_owned(),
+                    seq,
+                })
+                .await
+                .expect("published");
+        }
+    }
+}
+
+/// Waits until every account of `run` has `n` entries; checks they are
+/// 0..n in order (each once), and that each saga finished once.
+async fn check(run: &str, n: u64) -> BTreeSet<String> {
+    let started = Instant::now();
+    loop {
+        let done = {
+            let ledger = LEDGER.lock().expect("ledger");
+            ACCOUNTS.iter().all(|a| {
+                ledger
+                    .get(&(run.to_owned(), (*a).to_owned()))
+                    .is_some_and(|l| l.len() as u64 >= n)
+            })
+        };
+        if done {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT * 2,
+            "not every saga ran: {:?}",
+            LEDGER.lock().expect("ledger")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ledger = LEDGER.lock().expect("ledger");
+    let ran = RAN_ON.lock().expect("ran on");
+    let mut replicas = BTreeSet::new();
+    for a in ACCOUNTS {
+        let entries = &ledger[&(run.to_owned(), a.to_owned())];
+        assert_eq!(*entries, (0..n).collect::<Vec<_>>(), "{a}: in order, each once");
+        for seq in 0..n {
+            let on = &ran[&(run.to_owned(), a.to_owned(), seq)];
+            assert_eq!(on.len(), 1, "{a}/{seq} finished once: {on:?}");
+            replicas.insert(on[0].clone());
+        }
+    }
+    replicas
+}
+
+async fn keyed_sagas_keep_key_order_while_replicas_leave_and_join(b: &Backend) {
+    let mut replicas = vec![
+        replica(b, "r1").await,
+        replica(b, "r2").await,
+        replica(b, "r3").await,
+    ];
+    let client = b.client().await;
+    let held = spread(&replicas.iter().collect::<Vec<_>>()).await;
+    let run = run_id();
+    publish(&client, &run, 0, 10).await;
+    let ran = check(&run, 10).await;
+    assert!(
+        ran.len() >= 2,
+        "the sagas ran on more than one replica: {ran:?} ({held:?})"
+    );
+
+    // One leaves while triggers arrive: its partitions move to the others,
+    // and no key's order breaks.
+    let run = run_id();
+    let load = {
+        let client = client.clone();
+        let run = run.clone();
+        tokio::spawn(async move { publish(&client, &run, 0, 10).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    replicas.remove(0).shutdown().await.expect("clean shutdown");
+    load.await.expect("publisher");
+    spread(&replicas.iter().collect::<Vec<_>>()).await;
+    check(&run, 10).await;
+
+    // One joins while triggers arrive: it takes a share.
+    let run = run_id();
+    let load = {
+        let client = client.clone();
+        let run = run.clone();
+        tokio::spawn(async move { publish(&client, &run, 0, 10).await })
+    };
+    replicas.push(replica(b, "r4").await);
+    load.await.expect("publisher");
+    let held = spread(&replicas.iter().collect::<Vec<_>>()).await;
+    assert!(
+        !held[2].is_empty(),
+        "the new replica serves some partitions: {held:?}"
+    );
+    check(&run, 10).await;
+    publish(&client, &run, 10, 5).await;
+    check(&run, 15).await;
+    catga_tests::backend::shutdown_all(replicas).await;
+}
