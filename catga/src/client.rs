@@ -408,6 +408,8 @@ pub struct Context {
     client: Client,
     meta: Arc<MessageMeta>,
     work: Arc<Work>,
+    /// The handler running (`crate::module::fn_name`).
+    handler: &'static str,
 }
 
 impl std::fmt::Debug for Context {
@@ -438,8 +440,24 @@ fn child_id(parent: &str, n: u64) -> String {
 }
 
 impl Context {
-    pub(crate) fn new(client: Client, meta: Arc<MessageMeta>, work: Arc<Work>) -> Context {
-        Context { client, meta, work }
+    pub(crate) fn new(
+        client: Client,
+        meta: Arc<MessageMeta>,
+        work: Arc<Work>,
+        handler: &'static str,
+    ) -> Context {
+        Context {
+            client,
+            meta,
+            work,
+            handler,
+        }
+    }
+
+    /// The name of the handler running: its function's path
+    /// (`crate::module::fn_name`).
+    pub fn handler(&self) -> &'static str {
+        self.handler
     }
 
     pub(crate) fn work(&self) -> &Work {
@@ -610,12 +628,13 @@ mod tests {
                 saga_timeout: None,
             })
         };
-        let ctx = Context::new(client.clone(), Arc::new(meta), work());
+        let ctx = Context::new(client.clone(), Arc::new(meta), work(), "tests::h");
         assert_eq!(ctx.nested_deadline(Duration::from_secs(5)), soon);
         let free = Context::new(
             client,
             Arc::new(MessageMeta::new("s".into(), None, None, 1)),
             work(),
+            "tests::h",
         );
         assert!(free.nested_deadline(Duration::from_secs(5)) > soon);
     }

@@ -104,7 +104,7 @@ pub mod __private {
     {
         match ctx.saga(saga).await? {
             crate::SagaOutcome::Compensated { cause } => {
-                tracing::info!(saga = %ctx.message_id(), %cause, "the saga was compensated");
+                tracing::info!(saga = %ctx.message_id(), handler = ctx.handler(), %cause, "the saga was compensated");
             }
             crate::SagaOutcome::Completed(()) | crate::SagaOutcome::Ended(_) => {}
         }

@@ -104,7 +104,7 @@ impl SagaStatus {
 /// A saga as its journal tells it (see `Runtime::sagas`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SagaInfo {
-    /// The saga's id (its trigger's message id).
+    /// The saga's id (`<handler fn>:<trigger's message id>`).
     pub id: String,
     /// Where it stands.
     pub status: SagaStatus,
@@ -198,9 +198,11 @@ pub enum SagaOutcome<T> {
 /// }
 /// ```
 ///
-/// - A saga is identified by the message that triggers it (its id), so a
-///   redelivered trigger (a durable event: its replica died, or the saga
-///   failed retryably) resumes the same saga.
+/// - A saga is identified by its handler's function name and the message
+///   that triggers it (`fulfil:<message id>`), so a redelivered trigger (a
+///   durable event: its replica died, or the saga failed retryably)
+///   resumes the same saga, and two sagas started by one event keep
+///   separate journals.
 /// - A step sends an idempotent command under the id `saga id/step name`.
 ///   Its compensation is journaled before the command is sent, its answer
 ///   after: a resumed saga gets the journaled answer without sending again,
@@ -274,7 +276,9 @@ impl Context {
         F: FnOnce(Saga) -> Fut,
         Fut: Future<Output = Result<T>> + Send,
     {
-        let id = self.message_id().to_owned();
+        // Two sagas may start from one event: each has its own journal.
+        let name = self.handler().rsplit("::").next().unwrap_or_default();
+        let id = format!("{name}:{}", self.message_id());
         let journal = self.work().store.saga_load(&id).await?;
         let s = Saga {
             inner: Arc::new(Inner {
@@ -347,7 +351,8 @@ impl Context {
 }
 
 impl Saga {
-    /// The saga's id: the id of the message that triggered it.
+    /// The saga's id: its handler's function name and the id of the
+    /// message that triggered it (`fulfil:<message id>`).
     pub fn id(&self) -> &str {
         &self.inner.id
     }

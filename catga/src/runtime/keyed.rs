@@ -215,6 +215,7 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
     // Until when this replica surely holds the leases it was granted.
     let mut held_until = Instant::now();
     let mut members_seen: Vec<String> = Vec::new();
+    let mut served_before = BTreeMap::new();
     loop {
         let tick = Instant::now();
         if !streams_ready {
@@ -320,8 +321,17 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                 tracing::warn!(error = %e, "the saga partition leases could not be renewed; trying again")
             }
         }
-        for (saga, held) in owned_now.served() {
-            metrics::gauge!("catga_saga_partitions", "saga" => saga).set(held.len() as f64);
+        let served = owned_now.served();
+        if served != served_before {
+            for (saga, held) in &served {
+                metrics::gauge!("catga_saga_partitions", "saga" => *saga).set(held.len() as f64);
+                tracing::info!(saga, partitions = ?held, "saga partitions served here");
+            }
+            for saga in served_before.keys().filter(|s| !served.contains_key(*s)) {
+                metrics::gauge!("catga_saga_partitions", "saga" => *saga).set(0.0);
+                tracing::info!(saga, "no saga partitions served here");
+            }
+            served_before = served;
         }
         drop(owned_now);
         tokio::time::sleep_until(tick + every).await;

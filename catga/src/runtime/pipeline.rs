@@ -381,7 +381,12 @@ async fn call(
             saga_timeout: spec.saga_timeout(),
         }),
     };
-    let ctx = Context::new(shared.client.clone(), Arc::clone(meta), Arc::clone(&work));
+    let ctx = Context::new(
+        shared.client.clone(),
+        Arc::clone(meta),
+        Arc::clone(&work),
+        spec.name(),
+    );
     let body = match AssertUnwindSafe(served.spec.call(ctx, payload))
         .catch_unwind()
         .await

@@ -3,5 +3,6 @@
 
 pub mod demo;
 pub mod fulfilment;
+pub mod invoicing;
 pub mod load;
 pub mod orders;

@@ -3,7 +3,9 @@
 //! store with their events in its outbox; a durable, idempotent billing
 //! consumer; a fulfilment saga per paid order, run by the leader
 //! (`ORDER_COURIER_REFUSALS` percent of orders find no courier and are
-//! compensated); a queue-grouped notifier. A demo driver pushes orders through
+//! compensated); an invoicing saga per paid order, keyed by customer (a
+//! customer's invoices numbered in payment order, customers spread over
+//! the replicas); a queue-grouped notifier. A demo driver pushes orders through
 //! their lifecycle so that the example shows something out of the box.
 //!
 //! ```text

@@ -166,6 +166,9 @@ pub struct OrderCreated {
 pub struct OrderPaid {
     /// Id.
     pub id: OrderId,
+    /// Who paid.
+    #[serde(default)]
+    pub customer: String,
     /// Amount in cents.
     pub amount_cents: u64,
 }
@@ -269,9 +272,11 @@ async fn pay_order(ctx: &Context, cmd: PayOrder) -> Result<()> {
         )));
     }
     order.status = Status::Paid;
+    let customer = order.customer.clone();
     ctx.save(order)
         .with_event(OrderPaid {
             id: cmd.id.clone(),
+            customer,
             amount_cents: cmd.amount_cents,
         })
         .await?;

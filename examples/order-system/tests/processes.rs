@@ -13,9 +13,10 @@ use std::time::Duration;
 use catga::{Client, ErrorKind};
 use catga_tests::{NatsServer, RedisServer};
 use order_system::fulfilment::{Fulfilment, GetFulfilment, refused_at};
+use order_system::invoicing::GetInvoices;
 use order_system::orders::{
-    CancelOrder, CreateOrder, GetOrder, GetRevenue, Line, MAX_TOTAL_CENTS, OrderId, PayOrder, Revenue,
-    ShipOrder, Status,
+    CancelOrder, CreateOrder, GetOrder, GetRevenue, Line, MAX_TOTAL_CENTS, OrderId, OrderPaid, PayOrder,
+    Revenue, ShipOrder, Status,
 };
 
 /// Short leases and ack waits, so that the work of a killed replica is
@@ -23,6 +24,8 @@ use order_system::orders::{
 const LEASE_MS: &str = "1500";
 const ACK_WAIT_MS: &str = "1500";
 const LEADER_LEASE_MS: &str = "1500";
+const MEMBER_HEARTBEAT_MS: &str = "300";
+const MEMBER_TIMEOUT_MS: &str = "1500";
 /// Percent of orders no courier takes (their fulfilment compensates).
 const REFUSALS: u64 = 30;
 
@@ -48,6 +51,8 @@ impl Replica {
             .env("CATGA_INBOX_LEASE_MS", LEASE_MS)
             .env("CATGA_ACK_WAIT_MS", ACK_WAIT_MS)
             .env("CATGA_LEADER_LEASE_MS", LEADER_LEASE_MS)
+            .env("CATGA_MEMBER_HEARTBEAT_MS", MEMBER_HEARTBEAT_MS)
+            .env("CATGA_MEMBER_TIMEOUT_MS", MEMBER_TIMEOUT_MS)
             .env("ORDER_COURIER_REFUSALS", REFUSALS.to_string())
             .env("ORDER_DEMO", "0")
             .env("RUST_LOG", "info")
@@ -646,35 +651,32 @@ async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
     let servers = Servers::start();
     let mut replicas = servers.replicas(&["s1", "s2", "s3"]).await;
     let client = servers.client().await;
-    let mut ids = Vec::new();
-    for n in 0..60u32 {
-        let create_id = format!("create-{n}-{}", catga::new_message_id());
-        let id = with_retry(|| {
-            client.send_with_id(
-                CreateOrder {
+    // Orders are paid in the background while the sagas run.
+    let paid: Arc<std::sync::Mutex<Vec<OrderId>>> = Arc::default();
+    let payments = {
+        let (client, paid) = (client.clone(), Arc::clone(&paid));
+        tokio::spawn(async move {
+            for n in 0..60u32 {
+                let create_id = format!("create-{n}-{}", catga::new_message_id());
+                let cmd = CreateOrder {
                     customer: format!("f{n}"),
                     lines: lines(n),
-                },
-                &create_id,
-            )
-        })
-        .await
-        .expect("create");
-        let pay_id = format!("pay-{n}-{}", catga::new_message_id());
-        let amount = u64::from(1 + n % 3) * 300;
-        with_retry(|| {
-            client.send_with_id(
-                PayOrder {
+                };
+                let id = with_retry(|| client.send_with_id(cmd.clone(), &create_id))
+                    .await
+                    .expect("create");
+                let pay_id = format!("pay-{n}-{}", catga::new_message_id());
+                let pay = PayOrder {
                     id: id.clone(),
-                    amount_cents: amount,
-                },
-                &pay_id,
-            )
+                    amount_cents: u64::from(1 + n % 3) * 300,
+                };
+                with_retry(|| client.send_with_id(pay.clone(), &pay_id))
+                    .await
+                    .expect("pay");
+                paid.lock().expect("paid").push(id);
+            }
         })
-        .await
-        .expect("pay");
-        ids.push(id);
-    }
+    };
     let state = |id: OrderId| {
         let client = client.clone();
         async move { with_retry(|| client.send(GetFulfilment { id: id.clone() })).await }
@@ -682,11 +684,12 @@ async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
     let terminal = |id: &OrderId, f: &Fulfilment| {
         if refused(id) { f.released > 0 } else { f.booked > 0 }
     };
-    // Some sagas are done, the rest still to run: the leader dies.
+    // Some sagas are done, more to come: the leader dies.
     let mut done = 0;
     for _ in 0..600 {
         done = 0;
-        for id in &ids {
+        let so_far = paid.lock().expect("paid").clone();
+        for id in &so_far {
             let f = state(id.clone()).await.expect("fulfilment");
             done += usize::from(terminal(id, &f));
         }
@@ -696,8 +699,8 @@ async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        (5..ids.len()).contains(&done),
-        "sagas done before the kill: {done}"
+        done >= 5 && !payments.is_finished(),
+        "sagas done before the kill: {done}, payments still arriving"
     );
     let first = replicas.iter().position(leads).expect("a leader");
     replicas[first].sigkill();
@@ -715,6 +718,9 @@ async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
     signal(child, "STOP");
     tokio::time::sleep(Duration::from_millis(3000)).await;
     signal(child, "CONT");
+    payments.await.expect("payments");
+    let ids = paid.lock().expect("paid").clone();
+    assert_eq!(ids.len(), 60);
     // Every saga ends, each step applied once.
     for id in &ids {
         let mut f = Fulfilment::default();
@@ -757,9 +763,10 @@ async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
         ids.iter().any(refused) && ids.iter().any(|id| !refused(id)),
         "both outcomes exercised"
     );
-    // The CLI lists them: one line per saga, compensated or completed.
-    let listed = servers.sagas(100);
-    let lines: Vec<&str> = listed.lines().collect();
+    // The CLI lists them: one line per saga, compensated or completed
+    // (besides the invoicing sagas of the same payments).
+    let listed = servers.sagas(200);
+    let lines: Vec<&str> = listed.lines().filter(|l| l.starts_with("fulfil:")).collect();
     assert_eq!(lines.len(), ids.len(), "{listed}");
     let compensated = lines.iter().filter(|l| l.contains(" compensated ")).count();
     assert_eq!(
@@ -786,5 +793,129 @@ async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
             .contains("this replica is no longer the leader"),
         "the stalled leader stepped down:\n{}",
         replicas[next].log()
+    );
+}
+
+/// The `orders.paid` events in the order their stream keeps them: the
+/// order each customer's invoicing sagas must follow.
+async fn paid_in_stream_order(nats_url: &str) -> Vec<OrderPaid> {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.expect("connect"));
+    let name = js
+        .stream_by_subject("orders.paid")
+        .await
+        .expect("the paid stream");
+    let mut stream = js.get_stream(name).await.expect("stream");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await.expect("message");
+        out.push(serde_json::from_slice(&m.payload).expect("an OrderPaid"));
+    }
+    out
+}
+
+/// Invoicing sagas, keyed by customer over 16 partitions, run while
+/// payments arrive; one replica is SIGKILLed mid-run and another joins.
+/// Every paid order is invoiced once, and each customer's invoices follow
+/// the order of the payments in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoices_follow_each_customers_payments_while_replicas_die_and_join() {
+    let servers = Servers::start();
+    let mut replicas = servers.replicas(&["k1", "k2", "k3"]).await;
+    let client = servers.client().await;
+    const ORDERS: u32 = 72;
+    const CUSTOMERS: u32 = 6;
+    let payments = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for n in 0..ORDERS {
+                let create_id = format!("create-{n}-{}", catga::new_message_id());
+                let cmd = CreateOrder {
+                    customer: format!("k{}", n % CUSTOMERS),
+                    lines: lines(n),
+                };
+                let id = with_retry(|| client.send_with_id(cmd.clone(), &create_id))
+                    .await
+                    .expect("create");
+                let pay_id = format!("pay-{n}-{}", catga::new_message_id());
+                let pay = PayOrder {
+                    id: id.clone(),
+                    amount_cents: u64::from(1 + n % 3) * 300,
+                };
+                with_retry(|| client.send_with_id(pay.clone(), &pay_id))
+                    .await
+                    .expect("pay");
+            }
+        })
+    };
+    let invoiced = |client: Client| async move {
+        let mut total = 0;
+        for c in 0..CUSTOMERS {
+            let customer = format!("k{c}");
+            let got = with_retry(|| {
+                client.send(GetInvoices {
+                    customer: customer.clone(),
+                })
+            })
+            .await
+            .expect("invoices");
+            total += got.orders.len();
+        }
+        total
+    };
+    // Some invoices are out: a replica dies with sagas in flight.
+    for _ in 0..600 {
+        if invoiced(client.clone()).await >= 15 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!payments.is_finished(), "payments still arriving at the kill");
+    replicas[0].sigkill();
+    // Another joins while they keep arriving.
+    let joined = Replica::spawn(&servers, "k4", servers.dir.path());
+    joined.wait_ready().await;
+    replicas.push(joined);
+    payments.await.expect("payments");
+    let started = std::time::Instant::now();
+    while invoiced(client.clone()).await < ORDERS as usize {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not every order invoiced:\n{}",
+            trouble(&replicas)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paid = paid_in_stream_order(&servers.nats.url()).await;
+    assert_eq!(paid.len(), ORDERS as usize, "each payment's event stored once");
+    for c in 0..CUSTOMERS {
+        let customer = format!("k{c}");
+        let expected: Vec<OrderId> = paid
+            .iter()
+            .filter(|p| p.customer == customer)
+            .map(|p| p.id.clone())
+            .collect();
+        let got = with_retry(|| {
+            client.send(GetInvoices {
+                customer: customer.clone(),
+            })
+        })
+        .await
+        .expect("invoices");
+        assert_eq!(
+            got.orders,
+            expected,
+            "{customer}: each order invoiced once, in payment order:\n{}",
+            trouble(&replicas)
+        );
+    }
+    // The partitions moved: the survivors and the newcomer serve some.
+    assert!(
+        replicas[1..]
+            .iter()
+            .all(|r| r.log().contains("saga partitions served here")),
+        "every live replica serves partitions:\n{}",
+        trouble(&replicas)
     );
 }

@@ -207,7 +207,10 @@ async fn a_saga_past_its_timeout_is_compensated(b: &Backend) {
         .expect("published");
     // The slow step outlives the saga's second: both steps are
     // compensated (the slow one may have run), nothing finished.
-    until("the compensations", || effects(&run, &["unhold", "unslow"]) == [1, 1]).await;
+    until("the compensations", || {
+        effects(&run, &["unhold", "unslow"]) == [1, 1]
+    })
+    .await;
     let saga = status(&rt, SagaStatus::Compensated).await;
     assert!(
         saga.error.as_deref().is_some_and(|e| e.contains("time")),
@@ -251,9 +254,22 @@ async fn the_last_delivery_compensates_instead_of_dead_lettering(b: &Backend) {
     let saga = status(&rt, SagaStatus::Compensated).await;
     // Two deliveries, each trying the failing step once; then the
     // compensations of both (the failing one's outcome is unknown).
-    assert_eq!(effects(&run, &["hold", "stale", "unhold", "unslow"]), [1, 2, 1, 1]);
-    assert!(saga.error.as_deref().is_some_and(|e| e.contains("changed meanwhile")), "{saga:?}");
-    let dead = rt.client().dead_letters().list(0, 100).await.expect("dead letters");
+    assert_eq!(
+        effects(&run, &["hold", "stale", "unhold", "unslow"]),
+        [1, 2, 1, 1]
+    );
+    assert!(
+        saga.error
+            .as_deref()
+            .is_some_and(|e| e.contains("changed meanwhile")),
+        "{saga:?}"
+    );
+    let dead = rt
+        .client()
+        .dead_letters()
+        .list(0, 100)
+        .await
+        .expect("dead letters");
     assert!(
         dead.iter().all(|d| !d.handler.ends_with("::persistent")),
         "not dead-lettered: {dead:?}"
