@@ -1,0 +1,189 @@
+//! Keyed sagas against a real redis-server that is killed in the middle of
+//! a run and started again: the replicas stop serving their partitions
+//! when they cannot renew the leases, the sagas resume when Redis returns,
+//! and every step took effect once, in each key's order.
+
+use std::time::{Duration, Instant};
+
+use catga::{Context, Result, Runtime, Saga, SagaStatus, State, Versioned, command, event, saga};
+use catga_tests::{NatsServer, RedisServer, run_id};
+use serde::{Deserialize, Serialize};
+
+/// An account's entries, in the order they were applied.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Entries {
+    pub seqs: Vec<u64>,
+}
+
+impl State for Entries {
+    const KIND: &'static str = "entries";
+}
+
+/// Applies entry `seq` to `account` (once per saga).
+#[command(subject = "tests.sagafaults.apply", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Apply {
+    pub account: String,
+    pub seq: u64,
+}
+
+/// Starts a saga keyed by account.
+#[event(subject = "tests.sagafaults.entry")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Entry {
+    pub account: String,
+    pub seq: u64,
+}
+
+#[command(retry = 5)]
+async fn apply(ctx: &Context, a: Apply) -> Result<()> {
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut entries = ctx
+        .try_load::<Entries>(&a.account)
+        .await?
+        .unwrap_or_else(|| Versioned::new(a.account.clone(), Entries::default()));
+    entries.seqs.push(a.seq);
+    ctx.save(entries).await?;
+    Ok(())
+}
+
+#[saga(key = account, partitions = 4, concurrency = 2)]
+async fn post(saga: &Saga, e: Entry) -> Result<()> {
+    saga.step(
+        "apply",
+        Apply {
+            account: e.account.clone(),
+            seq: e.seq,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+async fn replica(nats: &NatsServer, redis: &RedisServer, service: &str, id: &str) -> Runtime {
+    let rt = Runtime::builder()
+        .service(service)
+        .instance_id(id)
+        .nats_url(nats.url())
+        .redis_url(redis.url())
+        .membership(Duration::from_millis(100), Duration::from_millis(600))
+        .retry_base(Duration::from_millis(50))
+        .durable_defaults(Duration::from_secs(2), 30)
+        .handlers(|s| s.name().starts_with("saga_faults::"))
+        .start()
+        .await
+        .expect("starts");
+    tokio::time::timeout(Duration::from_secs(10), rt.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    rt
+}
+
+const ACCOUNTS: usize = 4;
+const PER_ACCOUNT: u64 = 15;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_sagas_resume_after_redis_restarts_with_nothing_doubled() {
+    let nats = NatsServer::start();
+    let mut redis = RedisServer::start_persistent();
+    let service = format!("sagafaults-{}", run_id());
+    let replicas = vec![
+        replica(&nats, &redis, &service, "r1").await,
+        replica(&nats, &redis, &service, "r2").await,
+    ];
+    let client = catga::Client::connect(&nats.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(3));
+    let run = run_id();
+    let accounts: Vec<String> = (0..ACCOUNTS).map(|i| format!("{run}-{i}")).collect();
+    let publish = |seqs: std::ops::Range<u64>| {
+        let (client, accounts) = (client.clone(), accounts.clone());
+        async move {
+            for seq in seqs {
+                for account in &accounts {
+                    client
+                        .publish_durable(Entry {
+                            account: account.clone(),
+                            seq,
+                        })
+                        .await
+                        .expect("published");
+                }
+            }
+        }
+    };
+    let applied = |rt: &Runtime| {
+        let client = rt.client();
+        let accounts = accounts.clone();
+        async move {
+            let mut n = 0;
+            for a in &accounts {
+                if let Ok(r) = client.send(GetEntries { account: a.clone() }).await {
+                    n += r.seqs.len();
+                }
+            }
+            n
+        }
+    };
+    publish(0..PER_ACCOUNT).await;
+    // Some sagas done, the rest to come: Redis dies.
+    let started = Instant::now();
+    while applied(&replicas[0]).await < 8 {
+        assert!(started.elapsed() < Duration::from_secs(20), "no saga ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.resume();
+    let started = Instant::now();
+    let total = ACCOUNTS * PER_ACCOUNT as usize;
+    loop {
+        let n = applied(&replicas[0]).await;
+        if n >= total {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{n} of {total} applied after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for a in &accounts {
+        let got = client
+            .send(GetEntries { account: a.clone() })
+            .await
+            .expect("entries");
+        assert_eq!(
+            got.seqs,
+            (0..PER_ACCOUNT).collect::<Vec<_>>(),
+            "{a}: each entry once, in order"
+        );
+    }
+    let sagas = replicas[0].sagas(200).await.expect("sagas");
+    let ours: Vec<_> = sagas.iter().filter(|s| s.id.starts_with("post:")).collect();
+    assert_eq!(ours.len(), total, "one saga per entry");
+    assert!(
+        ours.iter().all(|s| s.status == SagaStatus::Completed),
+        "all completed: {ours:?}"
+    );
+    catga_tests::backend::shutdown_all(replicas).await;
+}
+
+/// Reads an account's entries.
+#[command(subject = "tests.sagafaults.get", reply = Entries)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct GetEntries {
+    pub account: String,
+}
+
+#[command]
+async fn get_entries(ctx: &Context, q: GetEntries) -> Result<Entries> {
+    Ok(ctx
+        .try_load::<Entries>(&q.account)
+        .await?
+        .map(Versioned::into_inner)
+        .unwrap_or_default())
+}
