@@ -131,6 +131,7 @@ pub async fn replica() {
         .handlers(move |s| match which.as_str() {
             "io" => s.name() == "catga_bench::cluster::io_work",
             "tick" => s.name() == "catga_bench::cluster::on_tick",
+            "keyed" => s.name().ends_with("::keyed_job") || s.name().ends_with("::saga_step"),
             _ => s.name().starts_with("catga_bench::cluster::deposit"),
         });
     if let Ok(redis) = std::env::var("REDIS_URL") {
@@ -147,9 +148,20 @@ pub async fn replica() {
 
 /// A replica process; SIGKILLed when dropped, so a panicking bench leaves
 /// nothing behind.
-struct Replica(Child);
+pub(crate) struct Replica(Child);
 
 impl Replica {
+    /// A replica with the default leases.
+    pub(crate) fn spawn_with(
+        id: &str,
+        handler: &str,
+        nats: &str,
+        redis: Option<&str>,
+        concurrency: usize,
+    ) -> Replica {
+        Replica::spawn(id, handler, nats, redis, concurrency, DEFAULT_LEASE, LEADER_LEASE)
+    }
+
     fn spawn(
         id: &str,
         handler: &str,
@@ -168,7 +180,10 @@ impl Replica {
             .env("BENCH_REPLICA_CONCURRENCY", concurrency.to_string())
             .env("BENCH_LEASE_MS", lease.as_millis().to_string())
             .env("BENCH_LEADER_LEASE_MS", leader_lease.as_millis().to_string())
-            .env("RUST_LOG", "error")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_REPLICA_LOG").unwrap_or_else(|_| "error".to_owned()),
+            )
             .env_remove("CATGA_HTTP_ADDR")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

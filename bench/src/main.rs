@@ -24,10 +24,14 @@
 //! 8. Observability overhead: request/reply with metrics and tracing spans
 //!    on vs off.
 //! 9. Leader takeover: the leader of 2 replica processes SIGKILLed.
+//! 10. Keyed sagas over 1, 3 and 5 replica processes, a step awaiting 2 ms.
+//! 11. Rebalance: partitions and keys that move when a replica leaves or
+//!     joins.
+//! 12. Saga journal overhead per step.
 //!
 //! `BENCH_SECONDS` sets the measuring time per cell (default 3);
 //! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256);
-//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover`
+//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal`
 //! picks sections;
 //! `BENCH_BURST` sets the fan-out burst (default 1,000,000).
 
@@ -348,6 +352,7 @@ fn selected(section: &str) -> bool {
 }
 
 mod cluster;
+mod sagas;
 
 #[tokio::main]
 async fn main() {
@@ -397,6 +402,15 @@ async fn main() {
     }
     if selected("takeover") {
         cluster::takeover().await;
+    }
+    if selected("keyed") {
+        sagas::keyed().await;
+    }
+    if selected("rebalance") {
+        sagas::rebalance();
+    }
+    if selected("journal") {
+        sagas::journal().await;
     }
 }
 

@@ -64,11 +64,20 @@ impl Ring {
     /// The owner of each of `partitions` partitions (index = partition);
     /// empty without members.
     pub fn assign(&self, partitions: u32) -> Vec<&str> {
+        self.assign_bounded(partitions, LOAD_FACTOR)
+    }
+
+    /// [`assign`](Self::assign) with another bound on a member's share:
+    /// `load_factor` times the mean (at least 1.0), for comparing the
+    /// balance it gives with the partitions it moves.
+    pub fn assign_bounded(&self, partitions: u32, load_factor: f64) -> Vec<&str> {
         if self.members.is_empty() {
             return Vec::new();
         }
         let n = self.members.len();
-        let cap = ((f64::from(partitions) / n as f64) * LOAD_FACTOR).ceil().max(1.0) as usize;
+        let cap = ((f64::from(partitions) / n as f64) * load_factor.max(1.0))
+            .ceil()
+            .max(1.0) as usize;
         let mut load = vec![0usize; n];
         (0..partitions)
             .map(|p| {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 /// An account's entries, in the order they were applied.
 #[derive(Serialize, Deserialize, Debug, Default)]
 pub struct Entries {
+    /// The entries' numbers.
     pub seqs: Vec<u64>,
 }
 
@@ -23,7 +24,9 @@ impl State for Entries {
 #[command(subject = "tests.sagafaults.apply", idempotent)]
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Apply {
+    /// The account.
     pub account: String,
+    /// The entry.
     pub seq: u64,
 }
 
@@ -31,7 +34,9 @@ pub struct Apply {
 #[event(subject = "tests.sagafaults.entry")]
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Entry {
+    /// The account (the saga's key).
     pub account: String,
+    /// The entry's number in its account.
     pub seq: u64,
 }
 
@@ -176,6 +181,7 @@ async fn keyed_sagas_resume_after_redis_restarts_with_nothing_doubled() {
 #[command(subject = "tests.sagafaults.get", reply = Entries)]
 #[derive(Serialize, Deserialize, Debug)]
 pub struct GetEntries {
+    /// The account.
     pub account: String,
 }
 
