@@ -589,9 +589,9 @@ async fn order_rules_hold_across_replicas() {
         "answered, not timed out"
     );
 
-    // A payment event nobody can decode: billing and the fulfilment saga
-    // (both durable consumers of it) give up on it at once and keep it as
-    // a dead letter each, for an operator.
+    // A payment event nobody can decode: billing, the fulfilment saga and
+    // the invoicing saga's router (the durable consumers of it) give up on
+    // it at once and keep it as a dead letter each, for an operator.
     client
         .publish_raw("orders.paid", bytes::Bytes::from_static(b"\xff not json"))
         .await
@@ -599,13 +599,16 @@ async fn order_rules_hold_across_replicas() {
     let mut listed = String::new();
     for _ in 0..100 {
         listed = servers.dlq(&["list"]);
-        if listed.contains("record_payment") && listed.contains("fulfil") {
+        if listed.contains("record_payment") && listed.contains("fulfil") && listed.contains("invoice") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        listed.contains("orders.paid") && listed.contains("record_payment") && listed.contains("fulfil"),
+        listed.contains("orders.paid")
+            && listed.contains("record_payment")
+            && listed.contains("fulfil")
+            && listed.contains("invoice"),
         "{listed}"
     );
     assert!(
@@ -617,7 +620,7 @@ async fn order_rules_hold_across_replicas() {
         listed.trim_start_matches('#').split(' ').next().unwrap_or("1"),
     ]);
     assert!(shown.contains("not json"), "{shown}");
-    assert_eq!(servers.dlq(&["purge-all"]).trim(), "purged 2");
+    assert_eq!(servers.dlq(&["purge-all"]).trim(), "purged 3");
     assert_eq!(servers.dlq(&["list"]).trim(), "");
     let mut revenue = Revenue::default();
     for _ in 0..100 {
