@@ -115,6 +115,7 @@ const LEADER_LEASE: Duration = Duration::from_secs(10);
 /// `catga-bench replica`: serves `BENCH_HANDLER` (`io` or `deposit`) until
 /// SIGTERM, with `BENCH_REPLICA_CONCURRENCY` messages at a time.
 pub async fn replica() {
+    catga::init_telemetry(SERVICE);
     let env = |k: &str| std::env::var(k).unwrap_or_default();
     let which = env("BENCH_HANDLER");
     let concurrency = env("BENCH_REPLICA_CONCURRENCY").parse().unwrap_or(4);
@@ -193,9 +194,24 @@ impl Replica {
         };
         let mut child = cmd.spawn().expect("spawn replica");
         let out = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(out).read_line(&mut line).expect("replica output");
-        assert_eq!(line.trim(), "ready", "replica {id} did not start");
+        let mut out = BufReader::new(out);
+        loop {
+            let mut line = String::new();
+            let n = out.read_line(&mut line).expect("replica output");
+            assert!(n > 0, "replica {id} did not start");
+            if line.trim() == "ready" {
+                break;
+            }
+            eprint!("{id}: {line}");
+        }
+        // Its log (`BENCH_REPLICA_LOG`) goes on to this process's stderr,
+        // so that a full pipe never blocks the replica.
+        let name = id.to_owned();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(std::result::Result::ok) {
+                eprintln!("{name}: {line}");
+            }
+        });
         Replica(child)
     }
 

@@ -61,6 +61,17 @@ impl Ring {
         &self.members
     }
 
+    /// The member owning `name` on the plain ring (the first point
+    /// clockwise from its hash); `None` without members.
+    pub fn owner_of(&self, name: &str) -> Option<&str> {
+        if self.points.is_empty() {
+            return None;
+        }
+        let h = xxh3_64(name.as_bytes());
+        let at = self.points.partition_point(|(point, _)| *point < h) % self.points.len();
+        Some(self.members[self.points[at].1].as_str())
+    }
+
     /// The owner of each of `partitions` partitions (index = partition);
     /// empty without members.
     pub fn assign(&self, partitions: u32) -> Vec<&str> {

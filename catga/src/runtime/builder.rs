@@ -363,7 +363,12 @@ impl RuntimeBuilder {
         let refusals = shared.client.transport().server_errors();
         let mut serving = HashMap::with_capacity(selected.len());
         // `leader` handlers start when this replica wins the lease.
-        for spec in selected.iter().filter(|s| !s.is_leader()) {
+        // Keyed sagas are served through their router and partitions (see
+        // `keyed`).
+        for spec in selected
+            .iter()
+            .filter(|s| !s.is_leader() && s.partitions().is_none())
+        {
             serving.insert(spec.name(), spawn_handler(spec, &shared).await?);
         }
         let serving = Arc::new(tokio::sync::Mutex::new(serving));

@@ -1,11 +1,18 @@
 //! Keyed sagas (`#[saga(key = field)]`): instances partitioned by key over
 //! the live replicas.
 //!
-//! - The saga's trigger consumer (durable, shared by every replica) only
-//!   routes: it reads the key, and stores the trigger on the partition's
-//!   subject (`catga.saga.<service>.<saga>.<n>`, one JetStream stream per
-//!   saga) under the trigger's message id, so a routing repeated after a
-//!   crash is dropped by the stream's duplicate window.
+//! - One replica at a time routes (the holder of the saga's router lease,
+//!   placed by the ring like a partition): it pulls the triggers from the
+//!   saga's durable consumer, reads each key, and stores the trigger on its
+//!   partition's subject (`catga.saga.<service>.<saga>.<n>`, one JetStream
+//!   stream per saga) under the trigger's message id, so a routing repeated
+//!   after a crash is dropped by the stream's duplicate window. It sends
+//!   one trigger after another on one connection without waiting for each
+//!   acknowledgement (the stream stores them in that order) and acks the
+//!   triggers in order as their copies are stored: a key's triggers reach
+//!   their partition in the order they were published. A new router whose
+//!   consumer still has unacknowledged deliveries (the old router died)
+//!   waits an ack wait first, so that those come back before newer ones.
 //! - Every replica heartbeats into the store; the live members make a
 //!   consistent-hash ring (see [`crate::ring`]) that gives each partition
 //!   one owner.
@@ -22,28 +29,40 @@
 //! - `concurrency = N` bounds the sagas one replica runs at once, over all
 //!   its partitions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Mutex, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Served, Serving, Shared};
 use crate::error::{Error, ErrorKind, Result};
+use crate::registry::BoxFuture;
 use crate::registry::HandlerSpec;
 use crate::store::Fence;
-use crate::wire::MessageMeta;
+use crate::transport::{DurableOptions, Settle, Settler};
 
 /// The longest ack wait of a keyed saga's consumers. Each has one message
-/// in flight, so a delivery lost in a hand-over (the broker sent it to an
-/// owner that had just stopped pulling) holds the whole partition until
-/// the ack wait passes: with the default 30 s, the keyed scenario stalled
-/// for 20 s after a replica left. Messages being handled are kept alive
-/// with progress acks every third of it.
-pub(crate) const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// in flight, so a delivery lost in a hand-over (the broker sent it to a
+/// pull request the old owner left behind) holds the whole partition
+/// until the ack wait passes: with the default 30 s, the keyed scenario
+/// stalled for 20 s after a replica left; with 5 s, the keyed benchmark
+/// still saw 5-8 s stalls after the partitions moved at start-up. Messages
+/// being handled are kept alive with progress acks every third of it.
+pub(crate) const ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a pull request of a keyed saga's consumer waits on the broker.
+/// With the usual 30 s, a partition (one message in flight) stalled for
+/// the whole 30 s in 1 of 3 runs of the keyed benchmark: the client held a
+/// pull request the server no longer had (it reported missed idle
+/// heartbeats every 10 s) until the request expired and it asked again.
+/// A short expiry bounds such a stall; an idle partition asks again every
+/// 3 s, which costs next to nothing.
+pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(3);
 
 /// One partition of a keyed saga, as a replica serves it.
 pub(crate) struct Partition {
@@ -88,58 +107,40 @@ pub(crate) fn partition_base(service: &str, spec: &HandlerSpec) -> String {
 }
 
 fn lease_name(spec: &HandlerSpec, p: u32) -> String {
-    format!("part:{}:{p}", spec.durable().unwrap_or_else(|| spec.name()))
-}
-
-/// The trigger consumer's work: stores the trigger on its key's partition.
-pub(crate) async fn route(
-    served: &Served,
-    shared: &Shared,
-    meta: &MessageMeta,
-    payload: Bytes,
-) -> Result<Bytes> {
-    let spec = served.spec;
-    let partitions = spec.partitions().unwrap_or(1);
-    let key = spec.key_of(&payload)?.ok_or_else(|| {
-        Error::new(
-            ErrorKind::Internal,
-            format!("keyed saga {} has no key function", spec.name()),
-        )
-    })?;
-    let p = crate::ring::partition_of(&key, partitions);
-    let subject = format!("{}.{p}", partition_base(&shared.config.service, spec));
-    let mut headers = meta.headers().cloned().unwrap_or_default();
-    // The partition's copy keeps the trigger's id: the saga's id, and what
-    // the stream drops a repeated routing by.
-    headers.insert(crate::wire::headers::MESSAGE_ID, meta.message_id());
-    let transport = shared.client.transport();
-    match transport
-        .publish_durable(&subject, headers, payload, shared.config.request_timeout)
-        .await
-    {
-        Ok(()) => Ok(Bytes::new()),
-        // The partitions' stream is made by the ownership loop at start:
-        // not there yet is a matter of time.
-        Err(e) if e.kind() == ErrorKind::NoHandler => Err(Error::new(
-            ErrorKind::Unavailable,
-            format!(
-                "the partitions of saga {} are not set up yet: {}",
-                spec.name(),
-                e.message()
-            ),
-        )),
-        Err(e) => Err(e),
+    let saga = spec.durable().unwrap_or_else(|| spec.name());
+    if p == ROUTER {
+        format!("part:{saga}:router")
+    } else {
+        format!("part:{saga}:{p}")
     }
 }
+
+/// The router's slot: not a partition number.
+const ROUTER: u32 = u32::MAX;
+
+/// In-flight routings of one router: the triggers sent to their
+/// partitions and not yet acknowledged there.
+const ROUTER_WINDOW: usize = 256;
 
 /// One partition slot on this replica.
 enum Slot {
     Serving {
         partition: Arc<Partition>,
-        serving: Serving,
+        run: Running,
     },
     /// Given up: draining before the lease is released.
     Draining(JoinHandle<()>),
+}
+
+/// What serves a slot.
+enum Running {
+    /// A partition's serve loop.
+    Loops(Serving),
+    /// The router.
+    Router {
+        stop: watch::Sender<bool>,
+        task: JoinHandle<()>,
+    },
 }
 
 /// What this replica owns, for [`crate::Runtime::partitions`] and the
@@ -154,7 +155,7 @@ impl Owned {
     pub(crate) fn served(&self) -> BTreeMap<&'static str, Vec<u32>> {
         let mut out: BTreeMap<&'static str, Vec<u32>> = BTreeMap::new();
         for ((saga, p), slot) in &self.slots {
-            if matches!(slot, Slot::Serving { .. }) {
+            if *p != ROUTER && matches!(slot, Slot::Serving { .. }) {
                 out.entry(saga).or_default().push(*p);
             }
         }
@@ -167,12 +168,15 @@ impl Owned {
         let mut draining = Vec::new();
         for (_, slot) in std::mem::take(&mut self.slots) {
             match slot {
-                Slot::Serving {
-                    partition,
-                    serving: s,
-                } => {
+                Slot::Serving { partition, run } => {
                     partition.token.store(0, Ordering::Release);
-                    serving.push(s);
+                    match run {
+                        Running::Loops(s) => serving.push(s),
+                        Running::Router { stop, task } => {
+                            let _ = stop.send(true);
+                            draining.push(task);
+                        }
+                    }
                 }
                 Slot::Draining(h) => draining.push(h),
             }
@@ -184,7 +188,14 @@ impl Owned {
     pub(crate) fn abort_all(&self) {
         for slot in self.slots.values() {
             match slot {
-                Slot::Serving { serving, .. } => serving.tasks.iter().for_each(JoinHandle::abort),
+                Slot::Serving {
+                    run: Running::Loops(serving),
+                    ..
+                } => serving.tasks.iter().for_each(JoinHandle::abort),
+                Slot::Serving {
+                    run: Running::Router { task, .. },
+                    ..
+                } => task.abort(),
                 Slot::Draining(h) => h.abort(),
             }
         }
@@ -243,8 +254,14 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
         for (spec, gate) in specs.iter().zip(&gates) {
             let partitions = spec.partitions().unwrap_or(1);
             let owners = ring.assign(partitions);
-            for p in 0..partitions {
-                let mine = streams_ready && owners.get(p as usize).is_some_and(|o| *o == me);
+            let router = ring.owner_of(&format!("router/{}", spec.name()));
+            for p in (0..partitions).chain([ROUTER]) {
+                let owner = if p == ROUTER {
+                    router
+                } else {
+                    owners.get(p as usize).copied()
+                };
+                let mine = streams_ready && owner == Some(me.as_str());
                 let slot = owned_now.slots.get(&(spec.name(), p));
                 if !mine && matches!(slot, Some(Slot::Serving { .. })) {
                     give_up(
@@ -286,15 +303,30 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                                 token: AtomicU64::new(t),
                                 gate,
                             });
-                            match super::spawn_partition(spec, &shared, Arc::clone(&partition)).await {
-                                Ok(serving) => {
+                            let started = if p == ROUTER {
+                                let (stop, stop_rx) = watch::channel(false);
+                                let task = tokio::spawn(route(
+                                    Arc::clone(&shared),
+                                    spec,
+                                    Arc::clone(&partition),
+                                    stop_rx,
+                                ));
+                                tracing::info!(saga = spec.name(), token = t, "routing this saga's triggers");
+                                Ok(Running::Router { stop, task })
+                            } else {
+                                super::spawn_partition(spec, &shared, Arc::clone(&partition))
+                                    .await
+                                    .map(Running::Loops)
+                            };
+                            match started {
+                                Ok(run) => {
                                     tracing::debug!(
                                         saga = spec.name(),
                                         partition = p,
                                         token = t,
                                         "serving a saga partition"
                                     );
-                                    owned_now.slots.insert(key, Slot::Serving { partition, serving });
+                                    owned_now.slots.insert(key, Slot::Serving { partition, run });
                                 }
                                 Err(e) => {
                                     tracing::error!(saga = spec.name(), partition = p, error = %e, "a saga partition could not start")
@@ -342,32 +374,56 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
 /// is dropped locally at once), the one in flight finishes or is cancelled
 /// at the drain deadline, then the lease is released at the next tick.
 fn give_up(shared: &Arc<Shared>, owned: &mut Owned, saga: &'static str, p: u32, why: &str) {
-    let Some(Slot::Serving { partition, serving }) = owned.slots.remove(&(saga, p)) else {
+    let Some(Slot::Serving { partition, run }) = owned.slots.remove(&(saga, p)) else {
         return;
     };
     partition.token.store(0, Ordering::Release);
-    tracing::info!(saga, partition = p, reason = why, "giving a saga partition up");
     let deadline = Instant::now() + shared.config.drain_timeout;
-    let wanted = serving.served.parallel;
-    let health = shared.health.clone();
-    let drain = tokio::spawn(async move {
-        super::shutdown::stop_serving(vec![serving], deadline).await;
-        health.unwant(wanted);
-    });
+    let drain = match run {
+        Running::Loops(serving) => {
+            tracing::info!(saga, partition = p, reason = why, "giving a saga partition up");
+            let wanted = serving.served.parallel;
+            let health = shared.health.clone();
+            tokio::spawn(async move {
+                super::shutdown::stop_serving(vec![serving], deadline).await;
+                health.unwant(wanted);
+            })
+        }
+        Running::Router { stop, mut task } => {
+            tracing::info!(saga, reason = why, "giving the routing of a saga's triggers up");
+            let _ = stop.send(true);
+            tokio::spawn(async move {
+                if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                    task.abort();
+                }
+            })
+        }
+    };
     owned.slots.insert((saga, p), Slot::Draining(drain));
 }
 
-/// Creates the partitions' streams; false (tried again at the next tick)
+/// Creates the triggers' and the partitions' streams; false (tried again
+/// at the next tick)
 /// while the broker does not answer.
 async fn ensure_streams(shared: &Shared, specs: &[&'static HandlerSpec]) -> bool {
     let transport = shared.client.transport();
     for spec in specs {
         let base = partition_base(&shared.config.service, spec);
         let partitions = spec.partitions().unwrap_or(1);
-        if let Err(e) = transport
-            .ensure_partition_streams(&base, partitions, &shared.config.streams)
+        // The triggers' stream too: publishers need it before a router
+        // made it.
+        let made = match transport
+            .ensure_stream(spec.subject(), &shared.config.streams)
             .await
         {
+            Ok(()) => {
+                transport
+                    .ensure_partition_streams(&base, partitions, &shared.config.streams)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = made {
             tracing::warn!(saga = spec.name(), error = %e, "cannot set up the saga's partition stream yet");
             return false;
         }
@@ -381,7 +437,11 @@ pub(crate) async fn leave(shared: &Shared, specs: &[&'static HandlerSpec]) {
     let me = member_name(shared);
     let leases: Vec<(String, bool)> = specs
         .iter()
-        .flat_map(|spec| (0..spec.partitions().unwrap_or(1)).map(move |p| (lease_name(spec, p), false)))
+        .flat_map(|spec| {
+            (0..spec.partitions().unwrap_or(1))
+                .chain([ROUTER])
+                .map(move |p| (lease_name(spec, p), false))
+        })
         .collect();
     if let Err(e) = shared
         .store
@@ -396,5 +456,167 @@ pub(crate) async fn leave(shared: &Shared, specs: &[&'static HandlerSpec]) {
         .await
     {
         tracing::warn!(error = %e, "could not release the saga partitions; their leases run out by themselves");
+    }
+}
+
+/// Routes a keyed saga's triggers to their partitions while `stop` is
+/// false (see the module documentation); the holder of the router lease
+/// runs it.
+async fn route(
+    shared: Arc<Shared>,
+    spec: &'static HandlerSpec,
+    lease: Arc<Partition>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let transport = shared.client.transport();
+    let served = Served::new(spec, &shared.config);
+    let subject = spec.subject();
+    let durable = spec.durable().unwrap_or_else(|| spec.name());
+    let ack_wait = shared.config.ack_wait.min(ACK_WAIT);
+    let options = DurableOptions {
+        ack_wait,
+        max_deliver: served.max_deliver,
+        max_ack_pending: ROUTER_WINDOW,
+        batch: 64,
+        stream: None,
+        pull_expires: PULL_EXPIRES,
+    };
+    let base = partition_base(&shared.config.service, spec);
+    let partitions = spec.partitions().unwrap_or(1);
+    let mut failures: u32 = 0;
+    while !*stop.borrow() && lease.fence().is_ok() {
+        if failures > 0 {
+            let pause = Duration::from_millis(100 << failures.min(5));
+            if tokio::time::timeout(pause, stop.wait_for(|s| *s)).await.is_ok() {
+                return;
+            }
+        }
+        failures += 1;
+        if let Err(e) = transport.ensure_stream(subject, &shared.config.streams).await {
+            tracing::warn!(saga = spec.name(), error = %e, "cannot set up the saga's trigger stream yet");
+            continue;
+        }
+        // A router that died left deliveries unacknowledged: they come
+        // back after the ack wait, and must be routed before anything
+        // newer (the broker redelivers before it delivers new ones).
+        match transport.durable_pending(subject, durable).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(
+                    saga = spec.name(),
+                    pending = n,
+                    "waiting for the previous router's deliveries to come back"
+                );
+                let wait = ack_wait + Duration::from_millis(500);
+                if tokio::time::timeout(wait, stop.wait_for(|s| *s)).await.is_ok() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(saga = spec.name(), error = %e, "cannot read the trigger consumer yet");
+                continue;
+            }
+        }
+        let mut sub = match transport.durable_subscribe(subject, durable, &options).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::warn!(saga = spec.name(), error = %e, "cannot bind the trigger consumer yet");
+                continue;
+            }
+        };
+        let outcome = route_from(&shared, &served, &mut sub, &mut stop, &lease, &base, partitions).await;
+        sub.drain().await;
+        match outcome {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(saga = spec.name(), error = %e, "routing stopped; starting again"),
+        }
+        failures = failures.max(1);
+    }
+}
+
+/// Routes from one subscription until told to stop (`Ok`) or a routing
+/// fails (`Err`: every trigger not yet stored is given back).
+async fn route_from(
+    shared: &Shared,
+    served: &Served,
+    sub: &mut crate::transport::Subscription,
+    stop: &mut watch::Receiver<bool>,
+    lease: &Partition,
+    base: &str,
+    partitions: u32,
+) -> Result<()> {
+    let spec = served.spec;
+    let transport = shared.client.transport();
+    let timeout = shared.config.request_timeout;
+    let mut inflight: VecDeque<(BoxFuture<'static, Result<()>>, Settler)> = VecDeque::new();
+    let mut failed: Option<Error> = None;
+    loop {
+        let stopping = *stop.borrow() || lease.fence().is_err() || failed.is_some();
+        if stopping && inflight.is_empty() {
+            return failed.map_or(Ok(()), Err);
+        }
+        tokio::select! {
+            biased;
+            stored = front(&mut inflight), if !inflight.is_empty() => {
+                let Some((_, settler)) = inflight.pop_front() else { continue };
+                match stored {
+                    Ok(()) => {
+                        let _ = settler.settle(Settle::Reply(Bytes::new())).await;
+                    }
+                    Err(e) => {
+                        // Given back; what follows too (its copies, if
+                        // stored, are dropped as repeats when routed again).
+                        let _ = settler.settle(Settle::Retry { delay: Duration::ZERO }).await;
+                        if failed.is_none() {
+                            failed = Some(e);
+                        }
+                    }
+                }
+            }
+            _ = stop.changed(), if !stopping => {}
+            d = sub.next(), if !stopping && inflight.len() < ROUTER_WINDOW => {
+                let Some(d) = d else {
+                    failed = Some(Error::new(ErrorKind::Transport, "the trigger consumer's subscription ended"));
+                    continue;
+                };
+                let (incoming, settler) = d.split();
+                let meta = super::pipeline::read(incoming.subject, incoming.headers, None, incoming.delivered);
+                let key = match spec.key_of(&incoming.payload) {
+                    Ok(Some(key)) => key,
+                    Ok(None) | Err(_) => {
+                        let error = spec.key_of(&incoming.payload).err().unwrap_or_else(|| {
+                            Error::new(ErrorKind::Internal, format!("keyed saga {} has no key", spec.name()))
+                        });
+                        tracing::error!(saga = spec.name(), error = %error, "a trigger without a readable key: dead-lettered");
+                        let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
+                        let _ = settler.settle(Settle::Dead(Box::new(letter))).await;
+                        continue;
+                    }
+                };
+                let p = crate::ring::partition_of(&key, partitions);
+                let mut headers = meta.headers().cloned().unwrap_or_default();
+                // The copy keeps the trigger's id: the saga's id, and what
+                // the partition's stream drops a repeated routing by.
+                headers.insert(crate::wire::headers::MESSAGE_ID, meta.message_id());
+                match transport
+                    .publish_durable_start(&format!("{base}.{p}"), headers, incoming.payload, timeout)
+                    .await
+                {
+                    Ok(stored) => inflight.push_back((stored, settler)),
+                    Err(e) => {
+                        let _ = settler.settle(Settle::Retry { delay: Duration::ZERO }).await;
+                        failed = Some(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the oldest routing in flight to be stored (or not).
+async fn front(inflight: &mut VecDeque<(BoxFuture<'static, Result<()>>, Settler)>) -> Result<()> {
+    match inflight.front_mut() {
+        Some((stored, _)) => stored.await,
+        None => std::future::pending().await,
     }
 }

@@ -145,21 +145,9 @@ impl Served {
             None if parallel > 1 => Some(private_group(&config.instance_id, spec)),
             None => None,
         };
-        let mut limit = spec.concurrency().unwrap_or(config.concurrency).max(1);
-        let mut parallel = parallel;
-        let mut max_ack_pending = (limit * parallel * 4).max(256);
-        if spec.partitions().is_some() {
-            // A keyed saga's trigger consumer routes one trigger at a time,
-            // cluster-wide: the order triggers reach their partitions is
-            // the order they were published (its `concurrency` bounds the
-            // sagas run per replica instead, see `keyed`).
-            (limit, parallel, max_ack_pending) = (1, 1, 1);
-        }
-        let ack_wait = if spec.partitions().is_some() {
-            config.ack_wait.min(keyed::ACK_WAIT)
-        } else {
-            config.ack_wait
-        };
+        let limit = spec.concurrency().unwrap_or(config.concurrency).max(1);
+        let max_ack_pending = (limit * parallel * 4).max(256);
+        let ack_wait = config.ack_wait;
         let max_deliver = spec.max_deliver().unwrap_or(config.max_deliver).max(1);
         let durable = spec.durable().map(|name| {
             (
@@ -170,6 +158,7 @@ impl Served {
                     max_ack_pending,
                     batch: limit,
                     stream: None,
+                    pull_expires: Duration::from_secs(30),
                 },
             )
         });
@@ -184,7 +173,7 @@ impl Served {
             parallel,
             durable,
             partition: None,
-            progress: spec.partitions().map(|_| ack_wait / 3),
+            progress: None,
             max_deliver,
             breaker: crate::resilience::Breaker::new(config.breaker_failures, config.breaker_open),
             metrics: crate::ops::metrics::HandlerMetrics::new(spec),
@@ -210,9 +199,11 @@ impl Served {
                 max_ack_pending: 1,
                 batch: 1,
                 stream: Some(partition.stream_subject.clone()),
+                pull_expires: keyed::PULL_EXPIRES,
             },
         ));
         served.partition = Some(partition);
+        served.progress = Some(config.ack_wait.min(keyed::ACK_WAIT) / 3);
         served
     }
 
@@ -552,6 +543,15 @@ async fn start_serving(
     }
     if shared.health.fatal().is_some() || shared.health.is_draining() {
         return Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping"));
+    }
+    if spec.partitions().is_some() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "`{}` is a keyed saga: its partitions are served by the replicas that own them",
+                spec.name()
+            ),
+        ));
     }
     let mut others: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();
     others.push(spec);

@@ -156,7 +156,7 @@ async fn steps(served: &Served, shared: &Shared, meta: &Arc<MessageMeta>, payloa
 }
 
 /// Step 1: the message's identity, read from its headers on demand.
-fn read(
+pub(crate) fn read(
     subject: async_nats::Subject,
     headers: Option<async_nats::HeaderMap>,
     deadline: Option<wire::deadline::Deadline>,
@@ -345,11 +345,6 @@ async fn call(
     // (one allocation less per message); an idempotent one gets its own
     // to stage in, a `leader` one its own with the lease's fencing token.
     let spec = served.spec;
-    // A keyed saga's trigger consumer only routes the trigger to its
-    // key's partition.
-    if spec.partitions().is_some() && served.partition.is_none() {
-        return super::keyed::route(served, shared, meta, payload).await;
-    }
     // A keyed saga's partition runs at most `concurrency` sagas on this
     // replica at once, over all its partitions.
     let _permit = match &served.partition {
@@ -554,7 +549,7 @@ fn conclude(
     }
 }
 
-fn dead_letter(
+pub(crate) fn dead_letter(
     served: &Served,
     shared: &Shared,
     meta: &MessageMeta,

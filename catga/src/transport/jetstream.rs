@@ -168,18 +168,13 @@ impl NatsTransport {
             .create_consumer(config)
             .await
             .map_err(|e| js_error("consumer create", e))?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(options.batch.max(1))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| js_error("pull", e))?;
+        let messages = pull(&consumer, options).await?;
         Ok(JsSubscription {
             messages: Some(messages),
             transport: self.clone(),
             subject: subject.to_owned(),
+            consumer,
+            options: options.clone(),
         })
     }
 
@@ -247,6 +242,56 @@ impl NatsTransport {
         })
     }
 
+    /// Sends a message to a stream without waiting for its
+    /// acknowledgement: messages sent one after another on this connection
+    /// are stored in that order; the returned future is the
+    /// acknowledgement.
+    pub(crate) async fn publish_durable_start(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<crate::registry::BoxFuture<'static, Result<()>>> {
+        if !self.has_stream(subject).await? {
+            return Err(Error::new(
+                ErrorKind::NoHandler,
+                format!("no stream stores subject {subject}"),
+            ));
+        }
+        let ack = self
+            .jetstream()
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
+            .map_err(|e| publish_error(subject, e))?;
+        let subject = subject.to_owned();
+        Ok(Box::pin(async move {
+            match tokio::time::timeout(timeout, ack).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(publish_error(&subject, e)),
+                Err(_) => Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("no acknowledgement from JetStream for {subject} within {timeout:?}"),
+                )),
+            }
+        }))
+    }
+
+    /// Messages a durable consumer delivered and has not had acknowledged
+    /// (0 if the consumer does not exist yet).
+    pub(crate) async fn durable_pending(&self, subject: &str, durable: &str) -> Result<u64> {
+        let js = self.jetstream();
+        let stream = js
+            .get_stream(stream_name(subject))
+            .await
+            .map_err(|e| js_error("stream lookup", e))?;
+        match stream.consumer_info(durable).await {
+            Ok(info) => Ok(info.num_ack_pending as u64),
+            Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => Ok(0),
+            Err(e) => Err(js_error("consumer info", e)),
+        }
+    }
+
     async fn dlq(&self) -> Result<stream::Stream> {
         self.jetstream()
             .get_stream(DLQ_STREAM)
@@ -304,11 +349,25 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
     }
 }
 
+/// Starts pulling from `consumer`.
+async fn pull(consumer: &consumer::PullConsumer, options: &DurableOptions) -> Result<consumer::pull::Stream> {
+    consumer
+        .stream()
+        .max_messages_per_batch(options.batch.max(1))
+        .heartbeat(options.pull_expires / 3)
+        .expires(options.pull_expires)
+        .messages()
+        .await
+        .map_err(|e| js_error("pull", e))
+}
+
 /// A durable pull consumer, read as a subscription.
 pub(crate) struct JsSubscription {
     messages: Option<consumer::pull::Stream>,
     transport: NatsTransport,
     subject: String,
+    consumer: consumer::PullConsumer,
+    options: DurableOptions,
 }
 
 impl JsSubscription {
@@ -317,8 +376,24 @@ impl JsSubscription {
             let messages = self.messages.as_mut()?;
             match messages.next().await {
                 Some(Ok(m)) => return Some(self.delivery(m)),
+                // The server sends no heartbeat for the pull request the
+                // client waits on: it no longer has it, and async-nats
+                // waits until the request would have expired before it
+                // asks again. With one message in flight (a keyed saga's
+                // partition), that stalled the partition 6 s in the keyed
+                // benchmark, with a single replica; pull anew at once.
+                Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::MissingHeartbeat => {
+                    tracing::warn!(error = %e, subject = %self.subject, "pull from JetStream lost its request; pulling anew");
+                    match pull(&self.consumer, &self.options).await {
+                        Ok(fresh) => self.messages = Some(fresh),
+                        Err(e) => {
+                            tracing::warn!(error = %e, subject = %self.subject, "cannot pull anew yet");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
                 Some(Err(e)) => {
-                    // Missed heartbeats and the like: the stream goes on.
+                    // Other failures of a pull: the stream goes on.
                     tracing::warn!(error = %e, subject = %self.subject, "pull from JetStream failed; pulling on");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

@@ -225,6 +225,15 @@ impl Streams {
         ))
     }
 
+    /// Messages `durable` was given and has not acknowledged.
+    pub(crate) fn pending(&self, subject: &str, durable: &str) -> u64 {
+        lock(&self.inner)
+            .streams
+            .get(subject)
+            .and_then(|s| s.consumers.get(durable))
+            .map_or(0, |c| c.pending.len() as u64)
+    }
+
     fn settle(&self, subject: &str, durable: &str, seq: u64, redeliver_in: Option<Duration>) {
         let wake = {
             let mut inner = lock(&self.inner);

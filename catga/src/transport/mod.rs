@@ -38,6 +38,8 @@ pub(crate) struct DurableOptions {
     /// consumer's subject (a keyed saga's partitions share one stream on
     /// NATS).
     pub stream: Option<String>,
+    /// How long one pull request waits on the broker (NATS).
+    pub pull_expires: Duration,
 }
 
 /// The JetStream stream that keeps `subject`: `CATGA_` plus the subject
@@ -327,6 +329,34 @@ impl Transport {
         match &self.0 {
             Kind::Nats(t) => t.publish_durable(subject, headers, payload, timeout).await,
             Kind::Memory(bus) => bus.publish_durable(subject, headers, payload),
+        }
+    }
+
+    /// Sends to the stream of `subject` without waiting: what is sent one
+    /// after another is stored in that order; the returned future resolves
+    /// once the stream acknowledged the message.
+    pub(crate) async fn publish_durable_start(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<crate::registry::BoxFuture<'static, Result<()>>> {
+        match &self.0 {
+            Kind::Nats(t) => t.publish_durable_start(subject, headers, payload, timeout).await,
+            Kind::Memory(bus) => {
+                let stored = bus.publish_durable(subject, headers, payload);
+                Ok(Box::pin(async move { stored }))
+            }
+        }
+    }
+
+    /// Messages the durable consumer `durable` of `subject` was given and
+    /// has not acknowledged.
+    pub(crate) async fn durable_pending(&self, subject: &str, durable: &str) -> Result<u64> {
+        match &self.0 {
+            Kind::Nats(t) => t.durable_pending(subject, durable).await,
+            Kind::Memory(bus) => Ok(bus.streams().pending(subject, durable)),
         }
     }
 
