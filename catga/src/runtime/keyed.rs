@@ -41,10 +41,9 @@ use tokio::time::Instant;
 
 use super::{Served, Serving, Shared};
 use crate::error::{Error, ErrorKind, Result};
-use crate::registry::BoxFuture;
 use crate::registry::HandlerSpec;
 use crate::store::Fence;
-use crate::transport::{DurableOptions, Settle, Settler};
+use crate::transport::{DurableOptions, Settle, Settler, Stored};
 
 /// The longest ack wait of a keyed saga's consumers. Each has one message
 /// in flight, so a delivery lost in a hand-over (the broker sent it to a
@@ -548,7 +547,7 @@ async fn route_from(
     let spec = served.spec;
     let transport = shared.client.transport();
     let timeout = shared.config.request_timeout;
-    let mut inflight: VecDeque<(BoxFuture<'static, Result<()>>, Settler)> = VecDeque::new();
+    let mut inflight: VecDeque<(Stored, Settler)> = VecDeque::new();
     let mut failed: Option<Error> = None;
     loop {
         let stopping = *stop.borrow() || lease.fence().is_err() || failed.is_some();
@@ -614,7 +613,7 @@ async fn route_from(
 }
 
 /// Waits for the oldest routing in flight to be stored (or not).
-async fn front(inflight: &mut VecDeque<(BoxFuture<'static, Result<()>>, Settler)>) -> Result<()> {
+async fn front(inflight: &mut VecDeque<(Stored, Settler)>) -> Result<()> {
     match inflight.front_mut() {
         Some((stored, _)) => stored.await,
         None => std::future::pending().await,

@@ -252,7 +252,7 @@ impl NatsTransport {
         headers: HeaderMap,
         payload: Bytes,
         timeout: Duration,
-    ) -> Result<crate::registry::BoxFuture<'static, Result<()>>> {
+    ) -> Result<super::Stored> {
         if !self.has_stream(subject).await? {
             return Err(Error::new(
                 ErrorKind::NoHandler,

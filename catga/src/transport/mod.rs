@@ -23,6 +23,9 @@ use crate::wire::deadline::Deadline;
 /// The payload limit of the embedded bus and the default of nats-server.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
+/// A message sent to a stream, resolving once the stream stored it.
+pub(crate) type Stored = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+
 /// How a durable consumer is bound.
 #[derive(Debug, Clone)]
 pub(crate) struct DurableOptions {
@@ -341,7 +344,7 @@ impl Transport {
         headers: HeaderMap,
         payload: Bytes,
         timeout: Duration,
-    ) -> Result<crate::registry::BoxFuture<'static, Result<()>>> {
+    ) -> Result<Stored> {
         match &self.0 {
             Kind::Nats(t) => t.publish_durable_start(subject, headers, payload, timeout).await,
             Kind::Memory(bus) => {
