@@ -518,9 +518,12 @@ fn conclude(
             let max = served.max_deliver;
             let delivered = meta.delivery();
             if error.is_retryable() && delivered < u64::from(max) {
-                let delay = error
-                    .retry_after()
-                    .unwrap_or_else(|| backoff(shared.config.retry_base, delivered as u32));
+                if let Some(delay) = error.retry_after() {
+                    // A deliberate wait (a saga's durable timer), not a failure.
+                    tracing::info!(reason = %error, ?delay, "waiting; it will be delivered again");
+                    return Settle::Retry { delay };
+                }
+                let delay = backoff(shared.config.retry_base, delivered as u32);
                 tracing::warn!(error = %error, delivered, max, ?delay, "failed; it will be delivered again");
                 return Settle::Retry { delay };
             }

@@ -638,6 +638,28 @@ async fn order_rules_hold_across_replicas() {
     );
 }
 
+/// Creates order `n` of `customer` and pays it, each under its own id
+/// and retried until answered.
+async fn create_and_pay(client: &Client, n: u32, customer: String) -> OrderId {
+    let create_id = format!("create-{n}-{}", catga::new_message_id());
+    let cmd = CreateOrder {
+        customer,
+        lines: lines(n),
+    };
+    let id = with_retry(|| client.send_with_id(cmd.clone(), &create_id))
+        .await
+        .expect("create");
+    let pay_id = format!("pay-{n}-{}", catga::new_message_id());
+    let pay = PayOrder {
+        id: id.clone(),
+        amount_cents: u64::from(1 + n % 3) * 300,
+    };
+    with_retry(|| client.send_with_id(pay.clone(), &pay_id))
+        .await
+        .expect("pay");
+    id
+}
+
 /// Whether `replica` became the leader (by its log).
 fn leads(replica: &Replica) -> bool {
     replica.log().contains("this replica is the leader now")
@@ -660,22 +682,7 @@ async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
         let (client, paid) = (client.clone(), Arc::clone(&paid));
         tokio::spawn(async move {
             for n in 0..60u32 {
-                let create_id = format!("create-{n}-{}", catga::new_message_id());
-                let cmd = CreateOrder {
-                    customer: format!("f{n}"),
-                    lines: lines(n),
-                };
-                let id = with_retry(|| client.send_with_id(cmd.clone(), &create_id))
-                    .await
-                    .expect("create");
-                let pay_id = format!("pay-{n}-{}", catga::new_message_id());
-                let pay = PayOrder {
-                    id: id.clone(),
-                    amount_cents: u64::from(1 + n % 3) * 300,
-                };
-                with_retry(|| client.send_with_id(pay.clone(), &pay_id))
-                    .await
-                    .expect("pay");
+                let id = create_and_pay(&client, n, format!("f{n}")).await;
                 paid.lock().expect("paid").push(id);
             }
         })
@@ -832,22 +839,7 @@ async fn invoices_follow_each_customers_payments_while_replicas_die_and_join() {
         let client = client.clone();
         tokio::spawn(async move {
             for n in 0..ORDERS {
-                let create_id = format!("create-{n}-{}", catga::new_message_id());
-                let cmd = CreateOrder {
-                    customer: format!("k{}", n % CUSTOMERS),
-                    lines: lines(n),
-                };
-                let id = with_retry(|| client.send_with_id(cmd.clone(), &create_id))
-                    .await
-                    .expect("create");
-                let pay_id = format!("pay-{n}-{}", catga::new_message_id());
-                let pay = PayOrder {
-                    id: id.clone(),
-                    amount_cents: u64::from(1 + n % 3) * 300,
-                };
-                with_retry(|| client.send_with_id(pay.clone(), &pay_id))
-                    .await
-                    .expect("pay");
+                create_and_pay(&client, n, format!("k{}", n % CUSTOMERS)).await;
             }
         })
     };
