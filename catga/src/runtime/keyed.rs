@@ -105,8 +105,13 @@ pub(crate) fn partition_base(service: &str, spec: &HandlerSpec) -> String {
     format!("catga.saga.{}.{}", clean(service), clean(saga))
 }
 
+/// A keyed saga's name in the store: its durable consumer's name.
+fn saga_name(spec: &HandlerSpec) -> &'static str {
+    spec.durable().unwrap_or_else(|| spec.name())
+}
+
 fn lease_name(spec: &HandlerSpec, p: u32) -> String {
-    let saga = spec.durable().unwrap_or_else(|| spec.name());
+    let saga = saga_name(spec);
     if p == ROUTER {
         format!("part:{saga}:router")
     } else {
@@ -224,25 +229,32 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
     let mut streams_ready = false;
     // Until when this replica surely holds the leases it was granted.
     let mut held_until = Instant::now();
-    let mut members_seen: Vec<String> = Vec::new();
+    // The replicas running each keyed saga (a replica runs the selection
+    // of handlers it was started with, so each saga has its own ring).
+    let mut members_seen: Vec<Vec<String>> = vec![Vec::new(); specs.len()];
     let mut served_before = BTreeMap::new();
     loop {
         let tick = Instant::now();
         if !streams_ready {
             streams_ready = ensure_streams(&shared, &specs).await;
         }
-        match shared.store.members(&me, true, ttl).await {
-            Ok(members) => {
-                if members != members_seen {
-                    tracing::info!(members = members.len(), ?members, "saga ring members changed");
-                    metrics::gauge!("catga_members").set(members.len() as f64);
-                    members_seen = members;
+        for (spec, seen) in specs.iter().zip(members_seen.iter_mut()) {
+            match shared.store.members(saga_name(spec), &me, true, ttl).await {
+                Ok(members) => {
+                    if members != *seen {
+                        tracing::info!(
+                            saga = spec.name(),
+                            members = members.len(),
+                            ?members,
+                            "saga ring members changed"
+                        );
+                        metrics::gauge!("catga_members", "saga" => spec.name()).set(members.len() as f64);
+                        *seen = members;
+                    }
                 }
+                Err(e) => tracing::warn!(error = %e, "cannot heartbeat into the store"),
             }
-            Err(e) => tracing::warn!(error = %e, "cannot heartbeat into the store"),
         }
-        // Until this replica heard of itself, it serves nothing.
-        let ring = crate::ring::Ring::new(&members_seen);
         let mut owned_now = owned.lock().await;
         // Drains that finished free their partitions.
         owned_now
@@ -250,7 +262,9 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
             .retain(|_, slot| !matches!(slot, Slot::Draining(h) if h.is_finished()));
         let mut leases = Vec::new();
         let mut index = Vec::new();
-        for (spec, gate) in specs.iter().zip(&gates) {
+        for ((spec, gate), seen) in specs.iter().zip(&gates).zip(&members_seen) {
+            // Until this replica heard of itself, it serves nothing.
+            let ring = crate::ring::Ring::new(seen);
             let partitions = spec.partitions().unwrap_or(1);
             let owners = ring.assign(partitions);
             let router = ring.owner_of(&format!("router/{}", spec.name()));
@@ -442,12 +456,14 @@ pub(crate) async fn leave(shared: &Shared, specs: &[&'static HandlerSpec]) {
                 .map(move |p| (lease_name(spec, p), false))
         })
         .collect();
-    if let Err(e) = shared
-        .store
-        .members(me, false, shared.config.member_timeout)
-        .await
-    {
-        tracing::warn!(error = %e, "could not leave the saga ring; the others notice when the heartbeats stop");
+    for spec in specs {
+        if let Err(e) = shared
+            .store
+            .members(saga_name(spec), me, false, shared.config.member_timeout)
+            .await
+        {
+            tracing::warn!(error = %e, "could not leave the saga ring; the others notice when the heartbeats stop");
+        }
     }
     if let Err(e) = shared
         .store

@@ -30,8 +30,8 @@ struct Inner {
     leases: HashMap<String, (String, Instant)>,
     /// The fencing token of each lease's latest grant.
     fences: HashMap<String, u64>,
-    /// Members and when each last said it was alive.
-    members: HashMap<String, Instant>,
+    /// Members per group, and when each last said it was alive.
+    members: HashMap<String, HashMap<String, Instant>>,
     /// Saga journals, by saga id.
     sagas: HashMap<String, std::collections::BTreeMap<String, Bytes>>,
     /// Saga ids, oldest first.
@@ -326,16 +326,23 @@ impl MemoryStore {
             .collect())
     }
 
-    pub(crate) async fn members(&self, member: &str, alive: bool, timeout: Duration) -> Result<Vec<String>> {
+    pub(crate) async fn members(
+        &self,
+        group: &str,
+        member: &str,
+        alive: bool,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
         let now = Instant::now();
         let mut inner = self.lock();
+        let members = inner.members.entry(group.to_owned()).or_default();
         if alive {
-            inner.members.insert(member.to_owned(), now);
+            members.insert(member.to_owned(), now);
         } else {
-            inner.members.remove(member);
+            members.remove(member);
         }
-        inner.members.retain(|_, at| now.duration_since(*at) < timeout);
-        let mut out: Vec<String> = inner.members.keys().cloned().collect();
+        members.retain(|_, at| now.duration_since(*at) < timeout);
+        let mut out: Vec<String> = members.keys().cloned().collect();
         out.sort_unstable();
         Ok(out)
     }

@@ -386,11 +386,17 @@ impl Store {
         each!(self, s => s.lease_sync(leases, owner, ttl).await)
     }
 
-    /// Records that `member` is alive (or, with `alive` false, that it
-    /// leaves), forgets members silent for `timeout`, and returns the
-    /// members alive, sorted.
-    pub(crate) async fn members(&self, member: &str, alive: bool, timeout: Duration) -> Result<Vec<String>> {
-        each!(self, s => s.members(member, alive, timeout).await)
+    /// Records that `member` of `group` is alive (or, with `alive` false,
+    /// that it leaves), forgets members silent for `timeout`, and returns
+    /// the group's members alive, sorted.
+    pub(crate) async fn members(
+        &self,
+        group: &str,
+        member: &str,
+        alive: bool,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
+        each!(self, s => s.members(group, member, alive, timeout).await)
     }
 
     /// Extends the claim `owner` holds on `id` by `lease` from now; false

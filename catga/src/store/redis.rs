@@ -683,11 +683,17 @@ impl RedisStore {
         inv.invoke_async(&mut c).await.map_err(map_err)
     }
 
-    pub(crate) async fn members(&self, member: &str, alive: bool, timeout: Duration) -> Result<Vec<String>> {
+    pub(crate) async fn members(
+        &self,
+        group: &str,
+        member: &str,
+        alive: bool,
+        timeout: Duration,
+    ) -> Result<Vec<String>> {
         let mut c = self.conn.clone();
         let mut out: Vec<String> = self
             .members
-            .key(format!("{}:members", self.prefix))
+            .key(format!("{}:members:{group}", self.prefix))
             .arg(member)
             .arg(timeout.as_millis().max(1) as u64)
             .arg(if alive { "1" } else { "0" })

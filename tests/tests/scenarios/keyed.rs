@@ -70,7 +70,24 @@ async fn ledger(saga: &Saga, e: Posted) -> Result<()> {
     Ok(())
 }
 
-catga_tests::on_both!(keyed_sagas_keep_key_order_while_replicas_leave_and_join);
+/// Starts [`audit`], another keyed saga.
+#[event(subject = "tests.keyed.audited")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Audited {
+    pub account: String,
+}
+
+/// A second keyed saga, so that a replica can run one and not the other.
+#[saga(key = account, partitions = 4)]
+async fn audit(saga: &Saga, e: Audited) -> Result<()> {
+    let _ = (saga, e);
+    Ok(())
+}
+
+catga_tests::on_both!(
+    keyed_sagas_keep_key_order_while_replicas_leave_and_join,
+    a_replica_without_the_saga_is_not_in_its_ring
+);
 
 const ACCOUNTS: [&str; 6] = ["acct-a", "acct-b", "acct-c", "acct-d", "acct-e", "acct-f"];
 
@@ -217,4 +234,34 @@ async fn keyed_sagas_keep_key_order_while_replicas_leave_and_join(b: &Backend) {
     publish(&client, &run, 10, 5).await;
     check(&run, 15).await;
     catga_tests::backend::shutdown_all(replicas).await;
+}
+
+/// A replica of the same service started without the saga (it runs
+/// another keyed saga, and the step) is not a member of the saga's ring:
+/// the other replica serves every partition and every saga runs.
+async fn a_replica_without_the_saga_is_not_in_its_ring(b: &Backend) {
+    let with = replica(b, "r1").await;
+    let without = b
+        .started(
+            b.attach(
+                catga::Runtime::builder()
+                    .service("catga-tests")
+                    .instance_id("r2")
+                    .membership(Duration::from_millis(100), Duration::from_millis(500))
+                    .handlers(|s| s.name().ends_with("keyed::post") || s.name().ends_with("keyed::audit")),
+            ),
+        )
+        .await;
+    // Two heartbeats of both, then the saga's partitions are all on r1.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    spread(&[&with]).await;
+    let theirs = without.partitions().await;
+    assert!(
+        theirs.keys().all(|saga| saga.ends_with("::audit")),
+        "r2 serves only the saga it runs: {theirs:?}"
+    );
+    let run = run_id();
+    publish(&b.client().await, &run, 0, 3).await;
+    check(&run, 3).await;
+    catga_tests::backend::shutdown_all(vec![with, without]).await;
 }
