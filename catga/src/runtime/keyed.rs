@@ -90,24 +90,22 @@ impl Partition {
 
 /// The subjects of a keyed saga's partitions: `<base>.<n>`.
 pub(crate) fn partition_base(service: &str, spec: &HandlerSpec) -> String {
-    let saga = spec.durable().unwrap_or_else(|| spec.name());
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    };
-    format!("catga.saga.{}.{}", clean(service), clean(saga))
+    format!(
+        "catga.saga.{}.{}",
+        super::subject_token(service),
+        super::subject_token(saga_name(spec))
+    )
 }
 
-/// A keyed saga's name in the store: its durable consumer's name.
-fn saga_name(spec: &HandlerSpec) -> &'static str {
+/// A keyed saga's name in the store and the broker: its durable
+/// consumer's name.
+pub(crate) fn saga_name(spec: &HandlerSpec) -> &'static str {
     spec.durable().unwrap_or_else(|| spec.name())
+}
+
+/// The ack wait of a keyed saga's consumers (see [`ACK_WAIT`]).
+pub(crate) fn ack_wait(config: &crate::config::Config) -> Duration {
+    config.ack_wait.min(ACK_WAIT)
 }
 
 fn lease_name(spec: &HandlerSpec, p: u32) -> String {
@@ -232,13 +230,17 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
     // The replicas running each keyed saga (a replica runs the selection
     // of handlers it was started with, so each saga has its own ring).
     let mut members_seen: Vec<Vec<String>> = vec![Vec::new(); specs.len()];
+    // Each saga's owners (of its partitions, then of its router), made
+    // from the ring when its members change. Until this replica heard of
+    // itself, it owns nothing.
+    let mut owners: Vec<Vec<String>> = vec![Vec::new(); specs.len()];
     let mut served_before = BTreeMap::new();
     loop {
         let tick = Instant::now();
         if !streams_ready {
             streams_ready = ensure_streams(&shared, &specs).await;
         }
-        for (spec, seen) in specs.iter().zip(members_seen.iter_mut()) {
+        for ((spec, seen), owners) in specs.iter().zip(members_seen.iter_mut()).zip(owners.iter_mut()) {
             match shared.store.members(saga_name(spec), &me, true, ttl).await {
                 Ok(members) => {
                     if members != *seen {
@@ -249,6 +251,13 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                             "saga ring members changed"
                         );
                         metrics::gauge!("catga_members", "saga" => spec.name()).set(members.len() as f64);
+                        let ring = crate::ring::Ring::new(&members);
+                        *owners = ring
+                            .assign(spec.partitions().unwrap_or(1))
+                            .into_iter()
+                            .chain(ring.owner_of(&format!("router/{}", spec.name())))
+                            .map(str::to_owned)
+                            .collect();
                         *seen = members;
                     }
                 }
@@ -262,19 +271,11 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
             .retain(|_, slot| !matches!(slot, Slot::Draining(h) if h.is_finished()));
         let mut leases = Vec::new();
         let mut index = Vec::new();
-        for ((spec, gate), seen) in specs.iter().zip(&gates).zip(&members_seen) {
-            // Until this replica heard of itself, it serves nothing.
-            let ring = crate::ring::Ring::new(seen);
+        for ((spec, gate), owners) in specs.iter().zip(&gates).zip(&owners) {
             let partitions = spec.partitions().unwrap_or(1);
-            let owners = ring.assign(partitions);
-            let router = ring.owner_of(&format!("router/{}", spec.name()));
             for p in (0..partitions).chain([ROUTER]) {
-                let owner = if p == ROUTER {
-                    router
-                } else {
-                    owners.get(p as usize).copied()
-                };
-                let mine = streams_ready && owner == Some(me.as_str());
+                let at = if p == ROUTER { partitions } else { p } as usize;
+                let mine = streams_ready && owners.get(at).is_some_and(|o| *o == me);
                 let slot = owned_now.slots.get(&(spec.name(), p));
                 if !mine && matches!(slot, Some(Slot::Serving { .. })) {
                     give_up(
@@ -486,8 +487,8 @@ async fn route(
     let transport = shared.client.transport();
     let served = Served::new(spec, &shared.config);
     let subject = spec.subject();
-    let durable = spec.durable().unwrap_or_else(|| spec.name());
-    let ack_wait = shared.config.ack_wait.min(ACK_WAIT);
+    let durable = saga_name(spec);
+    let ack_wait = ack_wait(&shared.config);
     let options = DurableOptions {
         ack_wait,
         max_deliver: served.max_deliver,
@@ -596,12 +597,12 @@ async fn route_from(
                 };
                 let (incoming, settler) = d.split();
                 let meta = super::pipeline::read(incoming.subject, incoming.headers, None, incoming.delivered);
-                let key = match spec.key_of(&incoming.payload) {
-                    Ok(Some(key)) => key,
-                    Ok(None) | Err(_) => {
-                        let error = spec.key_of(&incoming.payload).err().unwrap_or_else(|| {
-                            Error::new(ErrorKind::Internal, format!("keyed saga {} has no key", spec.name()))
-                        });
+                let key = spec.key_of(&incoming.payload).and_then(|key| {
+                    key.ok_or_else(|| Error::new(ErrorKind::Internal, format!("keyed saga {} has no key", spec.name())))
+                });
+                let key = match key {
+                    Ok(key) => key,
+                    Err(error) => {
                         tracing::error!(saga = spec.name(), error = %error, "a trigger without a readable key: dead-lettered");
                         let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
                         let _ = settler.settle(Settle::Dead(Box::new(letter))).await;

@@ -192,9 +192,9 @@ impl Served {
         served.limit = 1;
         served.parallel = 1;
         served.durable = Some((
-            format!("{}-p{}", spec.durable().unwrap_or("saga"), partition.index),
+            format!("{}-p{}", keyed::saga_name(spec), partition.index),
             DurableOptions {
-                ack_wait: config.ack_wait.min(keyed::ACK_WAIT),
+                ack_wait: keyed::ack_wait(config),
                 max_deliver: served.max_deliver,
                 max_ack_pending: 1,
                 batch: 1,
@@ -203,7 +203,7 @@ impl Served {
             },
         ));
         served.partition = Some(partition);
-        served.progress = Some(config.ack_wait.min(keyed::ACK_WAIT) / 3);
+        served.progress = Some(keyed::ack_wait(config) / 3);
         served
     }
 
@@ -229,8 +229,17 @@ impl Served {
 
 /// A queue group that only this replica's subscriptions of `spec` join.
 fn private_group(instance: &str, spec: &HandlerSpec) -> String {
-    let clean: String = instance
-        .chars()
+    format!(
+        "catga.{}.{}",
+        subject_token(instance),
+        spec.name().replace("::", ".")
+    )
+}
+
+/// `text` as one subject token: anything but letters, digits, `-` and
+/// `_` becomes `_`.
+fn subject_token(text: &str) -> String {
+    text.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
                 c
@@ -238,8 +247,7 @@ fn private_group(instance: &str, spec: &HandlerSpec) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("catga.{clean}.{}", spec.name().replace("::", "."))
+        .collect()
 }
 
 /// The running serve loops of one handler.
