@@ -291,11 +291,6 @@ impl MemoryStore {
         Ok(self.lock().saga_order.iter().rev().take(limit).cloned().collect())
     }
 
-    pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {
-        let token = self.lock().lease(LEADER_LEASE, true, owner, lease);
-        Ok((token > 0).then_some(token))
-    }
-
     pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
         let now = Instant::now();
         let mut inner = self.lock();
@@ -306,11 +301,6 @@ impl MemoryStore {
             }
             _ => false,
         })
-    }
-
-    pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
-        self.lock().lease(LEADER_LEASE, false, owner, Duration::ZERO);
-        Ok(())
     }
 
     pub(crate) async fn lease_sync(
@@ -495,7 +485,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_leader_lease_is_held_by_one_and_fences_the_old_holder() {
-        let s = MemoryStore::new();
+        let s = crate::store::Store::from(MemoryStore::new());
         let lease = Duration::from_millis(50);
         let a = s
             .leader_acquire("a", lease)

@@ -357,7 +357,10 @@ impl Store {
     /// Takes the service's leader lease for `lease` (or extends it, if
     /// `owner` holds it): its fencing token, or `None` if another holds it.
     pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {
-        each!(self, s => s.leader_acquire(owner, lease).await)
+        let tokens = self
+            .lease_sync(&[(LEADER_LEASE.to_owned(), true)], owner, lease)
+            .await?;
+        Ok(tokens.first().copied().filter(|t| *t > 0))
     }
 
     /// Extends the leader lease `owner` holds; false if it no longer does.
@@ -367,7 +370,9 @@ impl Store {
 
     /// Gives the leader lease up if `owner` holds it.
     pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
-        each!(self, s => s.leader_release(owner).await)
+        self.lease_sync(&[(LEADER_LEASE.to_owned(), false)], owner, Duration::ZERO)
+            .await
+            .map(|_| ())
     }
 
     /// Brings many leases in line in one round trip: each wanted one is

@@ -44,12 +44,12 @@ pub(crate) struct RedisStore {
     group_ready: AtomicBool,
     commit: Script,
     inbox_begin: Script,
-    /// Deletes a key if the caller still holds it (inbox claims, the
-    /// leader lease).
+    /// Deletes a key if the caller still holds it (inbox claims; leases
+    /// are given up through `lease_sync`).
     delete_if_held: Script,
-    /// Extends a key if the caller still holds it (same).
+    /// Extends a key if the caller still holds it (inbox claims, the
+    /// leader lease).
     extend_if_held: Script,
-    leader_acquire: Script,
     saga_write: Script,
     lease_sync: Script,
     members: Script,
@@ -313,7 +313,7 @@ end
 return v
 ";
 
-/// Deletes a key (an inbox claim, the leader lease) if `ARGV[1]` still
+/// Deletes a key (an inbox claim) if `ARGV[1]` still
 /// holds it.
 const DELETE_IF_HELD: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -327,20 +327,6 @@ return 0
 const EXTEND_IF_HELD: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-";
-
-/// Takes the leader lease (KEYS[1]) for `ARGV[1]` for `ARGV[2]` ms and
-/// returns a new fencing token (INCR of KEYS[2]); extends it and returns
-/// the current token if `ARGV[1]` holds it already; 0 if another does.
-const LEADER_ACQUIRE: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
-end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2]) or '0')
 end
 return 0
 ";
@@ -586,7 +572,6 @@ impl RedisStore {
             inbox_begin: Script::new(INBOX_BEGIN),
             delete_if_held: Script::new(DELETE_IF_HELD),
             extend_if_held: Script::new(EXTEND_IF_HELD),
-            leader_acquire: Script::new(LEADER_ACQUIRE),
             saga_write: Script::new(SAGA_WRITE),
             lease_sync: Script::new(LEASE_SYNC),
             members: Script::new(MEMBERS),
@@ -704,20 +689,6 @@ impl RedisStore {
         Ok(out)
     }
 
-    pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {
-        let mut c = self.conn.clone();
-        let token: u64 = self
-            .leader_acquire
-            .key(self.leader_key())
-            .key(self.fence_key(LEADER_LEASE))
-            .arg(owner)
-            .arg(lease.as_millis().max(1) as u64)
-            .invoke_async(&mut c)
-            .await
-            .map_err(map_err)?;
-        Ok((token > 0).then_some(token))
-    }
-
     pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
         let mut c = self.conn.clone();
         self.extend_if_held
@@ -728,17 +699,6 @@ impl RedisStore {
             .await
             .map_err(map_err)
             .map(|n| n == 1)
-    }
-
-    pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
-        let mut c = self.conn.clone();
-        self.delete_if_held
-            .key(self.leader_key())
-            .arg(owner)
-            .invoke_async::<i64>(&mut c)
-            .await
-            .map_err(map_err)
-            .map(|_| ())
     }
 
     fn inbox_key(&self, scope: &str, id: &str) -> String {
