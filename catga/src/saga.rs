@@ -370,25 +370,28 @@ impl Saga {
     /// timer fires (each such wait costs one delivery of the trigger:
     /// count them in `max_deliver`).
     pub async fn sleep(&self, name: &'static str, wait: Duration) -> Result<()> {
+        self.timer(name, now_ms() + wait.as_millis() as u64).await
+    }
+
+    /// Waits durably until `at` (see [`sleep`](Self::sleep)): a resumed
+    /// saga keeps the time journaled the first time, whatever `at` it
+    /// passes then.
+    pub async fn sleep_until(&self, name: &'static str, at: SystemTime) -> Result<()> {
+        self.timer(name, ms_of(at)).await
+    }
+
+    /// Timer `name`: journals `first` as its wake-up time the first time
+    /// it is reached, then waits until the journaled time.
+    async fn timer(&self, name: &str, first: u64) -> Result<()> {
         let field = format!("{WAKE}{name}");
         let wake = match self.get(&field) {
             Some(v) => parse_ms(&v),
             None => {
-                let at = now_ms() + wait.as_millis() as u64;
-                self.write(&field, at.to_string().as_bytes()).await?;
-                at
+                self.write(&field, first.to_string().as_bytes()).await?;
+                first
             }
         };
         self.wait_until(name, wake).await
-    }
-
-    /// Waits durably until `at` (see [`sleep`](Self::sleep)).
-    pub async fn sleep_until(&self, name: &'static str, at: SystemTime) -> Result<()> {
-        let field = format!("{WAKE}{name}");
-        if self.get(&field).is_none() {
-            self.write(&field, ms_of(at).to_string().as_bytes()).await?;
-        }
-        self.wait_until(name, ms_of(at)).await
     }
 
     async fn wait_until(&self, name: &str, wake: u64) -> Result<()> {
