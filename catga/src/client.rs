@@ -501,6 +501,7 @@ impl Context {
     /// [`send`](Self::send) with an explicit reply time-out (still no later
     /// than the deadline of the message being handled).
     pub async fn send_with_timeout<C: Command>(&self, cmd: C, timeout: Duration) -> Result<C::Reply> {
+        self.work.check_fence()?;
         let deadline = self.nested_deadline(timeout);
         let headers = self.child_headers(false, C::VERSION);
         let result = if C::IDEMPOTENT {
@@ -519,19 +520,24 @@ impl Context {
 
     /// Publishes an event caused by the message being handled. In an
     /// idempotent handler it goes through the outbox, committed with the
-    /// handler's answer; on a subject with a durable handler in this
-    /// process, it waits for JetStream's acknowledgement.
+    /// handler's answer (or not at all); in a `leader` handler or a keyed
+    /// saga it goes through the outbox too, committed under the lease's
+    /// fencing token, so that a replica that lost the lease publishes
+    /// nothing; on a subject with a durable handler in this process, it
+    /// waits for JetStream's acknowledgement.
     pub async fn publish<E: Event>(&self, event: E) -> Result<()> {
-        if self.work.staged.is_some() {
+        if let Some(staged) = &self.work.staged {
             let entry = self.outbox_entry(&event)?;
-            if let Some(staged) = &self.work.staged {
-                staged
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .events
-                    .push(entry);
-            }
+            staged
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .events
+                .push(entry);
             return Ok(());
+        }
+        if self.work.fence.is_some() {
+            self.work.check_fence()?;
+            return self.commit_events(vec![self.outbox_entry(&event)?]).await;
         }
         let durable = self.work.durable_subjects.contains(E::SUBJECT);
         let headers = self.child_headers(true, E::VERSION);
@@ -539,8 +545,15 @@ impl Context {
     }
 
     /// Publishes an event to the stream that keeps its subject and waits
-    /// until it is stored (see [`Client::publish_durable`]).
+    /// until it is stored (see [`Client::publish_durable`]). In an
+    /// idempotent, `leader` or keyed-saga handler it goes through the
+    /// outbox like [`publish`](Self::publish) (to its stream, created if
+    /// none stores the subject): it leaves with the handler's commit, or
+    /// not at all.
     pub async fn publish_durable<E: Event>(&self, event: E) -> Result<()> {
+        if self.work.staged.is_some() || self.work.fence.is_some() {
+            return self.publish(event).await;
+        }
         let headers = self.child_headers(true, E::VERSION);
         self.client.publish_with(event, headers, true).await
     }
@@ -620,10 +633,14 @@ mod tests {
         let work = || {
             Arc::new(Work {
                 store: crate::store::MemoryStore::new().into(),
+                orphans: crate::store::Orphans::new().0,
                 staged: None,
                 durable_subjects: Arc::default(),
                 sent: Default::default(),
                 fence: None,
+                held: None,
+                member: "test".into(),
+                alive_for: Duration::from_secs(1),
                 last_delivery: false,
                 saga_timeout: None,
             })

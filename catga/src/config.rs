@@ -145,8 +145,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "CATGA_INBOX_LEASE_MS",
-        meaning: "how long the claim of a replica on a message it handles lasts unless renewed (every third of it, while the handler runs): a retry of a message whose replica died runs after at most this",
-        default: "5000",
+        meaning: "how long a replica's claims on the messages it handles outlive its last sign of life (one liveness key per replica, renewed every third of this, not one renewal per message): a retry of a message whose replica died runs after at most this",
+        default: "1000",
     },
     Setting {
         name: "CATGA_LEADER_LEASE_MS",
@@ -194,9 +194,9 @@ pub const SETTINGS: &[Setting] = &[
         default: "120000",
     },
     Setting {
-        name: "CATGA_OUTBOX_STALE_MS",
-        meaning: "how long an outbox entry a relay took may stay unsent before another relay takes it over",
-        default: "10000",
+        name: "CATGA_OUTBOX_LEASE_MS",
+        meaning: "the outbox relay's lease: one replica at a time stores the outbox's events in their streams; when it dies, another takes over within this time",
+        default: "3000",
     },
     Setting {
         name: "CATGA_RETRY_BASE_MS",
@@ -331,8 +331,8 @@ pub struct Config {
     pub redis_tls: RedisTls,
     /// How long an idempotent message's answer is kept.
     pub inbox_window: Duration,
-    /// How long a replica holds a message it handles before a retry may
-    /// take it.
+    /// How long a replica's claims outlive its last sign of life (its
+    /// liveness key, renewed every third of this).
     pub inbox_lease: Duration,
     /// The leader lease (see `CATGA_LEADER_LEASE_MS`).
     pub leader_lease: Duration,
@@ -347,9 +347,9 @@ pub struct Config {
     pub ack_wait: Duration,
     /// Streams catga creates for durable events.
     pub streams: StreamSettings,
-    /// How long an outbox entry a relay took may stay unsent before another
-    /// relay takes it over.
-    pub outbox_stale: Duration,
+    /// The outbox relay's lease: one replica relays; another takes over
+    /// within this time when it dies.
+    pub outbox_lease: Duration,
     /// First back-off of retries and redeliveries.
     pub retry_base: Duration,
     /// Failures in a row that open a breaker (0: none).
@@ -430,14 +430,14 @@ impl Default for Config {
             redis_sentinel_master: "mymaster".to_owned(),
             redis_tls: RedisTls::default(),
             inbox_window: Duration::from_secs(24 * 3600),
-            inbox_lease: Duration::from_secs(5),
+            inbox_lease: Duration::from_secs(1),
             leader_lease: Duration::from_secs(10),
             member_heartbeat: Duration::from_secs(1),
             member_timeout: Duration::from_secs(5),
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
             streams: StreamSettings::default(),
-            outbox_stale: Duration::from_secs(10),
+            outbox_lease: Duration::from_secs(3),
             retry_base: Duration::from_millis(100),
             breaker_failures: 10,
             breaker_open: Duration::from_secs(5),
@@ -540,7 +540,7 @@ impl Config {
             c.inbox_window = ms("CATGA_INBOX_WINDOW_MS", &v)?;
         }
         if let Some(v) = get("CATGA_INBOX_LEASE_MS") {
-            c.inbox_lease = ms("CATGA_INBOX_LEASE_MS", &v)?;
+            c.inbox_lease = ms("CATGA_INBOX_LEASE_MS", &v)?.max(Duration::from_millis(30));
         }
         if let Some(v) = get("CATGA_LEADER_LEASE_MS") {
             c.leader_lease = ms("CATGA_LEADER_LEASE_MS", &v)?.max(Duration::from_millis(30));
@@ -580,8 +580,8 @@ impl Config {
         if let Some(v) = get("CATGA_JS_DUPLICATE_WINDOW_MS") {
             c.streams.duplicate_window = ms("CATGA_JS_DUPLICATE_WINDOW_MS", &v)?;
         }
-        if let Some(v) = get("CATGA_OUTBOX_STALE_MS") {
-            c.outbox_stale = ms("CATGA_OUTBOX_STALE_MS", &v)?;
+        if let Some(v) = get("CATGA_OUTBOX_LEASE_MS") {
+            c.outbox_lease = ms("CATGA_OUTBOX_LEASE_MS", &v)?;
         }
         if let Some(v) = get("CATGA_RETRY_BASE_MS") {
             c.retry_base = ms("CATGA_RETRY_BASE_MS", &v)?;

@@ -171,6 +171,9 @@ pub struct Error {
     /// When a durable message that failed with it should come back (a
     /// saga waiting for a durable timer), instead of the back-off.
     retry_after: Option<std::time::Duration>,
+    /// Whether what failed may have taken effect (a commit whose reply
+    /// was lost): not run again in place, whatever the kind.
+    in_doubt: bool,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -192,8 +195,22 @@ impl Error {
             origin: Origin::Local,
             exposed: false,
             retry_after: None,
+            in_doubt: false,
             source: None,
         }
+    }
+
+    /// The same error, saying that what failed may have taken effect: the
+    /// handler is not run again in place (a retry by the sender finds the
+    /// answer if it did).
+    pub(crate) fn in_doubt(mut self) -> Error {
+        self.in_doubt = true;
+        self
+    }
+
+    /// Whether what failed may have taken effect (see [`in_doubt`](Self::in_doubt)).
+    pub(crate) fn is_in_doubt(&self) -> bool {
+        self.in_doubt
     }
 
     /// The same error, asking a durable message to come back after `delay`.
@@ -278,6 +295,7 @@ impl Error {
             },
             exposed: false,
             retry_after: None,
+            in_doubt: false,
             source: None,
         }
     }

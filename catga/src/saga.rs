@@ -17,6 +17,8 @@ use crate::wire::codec::Decode;
 
 /// Journal fields.
 const STATUS: &str = "status";
+/// The inbox scope of saga runs (one claim per saga id while it runs).
+const RUNS: &str = "saga-run";
 const ERROR: &str = "error";
 /// `s:<step>`: the step's answer.
 const DONE: &str = "s:";
@@ -254,12 +256,26 @@ impl Context {
         F: FnOnce(Saga) -> Fut,
         Fut: Future<Output = Result<T>> + Send,
     {
+        // Two sagas may start from one event: each has its own journal.
+        let name = self.handler().rsplit("::").next().unwrap_or_default();
+        let id = crate::wire::bounded_id(format!("{name}:{}", self.message_id()));
+        let run = self.claim_run(&id).await?;
+        let ran = self.run_saga(id, saga).await;
+        if self
+            .work()
+            .store
+            .inbox_abandon(RUNS, &run.0, &run.1)
+            .await
+            .is_err()
+        {
+            self.work().orphans.give_up(RUNS, &run.0, &run.1);
+        }
         // A retryable failure of a step (a command's replica that was
         // busy, a stale save there) must stay retryable: the saga resumes
         // when its trigger comes back. Passed on as is, it would count as
         // this handler's own failure of a nested send (500, not
         // retryable), and the trigger would be dead-lettered.
-        self.run_saga(saga).await.map_err(|e| {
+        ran.map_err(|e| {
             if e.is_retryable() && e.is_remote() {
                 Error::new(
                     e.kind(),
@@ -271,14 +287,43 @@ impl Context {
         })
     }
 
-    async fn run_saga<F, Fut, T>(&self, saga: F) -> Result<SagaOutcome<T>>
+    /// Takes the run of saga `id` (waiting while another run of it holds
+    /// it, or until that run's replica is gone): one run of a saga at a
+    /// time, whatever delivered its trigger twice (a redelivery while it
+    /// ran, a duplicate publish outside the stream's window).
+    async fn claim_run(&self, id: &str) -> Result<(String, crate::store::Claim)> {
+        let work = self.work();
+        let claim = crate::store::Claim {
+            digest: String::new(),
+            attempt: crate::wire::new_message_id(),
+            member: work.member.to_string(),
+        };
+        let mut waited = false;
+        loop {
+            let ttl = Duration::from_secs(24 * 3600);
+            let begun = work
+                .store
+                .inbox_begin(RUNS, id, &claim, ttl, work.alive_for)
+                .await;
+            let begun = begun.inspect_err(|_| work.orphans.give_up(RUNS, id, &claim))?;
+            match begun {
+                crate::store::Inbox::Busy(_) => {
+                    if !waited {
+                        tracing::info!(saga = %id, "another run of this saga is in progress: waiting for it");
+                        waited = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => return Ok((id.to_owned(), claim)),
+            }
+        }
+    }
+
+    async fn run_saga<F, Fut, T>(&self, id: String, saga: F) -> Result<SagaOutcome<T>>
     where
         F: FnOnce(Saga) -> Fut,
         Fut: Future<Output = Result<T>> + Send,
     {
-        // Two sagas may start from one event: each has its own journal.
-        let name = self.handler().rsplit("::").next().unwrap_or_default();
-        let id = format!("{name}:{}", self.message_id());
         let journal = self.work().store.saga_load(&id).await?;
         let s = Saga {
             inner: Arc::new(Inner {
@@ -531,7 +576,8 @@ impl Saga {
             };
             let subject = String::from_utf8_lossy(&value[..split]).into_owned();
             let payload = value.slice(split + 1..);
-            let id = format!("{}/{step}/undo", self.id());
+            let id = crate::wire::bounded_id(format!("{}/{step}/undo", self.id()));
+            self.inner.ctx.work().check_fence()?;
             match self
                 .inner
                 .ctx
@@ -629,7 +675,7 @@ impl<C: Command> Step<C> {
             }
         }
         let payload = cmd.encode()?;
-        let id = format!("{}/{name}", saga.id());
+        let id = crate::wire::bounded_id(format!("{}/{name}", saga.id()));
         // Within the saga's time-out too.
         let left = saga
             .deadline()
@@ -638,6 +684,7 @@ impl<C: Command> Step<C> {
             (Some(t), Some(l)) => Some(t.min(l)),
             (t, l) => t.or(l),
         };
+        saga.inner.ctx.work().check_fence()?;
         match saga
             .inner
             .ctx

@@ -71,9 +71,23 @@ impl Context {
         }
     }
 
+    /// An event as the outbox keeps it. One that the broker could never
+    /// take (over its limit, with the ids the relay adds) is refused here,
+    /// before anything is committed: a 413 the handler sees, instead of a
+    /// committed event that can never be published.
     pub(crate) fn outbox_entry<E: Event>(&self, event: &E) -> Result<OutboxEntry> {
         let payload = event.encode()?;
         let headers = self.child_headers(true, E::VERSION);
+        let transport = self.client().transport();
+        let size = crate::transport::memory::wire_size(Some(&headers), payload.len())
+            + crate::transport::ROUTING_HEADROOM;
+        if size > transport.max_payload() {
+            return Err(crate::transport::memory::too_large(
+                E::SUBJECT,
+                size,
+                transport.max_payload(),
+            ));
+        }
         let id = headers
             .get(crate::wire::headers::MESSAGE_ID)
             .map(|v| v.as_str().to_owned())
@@ -87,6 +101,21 @@ impl Context {
                 .collect(),
             payload: payload.to_vec(),
         })
+    }
+
+    /// Commits `events` to the outbox alone, under the handler's fence.
+    pub(crate) async fn commit_events(&self, events: Vec<OutboxEntry>) -> Result<()> {
+        let work = self.work();
+        let commit = Commit {
+            states: Vec::new(),
+            events,
+            inbox: None,
+            fence: work.fence.clone(),
+        };
+        match work.store.commit(&commit).await? {
+            Committed::Fenced => Err(fenced()),
+            _ => Ok(()),
+        }
     }
 
     async fn commit_save<T: State>(
@@ -153,14 +182,7 @@ impl Context {
     }
 }
 
-/// A write of a replica that lost the lease its work started under.
-pub(crate) fn fenced() -> Error {
-    Error::new(
-        ErrorKind::Unavailable,
-        "this replica is no longer the leader (or the owner of the saga's partition): its write was \
-         refused (fenced); the new holder of the lease takes over",
-    )
-}
+pub(crate) use crate::store::fenced;
 
 fn conflict<T: State>(key: &str, loaded: u64, now: u64) -> Error {
     let what = if loaded == 0 {

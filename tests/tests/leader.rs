@@ -4,13 +4,11 @@
 //! was granted it (its save is fenced in the same atomic operation).
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use catga::{Context, Result, Runtime, State, Versioned, event};
 use catga_tests::{NatsServer, RedisServer, run_id};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 
 /// A job for the leader.
 #[event(subject = "tests.leader.job")]
@@ -33,18 +31,64 @@ impl State for Done {
     const KIND: &'static str = "done";
 }
 
-static STARTED: AtomicU64 = AtomicU64::new(0);
-static GO: Semaphore = Semaphore::const_new(0);
+/// Jobs started, by key (tests of this file run side by side under plain
+/// `cargo test`: each looks at its own keys only).
+static STARTED: catga_tests::Tally = catga_tests::Tally::new();
+/// Keys whose held job may go on.
+static GO: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn go(key: &str) {
+    GO.lock().expect("go").push(key.to_owned());
+}
 /// What one job's save came to: its key, the replica, Ok or the error.
 type Saved = (String, String, std::result::Result<(), String>);
 
 static SAVES: Mutex<Vec<Saved>> = Mutex::new(Vec::new());
+/// What a held job's publish and send came to: its key, then each error.
+type Effects = (
+    String,
+    std::result::Result<(), String>,
+    std::result::Result<(), String>,
+);
+static EFFECTS: Mutex<Vec<Effects>> = Mutex::new(Vec::new());
+
+/// What a leader job announces.
+#[event(subject = "tests.leader.announced")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Announced {
+    /// The job's key.
+    pub key: String,
+}
+
+/// What a leader job asks for.
+#[catga::command(subject = "tests.leader.poke")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Poke {
+    /// The job's key.
+    pub key: String,
+}
 
 #[event(leader)]
 async fn on_job(ctx: &Context, j: Job) -> Result<()> {
-    STARTED.fetch_add(1, Ordering::SeqCst);
+    STARTED.add(&j.key);
     if j.hold {
-        GO.acquire().await.expect("semaphore").forget();
+        while !GO.lock().expect("go").contains(&j.key) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Past its lease: what it would publish or send is refused before
+        // it leaves, as its save is.
+        let published = ctx
+            .publish(Announced { key: j.key.clone() })
+            .await
+            .map_err(|e| e.to_string());
+        let sent = ctx
+            .send(Poke { key: j.key.clone() })
+            .await
+            .map_err(|e| e.to_string());
+        EFFECTS
+            .lock()
+            .expect("effects")
+            .push((j.key.clone(), published, sent));
     }
     let saved = ctx
         .save(Versioned::new(
@@ -129,7 +173,7 @@ async fn a_stalled_leaders_write_is_fenced() {
         .await
         .expect("publish");
     until("the job started", Duration::from_secs(5), || {
-        STARTED.load(Ordering::SeqCst) == 1
+        STARTED.get(&key) == 1
     })
     .await;
     // The lease runs out under the stalled leader.
@@ -151,7 +195,7 @@ async fn a_stalled_leaders_write_is_fenced() {
     })
     .await;
     // The stalled handler goes on: its save carries the old token.
-    GO.add_permits(1);
+    go(&key);
     until("the save came back", Duration::from_secs(5), || {
         SAVES.lock().expect("saves").iter().any(|(k, _, _)| *k == key)
     })
@@ -161,6 +205,18 @@ async fn a_stalled_leaders_write_is_fenced() {
     assert_eq!(by, "a");
     let err = outcome.as_ref().expect_err("fenced");
     assert!(err.contains("fenced"), "{err}");
+    let effects = EFFECTS.lock().expect("effects").clone();
+    let (_, published, sent) = effects.iter().find(|(k, _, _)| *k == key).expect("the effects");
+    for (what, outcome) in [("publish", published), ("send", sent)] {
+        let err = outcome.as_ref().expect_err(what);
+        assert!(err.contains("fenced"), "{what}: {err}");
+    }
+    let backlog: u64 = redis::cmd("XLEN")
+        .arg("catga:{leaders}:outbox")
+        .query_async(&mut conn)
+        .await
+        .expect("XLEN");
+    assert_eq!(backlog, 0, "nothing reached the outbox");
     let stored: Option<String> = redis::cmd("HGET")
         .arg(format!("catga:{{leaders}}:state:done:{key}"))
         .arg("d")
@@ -316,4 +372,102 @@ async fn sagas_survive_the_leaders_crash() {
         }
     }
     b.shutdown().await.expect("clean shutdown");
+}
+
+/// A failover to a Redis replica that never saw the last grant, or an
+/// eviction, loses the fence key: the next grant's token is still greater
+/// than every earlier one (it follows the server's clock), so the old
+/// holder's writes stay fenced. With `INCR` alone, the token was issued
+/// again and the stalled leader's save went through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fencing_token_is_never_issued_twice_when_the_fence_key_is_lost() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let a = replica(&nats, &redis, "a").await;
+    until("a leads", Duration::from_secs(5), || a.is_leader()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let key = run_id();
+    a.client()
+        .publish(Job {
+            key: key.clone(),
+            hold: true,
+        })
+        .await
+        .expect("publish");
+    until("the job started", Duration::from_secs(5), || {
+        STARTED.get(&key) == 1
+    })
+    .await;
+    let mut conn = redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let first: u64 = redis::cmd("GET")
+        .arg("catga:{leaders}:leader:fence")
+        .query_async(&mut conn)
+        .await
+        .expect("the fence");
+    // The lease and its fence vanish, as after a failover that lost them.
+    let _: u64 = redis::cmd("DEL")
+        .arg("catga:{leaders}:leader")
+        .arg("catga:{leaders}:leader:fence")
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    let b = replica(&nats, &redis, "b").await;
+    until("someone leads again", 3 * LEASE, || {
+        (a.is_leader() || b.is_leader())
+            && redis_get(&redis, "catga:{leaders}:leader:fence").is_some_and(|t| t != first)
+    })
+    .await;
+    let second = redis_get(&redis, "catga:{leaders}:leader:fence").expect("a new grant");
+    assert!(second > first, "tokens only grow: {first} then {second}");
+    go(&key);
+    until("the save came back", Duration::from_secs(5), || {
+        SAVES.lock().expect("saves").iter().any(|(k, _, _)| *k == key)
+    })
+    .await;
+    let saves = SAVES.lock().expect("saves").clone();
+    let (_, _, outcome) = saves.iter().find(|(k, _, _)| *k == key).expect("the save");
+    let err = outcome.as_ref().expect_err("the stalled leader's save is fenced");
+    assert!(err.contains("fenced"), "{err}");
+    a.shutdown().await.expect("clean shutdown");
+    b.shutdown().await.expect("clean shutdown");
+}
+
+fn redis_get(redis: &RedisServer, key: &str) -> Option<u64> {
+    let mut c = redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_connection()
+        .expect("redis");
+    redis::cmd("GET").arg(key).query(&mut c).expect("GET")
+}
+
+/// A Redis that may evict keys under memory pressure would lose fences,
+/// leases and idempotency answers: the replica says so, loudly, in its
+/// readiness (a warning: it still serves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_is_reported() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start_with(false, &["--maxmemory-policy", "allkeys-lru"]);
+    let rt = replica(&nats, &redis, "a").await;
+    let until_at = Instant::now() + Duration::from_secs(5);
+    while rt.readiness().warnings.is_empty() {
+        assert!(Instant::now() < until_at, "no warning: {:?}", rt.readiness());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = rt.readiness();
+    assert!(r.ready, "a warning, not a failure: {r:?}");
+    assert!(
+        r.warnings[0].contains("allkeys-lru") && r.warnings[0].contains("noeviction"),
+        "{:?}",
+        r.warnings
+    );
+    rt.shutdown().await.expect("clean shutdown");
+    let plain = RedisServer::start();
+    let rt = replica(&nats, &plain, "b").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(rt.readiness().warnings.is_empty(), "{:?}", rt.readiness());
+    rt.shutdown().await.expect("clean shutdown");
 }

@@ -175,6 +175,24 @@ async fn wire_format_is_plain_nats() {
         "{h:?}"
     );
 
+    // An id that cannot be used is refused on arrival, with a 400 that
+    // says why; the handler does not run.
+    for bad in ["x".repeat(257), "x".repeat(10_000), "a\u{7f}b".to_owned()] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", bad.as_str());
+        let refused = nats
+            .request_with_headers("cmd.fail", h, Bytes::from_static(br#"{"mode":"ok"}"#))
+            .await
+            .expect("reply");
+        let h = refused.headers.expect("error headers");
+        assert_eq!(h.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("400"));
+        assert!(
+            h.get("Nats-Service-Error")
+                .is_some_and(|v| v.as_str().contains("message's id (Nats-Msg-Id) cannot be used")),
+            "{h:?}"
+        );
+    }
+
     let mut newer = async_nats::HeaderMap::new();
     newer.insert("Catga-Version", "9");
     let future = nats

@@ -310,19 +310,16 @@ async fn a_relay_that_died_between_publish_and_mark_delivers_once() {
         .query_async(&mut con)
         .await
         .expect("XADD");
-    // The dying relay: takes the entry, publishes it, never marks it sent.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("relay")
+    // The dying relay: holds the relay lease, publishes the entry, dies
+    // before removing it.
+    let _: () = redis::cmd("SET")
+        .arg("catga:{faults}:relay")
         .arg("dead-relay")
-        .arg("COUNT")
-        .arg(10)
-        .arg("STREAMS")
-        .arg(outbox)
-        .arg(">")
+        .arg("PX")
+        .arg(1000)
         .query_async(&mut con)
         .await
-        .expect("XREADGROUP");
+        .expect("SET");
     let nc = async_nats::connect(nats.url()).await.expect("nats");
     let js = async_nats::jetstream::new(nc);
     let mut h = async_nats::HeaderMap::new();
@@ -332,9 +329,10 @@ async fn a_relay_that_died_between_publish_and_mark_delivers_once() {
         .expect("publish")
         .await
         .expect("stored");
-    // A live relay takes it over once it is stale, and publishes it again.
+    // A live relay takes the lease over once it ran out, and publishes
+    // the entry again; the stream drops the repeat.
     let rt = builder(&nats, &redis)
-        .outbox_stale(Duration::from_millis(500))
+        .outbox_lease(Duration::from_millis(500))
         .start()
         .await
         .expect("starts");

@@ -26,8 +26,9 @@ pub(crate) type Refresh = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub(crate) struct Probes {
     /// `Err(why)` once the replica cannot recover and should be restarted.
     pub liveness: Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>,
-    /// Whether it should get traffic, and if not, why.
-    pub readiness: Arc<dyn Fn() -> (bool, Vec<String>) + Send + Sync>,
+    /// Whether it should get traffic, and if not, why; then what puts a
+    /// promise at risk without stopping it.
+    pub readiness: Arc<dyn Fn() -> crate::runtime::Readiness + Send + Sync>,
     /// Brings the gauges up to date before a scrape.
     pub refresh: Arc<dyn Fn() -> Refresh + Send + Sync>,
 }
@@ -85,13 +86,17 @@ async fn health(State(p): State<Probes>) -> Response {
 }
 
 async fn ready(State(p): State<Probes>) -> Response {
-    let (ready, failing) = (p.readiness)();
-    let status = if ready {
+    let r = (p.readiness)();
+    let status = if r.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json(status, serde_json::json!({ "ready": ready, "failing": failing }))
+    let mut body = serde_json::json!({ "ready": r.ready, "failing": r.failing });
+    if !r.warnings.is_empty() {
+        body["warnings"] = r.warnings.into();
+    }
+    json(status, body)
 }
 
 async fn metrics(State(p): State<Probes>) -> Response {

@@ -101,7 +101,8 @@ impl RuntimeBuilder {
     }
 
     /// Sets how long an idempotent message's answer is kept, and how long a
-    /// replica holds a message it handles before a retry may take it.
+    /// replica's claims on the messages it handles outlive its last sign
+    /// of life (`CATGA_INBOX_LEASE_MS`).
     pub fn inbox(mut self, window: Duration, lease: Duration) -> Self {
         self.config.inbox_window = window;
         self.config.inbox_lease = lease;
@@ -136,10 +137,10 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Sets how long the outbox relay waits before it takes over entries
-    /// another relay took and never marked sent.
-    pub fn outbox_stale(mut self, stale: Duration) -> Self {
-        self.config.outbox_stale = stale;
+    /// Sets the outbox relay's lease (`CATGA_OUTBOX_LEASE_MS`): when the
+    /// replica relaying dies, another takes over within it.
+    pub fn outbox_lease(mut self, lease: Duration) -> Self {
+        self.config.outbox_lease = lease;
         self
     }
 
@@ -335,16 +336,27 @@ impl RuntimeBuilder {
             .map(|s| s.subject())
             .collect();
         let durable_subjects = Arc::new(durable_subjects);
+        let leadership = super::leader::Leadership::new(&config.instance_id);
+        let (orphans, orphan_queue) = crate::store::Orphans::new();
         let plain_work = Arc::new(crate::store::Work {
             store: store.clone(),
+            orphans,
             staged: None,
             durable_subjects: Arc::clone(&durable_subjects),
             sent: Default::default(),
             fence: None,
+            held: None,
+            member: leadership.owner().into(),
+            alive_for: config.inbox_lease,
             last_delivery: false,
             saga_timeout: None,
         });
-        let leadership = super::leader::Leadership::new(&config.instance_id);
+        let relay = Arc::new(super::lease::Lease::new(
+            super::outbox::RELAY_LEASE,
+            leadership.owner(),
+            config.outbox_lease,
+            "catga_outbox_relay",
+        ));
         let shared = Arc::new(Shared {
             client,
             config,
@@ -354,6 +366,7 @@ impl RuntimeBuilder {
             durable_subjects,
             endpoints: std::sync::Mutex::new(HashMap::new()),
             leadership,
+            relay,
             dropped: AtomicU64::new(0),
             expired: AtomicU64::new(0),
         });
@@ -406,7 +419,10 @@ impl RuntimeBuilder {
             ),
             tokio::spawn(watch_refusals(Arc::clone(&shared), refusals, subjects)),
             tokio::spawn(watch_store(Arc::clone(&shared))),
-            tokio::spawn(super::outbox::run(Arc::clone(&shared))),
+            tokio::spawn(Arc::clone(&shared.relay).keep(shared.store.clone())),
+            tokio::spawn(super::keep_alive(Arc::clone(&shared))),
+            tokio::spawn(crate::store::clean_orphans(shared.store.clone(), orphan_queue)),
+            tokio::spawn(super::outbox::run(Arc::clone(&shared), Arc::clone(&shared.relay))),
             tokio::spawn(super::discovery::serve(Arc::clone(&shared))),
         ];
         let http = match shared.config.http_addr.clone() {

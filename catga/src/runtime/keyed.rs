@@ -69,13 +69,19 @@ pub(crate) struct Partition {
     /// The partitions' stream subject (`<base>.*`).
     pub stream_subject: String,
     lease: Arc<str>,
-    /// The lease's token; 0 once it is lost or given up.
-    token: AtomicU64,
+    /// The lease's token; 0 once it is lost or given up (shared with the
+    /// sagas running under it, which check it before they send).
+    token: Arc<AtomicU64>,
     /// Sagas of this saga type running on this replica, over partitions.
     pub gate: Arc<Semaphore>,
 }
 
 impl Partition {
+    /// The token held now (0: none), as the sagas running under it see it.
+    pub(crate) fn held(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.token)
+    }
+
     /// The fence of a message taken now; fenced if the lease is gone.
     pub(crate) fn fence(&self) -> Result<Fence> {
         match self.token.load(Ordering::Acquire) {
@@ -314,7 +320,7 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                                 index: p,
                                 stream_subject: format!("{}.*", partition_base(&shared.config.service, spec)),
                                 lease: lease_name(spec, p).into(),
-                                token: AtomicU64::new(t),
+                                token: Arc::new(AtomicU64::new(t)),
                                 gate,
                             });
                             let started = if p == ROUTER {
@@ -491,7 +497,6 @@ async fn route(
     let ack_wait = ack_wait(&shared.config);
     let options = DurableOptions {
         ack_wait,
-        max_deliver: served.max_deliver,
         max_ack_pending: ROUTER_WINDOW,
         batch: 64,
         stream: None,
@@ -566,6 +571,11 @@ async fn route_from(
     let timeout = shared.config.request_timeout;
     let mut inflight: VecDeque<(Stored, Settler)> = VecDeque::new();
     let mut failed: Option<Error> = None;
+    // The id of the copy routed last in this run: the next one is stored
+    // only right after it. The first of a run follows whatever the stream
+    // holds, which is right: every trigger before it was stored (or is
+    // being given back and comes first).
+    let mut last: Option<String> = None;
     loop {
         let stopping = *stop.borrow() || lease.fence().is_err() || failed.is_some();
         if stopping && inflight.is_empty() {
@@ -613,12 +623,33 @@ async fn route_from(
                 let mut headers = meta.headers().cloned().unwrap_or_default();
                 // The copy keeps the trigger's id: the saga's id, and what
                 // the partition's stream drops a repeated routing by.
-                headers.insert(crate::wire::headers::MESSAGE_ID, meta.message_id());
+                let id = meta.message_id().to_owned();
+                headers.insert(crate::wire::headers::MESSAGE_ID, id.as_str());
+                // Each copy is stored only right after the one routed
+                // before it (all partitions share one stream): a copy
+                // lost while a node dies fails the ones sent after it,
+                // which are given back and routed again in order.
                 match transport
-                    .publish_durable_start(&format!("{base}.{p}"), headers, incoming.payload, timeout)
+                    .publish_durable_start(
+                        &format!("{base}.{p}"),
+                        headers,
+                        incoming.payload.clone(),
+                        last.as_deref(),
+                        timeout,
+                    )
                     .await
                 {
-                    Ok(stored) => inflight.push_back((stored, settler)),
+                    Ok(stored) => {
+                        last = Some(id);
+                        inflight.push_back((stored, settler));
+                    }
+                    // It can never be routed (its copy is over the
+                    // broker's limit): a dead letter, not a retry forever.
+                    Err(e) if !e.is_retryable() => {
+                        tracing::error!(saga = spec.name(), error = %e, "a trigger cannot be routed: dead-lettered");
+                        let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &e);
+                        let _ = settler.settle(Settle::Dead(Box::new(letter))).await;
+                    }
                     Err(e) => {
                         let _ = settler.settle(Settle::Retry { delay: Duration::ZERO }).await;
                         failed = Some(e);

@@ -25,8 +25,9 @@ pub(crate) struct Leadership {
     /// Who holds it, to the store: the instance id and a nonce of this
     /// start, so that a restarted replica never inherits its old lease.
     owner: String,
-    /// The fencing token of the lease held; 0: not the leader.
-    token: AtomicU64,
+    /// The fencing token of the lease held; 0: not the leader (shared with
+    /// the leader handlers running, which check it before they send).
+    token: Arc<AtomicU64>,
     /// The lease's name, as fences carry it.
     lease: Arc<str>,
 }
@@ -35,7 +36,7 @@ impl Leadership {
     pub(crate) fn new(instance_id: &str) -> Leadership {
         Leadership {
             owner: format!("{instance_id}/{}", crate::wire::new_message_id()),
-            token: AtomicU64::new(0),
+            token: Arc::new(AtomicU64::new(0)),
             lease: crate::store::LEADER_LEASE.into(),
         }
     }
@@ -50,6 +51,11 @@ impl Leadership {
     pub(crate) fn token(&self) -> Option<u64> {
         let t = self.token.load(Ordering::Acquire);
         (t != 0).then_some(t)
+    }
+
+    /// The token held now (0: none), as the leader handlers see it.
+    pub(crate) fn held(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.token)
     }
 
     /// The fence of a `leader` handler's message taken now, if this

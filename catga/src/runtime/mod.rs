@@ -12,6 +12,7 @@ mod builder;
 mod discovery;
 mod keyed;
 mod leader;
+mod lease;
 mod outbox;
 mod pipeline;
 mod ready;
@@ -97,6 +98,8 @@ pub(crate) struct Shared {
     pub plain_work: Arc<crate::store::Work>,
     /// This replica's side of the leader lease.
     pub leadership: leader::Leadership,
+    /// This replica's side of the outbox relay's lease.
+    pub relay: Arc<lease::Lease>,
     dropped: AtomicU64,
     expired: AtomicU64,
 }
@@ -125,8 +128,8 @@ pub(crate) struct Served {
     pub durable: Option<(String, DurableOptions)>,
     /// The partition of a keyed saga it serves, if it does.
     pub partition: Option<Arc<keyed::Partition>>,
-    /// How often to tell the broker a message is still being handled
-    /// (the keyed saga consumers, see `keyed::ACK_WAIT`).
+    /// How often to tell the broker a durable message is still being
+    /// handled (a third of its ack wait).
     pub progress: Option<Duration>,
     /// Deliveries of a durable message before it is dead-lettered.
     pub max_deliver: u32,
@@ -154,7 +157,6 @@ impl Served {
                 name.to_owned(),
                 DurableOptions {
                     ack_wait,
-                    max_deliver,
                     max_ack_pending,
                     batch: limit,
                     stream: None,
@@ -162,6 +164,11 @@ impl Served {
                 },
             )
         });
+        // A durable message still being handled is kept by progress acks
+        // (its ack wait starts again), so that the broker never hands it
+        // to another replica while it runs: a saga running longer than the
+        // ack wait was delivered again and ran twice at once.
+        let progress = durable.as_ref().map(|_| ack_wait / 3);
         Served {
             spec,
             to: SubscribeTo {
@@ -173,7 +180,7 @@ impl Served {
             parallel,
             durable,
             partition: None,
-            progress: None,
+            progress,
             max_deliver,
             breaker: crate::resilience::Breaker::new(config.breaker_failures, config.breaker_open),
             metrics: crate::ops::metrics::HandlerMetrics::new(spec),
@@ -195,7 +202,6 @@ impl Served {
             format!("{}-p{}", keyed::saga_name(spec), partition.index),
             DurableOptions {
                 ack_wait: keyed::ack_wait(config),
-                max_deliver: served.max_deliver,
                 max_ack_pending: 1,
                 batch: 1,
                 stream: Some(partition.stream_subject.clone()),
@@ -292,10 +298,7 @@ impl HttpEndpoint {
                 Some(e) => Err(e.to_string()),
                 None => Ok(()),
             }),
-            readiness: Arc::new(move || {
-                let r = ready.health.check(ready.client.transport());
-                (r.ready, r.failing)
-            }),
+            readiness: Arc::new(move || ready.health.check(ready.client.transport())),
             refresh: Arc::new(move || {
                 let shared = Arc::clone(&refresh);
                 Box::pin(async move {
@@ -437,6 +440,12 @@ impl Runtime {
             out.push(crate::SagaInfo::from_journal(id, &journal));
         }
         Ok(out)
+    }
+
+    /// Whether this replica holds the outbox relay's lease (and stores the
+    /// service's outbox events in their streams).
+    pub fn is_outbox_relay(&self) -> bool {
+        self.shared.relay.held().is_some()
     }
 
     /// Whether this replica holds the service's leader lease (and serves
@@ -678,11 +687,42 @@ fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
     }
 }
 
+/// Says this replica is alive, every third of `CATGA_INBOX_LEASE_MS`:
+/// its claims on the messages it handles hold while it does, and lapse
+/// within that time once it stops (a crash, a stall), so that a retry
+/// runs the message. One write per replica, not one renewal per message:
+/// with a claim lease renewed per message, a retry after a SIGKILL waited
+/// out the 5 s lease.
+async fn keep_alive(shared: Arc<Shared>) {
+    let ttl = shared.config.inbox_lease;
+    let me = shared.leadership.owner().to_owned();
+    loop {
+        let asked = tokio::time::Instant::now();
+        if let Err(e) = Box::pin(shared.store.alive(&me, ttl, true)).await {
+            tracing::debug!(error = %e, "could not say this replica is alive; its claims lapse unless it can");
+        }
+        tokio::time::sleep_until(asked + ttl / 3).await;
+    }
+}
+
 /// Pings the store once a second: readiness requires it to answer, so
 /// that Kubernetes stops routing to a replica that cannot reach Redis.
 async fn watch_store(shared: Arc<Shared>) {
     let mut was: Option<String> = None;
+    let mut policy_checked = false;
     loop {
+        // Once the store answers: whether it may evict what catga keeps.
+        if !policy_checked && was.is_none() {
+            let asked = tokio::time::timeout(std::time::Duration::from_secs(2), shared.store.eviction_risk());
+            if let Ok(Ok(risk)) = asked.await {
+                policy_checked = true;
+                if let Some(why) = &risk {
+                    tracing::error!(warning = %why, "the state store may lose what catga keeps in it");
+                    metrics::gauge!("catga_store_eviction_risk").set(1.0);
+                }
+                shared.health.set_store_warning(risk);
+            }
+        }
         let now = match tokio::time::timeout(std::time::Duration::from_secs(2), shared.store.ping()).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.message().to_owned()),

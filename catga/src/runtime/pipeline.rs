@@ -3,17 +3,22 @@
 //! [`process`] (through [`steps`]):
 //!
 //! 1. [`read`]: the headers become the message's identity ([`MessageMeta`]).
-//! 2. [`check_version`]: a payload newer than the handler knows is refused.
+//! 2. [`check_deliveries`]: a durable message delivered more often than
+//!    `max_deliver` without being settled is dead-lettered;
+//!    [`check_id`]: an id that cannot be used is refused;
+//!    [`check_version`]: a payload newer than the handler knows is refused.
 //! 3. [`check_deadline`]: a request whose sender stopped waiting is not
 //!    started (it may already have been retried elsewhere).
-//! 4. [`claim`]: an idempotent handler takes the message's id in the inbox,
+//! 4. [`claim`]: an idempotent handler takes the message's id in the inbox
+//!    (bound to the payload's digest),
 //!    or finds the answer it gave before, or finds it in progress.
 //! 5. [`admit`]: the handler's circuit breaker lets it through, or not.
 //! 6. [`call`]: the handler runs inside its span (a panic is caught); an
 //!    idempotent handler's writes commit with its answer; a retryable
 //!    failure is retried up to `retry = N` times ([`call_with_retries`]).
 //! 7. [`record`]: the breaker learns how it went.
-//! 8. [`release`]: the inbox keeps the answer, or lets a retry run it.
+//! 8. [`release`]: the inbox keeps the answer (only while the claim is
+//!    this attempt's), or lets a retry run it.
 //! 9. [`conclude`]: the outcome becomes the answer: a reply, an error reply
 //!    (5xx texts logged under an error id), an ack, a redelivery later, or a
 //!    dead letter; [`Settler::settle`](crate::transport::Settler::settle)
@@ -35,7 +40,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::ops::metrics::Ended;
 use crate::registry::HandlerKind;
 use crate::resilience::{Admit, backoff};
-use crate::store::{Committed, Inbox, InboxWrite, StoredReply, Work};
+use crate::store::{Answer, Claim as InboxClaim, Committed, Finished, Inbox, InboxWrite, StoredReply, Work};
 use crate::transport::{DeadLetter, Delivery, Settle};
 use crate::wire::{self, MessageMeta};
 
@@ -103,13 +108,15 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
         };
         let ended = ended(&outcome);
         let settle = conclude(served, shared, &meta, &payload, outcome);
-        match &settle {
-            Settle::Dead(_) => served.metrics.dead_letters.increment(1),
-            Settle::Retry { .. } if served.durable.is_some() => served.metrics.redeliveries.increment(1),
-            _ => {}
+        let dead = matches!(settle, Settle::Dead(_));
+        if matches!(settle, Settle::Retry { .. }) && served.durable.is_some() {
+            served.metrics.redeliveries.increment(1);
         }
-        if let Err(e) = settler.settle(settle).await {
-            tracing::warn!(error = %e, "the answer was not sent as is");
+        match settler.settle(settle).await {
+            // Counted once stored, not when decided.
+            Ok(()) if dead && served.durable.is_some() => served.metrics.dead_letters.increment(1),
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "the answer was not sent as is"),
         }
         served.metrics.end(started, ended);
     }
@@ -130,29 +137,24 @@ fn ended(outcome: &Outcome) -> Ended {
 
 /// Steps 2 to 8.
 async fn steps(served: &Served, shared: &Shared, meta: &Arc<MessageMeta>, payload: Bytes) -> Outcome {
-    if let Err(early) = check_version(served, meta).and_then(|()| check_deadline(shared, meta)) {
+    if let Err(early) = check_deliveries(served, meta)
+        .and_then(|()| check_id(meta))
+        .and_then(|()| check_version(served, meta))
+        .and_then(|()| check_deadline(shared, meta))
+    {
         return early;
     }
-    let claim = match claim(served, shared, meta).await {
+    let claim = match claim(served, shared, meta, &payload).await {
         Ok(c) => c,
         Err(early) => return early,
     };
     if let Err(early) = admit(served) {
-        release(shared, &claim, None).await;
+        release(shared, &claim, Err(Error::unavailable("not run"))).await;
         return early;
     }
-    let result = held(
-        shared,
-        &claim,
-        call_with_retries(served, shared, meta, &payload, &claim),
-    )
-    .await;
+    let result = call_with_retries(served, shared, meta, &payload, &claim).await;
     record(served, &result);
-    release(shared, &claim, result.as_ref().err()).await;
-    match result {
-        Ok(body) => Outcome::Done(body),
-        Err(e) => Outcome::Failed(e),
-    }
+    release(shared, &claim, result).await
 }
 
 /// Step 1: the message's identity, read from its headers on demand.
@@ -165,7 +167,45 @@ pub(crate) fn read(
     MessageMeta::new(subject, headers, deadline, delivered)
 }
 
-/// Step 2: refuses a version newer than the handler's message type.
+/// Step 2: a durable message delivered more often than `max_deliver`
+/// was taken by replicas that stopped before settling it (crashed, were
+/// cancelled at a drain deadline), or its dead letter could not be stored
+/// last time: it is dead-lettered without running again. The broker does
+/// not limit deliveries, so this is what ends a message that crashes every
+/// replica taking it.
+fn check_deliveries(served: &Served, meta: &MessageMeta) -> Result<(), Outcome> {
+    let max = u64::from(served.max_deliver);
+    if served.durable.is_none() || meta.delivery() <= max {
+        return Ok(());
+    }
+    Err(Outcome::Failed(Error::new(
+        ErrorKind::Internal,
+        format!(
+            "delivered {} times (max_deliver {max}) without being settled: the replicas that took it \
+             stopped before answering, or its dead letter could not be stored",
+            meta.delivery()
+        ),
+    )))
+}
+
+/// Step 2, too: refuses a message whose id cannot be used (too long, or not
+/// visible ASCII): the ids derived from it, the inbox and the dead letters
+/// need a valid one. A 250-character id reached two sagas, whose step ids
+/// were then too long, and a 1 MB id of an idempotent command was kept in
+/// the inbox for a day.
+fn check_id(meta: &MessageMeta) -> Result<(), Outcome> {
+    if !meta.has_sender_id() {
+        return Ok(());
+    }
+    wire::check_id(meta.message_id()).map_err(|e| {
+        Outcome::Failed(Error::invalid(format!(
+            "the message's id (Nats-Msg-Id) cannot be used: {}",
+            e.message()
+        )))
+    })
+}
+
+/// Step 2, last: refuses a version newer than the handler's message type.
 fn check_version(served: &Served, meta: &MessageMeta) -> Result<(), Outcome> {
     let spec = served.spec;
     wire::check_version(meta.headers(), spec.message_type(), spec.version()).map_err(Outcome::Failed)
@@ -195,15 +235,21 @@ enum Claim {
     Owned {
         scope: &'static str,
         id: String,
-        owner: String,
+        claim: InboxClaim,
     },
 }
 
 /// Step 4: an idempotent handler takes the message's id: first time, it
 /// runs; answered before, the same answer; in progress elsewhere, a
-/// command waits for the answer (up to its deadline), a durable event
-/// comes back later.
-async fn claim(served: &Served, shared: &Shared, meta: &MessageMeta) -> Result<Claim, Outcome> {
+/// command waits for the answer (up to its deadline) and a durable event
+/// waits in place (its delivery kept alive by progress acks, so that the
+/// wait spends no delivery); under another payload, a conflict.
+async fn claim(
+    served: &Served,
+    shared: &Shared,
+    meta: &MessageMeta,
+    payload: &Bytes,
+) -> Result<Claim, Outcome> {
     let spec = served.spec;
     if !spec.is_idempotent() {
         return Ok(Claim::None);
@@ -218,66 +264,41 @@ async fn claim(served: &Served, shared: &Shared, meta: &MessageMeta) -> Result<C
         HandlerKind::Event => spec.name(),
     };
     let id = meta.message_id().to_owned();
-    let owner = format!("{}/{}", shared.config.instance_id, wire::new_message_id());
-    let lease = shared.config.inbox_lease;
+    let claim = InboxClaim {
+        digest: crate::store::digest(payload),
+        attempt: wire::new_message_id(),
+        member: shared.leadership.owner().to_owned(),
+    };
     loop {
-        match Box::pin(shared.store.inbox_begin(scope, &id, &owner, lease)).await {
-            Ok(Inbox::Fresh) => return Ok(Claim::Owned { scope, id, owner }),
-            Ok(Inbox::Done(reply)) => return Err(Outcome::Answered(reply)),
-            Ok(Inbox::Busy) => {
-                let waits = spec.kind() == HandlerKind::Command
-                    && meta
+        let (ttl, alive_for) = (shared.config.inbox_window, shared.config.inbox_lease);
+        match Box::pin(shared.store.inbox_begin(scope, &id, &claim, ttl, alive_for)).await {
+            Ok(Inbox::Fresh) => return Ok(Claim::Owned { scope, id, claim }),
+            Ok(Inbox::Done(answer)) if answer.fits(&claim.digest) => {
+                return Err(Outcome::Answered(answer.reply));
+            }
+            Ok(Inbox::Busy(digest)) if digest.is_empty() || digest == claim.digest => {
+                let waits = match spec.kind() {
+                    HandlerKind::Command => meta
                         .deadline()
                         .and_then(|d| d.remaining())
-                        .is_some_and(|left| left > Duration::from_millis(60));
+                        .is_some_and(|left| left > Duration::from_millis(60)),
+                    HandlerKind::Event => served.durable.is_some(),
+                };
                 if !waits {
                     return Err(Outcome::Busy);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => return Err(Outcome::Failed(e)),
-        }
-    }
-}
-
-/// Keeps an owned claim while `work` runs: its lease is renewed every
-/// third of the lease, so the claim of a replica that dies lapses within
-/// one lease and a retry runs the message, while a handler that runs
-/// longer than the lease keeps it. Found by the failover benchmark: with
-/// a fixed 30 s lease, the messages a SIGKILLed replica had claimed were
-/// answered "busy" to every retry for 30 s.
-async fn held<T>(shared: &Shared, claim: &Claim, work: impl Future<Output = T>) -> T {
-    let Claim::Owned { scope, id, owner } = claim else {
-        return work.await;
-    };
-    let renew = renew(shared, scope, id, owner);
-    match futures_util::future::select(std::pin::pin!(work), std::pin::pin!(renew)).await {
-        futures_util::future::Either::Left((out, _)) => out,
-        futures_util::future::Either::Right((never, _)) => match never {},
-    }
-}
-
-/// Renews a claim's lease until dropped. A claim found lost is not
-/// renewed again: the handler's commit will be refused (it checks the
-/// claim in the same atomic operation) and the attempt retried.
-async fn renew(shared: &Shared, scope: &str, id: &str, owner: &str) -> std::convert::Infallible {
-    let lease = shared.config.inbox_lease;
-    let mut lost = false;
-    loop {
-        tokio::time::sleep(lease / 3).await;
-        if lost {
-            continue;
-        }
-        match Box::pin(shared.store.inbox_renew(scope, id, owner, lease)).await {
-            Ok(true) => {}
-            Ok(false) => {
-                lost = true;
-                tracing::warn!(
-                    "the claim on this message lapsed while its handler ran; its commit will be refused"
-                );
+            Ok(Inbox::Done(_) | Inbox::Busy(_)) => {
+                return Err(Outcome::Failed(Error::conflict(format!(
+                    "message id {id} was used before for another payload: a retry must send what the \
+                     first attempt sent, and a new message needs a new id"
+                ))));
             }
+            // The claim may have been written with its answer lost.
             Err(e) => {
-                tracing::warn!(error = %e, "the claim on this message could not be renewed; trying again")
+                shared.plain_work.orphans.give_up(scope, &id, &claim);
+                return Err(Outcome::Failed(e));
             }
         }
     }
@@ -315,7 +336,7 @@ async fn call_with_retries(
     loop {
         attempt += 1;
         match call(served, shared, meta, payload.clone(), claim).await {
-            Err(e) if e.is_retryable() && attempt <= served.spec.retries() => {
+            Err(e) if e.is_retryable() && !e.is_in_doubt() && attempt <= served.spec.retries() => {
                 let pause = backoff(shared.config.retry_base, attempt).min(Duration::from_secs(1));
                 let fits = meta
                     .deadline()
@@ -356,22 +377,29 @@ async fn call(
         ),
         None => None,
     };
-    let fence = match &served.partition {
+    let (fence, held) = match &served.partition {
         // The partition was given up or lost after this message was
         // taken; the subscription is closing.
-        Some(p) => Some(p.fence()?),
+        Some(p) => (Some(p.fence()?), Some(p.held())),
         // Not the leader (any more): likewise.
-        None if spec.is_leader() => Some(shared.leadership.fence().ok_or_else(crate::state::fenced)?),
-        None => None,
+        None if spec.is_leader() => (
+            Some(shared.leadership.fence().ok_or_else(crate::state::fenced)?),
+            Some(shared.leadership.held()),
+        ),
+        None => (None, None),
     };
     let work = match (claim, fence) {
         (Claim::None, None) if !spec.is_saga() => Arc::clone(&shared.plain_work),
         (claim, fence) => Arc::new(Work {
             store: shared.store.clone(),
+            orphans: shared.plain_work.orphans.clone(),
             staged: matches!(claim, Claim::Owned { .. }).then(Default::default),
             durable_subjects: Arc::clone(&shared.durable_subjects),
             sent: Default::default(),
             fence,
+            held,
+            member: Arc::clone(&shared.plain_work.member),
+            alive_for: shared.config.inbox_lease,
             last_delivery: served.durable.is_some() && meta.delivery() >= u64::from(served.max_deliver),
             saga_timeout: spec.saga_timeout(),
         }),
@@ -395,7 +423,7 @@ async fn call(
             ));
         }
     };
-    let Claim::Owned { scope, id, owner } = claim else {
+    let Claim::Owned { scope, id, claim } = claim else {
         return Ok(body);
     };
     let staged = work
@@ -407,8 +435,11 @@ async fn call(
         Some(InboxWrite {
             scope: (*scope).to_owned(),
             id: id.clone(),
-            owner: owner.clone(),
-            reply: StoredReply::Ok(body.clone()),
+            claim: claim.mark(),
+            answer: Answer {
+                digest: Some(claim.digest.clone()),
+                reply: StoredReply::Ok(body.clone()),
+            },
             window: shared.config.inbox_window,
         }),
         work.fence.clone(),
@@ -417,18 +448,68 @@ async fn call(
     // is large, and an unboxed one would make every message's future as
     // large, idempotent or not (9 KB per message, copied on each push,
     // was 20% of a fan-out profile in memmove).
-    match Box::pin(shared.store.commit(&commit)).await? {
-        Committed::Yes(_) => Ok(body),
-        Committed::Conflict { index, current } => Err(Error::stale(format!(
+    match Box::pin(shared.store.commit(&commit)).await {
+        Ok(Committed::Yes(_)) => Ok(body),
+        Ok(Committed::Conflict { index, current }) => Err(Error::stale(format!(
             "{} {} changed while the handler ran (now version {current})",
             commit.states[index].kind, commit.states[index].key
         ))),
-        Committed::LostClaim => Err(Error::new(
-            ErrorKind::Unavailable,
-            "the message was taken over by another attempt after this one's lease ran out; retry",
-        )),
-        Committed::Fenced => Err(crate::state::fenced()),
+        Ok(Committed::LostClaim) => Err(lost_claim()),
+        Ok(Committed::Fenced) => Err(crate::state::fenced()),
+        Err(e) => Box::pin(resolve(shared, scope, id, claim, e)).await,
     }
+}
+
+fn lost_claim() -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        "the message was taken over by another attempt (this replica was thought gone); retry for its answer",
+    )
+}
+
+/// After a commit whose outcome is unknown (its reply was lost: the
+/// connection broke, Redis restarted), what the inbox says of it, read
+/// before anything runs again: the answer kept (it went through), or this
+/// attempt's claim (it did not: it may run again). Observed before: a
+/// commit applied by a Redis that was SIGKILLed before replying; the
+/// handler ran again, found its own payment done, answered 409, and that
+/// 409 replaced the success every later retry was given.
+async fn resolve(
+    shared: &Shared,
+    scope: &str,
+    id: &str,
+    claim: &InboxClaim,
+    failure: Error,
+) -> Result<Bytes> {
+    let mark = claim.mark();
+    for attempt in 1..=8 {
+        match shared.store.inbox_peek(scope, id).await {
+            Ok(Some(raw)) if raw == mark.as_bytes() => return Err(failure),
+            Ok(Some(raw)) => {
+                return match Inbox::from_raw(&raw) {
+                    Inbox::Done(answer) if answer.fits(&claim.digest) => {
+                        tracing::info!("the commit went through though its reply was lost");
+                        match answer.reply {
+                            StoredReply::Ok(body) => Ok(body),
+                            StoredReply::Err { kind, message } => Err(Error::new(kind, message)),
+                        }
+                    }
+                    _ => Err(lost_claim()),
+                };
+            }
+            Ok(None) => return Err(lost_claim()),
+            Err(_) => tokio::time::sleep(backoff(Duration::from_millis(50), attempt)).await,
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Unavailable,
+        format!(
+            "the store did not say whether the handler's commit went through ({}); retry: the retry \
+             gets the answer if it did",
+            failure.message()
+        ),
+    )
+    .in_doubt())
 }
 
 /// Step 7: tells the breaker whether the handler did its job. A 4xx
@@ -448,32 +529,49 @@ fn record(served: &Served, result: &Result<Bytes>) {
     }
 }
 
-/// Step 8: after a failure, the inbox keeps a client error as the
-/// message's answer (sending it again cannot change it) and lets any other
-/// failure be retried. The answer of a success was written with the
-/// handler's writes in step 6.
-async fn release(shared: &Shared, claim: &Claim, failure: Option<&Error>) {
-    let Claim::Owned { scope, id, owner } = claim else {
-        return;
+/// Step 8: the inbox keeps a client error as the message's answer
+/// (sending it again cannot change it) and lets any other failure be
+/// retried; the answer of a success was written with the handler's
+/// writes in step 6. Only the claim's holder writes: an attempt that lost
+/// its claim (its replica was thought gone) gives the answer the inbox
+/// holds, if any, instead of overwriting it.
+async fn release(shared: &Shared, claim: &Claim, result: Result<Bytes>) -> Outcome {
+    let Claim::Owned { scope, id, claim } = claim else {
+        return match result {
+            Ok(body) => Outcome::Done(body),
+            Err(e) => Outcome::Failed(e),
+        };
     };
-    let kept = match failure {
-        None => return,
-        Some(e) if e.kind().is_public() && !e.is_retryable() => {
-            let reply = StoredReply::Err {
-                kind: e.kind(),
-                message: e.message().to_owned(),
+    match result {
+        Ok(body) => Outcome::Done(body),
+        Err(e) if e.kind().is_public() && !e.is_retryable() => {
+            let answer = Answer {
+                digest: Some(claim.digest.clone()),
+                reply: StoredReply::Err {
+                    kind: e.kind(),
+                    message: e.message().to_owned(),
+                },
             };
-            Box::pin(
-                shared
-                    .store
-                    .inbox_finish(scope, id, &reply, shared.config.inbox_window),
-            )
-            .await
+            let window = shared.config.inbox_window;
+            match Box::pin(shared.store.inbox_finish(scope, id, claim, &answer, window)).await {
+                Ok(Finished::NotHeld(Some(kept))) if kept.fits(&claim.digest) => {
+                    tracing::info!(error = %e, "answered by another attempt meanwhile: its answer is given");
+                    Outcome::Answered(kept.reply)
+                }
+                Ok(_) => Outcome::Failed(e),
+                Err(err) => {
+                    tracing::warn!(error = %err, "the inbox could not keep the answer; a retry runs the message again");
+                    Outcome::Failed(e)
+                }
+            }
         }
-        Some(_) => Box::pin(shared.store.inbox_abandon(scope, id, owner)).await,
-    };
-    if let Err(e) = kept {
-        tracing::warn!(error = %e, "the inbox could not be updated; the claim runs out with its lease");
+        Err(e) => {
+            if let Err(err) = Box::pin(shared.store.inbox_abandon(scope, id, claim)).await {
+                tracing::warn!(error = %err, "the claim could not be given up; trying again in the background");
+                shared.plain_work.orphans.give_up(scope, id, claim);
+            }
+            Outcome::Failed(e)
+        }
     }
 }
 
@@ -579,5 +677,6 @@ pub(crate) fn dead_letter(
             })
             .unwrap_or_default(),
         payload: payload.clone(),
+        truncated: None,
     }
 }

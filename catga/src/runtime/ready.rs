@@ -29,6 +29,8 @@ struct State {
     /// Why the state store failed its last ping, if it did (it is assumed
     /// to answer until it fails).
     store_down: Option<String>,
+    /// What the store may lose, if it may (its eviction policy).
+    store_warning: Option<String>,
     fatal: Option<(ErrorKind, String)>,
 }
 
@@ -39,6 +41,9 @@ pub struct Readiness {
     pub ready: bool,
     /// The checks that failed, e.g. "subscriptions: 2 of 5 live".
     pub failing: Vec<String>,
+    /// What does not stop the replica from serving but puts a promise at
+    /// risk, e.g. a Redis that may evict keys under memory pressure.
+    pub warnings: Vec<String>,
 }
 
 /// Shared readiness state of one runtime. Cheap to clone.
@@ -110,6 +115,15 @@ impl Health {
         self.state.borrow().draining
     }
 
+    /// Sets (or clears) what the store may lose.
+    pub(crate) fn set_store_warning(&self, why: Option<String>) {
+        self.state.send_if_modified(|s| {
+            let changed = s.store_warning != why;
+            s.store_warning = why;
+            changed
+        });
+    }
+
     /// Whether the state store failed its last ping.
     pub(crate) fn store_down(&self) -> bool {
         self.state.borrow().store_down.is_some()
@@ -163,6 +177,7 @@ impl Health {
         Readiness {
             ready: failing.is_empty(),
             failing,
+            warnings: s.store_warning.iter().map(|w| format!("store: {w}")).collect(),
         }
     }
 

@@ -92,7 +92,15 @@ pub(crate) async fn shutdown(
     // What the handlers saved to the outbox goes out before the
     // connection closes (Redis would keep it for another replica; the
     // in-memory store would not).
-    super::outbox::flush(std::sync::Arc::clone(shared), deadline).await;
+    super::outbox::flush(shared, &shared.relay, deadline).await;
+    shared.relay.release(&shared.store, deadline).await;
+    // Claims left (handlers cancelled at the deadline) lapse at once.
+    let leave = shared
+        .store
+        .alive(shared.leadership.owner(), shared.config.inbox_lease, false);
+    if !matches!(tokio::time::timeout_at(deadline, leave).await, Ok(Ok(()))) {
+        tracing::debug!("could not say this replica leaves; its claims lapse with its liveness");
+    }
     // The last replies: what is left of the deadline, but at least a
     // moment, and never long when the broker is away.
     let left = deadline

@@ -1,6 +1,7 @@
 //! The in-memory store: the embedded mode's twin of Redis, same semantics
-//! (versions, an outbox with entries taken, marked sent, and taken over
-//! when their relay goes quiet, an inbox with leases and windows).
+//! (versions, an outbox read in commit order and emptied as it is
+//! published, an inbox with leases and windows, leases with fencing
+//! tokens).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Commit, Committed, Fence, Inbox, LEADER_LEASE, OutboxEntry, StoredReply};
+use super::{Answer, Claim, Commit, Committed, Fence, Finished, Inbox, LEADER_LEASE, OutboxEntry};
 use crate::error::Result;
 
 #[derive(Default)]
@@ -23,7 +24,7 @@ pub(crate) struct MemoryStore {
 #[derive(Default)]
 struct Inner {
     state: HashMap<(String, String), (u64, Bytes)>,
-    outbox: BTreeMap<u64, Queued>,
+    outbox: BTreeMap<u64, OutboxEntry>,
     next_entry: u64,
     inbox: HashMap<(String, String), (InboxValue, Instant)>,
     /// Leases by name: the holder and when it runs out.
@@ -36,18 +37,24 @@ struct Inner {
     sagas: HashMap<String, std::collections::BTreeMap<String, Bytes>>,
     /// Saga ids, oldest first.
     saga_order: Vec<String>,
-}
-
-struct Queued {
-    entry: OutboxEntry,
-    /// The relay that took it, and when.
-    taken: Option<(String, Instant)>,
+    /// Replicas alive, and until when (see `Store::alive`).
+    alive: HashMap<String, Instant>,
 }
 
 #[derive(Clone)]
 enum InboxValue {
+    /// A claim, as `Claim::mark` writes it.
     Pending(String),
-    Done(StoredReply),
+    Done(Answer),
+}
+
+impl InboxValue {
+    fn raw(&self) -> Vec<u8> {
+        match self {
+            InboxValue::Pending(mark) => mark.clone().into_bytes(),
+            InboxValue::Done(answer) => answer.encode(),
+        }
+    }
 }
 
 impl Inner {
@@ -73,8 +80,13 @@ impl Inner {
             }
             (true, Some(_)) => 0,
             (true, None) => {
+                // As on Redis: the greater of the last token plus one and
+                // the clock in milliseconds.
+                let clock = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
                 let token = self.fences.entry(name.to_owned()).or_insert(0);
-                *token += 1;
+                *token = (*token + 1).max(clock);
                 let token = *token;
                 self.leases.insert(name.to_owned(), (owner.to_owned(), now + ttl));
                 token
@@ -111,7 +123,7 @@ impl MemoryStore {
         for entry in events {
             inner.next_entry += 1;
             let n = inner.next_entry;
-            inner.outbox.insert(n, Queued { entry, taken: None });
+            inner.outbox.insert(n, entry);
         }
     }
 
@@ -134,7 +146,7 @@ impl MemoryStore {
             if let Some(i) = &commit.inbox {
                 let owned = matches!(
                     inner.inbox.get(&(i.scope.clone(), i.id.clone())),
-                    Some((InboxValue::Pending(o), expires)) if *o == i.owner && *expires > now
+                    Some((InboxValue::Pending(o), expires)) if *o == i.claim && *expires > now
                 );
                 if !owned {
                     return Ok(Committed::LostClaim);
@@ -150,7 +162,7 @@ impl MemoryStore {
             if let Some(i) = &commit.inbox {
                 inner.inbox.insert(
                     (i.scope.clone(), i.id.clone()),
-                    (InboxValue::Done(i.reply.clone()), now + i.window),
+                    (InboxValue::Done(i.answer.clone()), now + i.window),
                 );
             }
             Self::append(&mut inner, commit.events.clone());
@@ -162,41 +174,25 @@ impl MemoryStore {
         Ok(Committed::Yes(appended.0))
     }
 
-    fn take_now(&self, relay: &str, count: usize, stale: Duration) -> Vec<(String, OutboxEntry)> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        let mut out = Vec::new();
-        for (n, q) in inner.outbox.iter_mut() {
-            if out.len() >= count {
-                break;
-            }
-            let free = match &q.taken {
-                None => true,
-                Some((_, at)) => now.duration_since(*at) >= stale,
-            };
-            if free {
-                q.taken = Some((relay.to_owned(), now));
-                out.push((n.to_string(), q.entry.clone()));
-            }
-        }
-        out
-    }
-
-    pub(crate) async fn outbox_take(
+    pub(crate) async fn outbox_read(
         &self,
-        relay: &str,
         count: usize,
         block: Duration,
-        stale: Duration,
-    ) -> Result<Vec<(String, OutboxEntry)>> {
+    ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
         let deadline = Instant::now() + block;
         loop {
             let appended = self.appended.notified();
             tokio::pin!(appended);
             appended.as_mut().enable();
-            let taken = self.take_now(relay, count, stale);
-            if !taken.is_empty() {
-                return Ok(taken);
+            let read: Vec<(String, Option<OutboxEntry>)> = self
+                .lock()
+                .outbox
+                .iter()
+                .take(count)
+                .map(|(n, e)| (n.to_string(), Some(e.clone())))
+                .collect();
+            if !read.is_empty() {
+                return Ok(read);
             }
             if tokio::time::timeout_at(deadline, appended).await.is_err() {
                 return Ok(Vec::new());
@@ -204,7 +200,7 @@ impl MemoryStore {
         }
     }
 
-    pub(crate) async fn outbox_done(&self, ids: &[String]) -> Result<()> {
+    pub(crate) async fn outbox_remove(&self, ids: &[String]) -> Result<()> {
         let mut inner = self.lock();
         for id in ids {
             if let Ok(n) = id.parse::<u64>() {
@@ -222,21 +218,29 @@ impl MemoryStore {
         &self,
         scope: &str,
         id: &str,
-        owner: &str,
-        lease: Duration,
+        claim: &Claim,
+        ttl: Duration,
+        alive_for: Duration,
     ) -> Result<Inbox> {
         let now = Instant::now();
         let mut inner = self.lock();
+        inner.alive.insert(claim.member.clone(), now + alive_for);
+        let claim = claim.mark();
         let k = (scope.to_owned(), id.to_owned());
-        match inner.inbox.get(&k) {
-            Some((value, expires)) if *expires > now => Ok(match value {
-                InboxValue::Done(r) => Inbox::Done(r.clone()),
-                InboxValue::Pending(_) => Inbox::Busy,
-            }),
-            _ => {
-                inner
-                    .inbox
-                    .insert(k, (InboxValue::Pending(owner.to_owned()), now + lease));
+        let found = match inner.inbox.get(&k) {
+            Some((value, expires)) if *expires > now => Some(value.clone()),
+            _ => None,
+        };
+        // A claim whose replica is no longer alive has lapsed.
+        let found = found.filter(|v| match v {
+            InboxValue::Pending(mark) => Claim::parse(mark.as_bytes())
+                .is_some_and(|(_, member)| inner.alive.get(member).is_some_and(|until| *until > now)),
+            InboxValue::Done(_) => true,
+        });
+        match found {
+            Some(v) => Ok(Inbox::from_raw(&v.raw())),
+            None => {
+                inner.inbox.insert(k, (InboxValue::Pending(claim), now + ttl));
                 // Expired entries go when the map is touched, a few at a
                 // time, so that it does not grow without bound.
                 if inner.inbox.len() > 1024 {
@@ -251,13 +255,44 @@ impl MemoryStore {
         &self,
         scope: &str,
         id: &str,
-        reply: &StoredReply,
+        claim: &str,
+        answer: &Answer,
         window: Duration,
-    ) -> Result<()> {
-        self.lock().inbox.insert(
-            (scope.to_owned(), id.to_owned()),
-            (InboxValue::Done(reply.clone()), Instant::now() + window),
-        );
+    ) -> Result<Finished> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let k = (scope.to_owned(), id.to_owned());
+        match inner.inbox.get(&k) {
+            Some((InboxValue::Pending(mark), expires)) if mark == claim && *expires > now => {
+                inner
+                    .inbox
+                    .insert(k, (InboxValue::Done(answer.clone()), now + window));
+                Ok(Finished::Kept)
+            }
+            Some((InboxValue::Done(kept), expires)) if *expires > now => {
+                Ok(Finished::NotHeld(Some(kept.clone())))
+            }
+            _ => Ok(Finished::NotHeld(None)),
+        }
+    }
+
+    pub(crate) async fn inbox_peek(&self, scope: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .inbox
+            .get(&(scope.to_owned(), id.to_owned()))
+            .filter(|(_, expires)| *expires > now)
+            .map(|(v, _)| v.raw()))
+    }
+
+    pub(crate) async fn alive(&self, member: &str, ttl: Duration, alive: bool) -> Result<()> {
+        let mut inner = self.lock();
+        if alive {
+            inner.alive.insert(member.to_owned(), Instant::now() + ttl);
+        } else {
+            inner.alive.remove(member);
+        }
         Ok(())
     }
 
@@ -337,29 +372,10 @@ impl MemoryStore {
         Ok(out)
     }
 
-    pub(crate) async fn inbox_renew(
-        &self,
-        scope: &str,
-        id: &str,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<bool> {
-        let now = Instant::now();
+    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, claim: &str) -> Result<()> {
         let mut inner = self.lock();
         let k = (scope.to_owned(), id.to_owned());
-        Ok(match inner.inbox.get_mut(&k) {
-            Some((InboxValue::Pending(o), expires)) if o == owner && *expires > now => {
-                *expires = now + lease;
-                true
-            }
-            _ => false,
-        })
-    }
-
-    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {
-        let mut inner = self.lock();
-        let k = (scope.to_owned(), id.to_owned());
-        if matches!(inner.inbox.get(&k), Some((InboxValue::Pending(o), _)) if o == owner) {
+        if matches!(inner.inbox.get(&k), Some((InboxValue::Pending(o), _)) if o == claim) {
             inner.inbox.remove(&k);
         }
         Ok(())
@@ -428,59 +444,103 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn outbox_entries_are_taken_over_when_their_relay_goes_quiet() {
+    async fn the_outbox_is_read_in_commit_order_until_removed() {
         let s = MemoryStore::new();
-        let c = Commit {
-            events: vec![entry("e1")],
-            ..Commit::default()
+        for id in ["e1", "e2", "e3"] {
+            let c = Commit {
+                events: vec![entry(id)],
+                ..Commit::default()
+            };
+            s.commit(&c).await.expect("commit");
+        }
+        let ids = |read: &[(String, Option<OutboxEntry>)]| -> Vec<String> {
+            read.iter()
+                .map(|(_, e)| e.as_ref().expect("readable").id.clone())
+                .collect()
         };
-        s.commit(&c).await.expect("commit");
-        let stale = Duration::from_millis(50);
-        let a = s.outbox_take("a", 10, Duration::ZERO, stale).await.expect("take");
-        assert_eq!(a.len(), 1);
+        let read = s.outbox_read(2, Duration::ZERO).await.expect("read");
+        assert_eq!(ids(&read), ["e1", "e2"]);
+        // Only e2 went out: e1 is read first again, then e3.
+        s.outbox_remove(&[read[1].0.clone()]).await.expect("remove");
+        let read = s.outbox_read(10, Duration::ZERO).await.expect("read");
+        assert_eq!(ids(&read), ["e1", "e3"]);
+        let all: Vec<String> = read.into_iter().map(|(n, _)| n).collect();
+        s.outbox_remove(&all).await.expect("remove");
+        assert_eq!(s.outbox_backlog().await.expect("backlog"), 0);
+        let waited = std::time::Instant::now();
         assert!(
-            s.outbox_take("b", 10, Duration::ZERO, stale)
+            s.outbox_read(10, Duration::from_millis(50))
                 .await
-                .expect("take")
+                .expect("read")
                 .is_empty()
         );
-        tokio::time::sleep(stale).await;
-        let b = s.outbox_take("b", 10, Duration::ZERO, stale).await.expect("take");
-        assert_eq!(b.len(), 1, "relay a went quiet: b takes over");
-        s.outbox_done(&[b[0].0.clone()]).await.expect("done");
-        assert_eq!(s.outbox_backlog().await.expect("backlog"), 0);
+        assert!(
+            waited.elapsed() >= Duration::from_millis(40),
+            "an empty outbox is waited on"
+        );
     }
 
     #[tokio::test]
     async fn the_inbox_runs_a_message_once() {
         let s = MemoryStore::new();
-        let lease = Duration::from_secs(5);
+        let ttl = Duration::from_secs(60);
+        let d = crate::store::digest(b"payload");
+        let claim = |attempt: &str, member: &str| Claim {
+            digest: d.clone(),
+            attempt: attempt.into(),
+            member: member.into(),
+        };
+        let (r1, r2) = (claim("a1", "r1"), claim("a2", "r2"));
+        s.alive("r1", ttl, true).await.expect("alive");
+        s.alive("r2", ttl, true).await.expect("alive");
+        async fn begin_on(s: &MemoryStore, c: &Claim, id: &str) -> Result<Inbox> {
+            s.inbox_begin("h", id, c, Duration::from_secs(60), Duration::from_secs(60))
+                .await
+        }
+        let begin = |c, id| begin_on(&s, c, id);
+        assert_eq!(begin(&r1, "m1").await.expect("begin"), Inbox::Fresh);
+        assert_eq!(begin(&r2, "m1").await.expect("begin"), Inbox::Busy(d.clone()));
+        let answer = Answer {
+            digest: Some(d.clone()),
+            reply: crate::store::StoredReply::Ok(Bytes::from_static(b"7")),
+        };
+        // Only the claim's holder keeps an answer.
         assert_eq!(
-            s.inbox_begin("h", "m1", "r1", lease).await.expect("begin"),
-            Inbox::Fresh
+            s.inbox_finish("h", "m1", &r2.mark(), &answer, ttl)
+                .await
+                .expect("finish"),
+            Finished::NotHeld(None)
         );
         assert_eq!(
-            s.inbox_begin("h", "m1", "r2", lease).await.expect("begin"),
-            Inbox::Busy
-        );
-        let reply = StoredReply::Ok(Bytes::from_static(b"7"));
-        s.inbox_finish("h", "m1", &reply, lease).await.expect("finish");
-        assert_eq!(
-            s.inbox_begin("h", "m1", "r2", lease).await.expect("begin"),
-            Inbox::Done(reply)
+            s.inbox_finish("h", "m1", &r1.mark(), &answer, ttl)
+                .await
+                .expect("finish"),
+            Finished::Kept
         );
         assert_eq!(
-            s.inbox_begin("h", "m2", "r1", lease).await.expect("begin"),
-            Inbox::Fresh
+            begin(&r2, "m1").await.expect("begin"),
+            Inbox::Done(answer.clone())
         );
-        assert!(s.inbox_renew("h", "m2", "r1", lease).await.expect("renew"));
-        assert!(!s.inbox_renew("h", "m2", "r2", lease).await.expect("renew"));
-        s.inbox_abandon("h", "m2", "r1").await.expect("abandon");
-        assert!(!s.inbox_renew("h", "m2", "r1", lease).await.expect("renew"));
         assert_eq!(
-            s.inbox_begin("h", "m2", "r2", lease).await.expect("begin"),
-            Inbox::Fresh
+            s.inbox_finish("h", "m1", &r1.mark(), &answer, ttl)
+                .await
+                .expect("finish"),
+            Finished::NotHeld(Some(answer)),
+            "answered: a late attempt gets the answer kept, and writes nothing"
         );
+        // Abandoned: the next attempt runs it.
+        assert_eq!(begin(&r1, "m2").await.expect("begin"), Inbox::Fresh);
+        s.inbox_abandon("h", "m2", &r2.mark()).await.expect("not r2's");
+        assert_eq!(begin(&r2, "m2").await.expect("begin"), Inbox::Busy(d.clone()));
+        s.inbox_abandon("h", "m2", &r1.mark()).await.expect("abandon");
+        assert_eq!(begin(&r2, "m2").await.expect("begin"), Inbox::Fresh);
+        // r2 dies: its claim lapses with its liveness, not with a lease.
+        s.alive("r2", ttl, false).await.expect("leaves");
+        assert_eq!(begin(&r1, "m2").await.expect("begin"), Inbox::Fresh);
+        // A claim of the same payload by a live replica: busy, whatever
+        // the claim's own time to live.
+        s.alive("r2", ttl, true).await.expect("alive");
+        assert_eq!(begin(&r2, "m2").await.expect("begin"), Inbox::Busy(d.clone()));
     }
 
     #[tokio::test]

@@ -120,14 +120,94 @@ pub(crate) struct StateWrite {
 }
 
 /// The inbox part of a commit: the message's answer, kept for `window`,
-/// written only if `owner` still holds the message's claim.
+/// written only if `claim` (see [`Claim::mark`]) is still what the inbox
+/// holds for the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct InboxWrite {
     pub scope: String,
     pub id: String,
-    pub owner: String,
-    pub reply: StoredReply,
+    pub claim: String,
+    pub answer: Answer,
     pub window: Duration,
+}
+
+/// A claim on a message id: what the inbox holds while an attempt handles
+/// the message. It names the payload's digest, the attempt, and the
+/// replica (its liveness name): the claim lapses as soon as that replica's
+/// liveness key does (see [`Store::alive`]), so that a retry of a message
+/// whose replica died runs within about a second, with no renewal per
+/// message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Claim {
+    pub digest: String,
+    pub attempt: String,
+    pub member: String,
+}
+
+impl Claim {
+    /// The claim as the inbox keeps it: `P:<digest>:<attempt>:<member>`.
+    pub(crate) fn mark(&self) -> String {
+        format!("P:{}:{}:{}", self.digest, self.attempt, self.member)
+    }
+
+    /// The digest and the member of a kept claim.
+    pub(crate) fn parse(mark: &[u8]) -> Option<(&str, &str)> {
+        let text = std::str::from_utf8(mark).ok()?;
+        let rest = text.strip_prefix("P:")?;
+        let (digest, rest) = rest.split_once(':')?;
+        let (_attempt, member) = rest.split_once(':')?;
+        Some((digest, member))
+    }
+}
+
+/// The digest of a message's payload that its answer and claims are bound
+/// to: xxh3-128, in hex. A different payload under a used id is refused as
+/// a conflict, as payment APIs do with idempotency keys: a retry must send
+/// what the first attempt sent.
+pub(crate) fn digest(payload: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(payload))
+}
+
+/// A handler's answer as the inbox keeps it, with the digest of the
+/// payload it answered (none in answers kept before digests were).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub digest: Option<String>,
+    pub reply: StoredReply,
+}
+
+impl Answer {
+    /// `H<digest>` then the reply; the reply alone without a digest.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some(d) = &self.digest {
+            out.push(b'H');
+            out.extend_from_slice(d.as_bytes());
+        }
+        out.extend(self.reply.encode());
+        out
+    }
+
+    pub(crate) fn decode(raw: &[u8]) -> Option<Answer> {
+        match raw {
+            [b'H', rest @ ..] if rest.len() >= 32 => {
+                let digest = std::str::from_utf8(&rest[..32]).ok()?.to_owned();
+                Some(Answer {
+                    digest: Some(digest),
+                    reply: StoredReply::decode(&rest[32..])?,
+                })
+            }
+            _ => Some(Answer {
+                digest: None,
+                reply: StoredReply::decode(raw)?,
+            }),
+        }
+    }
+
+    /// Whether this answer may be given to a message with `digest`.
+    pub(crate) fn fits(&self, digest: &str) -> bool {
+        self.digest.as_deref().is_none_or(|d| d == digest)
+    }
 }
 
 /// Everything a handler changed, written in one atomic operation: state
@@ -212,13 +292,38 @@ impl StoredReply {
 /// What the inbox knows of a message id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Inbox {
-    /// First time: this caller now owns it until it finishes or its lease
-    /// passes.
+    /// First time (or the replica that claimed it is gone): this attempt
+    /// now owns it until it finishes.
     Fresh,
     /// Handled before: the answer then.
-    Done(StoredReply),
-    /// Being handled right now (by this replica or another).
-    Busy,
+    Done(Answer),
+    /// Being handled right now by a live replica (claim of this digest).
+    Busy(String),
+}
+
+impl Inbox {
+    /// What the inbox holds, read from its raw value.
+    pub(crate) fn from_raw(raw: &[u8]) -> Inbox {
+        if let Some((digest, _)) = Claim::parse(raw) {
+            return Inbox::Busy(digest.to_owned());
+        }
+        match Answer::decode(raw) {
+            Some(answer) => Inbox::Done(answer),
+            // Unreadable: treated as in progress until it expires rather
+            // than run again.
+            None => Inbox::Busy(String::new()),
+        }
+    }
+}
+
+/// What finishing a claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// The answer is kept.
+    Kept,
+    /// The claim was no longer this attempt's: nothing written; the
+    /// answer the inbox holds, if it holds one.
+    NotHeld(Option<Answer>),
 }
 
 /// The store a runtime uses. Cheap to clone.
@@ -273,6 +378,28 @@ impl Store {
         each!(self, s => s.ping().await)
     }
 
+    /// Why the store may lose what catga keeps in it under memory pressure
+    /// (its eviction policy), if it may; `None` when it may not, or when
+    /// it does not say.
+    pub(crate) async fn eviction_risk(&self) -> Result<Option<String>> {
+        let Kind::Redis(s) = &*self.0 else {
+            return Ok(None);
+        };
+        Ok(match s.eviction_policy().await?.as_deref() {
+            None | Some("noeviction") => None,
+            Some(p) if p.starts_with("allkeys") => Some(format!(
+                "Redis evicts any key under memory pressure (maxmemory-policy {p}): fencing tokens, \
+                 leases, saga journals and idempotency answers may vanish, and with them fencing and \
+                 exactly-once; set maxmemory-policy noeviction"
+            )),
+            Some(p) => Some(format!(
+                "Redis evicts keys with a time to live under memory pressure (maxmemory-policy {p}): \
+                 idempotency answers may vanish before their window ends, and a retry then runs \
+                 again; set maxmemory-policy noeviction"
+            )),
+        })
+    }
+
     /// The value of a state key and its version.
     pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
         each!(self, s => s.load(kind, key).await)
@@ -286,21 +413,20 @@ impl Store {
         each!(self, s => s.commit(commit).await)
     }
 
-    /// Outbox entries nobody is publishing: new ones (waiting up to
-    /// `block` for some), then ones whose relay went quiet for `stale`.
-    pub(crate) async fn outbox_take(
+    /// The oldest outbox entries, in commit order, at most `count`,
+    /// waiting up to `block` for one when there are none. An entry that
+    /// cannot be read comes as `None` (it can only be removed).
+    pub(crate) async fn outbox_read(
         &self,
-        relay: &str,
         count: usize,
         block: Duration,
-        stale: Duration,
-    ) -> Result<Vec<(String, OutboxEntry)>> {
-        each!(self, s => s.outbox_take(relay, count, block, stale).await)
+    ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
+        each!(self, s => s.outbox_read(count, block).await)
     }
 
-    /// Marks outbox entries published.
-    pub(crate) async fn outbox_done(&self, ids: &[String]) -> Result<()> {
-        each!(self, s => s.outbox_done(ids).await)
+    /// Removes published (or dead-lettered) outbox entries.
+    pub(crate) async fn outbox_remove(&self, ids: &[String]) -> Result<()> {
+        each!(self, s => s.outbox_remove(ids).await)
     }
 
     /// Entries waiting to be published (not yet marked sent).
@@ -308,27 +434,45 @@ impl Store {
         each!(self, s => s.outbox_backlog().await)
     }
 
-    /// Claims `id` in `scope` for `owner` for `lease`, or tells what is
-    /// known of it.
+    /// Claims `id` in `scope` with `claim` (kept for `ttl`, or until its
+    /// replica's liveness lapses), or tells what is known of it. The
+    /// claiming replica is said alive for `alive_for` in the same step, so
+    /// that its claim never names a replica not yet known to be alive.
     pub(crate) async fn inbox_begin(
         &self,
         scope: &str,
         id: &str,
-        owner: &str,
-        lease: Duration,
+        claim: &Claim,
+        ttl: Duration,
+        alive_for: Duration,
     ) -> Result<Inbox> {
-        each!(self, s => s.inbox_begin(scope, id, owner, lease).await)
+        each!(self, s => s.inbox_begin(scope, id, claim, ttl, alive_for).await)
     }
 
-    /// Keeps `reply` as the answer to `id` for `window`.
+    /// Keeps `answer` for `id` for `window` if `claim` is still what the
+    /// inbox holds for it (an attempt that lost its claim never overwrites
+    /// another's answer).
     pub(crate) async fn inbox_finish(
         &self,
         scope: &str,
         id: &str,
-        reply: &StoredReply,
+        claim: &Claim,
+        answer: &Answer,
         window: Duration,
-    ) -> Result<()> {
-        each!(self, s => s.inbox_finish(scope, id, reply, window).await)
+    ) -> Result<Finished> {
+        each!(self, s => s.inbox_finish(scope, id, &claim.mark(), answer, window).await)
+    }
+
+    /// What the inbox holds for `id`, without claiming it: `None` if
+    /// nothing.
+    pub(crate) async fn inbox_peek(&self, scope: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        each!(self, s => s.inbox_peek(scope, id).await)
+    }
+
+    /// Says that `member` is alive for `ttl` more (its claims hold), or,
+    /// with `alive` false, that it leaves (its claims lapse at once).
+    pub(crate) async fn alive(&self, member: &str, ttl: Duration, alive: bool) -> Result<()> {
+        each!(self, s => s.alive(member, ttl, alive).await)
     }
 
     /// A saga's journal: its fields, by name.
@@ -404,21 +548,50 @@ impl Store {
         each!(self, s => s.members(group, member, alive, timeout).await)
     }
 
-    /// Extends the claim `owner` holds on `id` by `lease` from now; false
-    /// if it no longer holds it (the lease ran out and another took it).
-    pub(crate) async fn inbox_renew(
-        &self,
-        scope: &str,
-        id: &str,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<bool> {
-        each!(self, s => s.inbox_renew(scope, id, owner, lease).await)
+    /// Gives `id` up (a retryable failure) if `claim` still holds it: the
+    /// next attempt runs it.
+    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, claim: &Claim) -> Result<()> {
+        each!(self, s => s.inbox_abandon(scope, id, &claim.mark()).await)
+    }
+}
+
+/// Claims an attempt may have left in the inbox without knowing it: its
+/// request to take one got no answer (Redis died after writing it), or
+/// giving one up failed. Such a claim names a live replica, so it would
+/// hold its message for the whole inbox window: each is given up in the
+/// background, retried until the store answers, while the runtime runs.
+/// Found with Redis SIGKILLed under load: a claim written just before the
+/// kill, whose reply was lost, answered every retry of its message "busy"
+/// until the run ended.
+#[derive(Clone)]
+pub(crate) struct Orphans(tokio::sync::mpsc::UnboundedSender<(String, String, Claim)>);
+
+/// The receiving end of [`Orphans`], for [`clean_orphans`].
+pub(crate) type OrphanQueue = tokio::sync::mpsc::UnboundedReceiver<(String, String, Claim)>;
+
+impl Orphans {
+    pub(crate) fn new() -> (Orphans, OrphanQueue) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Orphans(tx), rx)
     }
 
-    /// Gives `id` up (a retryable failure): the next attempt runs it.
-    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {
-        each!(self, s => s.inbox_abandon(scope, id, owner).await)
+    /// Gives `claim` on `id` up in the background (if it still holds it).
+    pub(crate) fn give_up(&self, scope: &str, id: &str, claim: &Claim) {
+        let _ = self.0.send((scope.to_owned(), id.to_owned(), claim.clone()));
+    }
+}
+
+/// Gives up the claims sent to [`Orphans`], one after another, each until
+/// the store answers; runs until the runtime stops it.
+pub(crate) async fn clean_orphans(store: Store, mut queue: OrphanQueue) {
+    while let Some((scope, id, claim)) = queue.recv().await {
+        let mut attempt = 0;
+        while let Err(e) = store.inbox_abandon(&scope, &id, &claim).await {
+            attempt += 1;
+            tracing::debug!(error = %e, attempt, "a claim left by a failed attempt is not given up yet");
+            let pause = crate::resilience::backoff(Duration::from_millis(200), attempt);
+            tokio::time::sleep(pause.min(Duration::from_secs(5))).await;
+        }
     }
 }
 
@@ -426,6 +599,8 @@ impl Store {
 /// idempotent handler the writes it keeps until the handler answers.
 pub(crate) struct Work {
     pub store: Store,
+    /// Where claims this handler may have left behind go to be given up.
+    pub orphans: Orphans,
     /// `Some` in an idempotent handler: saves and publishes wait here and
     /// commit atomically with the handler's answer (see the pipeline).
     pub staged: Option<std::sync::Mutex<Staged>>,
@@ -438,11 +613,34 @@ pub(crate) struct Work {
     /// token of the lease it started under; its writes are refused once a
     /// newer grant of that lease exists.
     pub fence: Option<Fence>,
+    /// With `fence`: the token this replica holds now (0 once the lease is
+    /// lost, or could not be renewed before it would run out), checked
+    /// before each send and publish.
+    pub held: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// This replica's liveness name and how long its claims outlive it
+    /// (see [`Claim`]), for the claims a handler takes (a saga's run).
+    pub member: Arc<str>,
+    /// See [`member`](Self::member).
+    pub alive_for: Duration,
     /// A durable message's last delivery before it is dead-lettered: a
     /// saga compensates rather than fail retryably.
     pub last_delivery: bool,
     /// A saga's `timeout`.
     pub saga_timeout: Option<Duration>,
+}
+
+impl Work {
+    /// Fails with a fencing error if this handler runs under a lease that
+    /// this replica no longer holds (it stalled, or lost the store): what
+    /// it would send or publish now is refused before it leaves.
+    pub(crate) fn check_fence(&self) -> Result<()> {
+        match (&self.fence, &self.held) {
+            (Some(f), Some(held)) if held.load(std::sync::atomic::Ordering::Acquire) != f.token => {
+                Err(fenced())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The writes of an idempotent handler, not committed yet.
@@ -483,6 +681,15 @@ impl Staged {
     }
 }
 
+/// A write of a replica that lost the lease its work started under.
+pub(crate) fn fenced() -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        "this replica is no longer the leader (or the owner of the saga's partition): its write was \
+         refused (fenced); the new holder of the lease takes over",
+    )
+}
+
 /// A store failure as callers see it: retryable while the store is away.
 pub(crate) fn unavailable(what: impl std::fmt::Display) -> Error {
     Error::new(
@@ -513,6 +720,45 @@ mod tests {
             assert_eq!(StoredReply::decode(&r.encode()), Some(r));
         }
         assert_eq!(StoredReply::decode(b"P:owner"), None);
+    }
+
+    #[test]
+    fn answers_carry_the_digest_of_what_they_answered() {
+        let reply = StoredReply::Ok(Bytes::from_static(b"{}"));
+        let d = digest(b"{\"amount\":5}");
+        let answer = Answer {
+            digest: Some(d.clone()),
+            reply: reply.clone(),
+        };
+        let back = Answer::decode(&answer.encode()).expect("decodes");
+        assert_eq!(back, answer);
+        assert!(back.fits(&d));
+        assert!(
+            !back.fits(&digest(b"{\"amount\":6}")),
+            "another payload under the same id"
+        );
+        // An answer kept before digests were fits any payload.
+        let old = Answer::decode(&reply.encode()).expect("decodes");
+        assert_eq!(old.digest, None);
+        assert!(old.fits(&d));
+    }
+
+    #[test]
+    fn claims_name_their_digest_and_replica() {
+        let claim = Claim {
+            digest: digest(b"x"),
+            attempt: "a1".into(),
+            member: "orders-1/NUID:with:colons".into(),
+        };
+        let mark = claim.mark();
+        assert_eq!(
+            Claim::parse(mark.as_bytes()),
+            Some((claim.digest.as_str(), "orders-1/NUID:with:colons"))
+        );
+        assert_eq!(
+            Inbox::from_raw(mark.as_bytes()),
+            Inbox::Busy(claim.digest.clone())
+        );
     }
 
     #[test]

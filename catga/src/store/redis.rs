@@ -1,9 +1,7 @@
 //! The Redis store: a connection manager that reconnects by itself, Lua
-//! scripts for the atomic operations, a stream with a consumer group for
-//! the outbox.
+//! scripts for the atomic operations, a stream for the outbox.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +10,9 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisError, RedisFuture, Script, Value};
 
-use super::{Commit, Committed, Fence, Inbox, LEADER_LEASE, OutboxEntry, StoredReply, prefix, unavailable};
+use super::{
+    Answer, Claim, Commit, Committed, Fence, Finished, Inbox, LEADER_LEASE, OutboxEntry, prefix, unavailable,
+};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How to reach Redis: `REDIS_URL` (`redis://` or `rediss://`, with
@@ -41,15 +41,14 @@ pub(crate) struct RedisStore {
     relay: Conn,
     prefix: String,
     outbox: String,
-    group_ready: AtomicBool,
     commit: Script,
     inbox_begin: Script,
     /// Deletes a key if the caller still holds it (inbox claims; leases
     /// are given up through `lease_sync`).
     delete_if_held: Script,
-    /// Extends a key if the caller still holds it (inbox claims, the
-    /// leader lease).
+    /// Extends a key if the caller still holds it (the leader lease).
     extend_if_held: Script,
+    finish_if_held: Script,
     saga_write: Script,
     lease_sync: Script,
     members: Script,
@@ -302,15 +301,39 @@ end
 return out
 ";
 
-/// Claims an inbox key for `ARGV[1]` (the owner marker) for `ARGV[2]` ms,
-/// or returns what it holds.
+/// Claims an inbox key (KEYS[1]) with the claim `ARGV[1]` for `ARGV[2]`
+/// ms, or returns what it holds; first says that the claiming replica
+/// (`ARGV[4]`) is alive for `ARGV[5]` ms. A claim whose replica's liveness key
+/// (`ARGV[3]` followed by the replica's name, in the same hash slot) is
+/// gone has lapsed and is taken over. That key is not in KEYS: its name
+/// is read from the claim; it shares the inbox key's hash tag, so it is
+/// on the same node of a cluster.
 const INBOX_BEGIN: &str = r"
+redis.call('SET', ARGV[3] .. ARGV[4], 1, 'PX', ARGV[5])
 local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 2) == 'P:' then
+  local member = string.match(v, '^P:[^:]*:[^:]*:(.*)$')
+  if member == nil or redis.call('EXISTS', ARGV[3] .. member) == 0 then
+    v = false
+  end
+end
 if not v then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return false
 end
 return v
+";
+
+/// Keeps the answer `ARGV[2]` in an inbox key (KEYS[1]) for `ARGV[3]` ms
+/// if the claim `ARGV[1]` still holds it: 1 if written, else what the key
+/// holds ('' if nothing).
+const FINISH_IF_HELD: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return v or ''
 ";
 
 /// Deletes a key (an inbox claim) if `ARGV[1]` still
@@ -322,8 +345,8 @@ end
 return 0
 ";
 
-/// Extends a key (an inbox claim, the leader lease) by `ARGV[2]` ms if
-/// `ARGV[1]` still holds it; 1 if it did.
+/// Extends a key (the leader lease) by `ARGV[2]` ms if `ARGV[1]` still
+/// holds it; 1 if it did.
 const EXTEND_IF_HELD: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -346,7 +369,17 @@ return 1
 /// Brings leases in line (see `Store::lease_sync`). KEYS: per lease, its
 /// key and its fence key. ARGV: the owner, the lease in ms, then per lease
 /// '1' (wanted) or '0'. Returns the token per lease, 0 where not held.
+///
+/// A grant's token is the greater of the last token plus one and the
+/// server's clock in milliseconds: tokens only grow, also after a failover
+/// to a replica that never saw the last grant, or an eviction of the fence
+/// key (an `INCR` alone would issue a token again, and a stale holder's
+/// writes would pass). The clocks of the Redis hosts must agree within a
+/// lease for this to hold across a failover. Formatted with `%d`: Lua
+/// prints numbers this large in exponent form otherwise.
 const LEASE_SYNC: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i = 1, #KEYS / 2 do
   local k, f = KEYS[2 * i - 1], KEYS[2 * i]
@@ -357,7 +390,9 @@ for i = 1, #KEYS / 2 do
       redis.call('PEXPIRE', k, ARGV[2])
       out[i] = tonumber(redis.call('GET', f) or '0')
     elseif redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2]) then
-      out[i] = redis.call('INCR', f)
+      local token = math.max(tonumber(redis.call('GET', f) or '0') + 1, now)
+      redis.call('SET', f, string.format('%d', token))
+      out[i] = token
     end
   elseif held then
     redis.call('DEL', k)
@@ -382,8 +417,6 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 ";
 
-const GROUP: &str = "relay";
-
 fn entry_fields(fields: &[(String, Value)]) -> Option<OutboxEntry> {
     let get = |name: &str| -> Option<Vec<u8>> {
         fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| match v {
@@ -401,9 +434,9 @@ fn entry_fields(fields: &[(String, Value)]) -> Option<OutboxEntry> {
     })
 }
 
-/// Parses `[[id, [field, value, ...]], ...]`, the entry list of XREADGROUP
-/// and XAUTOCLAIM.
-fn entries(list: &Value) -> Vec<(String, OutboxEntry)> {
+/// Parses `[[id, [field, value, ...]], ...]`, the entry list of XREAD;
+/// an entry that cannot be read comes as `None`.
+fn entries(list: &Value) -> Vec<(String, Option<OutboxEntry>)> {
     let Value::Array(items) = list else {
         return Vec::new();
     };
@@ -420,11 +453,7 @@ fn entries(list: &Value) -> Vec<(String, OutboxEntry)> {
                 _ => None,
             })
             .collect();
-        let id = String::from_utf8_lossy(id).into_owned();
-        match entry_fields(&fields) {
-            Some(e) => out.push((id, e)),
-            None => tracing::error!(entry = %id, "an outbox entry cannot be read; it stays in the stream"),
-        }
+        out.push((String::from_utf8_lossy(id).into_owned(), entry_fields(&fields)));
     }
     out
 }
@@ -567,11 +596,11 @@ impl RedisStore {
             relay,
             outbox: format!("{prefix}:outbox"),
             prefix,
-            group_ready: AtomicBool::new(false),
             commit: Script::new(COMMIT),
             inbox_begin: Script::new(INBOX_BEGIN),
             delete_if_held: Script::new(DELETE_IF_HELD),
             extend_if_held: Script::new(EXTEND_IF_HELD),
+            finish_if_held: Script::new(FINISH_IF_HELD),
             saga_write: Script::new(SAGA_WRITE),
             lease_sync: Script::new(LEASE_SYNC),
             members: Script::new(MEMBERS),
@@ -701,6 +730,23 @@ impl RedisStore {
             .map(|n| n == 1)
     }
 
+    /// What Redis does when it runs out of memory (`maxmemory-policy`), if
+    /// it lets this client ask (managed services often refuse `CONFIG`).
+    pub(crate) async fn eviction_policy(&self) -> Result<Option<String>> {
+        let mut c = self.conn.clone();
+        let answer: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut c)
+            .await;
+        match answer {
+            Ok(pair) => Ok(pair.get(1).cloned()),
+            // Refused (an ACL, a managed service's renamed command).
+            Err(e) if matches!(e.code(), Some("ERR" | "NOPERM")) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
     fn inbox_key(&self, scope: &str, id: &str) -> String {
         format!("{}:inbox:{scope}:{id}", self.prefix)
     }
@@ -760,8 +806,8 @@ impl RedisStore {
             inv.arg(w.expected).arg(w.data.as_ref());
         }
         if let Some(i) = &commit.inbox {
-            inv.arg(format!("P:{}", i.owner))
-                .arg(i.reply.encode())
+            inv.arg(&i.claim)
+                .arg(i.answer.encode())
                 .arg(i.window.as_millis().max(1) as u64);
         }
         for e in &commit.events {
@@ -782,78 +828,22 @@ impl RedisStore {
         })
     }
 
-    async fn ensure_group(&self) -> Result<()> {
-        if self.group_ready.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let mut c = self.conn.clone();
-        // From the start of the stream ("0"): entries saved before the
-        // first relay ever ran are published too.
-        let created = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.outbox)
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async::<()>(&mut c)
-            .await;
-        match created {
-            Ok(()) => {}
-            Err(e) if e.code() == Some("BUSYGROUP") => {}
-            Err(e) => return Err(map_err(e)),
-        }
-        self.group_ready.store(true, Ordering::Release);
-        Ok(())
-    }
-
-    /// An error of a group read. NOGROUP means the stream or its group
-    /// is gone (a Redis restarted without persistence, or a failover to a
-    /// replica that never got them): created again on the next take.
-    fn group_error(&self, e: RedisError) -> Error {
-        if e.code() == Some("NOGROUP") {
-            self.group_ready.store(false, Ordering::Release);
-            return unavailable(e);
-        }
-        map_err(e)
-    }
-
-    pub(crate) async fn outbox_take(
+    /// The oldest outbox entries, at most `count`, waiting up to `block`
+    /// for one when there are none. `XREAD` from id `0-0` returns at once
+    /// what the stream holds (entries are deleted once published, so the
+    /// stream is the backlog), and blocks only while it is empty.
+    pub(crate) async fn outbox_read(
         &self,
-        relay: &str,
         count: usize,
         block: Duration,
-        stale: Duration,
-    ) -> Result<Vec<(String, OutboxEntry)>> {
-        self.ensure_group().await?;
-        // Entries a relay took and never marked sent (it crashed between
-        // publishing and marking): taken over once they are `stale`.
-        let mut c = self.conn.clone();
-        let claimed: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&self.outbox)
-            .arg(GROUP)
-            .arg(relay)
-            .arg(stale.as_millis() as u64)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut c)
-            .await
-            .map_err(|e| self.group_error(e))?;
-        if let Value::Array(parts) = &claimed
-            && let Some(list) = parts.get(1)
-        {
-            let taken = entries(list);
-            if !taken.is_empty() {
-                return Ok(taken);
-            }
-        }
-        let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP").arg(GROUP).arg(relay).arg("COUNT").arg(count);
+    ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
+        let mut read = redis::cmd("XREAD");
+        read.arg("COUNT").arg(count);
         // A blocking read holds its connection (even after its caller gave
         // up, until Redis answers it): only blocking reads go to the relay's
         // own connection. BLOCK 0 would wait forever: no BLOCK at all reads
         // what is there.
-        let mut r = if block.is_zero() {
+        let mut c = if block.is_zero() {
             self.conn.clone()
         } else {
             read.arg("BLOCK").arg(block.as_millis().max(1) as u64);
@@ -862,10 +852,10 @@ impl RedisStore {
         let read: Value = read
             .arg("STREAMS")
             .arg(&self.outbox)
-            .arg(">")
-            .query_async(&mut r)
+            .arg("0-0")
+            .query_async(&mut c)
             .await
-            .map_err(|e| self.group_error(e))?;
+            .map_err(map_err)?;
         // RESP2: [[stream, [entries...]]]; RESP3: {stream: [entries...]}.
         let list = match &read {
             Value::Array(streams) => streams.first().and_then(|s| match s {
@@ -878,16 +868,17 @@ impl RedisStore {
         Ok(list.map(|l| entries(&l)).unwrap_or_default())
     }
 
-    pub(crate) async fn outbox_done(&self, ids: &[String]) -> Result<()> {
+    pub(crate) async fn outbox_remove(&self, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("XACK").arg(&self.outbox).arg(GROUP).arg(ids).ignore();
-        pipe.cmd("XDEL").arg(&self.outbox).arg(ids).ignore();
         let mut c = self.conn.clone();
-        pipe.query_async::<()>(&mut c).await.map_err(map_err)
+        redis::cmd("XDEL")
+            .arg(&self.outbox)
+            .arg(ids)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(map_err)
     }
 
     pub(crate) async fn outbox_backlog(&self) -> Result<u64> {
@@ -903,24 +894,25 @@ impl RedisStore {
         &self,
         scope: &str,
         id: &str,
-        owner: &str,
-        lease: Duration,
+        claim: &Claim,
+        ttl: Duration,
+        alive_for: Duration,
     ) -> Result<Inbox> {
         let mut c = self.conn.clone();
         let found: Option<Vec<u8>> = self
             .inbox_begin
             .key(self.inbox_key(scope, id))
-            .arg(format!("P:{owner}"))
-            .arg(lease.as_millis().max(1) as u64)
+            .arg(claim.mark())
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(self.alive_prefix())
+            .arg(&claim.member)
+            .arg(alive_for.as_millis().max(1) as u64)
             .invoke_async(&mut c)
             .await
             .map_err(map_err)?;
         Ok(match found {
             None => Inbox::Fresh,
-            Some(v) => match StoredReply::decode(&v) {
-                Some(reply) => Inbox::Done(reply),
-                None => Inbox::Busy,
-            },
+            Some(v) => Inbox::from_raw(&v),
         })
     }
 
@@ -928,43 +920,61 @@ impl RedisStore {
         &self,
         scope: &str,
         id: &str,
-        reply: &StoredReply,
+        claim: &str,
+        answer: &Answer,
         window: Duration,
-    ) -> Result<()> {
+    ) -> Result<Finished> {
         let mut c = self.conn.clone();
-        redis::cmd("SET")
-            .arg(self.inbox_key(scope, id))
-            .arg(reply.encode())
-            .arg("PX")
-            .arg(window.as_millis().max(1) as u64)
-            .query_async::<()>(&mut c)
-            .await
-            .map_err(map_err)
-    }
-
-    pub(crate) async fn inbox_renew(
-        &self,
-        scope: &str,
-        id: &str,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<bool> {
-        let mut c = self.conn.clone();
-        self.extend_if_held
+        let out: Value = self
+            .finish_if_held
             .key(self.inbox_key(scope, id))
-            .arg(format!("P:{owner}"))
-            .arg(lease.as_millis().max(1) as u64)
-            .invoke_async::<i64>(&mut c)
+            .arg(claim)
+            .arg(answer.encode())
+            .arg(window.as_millis().max(1) as u64)
+            .invoke_async(&mut c)
             .await
-            .map_err(map_err)
-            .map(|n| n == 1)
+            .map_err(map_err)?;
+        Ok(match out {
+            Value::Int(1) => Finished::Kept,
+            Value::BulkString(v) => Finished::NotHeld(Answer::decode(&v).filter(|_| !v.starts_with(b"P:"))),
+            _ => Finished::NotHeld(None),
+        })
     }
 
-    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, owner: &str) -> Result<()> {
+    pub(crate) async fn inbox_peek(&self, scope: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        let mut c = self.conn.clone();
+        redis::cmd("GET")
+            .arg(self.inbox_key(scope, id))
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)
+    }
+
+    /// Liveness keys: `<prefix>:alive:<member>`.
+    fn alive_prefix(&self) -> String {
+        format!("{}:alive:", self.prefix)
+    }
+
+    pub(crate) async fn alive(&self, member: &str, ttl: Duration, alive: bool) -> Result<()> {
+        let mut c = self.conn.clone();
+        let key = format!("{}{member}", self.alive_prefix());
+        let cmd = if alive {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key).arg(1).arg("PX").arg(ttl.as_millis().max(1) as u64);
+            cmd
+        } else {
+            let mut cmd = redis::cmd("DEL");
+            cmd.arg(key);
+            cmd
+        };
+        cmd.query_async::<()>(&mut c).await.map_err(map_err)
+    }
+
+    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, claim: &str) -> Result<()> {
         let mut c = self.conn.clone();
         self.delete_if_held
             .key(self.inbox_key(scope, id))
-            .arg(format!("P:{owner}"))
+            .arg(claim)
             .invoke_async::<i64>(&mut c)
             .await
             .map_err(map_err)

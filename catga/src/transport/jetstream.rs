@@ -157,10 +157,13 @@ impl NatsTransport {
             filter_subject: subject.to_owned(),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: options.ack_wait,
-            // catga dead-letters at `max_deliver` itself; the server's
-            // limit, a little higher, only stops a message that crashes
-            // every replica that takes it.
-            max_deliver: i64::from(options.max_deliver) + 2,
+            // No limit on the server: catga counts deliveries and ends
+            // every message handled or dead-lettered, also one whose
+            // replicas crashed before settling it (see the pipeline). With
+            // a server limit, a message whose dead letter could not be
+            // stored (over the broker's limit) was naked until the limit
+            // and then never delivered again: neither handled nor kept.
+            max_deliver: -1,
             max_ack_pending: options.max_ack_pending as i64,
             ..Default::default()
         };
@@ -245,12 +248,14 @@ impl NatsTransport {
     /// Sends a message to a stream without waiting for its
     /// acknowledgement: messages sent one after another on this connection
     /// are stored in that order; the returned future is the
-    /// acknowledgement.
+    /// acknowledgement. With `after`, the stream stores it only if its last
+    /// message has that id (see [`super::Transport::store_in_order`]).
     pub(crate) async fn publish_durable_start(
         &self,
         subject: &str,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         payload: Bytes,
+        after: Option<&str>,
         timeout: Duration,
     ) -> Result<super::Stored> {
         if !self.has_stream(subject).await? {
@@ -258,6 +263,9 @@ impl NatsTransport {
                 ErrorKind::NoHandler,
                 format!("no stream stores subject {subject}"),
             ));
+        }
+        if let Some(after) = after {
+            headers.insert(super::EXPECTED_LAST_ID, after);
         }
         let ack = self
             .jetstream()
@@ -275,6 +283,86 @@ impl NatsTransport {
                 )),
             }
         }))
+    }
+
+    /// See [`super::Transport::ensure_stored`].
+    pub(crate) async fn ensure_stored(&self, subject: &str, settings: &StreamSettings) -> Result<()> {
+        if self.stream_of(subject).is_some() {
+            return Ok(());
+        }
+        match self.jetstream().stream_by_subject(subject).await {
+            Ok(name) => {
+                self.learn_stream_of(subject, &name);
+                Ok(())
+            }
+            Err(e) if e.kind() == stream_error::NotFound => {
+                // Nothing found, which a cluster also answers while its
+                // meta leader catches up: make the subject's stream. If a
+                // stream does store it, the creation fails (the name is
+                // taken, or the subjects overlap) and the caller retries.
+                self.ensure_dead_letters(settings).await?;
+                self.ensure_stream(subject, settings).await?;
+                tracing::info!(
+                    subject,
+                    "no stream stored this subject: created one for the outbox"
+                );
+                self.learn_stream_of(subject, &stream_name(subject));
+                Ok(())
+            }
+            Err(e) => Err(js_error("stream lookup", e)),
+        }
+    }
+
+    /// See [`super::Transport::store_in_order`].
+    pub(crate) async fn store_in_order(
+        &self,
+        messages: &[super::Outgoing],
+        timeout: Duration,
+    ) -> Vec<Result<()>> {
+        let js = self.jetstream();
+        let deadline = tokio::time::Instant::now() + timeout;
+        // The id of the message sent last on each chain (a stream, or a
+        // subject whose stream no acknowledgement named yet).
+        let mut last: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+        let mut acks = Vec::with_capacity(messages.len());
+        for m in messages {
+            let chain = self.stream_of(&m.subject).unwrap_or_else(|| m.subject.clone());
+            let mut headers = m.headers.clone();
+            headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
+            if let Some(after) = last.get(&chain) {
+                headers.insert(super::EXPECTED_LAST_ID, *after);
+            }
+            let sent = tokio::time::timeout_at(
+                deadline,
+                js.publish_with_headers(m.subject.clone(), headers, m.payload.clone()),
+            )
+            .await;
+            acks.push(match sent {
+                Ok(Ok(ack)) => {
+                    last.insert(chain, m.id.as_str());
+                    Ok(ack)
+                }
+                // Not sent (over the limit, or the connection is gone):
+                // the next one follows the last one sent.
+                Ok(Err(e)) => Err(publish_error(&m.subject, e)),
+                Err(_) => Err(no_ack(&m.subject, timeout)),
+            });
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        for (m, ack) in messages.iter().zip(acks) {
+            out.push(match ack {
+                Ok(ack) => match tokio::time::timeout_at(deadline, ack).await {
+                    Ok(Ok(stored)) => {
+                        self.learn_stream_of(&m.subject, &stored.stream);
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(publish_error(&m.subject, e)),
+                    Err(_) => Err(no_ack(&m.subject, timeout)),
+                },
+                Err(e) => Err(e),
+            });
+        }
+        out
     }
 
     /// Messages a durable consumer delivered and has not had acknowledged
@@ -315,6 +403,13 @@ impl NatsTransport {
         Ok(out)
     }
 
+    /// Stores a letter in the dead-letter stream.
+    pub(crate) async fn store_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        let (subject, headers) = letter.to_stored();
+        self.publish_durable(&subject, headers, letter.payload.clone(), Duration::from_secs(5))
+            .await
+    }
+
     /// One dead letter.
     pub(crate) async fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>> {
         let s = self.dlq().await?;
@@ -331,9 +426,22 @@ impl NatsTransport {
     }
 }
 
+fn no_ack(subject: &str, timeout: Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("no acknowledgement from JetStream for {subject} within {timeout:?}"),
+    )
+}
+
 fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
     use jetstream::context::PublishErrorKind as K;
     match e.kind() {
+        // Another message was stored since the one this one follows (or
+        // that one was not): sent again later, in order.
+        K::WrongLastMessageId => Error::new(
+            ErrorKind::Unavailable,
+            format!("JetStream did not store a message on {subject} out of its turn: {e}"),
+        ),
         K::StreamNotFound => Error::new(
             ErrorKind::NoHandler,
             format!("no stream stores subject {subject}"),
@@ -459,16 +567,15 @@ impl JsAck {
             .map_err(|e| Error::new(ErrorKind::Transport, format!("nak failed: {e}")))
     }
 
-    /// Publishes the message to the dead-letter stream, then terminates it;
-    /// if the dead letter cannot be stored, the message is left to be
-    /// redelivered rather than lost.
+    /// Stores the dead letter, then terminates the message; if the letter
+    /// cannot be stored, the message is given back to be delivered again
+    /// (the server's deliveries are not limited: catga counts them, see
+    /// `durable_subscribe`) rather than lost.
     pub(crate) async fn dead(self, letter: DeadLetter) -> Result<()> {
-        let (subject, headers) = letter.to_stored();
-        match self
-            .transport
-            .publish_durable(&subject, headers, letter.payload.clone(), Duration::from_secs(5))
-            .await
-        {
+        let stored = super::Transport::from(self.transport.clone())
+            .store_dead_letter(&letter)
+            .await;
+        match stored {
             Ok(()) => self
                 .message
                 .ack_with(AckKind::Term)

@@ -377,7 +377,7 @@ impl MemoryAck {
     }
 
     pub(crate) fn dead(self, letter: DeadLetter) {
-        self.streams.add_dead(letter);
+        self.streams.add_dead(letter.fit(super::DEFAULT_MAX_PAYLOAD));
         self.streams.settle(&self.subject, &self.durable, self.seq, None);
     }
 }

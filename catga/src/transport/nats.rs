@@ -124,6 +124,9 @@ struct Inner {
     /// Whether a stream stores a subject, and when that was looked up (see
     /// `NatsTransport::has_stream`).
     streams: Mutex<HashMap<String, (bool, Instant)>>,
+    /// The stream that stored a subject's messages, as its acknowledgements
+    /// named it: publishes to one stream chain on each other.
+    stream_of: Mutex<HashMap<String, String>>,
     slow_consumer_events: Arc<AtomicU64>,
     server_errors: broadcast::Sender<String>,
 }
@@ -345,6 +348,7 @@ impl NatsTransport {
                 dispatcher: tokio::sync::Mutex::new(None),
                 jetstream: Mutex::new(None),
                 streams: Mutex::new(HashMap::new()),
+                stream_of: Mutex::new(HashMap::new()),
                 slow_consumer_events: slow,
                 server_errors,
             }),
@@ -369,6 +373,46 @@ impl NatsTransport {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(subject.to_owned(), (exists, Instant::now()));
+    }
+
+    /// The stream that stores `subject`, if an acknowledgement named it.
+    pub(super) fn stream_of(&self, subject: &str) -> Option<String> {
+        self.inner
+            .stream_of
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(subject)
+            .cloned()
+    }
+
+    /// Forgets the stream of `subject` (a publish found none).
+    pub(crate) fn forget_stored(&self, subject: &str) {
+        self.inner
+            .stream_of
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(subject);
+    }
+
+    /// Remembers the stream an acknowledgement named for `subject`.
+    pub(super) fn learn_stream_of(&self, subject: &str, stream: &str) {
+        let mut known = self
+            .inner
+            .stream_of
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if known.get(subject).is_none_or(|s| s != stream) {
+            known.insert(subject.to_owned(), stream.to_owned());
+        }
+    }
+
+    /// The largest message the server takes (its `max_payload`), or NATS'
+    /// default before the first connection.
+    pub(crate) fn max_payload(&self) -> usize {
+        match self.client().server_info().max_payload {
+            0 => super::DEFAULT_MAX_PAYLOAD,
+            n => n,
+        }
     }
 
     /// The JetStream context of the client in use.

@@ -69,6 +69,9 @@ pub mod headers {
     pub const DLQ_DELIVERIES: HeaderName = HeaderName::from_static("Catga-Dlq-Deliveries");
     /// Dead letter: its original `Nats-Msg-Id`.
     pub const DLQ_MESSAGE_ID: HeaderName = HeaderName::from_static("Catga-Dlq-Msg-Id");
+    /// Dead letter: cut to fit the broker's limit; the original payload's
+    /// size.
+    pub const DLQ_TRUNCATED: HeaderName = HeaderName::from_static("Catga-Dlq-Truncated");
 }
 
 /// The longest message id catga accepts.
@@ -77,6 +80,24 @@ pub const MAX_ID_LEN: usize = 256;
 /// A fresh, unique message id (a NUID: 22 base-62 characters).
 pub fn new_message_id() -> String {
     nuid::next().to_string()
+}
+
+/// `id` if it fits in [`MAX_ID_LEN`], else its start, `~` and a hash of
+/// the whole (xxh3-128): ids derived from an incoming one (a saga's
+/// `<fn>:<trigger id>`, a step's `<saga id>/<step>`) stay valid, and
+/// distinct for distinct inputs. A trigger under a 250-character id once
+/// made every step id too long: both sagas of the example ended
+/// compensated without running a step.
+pub(crate) fn bounded_id(id: String) -> String {
+    if id.len() <= MAX_ID_LEN {
+        return id;
+    }
+    let hash = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(id.as_bytes()));
+    let mut keep = MAX_ID_LEN - 1 - hash.len();
+    while !id.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}~{hash}", &id[..keep])
 }
 
 /// Makes `text` a valid header value: line breaks and other control
@@ -211,6 +232,19 @@ mod tests {
             let err = check_id(bad).expect_err(bad);
             assert_eq!(err.kind(), ErrorKind::Invalid);
         }
+    }
+
+    #[test]
+    fn derived_ids_stay_within_the_limit_and_distinct() {
+        let short = "fulfil:abc/reserve".to_owned();
+        assert_eq!(bounded_id(short.clone()), short);
+        let base = "x".repeat(MAX_ID_LEN);
+        let a = bounded_id(format!("fulfil:{base}/reserve"));
+        let b = bounded_id(format!("fulfil:{base}/courier"));
+        assert!(a.len() <= MAX_ID_LEN && b.len() <= MAX_ID_LEN);
+        assert_ne!(a, b);
+        check_id(&a).expect("valid");
+        assert_eq!(a, bounded_id(format!("fulfil:{base}/reserve")), "stable");
     }
 
     #[test]

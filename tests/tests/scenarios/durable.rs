@@ -107,7 +107,8 @@ catga_tests::on_both!(
     poison_and_exhausted_messages_are_dead_lettered,
     dead_letters_can_be_replayed_and_purged,
     an_open_breaker_stops_pulling,
-    an_open_breaker_answers_commands_unavailable
+    an_open_breaker_answers_commands_unavailable,
+    poison_at_the_size_limit_is_dead_lettered_cut_to_fit
 );
 
 async fn durable_events_are_handled_and_redelivered(b: &Backend) {
@@ -295,5 +296,40 @@ async fn an_open_breaker_answers_commands_unavailable(b: &Backend) {
         .await
         .expect("half-open trial passes, breaker closes");
     client.send(Flaky { run }).await.expect("closed");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// An undecodable message a few hundred bytes under the broker's limit:
+/// its letter (payload plus the `Catga-Dlq-*` headers) would be over it.
+/// It is stored cut to fit, saying so, instead of being refused until the
+/// message's deliveries ran out and it was neither handled nor kept.
+async fn poison_at_the_size_limit_is_dead_lettered_cut_to_fit(b: &Backend) {
+    let rt = runtime(b).await;
+    let client = b.client().await;
+    let run = run_id();
+    let mut poison = format!("{{\"run\":\"{run}\",\"garbage\":");
+    poison.push_str(&"x".repeat(1024 * 1024 - 400 - poison.len()));
+    let size = poison.len() as u64;
+    client
+        .publish_raw("tests.durable.job", Bytes::from(poison))
+        .await
+        .expect("stored");
+    let letters = wait_letters(&client, &run, 1).await;
+    let [letter] = &letters[..] else {
+        panic!("one dead letter, not {}: {letters:?}", letters.len())
+    };
+    assert_eq!(letter.error_kind, ErrorKind::Decode, "{}", letter.error);
+    assert_eq!(letter.truncated, Some(size), "it says what was cut");
+    assert!(
+        (letter.payload.len() as u64) < size && letter.payload.len() > 512 * 1024,
+        "what fits is kept: {} of {size} bytes",
+        letter.payload.len()
+    );
+    client.publish_durable(job(&run, 1, "ok")).await.expect("stored");
+    assert_eq!(
+        HANDLED.wait_for(&run, 1, WAIT).await.len(),
+        1,
+        "the next one flows"
+    );
     rt.shutdown().await.expect("clean shutdown");
 }

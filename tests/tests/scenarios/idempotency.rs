@@ -40,6 +40,34 @@ pub struct Tick {
     pub run: String,
 }
 
+/// Adds money once per id, holding for a minute on replica `stall_on`.
+#[command(reply = u64, subject = "tests.idem.stalling", idempotent)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StallingDeposit {
+    pub account: String,
+    pub cents: u64,
+    pub stall_on: String,
+}
+
+/// Announces `seq` durably, then fails if asked to (idempotent).
+#[command(subject = "tests.idem.announce", idempotent)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Announce {
+    pub run: String,
+    pub seq: u64,
+    pub fail: bool,
+}
+
+/// What `Announce` publishes.
+#[event(subject = "tests.idem.announced")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Announced {
+    pub run: String,
+    pub seq: u64,
+}
+
+static ANNOUNCED: catga_tests::Recorder = catga_tests::Recorder::new();
+
 static RUNS: Tally = Tally::new();
 static TICKS: Tally = Tally::new();
 
@@ -59,6 +87,39 @@ async fn deposit(ctx: &Context, d: Deposit) -> Result<u64> {
 }
 
 #[command]
+async fn stalling_deposit(ctx: &Context, d: StallingDeposit) -> Result<u64> {
+    RUNS.add(&d.account);
+    if ctx.instance_id() == d.stall_on {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    let mut account = ctx
+        .try_load::<Account>(&d.account)
+        .await?
+        .unwrap_or_else(|| Versioned::new(d.account.clone(), Account::default()));
+    account.cents += d.cents;
+    Ok(ctx.save(account).await?.cents)
+}
+
+#[command]
+async fn announce(ctx: &Context, a: Announce) -> Result<()> {
+    ctx.publish_durable(Announced {
+        run: a.run.clone(),
+        seq: a.seq,
+    })
+    .await?;
+    if a.fail {
+        return Err(Error::invalid("refused after announcing"));
+    }
+    Ok(())
+}
+
+#[event(durable = "idem-announced")]
+async fn on_announced(ctx: &Context, a: Announced) -> Result<()> {
+    ANNOUNCED.record(&a.run, "announced", ctx, a.seq);
+    Ok(())
+}
+
+#[command]
 async fn balance(ctx: &Context, b: Balance) -> Result<u64> {
     Ok(ctx.try_load::<Account>(&b.account).await?.map_or(0, |a| a.cents))
 }
@@ -74,7 +135,10 @@ catga_tests::on_every_store!(
     a_retry_while_the_first_runs_waits_for_it,
     a_handler_outliving_its_lease_keeps_its_claim,
     client_errors_are_remembered,
-    idempotent_event_handlers_run_once_per_id
+    idempotent_event_handlers_run_once_per_id,
+    a_used_id_under_another_payload_is_a_conflict,
+    a_durable_publish_leaves_with_the_commit_or_not_at_all,
+    a_dead_replicas_claims_lapse_within_about_a_second
 );
 
 async fn a_repeated_id_runs_once(b: &Backend) {
@@ -133,9 +197,10 @@ async fn a_retry_while_the_first_runs_waits_for_it(b: &Backend) {
     rt.shutdown().await.expect("clean shutdown");
 }
 
-/// A claim lasts one lease unless renewed; it is renewed while the
-/// handler runs, so a retry that comes after the lease but before the
-/// answer still waits for it instead of running the message again.
+/// A claim holds while its replica is alive (its liveness key, renewed
+/// every third of the lease), however long the handler runs: a retry that
+/// comes after two leases but before the answer still waits for it
+/// instead of running the message again.
 async fn a_handler_outliving_its_lease_keeps_its_claim(b: &Backend) {
     let mut replicas = Vec::new();
     for i in 1..=2 {
@@ -205,5 +270,102 @@ async fn idempotent_event_handlers_run_once_per_id(b: &Backend) {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(TICKS.get(&run), 2, "once per id");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// An id answers the payload it was first sent with: the same id under a
+/// different payload (a forged or buggy retry) is refused as a conflict,
+/// while the first answer stays for real retries.
+async fn a_used_id_under_another_payload_is_a_conflict(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let account = run_id();
+    let d = |cents| Deposit {
+        account: account.clone(),
+        cents,
+        hold_ms: 0,
+    };
+    assert_eq!(client.send_with_id(d(10), "pay-1").await.expect("first"), 10);
+    let err = client
+        .send_with_id(d(99), "pay-1")
+        .await
+        .expect_err("another payload under a used id");
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    assert!(err.message().contains("another payload"), "{err}");
+    assert!(!err.is_retryable());
+    assert_eq!(client.send_with_id(d(10), "pay-1").await.expect("retry"), 10);
+    assert_eq!(RUNS.get(&account), 1, "ran once");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A replica dies (its runtime dropped: every task aborted, nothing given
+/// up) while it handles an idempotent command: a retry on another replica
+/// runs it about a lease (`CATGA_INBOX_LEASE_MS`, 1 s) later, not after a
+/// per-message lease.
+async fn a_dead_replicas_claims_lapse_within_about_a_second(b: &Backend) {
+    let r1 = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let account = run_id();
+    let d = StallingDeposit {
+        account: account.clone(),
+        cents: 3,
+        stall_on: "r1".into(),
+    };
+    let first = {
+        let (c, d) = (client.clone(), d.clone());
+        tokio::spawn(async move { c.send_with_id(d, "crash-1").await })
+    };
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while RUNS.get(&account) == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the first attempt never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r2 = b.runtime(module_path!(), "r2").await;
+    let crashed = std::time::Instant::now();
+    drop(r1);
+    first.abort();
+    // A request sent the moment r1 died may still reach its subscription
+    // (the broker drops it a moment later) and go unanswered: the sender
+    // retries after its time-out, as after a real crash.
+    let client = client.with_request_timeout(Duration::from_millis(800));
+    let answer = loop {
+        match client.send_with_id(d.clone(), "crash-1").await {
+            Ok(answer) => break answer,
+            Err(e) if e.is_retryable() && crashed.elapsed() < Duration::from_secs(10) => {}
+            Err(e) => panic!("the retry runs it: {e}"),
+        }
+    };
+    let waited = crashed.elapsed();
+    assert_eq!(answer, 3);
+    assert_eq!(RUNS.get(&account), 2, "run again once, on r2");
+    assert!(
+        waited < Duration::from_millis(3000),
+        "the dead replica's claim held the retry for {waited:?}"
+    );
+    r2.shutdown().await.expect("clean shutdown");
+}
+
+/// `publish_durable` in an idempotent handler leaves with the handler's
+/// commit: a handler that fails after publishing publishes nothing.
+/// Before, it was stored at once, for a message that then failed.
+async fn a_durable_publish_leaves_with_the_commit_or_not_at_all(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let run = run_id();
+    let a = |seq, fail| Announce {
+        run: run.clone(),
+        seq,
+        fail,
+    };
+    let err = client.send(a(1, true)).await.expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    client.send(a(2, false)).await.expect("announced");
+    let seen = ANNOUNCED.wait_for(&run, 1, crate::WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seqs: Vec<u64> = ANNOUNCED.of(&run).iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [2], "only the committed one: {seen:?}");
     rt.shutdown().await.expect("clean shutdown");
 }

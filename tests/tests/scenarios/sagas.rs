@@ -198,13 +198,34 @@ async fn quick(saga: &Saga, q: Quick) -> Result<()> {
     Ok(())
 }
 
+/// Starts a saga that runs longer than its consumer's ack wait.
+#[event(subject = "tests.saga.slow")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Slow {
+    pub run: String,
+}
+
+static RUNNING: catga_tests::Gauge = catga_tests::Gauge::new();
+
+#[saga(leader)]
+async fn slow(saga: &Saga, s: Slow) -> Result<()> {
+    RUNNING.enter(&s.run);
+    effect(&s.run, "runs");
+    let reserved = saga.step("reserve", Reserve { run: s.run.clone() }).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    RUNNING.leave(&s.run);
+    reserved.map(|_| ())
+}
+
 catga_tests::on_every_store!(
+    one_run_of_a_saga_at_a_time_however_long_it_runs,
     the_saga_attribute_runs_a_saga,
     a_saga_takes_each_step_once,
     a_step_that_fails_for_good_compensates_the_steps_before,
     a_saga_resumes_from_its_journal,
     a_step_that_fails_retryably_is_resumed,
-    a_panicking_saga_is_compensated
+    a_panicking_saga_is_compensated,
+    a_trigger_under_a_long_id_runs_every_step
 );
 
 async fn the_saga_attribute_runs_a_saga(b: &Backend) {
@@ -235,6 +256,76 @@ async fn the_saga_attribute_runs_a_saga(b: &Backend) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(effects(&done), [1, 1, 0, 0, 0, 1]);
     assert_eq!(effects(&declined), [1, 1, 0, 1, 0, 0]);
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A trigger under a 250-character id (valid: up to 256): the saga's id
+/// and its steps' ids derived from it would be longer than an id may be;
+/// they are shortened with a hash, and every step runs. Before, both
+/// sagas of the example ended compensated without running a step.
+async fn a_trigger_under_a_long_id_runs_every_step(b: &Backend) {
+    let rt = leader(b).await;
+    let client = b.client().await;
+    let run = run_id();
+    let id = format!("{run}-{}", "x".repeat(250 - run.len() - 1));
+    assert_eq!(id.len(), 250);
+    client
+        .publish_with_id(
+            Quick {
+                run: run.clone(),
+                decline: false,
+            },
+            &id,
+        )
+        .await
+        .expect("published");
+    let started = Instant::now();
+    while effects(&run)[..2] != [1, 1] || effects(&run)[5] != 1 {
+        assert!(started.elapsed() < WAIT, "saga not done: {:?}", effects(&run));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        effects(&run),
+        [1, 1, 0, 0, 0, 1],
+        "each step once, nothing compensated"
+    );
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A leader saga running three times its consumer's ack wait: progress
+/// acks keep its trigger, so it is not delivered again while it runs, and
+/// a run claim would hold a second delivery back anyway. Before, only
+/// keyed sagas' partitions sent progress acks: the trigger came back to
+/// the same leader under the same token and two runs interleaved.
+async fn one_run_of_a_saga_at_a_time_however_long_it_runs(b: &Backend) {
+    let rt = b
+        .started(
+            b.builder(module_path!(), "r1")
+                .leader_lease(Duration::from_millis(300))
+                .durable_defaults(Duration::from_millis(600), 5),
+        )
+        .await;
+    let started = Instant::now();
+    while !(rt.is_leader() && rt.serving().await.iter().any(|h| h.ends_with("::slow")) && rt.is_ready()) {
+        assert!(started.elapsed() < WAIT, "the slow saga is not served");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = b.client().await;
+    let run = run_id();
+    client
+        .publish_durable(Slow { run: run.clone() })
+        .await
+        .expect("published");
+    let started = Instant::now();
+    while RUNNING.now(&run) == 0 && effects(&run)[5] == 0 {
+        assert!(started.elapsed() < WAIT, "the saga never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(RUNNING.max(&run), 1, "never two runs at once");
+    assert_eq!(effects(&run)[5], 1, "one run");
+    assert_eq!(effects(&run)[0], 1, "its step once");
     rt.shutdown().await.expect("clean shutdown");
 }
 

@@ -82,6 +82,22 @@ pub struct Noted {
     pub seq: u64,
 }
 
+/// Saves a note with an event of `size` bytes.
+#[command(subject = "tests.state.big_note")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct BigNote {
+    pub key: String,
+    pub size: usize,
+}
+
+/// A big note was saved.
+#[event(subject = "tests.state.big_noted")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct BigNoted {
+    pub key: String,
+    pub pad: String,
+}
+
 #[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
 pub struct Notes {
     pub last: u64,
@@ -173,6 +189,30 @@ async fn note(ctx: &Context, n: Note) -> Result<()> {
     Ok(())
 }
 
+#[command]
+async fn big_note(ctx: &Context, n: BigNote) -> Result<()> {
+    let notes = Versioned::new(n.key.clone(), Notes { last: 1 });
+    ctx.save(notes)
+        .with_event(BigNoted {
+            key: n.key,
+            pad: "x".repeat(n.size),
+        })
+        .await?;
+    Ok(())
+}
+
+#[command]
+async fn has_notes(ctx: &Context, p: HasNotes) -> Result<u64> {
+    Ok(ctx.load::<Notes>(&p.key).await?.last)
+}
+
+/// Whether notes `key` exist.
+#[command(reply = u64, subject = "tests.state.has_notes")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct HasNotes {
+    pub key: String,
+}
+
 #[event]
 async fn on_noted(ctx: &Context, e: Noted) -> Result<()> {
     NOTED.record(&e.key, "noted", ctx, e.seq);
@@ -184,7 +224,8 @@ catga_tests::on_every_store!(
     a_stale_save_is_a_retryable_stale_error,
     stale_commits_of_idempotent_handlers_are_retried,
     outbox_events_without_a_stream_reach_plain_subscribers_once,
-    plain_event_subscribers_never_answer
+    plain_event_subscribers_never_answer,
+    an_event_the_broker_could_never_take_fails_the_save
 );
 
 /// 60 increments of one counter, 20 at a time, over 3 replicas: every
@@ -295,11 +336,11 @@ async fn stale_commits_of_idempotent_handlers_are_retried(b: &Backend) {
     shutdown_all(replicas).await;
 }
 
-/// Events saved with state go out through the outbox. With no stream for
-/// their subject they go out on core NATS, once: the relay learns that
-/// there is no stream by asking, not by a JetStream publish (which would
-/// reach the plain subscribers as well and then wait for an
-/// acknowledgement nobody sends).
+/// Events saved with state go out through the outbox, always to a stream:
+/// with none for their subject, the relay makes the subject's stream
+/// before it publishes (a JetStream publish without a stream would reach
+/// the plain subscribers and then wait for an acknowledgement nobody
+/// sends). Plain subscribers get each event once.
 async fn outbox_events_without_a_stream_reach_plain_subscribers_once(b: &Backend) {
     let rt = b.runtime(module_path!(), "r1").await;
     let client = b.client().await;
@@ -359,5 +400,38 @@ async fn plain_event_subscribers_never_answer(b: &Backend) {
     }
     assert_eq!(SEEN.wait_for(&key, 5, WAIT).await.len(), 5, "the durable handler");
     assert_eq!(PLAIN.wait_for(&key, 5, WAIT).await.len(), 5, "the plain one");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// An event larger than the broker takes (with the ids the relay adds) is
+/// refused when it is saved, with a 413 the handler sees and passes on,
+/// and nothing is committed: not an event committed that could never be
+/// published and would be retried forever.
+async fn an_event_the_broker_could_never_take_fails_the_save(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let key = run_id();
+    let err = client
+        .send(BigNote {
+            key: key.clone(),
+            size: 1024 * 1024 - 300,
+        })
+        .await
+        .expect_err("too large to publish");
+    assert_eq!(err.kind(), ErrorKind::TooLarge, "{err}");
+    assert!(err.message().contains("tests.state.big_noted"), "{err}");
+    let missing = client
+        .send(HasNotes { key: key.clone() })
+        .await
+        .expect_err("nothing saved");
+    assert_eq!(missing.kind(), ErrorKind::NotFound, "{missing}");
+    client
+        .send(BigNote {
+            key: key.clone(),
+            size: 1000,
+        })
+        .await
+        .expect("a note that fits");
+    assert_eq!(client.send(HasNotes { key }).await.expect("saved"), 1);
     rt.shutdown().await.expect("clean shutdown");
 }
