@@ -78,7 +78,7 @@ impl Client {
         transport.first_connection(config.request_timeout).await?;
         Ok(Client::from_transport(
             transport.into(),
-            "client".to_owned(),
+            config.service.clone(),
             wire::new_message_id(),
             config.request_timeout,
         ))
@@ -244,7 +244,7 @@ impl Client {
     /// Sends a request again after a failure that says it did not run (no
     /// handler, unavailable, broker away), with back-off, until `deadline`;
     /// the reply's body, or the error it carries.
-    async fn request_retrying(
+    pub(crate) async fn request_retrying(
         &self,
         subject: &Subject,
         headers: HeaderMap,
@@ -503,15 +503,33 @@ impl Context {
     pub async fn send_with_timeout<C: Command>(&self, cmd: C, timeout: Duration) -> Result<C::Reply> {
         self.work.check_fence()?;
         let deadline = self.nested_deadline(timeout);
-        let headers = self.child_headers(false, C::VERSION);
+        let mut headers = self.child_headers(false, C::VERSION);
         let result = if C::IDEMPOTENT {
-            let id = headers
-                .get(wire::headers::MESSAGE_ID)
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_else(wire::new_message_id);
-            self.client
-                .send_idempotent_with(cmd, &id, deadline, headers)
-                .await
+            // Run again (after a crash, or a retryable failure), this
+            // handler sends the same command under the same id, and its
+            // receiver answers it once. The id also names the payload, so
+            // that a run sending something else (a handler that puts a
+            // clock reading in the command) sends it under another id
+            // instead of being refused as a conflict by the receiver's
+            // inbox, which binds each id to its payload.
+            match cmd.encode() {
+                Err(e) => Err(e),
+                Ok(payload) => {
+                    let id = match headers.get(wire::headers::MESSAGE_ID) {
+                        Some(id) => wire::bounded_id(format!(
+                            "{}~{}",
+                            id.as_str(),
+                            &crate::store::digest(&payload)[..16]
+                        )),
+                        None => wire::new_message_id(),
+                    };
+                    headers.insert(wire::headers::MESSAGE_ID, id.as_str());
+                    self.client
+                        .request_retrying(&Subject::from_static(C::SUBJECT), headers, payload, deadline)
+                        .await
+                        .and_then(|body| decode_body::<C::Reply>(C::SUBJECT, &body))
+                }
+            }
         } else {
             self.client.send_until(cmd, deadline, headers).await
         };

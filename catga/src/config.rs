@@ -15,6 +15,10 @@ pub const DEFAULT_CONCURRENCY: usize = 256;
 /// Default number of messages a subscription buffers beyond its in-flight
 /// limit before it drops (and counts) further ones.
 pub const DEFAULT_CAPACITY: usize = 8192;
+/// Default number of bytes a subscription buffers beyond its in-flight
+/// limit: 8,192 messages of up to 1 MiB would be 8 GiB per subscription,
+/// on every replica for a fan-out event.
+pub const DEFAULT_CAPACITY_BYTES: usize = 64 * 1024 * 1024;
 /// Default time shutdown waits for in-flight handlers.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default number of subscriptions (and tasks) per handler.
@@ -137,6 +141,11 @@ pub const SETTINGS: &[Setting] = &[
         name: "CATGA_SUBSCRIPTION_CAPACITY",
         meaning: "messages a subscription buffers beyond its in-flight limit, then drops and counts",
         default: "8192",
+    },
+    Setting {
+        name: "CATGA_SUBSCRIPTION_BYTES",
+        meaning: "bytes (payloads and headers) a subscription buffers beyond its in-flight limit, then drops and counts; with `CATGA_SUBSCRIPTION_CAPACITY`, whichever is reached first",
+        default: "67108864 (64 MiB)",
     },
     Setting {
         name: "CATGA_INBOX_WINDOW_MS",
@@ -311,6 +320,8 @@ pub struct Config {
     pub parallel: usize,
     /// Messages buffered per subscription beyond its in-flight limit.
     pub subscription_capacity: usize,
+    /// Bytes a subscription buffers beyond its in-flight limit.
+    pub subscription_bytes: usize,
     /// Start with no handlers (a process that only sends).
     pub client_only: bool,
     /// Where `/health`, `/ready` and `/metrics` are served; `None`: nowhere.
@@ -421,6 +432,7 @@ impl Default for Config {
             concurrency: DEFAULT_CONCURRENCY,
             parallel: DEFAULT_PARALLEL,
             subscription_capacity: DEFAULT_CAPACITY,
+            subscription_bytes: DEFAULT_CAPACITY_BYTES,
             client_only: false,
             http_addr: None,
             service_version: "0.0.0".to_owned(),
@@ -493,6 +505,9 @@ impl Config {
         }
         if let Some(n) = get("CATGA_SUBSCRIPTION_CAPACITY") {
             c.subscription_capacity = positive("CATGA_SUBSCRIPTION_CAPACITY", &n)?;
+        }
+        if let Some(n) = get("CATGA_SUBSCRIPTION_BYTES") {
+            c.subscription_bytes = positive("CATGA_SUBSCRIPTION_BYTES", &n)?;
         }
         if let Some(v) = get("CATGA_CLIENT_ONLY") {
             c.client_only = boolean("CATGA_CLIENT_ONLY", &v)?;

@@ -31,6 +31,10 @@ const STARTED: &str = "started";
 /// `w:<timer>`: when a durable timer of the saga fires (ms since the
 /// Unix epoch).
 const WAKE: &str = "w:";
+/// Journal field prefix: the payload a step was first sent with (`p:<step>`);
+/// a resumed saga sends exactly that again, so that the step's inbox,
+/// bound to the payload, gives its answer instead of a conflict.
+const PAYLOAD: &str = "p:";
 
 /// A wait this short is slept in the process; a longer one hands the
 /// trigger back to the broker to come back when the timer fires.
@@ -234,6 +238,10 @@ pub struct Saga {
 struct Inner {
     ctx: Context,
     id: String,
+    /// The mark of this run's claim: every journal write checks that the
+    /// run still holds it (another run took it over when this replica was
+    /// thought gone).
+    run: String,
     journal: Mutex<BTreeMap<String, Bytes>>,
     /// When the saga times out (ms since the Unix epoch); 0: never.
     deadline: AtomicU64,
@@ -260,7 +268,14 @@ impl Context {
         let name = self.handler().rsplit("::").next().unwrap_or_default();
         let id = crate::wire::bounded_id(format!("{name}:{}", self.message_id()));
         let run = self.claim_run(&id).await?;
-        let ran = self.run_saga(id, saga).await;
+        // Dropped half way (cancelled at a drain deadline, a partition
+        // given up), the run's claim is given up in the background.
+        let guard = RunGuard {
+            orphans: &self.work().orphans,
+            run: Some(&run),
+        };
+        let ran = self.run_saga(id, run.1.mark(), saga).await;
+        guard.disarm();
         if self
             .work()
             .store
@@ -319,7 +334,7 @@ impl Context {
         }
     }
 
-    async fn run_saga<F, Fut, T>(&self, id: String, saga: F) -> Result<SagaOutcome<T>>
+    async fn run_saga<F, Fut, T>(&self, id: String, run: String, saga: F) -> Result<SagaOutcome<T>>
     where
         F: FnOnce(Saga) -> Fut,
         Fut: Future<Output = Result<T>> + Send,
@@ -329,6 +344,7 @@ impl Context {
             inner: Arc::new(Inner {
                 ctx: self.clone(),
                 id,
+                run,
                 journal: Mutex::new(journal),
                 deadline: AtomicU64::new(0),
             }),
@@ -391,6 +407,26 @@ impl Context {
                 s.abort(None, &failure).await?;
                 Ok(SagaOutcome::Compensated { cause: failure })
             }
+        }
+    }
+}
+
+/// Gives a saga's run claim up in the background if dropped armed.
+struct RunGuard<'a> {
+    orphans: &'a crate::store::Orphans,
+    run: Option<&'a (String, crate::store::Claim)>,
+}
+
+impl RunGuard<'_> {
+    fn disarm(mut self) {
+        self.run = None;
+    }
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((id, claim)) = self.run.take() {
+            self.orphans.give_up(RUNS, id, claim);
         }
     }
 }
@@ -504,19 +540,25 @@ impl Saga {
 
     /// Journals `field`, fenced by the leader lease the handler runs under.
     async fn write(&self, field: &str, value: &[u8]) -> Result<()> {
+        self.write_all(&[(field, value)]).await
+    }
+
+    /// Journals fields in one write, fenced by the lease the handler runs
+    /// under and by this run's claim.
+    async fn write_all(&self, fields: &[(&str, &[u8])]) -> Result<()> {
         let work = self.inner.ctx.work();
+        let run = Some((RUNS, self.inner.run.as_str()));
         if !work
             .store
-            .saga_write(&self.inner.id, field, value, work.fence.as_ref())
+            .saga_write(&self.inner.id, fields, work.fence.as_ref(), run)
             .await?
         {
             return Err(crate::state::fenced());
         }
-        self.inner
-            .journal
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(field.to_owned(), Bytes::copy_from_slice(value));
+        let mut journal = self.inner.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        for (field, value) in fields {
+            journal.insert((*field).to_owned(), Bytes::copy_from_slice(value));
+        }
         Ok(())
     }
 
@@ -658,23 +700,37 @@ impl<C: Command> Step<C> {
                 ),
             ));
         }
+        // The payload as first sent (journaled), or encoded now and
+        // journaled with the step's compensation before it is sent.
+        let payload_field = format!("{PAYLOAD}{name}");
+        let journaled = saga.get(&payload_field);
+        let payload = match &journaled {
+            Some(p) => p.clone(),
+            None => cmd.encode()?,
+        };
+        let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
+        if journaled.is_none() {
+            writes.push((payload_field, payload.to_vec()));
+        }
         if let Some(compensation) = compensation {
-            let (subject, payload) = compensation?;
+            let (subject, undo) = compensation?;
             let (known, count) = {
                 let journal = saga.inner.journal.lock().unwrap_or_else(PoisonError::into_inner);
                 let known = compensations(&journal).any(|(step, _)| step == name);
                 (known, compensations(&journal).count())
             };
             if !known {
-                let mut value = Vec::with_capacity(subject.len() + 1 + payload.len());
+                let mut value = Vec::with_capacity(subject.len() + 1 + undo.len());
                 value.extend_from_slice(subject.as_bytes());
                 value.push(b'\n');
-                value.extend_from_slice(&payload);
-                saga.write(&format!("{COMPENSATION}{count:04}:{name}"), &value)
-                    .await?;
+                value.extend_from_slice(&undo);
+                writes.push((format!("{COMPENSATION}{count:04}:{name}"), value));
             }
         }
-        let payload = cmd.encode()?;
+        if !writes.is_empty() {
+            let fields: Vec<(&str, &[u8])> = writes.iter().map(|(f, v)| (f.as_str(), v.as_slice())).collect();
+            saga.write_all(&fields).await?;
+        }
         let id = crate::wire::bounded_id(format!("{}/{name}", saga.id()));
         // Within the saga's time-out too.
         let left = saga

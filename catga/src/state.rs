@@ -88,6 +88,18 @@ impl Context {
                 transport.max_payload(),
             ));
         }
+        let header_block =
+            crate::transport::memory::wire_size(Some(&headers), 0) + crate::transport::ROUTING_HEADROOM;
+        if header_block > crate::transport::MAX_HEADERS {
+            return Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "the headers of an event on {} take {header_block} bytes, over JetStream's limit of {}",
+                    E::SUBJECT,
+                    crate::transport::MAX_HEADERS
+                ),
+            ));
+        }
         let id = headers
             .get(crate::wire::headers::MESSAGE_ID)
             .map(|v| v.as_str().to_owned())

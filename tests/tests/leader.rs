@@ -135,6 +135,45 @@ async fn until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Dur
     started.elapsed()
 }
 
+/// Publishes a job that waits for [`go`] once started, and waits until it
+/// started on the leader; its key.
+async fn held_job(client: &catga::Client) -> String {
+    let key = run_id();
+    client
+        .publish(Job {
+            key: key.clone(),
+            hold: true,
+        })
+        .await
+        .expect("publish");
+    until("the job started", Duration::from_secs(5), || {
+        STARTED.get(&key) == 1
+    })
+    .await;
+    key
+}
+
+/// What the save of job `key` came to, once it came back: the replica
+/// and the outcome.
+async fn save_of(key: &str) -> (String, std::result::Result<(), String>) {
+    until("the save came back", Duration::from_secs(5), || {
+        SAVES.lock().expect("saves").iter().any(|(k, _, _)| k == key)
+    })
+    .await;
+    let saves = SAVES.lock().expect("saves").clone();
+    let (_, by, outcome) = saves.into_iter().find(|(k, _, _)| k == key).expect("the save");
+    (by, outcome)
+}
+
+/// A connection to `redis` for the test's own commands.
+async fn redis_conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis")
+}
+
 /// The leader's process dies (its runtime is dropped: tasks aborted, the
 /// lease not given up): the standby leads once the lease runs out, within
 /// two leases.
@@ -163,25 +202,9 @@ async fn a_stalled_leaders_write_is_fenced() {
     let a = replica(&nats, &redis, "a").await;
     until("a leads", Duration::from_secs(5), || a.is_leader()).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let client = a.client();
-    let key = run_id();
-    client
-        .publish(Job {
-            key: key.clone(),
-            hold: true,
-        })
-        .await
-        .expect("publish");
-    until("the job started", Duration::from_secs(5), || {
-        STARTED.get(&key) == 1
-    })
-    .await;
+    let key = held_job(&a.client()).await;
     // The lease runs out under the stalled leader.
-    let mut conn = redis::Client::open(redis.url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis_conn(&redis).await;
     let deleted: u64 = redis::cmd("DEL")
         .arg("catga:{leaders}:leader")
         .query_async(&mut conn)
@@ -196,12 +219,7 @@ async fn a_stalled_leaders_write_is_fenced() {
     .await;
     // The stalled handler goes on: its save carries the old token.
     go(&key);
-    until("the save came back", Duration::from_secs(5), || {
-        SAVES.lock().expect("saves").iter().any(|(k, _, _)| *k == key)
-    })
-    .await;
-    let saves = SAVES.lock().expect("saves").clone();
-    let (_, by, outcome) = saves.iter().find(|(k, _, _)| *k == key).expect("the save");
+    let (by, outcome) = save_of(&key).await;
     assert_eq!(by, "a");
     let err = outcome.as_ref().expect_err("fenced");
     assert!(err.contains("fenced"), "{err}");
@@ -386,23 +404,8 @@ async fn a_fencing_token_is_never_issued_twice_when_the_fence_key_is_lost() {
     let a = replica(&nats, &redis, "a").await;
     until("a leads", Duration::from_secs(5), || a.is_leader()).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let key = run_id();
-    a.client()
-        .publish(Job {
-            key: key.clone(),
-            hold: true,
-        })
-        .await
-        .expect("publish");
-    until("the job started", Duration::from_secs(5), || {
-        STARTED.get(&key) == 1
-    })
-    .await;
-    let mut conn = redis::Client::open(redis.url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let key = held_job(&a.client()).await;
+    let mut conn = redis_conn(&redis).await;
     let first: u64 = redis::cmd("GET")
         .arg("catga:{leaders}:leader:fence")
         .query_async(&mut conn)
@@ -424,12 +427,7 @@ async fn a_fencing_token_is_never_issued_twice_when_the_fence_key_is_lost() {
     let second = redis_get(&redis, "catga:{leaders}:leader:fence").expect("a new grant");
     assert!(second > first, "tokens only grow: {first} then {second}");
     go(&key);
-    until("the save came back", Duration::from_secs(5), || {
-        SAVES.lock().expect("saves").iter().any(|(k, _, _)| *k == key)
-    })
-    .await;
-    let saves = SAVES.lock().expect("saves").clone();
-    let (_, _, outcome) = saves.iter().find(|(k, _, _)| *k == key).expect("the save");
+    let (_, outcome) = save_of(&key).await;
     let err = outcome.as_ref().expect_err("the stalled leader's save is fenced");
     assert!(err.contains("fenced"), "{err}");
     a.shutdown().await.expect("clean shutdown");
@@ -470,4 +468,39 @@ async fn an_evicting_redis_is_reported() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(rt.readiness().warnings.is_empty(), "{:?}", rt.readiness());
     rt.shutdown().await.expect("clean shutdown");
+}
+
+/// The fence key vanishes while the leader still holds its lease (an
+/// eviction): the next renewal grants the lease anew with a new token,
+/// and the leader's writes go through again, instead of every write being
+/// refused while the lease is kept alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_lost_under_a_held_lease_is_granted_anew() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let a = replica(&nats, &redis, "a").await;
+    until("a leads", Duration::from_secs(5), || a.is_leader()).await;
+    let first = redis_get(&redis, "catga:{leaders}:leader:fence").expect("a fence");
+    let mut conn = redis_conn(&redis).await;
+    let _: u64 = redis::cmd("DEL")
+        .arg("catga:{leaders}:leader:fence")
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    until("a new grant", 3 * LEASE, || {
+        redis_get(&redis, "catga:{leaders}:leader:fence").is_some_and(|t| t > first)
+    })
+    .await;
+    assert!(a.is_leader(), "still the leader, under a new token");
+    let key = run_id();
+    a.client()
+        .publish(Job {
+            key: key.clone(),
+            hold: false,
+        })
+        .await
+        .expect("publish");
+    let (_, outcome) = save_of(&key).await;
+    outcome.expect("saved under the new token");
+    a.shutdown().await.expect("clean shutdown");
 }

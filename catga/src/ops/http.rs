@@ -21,6 +21,13 @@ use crate::error::{Error, ErrorKind, Result};
 /// replica-wide gauges).
 pub(crate) type Refresh = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// A readiness report, as `/ready` shows it.
+pub(crate) struct Ready {
+    pub ready: bool,
+    pub failing: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
 /// What the endpoint asks the runtime.
 #[derive(Clone)]
 pub(crate) struct Probes {
@@ -28,7 +35,7 @@ pub(crate) struct Probes {
     pub liveness: Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>,
     /// Whether it should get traffic, and if not, why; then what puts a
     /// promise at risk without stopping it.
-    pub readiness: Arc<dyn Fn() -> crate::runtime::Readiness + Send + Sync>,
+    pub readiness: Arc<dyn Fn() -> Ready + Send + Sync>,
     /// Brings the gauges up to date before a scrape.
     pub refresh: Arc<dyn Fn() -> Refresh + Send + Sync>,
 }

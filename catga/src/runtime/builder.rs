@@ -231,6 +231,14 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Sets how many bytes (payloads and headers) each subscription queues
+    /// beyond its in-flight limit before it drops (and counts) further
+    /// messages.
+    pub fn subscription_bytes(mut self, n: usize) -> Self {
+        self.config.subscription_bytes = n.max(1);
+        self
+    }
+
     /// Starts without handlers: a process that only sends and publishes.
     pub fn client_only(mut self) -> Self {
         self.config.client_only = true;
@@ -419,6 +427,7 @@ impl RuntimeBuilder {
             ),
             tokio::spawn(watch_refusals(Arc::clone(&shared), refusals, subjects)),
             tokio::spawn(watch_store(Arc::clone(&shared))),
+            tokio::spawn(super::check_broker(Arc::clone(&shared))),
             tokio::spawn(Arc::clone(&shared.relay).keep(shared.store.clone())),
             tokio::spawn(super::keep_alive(Arc::clone(&shared))),
             tokio::spawn(crate::store::clean_orphans(shared.store.clone(), orphan_queue)),

@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -69,28 +69,51 @@ pub(crate) struct Partition {
     /// The partitions' stream subject (`<base>.*`).
     pub stream_subject: String,
     lease: Arc<str>,
-    /// The lease's token; 0 once it is lost or given up (shared with the
-    /// sagas running under it, which check it before they send).
-    token: Arc<AtomicU64>,
+    /// The lease's token while this replica holds the lease (0 once it is
+    /// lost or released) and until when it surely does, shared with the
+    /// sagas running under it, which check it before they send.
+    token: Arc<super::lease::Held>,
+    /// Whether the partition takes new messages: false from the moment it
+    /// is given up, while what it runs drains under the lease.
+    open: std::sync::atomic::AtomicBool,
     /// Sagas of this saga type running on this replica, over partitions.
     pub gate: Arc<Semaphore>,
 }
 
 impl Partition {
-    /// The token held now (0: none), as the sagas running under it see it.
-    pub(crate) fn held(&self) -> Arc<AtomicU64> {
+    /// The token held now, as the sagas running under it see it.
+    pub(crate) fn held(&self) -> Arc<super::lease::Held> {
         Arc::clone(&self.token)
     }
 
-    /// The fence of a message taken now; fenced if the lease is gone.
+    /// The lease's name and the token held, for holding it through a
+    /// drain.
+    pub(crate) fn lease(&self) -> super::lease::HeldLease {
+        (self.lease.to_string(), Arc::clone(&self.token))
+    }
+
+    /// The fence of a message taken now; fenced if the partition was given
+    /// up or its lease is gone.
     pub(crate) fn fence(&self) -> Result<Fence> {
-        match self.token.load(Ordering::Acquire) {
-            0 => Err(crate::state::fenced()),
-            token => Ok(Fence {
-                lease: Arc::clone(&self.lease),
-                token,
-            }),
+        let token = self.token.token_now();
+        if token == 0 || !self.open.load(Ordering::Acquire) {
+            return Err(crate::state::fenced());
         }
+        Ok(Fence {
+            lease: Arc::clone(&self.lease),
+            token,
+        })
+    }
+
+    /// Takes no new message; what runs goes on under the lease.
+    fn close(&self) {
+        self.open.store(false, Ordering::Release);
+    }
+
+    /// The lease is lost: what runs can no longer send or write either.
+    fn lose(&self) {
+        self.close();
+        self.token.token.store(0, Ordering::Release);
     }
 }
 
@@ -136,8 +159,11 @@ enum Slot {
         partition: Arc<Partition>,
         run: Running,
     },
-    /// Given up: draining before the lease is released.
-    Draining(JoinHandle<()>),
+    /// Given up: draining under the lease, which is released after.
+    Draining {
+        partition: Arc<Partition>,
+        drain: JoinHandle<()>,
+    },
 }
 
 /// What serves a slot.
@@ -170,14 +196,17 @@ impl Owned {
         out
     }
 
-    /// Everything still running, for the shutdown to drain.
-    pub(crate) fn take_all(&mut self) -> (Vec<Serving>, Vec<JoinHandle<()>>) {
+    /// Everything still running, for the shutdown to drain, and the leases
+    /// to hold while it does.
+    pub(crate) fn take_all(&mut self) -> (Vec<Serving>, Vec<JoinHandle<()>>, Vec<super::lease::HeldLease>) {
         let mut serving = Vec::new();
         let mut draining = Vec::new();
+        let mut leases = Vec::new();
         for (_, slot) in std::mem::take(&mut self.slots) {
             match slot {
                 Slot::Serving { partition, run } => {
-                    partition.token.store(0, Ordering::Release);
+                    partition.close();
+                    leases.push(partition.lease());
                     match run {
                         Running::Loops(s) => serving.push(s),
                         Running::Router { stop, task } => {
@@ -186,10 +215,13 @@ impl Owned {
                         }
                     }
                 }
-                Slot::Draining(h) => draining.push(h),
+                Slot::Draining { partition, drain } => {
+                    leases.push(partition.lease());
+                    draining.push(drain);
+                }
             }
         }
-        (serving, draining)
+        (serving, draining, leases)
     }
 
     /// Aborts every serve loop (the runtime was dropped).
@@ -204,7 +236,7 @@ impl Owned {
                     run: Running::Router { task, .. },
                     ..
                 } => task.abort(),
-                Slot::Draining(h) => h.abort(),
+                Slot::Draining { drain, .. } => drain.abort(),
             }
         }
     }
@@ -274,7 +306,7 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
         // Drains that finished free their partitions.
         owned_now
             .slots
-            .retain(|_, slot| !matches!(slot, Slot::Draining(h) if h.is_finished()));
+            .retain(|_, slot| !matches!(slot, Slot::Draining { drain, .. } if drain.is_finished()));
         let mut leases = Vec::new();
         let mut index = Vec::new();
         for ((spec, gate), owners) in specs.iter().zip(&gates).zip(&owners) {
@@ -303,10 +335,14 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                 for ((spec, gate, p, mine), token) in index.into_iter().zip(tokens) {
                     let key = (spec.name(), p);
                     match (owned_now.slots.get(&key), token) {
-                        (Some(Slot::Serving { partition, .. }), t) if t > 0 => {
-                            partition.token.store(t, Ordering::Release);
+                        (Some(Slot::Serving { partition, .. } | Slot::Draining { partition, .. }), t)
+                            if t > 0 =>
+                        {
+                            partition.token.grant(t, tick + ttl);
                         }
-                        (Some(Slot::Serving { .. }), _) => {
+                        (Some(Slot::Draining { partition, .. }), _) => partition.lose(),
+                        (Some(Slot::Serving { partition, .. }), _) => {
+                            partition.lose();
                             give_up(
                                 &shared,
                                 &mut owned_now,
@@ -320,7 +356,12 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                                 index: p,
                                 stream_subject: format!("{}.*", partition_base(&shared.config.service, spec)),
                                 lease: lease_name(spec, p).into(),
-                                token: Arc::new(AtomicU64::new(t)),
+                                token: {
+                                    let held = Arc::new(super::lease::Held::default());
+                                    held.grant(t, tick + ttl);
+                                    held
+                                },
+                                open: std::sync::atomic::AtomicBool::new(true),
                                 gate,
                             });
                             let started = if p == ROUTER {
@@ -359,6 +400,10 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
             }
             Err(e) if Instant::now() + every >= held_until => {
                 tracing::error!(error = %e, "the saga partition leases could not be renewed before they ran out: stopping every partition");
+                for slot in owned_now.slots.values() {
+                    let (Slot::Serving { partition, .. } | Slot::Draining { partition, .. }) = slot;
+                    partition.lose();
+                }
                 let keys: Vec<(&'static str, u32)> = owned_now
                     .slots
                     .iter()
@@ -390,14 +435,15 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
     }
 }
 
-/// Stops serving a partition: no new message is taken (its lease token
-/// is dropped locally at once), the one in flight finishes or is cancelled
-/// at the drain deadline, then the lease is released at the next tick.
+/// Stops serving a partition: no new message is taken (it is closed at
+/// once), the one in flight finishes under the lease (renewed meanwhile)
+/// or is cancelled at the drain deadline, then the lease is released at
+/// the next tick.
 fn give_up(shared: &Arc<Shared>, owned: &mut Owned, saga: &'static str, p: u32, why: &str) {
     let Some(Slot::Serving { partition, run }) = owned.slots.remove(&(saga, p)) else {
         return;
     };
-    partition.token.store(0, Ordering::Release);
+    partition.close();
     let deadline = Instant::now() + shared.config.drain_timeout;
     let drain = match run {
         Running::Loops(serving) => {
@@ -419,7 +465,7 @@ fn give_up(shared: &Arc<Shared>, owned: &mut Owned, saga: &'static str, p: u32, 
             })
         }
     };
-    owned.slots.insert((saga, p), Slot::Draining(drain));
+    owned.slots.insert((saga, p), Slot::Draining { partition, drain });
 }
 
 /// Creates the triggers' and the partitions' streams; false (tried again
@@ -433,9 +479,17 @@ async fn ensure_streams(shared: &Shared, specs: &[&'static HandlerSpec]) -> bool
         // The triggers' stream too: publishers need it before a router
         // made it.
         let made = match transport
-            .ensure_stream(spec.subject(), &shared.config.streams)
+            .ensure_dead_letters(&shared.config.service, &shared.config.streams)
             .await
         {
+            Ok(()) => {
+                transport
+                    .ensure_stream(spec.subject(), &shared.config.streams)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let made = match made {
             Ok(()) => {
                 transport
                     .ensure_partition_streams(&base, partitions, &shared.config.streams)
@@ -569,7 +623,9 @@ async fn route_from(
     let spec = served.spec;
     let transport = shared.client.transport();
     let timeout = shared.config.request_timeout;
-    let mut inflight: VecDeque<(Stored, Settler)> = VecDeque::new();
+    // Each routing in flight: its acknowledgement, the trigger's settler,
+    // and the trigger (for a dead letter if its copy is refused).
+    let mut inflight: VecDeque<Routing> = VecDeque::new();
     let mut failed: Option<Error> = None;
     // The id of the copy routed last in this run: the next one is stored
     // only right after it. The first of a run follows whatever the stream
@@ -584,10 +640,17 @@ async fn route_from(
         tokio::select! {
             biased;
             stored = front(&mut inflight), if !inflight.is_empty() => {
-                let Some((_, settler)) = inflight.pop_front() else { continue };
+                let Some((_, settler, trigger)) = inflight.pop_front() else { continue };
                 match stored {
                     Ok(()) => {
                         let _ = settler.settle(Settle::Reply(Bytes::new())).await;
+                    }
+                    // The partition's stream refused the copy for what it
+                    // is: a dead letter, not a routing retried forever.
+                    Err(e) if !e.is_retryable() => {
+                        tracing::error!(saga = spec.name(), error = %e, "a trigger's copy was refused: dead-lettered");
+                        let letter = super::pipeline::dead_letter(served, shared, &trigger.0, &trigger.1, &e);
+                        let _ = settler.settle(recorded(shared, letter).await).await;
                     }
                     Err(e) => {
                         // Given back; what follows too (its copies, if
@@ -615,14 +678,26 @@ async fn route_from(
                     Err(error) => {
                         tracing::error!(saga = spec.name(), error = %error, "a trigger without a readable key: dead-lettered");
                         let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
-                        let _ = settler.settle(Settle::Dead(Box::new(letter))).await;
+                        let _ = settler.settle(recorded(shared, letter).await).await;
                         continue;
                     }
                 };
                 let p = crate::ring::partition_of(&key, partitions);
-                let mut headers = meta.headers().cloned().unwrap_or_default();
-                // The copy keeps the trigger's id: the saga's id, and what
-                // the partition's stream drops a repeated routing by.
+                // The trigger's own headers, without the broker's (a
+                // forged `Nats-Expected-Stream` would make every copy be
+                // refused); the copy keeps the trigger's id: the saga's
+                // id, and what the partition's stream drops a repeated
+                // routing by.
+                let mut headers = async_nats::HeaderMap::new();
+                if let Some(h) = meta.headers() {
+                    for (k, vs) in h.iter() {
+                        if !crate::wire::is_broker_header(k.as_ref()) {
+                            for v in vs {
+                                headers.append(k.clone(), v.clone());
+                            }
+                        }
+                    }
+                }
                 let id = meta.message_id().to_owned();
                 headers.insert(crate::wire::headers::MESSAGE_ID, id.as_str());
                 // Each copy is stored only right after the one routed
@@ -641,14 +716,14 @@ async fn route_from(
                 {
                     Ok(stored) => {
                         last = Some(id);
-                        inflight.push_back((stored, settler));
+                        inflight.push_back((stored, settler, Box::new((meta, incoming.payload))));
                     }
                     // It can never be routed (its copy is over the
                     // broker's limit): a dead letter, not a retry forever.
                     Err(e) if !e.is_retryable() => {
                         tracing::error!(saga = spec.name(), error = %e, "a trigger cannot be routed: dead-lettered");
                         let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &e);
-                        let _ = settler.settle(Settle::Dead(Box::new(letter))).await;
+                        let _ = settler.settle(recorded(shared, letter).await).await;
                     }
                     Err(e) => {
                         let _ = settler.settle(Settle::Retry { delay: Duration::ZERO }).await;
@@ -660,10 +735,27 @@ async fn route_from(
     }
 }
 
+/// A trigger's dead letter once recorded in the store; given back for
+/// later when it cannot be.
+async fn recorded(shared: &Shared, mut letter: crate::transport::DeadLetter) -> Settle {
+    match super::keep_letter(shared, &mut letter).await {
+        Ok(()) => Settle::Dead(Box::new(letter)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the dead letter could not be recorded; the trigger comes back later");
+            Settle::Retry {
+                delay: Duration::from_secs(5),
+            }
+        }
+    }
+}
+
+/// A trigger routed and not yet acknowledged by its partition's stream.
+type Routing = (Stored, Settler, Box<(crate::wire::MessageMeta, Bytes)>);
+
 /// Waits for the oldest routing in flight to be stored (or not).
-async fn front(inflight: &mut VecDeque<(Stored, Settler)>) -> Result<()> {
+async fn front(inflight: &mut VecDeque<Routing>) -> Result<()> {
     match inflight.front_mut() {
-        Some((stored, _)) => stored.await,
+        Some((stored, _, _)) => stored.await,
         None => std::future::pending().await,
     }
 }

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -25,9 +25,10 @@ pub(crate) struct Leadership {
     /// Who holds it, to the store: the instance id and a nonce of this
     /// start, so that a restarted replica never inherits its old lease.
     owner: String,
-    /// The fencing token of the lease held; 0: not the leader (shared with
-    /// the leader handlers running, which check it before they send).
-    token: Arc<AtomicU64>,
+    /// The fencing token of the lease held (0: not the leader) and until
+    /// when it is surely held, shared with the leader handlers running,
+    /// which check it before they send.
+    token: Arc<super::lease::Held>,
     /// The lease's name, as fences carry it.
     lease: Arc<str>,
 }
@@ -36,7 +37,7 @@ impl Leadership {
     pub(crate) fn new(instance_id: &str) -> Leadership {
         Leadership {
             owner: format!("{instance_id}/{}", crate::wire::new_message_id()),
-            token: Arc::new(AtomicU64::new(0)),
+            token: Arc::new(super::lease::Held::default()),
             lease: crate::store::LEADER_LEASE.into(),
         }
     }
@@ -49,12 +50,12 @@ impl Leadership {
 
     /// The fencing token of the lease held, if this replica leads.
     pub(crate) fn token(&self) -> Option<u64> {
-        let t = self.token.load(Ordering::Acquire);
+        let t = self.token.token.load(Ordering::Acquire);
         (t != 0).then_some(t)
     }
 
-    /// The token held now (0: none), as the leader handlers see it.
-    pub(crate) fn held(&self) -> Arc<AtomicU64> {
+    /// The token held now, as the leader handlers see it.
+    pub(crate) fn held(&self) -> Arc<super::lease::Held> {
         Arc::clone(&self.token)
     }
 
@@ -68,8 +69,15 @@ impl Leadership {
     }
 
     fn set(&self, token: u64) {
-        self.token.store(token, Ordering::Release);
+        self.token.token.store(token, Ordering::Release);
         metrics::gauge!("catga_leader").set(if token == 0 { 0.0 } else { 1.0 });
+    }
+
+    /// The lease's name and the token held, for holding it through a
+    /// drain; `None` unless this replica leads.
+    pub(crate) fn lease(&self) -> Option<super::lease::HeldLease> {
+        self.token()
+            .map(|_| (self.lease.to_string(), Arc::clone(&self.token)))
     }
 
     /// Gives the lease up (at shutdown), so that a standby takes over at
@@ -103,6 +111,7 @@ pub(crate) async fn run(
             match shared.store.leader_acquire(&me.owner, lease).await {
                 Ok(Some(token)) => {
                     held_until = asked + lease;
+                    me.token.grant(token, held_until);
                     me.set(token);
                     tracing::info!(
                         token,
@@ -118,12 +127,21 @@ pub(crate) async fn run(
                 Err(e) => tracing::debug!(error = %e, "the leader lease could not be asked for"),
             }
         } else {
-            let lost = match shared.store.leader_renew(&me.owner, lease).await {
-                Ok(true) => {
+            // Renewed through the same script that grants it: a fence
+            // key that vanished under the held lease (evicted) is granted
+            // anew, and the handlers that started under the old token are
+            // fenced, instead of every write being refused for good.
+            let lost = match shared.store.leader_acquire(&me.owner, lease).await {
+                Ok(Some(token)) => {
                     held_until = asked + lease;
+                    if me.token() != Some(token) {
+                        tracing::warn!(token, "the leader lease was granted anew (its fence was lost)");
+                        me.set(token);
+                    }
+                    me.token.grant(token, held_until);
                     None
                 }
-                Ok(false) => Some("the lease passed to another replica".to_owned()),
+                Ok(None) => Some("the lease passed to another replica".to_owned()),
                 // Not renewed: the lease may still be ours until it runs
                 // out; stop before it could be granted to another.
                 Err(e) if Instant::now() + every >= held_until => {

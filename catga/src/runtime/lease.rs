@@ -110,6 +110,41 @@ impl Lease {
     }
 }
 
+pub(crate) use crate::store::Held;
+
+/// A lease's name and what this replica holds of it.
+pub(crate) type HeldLease = (String, Arc<Held>);
+
+/// Keeps `leases` (a name and the token this replica holds, shared with
+/// what runs under it) while what runs under them drains: renews them
+/// every third of `ttl`; a lease that is lost, or cannot be renewed before
+/// it would run out, gets token 0, so that what runs under it stops
+/// sending and writing. Runs until aborted. Without it, the leases of
+/// partitions draining at shutdown ran out while their sagas still ran.
+pub(crate) async fn hold(store: Store, owner: String, leases: Vec<HeldLease>, ttl: Duration) {
+    use std::sync::atomic::Ordering;
+    if leases.is_empty() {
+        return;
+    }
+    let every = ttl / 3;
+    let wanted: Vec<(String, bool)> = leases.iter().map(|(name, _)| (name.clone(), true)).collect();
+    loop {
+        let asked = Instant::now();
+        // Not renewed (an error): each runs out at its own time, which
+        // `Held::token_now` tells.
+        if let Ok(tokens) = store.lease_sync(&wanted, &owner, ttl).await {
+            for ((_, held), token) in leases.iter().zip(tokens) {
+                if token == held.token.load(Ordering::Acquire) && token != 0 {
+                    held.grant(token, asked + ttl);
+                } else {
+                    held.token.store(0, Ordering::Release);
+                }
+            }
+        }
+        tokio::time::sleep_until(asked + every).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,6 +122,8 @@ pub(crate) struct Served {
     pub limit: usize,
     /// Messages queued per subscription beyond `limit`.
     pub capacity: usize,
+    /// Bytes queued per subscription beyond `limit`.
+    pub capacity_bytes: usize,
     /// Subscriptions (and tasks).
     pub parallel: usize,
     /// The durable consumer it pulls from, if any.
@@ -177,6 +179,7 @@ impl Served {
             },
             limit,
             capacity: config.subscription_capacity,
+            capacity_bytes: config.subscription_bytes,
             parallel,
             durable,
             partition: None,
@@ -225,6 +228,9 @@ impl Served {
             }
             Some((name, options)) => {
                 transport
+                    .ensure_dead_letters(&shared.config.service, &shared.config.streams)
+                    .await?;
+                transport
                     .ensure_stream(&self.to.subject, &shared.config.streams)
                     .await?;
                 transport.durable_subscribe(&self.to.subject, name, options).await
@@ -242,19 +248,7 @@ fn private_group(instance: &str, spec: &HandlerSpec) -> String {
     )
 }
 
-/// `text` as one subject token: anything but letters, digits, `-` and
-/// `_` becomes `_`.
-fn subject_token(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
+use crate::transport::subject_token;
 
 /// The running serve loops of one handler.
 struct Serving {
@@ -298,7 +292,14 @@ impl HttpEndpoint {
                 Some(e) => Err(e.to_string()),
                 None => Ok(()),
             }),
-            readiness: Arc::new(move || ready.health.check(ready.client.transport())),
+            readiness: Arc::new(move || {
+                let r = ready.health.check(ready.client.transport());
+                crate::ops::http::Ready {
+                    ready: r.ready,
+                    failing: r.failing,
+                    warnings: r.warnings,
+                }
+            }),
             refresh: Arc::new(move || {
                 let shared = Arc::clone(&refresh);
                 Box::pin(async move {
@@ -325,14 +326,13 @@ impl HttpEndpoint {
         Ok(HttpEndpoint { addr, stop, task })
     }
 
-    async fn stop(self) {
+    /// Stops answering, by `deadline` at the latest.
+    async fn stop(self, deadline: tokio::time::Instant) {
         let _ = self.stop.send(true);
         let mut task = self.task;
-        if tokio::time::timeout(std::time::Duration::from_secs(1), &mut task)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
             task.abort();
+            let _ = task.await;
         }
     }
 }
@@ -442,6 +442,16 @@ impl Runtime {
         Ok(out)
     }
 
+    /// The service's dead letters, each checked against the record the
+    /// replica that wrote it kept in the store (see [`crate::DeadLetters`]).
+    pub fn dead_letters(&self) -> crate::DeadLetters {
+        crate::DeadLetters::checked(
+            self.shared.client.clone(),
+            self.shared.config.service.clone(),
+            self.shared.store.clone(),
+        )
+    }
+
     /// Whether this replica holds the outbox relay's lease (and stores the
     /// service's outbox events in their streams).
     pub fn is_outbox_relay(&self) -> bool {
@@ -489,7 +499,8 @@ impl Runtime {
     /// drain time-out). At the deadline, whatever still runs is cancelled
     /// (its requests answer "unavailable") and an error is returned.
     pub async fn shutdown(mut self) -> Result<()> {
-        // No leader handler may start while the rest drains.
+        let deadline = tokio::time::Instant::now() + self.shared.config.drain_timeout;
+        // No leader handler or partition may start while the rest drains.
         if let Some(leader) = self.leader.take() {
             leader.abort();
             let _ = leader.await;
@@ -499,23 +510,56 @@ impl Runtime {
             let _ = keyed.await;
         }
         let mut serving: Vec<Serving> = self.serving.lock().await.drain().map(|(_, s)| s).collect();
-        let (partitions, draining) = self.owned.lock().await.take_all();
+        let (partitions, draining, partition_leases) = self.owned.lock().await.take_all();
         serving.extend(partitions);
+        // What drains still runs under its leases: keep them until it is
+        // done, so that they do not run out under it.
+        let owner = self.shared.leadership.owner().to_owned();
+        let holders = [
+            (
+                self.shared.leadership.lease().into_iter().collect::<Vec<_>>(),
+                self.shared.config.leader_lease,
+            ),
+            (partition_leases, self.shared.config.member_timeout),
+        ]
+        .map(|(leases, ttl)| {
+            tokio::spawn(lease::hold(self.shared.store.clone(), owner.clone(), leases, ttl))
+        });
         let background = std::mem::take(&mut self.background);
-        let outcome = shutdown::shutdown(&self.shared, serving, background).await;
-        for d in draining {
-            let _ = d.await;
+        let outcome = shutdown::shutdown(&self.shared, serving, background, deadline).await;
+        for mut d in draining {
+            if tokio::time::timeout_at(deadline, &mut d).await.is_err() {
+                d.abort();
+                let _ = d.await;
+            }
         }
-        self.shared.leadership.release(&self.shared).await;
-        if !self.keyed_specs.is_empty() {
-            keyed::leave(&self.shared, &self.keyed_specs).await;
+        for h in holders {
+            h.abort();
+            let _ = h.await;
+        }
+        // Given up within the same deadline: with the store away, the
+        // leases run out by themselves.
+        if tokio::time::timeout_at(deadline, self.shared.leadership.release(&self.shared))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the leader lease could not be given up in time; it runs out by itself");
+        }
+        if !self.keyed_specs.is_empty()
+            && tokio::time::timeout_at(deadline, keyed::leave(&self.shared, &self.keyed_specs))
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                "the saga partitions could not be given up in time; their leases run out by themselves"
+            );
         }
         if let Some(http) = self.http.take() {
-            http.stop().await;
+            http.stop(deadline).await;
         }
         // The spans of the last messages are in the exporter's batch.
         #[cfg(feature = "otlp")]
-        let _ = tokio::task::spawn_blocking(crate::ops::otel::flush).await;
+        let _ = tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(crate::ops::otel::flush)).await;
         outcome
     }
 }
@@ -687,6 +731,25 @@ fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
     }
 }
 
+/// Makes `letter` ready to store: its own id, cut to fit the broker's
+/// limit, and its digest recorded in the store for as long as letters are
+/// kept, so that listings can tell it from a letter someone else
+/// published (see [`crate::DeadLetters`]). An error means it was not
+/// recorded: it is not stored either, and the message stays where it is.
+pub(crate) async fn keep_letter(shared: &Shared, letter: &mut crate::transport::DeadLetter) -> Result<()> {
+    if letter.letter_id.is_none() {
+        letter.letter_id = Some(crate::wire::new_message_id());
+    }
+    *letter = letter.fit(shared.client.transport().max_payload());
+    let keep = shared
+        .config
+        .streams
+        .max_age
+        .max(std::time::Duration::from_secs(30 * 24 * 3600));
+    let id = letter.letter_id.clone().unwrap_or_default();
+    Box::pin(shared.store.record_letter(&id, &letter.digest(), keep)).await
+}
+
 /// Says this replica is alive, every third of `CATGA_INBOX_LEASE_MS`:
 /// its claims on the messages it handles hold while it does, and lapse
 /// within that time once it stops (a crash, a stall), so that a retry
@@ -705,6 +768,38 @@ async fn keep_alive(shared: Arc<Shared>) {
     }
 }
 
+/// Once the broker is connected: warns (in the log and readiness) when
+/// it is a nats-server older than 2.11. Older clustered servers
+/// acknowledged a repeat of a message they had not stored yet, which the
+/// ordered relay and router depend on not happening (they also check the
+/// acknowledgement's sequence).
+async fn check_broker(shared: Arc<Shared>) {
+    let transport = shared.client.transport();
+    if !transport.is_nats() {
+        return;
+    }
+    loop {
+        if let Some(version) = transport.server_version() {
+            let parts: Vec<u32> = version
+                .trim_start_matches('v')
+                .split(['.', '-'])
+                .take(2)
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            if parts.len() == 2 && (parts[0], parts[1]) < (2, 11) {
+                let why = format!(
+                    "nats-server {version} is older than 2.11: in a cluster it may acknowledge a repeated \
+                     message it has not stored; run 2.11 or later"
+                );
+                tracing::error!(warning = %why, "the broker puts the delivery promises at risk");
+                shared.health.set_warning("broker", Some(why));
+            }
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Pings the store once a second: readiness requires it to answer, so
 /// that Kubernetes stops routing to a replica that cannot reach Redis.
 async fn watch_store(shared: Arc<Shared>) {
@@ -720,7 +815,7 @@ async fn watch_store(shared: Arc<Shared>) {
                     tracing::error!(warning = %why, "the state store may lose what catga keeps in it");
                     metrics::gauge!("catga_store_eviction_risk").set(1.0);
                 }
-                shared.health.set_store_warning(risk);
+                shared.health.set_warning("store", risk);
             }
         }
         let now = match tokio::time::timeout(std::time::Duration::from_secs(2), shared.store.ping()).await {

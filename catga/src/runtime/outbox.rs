@@ -24,7 +24,7 @@
 //!   after its acknowledgement was lost, or by a relay that took over from
 //!   one that died before removing it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ const BATCH: usize = 256;
 
 /// Relays while this replica holds the relay lease; runs until aborted.
 pub(crate) async fn run(shared: Arc<Shared>, lease: Arc<Lease>) {
+    let mut relay = Relay::default();
     let mut failures: u32 = 0;
     loop {
         if lease.held().is_none() {
@@ -53,7 +54,7 @@ pub(crate) async fn run(shared: Arc<Shared>, lease: Arc<Lease>) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        match round(&shared, Duration::from_millis(500)).await {
+        match relay.round(&shared, &lease, Duration::from_millis(500)).await {
             Ok(_) => failures = 0,
             Err(e) => {
                 failures += 1;
@@ -71,8 +72,9 @@ pub(crate) async fn run(shared: Arc<Shared>, lease: Arc<Lease>) {
 /// (shutdown: the embedded store's outbox dies with the process), if
 /// this replica holds the relay lease.
 pub(crate) async fn flush(shared: &Shared, lease: &Lease, deadline: Instant) {
+    let mut relay = Relay::default();
     while lease.held().is_some() && Instant::now() < deadline {
-        match tokio::time::timeout_at(deadline, round(shared, Duration::ZERO)).await {
+        match tokio::time::timeout_at(deadline, relay.round(shared, lease, Duration::ZERO)).await {
             Ok(Ok(0)) | Err(_) => return,
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -83,71 +85,139 @@ pub(crate) async fn flush(shared: &Shared, lease: &Lease, deadline: Instant) {
     }
 }
 
-/// One round: reads the oldest entries (waiting up to `block` for one),
-/// sends them in order, removes those stored or dead-lettered. Returns how
-/// many left the outbox, or the first failure (the rest is sent again in
-/// the next round).
-async fn round(shared: &Shared, block: Duration) -> Result<usize> {
-    let store = &shared.store;
-    let read = Box::pin(store.outbox_read(BATCH, block)).await?;
-    if read.is_empty() {
-        return Ok(0);
-    }
-    let mut ids = Vec::with_capacity(read.len());
-    let mut entries = Vec::with_capacity(read.len());
-    let mut unreadable = Vec::new();
-    for (id, entry) in read {
-        match entry {
-            Some(e) => {
-                ids.push(id);
-                entries.push(e);
+/// Pages of [`BATCH`] entries a round reads past the entries of suspended
+/// subjects.
+const PAGES: usize = 4;
+
+/// What a relay remembers between rounds: the subjects whose stream
+/// failed to store their oldest entry, left alone until when (and how
+/// often in a row). Their entries keep their place; the entries of other
+/// subjects behind them go out meanwhile, so that one stream that is
+/// away (its leader lost, no quorum) does not hold back every other.
+#[derive(Default)]
+struct Relay {
+    suspended: HashMap<String, (Instant, u32)>,
+}
+
+impl Relay {
+    /// One round: reads the oldest entries (waiting up to `block` for
+    /// one), skipping those of suspended subjects, sends them in order,
+    /// removes those stored or dead-lettered. Returns how many left the
+    /// outbox; an error only when none did and one failed (the failed ones
+    /// go again in a later round, in order).
+    async fn round(&mut self, shared: &Shared, lease: &Lease, block: Duration) -> Result<usize> {
+        let store = &shared.store;
+        let now = Instant::now();
+        let waiting = |subject: &str| self.suspended.get(subject).is_some_and(|(until, _)| *until > now);
+        let any_waiting = self.suspended.values().any(|(until, _)| *until > now);
+        let mut page = Box::pin(store.outbox_read(BATCH, block)).await?;
+        let mut ids = Vec::with_capacity(page.len());
+        let mut entries = Vec::with_capacity(page.len());
+        let mut unreadable = Vec::new();
+        for _ in 0..PAGES {
+            let Some(last) = page.last().map(|(id, _)| id.clone()) else {
+                break;
+            };
+            for (id, entry) in page {
+                match entry {
+                    Some(e) if waiting(&e.subject) => {}
+                    Some(e) => {
+                        ids.push(id);
+                        entries.push(e);
+                    }
+                    None => unreadable.push(id),
+                }
             }
-            None => unreadable.push(id),
+            if !any_waiting || entries.len() >= BATCH {
+                break;
+            }
+            page = Box::pin(store.outbox_read_after(&last, BATCH)).await?;
         }
-    }
-    if !unreadable.is_empty() {
-        // Written by a commit, so never seen; kept, they would block the
-        // outbox for good.
-        tracing::error!(entries = ?unreadable, "outbox entries that cannot be read: removed");
-        store.outbox_remove(&unreadable).await?;
-    }
-    let transport = shared.client.transport();
-    let subjects: BTreeSet<&str> = entries.iter().map(|e| e.subject.as_str()).collect();
-    for subject in subjects {
-        transport.ensure_stored(subject, &shared.config.streams).await?;
-    }
-    let outgoing: Vec<Outgoing> = entries.iter().map(outgoing).collect();
-    let results = transport
-        .store_in_order(&outgoing, shared.config.request_timeout)
-        .await;
-    let mut done = Vec::with_capacity(ids.len());
-    let mut failure = None;
-    for ((id, entry), result) in ids.into_iter().zip(&entries).zip(results) {
-        match result {
-            Ok(()) => done.push(id),
-            Err(e) if never_stored(&e) => match dead_letter(shared, entry, &e).await {
+        if !unreadable.is_empty() {
+            // Written by a commit, so never seen; kept, they would block the
+            // outbox for good.
+            tracing::error!(entries = ?unreadable, "outbox entries that cannot be read: removed");
+            store.outbox_remove(&unreadable).await?;
+        }
+        if entries.is_empty() {
+            return Ok(unreadable.len());
+        }
+        let transport = shared.client.transport();
+        let subjects: BTreeSet<String> = entries.iter().map(|e| e.subject.clone()).collect();
+        let mut unready = BTreeSet::new();
+        let mut failure = None;
+        for subject in subjects {
+            if let Err(e) = transport.ensure_stored(&subject, &shared.config.streams).await {
+                failure.get_or_insert(e);
+                unready.insert(subject);
+            }
+        }
+        let (mut sent_ids, mut sent) = (Vec::new(), Vec::new());
+        for (id, e) in ids.into_iter().zip(entries) {
+            if !unready.contains(&e.subject) {
+                sent_ids.push(id);
+                sent.push(e);
+            }
+        }
+        for subject in unready {
+            self.suspend(subject);
+        }
+        let outgoing: Vec<Outgoing> = sent.iter().map(outgoing).collect();
+        let go_on = || lease.held().is_some();
+        let results = transport
+            .store_in_order(&outgoing, shared.config.request_timeout, &go_on)
+            .await;
+        let mut done = Vec::with_capacity(sent_ids.len());
+        let mut failed_subjects = BTreeSet::new();
+        let mut stored_subjects = BTreeSet::new();
+        for ((id, entry), result) in sent_ids.into_iter().zip(&sent).zip(results) {
+            match result {
                 Ok(()) => {
-                    tracing::error!(subject = %entry.subject, message_id = %entry.id, error = %e, "an outbox event can never be stored: dead-lettered");
+                    stored_subjects.insert(entry.subject.clone());
                     done.push(id);
                 }
-                Err(dl) => {
-                    failure.get_or_insert(dl);
+                Err(e) if never_stored(&e) => match dead_letter(shared, entry, &e).await {
+                    Ok(()) => {
+                        tracing::error!(subject = %entry.subject, message_id = %entry.id, error = %e, "an outbox event can never be stored: dead-lettered");
+                        done.push(id);
+                    }
+                    Err(dl) => {
+                        failed_subjects.insert(entry.subject.clone());
+                        failure.get_or_insert(dl);
+                    }
+                },
+                Err(e) => {
+                    if e.kind() == ErrorKind::NoHandler {
+                        // Its stream is gone: made again next round.
+                        transport.forget_stored(&entry.subject);
+                    }
+                    failed_subjects.insert(entry.subject.clone());
+                    failure.get_or_insert(e);
                 }
-            },
-            Err(e) => {
-                if e.kind() == ErrorKind::NoHandler {
-                    // Its stream is gone: made again next round.
-                    transport.forget_stored(&entry.subject);
-                }
-                failure.get_or_insert(e);
             }
         }
+        let n = done.len();
+        store.outbox_remove(&done).await?;
+        for subject in &stored_subjects {
+            self.suspended.remove(subject);
+        }
+        // A subject that stored nothing this round waits a moment; one
+        // that stored some (another writer came in between, a chain cut
+        // short) goes again in the next round at once.
+        for subject in failed_subjects.difference(&stored_subjects) {
+            self.suspend(subject.clone());
+        }
+        match failure {
+            Some(e) if n == 0 => Err(e),
+            _ => Ok(n),
+        }
     }
-    let n = done.len();
-    store.outbox_remove(&done).await?;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(n),
+
+    fn suspend(&mut self, subject: String) {
+        let failures = self.suspended.get(&subject).map_or(0, |(_, f)| *f) + 1;
+        let pause =
+            crate::resilience::backoff(Duration::from_millis(100), failures).min(Duration::from_secs(5));
+        self.suspended.insert(subject, (Instant::now() + pause, failures));
     }
 }
 
@@ -156,7 +226,6 @@ async fn round(shared: &Shared, block: Duration) -> Result<usize> {
 fn never_stored(e: &Error) -> bool {
     matches!(e.kind(), ErrorKind::TooLarge | ErrorKind::Invalid)
 }
-
 fn outgoing(entry: &OutboxEntry) -> Outgoing {
     let mut headers = HeaderMap::new();
     for (k, v) in &entry.headers {
@@ -183,11 +252,19 @@ async fn dead_letter(shared: &Shared, entry: &OutboxEntry, error: &Error) -> Res
         headers: entry
             .headers
             .iter()
-            .filter(|(k, _)| !k.eq_ignore_ascii_case(crate::wire::headers::MESSAGE_ID.as_ref()))
+            .filter(|(k, _)| !crate::wire::is_broker_header(k))
             .cloned()
             .collect(),
         payload: Bytes::copy_from_slice(&entry.payload),
         truncated: None,
+        letter_id: None,
+        authentic: None,
     };
-    shared.client.transport().store_dead_letter(&letter).await
+    let mut letter = letter;
+    super::keep_letter(shared, &mut letter).await?;
+    let transport = shared.client.transport();
+    transport
+        .ensure_dead_letters(&shared.config.service, &shared.config.streams)
+        .await?;
+    transport.store_dead_letter(&letter).await
 }

@@ -107,7 +107,18 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
             }
         };
         let ended = ended(&outcome);
-        let settle = conclude(served, shared, &meta, &payload, outcome);
+        let settle = match conclude(served, shared, &meta, &payload, outcome) {
+            Settle::Dead(mut letter) => match super::keep_letter(shared, &mut letter).await {
+                Ok(()) => Settle::Dead(letter),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the dead letter could not be recorded; the message comes back later");
+                    Settle::Retry {
+                        delay: Duration::from_secs(5),
+                    }
+                }
+            },
+            settle => settle,
+        };
         let dead = matches!(settle, Settle::Dead(_));
         if matches!(settle, Settle::Retry { .. }) && served.durable.is_some() {
             served.metrics.redeliveries.increment(1);
@@ -148,13 +159,40 @@ async fn steps(served: &Served, shared: &Shared, meta: &Arc<MessageMeta>, payloa
         Ok(c) => c,
         Err(early) => return early,
     };
+    // Should this message's work be dropped half way (cancelled at a drain
+    // deadline, its partition given up), its claim is given up in the
+    // background instead of holding the message while this replica lives.
+    let guard = ClaimGuard(match &claim {
+        Claim::Owned { scope, id, claim } => Some((&shared.plain_work.orphans, scope, id, claim)),
+        Claim::None => None,
+    });
     if let Err(early) = admit(served) {
         release(shared, &claim, Err(Error::unavailable("not run"))).await;
+        guard.disarm();
         return early;
     }
     let result = call_with_retries(served, shared, meta, &payload, &claim).await;
     record(served, &result);
-    release(shared, &claim, result).await
+    let outcome = release(shared, &claim, result).await;
+    guard.disarm();
+    outcome
+}
+
+/// Gives an owned claim up in the background if dropped armed.
+struct ClaimGuard<'a>(Option<(&'a crate::store::Orphans, &'a str, &'a String, &'a InboxClaim)>);
+
+impl ClaimGuard<'_> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((orphans, scope, id, claim)) = self.0.take() {
+            orphans.give_up(scope, id, claim);
+        }
+    }
 }
 
 /// Step 1: the message's identity, read from its headers on demand.
@@ -194,15 +232,26 @@ fn check_deliveries(served: &Served, meta: &MessageMeta) -> Result<(), Outcome> 
 /// were then too long, and a 1 MB id of an idempotent command was kept in
 /// the inbox for a day.
 fn check_id(meta: &MessageMeta) -> Result<(), Outcome> {
-    if !meta.has_sender_id() {
-        return Ok(());
-    }
-    wire::check_id(meta.message_id()).map_err(|e| {
+    let refuse = |which: &str, e: Error| {
         Outcome::Failed(Error::invalid(format!(
-            "the message's id (Nats-Msg-Id) cannot be used: {}",
+            "the message's {which} cannot be used: {}",
             e.message()
         )))
-    })
+    };
+    if meta.has_sender_id() {
+        wire::check_id(meta.message_id()).map_err(|e| refuse("id (Nats-Msg-Id)", e))?;
+    }
+    // Copied onto everything its handler sends and saves (an outbox
+    // entry with a 70 KB correlation id could never be stored): the same
+    // rules as ids.
+    if let Some(h) = meta.headers() {
+        for name in [wire::headers::CORRELATION_ID, wire::headers::CAUSATION_ID] {
+            if let Some(v) = h.get(name.clone()) {
+                wire::check_id(v.as_str()).map_err(|e| refuse(name.as_ref(), e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Step 2, last: refuses a version newer than the handler's message type.
@@ -454,7 +503,18 @@ async fn call(
             "{} {} changed while the handler ran (now version {current})",
             commit.states[index].kind, commit.states[index].key
         ))),
-        Ok(Committed::LostClaim) => Err(lost_claim()),
+        // Taken over (this replica was thought gone): the other attempt's
+        // answer, if it gave one, and no run again in place either way.
+        Ok(Committed::LostClaim) => match Box::pin(shared.store.inbox_peek(scope, id)).await {
+            Ok(Some(raw)) => match Inbox::from_raw(&raw) {
+                Inbox::Done(answer) if answer.fits(&claim.digest) => match answer.reply {
+                    StoredReply::Ok(body) => Ok(body),
+                    StoredReply::Err { kind, message } => Err(Error::new(kind, message)),
+                },
+                _ => Err(lost_claim().in_doubt()),
+            },
+            _ => Err(lost_claim().in_doubt()),
+        },
         Ok(Committed::Fenced) => Err(crate::state::fenced()),
         Err(e) => Box::pin(resolve(shared, scope, id, claim, e)).await,
     }
@@ -561,6 +621,7 @@ async fn release(shared: &Shared, claim: &Claim, result: Result<Bytes>) -> Outco
                 Ok(_) => Outcome::Failed(e),
                 Err(err) => {
                     tracing::warn!(error = %err, "the inbox could not keep the answer; a retry runs the message again");
+                    shared.plain_work.orphans.give_up(scope, id, claim);
                     Outcome::Failed(e)
                 }
             }
@@ -625,8 +686,19 @@ fn conclude(
                 tracing::warn!(error = %error, delivered, max, ?delay, "failed; it will be delivered again");
                 return Settle::Retry { delay };
             }
-            tracing::error!(error = %error, delivered, "failed for good: dead-lettered");
-            Settle::Dead(Box::new(dead_letter(served, shared, meta, payload, &error)))
+            // A 5xx text stays in this log, under an error id the letter
+            // names, as in error replies.
+            let error_id = wire::new_message_id();
+            tracing::error!(error = %error, delivered, %error_id, "failed for good: dead-lettered");
+            let mut letter = dead_letter(served, shared, meta, payload, &error);
+            if !error.is_public() {
+                letter.error = format!(
+                    "{} (error id {error_id}: the full text is in the log of replica {})",
+                    error.kind(),
+                    shared.config.instance_id
+                );
+            }
+            Settle::Dead(Box::new(letter))
         }
         Outcome::Failed(error) if error.is_public() => {
             tracing::info!(error = %error, "message rejected");
@@ -657,7 +729,6 @@ pub(crate) fn dead_letter(
     payload: &Bytes,
     error: &Error,
 ) -> DeadLetter {
-    let id_header = wire::headers::MESSAGE_ID;
     DeadLetter {
         seq: 0,
         subject: meta.subject().to_owned(),
@@ -671,12 +742,14 @@ pub(crate) fn dead_letter(
             .headers()
             .map(|h| {
                 h.iter()
-                    .filter(|(k, _)| AsRef::<str>::as_ref(*k) != AsRef::<str>::as_ref(&id_header))
+                    .filter(|(k, _)| !wire::is_broker_header(k.as_ref()))
                     .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
                     .collect()
             })
             .unwrap_or_default(),
         payload: payload.clone(),
         truncated: None,
+        letter_id: None,
+        authentic: None,
     }
 }

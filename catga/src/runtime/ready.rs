@@ -29,8 +29,9 @@ struct State {
     /// Why the state store failed its last ping, if it did (it is assumed
     /// to answer until it fails).
     store_down: Option<String>,
-    /// What the store may lose, if it may (its eviction policy).
-    store_warning: Option<String>,
+    /// What puts a promise at risk without stopping the replica, by
+    /// source ("store", "broker").
+    warnings: std::collections::BTreeMap<&'static str, String>,
     fatal: Option<(ErrorKind, String)>,
 }
 
@@ -115,12 +116,12 @@ impl Health {
         self.state.borrow().draining
     }
 
-    /// Sets (or clears) what the store may lose.
-    pub(crate) fn set_store_warning(&self, why: Option<String>) {
-        self.state.send_if_modified(|s| {
-            let changed = s.store_warning != why;
-            s.store_warning = why;
-            changed
+    /// Sets (or clears) the warning of `source` (see
+    /// [`Readiness::warnings`]).
+    pub(crate) fn set_warning(&self, source: &'static str, why: Option<String>) {
+        self.state.send_if_modified(|s| match why {
+            Some(w) => s.warnings.insert(source, w.clone()) != Some(w),
+            None => s.warnings.remove(source).is_some(),
         });
     }
 
@@ -177,7 +178,7 @@ impl Health {
         Readiness {
             ready: failing.is_empty(),
             failing,
-            warnings: s.store_warning.iter().map(|w| format!("store: {w}")).collect(),
+            warnings: s.warnings.iter().map(|(k, w)| format!("{k}: {w}")).collect(),
         }
     }
 

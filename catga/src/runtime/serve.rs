@@ -1,7 +1,7 @@
 //! The serve loop of one subscription: takes every message at once, runs
 //! up to `concurrency` of them through the [pipeline](super::pipeline) at a
-//! time on this task, queues up to `capacity` more and drops (and counts)
-//! the rest; resubscribes when the subscription ends unexpectedly; drains
+//! time on this task, queues up to `capacity` more (and up to
+//! `capacity_bytes` of them) and drops (and counts) the rest; resubscribes when the subscription ends unexpectedly; drains
 //! on stop.
 //!
 //! The handlers of one subscription share its task: they run concurrently,
@@ -49,6 +49,8 @@ pub(crate) async fn serve(
     let mut sub = first;
     let mut inflight = FuturesUnordered::new();
     let mut queue: VecDeque<Delivery> = VecDeque::new();
+    // What the queue holds, in bytes (payloads and headers).
+    let mut queued_bytes: usize = 0;
     let mut draining = false;
     let mut handover_confirmed = true;
     let mut ends: VecDeque<Instant> = VecDeque::new();
@@ -63,7 +65,10 @@ pub(crate) async fn serve(
     loop {
         while inflight.len() < served.limit {
             match queue.pop_front() {
-                Some(d) => inflight.push(pipeline::process(served, shared, d)),
+                Some(d) => {
+                    queued_bytes = queued_bytes.saturating_sub(size_of(&d));
+                    inflight.push(pipeline::process(served, shared, d));
+                }
                 None => break,
             }
         }
@@ -102,9 +107,13 @@ pub(crate) async fn serve(
                         ($d:expr) => {{
                             let d = $d;
                             let d = if served.spec.kind() == HandlerKind::Event { d.unanswered() } else { d };
+                            let size = size_of(&d);
                             if inflight.len() < served.limit {
                                 inflight.push(pipeline::process(served, shared, d));
-                            } else if queue.len() < served.capacity {
+                            } else if queue.len() < served.capacity
+                                && (queue.is_empty() || queued_bytes + size <= served.capacity_bytes)
+                            {
+                                queued_bytes += size;
                                 queue.push_back(d);
                             } else {
                                 shared.count_dropped();
@@ -205,6 +214,11 @@ async fn next(sub: &mut Option<Subscription>) -> Option<Delivery> {
     }
 }
 
+/// What a queued message weighs against `CATGA_SUBSCRIPTION_BYTES`.
+fn size_of(d: &Delivery) -> usize {
+    crate::transport::memory::wire_size(d.headers.as_ref(), d.payload.len())
+}
+
 /// Messages taken in one go when several are waiting.
 const BATCH: usize = 64;
 
@@ -246,6 +260,7 @@ impl DropLog {
                 dropped = self.unlogged,
                 in_flight_limit = served.limit,
                 capacity = served.capacity,
+                capacity_bytes = served.capacity_bytes,
                 "slow consumer: the subscription is full, messages dropped"
             );
         }

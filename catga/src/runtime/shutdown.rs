@@ -82,12 +82,15 @@ pub(crate) async fn shutdown(
     shared: &std::sync::Arc<Shared>,
     serving: Vec<Serving>,
     background: Vec<JoinHandle<()>>,
+    deadline: Instant,
 ) -> Result<()> {
-    let deadline = Instant::now() + shared.config.drain_timeout;
     shared.health.set_draining();
     let stopped = stop_serving(serving, deadline).await;
     for b in &background {
         b.abort();
+    }
+    for b in background {
+        let _ = b.await;
     }
     // What the handlers saved to the outbox goes out before the
     // connection closes (Redis would keep it for another replica; the

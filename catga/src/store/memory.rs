@@ -11,7 +11,9 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Answer, Claim, Commit, Committed, Fence, Finished, Inbox, LEADER_LEASE, OutboxEntry};
+#[cfg(test)]
+use super::LEADER_LEASE;
+use super::{Answer, Claim, Commit, Committed, Fence, Finished, Inbox, OutboxEntry};
 use crate::error::Result;
 
 #[derive(Default)]
@@ -39,6 +41,8 @@ struct Inner {
     saga_order: Vec<String>,
     /// Replicas alive, and until when (see `Store::alive`).
     alive: HashMap<String, Instant>,
+    /// Dead letters written, by letter id: their digest and until when.
+    letters: HashMap<String, (String, Instant)>,
 }
 
 #[derive(Clone)]
@@ -76,7 +80,17 @@ impl Inner {
         match (want, held_by) {
             (true, Some(o)) if o == owner => {
                 self.leases.insert(name.to_owned(), (owner.to_owned(), now + ttl));
-                self.fences.get(name).copied().unwrap_or(0)
+                match self.fences.get(name).copied().unwrap_or(0) {
+                    // As on Redis: a fence that vanished is granted anew.
+                    0 => {
+                        let clock = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(1, |d| d.as_millis() as u64);
+                        self.fences.insert(name.to_owned(), clock);
+                        clock
+                    }
+                    t => t,
+                }
             }
             (true, Some(_)) => 0,
             (true, None) => {
@@ -200,6 +214,21 @@ impl MemoryStore {
         }
     }
 
+    pub(crate) async fn outbox_read_after(
+        &self,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
+        let after: u64 = after.parse().unwrap_or(0);
+        Ok(self
+            .lock()
+            .outbox
+            .range(after + 1..)
+            .take(count)
+            .map(|(n, e)| (n.to_string(), Some(e.clone())))
+            .collect())
+    }
+
     pub(crate) async fn outbox_remove(&self, ids: &[String]) -> Result<()> {
         let mut inner = self.lock();
         for id in ids {
@@ -296,6 +325,33 @@ impl MemoryStore {
         Ok(())
     }
 
+    pub(crate) async fn record_letter(&self, id: &str, digest: &str, keep: Duration) -> Result<()> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if inner.letters.len() > 1024 {
+            inner.letters.retain(|_, (_, until)| *until > now);
+        }
+        inner
+            .letters
+            .insert(id.to_owned(), (digest.to_owned(), now + keep));
+        Ok(())
+    }
+
+    pub(crate) async fn letter_digests(&self, ids: &[String]) -> Result<Vec<Option<String>>> {
+        let now = Instant::now();
+        let inner = self.lock();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                inner
+                    .letters
+                    .get(id)
+                    .filter(|(_, until)| *until > now)
+                    .map(|(d, _)| d.clone())
+            })
+            .collect())
+    }
+
     pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
         Ok(self.lock().sagas.get(id).cloned().unwrap_or_default())
     }
@@ -303,39 +359,36 @@ impl MemoryStore {
     pub(crate) async fn saga_write(
         &self,
         id: &str,
-        field: &str,
-        value: &[u8],
+        fields: &[(&str, &[u8])],
         fence: Option<&Fence>,
+        run: Option<(&str, &str)>,
     ) -> Result<bool> {
+        let now = Instant::now();
         let mut inner = self.lock();
         if !inner.fence_holds(fence) {
             return Ok(false);
         }
+        if let Some((scope, mark)) = run {
+            let held = matches!(
+                inner.inbox.get(&(scope.to_owned(), id.to_owned())),
+                Some((InboxValue::Pending(m), expires)) if m == mark && *expires > now
+            );
+            if !held {
+                return Ok(false);
+            }
+        }
         if !inner.sagas.contains_key(id) {
             inner.saga_order.push(id.to_owned());
         }
-        inner
-            .sagas
-            .entry(id.to_owned())
-            .or_default()
-            .insert(field.to_owned(), Bytes::copy_from_slice(value));
+        let journal = inner.sagas.entry(id.to_owned()).or_default();
+        for (field, value) in fields {
+            journal.insert((*field).to_owned(), Bytes::copy_from_slice(value));
+        }
         Ok(true)
     }
 
     pub(crate) async fn saga_list(&self, limit: usize) -> Result<Vec<String>> {
         Ok(self.lock().saga_order.iter().rev().take(limit).cloned().collect())
-    }
-
-    pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        Ok(match inner.leases.get_mut(LEADER_LEASE) {
-            Some((o, expires)) if o == owner && *expires > now => {
-                *expires = now + lease;
-                true
-            }
-            _ => false,
-        })
     }
 
     pub(crate) async fn lease_sync(
@@ -562,8 +615,7 @@ mod tests {
             Some(a),
             "a keeps its token"
         );
-        assert!(s.leader_renew("a", lease).await.expect("renew"));
-        assert!(!s.leader_renew("b", lease).await.expect("renew"));
+        assert_eq!(s.leader_acquire("a", lease).await.expect("renew"), Some(a));
         let write = |fence| Commit {
             states: vec![crate::store::StateWrite {
                 kind: "k".into(),
@@ -586,7 +638,11 @@ mod tests {
             .expect("acquire")
             .expect("granted");
         assert!(b > a);
-        assert!(!s.leader_renew("a", lease).await.expect("renew"), "a lost it");
+        assert_eq!(
+            s.leader_acquire("a", lease).await.expect("renew"),
+            None,
+            "a lost it"
+        );
         assert_eq!(s.commit(&write(a)).await.expect("commit"), Committed::Fenced);
         assert!(s.load("k", "x").await.expect("load").is_none(), "nothing written");
         assert!(matches!(
@@ -594,10 +650,11 @@ mod tests {
             Committed::Yes(_)
         ));
         s.leader_release("a").await.expect("release");
-        assert!(
-            s.leader_renew("b", lease)
+        assert_eq!(
+            s.leader_acquire("b", lease)
                 .await
-                .expect("a cannot release b's lease")
+                .expect("a cannot release b's lease"),
+            Some(b)
         );
         s.leader_release("b").await.expect("release");
         assert!(

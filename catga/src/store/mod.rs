@@ -161,12 +161,16 @@ impl Claim {
 }
 
 /// The digest of a message's payload that its answer and claims are bound
-/// to: xxh3-128, in hex. A different payload under a used id is refused as
-/// a conflict, as payment APIs do with idempotency keys: a retry must send
-/// what the first attempt sent.
+/// to: SHA-256, in hex (a fast hash would let whoever may send a command
+/// craft another payload with the same digest). A different payload under
+/// a used id is refused as a conflict, as payment APIs do with idempotency
+/// keys: a retry must send what the first attempt sent.
 pub(crate) fn digest(payload: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(payload))
+    crate::wire::hex(ring::digest::digest(&ring::digest::SHA256, payload).as_ref())
 }
+
+/// Length of a [`digest`] in hex.
+const DIGEST_HEX: usize = 64;
 
 /// A handler's answer as the inbox keeps it, with the digest of the
 /// payload it answered (none in answers kept before digests were).
@@ -190,11 +194,11 @@ impl Answer {
 
     pub(crate) fn decode(raw: &[u8]) -> Option<Answer> {
         match raw {
-            [b'H', rest @ ..] if rest.len() >= 32 => {
-                let digest = std::str::from_utf8(&rest[..32]).ok()?.to_owned();
+            [b'H', rest @ ..] if rest.len() >= DIGEST_HEX => {
+                let digest = std::str::from_utf8(&rest[..DIGEST_HEX]).ok()?.to_owned();
                 Some(Answer {
                     digest: Some(digest),
-                    reply: StoredReply::decode(&rest[32..])?,
+                    reply: StoredReply::decode(&rest[DIGEST_HEX..])?,
                 })
             }
             _ => Some(Answer {
@@ -424,6 +428,16 @@ impl Store {
         each!(self, s => s.outbox_read(count, block).await)
     }
 
+    /// The outbox entries after entry `after`, in commit order, at most
+    /// `count` (no waiting).
+    pub(crate) async fn outbox_read_after(
+        &self,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
+        each!(self, s => s.outbox_read_after(after, count).await)
+    }
+
     /// Removes published (or dead-lettered) outbox entries.
     pub(crate) async fn outbox_remove(&self, ids: &[String]) -> Result<()> {
         each!(self, s => s.outbox_remove(ids).await)
@@ -475,6 +489,21 @@ impl Store {
         each!(self, s => s.alive(member, ttl, alive).await)
     }
 
+    /// Records that this replica wrote dead letter `id` with `digest`, for
+    /// `keep` (as long as the letter is kept).
+    pub(crate) async fn record_letter(&self, id: &str, digest: &str, keep: Duration) -> Result<()> {
+        each!(self, s => s.record_letter(id, digest, keep).await)
+    }
+
+    /// The recorded digests of dead letters `ids`, in order (`None`: no
+    /// record).
+    pub(crate) async fn letter_digests(&self, ids: &[String]) -> Result<Vec<Option<String>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        each!(self, s => s.letter_digests(ids).await)
+    }
+
     /// A saga's journal: its fields, by name.
     pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
         each!(self, s => s.saga_load(id).await)
@@ -485,17 +514,18 @@ impl Store {
         each!(self, s => s.saga_list(limit).await)
     }
 
-    /// Writes one field of a saga's journal (and lists the saga, the
-    /// first time); false (nothing written) if `fence` is not the latest
-    /// token of its lease.
+    /// Writes fields of a saga's journal (and lists the saga, the first
+    /// time); false (nothing written) if `fence` is not the latest token
+    /// of its lease, or if `run` (the scope and mark of the saga run's
+    /// claim) no longer holds the run.
     pub(crate) async fn saga_write(
         &self,
         id: &str,
-        field: &str,
-        value: &[u8],
+        fields: &[(&str, &[u8])],
         fence: Option<&Fence>,
+        run: Option<(&str, &str)>,
     ) -> Result<bool> {
-        each!(self, s => s.saga_write(id, field, value, fence).await)
+        each!(self, s => s.saga_write(id, fields, fence, run).await)
     }
 
     /// Takes the service's leader lease for `lease` (or extends it, if
@@ -505,11 +535,6 @@ impl Store {
             .lease_sync(&[(LEADER_LEASE.to_owned(), true)], owner, lease)
             .await?;
         Ok(tokens.first().copied().filter(|t| *t > 0))
-    }
-
-    /// Extends the leader lease `owner` holds; false if it no longer does.
-    pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
-        each!(self, s => s.leader_renew(owner, lease).await)
     }
 
     /// Gives the leader lease up if `owner` holds it.
@@ -595,6 +620,43 @@ pub(crate) async fn clean_orphans(store: Store, mut queue: OrphanQueue) {
     }
 }
 
+/// What a lease held by this replica is, to what runs under it: the token
+/// (0: not held) and until when it is surely held ([`clock_ms`]). Sends
+/// and publishes check both: a process that stalls past its lease and
+/// wakes has run out of time before its lease loop can say it lost the
+/// lease.
+#[derive(Default)]
+pub(crate) struct Held {
+    pub token: std::sync::atomic::AtomicU64,
+    pub until_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Held {
+    /// Granted or renewed with `token`, surely held until `until`.
+    pub(crate) fn grant(&self, token: u64, until: tokio::time::Instant) {
+        use std::sync::atomic::Ordering;
+        self.until_ms.store(clock_ms(until), Ordering::Release);
+        self.token.store(token, Ordering::Release);
+    }
+
+    /// The token, while surely held; 0 otherwise.
+    pub(crate) fn token_now(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        if clock_ms(tokio::time::Instant::now()) >= self.until_ms.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.token.load(Ordering::Acquire)
+    }
+}
+
+/// `at` in milliseconds since this process first asked (a monotonic
+/// clock, comparable across tasks).
+pub(crate) fn clock_ms(at: tokio::time::Instant) -> u64 {
+    static START: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| tokio::time::Instant::now() - Duration::from_secs(1));
+    at.saturating_duration_since(start).as_millis() as u64
+}
+
 /// What a handler's context needs of the store: the store, and for an
 /// idempotent handler the writes it keeps until the handler answers.
 pub(crate) struct Work {
@@ -613,10 +675,10 @@ pub(crate) struct Work {
     /// token of the lease it started under; its writes are refused once a
     /// newer grant of that lease exists.
     pub fence: Option<Fence>,
-    /// With `fence`: the token this replica holds now (0 once the lease is
-    /// lost, or could not be renewed before it would run out), checked
-    /// before each send and publish.
-    pub held: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// With `fence`: the token this replica holds now and until when
+    /// (lost, or not renewed in time: 0), checked before each send and
+    /// publish.
+    pub held: Option<Arc<Held>>,
     /// This replica's liveness name and how long its claims outlive it
     /// (see [`Claim`]), for the claims a handler takes (a saga's run).
     pub member: Arc<str>,
@@ -635,9 +697,7 @@ impl Work {
     /// it would send or publish now is refused before it leaves.
     pub(crate) fn check_fence(&self) -> Result<()> {
         match (&self.fence, &self.held) {
-            (Some(f), Some(held)) if held.load(std::sync::atomic::Ordering::Acquire) != f.token => {
-                Err(fenced())
-            }
+            (Some(f), Some(held)) if held.token_now() != f.token => Err(fenced()),
             _ => Ok(()),
         }
     }

@@ -46,8 +46,6 @@ pub(crate) struct RedisStore {
     /// Deletes a key if the caller still holds it (inbox claims; leases
     /// are given up through `lease_sync`).
     delete_if_held: Script,
-    /// Extends a key if the caller still holds it (the leader lease).
-    extend_if_held: Script,
     finish_if_held: Script,
     saga_write: Script,
     lease_sync: Script,
@@ -345,24 +343,22 @@ end
 return 0
 ";
 
-/// Extends a key (the leader lease) by `ARGV[2]` ms if `ARGV[1]` still
-/// holds it; 1 if it did.
-const EXTEND_IF_HELD: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-";
-
-/// Writes field `ARGV[1]` = `ARGV[2]` of a saga's journal (KEYS[1]) unless
-/// `ARGV[3]` is a fencing token that is not the latest (KEYS[2]), and lists
-/// saga `ARGV[5]` in KEYS[3] at time `ARGV[4]` the first time; 1 if written.
+/// Writes fields of a saga's journal (KEYS[1]) unless `ARGV[1]` is a
+/// fencing token that is not the latest (KEYS[2]), or `ARGV[2]` is a run
+/// claim no longer held (KEYS[4]: the run's inbox key; another run took
+/// it over), and lists saga `ARGV[4]` in KEYS[3] at time `ARGV[3]` the
+/// first time; then (field, value) pairs. 1 if written.
 const SAGA_WRITE: &str = r"
-if ARGV[3] ~= '' and (redis.call('GET', KEYS[2]) or '0') ~= ARGV[3] then
+if ARGV[1] ~= '' and (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[5])
+if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then
+  return 0
+end
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[4])
 return 1
 ";
 
@@ -389,6 +385,11 @@ for i = 1, #KEYS / 2 do
     if held then
       redis.call('PEXPIRE', k, ARGV[2])
       out[i] = tonumber(redis.call('GET', f) or '0')
+      -- The fence vanished under a held lease (evicted): a new grant.
+      if out[i] == 0 then
+        out[i] = now
+        redis.call('SET', f, string.format('%d', now))
+      end
     elseif redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2]) then
       local token = math.max(tonumber(redis.call('GET', f) or '0') + 1, now)
       redis.call('SET', f, string.format('%d', token))
@@ -599,7 +600,6 @@ impl RedisStore {
             commit: Script::new(COMMIT),
             inbox_begin: Script::new(INBOX_BEGIN),
             delete_if_held: Script::new(DELETE_IF_HELD),
-            extend_if_held: Script::new(EXTEND_IF_HELD),
             finish_if_held: Script::new(FINISH_IF_HELD),
             saga_write: Script::new(SAGA_WRITE),
             lease_sync: Script::new(LEASE_SYNC),
@@ -615,6 +615,33 @@ impl RedisStore {
         format!("{}:saga:{id}", self.prefix)
     }
 
+    fn letter_key(&self, id: &str) -> String {
+        format!("{}:dlq:{id}", self.prefix)
+    }
+
+    pub(crate) async fn record_letter(&self, id: &str, digest: &str, keep: Duration) -> Result<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.letter_key(id))
+            .arg(digest)
+            .arg("PX")
+            .arg(keep.as_millis().max(1) as u64)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(map_err)
+    }
+
+    pub(crate) async fn letter_digests(&self, ids: &[String]) -> Result<Vec<Option<String>>> {
+        let mut c = self.conn.clone();
+        // One key at a time on a cluster (MGET needs one slot; these share
+        // the service's tag, but a pipeline works on every topology).
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("GET").arg(self.letter_key(id));
+        }
+        pipe.query_async(&mut c).await.map_err(map_err)
+    }
+
     pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
         let mut c = self.conn.clone();
         let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
@@ -628,28 +655,31 @@ impl RedisStore {
     pub(crate) async fn saga_write(
         &self,
         id: &str,
-        field: &str,
-        value: &[u8],
+        fields: &[(&str, &[u8])],
         fence: Option<&Fence>,
+        run: Option<(&str, &str)>,
     ) -> Result<bool> {
         let mut c = self.conn.clone();
-        let written: i64 = self
-            .saga_write
-            .key(self.saga_key(id))
+        let mut inv = self.saga_write.prepare_invoke();
+        inv.key(self.saga_key(id))
             .key(self.fence_key(fence.map_or(LEADER_LEASE, |f| &f.lease)))
             .key(format!("{}:sagas", self.prefix))
-            .arg(field)
-            .arg(value)
+            .key(match run {
+                Some((scope, _)) => self.inbox_key(scope, id),
+                None => self.saga_key(id),
+            })
             .arg(fence.map(|f| f.token.to_string()).unwrap_or_default())
+            .arg(run.map(|(_, mark)| mark).unwrap_or_default())
             .arg(
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
             )
-            .arg(id)
-            .invoke_async(&mut c)
-            .await
-            .map_err(map_err)?;
+            .arg(id);
+        for (field, value) in fields {
+            inv.arg(*field).arg(*value);
+        }
+        let written: i64 = inv.invoke_async(&mut c).await.map_err(map_err)?;
         Ok(written == 1)
     }
 
@@ -665,10 +695,6 @@ impl RedisStore {
             .query_async(&mut c)
             .await
             .map_err(map_err)
-    }
-
-    fn leader_key(&self) -> String {
-        self.lease_key(LEADER_LEASE)
     }
 
     fn lease_key(&self, lease: &str) -> String {
@@ -716,18 +742,6 @@ impl RedisStore {
             .map_err(map_err)?;
         out.sort_unstable();
         Ok(out)
-    }
-
-    pub(crate) async fn leader_renew(&self, owner: &str, lease: Duration) -> Result<bool> {
-        let mut c = self.conn.clone();
-        self.extend_if_held
-            .key(self.leader_key())
-            .arg(owner)
-            .arg(lease.as_millis().max(1) as u64)
-            .invoke_async::<i64>(&mut c)
-            .await
-            .map_err(map_err)
-            .map(|n| n == 1)
     }
 
     /// What Redis does when it runs out of memory (`maxmemory-policy`), if
@@ -866,6 +880,24 @@ impl RedisStore {
             _ => None,
         };
         Ok(list.map(|l| entries(&l)).unwrap_or_default())
+    }
+
+    pub(crate) async fn outbox_read_after(
+        &self,
+        after: &str,
+        count: usize,
+    ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
+        let mut c = self.conn.clone();
+        let read: Value = redis::cmd("XRANGE")
+            .arg(&self.outbox)
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok(entries(&read))
     }
 
     pub(crate) async fn outbox_remove(&self, ids: &[String]) -> Result<()> {

@@ -11,12 +11,9 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::nats::NatsTransport;
 use super::{DeadLetter, Delivery, DurableOptions, ReplyTo, stream_name};
+
 use crate::config::StreamSettings;
 use crate::error::{Error, ErrorKind, Result};
-
-/// The stream that keeps dead letters, and its subjects.
-pub(crate) const DLQ_STREAM: &str = "CATGA_DLQ";
-pub(crate) const DLQ_SUBJECTS: &str = "catga.dlq.>";
 
 /// How long whether a subject has a stream is remembered: a stream made
 /// by a service deployed later is used within this time.
@@ -78,7 +75,6 @@ impl NatsTransport {
         partitions: u32,
         settings: &StreamSettings,
     ) -> Result<()> {
-        self.ensure_dead_letters(settings).await?;
         let subject = format!("{base}.*");
         self.ensure(stream_config(
             stream_name(&subject),
@@ -93,17 +89,24 @@ impl NatsTransport {
         Ok(())
     }
 
-    /// The dead-letter stream: dead letters are kept 30 days, or as long
-    /// as events if that is longer.
-    pub(crate) async fn ensure_dead_letters(&self, settings: &StreamSettings) -> Result<()> {
+    /// The dead-letter stream of `service` (`catga.dead.<service>.>`):
+    /// kept 30 days, or as long as events if that is longer. One stream per
+    /// service, so that purging one service's letters leaves the others'.
+    pub(crate) async fn ensure_dead_letters(&self, service: &str, settings: &StreamSettings) -> Result<()> {
+        let subjects = DeadLetter::subjects_of(service);
+        if self.stream_known(&subjects, Duration::MAX) == Some(true) {
+            return Ok(());
+        }
         let keep = settings.max_age.max(Duration::from_secs(30 * 24 * 3600));
         self.ensure(stream_config(
-            DLQ_STREAM.to_owned(),
-            vec![DLQ_SUBJECTS.to_owned()],
+            stream_name(&subjects),
+            vec![subjects.clone()],
             settings,
             keep,
         ))
-        .await
+        .await?;
+        self.remember_stream(&subjects, true);
+        Ok(())
     }
 
     async fn ensure(&self, config: stream::Config) -> Result<()> {
@@ -235,7 +238,8 @@ impl NatsTransport {
                 .publish_with_headers(subject.to_owned(), headers, payload)
                 .await
                 .map_err(|e| publish_error(subject, e))?;
-            ack.await.map_err(|e| publish_error(subject, e)).map(|_| ())
+            let stored = ack.await.map_err(|e| publish_error(subject, e))?;
+            stored_at(subject, &stored)
         };
         tokio::time::timeout(timeout, run).await.unwrap_or_else(|_| {
             Err(Error::new(
@@ -275,7 +279,7 @@ impl NatsTransport {
         let subject = subject.to_owned();
         Ok(Box::pin(async move {
             match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(stored)) => stored_at(&subject, &stored),
                 Ok(Err(e)) => Err(publish_error(&subject, e)),
                 Err(_) => Err(Error::new(
                     ErrorKind::Timeout,
@@ -300,7 +304,6 @@ impl NatsTransport {
                 // meta leader catches up: make the subject's stream. If a
                 // stream does store it, the creation fails (the name is
                 // taken, or the subjects overlap) and the caller retries.
-                self.ensure_dead_letters(settings).await?;
                 self.ensure_stream(subject, settings).await?;
                 tracing::info!(
                     subject,
@@ -318,6 +321,7 @@ impl NatsTransport {
         &self,
         messages: &[super::Outgoing],
         timeout: Duration,
+        go_on: &(dyn Fn() -> bool + Sync),
     ) -> Vec<Result<()>> {
         let js = self.jetstream();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -326,6 +330,10 @@ impl NatsTransport {
         let mut last: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
         let mut acks = Vec::with_capacity(messages.len());
         for m in messages {
+            if !go_on() {
+                acks.push(Err(super::not_sent()));
+                continue;
+            }
             let chain = self.stream_of(&m.subject).unwrap_or_else(|| m.subject.clone());
             let mut headers = m.headers.clone();
             headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
@@ -352,10 +360,9 @@ impl NatsTransport {
         for (m, ack) in messages.iter().zip(acks) {
             out.push(match ack {
                 Ok(ack) => match tokio::time::timeout_at(deadline, ack).await {
-                    Ok(Ok(stored)) => {
+                    Ok(Ok(stored)) => stored_at(&m.subject, &stored).map(|()| {
                         self.learn_stream_of(&m.subject, &stored.stream);
-                        Ok(())
-                    }
+                    }),
                     Ok(Err(e)) => Err(publish_error(&m.subject, e)),
                     Err(_) => Err(no_ack(&m.subject, timeout)),
                 },
@@ -380,16 +387,27 @@ impl NatsTransport {
         }
     }
 
-    async fn dlq(&self) -> Result<stream::Stream> {
+    async fn dlq(&self, service: &str) -> Result<stream::Stream> {
         self.jetstream()
-            .get_stream(DLQ_STREAM)
+            .get_stream(stream_name(&DeadLetter::subjects_of(service)))
             .await
             .map_err(|e| js_error("dead-letter stream", e))
     }
 
-    /// Dead letters, oldest first, from sequence `from`, at most `limit`.
-    pub(crate) async fn dead_letters(&self, from: u64, limit: usize) -> Result<Vec<DeadLetter>> {
-        let mut s = self.dlq().await?;
+    /// `service`'s dead letters, oldest first, from sequence `from`, at
+    /// most `limit`.
+    pub(crate) async fn dead_letters(
+        &self,
+        service: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        let mut s = match self.dlq(service).await {
+            Ok(s) => s,
+            // No letter was ever written for the service.
+            Err(e) if e.message().contains("not found") => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
         let info = s.info().await.map_err(|e| js_error("dead-letter stream", e))?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
         let mut out = Vec::new();
@@ -403,27 +421,56 @@ impl NatsTransport {
         Ok(out)
     }
 
-    /// Stores a letter in the dead-letter stream.
-    pub(crate) async fn store_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
-        let (subject, headers) = letter.to_stored();
-        self.publish_durable(&subject, headers, letter.payload.clone(), Duration::from_secs(5))
-            .await
-    }
-
-    /// One dead letter.
-    pub(crate) async fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>> {
-        let s = self.dlq().await?;
+    /// One of `service`'s dead letters.
+    pub(crate) async fn dead_letter(&self, service: &str, seq: u64) -> Result<Option<DeadLetter>> {
+        let s = self.dlq(service).await?;
         match s.get_raw_message(seq).await {
             Ok(m) => Ok(Some(DeadLetter::from_stored(m.sequence, m.headers, m.payload))),
             Err(_) => Ok(None),
         }
     }
 
-    /// Deletes a dead letter; false if it was not there.
-    pub(crate) async fn delete_dead_letter(&self, seq: u64) -> Result<bool> {
-        let s = self.dlq().await?;
-        Ok(s.delete_message(seq).await.unwrap_or(false))
+    /// Stores a letter in its service's dead-letter stream.
+    pub(crate) async fn store_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
+        let (subject, headers) = letter.to_stored();
+        self.publish_durable(&subject, headers, letter.payload.clone(), Duration::from_secs(5))
+            .await
     }
+
+    /// Deletes one of `service`'s dead letters; false if it was not there.
+    pub(crate) async fn delete_dead_letter(&self, service: &str, seq: u64) -> Result<bool> {
+        let s = self.dlq(service).await?;
+        s.delete_message(seq)
+            .await
+            .map_err(|e| js_error("dead-letter delete", e))
+    }
+
+    /// Deletes every dead letter of `service` in one purge; how many.
+    pub(crate) async fn purge_dead_letters(&self, service: &str) -> Result<u64> {
+        let s = match self.dlq(service).await {
+            Ok(s) => s,
+            Err(e) if e.message().contains("not found") => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let purged = s.purge().await.map_err(|e| js_error("dead-letter purge", e))?;
+        Ok(purged.purged)
+    }
+}
+
+/// Checks an acknowledgement: a stream sequence of 0 (servers before 2.11
+/// answered a repeat of a message they had not stored yet with it, in a
+/// cluster) means the message may not be stored.
+fn stored_at(subject: &str, ack: &jetstream::publish::PublishAck) -> Result<()> {
+    if ack.sequence == 0 {
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "JetStream acknowledged the message on {subject} without a sequence (a repeat of one not \
+                 stored yet, on a server older than 2.11): sent again later"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn no_ack(subject: &str, timeout: Duration) -> Error {
@@ -431,6 +478,14 @@ fn no_ack(subject: &str, timeout: Duration) -> Error {
         ErrorKind::Timeout,
         format!("no acknowledgement from JetStream for {subject} within {timeout:?}"),
     )
+}
+
+/// The status code of JetStream's answer to a publish it refused, if it
+/// answered.
+fn refusal_code(e: &jetstream::context::PublishError) -> Option<usize> {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .map(|j| j.code())
 }
 
 fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
@@ -450,6 +505,18 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
             Error::new(ErrorKind::TooLarge, format!("message on {subject} refused: {e}"))
         }
         K::TimedOut => Error::new(ErrorKind::Timeout, format!("JetStream publish on {subject}: {e}")),
+        // catga never asks for a last sequence: only a forged header can.
+        K::WrongLastSequence => Error::new(
+            ErrorKind::Invalid,
+            format!("JetStream refused the message on {subject}: {e}"),
+        ),
+        // The stream refused it for what it is (a limit of the stream or
+        // the account, a header it will not take): sending it again cannot
+        // help, so it is dead-lettered rather than retried forever.
+        K::Other if refusal_code(&e) == Some(400) => Error::new(
+            ErrorKind::Invalid,
+            format!("JetStream refused the message on {subject}: {e}"),
+        ),
         _ => Error::new(
             ErrorKind::Transport,
             format!("JetStream publish on {subject} failed: {e}"),

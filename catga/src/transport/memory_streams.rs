@@ -267,21 +267,38 @@ impl Streams {
         inner.dead.insert(seq, letter);
     }
 
-    pub(crate) fn dead_letters(&self, from: u64, limit: usize) -> Vec<DeadLetter> {
+    pub(crate) fn dead_letters(&self, service: &str, from: u64, limit: usize) -> Vec<DeadLetter> {
         lock(&self.inner)
             .dead
             .range(from..)
+            .filter(|(_, d)| d.service == service)
             .take(limit)
             .map(|(_, d)| d.clone())
             .collect()
     }
 
-    pub(crate) fn dead_letter(&self, seq: u64) -> Option<DeadLetter> {
-        lock(&self.inner).dead.get(&seq).cloned()
+    pub(crate) fn dead_letter(&self, service: &str, seq: u64) -> Option<DeadLetter> {
+        lock(&self.inner)
+            .dead
+            .get(&seq)
+            .filter(|d| d.service == service)
+            .cloned()
     }
 
-    pub(crate) fn delete_dead_letter(&self, seq: u64) -> bool {
-        lock(&self.inner).dead.remove(&seq).is_some()
+    pub(crate) fn delete_dead_letter(&self, service: &str, seq: u64) -> bool {
+        let mut inner = lock(&self.inner);
+        if inner.dead.get(&seq).is_some_and(|d| d.service == service) {
+            inner.dead.remove(&seq);
+            return true;
+        }
+        false
+    }
+
+    pub(crate) fn purge_dead_letters(&self, service: &str) -> u64 {
+        let mut inner = lock(&self.inner);
+        let before = inner.dead.len();
+        inner.dead.retain(|_, d| d.service != service);
+        (before - inner.dead.len()) as u64
     }
 }
 

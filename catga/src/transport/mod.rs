@@ -36,6 +36,9 @@ pub(crate) const EXPECTED_LAST_ID: &str = "Nats-Expected-Last-Msg-Id";
 /// [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN) characters each.
 pub(crate) const ROUTING_HEADROOM: usize = 2 * (crate::wire::MAX_ID_LEN + 32);
 
+/// The largest header block JetStream stores with a message.
+pub(crate) const MAX_HEADERS: usize = 65_535;
+
 /// One message to store in its subject's stream, in a sequence that must
 /// keep its order (see [`Transport::store_in_order`]).
 #[derive(Debug, Clone)]
@@ -88,6 +91,20 @@ pub(crate) fn stream_name(subject: &str) -> String {
     format!("CATGA_{readable}_{h:08x}")
 }
 
+/// `text` as one subject token: anything but letters, digits, `-` and
+/// `_` becomes `_`.
+pub(crate) fn subject_token(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// A message a handler gave up on, kept for an operator to look at,
 /// replay or purge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +131,14 @@ pub struct DeadLetter {
     /// Its payload, as received, or its start if it was cut to fit (see
     /// [`truncated`](Self::truncated)).
     pub payload: Bytes,
+    /// The letter's own id (`Catga-Dlq-Id`), under which the replica that
+    /// wrote it recorded its digest in the store.
+    pub letter_id: Option<String>,
+    /// Whether the store holds the record of this letter as catga wrote it
+    /// (`None`: not checked, the letters were read without the store). A
+    /// letter anyone else published on the dead-letter subjects, or one
+    /// changed since, is `Some(false)`, and is not replayed unless forced.
+    pub authentic: Option<bool>,
     /// Set when the letter did not fit in the broker's limit: the size of
     /// the original payload, of which `payload` is the start (its headers
     /// and the error text may be cut too). The original stays in its
@@ -122,6 +147,36 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The subjects of `service`'s dead letters (one stream per service).
+    pub(crate) fn subjects_of(service: &str) -> String {
+        format!("catga.dead.{}.>", subject_token(service))
+    }
+
+    /// A digest of everything a replay would send or an operator would act
+    /// on: subject, service, handler, error, message id, headers, payload.
+    pub(crate) fn digest(&self) -> String {
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [
+            self.subject.as_bytes(),
+            self.service.as_bytes(),
+            self.handler.as_bytes(),
+            self.error_kind.as_str().as_bytes(),
+            self.error.as_bytes(),
+            self.message_id.as_deref().unwrap_or("").as_bytes(),
+        ] {
+            h.update(part);
+            h.update(&[0]);
+        }
+        for (k, v) in &self.headers {
+            h.update(k.as_bytes());
+            h.update(b":");
+            h.update(v.as_bytes());
+            h.update(&[0]);
+        }
+        h.update(&self.payload);
+        crate::wire::hex(h.finish().as_ref())
+    }
+
     /// The subject and headers it is stored under: the original headers
     /// plus `Catga-Dlq-*` ones; its `Nats-Msg-Id` is the original id plus
     /// the handler, so that dead-lettering it again (a crash between
@@ -141,14 +196,20 @@ impl DeadLetter {
         if let Some(size) = self.truncated {
             h.insert(crate::wire::headers::DLQ_TRUNCATED, size.to_string());
         }
+        if let Some(id) = &self.letter_id {
+            h.insert(crate::wire::headers::DLQ_ID, header(id));
+        }
         if let Some(id) = &self.message_id {
             h.insert(crate::wire::headers::DLQ_MESSAGE_ID, header(id));
             h.insert(
                 crate::wire::headers::MESSAGE_ID,
-                header(&format!("dlq.{id}.{}", self.handler)),
+                header(&crate::wire::bounded_id(format!("dlq.{id}.{}", self.handler))),
             );
         }
-        (format!("catga.dlq.{}.{}", self.service, self.subject), h)
+        (
+            format!("catga.dead.{}.{}", subject_token(&self.service), self.subject),
+            h,
+        )
     }
 
     pub(crate) fn from_stored(seq: u64, headers: HeaderMap, payload: Bytes) -> DeadLetter {
@@ -163,6 +224,7 @@ impl DeadLetter {
             H::DLQ_DELIVERIES,
             H::DLQ_MESSAGE_ID,
             H::DLQ_TRUNCATED,
+            H::DLQ_ID,
             H::MESSAGE_ID,
         ];
         let rest = headers
@@ -186,23 +248,29 @@ impl DeadLetter {
             headers: rest,
             payload,
             truncated: get(H::DLQ_TRUNCATED).and_then(|d| d.parse().ok()),
+            letter_id: get(H::DLQ_ID),
+            authentic: None,
         }
     }
 
     /// The letter cut to fit in `max` bytes (payload plus headers, with
-    /// room for the ids catga adds): the error text to 1,000 characters,
-    /// the original headers dropped if they alone take more than a quarter
-    /// of the limit, and the payload to what is left. A letter that fits is
-    /// returned as it is. An undecodable message a few bytes under the
-    /// broker's limit plus the `Catga-Dlq-*` headers was over it: its
-    /// letter was refused, and once its deliveries ran out it ended
+    /// room for the ids catga adds) and in JetStream's header limit: the
+    /// error text to 1,000 characters and the message id to an id's
+    /// length, the original headers dropped if they alone take more than
+    /// a quarter of the limit, and the payload to what is left. A letter
+    /// that fits is returned as it is; one that was cut says so
+    /// ([`truncated`](Self::truncated)). An undecodable message a few bytes
+    /// under the broker's limit plus the `Catga-Dlq-*` headers was over
+    /// it: its letter was refused, and once its deliveries ran out it ended
     /// neither handled nor dead-lettered.
     pub(crate) fn fit(&self, max: usize) -> DeadLetter {
-        let size = |l: &DeadLetter| {
+        let sizes = |l: &DeadLetter| {
             let (_, h) = l.to_stored();
-            memory::wire_size(Some(&h), l.payload.len()) + ROUTING_HEADROOM
+            let headers = memory::wire_size(Some(&h), 0) + ROUTING_HEADROOM;
+            (headers, headers + l.payload.len())
         };
-        if size(self) <= max {
+        let (headers, total) = sizes(self);
+        if total <= max && headers <= MAX_HEADERS {
             return self.clone();
         }
         let mut cut = self.clone();
@@ -210,11 +278,16 @@ impl DeadLetter {
         if cut.error.chars().count() > 1000 {
             cut.error = cut.error.chars().take(1000).collect::<String>() + "...";
         }
+        cut.message_id = cut
+            .message_id
+            .map(|id| crate::wire::bounded_id(crate::wire::header_value(&id)));
         cut.payload = Bytes::new();
-        if size(&cut) > max / 4 + ROUTING_HEADROOM {
+        let (headers, _) = sizes(&cut);
+        if headers > (max / 4).min(MAX_HEADERS) {
             cut.headers.clear();
         }
-        let room = max.saturating_sub(size(&cut));
+        let (_, empty) = sizes(&cut);
+        let room = max.saturating_sub(empty);
         cut.payload = self.payload.slice(..room.min(self.payload.len()));
         cut
     }
@@ -332,10 +405,7 @@ impl Transport {
         settings: &crate::config::StreamSettings,
     ) -> Result<()> {
         match &self.0 {
-            Kind::Nats(t) => {
-                t.ensure_dead_letters(settings).await?;
-                t.ensure_stream(subject, settings).await
-            }
+            Kind::Nats(t) => t.ensure_stream(subject, settings).await,
             Kind::Memory(bus) => {
                 bus.streams().ensure(subject, settings);
                 Ok(())
@@ -466,17 +536,36 @@ impl Transport {
     /// stored, the caller's part). Found on a 3-node cluster with nodes
     /// killed under load: without the expectation, a router's pipelined
     /// publishes stored 42 of 1,800 triggers of a key after later ones.
-    pub(crate) async fn store_in_order(&self, messages: &[Outgoing], timeout: Duration) -> Vec<Result<()>> {
+    ///
+    /// `go_on` is asked before each message is sent (the relay still holds
+    /// its lease): once it says no, the rest is not sent.
+    pub(crate) async fn store_in_order(
+        &self,
+        messages: &[Outgoing],
+        timeout: Duration,
+        go_on: &(dyn Fn() -> bool + Sync),
+    ) -> Vec<Result<()>> {
         match &self.0 {
-            Kind::Nats(t) => t.store_in_order(messages, timeout).await,
+            Kind::Nats(t) => t.store_in_order(messages, timeout, go_on).await,
             Kind::Memory(bus) => messages
                 .iter()
                 .map(|m| {
+                    if !go_on() {
+                        return Err(not_sent());
+                    }
                     let mut headers = m.headers.clone();
                     headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
                     bus.publish_durable(&m.subject, headers, m.payload.clone())
                 })
                 .collect(),
+        }
+    }
+
+    /// The version the broker reported, once connected (none in memory).
+    pub(crate) fn server_version(&self) -> Option<String> {
+        match &self.0 {
+            Kind::Nats(t) => t.server_version(),
+            Kind::Memory(_) => None,
         }
     }
 
@@ -497,27 +586,54 @@ impl Transport {
         }
     }
 
-    /// Dead letters from `from`, oldest first, at most `limit`.
-    pub(crate) async fn dead_letters(&self, from: u64, limit: usize) -> Result<Vec<DeadLetter>> {
+    /// Creates `service`'s dead-letter stream, or brings its settings in
+    /// line (kept 30 days, or as long as events if that is longer).
+    pub(crate) async fn ensure_dead_letters(
+        &self,
+        service: &str,
+        settings: &crate::config::StreamSettings,
+    ) -> Result<()> {
         match &self.0 {
-            Kind::Nats(t) => t.dead_letters(from, limit).await,
-            Kind::Memory(bus) => Ok(bus.streams().dead_letters(from, limit)),
+            Kind::Nats(t) => t.ensure_dead_letters(service, settings).await,
+            Kind::Memory(_) => Ok(()),
         }
     }
 
-    /// One dead letter.
-    pub(crate) async fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>> {
+    /// `service`'s dead letters from `from`, oldest first, at most `limit`.
+    pub(crate) async fn dead_letters(
+        &self,
+        service: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
         match &self.0 {
-            Kind::Nats(t) => t.dead_letter(seq).await,
-            Kind::Memory(bus) => Ok(bus.streams().dead_letter(seq)),
+            Kind::Nats(t) => t.dead_letters(service, from, limit).await,
+            Kind::Memory(bus) => Ok(bus.streams().dead_letters(service, from, limit)),
         }
     }
 
-    /// Deletes a dead letter.
-    pub(crate) async fn delete_dead_letter(&self, seq: u64) -> Result<bool> {
+    /// One of `service`'s dead letters.
+    pub(crate) async fn dead_letter(&self, service: &str, seq: u64) -> Result<Option<DeadLetter>> {
         match &self.0 {
-            Kind::Nats(t) => t.delete_dead_letter(seq).await,
-            Kind::Memory(bus) => Ok(bus.streams().delete_dead_letter(seq)),
+            Kind::Nats(t) => t.dead_letter(service, seq).await,
+            Kind::Memory(bus) => Ok(bus.streams().dead_letter(service, seq)),
+        }
+    }
+
+    /// Deletes one of `service`'s dead letters.
+    pub(crate) async fn delete_dead_letter(&self, service: &str, seq: u64) -> Result<bool> {
+        match &self.0 {
+            Kind::Nats(t) => t.delete_dead_letter(service, seq).await,
+            Kind::Memory(bus) => Ok(bus.streams().delete_dead_letter(service, seq)),
+        }
+    }
+
+    /// Deletes every dead letter of `service` (one purge of its stream);
+    /// how many.
+    pub(crate) async fn purge_dead_letters(&self, service: &str) -> Result<u64> {
+        match &self.0 {
+            Kind::Nats(t) => t.purge_dead_letters(service).await,
+            Kind::Memory(bus) => Ok(bus.streams().purge_dead_letters(service)),
         }
     }
 
@@ -603,6 +719,15 @@ impl Transport {
             Kind::Memory(_) => "memory",
         }
     }
+}
+
+/// What [`Transport::store_in_order`] answers for a message it did not
+/// send because its caller said to stop.
+pub(crate) fn not_sent() -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        "not sent: the relay no longer holds its lease",
+    )
 }
 
 fn expired(subject: &str) -> Error {

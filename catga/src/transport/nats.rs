@@ -406,6 +406,12 @@ impl NatsTransport {
         }
     }
 
+    /// The server's version, once connected.
+    pub(crate) fn server_version(&self) -> Option<String> {
+        let info = self.client().server_info();
+        (!info.version.is_empty()).then_some(info.version)
+    }
+
     /// The largest message the server takes (its `max_payload`), or NATS'
     /// default before the first connection.
     pub(crate) fn max_payload(&self) -> usize {
@@ -1013,9 +1019,14 @@ enum DrainState {
     /// the deadline (little traffic), unsubscribe plainly.
     HandingOver {
         until: tokio::time::Instant,
+        /// Messages read when the hand-over began.
+        read: u64,
     },
     /// Closed by count: the server confirmed nothing more comes.
     Confirmed,
+    /// Closed plainly after a hand-over wait in which nothing arrived: an
+    /// idle subject, with nothing on its way.
+    Idle,
     /// Closed plainly: something routed here in the last round trip may be
     /// lost.
     Unconfirmed,
@@ -1042,7 +1053,7 @@ impl NatsSubscription {
     pub(crate) async fn next(&mut self) -> Option<Delivery> {
         loop {
             let msg = match self.drain {
-                DrainState::HandingOver { until } => {
+                DrainState::HandingOver { until, .. } => {
                     tokio::select! {
                         msg = self.sub.next() => msg,
                         () = tokio::time::sleep_until(until) => {
@@ -1119,6 +1130,7 @@ impl NatsSubscription {
             Ok(Ok(())) => {
                 self.drain = DrainState::HandingOver {
                     until: tokio::time::Instant::now() + HANDOVER_WAIT,
+                    read: self.read,
                 };
             }
             _ => self.unsubscribe_plainly().await,
@@ -1126,18 +1138,23 @@ impl NatsSubscription {
     }
 
     async fn unsubscribe_plainly(&mut self) {
-        if matches!(self.drain, DrainState::HandingOver { .. }) {
-            tracing::info!(
-                subject = %self.subject,
-                "too little traffic to confirm the hand-over; unsubscribing without confirmation"
-            );
-        }
-        self.drain = DrainState::Unconfirmed;
+        self.drain = match self.drain {
+            // Nothing arrived for a whole hand-over wait: idle, not lost.
+            DrainState::HandingOver { read, .. } if read == self.read => DrainState::Idle,
+            DrainState::HandingOver { .. } => {
+                tracing::info!(
+                    subject = %self.subject,
+                    "too little traffic to confirm the hand-over; unsubscribing without confirmation"
+                );
+                DrainState::Unconfirmed
+            }
+            _ => DrainState::Unconfirmed,
+        };
         let _ = tokio::time::timeout(Duration::from_secs(1), self.sub.drain()).await;
     }
 
     pub(crate) fn handover_confirmed(&self) -> bool {
-        matches!(self.drain, DrainState::Confirmed)
+        matches!(self.drain, DrainState::Confirmed | DrainState::Idle)
     }
 }
 

@@ -72,6 +72,9 @@ pub mod headers {
     /// Dead letter: cut to fit the broker's limit; the original payload's
     /// size.
     pub const DLQ_TRUNCATED: HeaderName = HeaderName::from_static("Catga-Dlq-Truncated");
+    /// Dead letter: its own id, under which its digest is recorded in the
+    /// store.
+    pub const DLQ_ID: HeaderName = HeaderName::from_static("Catga-Dlq-Id");
 }
 
 /// The longest message id catga accepts.
@@ -98,6 +101,26 @@ pub(crate) fn bounded_id(id: String) -> String {
         keep -= 1;
     }
     format!("{}~{hash}", &id[..keep])
+}
+
+/// Whether a header is the broker's (`Nats-*`: a message id, or a
+/// directive to JetStream such as `Nats-Expected-Stream`). Such headers of
+/// an incoming message are never copied onto what catga publishes for it
+/// (a routed copy, a dead letter): a client could otherwise make JetStream
+/// refuse those publishes forever.
+pub(crate) fn is_broker_header(name: &str) -> bool {
+    name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-")
+}
+
+/// Lower-case hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Makes `text` a valid header value: line breaks and other control

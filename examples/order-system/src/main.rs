@@ -55,23 +55,60 @@ async fn main() -> Result<()> {
     runtime.run_until_signal().await
 }
 
-/// `dlq list [FROM]`, `dlq show N`, `dlq replay N`, `dlq purge N`,
-/// `dlq purge-all`: the dead letters of the broker in `NATS_URL`.
+/// `dlq list [FROM]`, `dlq show N`, `dlq replay N [--force]`, `dlq purge
+/// N`, `dlq purge-all`: the dead letters of the service `CATGA_SERVICE`
+/// names, on the broker in `NATS_URL`. With `REDIS_URL` (as the replicas
+/// have it) each letter is checked against the record its replica kept,
+/// and only authentic ones are replayed without `--force`.
 async fn dead_letters(args: &[String]) -> Result<()> {
     let seq = |i: usize| -> Result<u64> {
         args.get(i)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::invalid("expected a dead letter's number"))
     };
-    let client = Client::connect_with(&Config::from_env()?).await?;
-    let dlq = client.dead_letters();
+    let config = Config::from_env()?;
+    let checked = config.redis_url.is_some();
+    let (runtime, dlq) = if checked {
+        let runtime = catga::Runtime::builder()
+            .config(config)
+            .client_only()
+            .start()
+            .await?;
+        let dlq = runtime.dead_letters();
+        (Some(runtime), dlq)
+    } else {
+        (None, Client::connect_with(&config).await?.dead_letters())
+    };
+    let outcome = dead_letter_command(args, &dlq, seq).await;
+    if let Some(runtime) = runtime {
+        runtime.shutdown().await?;
+    }
+    outcome
+}
+
+async fn dead_letter_command(
+    args: &[String],
+    dlq: &catga::DeadLetters,
+    seq: impl Fn(usize) -> Result<u64>,
+) -> Result<()> {
+    let mark = |l: &catga::DeadLetter| match l.authentic {
+        Some(true) => "",
+        Some(false) => " NOT WRITTEN BY CATGA (or changed)",
+        None => " (not checked: REDIS_URL unset)",
+    };
     match args.first().map(String::as_str) {
         Some("list") => {
             let from = seq(1).unwrap_or(0);
             for l in dlq.list(from, 100).await? {
                 println!(
-                    "#{} {} handler={} deliveries={} {:?}: {}",
-                    l.seq, l.subject, l.handler, l.deliveries, l.error_kind, l.error
+                    "#{} {} handler={} deliveries={} {:?}: {}{}",
+                    l.seq,
+                    l.subject,
+                    l.handler,
+                    l.deliveries,
+                    l.error_kind,
+                    l.error,
+                    mark(&l)
                 );
             }
         }
@@ -86,6 +123,13 @@ async fn dead_letters(args: &[String]) -> Result<()> {
                 l.deliveries, l.error_kind, l.error
             );
             println!("message id: {}", l.message_id.as_deref().unwrap_or("-"));
+            if let Some(size) = l.truncated {
+                println!("cut to fit: {} of {size} bytes kept", l.payload.len());
+            }
+            println!(
+                "authentic:{}",
+                if mark(&l).is_empty() { " yes" } else { mark(&l) }
+            );
             for (k, v) in &l.headers {
                 println!("{k}: {v}");
             }
@@ -93,7 +137,11 @@ async fn dead_letters(args: &[String]) -> Result<()> {
         }
         Some("replay") => {
             let n = seq(1)?;
-            dlq.replay(n).await?;
+            if args.get(2).is_some_and(|a| a == "--force") {
+                dlq.replay_forced(n).await?;
+            } else {
+                dlq.replay(n).await?;
+            }
             println!("replayed #{n}");
         }
         Some("purge") => {
@@ -104,7 +152,7 @@ async fn dead_letters(args: &[String]) -> Result<()> {
         Some("purge-all") => println!("purged {}", dlq.purge_all().await?),
         _ => {
             return Err(Error::invalid(
-                "usage: dlq list [FROM] | show N | replay N | purge N | purge-all",
+                "usage: dlq list [FROM] | show N | replay N [--force] | purge N | purge-all",
             ));
         }
     }

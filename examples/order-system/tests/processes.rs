@@ -177,6 +177,8 @@ impl Servers {
             .arg("dlq")
             .args(args)
             .env("NATS_URL", self.nats.url())
+            .env("REDIS_URL", self.redis.url())
+            .env("CATGA_SERVICE", "orders")
             .env("NO_COLOR", "1")
             .output()
             .expect("run dlq");
@@ -620,6 +622,10 @@ async fn order_rules_hold_across_replicas() {
         listed.trim_start_matches('#').split(' ').next().unwrap_or("1"),
     ]);
     assert!(shown.contains("not json"), "{shown}");
+    assert!(
+        shown.contains("authentic: yes") && !listed.contains("NOT WRITTEN"),
+        "every letter checked against the store: {shown}"
+    );
     assert_eq!(servers.dlq(&["purge-all"]).trim(), "purged 3");
     assert_eq!(servers.dlq(&["list"]).trim(), "");
     let mut revenue = Revenue::default();

@@ -44,9 +44,26 @@ async fn on_flood(ctx: &Context, f: Flood) -> Result<()> {
     Ok(())
 }
 
+/// Published faster than it is handled, with a payload of `pad` bytes.
+#[event]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Heavy {
+    pub run: String,
+    pub seq: u64,
+    pub pad: String,
+}
+
+#[event(concurrency = 1)]
+async fn on_heavy(ctx: &Context, h: Heavy) -> Result<()> {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    HANDLED.record(&h.run, "heavy", ctx, h.seq);
+    Ok(())
+}
+
 catga_tests::on_both!(
     concurrency_limit,
     slow_consumer_drops_are_counted_exactly,
+    a_subscription_queue_is_bounded_in_bytes_too,
     a_full_subscription_refuses_requests_at_once
 );
 
@@ -96,6 +113,46 @@ async fn slow_consumer_drops_are_counted_exactly(b: &Backend) {
         .await as u64;
     let dropped = rt.dropped_messages();
     assert!(dropped > 0, "a queue of 4 cannot take {n} at once");
+    assert_eq!(
+        handled + dropped,
+        n,
+        "handled {handled} + dropped {dropped} must be {n}"
+    );
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A queue that could take 10,000 messages holds at most its bytes
+/// (`CATGA_SUBSCRIPTION_BYTES`): 100 KB messages beyond 1 MB are dropped,
+/// and counted like any other drop.
+async fn a_subscription_queue_is_bounded_in_bytes_too(b: &Backend) {
+    let rt = b
+        .started(
+            b.builder(module_path!(), "r1")
+                .subscription_capacity(10_000)
+                .subscription_bytes(1024 * 1024),
+        )
+        .await;
+    let client = b.client().await;
+    let run = run_id();
+    let n = 60u64;
+    for seq in 0..n {
+        client
+            .publish(Heavy {
+                run: run.clone(),
+                seq,
+                pad: "x".repeat(100 * 1024),
+            })
+            .await
+            .expect("publish");
+    }
+    let handled = HANDLED
+        .settle(&run, Duration::from_millis(300), Duration::from_secs(20))
+        .await as u64;
+    let dropped = rt.dropped_messages();
+    assert!(
+        handled <= 20,
+        "a 1 MB queue of 100 KB messages took {handled} of {n} (about 10 fit, plus the one in flight)"
+    );
     assert_eq!(
         handled + dropped,
         n,

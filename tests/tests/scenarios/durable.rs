@@ -59,6 +59,7 @@ async fn on_job(ctx: &Context, j: Job) -> Result<()> {
         "fail_once" if delivery == 1 => return Err(Error::unavailable("not yet")),
         "poison" => return Err(Error::invalid("this job can never be done")),
         "retry_forever" => return Err(Error::unavailable("still down")),
+        "crash" => return Err(Error::msg("a secret connection string in a crash")),
         "until_fixed" if broken(&j.run) => return Err(Error::unavailable("still down")),
         _ => {}
     }
@@ -108,7 +109,8 @@ catga_tests::on_both!(
     dead_letters_can_be_replayed_and_purged,
     an_open_breaker_stops_pulling,
     an_open_breaker_answers_commands_unavailable,
-    poison_at_the_size_limit_is_dead_lettered_cut_to_fit
+    poison_at_the_size_limit_is_dead_lettered_cut_to_fit,
+    letters_are_per_service_and_keep_no_5xx_text
 );
 
 async fn durable_events_are_handled_and_redelivered(b: &Backend) {
@@ -164,7 +166,7 @@ async fn poison_and_exhausted_messages_are_dead_lettered(b: &Backend) {
     }
     let records = HANDLED.wait_for(&run, 5, WAIT).await;
     assert_eq!(records.len(), 5, "the messages behind the bad ones flow");
-    let letters = wait_letters(&client, &run, 3).await;
+    let letters = wait_letters(&rt, &run, 3).await;
     let by_kind: std::collections::HashMap<ErrorKind, &catga::DeadLetter> =
         letters.iter().map(|l| (l.error_kind, l)).collect();
     let poison = by_kind.get(&ErrorKind::Invalid).expect("the poison job");
@@ -181,10 +183,10 @@ async fn poison_and_exhausted_messages_are_dead_lettered(b: &Backend) {
 }
 
 /// The dead letters of `run` (their payload names it), once there are `n`.
-async fn wait_letters(client: &catga::Client, run: &str, n: usize) -> Vec<catga::DeadLetter> {
+async fn wait_letters(rt: &catga::Runtime, run: &str, n: usize) -> Vec<catga::DeadLetter> {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let letters: Vec<catga::DeadLetter> = client
+        let letters: Vec<catga::DeadLetter> = rt
             .dead_letters()
             .list(0, 10_000)
             .await
@@ -212,16 +214,17 @@ async fn dead_letters_can_be_replayed_and_purged(b: &Backend) {
         .publish_durable(job(&run, 2, "poison"))
         .await
         .expect("stored");
-    let letters = wait_letters(&client, &run, 2).await;
+    let letters = wait_letters(&rt, &run, 2).await;
     assert_eq!(letters.len(), 2);
     let fixable = letters
         .iter()
         .find(|l| l.error_kind == ErrorKind::Unavailable)
         .expect("fixable");
-    let one = client.dead_letters().get(fixable.seq).await.expect("get");
+    let one = rt.dead_letters().get(fixable.seq).await.expect("get");
+    assert_eq!(one.authentic, Some(true), "written by catga: {one:?}");
     assert_eq!(&one, fixable);
     set_broken(&run, false);
-    client.dead_letters().replay(fixable.seq).await.expect("replayed");
+    rt.dead_letters().replay(fixable.seq).await.expect("replayed");
     let handled = HANDLED.wait_for(&run, 1, WAIT).await;
     assert_eq!(
         handled.iter().map(|r| r.seq).collect::<Vec<_>>(),
@@ -232,9 +235,9 @@ async fn dead_letters_can_be_replayed_and_purged(b: &Backend) {
         .iter()
         .find(|l| l.error_kind == ErrorKind::Invalid)
         .expect("poison");
-    client.dead_letters().purge(poison.seq).await.expect("purged");
-    assert!(wait_letters(&client, &run, 0).await.is_empty(), "none left");
-    let err = client.dead_letters().get(poison.seq).await.expect_err("gone");
+    rt.dead_letters().purge(poison.seq).await.expect("purged");
+    assert!(wait_letters(&rt, &run, 0).await.is_empty(), "none left");
+    let err = rt.dead_letters().get(poison.seq).await.expect_err("gone");
     assert_eq!(err.kind(), ErrorKind::NotFound);
     rt.shutdown().await.expect("clean shutdown");
 }
@@ -314,7 +317,7 @@ async fn poison_at_the_size_limit_is_dead_lettered_cut_to_fit(b: &Backend) {
         .publish_raw("tests.durable.job", Bytes::from(poison))
         .await
         .expect("stored");
-    let letters = wait_letters(&client, &run, 1).await;
+    let letters = wait_letters(&rt, &run, 1).await;
     let [letter] = &letters[..] else {
         panic!("one dead letter, not {}: {letters:?}", letters.len())
     };
@@ -331,5 +334,102 @@ async fn poison_at_the_size_limit_is_dead_lettered_cut_to_fit(b: &Backend) {
         1,
         "the next one flows"
     );
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// Each service has its own letters; the text of a 5xx failure is not
+/// kept in a letter, only its error id; purging all of one service's
+/// letters leaves another's.
+async fn letters_are_per_service_and_keep_no_5xx_text(b: &Backend) {
+    let rt = runtime(b).await;
+    let client = b.client().await;
+    let run = run_id();
+    client
+        .publish_durable(job(&run, 1, "poison"))
+        .await
+        .expect("stored");
+    client
+        .publish_durable(job(&run, 2, "crash"))
+        .await
+        .expect("stored");
+    let letters = wait_letters(&rt, &run, 2).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(letters.iter().all(|l| l.authentic == Some(true)), "{letters:?}");
+    let crashed = letters
+        .iter()
+        .find(|l| l.error_kind == ErrorKind::Handler)
+        .expect("the 5xx one");
+    assert!(
+        crashed.error.contains("error id") && !crashed.error.contains("secret"),
+        "a 5xx text stays in the log: {}",
+        crashed.error
+    );
+    let other = client.dead_letters_of("another-service");
+    assert!(other.list(0, 100).await.expect("list").is_empty());
+    assert_eq!(other.purge_all().await.expect("purge"), 0);
+    assert_eq!(wait_letters(&rt, &run, 2).await.len(), 2, "untouched");
+    let purged = rt.dead_letters().purge_all().await.expect("purge");
+    assert!(purged >= 2, "{purged}");
+    assert!(wait_letters(&rt, &run, 0).await.is_empty());
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A letter published by an ordinary NATS client on the dead-letter
+/// subjects, naming a command that cancels an order (and borrowing a real
+/// letter's id), is listed as not authentic and is not replayed; forced, it
+/// goes only to a stream. (The embedded bus keeps letters in the process,
+/// where nobody else can publish one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_letters_are_not_replayed() {
+    let b = Backend::nats();
+    let rt = runtime(&b).await;
+    let client = b.client().await;
+    let run = run_id();
+    client
+        .publish_durable(job(&run, 1, "poison"))
+        .await
+        .expect("stored");
+    let real = wait_letters(&rt, &run, 1).await;
+    let forged = format!("{{\"run\":\"{run}\",\"order\":\"o-1\"}}");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Catga-Dlq-Subject", "cmd.cancel_order");
+    headers.insert("Catga-Dlq-Service", "catga-tests");
+    headers.insert("Catga-Dlq-Handler", "durable::on_job");
+    headers.insert("Catga-Dlq-Id", real[0].letter_id.clone().expect("an id").as_str());
+    let Backend::Nats(server, _) = &b else {
+        unreachable!("nats backend")
+    };
+    let nc = async_nats::connect(server.url()).await.expect("raw client");
+    let js = async_nats::jetstream::new(nc);
+    js.publish_with_headers(
+        "catga.dead.catga-tests.cmd.cancel_order",
+        headers,
+        Bytes::from(forged),
+    )
+    .await
+    .expect("published")
+    .await
+    .expect("stored");
+    let letters = wait_letters(&rt, &run, 2).await;
+    let forged = letters
+        .iter()
+        .find(|l| l.subject == "cmd.cancel_order")
+        .expect("the forged letter is listed");
+    assert_eq!(forged.authentic, Some(false), "{forged:?}");
+    let err = rt.dead_letters().replay(forged.seq).await.expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
+    // Read without the store, nothing is known to be authentic.
+    let unchecked = client
+        .dead_letters_of("catga-tests")
+        .get(real[0].seq)
+        .await
+        .expect("get");
+    assert_eq!(unchecked.authentic, None);
+    let err = client
+        .dead_letters_of("catga-tests")
+        .replay(real[0].seq)
+        .await
+        .expect_err("not checked");
+    assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
     rt.shutdown().await.expect("clean shutdown");
 }

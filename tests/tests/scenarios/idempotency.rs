@@ -138,7 +138,8 @@ catga_tests::on_every_store!(
     idempotent_event_handlers_run_once_per_id,
     a_used_id_under_another_payload_is_a_conflict,
     a_durable_publish_leaves_with_the_commit_or_not_at_all,
-    a_dead_replicas_claims_lapse_within_about_a_second
+    a_dead_replicas_claims_lapse_within_about_a_second,
+    a_cancelled_attempt_gives_its_claim_up
 );
 
 async fn a_repeated_id_runs_once(b: &Backend) {
@@ -311,18 +312,7 @@ async fn a_dead_replicas_claims_lapse_within_about_a_second(b: &Backend) {
         cents: 3,
         stall_on: "r1".into(),
     };
-    let first = {
-        let (c, d) = (client.clone(), d.clone());
-        tokio::spawn(async move { c.send_with_id(d, "crash-1").await })
-    };
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
-    while RUNS.get(&account) == 0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the first attempt never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let first = stalled(&client, &d, "crash-1").await;
     let r2 = b.runtime(module_path!(), "r2").await;
     let crashed = std::time::Instant::now();
     drop(r1);
@@ -368,4 +358,77 @@ async fn a_durable_publish_leaves_with_the_commit_or_not_at_all(b: &Backend) {
     let seqs: Vec<u64> = ANNOUNCED.of(&run).iter().map(|r| r.seq).collect();
     assert_eq!(seqs, [2], "only the committed one: {seen:?}");
     rt.shutdown().await.expect("clean shutdown");
+}
+
+/// An attempt cancelled half way on a replica that lives on (its handler
+/// stopped, the drain deadline passed) gives its claim up: a retry on
+/// another replica runs the message at once, instead of being told "busy"
+/// for as long as the first replica lives.
+async fn a_cancelled_attempt_gives_its_claim_up(b: &Backend) {
+    let r1 = b
+        .started(
+            b.builder(module_path!(), "r1")
+                .drain_timeout(Duration::from_millis(200)),
+        )
+        .await;
+    let client = b.client().await;
+    let account = run_id();
+    let d = StallingDeposit {
+        account: account.clone(),
+        cents: 4,
+        stall_on: "r1".into(),
+    };
+    let first = stalled(&client, &d, "cancel-1").await;
+    let name = r1
+        .serving()
+        .await
+        .into_iter()
+        .find(|h| h.ends_with("::stalling_deposit"))
+        .expect("served");
+    let err = r1
+        .stop_handler(name)
+        .await
+        .expect_err("cancelled at the drain deadline");
+    assert!(err.message().contains("cancelled"), "{err}");
+    first.abort();
+    let r2 = b.runtime(module_path!(), "r2").await;
+    let started = std::time::Instant::now();
+    let answer = client
+        .with_request_timeout(Duration::from_secs(3))
+        .send_with_id(d, "cancel-1")
+        .await
+        .expect("the retry runs it");
+    assert_eq!(answer, 4);
+    assert_eq!(RUNS.get(&account), 2, "run again once, on r2");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert!(r1.is_ready(), "r1 lives on");
+    r2.shutdown().await.expect("clean shutdown");
+    // Its 200 ms drain is shorter than a NATS hand-over wait: cut short.
+    let _ = r1.shutdown().await;
+}
+
+/// Sends `d` under `id` from a task of its own and waits until its handler
+/// started (and stalls, on the replica `d` names).
+async fn stalled(
+    client: &catga::Client,
+    d: &StallingDeposit,
+    id: &'static str,
+) -> tokio::task::JoinHandle<catga::Result<u64>> {
+    let first = {
+        let (c, d) = (client.clone(), d.clone());
+        tokio::spawn(async move { c.send_with_id(d, id).await })
+    };
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while RUNS.get(&d.account) == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the first attempt never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first
 }

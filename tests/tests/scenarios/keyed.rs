@@ -265,3 +265,78 @@ async fn a_replica_without_the_saga_is_not_in_its_ring(b: &Backend) {
     check(&run, 3).await;
     catga_tests::backend::shutdown_all(vec![with, without]).await;
 }
+
+/// Triggers published by an ordinary client with JetStream directives in
+/// their headers (`Nats-Expected-Stream` naming the trigger's own stream,
+/// which accepts it): the router does not copy the broker's headers onto
+/// the partition's copy, so the copy is stored and the saga runs, instead
+/// of every copy being refused and the saga's routing stopping for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_broker_headers_do_not_stop_the_routing() {
+    let b = Backend::nats();
+    let rt = replica(&b, "r1").await;
+    spread(&[&rt]).await;
+    let Backend::Nats(server, _) = &b else {
+        unreachable!("nats backend")
+    };
+    let nc = async_nats::connect(server.url()).await.expect("raw client");
+    let js = async_nats::jetstream::new(nc);
+    let stream = js
+        .stream_by_subject("tests.keyed.posted")
+        .await
+        .expect("the triggers' stream");
+    let run = run_id();
+    for seq in 1..=3 {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("{run}-{seq}").as_str());
+        h.insert("Nats-Expected-Stream", stream.as_str());
+        let payload = serde_json::to_vec(&Posted {
+            run: run.clone(),
+            account: "acct-a".into(),
+            seq,
+        })
+        .expect("json");
+        js.publish_with_headers("tests.keyed.posted", h, payload.into())
+            .await
+            .expect("published")
+            .await
+            .expect("its own stream takes it");
+    }
+    let key = (run.clone(), "acct-a".to_owned());
+    let started = Instant::now();
+    loop {
+        let posted = LEDGER
+            .lock()
+            .expect("ledger")
+            .get(&key)
+            .cloned()
+            .unwrap_or_default();
+        if posted.len() == 3 {
+            assert_eq!(posted, [1, 2, 3], "in order");
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "no saga ran: the routing stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Triggers published normally afterwards still flow.
+    let client = b.client().await;
+    client
+        .publish_durable(Posted {
+            run: run.clone(),
+            account: "acct-a".into(),
+            seq: 10,
+        })
+        .await
+        .expect("published");
+    let started = Instant::now();
+    while !LEDGER
+        .lock()
+        .expect("ledger")
+        .get(&key)
+        .is_some_and(|p| p.contains(&10))
+    {
+        assert!(started.elapsed() < WAIT, "the routing stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rt.shutdown().await.expect("clean shutdown");
+}

@@ -217,7 +217,53 @@ async fn slow(saga: &Saga, s: Slow) -> Result<()> {
     reserved.map(|_| ())
 }
 
+/// A step that outlives its saga's patience on the first try.
+#[command(reply = u64, subject = "tests.saga.stamp", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct StampStep {
+    pub run: String,
+    /// Differs on every run of the saga (a clock reading, say).
+    pub nonce: u64,
+}
+
+/// Starts `stamped`.
+#[event(subject = "tests.saga.stamped")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Stamped {
+    pub run: String,
+}
+
+static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+#[command]
+async fn stamp_step(s: StampStep) -> Result<u64> {
+    let first = EFFECTS.get(&format!("{}:stamp", s.run)) == 0;
+    effect(&s.run, "stamp");
+    if first {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    Ok(s.nonce)
+}
+
+#[saga(leader)]
+async fn stamped(saga: &Saga, e: Stamped) -> Result<()> {
+    effect(&e.run, "runs");
+    let nonce = NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    saga.step(
+        "stamp",
+        StampStep {
+            run: e.run.clone(),
+            nonce,
+        },
+    )
+    .timeout(Duration::from_millis(300))
+    .compensate(Release { run: e.run.clone() })
+    .await?;
+    Ok(())
+}
+
 catga_tests::on_every_store!(
+    a_resumed_step_sends_what_it_sent_first,
     one_run_of_a_saga_at_a_time_however_long_it_runs,
     the_saga_attribute_runs_a_saga,
     a_saga_takes_each_step_once,
@@ -326,6 +372,43 @@ async fn one_run_of_a_saga_at_a_time_however_long_it_runs(b: &Backend) {
     assert_eq!(RUNNING.max(&run), 1, "never two runs at once");
     assert_eq!(effects(&run)[5], 1, "one run");
     assert_eq!(effects(&run)[0], 1, "its step once");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A step whose command carries something different on every run of the
+/// saga times out the first time (its command did run, and answered);
+/// the saga resumes and sends the step again: exactly the payload it
+/// first sent (journaled), so the step's inbox gives the first answer,
+/// not a conflict, and the saga completes without compensating.
+async fn a_resumed_step_sends_what_it_sent_first(b: &Backend) {
+    let rt = leader(b).await;
+    let started = Instant::now();
+    while !rt.serving().await.iter().any(|h| h.ends_with("::stamped")) {
+        assert!(started.elapsed() < WAIT, "the stamped saga is not served");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let client = b.client().await;
+    let run = run_id();
+    client
+        .publish_durable(Stamped { run: run.clone() })
+        .await
+        .expect("published");
+    let started = Instant::now();
+    while effects(&run)[5] < 2 || EFFECTS.get(&format!("{run}:stamp")) < 1 {
+        assert!(started.elapsed() < WAIT, "not resumed: {:?}", effects(&run));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    loop {
+        let sagas = rt.sagas(100).await.expect("sagas");
+        let mine = sagas.iter().find(|s| s.id.starts_with("stamped:"));
+        if mine.is_some_and(|s| s.status == SagaStatus::Completed) || started.elapsed() > WAIT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(EFFECTS.get(&format!("{run}:stamp")), 1, "the step ran once");
+    assert_eq!(effects(&run)[3], 0, "nothing compensated");
     rt.shutdown().await.expect("clean shutdown");
 }
 
