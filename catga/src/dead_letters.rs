@@ -73,6 +73,36 @@ impl Client {
 }
 
 impl DeadLetters {
+    /// `config.service`'s dead letters, for an operator's tool: connects
+    /// to the broker in `config` and, with `REDIS_URL`, to the store the
+    /// replicas write letter records to (checked letters; nothing runs in
+    /// the background, unlike a runtime).
+    pub async fn connect(config: &crate::Config) -> Result<DeadLetters> {
+        let client = Client::connect_with(config).await?;
+        let store = match &config.redis_url {
+            Some(url) => Some(
+                crate::store::RedisStore::connect(
+                    &crate::store::RedisConnect {
+                        url: url.clone(),
+                        mode: config.redis_mode,
+                        sentinel_master: config.redis_sentinel_master.clone(),
+                        tls_ca: config.redis_tls.ca.clone(),
+                        tls_cert: config.redis_tls.cert.clone(),
+                        tls_key: config.redis_tls.key.clone(),
+                    },
+                    &config.service,
+                )?
+                .into(),
+            ),
+            None => None,
+        };
+        Ok(DeadLetters {
+            client,
+            service: config.service.clone(),
+            store,
+        })
+    }
+
     pub(crate) fn checked(client: Client, service: String, store: Store) -> DeadLetters {
         DeadLetters {
             client,
@@ -159,6 +189,10 @@ impl DeadLetters {
             )
             .await?;
         transport.delete_dead_letter(&self.service, seq).await?;
+        // Used up: a copy of it published again is not authentic.
+        if let (Some(store), Some(id)) = (&self.store, &letter.letter_id) {
+            store.forget_letter(id).await?;
+        }
         Ok(())
     }
 

@@ -641,26 +641,7 @@ async fn route_from(
             biased;
             stored = front(&mut inflight), if !inflight.is_empty() => {
                 let Some((_, settler, trigger)) = inflight.pop_front() else { continue };
-                match stored {
-                    Ok(()) => {
-                        let _ = settler.settle(Settle::Reply(Bytes::new())).await;
-                    }
-                    // The partition's stream refused the copy for what it
-                    // is: a dead letter, not a routing retried forever.
-                    Err(e) if !e.is_retryable() => {
-                        tracing::error!(saga = spec.name(), error = %e, "a trigger's copy was refused: dead-lettered");
-                        let letter = super::pipeline::dead_letter(served, shared, &trigger.0, &trigger.1, &e);
-                        let _ = settler.settle(recorded(shared, letter).await).await;
-                    }
-                    Err(e) => {
-                        // Given back; what follows too (its copies, if
-                        // stored, are dropped as repeats when routed again).
-                        let _ = settler.settle(Settle::Retry { delay: Duration::ZERO }).await;
-                        if failed.is_none() {
-                            failed = Some(e);
-                        }
-                    }
-                }
+                routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut failed).await;
             }
             _ = stop.changed(), if !stopping => {}
             d = sub.next(), if !stopping && inflight.len() < ROUTER_WINDOW => {
@@ -704,6 +685,25 @@ async fn route_from(
                 // before it (all partitions share one stream): a copy
                 // lost while a node dies fails the ones sent after it,
                 // which are given back and routed again in order.
+                // A trigger delivered again (its router died, or did not
+                // settle it in time) may have its copy stored already: the
+                // stream drops the repeat, and its last message is then
+                // another one. It is routed on its own, after what is in
+                // flight, and the chain goes on from it only if it was
+                // stored now; after a repeat the next copy starts a chain
+                // (everything before it is stored). Chained on a repeat,
+                // the next copy was refused, and each new router made one
+                // step per ack wait.
+                if incoming.delivered > 1 {
+                    while let Some((stored, settler, trigger)) = inflight.pop_front() {
+                        let stored = stored.await;
+                        routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut failed).await;
+                    }
+                    if failed.is_some() {
+                        let _ = settler.settle(Settle::Retry { delay: Duration::ZERO }).await;
+                        continue;
+                    }
+                }
                 match transport
                     .publish_durable_start(
                         &format!("{base}.{p}"),
@@ -714,6 +714,16 @@ async fn route_from(
                     )
                     .await
                 {
+                    Ok(stored) if incoming.delivered > 1 => {
+                        let stored = stored.await;
+                        last = match &stored {
+                            Ok(true) => None,
+                            Ok(false) => Some(id),
+                            Err(_) => last,
+                        };
+                        let trigger = (meta, incoming.payload);
+                        routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut failed).await;
+                    }
                     Ok(stored) => {
                         last = Some(id);
                         inflight.push_back((stored, settler, Box::new((meta, incoming.payload))));
@@ -730,6 +740,44 @@ async fn route_from(
                         failed = Some(e);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Settles a routed trigger once its copy's fate is known: acked when the
+/// copy is stored, dead-lettered when the partition's stream refused it
+/// for good, given back otherwise (and the routing ends: what follows is
+/// given back too, and routed again in order).
+async fn routed(
+    shared: &Shared,
+    served: &Served,
+    settler: Settler,
+    trigger: &(crate::wire::MessageMeta, Bytes),
+    stored: Result<()>,
+    failed: &mut Option<Error>,
+) {
+    match stored {
+        Ok(()) => {
+            let _ = settler.settle(Settle::Reply(Bytes::new())).await;
+        }
+        // The partition's stream refused the copy for what it is: a dead
+        // letter, not a routing retried forever.
+        Err(e) if !e.is_retryable() => {
+            tracing::error!(saga = served.spec.name(), error = %e, "a trigger's copy was refused: dead-lettered");
+            let letter = super::pipeline::dead_letter(served, shared, &trigger.0, &trigger.1, &e);
+            let _ = settler.settle(recorded(shared, letter).await).await;
+        }
+        Err(e) => {
+            // Given back; what follows too (its copies, if stored, are
+            // dropped as repeats when routed again).
+            let _ = settler
+                .settle(Settle::Retry {
+                    delay: Duration::ZERO,
+                })
+                .await;
+            if failed.is_none() {
+                *failed = Some(e);
             }
         }
     }
@@ -752,8 +800,9 @@ async fn recorded(shared: &Shared, mut letter: crate::transport::DeadLetter) -> 
 /// A trigger routed and not yet acknowledged by its partition's stream.
 type Routing = (Stored, Settler, Box<(crate::wire::MessageMeta, Bytes)>);
 
-/// Waits for the oldest routing in flight to be stored (or not).
-async fn front(inflight: &mut VecDeque<Routing>) -> Result<()> {
+/// Waits for the oldest routing in flight to be stored (or not); whether
+/// the stream had it already.
+async fn front(inflight: &mut VecDeque<Routing>) -> Result<bool> {
     match inflight.front_mut() {
         Some((stored, _, _)) => stored.await,
         None => std::future::pending().await,

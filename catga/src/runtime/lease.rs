@@ -133,12 +133,21 @@ pub(crate) async fn hold(store: Store, owner: String, leases: Vec<HeldLease>, tt
         // Not renewed (an error): each runs out at its own time, which
         // `Held::token_now` tells.
         if let Ok(tokens) = store.lease_sync(&wanted, &owner, ttl).await {
-            for ((_, held), token) in leases.iter().zip(tokens) {
+            let mut taken_again = Vec::new();
+            for ((name, held), token) in leases.iter().zip(tokens) {
                 if token == held.token.load(Ordering::Acquire) && token != 0 {
                     held.grant(token, asked + ttl);
                 } else {
                     held.token.store(0, Ordering::Release);
+                    // It had lapsed and was taken anew: not wanted, since
+                    // what runs under the old token cannot use it.
+                    if token != 0 {
+                        taken_again.push((name.clone(), false));
+                    }
                 }
+            }
+            if !taken_again.is_empty() {
+                let _ = store.lease_sync(&taken_again, &owner, ttl).await;
             }
         }
         tokio::time::sleep_until(asked + every).await;

@@ -526,13 +526,7 @@ impl Runtime {
             tokio::spawn(lease::hold(self.shared.store.clone(), owner.clone(), leases, ttl))
         });
         let background = std::mem::take(&mut self.background);
-        let outcome = shutdown::shutdown(&self.shared, serving, background, deadline).await;
-        for mut d in draining {
-            if tokio::time::timeout_at(deadline, &mut d).await.is_err() {
-                d.abort();
-                let _ = d.await;
-            }
-        }
+        let outcome = shutdown::shutdown(&self.shared, serving, draining, background, deadline).await;
         for h in holders {
             h.abort();
             let _ = h.await;

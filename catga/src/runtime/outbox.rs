@@ -86,29 +86,37 @@ pub(crate) async fn flush(shared: &Shared, lease: &Lease, deadline: Instant) {
 }
 
 /// Pages of [`BATCH`] entries a round reads past the entries of suspended
-/// subjects.
-const PAGES: usize = 4;
+/// streams.
+const PAGES: usize = 16;
 
-/// What a relay remembers between rounds: the subjects whose stream
+/// What a relay remembers between rounds: the streams (chains, see
+/// [`Transport::chain_of`](crate::transport::Transport::chain_of)) that
 /// failed to store their oldest entry, left alone until when (and how
 /// often in a row). Their entries keep their place; the entries of other
-/// subjects behind them go out meanwhile, so that one stream that is
-/// away (its leader lost, no quorum) does not hold back every other.
+/// streams behind them go out meanwhile, so that one stream that is away
+/// (its leader lost, no quorum) does not hold back every other. By
+/// stream, not subject: a stream's order is one chain, whatever subjects
+/// it stores.
 #[derive(Default)]
 struct Relay {
     suspended: HashMap<String, (Instant, u32)>,
 }
 
 impl Relay {
+    /// Whether `chain` is left alone right now.
+    fn waiting(&self, chain: &str, now: Instant) -> bool {
+        self.suspended.get(chain).is_some_and(|(until, _)| *until > now)
+    }
+
     /// One round: reads the oldest entries (waiting up to `block` for
-    /// one), skipping those of suspended subjects, sends them in order,
+    /// one), skipping those of suspended streams, sends them in order,
     /// removes those stored or dead-lettered. Returns how many left the
     /// outbox; an error only when none did and one failed (the failed ones
     /// go again in a later round, in order).
     async fn round(&mut self, shared: &Shared, lease: &Lease, block: Duration) -> Result<usize> {
         let store = &shared.store;
+        let transport = shared.client.transport();
         let now = Instant::now();
-        let waiting = |subject: &str| self.suspended.get(subject).is_some_and(|(until, _)| *until > now);
         let any_waiting = self.suspended.values().any(|(until, _)| *until > now);
         let mut page = Box::pin(store.outbox_read(BATCH, block)).await?;
         let mut ids = Vec::with_capacity(page.len());
@@ -120,7 +128,7 @@ impl Relay {
             };
             for (id, entry) in page {
                 match entry {
-                    Some(e) if waiting(&e.subject) => {}
+                    Some(e) if self.waiting(&transport.chain_of(&e.subject), now) => {}
                     Some(e) => {
                         ids.push(id);
                         entries.push(e);
@@ -139,28 +147,35 @@ impl Relay {
             tracing::error!(entries = ?unreadable, "outbox entries that cannot be read: removed");
             store.outbox_remove(&unreadable).await?;
         }
-        if entries.is_empty() {
-            return Ok(unreadable.len());
-        }
-        let transport = shared.client.transport();
         let subjects: BTreeSet<String> = entries.iter().map(|e| e.subject.clone()).collect();
-        let mut unready = BTreeSet::new();
         let mut failure = None;
         for subject in subjects {
             if let Err(e) = transport.ensure_stored(&subject, &shared.config.streams).await {
                 failure.get_or_insert(e);
-                unready.insert(subject);
+                self.suspend(transport.chain_of(&subject));
             }
         }
+        // Now that every subject's stream is known: nothing of a stream
+        // that is left alone goes out, whatever its subject.
         let (mut sent_ids, mut sent) = (Vec::new(), Vec::new());
         for (id, e) in ids.into_iter().zip(entries) {
-            if !unready.contains(&e.subject) {
+            if !self.waiting(&transport.chain_of(&e.subject), Instant::now()) {
                 sent_ids.push(id);
                 sent.push(e);
             }
         }
-        for subject in unready {
-            self.suspend(subject);
+        if sent.is_empty() {
+            // Everything waits on a suspended stream: sleep until the
+            // first one may be tried again, instead of reading the same
+            // entries in a loop.
+            let next = self.suspended.values().map(|(until, _)| *until).min();
+            if let Some(next) = next {
+                tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(20))).await;
+            }
+            return match failure {
+                Some(e) if unreadable.is_empty() => Err(e),
+                _ => Ok(unreadable.len()),
+            };
         }
         let outgoing: Vec<Outgoing> = sent.iter().map(outgoing).collect();
         let go_on = || lease.held().is_some();
@@ -168,12 +183,13 @@ impl Relay {
             .store_in_order(&outgoing, shared.config.request_timeout, &go_on)
             .await;
         let mut done = Vec::with_capacity(sent_ids.len());
-        let mut failed_subjects = BTreeSet::new();
-        let mut stored_subjects = BTreeSet::new();
+        let mut failed_chains = BTreeSet::new();
+        let mut stored_chains = BTreeSet::new();
         for ((id, entry), result) in sent_ids.into_iter().zip(&sent).zip(results) {
+            let chain = transport.chain_of(&entry.subject);
             match result {
                 Ok(()) => {
-                    stored_subjects.insert(entry.subject.clone());
+                    stored_chains.insert(chain);
                     done.push(id);
                 }
                 Err(e) if never_stored(&e) => match dead_letter(shared, entry, &e).await {
@@ -182,7 +198,7 @@ impl Relay {
                         done.push(id);
                     }
                     Err(dl) => {
-                        failed_subjects.insert(entry.subject.clone());
+                        failed_chains.insert(chain);
                         failure.get_or_insert(dl);
                     }
                 },
@@ -191,21 +207,21 @@ impl Relay {
                         // Its stream is gone: made again next round.
                         transport.forget_stored(&entry.subject);
                     }
-                    failed_subjects.insert(entry.subject.clone());
+                    failed_chains.insert(chain);
                     failure.get_or_insert(e);
                 }
             }
         }
-        let n = done.len();
+        let n = done.len() + unreadable.len();
         store.outbox_remove(&done).await?;
-        for subject in &stored_subjects {
-            self.suspended.remove(subject);
+        for chain in &stored_chains {
+            self.suspended.remove(chain);
         }
-        // A subject that stored nothing this round waits a moment; one
-        // that stored some (another writer came in between, a chain cut
-        // short) goes again in the next round at once.
-        for subject in failed_subjects.difference(&stored_subjects) {
-            self.suspend(subject.clone());
+        // A stream that stored nothing this round waits a moment; one that
+        // stored some (another writer came in between, a chain cut short)
+        // goes again in the next round at once.
+        for chain in failed_chains.difference(&stored_chains) {
+            self.suspend(chain.clone());
         }
         match failure {
             Some(e) if n == 0 => Err(e),
@@ -213,11 +229,11 @@ impl Relay {
         }
     }
 
-    fn suspend(&mut self, subject: String) {
-        let failures = self.suspended.get(&subject).map_or(0, |(_, f)| *f) + 1;
+    fn suspend(&mut self, chain: String) {
+        let failures = self.suspended.get(&chain).map_or(0, |(_, f)| *f) + 1;
         let pause =
             crate::resilience::backoff(Duration::from_millis(100), failures).min(Duration::from_secs(5));
-        self.suspended.insert(subject, (Instant::now() + pause, failures));
+        self.suspended.insert(chain, (Instant::now() + pause, failures));
     }
 }
 

@@ -320,7 +320,17 @@ async fn claim(
     };
     loop {
         let (ttl, alive_for) = (shared.config.inbox_window, shared.config.inbox_lease);
-        match Box::pin(shared.store.inbox_begin(scope, &id, &claim, ttl, alive_for)).await {
+        // Dropped while the claim is asked for (a drain deadline), or
+        // failed without an answer, the claim may be written: given up in
+        // the background either way.
+        let asking = ClaimGuard(Some((&shared.plain_work.orphans, scope, &id, &claim)));
+        let begun = Box::pin(shared.store.inbox_begin(scope, &id, &claim, ttl, alive_for)).await;
+        if begun.is_ok() {
+            asking.disarm();
+        } else {
+            drop(asking);
+        }
+        match begun {
             Ok(Inbox::Fresh) => return Ok(Claim::Owned { scope, id, claim }),
             Ok(Inbox::Done(answer)) if answer.fits(&claim.digest) => {
                 return Err(Outcome::Answered(answer.reply));
@@ -344,11 +354,7 @@ async fn claim(
                      first attempt sent, and a new message needs a new id"
                 ))));
             }
-            // The claim may have been written with its answer lost.
-            Err(e) => {
-                shared.plain_work.orphans.give_up(scope, &id, &claim);
-                return Err(Outcome::Failed(e));
-            }
+            Err(e) => return Err(Outcome::Failed(e)),
         }
     }
 }
@@ -742,7 +748,10 @@ pub(crate) fn dead_letter(
             .headers()
             .map(|h| {
                 h.iter()
-                    .filter(|(k, _)| !wire::is_broker_header(k.as_ref()))
+                    .filter(|(k, _)| {
+                        let k: &str = k.as_ref();
+                        !wire::is_broker_header(k) && !k.to_ascii_lowercase().starts_with("catga-dlq-")
+                    })
                     .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
                     .collect()
             })

@@ -81,11 +81,21 @@ pub(crate) async fn stop_serving(serving: Vec<Serving>, deadline: Instant) -> St
 pub(crate) async fn shutdown(
     shared: &std::sync::Arc<Shared>,
     serving: Vec<Serving>,
+    draining: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     deadline: Instant,
 ) -> Result<()> {
     shared.health.set_draining();
-    let stopped = stop_serving(serving, deadline).await;
+    let mut stopped = stop_serving(serving, deadline).await;
+    // The routers and the partitions given up before the shutdown: the
+    // same deadline, counted with the rest.
+    for mut d in draining {
+        if tokio::time::timeout_at(deadline, &mut d).await.is_err() {
+            d.abort();
+            let _ = d.await;
+            stopped.cancelled += 1;
+        }
+    }
     for b in &background {
         b.abort();
     }
@@ -108,7 +118,7 @@ pub(crate) async fn shutdown(
     // moment, and never long when the broker is away.
     let left = deadline
         .saturating_duration_since(Instant::now())
-        .clamp(Duration::from_millis(100), Duration::from_secs(2));
+        .min(Duration::from_secs(2));
     // A round trip, not only a flush: async-nats' flush writes the buffer
     // out but does not wait for the server, so a sender on another
     // connection could still reach a subscription whose UNSUB the server
@@ -116,7 +126,7 @@ pub(crate) async fn shutdown(
     // `shutdown::nats::graceful_shutdown` got "no reply" instead of "no
     // handler" right after shutdown returned).
     let transport = shared.client.transport();
-    let flushed = if transport.is_connected() {
+    let flushed = if transport.is_connected() && !left.is_zero() {
         transport.flush(left).await.is_ok() && transport.round_trip(left).await.is_ok()
     } else {
         false

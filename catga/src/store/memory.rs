@@ -337,6 +337,11 @@ impl MemoryStore {
         Ok(())
     }
 
+    pub(crate) async fn forget_letter(&self, id: &str) -> Result<()> {
+        self.lock().letters.remove(id);
+        Ok(())
+    }
+
     pub(crate) async fn letter_digests(&self, ids: &[String]) -> Result<Vec<Option<String>>> {
         let now = Instant::now();
         let inner = self.lock();

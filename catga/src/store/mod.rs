@@ -495,6 +495,12 @@ impl Store {
         each!(self, s => s.record_letter(id, digest, keep).await)
     }
 
+    /// Forgets the record of dead letter `id` (it was replayed: a copy of
+    /// it published again is not authentic).
+    pub(crate) async fn forget_letter(&self, id: &str) -> Result<()> {
+        each!(self, s => s.forget_letter(id).await)
+    }
+
     /// The recorded digests of dead letters `ids`, in order (`None`: no
     /// record).
     pub(crate) async fn letter_digests(&self, ids: &[String]) -> Result<Vec<Option<String>>> {
@@ -589,20 +595,30 @@ impl Store {
 /// kill, whose reply was lost, answered every retry of its message "busy"
 /// until the run ended.
 #[derive(Clone)]
-pub(crate) struct Orphans(tokio::sync::mpsc::UnboundedSender<(String, String, Claim)>);
+pub(crate) struct Orphans(tokio::sync::mpsc::Sender<(String, String, Claim)>);
 
 /// The receiving end of [`Orphans`], for [`clean_orphans`].
-pub(crate) type OrphanQueue = tokio::sync::mpsc::UnboundedReceiver<(String, String, Claim)>;
+pub(crate) type OrphanQueue = tokio::sync::mpsc::Receiver<(String, String, Claim)>;
+
+/// Claims waiting to be given up, at most; beyond (a long store outage),
+/// a claim lapses with its replica's liveness, or with the inbox window.
+const ORPHANS: usize = 10_000;
 
 impl Orphans {
     pub(crate) fn new() -> (Orphans, OrphanQueue) {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = tokio::sync::mpsc::channel(ORPHANS);
         (Orphans(tx), rx)
     }
 
     /// Gives `claim` on `id` up in the background (if it still holds it).
     pub(crate) fn give_up(&self, scope: &str, id: &str, claim: &Claim) {
-        let _ = self.0.send((scope.to_owned(), id.to_owned(), claim.clone()));
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) =
+            self.0.try_send((scope.to_owned(), id.to_owned(), claim.clone()))
+        {
+            tracing::warn!(
+                "too many claims wait to be given up; this one lapses with the replica or the inbox window"
+            );
+        }
     }
 }
 

@@ -631,6 +631,15 @@ impl RedisStore {
             .map_err(map_err)
     }
 
+    pub(crate) async fn forget_letter(&self, id: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(self.letter_key(id))
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(map_err)
+    }
+
     pub(crate) async fn letter_digests(&self, ids: &[String]) -> Result<Vec<Option<String>>> {
         let mut c = self.conn.clone();
         // One key at a time on a cluster (MGET needs one slot; these share

@@ -97,6 +97,7 @@ impl NatsTransport {
         if self.stream_known(&subjects, Duration::MAX) == Some(true) {
             return Ok(());
         }
+        self.set_dead_letter_settings(settings);
         let keep = settings.max_age.max(Duration::from_secs(30 * 24 * 3600));
         self.ensure(stream_config(
             stream_name(&subjects),
@@ -279,7 +280,7 @@ impl NatsTransport {
         let subject = subject.to_owned();
         Ok(Box::pin(async move {
             match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(stored)) => stored_at(&subject, &stored),
+                Ok(Ok(stored)) => stored_at(&subject, &stored).map(|()| stored.duplicate),
                 Ok(Err(e)) => Err(publish_error(&subject, e)),
                 Err(_) => Err(Error::new(
                     ErrorKind::Timeout,
@@ -430,11 +431,30 @@ impl NatsTransport {
         }
     }
 
-    /// Stores a letter in its service's dead-letter stream.
+    /// Stores a letter in its service's dead-letter stream; a stream that
+    /// is gone (deleted by an operator) is made again, with the settings
+    /// it was made with.
     pub(crate) async fn store_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
         let (subject, headers) = letter.to_stored();
-        self.publish_durable(&subject, headers, letter.payload.clone(), Duration::from_secs(5))
-            .await
+        let stored = self
+            .publish_durable(
+                &subject,
+                headers.clone(),
+                letter.payload.clone(),
+                Duration::from_secs(5),
+            )
+            .await;
+        match stored {
+            Err(e) if e.kind() == ErrorKind::NoHandler => {
+                let settings = self.dead_letter_settings();
+                self.remember_stream(&DeadLetter::subjects_of(&letter.service), false);
+                self.ensure_dead_letters(&letter.service, &settings).await?;
+                self.remember_stream(&subject, true);
+                self.publish_durable(&subject, headers, letter.payload.clone(), Duration::from_secs(5))
+                    .await
+            }
+            other => other,
+        }
     }
 
     /// Deletes one of `service`'s dead letters; false if it was not there.
@@ -480,12 +500,22 @@ fn no_ack(subject: &str, timeout: Duration) -> Error {
     )
 }
 
-/// The status code of JetStream's answer to a publish it refused, if it
-/// answered.
-fn refusal_code(e: &jetstream::context::PublishError) -> Option<usize> {
+/// Whether JetStream refused a publish for what the message is (over the
+/// stream's message size, an expectation that cannot hold), so that
+/// sending it again cannot help. Limits of the account or the server
+/// (10002, 10023, 10047, 10028) may pass: those stay retryable.
+fn refused_for_good(e: &jetstream::context::PublishError) -> bool {
+    use jetstream::ErrorCode as C;
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<jetstream::Error>())
-        .map(|j| j.code())
+        .is_some_and(|j| {
+            [
+                C::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
+                C::STREAM_NOT_MATCH,
+                C::STREAM_WRONG_LAST_SEQUENCE,
+            ]
+            .contains(&j.error_code())
+        })
 }
 
 fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
@@ -513,7 +543,7 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
         // The stream refused it for what it is (a limit of the stream or
         // the account, a header it will not take): sending it again cannot
         // help, so it is dead-lettered rather than retried forever.
-        K::Other if refusal_code(&e) == Some(400) => Error::new(
+        K::Other if refused_for_good(&e) => Error::new(
             ErrorKind::Invalid,
             format!("JetStream refused the message on {subject}: {e}"),
         ),

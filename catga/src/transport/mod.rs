@@ -23,8 +23,9 @@ use crate::wire::deadline::Deadline;
 /// The payload limit of the embedded bus and the default of nats-server.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
-/// A message sent to a stream, resolving once the stream stored it.
-pub(crate) type Stored = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>;
+/// A message sent to a stream, resolving once the stream stored it: true
+/// if the stream had it already (a repeated message id).
+pub(crate) type Stored = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send>>;
 
 /// The header with which a publish says which message must be the last
 /// one of its stream for it to be stored (JetStream's optimistic
@@ -154,20 +155,32 @@ impl DeadLetter {
 
     /// A digest of everything a replay would send or an operator would act
     /// on: subject, service, handler, error, message id, headers, payload.
+    /// Over a canonical form, the same for the letter as written and as
+    /// read back from its stream: texts as header values (control
+    /// characters as spaces, trimmed), headers sorted (a header map's
+    /// order is not kept), one value per name.
     pub(crate) fn digest(&self) -> String {
+        let norm = |t: &str| crate::wire::header_value(t).trim().to_owned();
         let mut h = ring::digest::Context::new(&ring::digest::SHA256);
         for part in [
-            self.subject.as_bytes(),
-            self.service.as_bytes(),
-            self.handler.as_bytes(),
-            self.error_kind.as_str().as_bytes(),
-            self.error.as_bytes(),
-            self.message_id.as_deref().unwrap_or("").as_bytes(),
+            norm(&self.subject),
+            norm(&self.service),
+            norm(&self.handler),
+            self.error_kind.as_str().to_owned(),
+            norm(&self.error),
+            norm(self.message_id.as_deref().unwrap_or("")),
         ] {
-            h.update(part);
+            h.update(part.as_bytes());
             h.update(&[0]);
         }
+        // One value per name, the last: a header read back from a stream
+        // keeps only that one.
+        let mut last = std::collections::BTreeMap::new();
         for (k, v) in &self.headers {
+            last.insert(norm(k), norm(v));
+        }
+        let headers: Vec<(String, String)> = last.into_iter().collect();
+        for (k, v) in &headers {
             h.update(k.as_bytes());
             h.update(b":");
             h.update(v.as_bytes());
@@ -485,7 +498,9 @@ impl Transport {
                     .await
             }
             Kind::Memory(bus) => {
-                let stored = bus.publish_durable(subject, headers, payload);
+                // The embedded bus keeps order by construction: whether it
+                // was a repeat does not matter to a chain there.
+                let stored = bus.publish_durable(subject, headers, payload).map(|()| false);
                 Ok(Box::pin(async move { stored }))
             }
         }
@@ -508,6 +523,16 @@ impl Transport {
                 bus.streams().ensure(subject, settings);
                 Ok(())
             }
+        }
+    }
+
+    /// The chain `subject`'s messages belong to in
+    /// [`store_in_order`](Self::store_in_order): the stream that stores it,
+    /// once known, or the subject itself.
+    pub(crate) fn chain_of(&self, subject: &str) -> String {
+        match &self.0 {
+            Kind::Nats(t) => t.stream_of(subject).unwrap_or_else(|| subject.to_owned()),
+            Kind::Memory(_) => subject.to_owned(),
         }
     }
 
@@ -1022,6 +1047,86 @@ impl Drop for Settler {
                 "the replica stopped before answering; retry",
             )
             .exposed(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter() -> DeadLetter {
+        DeadLetter {
+            seq: 0,
+            subject: "orders.paid".into(),
+            service: "orders".into(),
+            handler: "billing::record".into(),
+            error_kind: ErrorKind::Decode,
+            error: "cannot decode\npayload  ".into(),
+            deliveries: 1,
+            message_id: Some("m-1".into()),
+            headers: vec![
+                ("Catga-Correlation-Id".into(), "c-1".into()),
+                ("Catga-Causation-Id".into(), "p-1".into()),
+                (
+                    "traceparent".into(),
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                ),
+                ("X-Tag".into(), "a".into()),
+                ("X-Tag".into(), "b".into()),
+            ],
+            payload: Bytes::from_static(b"\xff not json"),
+            truncated: None,
+            letter_id: Some("l-1".into()),
+            authentic: None,
+        }
+    }
+
+    #[test]
+    fn a_letter_read_back_has_the_digest_it_was_written_with() {
+        let written = letter();
+        for _ in 0..20 {
+            let (_, headers) = written.to_stored();
+            let read = DeadLetter::from_stored(7, headers, written.payload.clone());
+            assert_eq!(read.digest(), written.digest(), "{read:?}");
+            // As NATS gives it back: one value per name.
+            let mut collapsed = read.clone();
+            collapsed.headers.retain(|(k, v)| k != "X-Tag" || v == "b");
+            assert_eq!(collapsed.digest(), written.digest());
+        }
+        let mut changed = letter();
+        changed.payload = Bytes::from_static(b"{}");
+        assert_ne!(changed.digest(), written.digest());
+        let mut redirected = letter();
+        redirected.subject = "cmd.cancel_order".into();
+        assert_ne!(redirected.digest(), written.digest());
+    }
+
+    #[test]
+    fn a_letter_over_the_limits_is_cut_to_fit_and_says_so() {
+        let mut big = letter();
+        big.payload = Bytes::from(vec![b'x'; 2 * DEFAULT_MAX_PAYLOAD]);
+        big.message_id = Some("y".repeat(40_000));
+        big.headers.push(("X-Big".into(), "z".repeat(70_000)));
+        let cut = big.fit(DEFAULT_MAX_PAYLOAD);
+        let (_, headers) = cut.to_stored();
+        let header_size = memory::wire_size(Some(&headers), 0);
+        assert!(header_size + ROUTING_HEADROOM <= MAX_HEADERS, "{header_size}");
+        assert!(
+            memory::wire_size(Some(&headers), cut.payload.len()) + ROUTING_HEADROOM <= DEFAULT_MAX_PAYLOAD
+        );
+        assert_eq!(cut.truncated, Some(big.payload.len() as u64));
+        assert!(
+            cut.message_id
+                .as_deref()
+                .is_some_and(|id| id.len() <= crate::wire::MAX_ID_LEN)
+        );
+        assert!(!cut.payload.is_empty());
+        let fits = letter();
+        assert_eq!(
+            fits.fit(DEFAULT_MAX_PAYLOAD),
+            fits,
+            "a letter that fits is kept as it is"
         );
     }
 }

@@ -127,6 +127,8 @@ struct Inner {
     /// The stream that stored a subject's messages, as its acknowledgements
     /// named it: publishes to one stream chain on each other.
     stream_of: Mutex<HashMap<String, String>>,
+    /// The settings dead-letter streams were made with, to make one again.
+    dlq_settings: Mutex<Option<crate::config::StreamSettings>>,
     slow_consumer_events: Arc<AtomicU64>,
     server_errors: broadcast::Sender<String>,
 }
@@ -349,6 +351,7 @@ impl NatsTransport {
                 jetstream: Mutex::new(None),
                 streams: Mutex::new(HashMap::new()),
                 stream_of: Mutex::new(HashMap::new()),
+                dlq_settings: Mutex::new(None),
                 slow_consumer_events: slow,
                 server_errors,
             }),
@@ -376,13 +379,32 @@ impl NatsTransport {
     }
 
     /// The stream that stores `subject`, if an acknowledgement named it.
-    pub(super) fn stream_of(&self, subject: &str) -> Option<String> {
+    pub(crate) fn stream_of(&self, subject: &str) -> Option<String> {
         self.inner
             .stream_of
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(subject)
             .cloned()
+    }
+
+    /// The settings dead-letter streams were made with (the defaults if
+    /// none was made by this process yet).
+    pub(super) fn dead_letter_settings(&self) -> crate::config::StreamSettings {
+        self.inner
+            .dlq_settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default()
+    }
+
+    pub(super) fn set_dead_letter_settings(&self, settings: &crate::config::StreamSettings) {
+        *self
+            .inner
+            .dlq_settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(settings.clone());
     }
 
     /// Forgets the stream of `subject` (a publish found none).
@@ -709,6 +731,7 @@ impl NatsTransport {
             read: 0,
             rate: Rate::default(),
             drain: DrainState::Serving,
+            ahead: None,
         })
     }
 
@@ -1013,6 +1036,7 @@ impl Rate {
     }
 }
 
+#[derive(Clone, Copy)]
 enum DrainState {
     Serving,
     /// A counted unsubscribe is on its way; if the count is not reached by
@@ -1047,22 +1071,40 @@ pub(crate) struct NatsSubscription {
     read: u64,
     rate: Rate,
     drain: DrainState,
+    /// A message read ahead while deciding whether the subject was idle.
+    ahead: Option<Box<async_nats::Message>>,
 }
 
 impl NatsSubscription {
     pub(crate) async fn next(&mut self) -> Option<Delivery> {
         loop {
-            let msg = match self.drain {
-                DrainState::HandingOver { until, .. } => {
+            let msg = match (self.ahead.take(), self.drain) {
+                (Some(m), _) => Some(*m),
+                (None, DrainState::HandingOver { until, read }) => {
                     tokio::select! {
                         msg = self.sub.next() => msg,
                         () = tokio::time::sleep_until(until) => {
+                            // Nothing arrived for the whole wait. Whatever
+                            // the server routed here before now arrives
+                            // ahead of a round trip: look once more before
+                            // calling the subject idle.
+                            if self.read == read {
+                                let _ = self.transport.round_trip(HANDOVER_WAIT).await;
+                                if let Some(Some(m)) = self.sub.next().now_or_never() {
+                                    self.ahead = Some(Box::new(m));
+                                    self.drain = DrainState::HandingOver {
+                                        until: tokio::time::Instant::now() + HANDOVER_WAIT,
+                                        read: u64::MAX,
+                                    };
+                                    continue;
+                                }
+                            }
                             self.unsubscribe_plainly().await;
                             continue;
                         }
                     }
                 }
-                _ => self.sub.next().await,
+                (None, _) => self.sub.next().await,
             };
             let Some(msg) = msg else {
                 if let DrainState::HandingOver { .. } = self.drain {

@@ -25,7 +25,7 @@
 //! `ORDER_DEMO=0` turns the driver off; `ORDER_DEMO_ORDERS=N` stops it after
 //! N orders; `ORDER_DEMO_INTERVAL_MS` paces it (default 1000).
 
-use catga::{Client, Config, Error, Result};
+use catga::{Config, Error, Result};
 use order_system::demo;
 
 // The handlers live in this package's library crate. `use` above names it,
@@ -66,24 +66,8 @@ async fn dead_letters(args: &[String]) -> Result<()> {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::invalid("expected a dead letter's number"))
     };
-    let config = Config::from_env()?;
-    let checked = config.redis_url.is_some();
-    let (runtime, dlq) = if checked {
-        let runtime = catga::Runtime::builder()
-            .config(config)
-            .client_only()
-            .start()
-            .await?;
-        let dlq = runtime.dead_letters();
-        (Some(runtime), dlq)
-    } else {
-        (None, Client::connect_with(&config).await?.dead_letters())
-    };
-    let outcome = dead_letter_command(args, &dlq, seq).await;
-    if let Some(runtime) = runtime {
-        runtime.shutdown().await?;
-    }
-    outcome
+    let dlq = catga::DeadLetters::connect(&Config::from_env()?).await?;
+    dead_letter_command(args, &dlq, seq).await
 }
 
 async fn dead_letter_command(

@@ -59,6 +59,8 @@ async fn on_job(ctx: &Context, j: Job) -> Result<()> {
         "fail_once" if delivery == 1 => return Err(Error::unavailable("not yet")),
         "poison" => return Err(Error::invalid("this job can never be done")),
         "retry_forever" => return Err(Error::unavailable("still down")),
+        // Never answers: as a replica that crashes on this message.
+        "hang" => std::future::pending::<()>().await,
         "crash" => return Err(Error::msg("a secret connection string in a crash")),
         "until_fixed" if broken(&j.run) => return Err(Error::unavailable("still down")),
         _ => {}
@@ -110,7 +112,8 @@ catga_tests::on_both!(
     an_open_breaker_stops_pulling,
     an_open_breaker_answers_commands_unavailable,
     poison_at_the_size_limit_is_dead_lettered_cut_to_fit,
-    letters_are_per_service_and_keep_no_5xx_text
+    letters_are_per_service_and_keep_no_5xx_text,
+    a_message_that_crashes_every_replica_ends_as_a_dead_letter
 );
 
 async fn durable_events_are_handled_and_redelivered(b: &Backend) {
@@ -410,7 +413,30 @@ async fn forged_letters_are_not_replayed() {
     .expect("published")
     .await
     .expect("stored");
-    let letters = wait_letters(&rt, &run, 2).await;
+    // A real letter of a message with headers of every kind (their order
+    // is not kept by the broker) is authentic, read back from NATS.
+    let mut with_headers = async_nats::HeaderMap::new();
+    with_headers.insert("Catga-Correlation-Id", "corr-1");
+    with_headers.insert("Catga-Causation-Id", "cause-1");
+    with_headers.insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    );
+    with_headers.append("X-Tag", "a");
+    with_headers.append("X-Tag", "b");
+    with_headers.insert("Nats-Msg-Id", format!("{run}-headers").as_str());
+    let poison = format!("{{\"run\":\"{run}\",\"seq\":7,\"mode\":\"poison\"}}");
+    js.publish_with_headers("tests.durable.job", with_headers, Bytes::from(poison))
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let letters = wait_letters(&rt, &run, 3).await;
+    let headed = letters
+        .iter()
+        .find(|l| l.headers.iter().any(|(k, _)| k == "X-Tag"))
+        .expect("the letter with headers");
+    assert_eq!(headed.authentic, Some(true), "{headed:?}");
     let forged = letters
         .iter()
         .find(|l| l.subject == "cmd.cancel_order")
@@ -432,4 +458,49 @@ async fn forged_letters_are_not_replayed() {
         .expect_err("not checked");
     assert_eq!(err.kind(), ErrorKind::Unauthorized, "{err}");
     rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A message whose replica dies every time it takes it (each runtime is
+/// dropped while the handler runs: nothing settles it) comes back after
+/// each ack wait; once it was delivered more often than `max_deliver`
+/// (3), it is dead-lettered without running again. The broker does not
+/// limit deliveries, so nothing else would end it; with the broker's
+/// limit it used to end neither handled nor dead-lettered.
+async fn a_message_that_crashes_every_replica_ends_as_a_dead_letter(b: &Backend) {
+    let run = run_id();
+    let client = b.client().await;
+    let replica = |i: usize| {
+        b.started(
+            b.builder(module_path!(), &format!("crash-{i}"))
+                .durable_defaults(Duration::from_millis(500), 3),
+        )
+    };
+    let first = replica(0).await;
+    client
+        .publish_durable(job(&run, 1, "hang"))
+        .await
+        .expect("stored");
+    let key = format!("{run}:1");
+    let mut rt = first;
+    for i in 1..=3 {
+        let until = tokio::time::Instant::now() + WAIT;
+        while ATTEMPTS.get(&key) < i {
+            assert!(tokio::time::Instant::now() < until, "delivery {i} never came");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(rt);
+        rt = replica(i as usize).await;
+    }
+    let letters = wait_letters(&rt, &run, 1).await;
+    let [letter] = &letters[..] else {
+        panic!("one dead letter, not {}: {letters:?}", letters.len())
+    };
+    assert!(letter.deliveries > 3, "{letter:?}");
+    assert!(letter.error_kind == ErrorKind::Internal, "{letter:?}");
+    assert_eq!(
+        ATTEMPTS.get(&key),
+        3,
+        "not run again after its deliveries ran out"
+    );
+    let _ = rt.shutdown().await;
 }
