@@ -15,6 +15,16 @@ pub use backend::Backend;
 pub use record::{Gauge, Recorder, Tally, run_id};
 pub use servers::{NatsCluster, NatsServer, RedisCluster, RedisSentinel, RedisServer};
 
+/// Waits until `rt` is ready, for up to `within`; fails the test with its
+/// readiness (what fails) otherwise.
+pub async fn ready_within(rt: &catga::Runtime, within: std::time::Duration) {
+    match tokio::time::timeout(within, rt.ready()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("the runtime stopped before it was ready: {e}"),
+        Err(_) => panic!("not ready within {within:?}: {:?}", rt.readiness()),
+    }
+}
+
 /// Defines one test per scenario and backend: `nats::name` against a fresh
 /// nats-server, `memory::name` on a fresh in-memory bus. Each scenario is an
 /// `async fn name(b: &Backend)` in the calling module.

@@ -55,10 +55,7 @@ async fn replica(nats_url: &str, redis: &RedisServer, id: &str) -> Runtime {
         .start()
         .await
         .expect("starts");
-    tokio::time::timeout(Duration::from_secs(30), rt.ready())
-        .await
-        .expect("ready within 30 s (the JetStream meta leader is elected first)")
-        .expect("ready");
+    catga_tests::ready_within(&rt, Duration::from_secs(30)).await;
     rt
 }
 
@@ -267,10 +264,7 @@ async fn accounts_replica(nats_url: &str, redis: &RedisServer, id: &str) -> Runt
         .start()
         .await
         .expect("starts");
-    tokio::time::timeout(Duration::from_secs(30), rt.ready())
-        .await
-        .expect("ready within 30 s (the JetStream meta leader is elected first)")
-        .expect("ready");
+    catga_tests::ready_within(&rt, Duration::from_secs(30)).await;
     rt
 }
 

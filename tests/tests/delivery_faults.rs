@@ -106,10 +106,7 @@ async fn replica(nats: &NatsServer, redis: &RedisServer, id: &str) -> Runtime {
         .start()
         .await
         .expect("starts");
-    tokio::time::timeout(Duration::from_secs(20), rt.ready())
-        .await
-        .unwrap_or_else(|_| panic!("not ready: {:?}", rt.readiness()))
-        .expect("ready");
+    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
     rt
 }
 

@@ -108,10 +108,7 @@ async fn an_idle_replica_reports_a_clean_shutdown() {
         .start()
         .await
         .expect("starts");
-    tokio::time::timeout(Duration::from_secs(10), rt.ready())
-        .await
-        .expect("ready in time")
-        .expect("ready");
+    catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
     rt.shutdown().await.expect("clean shutdown");
     let text = String::from_utf8_lossy(&lines.0.lock().expect("lines")).into_owned();
     let done = text

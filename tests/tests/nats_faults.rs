@@ -88,10 +88,7 @@ async fn start_up_while_nats_is_down_then_serves_when_it_comes_up() {
     assert!(!rt.is_ready(), "not ready without a broker");
 
     server.resume();
-    tokio::time::timeout(Duration::from_secs(15), rt.ready())
-        .await
-        .expect("ready once NATS is up")
-        .expect("readiness");
+    catga_tests::ready_within(&rt, Duration::from_secs(15)).await;
     assert!(rt.is_ready());
     let backend = Backend::Nats(server, catga_tests::RedisServer::start());
     let client = backend.client().await;
@@ -347,10 +344,7 @@ async fn every_comma_separated_url_is_tried() {
         .start()
         .await
         .expect("starts");
-    tokio::time::timeout(Duration::from_secs(15), rt.ready())
-        .await
-        .expect("ready through the second URL")
-        .expect("readiness");
+    catga_tests::ready_within(&rt, Duration::from_secs(15)).await;
     let backend = Backend::Nats(live, catga_tests::RedisServer::start());
     let client = backend.client().await;
     let served = send_until_ok(&client, Duration::from_secs(5)).await;
@@ -478,10 +472,7 @@ async fn sends_and_publishes_return_in_time_during_an_outage() {
         started.elapsed()
     );
     backend.nats_server().expect("nats").resume();
-    tokio::time::timeout(Duration::from_secs(20), rt.ready())
-        .await
-        .expect("ready again")
-        .expect("ready");
+    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
     let fresh = catga_tests::run_id();
     let client = client.with_request_timeout(Duration::from_secs(5));
     send_until(&client, &fresh).await;

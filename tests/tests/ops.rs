@@ -53,10 +53,7 @@ async fn runtime(nats: &NatsServer, redis: &RedisServer) -> Runtime {
         .start()
         .await
         .expect("starts");
-    tokio::time::timeout(Duration::from_secs(10), rt.ready())
-        .await
-        .expect("ready in time")
-        .expect("ready");
+    catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
     rt
 }
 

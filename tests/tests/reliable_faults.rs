@@ -71,10 +71,7 @@ fn builder(nats: &NatsServer, redis: &RedisServer) -> catga::RuntimeBuilder {
 }
 
 async fn ready(rt: &catga::Runtime) {
-    tokio::time::timeout(Duration::from_secs(20), rt.ready())
-        .await
-        .unwrap_or_else(|_| panic!("not ready: {:?}", rt.readiness()))
-        .expect("ready");
+    catga_tests::ready_within(rt, Duration::from_secs(20)).await;
 }
 
 /// While Redis is away, handlers that need state fail with a retryable

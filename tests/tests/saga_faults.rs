@@ -78,10 +78,7 @@ async fn replica(nats: &NatsServer, redis: &RedisServer, service: &str, id: &str
         .start()
         .await
         .expect("starts");
-    tokio::time::timeout(Duration::from_secs(10), rt.ready())
-        .await
-        .expect("ready in time")
-        .expect("ready");
+    catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
     rt
 }
 

@@ -110,10 +110,7 @@ fn builder(url: &str, security: NatsSecurity) -> catga::RuntimeBuilder {
 async fn serves(url: &str, security: NatsSecurity) {
     let _ = log();
     let rt = builder(url, security.clone()).start().await.expect("starts");
-    tokio::time::timeout(Duration::from_secs(10), rt.ready())
-        .await
-        .unwrap_or_else(|_| panic!("not ready: {:?}", rt.readiness()))
-        .expect("ready");
+    catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
     let config = Config {
         nats_url: Some(url.to_owned()),
         nats_security: security,
@@ -564,10 +561,7 @@ async fn redis_runtime(url: &str, tls: RedisTls) -> Runtime {
 /// The runtime gets in: it becomes ready and its state lives in Redis.
 async fn redis_serves(url: &str, tls: RedisTls) {
     let rt = redis_runtime(url, tls).await;
-    tokio::time::timeout(Duration::from_secs(10), rt.ready())
-        .await
-        .unwrap_or_else(|_| panic!("not ready: {:?}", rt.readiness()))
-        .expect("ready");
+    catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
     let client = rt.client();
     let key = catga_tests::run_id();
     assert_eq!(

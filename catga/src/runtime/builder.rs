@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use super::{Runtime, Shared, log_table, ready::Health, spawn_handler, watch_refusals, watch_store};
+use super::handlers::{log_table, spawn_handler};
+use super::watch::{check_broker, keep_alive, watch_refusals, watch_store};
+use super::{Runtime, Shared, ready::Health};
 use crate::client::Client;
 use crate::config::{Config, redact_url};
 use crate::error::Result;
@@ -406,14 +408,7 @@ impl RuntimeBuilder {
             .copied()
             .filter(|s| s.partitions().is_some())
             .collect();
-        let owned = Arc::new(tokio::sync::Mutex::new(super::keyed::Owned::default()));
-        let keyed = (!keyed_specs.is_empty()).then(|| {
-            tokio::spawn(super::keyed::run(
-                Arc::clone(&shared),
-                Arc::clone(&owned),
-                keyed_specs.clone(),
-            ))
-        });
+        let keyed = super::keyed::Keyed::start(&shared, keyed_specs);
         let subjects = registry::handlers()
             .iter()
             .map(|s| s.subject().to_owned())
@@ -427,15 +422,15 @@ impl RuntimeBuilder {
             ),
             tokio::spawn(watch_refusals(Arc::clone(&shared), refusals, subjects)),
             tokio::spawn(watch_store(Arc::clone(&shared))),
-            tokio::spawn(super::check_broker(Arc::clone(&shared))),
+            tokio::spawn(check_broker(Arc::clone(&shared))),
             tokio::spawn(Arc::clone(&shared.relay).keep(shared.store.clone())),
-            tokio::spawn(super::keep_alive(Arc::clone(&shared))),
+            tokio::spawn(keep_alive(Arc::clone(&shared))),
             tokio::spawn(crate::store::clean_orphans(shared.store.clone(), orphan_queue)),
             tokio::spawn(super::outbox::run(Arc::clone(&shared), Arc::clone(&shared.relay))),
             tokio::spawn(super::discovery::serve(Arc::clone(&shared))),
         ];
         let http = match shared.config.http_addr.clone() {
-            Some(addr) => Some(super::HttpEndpoint::start(&addr, &shared).await?),
+            Some(addr) => Some(super::endpoint::HttpEndpoint::start(&addr, &shared).await?),
             None => None,
         };
         Ok(Runtime {
@@ -445,8 +440,6 @@ impl RuntimeBuilder {
             background,
             leader,
             keyed,
-            owned,
-            keyed_specs,
             http,
         })
     }

@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::{Served, Shared};
+use super::Shared;
+use super::served::Served;
 use crate::error::{Error, ErrorKind, Result};
 use crate::registry::{HandlerKind, HandlerSpec};
 use crate::transport::{Settle, SubscribeTo};
@@ -21,16 +22,7 @@ const LISTEN: Duration = Duration::from_millis(300);
 
 /// A name as NATS micro allows it (`[A-Za-z0-9_-]+`).
 pub(crate) fn micro_name(text: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let clean = crate::wire::subject_token(text);
     if clean.is_empty() { "_".to_owned() } else { clean }
 }
 

@@ -39,7 +39,8 @@ use tokio::sync::{Mutex, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Served, Serving, Shared};
+use super::Shared;
+use super::served::{Served, Serving};
 use crate::error::{Error, ErrorKind, Result};
 use crate::registry::HandlerSpec;
 use crate::store::Fence;
@@ -121,8 +122,8 @@ impl Partition {
 pub(crate) fn partition_base(service: &str, spec: &HandlerSpec) -> String {
     format!(
         "catga.saga.{}.{}",
-        super::subject_token(service),
-        super::subject_token(saga_name(spec))
+        crate::transport::subject_token(service),
+        crate::transport::subject_token(saga_name(spec))
     )
 }
 
@@ -242,6 +243,69 @@ impl Owned {
     }
 }
 
+/// The keyed sagas a runtime serves: the loop that owns their partitions,
+/// what it owns, and the sagas.
+pub(crate) struct Keyed {
+    task: Option<JoinHandle<()>>,
+    owned: Arc<Mutex<Owned>>,
+    specs: Vec<&'static HandlerSpec>,
+}
+
+impl Keyed {
+    /// Starts the ownership loop of `specs` (none when there are none).
+    pub(crate) fn start(shared: &Arc<Shared>, specs: Vec<&'static HandlerSpec>) -> Keyed {
+        let owned = Arc::new(Mutex::new(Owned::default()));
+        let task = (!specs.is_empty())
+            .then(|| tokio::spawn(run(Arc::clone(shared), Arc::clone(&owned), specs.clone())));
+        Keyed { task, owned, specs }
+    }
+
+    /// The partitions served here, per saga.
+    pub(crate) async fn served(&self) -> BTreeMap<&'static str, Vec<u32>> {
+        self.owned.lock().await.served()
+    }
+
+    /// Stops the ownership loop and takes what still runs, for the
+    /// shutdown to drain (see [`Owned::take_all`]).
+    pub(crate) async fn stop(&mut self) -> (Vec<Serving>, Vec<JoinHandle<()>>, Vec<super::lease::HeldLease>) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.owned.lock().await.take_all()
+    }
+
+    /// Leaves the rings and gives the leases up (after the drain).
+    pub(crate) async fn leave(&self, shared: &Shared) {
+        if !self.specs.is_empty() {
+            leave(shared, &self.specs).await;
+        }
+    }
+
+    /// Aborts everything (the runtime was dropped).
+    pub(crate) fn abort(&self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        if let Ok(owned) = self.owned.try_lock() {
+            owned.abort_all();
+        }
+    }
+}
+
+/// Who should own each partition of a saga with `partitions` partitions,
+/// then its router, given its live `members` (from the consistent-hash
+/// ring, loads bounded at the mean). The pure step of the ownership loop;
+/// the loop then brings the leases in line with it.
+pub(crate) fn owners(members: &[String], saga: &str, partitions: u32) -> Vec<String> {
+    let ring = crate::ring::Ring::new(members);
+    ring.assign(partitions)
+        .into_iter()
+        .chain(ring.owner_of(&format!("router/{saga}")))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// This replica's name in the ring: its instance id and a nonce of this
 /// start (a restarted replica is a new member).
 pub(crate) fn member_name(shared: &Shared) -> &str {
@@ -289,13 +353,7 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                             "saga ring members changed"
                         );
                         metrics::gauge!("catga_members", "saga" => spec.name()).set(members.len() as f64);
-                        let ring = crate::ring::Ring::new(&members);
-                        *owners = ring
-                            .assign(spec.partitions().unwrap_or(1))
-                            .into_iter()
-                            .chain(ring.owner_of(&format!("router/{}", spec.name())))
-                            .map(str::to_owned)
-                            .collect();
+                        *owners = self::owners(&members, spec.name(), spec.partitions().unwrap_or(1));
                         *seen = members;
                     }
                 }
@@ -375,7 +433,7 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                                 tracing::info!(saga = spec.name(), token = t, "routing this saga's triggers");
                                 Ok(Running::Router { stop, task })
                             } else {
-                                super::spawn_partition(spec, &shared, Arc::clone(&partition))
+                                super::handlers::spawn_partition(spec, &shared, Arc::clone(&partition))
                                     .await
                                     .map(Running::Loops)
                             };
@@ -786,7 +844,7 @@ async fn routed(
 /// A trigger's dead letter once recorded in the store; given back for
 /// later when it cannot be.
 async fn recorded(shared: &Shared, mut letter: crate::transport::DeadLetter) -> Settle {
-    match super::keep_letter(shared, &mut letter).await {
+    match super::letters::keep_letter(shared, &mut letter).await {
         Ok(()) => Settle::Dead(Box::new(letter)),
         Err(e) => {
             tracing::warn!(error = %e, "the dead letter could not be recorded; the trigger comes back later");
@@ -806,5 +864,46 @@ async fn front(inflight: &mut VecDeque<Routing>) -> Result<bool> {
     match inflight.front_mut() {
         Some((stored, _, _)) => stored.await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("r{i}/nonce")).collect()
+    }
+
+    #[test]
+    fn every_partition_and_the_router_have_one_owner_among_the_members() {
+        for n in 1..=5 {
+            let members = names(n);
+            let owned = owners(&members, "saga", 16);
+            assert_eq!(owned.len(), 17, "16 partitions and the router");
+            assert!(owned.iter().all(|o| members.contains(o)));
+            // Loads bounded at the mean: nobody owns more than its share.
+            for m in &members {
+                let held = owned[..16].iter().filter(|o| *o == m).count();
+                assert!(
+                    held <= 16_usize.div_ceil(n),
+                    "{m} holds {held} of 16 with {n} members"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn owners_are_the_same_on_every_replica() {
+        let a = owners(&names(3), "saga", 8);
+        let mut shuffled = names(3);
+        shuffled.reverse();
+        shuffled.sort();
+        assert_eq!(
+            a,
+            owners(&shuffled, "saga", 8),
+            "a function of the sorted members"
+        );
+        assert!(owners(&[], "saga", 8).is_empty(), "nobody alive: nobody owns");
     }
 }

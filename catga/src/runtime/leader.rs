@@ -17,7 +17,8 @@ use std::sync::atomic::Ordering;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::{Serving, Shared};
+use super::Shared;
+use super::served::Serving;
 use crate::registry::HandlerSpec;
 
 /// This replica's side of the lease.
@@ -118,7 +119,7 @@ pub(crate) async fn run(
                         "this replica is the leader now: serving the leader handlers"
                     );
                     for spec in &specs {
-                        if let Err(e) = super::start_serving(spec, &shared, &serving).await {
+                        if let Err(e) = super::handlers::start_serving(spec, &shared, &serving).await {
                             tracing::error!(handler = spec.name(), error = %e, "a leader handler could not start");
                         }
                     }
@@ -159,7 +160,7 @@ pub(crate) async fn run(
                 me.set(0);
                 tracing::warn!(reason = %why, "this replica is no longer the leader: stopping the leader handlers");
                 for spec in &specs {
-                    if let Err(e) = super::stop_serving_one(spec.name(), &shared, &serving).await {
+                    if let Err(e) = super::handlers::stop_serving_one(spec.name(), &shared, &serving).await {
                         tracing::warn!(handler = spec.name(), error = %e, "a leader handler stopped uncleanly");
                     }
                 }

@@ -277,10 +277,55 @@ async fn dead_letter(shared: &Shared, entry: &OutboxEntry, error: &Error) -> Res
         authentic: None,
     };
     let mut letter = letter;
-    super::keep_letter(shared, &mut letter).await?;
+    super::letters::keep_letter(shared, &mut letter).await?;
     let transport = shared.client.transport();
     transport
         .ensure_dead_letters(&shared.config.service, &shared.config.streams)
         .await?;
     transport.store_dead_letter(&letter).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_stream_is_left_alone_a_growing_moment() {
+        let mut relay = Relay::default();
+        let now = Instant::now();
+        assert!(!relay.waiting("CATGA_orders", now));
+        relay.suspend("CATGA_orders".into());
+        assert!(relay.waiting("CATGA_orders", Instant::now()));
+        assert!(
+            !relay.waiting("CATGA_billing", Instant::now()),
+            "other streams go on"
+        );
+        let first = relay.suspended["CATGA_orders"].0 - now;
+        for _ in 0..20 {
+            relay.suspend("CATGA_orders".into());
+        }
+        let (until, failures) = relay.suspended["CATGA_orders"];
+        assert_eq!(failures, 21);
+        assert!(until - Instant::now() <= Duration::from_secs(5), "capped at 5 s");
+        assert!(until - Instant::now() >= first, "growing");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(
+            !relay.waiting("CATGA_orders", Instant::now()),
+            "tried again after its moment"
+        );
+    }
+
+    #[test]
+    fn only_what_the_message_is_makes_a_failure_final() {
+        assert!(never_stored(&Error::new(ErrorKind::TooLarge, "big")));
+        assert!(never_stored(&Error::new(ErrorKind::Invalid, "refused")));
+        for kind in [
+            ErrorKind::Timeout,
+            ErrorKind::Unavailable,
+            ErrorKind::NoHandler,
+            ErrorKind::Transport,
+        ] {
+            assert!(!never_stored(&Error::new(kind, "passing")), "{kind}");
+        }
+    }
 }

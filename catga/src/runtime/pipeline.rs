@@ -34,7 +34,8 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use tracing::Instrument;
 
-use super::{Served, Shared};
+use super::Shared;
+use super::served::Served;
 use crate::client::Context;
 use crate::error::{Error, ErrorKind, Result};
 use crate::ops::metrics::Ended;
@@ -108,7 +109,7 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
         };
         let ended = ended(&outcome);
         let settle = match conclude(served, shared, &meta, &payload, outcome) {
-            Settle::Dead(mut letter) => match super::keep_letter(shared, &mut letter).await {
+            Settle::Dead(mut letter) => match super::letters::keep_letter(shared, &mut letter).await {
                 Ok(()) => Settle::Dead(letter),
                 Err(e) => {
                     tracing::warn!(error = %e, "the dead letter could not be recorded; the message comes back later");

@@ -17,7 +17,8 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
-use super::{Served, Shared, pipeline};
+use super::served::Served;
+use super::{Shared, pipeline};
 use crate::error::{Error, ErrorKind};
 use crate::registry::HandlerKind;
 use crate::transport::{Delivery, Subscription};
@@ -48,13 +49,10 @@ pub(crate) async fn serve(
     let mut setup_failures: u32 = 0;
     let mut sub = first;
     let mut inflight = FuturesUnordered::new();
-    let mut queue: VecDeque<Delivery> = VecDeque::new();
-    // What the queue holds, in bytes (payloads and headers).
-    let mut queued_bytes: usize = 0;
+    let mut intake = Intake::default();
     let mut draining = false;
     let mut handover_confirmed = true;
     let mut ends: VecDeque<Instant> = VecDeque::new();
-    let mut drops = DropLog::default();
     // One stop future for the whole loop: making a new `changed()` future
     // on every message would register and unregister a waiter each time.
     let stopped = async move {
@@ -64,15 +62,12 @@ pub(crate) async fn serve(
     tokio::pin!(stopped);
     loop {
         while inflight.len() < served.limit {
-            match queue.pop_front() {
-                Some(d) => {
-                    queued_bytes = queued_bytes.saturating_sub(size_of(&d));
-                    inflight.push(pipeline::process(served, shared, d));
-                }
+            match intake.next() {
+                Some(d) => inflight.push(pipeline::process(served, shared, d)),
                 None => break,
             }
         }
-        if draining && sub.is_none() && queue.is_empty() && inflight.is_empty() {
+        if draining && sub.is_none() && intake.is_empty() && inflight.is_empty() {
             break;
         }
         // A durable consumer keeps what is not taken: take only what can
@@ -103,33 +98,10 @@ pub(crate) async fn serve(
             () = sleep_for(breaker_wait), if breaker_wait.is_some() => {}
             msg = next(&mut sub), if take => match msg {
                 Some(d) => {
-                    macro_rules! accept {
-                        ($d:expr) => {{
-                            let d = $d;
-                            let d = if served.spec.kind() == HandlerKind::Event { d.unanswered() } else { d };
-                            let size = size_of(&d);
-                            if inflight.len() < served.limit {
-                                inflight.push(pipeline::process(served, shared, d));
-                            } else if queue.len() < served.capacity
-                                && (queue.is_empty() || queued_bytes + size <= served.capacity_bytes)
-                            {
-                                queued_bytes += size;
-                                queue.push_back(d);
-                            } else {
-                                shared.count_dropped();
-                                served.metrics.dropped.increment(1);
-                                drops.record(served);
-                                if d.expects_reply() {
-                                    let (_, settler) = d.split();
-                                    settler.refuse_now(
-                                        &Error::new(ErrorKind::Unavailable, "the replica is over capacity; retry")
-                                            .exposed(),
-                                    );
-                                }
-                            }
-                        }};
+                    let room = inflight.len() < served.limit;
+                    if let Some(d) = intake.take(d, served, shared, room) {
+                        inflight.push(pipeline::process(served, shared, d));
                     }
-                    accept!(d);
                     // Take what else is already waiting, up to a batch,
                     // without going around the select for each message
                     // (its branches cost more than a message's handling
@@ -138,7 +110,12 @@ pub(crate) async fn serve(
                     let mut batch = 1;
                     while batch < BATCH && (!durable || inflight.len() < served.limit) {
                         match sub.as_mut().and_then(|s| s.next().now_or_never()) {
-                            Some(Some(d)) => accept!(d),
+                            Some(Some(d)) => {
+                                let room = inflight.len() < served.limit;
+                                if let Some(d) = intake.take(d, served, shared, room) {
+                                    inflight.push(pipeline::process(served, shared, d));
+                                }
+                            }
                             _ => break,
                         }
                         batch += 1;
@@ -203,7 +180,7 @@ pub(crate) async fn serve(
             }
         }
     }
-    drops.flush(served);
+    intake.drops.flush(served);
     ServeReport { handover_confirmed }
 }
 
@@ -211,6 +188,61 @@ async fn next(sub: &mut Option<Subscription>) -> Option<Delivery> {
     match sub {
         Some(s) => s.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// What a serve loop takes beyond what runs: the queue (bounded in
+/// messages and bytes), and the log of what it dropped.
+#[derive(Default)]
+struct Intake {
+    queue: VecDeque<Delivery>,
+    /// What the queue holds, in bytes (payloads and headers).
+    bytes: usize,
+    drops: DropLog,
+}
+
+impl Intake {
+    /// Takes one delivery: returns it when it may run now (`room`),
+    /// queues it while the queue has room, drops (and counts) it
+    /// otherwise; a dropped request is answered "unavailable" at once.
+    fn take(&mut self, d: Delivery, served: &Served, shared: &Shared, room: bool) -> Option<Delivery> {
+        let d = if served.spec.kind() == HandlerKind::Event {
+            d.unanswered()
+        } else {
+            d
+        };
+        if room {
+            return Some(d);
+        }
+        let size = size_of(&d);
+        if self.queue.len() < served.capacity
+            && (self.queue.is_empty() || self.bytes + size <= served.capacity_bytes)
+        {
+            self.bytes += size;
+            self.queue.push_back(d);
+            return None;
+        }
+        shared.count_dropped();
+        served.metrics.dropped.increment(1);
+        self.drops.record(served);
+        if d.expects_reply() {
+            let (_, settler) = d.split();
+            settler.refuse_now(
+                &Error::new(ErrorKind::Unavailable, "the replica is over capacity; retry").exposed(),
+            );
+        }
+        None
+    }
+
+    /// The oldest queued delivery.
+    fn next(&mut self) -> Option<Delivery> {
+        let d = self.queue.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(size_of(&d));
+        Some(d)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 }
 

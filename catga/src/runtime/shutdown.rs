@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Serving, Shared};
+use super::Shared;
+use super::served::Serving;
 use crate::error::{Error, ErrorKind, Result};
 
 /// Waits for SIGTERM or Ctrl-C.
@@ -48,7 +49,7 @@ pub(crate) struct Stopped {
 /// Tells every loop of `serving` to drain, waits for them until
 /// `deadline`, and aborts (and awaits) the rest.
 pub(crate) async fn stop_serving(serving: Vec<Serving>, deadline: Instant) -> Stopped {
-    let mut tasks: Vec<JoinHandle<super::ServeReport>> = Vec::new();
+    let mut tasks: Vec<JoinHandle<super::serve::ServeReport>> = Vec::new();
     for s in serving {
         let _ = s.stop.send(true);
         tasks.extend(s.tasks);

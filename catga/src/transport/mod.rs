@@ -73,16 +73,7 @@ pub(crate) struct DurableOptions {
 /// with its dots as underscores, plus a short hash of the exact subject
 /// (so that `a.b_c` and `a_b.c` get different streams).
 pub(crate) fn stream_name(subject: &str) -> String {
-    let readable: String = subject
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let readable = subject_token(subject);
     // FNV-1a: stable across builds and platforms.
     let mut h: u32 = 0x811c_9dc5;
     for b in subject.bytes() {
@@ -92,19 +83,7 @@ pub(crate) fn stream_name(subject: &str) -> String {
     format!("CATGA_{readable}_{h:08x}")
 }
 
-/// `text` as one subject token: anything but letters, digits, `-` and
-/// `_` becomes `_`.
-pub(crate) fn subject_token(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
+pub(crate) use crate::wire::subject_token;
 
 /// A message a handler gave up on, kept for an operator to look at,
 /// replay or purge.

@@ -103,6 +103,22 @@ pub(crate) fn bounded_id(id: String) -> String {
     format!("{}~{hash}", &id[..keep])
 }
 
+/// `text` as one subject token (and a name NATS micro and JetStream take):
+/// anything but ASCII letters, digits, `-` and `_` becomes `_`. The one
+/// sanitizer of the crate: stream names, dead-letter and partition
+/// subjects, private queue groups and discovery names use it.
+pub(crate) fn subject_token(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Whether a header is the broker's (`Nats-*`: a message id, or a
 /// directive to JetStream such as `Nats-Expected-Stream`). Such headers of
 /// an incoming message are never copied onto what catga publishes for it
@@ -255,6 +271,13 @@ mod tests {
             let err = check_id(bad).expect_err(bad);
             assert_eq!(err.kind(), ErrorKind::Invalid);
         }
+    }
+
+    #[test]
+    fn subject_tokens_keep_letters_digits_dashes_and_underscores() {
+        assert_eq!(subject_token("orders-v2_x"), "orders-v2_x");
+        assert_eq!(subject_token("a.b c/d:é"), "a_b_c_d__");
+        assert_eq!(subject_token(""), "");
     }
 
     #[test]

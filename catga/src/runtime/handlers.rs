@@ -1,0 +1,153 @@
+//! Starting and stopping the serving of handlers: their subscriptions and
+//! serve loops, and the handler table logged at start-up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::served::{Served, Serving};
+use super::{Shared, keyed, serve, shutdown};
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::registry::{HandlerKind, HandlerSpec};
+
+/// Starts serving `spec` unless it is served already (see
+/// [`Runtime::start_handler`]).
+pub(crate) async fn start_serving(
+    spec: &'static HandlerSpec,
+    shared: &Arc<Shared>,
+    serving: &tokio::sync::Mutex<HashMap<&'static str, Serving>>,
+) -> Result<()> {
+    let mut serving = serving.lock().await;
+    if serving.contains_key(spec.name()) {
+        return Ok(());
+    }
+    if shared.health.fatal().is_some() || shared.health.is_draining() {
+        return Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping"));
+    }
+    if spec.partitions().is_some() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "`{}` is a keyed saga: its partitions are served by the replicas that own them",
+                spec.name()
+            ),
+        ));
+    }
+    let mut others: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();
+    others.push(spec);
+    crate::registry::check(&others, true)?;
+    let started = spawn_handler(spec, shared).await?;
+    serving.insert(spec.name(), started);
+    Ok(())
+}
+
+/// Stops serving handler `name` (see [`Runtime::stop_handler`]).
+pub(crate) async fn stop_serving_one(
+    name: &str,
+    shared: &Arc<Shared>,
+    serving: &tokio::sync::Mutex<HashMap<&'static str, Serving>>,
+) -> Result<()> {
+    let mut all = serving.lock().await;
+    let Some(serving) = all.remove(name) else {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("handler `{name}` is not being served"),
+        ));
+    };
+    shared
+        .endpoints
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(name);
+    let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
+    let wanted = serving.served.parallel;
+    let outcome = shutdown::stop_serving(vec![serving], deadline).await;
+    shared.health.unwant(wanted);
+    drop(all);
+    if outcome.cancelled > 0 {
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "handler `{name}` stopped with {} loops cancelled at the drain deadline",
+                outcome.cancelled
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Subscribes one handler (the client queues core subscriptions while it
+/// connects, so this fails only when the client is closed) and spawns its
+/// serve loops. A durable handler subscribes in its loops, retrying until
+/// JetStream answers: a broker that is down at start-up must not stop it.
+pub(crate) async fn spawn_handler(spec: &'static HandlerSpec, shared: &Arc<Shared>) -> Result<Serving> {
+    let served = Arc::new(Served::new(spec, &shared.config));
+    shared
+        .endpoints
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(spec.name(), Arc::clone(&served));
+    spawn_served(served, shared).await
+}
+
+/// Serves one partition of keyed saga `spec`.
+pub(crate) async fn spawn_partition(
+    spec: &'static HandlerSpec,
+    shared: &Arc<Shared>,
+    partition: Arc<keyed::Partition>,
+) -> Result<Serving> {
+    spawn_served(
+        Arc::new(Served::partition(spec, &shared.config, partition)),
+        shared,
+    )
+    .await
+}
+
+pub(crate) async fn spawn_served(served: Arc<Served>, shared: &Arc<Shared>) -> Result<Serving> {
+    let mut subs = Vec::with_capacity(served.parallel);
+    for _ in 0..served.parallel {
+        subs.push(match served.durable {
+            None => Some(served.subscribe(shared).await?),
+            Some(_) => None,
+        });
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    shared.health.want(served.parallel);
+    let tasks = subs
+        .into_iter()
+        .map(|sub| {
+            if sub.is_some() {
+                shared.health.subscribed();
+            }
+            tokio::spawn(serve::serve(
+                Arc::clone(&served),
+                Arc::clone(shared),
+                sub,
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    Ok(Serving { served, stop, tasks })
+}
+
+pub(crate) fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
+    tracing::info!(count = selected.len(), "handler table");
+    for s in selected {
+        let served = Served::new(s, config);
+        tracing::info!(
+            kind = match s.kind() {
+                HandlerKind::Command => "command",
+                HandlerKind::Event => "event",
+            },
+            subject = s.subject(),
+            queue_group = served.to.queue_group.as_deref().unwrap_or("-"),
+            handler = s.name(),
+            message_type = s.message_type(),
+            concurrency = served.limit,
+            parallel = served.parallel,
+            "handler"
+        );
+    }
+}

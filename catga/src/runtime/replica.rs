@@ -1,0 +1,270 @@
+//! A running replica: [`Runtime`], what a service's `main` holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::task::JoinHandle;
+
+use super::endpoint::HttpEndpoint;
+use super::handlers::{start_serving, stop_serving_one};
+use super::served::Serving;
+use super::{Readiness, RuntimeBuilder, Shared, keyed, lease, shutdown};
+use crate::client::Client;
+use crate::error::{Error, ErrorKind, Result};
+use crate::registry::HandlerSpec;
+
+/// A running replica. Dropping it without [`shutdown`](Self::shutdown)
+/// aborts its handlers.
+pub struct Runtime {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) handlers: Vec<&'static HandlerSpec>,
+    /// One lock for starting and stopping handlers, held across the
+    /// subscribing and the draining, so that they never interleave.
+    pub(crate) serving: Arc<tokio::sync::Mutex<HashMap<&'static str, Serving>>>,
+    pub(crate) background: Vec<JoinHandle<()>>,
+    /// The leadership loop, when some handler is `leader`.
+    pub(crate) leader: Option<JoinHandle<()>>,
+    /// The keyed sagas served: their ownership loop and partitions.
+    pub(crate) keyed: keyed::Keyed,
+    pub(crate) http: Option<HttpEndpoint>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("client", &self.shared.client)
+            .field("handlers", &self.handlers.len())
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// A builder with the defaults of [`Config`] (not the environment).
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::new()
+    }
+
+    /// A client on this runtime's transport, carrying its service and
+    /// instance id.
+    pub fn client(&self) -> Client {
+        self.shared.client.clone()
+    }
+
+    /// The handlers this runtime was started with.
+    pub fn handlers(&self) -> &[&'static HandlerSpec] {
+        &self.handlers
+    }
+
+    /// True while the broker connection is up, every wanted subscription
+    /// is live and confirmed by the broker, and the runtime is neither
+    /// draining nor stopped by a fatal error.
+    pub fn is_ready(&self) -> bool {
+        self.readiness().ready
+    }
+
+    /// Readiness with the reasons, for a readiness probe's body.
+    pub fn readiness(&self) -> Readiness {
+        self.shared.health.check(self.shared.client.transport())
+    }
+
+    /// The error that stopped the runtime, if one did.
+    pub fn fatal_error(&self) -> Option<Error> {
+        self.shared.health.fatal()
+    }
+
+    /// Messages dropped because a subscription was full (a slow consumer):
+    /// counted exactly, one per message, and logged (at most once a second
+    /// per subscription, with the count).
+    pub fn dropped_messages(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed) + self.shared.client.transport().client_dropped()
+    }
+
+    /// Where the HTTP endpoint listens (`CATGA_HTTP_ADDR`, with the port
+    /// chosen if it was 0), if it runs.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().map(|h| h.addr)
+    }
+
+    /// Events saved to the outbox and not yet published.
+    pub async fn outbox_backlog(&self) -> Result<u64> {
+        self.shared.store.outbox_backlog().await
+    }
+
+    /// Requests not started because their sender had stopped waiting.
+    pub fn expired_requests(&self) -> u64 {
+        self.shared.expired.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the runtime is ready (see [`is_ready`](Self::is_ready));
+    /// fails with the fatal error if one stops it first.
+    pub async fn ready(&self) -> Result<()> {
+        self.shared
+            .health
+            .wait_ready(self.shared.client.transport())
+            .await
+    }
+
+    /// Starts serving a handler of this binary that is not being served
+    /// (one this runtime was started with and later stopped, or any other
+    /// registered one): e.g. on gaining leadership or a shard.
+    pub async fn start_handler(&self, name: &str) -> Result<()> {
+        let spec = crate::registry::handlers()
+            .iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| Error::new(ErrorKind::Config, format!("no handler named `{name}`")))?;
+        start_serving(spec, &self.shared, &self.serving).await
+    }
+
+    /// Stops serving a handler: its subscriptions drain and its messages in
+    /// flight finish (bounded by the drain time-out). The rest of the
+    /// runtime goes on.
+    pub async fn stop_handler(&self, name: &str) -> Result<()> {
+        stop_serving_one(name, &self.shared, &self.serving).await
+    }
+
+    /// The service's sagas, newest first, at most `limit`, with their
+    /// steps, as their journals in the store tell them.
+    pub async fn sagas(&self, limit: usize) -> Result<Vec<crate::SagaInfo>> {
+        let mut out = Vec::new();
+        for id in self.shared.store.saga_list(limit).await? {
+            let journal = self.shared.store.saga_load(&id).await?;
+            out.push(crate::SagaInfo::from_journal(id, &journal));
+        }
+        Ok(out)
+    }
+
+    /// The service's dead letters, each checked against the record the
+    /// replica that wrote it kept in the store (see [`crate::DeadLetters`]).
+    pub fn dead_letters(&self) -> crate::DeadLetters {
+        crate::DeadLetters::checked(
+            self.shared.client.clone(),
+            self.shared.config.service.clone(),
+            self.shared.store.clone(),
+        )
+    }
+
+    /// Whether this replica holds the outbox relay's lease (and stores the
+    /// service's outbox events in their streams).
+    pub fn is_outbox_relay(&self) -> bool {
+        self.shared.relay.held().is_some()
+    }
+
+    /// Whether this replica holds the service's leader lease (and serves
+    /// the `leader` handlers).
+    pub fn is_leader(&self) -> bool {
+        self.shared.leadership.token().is_some()
+    }
+
+    /// The partitions of keyed sagas (`#[saga(key = ...)]`) this replica
+    /// serves right now, per saga handler name.
+    pub async fn partitions(&self) -> std::collections::BTreeMap<&'static str, Vec<u32>> {
+        self.keyed.served().await
+    }
+
+    /// The handlers being served right now.
+    pub async fn serving(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self.serving.lock().await.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then shuts down gracefully; or until
+    /// a fatal error, then shuts down and returns it.
+    pub async fn run_until_signal(self) -> Result<()> {
+        let fatal = tokio::select! {
+            () = shutdown::signal() => {
+                tracing::info!("shutdown signal received: draining");
+                None
+            }
+            e = self.shared.health.wait_fatal() => Some(e),
+        };
+        let drained = self.shutdown().await;
+        match fatal {
+            Some(e) => Err(e),
+            None => drained,
+        }
+    }
+
+    /// Stops taking work, drains every subscription, finishes the messages
+    /// in flight and flushes their replies, all within one deadline (the
+    /// drain time-out). At the deadline, whatever still runs is cancelled
+    /// (its requests answer "unavailable") and an error is returned.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.shared.config.drain_timeout;
+        // No leader handler or partition may start while the rest drains.
+        if let Some(leader) = self.leader.take() {
+            leader.abort();
+            let _ = leader.await;
+        }
+
+        let mut serving: Vec<Serving> = self.serving.lock().await.drain().map(|(_, s)| s).collect();
+        let (partitions, draining, partition_leases) = self.keyed.stop().await;
+        serving.extend(partitions);
+        // What drains still runs under its leases: keep them until it is
+        // done, so that they do not run out under it.
+        let owner = self.shared.leadership.owner().to_owned();
+        let holders = [
+            (
+                self.shared.leadership.lease().into_iter().collect::<Vec<_>>(),
+                self.shared.config.leader_lease,
+            ),
+            (partition_leases, self.shared.config.member_timeout),
+        ]
+        .map(|(leases, ttl)| {
+            tokio::spawn(lease::hold(self.shared.store.clone(), owner.clone(), leases, ttl))
+        });
+        let background = std::mem::take(&mut self.background);
+        let outcome = shutdown::shutdown(&self.shared, serving, draining, background, deadline).await;
+        for h in holders {
+            h.abort();
+            let _ = h.await;
+        }
+        // Given up within the same deadline: with the store away, the
+        // leases run out by themselves.
+        if tokio::time::timeout_at(deadline, self.shared.leadership.release(&self.shared))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the leader lease could not be given up in time; it runs out by itself");
+        }
+        if tokio::time::timeout_at(deadline, self.keyed.leave(&self.shared))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the saga partitions could not be given up in time; their leases run out by themselves"
+            );
+        }
+        if let Some(http) = self.http.take() {
+            http.stop(deadline).await;
+        }
+        // The spans of the last messages are in the exporter's batch.
+        #[cfg(feature = "otlp")]
+        let _ = tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(crate::ops::otel::flush)).await;
+        outcome
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for b in &self.background {
+            b.abort();
+        }
+        if let Some(http) = &self.http {
+            http.task.abort();
+        }
+        if let Some(leader) = &self.leader {
+            leader.abort();
+        }
+        self.keyed.abort();
+        if let Ok(serving) = self.serving.try_lock() {
+            for s in serving.values() {
+                for t in &s.tasks {
+                    t.abort();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! What every serve loop of one runtime shares.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::leader::Leadership;
+use super::lease::Lease;
+use super::ready::Health;
+use super::served::Served;
+use crate::client::Client;
+use crate::config::Config;
+
+/// What every serve loop of one runtime shares.
+pub(crate) struct Shared {
+    pub client: Client,
+    pub config: Config,
+    pub health: Health,
+    pub store: crate::store::Store,
+    /// Subjects with a durable handler in this process.
+    pub durable_subjects: Arc<std::collections::HashSet<&'static str>>,
+    /// The handlers being served, for NATS micro discovery.
+    pub endpoints: std::sync::Mutex<HashMap<&'static str, Arc<Served>>>,
+    /// What handlers that stage nothing work with (shared by all).
+    pub plain_work: Arc<crate::store::Work>,
+    /// This replica's side of the leader lease.
+    pub leadership: Leadership,
+    /// This replica's side of the outbox relay's lease.
+    pub relay: Arc<Lease>,
+    /// Messages dropped for a full subscription.
+    pub dropped: AtomicU64,
+    /// Requests not started because their sender stopped waiting.
+    pub expired: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_expired(&self) {
+        self.expired.fetch_add(1, Ordering::Relaxed);
+    }
+}
