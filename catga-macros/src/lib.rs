@@ -10,7 +10,7 @@
 mod attr;
 mod handler;
 mod message;
-mod names;
+use catga_names as names;
 mod role;
 #[cfg(test)]
 mod tests;

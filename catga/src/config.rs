@@ -299,8 +299,11 @@ pub struct NatsSecurity {
     pub tls_first: bool,
 }
 
-/// Everything a runtime needs to start.
+/// Everything a runtime needs to start. Made by [`Config::from_env`] (or
+/// [`Config::default`] and its fields); new settings may be added, so it
+/// cannot be written as a struct literal outside catga.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// NATS URL(s); `None` runs on the embedded in-memory transport.
     pub nats_url: Option<String>,
@@ -492,22 +495,22 @@ impl Config {
             c.instance_id = id;
         }
         if let Some(ms) = get("CATGA_REQUEST_TIMEOUT_MS") {
-            c.request_timeout = Duration::from_millis(positive("CATGA_REQUEST_TIMEOUT_MS", &ms)? as u64);
+            c.request_timeout = Duration::from_millis(number("CATGA_REQUEST_TIMEOUT_MS", &ms)?);
         }
         if let Some(ms) = get("CATGA_DRAIN_TIMEOUT_MS") {
             c.drain_timeout = Duration::from_millis(number("CATGA_DRAIN_TIMEOUT_MS", &ms)?);
         }
         if let Some(n) = get("CATGA_CONCURRENCY") {
-            c.concurrency = positive("CATGA_CONCURRENCY", &n)?;
+            c.concurrency = count("CATGA_CONCURRENCY", &n)?;
         }
         if let Some(n) = get("CATGA_PARALLEL") {
-            c.parallel = positive("CATGA_PARALLEL", &n)?;
+            c.parallel = count("CATGA_PARALLEL", &n)?;
         }
         if let Some(n) = get("CATGA_SUBSCRIPTION_CAPACITY") {
-            c.subscription_capacity = positive("CATGA_SUBSCRIPTION_CAPACITY", &n)?;
+            c.subscription_capacity = count("CATGA_SUBSCRIPTION_CAPACITY", &n)?;
         }
         if let Some(n) = get("CATGA_SUBSCRIPTION_BYTES") {
-            c.subscription_bytes = positive("CATGA_SUBSCRIPTION_BYTES", &n)?;
+            c.subscription_bytes = count("CATGA_SUBSCRIPTION_BYTES", &n)?;
         }
         if let Some(v) = get("CATGA_CLIENT_ONLY") {
             c.client_only = boolean("CATGA_CLIENT_ONLY", &v)?;
@@ -555,26 +558,20 @@ impl Config {
             c.inbox_window = ms("CATGA_INBOX_WINDOW_MS", &v)?;
         }
         if let Some(v) = get("CATGA_INBOX_LEASE_MS") {
-            c.inbox_lease = ms("CATGA_INBOX_LEASE_MS", &v)?.max(Duration::from_millis(30));
+            c.inbox_lease = ms("CATGA_INBOX_LEASE_MS", &v)?;
         }
         if let Some(v) = get("CATGA_LEADER_LEASE_MS") {
-            c.leader_lease = ms("CATGA_LEADER_LEASE_MS", &v)?.max(Duration::from_millis(30));
+            c.leader_lease = ms("CATGA_LEADER_LEASE_MS", &v)?;
         }
         if let Some(v) = get("CATGA_MEMBER_HEARTBEAT_MS") {
-            c.member_heartbeat = ms("CATGA_MEMBER_HEARTBEAT_MS", &v)?.max(Duration::from_millis(10));
+            c.member_heartbeat = ms("CATGA_MEMBER_HEARTBEAT_MS", &v)?;
         }
         if let Some(v) = get("CATGA_MEMBER_TIMEOUT_MS") {
-            c.member_timeout = ms("CATGA_MEMBER_TIMEOUT_MS", &v)?.max(Duration::from_millis(30));
-        }
-        if c.member_timeout < c.member_heartbeat * 2 {
-            return Err(config_error(
-                "CATGA_MEMBER_TIMEOUT_MS",
-                &c.member_timeout.as_millis().to_string(),
-                "must be at least twice CATGA_MEMBER_HEARTBEAT_MS, or live replicas would drop out between heartbeats",
-            ));
+            c.member_timeout = ms("CATGA_MEMBER_TIMEOUT_MS", &v)?;
         }
         if let Some(v) = get("CATGA_MAX_DELIVER") {
-            c.max_deliver = positive("CATGA_MAX_DELIVER", &v)? as u32;
+            c.max_deliver = u32::try_from(number("CATGA_MAX_DELIVER", &v)?)
+                .map_err(|_| config_error("CATGA_MAX_DELIVER", &v, "too large"))?;
         }
         if let Some(v) = get("CATGA_ACK_WAIT_MS") {
             c.ack_wait = ms("CATGA_ACK_WAIT_MS", &v)?;
@@ -587,7 +584,7 @@ impl Config {
             };
         }
         if let Some(v) = get("CATGA_JS_REPLICAS") {
-            c.streams.replicas = positive("CATGA_JS_REPLICAS", &v)?;
+            c.streams.replicas = count("CATGA_JS_REPLICAS", &v)?;
         }
         if let Some(v) = get("CATGA_JS_MAX_AGE_MS") {
             c.streams.max_age = ms("CATGA_JS_MAX_AGE_MS", &v)?;
@@ -607,7 +604,53 @@ impl Config {
         if let Some(v) = get("CATGA_BREAKER_OPEN_MS") {
             c.breaker_open = ms("CATGA_BREAKER_OPEN_MS", &v)?;
         }
+        c.validate()?;
         Ok(c)
+    }
+
+    /// Checks every setting's range: the same checks for the environment
+    /// ([`from_lookup`](Self::from_lookup)) and for a builder
+    /// ([`RuntimeBuilder::start`](crate::RuntimeBuilder::start)), each
+    /// error naming the variable. (A builder's `.concurrency(0)` was
+    /// silently 1 while `CATGA_CONCURRENCY=0` was an error.)
+    pub fn validate(&self) -> Result<()> {
+        let at_least_one = [
+            ("CATGA_CONCURRENCY", self.concurrency),
+            ("CATGA_PARALLEL", self.parallel),
+            ("CATGA_SUBSCRIPTION_CAPACITY", self.subscription_capacity),
+            ("CATGA_SUBSCRIPTION_BYTES", self.subscription_bytes),
+            ("CATGA_MAX_DELIVER", self.max_deliver as usize),
+            ("CATGA_JS_REPLICAS", self.streams.replicas),
+        ];
+        for (name, n) in at_least_one {
+            if n == 0 {
+                return Err(config_error(name, "0", "expected a whole number above 0"));
+            }
+        }
+        let at_least = [
+            ("CATGA_REQUEST_TIMEOUT_MS", self.request_timeout, 1),
+            ("CATGA_INBOX_LEASE_MS", self.inbox_lease, 30),
+            ("CATGA_LEADER_LEASE_MS", self.leader_lease, 30),
+            ("CATGA_MEMBER_HEARTBEAT_MS", self.member_heartbeat, 10),
+            ("CATGA_OUTBOX_LEASE_MS", self.outbox_lease, 30),
+        ];
+        for (name, d, min_ms) in at_least {
+            if d < Duration::from_millis(min_ms) {
+                return Err(config_error(
+                    name,
+                    &d.as_millis().to_string(),
+                    &format!("expected at least {min_ms} ms"),
+                ));
+            }
+        }
+        if self.member_timeout < self.member_heartbeat * 2 {
+            return Err(config_error(
+                "CATGA_MEMBER_TIMEOUT_MS",
+                &self.member_timeout.as_millis().to_string(),
+                "must be at least twice CATGA_MEMBER_HEARTBEAT_MS, or live replicas would drop out between heartbeats",
+            ));
+        }
+        Ok(())
     }
 
     /// The configuration table as Markdown (the README carries it).
@@ -694,11 +737,9 @@ fn number(name: &str, v: &str) -> Result<u64> {
         .map_err(|_| config_error(name, v, "expected a whole number"))
 }
 
-fn positive(name: &str, v: &str) -> Result<usize> {
-    match v.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(config_error(name, v, "expected a whole number above 0")),
-    }
+fn count(name: &str, v: &str) -> Result<usize> {
+    v.parse::<usize>()
+        .map_err(|_| config_error(name, v, "expected a whole number"))
 }
 
 fn boolean(name: &str, v: &str) -> Result<bool> {
@@ -753,6 +794,32 @@ mod tests {
         let memory = Config::from_lookup(|_| None).expect("defaults");
         assert!(memory.nats_url.is_none());
         assert!(memory.nats_security.creds_file.is_none());
+    }
+
+    #[test]
+    fn the_environment_and_a_builder_are_checked_alike() {
+        // The same value is refused the same way, naming the variable,
+        // whichever way it was set.
+        type Case = (&'static str, &'static str, fn(&mut Config));
+        let cases: [Case; 4] = [
+            ("CATGA_CONCURRENCY", "0", |c| c.concurrency = 0),
+            ("CATGA_SUBSCRIPTION_BYTES", "0", |c| c.subscription_bytes = 0),
+            ("CATGA_LEADER_LEASE_MS", "5", |c| {
+                c.leader_lease = Duration::from_millis(5)
+            }),
+            ("CATGA_MEMBER_TIMEOUT_MS", "1500", |c| {
+                c.member_timeout = Duration::from_millis(1500)
+            }),
+        ];
+        for (name, value, set) in cases {
+            let from_env = Config::from_lookup(|n| (n == name).then(|| value.to_owned())).expect_err(name);
+            let mut built = Config::default();
+            set(&mut built);
+            let from_builder = built.validate().expect_err(name);
+            assert!(from_env.message().contains(name), "{from_env}");
+            assert_eq!(from_env.message(), from_builder.message());
+        }
+        Config::default().validate().expect("the defaults are valid");
     }
 
     #[test]

@@ -40,6 +40,9 @@ mod message;
 mod ops;
 mod registry;
 mod resilience;
+/// The consistent-hash ring of keyed sagas. Not API: public for the
+/// benchmarks that compare its placement.
+#[doc(hidden)]
 pub mod ring;
 mod runtime;
 mod saga;
@@ -50,9 +53,15 @@ mod wire;
 
 pub use catga_macros::{command, event, saga};
 pub use client::{Client, Context};
-pub use config::{
-    Config, NatsSecurity, RedisMode, RedisTls, SETTINGS, Secret, Setting, StreamSettings, redact_url,
-};
+pub use config::{Config, NatsSecurity, RedisMode, RedisTls, Secret, StreamSettings};
+// The table of variables and the URL redaction serve catga's own tests of
+// the README and the deploy files: not API.
+/// The header types of [`MessageMeta::headers`] and [`headers`] (from
+/// async-nats, so that users need not depend on it to name them).
+#[doc(no_inline)]
+pub use async_nats::{HeaderMap, HeaderName, HeaderValue};
+#[doc(hidden)]
+pub use config::{SETTINGS, Setting, redact_url};
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{Command, Event, Message, MessageKind};

@@ -3,7 +3,7 @@
 //!
 //! A key belongs to partition `xxh3(key) % partitions`; a partition to the
 //! first replica clockwise from the partition's point on a ring where
-//! every replica has [`VNODES`] points, with bounded loads (Mirrokni,
+//! every replica has `VNODES` points, with bounded loads (Mirrokni,
 //! Thorup and Zadimoghaddam, 2017): a replica that holds its share
 //! (`ceil(partitions / replicas)`) passes the partition on clockwise. The
 //! busiest replica sets a keyed saga's throughput, so the bound is the

@@ -111,11 +111,9 @@ async fn serves(url: &str, security: NatsSecurity) {
     let _ = log();
     let rt = builder(url, security.clone()).start().await.expect("starts");
     catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
-    let config = Config {
-        nats_url: Some(url.to_owned()),
-        nats_security: security,
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.nats_url = Some(url.to_owned());
+    config.nats_security = security;
     let client = Client::connect_with(&config)
         .await
         .expect("the client gets in too");
@@ -152,11 +150,9 @@ async fn refused(url: &str, security: NatsSecurity, kind: ErrorKind, why: &str) 
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let config = Config {
-        nats_url: Some(url.to_owned()),
-        nats_security: security,
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.nats_url = Some(url.to_owned());
+    config.nats_security = security;
     let started = Instant::now();
     let err = Client::connect_with(&config).await.expect_err("refused");
     assert_eq!(err.kind(), kind, "{err}");
@@ -385,16 +381,15 @@ async fn tls_before_the_server_greets() {
 
 #[tokio::test]
 async fn missing_files_are_config_errors_that_name_the_variable() {
-    let err = Client::connect_with(&Config {
-        nats_url: Some("nats://127.0.0.1:1".into()),
-        nats_security: NatsSecurity {
-            creds_file: Some(Path::new("/nonexistent/app.creds").to_owned()),
-            ..NatsSecurity::default()
-        },
-        ..Config::default()
-    })
-    .await
-    .expect_err("missing creds file");
+    let mut config = Config::default();
+    config.nats_url = Some("nats://127.0.0.1:1".into());
+    config.nats_security = NatsSecurity {
+        creds_file: Some(Path::new("/nonexistent/app.creds").to_owned()),
+        ..NatsSecurity::default()
+    };
+    let err = Client::connect_with(&config)
+        .await
+        .expect_err("missing creds file");
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(err.message().contains("NATS_CREDS"), "{err}");
 }

@@ -98,7 +98,7 @@ impl RuntimeBuilder {
     /// and its partition leases run out (`CATGA_MEMBER_TIMEOUT_MS`).
     pub fn membership(mut self, heartbeat: Duration, timeout: Duration) -> Self {
         self.config.member_heartbeat = heartbeat;
-        self.config.member_timeout = timeout.max(heartbeat * 2);
+        self.config.member_timeout = timeout;
         self
     }
 
@@ -115,7 +115,7 @@ impl RuntimeBuilder {
     /// deliveries before a dead letter.
     pub fn durable_defaults(mut self, ack_wait: Duration, max_deliver: u32) -> Self {
         self.config.ack_wait = ack_wait;
-        self.config.max_deliver = max_deliver.max(1);
+        self.config.max_deliver = max_deliver;
         self
     }
 
@@ -215,13 +215,13 @@ impl RuntimeBuilder {
 
     /// Sets the default in-flight limit per subscription.
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.config.concurrency = n.max(1);
+        self.config.concurrency = n;
         self
     }
 
     /// Sets the default number of subscriptions (and tasks) per handler.
     pub fn parallel(mut self, n: usize) -> Self {
-        self.config.parallel = n.max(1);
+        self.config.parallel = n;
         self
     }
 
@@ -229,7 +229,7 @@ impl RuntimeBuilder {
     /// limit before it drops (and counts) further ones; see
     /// [`Runtime::dropped_messages`].
     pub fn subscription_capacity(mut self, n: usize) -> Self {
-        self.config.subscription_capacity = n.max(1);
+        self.config.subscription_capacity = n;
         self
     }
 
@@ -237,7 +237,7 @@ impl RuntimeBuilder {
     /// beyond its in-flight limit before it drops (and counts) further
     /// messages.
     pub fn subscription_bytes(mut self, n: usize) -> Self {
-        self.config.subscription_bytes = n.max(1);
+        self.config.subscription_bytes = n;
         self
     }
 
@@ -263,6 +263,8 @@ impl RuntimeBuilder {
     /// the server confirmed every subscription.
     pub async fn start(self) -> Result<Runtime> {
         let RuntimeBuilder { config, bus, filter } = self;
+        // The same checks as for the environment, naming the variable.
+        config.validate()?;
         // Before any handler registers its metrics: a handle registered
         // without the recorder stays a no-op.
         if config.http_addr.is_some() {

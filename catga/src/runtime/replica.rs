@@ -41,7 +41,8 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
-    /// A builder with the defaults of [`Config`] (not the environment).
+    /// A builder with the defaults of [`Config`](crate::Config) (not the
+    /// environment).
     pub fn builder() -> RuntimeBuilder {
         RuntimeBuilder::new()
     }

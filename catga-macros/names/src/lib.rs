@@ -1,13 +1,19 @@
-//! Subject and queue-group rules, and the default subject of a type.
+//! The naming rules of catga, in one place for both of its crates: the
+//! macros check subjects, queue groups and durable names at compile time,
+//! the runtime checks subjects sent at run time (`Client::send_raw`), with
+//! the same rules and the same test table.
+
+/// The longest subject catga sends.
+pub const MAX_SUBJECT_LEN: usize = 1024;
 
 /// The default subject of a message type: `prefix.` plus its name in snake
 /// case (`CreateOrder` → `cmd.create_order`).
-pub(crate) fn default_subject(prefix: &str, ident: &str) -> String {
+pub fn default_subject(prefix: &str, ident: &str) -> String {
     format!("{prefix}.{}", snake_case(ident))
 }
 
 /// `CreateOrder` → `create_order`, `HTTPRequest` → `http_request`.
-pub(crate) fn snake_case(ident: &str) -> String {
+pub fn snake_case(ident: &str) -> String {
     let ident = ident.strip_prefix("r#").unwrap_or(ident);
     let chars: Vec<char> = ident.chars().collect();
     let mut out = String::with_capacity(ident.len() + 4);
@@ -31,7 +37,8 @@ pub(crate) fn snake_case(ident: &str) -> String {
     out
 }
 
-fn token_chars_ok(token: &str) -> bool {
+/// Whether a subject token is ASCII letters, digits, `_` and `-` only.
+pub fn token_chars_ok(token: &str) -> bool {
     token
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
@@ -39,9 +46,11 @@ fn token_chars_ok(token: &str) -> bool {
 
 /// A message subject: dot-separated tokens of ASCII letters, digits, `_` and
 /// `-`; no wildcards; not in the `$` or `_INBOX` name spaces.
-pub(crate) fn check_subject(s: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err("a subject cannot be empty".to_owned());
+pub fn check_subject(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_SUBJECT_LEN {
+        return Err(format!(
+            "a subject must be 1 to {MAX_SUBJECT_LEN} characters long"
+        ));
     }
     if s.chars().any(char::is_whitespace) {
         return Err("a subject cannot contain white space".to_owned());
@@ -66,7 +75,7 @@ pub(crate) fn check_subject(s: &str) -> Result<(), String> {
 }
 
 /// A queue group: ASCII letters, digits, `_`, `-` and `.`; not empty.
-pub(crate) fn check_queue_group(s: &str) -> Result<(), String> {
+pub fn check_queue_group(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("a queue group cannot be empty".to_owned());
     }
@@ -84,7 +93,7 @@ pub(crate) fn check_queue_group(s: &str) -> Result<(), String> {
 
 /// A durable consumer name: ASCII letters, digits, `_` and `-` (JetStream
 /// refuses `.`, wildcards and white space in consumer names).
-pub(crate) fn check_durable(s: &str) -> Result<(), String> {
+pub fn check_durable(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 64 {
         return Err("a durable name must be 1 to 64 characters long".to_owned());
     }
@@ -115,7 +124,19 @@ mod tests {
         assert!(check_subject("orders.created").is_ok());
         assert!(check_subject("orders.v2-created_x").is_ok());
         for bad in [
-            "", "orders.*", "orders.>", "a..b", ".a", "a.", "a b", "$JS.x", "_INBOX.x", "a.b%",
+            "",
+            "orders.*",
+            "orders.>",
+            "a..b",
+            ".a",
+            "a.",
+            "a b",
+            "$JS.x",
+            "_INBOX.x",
+            "a.b%",
+            "a:b",
+            "a\nb",
+            &"x".repeat(MAX_SUBJECT_LEN + 1),
         ] {
             assert!(check_subject(bad).is_err(), "{bad:?} should be refused");
         }
