@@ -344,6 +344,22 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// A builder serving only the named handlers of this crate.
+fn serving(handlers: &'static [&'static str]) -> catga::RuntimeBuilder {
+    Runtime::builder().handlers(move |s| {
+        s.name()
+            .strip_prefix("catga_bench::")
+            .is_some_and(|name| handlers.contains(&name))
+    })
+}
+
+/// Starts a runtime and waits until it serves.
+async fn up(builder: catga::RuntimeBuilder) -> Runtime {
+    let rt = builder.start().await.expect("runtime");
+    rt.ready().await.expect("ready");
+    rt
+}
+
 /// Whether `BENCH_ONLY` (comma separated) selects `section`; unset selects all.
 fn selected(section: &str) -> bool {
     std::env::var("BENCH_ONLY")
@@ -419,15 +435,11 @@ async fn request_reply(duration: Duration, data: &'static str, raw_payload: Byte
     let server = catga_tests::NatsServer::start();
 
     // catga: a runtime serving `echo`, and a separate client connection.
-    let rt = Runtime::builder()
+    let rt = up(serving(&["echo"])
         .nats_url(server.url())
         .instance_id("bench")
-        .handlers(|s| s.name() == "catga_bench::echo")
-        .concurrency(1024)
-        .start()
-        .await
-        .expect("runtime");
-    rt.ready().await.expect("ready");
+        .concurrency(1024))
+    .await;
     let catga_client = Client::connect(&server.url()).await.expect("client");
 
     // raw async-nats, two responders on their own connection, each a
@@ -592,13 +604,7 @@ async fn embedded(duration: Duration, data: &'static str) {
     println!("## Embedded transport (in-memory bus)");
     println!();
     let bus = MemoryBus::new();
-    let mem_rt = Runtime::builder()
-        .memory(bus.clone())
-        .handlers(|s| s.name() == "catga_bench::echo")
-        .concurrency(1024)
-        .start()
-        .await
-        .expect("memory runtime");
+    let mem_rt = up(serving(&["echo"]).memory(bus.clone()).concurrency(1024)).await;
     let mem_client = Client::memory(&bus);
     // Allocations per round trip, sequential, after a warm-up.
     for _ in 0..1000 {
@@ -630,12 +636,7 @@ async fn embedded(duration: Duration, data: &'static str) {
             .expect("current-thread runtime");
         rt.block_on(async move {
             let bus = MemoryBus::new();
-            let served = Runtime::builder()
-                .memory(bus.clone())
-                .handlers(|s| s.name() == "catga_bench::echo")
-                .start()
-                .await
-                .expect("memory runtime");
+            let served = up(serving(&["echo"]).memory(bus.clone())).await;
             let client = Client::memory(&bus);
             for _ in 0..1000 {
                 client.send(Echo { data: data.into() }).await.expect("warm-up");
@@ -698,16 +699,13 @@ async fn parallel(duration: Duration) {
     let server = catga_tests::NatsServer::start();
     for transport in ["memory", "nats"] {
         let bus = MemoryBus::new();
-        let builder = Runtime::builder()
-            .handlers(|s| s.name().starts_with("catga_bench::crunch_"))
-            .instance_id("bench");
-        let builder = if transport == "memory" {
+        let builder = serving(&["crunch_one", "crunch_two"]).instance_id("bench");
+        let rt = up(if transport == "memory" {
             builder.memory(bus.clone())
         } else {
             builder.nats_url(server.url())
-        };
-        let rt = builder.start().await.expect("runtime");
-        rt.ready().await.expect("ready");
+        })
+        .await;
         let client = if transport == "memory" {
             Client::memory(&bus)
         } else {
@@ -740,19 +738,11 @@ async fn parallel(duration: Duration) {
 async fn reliable(duration: Duration, data: &'static str) {
     let nats = catga_tests::NatsServer::start();
     let redis = catga_tests::RedisServer::start();
-    let rt = Runtime::builder()
+    let rt = up(serving(&["on_tick", "on_tick_once", "bump", "echo", "echo_once"])
         .nats_url(nats.url())
         .redis_url(redis.url())
-        .instance_id("bench")
-        .handlers(|s| {
-            ["on_tick", "on_tick_once", "bump", "echo", "echo_once"]
-                .iter()
-                .any(|n| s.name() == format!("catga_bench::{n}"))
-        })
-        .start()
-        .await
-        .expect("runtime");
-    rt.ready().await.expect("ready");
+        .instance_id("bench"))
+    .await;
     let client = Client::connect(&nats.url()).await.expect("client");
     let raw = async_nats::connect(nats.url()).await.expect("raw client");
     let js = async_nats::jetstream::new(raw.clone());
@@ -1088,15 +1078,7 @@ async fn fan_catga(
     }
     let mut replicas = Vec::new();
     for id in ["fan1", "fan2", "fan3"] {
-        let rt = Runtime::builder()
-            .nats_url(server.url())
-            .instance_id(id)
-            .handlers(|s| s.name() == "catga_bench::on_fan")
-            .start()
-            .await
-            .expect("replica");
-        rt.ready().await.expect("ready");
-        replicas.push(rt);
+        replicas.push(up(serving(&["on_fan"]).nats_url(server.url()).instance_id(id)).await);
     }
     let started = Instant::now();
     let publish_s = publish_burst(publisher, "bench.fan", burst).await;
@@ -1321,27 +1303,19 @@ async fn overhead(duration: Duration, data: &'static str) {
     // Metrics are one recorder per process, installed by the first runtime
     // with an HTTP endpoint; a runtime started before that, and warmed up
     // before it, keeps no-op handles: that is the "off" one.
-    let off = Runtime::builder()
+    let off = up(serving(&["echo"])
         .nats_url(server.url())
         .instance_id("bench-off")
-        .handlers(|s| s.name() == "catga_bench::echo")
-        .concurrency(1024)
-        .start()
-        .await
-        .expect("runtime");
-    off.ready().await.expect("ready");
+        .concurrency(1024))
+    .await;
     let client = Client::connect(&server.url()).await.expect("client");
     client.send(Echo { data: data.into() }).await.expect("warm-up");
-    let on = Runtime::builder()
+    let on = up(serving(&["echo_metered"])
         .nats_url(server.url())
         .instance_id("bench-on")
-        .handlers(|s| s.name() == "catga_bench::echo_metered")
         .concurrency(1024)
-        .http_addr("127.0.0.1:0")
-        .start()
-        .await
-        .expect("runtime");
-    on.ready().await.expect("ready");
+        .http_addr("127.0.0.1:0"))
+    .await;
     let metrics_addr = on.http_addr();
 
     println!("## Observability overhead: request/reply with metrics and tracing on vs off");

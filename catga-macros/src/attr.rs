@@ -100,10 +100,6 @@ enum Takes {
     /// A field name of the handled message (`key = order_id`).
     Field,
     /// Nothing: a bare flag.
-    #[allow(
-        dead_code,
-        reason = "the first flags (`idempotent`, `leader`) arrive with their features"
-    )]
     Flag,
 }
 
@@ -242,7 +238,7 @@ const KEYS: &[Key] = &[
 ];
 
 /// A checked value.
-pub(crate) enum Value {
+enum Value {
     Field(Ident),
     Str(LitStr),
     Int(u64),
@@ -251,7 +247,8 @@ pub(crate) enum Value {
     Flag,
 }
 
-/// The checked arguments of one attribute.
+/// The checked arguments of one attribute, by key, before they are read
+/// into [`MessageArgs`] or [`HandlerArgs`].
 #[derive(Default)]
 pub(crate) struct Options {
     values: Vec<(&'static str, Value)>,
@@ -260,59 +257,166 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    fn get(&self, key: &str) -> Option<&Value> {
+    /// Takes a key's value out. Reading a key that is not in [`KEYS`]
+    /// panics in a debug build, and a key of [`KEYS`] that no field reads
+    /// fails `every_key_is_read_into_a_field`.
+    fn take(&mut self, key: &str) -> Option<Value> {
         debug_assert!(KEYS.iter().any(|k| k.name == key), "`{key}` is not in KEYS");
-        self.values.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        let at = self.values.iter().position(|(k, _)| *k == key)?;
+        Some(self.values.remove(at).1)
     }
 
-    pub(crate) fn str(&self, key: &str) -> Option<&LitStr> {
-        match self.get(key) {
-            Some(Value::Str(s)) => Some(s),
+    fn str(&mut self, key: &str) -> Option<LitStr> {
+        match self.take(key)? {
+            Value::Str(s) => Some(s),
             _ => None,
+        }
+    }
+
+    /// A whole number, in the type of its field (its row's range fits).
+    fn int<T: TryFrom<u64>>(&mut self, key: &str) -> Option<T> {
+        match self.take(key)? {
+            Value::Int(n) => T::try_from(n).ok(),
+            _ => None,
+        }
+    }
+
+    fn ty(&mut self, key: &str) -> Option<Box<Type>> {
+        match self.take(key)? {
+            Value::Type(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn field(&mut self, key: &str) -> Option<Ident> {
+        match self.take(key)? {
+            Value::Field(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    fn flag(&mut self, key: &str) -> bool {
+        matches!(self.take(key), Some(Value::Flag))
+    }
+
+    /// The path to the catga crate: `crate = "..."` or `::catga`.
+    fn krate(&mut self) -> Path {
+        match self.take("crate") {
+            Some(Value::Path(p)) => p,
+            _ => syn::parse_quote!(::catga),
+        }
+    }
+
+    /// The keys no field took (empty unless a reader forgot one).
+    fn left(&self) -> Vec<&'static str> {
+        self.values.iter().map(|(k, _)| *k).collect()
+    }
+}
+
+/// `#[command(...)]` or `#[event(...)]` on a message type.
+pub(crate) struct MessageArgs {
+    /// `subject = "..."`.
+    pub(crate) subject: Option<LitStr>,
+    /// `reply = T` (commands).
+    pub(crate) reply: Option<Box<Type>>,
+    /// `version = N`.
+    pub(crate) version: Option<u32>,
+    /// `idempotent` (commands).
+    pub(crate) idempotent: bool,
+    /// `crate = "..."`, or `::catga`.
+    pub(crate) krate: Path,
+}
+
+impl MessageArgs {
+    fn read(opts: &mut Options) -> MessageArgs {
+        MessageArgs {
+            subject: opts.str("subject"),
+            reply: opts.ty("reply"),
+            version: opts.int("version"),
+            idempotent: opts.flag("idempotent"),
+            krate: opts.krate(),
+        }
+    }
+}
+
+/// `#[command(...)]`, `#[event(...)]` or `#[saga(...)]` on an `async fn`.
+pub(crate) struct HandlerArgs {
+    /// `queue_group = "..."`.
+    pub(crate) queue_group: Option<LitStr>,
+    /// `concurrency = N`.
+    pub(crate) concurrency: Option<usize>,
+    /// `parallel = N`.
+    pub(crate) parallel: Option<usize>,
+    /// `durable = "..."`.
+    pub(crate) durable: Option<LitStr>,
+    /// `max_deliver = N`.
+    pub(crate) max_deliver: Option<u32>,
+    /// `retry = N`.
+    pub(crate) retry: Option<u32>,
+    /// `idempotent` (event handlers).
+    pub(crate) idempotent: bool,
+    /// `leader`.
+    pub(crate) leader: bool,
+    /// `key = field` (sagas).
+    pub(crate) key: Option<Ident>,
+    /// `partitions = N` (keyed sagas).
+    pub(crate) partitions: Option<u32>,
+    /// `timeout = "30s"` (sagas), in milliseconds.
+    pub(crate) timeout_ms: Option<u64>,
+    /// `crate = "..."`, or `::catga`.
+    pub(crate) krate: Path,
+    /// Each key as written, for errors about combinations.
+    written: Vec<(&'static str, Ident)>,
+}
+
+impl HandlerArgs {
+    fn read(opts: &mut Options) -> HandlerArgs {
+        HandlerArgs {
+            queue_group: opts.str("queue_group"),
+            concurrency: opts.int("concurrency"),
+            parallel: opts.int("parallel"),
+            durable: opts.str("durable"),
+            max_deliver: opts.int("max_deliver"),
+            retry: opts.int("retry"),
+            idempotent: opts.flag("idempotent"),
+            leader: opts.flag("leader"),
+            key: opts.field("key"),
+            partitions: opts.int("partitions"),
+            // Checked by its row: a valid duration.
+            timeout_ms: opts.str("timeout").and_then(|t| duration_ms(&t.value()).ok()),
+            krate: opts.krate(),
+            written: std::mem::take(&mut opts.keys),
         }
     }
 
     /// The key as written, for errors about combinations.
     pub(crate) fn written(&self, key: &str) -> Option<&Ident> {
-        self.keys.iter().find(|(k, _)| *k == key).map(|(_, ident)| ident)
-    }
-
-    pub(crate) fn int(&self, key: &str) -> Option<u64> {
-        match self.get(key) {
-            Some(Value::Int(n)) => Some(*n),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn ty(&self, key: &str) -> Option<&Type> {
-        match self.get(key) {
-            Some(Value::Type(t)) => Some(t),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn field(&self, key: &str) -> Option<&Ident> {
-        match self.get(key) {
-            Some(Value::Field(f)) => Some(f),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn flag(&self, key: &str) -> bool {
-        matches!(self.get(key), Some(Value::Flag))
-    }
-
-    /// The path to the catga crate: `crate = "..."` or `::catga`.
-    pub(crate) fn krate(&self) -> Path {
-        match self.get("crate") {
-            Some(Value::Path(p)) => p.clone(),
-            _ => syn::parse_quote!(::catga),
-        }
+        self.written
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, ident)| ident)
     }
 }
 
+/// Parses and checks the arguments of `#[command]` or `#[event]` on a
+/// message type.
+pub(crate) fn message(tokens: TokenStream, role: Role, errors: &mut Errors) -> MessageArgs {
+    let mut opts = parse(tokens, role, errors);
+    let args = MessageArgs::read(&mut opts);
+    debug_assert!(opts.left().is_empty(), "{:?} not read", opts.left());
+    args
+}
+
+/// Parses and checks the arguments of an attribute on a handler.
+pub(crate) fn handler(tokens: TokenStream, role: Role, errors: &mut Errors) -> HandlerArgs {
+    let mut opts = parse(tokens, role, errors);
+    let args = HandlerArgs::read(&mut opts);
+    debug_assert!(opts.left().is_empty(), "{:?} not read", opts.left());
+    args
+}
+
 /// Parses and checks the arguments of an attribute in `role`.
-pub(crate) fn parse(tokens: TokenStream, role: Role, errors: &mut Errors) -> Options {
+fn parse(tokens: TokenStream, role: Role, errors: &mut Errors) -> Options {
     let args = match Punctuated::<Arg, Token![,]>::parse_terminated.parse2(tokens) {
         Ok(args) => args,
         Err(e) => {
@@ -472,4 +576,89 @@ fn check_duration(text: &str) -> Result<(), String> {
 /// Flags are matched before this arm; kept total without a panic.
 fn unreachable_flag() -> String {
     "no value".to_owned()
+}
+
+#[cfg(test)]
+mod unit {
+    use quote::quote;
+
+    use super::*;
+
+    /// Every key a role takes, written validly.
+    fn every_key(role: Role) -> TokenStream {
+        let mut args = Vec::new();
+        for key in KEYS.iter().filter(|k| k.roles.contains(&role)) {
+            let name = if key.name == "crate" {
+                quote!(crate)
+            } else {
+                let plain = Ident::new(key.name, Span::call_site());
+                quote!(#plain)
+            };
+            args.push(match &key.takes {
+                Takes::Flag => name,
+                Takes::Int { min, .. } => {
+                    let n = proc_macro2::Literal::u64_unsuffixed((*min).max(1));
+                    quote!(#name = #n)
+                }
+                Takes::Str(_) if key.name == "timeout" => quote!(#name = "30s"),
+                Takes::Str(_) => quote!(#name = "orders"),
+                Takes::Type => quote!(#name = OrderId),
+                Takes::Field => quote!(#name = order_id),
+                Takes::Path => quote!(#name = "::my::catga"),
+            });
+        }
+        quote!(#(#args),*)
+    }
+
+    #[test]
+    fn every_key_is_read_into_a_field() {
+        for role in [COMMAND_TYPE, EVENT_TYPE, COMMAND_HANDLER, EVENT_HANDLER, SAGA] {
+            let mut errors = Errors::default();
+            let mut opts = parse(every_key(role), role, &mut errors);
+            assert!(
+                errors.is_empty(),
+                "{:?}",
+                errors.0.iter().map(ToString::to_string).collect::<Vec<_>>()
+            );
+            assert!(!opts.values.is_empty());
+            if role.target == Target::Type {
+                let _ = MessageArgs::read(&mut opts);
+            } else {
+                let _ = HandlerArgs::read(&mut opts);
+            }
+            assert!(
+                opts.left().is_empty(),
+                "{role:?}: {:?} is in KEYS but read by no field",
+                opts.left()
+            );
+        }
+    }
+
+    #[test]
+    fn values_arrive_typed() {
+        let mut errors = Errors::default();
+        let args = handler(
+            quote!(
+                key = order_id,
+                partitions = 16,
+                concurrency = 4,
+                timeout = "2m",
+                crate = "::my::catga"
+            ),
+            SAGA,
+            &mut errors,
+        );
+        assert!(errors.is_empty());
+        assert_eq!(
+            args.key.as_ref().map(ToString::to_string).as_deref(),
+            Some("order_id")
+        );
+        assert_eq!(args.partitions, Some(16));
+        assert_eq!(args.concurrency, Some(4));
+        assert_eq!(args.timeout_ms, Some(120_000));
+        assert_eq!(args.parallel, None);
+        assert!(args.written("partitions").is_some());
+        let krate = &args.krate;
+        assert_eq!(quote!(#krate).to_string().replace(' ', ""), "::my::catga");
+    }
 }

@@ -12,7 +12,7 @@ use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{FnArg, ItemFn, ReturnType, Type};
 
-use crate::attr::{self, Errors, Options};
+use crate::attr::{self, Errors, HandlerArgs};
 use crate::role::{Attr, Role, Target};
 
 /// The parts of a valid handler signature.
@@ -137,29 +137,29 @@ fn validate<'a>(attr: Attr, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
 }
 
 /// Checks the keys that only make sense together.
-fn combinations(attr: Attr, opts: &Options, errors: &mut Errors) {
+fn combinations(attr: Attr, args: &HandlerArgs, errors: &mut Errors) {
     // A saga's trigger is always durable.
-    let durable = opts.str("durable").is_some() || attr == Attr::Saga;
-    if let (Some(key), Some(_)) = (opts.written("leader"), opts.written("key")) {
+    let durable = args.durable.is_some() || attr == Attr::Saga;
+    if let (Some(key), Some(_)) = (args.written("leader"), args.written("key")) {
         errors.spanned(
             key,
             "a keyed saga runs on the replica that owns its key's partition, not on the leader: \
              remove `leader` or `key`",
         );
     }
-    if let (Some(key), None) = (opts.written("partitions"), opts.written("key")) {
+    if let (Some(key), None) = (args.written("partitions"), args.written("key")) {
         errors.spanned(
             key,
             "`partitions` splits a keyed saga's instances: add `key = <field of the trigger event>`",
         );
     }
-    if let (Some(key), false) = (opts.written("max_deliver"), durable) {
+    if let (Some(key), false) = (args.written("max_deliver"), durable) {
         errors.spanned(
             key,
             "`max_deliver` counts the deliveries of a durable consumer: add `durable = \"name\"`",
         );
     }
-    if let (Some(key), true) = (opts.written("queue_group"), durable) {
+    if let (Some(key), true) = (args.written("queue_group"), durable) {
         errors.spanned(
             key,
             "a durable handler shares its events by its durable name (replicas with the same name split \
@@ -175,12 +175,12 @@ pub(crate) fn expand(attr: Attr, args: TokenStream, item: &TokenStream, f: &Item
         attr,
         target: Target::Handler,
     };
-    let opts = attr::parse(args, role, &mut errors);
-    combinations(attr, &opts, &mut errors);
+    let args = attr::handler(args, role, &mut errors);
+    combinations(attr, &args, &mut errors);
     let sig = validate(attr, f, &mut errors);
     match sig {
         Some(sig) if errors.is_empty() => {
-            let registration = registration(attr, &opts, f, &sig);
+            let registration = registration(attr, &args, f, &sig);
             quote! {
                 #item
                 #registration
@@ -193,20 +193,42 @@ pub(crate) fn expand(attr: Attr, args: TokenStream, item: &TokenStream, f: &Item
     }
 }
 
-/// The handler type, its trait impl and its registry entry.
-fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> TokenStream {
-    let p = {
-        let krate = opts.krate();
-        quote!(#krate::__private)
-    };
+/// The handler type, its trait impl and its registry entry, in an
+/// anonymous const.
+fn registration(attr: Attr, args: &HandlerArgs, f: &ItemFn, sig: &Signature<'_>) -> TokenStream {
+    let krate = &args.krate;
+    let p = quote!(#krate::__private);
+    let handler_impl = handler_impl(attr, &p, args, f, sig);
+    let spec = spec(attr, &p, args, f, sig);
+    quote! {
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals, unused_qualifications, clippy::absolute_paths)]
+        const _: () = {
+            struct __CatgaHandler;
+
+            #handler_impl
+
+            #[#p::linkme::distributed_slice(#p::HANDLERS)]
+            #[linkme(crate = #p::linkme)]
+            static __CATGA_HANDLER: #p::HandlerSpec = #spec;
+        };
+    }
+}
+
+/// `impl CommandHandler` (or `EventHandler`) for the handler type: calls
+/// the user's function.
+fn handler_impl(
+    attr: Attr,
+    p: &TokenStream,
+    args: &HandlerArgs,
+    f: &ItemFn,
+    sig: &Signature<'_>,
+) -> TokenStream {
     let fn_ident = &f.sig.ident;
-    let fn_name = fn_ident.to_string();
     let msg_ty = sig.message;
     let (message_trait, handler_trait) = attr.traits();
-    let message_trait = format_ident!("{}", message_trait);
     let handler_trait = format_ident!("{}", handler_trait, span = Span::call_site());
-    let assoc = format_ident!("{}", message_trait.to_string(), span = msg_ty.span());
-
+    let assoc = format_ident!("{}", message_trait, span = msg_ty.span());
     let call = if attr == Attr::Saga {
         quote!(#p::run_saga(&__catga_ctx, move |__catga_saga| async move {
             #fn_ident(&__catga_saga, __catga_msg).await
@@ -230,52 +252,66 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
     // The return type of `call` is spanned on the function's name: a
     // future that is not `Send` (an `Rc` held across an await) is reported
     // there, once, as axum's `debug_handler` does.
-    let fn_span = fn_ident.span();
-    let returns = quote_spanned! {fn_span=>
+    let returns = quote_spanned! {fn_ident.span()=>
         impl ::core::future::Future<Output = #output> + ::core::marker::Send
     };
-    let body = quote! {
-        async move { #call.await }
-    };
-    let queue_group = match opts.str("queue_group") {
-        Some(lit) => quote!(::core::option::Option::Some(#lit)),
-        None => quote!(::core::option::Option::None),
-    };
-    let concurrency = opts.int("concurrency").unwrap_or(0) as usize;
-    let parallel = opts.int("parallel").unwrap_or(0) as usize;
-    let durable = match opts.str("durable") {
-        Some(lit) => quote!(::core::option::Option::Some(#lit)),
-        // A saga's trigger is durable: none is lost while it cannot run.
-        None if attr == Attr::Saga => quote!(::core::option::Option::Some(#fn_name)),
-        None => quote!(::core::option::Option::None),
-    };
-    let max_deliver = opts.int("max_deliver").unwrap_or(0) as u32;
-    let retry = opts.int("retry").unwrap_or(0) as u32;
-    let idempotent = opts.flag("idempotent");
-    let leader = opts.flag("leader");
-    let saga = attr == Attr::Saga;
-    let keyed = opts.field("key").is_some();
-    let partitions = opts.int("partitions").unwrap_or(0) as u32;
-    let timeout_ms = opts
-        .str("timeout")
-        .and_then(|t| crate::attr::duration_ms(&t.value()).ok())
-        .unwrap_or(0);
-    // A keyed saga's key: the field, as text. Spanned on the field as
-    // written: a missing field or one that is not `Display` is reported
-    // there.
-    let key_fn = match opts.field("key") {
-        Some(field) => {
-            let read = quote_spanned! {field.span()=>
-                #p::saga_key(&__catga_event.#field)
-            };
-            quote! {
-                fn key(__catga_event: &#msg_ty) -> ::core::option::Option<::std::string::String> {
-                    ::core::option::Option::Some(#read)
-                }
+    let key_fn = key_fn(p, args, msg_ty);
+    quote! {
+        #[automatically_derived]
+        impl #p::#handler_trait for __CatgaHandler {
+            type #assoc = #msg_ty;
+            #assoc_reply
+
+            fn call(__catga_ctx: #p::Context, __catga_msg: #msg_ty) -> #returns {
+                async move { #call.await }
             }
+
+            #key_fn
         }
-        None => quote!(),
+    }
+}
+
+/// A keyed saga's key: the field, as text. Spanned on the field as
+/// written: a missing field or one that is not `Display` is reported
+/// there.
+fn key_fn(p: &TokenStream, args: &HandlerArgs, msg_ty: &Type) -> TokenStream {
+    let Some(field) = &args.key else {
+        return quote!();
     };
+    let read = quote_spanned! {field.span()=>
+        #p::saga_key(&__catga_event.#field)
+    };
+    quote! {
+        fn key(__catga_event: &#msg_ty) -> ::core::option::Option<::std::string::String> {
+            ::core::option::Option::Some(#read)
+        }
+    }
+}
+
+/// The registry entry: the handler's name and its options.
+fn spec(attr: Attr, p: &TokenStream, args: &HandlerArgs, f: &ItemFn, sig: &Signature<'_>) -> TokenStream {
+    let fn_name = f.sig.ident.to_string();
+    let some = |v: Option<TokenStream>| match v {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    };
+    let queue_group = some(args.queue_group.as_ref().map(|lit| quote!(#lit)));
+    let concurrency = some(args.concurrency.map(|n| quote!(#n)));
+    let parallel = some(args.parallel.map(|n| quote!(#n)));
+    let durable = some(match &args.durable {
+        Some(lit) => Some(quote!(#lit)),
+        // A saga's trigger is durable: none is lost while it cannot run.
+        None if attr == Attr::Saga => Some(quote!(#fn_name)),
+        None => None,
+    });
+    let max_deliver = some(args.max_deliver.map(|n| quote!(#n)));
+    let retry = args.retry.unwrap_or(0);
+    let idempotent = args.idempotent;
+    let leader = args.leader;
+    let saga = attr == Attr::Saga;
+    let keyed = args.key.is_some();
+    let partitions = some(args.partitions.map(|n| quote!(#n)));
+    let timeout_ms = some(args.timeout_ms.map(|n| quote!(#n)));
     let constructor = match attr {
         Attr::Command => quote!(command),
         Attr::Event | Attr::Saga => quote!(event),
@@ -283,7 +319,7 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
     // The one place that requires the handled type to be a catga command
     // (or event) with the reply the function returns, spanned on the
     // handled type: a misuse is reported there, once.
-    let spec = quote_spanned! {msg_ty.span()=>
+    quote_spanned! {sig.message.span()=>
         #p::HandlerSpec::#constructor::<__CatgaHandler>(
             ::core::concat!(::core::module_path!(), "::", #fn_name),
             #p::HandlerOptions {
@@ -301,29 +337,5 @@ fn registration(attr: Attr, opts: &Options, f: &ItemFn, sig: &Signature<'_>) -> 
                 timeout_ms: #timeout_ms,
             },
         )
-    };
-
-    quote! {
-        #[doc(hidden)]
-        #[allow(non_upper_case_globals, unused_qualifications, clippy::absolute_paths)]
-        const _: () = {
-            struct __CatgaHandler;
-
-            #[automatically_derived]
-            impl #p::#handler_trait for __CatgaHandler {
-                type #assoc = #msg_ty;
-                #assoc_reply
-
-                fn call(__catga_ctx: #p::Context, __catga_msg: #msg_ty) -> #returns {
-                    #body
-                }
-
-                #key_fn
-            }
-
-            #[#p::linkme::distributed_slice(#p::HANDLERS)]
-            #[linkme(crate = #p::linkme)]
-            static __CATGA_HANDLER: #p::HandlerSpec = #spec;
-        };
     }
 }

@@ -11,7 +11,7 @@ use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Generics, Ident};
 
-use crate::attr::{self, Errors, Options};
+use crate::attr::{self, Errors, MessageArgs};
 use crate::role::{Attr, Role, Target};
 
 /// Checks what the arguments cannot: a message type is not generic.
@@ -42,12 +42,12 @@ pub(crate) fn expand(
         attr,
         target: Target::Type,
     };
-    let opts = attr::parse(args, role, &mut errors);
+    let args = attr::message(args, role, &mut errors);
     if !validate(attr, generics, &mut errors) {
         let errs = errors.to_compile_errors();
         return quote!(#item #errs);
     }
-    let impls = impls(attr, &opts, ident);
+    let impls = impls(attr, &args, ident);
     let errs = errors.to_compile_errors();
     quote! {
         #item
@@ -60,17 +60,17 @@ pub(crate) fn expand(
     }
 }
 
-fn impls(attr: Attr, opts: &Options, ident: &Ident) -> TokenStream {
+fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
     let p = {
-        let krate = opts.krate();
+        let krate = &args.krate;
         quote!(#krate::__private)
     };
     let name = ident.to_string();
-    let subject = match opts.str("subject") {
+    let subject = match &args.subject {
         Some(lit) => lit.value(),
         None => crate::names::default_subject(attr.subject_prefix(), &name),
     };
-    let version = u32::try_from(opts.int("version").unwrap_or(1)).unwrap_or(1);
+    let version = args.version.unwrap_or(1);
     let (kind, _) = attr.traits();
     let kind = Ident::new(kind, ident.span());
     let message_impl = quote_spanned! {ident.span()=>
@@ -84,12 +84,12 @@ fn impls(attr: Attr, opts: &Options, ident: &Ident) -> TokenStream {
     };
     let role_impl = match attr {
         Attr::Command => {
-            let reply = match opts.ty("reply") {
+            let reply = match &args.reply {
                 Some(ty) => quote_spanned!(ty.span()=> #ty),
                 None => quote!(()),
             };
-            let span = opts.ty("reply").map_or(ident.span(), |t| t.span());
-            let idempotent = opts.flag("idempotent");
+            let span = args.reply.as_ref().map_or(ident.span(), |t| t.span());
+            let idempotent = args.idempotent;
             quote_spanned! {span=>
                 #[automatically_derived]
                 impl #p::Command for #ident {

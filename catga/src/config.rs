@@ -1,7 +1,7 @@
 //! Runtime configuration, read from the environment by [`catga::run`](crate::run).
 //!
 //! [`SETTINGS`] is the one table of variables: [`Config::from_lookup`]
-//! reads exactly these names, and the README's configuration table is
+//! reads exactly these names, and the configuration page of the guide (`catga/docs/configuration.md`) is
 //! checked against it by a test. Defaults live here and nowhere else.
 
 use std::time::Duration;
@@ -24,8 +24,12 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default number of subscriptions (and tasks) per handler.
 pub const DEFAULT_PARALLEL: usize = 1;
 
-/// One environment variable: its name, what it means, its default.
-#[derive(Debug, Clone, Copy)]
+/// One environment variable: its name, what it means, its default and
+/// how it is read. A setting is this one row plus its [`Config`] field:
+/// [`Config::from_lookup`] reads the table, the guide's table is made
+/// from it, and a test checks that each default written here is the one
+/// [`Config::default`] holds.
+#[derive(Clone, Copy)]
 pub struct Setting {
     /// The variable.
     pub name: &'static str,
@@ -33,6 +37,22 @@ pub struct Setting {
     pub meaning: &'static str,
     /// Its value when unset.
     pub default: &'static str,
+    /// Reads a (trimmed, non-empty) value into a config, given the
+    /// variable's name for errors; `None` for variables read by others
+    /// (the log filter, the OpenTelemetry SDK).
+    read: Option<Read>,
+}
+
+/// How a [`Setting`] is read: `(config, name, value)`.
+type Read = fn(&mut Config, &str, &str) -> Result<()>;
+
+impl std::fmt::Debug for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Setting")
+            .field("name", &self.name)
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Every variable [`Config::from_env`] reads.
@@ -41,221 +61,288 @@ pub const SETTINGS: &[Setting] = &[
         name: "NATS_URL",
         meaning: "NATS server(s), comma separated",
         default: "unset: the embedded in-memory transport",
+        read: Some(|c, _, v| set(&mut c.nats_url, Some(v.to_owned()))),
     },
     Setting {
         name: "NATS_CREDS",
         meaning: "path of a NATS `.creds` file (decentralized JWT auth)",
         default: "unset",
+        read: Some(|c, _, v| set(&mut c.nats_security.creds_file, Some(v.into()))),
     },
     Setting {
         name: "NATS_NKEY",
         meaning: "an nkey seed (`SU...`), or the path of a file holding one",
         default: "unset",
+        read: Some(|c, n, v| set(&mut c.nats_security.nkey_seed, Some(read_seed(n, v)?))),
     },
     Setting {
         name: "NATS_TLS_CA",
         meaning: "PEM file of the CA that signed the NATS server's certificate",
         default: "unset: the system's roots",
+        read: Some(|c, _, v| set(&mut c.nats_security.tls_ca, Some(v.into()))),
     },
     Setting {
         name: "NATS_TLS_CERT",
         meaning: "PEM client certificate for mutual TLS (with `NATS_TLS_KEY`)",
         default: "unset",
+        read: Some(|c, _, v| set(&mut c.nats_security.tls_cert, Some(v.into()))),
     },
     Setting {
         name: "NATS_TLS_KEY",
         meaning: "PEM private key of `NATS_TLS_CERT`",
         default: "unset",
+        read: Some(|c, _, v| set(&mut c.nats_security.tls_key, Some(v.into()))),
     },
     Setting {
         name: "NATS_TLS_FIRST",
         meaning: "`true`: TLS handshake before the server's INFO (servers with `handshake_first`)",
         default: "false",
+        read: Some(|c, n, v| set(&mut c.nats_security.tls_first, boolean(n, v)?)),
     },
     Setting {
         name: "REDIS_URL",
         meaning: "Redis for state, outbox and inbox (`redis://`, `rediss://`; `user:password@` for AUTH)",
         default: "unset: the in-memory store, one process",
+        read: Some(|c, _, v| set(&mut c.redis_url, Some(v.to_owned()))),
     },
     Setting {
         name: "CATGA_REDIS_MODE",
         meaning: "`server`: `REDIS_URL` is one server; `cluster`: Redis Cluster, `REDIS_URL` lists seed nodes; `sentinel`: `REDIS_URL` lists the sentinels (comma separated), whose credentials are the master's too",
         default: "server",
+        read: Some(|c, n, v| {
+            set(
+                &mut c.redis_mode,
+                choice(
+                    n,
+                    v,
+                    &[
+                        ("server", RedisMode::Server),
+                        ("cluster", RedisMode::Cluster),
+                        ("sentinel", RedisMode::Sentinel),
+                    ],
+                )?,
+            )
+        }),
     },
     Setting {
         name: "CATGA_REDIS_SENTINEL_MASTER",
         meaning: "the master's name the sentinels monitor (`CATGA_REDIS_MODE=sentinel`)",
         default: "mymaster",
+        read: Some(|c, _, v| set(&mut c.redis_sentinel_master, v.to_owned())),
     },
     Setting {
         name: "REDIS_TLS_CA",
         meaning: "PEM file of the CA that signed Redis' certificate (`rediss://`)",
         default: "unset: the system's roots",
+        read: Some(|c, _, v| set(&mut c.redis_tls.ca, Some(v.into()))),
     },
     Setting {
         name: "REDIS_TLS_CERT",
         meaning: "PEM client certificate for Redis (with `REDIS_TLS_KEY`)",
         default: "unset",
+        read: Some(|c, _, v| set(&mut c.redis_tls.cert, Some(v.into()))),
     },
     Setting {
         name: "REDIS_TLS_KEY",
         meaning: "PEM private key of `REDIS_TLS_CERT`",
         default: "unset",
+        read: Some(|c, _, v| set(&mut c.redis_tls.key, Some(v.into()))),
     },
     Setting {
         name: "CATGA_SERVICE",
         meaning: "service name",
         default: "the executable's name",
-    },
-    Setting {
-        name: "CATGA_INSTANCE_ID",
-        meaning: "replica id, unique among the service's replicas",
-        default: "`HOSTNAME` (the pod name), else a random id",
+        read: Some(|c, _, v| set(&mut c.service, v.to_owned())),
     },
     Setting {
         name: "HOSTNAME",
         meaning: "replica id when `CATGA_INSTANCE_ID` is unset (Kubernetes sets it to the pod name)",
         default: "unset",
+        read: Some(|c, _, v| set(&mut c.instance_id, v.to_owned())),
+    },
+    Setting {
+        name: "CATGA_INSTANCE_ID",
+        meaning: "replica id, unique among the service's replicas",
+        default: "`HOSTNAME` (the pod name), else a random id",
+        read: Some(|c, _, v| set(&mut c.instance_id, v.to_owned())),
     },
     Setting {
         name: "CATGA_REQUEST_TIMEOUT_MS",
         meaning: "default reply time-out of `send`, and time-out of `publish`",
         default: "5000",
+        read: Some(|c, n, v| set(&mut c.request_timeout, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_DRAIN_TIMEOUT_MS",
         meaning: "one deadline for the whole graceful shutdown",
         default: "10000",
+        read: Some(|c, n, v| set(&mut c.drain_timeout, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_CONCURRENCY",
         meaning: "default in-flight limit per subscription (`concurrency = N` overrides)",
         default: "256",
+        read: Some(|c, n, v| set(&mut c.concurrency, count(n, v)?)),
     },
     Setting {
         name: "CATGA_PARALLEL",
         meaning: "default subscriptions and tasks per handler (`parallel = N` overrides)",
         default: "1",
+        read: Some(|c, n, v| set(&mut c.parallel, count(n, v)?)),
     },
     Setting {
         name: "CATGA_SUBSCRIPTION_CAPACITY",
         meaning: "messages a subscription buffers beyond its in-flight limit, then drops and counts",
         default: "8192",
+        read: Some(|c, n, v| set(&mut c.subscription_capacity, count(n, v)?)),
     },
     Setting {
         name: "CATGA_SUBSCRIPTION_BYTES",
         meaning: "bytes (payloads and headers) a subscription buffers beyond its in-flight limit, then drops and counts; with `CATGA_SUBSCRIPTION_CAPACITY`, whichever is reached first",
         default: "67108864 (64 MiB)",
+        read: Some(|c, n, v| set(&mut c.subscription_bytes, count(n, v)?)),
     },
     Setting {
         name: "CATGA_INBOX_WINDOW_MS",
         meaning: "how long an idempotent message's answer is kept for retries",
         default: "86400000 (a day)",
+        read: Some(|c, n, v| set(&mut c.inbox_window, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_INBOX_LEASE_MS",
         meaning: "how long a replica's claims on the messages it handles outlive its last sign of life (one liveness key per replica, renewed every third of this, not one renewal per message): a retry of a message whose replica died runs after at most this",
         default: "1000",
+        read: Some(|c, n, v| set(&mut c.inbox_lease, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_LEADER_LEASE_MS",
         meaning: "the leader lease: `#[event(leader)]` handlers run on the one replica holding it, renewed every third of it; a standby takes over within two leases of the leader's death",
         default: "10000",
+        read: Some(|c, n, v| set(&mut c.leader_lease, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_MEMBER_HEARTBEAT_MS",
         meaning: "how often a replica with keyed sagas says it is alive, renews its partition leases and rebalances",
         default: "1000",
+        read: Some(|c, n, v| set(&mut c.member_heartbeat, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_MEMBER_TIMEOUT_MS",
         meaning: "a replica silent this long leaves the ring of keyed sagas; also their partition lease, so its partitions move within about this time of its death",
         default: "5000",
+        read: Some(|c, n, v| set(&mut c.member_timeout, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_MAX_DELIVER",
         meaning: "default deliveries of a durable event before it is dead-lettered (`max_deliver = N` overrides)",
         default: "5",
+        read: Some(|c, n, v| set(&mut c.max_deliver, small(n, v)?)),
     },
     Setting {
         name: "CATGA_ACK_WAIT_MS",
         meaning: "how long JetStream waits for a durable handler before it redelivers",
         default: "30000",
+        read: Some(|c, n, v| set(&mut c.ack_wait, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_JS_STORAGE",
         meaning: "`file` or `memory`: where JetStream keeps the event streams catga creates",
         default: "file",
+        read: Some(|c, n, v| {
+            set(
+                &mut c.streams.memory_storage,
+                choice(n, v, &[("file", false), ("memory", true)])?,
+            )
+        }),
     },
     Setting {
         name: "CATGA_JS_REPLICAS",
         meaning: "replicas of each stream (3 on a 3-node cluster)",
         default: "1",
+        read: Some(|c, n, v| set(&mut c.streams.replicas, count(n, v)?)),
     },
     Setting {
         name: "CATGA_JS_MAX_AGE_MS",
         meaning: "how long a stream keeps events (dead letters: at least 30 days)",
         default: "604800000 (7 days)",
+        read: Some(|c, n, v| set(&mut c.streams.max_age, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_JS_DUPLICATE_WINDOW_MS",
         meaning: "how long JetStream remembers message ids to drop duplicates",
         default: "120000",
+        read: Some(|c, n, v| set(&mut c.streams.duplicate_window, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_OUTBOX_LEASE_MS",
         meaning: "the outbox relay's lease: one replica at a time stores the outbox's events in their streams; when it dies, another takes over within this time",
         default: "3000",
+        read: Some(|c, n, v| set(&mut c.outbox_lease, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_RETRY_BASE_MS",
         meaning: "first back-off of `retry = N` and of redeliveries, doubling with jitter",
         default: "100",
+        read: Some(|c, n, v| set(&mut c.retry_base, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_BREAKER_FAILURES",
         meaning: "failures in a row that open a handler's circuit breaker (0: no breaker)",
         default: "10",
+        read: Some(|c, n, v| set(&mut c.breaker_failures, small(n, v)?)),
     },
     Setting {
         name: "CATGA_BREAKER_OPEN_MS",
         meaning: "how long an open breaker refuses work before it lets one message try",
         default: "5000",
+        read: Some(|c, n, v| set(&mut c.breaker_open, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_SERVICE_VERSION",
         meaning: "version the replica reports in NATS micro discovery (`$SRV.INFO`)",
         default: "0.0.0",
+        read: Some(|c, _, v| set(&mut c.service_version, v.to_owned())),
     },
     Setting {
         name: "CATGA_SUBJECT_CONFLICT",
         meaning: "`refuse` or `warn`: what start-up does when another service already serves one of its command subjects (found by NATS micro discovery)",
         default: "refuse",
+        read: Some(|c, n, v| {
+            set(
+                &mut c.refuse_subject_conflicts,
+                choice(n, v, &[("refuse", true), ("warn", false)])?,
+            )
+        }),
     },
     Setting {
         name: "CATGA_HTTP_ADDR",
         meaning: "address of the HTTP endpoint: `/health`, `/ready`, `/metrics` (e.g. `0.0.0.0:8080`)",
         default: "unset: no endpoint",
+        read: Some(|c, _, v| set(&mut c.http_addr, Some(v.to_owned()))),
     },
     Setting {
         name: "CATGA_CLIENT_ONLY",
         meaning: "`true`: start with no handlers (a process that only sends)",
         default: "false",
+        read: Some(|c, n, v| set(&mut c.client_only, boolean(n, v)?)),
     },
     Setting {
         name: "RUST_LOG",
         meaning: "log filter (`tracing_subscriber` targets syntax); also which spans are exported",
         default: "info",
+        read: None,
     },
     Setting {
         name: "OTEL_EXPORTER_OTLP_ENDPOINT",
         meaning: "with the `otlp` feature: the OpenTelemetry collector spans are exported to over OTLP/HTTP (`http://collector:4318`); `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `_HEADERS`, `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SDK_DISABLED` are read by the OpenTelemetry SDK as usual",
         default: "unset: no export",
+        read: None,
     },
     Setting {
         name: "OTEL_SERVICE_NAME",
         meaning: "the service name on exported spans",
         default: "`CATGA_SERVICE`",
+        read: None,
     },
 ];
 
@@ -469,140 +556,14 @@ impl Config {
     /// [`from_env`](Self::from_env) over any lookup function (for tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let mut c = Config::default();
-        let get = |name: &str| {
-            debug_assert!(
-                SETTINGS.iter().any(|s| s.name == name),
-                "{name} is not in SETTINGS"
-            );
-            get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
-        };
-        c.nats_url = get("NATS_URL");
-        c.nats_security = NatsSecurity {
-            creds_file: get("NATS_CREDS").map(Into::into),
-            nkey_seed: get("NATS_NKEY").map(|v| read_seed("NATS_NKEY", &v)).transpose()?,
-            tls_ca: get("NATS_TLS_CA").map(Into::into),
-            tls_cert: get("NATS_TLS_CERT").map(Into::into),
-            tls_key: get("NATS_TLS_KEY").map(Into::into),
-            tls_first: get("NATS_TLS_FIRST")
-                .map(|v| boolean("NATS_TLS_FIRST", &v))
-                .transpose()?
-                .unwrap_or(false),
-        };
-        if let Some(s) = get("CATGA_SERVICE") {
-            c.service = s;
-        }
-        if let Some(id) = get("CATGA_INSTANCE_ID").or_else(|| get("HOSTNAME")) {
-            c.instance_id = id;
-        }
-        if let Some(ms) = get("CATGA_REQUEST_TIMEOUT_MS") {
-            c.request_timeout = Duration::from_millis(number("CATGA_REQUEST_TIMEOUT_MS", &ms)?);
-        }
-        if let Some(ms) = get("CATGA_DRAIN_TIMEOUT_MS") {
-            c.drain_timeout = Duration::from_millis(number("CATGA_DRAIN_TIMEOUT_MS", &ms)?);
-        }
-        if let Some(n) = get("CATGA_CONCURRENCY") {
-            c.concurrency = count("CATGA_CONCURRENCY", &n)?;
-        }
-        if let Some(n) = get("CATGA_PARALLEL") {
-            c.parallel = count("CATGA_PARALLEL", &n)?;
-        }
-        if let Some(n) = get("CATGA_SUBSCRIPTION_CAPACITY") {
-            c.subscription_capacity = count("CATGA_SUBSCRIPTION_CAPACITY", &n)?;
-        }
-        if let Some(n) = get("CATGA_SUBSCRIPTION_BYTES") {
-            c.subscription_bytes = count("CATGA_SUBSCRIPTION_BYTES", &n)?;
-        }
-        if let Some(v) = get("CATGA_CLIENT_ONLY") {
-            c.client_only = boolean("CATGA_CLIENT_ONLY", &v)?;
-        }
-        c.http_addr = get("CATGA_HTTP_ADDR").filter(|a| !a.trim().is_empty());
-        if let Some(v) = get("CATGA_SERVICE_VERSION") {
-            c.service_version = v;
-        }
-        if let Some(v) = get("CATGA_SUBJECT_CONFLICT") {
-            c.refuse_subject_conflicts = match v.trim() {
-                "refuse" => true,
-                "warn" => false,
-                other => {
-                    return Err(Error::new(
-                        ErrorKind::Config,
-                        format!("CATGA_SUBJECT_CONFLICT must be `refuse` or `warn`, not `{other}`"),
-                    ));
-                }
-            };
-        }
-        c.redis_url = get("REDIS_URL");
-        if let Some(v) = get("CATGA_REDIS_MODE") {
-            c.redis_mode = match v.trim() {
-                "server" => RedisMode::Server,
-                "cluster" => RedisMode::Cluster,
-                "sentinel" => RedisMode::Sentinel,
-                other => {
-                    return Err(Error::new(
-                        ErrorKind::Config,
-                        format!("CATGA_REDIS_MODE must be `server`, `cluster` or `sentinel`, not `{other}`"),
-                    ));
-                }
-            };
-        }
-        if let Some(v) = get("CATGA_REDIS_SENTINEL_MASTER") {
-            c.redis_sentinel_master = v;
-        }
-        c.redis_tls = RedisTls {
-            ca: get("REDIS_TLS_CA").map(Into::into),
-            cert: get("REDIS_TLS_CERT").map(Into::into),
-            key: get("REDIS_TLS_KEY").map(Into::into),
-        };
-        let ms = |name: &str, v: &str| number(name, v).map(Duration::from_millis);
-        if let Some(v) = get("CATGA_INBOX_WINDOW_MS") {
-            c.inbox_window = ms("CATGA_INBOX_WINDOW_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_INBOX_LEASE_MS") {
-            c.inbox_lease = ms("CATGA_INBOX_LEASE_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_LEADER_LEASE_MS") {
-            c.leader_lease = ms("CATGA_LEADER_LEASE_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_MEMBER_HEARTBEAT_MS") {
-            c.member_heartbeat = ms("CATGA_MEMBER_HEARTBEAT_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_MEMBER_TIMEOUT_MS") {
-            c.member_timeout = ms("CATGA_MEMBER_TIMEOUT_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_MAX_DELIVER") {
-            c.max_deliver = u32::try_from(number("CATGA_MAX_DELIVER", &v)?)
-                .map_err(|_| config_error("CATGA_MAX_DELIVER", &v, "too large"))?;
-        }
-        if let Some(v) = get("CATGA_ACK_WAIT_MS") {
-            c.ack_wait = ms("CATGA_ACK_WAIT_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_JS_STORAGE") {
-            c.streams.memory_storage = match v.to_ascii_lowercase().as_str() {
-                "file" => false,
-                "memory" => true,
-                _ => return Err(config_error("CATGA_JS_STORAGE", &v, "expected file or memory")),
-            };
-        }
-        if let Some(v) = get("CATGA_JS_REPLICAS") {
-            c.streams.replicas = count("CATGA_JS_REPLICAS", &v)?;
-        }
-        if let Some(v) = get("CATGA_JS_MAX_AGE_MS") {
-            c.streams.max_age = ms("CATGA_JS_MAX_AGE_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_JS_DUPLICATE_WINDOW_MS") {
-            c.streams.duplicate_window = ms("CATGA_JS_DUPLICATE_WINDOW_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_OUTBOX_LEASE_MS") {
-            c.outbox_lease = ms("CATGA_OUTBOX_LEASE_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_RETRY_BASE_MS") {
-            c.retry_base = ms("CATGA_RETRY_BASE_MS", &v)?;
-        }
-        if let Some(v) = get("CATGA_BREAKER_FAILURES") {
-            c.breaker_failures = number("CATGA_BREAKER_FAILURES", &v)? as u32;
-        }
-        if let Some(v) = get("CATGA_BREAKER_OPEN_MS") {
-            c.breaker_open = ms("CATGA_BREAKER_OPEN_MS", &v)?;
+        // In the table's order: `HOSTNAME` comes before
+        // `CATGA_INSTANCE_ID`, which overrides it.
+        for setting in SETTINGS {
+            let Some(read) = setting.read else { continue };
+            let value = get(setting.name).map(|v| v.trim().to_owned());
+            if let Some(v) = value.filter(|v| !v.is_empty()) {
+                read(&mut c, setting.name, &v)?;
+            }
         }
         c.validate()?;
         Ok(c)
@@ -653,7 +614,7 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration table as Markdown (the README carries it).
+    /// The configuration table as Markdown (the guide's configuration page carries it).
     pub fn table_markdown() -> String {
         let mut out = String::from("| variable | meaning | default |\n|---|---|---|\n");
         for s in SETTINGS {
@@ -732,14 +693,38 @@ impl NatsSecurity {
     }
 }
 
-fn number(name: &str, v: &str) -> Result<u64> {
-    v.parse::<u64>()
-        .map_err(|_| config_error(name, v, "expected a whole number"))
+/// Stores a value read from the environment (keeps the table's rows on
+/// one line each).
+fn set<T>(field: &mut T, value: T) -> Result<()> {
+    *field = value;
+    Ok(())
 }
 
 fn count(name: &str, v: &str) -> Result<usize> {
     v.parse::<usize>()
         .map_err(|_| config_error(name, v, "expected a whole number"))
+}
+
+fn small(name: &str, v: &str) -> Result<u32> {
+    v.parse::<u32>()
+        .map_err(|_| config_error(name, v, "expected a whole number below 2^32"))
+}
+
+fn millis(name: &str, v: &str) -> Result<Duration> {
+    v.parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| config_error(name, v, "expected a whole number of milliseconds"))
+}
+
+/// One of a few words (case-insensitive).
+fn choice<T: Copy>(name: &str, v: &str, words: &[(&str, T)]) -> Result<T> {
+    match words.iter().find(|(word, _)| word.eq_ignore_ascii_case(v)) {
+        Some((_, value)) => Ok(*value),
+        None => {
+            let names: Vec<String> = words.iter().map(|(w, _)| format!("`{w}`")).collect();
+            Err(config_error(name, v, &format!("expected {}", names.join(" or "))))
+        }
+    }
 }
 
 fn boolean(name: &str, v: &str) -> Result<bool> {
@@ -820,6 +805,65 @@ mod tests {
             assert_eq!(from_env.message(), from_builder.message());
         }
         Config::default().validate().expect("the defaults are valid");
+    }
+
+    #[test]
+    fn each_default_in_the_table_is_the_one_a_config_holds() {
+        // Defaults that describe rather than state a value.
+        const DESCRIBED: &[&str] = &[
+            "NATS_URL",
+            "NATS_CREDS",
+            "NATS_NKEY",
+            "NATS_TLS_CA",
+            "NATS_TLS_CERT",
+            "NATS_TLS_KEY",
+            "REDIS_URL",
+            "REDIS_TLS_CA",
+            "REDIS_TLS_CERT",
+            "REDIS_TLS_KEY",
+            "CATGA_SERVICE",
+            "HOSTNAME",
+            "CATGA_INSTANCE_ID",
+            "CATGA_HTTP_ADDR",
+        ];
+        let base = Config::default();
+        let mut checked = 0;
+        for s in SETTINGS {
+            let Some(read) = s.read else { continue };
+            if DESCRIBED.contains(&s.name) {
+                assert!(
+                    s.default.starts_with("unset") || !s.default.starts_with(char::is_numeric),
+                    "{} states a value: check it here",
+                    s.name
+                );
+                continue;
+            }
+            // "67108864 (64 MiB)": the value, then a gloss.
+            let value = s.default.split(" (").next().unwrap_or(s.default);
+            let mut c = base.clone();
+            read(&mut c, s.name, value).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+            assert_eq!(
+                format!("{c:?}"),
+                format!("{base:?}"),
+                "{}'s default in the table is not Config::default()'s",
+                s.name
+            );
+            checked += 1;
+        }
+        assert!(checked >= 25, "{checked}");
+    }
+
+    #[test]
+    fn the_instance_id_is_the_hostname_unless_set() {
+        let pod = Config::from_lookup(|n| (n == "HOSTNAME").then(|| "orders-7d9f".into())).expect("valid");
+        assert_eq!(pod.instance_id, "orders-7d9f");
+        let both = Config::from_lookup(|n| match n {
+            "HOSTNAME" => Some("orders-7d9f".into()),
+            "CATGA_INSTANCE_ID" => Some("orders-a".into()),
+            _ => None,
+        })
+        .expect("valid");
+        assert_eq!(both.instance_id, "orders-a");
     }
 
     #[test]

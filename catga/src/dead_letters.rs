@@ -4,12 +4,15 @@
 //! the handler and the delivery count, for an operator to list, look at,
 //! replay or purge.
 //!
-//! ```ignore
+//! ```no_run
+//! # async fn example(runtime: &catga::Runtime) -> catga::Result<()> {
 //! let dlq = runtime.dead_letters();        // this service's letters, checked against the store
 //! for letter in dlq.list(0, 100).await? {
 //!     println!("{} {} failed {} times: {}", letter.seq, letter.subject, letter.deliveries, letter.error);
 //! }
 //! dlq.replay(7).await?; // sends #7 again (a new message id) and removes it
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! - Each service has its own letters (one stream per service,

@@ -5,7 +5,7 @@
 //! subjects, the serialization and a handler registry at compile time, and
 //! [`run`] serves them.
 //!
-//! ```ignore
+//! ```no_run
 //! use catga::{command, Context, Result};
 //! use serde::{Deserialize, Serialize};
 //!
@@ -20,6 +20,11 @@
 //! async fn main() -> catga::Result<()> { catga::run().await }
 //! ```
 //!
+//! The [`guide`] tells what catga promises and how to run it:
+//! [guarantees](guide::guarantees), [sagas](guide::sagas),
+//! [configuration](guide::configuration) and
+//! [operations](guide::operations). Its examples are compiled as doc tests.
+//!
 //! ## Subjects
 //!
 //! A command type's subject defaults to `cmd.` plus its name in snake case
@@ -31,6 +36,32 @@
 //! with the same name share its default subject: give such types an
 //! explicit subject.
 #![forbid(unsafe_code)]
+
+/// The guide, one page per concern (also readable on GitHub under
+/// `catga/docs/`).
+pub mod guide {
+    // The pages link to each other by file name, for GitHub; the first
+    // definition of a link label wins in Markdown, so these (checked by
+    // rustdoc) take their place here.
+    #[doc = "[sagas page]: crate::guide::sagas"]
+    #[doc = ""]
+    #[doc = include_str!("../docs/guarantees.md")]
+    pub mod guarantees {}
+    #[doc = "[guarantees page]: crate::guide::guarantees#what-you-can-rely-on"]
+    #[doc = ""]
+    #[doc = include_str!("../docs/sagas.md")]
+    pub mod sagas {}
+    #[doc = include_str!("../docs/configuration.md")]
+    pub mod configuration {}
+    #[doc = include_str!("../docs/operations.md")]
+    pub mod operations {}
+}
+
+// The README's examples are compiled as doc tests too (it is outside the
+// crate, so only when rustdoc collects tests).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct Readme;
 
 mod client;
 mod config;

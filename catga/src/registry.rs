@@ -13,7 +13,8 @@
 //! crate somewhere. A library crate of handlers that the binary never uses by
 //! name is silently dropped. Name it once with [`link!`](crate::link):
 //!
-//! ```ignore
+//! ```
+//! # mod order_handlers {}
 //! catga::link!(order_handlers);
 //! ```
 
@@ -139,13 +140,13 @@ pub struct HandlerOptions {
     /// `queue_group = "..."`.
     pub queue_group: Option<&'static str>,
     /// `concurrency = N`: handler invocations in flight per subscription.
-    pub concurrency: usize,
+    pub concurrency: Option<usize>,
     /// `parallel = N`: subscriptions (and tasks) serving this handler.
-    pub parallel: usize,
+    pub parallel: Option<usize>,
     /// `durable = "name"`: a JetStream durable consumer of that name.
     pub durable: Option<&'static str>,
     /// `max_deliver = N`: deliveries before a dead letter.
-    pub max_deliver: u32,
+    pub max_deliver: Option<u32>,
     /// `retry = N`: in-process retries of retryable failures.
     pub retry: u32,
     /// `idempotent` on an event handler.
@@ -154,30 +155,29 @@ pub struct HandlerOptions {
     pub leader: bool,
     /// A `#[saga]`.
     pub saga: bool,
-    /// `key = field` on a saga: keyed, with `partitions` partitions (0:
-    /// the default).
+    /// `key = field` on a saga: keyed, with `partitions` partitions.
     pub keyed: bool,
     /// `partitions = N` on a keyed saga.
-    pub partitions: u32,
-    /// `timeout = "30s"` on a saga, in ms (0: none).
-    pub timeout_ms: u64,
+    pub partitions: Option<u32>,
+    /// `timeout = "30s"` on a saga, in ms.
+    pub timeout_ms: Option<u64>,
 }
 
 impl HandlerOptions {
     /// Every option unset.
     pub const DEFAULT: HandlerOptions = HandlerOptions {
         queue_group: None,
-        concurrency: 0,
-        parallel: 0,
+        concurrency: None,
+        parallel: None,
         durable: None,
-        max_deliver: 0,
+        max_deliver: None,
         retry: 0,
         idempotent: false,
         leader: false,
         saga: false,
         keyed: false,
-        partitions: 0,
-        timeout_ms: 0,
+        partitions: None,
+        timeout_ms: None,
     };
 }
 
@@ -295,12 +295,12 @@ impl HandlerSpec {
 
     /// `concurrency = N` from the attribute, if set.
     pub fn concurrency(&self) -> Option<usize> {
-        (self.options.concurrency > 0).then_some(self.options.concurrency)
+        self.options.concurrency
     }
 
     /// `parallel = N` from the attribute, if set.
     pub fn parallel(&self) -> Option<usize> {
-        (self.options.parallel > 0).then_some(self.options.parallel)
+        self.options.parallel
     }
 
     /// Whether it runs once per message id: an `idempotent` command type,
@@ -322,7 +322,7 @@ impl HandlerSpec {
 
     /// `max_deliver = N`, if set.
     pub fn max_deliver(&self) -> Option<u32> {
-        (self.options.max_deliver > 0).then_some(self.options.max_deliver)
+        self.options.max_deliver
     }
 
     /// `retry = N`: how often a retryable failure is retried in place.
@@ -338,17 +338,14 @@ impl HandlerSpec {
     /// A keyed saga's partitions (`#[saga(key = ...)]`); `None` if it is
     /// not keyed.
     pub fn partitions(&self) -> Option<u32> {
-        let n = match self.options.partitions {
-            0 => DEFAULT_PARTITIONS,
-            n => n,
-        };
+        let n = self.options.partitions.unwrap_or(DEFAULT_PARTITIONS);
         self.options.keyed.then_some(n)
     }
 
     /// A saga's `timeout`, if set: past it, an unfinished saga is
     /// compensated.
     pub fn saga_timeout(&self) -> Option<std::time::Duration> {
-        (self.options.timeout_ms > 0).then(|| std::time::Duration::from_millis(self.options.timeout_ms))
+        self.options.timeout_ms.map(std::time::Duration::from_millis)
     }
 
     /// A keyed saga's key of a payload (decoding it).
@@ -422,7 +419,9 @@ pub(crate) fn check(selected: &[&'static HandlerSpec], client_only: bool) -> Res
 
 /// Names library crates so that the linker keeps their handlers.
 ///
-/// ```ignore
+/// ```
+/// # mod order_handlers {}
+/// # mod billing_handlers {}
 /// catga::link!(order_handlers, billing_handlers);
 /// ```
 #[macro_export]

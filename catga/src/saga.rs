@@ -190,13 +190,37 @@ pub enum SagaOutcome<T> {
 /// Sagas: a plain async function whose steps are journaled in the store
 /// before it goes on, so that it survives the replica that runs it.
 ///
-/// ```ignore
+/// ```
+/// # use catga::{command, event, Context, Result};
+/// # use serde::{Deserialize, Serialize};
+/// # #[event]
+/// # #[derive(Serialize, Deserialize)]
+/// # pub struct OrderPlaced { pub id: u64, pub cents: u64 }
+/// # #[command(reply = u64, idempotent)]
+/// # #[derive(Serialize, Deserialize)]
+/// # pub struct Reserve { pub order: u64 }
+/// # #[command(idempotent)]
+/// # #[derive(Serialize, Deserialize)]
+/// # pub struct Release { pub order: u64 }
+/// # #[command(idempotent)]
+/// # #[derive(Serialize, Deserialize)]
+/// # pub struct Charge { pub order: u64, pub cents: u64 }
+/// # #[command(idempotent)]
+/// # #[derive(Serialize, Deserialize)]
+/// # pub struct Refund { pub order: u64 }
+/// # #[command(idempotent)]
+/// # #[derive(Serialize, Deserialize)]
+/// # pub struct Ship { pub order: u64, pub hold: u64 }
 /// #[event(durable = "fulfil", leader)]
 /// async fn fulfil(ctx: &Context, e: OrderPlaced) -> Result<()> {
 ///     ctx.saga(|saga| async move {
-///         let hold = saga.step("reserve", Reserve { .. }).compensate(Release { .. }).await?;
-///         saga.step("charge", Charge { .. }).compensate(Refund { .. }).await?;
-///         saga.step("ship", Ship { .. }).await?;
+///         let hold = saga.step("reserve", Reserve { order: e.id })
+///             .compensate(Release { order: e.id })
+///             .await?;
+///         saga.step("charge", Charge { order: e.id, cents: e.cents })
+///             .compensate(Refund { order: e.id })
+///             .await?;
+///         saga.step("ship", Ship { order: e.id, hold }).await?;
 ///         Ok(())
 ///     })
 ///     .await?;

@@ -2,10 +2,34 @@
 //! version, change it, save it with the events it produced, in one atomic
 //! store operation.
 //!
-//! ```ignore
+//! ```
+//! # use catga::{command, event, Context, Error, Result, State};
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Serialize, Deserialize)]
+//! # pub struct Order { pub paid_cents: u64 }
+//! # impl State for Order { const KIND: &'static str = "order"; }
+//! # impl Order {
+//! #     fn pay(&mut self, cents: u64) -> Result<()> {
+//! #         if self.paid_cents > 0 { return Err(Error::conflict("paid already")); }
+//! #         self.paid_cents = cents;
+//! #         Ok(())
+//! #     }
+//! # }
+//! # #[event]
+//! # #[derive(Serialize, Deserialize)]
+//! # pub struct OrderPaid { pub id: String, pub amount_cents: u64 }
+//! # #[command]
+//! # #[derive(Serialize, Deserialize)]
+//! # pub struct PayOrder { pub id: String, pub amount_cents: u64 }
+//! # #[command]
+//! # async fn pay_order(ctx: &Context, cmd: PayOrder) -> Result<()> {
 //! let mut order = ctx.load::<Order>(&cmd.id).await?;        // NotFound if missing
 //! order.pay(cmd.amount_cents)?;
-//! ctx.save(order).with_event(OrderPaid { id: cmd.id, amount_cents }).await?; // Stale if it changed
+//! ctx.save(order)                                           // Stale if it changed
+//!     .with_event(OrderPaid { id: cmd.id, amount_cents: cmd.amount_cents })
+//!     .await?;
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! In a handler that is not idempotent each save commits at once. In an

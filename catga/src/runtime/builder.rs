@@ -270,62 +270,9 @@ impl RuntimeBuilder {
         if config.http_addr.is_some() {
             crate::ops::metrics::install();
         }
-        let selected: Vec<&'static HandlerSpec> = if config.client_only {
-            Vec::new()
-        } else {
-            registry::handlers()
-                .iter()
-                .filter(|s| filter.as_ref().is_none_or(|f| f(s)))
-                .collect()
-        };
-        registry::check(&selected, config.client_only)?;
-
-        let (transport, mode, bus_store): (Transport, &str, Option<_>) = match (bus, &config.nats_url) {
-            (Some(bus), _) => {
-                let store = Arc::clone(bus.store());
-                (bus.into(), "a shared in-memory bus", Some(store))
-            }
-            (None, Some(url)) => {
-                let nats = NatsTransport::connect(&NatsConnect {
-                    url: url.clone(),
-                    name: format!("{}/{}", config.service, config.instance_id),
-                    security: config.nats_security.clone(),
-                })
-                .await?;
-                (nats.into(), "NATS", None)
-            }
-            (None, None) => {
-                let bus = MemoryBus::new();
-                let store = Arc::clone(bus.store());
-                (
-                    bus.into(),
-                    "the embedded in-memory transport, one process (NATS_URL is not set)",
-                    Some(store),
-                )
-            }
-        };
-        let store: Store = match (&config.redis_url, bus_store) {
-            (Some(url), _) => RedisStore::connect(
-                &RedisConnect {
-                    url: url.clone(),
-                    mode: config.redis_mode,
-                    sentinel_master: config.redis_sentinel_master.clone(),
-                    tls_ca: config.redis_tls.ca.clone(),
-                    tls_cert: config.redis_tls.cert.clone(),
-                    tls_key: config.redis_tls.key.clone(),
-                },
-                &config.service,
-            )?
-            .into(),
-            (None, Some(bus_store)) => bus_store.into(),
-            (None, None) => {
-                tracing::warn!(
-                    "REDIS_URL is not set: state, outbox and inbox are kept in this process only; \
-                     replicas do not share them"
-                );
-                MemoryStore::new().into()
-            }
-        };
+        let selected = select(&config, filter.as_ref())?;
+        let (transport, mode, bus_store) = connect_transport(&config, bus).await?;
+        let store = connect_store(&config, bus_store)?;
         tracing::info!(
             service = %config.service,
             instance = %config.instance_id,
@@ -335,53 +282,7 @@ impl RuntimeBuilder {
             "running on {mode}"
         );
         log_table(&selected, &config);
-
-        let client = Client::from_transport(
-            transport.clone(),
-            config.service.clone(),
-            config.instance_id.clone(),
-            config.request_timeout,
-        );
-        let durable_subjects = selected
-            .iter()
-            .filter(|s| s.durable().is_some())
-            .map(|s| s.subject())
-            .collect();
-        let durable_subjects = Arc::new(durable_subjects);
-        let leadership = super::leader::Leadership::new(&config.instance_id);
-        let (orphans, orphan_queue) = crate::store::Orphans::new();
-        let plain_work = Arc::new(crate::store::Work {
-            store: store.clone(),
-            orphans,
-            staged: None,
-            durable_subjects: Arc::clone(&durable_subjects),
-            sent: Default::default(),
-            fence: None,
-            held: None,
-            member: leadership.owner().into(),
-            alive_for: config.inbox_lease,
-            last_delivery: false,
-            saga_timeout: None,
-        });
-        let relay = Arc::new(super::lease::Lease::new(
-            super::outbox::RELAY_LEASE,
-            leadership.owner(),
-            config.outbox_lease,
-            "catga_outbox_relay",
-        ));
-        let shared = Arc::new(Shared {
-            client,
-            config,
-            health: Health::new(),
-            store,
-            plain_work,
-            durable_subjects,
-            endpoints: std::sync::Mutex::new(HashMap::new()),
-            leadership,
-            relay,
-            dropped: AtomicU64::new(0),
-            expired: AtomicU64::new(0),
-        });
+        let (shared, orphan_queue) = shared(config, transport.clone(), store, &selected);
         super::discovery::check_conflicts(&shared, &selected).await?;
         // Listen for the broker's refusals before the first SUB goes out:
         // a connected client gets the refusal back within a millisecond.
@@ -445,4 +346,135 @@ impl RuntimeBuilder {
             http,
         })
     }
+}
+
+/// The handlers this replica serves: the registry, through the builder's
+/// filter; none for a client-only process.
+fn select(config: &Config, filter: Option<&Filter>) -> Result<Vec<&'static HandlerSpec>> {
+    let selected: Vec<&'static HandlerSpec> = if config.client_only {
+        Vec::new()
+    } else {
+        registry::handlers()
+            .iter()
+            .filter(|s| filter.is_none_or(|f| f(s)))
+            .collect()
+    };
+    registry::check(&selected, config.client_only)?;
+    Ok(selected)
+}
+
+/// The transport (a given bus, NATS, or a new embedded bus), what to call
+/// it in the log, and the embedded bus's store when there is one.
+async fn connect_transport(
+    config: &Config,
+    bus: Option<MemoryBus>,
+) -> Result<(Transport, &'static str, Option<Arc<MemoryStore>>)> {
+    Ok(match (bus, &config.nats_url) {
+        (Some(bus), _) => {
+            let store = Arc::clone(bus.store());
+            (bus.into(), "a shared in-memory bus", Some(store))
+        }
+        (None, Some(url)) => {
+            let nats = NatsTransport::connect(&NatsConnect {
+                url: url.clone(),
+                name: format!("{}/{}", config.service, config.instance_id),
+                security: config.nats_security.clone(),
+            })
+            .await?;
+            (nats.into(), "NATS", None)
+        }
+        (None, None) => {
+            let bus = MemoryBus::new();
+            let store = Arc::clone(bus.store());
+            (
+                bus.into(),
+                "the embedded in-memory transport, one process (NATS_URL is not set)",
+                Some(store),
+            )
+        }
+    })
+}
+
+/// The store: Redis when configured, else the embedded bus's, else one of
+/// this process only.
+fn connect_store(config: &Config, bus_store: Option<Arc<MemoryStore>>) -> Result<Store> {
+    Ok(match (&config.redis_url, bus_store) {
+        (Some(url), _) => RedisStore::connect(
+            &RedisConnect {
+                url: url.clone(),
+                mode: config.redis_mode,
+                sentinel_master: config.redis_sentinel_master.clone(),
+                tls_ca: config.redis_tls.ca.clone(),
+                tls_cert: config.redis_tls.cert.clone(),
+                tls_key: config.redis_tls.key.clone(),
+            },
+            &config.service,
+        )?
+        .into(),
+        (None, Some(bus_store)) => bus_store.into(),
+        (None, None) => {
+            tracing::warn!(
+                "REDIS_URL is not set: state, outbox and inbox are kept in this process only; \
+                 replicas do not share them"
+            );
+            MemoryStore::new().into()
+        }
+    })
+}
+
+/// What every task of the runtime shares, and the queue of claims whose
+/// futures were dropped (for their cleaner).
+fn shared(
+    config: Config,
+    transport: Transport,
+    store: Store,
+    selected: &[&'static HandlerSpec],
+) -> (Arc<Shared>, crate::store::OrphanQueue) {
+    let client = Client::from_transport(
+        transport,
+        config.service.clone(),
+        config.instance_id.clone(),
+        config.request_timeout,
+    );
+    let durable_subjects = selected
+        .iter()
+        .filter(|s| s.durable().is_some())
+        .map(|s| s.subject())
+        .collect();
+    let durable_subjects = Arc::new(durable_subjects);
+    let leadership = super::leader::Leadership::new(&config.instance_id);
+    let (orphans, orphan_queue) = crate::store::Orphans::new();
+    let plain_work = Arc::new(crate::store::Work {
+        store: store.clone(),
+        orphans,
+        staged: None,
+        durable_subjects: Arc::clone(&durable_subjects),
+        sent: Default::default(),
+        fence: None,
+        held: None,
+        member: leadership.owner().into(),
+        alive_for: config.inbox_lease,
+        last_delivery: false,
+        saga_timeout: None,
+    });
+    let relay = Arc::new(super::lease::Lease::new(
+        super::outbox::RELAY_LEASE,
+        leadership.owner(),
+        config.outbox_lease,
+        "catga_outbox_relay",
+    ));
+    let shared = Arc::new(Shared {
+        client,
+        config,
+        health: Health::new(),
+        store,
+        plain_work,
+        durable_subjects,
+        endpoints: std::sync::Mutex::new(HashMap::new()),
+        leadership,
+        relay,
+        dropped: AtomicU64::new(0),
+        expired: AtomicU64::new(0),
+    });
+    (shared, orphan_queue)
 }

@@ -315,35 +315,84 @@ pub(crate) fn member_name(shared: &Shared) -> &str {
 /// Heartbeats, rebalances, and starts or stops serving partitions; runs
 /// until aborted.
 pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Vec<&'static HandlerSpec>) {
-    let every = shared.config.member_heartbeat;
-    let ttl = shared.config.member_timeout;
-    let me = member_name(&shared).to_owned();
-    let gates: Vec<Arc<Semaphore>> = specs
-        .iter()
-        .map(|s| {
-            Arc::new(Semaphore::new(
-                s.concurrency().unwrap_or(shared.config.concurrency).max(1),
-            ))
-        })
-        .collect();
-    let mut streams_ready = false;
-    // Until when this replica surely holds the leases it was granted.
-    let mut held_until = Instant::now();
-    // The replicas running each keyed saga (a replica runs the selection
-    // of handlers it was started with, so each saga has its own ring).
-    let mut members_seen: Vec<Vec<String>> = vec![Vec::new(); specs.len()];
-    // Each saga's owners (of its partitions, then of its router), made
-    // from the ring when its members change. Until this replica heard of
-    // itself, it owns nothing.
-    let mut owners: Vec<Vec<String>> = vec![Vec::new(); specs.len()];
-    let mut served_before = BTreeMap::new();
+    let mut keeper = Keeper::new(shared, specs);
     loop {
         let tick = Instant::now();
-        if !streams_ready {
-            streams_ready = ensure_streams(&shared, &specs).await;
+        keeper.heartbeat().await;
+        let mut owned_now = owned.lock().await;
+        keeper.reconcile(&mut owned_now, tick).await;
+        keeper.report(&owned_now);
+        drop(owned_now);
+        tokio::time::sleep_until(tick + keeper.shared.config.member_heartbeat).await;
+    }
+}
+
+/// The state of the keyed-saga loop between heartbeats.
+struct Keeper {
+    shared: Arc<Shared>,
+    specs: Vec<&'static HandlerSpec>,
+    /// One gate per saga: its `concurrency`, shared by its partitions.
+    gates: Vec<Arc<Semaphore>>,
+    me: String,
+    streams_ready: bool,
+    /// Until when this replica surely holds the leases it was granted.
+    held_until: Instant,
+    /// The replicas running each keyed saga (a replica runs the selection
+    /// of handlers it was started with, so each saga has its own ring).
+    members_seen: Vec<Vec<String>>,
+    /// Each saga's owners (of its partitions, then of its router), made
+    /// from the ring when its members change. Until this replica heard of
+    /// itself, it owns nothing.
+    owners: Vec<Vec<String>>,
+    served_before: BTreeMap<&'static str, Vec<u32>>,
+}
+
+/// One lease of the round: which saga, its gate, which partition, and
+/// whether the ring gives it to this replica.
+type Wanted = (&'static HandlerSpec, Arc<Semaphore>, u32, bool);
+
+impl Keeper {
+    fn new(shared: Arc<Shared>, specs: Vec<&'static HandlerSpec>) -> Keeper {
+        let gates = specs
+            .iter()
+            .map(|s| {
+                Arc::new(Semaphore::new(
+                    s.concurrency().unwrap_or(shared.config.concurrency).max(1),
+                ))
+            })
+            .collect();
+        Keeper {
+            me: member_name(&shared).to_owned(),
+            gates,
+            streams_ready: false,
+            held_until: Instant::now(),
+            members_seen: vec![Vec::new(); specs.len()],
+            owners: vec![Vec::new(); specs.len()],
+            served_before: BTreeMap::new(),
+            specs,
+            shared,
         }
-        for ((spec, seen), owners) in specs.iter().zip(members_seen.iter_mut()).zip(owners.iter_mut()) {
-            match shared.store.members(saga_name(spec), &me, true, ttl).await {
+    }
+
+    /// Says this replica is alive in each saga's member set, and places
+    /// the partitions again where the members changed.
+    async fn heartbeat(&mut self) {
+        let ttl = self.shared.config.member_timeout;
+        if !self.streams_ready {
+            self.streams_ready = ensure_streams(&self.shared, &self.specs).await;
+        }
+        for ((spec, seen), owners) in self
+            .specs
+            .iter()
+            .zip(self.members_seen.iter_mut())
+            .zip(self.owners.iter_mut())
+        {
+            match self
+                .shared
+                .store
+                .members(saga_name(spec), &self.me, true, ttl)
+                .await
+            {
                 Ok(members) => {
                     if members != *seen {
                         tracing::info!(
@@ -360,103 +409,27 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                 Err(e) => tracing::warn!(error = %e, "cannot heartbeat into the store"),
             }
         }
-        let mut owned_now = owned.lock().await;
+    }
+
+    /// Gives up what the ring gave to others, renews or takes the leases of
+    /// what it gives to this replica, and starts or stops partitions by
+    /// what the store granted.
+    async fn reconcile(&mut self, owned_now: &mut Owned, tick: Instant) {
+        let shared = &self.shared;
+        let ttl = shared.config.member_timeout;
         // Drains that finished free their partitions.
         owned_now
             .slots
             .retain(|_, slot| !matches!(slot, Slot::Draining { drain, .. } if drain.is_finished()));
-        let mut leases = Vec::new();
-        let mut index = Vec::new();
-        for ((spec, gate), owners) in specs.iter().zip(&gates).zip(&owners) {
-            let partitions = spec.partitions().unwrap_or(1);
-            for p in (0..partitions).chain([ROUTER]) {
-                let at = if p == ROUTER { partitions } else { p } as usize;
-                let mine = streams_ready && owners.get(at).is_some_and(|o| *o == me);
-                let slot = owned_now.slots.get(&(spec.name(), p));
-                if !mine && matches!(slot, Some(Slot::Serving { .. })) {
-                    give_up(
-                        &shared,
-                        &mut owned_now,
-                        spec.name(),
-                        p,
-                        "it belongs to another replica now",
-                    );
-                }
-                let keep = mine || owned_now.slots.contains_key(&(spec.name(), p));
-                leases.push((lease_name(spec, p), keep));
-                index.push((*spec, Arc::clone(gate), p, mine));
-            }
-        }
-        match shared.store.lease_sync(&leases, &me, ttl).await {
+        let (leases, wanted) = self.plan(owned_now);
+        match shared.store.lease_sync(&leases, &self.me, ttl).await {
             Ok(tokens) => {
-                held_until = tick + ttl;
-                for ((spec, gate, p, mine), token) in index.into_iter().zip(tokens) {
-                    let key = (spec.name(), p);
-                    match (owned_now.slots.get(&key), token) {
-                        (Some(Slot::Serving { partition, .. } | Slot::Draining { partition, .. }), t)
-                            if t > 0 =>
-                        {
-                            partition.token.grant(t, tick + ttl);
-                        }
-                        (Some(Slot::Draining { partition, .. }), _) => partition.lose(),
-                        (Some(Slot::Serving { partition, .. }), _) => {
-                            partition.lose();
-                            give_up(
-                                &shared,
-                                &mut owned_now,
-                                spec.name(),
-                                p,
-                                "its lease passed to another replica",
-                            );
-                        }
-                        (None, t) if t > 0 && mine => {
-                            let partition = Arc::new(Partition {
-                                index: p,
-                                stream_subject: format!("{}.*", partition_base(&shared.config.service, spec)),
-                                lease: lease_name(spec, p).into(),
-                                token: {
-                                    let held = Arc::new(super::lease::Held::default());
-                                    held.grant(t, tick + ttl);
-                                    held
-                                },
-                                open: std::sync::atomic::AtomicBool::new(true),
-                                gate,
-                            });
-                            let started = if p == ROUTER {
-                                let (stop, stop_rx) = watch::channel(false);
-                                let task = tokio::spawn(route(
-                                    Arc::clone(&shared),
-                                    spec,
-                                    Arc::clone(&partition),
-                                    stop_rx,
-                                ));
-                                tracing::info!(saga = spec.name(), token = t, "routing this saga's triggers");
-                                Ok(Running::Router { stop, task })
-                            } else {
-                                super::handlers::spawn_partition(spec, &shared, Arc::clone(&partition))
-                                    .await
-                                    .map(Running::Loops)
-                            };
-                            match started {
-                                Ok(run) => {
-                                    tracing::debug!(
-                                        saga = spec.name(),
-                                        partition = p,
-                                        token = t,
-                                        "serving a saga partition"
-                                    );
-                                    owned_now.slots.insert(key, Slot::Serving { partition, run });
-                                }
-                                Err(e) => {
-                                    tracing::error!(saga = spec.name(), partition = p, error = %e, "a saga partition could not start")
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
+                self.held_until = tick + ttl;
+                for (wanted, token) in wanted.into_iter().zip(tokens) {
+                    self.apply(owned_now, wanted, token, tick).await;
                 }
             }
-            Err(e) if Instant::now() + every >= held_until => {
+            Err(e) if Instant::now() + shared.config.member_heartbeat >= self.held_until => {
                 tracing::error!(error = %e, "the saga partition leases could not be renewed before they ran out: stopping every partition");
                 for slot in owned_now.slots.values() {
                     let (Slot::Serving { partition, .. } | Slot::Draining { partition, .. }) = slot;
@@ -469,27 +442,134 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Ve
                     .map(|(k, _)| *k)
                     .collect();
                 for (saga, p) in keys {
-                    give_up(&shared, &mut owned_now, saga, p, "its lease could not be renewed");
+                    give_up(shared, owned_now, saga, p, "its lease could not be renewed");
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the saga partition leases could not be renewed; trying again")
             }
         }
+    }
+
+    /// Which leases to keep this round (the ring's and those still
+    /// draining), giving up at once what the ring moved elsewhere.
+    fn plan(&self, owned_now: &mut Owned) -> (Vec<(String, bool)>, Vec<Wanted>) {
+        let mut leases = Vec::new();
+        let mut wanted = Vec::new();
+        for ((spec, gate), owners) in self.specs.iter().zip(&self.gates).zip(&self.owners) {
+            let partitions = spec.partitions().unwrap_or(1);
+            for p in (0..partitions).chain([ROUTER]) {
+                let at = if p == ROUTER { partitions } else { p } as usize;
+                let mine = self.streams_ready && owners.get(at).is_some_and(|o| *o == self.me);
+                let slot = owned_now.slots.get(&(spec.name(), p));
+                if !mine && matches!(slot, Some(Slot::Serving { .. })) {
+                    give_up(
+                        &self.shared,
+                        owned_now,
+                        spec.name(),
+                        p,
+                        "it belongs to another replica now",
+                    );
+                }
+                let keep = mine || owned_now.slots.contains_key(&(spec.name(), p));
+                leases.push((lease_name(spec, p), keep));
+                wanted.push((*spec, Arc::clone(gate), p, mine));
+            }
+        }
+        (leases, wanted)
+    }
+
+    /// Acts on one lease's answer: `token` > 0 is held (with that token).
+    async fn apply(&self, owned_now: &mut Owned, wanted: Wanted, token: u64, tick: Instant) {
+        let shared = &self.shared;
+        let ttl = shared.config.member_timeout;
+        let (spec, gate, p, mine) = wanted;
+        let key = (spec.name(), p);
+        match (owned_now.slots.get(&key), token) {
+            (Some(Slot::Serving { partition, .. } | Slot::Draining { partition, .. }), t) if t > 0 => {
+                partition.token.grant(t, tick + ttl);
+            }
+            (Some(Slot::Draining { partition, .. }), _) => partition.lose(),
+            (Some(Slot::Serving { partition, .. }), _) => {
+                partition.lose();
+                give_up(
+                    shared,
+                    owned_now,
+                    spec.name(),
+                    p,
+                    "its lease passed to another replica",
+                );
+            }
+            (None, t) if t > 0 && mine => {
+                let partition = Arc::new(Partition {
+                    index: p,
+                    stream_subject: format!("{}.*", partition_base(&shared.config.service, spec)),
+                    lease: lease_name(spec, p).into(),
+                    token: {
+                        let held = Arc::new(super::lease::Held::default());
+                        held.grant(t, tick + ttl);
+                        held
+                    },
+                    open: std::sync::atomic::AtomicBool::new(true),
+                    gate,
+                });
+                match self.start(spec, &partition, t).await {
+                    Ok(run) => {
+                        tracing::debug!(
+                            saga = spec.name(),
+                            partition = p,
+                            token = t,
+                            "serving a saga partition"
+                        );
+                        owned_now.slots.insert(key, Slot::Serving { partition, run });
+                    }
+                    Err(e) => {
+                        tracing::error!(saga = spec.name(), partition = p, error = %e, "a saga partition could not start")
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts serving a partition just granted: its router, or its loops.
+    async fn start(
+        &self,
+        spec: &'static HandlerSpec,
+        partition: &Arc<Partition>,
+        token: u64,
+    ) -> Result<Running> {
+        if partition.index == ROUTER {
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(route(
+                Arc::clone(&self.shared),
+                spec,
+                Arc::clone(partition),
+                stop_rx,
+            ));
+            tracing::info!(saga = spec.name(), token, "routing this saga's triggers");
+            Ok(Running::Router { stop, task })
+        } else {
+            super::handlers::spawn_partition(spec, &self.shared, Arc::clone(partition))
+                .await
+                .map(Running::Loops)
+        }
+    }
+
+    /// Logs and counts the partitions served here when they changed.
+    fn report(&mut self, owned_now: &Owned) {
         let served = owned_now.served();
-        if served != served_before {
+        if served != self.served_before {
             for (saga, held) in &served {
                 metrics::gauge!("catga_saga_partitions", "saga" => *saga).set(held.len() as f64);
                 tracing::info!(saga, partitions = ?held, "saga partitions served here");
             }
-            for saga in served_before.keys().filter(|s| !served.contains_key(*s)) {
+            for saga in self.served_before.keys().filter(|s| !served.contains_key(*s)) {
                 metrics::gauge!("catga_saga_partitions", "saga" => *saga).set(0.0);
                 tracing::info!(saga, "no saga partitions served here");
             }
-            served_before = served;
+            self.served_before = served;
         }
-        drop(owned_now);
-        tokio::time::sleep_until(tick + every).await;
     }
 }
 

@@ -28,7 +28,10 @@ pub(crate) use self::redis::{RedisConnect, RedisStore};
 /// A kind of state kept in the store: a serde type with a name for its
 /// keys.
 ///
-/// ```ignore
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)]
+/// # enum Status { Created, Paid }
 /// #[derive(Serialize, Deserialize)]
 /// struct Order { customer: String, status: Status }
 ///
@@ -359,15 +362,6 @@ impl From<Arc<MemoryStore>> for Store {
     }
 }
 
-macro_rules! each {
-    ($self:ident, $s:ident => $e:expr) => {
-        match &*$self.0 {
-            Kind::Redis($s) => $e,
-            Kind::Memory($s) => $e,
-        }
-    };
-}
-
 impl Store {
     /// Which kind, for logs.
     pub(crate) fn name(&self) -> &'static str {
@@ -379,7 +373,10 @@ impl Store {
 
     /// Whether the store answers.
     pub(crate) async fn ping(&self) -> Result<()> {
-        each!(self, s => s.ping().await)
+        match &*self.0 {
+            Kind::Redis(s) => s.ping().await,
+            Kind::Memory(s) => s.ping().await,
+        }
     }
 
     /// Why the store may lose what catga keeps in it under memory pressure
@@ -406,7 +403,10 @@ impl Store {
 
     /// The value of a state key and its version.
     pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
-        each!(self, s => s.load(kind, key).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.load(kind, key).await,
+            Kind::Memory(s) => s.load(kind, key).await,
+        }
     }
 
     /// Writes a commit atomically (see [`Commit`]).
@@ -414,7 +414,10 @@ impl Store {
         if commit.states.is_empty() && commit.events.is_empty() && commit.inbox.is_none() {
             return Ok(Committed::Yes(Vec::new()));
         }
-        each!(self, s => s.commit(commit).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.commit(commit).await,
+            Kind::Memory(s) => s.commit(commit).await,
+        }
     }
 
     /// The oldest outbox entries, in commit order, at most `count`,
@@ -425,7 +428,10 @@ impl Store {
         count: usize,
         block: Duration,
     ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
-        each!(self, s => s.outbox_read(count, block).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.outbox_read(count, block).await,
+            Kind::Memory(s) => s.outbox_read(count, block).await,
+        }
     }
 
     /// The outbox entries after entry `after`, in commit order, at most
@@ -435,17 +441,26 @@ impl Store {
         after: &str,
         count: usize,
     ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
-        each!(self, s => s.outbox_read_after(after, count).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.outbox_read_after(after, count).await,
+            Kind::Memory(s) => s.outbox_read_after(after, count).await,
+        }
     }
 
     /// Removes published (or dead-lettered) outbox entries.
     pub(crate) async fn outbox_remove(&self, ids: &[String]) -> Result<()> {
-        each!(self, s => s.outbox_remove(ids).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.outbox_remove(ids).await,
+            Kind::Memory(s) => s.outbox_remove(ids).await,
+        }
     }
 
     /// Entries waiting to be published (not yet marked sent).
     pub(crate) async fn outbox_backlog(&self) -> Result<u64> {
-        each!(self, s => s.outbox_backlog().await)
+        match &*self.0 {
+            Kind::Redis(s) => s.outbox_backlog().await,
+            Kind::Memory(s) => s.outbox_backlog().await,
+        }
     }
 
     /// Claims `id` in `scope` with `claim` (kept for `ttl`, or until its
@@ -460,7 +475,10 @@ impl Store {
         ttl: Duration,
         alive_for: Duration,
     ) -> Result<Inbox> {
-        each!(self, s => s.inbox_begin(scope, id, claim, ttl, alive_for).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.inbox_begin(scope, id, claim, ttl, alive_for).await,
+            Kind::Memory(s) => s.inbox_begin(scope, id, claim, ttl, alive_for).await,
+        }
     }
 
     /// Keeps `answer` for `id` for `window` if `claim` is still what the
@@ -474,31 +492,46 @@ impl Store {
         answer: &Answer,
         window: Duration,
     ) -> Result<Finished> {
-        each!(self, s => s.inbox_finish(scope, id, &claim.mark(), answer, window).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.inbox_finish(scope, id, &claim.mark(), answer, window).await,
+            Kind::Memory(s) => s.inbox_finish(scope, id, &claim.mark(), answer, window).await,
+        }
     }
 
     /// What the inbox holds for `id`, without claiming it: `None` if
     /// nothing.
     pub(crate) async fn inbox_peek(&self, scope: &str, id: &str) -> Result<Option<Vec<u8>>> {
-        each!(self, s => s.inbox_peek(scope, id).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.inbox_peek(scope, id).await,
+            Kind::Memory(s) => s.inbox_peek(scope, id).await,
+        }
     }
 
     /// Says that `member` is alive for `ttl` more (its claims hold), or,
     /// with `alive` false, that it leaves (its claims lapse at once).
     pub(crate) async fn alive(&self, member: &str, ttl: Duration, alive: bool) -> Result<()> {
-        each!(self, s => s.alive(member, ttl, alive).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.alive(member, ttl, alive).await,
+            Kind::Memory(s) => s.alive(member, ttl, alive).await,
+        }
     }
 
     /// Records that this replica wrote dead letter `id` with `digest`, for
     /// `keep` (as long as the letter is kept).
     pub(crate) async fn record_letter(&self, id: &str, digest: &str, keep: Duration) -> Result<()> {
-        each!(self, s => s.record_letter(id, digest, keep).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.record_letter(id, digest, keep).await,
+            Kind::Memory(s) => s.record_letter(id, digest, keep).await,
+        }
     }
 
     /// Forgets the record of dead letter `id` (it was replayed: a copy of
     /// it published again is not authentic).
     pub(crate) async fn forget_letter(&self, id: &str) -> Result<()> {
-        each!(self, s => s.forget_letter(id).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.forget_letter(id).await,
+            Kind::Memory(s) => s.forget_letter(id).await,
+        }
     }
 
     /// The recorded digests of dead letters `ids`, in order (`None`: no
@@ -507,17 +540,26 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        each!(self, s => s.letter_digests(ids).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.letter_digests(ids).await,
+            Kind::Memory(s) => s.letter_digests(ids).await,
+        }
     }
 
     /// A saga's journal: its fields, by name.
     pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
-        each!(self, s => s.saga_load(id).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.saga_load(id).await,
+            Kind::Memory(s) => s.saga_load(id).await,
+        }
     }
 
     /// The ids of the sagas with a journal, newest first, at most `limit`.
     pub(crate) async fn saga_list(&self, limit: usize) -> Result<Vec<String>> {
-        each!(self, s => s.saga_list(limit).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.saga_list(limit).await,
+            Kind::Memory(s) => s.saga_list(limit).await,
+        }
     }
 
     /// Writes fields of a saga's journal (and lists the saga, the first
@@ -531,7 +573,10 @@ impl Store {
         fence: Option<&Fence>,
         run: Option<(&str, &str)>,
     ) -> Result<bool> {
-        each!(self, s => s.saga_write(id, fields, fence, run).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.saga_write(id, fields, fence, run).await,
+            Kind::Memory(s) => s.saga_write(id, fields, fence, run).await,
+        }
     }
 
     /// Takes the service's leader lease for `lease` (or extends it, if
@@ -563,7 +608,10 @@ impl Store {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        each!(self, s => s.lease_sync(leases, owner, ttl).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.lease_sync(leases, owner, ttl).await,
+            Kind::Memory(s) => s.lease_sync(leases, owner, ttl).await,
+        }
     }
 
     /// Records that `member` of `group` is alive (or, with `alive` false,
@@ -576,13 +624,19 @@ impl Store {
         alive: bool,
         timeout: Duration,
     ) -> Result<Vec<String>> {
-        each!(self, s => s.members(group, member, alive, timeout).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.members(group, member, alive, timeout).await,
+            Kind::Memory(s) => s.members(group, member, alive, timeout).await,
+        }
     }
 
     /// Gives `id` up (a retryable failure) if `claim` still holds it: the
     /// next attempt runs it.
     pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, claim: &Claim) -> Result<()> {
-        each!(self, s => s.inbox_abandon(scope, id, &claim.mark()).await)
+        match &*self.0 {
+            Kind::Redis(s) => s.inbox_abandon(scope, id, &claim.mark()).await,
+            Kind::Memory(s) => s.inbox_abandon(scope, id, &claim.mark()).await,
+        }
     }
 }
 
