@@ -82,21 +82,8 @@ impl DeadLetters {
     /// the background, unlike a runtime).
     pub async fn connect(config: &crate::Config) -> Result<DeadLetters> {
         let client = Client::connect_with(config).await?;
-        let store = match &config.redis_url {
-            Some(url) => Some(
-                crate::store::RedisStore::connect(
-                    &crate::store::RedisConnect {
-                        url: url.clone(),
-                        mode: config.redis_mode,
-                        sentinel_master: config.redis_sentinel_master.clone(),
-                        tls_ca: config.redis_tls.ca.clone(),
-                        tls_cert: config.redis_tls.cert.clone(),
-                        tls_key: config.redis_tls.key.clone(),
-                    },
-                    &config.service,
-                )?
-                .into(),
-            ),
+        let store = match crate::store::RedisConnect::from_config(config) {
+            Some(redis) => Some(crate::store::RedisStore::connect(&redis, &config.service)?.into()),
             None => None,
         };
         Ok(DeadLetters {

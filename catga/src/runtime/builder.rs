@@ -398,19 +398,8 @@ async fn connect_transport(
 /// The store: Redis when configured, else the embedded bus's, else one of
 /// this process only.
 fn connect_store(config: &Config, bus_store: Option<Arc<MemoryStore>>) -> Result<Store> {
-    Ok(match (&config.redis_url, bus_store) {
-        (Some(url), _) => RedisStore::connect(
-            &RedisConnect {
-                url: url.clone(),
-                mode: config.redis_mode,
-                sentinel_master: config.redis_sentinel_master.clone(),
-                tls_ca: config.redis_tls.ca.clone(),
-                tls_cert: config.redis_tls.cert.clone(),
-                tls_key: config.redis_tls.key.clone(),
-            },
-            &config.service,
-        )?
-        .into(),
+    Ok(match (RedisConnect::from_config(config), bus_store) {
+        (Some(redis), _) => RedisStore::connect(&redis, &config.service)?.into(),
         (None, Some(bus_store)) => bus_store.into(),
         (None, None) => {
             tracing::warn!(

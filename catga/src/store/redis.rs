@@ -30,6 +30,20 @@ pub(crate) struct RedisConnect {
     pub tls_key: Option<std::path::PathBuf>,
 }
 
+impl RedisConnect {
+    /// The store `config` names, if it names one (`REDIS_URL`).
+    pub(crate) fn from_config(config: &crate::config::Config) -> Option<RedisConnect> {
+        Some(RedisConnect {
+            url: config.redis_url.clone()?,
+            mode: config.redis_mode,
+            sentinel_master: config.redis_sentinel_master.clone(),
+            tls_ca: config.redis_tls.ca.clone(),
+            tls_cert: config.redis_tls.cert.clone(),
+            tls_key: config.redis_tls.key.clone(),
+        })
+    }
+}
+
 /// How long one store operation may take before it fails (retryably).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
