@@ -98,10 +98,7 @@ impl Backend {
             .start()
             .await
             .unwrap_or_else(|e| panic!("runtime failed to start: {e}"));
-        tokio::time::timeout(Duration::from_secs(10), rt.ready())
-            .await
-            .expect("runtime ready within 10 s")
-            .expect("readiness");
+        crate::ready_within(&rt, Duration::from_secs(10)).await;
         rt
     }
 

@@ -25,6 +25,21 @@ pub async fn ready_within(rt: &catga::Runtime, within: std::time::Duration) {
     }
 }
 
+/// Waits until `ok` holds, checking every 10 ms; panics naming `what`
+/// past `limit`. Returns how long it took.
+pub async fn until(
+    what: &str,
+    limit: std::time::Duration,
+    mut ok: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
 /// Defines one test per scenario and backend: `nats::name` against a fresh
 /// nats-server, `memory::name` on a fresh in-memory bus. Each scenario is an
 /// `async fn name(b: &Backend)` in the calling module.

@@ -278,11 +278,10 @@ async fn the_relay_moves_when_its_replica_dies_and_keeps_each_keys_order() {
         .start()
         .await
         .expect("starts");
-    let until = Instant::now() + Duration::from_secs(10);
-    while !relay.is_outbox_relay() {
-        assert!(Instant::now() < until, "the relay lease was never taken");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    catga_tests::until("the relay lease taken", Duration::from_secs(10), || {
+        relay.is_outbox_relay()
+    })
+    .await;
     let standby = replica(&nats, &redis, "n2").await;
     assert!(!standby.is_outbox_relay());
     let client = standby.client();
@@ -309,15 +308,13 @@ async fn the_relay_moves_when_its_replica_dies_and_keeps_each_keys_order() {
         .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
     drop(relay);
-    let dropped = Instant::now();
-    while !standby.is_outbox_relay() {
-        assert!(
-            dropped.elapsed() < Duration::from_secs(5),
-            "the standby never took the relay over"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    eprintln!("relay taken over {:?} after its replica died", dropped.elapsed());
+    let took = catga_tests::until(
+        "the standby taking the relay over",
+        Duration::from_secs(5),
+        || standby.is_outbox_relay(),
+    )
+    .await;
+    eprintln!("relay taken over {took:?} after its replica died");
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, Ordering::Relaxed);
     let mut sent = BTreeMap::new();

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use catga::{Result, Runtime, Saga, event, saga};
 use catga_tests::{NatsServer, RedisServer};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 /// Starts a keyed saga.
 #[event(subject = "tests.drain.opened")]
@@ -68,9 +69,12 @@ async fn shutdown_with_redis_gone_keeps_its_deadline() {
     );
 }
 
-/// A log line collector for the current thread (the test's runtime runs
-/// on it: a current-thread runtime), so that tests running side by side
-/// never see each other's lines.
+/// A log line collector, installed once as this binary's global
+/// subscriber. A per-thread (`set_default`) subscriber lost lines under
+/// plain `cargo test`, where the tests of this file share a process: a
+/// call site first reached from the other test's threads, which had no
+/// subscriber, was cached as disabled. Lines of one test are told apart
+/// by the span it runs in.
 #[derive(Clone, Default)]
 struct Lines(Arc<Mutex<Vec<u8>>>);
 
@@ -91,14 +95,32 @@ impl std::io::Write for Lines {
 /// lost when nothing was.
 #[tokio::test]
 async fn an_idle_replica_reports_a_clean_shutdown() {
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    static LINES: std::sync::OnceLock<Lines> = std::sync::OnceLock::new();
+    let lines = LINES
+        .get_or_init(|| {
+            let lines = Lines::default();
+            let writer = lines.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+            lines
+        })
+        .clone();
+    idle_replica()
+        .instrument(tracing::info_span!("idle_replica"))
+        .await;
+    let text = String::from_utf8_lossy(&lines.0.lock().expect("lines")).into_owned();
+    let done = text
+        .lines()
+        .find(|l| l.contains("idle_replica") && l.contains("shutdown complete"))
+        .unwrap_or_else(|| panic!("no shutdown line in:\n{text}"));
+    assert!(done.contains("clean=true"), "{done}");
+}
+
+async fn idle_replica() {
     let nats = NatsServer::start();
     let rt = Runtime::builder()
         .service("drain-idle")
@@ -110,10 +132,4 @@ async fn an_idle_replica_reports_a_clean_shutdown() {
         .expect("starts");
     catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
     rt.shutdown().await.expect("clean shutdown");
-    let text = String::from_utf8_lossy(&lines.0.lock().expect("lines")).into_owned();
-    let done = text
-        .lines()
-        .find(|l| l.contains("shutdown complete"))
-        .unwrap_or_else(|| panic!("no shutdown line in:\n{text}"));
-    assert!(done.contains("clean=true"), "{done}");
 }

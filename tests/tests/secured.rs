@@ -125,7 +125,22 @@ async fn serves(url: &str, security: NatsSecurity) {
 /// A runtime that must stay not ready, saying why, and a client that must
 /// be refused at once with `kind`. Returns the texts it saw.
 async fn refused(url: &str, security: NatsSecurity, kind: ErrorKind, why: &str) -> Vec<String> {
-    let _ = log();
+    refused_logging(url, security, kind, why).await.0
+}
+
+/// [`refused`], and what was logged meanwhile. Refusals take turns: under
+/// plain `cargo test` the tests of this file share one process and its
+/// log, and a count of refusal lines would add up those of every test
+/// running at the same time.
+async fn refused_logging(
+    url: &str,
+    security: NatsSecurity,
+    kind: ErrorKind,
+    why: &str,
+) -> (Vec<String>, String) {
+    static TURNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = TURNS.lock().await;
+    let before = log().lock().unwrap_or_else(|p| p.into_inner()).len();
     let rt = builder(url, security.clone())
         .start()
         .await
@@ -164,7 +179,9 @@ async fn refused(url: &str, security: NatsSecurity, kind: ErrorKind, why: &str) 
     let _ = rt.shutdown().await;
     let mut texts = readiness.failing;
     texts.push(err.to_string());
-    texts
+    let meanwhile =
+        String::from_utf8_lossy(&log().lock().unwrap_or_else(|p| p.into_inner())[before..]).into_owned();
+    (texts, meanwhile)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +197,7 @@ async fn user_and_password_in_the_url() {
     )
     .await;
     let wrong = format!("nope-{}", catga::new_message_id());
-    let texts = refused(
+    let (texts, meanwhile) = refused_logging(
         &format!("nats://svc:{wrong}@127.0.0.1:{port}"),
         NatsSecurity::default(),
         ErrorKind::Unauthorized,
@@ -190,7 +207,9 @@ async fn user_and_password_in_the_url() {
     assert_hidden(&password, &texts);
     assert_hidden(&wrong, &texts);
     // One line per attempt, with back-off: not several a second.
-    let lines = logged().matches("refused the credentials").count();
+    let lines = meanwhile
+        .matches("the NATS server refused the credentials")
+        .count();
     assert!(lines >= 2, "each attempt is logged: {lines}");
     assert!(
         lines <= 20,

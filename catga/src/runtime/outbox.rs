@@ -116,45 +116,18 @@ impl Relay {
     async fn round(&mut self, shared: &Shared, lease: &Lease, block: Duration) -> Result<usize> {
         let store = &shared.store;
         let transport = shared.client.transport();
-        let now = Instant::now();
-        let any_waiting = self.suspended.values().any(|(until, _)| *until > now);
-        let mut page = Box::pin(store.outbox_read(BATCH, block)).await?;
-        let mut ids = Vec::with_capacity(page.len());
-        let mut entries = Vec::with_capacity(page.len());
-        let mut unreadable = Vec::new();
-        for _ in 0..PAGES {
-            let Some(last) = page.last().map(|(id, _)| id.clone()) else {
-                break;
-            };
-            for (id, entry) in page {
-                match entry {
-                    Some(e) if self.waiting(&transport.chain_of(&e.subject), now) => {}
-                    Some(e) => {
-                        ids.push(id);
-                        entries.push(e);
-                    }
-                    None => unreadable.push(id),
-                }
-            }
-            if !any_waiting || entries.len() >= BATCH {
-                break;
-            }
-            page = Box::pin(store.outbox_read_after(&last, BATCH)).await?;
-        }
+        let Page {
+            ids,
+            entries,
+            unreadable,
+        } = self.read(shared, block).await?;
         if !unreadable.is_empty() {
             // Written by a commit, so never seen; kept, they would block the
             // outbox for good.
             tracing::error!(entries = ?unreadable, "outbox entries that cannot be read: removed");
             store.outbox_remove(&unreadable).await?;
         }
-        let subjects: BTreeSet<String> = entries.iter().map(|e| e.subject.clone()).collect();
-        let mut failure = None;
-        for subject in subjects {
-            if let Err(e) = transport.ensure_stored(&subject, &shared.config.streams).await {
-                failure.get_or_insert(e);
-                self.suspend(transport.chain_of(&subject));
-            }
-        }
+        let mut failure = self.ensure_streams(shared, &entries).await;
         // Now that every subject's stream is known: nothing of a stream
         // that is left alone goes out, whatever its subject.
         let (mut sent_ids, mut sent) = (Vec::new(), Vec::new());
@@ -182,51 +155,75 @@ impl Relay {
         let results = transport
             .store_in_order(&outgoing, shared.config.request_timeout, &go_on)
             .await;
-        let mut done = Vec::with_capacity(sent_ids.len());
-        let mut failed_chains = BTreeSet::new();
-        let mut stored_chains = BTreeSet::new();
-        for ((id, entry), result) in sent_ids.into_iter().zip(&sent).zip(results) {
-            let chain = transport.chain_of(&entry.subject);
-            match result {
-                Ok(()) => {
-                    stored_chains.insert(chain);
-                    done.push(id);
-                }
-                Err(e) if never_stored(&e) => match dead_letter(shared, entry, &e).await {
-                    Ok(()) => {
-                        tracing::error!(subject = %entry.subject, message_id = %entry.id, error = %e, "an outbox event can never be stored: dead-lettered");
-                        done.push(id);
-                    }
-                    Err(dl) => {
-                        failed_chains.insert(chain);
-                        failure.get_or_insert(dl);
-                    }
-                },
-                Err(e) => {
-                    if e.kind() == ErrorKind::NoHandler {
-                        // Its stream is gone: made again next round.
-                        transport.forget_stored(&entry.subject);
-                    }
-                    failed_chains.insert(chain);
-                    failure.get_or_insert(e);
-                }
-            }
+        let settled = settle(shared, sent_ids.into_iter().zip(&sent).zip(results)).await;
+        if let Some(e) = settled.failure {
+            failure.get_or_insert(e);
         }
-        let n = done.len() + unreadable.len();
-        store.outbox_remove(&done).await?;
-        for chain in &stored_chains {
+        let n = settled.done.len() + unreadable.len();
+        store.outbox_remove(&settled.done).await?;
+        for chain in &settled.stored_chains {
             self.suspended.remove(chain);
         }
         // A stream that stored nothing this round waits a moment; one that
         // stored some (another writer came in between, a chain cut short)
         // goes again in the next round at once.
-        for chain in failed_chains.difference(&stored_chains) {
+        for chain in settled.failed_chains.difference(&settled.stored_chains) {
             self.suspend(chain.clone());
         }
         match failure {
             Some(e) if n == 0 => Err(e),
             _ => Ok(n),
         }
+    }
+
+    /// Reads the oldest entries (waiting up to `block` for one), and while
+    /// streams are suspended, up to [`PAGES`] pages past their entries.
+    async fn read(&self, shared: &Shared, block: Duration) -> Result<Page> {
+        let store = &shared.store;
+        let transport = shared.client.transport();
+        let now = Instant::now();
+        let any_waiting = self.suspended.values().any(|(until, _)| *until > now);
+        let mut page = Box::pin(store.outbox_read(BATCH, block)).await?;
+        let mut read = Page {
+            ids: Vec::with_capacity(page.len()),
+            entries: Vec::with_capacity(page.len()),
+            unreadable: Vec::new(),
+        };
+        for _ in 0..PAGES {
+            let Some(last) = page.last().map(|(id, _)| id.clone()) else {
+                break;
+            };
+            for (id, entry) in page {
+                match entry {
+                    Some(e) if self.waiting(&transport.chain_of(&e.subject), now) => {}
+                    Some(e) => {
+                        read.ids.push(id);
+                        read.entries.push(e);
+                    }
+                    None => read.unreadable.push(id),
+                }
+            }
+            if !any_waiting || read.entries.len() >= BATCH {
+                break;
+            }
+            page = Box::pin(store.outbox_read_after(&last, BATCH)).await?;
+        }
+        Ok(read)
+    }
+
+    /// Makes sure every subject of `entries` has a stream; suspends the
+    /// streams that cannot be made or found, and returns the first error.
+    async fn ensure_streams(&mut self, shared: &Shared, entries: &[OutboxEntry]) -> Option<Error> {
+        let transport = shared.client.transport();
+        let subjects: BTreeSet<&str> = entries.iter().map(|e| e.subject.as_str()).collect();
+        let mut failure = None;
+        for subject in subjects {
+            if let Err(e) = transport.ensure_stored(subject, &shared.config.streams).await {
+                failure.get_or_insert(e);
+                self.suspend(transport.chain_of(subject));
+            }
+        }
+        failure
     }
 
     fn suspend(&mut self, chain: String) {
@@ -242,6 +239,66 @@ impl Relay {
 fn never_stored(e: &Error) -> bool {
     matches!(e.kind(), ErrorKind::TooLarge | ErrorKind::Invalid)
 }
+
+/// The entries a round read, in outbox order.
+struct Page {
+    ids: Vec<String>,
+    entries: Vec<OutboxEntry>,
+    /// Entries that cannot be decoded.
+    unreadable: Vec<String>,
+}
+
+/// What became of the entries a round sent.
+#[derive(Default)]
+struct Settled {
+    /// Out of the outbox: stored, or dead-lettered.
+    done: Vec<String>,
+    /// Streams that stored an entry of this round.
+    stored_chains: BTreeSet<String>,
+    /// Streams that failed to store one.
+    failed_chains: BTreeSet<String>,
+    /// The first failure.
+    failure: Option<Error>,
+}
+
+/// Sorts the results of a round's sends: stored, dead-lettered (it can
+/// never be stored) or failed (sent again, in order, in a later round).
+async fn settle<'a>(
+    shared: &Shared,
+    results: impl Iterator<Item = ((String, &'a OutboxEntry), Result<()>)>,
+) -> Settled {
+    let transport = shared.client.transport();
+    let mut settled = Settled::default();
+    for ((id, entry), result) in results {
+        let chain = transport.chain_of(&entry.subject);
+        match result {
+            Ok(()) => {
+                settled.stored_chains.insert(chain);
+                settled.done.push(id);
+            }
+            Err(e) if never_stored(&e) => match dead_letter(shared, entry, &e).await {
+                Ok(()) => {
+                    tracing::error!(subject = %entry.subject, message_id = %entry.id, error = %e, "an outbox event can never be stored: dead-lettered");
+                    settled.done.push(id);
+                }
+                Err(dl) => {
+                    settled.failed_chains.insert(chain);
+                    settled.failure.get_or_insert(dl);
+                }
+            },
+            Err(e) => {
+                if e.kind() == ErrorKind::NoHandler {
+                    // Its stream is gone: made again next round.
+                    transport.forget_stored(&entry.subject);
+                }
+                settled.failed_chains.insert(chain);
+                settled.failure.get_or_insert(e);
+            }
+        }
+    }
+    settled
+}
+
 fn outgoing(entry: &OutboxEntry) -> Outgoing {
     let mut headers = HeaderMap::new();
     for (k, v) in &entry.headers {

@@ -1,8 +1,8 @@
 //! The serve loop of one subscription: takes every message at once, runs
 //! up to `concurrency` of them through the [pipeline](super::pipeline) at a
 //! time on this task, queues up to `capacity` more (and up to
-//! `capacity_bytes` of them) and drops (and counts) the rest; resubscribes when the subscription ends unexpectedly; drains
-//! on stop.
+//! `capacity_bytes` of them) and drops (and counts) the rest; resubscribes
+//! when the subscription ends unexpectedly; drains on stop.
 //!
 //! The handlers of one subscription share its task: they run concurrently,
 //! not in parallel (no task spawn per message: that halved throughput in
@@ -45,14 +45,13 @@ pub(crate) async fn serve(
 ) -> ServeReport {
     let served = &*served;
     let shared = &*shared;
-    let mut resubscribe_at = first.is_none().then(tokio::time::Instant::now);
-    let mut setup_failures: u32 = 0;
+    let run = |d| pipeline::process(served, shared, d);
+    let mut again = Resubscribe::new(first.is_none());
     let mut sub = first;
     let mut inflight = FuturesUnordered::new();
     let mut intake = Intake::default();
     let mut draining = false;
     let mut handover_confirmed = true;
-    let mut ends: VecDeque<Instant> = VecDeque::new();
     // One stop future for the whole loop: making a new `changed()` future
     // on every message would register and unregister a waiter each time.
     let stopped = async move {
@@ -63,7 +62,7 @@ pub(crate) async fn serve(
     loop {
         while inflight.len() < served.limit {
             match intake.next() {
-                Some(d) => inflight.push(pipeline::process(served, shared, d)),
+                Some(d) => inflight.push(run(d)),
                 None => break,
             }
         }
@@ -83,7 +82,7 @@ pub(crate) async fn serve(
             biased;
             () = &mut stopped, if !draining => {
                 draining = true;
-                resubscribe_at = None;
+                again.at = None;
                 if let Some(s) = sub.as_mut() {
                     s.drain().await;
                 }
@@ -100,88 +99,140 @@ pub(crate) async fn serve(
                 Some(d) => {
                     let room = inflight.len() < served.limit;
                     if let Some(d) = intake.take(d, served, shared, room) {
-                        inflight.push(pipeline::process(served, shared, d));
+                        inflight.push(run(d));
                     }
-                    // Take what else is already waiting, up to a batch,
-                    // without going around the select for each message
-                    // (its branches cost more than a message's handling
-                    // in an event burst). A durable consumer takes only
-                    // what can run now.
-                    let mut batch = 1;
-                    while batch < BATCH && (!durable || inflight.len() < served.limit) {
-                        match sub.as_mut().and_then(|s| s.next().now_or_never()) {
-                            Some(Some(d)) => {
-                                let room = inflight.len() < served.limit;
-                                if let Some(d) = intake.take(d, served, shared, room) {
-                                    inflight.push(pipeline::process(served, shared, d));
-                                }
-                            }
-                            _ => break,
-                        }
-                        batch += 1;
-                    }
+                    take_waiting(&mut sub, &mut intake, &mut inflight, &run, (served, shared), durable);
                 }
                 None => {
                     if let Some(ended) = sub.take() {
                         handover_confirmed &= ended.handover_confirmed();
                     }
-                    shared.health.unsubscribed();
+                    shared.health.unsubscribed(served.elective());
                     if !draining {
-                        let now = Instant::now();
-                        ends.push_back(now);
-                        while ends.front().is_some_and(|t| now.duration_since(*t) > FLAP_WINDOW) {
-                            ends.pop_front();
-                        }
-                        tracing::error!(
-                            subject = %served.to.subject,
-                            handler = served.spec.name(),
-                            recent_ends = ends.len(),
-                            "the subscription ended unexpectedly; subscribing again"
-                        );
-                        // Back off when it keeps ending: 100 ms, doubling
-                        // per end within the window, up to 3.2 s.
-                        let backoff = Duration::from_millis(100 << (ends.len() - 1).min(5));
-                        resubscribe_at = Some(tokio::time::Instant::now() + backoff);
+                        again.after_end(served);
                     }
                 }
             },
-            () = sleep_until(resubscribe_at), if resubscribe_at.is_some() && !draining => {
-                resubscribe_at = None;
-                match served.subscribe(shared).await {
-                    Ok(s) => {
-                        shared.health.subscribed();
-                        if setup_failures > 0 || !ends.is_empty() {
-                            tracing::info!(subject = %served.to.subject, "subscribed again");
-                        }
-                        setup_failures = 0;
-                        sub = Some(s);
-                    }
-                    // A durable consumer needs JetStream to answer: keep
-                    // trying while the broker is away (not ready meanwhile).
-                    Err(e) if served.durable.is_some() => {
-                        setup_failures += 1;
-                        tracing::warn!(
-                            error = %e,
-                            subject = %served.to.subject,
-                            attempt = setup_failures,
-                            "cannot bind the durable consumer yet; retrying"
-                        );
-                        let pause = Duration::from_millis(200 << setup_failures.min(4));
-                        resubscribe_at = Some(tokio::time::Instant::now() + pause);
-                    }
-                    // Subscribing fails only when no client can be made
-                    // (the transport replaces a dead one): the replica
-                    // cannot serve; stop, so that it is restarted.
-                    Err(e) => shared.health.set_fatal(&Error::new(
-                        ErrorKind::Transport,
-                        format!("cannot subscribe to {} again: {}", served.to.subject, e.message()),
-                    )),
-                }
+            () = sleep_until(again.at), if again.at.is_some() && !draining => {
+                again.at = None;
+                sub = again.subscribe(served, shared).await;
             }
         }
     }
     intake.drops.flush(served);
     ServeReport { handover_confirmed }
+}
+
+/// Takes what else is already waiting on `sub`, up to a batch, without
+/// going around the serve loop's select for each message (its branches
+/// cost more than a message's handling in an event burst). A durable
+/// consumer takes only what can run now.
+fn take_waiting<F>(
+    sub: &mut Option<Subscription>,
+    intake: &mut Intake,
+    inflight: &mut FuturesUnordered<F>,
+    run: &impl Fn(Delivery) -> F,
+    (served, shared): (&Served, &Shared),
+    durable: bool,
+) {
+    let mut batch = 1;
+    while batch < BATCH && (!durable || inflight.len() < served.limit) {
+        match sub.as_mut().and_then(|s| s.next().now_or_never()) {
+            Some(Some(d)) => {
+                let room = inflight.len() < served.limit;
+                if let Some(d) = intake.take(d, served, shared, room) {
+                    inflight.push(run(d));
+                }
+            }
+            _ => break,
+        }
+        batch += 1;
+    }
+}
+
+/// When to subscribe again, and how often it went wrong lately.
+struct Resubscribe {
+    /// When to try next; `None` while subscribed (or draining).
+    at: Option<tokio::time::Instant>,
+    /// Failed attempts in a row to bind a durable consumer.
+    setup_failures: u32,
+    /// Unexpected ends within [`FLAP_WINDOW`].
+    ends: VecDeque<Instant>,
+}
+
+impl Resubscribe {
+    /// `now`: subscribe at once (a durable handler starts without a
+    /// subscription).
+    fn new(now: bool) -> Self {
+        Resubscribe {
+            at: now.then(tokio::time::Instant::now),
+            setup_failures: 0,
+            ends: VecDeque::new(),
+        }
+    }
+
+    /// The subscription ended unexpectedly: logs it and schedules the
+    /// next attempt, backing off when it keeps ending.
+    fn after_end(&mut self, served: &Served) {
+        let now = Instant::now();
+        self.ends.push_back(now);
+        while self
+            .ends
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > FLAP_WINDOW)
+        {
+            self.ends.pop_front();
+        }
+        tracing::error!(
+            subject = %served.to.subject,
+            handler = served.spec.name(),
+            recent_ends = self.ends.len(),
+            "the subscription ended unexpectedly; subscribing again"
+        );
+        // Back off when it keeps ending: 100 ms, doubling per end within
+        // the window, up to 3.2 s.
+        let backoff = Duration::from_millis(100 << (self.ends.len() - 1).min(5));
+        self.at = Some(tokio::time::Instant::now() + backoff);
+    }
+
+    /// Subscribes again. A durable handler that cannot bind yet retries
+    /// later; any other failure is fatal for the replica.
+    async fn subscribe(&mut self, served: &Served, shared: &Shared) -> Option<Subscription> {
+        match served.subscribe(shared).await {
+            Ok(s) => {
+                shared.health.subscribed(served.elective());
+                if self.setup_failures > 0 || !self.ends.is_empty() {
+                    tracing::info!(subject = %served.to.subject, "subscribed again");
+                }
+                self.setup_failures = 0;
+                Some(s)
+            }
+            // A durable consumer needs JetStream to answer: keep trying
+            // while the broker is away (not ready meanwhile).
+            Err(e) if served.durable.is_some() => {
+                self.setup_failures += 1;
+                tracing::warn!(
+                    error = %e,
+                    subject = %served.to.subject,
+                    attempt = self.setup_failures,
+                    "cannot bind the durable consumer yet; retrying"
+                );
+                let pause = Duration::from_millis(200 << self.setup_failures.min(4));
+                self.at = Some(tokio::time::Instant::now() + pause);
+                None
+            }
+            // Subscribing fails only when no client can be made (the
+            // transport replaces a dead one): the replica cannot serve;
+            // stop, so that it is restarted.
+            Err(e) => {
+                shared.health.set_fatal(&Error::new(
+                    ErrorKind::Transport,
+                    format!("cannot subscribe to {} again: {}", served.to.subject, e.message()),
+                ));
+                None
+            }
+        }
+    }
 }
 
 async fn next(sub: &mut Option<Subscription>) -> Option<Delivery> {

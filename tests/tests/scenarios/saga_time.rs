@@ -174,12 +174,8 @@ async fn replica(b: &Backend) -> Runtime {
     .await
 }
 
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < WAIT, "{what} did not happen within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn until(what: &str, done: impl FnMut() -> bool) {
+    catga_tests::until(what, WAIT, done).await;
 }
 
 async fn status(rt: &Runtime, want: SagaStatus) -> catga::SagaInfo {
