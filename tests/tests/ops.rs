@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use catga::{Error, Result, Runtime, command, event};
+use catga::{Error, Result, Runtime, Saga, command, event, saga};
 use catga_tests::http::{get, sample};
 use catga_tests::{NatsServer, RedisServer};
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,26 @@ async fn job(_j: Job) -> Result<()> {
     Err(Error::unavailable("the downstream is away"))
 }
 
+/// Starts [`nap`].
+#[event(subject = "ops.nap")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Nap {
+    /// Which one.
+    pub n: u64,
+}
+
+/// Sagas that finished their nap.
+static NAPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Waits 1.2 s durably (past the 1 s a saga waits in place, so that its
+/// trigger goes back to the broker), then ends.
+#[saga]
+async fn nap(saga: &Saga, _n: Nap) -> Result<()> {
+    saga.sleep("nap", Duration::from_millis(1200)).await?;
+    NAPPED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
 async fn runtime(nats: &NatsServer, redis: &RedisServer) -> Runtime {
     let rt = Runtime::builder()
         .nats_url(nats.url())
@@ -49,7 +69,7 @@ async fn runtime(nats: &NatsServer, redis: &RedisServer) -> Runtime {
         .instance_id("ops")
         .retry_base(Duration::from_millis(10))
         .durable_defaults(Duration::from_secs(2), 5)
-        .handlers(|s| s.name().starts_with("ops::"))
+        .handlers(|s| s.name().starts_with("ops::") && s.name() != "ops::nap")
         .start()
         .await
         .expect("starts");
@@ -260,4 +280,50 @@ async fn a_busy_http_address_is_a_config_error() {
         .expect_err("the port is taken");
     assert_eq!(err.kind(), catga::ErrorKind::Config, "{err}");
     assert!(err.message().contains("CATGA_HTTP_ADDR"), "{err}");
+}
+
+/// A saga's durable wait is counted as `waiting`, not as a failure, and
+/// does not open the handler's breaker: with a breaker that opens after 2
+/// failures for 30 s, four sleeping sagas would otherwise stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_saga_is_counted_as_waiting_not_failed() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let rt = Runtime::builder()
+        .nats_url(nats.url())
+        .redis_url(redis.url())
+        .http_addr("127.0.0.1:0")
+        .instance_id("naps")
+        .breaker(2, Duration::from_secs(30))
+        .handlers(|s| s.name() == "ops::nap")
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
+    let addr = rt.http_addr().expect("endpoint");
+    for n in 0..4 {
+        rt.client().publish_durable(Nap { n }).await.expect("stored");
+    }
+    catga_tests::until("four naps done", Duration::from_secs(20), || {
+        NAPPED.load(std::sync::atomic::Ordering::SeqCst) == 4
+    })
+    .await;
+    let page = metrics(addr).await;
+    let handled = |outcome: &str| {
+        sample(
+            &page,
+            &format!(
+                r#"catga_messages_handled_total{{handler="ops::nap",subject="ops.nap",outcome="{outcome}"}}"#
+            ),
+        )
+    };
+    assert_eq!(handled("waiting"), Some(4.0), "{page}");
+    assert_eq!(handled("ok"), Some(4.0), "{page}");
+    assert_eq!(handled("unavailable"), None, "a wait is no failure:\n{page}");
+    assert_ne!(
+        sample(&page, r#"catga_breaker_open{handler="ops::nap"}"#),
+        Some(1.0),
+        "{page}"
+    );
+    rt.shutdown().await.expect("clean shutdown");
 }

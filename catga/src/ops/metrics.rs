@@ -92,7 +92,7 @@ fn describe() {
     );
     describe_counter!(
         "catga_messages_handled_total",
-        "Messages settled, per handler and outcome (ok, answered, expired, busy, or the error kind)"
+        "Messages settled, per handler and outcome (ok, answered, expired, busy, waiting, or the error kind)"
     );
     describe_histogram!(
         "catga_handler_duration_seconds",
@@ -137,10 +137,13 @@ pub(crate) enum Ended {
     Answered,
     Expired,
     Busy,
+    /// A deliberate wait (a saga's durable timer): given back to the
+    /// broker to come back later, not a failure.
+    Waiting,
     Failed(ErrorKind),
 }
 
-const FIXED: [&str; 4] = ["ok", "answered", "expired", "busy"];
+const FIXED: [&str; 5] = ["ok", "answered", "expired", "busy", "waiting"];
 
 impl Ended {
     fn index(self) -> usize {
@@ -149,6 +152,7 @@ impl Ended {
             Ended::Answered => 1,
             Ended::Expired => 2,
             Ended::Busy => 3,
+            Ended::Waiting => 4,
             Ended::Failed(kind) => FIXED.len() + ALL_KINDS.iter().position(|k| *k == kind).unwrap_or(0),
         }
     }

@@ -62,9 +62,9 @@ pub(crate) async fn stop_serving_one(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(name);
     let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
-    let wanted = serving.served.parallel;
+    let (wanted, elective) = (serving.served.parallel, serving.served.elective());
     let outcome = shutdown::stop_serving(vec![serving], deadline).await;
-    shared.health.unwant(wanted);
+    shared.health.unwant(wanted, elective);
     drop(all);
     if outcome.cancelled > 0 {
         return Err(Error::new(
@@ -114,12 +114,12 @@ pub(crate) async fn spawn_served(served: Arc<Served>, shared: &Arc<Shared>) -> R
         });
     }
     let (stop, stop_rx) = watch::channel(false);
-    shared.health.want(served.parallel);
+    shared.health.want(served.parallel, served.elective());
     let tasks = subs
         .into_iter()
         .map(|sub| {
             if sub.is_some() {
-                shared.health.subscribed();
+                shared.health.subscribed(served.elective());
             }
             tokio::spawn(serve::serve(
                 Arc::clone(&served),

@@ -586,11 +586,11 @@ fn give_up(shared: &Arc<Shared>, owned: &mut Owned, saga: &'static str, p: u32, 
     let drain = match run {
         Running::Loops(serving) => {
             tracing::info!(saga, partition = p, reason = why, "giving a saga partition up");
-            let wanted = serving.served.parallel;
+            let (wanted, elective) = (serving.served.parallel, serving.served.elective());
             let health = shared.health.clone();
             tokio::spawn(async move {
                 super::shutdown::stop_serving(vec![serving], deadline).await;
-                health.unwant(wanted);
+                health.unwant(wanted, elective);
             })
         }
         Running::Router { stop, mut task } => {

@@ -107,7 +107,8 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
                 }
             }
         };
-        let ended = ended(&outcome);
+        let mut ended = ended(&outcome);
+        let wait = matches!(&outcome, Outcome::Failed(e) if e.retry_after().is_some());
         let settle = match conclude(served, shared, &meta, &payload, outcome) {
             Settle::Dead(mut letter) => match super::letters::keep_letter(shared, &mut letter).await {
                 Ok(()) => Settle::Dead(letter),
@@ -120,6 +121,11 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
             },
             settle => settle,
         };
+        if wait && matches!(settle, Settle::Retry { .. }) {
+            // Given back to come back when its timer is due: a wait, which
+            // error-rate alerts must not count as a failure.
+            ended = Ended::Waiting;
+        }
         let dead = matches!(settle, Settle::Dead(_));
         if matches!(settle, Settle::Retry { .. }) && served.durable.is_some() {
             served.metrics.redeliveries.increment(1);
@@ -392,7 +398,13 @@ async fn call_with_retries(
     loop {
         attempt += 1;
         match call(served, shared, meta, payload.clone(), claim).await {
-            Err(e) if e.is_retryable() && !e.is_in_doubt() && attempt <= served.spec.retries() => {
+            // Not a deliberate wait: it would only wait again.
+            Err(e)
+                if e.is_retryable()
+                    && !e.is_in_doubt()
+                    && e.retry_after().is_none()
+                    && attempt <= served.spec.retries() =>
+            {
                 let pause = backoff(shared.config.retry_base, attempt).min(Duration::from_secs(1));
                 let fits = meta
                     .deadline()
@@ -418,10 +430,6 @@ async fn call(
     payload: Bytes,
     claim: &Claim,
 ) -> Result<Bytes> {
-    // A handler that stages nothing and is not fenced shares one `Work`
-    // (one allocation less per message); an idempotent one gets its own
-    // to stage in, a `leader` one its own with the lease's fencing token.
-    let spec = served.spec;
     // A keyed saga's partition runs at most `concurrency` sagas on this
     // replica at once, over all its partitions.
     let _permit = match &served.partition {
@@ -433,38 +441,12 @@ async fn call(
         ),
         None => None,
     };
-    let (fence, held) = match &served.partition {
-        // The partition was given up or lost after this message was
-        // taken; the subscription is closing.
-        Some(p) => (Some(p.fence()?), Some(p.held())),
-        // Not the leader (any more): likewise.
-        None if spec.is_leader() => (
-            Some(shared.leadership.fence().ok_or_else(crate::state::fenced)?),
-            Some(shared.leadership.held()),
-        ),
-        None => (None, None),
-    };
-    let work = match (claim, fence) {
-        (Claim::None, None) if !spec.is_saga() => Arc::clone(&shared.plain_work),
-        (claim, fence) => Arc::new(Work {
-            store: shared.store.clone(),
-            orphans: shared.plain_work.orphans.clone(),
-            staged: matches!(claim, Claim::Owned { .. }).then(Default::default),
-            durable_subjects: Arc::clone(&shared.durable_subjects),
-            sent: Default::default(),
-            fence,
-            held,
-            member: Arc::clone(&shared.plain_work.member),
-            alive_for: shared.config.inbox_lease,
-            last_delivery: served.durable.is_some() && meta.delivery() >= u64::from(served.max_deliver),
-            saga_timeout: spec.saga_timeout(),
-        }),
-    };
+    let work = work_for(served, shared, meta, claim)?;
     let ctx = Context::new(
         shared.client.clone(),
         Arc::clone(meta),
         Arc::clone(&work),
-        spec.name(),
+        served.spec.name(),
     );
     let body = match AssertUnwindSafe(served.spec.call(ctx, payload))
         .catch_unwind()
@@ -479,9 +461,58 @@ async fn call(
             ));
         }
     };
-    let Claim::Owned { scope, id, claim } = claim else {
-        return Ok(body);
+    match claim {
+        Claim::Owned { scope, id, claim } => commit_answer(shared, &work, scope, id, claim, body).await,
+        Claim::None => Ok(body),
+    }
+}
+
+/// What a handler's context stages in and is fenced by. A handler that
+/// stages nothing and is not fenced shares one `Work` (one allocation
+/// less per message); an idempotent one gets its own to stage in, a
+/// `leader` one or a keyed saga's its own with the lease's fencing token.
+fn work_for(served: &Served, shared: &Shared, meta: &MessageMeta, claim: &Claim) -> Result<Arc<Work>> {
+    let spec = served.spec;
+    let (fence, held) = match &served.partition {
+        // The partition was given up or lost after this message was
+        // taken; the subscription is closing.
+        Some(p) => (Some(p.fence()?), Some(p.held())),
+        // Not the leader (any more): likewise.
+        None if spec.is_leader() => (
+            Some(shared.leadership.fence().ok_or_else(crate::state::fenced)?),
+            Some(shared.leadership.held()),
+        ),
+        None => (None, None),
     };
+    Ok(match (claim, fence) {
+        (Claim::None, None) if !spec.is_saga() => Arc::clone(&shared.plain_work),
+        (claim, fence) => Arc::new(Work {
+            store: shared.store.clone(),
+            orphans: shared.plain_work.orphans.clone(),
+            staged: matches!(claim, Claim::Owned { .. }).then(Default::default),
+            durable_subjects: Arc::clone(&shared.durable_subjects),
+            sent: Default::default(),
+            fence,
+            held,
+            member: Arc::clone(&shared.plain_work.member),
+            alive_for: shared.config.inbox_lease,
+            last_delivery: served.durable.is_some() && meta.delivery() >= u64::from(served.max_deliver),
+            saga_timeout: spec.saga_timeout(),
+        }),
+    })
+}
+
+/// Commits what an idempotent handler staged together with its answer
+/// `body` and the end of its inbox claim, in one store call; resolves a
+/// commit whose outcome is unknown from the inbox.
+async fn commit_answer(
+    shared: &Shared,
+    work: &Work,
+    scope: &str,
+    id: &str,
+    claim: &InboxClaim,
+    body: Bytes,
+) -> Result<Bytes> {
     let staged = work
         .staged
         .as_ref()
@@ -489,8 +520,8 @@ async fn call(
         .unwrap_or_default();
     let commit = staged.into_commit(
         Some(InboxWrite {
-            scope: (*scope).to_owned(),
-            id: id.clone(),
+            scope: scope.to_owned(),
+            id: id.to_owned(),
             claim: claim.mark(),
             answer: Answer {
                 digest: Some(claim.digest.clone()),
@@ -586,7 +617,9 @@ async fn resolve(
 fn record(served: &Served, result: &Result<Bytes>) {
     let ok = match result {
         Ok(_) => true,
-        Err(e) => e.kind().is_public(),
+        // A deliberate wait (a saga's durable timer) is not a failure
+        // either: sleeping sagas must not open their handler's breaker.
+        Err(e) => e.kind().is_public() || e.retry_after().is_some(),
     };
     if served.breaker.record(ok) {
         tracing::error!(

@@ -8,7 +8,7 @@
 //! the broker has every subscription with a smaller ticket.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -21,6 +21,14 @@ struct State {
     wanted: usize,
     /// Subscriptions that are live (may still await confirmation).
     live: usize,
+    /// The subscriptions of what this replica serves while it holds a
+    /// lease (the leader handlers, keyed-saga partitions): wanted and
+    /// live, and since when fewer are live than wanted. They come and go
+    /// as leases move, so they take no confirmation ticket, and a
+    /// shortfall counts only once it outlasts [`ELECTIVE_GRACE`]: a
+    /// replica that gains leadership must not look unready to its load
+    /// balancer while the broker confirms the new subscriptions.
+    elective: Elective,
     /// The next ticket to hand out.
     next_ticket: u64,
     /// Every ticket below this one is confirmed by the broker.
@@ -34,6 +42,29 @@ struct State {
     warnings: std::collections::BTreeMap<&'static str, String>,
     fatal: Option<(ErrorKind, String)>,
 }
+
+/// See [`State::elective`].
+#[derive(Debug, Clone, Default)]
+struct Elective {
+    wanted: usize,
+    live: usize,
+    short_since: Option<Instant>,
+}
+
+impl Elective {
+    fn update(&mut self) {
+        if self.live >= self.wanted {
+            self.short_since = None;
+        } else if self.short_since.is_none() {
+            self.short_since = Some(Instant::now());
+        }
+    }
+}
+
+/// How long the subscriptions of a lease just won may take to go live
+/// before readiness says so: more than the 3.2 s a durable consumer's
+/// binding backs off at most between attempts.
+const ELECTIVE_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a replica is not ready, in words an operator can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,28 +91,55 @@ impl Health {
         }
     }
 
-    /// `n` more subscriptions are wanted (a handler starts).
-    pub(crate) fn want(&self, n: usize) {
-        self.state.send_modify(|s| s.wanted += n);
+    /// `n` more subscriptions are wanted (a handler starts); `elective`:
+    /// served under a lease (see [`State::elective`]).
+    pub(crate) fn want(&self, n: usize, elective: bool) {
+        self.state.send_modify(|s| {
+            if elective {
+                s.elective.wanted += n;
+                s.elective.update();
+            } else {
+                s.wanted += n;
+            }
+        });
     }
 
     /// `n` fewer subscriptions are wanted (a handler stopped).
-    pub(crate) fn unwant(&self, n: usize) {
-        self.state.send_modify(|s| s.wanted = s.wanted.saturating_sub(n));
+    pub(crate) fn unwant(&self, n: usize, elective: bool) {
+        self.state.send_modify(|s| {
+            if elective {
+                s.elective.wanted = s.elective.wanted.saturating_sub(n);
+                s.elective.update();
+            } else {
+                s.wanted = s.wanted.saturating_sub(n);
+            }
+        });
     }
 
     /// A subscription is live; its SUB is queued. Returns nothing: the
     /// ticket it takes is confirmed by the next round trip.
-    pub(crate) fn subscribed(&self) {
+    pub(crate) fn subscribed(&self, elective: bool) {
         self.state.send_modify(|s| {
-            s.live += 1;
-            s.next_ticket += 1;
+            if elective {
+                s.elective.live += 1;
+                s.elective.update();
+            } else {
+                s.live += 1;
+                s.next_ticket += 1;
+            }
         });
     }
 
     /// A subscription ended (drained, or lost).
-    pub(crate) fn unsubscribed(&self) {
-        self.state.send_modify(|s| s.live = s.live.saturating_sub(1));
+    pub(crate) fn unsubscribed(&self, elective: bool) {
+        self.state.send_modify(|s| {
+            if elective {
+                s.elective.live = s.elective.live.saturating_sub(1);
+                s.elective.update();
+            } else {
+                s.live = s.live.saturating_sub(1);
+            }
+        });
     }
 
     /// The state store answers (`None`), or not, and why.
@@ -175,6 +233,16 @@ impl Health {
         if s.next_ticket > s.confirmed_upto {
             failing.push("subscriptions: waiting for the broker to confirm".to_owned());
         }
+        if let Some(since) = s.elective.short_since
+            && since.elapsed() >= ELECTIVE_GRACE
+        {
+            failing.push(format!(
+                "subscriptions: {} of {} served under a lease (leader handlers, saga partitions) live for {} s",
+                s.elective.live,
+                s.elective.wanted,
+                since.elapsed().as_secs()
+            ));
+        }
         Readiness {
             ready: failing.is_empty(),
             failing,
@@ -235,5 +303,38 @@ impl Health {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_shortfall_is_timed_from_its_start_and_cleared_when_live() {
+        let health = Health::new();
+        let short = |h: &Health| h.state.borrow().elective.short_since;
+        health.want(2, true);
+        let since = short(&health).expect("short of two");
+        health.subscribed(true);
+        assert_eq!(short(&health), Some(since), "still short: timed from the start");
+        health.subscribed(true);
+        assert_eq!(short(&health), None, "all live");
+        health.unsubscribed(true);
+        assert!(short(&health).is_some(), "short again");
+        health.unwant(1, true);
+        assert_eq!(short(&health), None, "no longer wanted");
+    }
+
+    #[test]
+    fn lease_subscriptions_take_no_confirmation_ticket() {
+        let health = Health::new();
+        health.want(1, true);
+        health.subscribed(true);
+        health.want(1, false);
+        health.subscribed(false);
+        let s = health.state.borrow().clone();
+        assert_eq!((s.live, s.wanted, s.next_ticket), (1, 1, 1));
+        assert_eq!((s.elective.live, s.elective.wanted), (1, 1));
     }
 }

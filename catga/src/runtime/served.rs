@@ -40,6 +40,13 @@ pub(crate) struct Served {
 }
 
 impl Served {
+    /// Served only while this replica holds a lease (a leader handler, a
+    /// keyed saga's partition): its subscriptions come and go as leases
+    /// move (see `Health::want`).
+    pub(crate) fn elective(&self) -> bool {
+        self.partition.is_some() || self.spec.is_leader()
+    }
+
     pub(crate) fn new(spec: &'static HandlerSpec, config: &Config) -> Served {
         let parallel = spec.parallel().unwrap_or(config.parallel).max(1);
         let queue_group = match spec.queue_group() {
