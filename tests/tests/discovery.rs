@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use catga::{Error, Result, Runtime, command, event};
-use catga_tests::NatsServer;
+use catga::{Error, Result, Runtime, Saga, command, event, saga};
+use catga_tests::{NatsServer, RedisServer};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -44,13 +44,31 @@ async fn on_happened(_h: Happened) -> Result<()> {
     Ok(())
 }
 
+/// An entry in a ledger, keyed by account.
+#[event(subject = "shop.entry")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Entry {
+    /// The key.
+    pub account: String,
+}
+
+/// Entries the ledger saga booked.
+static BOOKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[saga(key = account, partitions = 4)]
+async fn ledger(saga: &Saga, e: Entry) -> Result<()> {
+    let _ = (saga, e);
+    BOOKED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
 async fn shop(nats: &NatsServer, service: &str, id: &str) -> Result<Runtime> {
     let rt = Runtime::builder()
         .nats_url(nats.url())
         .service(service)
         .service_version("1.2.3")
         .instance_id(id)
-        .handlers(|s| s.name().starts_with("discovery::"))
+        .handlers(|s| s.name().starts_with("discovery::") && s.name() != "discovery::ledger")
         .start()
         .await?;
     rt.ready().await?;
@@ -200,4 +218,87 @@ async fn a_plain_micro_service_on_the_subject_is_found() {
         err.message().contains("shop.add (served by `legacy-adder`)"),
         "{err}"
     );
+}
+
+/// Keyed sagas are listed too: each replica names the partitions it
+/// serves and whether it routes the triggers; together they serve every
+/// partition once and one routes. Their statistics count what the
+/// partitions served here handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_sagas_are_listed_with_their_partitions() {
+    let server = NatsServer::start();
+    let redis = RedisServer::start();
+    let mut replicas = Vec::new();
+    for id in ["k1", "k2"] {
+        let rt = Runtime::builder()
+            .nats_url(server.url())
+            .redis_url(redis.url())
+            .service("ledgers")
+            .instance_id(id)
+            .membership(Duration::from_millis(100), Duration::from_millis(600))
+            .handlers(|s| s.name() == "discovery::ledger")
+            .start()
+            .await
+            .expect("starts");
+        catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
+        replicas.push(rt);
+    }
+    let plain = async_nats::connect(server.url()).await.expect("plain client");
+    // Until the two replicas split the partitions between them.
+    let started = std::time::Instant::now();
+    let infos = loop {
+        let infos = ask(&plain, "$SRV.INFO.ledgers").await;
+        let served: Vec<String> = infos
+            .iter()
+            .map(|i| i["endpoints"][0]["metadata"]["partitions"].as_str().unwrap_or("").to_owned())
+            .collect();
+        if infos.len() == 2 && served.iter().all(|p| !p.is_empty()) {
+            break infos;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{infos:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut all: Vec<u32> = Vec::new();
+    let mut routing = 0;
+    for info in &infos {
+        let endpoints = info["endpoints"].as_array().expect("endpoints");
+        assert_eq!(endpoints.len(), 1, "{info}");
+        let e = &endpoints[0];
+        assert_eq!(e["name"], "ledger");
+        assert_eq!(e["subject"], "shop.entry");
+        assert_eq!(e["metadata"]["handler"], "discovery::ledger");
+        assert_eq!(e["metadata"]["kind"], "keyed_saga");
+        assert_eq!(e["metadata"]["partitions_total"], "4");
+        let served = e["metadata"]["partitions"].as_str().expect("partitions");
+        all.extend(served.split(',').map(|p| p.parse::<u32>().expect("a number")));
+        if e["metadata"]["routing"] == "true" {
+            routing += 1;
+        }
+    }
+    all.sort_unstable();
+    assert_eq!(all, [0, 1, 2, 3], "every partition served once: {infos:?}");
+    assert_eq!(routing, 1, "one router: {infos:?}");
+
+    let client = replicas[0].client();
+    for n in 0..12 {
+        client
+            .publish_durable(Entry {
+                account: format!("a{n}"),
+            })
+            .await
+            .expect("stored");
+    }
+    catga_tests::until("12 entries booked", Duration::from_secs(15), || {
+        BOOKED.load(std::sync::atomic::Ordering::SeqCst) == 12
+    })
+    .await;
+    let stats = ask(&plain, "$SRV.STATS.ledgers").await;
+    let handled: u64 = stats
+        .iter()
+        .map(|s| s["endpoints"][0]["num_requests"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(handled, 12, "{stats:?}");
+    for rt in replicas {
+        rt.shutdown().await.expect("clean shutdown");
+    }
 }

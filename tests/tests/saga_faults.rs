@@ -190,3 +190,78 @@ async fn get_entries(ctx: &Context, q: GetEntries) -> Result<Entries> {
         .map(Versioned::into_inner)
         .unwrap_or_default())
 }
+
+/// A partition and the router that the ring gives a replica, held by a
+/// replica that is gone from the ring but whose leases have not run out
+/// (here: forged with a long time to live): the replica is ready at
+/// first, then, once the hand-over has taken longer than it can
+/// (member time-out plus drain deadline), readiness says which partition
+/// is not served and why, and that the triggers are not routed. When the
+/// leases are free, it takes them and is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_held_elsewhere_shows_in_readiness() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connected");
+    let held = ["catga:{ghosts}:part:post:2", "catga:{ghosts}:part:post:router"];
+    for key in held {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("gone/replica")
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+    }
+    let rt = Runtime::builder()
+        .service("ghosts")
+        .instance_id("g1")
+        .nats_url(nats.url())
+        .redis_url(redis.url())
+        .membership(Duration::from_millis(100), Duration::from_millis(600))
+        .drain_timeout(Duration::from_millis(500))
+        .handlers(|s| s.name() == "saga_faults::post")
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
+    let started = Instant::now();
+    while rt.partitions().await.get("saga_faults::post").map(Vec::len) != Some(3) {
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", rt.partitions().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failing = loop {
+        let r = rt.readiness();
+        if !r.ready {
+            break r.failing;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still ready without partition 2 and the router"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let text = failing.join("\n");
+    eprintln!("readiness: {text}");
+    assert!(
+        text.contains("keyed saga saga_faults::post")
+            && text.contains("partitions [2]")
+            && text.contains("held by another replica")
+            && text.contains("router"),
+        "{text}"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&held[..])
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
+    let served = rt.partitions().await;
+    assert_eq!(served.get("saga_faults::post"), Some(&vec![0, 1, 2, 3]), "{served:?}");
+    rt.shutdown().await.expect("clean shutdown");
+}

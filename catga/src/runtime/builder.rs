@@ -460,6 +460,7 @@ fn shared(
         plain_work,
         durable_subjects,
         endpoints: std::sync::Mutex::new(HashMap::new()),
+        keyed_view: std::sync::Mutex::new(Vec::new()),
         leadership,
         relay,
         dropped: AtomicU64::new(0),

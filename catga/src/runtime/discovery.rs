@@ -1,6 +1,7 @@
 //! NATS micro discovery: every replica answers `$SRV.PING`, `$SRV.INFO`
 //! and `$SRV.STATS` (for all services, for its service's name, and for its
-//! own id) with its command handlers as endpoints, so that `nats micro
+//! own id) with its command handlers and keyed sagas as endpoints (a keyed
+//! saga's metadata names the partitions it serves here), so that `nats micro
 //! ls|info|stats` and any micro-aware client list catga services. At
 //! start-up the same protocol finds another service that already serves
 //! one of this replica's command subjects.
@@ -37,44 +38,92 @@ fn base(shared: &Shared, kind: &str) -> serde_json::Map<String, Value> {
     m
 }
 
-/// The command handlers being served, with unique endpoint names (the
-/// handler's function name, numbered if two share one).
-fn endpoints(shared: &Shared) -> Vec<(String, Arc<Served>)> {
-    let served: Vec<Arc<Served>> = shared
+/// One endpoint as discovery lists it.
+struct Endpoint {
+    name: String,
+    spec: &'static HandlerSpec,
+    queue_group: String,
+    /// What discovery says of it beyond the handler and message type.
+    metadata: Vec<(&'static str, String)>,
+    /// The serve loops whose counters its statistics add up.
+    served: Vec<Arc<Served>>,
+}
+
+/// The command handlers being served and the keyed sagas this replica
+/// runs, with unique endpoint names (the handler's function name,
+/// numbered if two share one). A keyed saga says which of its partitions
+/// are served here and whether this replica routes its triggers; its
+/// statistics add up those partitions'.
+fn endpoints(shared: &Shared) -> Vec<Endpoint> {
+    let mut found: Vec<Endpoint> = shared
         .endpoints
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .values()
         .filter(|s| s.spec.kind() == HandlerKind::Command)
-        .cloned()
+        .map(|s| Endpoint {
+            name: String::new(),
+            spec: s.spec,
+            queue_group: s.to.queue_group.clone().unwrap_or_default(),
+            metadata: Vec::new(),
+            served: vec![Arc::clone(s)],
+        })
         .collect();
-    let mut out: Vec<(String, Arc<Served>)> = Vec::with_capacity(served.len());
-    for s in served {
-        let short = micro_name(s.spec.name().rsplit("::").next().unwrap_or(s.spec.name()));
+    for view in shared
+        .keyed_view
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+    {
+        let served: Vec<String> = view.partitions.iter().map(|(p, _)| p.to_string()).collect();
+        found.push(Endpoint {
+            name: String::new(),
+            spec: view.spec,
+            queue_group: String::new(),
+            metadata: vec![
+                ("kind", KEYED_SAGA.to_owned()),
+                ("partitions", served.join(",")),
+                (
+                    "partitions_total",
+                    view.spec.partitions().unwrap_or(1).to_string(),
+                ),
+                ("routing", view.routing.to_string()),
+            ],
+            served: view.partitions.iter().map(|(_, s)| Arc::clone(s)).collect(),
+        });
+    }
+    found.sort_by_key(|e| e.spec.name());
+    let mut out: Vec<Endpoint> = Vec::with_capacity(found.len());
+    for mut e in found {
+        let short = micro_name(e.spec.name().rsplit("::").next().unwrap_or(e.spec.name()));
         let mut name = short.clone();
         let mut n = 1;
-        while out.iter().any(|(taken, _)| *taken == name) {
+        while out.iter().any(|taken| taken.name == name) {
             n += 1;
             name = format!("{short}_{n}");
         }
-        out.push((name, s));
+        e.name = name;
+        out.push(e);
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
-fn endpoint(name: &str, s: &Served) -> serde_json::Map<String, Value> {
+/// The `kind` a keyed saga's endpoint carries in its metadata.
+const KEYED_SAGA: &str = "keyed_saga";
+
+fn endpoint(e: &Endpoint) -> serde_json::Map<String, Value> {
     let mut m = serde_json::Map::new();
-    m.insert("name".into(), json!(name));
-    m.insert("subject".into(), json!(s.spec.subject()));
-    m.insert(
-        "queue_group".into(),
-        json!(s.to.queue_group.as_deref().unwrap_or("")),
-    );
-    m.insert(
-        "metadata".into(),
-        json!({ "handler": s.spec.name(), "message_type": s.spec.message_type() }),
-    );
+    m.insert("name".into(), json!(e.name));
+    m.insert("subject".into(), json!(e.spec.subject()));
+    m.insert("queue_group".into(), json!(e.queue_group));
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("handler".into(), json!(e.spec.name()));
+    metadata.insert("message_type".into(), json!(e.spec.message_type()));
+    for (k, v) in &e.metadata {
+        metadata.insert((*k).into(), json!(v));
+    }
+    m.insert("metadata".into(), Value::Object(metadata));
     m
 }
 
@@ -90,7 +139,7 @@ fn answer(shared: &Shared, verb: &str, started: &str) -> Option<Value> {
             );
             let list: Vec<Value> = endpoints(shared)
                 .iter()
-                .map(|(name, s)| Value::Object(endpoint(name, s)))
+                .map(|e| Value::Object(endpoint(e)))
                 .collect();
             m.insert("endpoints".into(), Value::Array(list));
             Some(Value::Object(m))
@@ -100,22 +149,26 @@ fn answer(shared: &Shared, verb: &str, started: &str) -> Option<Value> {
             m.insert("started".into(), json!(started));
             let list: Vec<Value> = endpoints(shared)
                 .iter()
-                .map(|(name, s)| {
-                    let mut e = endpoint(name, s);
-                    let st = &s.metrics.stats;
-                    let requests = st.requests.load(Ordering::Relaxed);
-                    let ns = st.processing_ns.load(Ordering::Relaxed);
+                .map(|ep| {
+                    let mut e = endpoint(ep);
+                    let (mut requests, mut errors, mut ns) = (0u64, 0u64, 0u64);
+                    let mut last_error = String::new();
+                    for s in &ep.served {
+                        let st = &s.metrics.stats;
+                        requests += st.requests.load(Ordering::Relaxed);
+                        errors += st.errors.load(Ordering::Relaxed);
+                        ns = ns.saturating_add(st.processing_ns.load(Ordering::Relaxed));
+                        let last = st
+                            .last_error
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if !last.is_empty() {
+                            last.clone_into(&mut last_error);
+                        }
+                    }
                     e.insert("num_requests".into(), json!(requests));
-                    e.insert("num_errors".into(), json!(st.errors.load(Ordering::Relaxed)));
-                    e.insert(
-                        "last_error".into(),
-                        json!(
-                            st.last_error
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .clone()
-                        ),
-                    );
+                    e.insert("num_errors".into(), json!(errors));
+                    e.insert("last_error".into(), json!(last_error));
                     e.insert("processing_time".into(), json!(ns));
                     e.insert(
                         "average_processing_time".into(),
@@ -208,6 +261,11 @@ pub(crate) async fn conflicts(shared: &Shared, selected: &[&'static HandlerSpec]
             continue;
         }
         for e in info["endpoints"].as_array().into_iter().flatten() {
+            // A keyed saga's trigger subject is an event's: several
+            // services may run sagas on it.
+            if e["metadata"]["kind"].as_str() == Some(KEYED_SAGA) {
+                continue;
+            }
             if let Some(subject) = e["subject"].as_str()
                 && mine.contains(&subject)
                 && !found

@@ -175,7 +175,17 @@ enum Running {
     Router {
         stop: watch::Sender<bool>,
         task: JoinHandle<()>,
+        /// Why it cannot route right now, if it cannot.
+        trouble: Trouble,
     },
+}
+
+/// Why a router cannot route right now (`None` while it routes or sets
+/// up), shared between it and the ownership loop's report.
+type Trouble = Arc<std::sync::Mutex<Option<String>>>;
+
+fn set_trouble(trouble: &Trouble, why: Option<String>) {
+    *trouble.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
 }
 
 /// What this replica owns, for [`crate::Runtime::partitions`] and the
@@ -210,7 +220,7 @@ impl Owned {
                     leases.push(partition.lease());
                     match run {
                         Running::Loops(s) => serving.push(s),
-                        Running::Router { stop, task } => {
+                        Running::Router { stop, task, .. } => {
                             let _ = stop.send(true);
                             draining.push(task);
                         }
@@ -345,6 +355,14 @@ struct Keeper {
     /// itself, it owns nothing.
     owners: Vec<Vec<String>>,
     served_before: BTreeMap<&'static str, Vec<u32>>,
+    /// Why the last round could not do its part, for readiness: the
+    /// streams could not be set up, a heartbeat or the leases' renewal
+    /// failed.
+    streams_error: Option<String>,
+    heartbeat_error: Option<String>,
+    leases_error: Option<String>,
+    /// Why a slot the ring gives this replica is not served, by slot.
+    not_served: BTreeMap<(&'static str, u32), String>,
 }
 
 /// One lease of the round: which saga, its gate, which partition, and
@@ -369,6 +387,10 @@ impl Keeper {
             members_seen: vec![Vec::new(); specs.len()],
             owners: vec![Vec::new(); specs.len()],
             served_before: BTreeMap::new(),
+            streams_error: None,
+            heartbeat_error: None,
+            leases_error: None,
+            not_served: BTreeMap::new(),
             specs,
             shared,
         }
@@ -379,8 +401,13 @@ impl Keeper {
     async fn heartbeat(&mut self) {
         let ttl = self.shared.config.member_timeout;
         if !self.streams_ready {
-            self.streams_ready = ensure_streams(&self.shared, &self.specs).await;
+            self.streams_error = ensure_streams(&self.shared, &self.specs)
+                .await
+                .err()
+                .map(|e| e.to_string());
+            self.streams_ready = self.streams_error.is_none();
         }
+        self.heartbeat_error = None;
         for ((spec, seen), owners) in self
             .specs
             .iter()
@@ -406,7 +433,10 @@ impl Keeper {
                         *seen = members;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot heartbeat into the store"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot heartbeat into the store");
+                    self.heartbeat_error = Some(e.to_string());
+                }
             }
         }
     }
@@ -422,7 +452,9 @@ impl Keeper {
             .slots
             .retain(|_, slot| !matches!(slot, Slot::Draining { drain, .. } if drain.is_finished()));
         let (leases, wanted) = self.plan(owned_now);
-        match shared.store.lease_sync(&leases, &self.me, ttl).await {
+        let synced = shared.store.lease_sync(&leases, &self.me, ttl).await;
+        self.leases_error = synced.as_ref().err().map(ToString::to_string);
+        match synced {
             Ok(tokens) => {
                 self.held_until = tick + ttl;
                 for (wanted, token) in wanted.into_iter().zip(tokens) {
@@ -480,11 +512,17 @@ impl Keeper {
     }
 
     /// Acts on one lease's answer: `token` > 0 is held (with that token).
-    async fn apply(&self, owned_now: &mut Owned, wanted: Wanted, token: u64, tick: Instant) {
+    async fn apply(&mut self, owned_now: &mut Owned, wanted: Wanted, token: u64, tick: Instant) {
         let shared = &self.shared;
         let ttl = shared.config.member_timeout;
         let (spec, gate, p, mine) = wanted;
         let key = (spec.name(), p);
+        if mine && token == 0 {
+            self.not_served
+                .insert(key, "its lease is held by another replica".to_owned());
+        } else {
+            self.not_served.remove(&key);
+        }
         match (owned_now.slots.get(&key), token) {
             (Some(Slot::Serving { partition, .. } | Slot::Draining { partition, .. }), t) if t > 0 => {
                 partition.token.grant(t, tick + ttl);
@@ -524,7 +562,8 @@ impl Keeper {
                         owned_now.slots.insert(key, Slot::Serving { partition, run });
                     }
                     Err(e) => {
-                        tracing::error!(saga = spec.name(), partition = p, error = %e, "a saga partition could not start")
+                        tracing::error!(saga = spec.name(), partition = p, error = %e, "a saga partition could not start");
+                        self.not_served.insert(key, format!("it could not start: {e}"));
                     }
                 }
             }
@@ -541,14 +580,16 @@ impl Keeper {
     ) -> Result<Running> {
         if partition.index == ROUTER {
             let (stop, stop_rx) = watch::channel(false);
+            let trouble = Trouble::default();
             let task = tokio::spawn(route(
                 Arc::clone(&self.shared),
                 spec,
                 Arc::clone(partition),
                 stop_rx,
+                Arc::clone(&trouble),
             ));
             tracing::info!(saga = spec.name(), token, "routing this saga's triggers");
-            Ok(Running::Router { stop, task })
+            Ok(Running::Router { stop, task, trouble })
         } else {
             super::handlers::spawn_partition(spec, &self.shared, Arc::clone(partition))
                 .await
@@ -556,8 +597,19 @@ impl Keeper {
         }
     }
 
-    /// Logs and counts the partitions served here when they changed.
+    /// Logs and counts the partitions served here when they changed, and
+    /// tells readiness what the ring gives this replica that it does not
+    /// serve.
     fn report(&mut self, owned_now: &Owned) {
+        // A hand-over takes up to the member time-out (the old owner died
+        // without a word) plus the drain deadline (it is finishing a saga
+        // under its lease): a shortfall counts once it outlasts that.
+        let grace = self.shared.config.member_timeout + self.shared.config.drain_timeout;
+        for (i, spec) in self.specs.iter().enumerate() {
+            let trouble = self.trouble(owned_now, i);
+            self.shared.health.set_keyed(spec.name(), trouble, grace);
+        }
+        self.show(owned_now);
         let served = owned_now.served();
         if served != self.served_before {
             for (saga, held) in &served {
@@ -570,6 +622,94 @@ impl Keeper {
             }
             self.served_before = served;
         }
+    }
+}
+
+impl Keeper {
+    /// Updates what discovery shows of the keyed sagas.
+    fn show(&self, owned_now: &Owned) {
+        let view: Vec<super::shared::KeyedView> = self
+            .specs
+            .iter()
+            .map(|spec| {
+                let mut view = super::shared::KeyedView {
+                    spec,
+                    partitions: Vec::new(),
+                    routing: false,
+                };
+                for ((_, p), slot) in owned_now.slots.range((spec.name(), 0)..=(spec.name(), ROUTER)) {
+                    match slot {
+                        Slot::Serving {
+                            run: Running::Loops(serving),
+                            ..
+                        } => view.partitions.push((*p, Arc::clone(&serving.served))),
+                        Slot::Serving {
+                            run: Running::Router { .. },
+                            ..
+                        } => view.routing = true,
+                        Slot::Draining { .. } => {}
+                    }
+                }
+                view
+            })
+            .collect();
+        *self
+            .shared
+            .keyed_view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+    }
+
+    /// What keeps the `i`th saga from being served here as the ring
+    /// says it should be, if anything.
+    fn trouble(&self, owned_now: &Owned, i: usize) -> Option<String> {
+        let spec = self.specs[i];
+        let partitions = spec.partitions().unwrap_or(1);
+        let mut why = Vec::new();
+        if let Some(e) = &self.streams_error {
+            why.push(format!("its streams cannot be set up: {e}"));
+        }
+        if let Some(e) = &self.heartbeat_error {
+            why.push(format!("cannot heartbeat into the store: {e}"));
+        }
+        if let Some(e) = &self.leases_error {
+            why.push(format!("its leases cannot be renewed: {e}"));
+        }
+        let owners = &self.owners[i];
+        let mine = |at: usize| owners.get(at).is_some_and(|o| *o == self.me);
+        let slot = |p: u32| owned_now.slots.get(&(spec.name(), p));
+        let reason = |p: u32| {
+            self.not_served
+                .get(&(spec.name(), p))
+                .map_or("not started yet", String::as_str)
+        };
+        let missing: Vec<u32> = (0..partitions)
+            .filter(|p| mine(*p as usize) && !matches!(slot(*p), Some(Slot::Serving { .. })))
+            .collect();
+        if !missing.is_empty() {
+            let reasons: std::collections::BTreeSet<&str> = missing.iter().map(|p| reason(*p)).collect();
+            why.push(format!(
+                "partitions {missing:?} are this replica's but not served ({})",
+                reasons.into_iter().collect::<Vec<_>>().join("; ")
+            ));
+        }
+        if mine(partitions as usize) {
+            match slot(ROUTER) {
+                Some(Slot::Serving {
+                    run: Running::Router { trouble, .. },
+                    ..
+                }) => {
+                    if let Some(e) = trouble.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+                        why.push(format!("cannot route its triggers: {e}"));
+                    }
+                }
+                _ => why.push(format!(
+                    "its router is this replica's but does not run ({})",
+                    reason(ROUTER)
+                )),
+            }
+        }
+        (!why.is_empty()).then(|| why.join("; "))
     }
 }
 
@@ -593,7 +733,7 @@ fn give_up(shared: &Arc<Shared>, owned: &mut Owned, saga: &'static str, p: u32, 
                 health.unwant(wanted, elective);
             })
         }
-        Running::Router { stop, mut task } => {
+        Running::Router { stop, mut task, .. } => {
             tracing::info!(saga, reason = why, "giving the routing of a saga's triggers up");
             let _ = stop.send(true);
             tokio::spawn(async move {
@@ -606,10 +746,9 @@ fn give_up(shared: &Arc<Shared>, owned: &mut Owned, saga: &'static str, p: u32, 
     owned.slots.insert((saga, p), Slot::Draining { partition, drain });
 }
 
-/// Creates the triggers' and the partitions' streams; false (tried again
-/// at the next tick)
-/// while the broker does not answer.
-async fn ensure_streams(shared: &Shared, specs: &[&'static HandlerSpec]) -> bool {
+/// Creates the triggers' and the partitions' streams; an error (tried
+/// again at the next tick) while the broker does not answer.
+async fn ensure_streams(shared: &Shared, specs: &[&'static HandlerSpec]) -> Result<()> {
     let transport = shared.client.transport();
     for spec in specs {
         let base = partition_base(&shared.config.service, spec);
@@ -637,10 +776,10 @@ async fn ensure_streams(shared: &Shared, specs: &[&'static HandlerSpec]) -> bool
         };
         if let Err(e) = made {
             tracing::warn!(saga = spec.name(), error = %e, "cannot set up the saga's partition stream yet");
-            return false;
+            return Err(e);
         }
     }
-    true
+    Ok(())
 }
 
 /// Leaves the ring and gives every lease up (at shutdown, after the
@@ -681,6 +820,7 @@ async fn route(
     spec: &'static HandlerSpec,
     lease: Arc<Partition>,
     mut stop: watch::Receiver<bool>,
+    trouble: Trouble,
 ) {
     let transport = shared.client.transport();
     let served = Served::new(spec, &shared.config);
@@ -707,6 +847,7 @@ async fn route(
         failures += 1;
         if let Err(e) = transport.ensure_stream(subject, &shared.config.streams).await {
             tracing::warn!(saga = spec.name(), error = %e, "cannot set up the saga's trigger stream yet");
+            set_trouble(&trouble, Some(format!("its trigger stream cannot be set up: {e}")));
             continue;
         }
         // A router that died left deliveries unacknowledged: they come
@@ -727,6 +868,7 @@ async fn route(
             }
             Err(e) => {
                 tracing::warn!(saga = spec.name(), error = %e, "cannot read the trigger consumer yet");
+                set_trouble(&trouble, Some(format!("its trigger consumer cannot be read: {e}")));
                 continue;
             }
         }
@@ -734,14 +876,19 @@ async fn route(
             Ok(sub) => sub,
             Err(e) => {
                 tracing::warn!(saga = spec.name(), error = %e, "cannot bind the trigger consumer yet");
+                set_trouble(&trouble, Some(format!("its trigger consumer cannot be bound: {e}")));
                 continue;
             }
         };
+        set_trouble(&trouble, None);
         let outcome = route_from(&shared, &served, &mut sub, &mut stop, &lease, &base, partitions).await;
         sub.drain().await;
         match outcome {
             Ok(()) => return,
-            Err(e) => tracing::warn!(saga = spec.name(), error = %e, "routing stopped; starting again"),
+            Err(e) => {
+                tracing::warn!(saga = spec.name(), error = %e, "routing stopped; starting again");
+                set_trouble(&trouble, Some(format!("routing stopped: {e}")));
+            }
         }
         failures = failures.max(1);
     }

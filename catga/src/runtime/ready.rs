@@ -40,6 +40,9 @@ struct State {
     /// What puts a promise at risk without stopping the replica, by
     /// source ("store", "broker").
     warnings: std::collections::BTreeMap<&'static str, String>,
+    /// What keeps a keyed saga from being served here as its ring says,
+    /// by saga, and from when it counts.
+    keyed: std::collections::BTreeMap<&'static str, (Instant, String)>,
     fatal: Option<(ErrorKind, String)>,
 }
 
@@ -183,6 +186,26 @@ impl Health {
         });
     }
 
+    /// What keeps keyed saga `saga` from being served here as its ring
+    /// says (`None`: nothing). It fails readiness once it has lasted
+    /// `grace`, however its words change meanwhile.
+    pub(crate) fn set_keyed(&self, saga: &'static str, trouble: Option<String>, grace: Duration) {
+        self.state.send_if_modified(|s| match trouble {
+            Some(why) => match s.keyed.get_mut(saga) {
+                Some((_, was)) if *was == why => false,
+                Some((_, was)) => {
+                    *was = why;
+                    true
+                }
+                None => {
+                    s.keyed.insert(saga, (Instant::now() + grace, why));
+                    true
+                }
+            },
+            None => s.keyed.remove(saga).is_some(),
+        });
+    }
+
     /// Whether the state store failed its last ping.
     pub(crate) fn store_down(&self) -> bool {
         self.state.borrow().store_down.is_some()
@@ -232,6 +255,11 @@ impl Health {
         }
         if s.next_ticket > s.confirmed_upto {
             failing.push("subscriptions: waiting for the broker to confirm".to_owned());
+        }
+        for (saga, (from, why)) in &s.keyed {
+            if Instant::now() >= *from {
+                failing.push(format!("keyed saga {saga}: {why}"));
+            }
         }
         if let Some(since) = s.elective.short_since
             && since.elapsed() >= ELECTIVE_GRACE

@@ -21,6 +21,10 @@ pub(crate) struct Shared {
     pub durable_subjects: Arc<std::collections::HashSet<&'static str>>,
     /// The handlers being served, for NATS micro discovery.
     pub endpoints: std::sync::Mutex<HashMap<&'static str, Arc<Served>>>,
+    /// The keyed sagas this replica runs, with the partitions it serves
+    /// and whether it routes, for NATS micro discovery (kept by the
+    /// keyed sagas' ownership loop).
+    pub keyed_view: std::sync::Mutex<Vec<KeyedView>>,
     /// What handlers that stage nothing work with (shared by all).
     pub plain_work: Arc<crate::store::Work>,
     /// This replica's side of the leader lease.
@@ -31,6 +35,16 @@ pub(crate) struct Shared {
     pub dropped: AtomicU64,
     /// Requests not started because their sender stopped waiting.
     pub expired: AtomicU64,
+}
+
+/// One keyed saga as this replica runs it (see [`Shared::keyed_view`]).
+#[derive(Clone)]
+pub(crate) struct KeyedView {
+    pub spec: &'static crate::registry::HandlerSpec,
+    /// The partitions served here, and their serve loops' counters.
+    pub partitions: Vec<(u32, Arc<Served>)>,
+    /// Whether this replica routes its triggers.
+    pub routing: bool,
 }
 
 impl Shared {
