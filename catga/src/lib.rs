@@ -53,6 +53,8 @@ pub mod guide {
     pub mod sagas {}
     #[doc = include_str!("../docs/configuration.md")]
     pub mod configuration {}
+    #[doc = "[sagas page]: crate::guide::sagas"]
+    #[doc = ""]
     #[doc = include_str!("../docs/operations.md")]
     pub mod operations {}
 }

@@ -250,7 +250,12 @@ async fn keyed_sagas_are_listed_with_their_partitions() {
         let infos = ask(&plain, "$SRV.INFO.ledgers").await;
         let served: Vec<String> = infos
             .iter()
-            .map(|i| i["endpoints"][0]["metadata"]["partitions"].as_str().unwrap_or("").to_owned())
+            .map(|i| {
+                i["endpoints"][0]["metadata"]["partitions"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
             .collect();
         if infos.len() == 2 && served.iter().all(|p| !p.is_empty()) {
             break infos;

@@ -232,7 +232,11 @@ async fn a_partition_held_elsewhere_shows_in_readiness() {
     catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
     let started = Instant::now();
     while rt.partitions().await.get("saga_faults::post").map(Vec::len) != Some(3) {
-        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", rt.partitions().await);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            rt.partitions().await
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let failing = loop {
@@ -262,6 +266,10 @@ async fn a_partition_held_elsewhere_shows_in_readiness() {
         .expect("DEL");
     catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
     let served = rt.partitions().await;
-    assert_eq!(served.get("saga_faults::post"), Some(&vec![0, 1, 2, 3]), "{served:?}");
+    assert_eq!(
+        served.get("saga_faults::post"),
+        Some(&vec![0, 1, 2, 3]),
+        "{served:?}"
+    );
     rt.shutdown().await.expect("clean shutdown");
 }

@@ -26,15 +26,6 @@ pub(crate) async fn start_serving(
     if shared.health.fatal().is_some() || shared.health.is_draining() {
         return Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping"));
     }
-    if spec.partitions().is_some() {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "`{}` is a keyed saga: its partitions are served by the replicas that own them",
-                spec.name()
-            ),
-        ));
-    }
     let mut others: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();
     others.push(spec);
     crate::registry::check(&others, true)?;

@@ -254,20 +254,105 @@ impl Owned {
 }
 
 /// The keyed sagas a runtime serves: the loop that owns their partitions,
-/// what it owns, and the sagas.
+/// what it owns, and the sagas (started and stopped by name like any
+/// handler).
 pub(crate) struct Keyed {
-    task: Option<JoinHandle<()>>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
     owned: Arc<Mutex<Owned>>,
-    specs: Vec<&'static HandlerSpec>,
+    sagas: Arc<Sagas>,
+}
+
+/// Which keyed sagas this replica runs: those it should, and those its
+/// loop runs (also while it leaves one: its partitions drain, then it
+/// leaves the saga's ring and gives the leases up).
+pub(crate) struct Sagas {
+    wanted: std::sync::Mutex<Vec<&'static HandlerSpec>>,
+    running: watch::Sender<Vec<&'static HandlerSpec>>,
+}
+
+impl Sagas {
+    fn wanted(&self) -> Vec<&'static HandlerSpec> {
+        self.wanted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl Keyed {
-    /// Starts the ownership loop of `specs` (none when there are none).
+    /// Starts the ownership loop of `specs` (none when there are none:
+    /// then it starts with the first keyed saga started by name).
     pub(crate) fn start(shared: &Arc<Shared>, specs: Vec<&'static HandlerSpec>) -> Keyed {
-        let owned = Arc::new(Mutex::new(Owned::default()));
-        let task = (!specs.is_empty())
-            .then(|| tokio::spawn(run(Arc::clone(shared), Arc::clone(&owned), specs.clone())));
-        Keyed { task, owned, specs }
+        let keyed = Keyed {
+            task: std::sync::Mutex::new(None),
+            owned: Arc::new(Mutex::new(Owned::default())),
+            sagas: Arc::new(Sagas {
+                wanted: std::sync::Mutex::new(specs),
+                running: watch::Sender::new(Vec::new()),
+            }),
+        };
+        if !keyed.sagas.wanted().is_empty() {
+            keyed.spawn(shared);
+        }
+        keyed
+    }
+
+    fn spawn(&self, shared: &Arc<Shared>) {
+        let mut task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if task.is_none() {
+            *task = Some(tokio::spawn(run(
+                Arc::clone(shared),
+                Arc::clone(&self.owned),
+                Arc::clone(&self.sagas),
+            )));
+        }
+    }
+
+    /// The keyed sagas this replica should run.
+    pub(crate) fn wanted(&self) -> Vec<&'static HandlerSpec> {
+        self.sagas.wanted()
+    }
+
+    /// Joins keyed saga `spec`'s ring: the loop takes the partitions the
+    /// ring gives this replica at its next heartbeat. Returns at once.
+    pub(crate) fn join(&self, shared: &Arc<Shared>, spec: &'static HandlerSpec) {
+        {
+            let mut wanted = self
+                .sagas
+                .wanted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !wanted.iter().any(|s| s.name() == spec.name()) {
+                wanted.push(spec);
+            }
+        }
+        self.spawn(shared);
+    }
+
+    /// Leaves keyed saga `name`: its partitions drain (bounded by the
+    /// drain time-out), then this replica leaves its ring and gives its
+    /// leases up, so that the others take them over. Returns when that is
+    /// done, or an error past `within`.
+    pub(crate) async fn part(&self, name: &str, within: Duration) -> Result<()> {
+        self.sagas
+            .wanted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|s| s.name() != name);
+        let mut running = self.sagas.running.subscribe();
+        let left =
+            tokio::time::timeout(within, running.wait_for(|r| r.iter().all(|s| s.name() != name))).await;
+        match left {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping")),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("keyed saga `{name}` did not finish leaving within {within:?}; it goes on leaving"),
+            )),
+        }
     }
 
     /// The partitions served here, per saga.
@@ -278,7 +363,12 @@ impl Keyed {
     /// Stops the ownership loop and takes what still runs, for the
     /// shutdown to drain (see [`Owned::take_all`]).
     pub(crate) async fn stop(&mut self) -> (Vec<Serving>, Vec<JoinHandle<()>>, Vec<super::lease::HeldLease>) {
-        if let Some(task) = self.task.take() {
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
             task.abort();
             let _ = task.await;
         }
@@ -287,20 +377,38 @@ impl Keyed {
 
     /// Leaves the rings and gives the leases up (after the drain).
     pub(crate) async fn leave(&self, shared: &Shared) {
-        if !self.specs.is_empty() {
-            leave(shared, &self.specs).await;
+        let mut specs = self.sagas.wanted();
+        for s in self.sagas.running.borrow().iter() {
+            if !specs.iter().any(|w| w.name() == s.name()) {
+                specs.push(s);
+            }
+        }
+        if !specs.is_empty() {
+            leave(shared, &specs).await;
         }
     }
 
     /// Aborts everything (the runtime was dropped).
     pub(crate) fn abort(&self) {
-        if let Some(task) = &self.task {
+        if let Some(task) = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
             task.abort();
         }
         if let Ok(owned) = self.owned.try_lock() {
             owned.abort_all();
         }
     }
+}
+
+/// A saga's `concurrency` gate, shared by its partitions on this replica.
+fn gate(shared: &Shared, spec: &HandlerSpec) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(
+        spec.concurrency().unwrap_or(shared.config.concurrency).max(1),
+    ))
 }
 
 /// Who should own each partition of a saga with `partitions` partitions,
@@ -324,15 +432,18 @@ pub(crate) fn member_name(shared: &Shared) -> &str {
 
 /// Heartbeats, rebalances, and starts or stops serving partitions; runs
 /// until aborted.
-pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, specs: Vec<&'static HandlerSpec>) {
-    let mut keeper = Keeper::new(shared, specs);
+pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, sagas: Arc<Sagas>) {
+    let mut keeper = Keeper::new(shared, Vec::new());
     loop {
         let tick = Instant::now();
+        keeper.follow(&sagas.wanted());
         keeper.heartbeat().await;
         let mut owned_now = owned.lock().await;
         keeper.reconcile(&mut owned_now, tick).await;
         keeper.report(&owned_now);
+        keeper.forget_left(&owned_now);
         drop(owned_now);
+        sagas.running.send_replace(keeper.specs.clone());
         tokio::time::sleep_until(tick + keeper.shared.config.member_heartbeat).await;
     }
 }
@@ -363,6 +474,9 @@ struct Keeper {
     leases_error: Option<String>,
     /// Why a slot the ring gives this replica is not served, by slot.
     not_served: BTreeMap<(&'static str, u32), String>,
+    /// The sagas this replica is leaving (stopped by name): it serves
+    /// none of their partitions, and forgets them once those drained.
+    leaving: std::collections::BTreeSet<&'static str>,
 }
 
 /// One lease of the round: which saga, its gate, which partition, and
@@ -371,14 +485,7 @@ type Wanted = (&'static HandlerSpec, Arc<Semaphore>, u32, bool);
 
 impl Keeper {
     fn new(shared: Arc<Shared>, specs: Vec<&'static HandlerSpec>) -> Keeper {
-        let gates = specs
-            .iter()
-            .map(|s| {
-                Arc::new(Semaphore::new(
-                    s.concurrency().unwrap_or(shared.config.concurrency).max(1),
-                ))
-            })
-            .collect();
+        let gates = specs.iter().map(|s| gate(&shared, s)).collect();
         Keeper {
             me: member_name(&shared).to_owned(),
             gates,
@@ -391,8 +498,68 @@ impl Keeper {
             heartbeat_error: None,
             leases_error: None,
             not_served: BTreeMap::new(),
+            leaving: std::collections::BTreeSet::new(),
             specs,
             shared,
+        }
+    }
+
+    /// Takes up the sagas started by name and starts leaving those
+    /// stopped.
+    fn follow(&mut self, wanted: &[&'static HandlerSpec]) {
+        for spec in wanted {
+            self.leaving.remove(spec.name());
+            if !self.specs.iter().any(|s| s.name() == spec.name()) {
+                self.gates.push(gate(&self.shared, spec));
+                self.members_seen.push(Vec::new());
+                self.owners.push(Vec::new());
+                self.specs.push(spec);
+                // Its streams too, before any of its partitions is served.
+                self.streams_ready = false;
+            }
+        }
+        for ((spec, owners), seen) in self
+            .specs
+            .iter()
+            .zip(self.owners.iter_mut())
+            .zip(self.members_seen.iter_mut())
+        {
+            if !wanted.iter().any(|w| w.name() == spec.name()) && self.leaving.insert(spec.name()) {
+                tracing::info!(
+                    saga = spec.name(),
+                    "leaving the saga: its partitions drain, then its ring is left"
+                );
+                // Nothing is this replica's any more: the next round gives
+                // every partition up. Should it join again, the ring is
+                // made anew from the members it then sees.
+                owners.clear();
+                seen.clear();
+            }
+        }
+    }
+
+    /// Forgets the sagas left whose partitions have all drained: their
+    /// leases were given up in this round, and their ring left.
+    fn forget_left(&mut self, owned_now: &Owned) {
+        let done: Vec<&'static str> = self
+            .leaving
+            .iter()
+            .copied()
+            .filter(|name| !owned_now.slots.keys().any(|(saga, _)| saga == name))
+            .collect();
+        for name in done {
+            if let Some(i) = self.specs.iter().position(|s| s.name() == name) {
+                self.specs.remove(i);
+                self.gates.remove(i);
+                self.members_seen.remove(i);
+                self.owners.remove(i);
+            }
+            self.leaving.remove(name);
+            self.not_served.retain(|(saga, _), _| *saga != name);
+            self.shared.health.set_keyed(name, None, Duration::ZERO);
+            self.served_before.remove(name);
+            metrics::gauge!("catga_saga_partitions", "saga" => name).set(0.0);
+            tracing::info!(saga = name, "left the saga");
         }
     }
 
@@ -414,12 +581,15 @@ impl Keeper {
             .zip(self.members_seen.iter_mut())
             .zip(self.owners.iter_mut())
         {
+            let alive = !self.leaving.contains(spec.name());
             match self
                 .shared
                 .store
-                .members(saga_name(spec), &self.me, true, ttl)
+                .members(saga_name(spec), &self.me, alive, ttl)
                 .await
             {
+                // Out of the ring: the others take its partitions over.
+                Ok(_) if !alive => {}
                 Ok(members) => {
                     if members != *seen {
                         tracing::info!(
@@ -631,6 +801,7 @@ impl Keeper {
         let view: Vec<super::shared::KeyedView> = self
             .specs
             .iter()
+            .filter(|spec| !self.leaving.contains(spec.name()))
             .map(|spec| {
                 let mut view = super::shared::KeyedView {
                     spec,
@@ -664,6 +835,9 @@ impl Keeper {
     /// says it should be, if anything.
     fn trouble(&self, owned_now: &Owned, i: usize) -> Option<String> {
         let spec = self.specs[i];
+        if self.leaving.contains(spec.name()) {
+            return None;
+        }
         let partitions = spec.partitions().unwrap_or(1);
         let mut why = Vec::new();
         if let Some(e) = &self.streams_error {
@@ -699,7 +873,11 @@ impl Keeper {
                     run: Running::Router { trouble, .. },
                     ..
                 }) => {
-                    if let Some(e) = trouble.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+                    if let Some(e) = trouble
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .as_ref()
+                    {
                         why.push(format!("cannot route its triggers: {e}"));
                     }
                 }
@@ -847,7 +1025,10 @@ async fn route(
         failures += 1;
         if let Err(e) = transport.ensure_stream(subject, &shared.config.streams).await {
             tracing::warn!(saga = spec.name(), error = %e, "cannot set up the saga's trigger stream yet");
-            set_trouble(&trouble, Some(format!("its trigger stream cannot be set up: {e}")));
+            set_trouble(
+                &trouble,
+                Some(format!("its trigger stream cannot be set up: {e}")),
+            );
             continue;
         }
         // A router that died left deliveries unacknowledged: they come
@@ -868,7 +1049,10 @@ async fn route(
             }
             Err(e) => {
                 tracing::warn!(saga = spec.name(), error = %e, "cannot read the trigger consumer yet");
-                set_trouble(&trouble, Some(format!("its trigger consumer cannot be read: {e}")));
+                set_trouble(
+                    &trouble,
+                    Some(format!("its trigger consumer cannot be read: {e}")),
+                );
                 continue;
             }
         }
@@ -876,7 +1060,10 @@ async fn route(
             Ok(sub) => sub,
             Err(e) => {
                 tracing::warn!(saga = spec.name(), error = %e, "cannot bind the trigger consumer yet");
-                set_trouble(&trouble, Some(format!("its trigger consumer cannot be bound: {e}")));
+                set_trouble(
+                    &trouble,
+                    Some(format!("its trigger consumer cannot be bound: {e}")),
+                );
                 continue;
             }
         };

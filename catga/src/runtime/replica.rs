@@ -109,20 +109,51 @@ impl Runtime {
 
     /// Starts serving a handler of this binary that is not being served
     /// (one this runtime was started with and later stopped, or any other
-    /// registered one): e.g. on gaining leadership or a shard.
+    /// registered one): e.g. on gaining leadership or a shard. For a keyed
+    /// saga this replica joins the saga's ring and serves the partitions
+    /// the ring gives it from its next heartbeat on.
     pub async fn start_handler(&self, name: &str) -> Result<()> {
         let spec = crate::registry::handlers()
             .iter()
             .find(|s| s.name() == name)
             .ok_or_else(|| Error::new(ErrorKind::Config, format!("no handler named `{name}`")))?;
-        start_serving(spec, &self.shared, &self.serving).await
+        if spec.partitions().is_none() {
+            return start_serving(spec, &self.shared, &self.serving).await;
+        }
+        // A keyed saga: this replica joins its ring, and serves the
+        // partitions the ring gives it from its next heartbeat on.
+        let serving = self.serving.lock().await;
+        if self.keyed.wanted().iter().any(|s| s.name() == name) {
+            return Ok(());
+        }
+        if self.shared.health.fatal().is_some() || self.shared.health.is_draining() {
+            return Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping"));
+        }
+        let mut all: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();
+        all.extend(self.keyed.wanted());
+        all.push(spec);
+        crate::registry::check(&all, true)?;
+        self.keyed.join(&self.shared, spec);
+        Ok(())
     }
 
     /// Stops serving a handler: its subscriptions drain and its messages in
     /// flight finish (bounded by the drain time-out). The rest of the
-    /// runtime goes on.
+    /// runtime goes on. For a keyed saga its partitions drain, then this
+    /// replica leaves the saga's ring and gives its leases up, so that the
+    /// other replicas take the partitions over at once.
     pub async fn stop_handler(&self, name: &str) -> Result<()> {
-        stop_serving_one(name, &self.shared, &self.serving).await
+        if !self.keyed.wanted().iter().any(|s| s.name() == name) {
+            return stop_serving_one(name, &self.shared, &self.serving).await;
+        }
+        // A keyed saga: its partitions drain, then this replica leaves its
+        // ring and gives its leases up, so that the others take over at
+        // once. That takes up to a heartbeat to notice, the drain, and a
+        // heartbeat to give the leases up.
+        let c = &self.shared.config;
+        self.keyed
+            .part(name, c.drain_timeout + 3 * c.member_heartbeat)
+            .await
     }
 
     /// The service's sagas, newest first, at most `limit`, with their

@@ -86,7 +86,8 @@ async fn audit(saga: &Saga, e: Audited) -> Result<()> {
 
 catga_tests::on_both!(
     keyed_sagas_keep_key_order_while_replicas_leave_and_join,
-    a_replica_without_the_saga_is_not_in_its_ring
+    a_replica_without_the_saga_is_not_in_its_ring,
+    a_keyed_saga_is_stopped_and_started_by_name
 );
 
 const ACCOUNTS: [&str; 6] = ["acct-a", "acct-b", "acct-c", "acct-d", "acct-e", "acct-f"];
@@ -233,6 +234,50 @@ async fn keyed_sagas_keep_key_order_while_replicas_leave_and_join(b: &Backend) {
     check(&run, 10).await;
     publish(&client, &run, 10, 5).await;
     check(&run, 15).await;
+    catga_tests::backend::shutdown_all(replicas).await;
+}
+
+/// `stop_handler` on a keyed saga, while triggers arrive: its partitions
+/// drain, the replica leaves the ring and its leases (the call returns
+/// then), the other replica serves every partition, and no key's order
+/// breaks. `start_handler` joins the ring again and takes a share.
+async fn a_keyed_saga_is_stopped_and_started_by_name(b: &Backend) {
+    let replicas = vec![replica(b, "r1").await, replica(b, "r2").await];
+    let client = b.client().await;
+    spread(&replicas.iter().collect::<Vec<_>>()).await;
+    let name = *replicas[0]
+        .partitions()
+        .await
+        .keys()
+        .find(|n| n.ends_with("::ledger"))
+        .expect("the saga");
+    let run = run_id();
+    let load = {
+        let client = client.clone();
+        let run = run.clone();
+        tokio::spawn(async move { publish(&client, &run, 0, 10).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    replicas[0].stop_handler(name).await.expect("left the saga");
+    assert!(
+        !replicas[0].partitions().await.contains_key(name),
+        "no partition served once stop_handler returned: {:?}",
+        replicas[0].partitions().await
+    );
+    let err = replicas[0]
+        .stop_handler(name)
+        .await
+        .expect_err("not served any more");
+    assert!(err.message().contains("not being served"), "{err}");
+    load.await.expect("publisher");
+    spread(&[&replicas[1]]).await;
+    check(&run, 10).await;
+
+    replicas[0].start_handler(name).await.expect("joins again");
+    spread(&replicas.iter().collect::<Vec<_>>()).await;
+    let run = run_id();
+    publish(&client, &run, 0, 5).await;
+    check(&run, 5).await;
     catga_tests::backend::shutdown_all(replicas).await;
 }
 
