@@ -13,7 +13,7 @@ pub mod servers;
 
 pub use backend::Backend;
 pub use record::{Gauge, Recorder, Tally, run_id};
-pub use servers::{NatsCluster, NatsServer, RedisCluster, RedisSentinel, RedisServer};
+pub use servers::{NatsCluster, NatsServer, RedisCluster, RedisSentinel, RedisServer, TlsSentinel};
 
 /// Waits until `rt` is ready, for up to `within`; fails the test with its
 /// readiness (what fails) otherwise.

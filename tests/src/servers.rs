@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -541,6 +541,53 @@ impl RedisSentinel {
         format!("redis://127.0.0.1:{}/", self.sentinel.port)
     }
 
+    /// A master and a sentinel monitoring it as `mymaster`, both on TLS
+    /// only (`rediss://`), with the server certificate and key `cert` and
+    /// `key` issued by `ca`; `clients`: `tls-auth-clients` (`yes` asks
+    /// clients for a certificate of `ca`). The sentinel reaches the
+    /// master over TLS too, with the same certificate. Returns the master
+    /// and the sentinel's `rediss://` URL; both stop when dropped.
+    pub fn start_tls(ca: &Path, cert: &Path, key: &Path, clients: &str) -> (RedisServer, TlsSentinel) {
+        let (ca, cert, key) = (
+            ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+        );
+        let master = RedisServer::start_with(
+            false,
+            &[
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                clients,
+                "--tls-replication",
+                "yes",
+            ],
+        );
+        let mut sentinel = Process::new("redis-server", "CATGA_REDIS_SERVER");
+        let conf = sentinel.dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {}\nbind 127.0.0.1\ndir {}\n\
+                 tls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
+                 tls-auth-clients {clients}\ntls-replication yes\n\
+                 sentinel monitor mymaster 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\n",
+                sentinel.port,
+                sentinel.dir.path().display(),
+                master.port()
+            ),
+        )
+        .expect("sentinel.conf");
+        sentinel.spawn(&[conf.into_os_string(), "--sentinel".into()], accepts_tcp);
+        (master, TlsSentinel { sentinel })
+    }
+
     /// The port of the server the sentinel currently names master.
     pub fn master_port(&self) -> u16 {
         let out = self.sentinel_says("get-master-addr-by-name", "mymaster");
@@ -556,5 +603,17 @@ impl RedisSentinel {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
+    }
+}
+
+/// A sentinel on TLS only (see [`RedisSentinel::start_tls`]).
+pub struct TlsSentinel {
+    sentinel: Process,
+}
+
+impl TlsSentinel {
+    /// The sentinel's `rediss://` URL.
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.sentinel.port)
     }
 }

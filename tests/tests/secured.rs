@@ -559,12 +559,17 @@ async fn creds_file_with_decentralized_auth() {
 
 // ---- Redis ----
 
-/// A runtime on the embedded bus that keeps its state in Redis at `url`.
-async fn redis_runtime(url: &str, tls: RedisTls) -> Runtime {
+/// A runtime on the embedded bus that keeps its state in Redis at `url`
+/// (or in the master named `mymaster` by the sentinel at `url`).
+async fn redis_runtime(url: &str, tls: RedisTls, sentinel: bool) -> Runtime {
     let _ = log();
-    Runtime::builder()
-        .redis_url(url)
-        .redis_tls(tls)
+    let b = Runtime::builder();
+    let b = if sentinel {
+        b.redis_sentinel(&[url], "mymaster")
+    } else {
+        b.redis_url(url)
+    };
+    b.redis_tls(tls)
         .instance_id("secured-redis")
         .handlers(|s| s.name() == "secured::remember")
         .start()
@@ -574,7 +579,11 @@ async fn redis_runtime(url: &str, tls: RedisTls) -> Runtime {
 
 /// The runtime gets in: it becomes ready and its state lives in Redis.
 async fn redis_serves(url: &str, tls: RedisTls) {
-    let rt = redis_runtime(url, tls).await;
+    serves_state(redis_runtime(url, tls, false).await).await;
+}
+
+/// `rt` becomes ready and keeps its state in its store.
+async fn serves_state(rt: Runtime) {
     catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
     let client = rt.client();
     let key = catga_tests::run_id();
@@ -591,7 +600,11 @@ async fn redis_serves(url: &str, tls: RedisTls) {
 /// wrong) whose text shows neither the reason nor a secret. Returns the
 /// texts it saw.
 async fn redis_refused(url: &str, tls: RedisTls, why: &str) -> Vec<String> {
-    let rt = redis_runtime(url, tls).await;
+    refused_state(redis_runtime(url, tls, false).await, why).await
+}
+
+/// See [`redis_refused`].
+async fn refused_state(rt: Runtime, why: &str) -> Vec<String> {
     let started = Instant::now();
     let mut readiness = rt.readiness();
     while started.elapsed() < Duration::from_secs(5) {
@@ -723,4 +736,30 @@ async fn redis_mutual_tls() {
         ..RedisTls::default()
     };
     redis_refused(&rediss_url(&server), ca_only, "TLS").await;
+}
+
+/// Sentinel with TLS and client certificates: `REDIS_TLS_*` reach the
+/// sentinel and the master it names (both ask for a client certificate).
+/// Without the client certificate the handshake is refused, and
+/// readiness says it is TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sentinel_with_mutual_tls() {
+    let pki = Pki::new(false);
+    let (_master, sentinel) = catga_tests::RedisSentinel::start_tls(
+        &pki.path("ca.pem"),
+        &pki.path("server.pem"),
+        &pki.path("server-key.pem"),
+        "yes",
+    );
+    let mutual = RedisTls {
+        ca: Some(pki.path("ca.pem")),
+        cert: Some(pki.path("client.pem")),
+        key: Some(pki.path("client-key.pem")),
+    };
+    serves_state(redis_runtime(&sentinel.url(), mutual, true).await).await;
+    let ca_only = RedisTls {
+        ca: Some(pki.path("ca.pem")),
+        ..RedisTls::default()
+    };
+    refused_state(redis_runtime(&sentinel.url(), ca_only, true).await, "TLS").await;
 }

@@ -257,6 +257,49 @@ fn map_err(e: RedisError) -> Error {
     Error::new(ErrorKind::Internal, format!("Redis: {e}"))
 }
 
+/// A Sentinel client that presents `certs` (`REDIS_TLS_*`) to the
+/// sentinels and to the master they name, both reached over TLS when
+/// `REDIS_URL` is `rediss://`. redis-rs takes certificates only through
+/// its builder, which sets one user and password for every sentinel and
+/// one for the master: those of the first URL, as without certificates.
+fn sentinel_with_certs(
+    sentinels: &[&str],
+    first: &redis::ConnectionInfo,
+    tls: bool,
+    how: &RedisConnect,
+    certs: &redis::TlsCertificates,
+) -> redis::RedisResult<redis::sentinel::SentinelClient> {
+    let addrs = sentinels
+        .iter()
+        .map(|u| redis::IntoConnectionInfo::into_connection_info(*u).map(|i| i.addr().clone()))
+        .collect::<redis::RedisResult<Vec<_>>>()?;
+    let settings = first.redis_settings();
+    let mut b = redis::sentinel::SentinelClientBuilder::new(
+        addrs,
+        how.sentinel_master.as_str(),
+        redis::sentinel::SentinelServerType::Master,
+    )?
+    .set_client_to_redis_db(settings.db());
+    if tls {
+        b = b
+            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_sentinel_certificates(certs.clone())
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_redis_certificates(certs.clone());
+    }
+    if let Some(user) = settings.username() {
+        b = b
+            .set_client_to_sentinel_username(user)
+            .set_client_to_redis_username(user);
+    }
+    if let Some(password) = settings.password() {
+        b = b
+            .set_client_to_sentinel_password(password)
+            .set_client_to_redis_password(password);
+    }
+    b.build()
+}
+
 /// The URLs of a comma-separated `REDIS_URL` (cluster nodes, sentinels).
 fn urls(list: &str) -> Vec<&str> {
     list.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
@@ -515,30 +558,28 @@ impl RedisStore {
             None
         };
         let (conn, relay) = if how.mode == crate::config::RedisMode::Sentinel {
-            if certificates.is_some() {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    "REDIS_TLS_CA, REDIS_TLS_CERT and REDIS_TLS_KEY are not supported with CATGA_REDIS_MODE=sentinel yet",
-                ));
-            }
             let sentinels: Vec<&str> = urls(&how.url);
             // The credentials of the first URL are the master's too (the
             // usual set-up gives sentinels and servers one password).
             let first =
                 redis::IntoConnectionInfo::into_connection_info(sentinels.first().copied().unwrap_or(""))
                     .map_err(bad_url)?;
+            let tls = how.url.trim_start().starts_with("rediss://");
             let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
                 .set_redis_connection_info(first.redis_settings().clone());
-            if how.url.trim_start().starts_with("rediss://") {
+            if tls {
                 node = node.set_tls_mode(redis::TlsMode::Secure);
             }
             let followed = |response: Duration| -> Result<Conn> {
-                let client = redis::sentinel::SentinelClient::build(
-                    sentinels.clone(),
-                    how.sentinel_master.as_str(),
-                    Some(node.clone()),
-                    redis::sentinel::SentinelServerType::Master,
-                )
+                let client = match &certificates {
+                    Some(certs) => sentinel_with_certs(&sentinels, &first, tls, how, certs),
+                    None => redis::sentinel::SentinelClient::build(
+                        sentinels.clone(),
+                        how.sentinel_master.as_str(),
+                        Some(node.clone()),
+                        redis::sentinel::SentinelServerType::Master,
+                    ),
+                }
                 .map_err(bad_url)?;
                 Ok(Conn::Sentinel(Arc::new(Followed {
                     sentinel: tokio::sync::Mutex::new(client),
