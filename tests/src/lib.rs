@@ -7,11 +7,14 @@
 //! handlers and its scenarios.
 
 pub mod backend;
+pub mod collector;
 pub mod http;
+pub mod pki;
 pub mod record;
 pub mod servers;
 
 pub use backend::Backend;
+pub use pki::Pki;
 pub use record::{Gauge, Recorder, Tally, run_id};
 pub use servers::{NatsCluster, NatsServer, RedisCluster, RedisSentinel, RedisServer, TlsSentinel};
 

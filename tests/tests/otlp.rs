@@ -9,7 +9,7 @@
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at the collector.
 
 use std::io::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use catga::{Context, Result, TraceParent, command};
@@ -19,7 +19,6 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// First hop: asks [`Back`].
 #[command(reply = String, subject = "tests.otlp.front")]
@@ -42,50 +41,6 @@ async fn back(_b: Back) -> Result<String> {
 }
 
 const CHILD: &str = "CATGA_OTLP_CHILD";
-
-/// A collector: records the body of every POST, answers 200.
-async fn collector() -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let kept = Arc::clone(&bodies);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let kept = Arc::clone(&kept);
-            tokio::spawn(async move {
-                let mut stream = BufReader::new(stream);
-                loop {
-                    let mut length = 0usize;
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some((k, v)) = line.split_once(':')
-                            && k.eq_ignore_ascii_case("content-length")
-                        {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    if stream.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    kept.lock().expect("bodies").push(body);
-                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-                    if stream.get_mut().write_all(ok).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (format!("http://{addr}"), bodies)
-}
 
 /// The scenario, in the child: prints the trace the client set.
 async fn child() {
@@ -117,38 +72,35 @@ fn attribute(span: &Span, key: &str) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_reach_the_collector_as_one_trace() {
-    if std::env::var_os(CHILD).is_some() {
-        return child().await;
-    }
-    let (endpoint, bodies) = collector().await;
+/// Runs `test` again in a child process with `env` (the scenario), and
+/// returns its standard output.
+async fn run_child(test: &str, env: &[(&str, &str)]) -> String {
     let exe = std::env::current_exe().expect("own path");
-    let out = tokio::process::Command::new(exe)
-        .args(["spans_reach_the_collector_as_one_trace", "--exact", "--nocapture"])
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .args([test, "--exact", "--nocapture"])
         .env(CHILD, "1")
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
         .env_remove("OTEL_SERVICE_NAME")
         .env_remove("OTEL_SDK_DISABLED")
-        .env("RUST_LOG", "info")
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .env("RUST_LOG", "info");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), command.output())
         .await
         .expect("the child ends")
         .expect("the child runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "child failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (root_trace, root_parent) = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("ROOT "))
-        .and_then(|l| l.split_once(' '))
-        .map(|(t, p)| (t.to_owned(), p.to_owned()))
-        .expect("the child's root trace");
+    stdout
+}
 
+/// The `handle` spans the collector received, with their service names.
+fn handle_spans(bodies: &Mutex<Vec<Vec<u8>>>) -> Vec<(String, Span)> {
     let mut spans: Vec<(String, Span)> = Vec::new();
     for body in bodies.lock().expect("bodies").iter() {
         let req = ExportTraceServiceRequest::decode(body.as_slice()).expect("an OTLP protobuf request");
@@ -170,6 +122,27 @@ async fn spans_reach_the_collector_as_one_trace() {
             }
         }
     }
+    spans
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_the_collector_as_one_trace() {
+    if std::env::var_os(CHILD).is_some() {
+        return child().await;
+    }
+    let (endpoint, bodies) = catga_tests::collector::collector(None).await;
+    let stdout = run_child(
+        "spans_reach_the_collector_as_one_trace",
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+    )
+    .await;
+    let (root_trace, root_parent) = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ROOT "))
+        .and_then(|l| l.split_once(' '))
+        .map(|(t, p)| (t.to_owned(), p.to_owned()))
+        .expect("the child's root trace");
+    let spans = handle_spans(&bodies);
     assert!(
         spans.iter().all(|(service, _)| service == "otlp-tests"),
         "named after the service"
@@ -200,4 +173,56 @@ async fn spans_reach_the_collector_as_one_trace() {
     assert!(front.parent_span_id.is_empty(), "a root span");
     assert_eq!(back.trace_id, front.trace_id, "one trace");
     assert_eq!(back.parent_span_id, front.span_id, "back is front's child");
+}
+
+/// An `https://` collector that asks for a client certificate: the spans
+/// reach it with the CA and the client certificate of the standard
+/// variables; without the client certificate the handshake is refused
+/// and nothing arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_https_collector_with_mutual_tls() {
+    if std::env::var_os(CHILD).is_some() {
+        return child().await;
+    }
+    let pki = catga_tests::Pki::new(false);
+    let path = |n: &str| pki.path(n).display().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client-key.pem"));
+    let (endpoint, bodies) =
+        catga_tests::collector::collector(Some(catga_tests::collector::mutual_tls(&pki))).await;
+    assert!(endpoint.starts_with("https://"));
+    let test = "spans_reach_an_https_collector_with_mutual_tls";
+    run_child(
+        test,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &cert),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", &key),
+        ],
+    )
+    .await;
+    let spans = handle_spans(&bodies);
+    for subject in ["tests.otlp.front", "tests.otlp.back"] {
+        assert!(
+            spans.iter().any(|(_, s)| attribute(s, "subject") == subject),
+            "no `handle` span of {subject} among {} spans",
+            spans.len()
+        );
+    }
+
+    let (endpoint, bodies) =
+        catga_tests::collector::collector(Some(catga_tests::collector::mutual_tls(&pki))).await;
+    run_child(
+        test,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+        ],
+    )
+    .await;
+    assert!(
+        bodies.lock().expect("bodies").is_empty(),
+        "no client certificate, no spans"
+    );
 }

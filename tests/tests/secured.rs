@@ -6,7 +6,7 @@
 //! Every log line of the test is captured and searched for the secrets.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use catga::{
     Client, Config, Context, ErrorKind, NatsSecurity, RedisTls, Result, Runtime, Secret, State, Versioned,
     command,
 };
-use catga_tests::{NatsServer, RedisServer};
+use catga_tests::{NatsServer, Pki, RedisServer};
 use serde::{Deserialize, Serialize};
 
 /// Answers with a greeting.
@@ -266,66 +266,15 @@ async fn nkey_user() {
     assert_hidden(&other, &texts);
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
-/// PEM files in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new(server_expired: bool) -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ca_key = KeyPair::generate().expect("key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "catga test CA");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
-        let issuer = Issuer::new(ca_params, &ca_key);
-        let write = |name: &str, pem: String| {
-            std::fs::write(dir.path().join(name), pem).expect("write pem");
-        };
-        write("ca.pem", ca_cert.pem());
-
-        let server_key = KeyPair::generate().expect("key");
-        let mut server_params =
-            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).expect("params");
-        if server_expired {
-            server_params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            server_params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        let server_cert = server_params
-            .signed_by(&server_key, &issuer)
-            .expect("server cert");
-        write("server.pem", server_cert.pem());
-        write("server-key.pem", server_key.serialize_pem());
-
-        let client_key = KeyPair::generate().expect("key");
-        let mut client_params = CertificateParams::new(vec!["client".to_owned()]).expect("params");
-        client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let client_cert = client_params
-            .signed_by(&client_key, &issuer)
-            .expect("client cert");
-        write("client.pem", client_cert.pem());
-        write("client-key.pem", client_key.serialize_pem());
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn server_block(&self, extra: &str) -> String {
-        let p = |n: &str| self.path(n).display().to_string();
-        format!(
-            "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\" {extra} }}",
-            p("server.pem"),
-            p("server-key.pem"),
-            p("ca.pem")
-        )
-    }
+/// The NATS server's TLS block for `pki`'s files.
+fn server_block(pki: &Pki, extra: &str) -> String {
+    let p = |n: &str| pki.path(n).display().to_string();
+    format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\" {extra} }}",
+        p("server.pem"),
+        p("server-key.pem"),
+        p("ca.pem")
+    )
 }
 
 fn with_ca(pki: &Pki) -> NatsSecurity {
@@ -342,7 +291,7 @@ fn tls_url(server: &NatsServer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_custom_ca() {
     let pki = Pki::new(false);
-    let server = NatsServer::start_with(&pki.server_block(""));
+    let server = NatsServer::start_with(&server_block(&pki, ""));
     serves(&tls_url(&server), with_ca(&pki)).await;
     // Without the CA, the server's certificate is not trusted.
     refused(
@@ -357,7 +306,7 @@ async fn tls_with_a_custom_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_server_certificate_is_refused() {
     let pki = Pki::new(true);
-    let server = NatsServer::start_with(&pki.server_block(""));
+    let server = NatsServer::start_with(&server_block(&pki, ""));
     refused(
         &tls_url(&server),
         with_ca(&pki),
@@ -370,7 +319,7 @@ async fn an_expired_server_certificate_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls() {
     let pki = Pki::new(false);
-    let server = NatsServer::start_with(&pki.server_block(", verify: true"));
+    let server = NatsServer::start_with(&server_block(&pki, ", verify: true"));
     let mtls = NatsSecurity {
         tls_cert: Some(pki.path("client.pem")),
         tls_key: Some(pki.path("client-key.pem")),
@@ -390,7 +339,7 @@ async fn mutual_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_before_the_server_greets() {
     let pki = Pki::new(false);
-    let server = NatsServer::start_with(&pki.server_block(", handshake_first: true"));
+    let server = NatsServer::start_with(&server_block(&pki, ", handshake_first: true"));
     let first = NatsSecurity {
         tls_first: true,
         ..with_ca(&pki)

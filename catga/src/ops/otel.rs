@@ -3,11 +3,17 @@
 //! one (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
 //! plus `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME`,
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SDK_DISABLED`, read by the
-//! OpenTelemetry SDK itself).
+//! OpenTelemetry SDK itself). An `https://` collector is reached over TLS
+//! (rustls), trusting the system's roots and the CA of
+//! `OTEL_EXPORTER_OTLP_CERTIFICATE`, with the client certificate of
+//! `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and `OTEL_EXPORTER_OTLP_CLIENT_KEY`
+//! (each also as `OTEL_EXPORTER_OTLP_TRACES_*`, which wins), as the
+//! OpenTelemetry specification names them.
 
 use std::sync::OnceLock;
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithHttpConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::registry::LookupSpan;
@@ -30,7 +36,18 @@ where
     if disabled || !(set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
         return None;
     }
-    let exporter = match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+    let client = match http_client() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("catga: spans are not exported: {e}");
+            return None;
+        }
+    };
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client)
+        .build()
+    {
         Ok(e) => e,
         Err(e) => {
             // No subscriber is installed yet to log this.
@@ -52,6 +69,65 @@ where
     }
     crate::wire::trace::otel::ON.store(true, std::sync::atomic::Ordering::Relaxed);
     Some(tracing_opentelemetry::layer().with_tracer(tracer))
+}
+
+/// The standard variable `OTEL_EXPORTER_OTLP_TRACES_<name>`, or else
+/// `OTEL_EXPORTER_OTLP_<name>`, if set.
+fn otlp_var(name: &str) -> Option<String> {
+    [
+        format!("OTEL_EXPORTER_OTLP_TRACES_{name}"),
+        format!("OTEL_EXPORTER_OTLP_{name}"),
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok().filter(|v| !v.trim().is_empty()))
+}
+
+/// The exporter's HTTP client: TLS on rustls with ring (the crypto of the
+/// rest of the tree), the system's roots and the files the standard
+/// variables name, and the exporter's time-out (`OTEL_EXPORTER_OTLP_TIMEOUT`,
+/// milliseconds, 10 s by default, as the SDK's own client).
+fn http_client() -> Result<reqwest::blocking::Client, String> {
+    // The process-wide provider reqwest's rustls uses, unless the
+    // application installed one first (then that one is used).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |what: &str, path: &str| {
+        std::fs::read(path).map_err(|e| format!("OTEL_EXPORTER_OTLP_{what} {path} cannot be read: {e}"))
+    };
+    let mut b = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_millis(
+        otlp_var("TIMEOUT")
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(10_000),
+    ));
+    if let Some(ca) = otlp_var("CERTIFICATE") {
+        let certs = reqwest::Certificate::from_pem_bundle(&read("CERTIFICATE", &ca)?)
+            .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {ca} is not PEM: {e}"))?;
+        b = b.tls_certs_merge(certs);
+    }
+    match (otlp_var("CLIENT_CERTIFICATE"), otlp_var("CLIENT_KEY")) {
+        (Some(cert), Some(key)) => {
+            let mut pem = read("CLIENT_CERTIFICATE", &cert)?;
+            pem.push(b'\n');
+            pem.extend(read("CLIENT_KEY", &key)?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                format!("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE {cert} and OTEL_EXPORTER_OTLP_CLIENT_KEY {key}: {e}")
+            })?;
+            b = b.identity(identity);
+        }
+        (None, None) => {}
+        _ => {
+            return Err(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together: set both or neither"
+                    .to_owned(),
+            );
+        }
+    }
+    // reqwest's blocking client runs a runtime of its own and must not be
+    // built on a tokio runtime's thread: on a thread of its own, as the
+    // SDK builds its default client.
+    std::thread::spawn(move || b.build())
+        .join()
+        .map_err(|_| "the HTTP client could not be built".to_owned())?
+        .map_err(|e| format!("the HTTP client could not be built: {e}"))
 }
 
 /// Sends the spans waiting in the exporter's batch.
