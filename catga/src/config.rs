@@ -334,8 +334,32 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "OTEL_EXPORTER_OTLP_ENDPOINT",
-        meaning: "with the `otlp` feature: the OpenTelemetry collector spans are exported to over OTLP/HTTP (`http://collector:4318`); `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `_HEADERS`, `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SDK_DISABLED` are read by the OpenTelemetry SDK as usual",
+        meaning: "with the `otlp` feature: the OpenTelemetry collector spans are exported to over OTLP/HTTP (`http://collector:4318`, or `https://` over TLS); `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `_HEADERS`, `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SDK_DISABLED` are read by the OpenTelemetry SDK as usual",
         default: "unset: no export",
+        read: None,
+    },
+    Setting {
+        name: "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        meaning: "PEM file of the CA that signed an `https://` collector's certificate (also `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`)",
+        default: "unset: the system's roots",
+        read: None,
+    },
+    Setting {
+        name: "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        meaning: "PEM client certificate for a collector that asks for one (with `OTEL_EXPORTER_OTLP_CLIENT_KEY`; also the `_TRACES_` forms)",
+        default: "unset",
+        read: None,
+    },
+    Setting {
+        name: "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+        meaning: "PEM private key of `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`",
+        default: "unset",
+        read: None,
+    },
+    Setting {
+        name: "OTEL_EXPORTER_OTLP_TIMEOUT",
+        meaning: "time-out of one export request, in milliseconds (also `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`)",
+        default: "10000",
         read: None,
     },
     Setting {
@@ -611,6 +635,21 @@ impl Config {
                 "must be at least twice CATGA_MEMBER_HEARTBEAT_MS, or live replicas would drop out between heartbeats",
             ));
         }
+        let tls_files =
+            self.redis_tls.ca.is_some() || self.redis_tls.cert.is_some() || self.redis_tls.key.is_some();
+        if tls_files
+            && let Some(url) = &self.redis_url
+            && url.split(',').any(|u| !u.trim_start().starts_with("rediss://"))
+        {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "REDIS_TLS_CA, REDIS_TLS_CERT and REDIS_TLS_KEY apply to rediss:// URLs only, and REDIS_URL \
+                     ({}) lists another: it would connect without TLS",
+                    redact_url(url)
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -742,6 +781,20 @@ pub(crate) fn config_error(name: &str, value: &str, what: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_files_with_a_plain_redis_url_are_refused() {
+        let mut c = Config {
+            redis_url: Some("rediss://a:6379,redis://b:6379".into()),
+            ..Config::default()
+        };
+        c.redis_tls.ca = Some("ca.pem".into());
+        let err = c.validate().expect_err("a plain URL");
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.message().contains("rediss://"), "{err}");
+        c.redis_url = Some("rediss://a:6379,rediss://b:6379".into());
+        c.validate().expect("TLS everywhere");
+    }
 
     #[test]
     fn urls_in_logs_hide_credentials() {

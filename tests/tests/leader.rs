@@ -108,6 +108,70 @@ async fn on_job(ctx: &Context, j: Job) -> Result<()> {
 
 const LEASE: Duration = Duration::from_millis(400);
 
+/// A job for a leader handler that cannot bind its consumer.
+#[event(subject = "tests.leader.denied")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Denied;
+
+#[event(leader, durable = "leader-denied")]
+async fn on_denied(_d: Denied) -> Result<()> {
+    Ok(())
+}
+
+/// The leader handler's durable consumer cannot be made (the broker
+/// refuses this user the consumer API): the replica leads, stays ready
+/// while the binding is within its 5 s grace, then says in its readiness
+/// that what it serves under the lease is not live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_handler_that_cannot_subscribe_shows_in_readiness() {
+    let nats = NatsServer::start_with(
+        r#"
+        authorization {
+          users = [
+            { user: "svc", password: "unused",
+              permissions: {
+                publish: { allow: ">", deny: ["$JS.API.CONSUMER.CREATE.>", "$JS.API.CONSUMER.DURABLE.CREATE.>"] },
+                subscribe: ">" } }
+          ]
+        }
+        no_auth_user: "svc"
+        "#,
+    );
+    let redis = RedisServer::start();
+    let rt = Runtime::builder()
+        .service("denied")
+        .instance_id("d1")
+        .nats_url(nats.url())
+        .redis_url(redis.url())
+        .leader_lease(LEASE)
+        .request_timeout(Duration::from_secs(1))
+        .handlers(|s| s.name() == "leader::on_denied")
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(10)).await;
+    until("it leads", Duration::from_secs(5), || rt.is_leader()).await;
+    let led = std::time::Instant::now();
+    let failing = loop {
+        let r = rt.readiness();
+        if !r.ready {
+            break r.failing;
+        }
+        assert!(led.elapsed() < Duration::from_secs(20), "still ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let after = led.elapsed();
+    assert!(
+        after >= Duration::from_millis(4500),
+        "within the grace: {after:?} {failing:?}"
+    );
+    assert!(
+        failing.iter().any(|f| f.contains("served under a lease")),
+        "{failing:?}"
+    );
+    let _ = rt.shutdown().await;
+}
+
 async fn replica(nats: &NatsServer, redis: &RedisServer, id: &str) -> Runtime {
     let rt = Runtime::builder()
         .service("leaders")

@@ -178,7 +178,7 @@ async fn spans_reach_the_collector_as_one_trace() {
 /// An `https://` collector that asks for a client certificate: the spans
 /// reach it with the CA and the client certificate of the standard
 /// variables; without the client certificate the handshake is refused
-/// and nothing arrives.
+/// and nothing arrives, and without the CA the collector is not trusted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_https_collector_with_mutual_tls() {
     if std::env::var_os(CHILD).is_some() {
@@ -224,5 +224,24 @@ async fn spans_reach_an_https_collector_with_mutual_tls() {
     assert!(
         bodies.lock().expect("bodies").is_empty(),
         "no client certificate, no spans"
+    );
+
+    // The collector's certificate is checked: without its CA (only the
+    // system's roots), nothing is sent to it.
+    let (endpoint, bodies) =
+        catga_tests::collector::collector(Some(catga_tests::collector::mutual_tls(&pki))).await;
+    run_child(
+        test,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &cert),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", &key),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+        ],
+    )
+    .await;
+    assert!(
+        bodies.lock().expect("bodies").is_empty(),
+        "an untrusted collector gets no spans"
     );
 }

@@ -82,45 +82,25 @@ fn otlp_var(name: &str) -> Option<String> {
     .find_map(|v| std::env::var(v).ok().filter(|v| !v.trim().is_empty()))
 }
 
-/// The exporter's HTTP client: TLS on rustls with ring (the crypto of the
-/// rest of the tree), the system's roots and the files the standard
-/// variables name, and the exporter's time-out (`OTEL_EXPORTER_OTLP_TIMEOUT`,
-/// milliseconds, 10 s by default, as the SDK's own client).
+/// The exporter's HTTP client, with the exporter's time-out
+/// (`OTEL_EXPORTER_OTLP_TIMEOUT`, milliseconds, 10 s by default, as the
+/// SDK's own client) and, for an `https://` collector, [`tls`].
 fn http_client() -> Result<reqwest::blocking::Client, String> {
-    // The process-wide provider reqwest's rustls uses, unless the
-    // application installed one first (then that one is used).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let read = |what: &str, path: &str| {
-        std::fs::read(path).map_err(|e| format!("OTEL_EXPORTER_OTLP_{what} {path} cannot be read: {e}"))
+    let timeout = match otlp_var("TIMEOUT") {
+        Some(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| format!("OTEL_EXPORTER_OTLP_TIMEOUT {t} is not a number of milliseconds"))?,
+        None => 10_000,
     };
-    let mut b = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_millis(
-        otlp_var("TIMEOUT")
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(10_000),
-    ));
-    if let Some(ca) = otlp_var("CERTIFICATE") {
-        let certs = reqwest::Certificate::from_pem_bundle(&read("CERTIFICATE", &ca)?)
-            .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {ca} is not PEM: {e}"))?;
-        b = b.tls_certs_merge(certs);
-    }
-    match (otlp_var("CLIENT_CERTIFICATE"), otlp_var("CLIENT_KEY")) {
-        (Some(cert), Some(key)) => {
-            let mut pem = read("CLIENT_CERTIFICATE", &cert)?;
-            pem.push(b'\n');
-            pem.extend(read("CLIENT_KEY", &key)?);
-            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                format!("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE {cert} and OTEL_EXPORTER_OTLP_CLIENT_KEY {key}: {e}")
-            })?;
-            b = b.identity(identity);
-        }
-        (None, None) => {}
-        _ => {
-            return Err(
-                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together: set both or neither"
-                    .to_owned(),
-            );
-        }
-    }
+    let mut b = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_millis(timeout));
+    let https = otlp_var("ENDPOINT").is_some_and(|e| e.trim_start().starts_with("https://"));
+    // reqwest sets TLS up at build time whatever the scheme, from a
+    // process-wide crypto provider unless it is given a configuration:
+    // it is given one, also for a plain `http://` collector (one that
+    // trusts nothing, never used), so that nothing is installed
+    // process-wide and a slim image without system roots still exports.
+    b = b.tls_backend_preconfigured(if https { tls()? } else { tls_unused()? });
     // reqwest's blocking client runs a runtime of its own and must not be
     // built on a tokio runtime's thread: on a thread of its own, as the
     // SDK builds its default client.
@@ -128,6 +108,72 @@ fn http_client() -> Result<reqwest::blocking::Client, String> {
         .join()
         .map_err(|_| "the HTTP client could not be built".to_owned())?
         .map_err(|e| format!("the HTTP client could not be built: {e}"))
+}
+
+/// rustls on ring, as the rest of the tree.
+fn rustls_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, String> {
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))
+}
+
+/// The TLS of a plain `http://` collector's client: never used.
+fn tls_unused() -> Result<rustls::ClientConfig, String> {
+    Ok(rustls_builder()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
+}
+
+/// TLS for an `https://` collector: rustls with ring (the crypto of the
+/// rest of the tree, passed here rather than installed process-wide),
+/// the system's roots and the CA of `OTEL_EXPORTER_OTLP_CERTIFICATE`, and
+/// the client certificate of `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and
+/// `OTEL_EXPORTER_OTLP_CLIENT_KEY`.
+fn tls() -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = |what: &str, path: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .map_err(|e| format!("OTEL_EXPORTER_OTLP_{what} {path}: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "OTEL_EXPORTER_OTLP_{what} {path} holds no PEM certificate"
+            ));
+        }
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    // A slim image may have no system roots: then only the CA file's.
+    let (system, _) = roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(ca) = otlp_var("CERTIFICATE") {
+        for c in certs("CERTIFICATE", &ca)? {
+            roots
+                .add(c)
+                .map_err(|e| format!("OTEL_EXPORTER_OTLP_CERTIFICATE {ca}: {e}"))?;
+        }
+    } else if system == 0 {
+        return Err(
+            "the collector is https:// but this host has no CA certificates: set OTEL_EXPORTER_OTLP_CERTIFICATE"
+                .to_owned(),
+        );
+    }
+    let builder = rustls_builder()?.with_root_certificates(roots);
+    match (otlp_var("CLIENT_CERTIFICATE"), otlp_var("CLIENT_KEY")) {
+        (Some(cert), Some(key)) => {
+            let chain = certs("CLIENT_CERTIFICATE", &cert)?;
+            let key = PrivateKeyDer::from_pem_file(&key)
+                .map_err(|e| format!("OTEL_EXPORTER_OTLP_CLIENT_KEY {key}: {e}"))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                format!("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE {cert} and OTEL_EXPORTER_OTLP_CLIENT_KEY: {e}")
+            })
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together: set both or neither"
+                .to_owned(),
+        ),
+    }
 }
 
 /// Sends the spans waiting in the exporter's batch.

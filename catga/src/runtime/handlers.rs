@@ -55,7 +55,11 @@ pub(crate) async fn stop_serving_one(
     let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
     let (wanted, elective) = (serving.served.parallel, serving.served.elective());
     let outcome = shutdown::stop_serving(vec![serving], deadline).await;
-    shared.health.unwant(wanted, elective);
+    // What is served under a lease is counted by its loops (see
+    // `ElectiveSlot`).
+    if !elective {
+        shared.health.unwant(wanted);
+    }
     drop(all);
     if outcome.cancelled > 0 {
         return Err(Error::new(
@@ -105,12 +109,15 @@ pub(crate) async fn spawn_served(served: Arc<Served>, shared: &Arc<Shared>) -> R
         });
     }
     let (stop, stop_rx) = watch::channel(false);
-    shared.health.want(served.parallel, served.elective());
+    let elective = served.elective();
+    if !elective {
+        shared.health.want(served.parallel);
+    }
     let tasks = subs
         .into_iter()
         .map(|sub| {
-            if sub.is_some() {
-                shared.health.subscribed(served.elective());
+            if sub.is_some() && !elective {
+                shared.health.subscribed();
             }
             tokio::spawn(serve::serve(
                 Arc::clone(&served),

@@ -267,7 +267,10 @@ pub(crate) struct Keyed {
 /// leaves the saga's ring and gives the leases up).
 pub(crate) struct Sagas {
     wanted: std::sync::Mutex<Vec<&'static HandlerSpec>>,
-    running: watch::Sender<Vec<&'static HandlerSpec>>,
+    /// Rounds of the loop begun so far.
+    begun: std::sync::atomic::AtomicU64,
+    /// The last round finished, and the sagas the loop ran after it.
+    running: watch::Sender<(u64, Vec<&'static HandlerSpec>)>,
 }
 
 impl Sagas {
@@ -288,7 +291,8 @@ impl Keyed {
             owned: Arc::new(Mutex::new(Owned::default())),
             sagas: Arc::new(Sagas {
                 wanted: std::sync::Mutex::new(specs),
-                running: watch::Sender::new(Vec::new()),
+                begun: std::sync::atomic::AtomicU64::new(0),
+                running: watch::Sender::new((0, Vec::new())),
             }),
         };
         if !keyed.sagas.wanted().is_empty() {
@@ -342,15 +346,32 @@ impl Keyed {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .retain(|s| s.name() != name);
+        let looping = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some();
+        if !looping {
+            return Ok(());
+        }
+        // A round begun after this one read the sagas without it: once such
+        // a round ends without running it, it has been left.
+        let after = self.sagas.begun.load(Ordering::Acquire);
         let mut running = self.sagas.running.subscribe();
-        let left =
-            tokio::time::timeout(within, running.wait_for(|r| r.iter().all(|s| s.name() != name))).await;
+        let left = tokio::time::timeout(
+            within,
+            running.wait_for(|(round, r)| *round > after && r.iter().all(|s| s.name() != name)),
+        )
+        .await;
         match left {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Error::new(ErrorKind::Unavailable, "the runtime is stopping")),
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,
-                format!("keyed saga `{name}` did not finish leaving within {within:?}; it goes on leaving"),
+                format!(
+                    "keyed saga `{name}` did not finish leaving within {within:?} (its partitions still drain, \
+                     or the store does not answer); the replica goes on leaving it unless it is started again"
+                ),
             )),
         }
     }
@@ -378,7 +399,7 @@ impl Keyed {
     /// Leaves the rings and gives the leases up (after the drain).
     pub(crate) async fn leave(&self, shared: &Shared) {
         let mut specs = self.sagas.wanted();
-        for s in self.sagas.running.borrow().iter() {
+        for s in self.sagas.running.borrow().1.iter() {
             if !specs.iter().any(|w| w.name() == s.name()) {
                 specs.push(s);
             }
@@ -436,6 +457,7 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, sagas: Ar
     let mut keeper = Keeper::new(shared, Vec::new());
     loop {
         let tick = Instant::now();
+        let round = sagas.begun.fetch_add(1, Ordering::AcqRel) + 1;
         keeper.follow(&sagas.wanted());
         keeper.heartbeat().await;
         let mut owned_now = owned.lock().await;
@@ -443,7 +465,7 @@ pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, sagas: Ar
         keeper.report(&owned_now);
         keeper.forget_left(&owned_now);
         drop(owned_now);
-        sagas.running.send_replace(keeper.specs.clone());
+        sagas.running.send_replace((round, keeper.specs.clone()));
         tokio::time::sleep_until(tick + keeper.shared.config.member_heartbeat).await;
     }
 }
@@ -455,7 +477,10 @@ struct Keeper {
     /// One gate per saga: its `concurrency`, shared by its partitions.
     gates: Vec<Arc<Semaphore>>,
     me: String,
-    streams_ready: bool,
+    /// Whether each saga's streams are set up (its partitions are served
+    /// only then), and why not.
+    streams_ready: Vec<bool>,
+    streams_error: Vec<Option<String>>,
     /// Until when this replica surely holds the leases it was granted.
     held_until: Instant,
     /// The replicas running each keyed saga (a replica runs the selection
@@ -466,10 +491,8 @@ struct Keeper {
     /// itself, it owns nothing.
     owners: Vec<Vec<String>>,
     served_before: BTreeMap<&'static str, Vec<u32>>,
-    /// Why the last round could not do its part, for readiness: the
-    /// streams could not be set up, a heartbeat or the leases' renewal
-    /// failed.
-    streams_error: Option<String>,
+    /// Why the last round could not do its part, for readiness: a
+    /// heartbeat or the leases' renewal failed.
     heartbeat_error: Option<String>,
     leases_error: Option<String>,
     /// Why a slot the ring gives this replica is not served, by slot.
@@ -489,12 +512,12 @@ impl Keeper {
         Keeper {
             me: member_name(&shared).to_owned(),
             gates,
-            streams_ready: false,
+            streams_ready: vec![false; specs.len()],
+            streams_error: vec![None; specs.len()],
             held_until: Instant::now(),
             members_seen: vec![Vec::new(); specs.len()],
             owners: vec![Vec::new(); specs.len()],
             served_before: BTreeMap::new(),
-            streams_error: None,
             heartbeat_error: None,
             leases_error: None,
             not_served: BTreeMap::new(),
@@ -513,9 +536,9 @@ impl Keeper {
                 self.gates.push(gate(&self.shared, spec));
                 self.members_seen.push(Vec::new());
                 self.owners.push(Vec::new());
+                self.streams_ready.push(false);
+                self.streams_error.push(None);
                 self.specs.push(spec);
-                // Its streams too, before any of its partitions is served.
-                self.streams_ready = false;
             }
         }
         for ((spec, owners), seen) in self
@@ -538,9 +561,13 @@ impl Keeper {
         }
     }
 
-    /// Forgets the sagas left whose partitions have all drained: their
-    /// leases were given up in this round, and their ring left.
+    /// Forgets the sagas left whose partitions have all drained, once a
+    /// round gave their leases up and left their ring without an error
+    /// (else the next round does both again).
     fn forget_left(&mut self, owned_now: &Owned) {
+        if self.heartbeat_error.is_some() || self.leases_error.is_some() {
+            return;
+        }
         let done: Vec<&'static str> = self
             .leaving
             .iter()
@@ -553,12 +580,15 @@ impl Keeper {
                 self.gates.remove(i);
                 self.members_seen.remove(i);
                 self.owners.remove(i);
+                self.streams_ready.remove(i);
+                self.streams_error.remove(i);
             }
             self.leaving.remove(name);
             self.not_served.retain(|(saga, _), _| *saga != name);
-            self.shared.health.set_keyed(name, None, Duration::ZERO);
+            self.shared.health.forget_keyed(name);
             self.served_before.remove(name);
             metrics::gauge!("catga_saga_partitions", "saga" => name).set(0.0);
+            metrics::gauge!("catga_members", "saga" => name).set(0.0);
             tracing::info!(saga = name, "left the saga");
         }
     }
@@ -567,12 +597,14 @@ impl Keeper {
     /// the partitions again where the members changed.
     async fn heartbeat(&mut self) {
         let ttl = self.shared.config.member_timeout;
-        if !self.streams_ready {
-            self.streams_error = ensure_streams(&self.shared, &self.specs)
-                .await
-                .err()
-                .map(|e| e.to_string());
-            self.streams_ready = self.streams_error.is_none();
+        for (i, spec) in self.specs.iter().enumerate() {
+            if !self.streams_ready[i] {
+                self.streams_error[i] = ensure_streams(&self.shared, &[*spec])
+                    .await
+                    .err()
+                    .map(|e| e.to_string());
+                self.streams_ready[i] = self.streams_error[i].is_none();
+            }
         }
         self.heartbeat_error = None;
         for ((spec, seen), owners) in self
@@ -658,11 +690,17 @@ impl Keeper {
     fn plan(&self, owned_now: &mut Owned) -> (Vec<(String, bool)>, Vec<Wanted>) {
         let mut leases = Vec::new();
         let mut wanted = Vec::new();
-        for ((spec, gate), owners) in self.specs.iter().zip(&self.gates).zip(&self.owners) {
+        for (((spec, gate), owners), ready) in self
+            .specs
+            .iter()
+            .zip(&self.gates)
+            .zip(&self.owners)
+            .zip(&self.streams_ready)
+        {
             let partitions = spec.partitions().unwrap_or(1);
             for p in (0..partitions).chain([ROUTER]) {
                 let at = if p == ROUTER { partitions } else { p } as usize;
-                let mine = self.streams_ready && owners.get(at).is_some_and(|o| *o == self.me);
+                let mine = *ready && owners.get(at).is_some_and(|o| *o == self.me);
                 let slot = owned_now.slots.get(&(spec.name(), p));
                 if !mine && matches!(slot, Some(Slot::Serving { .. })) {
                     give_up(
@@ -840,7 +878,7 @@ impl Keeper {
         }
         let partitions = spec.partitions().unwrap_or(1);
         let mut why = Vec::new();
-        if let Some(e) = &self.streams_error {
+        if let Some(e) = &self.streams_error[i] {
             why.push(format!("its streams cannot be set up: {e}"));
         }
         if let Some(e) = &self.heartbeat_error {
@@ -904,11 +942,10 @@ fn give_up(shared: &Arc<Shared>, owned: &mut Owned, saga: &'static str, p: u32, 
     let drain = match run {
         Running::Loops(serving) => {
             tracing::info!(saga, partition = p, reason = why, "giving a saga partition up");
-            let (wanted, elective) = (serving.served.parallel, serving.served.elective());
-            let health = shared.health.clone();
+            // Its loops leave readiness's count themselves (see
+            // `ElectiveSlot`).
             tokio::spawn(async move {
                 super::shutdown::stop_serving(vec![serving], deadline).await;
-                health.unwant(wanted, elective);
             })
         }
         Running::Router { stop, mut task, .. } => {

@@ -109,7 +109,13 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
         };
         let mut ended = ended(&outcome);
         let wait = matches!(&outcome, Outcome::Failed(e) if e.retry_after().is_some());
-        let settle = match conclude(served, shared, &meta, &payload, outcome) {
+        let settle = conclude(served, shared, &meta, &payload, outcome);
+        if wait && matches!(settle, Settle::Retry { .. }) {
+            // Given back to come back when its timer is due: a wait, which
+            // error-rate alerts must not count as a failure.
+            ended = Ended::Waiting;
+        }
+        let settle = match settle {
             Settle::Dead(mut letter) => match super::letters::keep_letter(shared, &mut letter).await {
                 Ok(()) => Settle::Dead(letter),
                 Err(e) => {
@@ -121,11 +127,6 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
             },
             settle => settle,
         };
-        if wait && matches!(settle, Settle::Retry { .. }) {
-            // Given back to come back when its timer is due: a wait, which
-            // error-rate alerts must not count as a failure.
-            ended = Ended::Waiting;
-        }
         let dead = matches!(settle, Settle::Dead(_));
         if matches!(settle, Settle::Retry { .. }) && served.durable.is_some() {
             served.metrics.redeliveries.increment(1);

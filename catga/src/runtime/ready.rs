@@ -21,14 +21,16 @@ struct State {
     wanted: usize,
     /// Subscriptions that are live (may still await confirmation).
     live: usize,
-    /// The subscriptions of what this replica serves while it holds a
-    /// lease (the leader handlers, keyed-saga partitions): wanted and
-    /// live, and since when fewer are live than wanted. They come and go
-    /// as leases move, so they take no confirmation ticket, and a
-    /// shortfall counts only once it outlasts [`ELECTIVE_GRACE`]: a
-    /// replica that gains leadership must not look unready to its load
+    /// The serve loops of what this replica serves while it holds a lease
+    /// (the leader handlers, keyed-saga partitions) that have no live
+    /// subscription yet (or lost theirs), by slot, since when. They come
+    /// and go as leases move, so they take no confirmation ticket, and
+    /// one counts only once it has waited longer than [`ELECTIVE_GRACE`]:
+    /// a replica that gains leadership must not look unready to its load
     /// balancer while the broker confirms the new subscriptions.
-    elective: Elective,
+    elective: std::collections::BTreeMap<u64, Instant>,
+    /// The next elective slot's number.
+    next_slot: u64,
     /// The next ticket to hand out.
     next_ticket: u64,
     /// Every ticket below this one is confirmed by the broker.
@@ -41,33 +43,75 @@ struct State {
     /// source ("store", "broker").
     warnings: std::collections::BTreeMap<&'static str, String>,
     /// What keeps a keyed saga from being served here as its ring says,
-    /// by saga, and from when it counts.
-    keyed: std::collections::BTreeMap<&'static str, (Instant, String)>,
+    /// by saga (see [`KeyedTrouble`]).
+    keyed: std::collections::BTreeMap<&'static str, KeyedTrouble>,
     fatal: Option<(ErrorKind, String)>,
 }
 
-/// See [`State::elective`].
-#[derive(Debug, Clone, Default)]
-struct Elective {
-    wanted: usize,
-    live: usize,
-    short_since: Option<Instant>,
-}
-
-impl Elective {
-    fn update(&mut self) {
-        if self.live >= self.wanted {
-            self.short_since = None;
-        } else if self.short_since.is_none() {
-            self.short_since = Some(Instant::now());
-        }
-    }
+/// What keeps a keyed saga from being served as its ring says.
+#[derive(Debug, Clone)]
+struct KeyedTrouble {
+    /// From when it fails readiness (its start plus the grace).
+    from: Instant,
+    /// What it is now; `None` once it cleared.
+    why: Option<String>,
+    /// Since when it is clear. It is forgotten only once it stayed clear
+    /// for a grace: a trouble that clears and comes back (a router that
+    /// binds, then fails to route, again and again) keeps its start.
+    clear_since: Option<Instant>,
+    grace: Duration,
 }
 
 /// How long the subscriptions of a lease just won may take to go live
 /// before readiness says so: more than the 3.2 s a durable consumer's
 /// binding backs off at most between attempts.
 const ELECTIVE_GRACE: Duration = Duration::from_secs(5);
+
+/// One serve loop's place in readiness while it serves under a lease (see
+/// [`State::elective`]): waiting for a subscription from its creation
+/// until [`live`](Self::live), again after [`lost`](Self::lost), and out
+/// of the count once it [`leaves`](Self::leave) (its drain began) or is
+/// dropped (its loop ended or was cancelled), so that the count cannot
+/// drift whatever way a loop ends.
+pub(crate) struct ElectiveSlot {
+    health: Health,
+    id: u64,
+}
+
+impl ElectiveSlot {
+    /// The loop has a live subscription.
+    pub(crate) fn live(&self) {
+        let id = self.id;
+        self.health
+            .state
+            .send_if_modified(|s| s.elective.remove(&id).is_some());
+    }
+
+    /// The loop's subscription ended unexpectedly: it waits for another.
+    pub(crate) fn lost(&self) {
+        let id = self.id;
+        self.health
+            .state
+            .send_if_modified(|s| match s.elective.entry(id) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(Instant::now());
+                    true
+                }
+                std::collections::btree_map::Entry::Occupied(_) => false,
+            });
+    }
+
+    /// The loop drains: what it serves is no longer meant to be served.
+    pub(crate) fn leave(&self) {
+        self.live();
+    }
+}
+
+impl Drop for ElectiveSlot {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
 
 /// Why a replica is not ready, in words an operator can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,55 +138,43 @@ impl Health {
         }
     }
 
-    /// `n` more subscriptions are wanted (a handler starts); `elective`:
-    /// served under a lease (see [`State::elective`]).
-    pub(crate) fn want(&self, n: usize, elective: bool) {
-        self.state.send_modify(|s| {
-            if elective {
-                s.elective.wanted += n;
-                s.elective.update();
-            } else {
-                s.wanted += n;
-            }
-        });
+    /// `n` more subscriptions are wanted (a handler starts).
+    pub(crate) fn want(&self, n: usize) {
+        self.state.send_modify(|s| s.wanted += n);
     }
 
     /// `n` fewer subscriptions are wanted (a handler stopped).
-    pub(crate) fn unwant(&self, n: usize, elective: bool) {
-        self.state.send_modify(|s| {
-            if elective {
-                s.elective.wanted = s.elective.wanted.saturating_sub(n);
-                s.elective.update();
-            } else {
-                s.wanted = s.wanted.saturating_sub(n);
-            }
-        });
+    pub(crate) fn unwant(&self, n: usize) {
+        self.state.send_modify(|s| s.wanted = s.wanted.saturating_sub(n));
     }
 
     /// A subscription is live; its SUB is queued. Returns nothing: the
     /// ticket it takes is confirmed by the next round trip.
-    pub(crate) fn subscribed(&self, elective: bool) {
+    pub(crate) fn subscribed(&self) {
         self.state.send_modify(|s| {
-            if elective {
-                s.elective.live += 1;
-                s.elective.update();
-            } else {
-                s.live += 1;
-                s.next_ticket += 1;
-            }
+            s.live += 1;
+            s.next_ticket += 1;
         });
     }
 
     /// A subscription ended (drained, or lost).
-    pub(crate) fn unsubscribed(&self, elective: bool) {
+    pub(crate) fn unsubscribed(&self) {
+        self.state.send_modify(|s| s.live = s.live.saturating_sub(1));
+    }
+
+    /// A serve loop of something served under a lease starts: it waits
+    /// for its subscription (see [`ElectiveSlot`]).
+    pub(crate) fn elective_slot(&self) -> ElectiveSlot {
+        let mut id = 0;
         self.state.send_modify(|s| {
-            if elective {
-                s.elective.live = s.elective.live.saturating_sub(1);
-                s.elective.update();
-            } else {
-                s.live = s.live.saturating_sub(1);
-            }
+            id = s.next_slot;
+            s.next_slot += 1;
+            s.elective.insert(id, Instant::now());
         });
+        ElectiveSlot {
+            health: self.clone(),
+            id,
+        }
     }
 
     /// The state store answers (`None`), or not, and why.
@@ -190,20 +222,46 @@ impl Health {
     /// says (`None`: nothing). It fails readiness once it has lasted
     /// `grace`, however its words change meanwhile.
     pub(crate) fn set_keyed(&self, saga: &'static str, trouble: Option<String>, grace: Duration) {
-        self.state.send_if_modified(|s| match trouble {
-            Some(why) => match s.keyed.get_mut(saga) {
-                Some((_, was)) if *was == why => false,
-                Some((_, was)) => {
-                    *was = why;
+        let now = Instant::now();
+        self.state
+            .send_if_modified(|s| match (trouble, s.keyed.get_mut(saga)) {
+                (Some(why), Some(t)) => {
+                    let changed = t.why.as_ref() != Some(&why);
+                    t.why = Some(why);
+                    t.clear_since = None;
+                    changed
+                }
+                (Some(why), None) => {
+                    s.keyed.insert(
+                        saga,
+                        KeyedTrouble {
+                            from: now + grace,
+                            why: Some(why),
+                            clear_since: None,
+                            grace,
+                        },
+                    );
                     true
                 }
-                None => {
-                    s.keyed.insert(saga, (Instant::now() + grace, why));
-                    true
-                }
-            },
-            None => s.keyed.remove(saga).is_some(),
-        });
+                (None, Some(t)) => match t.clear_since {
+                    None => {
+                        t.why = None;
+                        t.clear_since = Some(now);
+                        true
+                    }
+                    Some(since) if now.duration_since(since) >= t.grace => {
+                        s.keyed.remove(saga);
+                        true
+                    }
+                    Some(_) => false,
+                },
+                (None, None) => false,
+            });
+    }
+
+    /// Forgets keyed saga `saga`'s trouble at once (it is no longer run).
+    pub(crate) fn forget_keyed(&self, saga: &'static str) {
+        self.state.send_if_modified(|s| s.keyed.remove(saga).is_some());
     }
 
     /// Whether the state store failed its last ping.
@@ -256,19 +314,26 @@ impl Health {
         if s.next_ticket > s.confirmed_upto {
             failing.push("subscriptions: waiting for the broker to confirm".to_owned());
         }
-        for (saga, (from, why)) in &s.keyed {
-            if Instant::now() >= *from {
+        for (saga, t) in &s.keyed {
+            if let Some(why) = &t.why
+                && Instant::now() >= t.from
+            {
                 failing.push(format!("keyed saga {saga}: {why}"));
             }
         }
-        if let Some(since) = s.elective.short_since
-            && since.elapsed() >= ELECTIVE_GRACE
-        {
+        let waiting: Vec<Duration> = s
+            .elective
+            .values()
+            .map(Instant::elapsed)
+            .filter(|w| *w >= ELECTIVE_GRACE)
+            .collect();
+        if let Some(longest) = waiting.iter().max() {
             failing.push(format!(
-                "subscriptions: {} of {} served under a lease (leader handlers, saga partitions) live for {} s",
-                s.elective.live,
-                s.elective.wanted,
-                since.elapsed().as_secs()
+                "subscriptions: {} served under a lease (leader handlers, saga partitions) not live for over {} s \
+                 (the longest for {} s)",
+                waiting.len(),
+                ELECTIVE_GRACE.as_secs(),
+                longest.as_secs()
             ));
         }
         Readiness {
@@ -338,31 +403,63 @@ impl Health {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_lease_shortfall_is_timed_from_its_start_and_cleared_when_live() {
-        let health = Health::new();
-        let short = |h: &Health| h.state.borrow().elective.short_since;
-        health.want(2, true);
-        let since = short(&health).expect("short of two");
-        health.subscribed(true);
-        assert_eq!(short(&health), Some(since), "still short: timed from the start");
-        health.subscribed(true);
-        assert_eq!(short(&health), None, "all live");
-        health.unsubscribed(true);
-        assert!(short(&health).is_some(), "short again");
-        health.unwant(1, true);
-        assert_eq!(short(&health), None, "no longer wanted");
+    fn waiting(h: &Health) -> usize {
+        h.state.borrow().elective.len()
     }
 
     #[test]
-    fn lease_subscriptions_take_no_confirmation_ticket() {
+    fn a_lease_slot_waits_until_live_and_leaves_the_count_however_its_loop_ends() {
         let health = Health::new();
-        health.want(1, true);
-        health.subscribed(true);
-        health.want(1, false);
-        health.subscribed(false);
+        let a = health.elective_slot();
+        let b = health.elective_slot();
+        assert_eq!(waiting(&health), 2, "both wait for a subscription");
+        a.live();
+        assert_eq!(waiting(&health), 1);
+        a.lost();
+        let since = health.state.borrow().elective[&a.id];
+        a.lost();
+        assert_eq!(
+            health.state.borrow().elective[&a.id],
+            since,
+            "timed from the first loss"
+        );
+        a.leave();
+        assert_eq!(waiting(&health), 1, "a drain is not a shortfall");
+        drop(b);
+        assert_eq!(
+            waiting(&health),
+            0,
+            "a loop cancelled while waiting leaves no trace"
+        );
+        drop(a);
+        assert_eq!(waiting(&health), 0);
+    }
+
+    #[test]
+    fn lease_slots_take_no_confirmation_ticket() {
+        let health = Health::new();
+        let slot = health.elective_slot();
+        slot.live();
+        health.want(1);
+        health.subscribed();
         let s = health.state.borrow().clone();
         assert_eq!((s.live, s.wanted, s.next_ticket), (1, 1, 1));
-        assert_eq!((s.elective.live, s.elective.wanted), (1, 1));
+    }
+
+    #[test]
+    fn a_keyed_trouble_that_clears_and_comes_back_keeps_its_start() {
+        let health = Health::new();
+        let grace = Duration::from_secs(60);
+        health.set_keyed("s", Some("a".into()), grace);
+        let from = health.state.borrow().keyed["s"].from;
+        health.set_keyed("s", None, grace);
+        assert!(
+            health.state.borrow().keyed["s"].why.is_none(),
+            "cleared, remembered"
+        );
+        health.set_keyed("s", Some("b".into()), grace);
+        assert_eq!(health.state.borrow().keyed["s"].from, from);
+        health.forget_keyed("s");
+        assert!(health.state.borrow().keyed.is_empty());
     }
 }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
@@ -59,8 +60,11 @@ impl Runtime {
     }
 
     /// True while the broker connection is up, every wanted subscription
-    /// is live and confirmed by the broker, and the runtime is neither
-    /// draining nor stopped by a fatal error.
+    /// is live and confirmed by the broker (those served under a lease,
+    /// the leader handlers' and keyed-saga partitions', count once they
+    /// stay down for over 5 s), every keyed saga is served as its ring
+    /// says (after the time a hand-over may take), and the runtime is
+    /// neither draining nor stopped by a fatal error.
     pub fn is_ready(&self) -> bool {
         self.readiness().ready
     }
@@ -148,11 +152,15 @@ impl Runtime {
         }
         // A keyed saga: its partitions drain, then this replica leaves its
         // ring and gives its leases up, so that the others take over at
-        // once. That takes up to a heartbeat to notice, the drain, and a
-        // heartbeat to give the leases up.
+        // once. That takes up to a heartbeat to notice, the drain (and up
+        // to 1 s more for a cancelled loop to stop), and a heartbeat to
+        // give the leases up, each round up to a store time-out long.
         let c = &self.shared.config;
         self.keyed
-            .part(name, c.drain_timeout + 3 * c.member_heartbeat)
+            .part(
+                name,
+                c.drain_timeout + 3 * c.member_heartbeat + Duration::from_secs(1) + 3 * c.request_timeout,
+            )
             .await
     }
 
@@ -195,9 +203,11 @@ impl Runtime {
         self.keyed.served().await
     }
 
-    /// The handlers being served right now.
+    /// The handlers being served right now, with the keyed sagas this
+    /// replica runs (whichever of their partitions it holds).
     pub async fn serving(&self) -> Vec<&'static str> {
         let mut names: Vec<&'static str> = self.serving.lock().await.keys().copied().collect();
+        names.extend(self.keyed.wanted().iter().map(|s| s.name()));
         names.sort_unstable();
         names
     }

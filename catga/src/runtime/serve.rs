@@ -52,6 +52,14 @@ pub(crate) async fn serve(
     let mut intake = Intake::default();
     let mut draining = false;
     let mut handover_confirmed = true;
+    // What is served under a lease has its own place in readiness; the
+    // rest counts subscriptions wanted and live (see `Health`).
+    let slot = served.elective().then(|| shared.health.elective_slot());
+    if sub.is_some()
+        && let Some(slot) = &slot
+    {
+        slot.live();
+    }
     // One stop future for the whole loop: making a new `changed()` future
     // on every message would register and unregister a waiter each time.
     let stopped = async move {
@@ -83,6 +91,9 @@ pub(crate) async fn serve(
             () = &mut stopped, if !draining => {
                 draining = true;
                 again.at = None;
+                if let Some(slot) = &slot {
+                    slot.leave();
+                }
                 if let Some(s) = sub.as_mut() {
                     s.drain().await;
                 }
@@ -107,7 +118,11 @@ pub(crate) async fn serve(
                     if let Some(ended) = sub.take() {
                         handover_confirmed &= ended.handover_confirmed();
                     }
-                    shared.health.unsubscribed(served.elective());
+                    match &slot {
+                        Some(slot) if !draining => slot.lost(),
+                        Some(_) => {}
+                        None => shared.health.unsubscribed(),
+                    }
                     if !draining {
                         again.after_end(served);
                     }
@@ -116,6 +131,12 @@ pub(crate) async fn serve(
             () = sleep_until(again.at), if again.at.is_some() && !draining => {
                 again.at = None;
                 sub = again.subscribe(served, shared).await;
+                if sub.is_some() {
+                    match &slot {
+                        Some(slot) => slot.live(),
+                        None => shared.health.subscribed(),
+                    }
+                }
             }
         }
     }
@@ -200,7 +221,6 @@ impl Resubscribe {
     async fn subscribe(&mut self, served: &Served, shared: &Shared) -> Option<Subscription> {
         match served.subscribe(shared).await {
             Ok(s) => {
-                shared.health.subscribed(served.elective());
                 if self.setup_failures > 0 || !self.ends.is_empty() {
                     tracing::info!(subject = %served.to.subject, "subscribed again");
                 }
