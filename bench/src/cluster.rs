@@ -54,9 +54,9 @@ async fn deposit(ctx: &catga::Context, d: Deposit) -> Result<u64> {
     tokio::time::sleep(Duration::from_millis(2)).await;
     let key = format!("shard-{}", d.n % SHARDS);
     let mut c = ctx
-        .try_load::<crate::Counter>(&key)
+        .try_load::<crate::reliable::Counter>(&key)
         .await?
-        .unwrap_or_else(|| catga::Versioned::new(key.clone(), crate::Counter::default()));
+        .unwrap_or_else(|| catga::Versioned::new(key.clone(), crate::reliable::Counter::default()));
     c.0 += 1;
     let n = c.0;
     ctx.save(c).await?;
@@ -72,7 +72,10 @@ pub struct Deposits {}
 async fn deposits(ctx: &catga::Context, _d: Deposits) -> Result<u64> {
     let mut total = 0;
     for shard in 0..SHARDS {
-        if let Some(c) = ctx.try_load::<crate::Counter>(&format!("shard-{shard}")).await? {
+        if let Some(c) = ctx
+            .try_load::<crate::reliable::Counter>(&format!("shard-{shard}"))
+            .await?
+        {
             total += c.0;
         }
     }
@@ -277,7 +280,7 @@ pub async fn scaling(duration: Duration) {
             .collect();
         let client = client.clone();
         let counter = Arc::new(AtomicU64::new(0));
-        let stats = crate::measure(2 * n * per_replica, duration, move || {
+        let stats = crate::measure::measure(2 * n * per_replica, duration, move || {
             let client = client.clone();
             let n = counter.fetch_add(1, Ordering::Relaxed);
             async move { client.send(IoWork { n }).await.is_ok() }
