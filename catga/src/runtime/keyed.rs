@@ -315,6 +315,21 @@ impl Keyed {
         }
     }
 
+    /// Waits until the ownership loop finished its first round (at once
+    /// when it does not run).
+    pub(crate) async fn first_round(&self) {
+        if self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none()
+        {
+            return;
+        }
+        let mut running = self.sagas.running.subscribe();
+        let _ = running.wait_for(|(round, _)| *round >= 1).await;
+    }
+
     /// The keyed sagas this replica should run.
     pub(crate) fn wanted(&self) -> Vec<&'static HandlerSpec> {
         self.sagas.wanted()

@@ -32,6 +32,9 @@ pub(crate) struct Leadership {
     token: Arc<super::lease::Held>,
     /// The lease's name, as fences carry it.
     lease: Arc<str>,
+    /// The first attempt for the lease was answered (and, if it was won,
+    /// the leader handlers started).
+    asked: std::sync::atomic::AtomicBool,
 }
 
 impl Leadership {
@@ -40,7 +43,13 @@ impl Leadership {
             owner: format!("{instance_id}/{}", crate::wire::new_message_id()),
             token: Arc::new(super::lease::Held::default()),
             lease: crate::store::LEADER_LEASE.into(),
+            asked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the first attempt for the lease was answered.
+    pub(crate) fn asked(&self) -> bool {
+        self.asked.load(Ordering::Acquire)
     }
 
     /// This start's name in the store (also its name in the ring of
@@ -127,6 +136,7 @@ pub(crate) async fn run(
                 Ok(None) => {}
                 Err(e) => tracing::debug!(error = %e, "the leader lease could not be asked for"),
             }
+            me.asked.store(true, Ordering::Release);
         } else {
             // Renewed through the same script that grants it: a fence
             // key that vanished under the held lease (evicted) is granted

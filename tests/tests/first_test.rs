@@ -1,0 +1,81 @@
+//! The first test a user writes from the README, on the embedded
+//! transport: start a runtime, send a command at once; its handler
+//! publishes an event that a saga consumes. `start()` returns when the
+//! runtime can serve, so nothing sent right after it is lost. And the
+//! README's first test, as written there.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use catga::{Context, Result, Runtime, Saga, command, event, saga};
+use serde::{Deserialize, Serialize};
+
+/// Places an order.
+#[command(subject = "tests.first.place")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Place {
+    /// Which one.
+    pub n: u64,
+}
+
+/// An order was placed.
+#[event(subject = "tests.first.placed")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Placed {
+    /// Which one.
+    pub n: u64,
+}
+
+static FULFILLED: AtomicU64 = AtomicU64::new(0);
+
+#[command]
+async fn place(ctx: &Context, p: Place) -> Result<()> {
+    ctx.publish(Placed { n: p.n }).await
+}
+
+#[saga]
+async fn fulfil(saga: &Saga, _p: Placed) -> Result<()> {
+    let _ = saga;
+    FULFILLED.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_command_sent_right_after_start_reaches_the_saga() {
+    let rt = Runtime::builder()
+        .handlers(|s| s.name().starts_with("first_test::"))
+        .start()
+        .await
+        .expect("starts");
+    rt.client().send(Place { n: 1 }).await.expect("placed");
+    catga_tests::until("the saga ran", Duration::from_secs(10), || {
+        FULFILLED.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// The README's first test, as written there.
+#[command(reply = u64)]
+#[derive(Serialize, Deserialize)]
+pub struct Add {
+    /// One term.
+    pub a: u64,
+    /// The other.
+    pub b: u64,
+}
+
+#[command]
+async fn add(cmd: Add) -> Result<u64> {
+    Ok(cmd.a + cmd.b)
+}
+
+#[tokio::test]
+async fn adds() -> Result<()> {
+    let rt = Runtime::builder()
+        .handlers(|h| h.name().ends_with("::add"))
+        .start()
+        .await?;
+    assert_eq!(rt.client().send(Add { a: 2, b: 3 }).await?, 5);
+    rt.shutdown().await
+}
