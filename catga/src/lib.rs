@@ -65,6 +65,7 @@ pub mod guide {
 #[doc = include_str!("../../README.md")]
 struct Readme;
 
+pub mod cli;
 mod client;
 mod config;
 mod dead_letters;

@@ -1,0 +1,406 @@
+//! The operator CLI (`catga`, the binary of this crate), as a library:
+//! it works against any catga deployment from the environment the
+//! replicas have (`NATS_URL`, `REDIS_URL`, `CATGA_SERVICE`; see
+//! [`Config`]).
+//!
+//! ```text
+//! catga services                     replicas answering NATS micro discovery:
+//!                                    service, instance, version, leader,
+//!                                    command handlers and keyed sagas (with
+//!                                    the partitions each replica serves)
+//! catga dlq list [FROM]              dead letters of CATGA_SERVICE
+//! catga dlq show N | replay N [--force] | purge N | purge-all
+//! catga sagas [N]                    the newest N sagas and their steps (REDIS_URL)
+//! catga outbox                       events saved and not yet published (REDIS_URL)
+//! ```
+//!
+//! Every command takes `--json` (one JSON document on standard output) and
+//! `--service NAME` (instead of `CATGA_SERVICE`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::{Client, Config, DeadLetter, DeadLetters, Error, Result, Runtime};
+
+/// How long `services` listens for the replicas' answers.
+const LISTEN: Duration = Duration::from_millis(500);
+
+/// One replica, as it answers NATS micro discovery (`$SRV.INFO`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// The service's name.
+    pub name: String,
+    /// The replica's instance id.
+    pub id: String,
+    /// Its version (`CATGA_SERVICE_VERSION`).
+    pub version: String,
+    /// Its metadata: `framework` (`catga`), `leader` (`true` while it holds
+    /// the leader lease) for catga replicas.
+    pub metadata: BTreeMap<String, String>,
+    /// Its endpoints.
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+/// One endpoint of a [`ServiceInfo`]: a command handler, or a keyed saga
+/// (`metadata["kind"] == "keyed_saga"`, with `partitions`, the partitions
+/// this replica serves, `partitions_total` and `routing`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Its name (the handler function's).
+    pub name: String,
+    /// The subject it serves.
+    pub subject: String,
+    /// Its queue group.
+    pub queue_group: String,
+    /// `handler`, `message_type`, and a keyed saga's fields.
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn strings(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl ServiceInfo {
+    fn from_json(v: &Value) -> Option<ServiceInfo> {
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        Some(ServiceInfo {
+            name: v["name"].as_str()?.to_owned(),
+            id: text(&v["id"]),
+            version: text(&v["version"]),
+            metadata: strings(&v["metadata"]),
+            endpoints: v["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| EndpointInfo {
+                    name: text(&e["name"]),
+                    subject: text(&e["subject"]),
+                    queue_group: text(&e["queue_group"]),
+                    metadata: strings(&e["metadata"]),
+                })
+                .collect(),
+        })
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "id": self.id,
+            "version": self.version,
+            "metadata": self.metadata,
+            "endpoints": self.endpoints.iter().map(|e| json!({
+                "name": e.name,
+                "subject": e.subject,
+                "queue_group": e.queue_group,
+                "metadata": e.metadata,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl Client {
+    /// Every replica that answers NATS micro discovery within half a
+    /// second (catga services and any other micro service), sorted by
+    /// service and instance. Over NATS only: the embedded transport has no
+    /// discovery.
+    pub async fn services(&self) -> Result<Vec<ServiceInfo>> {
+        let transport = self.transport();
+        if !transport.is_nats() {
+            return Err(Error::new(
+                crate::ErrorKind::Config,
+                "discovery needs NATS: set NATS_URL as the replicas have it",
+            ));
+        }
+        let mut out: Vec<ServiceInfo> = transport
+            .gather("$SRV.INFO", LISTEN)
+            .await?
+            .iter()
+            .filter_map(|raw| serde_json::from_slice::<Value>(raw).ok())
+            .filter_map(|v| ServiceInfo::from_json(&v))
+            .collect();
+        out.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+        Ok(out)
+    }
+}
+
+/// Runs the CLI with `args` (without the program name) and `config`,
+/// returning what it prints. Errors are the commands' (a usage error is
+/// `Invalid`).
+pub async fn run(args: &[String], mut config: Config) -> Result<String> {
+    let json = args.iter().any(|a| a == "--json");
+    let mut rest: Vec<&str> = Vec::new();
+    let mut it = args.iter().map(String::as_str).filter(|a| *a != "--json");
+    while let Some(a) = it.next() {
+        if a == "--service" {
+            config.service = it
+                .next()
+                .ok_or_else(|| Error::invalid("--service needs a name"))?
+                .to_owned();
+        } else {
+            rest.push(a);
+        }
+    }
+    match rest.first().copied() {
+        Some("services") => services(config, json).await,
+        Some("dlq") => dlq(&rest[1..], config, json).await,
+        Some("sagas") => sagas(&rest[1..], config, json).await,
+        Some("outbox") => outbox(config, json).await,
+        Some("help" | "--help" | "-h") | None => Ok(USAGE.to_owned()),
+        Some(other) => Err(Error::invalid(format!("unknown command `{other}`\n{USAGE}"))),
+    }
+}
+
+/// What `catga help` prints.
+pub const USAGE: &str = "usage: catga [--json] [--service NAME] COMMAND
+  services                      replicas answering NATS micro discovery
+  dlq list [FROM]               dead letters (from sequence FROM)
+  dlq show N                    one dead letter, with its headers and payload
+  dlq replay N [--force]        publish it again (--force: also one not written by catga)
+  dlq purge N | purge-all       delete one, or all
+  sagas [N]                     the newest N (20) sagas and their steps (REDIS_URL)
+  outbox                        events saved and not yet published (REDIS_URL)
+The settings come from the environment, as the replicas read them (NATS_URL, REDIS_URL, CATGA_SERVICE, ...).
+";
+
+async fn services(config: Config, json: bool) -> Result<String> {
+    let client = Client::connect_with(&config).await?;
+    let found = client.services().await?;
+    if json {
+        return Ok(Value::Array(found.iter().map(ServiceInfo::to_json).collect()).to_string() + "\n");
+    }
+    let mut out = String::new();
+    if found.is_empty() {
+        out.push_str("no service answered\n");
+    }
+    for s in &found {
+        let leader = if s.metadata.get("leader").is_some_and(|l| l == "true") {
+            " leader"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "{} {} v{}{leader}", s.name, s.id, s.version);
+        for e in &s.endpoints {
+            let handler = e.metadata.get("handler").map_or("-", String::as_str);
+            if e.metadata.get("kind").is_some_and(|k| k == "keyed_saga") {
+                let get = |k: &str| e.metadata.get(k).map_or("", String::as_str);
+                let _ = writeln!(
+                    out,
+                    "  keyed saga {handler} on {}: partitions [{}] of {}{}",
+                    e.subject,
+                    get("partitions"),
+                    get("partitions_total"),
+                    if get("routing") == "true" {
+                        ", routes the triggers"
+                    } else {
+                        ""
+                    }
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "  command {handler} on {} (queue group {})",
+                    e.subject, e.queue_group
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn letter_json(l: &DeadLetter, with_payload: bool) -> Value {
+    let mut v = json!({
+        "seq": l.seq,
+        "subject": l.subject,
+        "service": l.service,
+        "handler": l.handler,
+        "error_kind": l.error_kind.as_str(),
+        "error": l.error,
+        "deliveries": l.deliveries,
+        "message_id": l.message_id,
+        "authentic": l.authentic,
+        "truncated": l.truncated,
+    });
+    if with_payload {
+        v["headers"] = json!(l.headers);
+        v["payload"] = json!(String::from_utf8_lossy(&l.payload));
+    }
+    v
+}
+
+fn mark(l: &DeadLetter) -> &'static str {
+    match l.authentic {
+        Some(true) => "",
+        Some(false) => " NOT WRITTEN BY CATGA (or changed)",
+        None => " (not checked: REDIS_URL unset)",
+    }
+}
+
+async fn dlq(args: &[&str], config: Config, json: bool) -> Result<String> {
+    let seq = |i: usize| -> Result<u64> {
+        args.get(i)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::invalid(format!("a dead letter's number is needed\n{USAGE}")))
+    };
+    let dlq = DeadLetters::connect(&config).await?;
+    let mut out = String::new();
+    match args.first().copied() {
+        Some("list") => {
+            let letters = dlq.list(seq(1).unwrap_or(0), 100).await?;
+            if json {
+                let all: Vec<Value> = letters.iter().map(|l| letter_json(l, false)).collect();
+                return Ok(Value::Array(all).to_string() + "\n");
+            }
+            for l in letters {
+                let _ = writeln!(
+                    out,
+                    "#{} {} handler={} deliveries={} {}: {}{}",
+                    l.seq,
+                    l.subject,
+                    l.handler,
+                    l.deliveries,
+                    l.error_kind,
+                    l.error,
+                    mark(&l)
+                );
+            }
+        }
+        Some("show") => {
+            let l = dlq.get(seq(1)?).await?;
+            if json {
+                return Ok(letter_json(&l, true).to_string() + "\n");
+            }
+            let _ = writeln!(
+                out,
+                "#{} on {} (service {}, handler {})",
+                l.seq, l.subject, l.service, l.handler
+            );
+            let _ = writeln!(
+                out,
+                "failed {} times, last {}: {}",
+                l.deliveries, l.error_kind, l.error
+            );
+            let _ = writeln!(out, "message id: {}", l.message_id.as_deref().unwrap_or("-"));
+            if let Some(size) = l.truncated {
+                let _ = writeln!(out, "cut to fit: {} of {size} bytes kept", l.payload.len());
+            }
+            let _ = writeln!(
+                out,
+                "authentic:{}",
+                if mark(&l).is_empty() { " yes" } else { mark(&l) }
+            );
+            for (k, v) in &l.headers {
+                let _ = writeln!(out, "{k}: {v}");
+            }
+            let _ = writeln!(out, "{}", String::from_utf8_lossy(&l.payload));
+        }
+        Some("replay") => {
+            let n = seq(1)?;
+            if args.get(2).is_some_and(|a| *a == "--force") {
+                dlq.replay_forced(n).await?;
+            } else {
+                dlq.replay(n).await?;
+            }
+            out = done(json, json!({ "replayed": n }), format!("replayed #{n}"));
+        }
+        Some("purge") => {
+            let n = seq(1)?;
+            dlq.purge(n).await?;
+            out = done(json, json!({ "purged": n }), format!("purged #{n}"));
+        }
+        Some("purge-all") => {
+            let n = dlq.purge_all().await?;
+            out = done(json, json!({ "purged": n }), format!("purged {n}"));
+        }
+        _ => return Err(Error::invalid(format!("which dlq command?\n{USAGE}"))),
+    }
+    Ok(out)
+}
+
+fn done(json: bool, v: Value, text: String) -> String {
+    let mut out = if json { v.to_string() } else { text };
+    out.push('\n');
+    out
+}
+
+/// A client-only runtime on the store of the service's replicas.
+async fn on_the_store(config: Config, what: &str) -> Result<Runtime> {
+    if config.redis_url.is_none() {
+        return Err(Error::invalid(format!(
+            "{what} are read from the store: set REDIS_URL (and CATGA_SERVICE) as the replicas have it"
+        )));
+    }
+    Runtime::builder().config(config).client_only().start().await
+}
+
+async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {
+    let n = match args.first() {
+        None => 20,
+        Some(s) => s
+            .parse()
+            .map_err(|_| Error::invalid(format!("sagas [N], not `{s}`\n{USAGE}")))?,
+    };
+    let runtime = on_the_store(config, "sagas").await?;
+    let found = runtime.sagas(n).await;
+    runtime.shutdown().await?;
+    let found = found?;
+    if json {
+        let all: Vec<Value> = found
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id,
+                    "status": s.status.as_str(),
+                    "error": s.error,
+                    "steps": s.steps.iter().map(|st| json!({
+                        "name": st.name, "done": st.done, "compensation": st.compensation,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return Ok(Value::Array(all).to_string() + "\n");
+    }
+    let mut out = String::new();
+    for saga in found {
+        let steps: Vec<String> = saga
+            .steps
+            .iter()
+            .map(|s| {
+                let done = if s.done { "done" } else { "not done" };
+                match &s.compensation {
+                    Some(c) => format!("{} ({done}, compensation {c})", s.name),
+                    None => format!("{} ({done})", s.name),
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{} {} {}{}",
+            saga.id,
+            saga.status.as_str(),
+            steps.join(", "),
+            saga.error.map(|e| format!(" error: {e}")).unwrap_or_default()
+        );
+    }
+    Ok(out)
+}
+
+async fn outbox(config: Config, json: bool) -> Result<String> {
+    let runtime = on_the_store(config, "the outbox's entries").await?;
+    let backlog = runtime.outbox_backlog().await;
+    runtime.shutdown().await?;
+    let backlog = backlog?;
+    Ok(done(
+        json,
+        json!({ "outbox_backlog": backlog }),
+        format!("{backlog} events saved and not yet published"),
+    ))
+}
