@@ -15,7 +15,9 @@
 //! ```
 //!
 //! Every command takes `--json` (one JSON document on standard output) and
-//! `--service NAME` (instead of `CATGA_SERVICE`).
+//! `--service NAME` (instead of `CATGA_SERVICE`; `services` lists every
+//! service whatever it names). `sagas` and `outbox` read the store
+//! directly: they start no runtime, so they never take a replica's part.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -23,7 +25,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::{Client, Config, DeadLetter, DeadLetters, Error, Result, Runtime};
+use crate::store::{RedisConnect, RedisStore, Store};
+use crate::{Client, Config, DeadLetter, DeadLetters, Error, Result, SagaInfo};
 
 /// How long `services` listens for the replicas' answers.
 const LISTEN: Duration = Duration::from_millis(500);
@@ -136,24 +139,55 @@ impl Client {
 /// returning what it prints. Errors are the commands' (a usage error is
 /// `Invalid`).
 pub async fn run(args: &[String], mut config: Config) -> Result<String> {
-    let json = args.iter().any(|a| a == "--json");
+    let mut json = false;
+    let mut force = false;
     let mut rest: Vec<&str> = Vec::new();
-    let mut it = args.iter().map(String::as_str).filter(|a| *a != "--json");
+    let mut it = args.iter().map(String::as_str);
     while let Some(a) = it.next() {
-        if a == "--service" {
-            config.service = it
-                .next()
-                .ok_or_else(|| Error::invalid("--service needs a name"))?
-                .to_owned();
-        } else {
-            rest.push(a);
+        match a {
+            "--json" => json = true,
+            "--force" => force = true,
+            "--service" => {
+                config.service = it
+                    .next()
+                    .ok_or_else(|| Error::invalid(format!("--service needs a name\n{USAGE}")))?
+                    .to_owned();
+            }
+            flag if flag.starts_with("--") && flag.len() > 2 => {
+                if let Some(name) = flag.strip_prefix("--service=") {
+                    config.service = name.to_owned();
+                } else if !matches!(flag, "--help") {
+                    return Err(Error::invalid(format!("unknown option `{flag}`\n{USAGE}")));
+                } else {
+                    rest.push(flag);
+                }
+            }
+            _ => rest.push(a),
         }
     }
+    let at_most = |n: usize| -> Result<()> {
+        match rest.get(n) {
+            Some(extra) => Err(Error::invalid(format!("unexpected `{extra}`\n{USAGE}"))),
+            None => Ok(()),
+        }
+    };
     match rest.first().copied() {
-        Some("services") => services(config, json).await,
-        Some("dlq") => dlq(&rest[1..], config, json).await,
-        Some("sagas") => sagas(&rest[1..], config, json).await,
-        Some("outbox") => outbox(config, json).await,
+        Some("services") => {
+            at_most(1)?;
+            services(config, json).await
+        }
+        Some("dlq") => {
+            at_most(3)?;
+            dlq(&rest[1..], force, config, json).await
+        }
+        Some("sagas") => {
+            at_most(2)?;
+            sagas(&rest[1..], config, json).await
+        }
+        Some("outbox") => {
+            at_most(1)?;
+            outbox(config, json).await
+        }
         Some("help" | "--help" | "-h") | None => Ok(USAGE.to_owned()),
         Some(other) => Err(Error::invalid(format!("unknown command `{other}`\n{USAGE}"))),
     }
@@ -162,6 +196,7 @@ pub async fn run(args: &[String], mut config: Config) -> Result<String> {
 /// What `catga help` prints.
 pub const USAGE: &str = "usage: catga [--json] [--service NAME] COMMAND
   services                      replicas answering NATS micro discovery
+                                (every service, whatever --service names)
   dlq list [FROM]               dead letters (from sequence FROM)
   dlq show N                    one dead letter, with its headers and payload
   dlq replay N [--force]        publish it again (--force: also one not written by catga)
@@ -244,17 +279,25 @@ fn mark(l: &DeadLetter) -> &'static str {
     }
 }
 
-async fn dlq(args: &[&str], config: Config, json: bool) -> Result<String> {
+async fn dlq(args: &[&str], force: bool, config: Config, json: bool) -> Result<String> {
     let seq = |i: usize| -> Result<u64> {
         args.get(i)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::invalid(format!("a dead letter's number is needed\n{USAGE}")))
     };
+    // The command is checked before connecting: a usage error is said at
+    // once, also while the broker is away.
+    let (command, n) = match args.first().copied() {
+        Some("list") => ("list", if args.len() > 1 { seq(1)? } else { 0 }),
+        Some(c @ ("show" | "replay" | "purge")) => (c, seq(1)?),
+        Some("purge-all") if args.len() == 1 => ("purge-all", 0),
+        _ => return Err(Error::invalid(format!("which dlq command?\n{USAGE}"))),
+    };
     let dlq = DeadLetters::connect(&config).await?;
     let mut out = String::new();
-    match args.first().copied() {
-        Some("list") => {
-            let letters = dlq.list(seq(1).unwrap_or(0), 100).await?;
+    match command {
+        "list" => {
+            let letters = dlq.list(n, 100).await?;
             if json {
                 let all: Vec<Value> = letters.iter().map(|l| letter_json(l, false)).collect();
                 return Ok(Value::Array(all).to_string() + "\n");
@@ -273,8 +316,8 @@ async fn dlq(args: &[&str], config: Config, json: bool) -> Result<String> {
                 );
             }
         }
-        Some("show") => {
-            let l = dlq.get(seq(1)?).await?;
+        "show" => {
+            let l = dlq.get(n).await?;
             if json {
                 return Ok(letter_json(&l, true).to_string() + "\n");
             }
@@ -302,25 +345,22 @@ async fn dlq(args: &[&str], config: Config, json: bool) -> Result<String> {
             }
             let _ = writeln!(out, "{}", String::from_utf8_lossy(&l.payload));
         }
-        Some("replay") => {
-            let n = seq(1)?;
-            if args.get(2).is_some_and(|a| *a == "--force") {
+        "replay" => {
+            if force {
                 dlq.replay_forced(n).await?;
             } else {
                 dlq.replay(n).await?;
             }
             out = done(json, json!({ "replayed": n }), format!("replayed #{n}"));
         }
-        Some("purge") => {
-            let n = seq(1)?;
+        "purge" => {
             dlq.purge(n).await?;
             out = done(json, json!({ "purged": n }), format!("purged #{n}"));
         }
-        Some("purge-all") => {
+        _ => {
             let n = dlq.purge_all().await?;
             out = done(json, json!({ "purged": n }), format!("purged {n}"));
         }
-        _ => return Err(Error::invalid(format!("which dlq command?\n{USAGE}"))),
     }
     Ok(out)
 }
@@ -331,14 +371,16 @@ fn done(json: bool, v: Value, text: String) -> String {
     out
 }
 
-/// A client-only runtime on the store of the service's replicas.
-async fn on_the_store(config: Config, what: &str) -> Result<Runtime> {
-    if config.redis_url.is_none() {
+/// The store of the service's replicas (`REDIS_URL`), read directly: no
+/// runtime, so that the CLI never takes a replica's part (the outbox
+/// relay's lease, discovery, the HTTP endpoint).
+fn the_store(config: &Config, what: &str) -> Result<Store> {
+    let Some(redis) = RedisConnect::from_config(config) else {
         return Err(Error::invalid(format!(
             "{what} are read from the store: set REDIS_URL (and CATGA_SERVICE) as the replicas have it"
         )));
-    }
-    Runtime::builder().config(config).client_only().start().await
+    };
+    Ok(RedisStore::connect(&redis, &config.service)?.into())
 }
 
 async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {
@@ -348,10 +390,12 @@ async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {
             .parse()
             .map_err(|_| Error::invalid(format!("sagas [N], not `{s}`\n{USAGE}")))?,
     };
-    let runtime = on_the_store(config, "sagas").await?;
-    let found = runtime.sagas(n).await;
-    runtime.shutdown().await?;
-    let found = found?;
+    let store = the_store(&config, "sagas")?;
+    let mut found = Vec::new();
+    for id in store.saga_list(n).await? {
+        let journal = store.saga_load(&id).await?;
+        found.push(SagaInfo::from_journal(id, &journal));
+    }
     if json {
         let all: Vec<Value> = found
             .iter()
@@ -394,10 +438,9 @@ async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {
 }
 
 async fn outbox(config: Config, json: bool) -> Result<String> {
-    let runtime = on_the_store(config, "the outbox's entries").await?;
-    let backlog = runtime.outbox_backlog().await;
-    runtime.shutdown().await?;
-    let backlog = backlog?;
+    let backlog = the_store(&config, "the outbox's entries")?
+        .outbox_backlog()
+        .await?;
     Ok(done(
         json,
         json!({ "outbox_backlog": backlog }),

@@ -232,11 +232,22 @@ async fn the_cli_shows_and_operates_a_running_service() {
     let outbox: Value = serde_json::from_str(&cli(&["outbox", "--json"], &c).await).expect("JSON");
     assert_eq!(outbox["outbox_backlog"], 0);
 
-    // Misuse is a usage error.
-    let err = catga::cli::run(&["dlq".to_owned(), "show".to_owned()], c.clone())
-        .await
-        .expect_err("no number");
-    assert_eq!(err.kind(), catga::ErrorKind::Invalid);
+    // Misuse is a usage error, said before connecting.
+    for bad in [
+        &["dlq", "show"][..],
+        &["dlq", "list", "abc"],
+        &["dlq", "purge-all", "now"],
+        &["services", "extra"],
+        &["--jsn", "services"],
+        &["sagas", "x"],
+        &["--service"],
+    ] {
+        let args: Vec<String> = bad.iter().map(|a| (*a).to_owned()).collect();
+        let err = catga::cli::run(&args, c.clone())
+            .await
+            .expect_err("a usage error");
+        assert_eq!(err.kind(), catga::ErrorKind::Invalid, "{bad:?}: {err}");
+    }
     for rt in replicas {
         rt.shutdown().await.expect("clean shutdown");
     }

@@ -55,6 +55,36 @@ async fn a_command_sent_right_after_start_reaches_the_saga() {
     rt.shutdown().await.expect("clean shutdown");
 }
 
+/// A job only the leader does, from a durable consumer.
+#[event(subject = "tests.first.job")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Job;
+
+static JOBS: AtomicU64 = AtomicU64::new(0);
+
+#[event(durable = "first-jobs", leader)]
+async fn job(_j: Job) -> Result<()> {
+    JOBS.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// A durable leader handler binds in its own loop once the lease is won:
+/// `start()` waits for that too on the embedded transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_event_published_right_after_start_reaches_the_leader() {
+    let rt = Runtime::builder()
+        .handlers(|s| s.name() == "first_test::job")
+        .start()
+        .await
+        .expect("starts");
+    rt.client().publish(Job).await.expect("published");
+    catga_tests::until("the leader handled it", Duration::from_secs(10), || {
+        JOBS.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    rt.shutdown().await.expect("clean shutdown");
+}
+
 /// The README's first test, as written there.
 #[command(reply = u64)]
 #[derive(Serialize, Deserialize)]

@@ -162,6 +162,12 @@ impl Health {
         self.state.send_modify(|s| s.live = s.live.saturating_sub(1));
     }
 
+    /// How many serve loops of what is served under a lease wait for a
+    /// subscription right now.
+    pub(crate) fn elective_waiting(&self) -> usize {
+        self.state.borrow().elective.len()
+    }
+
     /// A serve loop of something served under a lease starts: it waits
     /// for its subscription (see [`ElectiveSlot`]).
     pub(crate) fn elective_slot(&self) -> ElectiveSlot {
