@@ -59,6 +59,43 @@ async fn replica(nats_url: &str, redis: &RedisServer, id: &str) -> Runtime {
     rt
 }
 
+/// Retries a raw JetStream read for up to 30 s (the cluster elects
+/// leaders after a node died); panics naming `what` past that.
+async fn js_retry<T, E: std::fmt::Display, Fut: std::future::Future<Output = std::result::Result<T, E>>>(
+    what: &str,
+    op: impl Fn() -> Fut,
+) -> T {
+    match js_retry_unless(what, "\u{0}never", op).await {
+        Some(v) => v,
+        None => unreachable!("no error text matches"),
+    }
+}
+
+/// [`js_retry`], except that an error whose text contains `final` is an
+/// answer: `None`.
+async fn js_retry_unless<
+    T,
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+>(
+    what: &str,
+    final_: &str,
+    op: impl Fn() -> Fut,
+) -> Option<T> {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) if e.to_string().contains(final_) => return None,
+            Err(e) if Instant::now() < until => {
+                eprintln!("{what}: {e}; again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
 /// Retries what a node failure causes, for up to 15 s.
 async fn retrying<T, Fut: std::future::Future<Output = Result<T>>>(op: impl Fn() -> Fut) -> Result<T> {
     let until = Instant::now() + Duration::from_secs(15);
@@ -356,17 +393,32 @@ async fn events_saved_with_state_reach_their_stream_in_order_while_nodes_die() {
     }
 
     // Read the stream: every deposit's event once, each account's in order.
-    let nc = async_nats::connect(cluster.nodes[1].url()).await.expect("nats");
+    // The cluster may still be electing leaders after the last kill: each
+    // read is retried while it times out.
+    let urls: Vec<async_nats::ServerAddr> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.url().parse().expect("a server address"))
+        .collect();
+    let nc = async_nats::connect(urls.as_slice()).await.expect("nats");
     let js = async_nats::jetstream::new(nc);
-    let name = js
-        .stream_by_subject("cluster.deposited")
-        .await
-        .expect("a stream stores the events");
-    let mut stream = js.get_stream(&name).await.expect("stream");
-    let last = stream.info().await.expect("info").state.last_sequence;
+    let name = js_retry("a stream stores the events", || {
+        js.stream_by_subject("cluster.deposited")
+    })
+    .await;
+    let stream = js_retry("the stream", || js.get_stream(&name)).await;
+    let last = js_retry("its info", || {
+        let mut stream = stream.clone();
+        async move { stream.info().await.map(|i| i.state.last_sequence) }
+    })
+    .await;
     let mut in_stream: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     for seq in 1..=last {
-        let Ok(m) = stream.get_raw_message(seq).await else {
+        let got = js_retry_unless("a stored event", "no message found", || {
+            stream.get_raw_message(seq)
+        })
+        .await;
+        let Some(m) = got else {
             continue;
         };
         let e: Deposited = serde_json::from_slice(&m.payload).expect("an event");

@@ -1156,6 +1156,15 @@ async fn route_from(
     // holds, which is right: every trigger before it was stored (or is
     // being given back and comes first).
     let mut last: Option<String> = None;
+    // Triggers in flight wait for their copies' stores, which take up to
+    // the request time-out while a node dies: longer than the triggers'
+    // short ack wait. Unacknowledged that long, the broker delivered them
+    // again while the first delivery was still in flight, and a later
+    // trigger could be routed ahead of earlier ones given back (seen in
+    // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`).
+    // Progress acks keep them this router's while it works on them.
+    let mut keep = tokio::time::interval(ack_wait(&shared.config) / 3);
+    keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let stopping = *stop.borrow() || lease.fence().is_err() || failed.is_some();
         if stopping && inflight.is_empty() {
@@ -1166,6 +1175,14 @@ async fn route_from(
             stored = front(&mut inflight), if !inflight.is_empty() => {
                 let Some((_, settler, trigger)) = inflight.pop_front() else { continue };
                 routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut failed).await;
+            }
+            _ = keep.tick(), if !inflight.is_empty() => {
+                let settlers: Vec<&Settler> = inflight.iter().map(|(_, settler, _)| settler).collect();
+                for settler in settlers {
+                    if let Err(e) = settler.progress().await {
+                        tracing::debug!(error = %e, "progress ack of a trigger not sent");
+                    }
+                }
             }
             _ = stop.changed(), if !stopping => {}
             d = sub.next(), if !stopping && inflight.len() < ROUTER_WINDOW => {
@@ -1260,6 +1277,16 @@ async fn route_from(
                         let _ = settler.settle(recorded(shared, letter).await).await;
                     }
                     Err(e) => {
+                        // What was sent before it is settled first, in
+                        // order: given back ahead of them, it would come
+                        // back first and be routed ahead of them (seen in
+                        // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
+                        // a trigger ran before the 43 sent ahead of it
+                        // when a node died).
+                        while let Some((stored, earlier, trigger)) = inflight.pop_front() {
+                            let stored = stored.await;
+                            routed(shared, served, earlier, &trigger, stored.map(|_| ()), &mut failed).await;
+                        }
                         let _ = settler.settle(Settle::Retry { delay: Duration::ZERO }).await;
                         failed = Some(e);
                     }
