@@ -303,6 +303,17 @@ impl Client {
         self.publish_with(event, headers, true).await
     }
 
+    /// [`publish_durable`](Self::publish_durable) under a message id chosen
+    /// by the caller: a publish retried after an error (its acknowledgement
+    /// may have been lost while the event was stored) is dropped as a
+    /// repeat by the stream within its duplicate window, instead of being
+    /// stored twice under two ids.
+    pub async fn publish_durable_with_id<E: Event>(&self, event: E, message_id: &str) -> Result<()> {
+        wire::check_id(message_id)?;
+        let headers = wire::message_headers(true, E::VERSION, Cause::Id(message_id));
+        self.publish_with(event, headers, true).await
+    }
+
     /// Sends a raw payload to a command subject and returns the raw reply
     /// body (for gateways that forward JSON); an error reply becomes
     /// [`Error`] with its kind and message. The subject follows the rules of
