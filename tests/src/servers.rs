@@ -331,6 +331,29 @@ impl RedisServer {
         self.process.kill();
     }
 
+    /// Starts one on TLS only, with the server certificate and key `cert`
+    /// and `key` issued by `ca`; `clients`: `tls-auth-clients` (`yes` asks
+    /// clients for a certificate of `ca`); `more` arguments after those.
+    pub fn start_tls(ca: &Path, cert: &Path, key: &Path, clients: &str, more: &[&str]) -> RedisServer {
+        let (ca, cert, key) = (
+            ca.display().to_string(),
+            cert.display().to_string(),
+            key.display().to_string(),
+        );
+        let mut args = vec![
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            clients,
+        ];
+        args.extend_from_slice(more);
+        RedisServer::start_with(false, &args)
+    }
+
     /// Starts (again) on the same port and directory and waits until it
     /// accepts connections (and answers `PING` when it takes plain ones
     /// without a password).
@@ -548,25 +571,11 @@ impl RedisSentinel {
     /// master over TLS too, with the same certificate. Returns the master
     /// and the sentinel's `rediss://` URL; both stop when dropped.
     pub fn start_tls(ca: &Path, cert: &Path, key: &Path, clients: &str) -> (RedisServer, TlsSentinel) {
+        let master = RedisServer::start_tls(ca, cert, key, clients, &["--tls-replication", "yes"]);
         let (ca, cert, key) = (
             ca.display().to_string(),
             cert.display().to_string(),
             key.display().to_string(),
-        );
-        let master = RedisServer::start_with(
-            false,
-            &[
-                "--tls-cert-file",
-                &cert,
-                "--tls-key-file",
-                &key,
-                "--tls-ca-cert-file",
-                &ca,
-                "--tls-auth-clients",
-                clients,
-                "--tls-replication",
-                "yes",
-            ],
         );
         let mut sentinel = Process::new("redis-server", "CATGA_REDIS_SERVER");
         let conf = sentinel.dir.path().join("sentinel.conf");

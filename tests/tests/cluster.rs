@@ -65,13 +65,13 @@ async fn js_retry<T, E: std::fmt::Display, Fut: std::future::Future<Output = std
     what: &str,
     op: impl Fn() -> Fut,
 ) -> T {
-    match js_retry_unless(what, "\u{0}never", op).await {
+    match js_retry_unless(what, None, op).await {
         Some(v) => v,
-        None => unreachable!("no error text matches"),
+        None => unreachable!("no error is an answer"),
     }
 }
 
-/// [`js_retry`], except that an error whose text contains `final` is an
+/// [`js_retry`], except that an error whose text contains `answer` is an
 /// answer: `None`.
 async fn js_retry_unless<
     T,
@@ -79,14 +79,14 @@ async fn js_retry_unless<
     Fut: std::future::Future<Output = std::result::Result<T, E>>,
 >(
     what: &str,
-    final_: &str,
+    answer: Option<&str>,
     op: impl Fn() -> Fut,
 ) -> Option<T> {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         match op().await {
             Ok(v) => return Some(v),
-            Err(e) if e.to_string().contains(final_) => return None,
+            Err(e) if answer.is_some_and(|a| e.to_string().contains(a)) => return None,
             Err(e) if Instant::now() < until => {
                 eprintln!("{what}: {e}; again");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -422,7 +422,7 @@ async fn events_saved_with_state_reach_their_stream_in_order_while_nodes_die() {
     .await;
     let mut in_stream: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     for seq in 1..=last {
-        let got = js_retry_unless("a stored event", "no message found", || {
+        let got = js_retry_unless("a stored event", Some("no message found"), || {
             stream.get_raw_message(seq)
         })
         .await;

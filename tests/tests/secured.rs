@@ -636,20 +636,12 @@ async fn redis_acl_user() {
 }
 
 fn redis_tls_server(pki: &Pki, clients: &str) -> RedisServer {
-    let p = |n: &str| pki.path(n).display().to_string();
-    let (cert, key, ca) = (p("server.pem"), p("server-key.pem"), p("ca.pem"));
-    RedisServer::start_with(
-        false,
-        &[
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            clients,
-        ],
+    RedisServer::start_tls(
+        &pki.path("ca.pem"),
+        &pki.path("server.pem"),
+        &pki.path("server-key.pem"),
+        clients,
+        &[],
     )
 }
 

@@ -469,7 +469,7 @@ pub(crate) fn member_name(shared: &Shared) -> &str {
 /// Heartbeats, rebalances, and starts or stops serving partitions; runs
 /// until aborted.
 pub(crate) async fn run(shared: Arc<Shared>, owned: Arc<Mutex<Owned>>, sagas: Arc<Sagas>) {
-    let mut keeper = Keeper::new(shared, Vec::new());
+    let mut keeper = Keeper::new(shared);
     loop {
         let tick = Instant::now();
         let round = sagas.begun.fetch_add(1, Ordering::AcqRel) + 1;
@@ -522,22 +522,22 @@ struct Keeper {
 type Wanted = (&'static HandlerSpec, Arc<Semaphore>, u32, bool);
 
 impl Keeper {
-    fn new(shared: Arc<Shared>, specs: Vec<&'static HandlerSpec>) -> Keeper {
-        let gates = specs.iter().map(|s| gate(&shared, s)).collect();
+    /// A keeper of no saga yet: [`follow`](Self::follow) takes them up.
+    fn new(shared: Arc<Shared>) -> Keeper {
         Keeper {
             me: member_name(&shared).to_owned(),
-            gates,
-            streams_ready: vec![false; specs.len()],
-            streams_error: vec![None; specs.len()],
+            gates: Vec::new(),
+            streams_ready: Vec::new(),
+            streams_error: Vec::new(),
             held_until: Instant::now(),
-            members_seen: vec![Vec::new(); specs.len()],
-            owners: vec![Vec::new(); specs.len()],
+            members_seen: Vec::new(),
+            owners: Vec::new(),
             served_before: BTreeMap::new(),
             heartbeat_error: None,
             leases_error: None,
             not_served: BTreeMap::new(),
             leaving: std::collections::BTreeSet::new(),
-            specs,
+            specs: Vec::new(),
             shared,
         }
     }

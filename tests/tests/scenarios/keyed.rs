@@ -148,6 +148,12 @@ async fn publish(client: &catga::Client, run: &str, from: u64, per_account: u64)
     }
 }
 
+/// [`publish`]es 10 triggers per account of `run` in the background.
+fn publishing(client: &catga::Client, run: &str) -> tokio::task::JoinHandle<()> {
+    let (client, run) = (client.clone(), run.to_owned());
+    tokio::spawn(async move { publish(&client, &run, 0, 10).await })
+}
+
 /// Waits until every account of `run` has `n` entries; checks they are
 /// 0..n in order (each once), and that each saga finished once.
 async fn check(run: &str, n: u64) -> BTreeSet<String> {
@@ -206,11 +212,7 @@ async fn keyed_sagas_keep_key_order_while_replicas_leave_and_join(b: &Backend) {
     // One leaves while triggers arrive: its partitions move to the others,
     // and no key's order breaks.
     let run = run_id();
-    let load = {
-        let client = client.clone();
-        let run = run.clone();
-        tokio::spawn(async move { publish(&client, &run, 0, 10).await })
-    };
+    let load = publishing(&client, &run);
     tokio::time::sleep(Duration::from_millis(50)).await;
     replicas.remove(0).shutdown().await.expect("clean shutdown");
     load.await.expect("publisher");
@@ -219,11 +221,7 @@ async fn keyed_sagas_keep_key_order_while_replicas_leave_and_join(b: &Backend) {
 
     // One joins while triggers arrive: it takes a share.
     let run = run_id();
-    let load = {
-        let client = client.clone();
-        let run = run.clone();
-        tokio::spawn(async move { publish(&client, &run, 0, 10).await })
-    };
+    let load = publishing(&client, &run);
     replicas.push(replica(b, "r4").await);
     load.await.expect("publisher");
     let held = spread(&replicas.iter().collect::<Vec<_>>()).await;
@@ -252,11 +250,7 @@ async fn a_keyed_saga_is_stopped_and_started_by_name(b: &Backend) {
         .find(|n| n.ends_with("::ledger"))
         .expect("the saga");
     let run = run_id();
-    let load = {
-        let client = client.clone();
-        let run = run.clone();
-        tokio::spawn(async move { publish(&client, &run, 0, 10).await })
-    };
+    let load = publishing(&client, &run);
     tokio::time::sleep(Duration::from_millis(50)).await;
     replicas[0].stop_handler(name).await.expect("left the saga");
     assert!(
