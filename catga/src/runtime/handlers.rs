@@ -112,6 +112,23 @@ pub(crate) async fn spawn_served(served: Arc<Served>, shared: &Arc<Shared>) -> R
     let elective = served.elective();
     if !elective {
         shared.health.want(served.parallel);
+    } else if subs.iter().any(Option::is_some) {
+        // What is served under a lease takes no confirmation ticket (so
+        // that readiness does not dip when leadership moves), so wait for
+        // the broker here: once the leader handler is listed as served,
+        // its SUB reached the server and an event published now reaches
+        // it. Without this wait, a standby that took over under CI load
+        // was listed as serving while the 20 events published right after
+        // went to no subscriber. Bounded by half a lease, so that a slow
+        // broker cannot make the new leader miss its first renewal.
+        if let Err(e) = shared
+            .client
+            .transport()
+            .round_trip(shared.config.leader_lease / 2)
+            .await
+        {
+            tracing::debug!(handler = served.spec.name(), error = %e, "a leader handler's subscription is not confirmed yet");
+        }
     }
     let tasks = subs
         .into_iter()

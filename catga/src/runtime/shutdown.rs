@@ -37,6 +37,11 @@ pub(crate) async fn signal() {
     }
 }
 
+/// The least time given to writing the last replies out, even past the
+/// deadline: a round trip on loopback takes well under a millisecond, on
+/// a loaded host tens of them.
+const LAST_REPLIES_AT_LEAST: Duration = Duration::from_millis(200);
+
 /// What stopping some serve loops came to.
 pub(crate) struct Stopped {
     /// Loops still running at the deadline, aborted.
@@ -116,10 +121,14 @@ pub(crate) async fn shutdown(
         tracing::debug!("could not say this replica leaves; its claims lapse with its liveness");
     }
     // The last replies: what is left of the deadline, but at least a
-    // moment, and never long when the broker is away.
+    // moment, and never long when the broker is away. The moment matters
+    // when handlers were cancelled at the deadline: their senders'
+    // "unavailable" answers were queued just now, and with no time left
+    // they were never written out (one sender of 40 in a CI run waited
+    // out its 20 s time-out instead of being answered at once).
     let left = deadline
         .saturating_duration_since(Instant::now())
-        .min(Duration::from_secs(2));
+        .clamp(LAST_REPLIES_AT_LEAST, Duration::from_secs(2));
     // A round trip, not only a flush: async-nats' flush writes the buffer
     // out but does not wait for the server, so a sender on another
     // connection could still reach a subscription whose UNSUB the server
@@ -127,7 +136,7 @@ pub(crate) async fn shutdown(
     // `shutdown::nats::graceful_shutdown` got "no reply" instead of "no
     // handler" right after shutdown returned).
     let transport = shared.client.transport();
-    let flushed = if transport.is_connected() && !left.is_zero() {
+    let flushed = if transport.is_connected() {
         transport.flush(left).await.is_ok() && transport.round_trip(left).await.is_ok()
     } else {
         false
