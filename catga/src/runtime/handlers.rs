@@ -34,6 +34,55 @@ pub(crate) async fn start_serving(
     Ok(())
 }
 
+/// Starts serving the leader handlers `specs` (this replica just won the
+/// lease) and lists them as served once the broker has their
+/// subscriptions, waiting at most `within` for that. What is served under
+/// a lease takes no confirmation ticket (so that readiness does not dip
+/// when leadership moves), so without this wait a standby that took over
+/// under CI load was listed as serving while the 20 events published
+/// right after reached no subscriber. One round trip for all of them,
+/// bounded as a whole (the caller passes a third of the lease, so that a
+/// slow broker cannot make the new leader miss its first renewal), and
+/// none while disconnected: the client subscribes again on reconnecting.
+pub(crate) async fn start_leading(
+    specs: &[&'static HandlerSpec],
+    shared: &Arc<Shared>,
+    serving: &tokio::sync::Mutex<HashMap<&'static str, Serving>>,
+    within: std::time::Duration,
+) {
+    let mut serving = serving.lock().await;
+    let mut started = Vec::new();
+    for spec in specs {
+        if serving.contains_key(spec.name()) {
+            continue;
+        }
+        if shared.health.fatal().is_some() || shared.health.is_draining() {
+            break;
+        }
+        let mut others: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();
+        others.extend(started.iter().map(|(_, s): &(&str, Serving)| s.served.spec));
+        others.push(spec);
+        let spawned = match crate::registry::check(&others, true) {
+            Ok(()) => spawn_handler(spec, shared).await,
+            Err(e) => Err(e),
+        };
+        match spawned {
+            Ok(s) => started.push((spec.name(), s)),
+            Err(e) => tracing::error!(handler = spec.name(), error = %e, "a leader handler could not start"),
+        }
+    }
+    let transport = shared.client.transport();
+    if !started.is_empty()
+        && transport.is_connected()
+        && let Err(e) = tokio::time::timeout(within, transport.round_trip(within))
+            .await
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout, "no round trip in time")))
+    {
+        tracing::debug!(error = %e, "the leader handlers' subscriptions are not confirmed yet");
+    }
+    serving.extend(started);
+}
+
 /// Stops serving handler `name` (see [`Runtime::stop_handler`]).
 pub(crate) async fn stop_serving_one(
     name: &str,
@@ -112,23 +161,6 @@ pub(crate) async fn spawn_served(served: Arc<Served>, shared: &Arc<Shared>) -> R
     let elective = served.elective();
     if !elective {
         shared.health.want(served.parallel);
-    } else if subs.iter().any(Option::is_some) {
-        // What is served under a lease takes no confirmation ticket (so
-        // that readiness does not dip when leadership moves), so wait for
-        // the broker here: once the leader handler is listed as served,
-        // its SUB reached the server and an event published now reaches
-        // it. Without this wait, a standby that took over under CI load
-        // was listed as serving while the 20 events published right after
-        // went to no subscriber. Bounded by half a lease, so that a slow
-        // broker cannot make the new leader miss its first renewal.
-        if let Err(e) = shared
-            .client
-            .transport()
-            .round_trip(shared.config.leader_lease / 2)
-            .await
-        {
-            tracing::debug!(handler = served.spec.name(), error = %e, "a leader handler's subscription is not confirmed yet");
-        }
     }
     let tasks = subs
         .into_iter()

@@ -127,11 +127,7 @@ pub(crate) async fn run(
                         token,
                         "this replica is the leader now: serving the leader handlers"
                     );
-                    for spec in &specs {
-                        if let Err(e) = super::handlers::start_serving(spec, &shared, &serving).await {
-                            tracing::error!(handler = spec.name(), error = %e, "a leader handler could not start");
-                        }
-                    }
+                    super::handlers::start_leading(&specs, &shared, &serving, every).await;
                 }
                 Ok(None) => {}
                 Err(e) => tracing::debug!(error = %e, "the leader lease could not be asked for"),

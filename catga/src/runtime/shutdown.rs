@@ -136,11 +136,12 @@ pub(crate) async fn shutdown(
     // `shutdown::nats::graceful_shutdown` got "no reply" instead of "no
     // handler" right after shutdown returned).
     let transport = shared.client.transport();
-    let flushed = if transport.is_connected() {
-        transport.flush(left).await.is_ok() && transport.round_trip(left).await.is_ok()
-    } else {
-        false
-    };
+    let flushed = transport.is_connected()
+        && tokio::time::timeout(left, async {
+            transport.flush(left).await.is_ok() && transport.round_trip(left).await.is_ok()
+        })
+        .await
+        .unwrap_or(false);
     if !flushed {
         tracing::warn!("could not flush the last replies to the broker");
     }
