@@ -262,6 +262,12 @@ pub const SETTINGS: &[Setting] = &[
         read: Some(|c, n, v| set(&mut c.streams.replicas, count(n, v)?)),
     },
     Setting {
+        name: "CATGA_JS_SAGA_STREAMS",
+        meaning: "streams the partitions of each keyed saga spread over (at most one per partition), so that no one stream leader carries them all: 3 on a 3-node cluster; the same on every replica, changed only as the operations guide says (\"Keyed sagas on a NATS cluster\")",
+        default: "1",
+        read: Some(|c, n, v| set(&mut c.streams.saga_streams, small(n, v)?)),
+    },
+    Setting {
         name: "CATGA_JS_MAX_AGE_MS",
         meaning: "how long a stream keeps events (dead letters: at least 30 days)",
         default: "604800000 (7 days)",
@@ -516,6 +522,9 @@ pub struct StreamSettings {
     pub max_age: Duration,
     /// How long message ids are remembered to drop duplicates.
     pub duplicate_window: Duration,
+    /// Streams the partitions of each keyed saga spread over (at most
+    /// one per partition): partition `p` is in stream `p % saga_streams`.
+    pub saga_streams: u32,
 }
 
 impl Default for StreamSettings {
@@ -525,6 +534,7 @@ impl Default for StreamSettings {
             replicas: 1,
             max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
+            saga_streams: 1,
         }
     }
 }
@@ -606,6 +616,7 @@ impl Config {
             ("CATGA_SUBSCRIPTION_BYTES", self.subscription_bytes),
             ("CATGA_MAX_DELIVER", self.max_deliver as usize),
             ("CATGA_JS_REPLICAS", self.streams.replicas),
+            ("CATGA_JS_SAGA_STREAMS", self.streams.saga_streams as usize),
         ];
         for (name, n) in at_least_one {
             if n == 0 {
@@ -839,8 +850,9 @@ mod tests {
         // The same value is refused the same way, naming the variable,
         // whichever way it was set.
         type Case = (&'static str, &'static str, fn(&mut Config));
-        let cases: [Case; 4] = [
+        let cases: [Case; 5] = [
             ("CATGA_CONCURRENCY", "0", |c| c.concurrency = 0),
+            ("CATGA_JS_SAGA_STREAMS", "0", |c| c.streams.saga_streams = 0),
             ("CATGA_SUBSCRIPTION_BYTES", "0", |c| c.subscription_bytes = 0),
             ("CATGA_LEADER_LEASE_MS", "5", |c| {
                 c.leader_lease = Duration::from_millis(5)

@@ -54,6 +54,14 @@ impl Backend {
         }
     }
 
+    /// The nats-server's URL, on the NATS backends.
+    pub fn nats_url(&self) -> Option<String> {
+        match self {
+            Backend::Nats(s, _) | Backend::RedisCluster(s, _) | Backend::RedisSentinel(s, _) => Some(s.url()),
+            Backend::Memory(_) => None,
+        }
+    }
+
     /// The nats-server, on the NATS backend.
     pub fn nats_server(&mut self) -> Option<&mut NatsServer> {
         match self {

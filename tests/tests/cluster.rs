@@ -301,8 +301,12 @@ async fn accounts_replica(nats_url: &str, redis: &RedisServer, id: &str) -> Runt
         .redis_url(redis.url())
         .instance_id(id)
         .durable_defaults(Duration::from_secs(2), 1000)
+        // The saga's partitions over 3 streams, whose leaders JetStream
+        // places one by one (usually on different nodes): the router's
+        // copies chain per stream while nodes die.
         .streams(StreamSettings {
             replicas: 3,
+            saga_streams: 3,
             ..StreamSettings::default()
         })
         .handlers(|s| matches!(s.name(), "cluster::deposit" | "cluster::book"))

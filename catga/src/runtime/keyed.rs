@@ -4,8 +4,8 @@
 //! - One replica at a time routes (the holder of the saga's router lease,
 //!   placed by the ring like a partition): it pulls the triggers from the
 //!   saga's durable consumer, reads each key, and stores the trigger on its
-//!   partition's subject (`catga.saga.<service>.<saga>.<n>`, one JetStream
-//!   stream per saga) under the trigger's message id, so a routing repeated
+//!   partition's subject (`catga.saga.<service>.<saga>.<n>`, in one of
+//!   `CATGA_JS_SAGA_STREAMS` JetStream streams per saga) under the trigger's message id, so a routing repeated
 //!   after a crash is dropped by the stream's duplicate window. It sends
 //!   one trigger after another on one connection without waiting for each
 //!   acknowledgement (the stream stores them in that order) and acks the
@@ -67,8 +67,9 @@ pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(3);
 /// One partition of a keyed saga, as a replica serves it.
 pub(crate) struct Partition {
     pub index: u32,
-    /// The partitions' stream subject (`<base>.*`).
-    pub stream_subject: String,
+    /// The key its stream is named after (see
+    /// [`partition_streams`](crate::transport::partition_streams)).
+    pub stream_key: String,
     lease: Arc<str>,
     /// The lease's token while this replica holds the lease (0 once it is
     /// lost or released) and until when it surely does, shared with the
@@ -495,7 +496,7 @@ struct Keeper {
     /// Whether each saga's streams are set up (its partitions are served
     /// only then), and why not.
     streams_ready: Vec<bool>,
-    streams_error: Vec<Option<String>>,
+    streams_error: Vec<Option<Error>>,
     /// Until when this replica surely holds the leases it was granted.
     held_until: Instant,
     /// The replicas running each keyed saga (a replica runs the selection
@@ -614,21 +615,27 @@ impl Keeper {
         let ttl = self.shared.config.member_timeout;
         for (i, spec) in self.specs.iter().enumerate() {
             if !self.streams_ready[i] {
-                self.streams_error[i] = ensure_streams(&self.shared, &[*spec])
-                    .await
-                    .err()
-                    .map(|e| e.to_string());
+                self.streams_error[i] = ensure_streams(&self.shared, &[*spec]).await.err();
                 self.streams_ready[i] = self.streams_error[i].is_none();
             }
         }
         self.heartbeat_error = None;
-        for ((spec, seen), owners) in self
+        for (((spec, seen), owners), streams_error) in self
             .specs
             .iter()
             .zip(self.members_seen.iter_mut())
             .zip(self.owners.iter_mut())
+            .zip(&self.streams_error)
         {
-            let alive = !self.leaving.contains(spec.name());
+            // A replica whose streams are refused for its configuration
+            // (another `CATGA_JS_SAGA_STREAMS` than the streams were made
+            // with) stays out of the ring: in it, it would be given
+            // partitions it can never serve, and they would stall for every
+            // replica. A broker that does not answer is passing: it stays.
+            let refused = streams_error
+                .as_ref()
+                .is_some_and(|e| e.kind() == ErrorKind::Config);
+            let alive = !self.leaving.contains(spec.name()) && !refused;
             match self
                 .shared
                 .store
@@ -764,7 +771,12 @@ impl Keeper {
             (None, t) if t > 0 && mine => {
                 let partition = Arc::new(Partition {
                     index: p,
-                    stream_subject: format!("{}.*", partition_base(&shared.config.service, spec)),
+                    stream_key: crate::transport::partition_stream_of(
+                        &partition_base(&shared.config.service, spec),
+                        p,
+                        spec.partitions().unwrap_or(1),
+                        shared.config.streams.saga_streams,
+                    ),
                     lease: lease_name(spec, p).into(),
                     token: {
                         let held = Arc::new(super::lease::Held::default());
@@ -1151,11 +1163,13 @@ async fn route_from(
     // and the trigger (for a dead letter if its copy is refused).
     let mut inflight: VecDeque<Routing> = VecDeque::new();
     let mut failed: Option<Error> = None;
-    // The id of the copy routed last in this run: the next one is stored
-    // only right after it. The first of a run follows whatever the stream
-    // holds, which is right: every trigger before it was stored (or is
-    // being given back and comes first).
-    let mut last: Option<String> = None;
+    // Per partition stream, the id of the copy routed to it last in this
+    // run: the next one is stored only right after it (the expectation is
+    // the stream's, so each stream has its own chain). The first of a run
+    // follows whatever the stream holds, which is right: every trigger
+    // before it was stored (or is being given back and comes first).
+    let streams = crate::transport::partition_stream_count(partitions, shared.config.streams.saga_streams);
+    let mut last: Vec<Option<String>> = vec![None; streams as usize];
     // Triggers in flight wait for their copies' stores, which take up to
     // the request time-out while a node dies: longer than the triggers'
     // short ack wait. Unacknowledged that long, the broker delivered them
@@ -1205,6 +1219,7 @@ async fn route_from(
                     }
                 };
                 let p = crate::ring::partition_of(&key, partitions);
+                let last = &mut last[(p % streams) as usize];
                 // The trigger's own headers, without the broker's (a
                 // forged `Nats-Expected-Stream` would make every copy be
                 // refused); the copy keeps the trigger's id: the saga's
@@ -1223,8 +1238,8 @@ async fn route_from(
                 let id = meta.message_id().to_owned();
                 headers.insert(crate::wire::headers::MESSAGE_ID, id.as_str());
                 // Each copy is stored only right after the one routed
-                // before it (all partitions share one stream): a copy
-                // lost while a node dies fails the ones sent after it,
+                // before it to the same stream: a copy lost while a node
+                // dies fails the ones sent to its stream after it,
                 // which are given back and routed again in order.
                 // A trigger delivered again (its router died, or did not
                 // settle it in time) may have its copy stored already: the
@@ -1257,16 +1272,16 @@ async fn route_from(
                 {
                     Ok(stored) if incoming.delivered > 1 => {
                         let stored = stored.await;
-                        last = match &stored {
-                            Ok(true) => None,
-                            Ok(false) => Some(id),
-                            Err(_) => last,
-                        };
+                        match &stored {
+                            Ok(true) => *last = None,
+                            Ok(false) => *last = Some(id),
+                            Err(_) => {}
+                        }
                         let trigger = (meta, incoming.payload);
                         routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut failed).await;
                     }
                     Ok(stored) => {
-                        last = Some(id);
+                        *last = Some(id);
                         inflight.push_back((stored, settler, Box::new((meta, incoming.payload))));
                     }
                     // It can never be routed (its copy is over the

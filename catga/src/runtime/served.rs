@@ -118,7 +118,7 @@ impl Served {
                 ack_wait: keyed::ack_wait(config),
                 max_ack_pending: 1,
                 batch: 1,
-                stream: Some(partition.stream_subject.clone()),
+                stream: Some(partition.stream_key.clone()),
                 pull_expires: keyed::PULL_EXPIRES,
             },
         ));

@@ -66,27 +66,49 @@ impl NatsTransport {
         Ok(())
     }
 
-    /// The stream of a keyed saga's partitions (`<base>.*`); each
-    /// partition's subject is remembered as stored, so that routing to it
-    /// needs no lookup.
+    /// The streams of a keyed saga's partitions (see
+    /// [`partition_streams`](super::partition_streams)); each partition's
+    /// subject is remembered as stored, so that routing to it needs no
+    /// lookup.
     pub(crate) async fn ensure_partition_stream(
         &self,
         base: &str,
         partitions: u32,
         settings: &StreamSettings,
     ) -> Result<()> {
-        let subject = format!("{base}.*");
-        self.ensure(stream_config(
-            stream_name(&subject),
-            vec![subject],
-            settings,
-            settings.max_age,
-        ))
-        .await?;
+        for (key, subjects) in super::partition_streams(base, partitions, settings.saga_streams) {
+            let name = stream_name(&key);
+            let first = subjects.first().cloned().unwrap_or_default();
+            if let Err(e) = self
+                .ensure(stream_config(name.clone(), subjects, settings, settings.max_age))
+                .await
+            {
+                return Err(self.other_layout(&first, &name).await.unwrap_or(e));
+            }
+        }
         for p in 0..partitions {
             self.remember_stream(&format!("{base}.{p}"), true);
         }
         Ok(())
+    }
+
+    /// Why the stream `name` of a keyed saga's partitions could not be
+    /// made, if another stream stores its subjects: the partitions were
+    /// laid out with another `CATGA_JS_SAGA_STREAMS` (JetStream refuses
+    /// streams whose subjects overlap).
+    async fn other_layout(&self, subject: &str, name: &str) -> Option<Error> {
+        let subject = subject.replace('*', "0");
+        let holder = self.jetstream().stream_by_subject(subject.clone()).await.ok()?;
+        (holder != name).then(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the saga partition subject `{subject}` is stored by stream {holder}, not {name}: the \
+                     partitions were laid out with another CATGA_JS_SAGA_STREAMS; set it back, or drain the \
+                     saga and delete the old streams (see the operations guide, \"Keyed sagas on a NATS cluster\")"
+                ),
+            )
+        })
     }
 
     /// The dead-letter stream of `service` (`catga.dead.<service>.>`):

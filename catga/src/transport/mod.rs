@@ -61,9 +61,9 @@ pub(crate) struct DurableOptions {
     pub max_ack_pending: usize,
     /// Messages pulled at a time.
     pub batch: usize,
-    /// The subject of the stream to bind in, when it stores more than the
-    /// consumer's subject (a keyed saga's partitions share one stream on
-    /// NATS).
+    /// The key the stream to bind in is named after (see
+    /// [`stream_name`]), when it stores more than the consumer's subject
+    /// (a keyed saga's partitions share streams on NATS).
     pub stream: Option<String>,
     /// How long one pull request waits on the broker (NATS).
     pub pull_expires: Duration,
@@ -81,6 +81,51 @@ pub(crate) fn stream_name(subject: &str) -> String {
         h = h.wrapping_mul(0x0100_0193);
     }
     format!("CATGA_{readable}_{h:08x}")
+}
+
+/// The streams of a keyed saga's partitions `<base>.0` to
+/// `<base>.<partitions - 1>` spread over `streams` streams (at most one
+/// per partition): per stream, the key its name is made from (see
+/// [`stream_name`]) and the subjects it stores. Partition `p` is in
+/// stream `p % streams`. One stream stores `<base>.*` under the key
+/// `<base>.*`, as before streams could be several, so that a service that
+/// keeps the default finds its stream as it left it.
+pub(crate) fn partition_streams(base: &str, partitions: u32, streams: u32) -> Vec<(String, Vec<String>)> {
+    let n = partition_stream_count(partitions, streams);
+    if n == 1 {
+        let all = format!("{base}.*");
+        return vec![(all.clone(), vec![all])];
+    }
+    (0..n)
+        .map(|g| {
+            let subjects = (g..partitions)
+                .step_by(n as usize)
+                .map(|p| format!("{base}.{p}"))
+                .collect();
+            (partition_stream_key(base, g, n), subjects)
+        })
+        .collect()
+}
+
+/// How many streams a keyed saga's `partitions` spread over when the
+/// setting asks for `streams`: at most one per partition, at least one.
+pub(crate) fn partition_stream_count(partitions: u32, streams: u32) -> u32 {
+    streams.clamp(1, partitions.max(1))
+}
+
+/// The key of the stream that stores partition `p` of a keyed saga (see
+/// [`partition_streams`]).
+pub(crate) fn partition_stream_of(base: &str, p: u32, partitions: u32, streams: u32) -> String {
+    let n = partition_stream_count(partitions, streams);
+    if n == 1 {
+        format!("{base}.*")
+    } else {
+        partition_stream_key(base, p % n, n)
+    }
+}
+
+fn partition_stream_key(base: &str, group: u32, of: u32) -> String {
+    format!("{base}.*.{group}of{of}")
 }
 
 pub(crate) use crate::wire::subject_token;
@@ -405,9 +450,10 @@ impl Transport {
         }
     }
 
-    /// Creates the stream of a keyed saga's partitions `<base>.0` to
-    /// `<base>.<partitions - 1>`: one stream of `<base>.*` on NATS, one per
-    /// partition on the embedded bus (its streams store one subject each).
+    /// Creates the streams of a keyed saga's partitions `<base>.0` to
+    /// `<base>.<partitions - 1>`: `settings.saga_streams` streams on NATS
+    /// (see [`partition_streams`]), one per partition on the embedded bus
+    /// (its streams store one subject each).
     pub(crate) async fn ensure_partition_streams(
         &self,
         base: &str,
@@ -1033,6 +1079,44 @@ impl Drop for Settler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_partition_stream_keeps_the_layout_from_before() {
+        let one = partition_streams("catga.saga.s.x", 8, 1);
+        assert_eq!(
+            one,
+            vec![("catga.saga.s.x.*".to_owned(), vec!["catga.saga.s.x.*".to_owned()])]
+        );
+        assert_eq!(partition_stream_of("catga.saga.s.x", 5, 8, 1), "catga.saga.s.x.*");
+        assert_eq!(stream_name(&one[0].0), stream_name("catga.saga.s.x.*"));
+    }
+
+    #[test]
+    fn partitions_spread_over_streams_round_robin() {
+        let three = partition_streams("b", 8, 3);
+        let subjects: Vec<Vec<&str>> = three
+            .iter()
+            .map(|(_, s)| s.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(
+            subjects,
+            [
+                vec!["b.0", "b.3", "b.6"],
+                vec!["b.1", "b.4", "b.7"],
+                vec!["b.2", "b.5"]
+            ]
+        );
+        for p in 0..8 {
+            let (key, _) = &three[(p % 3) as usize];
+            assert_eq!(&partition_stream_of("b", p, 8, 3), key);
+        }
+        let names: std::collections::BTreeSet<String> = three.iter().map(|(k, _)| stream_name(k)).collect();
+        assert_eq!(names.len(), 3, "three distinct stream names");
+        // Never more streams than partitions, never none.
+        assert_eq!(partition_streams("b", 2, 5).len(), 2);
+        assert_eq!(partition_stream_count(4, 0), 1);
+        assert_eq!(partition_stream_count(0, 3), 1);
+    }
 
     fn letter() -> DeadLetter {
         DeadLetter {

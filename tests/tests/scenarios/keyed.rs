@@ -86,6 +86,7 @@ async fn audit(saga: &Saga, e: Audited) -> Result<()> {
 
 catga_tests::on_both!(
     keyed_sagas_keep_key_order_while_replicas_leave_and_join,
+    over_three_streams_keyed_sagas_keep_key_order_while_replicas_leave_and_join,
     a_replica_without_the_saga_is_not_in_its_ring,
     a_keyed_saga_is_stopped_and_started_by_name
 );
@@ -93,10 +94,20 @@ catga_tests::on_both!(
 const ACCOUNTS: [&str; 6] = ["acct-a", "acct-b", "acct-c", "acct-d", "acct-e", "acct-f"];
 
 async fn replica(b: &Backend, name: &str) -> Runtime {
+    replica_over(b, name, 1).await
+}
+
+/// A replica whose keyed sagas' partitions spread over `streams` streams
+/// (`CATGA_JS_SAGA_STREAMS`).
+async fn replica_over(b: &Backend, name: &str, streams: u32) -> Runtime {
     b.started(
         b.builder(module_path!(), name)
             .membership(Duration::from_millis(100), Duration::from_millis(500))
-            .retry_base(Duration::from_millis(20)),
+            .retry_base(Duration::from_millis(20))
+            .streams(catga::StreamSettings {
+                saga_streams: streams,
+                ..Default::default()
+            }),
     )
     .await
 }
@@ -194,10 +205,47 @@ async fn check(run: &str, n: u64) -> BTreeSet<String> {
 }
 
 async fn keyed_sagas_keep_key_order_while_replicas_leave_and_join(b: &Backend) {
+    leave_and_join(b, 1).await;
+}
+
+/// The same with the partitions spread over three streams: on NATS,
+/// partition `p` is stored in stream `p % 3`, so that no one stream
+/// leader carries every partition, and every trigger is stored once.
+async fn over_three_streams_keyed_sagas_keep_key_order_while_replicas_leave_and_join(b: &Backend) {
+    leave_and_join(b, 3).await;
+    let Some(url) = b.nats_url() else { return };
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("raw client"));
+    let base = "catga.saga.catga-tests.ledger";
+    let mut streams: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for p in 0..8 {
+        let name = js
+            .stream_by_subject(format!("{base}.{p}"))
+            .await
+            .unwrap_or_else(|e| panic!("no stream stores partition {p}: {e}"));
+        streams.entry(name).or_default().push(p);
+    }
+    let groups: Vec<Vec<u32>> = streams.values().cloned().collect();
+    assert_eq!(
+        BTreeSet::from_iter(groups.clone()),
+        BTreeSet::from([vec![0, 3, 6], vec![1, 4, 7], vec![2, 5]]),
+        "partition p in stream p % 3: {streams:?}"
+    );
+    let mut stored = 0;
+    for name in streams.keys() {
+        let mut stream = js.get_stream(name).await.expect("stream");
+        stored += stream.info().await.expect("stream info").state.messages;
+    }
+    // 6 accounts x (10 + 10 + 15) triggers, each copy stored once.
+    assert_eq!(stored, 6 * 35, "every trigger stored once over the streams");
+}
+
+/// Three replicas serve the keyed saga; one leaves and one joins while
+/// triggers arrive; every key's sagas run in order, each once.
+async fn leave_and_join(b: &Backend, streams: u32) {
     let mut replicas = vec![
-        replica(b, "r1").await,
-        replica(b, "r2").await,
-        replica(b, "r3").await,
+        replica_over(b, "r1", streams).await,
+        replica_over(b, "r2", streams).await,
+        replica_over(b, "r3", streams).await,
     ];
     let client = b.client().await;
     let held = spread(&replicas.iter().collect::<Vec<_>>()).await;
@@ -222,7 +270,7 @@ async fn keyed_sagas_keep_key_order_while_replicas_leave_and_join(b: &Backend) {
     // One joins while triggers arrive: it takes a share.
     let run = run_id();
     let load = publishing(&client, &run);
-    replicas.push(replica(b, "r4").await);
+    replicas.push(replica_over(b, "r4", streams).await);
     load.await.expect("publisher");
     let held = spread(&replicas.iter().collect::<Vec<_>>()).await;
     assert!(
@@ -378,4 +426,54 @@ async fn forged_broker_headers_do_not_stop_the_routing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A replica started with another `CATGA_JS_SAGA_STREAMS` than the
+/// partitions' streams were made with cannot make its streams (JetStream
+/// refuses streams whose subjects overlap): its readiness says so and
+/// names the setting, and it stays out of the saga's ring, so that the
+/// replica with the right layout keeps serving every partition instead of
+/// some stalling on the one that cannot serve them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_stream_layout_is_refused_clearly() {
+    let b = Backend::nats();
+    let first = replica(&b, "r1").await;
+    spread(&[&first]).await;
+    let other = b
+        .builder(module_path!(), "r2")
+        .membership(Duration::from_millis(100), Duration::from_millis(500))
+        // Readiness names a saga's trouble after a hand-over's time:
+        // the member time-out plus the drain deadline (a queue group's
+        // hand-over on NATS waits up to 1 s of it).
+        .drain_timeout(Duration::from_millis(1500))
+        .streams(catga::StreamSettings {
+            saga_streams: 3,
+            ..Default::default()
+        })
+        .start()
+        .await
+        .expect("starts");
+    let started = Instant::now();
+    loop {
+        let failing = other.readiness().failing;
+        if failing.iter().any(|f| {
+            f.contains("ledger") && f.contains("stored by stream") && f.contains("CATGA_JS_SAGA_STREAMS")
+        }) {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "readiness does not name the layout: {failing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several heartbeats later, r1 still serves every partition.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(other.partitions().await.is_empty(), "r2 serves nothing");
+    spread(&[&first]).await;
+    let run = run_id();
+    publish(&b.client().await, &run, 0, 3).await;
+    check(&run, 3).await;
+    other.shutdown().await.expect("r2 shuts down cleanly");
+    first.shutdown().await.expect("r1 shuts down cleanly");
 }
