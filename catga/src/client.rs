@@ -224,19 +224,18 @@ impl Client {
         decode_body::<C::Reply>(C::SUBJECT, &body)
     }
 
-    /// A request under message id `id` (to an idempotent command), sent
-    /// again while it says it did not run, until `timeout` (the request
-    /// time-out without one); the reply's body, or its error.
+    /// A request under message id `id` (to an idempotent command) with
+    /// `headers` (see [`Context::headers_with_id`]), sent again while it
+    /// says it did not run, until `timeout` (the request time-out without
+    /// one); the reply's body, or its error.
     pub(crate) async fn request_with_id(
         &self,
         subject: &str,
         payload: Bytes,
-        id: &str,
+        headers: HeaderMap,
         timeout: Option<Duration>,
     ) -> Result<Bytes> {
-        wire::check_id(id)?;
         let subject = Subject::from(subject);
-        let headers = wire::message_headers(false, 1, Cause::Id(id));
         let deadline = Deadline::after(timeout.unwrap_or(self.inner.request_timeout));
         self.request_retrying(&subject, headers, payload, deadline).await
     }
@@ -488,6 +487,16 @@ impl Context {
             );
         }
         h
+    }
+
+    /// The headers of a command this handler sends under message id `id`
+    /// (a saga's step or compensation): its correlation id and this
+    /// message as the cause, like any message it sends, but the given id.
+    pub(crate) fn headers_with_id(&self, version: u32, id: &str) -> Result<HeaderMap> {
+        wire::check_id(id)?;
+        let mut h = wire::message_headers(false, version, Cause::Parent(&self.meta));
+        h.insert(wire::headers::MESSAGE_ID, id);
+        Ok(h)
     }
 
     /// The deadline for a nested send: the default time-out, but no later

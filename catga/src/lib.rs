@@ -82,6 +82,7 @@ mod runtime;
 mod saga;
 mod state;
 mod store;
+pub mod testing;
 mod transport;
 mod wire;
 

@@ -705,13 +705,21 @@ impl Saga {
             let payload = value.slice(split + 1..);
             let id = crate::wire::bounded_id(format!("{}/{step}/undo", self.id()));
             self.inner.ctx.work().check_fence()?;
-            match self
-                .inner
-                .ctx
-                .client()
-                .request_with_id(&subject, payload, &id, None)
-                .await
-            {
+            // The compensation's type is not journaled, only its subject
+            // and payload: it goes out as version 1. An id the broker
+            // refuses fails like a refused send (into the match), not
+            // past it.
+            let sent = match self.inner.ctx.headers_with_id(1, &id) {
+                Ok(headers) => {
+                    self.inner
+                        .ctx
+                        .client()
+                        .request_with_id(&subject, payload, headers, None)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match sent {
                 Ok(_) => self.write(&format!("{UNDONE}{step}"), b"sent").await?,
                 Err(e) if e.is_retryable() => return Err(e),
                 Err(e) => {
@@ -826,13 +834,19 @@ impl<C: Command> Step<C> {
             (t, l) => t.or(l),
         };
         saga.inner.ctx.work().check_fence()?;
-        match saga
-            .inner
-            .ctx
-            .client()
-            .request_with_id(C::SUBJECT, payload, &id, within)
-            .await
-        {
+        // An id the broker refuses fails like a refused send: the step is
+        // not run, and the steps before it are compensated.
+        let sent = match saga.inner.ctx.headers_with_id(C::VERSION, &id) {
+            Ok(headers) => {
+                saga.inner
+                    .ctx
+                    .client()
+                    .request_with_id(C::SUBJECT, payload, headers, within)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
             Ok(answer) => {
                 saga.write(&format!("{DONE}{name}"), &answer).await?;
                 decode::<C::Reply>(name, &answer)

@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use catga::testing::TestKit;
 use catga::{Context, Result, Runtime, Saga, command, event, saga};
 use serde::{Deserialize, Serialize};
 
@@ -95,17 +96,25 @@ pub struct Add {
     pub b: u64,
 }
 
+/// Two numbers were added.
+#[event]
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub struct Added {
+    /// Their sum.
+    pub sum: u64,
+}
+
 #[command]
-async fn add(cmd: Add) -> Result<u64> {
+async fn add(ctx: &Context, cmd: Add) -> Result<u64> {
+    ctx.publish(Added { sum: cmd.a + cmd.b }).await?;
     Ok(cmd.a + cmd.b)
 }
 
 #[tokio::test]
 async fn adds() -> Result<()> {
-    let rt = Runtime::builder()
-        .handlers(|h| h.name().ends_with("::add"))
-        .start()
-        .await?;
-    assert_eq!(rt.client().send(Add { a: 2, b: 3 }).await?, 5);
-    rt.shutdown().await
+    let kit = TestKit::start().await?; // or TestKit::with(Runtime::builder().handlers(...))
+    assert_eq!(kit.client().send(Add { a: 2, b: 3 }).await?, 5);
+    kit.settled().await?;
+    assert_eq!(kit.published::<Added>()?, [Added { sum: 5 }]);
+    kit.shutdown().await
 }

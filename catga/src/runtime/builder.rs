@@ -189,6 +189,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Serves on `bus` with the bus's store, whatever the builder says
+    /// about NATS and Redis (the test kit: a kit's store must not be
+    /// shared with other kits of the same service through Redis).
+    pub(crate) fn embedded(mut self, bus: MemoryBus) -> Self {
+        self.config.redis_url = None;
+        self.bus = Some(bus);
+        self
+    }
+
     /// Sets the service name.
     pub fn service(mut self, name: impl Into<String>) -> Self {
         self.config.service = name.into();

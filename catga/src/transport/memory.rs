@@ -16,6 +16,7 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::tap::SentAs;
 use super::{DEFAULT_MAX_PAYLOAD, Delivery, Reply, ReplyTo, SubscribeTo};
 use crate::error::{Error, ErrorKind, Result};
 use crate::wire::deadline::Deadline;
@@ -225,11 +226,27 @@ impl MemoryBus {
     /// none) and, as a JetStream publish does, hands it to the plain
     /// subscribers of the subject too.
     pub(crate) fn publish_durable(&self, subject: &str, headers: HeaderMap, payload: Bytes) -> Result<()> {
+        self.keep(subject, headers, payload, Some(SentAs::PublishDurable))
+    }
+
+    /// [`publish_durable`](Self::publish_durable) of catga's own message
+    /// (a keyed saga's routed copy): the test kit does not record it as
+    /// the user's.
+    pub(crate) fn publish_durable_internal(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<()> {
+        self.keep(subject, headers, payload, None)
+    }
+
+    fn keep(&self, subject: &str, headers: HeaderMap, payload: Bytes, record: Option<SentAs>) -> Result<()> {
         let headers = (!headers.is_empty()).then_some(headers);
         self.check_size(subject, headers.as_ref(), payload.len())?;
         self.inner
             .streams
-            .publish(subject, headers.clone(), payload.clone())?;
+            .publish(subject, headers.clone(), payload.clone(), record)?;
         self.fan_out(&Subject::from(subject), headers, payload);
         Ok(())
     }
@@ -237,6 +254,7 @@ impl MemoryBus {
     fn fan_out(&self, subject: &Subject, headers: Option<HeaderMap>, payload: Bytes) {
         let routes = self.inner.routes.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(route) = routes.get(subject.as_str()) {
+            let tap = self.tap();
             route.deliver(|| {
                 Delivery::new(
                     subject.clone(),
@@ -245,8 +263,14 @@ impl MemoryBus {
                     None,
                     ReplyTo::None,
                 )
+                .tracked(tap)
             });
         }
+    }
+
+    /// The bus's tap (see [`super::tap`]).
+    pub(crate) fn tap(&self) -> &Arc<super::tap::Tap> {
+        self.inner.streams.tap()
     }
 
     fn check_size(&self, subject: &str, headers: Option<&HeaderMap>, payload: usize) -> Result<()> {
@@ -300,14 +324,18 @@ impl MemoryBus {
     pub(crate) fn publish(&self, subject: &Subject, headers: HeaderMap, payload: Bytes) -> Result<()> {
         let headers = (!headers.is_empty()).then_some(headers);
         self.check_size(subject, headers.as_ref(), payload.len())?;
+        // Recorded first: a stream that keeps it wakes its consumers, and
+        // what they send is recorded after it.
+        self.tap()
+            .record(subject, SentAs::Publish, headers.as_ref(), &payload);
         // As with JetStream, a stream keeps what is published on its
         // subject, however it was published.
         match self
             .inner
             .streams
-            .publish(subject, headers.clone(), payload.clone())
+            .publish(subject, headers.clone(), payload.clone(), None)
         {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NoHandler => {}
             Err(e) => return Err(e),
         }
@@ -327,6 +355,8 @@ impl MemoryBus {
         self.check_size(subject, headers.as_ref(), payload.len())?;
         let (tx, rx) = oneshot::channel();
         let max_payload = self.inner.max_payload;
+        let tap = self.tap();
+        tap.record(subject, SentAs::Send, headers.as_ref(), &payload);
         {
             let routes = self.inner.routes.read().unwrap_or_else(PoisonError::into_inner);
             let route = routes.get(subject.as_str()).ok_or_else(|| no_handler(subject))?;
@@ -351,6 +381,7 @@ impl MemoryBus {
                             max_payload,
                         }),
                     )
+                    .tracked(tap)
                 })
             } else {
                 let shared = Arc::new(Mutex::new(Some(tx)));
@@ -365,6 +396,7 @@ impl MemoryBus {
                             max_payload,
                         }),
                     )
+                    .tracked(tap)
                 })
             };
             if delivered == 0 {

@@ -22,6 +22,8 @@ use crate::wire::headers;
 #[derive(Default)]
 pub(crate) struct Streams {
     inner: Mutex<Inner>,
+    /// The bus's tap (see [`super::tap`]).
+    tap: Arc<super::tap::Tap>,
 }
 
 #[derive(Default)]
@@ -76,6 +78,41 @@ impl Stream {
 }
 
 impl Streams {
+    /// The bus's tap.
+    pub(crate) fn tap(&self) -> &Arc<super::tap::Tap> {
+        &self.tap
+    }
+
+    /// What the durable consumers have not settled: per consumer with
+    /// something left, its stream's subject, its name, the messages it
+    /// was not given yet, and when each unacknowledged one may be given
+    /// again (its ack deadline, or a negative ack's delay).
+    pub(crate) fn backlog(&self) -> Vec<Backlog> {
+        let inner = lock(&self.inner);
+        let mut out = Vec::new();
+        for (subject, stream) in &inner.streams {
+            for (name, c) in &stream.consumers {
+                let undelivered = stream.messages.range(c.next..).count();
+                let pending = c
+                    .pending
+                    .iter()
+                    .filter(|(seq, _)| stream.messages.contains_key(seq))
+                    .map(|(_, (_, at))| *at)
+                    .collect::<Vec<_>>();
+                if undelivered > 0 || !pending.is_empty() {
+                    out.push(Backlog {
+                        subject: subject.clone(),
+                        durable: name.clone(),
+                        undelivered,
+                        pending,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.subject, &a.durable).cmp(&(&b.subject, &b.durable)));
+        out
+    }
+
     pub(crate) fn ensure(&self, subject: &str, settings: &StreamSettings) {
         lock(&self.inner)
             .streams
@@ -90,8 +127,17 @@ impl Streams {
     }
 
     /// Stores a message; a repeated message id within the duplicate window
-    /// is acknowledged and dropped, as JetStream does.
-    pub(crate) fn publish(&self, subject: &str, headers: Option<HeaderMap>, payload: Bytes) -> Result<()> {
+    /// is acknowledged and dropped, as JetStream does (`Ok(false)`). A
+    /// stored message is recorded by the tap as `record` says (before the
+    /// consumers are woken, so that what a handler sends for it is
+    /// recorded after it); `None`: catga's own, not recorded.
+    pub(crate) fn publish(
+        &self,
+        subject: &str,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+        record: Option<super::tap::SentAs>,
+    ) -> Result<bool> {
         let wakes: Vec<Arc<Notify>> = {
             let mut inner = lock(&self.inner);
             let Some(stream) = inner.streams.get_mut(subject) else {
@@ -108,9 +154,13 @@ impl Streams {
                 .map(|v| v.as_str().to_owned());
             if let Some(id) = &id {
                 if stream.recent_ids.contains_key(id) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 stream.recent_ids.insert(id.clone(), now);
+            }
+            match record {
+                Some(how) => self.tap.record(subject, how, headers.as_ref(), &payload),
+                None => self.tap.moved(),
             }
             stream.last_seq += 1;
             let seq = stream.last_seq;
@@ -127,7 +177,15 @@ impl Streams {
         for w in wakes {
             w.notify_waiters();
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// Whether `durable` is bound on the stream of `subject`.
+    pub(crate) fn has_consumer(&self, subject: &str, durable: &str) -> bool {
+        lock(&self.inner)
+            .streams
+            .get(subject)
+            .is_some_and(|s| s.consumers.contains_key(durable))
     }
 
     /// Binds `durable` on `subject`, creating it to start at the stream's
@@ -302,6 +360,15 @@ impl Streams {
     }
 }
 
+/// What one durable consumer has not settled (see [`Streams::backlog`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Backlog {
+    pub subject: String,
+    pub durable: String,
+    pub undelivered: usize,
+    pub pending: Vec<Instant>,
+}
+
 struct Stored2 {
     headers: Option<HeaderMap>,
     payload: Bytes,
@@ -340,7 +407,7 @@ impl MemoryDurable {
                         }),
                     );
                     d.delivered = deliveries;
-                    return Some(d);
+                    return Some(d.tracked(&self.streams.tap));
                 }
                 Err(Some(at)) => {
                     tokio::select! {

@@ -11,6 +11,7 @@ pub(crate) mod jetstream;
 pub(crate) mod memory;
 pub(crate) mod memory_streams;
 pub(crate) mod nats;
+pub(crate) mod tap;
 
 use std::time::Duration;
 
@@ -525,7 +526,9 @@ impl Transport {
             Kind::Memory(bus) => {
                 // The embedded bus keeps order by construction: whether it
                 // was a repeat does not matter to a chain there.
-                let stored = bus.publish_durable(subject, headers, payload).map(|()| false);
+                let stored = bus
+                    .publish_durable_internal(subject, headers, payload)
+                    .map(|()| false);
                 Ok(Box::pin(async move { stored }))
             }
         }
@@ -860,6 +863,12 @@ pub(crate) struct Incoming {
 }
 
 impl Delivery {
+    /// Counted as in flight by `tap` (if it is on) until settled.
+    pub(crate) fn tracked(mut self, tap: &std::sync::Arc<tap::Tap>) -> Delivery {
+        self.settler.track = tap.enter();
+        self
+    }
+
     pub(crate) fn new(
         subject: Subject,
         headers: Option<HeaderMap>,
@@ -873,7 +882,7 @@ impl Delivery {
             payload,
             deadline,
             delivered: 1,
-            settler: Settler { reply },
+            settler: Settler { reply, track: None },
         }
     }
 
@@ -950,6 +959,9 @@ pub(crate) enum Settle {
 /// on every transport instead of waiting out its time-out.
 pub(crate) struct Settler {
     reply: ReplyTo,
+    /// Counted as in flight by the test kit until the settler is gone
+    /// (after its answer or acknowledgement: fields drop after `drop`).
+    track: Option<tap::InFlight>,
 }
 
 impl Settler {

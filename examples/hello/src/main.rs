@@ -17,7 +17,7 @@ pub struct Greet {
 
 /// Someone was greeted.
 #[event(subject = "hello.greeted")]
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
 pub struct Greeted {
     /// Who.
     pub name: String,
@@ -62,12 +62,15 @@ async fn main() -> Result<()> {
 mod tests {
     use super::*;
 
-    /// On the embedded transport, as a first test is written: start,
-    /// send, check the answer and the error.
+    use catga::testing::TestKit;
+
+    /// With the test kit, on the embedded transport: send, wait until
+    /// everything it set off settled, check the answer, the event it
+    /// published, and the error.
     #[tokio::test]
     async fn greets_by_name_and_refuses_no_name() -> Result<()> {
-        let rt = catga::Runtime::builder().service("hello").start().await?;
-        let client = rt.client();
+        let kit = TestKit::start().await?;
+        let client = kit.client();
         assert_eq!(
             client
                 .send(Greet {
@@ -81,6 +84,13 @@ mod tests {
             .await
             .expect_err("no name");
         assert_eq!(err.kind(), catga::ErrorKind::Invalid);
-        rt.shutdown().await
+        kit.settled().await?;
+        assert_eq!(
+            kit.published::<Greeted>()?,
+            [Greeted {
+                name: "Ada".to_owned()
+            }]
+        );
+        kit.shutdown().await
     }
 }

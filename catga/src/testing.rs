@@ -1,0 +1,286 @@
+//! A test kit: a service's handlers on the embedded transport, every
+//! message they send and publish recorded, a wait until everything a test
+//! set off has settled, and assertions on what travelled.
+//!
+//! ```rust,standalone_crate
+//! use catga::testing::TestKit;
+//! use catga::{command, event, Context, Result};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[command(reply = u64)]
+//! #[derive(Serialize, Deserialize)]
+//! pub struct Add { pub a: u64, pub b: u64 }
+//!
+//! #[event]
+//! #[derive(Serialize, Deserialize, Debug, PartialEq)]
+//! pub struct Added { pub sum: u64 }
+//!
+//! #[command]
+//! async fn add(ctx: &Context, cmd: Add) -> Result<u64> {
+//!     ctx.publish(Added { sum: cmd.a + cmd.b }).await?;
+//!     Ok(cmd.a + cmd.b)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<()> {
+//! let kit = TestKit::start().await?;
+//! assert_eq!(kit.client().send(Add { a: 2, b: 3 }).await?, 5);
+//! kit.settled().await?;
+//! assert_eq!(kit.published::<Added>()?, [Added { sum: 5 }]);
+//! kit.shutdown().await
+//! # }
+//! ```
+//!
+//! What "settled" means: no message handed to a handler and not yet
+//! answered or acknowledged, nothing waiting in a durable consumer (new,
+//! unacknowledged, or due again after a retry's back-off or a saga's
+//! durable timer), every durable handler served has its consumer bound,
+//! and the outbox is empty, all observed with no activity on the bus in
+//! between. Limits:
+//! - A saga sleeping for 30 minutes is not settled for 30 minutes: the kit
+//!   has no virtual time yet, and [`TestKit::settled`] says what is still
+//!   due, and when, once its time-out passes.
+//! - Work in tasks the test or a handler spawned itself is not seen.
+//! - A durable consumer whose handler was stopped keeps what its stream
+//!   holds for it: not settled until it is served again.
+//!
+//! Every message put on the bus is recorded, whether or not anything
+//! received it (a command with no handler, an event nobody subscribes
+//! to); a durable publish the stream dropped as a repeat of the same
+//! message id is not. Replies are not recorded; dead letters are listed by
+//! [`TestKit::dead_letters`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Command, Event, Message};
+use crate::runtime::{Runtime, RuntimeBuilder};
+use crate::transport::memory::MemoryBus;
+use crate::transport::tap::Tap;
+use crate::{Client, DeadLetter, SagaInfo};
+
+pub use crate::transport::tap::{Recorded, SentAs};
+
+/// How long [`TestKit::settled`] waits by default.
+pub const DEFAULT_SETTLE_WITHIN: Duration = Duration::from_secs(10);
+
+/// A runtime on its own embedded bus, with every message recorded (see
+/// the [module](self)).
+pub struct TestKit {
+    bus: MemoryBus,
+    runtime: Runtime,
+    client: Client,
+    settle_within: Duration,
+}
+
+impl std::fmt::Debug for TestKit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestKit")
+            .field("settle_within", &self.settle_within)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestKit {
+    /// Every handler of this binary, on a new embedded bus.
+    pub async fn start() -> Result<TestKit> {
+        TestKit::with(Runtime::builder()).await
+    }
+
+    /// The runtime `builder` describes (its handler selection, service
+    /// name and settings), on a new embedded bus and its store: a NATS or
+    /// Redis URL in the builder is not used (each kit is on its own).
+    pub async fn with(builder: RuntimeBuilder) -> Result<TestKit> {
+        let bus = MemoryBus::new();
+        bus.tap().turn_on();
+        let runtime = builder.embedded(bus.clone()).start().await?;
+        runtime.ready().await?;
+        let client = runtime.client();
+        Ok(TestKit {
+            bus,
+            runtime,
+            client,
+            settle_within: DEFAULT_SETTLE_WITHIN,
+        })
+    }
+
+    /// How long [`settled`](Self::settled) waits before it fails
+    /// ([`DEFAULT_SETTLE_WITHIN`] unless set).
+    pub fn settle_within(mut self, within: Duration) -> TestKit {
+        self.settle_within = within;
+        self
+    }
+
+    /// A client on the kit's bus: what it sends and publishes is recorded
+    /// too.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The runtime under test.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The kit's bus: start more replicas on it with
+    /// `Runtime::builder().memory(kit.bus().clone())` (without a Redis
+    /// URL they share the kit's store); what they send is recorded and
+    /// counted by [`settled`](Self::settled) too.
+    pub fn bus(&self) -> &MemoryBus {
+        &self.bus
+    }
+
+    /// Waits until everything the test set off has settled (see the
+    /// [module](self)): every message caused by what was sent, published
+    /// or saved (commands, events, outbox entries, saga steps, durable
+    /// redeliveries) was handled, answered, acknowledged or
+    /// dead-lettered. Fails with a time-out after
+    /// [`settle_within`](Self::settle_within), naming what is left.
+    pub async fn settled(&self) -> Result<()> {
+        let until = Instant::now() + self.settle_within;
+        let tap = self.bus.tap();
+        loop {
+            let before = tap.activity();
+            let left = self.left(tap).await?;
+            if left.is_empty() && tap.activity() == before {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "not settled within {:?}: {}",
+                        self.settle_within,
+                        if left.is_empty() {
+                            "the bus kept busy".to_owned()
+                        } else {
+                            left.join("; ")
+                        }
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// What keeps the bus from having settled, in words.
+    async fn left(&self, tap: &Arc<Tap>) -> Result<Vec<String>> {
+        let mut left = Vec::new();
+        // In the order work flows: the outbox into streams, streams to
+        // consumers, deliveries to handlers.
+        let outbox = self.runtime.outbox_backlog().await?;
+        if outbox > 0 {
+            left.push(format!("{outbox} events in the outbox"));
+        }
+        // A durable consumer bound in a task of its own (a keyed saga's
+        // router) may not be bound yet: what its stream holds is not in
+        // any backlog until it is.
+        let streams = self.bus.streams();
+        for name in self.runtime.serving().await {
+            let Some(spec) = self.runtime.handlers().iter().find(|s| s.name() == name) else {
+                continue;
+            };
+            if let Some(durable) = spec.durable()
+                && !streams.has_consumer(spec.subject(), durable)
+            {
+                left.push(format!("consumer {durable} of {} not bound yet", spec.subject()));
+            }
+        }
+        let now = Instant::now();
+        for b in streams.backlog() {
+            let mut what = Vec::new();
+            if b.undelivered > 0 {
+                what.push(format!("{} not delivered yet", b.undelivered));
+            }
+            if let Some(next) = b.pending.iter().min() {
+                what.push(format!(
+                    "{} unacknowledged, the next due {}",
+                    b.pending.len(),
+                    if *next <= now {
+                        "now".to_owned()
+                    } else {
+                        format!("in {:?}", *next - now)
+                    }
+                ));
+            }
+            left.push(format!(
+                "consumer {} of {}: {}",
+                b.durable,
+                b.subject,
+                what.join(", ")
+            ));
+        }
+        let in_flight = tap.in_flight();
+        if in_flight > 0 {
+            left.push(format!("{in_flight} messages being handled"));
+        }
+        Ok(left)
+    }
+
+    /// Every message sent and published on the bus so far, in order
+    /// (catga's own subjects, `catga.*`, left out).
+    pub fn messages(&self) -> Vec<Recorded> {
+        self.bus.tap().records()
+    }
+
+    /// The events of type `E` published so far (core or durable, by a
+    /// handler, the outbox relay or the test), in order.
+    pub fn published<E: Event>(&self) -> Result<Vec<E>> {
+        self.decoded::<E>(|r| matches!(r.sent_as, SentAs::Publish | SentAs::PublishDurable))
+    }
+
+    /// The commands of type `C` sent so far (by handlers, sagas or the
+    /// test; a retried send counts each time), in order.
+    pub fn sent<C: Command>(&self) -> Result<Vec<C>> {
+        self.decoded::<C>(|r| r.sent_as == SentAs::Send)
+    }
+
+    fn decoded<M: Message + crate::wire::codec::Decode>(
+        &self,
+        keep: impl Fn(&Recorded) -> bool,
+    ) -> Result<Vec<M>> {
+        self.messages()
+            .iter()
+            .filter(|r| r.is::<M>() && keep(r))
+            .map(Recorded::decode)
+            .collect()
+    }
+
+    /// The service's dead letters, oldest first (up to 1,000).
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.runtime.dead_letters().list(0, 1000).await
+    }
+
+    /// The service's sagas, newest first (up to 1,000), with their steps.
+    pub async fn sagas(&self) -> Result<Vec<SagaInfo>> {
+        self.runtime.sagas(1000).await
+    }
+
+    /// The saga whose id is `id` (`<saga fn>:<trigger's message id>`),
+    /// or the only one started by the message whose id is `id` (as
+    /// [`Recorded::message_id`] shows it).
+    pub async fn saga(&self, id: &str) -> Result<SagaInfo> {
+        let sagas = self.sagas().await?;
+        if let Some(exact) = sagas.iter().find(|s| s.id == id) {
+            return Ok(exact.clone());
+        }
+        let suffix = format!(":{id}");
+        let mut matching = sagas.into_iter().filter(|s| s.id.ends_with(&suffix));
+        match (matching.next(), matching.next()) {
+            (Some(one), None) => Ok(one),
+            (None, _) => Err(Error::new(ErrorKind::NotFound, format!("no saga `{id}`"))),
+            (Some(_), Some(_)) => Err(Error::new(
+                ErrorKind::Invalid,
+                format!("several sagas were started by message `{id}`: give the saga's id"),
+            )),
+        }
+    }
+
+    /// Shuts the runtime down (see [`Runtime::shutdown`]).
+    pub async fn shutdown(self) -> Result<()> {
+        self.runtime.shutdown().await
+    }
+}
