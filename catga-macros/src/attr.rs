@@ -158,6 +158,13 @@ const KEYS: &[Key] = &[
         belongs: "on the message type (the struct or enum), not on its handler",
     },
     Key {
+        name: "upcast_from",
+        roles: &[COMMAND_TYPE, EVENT_TYPE],
+        takes: Takes::Type,
+        belongs: "on the message type (`#[event(version = 2, upcast_from = PlacedV1)]` on the struct), \
+                  not on its handler",
+    },
+    Key {
         name: "queue_group",
         roles: &[COMMAND_HANDLER, EVENT_HANDLER],
         takes: Takes::Str(crate::names::check_queue_group),
@@ -254,6 +261,9 @@ pub(crate) struct Options {
     values: Vec<(&'static str, Value)>,
     /// Each accepted key's token, to point at it.
     keys: Vec<(&'static str, Ident)>,
+    /// Keys written with a value that was refused (already reported), so
+    /// that checks of combinations do not report them again.
+    refused: Vec<&'static str>,
 }
 
 impl Options {
@@ -321,6 +331,10 @@ pub(crate) struct MessageArgs {
     pub(crate) reply: Option<Box<Type>>,
     /// `version = N`.
     pub(crate) version: Option<u32>,
+    /// `version` was written with a value already refused.
+    pub(crate) version_refused: bool,
+    /// `upcast_from = T`: how older versions are read.
+    pub(crate) upcast_from: Option<Box<Type>>,
     /// `idempotent` (commands).
     pub(crate) idempotent: bool,
     /// `crate = "..."`, or `::catga`.
@@ -333,6 +347,8 @@ impl MessageArgs {
             subject: opts.str("subject"),
             reply: opts.ty("reply"),
             version: opts.int("version"),
+            version_refused: opts.refused.contains(&"version"),
+            upcast_from: opts.ty("upcast_from"),
             idempotent: opts.flag("idempotent"),
             krate: opts.krate(),
         }
@@ -468,6 +484,8 @@ fn parse(tokens: TokenStream, role: Role, errors: &mut Errors) -> Options {
         if let Some(v) = check(row, &key, value, errors) {
             opts.values.push((row.name, v));
             opts.keys.push((row.name, key));
+        } else {
+            opts.refused.push(row.name);
         }
     }
     opts

@@ -22,7 +22,9 @@ use role::Attr;
 ///
 /// On a struct or enum: `#[command]`, `#[command(subject = "orders.create",
 /// reply = OrderId, version = 1)]`. The subject defaults to `cmd.` plus the
-/// type name in snake case; the reply defaults to `()`.
+/// type name in snake case; the reply defaults to `()`. `version = 2,
+/// upcast_from = OrderV1` reads commands of older versions as `OrderV1`
+/// and converts them with `From`.
 ///
 /// On an `async fn(C) -> catga::Result<C::Reply>` or
 /// `async fn(&Context, C) -> catga::Result<C::Reply>`:
@@ -38,7 +40,8 @@ pub fn command(attr: TokenStream, item: TokenStream) -> TokenStream {
 ///
 /// On a struct or enum: `#[event]`, `#[event(subject = "orders.created",
 /// version = 2)]`. The subject defaults to `evt.` plus the type name in snake
-/// case.
+/// case. `version = 2, upcast_from = CreatedV1` reads events of older
+/// versions as `CreatedV1` and converts them with `From`.
 ///
 /// On an `async fn(E) -> catga::Result<()>` or
 /// `async fn(&Context, E) -> catga::Result<()>`: `#[event]` (every replica

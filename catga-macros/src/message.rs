@@ -14,6 +14,28 @@ use syn::{Generics, Ident};
 use crate::attr::{self, Errors, MessageArgs};
 use crate::role::{Attr, Role, Target};
 
+/// Checks what one key cannot: `upcast_from` reads versions older than
+/// `version`, so there must be one. Reported on the user's type token; the
+/// impls are still emitted (without the upcast).
+fn check_upcast(args: &mut MessageArgs, errors: &mut Errors) {
+    // A refused `version` is reported already: no upcast is emitted, so
+    // that the one mistake gives one error.
+    if args.version_refused {
+        args.upcast_from = None;
+        return;
+    }
+    if let Some(from) = &args.upcast_from
+        && args.version.unwrap_or(1) < 2
+    {
+        errors.spanned(
+            from,
+            "`upcast_from` reads messages of versions older than this type's: declare `version = 2` or more \
+             (the version this type is)",
+        );
+        args.upcast_from = None;
+    }
+}
+
 /// Checks what the arguments cannot: a message type is not generic.
 fn validate(attr: Attr, generics: &Generics, errors: &mut Errors) -> bool {
     if generics.params.is_empty() && generics.where_clause.is_none() {
@@ -42,7 +64,8 @@ pub(crate) fn expand(
         attr,
         target: Target::Type,
     };
-    let args = attr::message(args, role, &mut errors);
+    let mut args = attr::message(args, role, &mut errors);
+    check_upcast(&mut args, &mut errors);
     if !validate(attr, generics, &mut errors) {
         let errs = errors.to_compile_errors();
         return quote!(#item #errs);
@@ -73,6 +96,28 @@ fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
     let version = args.version.unwrap_or(1);
     let (kind, _) = attr.traits();
     let kind = Ident::new(kind, ident.span());
+    // Spanned on the user's type: a type that is not `Deserialize`, or
+    // whose conversion into this one is missing, is reported there.
+    let upcast = args.upcast_from.as_ref().map(|from| {
+        let read_as = format!(
+            "{name} (an older version, read as {})",
+            quote!(#from).to_string().replace(' ', "")
+        );
+        quote_spanned! {from.span()=>
+            fn __catga_upcast(
+                __catga_version: u32,
+                __catga_payload: &[u8],
+            ) -> ::core::option::Option<#p::Result<Self>> {
+                if __catga_version >= #version {
+                    return ::core::option::Option::None;
+                }
+                ::core::option::Option::Some(
+                    <#from as #p::Decode>::decode(__catga_payload, #read_as)
+                        .map(<Self as ::core::convert::From<#from>>::from),
+                )
+            }
+        }
+    });
     let message_impl = quote_spanned! {ident.span()=>
         #[automatically_derived]
         impl #p::Message for #ident {
@@ -80,6 +125,7 @@ fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
             const NAME: &'static str = #name;
             const VERSION: u32 = #version;
             const KIND: #p::MessageKind = #p::MessageKind::#kind;
+            #upcast
         }
     };
     let role_impl = match attr {

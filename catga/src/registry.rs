@@ -27,7 +27,7 @@ use bytes::Bytes;
 use crate::client::Context;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Command, Event, Message};
-use crate::wire::codec::{Decode, Encode};
+use crate::wire::codec::Encode;
 
 /// A boxed, sendable future.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -84,18 +84,18 @@ impl<T> HandlerResult for Result<T> {
 type CallFn = fn(Context, Bytes) -> BoxFuture<'static, Result<Bytes>>;
 
 /// Decode and read a keyed saga's key.
-type KeyFn = fn(&Bytes) -> Result<Option<String>>;
+type KeyFn = fn(u32, &Bytes) -> Result<Option<String>>;
 
-fn no_key(_: &Bytes) -> Result<Option<String>> {
+fn no_key(_: u32, _: &Bytes) -> Result<Option<String>> {
     Ok(None)
 }
 
-fn event_key<H>(payload: &Bytes) -> Result<Option<String>>
+fn event_key<H>(version: u32, payload: &Bytes) -> Result<Option<String>>
 where
     H: EventHandler,
     H::Event: Event,
 {
-    let event = <H::Event as Decode>::decode(payload, <H::Event as Message>::NAME)?;
+    let event = crate::message::decode_at::<H::Event>(version, payload)?;
     Ok(H::key(&event))
 }
 
@@ -106,7 +106,7 @@ where
     H::Reply: Encode,
 {
     Box::pin(async move {
-        let cmd = <H::Command as Decode>::decode(&payload, <H::Command as Message>::NAME)?;
+        let cmd = crate::message::decode_at::<H::Command>(ctx.meta().version(), &payload)?;
         H::call(ctx, cmd).await?.encode()
     })
 }
@@ -117,7 +117,7 @@ where
     H::Event: Event,
 {
     Box::pin(async move {
-        let event = <H::Event as Decode>::decode(&payload, <H::Event as Message>::NAME)?;
+        let event = crate::message::decode_at::<H::Event>(ctx.meta().version(), &payload)?;
         H::call(ctx, event).await?;
         Ok(Bytes::new())
     })
@@ -348,9 +348,9 @@ impl HandlerSpec {
         self.options.timeout_ms.map(std::time::Duration::from_millis)
     }
 
-    /// A keyed saga's key of a payload (decoding it).
-    pub(crate) fn key_of(&self, payload: &Bytes) -> Result<Option<String>> {
-        (self.key)(payload)
+    /// A keyed saga's key of a payload sent at `version` (decoding it).
+    pub(crate) fn key_of(&self, version: u32, payload: &Bytes) -> Result<Option<String>> {
+        (self.key)(version, payload)
     }
 
     /// Runs the handler on one payload: decode, call, encode.

@@ -227,7 +227,8 @@ impl TestKit {
     }
 
     /// The events of type `E` published so far (core or durable, by a
-    /// handler, the outbox relay or the test), in order.
+    /// handler, the outbox relay or the test), in order; older versions
+    /// upcast as `E` says, newer ones left out.
     pub fn published<E: Event>(&self) -> Result<Vec<E>> {
         self.decoded::<E>(|r| matches!(r.sent_as, SentAs::Publish | SentAs::PublishDurable))
     }
@@ -235,16 +236,18 @@ impl TestKit {
     /// The commands of type `C` sent so far (by handlers, sagas or the
     /// test; a retried send counts each time), in order.
     pub fn sent<C: Command>(&self) -> Result<Vec<C>> {
-        self.decoded::<C>(|r| r.sent_as == SentAs::Send)
+        self.decoded::<C>(|r| r.sent_as == SentAs::Request)
     }
 
+    /// The records of type `M` that `keep` keeps, decoded; those of a
+    /// version newer than `M` (asked for an older type) are left out.
     fn decoded<M: Message + crate::wire::codec::Decode>(
         &self,
         keep: impl Fn(&Recorded) -> bool,
     ) -> Result<Vec<M>> {
         self.messages()
             .iter()
-            .filter(|r| r.is::<M>() && keep(r))
+            .filter(|r| r.is::<M>() && r.version() <= M::VERSION && keep(r))
             .map(Recorded::decode)
             .collect()
     }

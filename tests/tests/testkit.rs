@@ -269,7 +269,7 @@ async fn a_command_its_event_and_saga_settle_and_are_recorded() {
         .iter()
         .find(|m| m.is::<Reserve>() && m.decode::<Reserve>().is_ok_and(|r| r.order == "o-1"))
         .expect("the step is recorded");
-    assert_eq!(step.sent_as, SentAs::Send);
+    assert_eq!(step.sent_as, SentAs::Request);
     assert_eq!(
         step.causation_id(),
         event.message_id(),

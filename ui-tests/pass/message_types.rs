@@ -36,6 +36,27 @@ pub enum PaymentOutcome {
     Declined,
 }
 
+mod v1 {
+    /// What release 1 published.
+    #[derive(serde::Deserialize)]
+    pub struct Refund {
+        pub euros: u64,
+    }
+}
+
+/// Release 2 reads release 1's refunds (a path to the old type).
+#[event(subject = "orders.refunded", version = 2, upcast_from = v1::Refund)]
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+pub struct Refund {
+    pub cents: u64,
+}
+
+impl From<v1::Refund> for Refund {
+    fn from(r: v1::Refund) -> Refund {
+        Refund { cents: r.euros * 100 }
+    }
+}
+
 fn reply_of<C: Command>() -> &'static str {
     std::any::type_name::<C::Reply>()
 }
@@ -59,4 +80,10 @@ fn main() {
 
     fn is_event<E: Event>() {}
     is_event::<OrderCreated>();
+
+    assert_eq!(Refund::VERSION, 2);
+    let upcast = <Refund as Message>::__catga_upcast(1, br#"{"euros":3}"#).map(|r| r.ok());
+    assert_eq!(upcast, Some(Some(Refund { cents: 300 })));
+    assert!(<Refund as Message>::__catga_upcast(2, b"{}").is_none(), "version 2 is read as it is");
+    assert!(<OrderCreated as Message>::__catga_upcast(1, b"{}").is_none(), "no upcast declared");
 }

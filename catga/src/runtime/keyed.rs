@@ -1206,7 +1206,11 @@ async fn route_from(
                 };
                 let (incoming, settler) = d.split();
                 let meta = super::pipeline::read(incoming.subject, incoming.headers, None, incoming.delivered);
-                let key = spec.key_of(&incoming.payload).and_then(|key| {
+                // A version newer than the saga knows is refused here, as the
+                // pipeline would refuse it, before its key is read.
+                let key = crate::wire::check_version(meta.headers(), spec.message_type(), spec.version())
+                    .and_then(|()| spec.key_of(meta.version(), &incoming.payload))
+                    .and_then(|key| {
                     key.ok_or_else(|| Error::new(ErrorKind::Internal, format!("keyed saga {} has no key", spec.name())))
                 });
                 let key = match key {

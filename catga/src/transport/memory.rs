@@ -356,7 +356,7 @@ impl MemoryBus {
         let (tx, rx) = oneshot::channel();
         let max_payload = self.inner.max_payload;
         let tap = self.tap();
-        tap.record(subject, SentAs::Send, headers.as_ref(), &payload);
+        tap.record(subject, SentAs::Request, headers.as_ref(), &payload);
         {
             let routes = self.inner.routes.read().unwrap_or_else(PoisonError::into_inner);
             let route = routes.get(subject.as_str()).ok_or_else(|| no_handler(subject))?;

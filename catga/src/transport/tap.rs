@@ -17,8 +17,10 @@ use crate::wire::headers;
 /// How a recorded message was put on the bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SentAs {
-    /// A command sent, waiting for its reply.
-    Send,
+    /// A command sent (a request, waiting for its reply). Not `Send`: a
+    /// public variant of that name makes rustc spell the `Send` trait out
+    /// as `std::marker::Send` in every error of a crate that uses catga.
+    Request,
     /// An event published on core subjects (at most once).
     Publish,
     /// An event stored in its stream (a durable publish, or the outbox
@@ -66,9 +68,15 @@ impl Recorded {
         self.subject == M::SUBJECT
     }
 
-    /// Its payload decoded as `M`.
+    /// The version it was sent at (`Catga-Version`, 1 when absent).
+    pub fn version(&self) -> u32 {
+        crate::wire::version_of(Some(&self.headers))
+    }
+
+    /// Its payload decoded as `M` (upcast from an older version as `M`
+    /// says, like a handler reads it).
     pub fn decode<M: Message + Decode>(&self) -> Result<M> {
-        M::decode(&self.payload, M::NAME)
+        crate::message::decode_at(self.version(), &self.payload)
     }
 }
 

@@ -61,6 +61,12 @@ impl MessageMeta {
         self.headers.as_ref()?.get(name).map(|v| v.as_str())
     }
 
+    /// The version it was sent at (`Catga-Version`; 1 when absent or
+    /// unreadable: the pipeline refuses those before a handler runs).
+    pub fn version(&self) -> u32 {
+        super::version_of(self.headers.as_ref())
+    }
+
     /// Unique id of the message; one is made up (once) for a message sent
     /// without one, e.g. a root command or a message from a plain NATS
     /// client.

@@ -220,6 +220,16 @@ pub(crate) fn message_headers(event: bool, version: u32, cause: Cause<'_>) -> as
     h
 }
 
+/// The version a message was sent at: its `Catga-Version`, 1 when absent
+/// or unreadable (the pipeline and the keyed router refuse an unreadable
+/// one with [`check_version`] before anything decodes the payload).
+pub(crate) fn version_of(headers: Option<&async_nats::HeaderMap>) -> u32 {
+    headers
+        .and_then(|h| h.get(headers::VERSION))
+        .and_then(|v| v.as_str().trim().parse().ok())
+        .unwrap_or(1)
+}
+
 /// Checks a message's `Catga-Version` against the newest version its
 /// handler knows: absent means 1, newer is refused.
 pub(crate) fn check_version(headers: Option<&async_nats::HeaderMap>, name: &str, known: u32) -> Result<()> {

@@ -22,6 +22,7 @@ mod sagas;
 mod shutdown;
 mod state;
 mod tracing;
+mod versioning;
 
 use std::time::Duration;
 
