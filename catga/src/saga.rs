@@ -35,11 +35,22 @@ const WAKE: &str = "w:";
 /// a resumed saga sends exactly that again, so that the step's inbox,
 /// bound to the payload, gives its answer instead of a conflict.
 const PAYLOAD: &str = "p:";
-/// `pv:<step>`: the version of the command a step was first sent as, when
-/// above 1, so that a resumed saga (perhaps of a newer release) sends the
-/// journaled payload under the version it was encoded at, and the handler
-/// upcasts it if it must.
+/// `pv:<step>` and `cv:<step>`: the version a step's command and its
+/// compensation were encoded at, written with them (at every version), so
+/// that a resumed saga, perhaps of a newer release, sends the journaled
+/// payload under that version and the handler upcasts it if it must. A
+/// journal without them was written by a release before versions were
+/// journaled: its steps go out under the command's version now and its
+/// compensations with no version, as that release sent them (it knew no
+/// upcasting). In their own fields, not in the values, so that a replica
+/// of that release resuming the saga reads the values as it wrote them.
 const PAYLOAD_VERSION: &str = "pv:";
+const COMPENSATION_VERSION: &str = "cv:";
+
+/// A journaled version (`pv:`/`cv:`), if readable.
+fn journaled_version(v: Option<Bytes>) -> Option<u32> {
+    v.and_then(|v| std::str::from_utf8(&v).ok().and_then(|v| v.parse().ok()))
+}
 
 /// A wait this short is slept in the process; a longer one hands the
 /// trigger back to the broker to come back when the timer fires.
@@ -65,37 +76,6 @@ fn parse_ms(v: &[u8]) -> u64 {
 
 /// The journaled compensations, in the order their steps were taken:
 /// (step, subject and payload).
-/// A journaled compensation: `<subject>\n[v<version>\n]<payload>`. The
-/// version line only above version 1 (a JSON payload never starts with
-/// `v`), so that journals of compensations at version 1 read the same to
-/// releases before versions were journaled.
-fn compensation_value(subject: &str, version: u32, payload: &[u8]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(subject.len() + 12 + payload.len());
-    value.extend_from_slice(subject.as_bytes());
-    value.push(b'\n');
-    if version > 1 {
-        value.extend_from_slice(format!("v{version}\n").as_bytes());
-    }
-    value.extend_from_slice(payload);
-    value
-}
-
-/// Reads [`compensation_value`]: subject, version, payload.
-fn read_compensation(value: &Bytes) -> Option<(String, u32, Bytes)> {
-    let split = value.iter().position(|b| *b == b'\n')?;
-    let subject = String::from_utf8_lossy(&value[..split]).into_owned();
-    let rest = value.slice(split + 1..);
-    if rest.first() == Some(&b'v')
-        && let Some(end) = rest.iter().position(|b| *b == b'\n')
-        && let Some(version) = std::str::from_utf8(&rest[1..end])
-            .ok()
-            .and_then(|v| v.parse().ok())
-    {
-        return Some((subject, version, rest.slice(end + 1..)));
-    }
-    Some((subject, 1, rest))
-}
-
 fn compensations(journal: &BTreeMap<String, Bytes>) -> impl Iterator<Item = (&str, &Bytes)> {
     journal
         .range(COMPENSATION.to_owned()..)
@@ -731,18 +711,21 @@ impl Saga {
             if self.get(&format!("{UNDONE}{step}")).is_some() {
                 continue;
             }
-            let Some((subject, version, payload)) = read_compensation(&value) else {
+            let Some(split) = value.iter().position(|b| *b == b'\n') else {
                 return Err(Error::new(
                     ErrorKind::Internal,
                     format!("saga {}: unreadable compensation of {step}", self.id()),
                 ));
             };
+            let subject = String::from_utf8_lossy(&value[..split]).into_owned();
+            let payload = value.slice(split + 1..);
+            let version = journaled_version(self.get(&format!("{COMPENSATION_VERSION}{step}")));
             let id = crate::wire::bounded_id(format!("{}/{step}/undo", self.id()));
             self.inner.ctx.work().check_fence()?;
-            // Under the version it was encoded at. An id the broker
-            // refuses fails like a refused send (into the match), not
-            // past it.
-            let sent = match self.inner.ctx.headers_with_id(version, &id) {
+            // Under the version it was encoded at (see `COMPENSATION_VERSION`).
+            // An id the broker refuses fails like a refused send (into the
+            // match), not past it.
+            let sent = match self.inner.ctx.headers_with_id(version.unwrap_or(1), &id) {
                 Ok(headers) => {
                     self.inner
                         .ctx
@@ -832,21 +815,18 @@ impl<C: Command> Step<C> {
         let version_field = format!("{PAYLOAD_VERSION}{name}");
         let journaled = saga.get(&payload_field);
         let (payload, version) = match &journaled {
-            Some(p) => {
-                let version = saga
-                    .get(&version_field)
-                    .and_then(|v| std::str::from_utf8(&v).ok().and_then(|v| v.parse().ok()))
-                    .unwrap_or(1);
-                (p.clone(), version)
-            }
+            // Journaled without its version: by a release that sent it
+            // (and every step) as the command is now.
+            Some(p) => (
+                p.clone(),
+                journaled_version(saga.get(&version_field)).unwrap_or(C::VERSION),
+            ),
             None => (cmd.encode()?, C::VERSION),
         };
         let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
         if journaled.is_none() {
             writes.push((payload_field, payload.to_vec()));
-            if version > 1 {
-                writes.push((version_field, version.to_string().into_bytes()));
-            }
+            writes.push((version_field, version.to_string().into_bytes()));
         }
         if let Some(compensation) = compensation {
             let (subject, undo_version, undo) = compensation?;
@@ -856,9 +836,14 @@ impl<C: Command> Step<C> {
                 (known, compensations(&journal).count())
             };
             if !known {
+                let mut value = Vec::with_capacity(subject.len() + 1 + undo.len());
+                value.extend_from_slice(subject.as_bytes());
+                value.push(b'\n');
+                value.extend_from_slice(&undo);
+                writes.push((format!("{COMPENSATION}{count:04}:{name}"), value));
                 writes.push((
-                    format!("{COMPENSATION}{count:04}:{name}"),
-                    compensation_value(subject, undo_version, &undo),
+                    format!("{COMPENSATION_VERSION}{name}"),
+                    undo_version.to_string().into_bytes(),
                 ));
             }
         }
@@ -932,28 +917,4 @@ fn decode<R: Decode>(step: &str, answer: &[u8]) -> Result<R> {
             ),
         )
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compensations_keep_their_version_and_read_as_before_at_version_1() {
-        let v1 = compensation_value("cmd.release", 1, br#"{"order":"o-1"}"#);
-        assert_eq!(
-            v1, b"cmd.release\n{\"order\":\"o-1\"}",
-            "version 1: the layout before versions"
-        );
-        let v3 = compensation_value("cmd.release", 3, br#"{"order":"o-1"}"#);
-        for (value, version) in [(v1, 1), (v3, 3)] {
-            let (subject, v, payload) = read_compensation(&Bytes::from(value)).expect("reads");
-            assert_eq!((subject.as_str(), v), ("cmd.release", version));
-            assert_eq!(&payload[..], br#"{"order":"o-1"}"#);
-        }
-        // Payloads that are not JSON objects read whole.
-        let (_, v, payload) = read_compensation(&Bytes::from_static(b"s\n[1,2]")).expect("reads");
-        assert_eq!((v, &payload[..]), (1, &b"[1,2]"[..]));
-        assert!(read_compensation(&Bytes::from_static(b"no newline")).is_none());
-    }
 }

@@ -221,7 +221,7 @@ impl TestKit {
     }
 
     /// Every message sent and published on the bus so far, in order
-    /// (catga's own subjects, `catga.*`, left out).
+    /// (catga's own copies of keyed sagas' triggers left out).
     pub fn messages(&self) -> Vec<Recorded> {
         self.bus.tap().records()
     }
@@ -270,8 +270,18 @@ impl TestKit {
         if let Some(exact) = sagas.iter().find(|s| s.id == id) {
             return Ok(exact.clone());
         }
-        let suffix = format!(":{id}");
-        let mut matching = sagas.into_iter().filter(|s| s.id.ends_with(&suffix));
+        // A saga's id is `<saga fn>:<trigger's id>`, shortened past the id
+        // length limit: the ids this message would give each handler.
+        let started_by: std::collections::BTreeSet<String> = self
+            .runtime
+            .handlers()
+            .iter()
+            .map(|h| {
+                let name = h.name().rsplit("::").next().unwrap_or_default();
+                crate::wire::bounded_id(format!("{name}:{id}"))
+            })
+            .collect();
+        let mut matching = sagas.into_iter().filter(|s| started_by.contains(&s.id));
         match (matching.next(), matching.next()) {
             (Some(one), None) => Ok(one),
             (None, _) => Err(Error::new(ErrorKind::NotFound, format!("no saga `{id}`"))),

@@ -50,8 +50,13 @@ pub(crate) async fn start_leading(
     serving: &tokio::sync::Mutex<HashMap<&'static str, Serving>>,
     within: std::time::Duration,
 ) {
+    // Listed in `serving` at once, and the lock held through the round
+    // trip: `Runtime::serving` sees them only once confirmed, and a
+    // shutdown that aborts the leader loop meanwhile finds them there and
+    // drains them with the rest (held elsewhere, they would drain on
+    // their own past the shutdown).
     let mut serving = serving.lock().await;
-    let mut started = Vec::new();
+    let mut started = 0;
     for spec in specs {
         if serving.contains_key(spec.name()) {
             continue;
@@ -60,19 +65,21 @@ pub(crate) async fn start_leading(
             break;
         }
         let mut others: Vec<&'static HandlerSpec> = serving.values().map(|s| s.served.spec).collect();
-        others.extend(started.iter().map(|(_, s): &(&str, Serving)| s.served.spec));
         others.push(spec);
         let spawned = match crate::registry::check(&others, true) {
             Ok(()) => spawn_handler(spec, shared).await,
             Err(e) => Err(e),
         };
         match spawned {
-            Ok(s) => started.push((spec.name(), s)),
+            Ok(s) => {
+                serving.insert(spec.name(), s);
+                started += 1;
+            }
             Err(e) => tracing::error!(handler = spec.name(), error = %e, "a leader handler could not start"),
         }
     }
     let transport = shared.client.transport();
-    if !started.is_empty()
+    if started > 0
         && transport.is_connected()
         && let Err(e) = tokio::time::timeout(within, transport.round_trip(within))
             .await
@@ -80,7 +87,6 @@ pub(crate) async fn start_leading(
     {
         tracing::debug!(error = %e, "the leader handlers' subscriptions are not confirmed yet");
     }
-    serving.extend(started);
 }
 
 /// Stops serving handler `name` (see [`Runtime::stop_handler`]).

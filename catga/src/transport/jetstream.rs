@@ -76,9 +76,31 @@ impl NatsTransport {
         partitions: u32,
         settings: &StreamSettings,
     ) -> Result<()> {
-        for (key, subjects) in super::partition_streams(base, partitions, settings.saga_streams) {
+        let groups = super::partition_streams(base, partitions, settings.saga_streams);
+        let several = groups.len() > 1;
+        for (key, subjects) in groups {
             let name = stream_name(&key);
             let first = subjects.first().cloned().unwrap_or_default();
+            // Several streams list their partitions' subjects: a replica
+            // with another partition count would rewrite the lists, and
+            // each replica would undo the other's (one stream of
+            // `<base>.*` never changes).
+            if several && let Ok(mut existing) = self.jetstream().get_stream(&name).await {
+                let info = existing.info().await.map_err(|e| js_error("stream info", e))?;
+                if info.config.subjects != subjects {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "stream {name} stores other saga partitions ({}) than this replica's {partitions} \
+                             partitions over CATGA_JS_SAGA_STREAMS={} would ({}): the saga's `partitions` \
+                             changed, or the setting; see the operations guide, \"Keyed sagas on a NATS cluster\"",
+                            info.config.subjects.join(" "),
+                            settings.saga_streams,
+                            subjects.join(" ")
+                        ),
+                    ));
+                }
+            }
             if let Err(e) = self
                 .ensure(stream_config(name.clone(), subjects, settings, settings.max_age))
                 .await

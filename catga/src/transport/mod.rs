@@ -338,8 +338,10 @@ impl DeadLetter {
         for (k, v) in &self.headers {
             h.append(k.as_str(), v.as_str());
         }
+        // Bounded: an id at its length limit plus the suffix would be
+        // refused on arrival.
         let id = match &self.message_id {
-            Some(id) => format!("{id}.replay{}", self.seq),
+            Some(id) => crate::wire::bounded_id(format!("{id}.replay{}", self.seq)),
             None => crate::wire::new_message_id(),
         };
         h.insert(crate::wire::headers::MESSAGE_ID, crate::wire::header_value(&id));

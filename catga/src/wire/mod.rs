@@ -226,8 +226,19 @@ pub(crate) fn message_headers(event: bool, version: u32, cause: Cause<'_>) -> as
 pub(crate) fn version_of(headers: Option<&async_nats::HeaderMap>) -> u32 {
     headers
         .and_then(|h| h.get(headers::VERSION))
-        .and_then(|v| v.as_str().trim().parse().ok())
+        .and_then(|v| parse_version(v.as_str()))
         .unwrap_or(1)
+}
+
+/// A `Catga-Version` value: a whole number from 1, in plain digits
+/// (catga sends nothing else; `0`, `+2` or `2.0` are refused, not read
+/// as something close).
+fn parse_version(v: &str) -> Option<u32> {
+    let v = v.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok().filter(|v| *v >= 1)
 }
 
 /// Checks a message's `Catga-Version` against the newest version its
@@ -236,8 +247,8 @@ pub(crate) fn check_version(headers: Option<&async_nats::HeaderMap>, name: &str,
     let Some(v) = headers.and_then(|h| h.get(headers::VERSION)) else {
         return Ok(());
     };
-    match v.as_str().trim().parse::<u32>() {
-        Ok(v) if v <= known => Ok(()),
+    match parse_version(v.as_str()) {
+        Some(v) if v <= known => Ok(()),
         _ => Err(Error::new(
             ErrorKind::Invalid,
             format!(
@@ -251,6 +262,25 @@ pub(crate) fn check_version(headers: Option<&async_nats::HeaderMap>, name: &str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_are_plain_whole_numbers_from_1() {
+        let with = |v: &str| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::VERSION, v);
+            h
+        };
+        for ok in ["1", "2", " 2 ", "0002"] {
+            assert!(check_version(Some(&with(ok)), "T", 2).is_ok(), "{ok:?}");
+        }
+        for bad in ["0", "+2", "-1", "2.0", "", "two", "4294967296", "3"] {
+            let err = check_version(Some(&with(bad)), "T", 2).expect_err(bad);
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{bad:?}");
+        }
+        assert_eq!(version_of(Some(&with("2"))), 2);
+        assert_eq!(version_of(None), 1);
+        assert!(check_version(None, "T", 2).is_ok(), "absent means 1");
+    }
 
     #[test]
     fn ids_are_visible_ascii() {

@@ -17,6 +17,7 @@ mod parallel;
 mod parity;
 mod registry;
 mod request_reply;
+mod resized;
 mod saga_time;
 mod sagas;
 mod shutdown;
