@@ -382,3 +382,146 @@ async fn a_compensation_goes_out_under_its_own_version(b: &Backend) {
     );
     rt.shutdown().await.expect("clean shutdown");
 }
+
+/// Release 1 of [`Charge`].
+#[derive(Deserialize, Debug)]
+pub struct ChargeV1 {
+    /// Which run.
+    pub run: String,
+    /// How much, in whole euros.
+    pub euros: u64,
+}
+
+/// A saga step at version 2.
+#[command(subject = "tests.ver.charge", idempotent, version = 2, upcast_from = ChargeV1)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Charge {
+    /// Which run.
+    pub run: String,
+    /// How much.
+    pub cents: u64,
+}
+
+impl From<ChargeV1> for Charge {
+    fn from(v1: ChargeV1) -> Charge {
+        Charge {
+            run: v1.run,
+            cents: v1.euros * 100,
+        }
+    }
+}
+
+/// Starts [`charging`].
+#[event(subject = "tests.ver.ordered")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Ordered {
+    /// Which run.
+    pub run: String,
+}
+
+/// Runs whose charge may go through; until then it fails retryably.
+static CHARGE_OPEN: Mutex<std::collections::BTreeSet<String>> = Mutex::new(std::collections::BTreeSet::new());
+/// run -> the cents charged.
+static CHARGED: Mutex<BTreeMap<String, Vec<u64>>> = Mutex::new(BTreeMap::new());
+
+#[command]
+async fn charge(c: Charge) -> Result<()> {
+    if !CHARGE_OPEN.lock().expect("open").contains(&c.run) {
+        return Err(catga::Error::unavailable("not yet"));
+    }
+    CHARGED
+        .lock()
+        .expect("charged")
+        .entry(c.run)
+        .or_default()
+        .push(c.cents);
+    Ok(())
+}
+
+#[saga]
+async fn charging(saga: &Saga, o: Ordered) -> Result<()> {
+    saga.step(
+        "charge",
+        Charge {
+            run: o.run,
+            cents: 250,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// A saga journaled by a release before versions were journaled (its
+/// step's `pv:` field missing) resumes as that release sent the step: at
+/// the command's version now, read as it is, not as release 1's shape.
+/// The step has no handler at first, so the saga stops after journaling
+/// it and resumes from the journal in the store once one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_without_versions_resumes_as_the_release_before_sent_it() {
+    let b = Backend::nats();
+    let Backend::Nats(_, redis) = &b else {
+        unreachable!("nats backend")
+    };
+    let mut con = redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let sagas = b
+        .started(
+            b.builder(module_path!(), "sagas")
+                .handlers(|s| s.name().ends_with("::charging"))
+                .request_timeout(std::time::Duration::from_millis(300))
+                .retry_base(std::time::Duration::from_millis(20)),
+        )
+        .await;
+    let run = run_id();
+    CHARGE_OPEN.lock().expect("open").insert(run.clone());
+    let trigger = format!("order-{run}");
+    b.client()
+        .await
+        .publish_durable_with_id(Ordered { run: run.clone() }, &trigger)
+        .await
+        .expect("published");
+    // The step was journaled (payload and version); nothing answers it.
+    let journal = format!("catga:{{catga-tests}}:saga:charging:{trigger}");
+    let started = std::time::Instant::now();
+    loop {
+        let version: Option<String> = redis::cmd("HGET")
+            .arg(&journal)
+            .arg("pv:charge")
+            .query_async(&mut con)
+            .await
+            .expect("HGET");
+        if version.is_some() {
+            assert_eq!(version.as_deref(), Some("2"), "journaled at version 2");
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "the step's version was never journaled");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // As the release before would have left it: no version.
+    let removed: u64 = redis::cmd("HDEL")
+        .arg(&journal)
+        .arg("pv:charge")
+        .query_async(&mut con)
+        .await
+        .expect("HDEL");
+    assert_eq!(removed, 1);
+    let charges = b
+        .started(
+            b.builder(module_path!(), "charges")
+                .handlers(|s| s.name().ends_with("::charge")),
+        )
+        .await;
+    catga_tests::until("the resumed step charged", WAIT, || {
+        CHARGED.lock().expect("charged").contains_key(&run)
+    })
+    .await;
+    assert_eq!(
+        CHARGED.lock().expect("charged")[&run],
+        [250],
+        "read as version 2, in cents"
+    );
+    catga_tests::backend::shutdown_all(vec![charges, sagas]).await;
+}
