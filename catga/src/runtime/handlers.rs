@@ -174,11 +174,18 @@ pub(crate) async fn spawn_served(served: Arc<Served>, shared: &Arc<Shared>) -> R
             if sub.is_some() && !elective {
                 shared.health.subscribed();
             }
+            // Taken here, not in the loop: the embedded `start()` waits
+            // for every elective slot to be bound, and a loop not polled
+            // yet had none, so a durable leader handler could still be
+            // binding its stream when `start()` returned (an event
+            // published right then was lost, once in a CI run).
+            let slot = elective.then(|| shared.health.elective_slot());
             tokio::spawn(serve::serve(
                 Arc::clone(&served),
                 Arc::clone(shared),
                 sub,
                 stop_rx.clone(),
+                slot,
             ))
         })
         .collect();

@@ -42,6 +42,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     first: Option<Subscription>,
     mut stop: watch::Receiver<bool>,
+    slot: Option<super::ready::ElectiveSlot>,
 ) -> ServeReport {
     let served = &*served;
     let shared = &*shared;
@@ -52,9 +53,9 @@ pub(crate) async fn serve(
     let mut intake = Intake::default();
     let mut draining = false;
     let mut handover_confirmed = true;
-    // What is served under a lease has its own place in readiness; the
-    // rest counts subscriptions wanted and live (see `Health`).
-    let slot = served.elective().then(|| shared.health.elective_slot());
+    // What is served under a lease has its own place in readiness (its
+    // slot, taken by `spawn_served` before this loop runs); the rest
+    // counts subscriptions wanted and live (see `Health`).
     if sub.is_some()
         && let Some(slot) = &slot
     {
