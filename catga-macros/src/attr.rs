@@ -219,10 +219,11 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "key",
-        roles: &[SAGA],
+        roles: &[COMMAND_TYPE, EVENT_TYPE, SAGA],
         takes: Takes::Field,
-        belongs: "on a saga (`#[saga(key = order_id)]` on an async fn): its instances are partitioned by \
-                  that field of the trigger event",
+        belongs: "on a message type (`#[command(key = account)]` on the struct: its handler's writes \
+                  commit in that key's store shard) or on a saga (`#[saga(key = order_id)]` on an async \
+                  fn: its instances are partitioned by that field of the trigger event)",
     },
     Key {
         name: "partitions",
@@ -337,6 +338,8 @@ pub(crate) struct MessageArgs {
     pub(crate) upcast_from: Option<Box<Type>>,
     /// `idempotent` (commands).
     pub(crate) idempotent: bool,
+    /// `key = field`: the field whose value places the message's writes.
+    pub(crate) key: Option<Ident>,
     /// `crate = "..."`, or `::catga`.
     pub(crate) krate: Path,
 }
@@ -350,6 +353,7 @@ impl MessageArgs {
             version_refused: opts.refused.contains(&"version"),
             upcast_from: opts.ty("upcast_from"),
             idempotent: opts.flag("idempotent"),
+            key: opts.field("key"),
             krate: opts.krate(),
         }
     }
@@ -535,7 +539,7 @@ fn check(row: &Key, key: &Ident, value: Option<Written>, errors: &mut Errors) ->
             _ => {
                 errors.spanned(
                     &ty,
-                    format!("`{name}` names one field of the trigger event: `{name} = order_id`"),
+                    format!("`{name}` names one field of the message: `{name} = order_id`"),
                 );
                 None
             }
@@ -554,7 +558,7 @@ fn check(row: &Key, key: &Ident, value: Option<Written>, errors: &mut Errors) ->
                 Takes::Type => format!("a type, not a literal: {name} = OrderId"),
                 Takes::Path => "a path in a string, e.g. crate = \"::my_app::catga\"".to_owned(),
                 Takes::Field => {
-                    format!("the name of a field of the trigger event, not a literal: {name} = order_id")
+                    format!("the name of a field of the message, not a literal: {name} = order_id")
                 }
                 Takes::Flag => unreachable_flag(),
             };

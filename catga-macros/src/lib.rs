@@ -88,8 +88,8 @@ fn expand(
             .to_compile_error();
             quote::quote!(#item #err)
         }
-        syn::Item::Struct(s) => message::expand(attr, args, &item, &s.ident, &s.generics),
-        syn::Item::Enum(e) => message::expand(attr, args, &item, &e.ident, &e.generics),
+        syn::Item::Struct(s) => message::expand(attr, args, &item, &s.ident, &s.generics, false),
+        syn::Item::Enum(e) => message::expand(attr, args, &item, &e.ident, &e.generics, true),
         syn::Item::Fn(f) => handler::expand(attr, args, &item, f),
         other => {
             let err = syn::Error::new_spanned(

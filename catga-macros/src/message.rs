@@ -58,6 +58,7 @@ pub(crate) fn expand(
     item: &TokenStream,
     ident: &Ident,
     generics: &Generics,
+    is_enum: bool,
 ) -> TokenStream {
     let mut errors = Errors::default();
     let role = Role {
@@ -66,6 +67,13 @@ pub(crate) fn expand(
     };
     let mut args = attr::message(args, role, &mut errors);
     check_upcast(&mut args, &mut errors);
+    if is_enum && let Some(field) = args.key.take() {
+        errors.spanned(
+            &field,
+            "`key` names a field of a struct; an enum has no fields of its own: make the message a \
+             struct, or leave `key` out",
+        );
+    }
     if !validate(attr, generics, &mut errors) {
         let errs = errors.to_compile_errors();
         return quote!(#item #errs);
@@ -118,6 +126,16 @@ fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
             }
         }
     });
+    // Spanned on the field the user named: a field that does not exist,
+    // or whose type is not `Display`, is reported there.
+    let key = args.key.as_ref().map(|field| {
+        quote_spanned! {field.span()=>
+            const __CATGA_KEYED: bool = true;
+            fn __catga_key(&self) -> ::core::option::Option<::std::string::String> {
+                ::core::option::Option::Some(#p::message_key_text(&self.#field))
+            }
+        }
+    });
     let message_impl = quote_spanned! {ident.span()=>
         #[automatically_derived]
         impl #p::Message for #ident {
@@ -126,6 +144,7 @@ fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
             const VERSION: u32 = #version;
             const KIND: #p::MessageKind = #p::MessageKind::#kind;
             #upcast
+            #key
         }
     };
     let role_impl = match attr {

@@ -380,7 +380,7 @@ fn the_store(config: &Config, what: &str) -> Result<Store> {
             "{what} are read from the store: set REDIS_URL (and CATGA_SERVICE) as the replicas have it"
         )));
     };
-    Ok(RedisStore::connect(&redis, &config.service)?.into())
+    Ok(RedisStore::connect(&redis, &config.service, config.store_shards)?.into())
 }
 
 async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {

@@ -681,6 +681,7 @@ mod tests {
                 alive_for: Duration::from_secs(1),
                 last_delivery: false,
                 saga_timeout: None,
+                home: None,
             })
         };
         let ctx = Context::new(client.clone(), Arc::new(meta), work(), "tests::h");

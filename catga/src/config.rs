@@ -125,6 +125,12 @@ pub const SETTINGS: &[Setting] = &[
         }),
     },
     Setting {
+        name: "CATGA_STORE_SHARDS",
+        meaning: "shards a service's Redis keys are split into, each with its own hash tag, so that Redis Cluster spreads the service over its masters (one per master is a good start; at most 256); the same on every replica and for the store's life: a runtime refuses a store written with another count",
+        default: "1 (every key under `catga:{<service>}`, the layout of earlier releases)",
+        read: Some(|c, n, v| set(&mut c.store_shards, small(n, v)?)),
+    },
+    Setting {
         name: "CATGA_REDIS_SENTINEL_MASTER",
         meaning: "the master's name the sentinels monitor (`CATGA_REDIS_MODE=sentinel`)",
         default: "mymaster",
@@ -458,6 +464,9 @@ pub struct Config {
     pub redis_mode: RedisMode,
     /// The master's name in Sentinel mode.
     pub redis_sentinel_master: String,
+    /// How many shards the service's store keys are split into
+    /// (`CATGA_STORE_SHARDS`).
+    pub store_shards: u32,
     /// `REDIS_TLS_CA`, `REDIS_TLS_CERT`, `REDIS_TLS_KEY`.
     pub redis_tls: RedisTls,
     /// How long an idempotent message's answer is kept.
@@ -564,6 +573,7 @@ impl Default for Config {
             redis_url: None,
             redis_mode: RedisMode::Server,
             redis_sentinel_master: "mymaster".to_owned(),
+            store_shards: 1,
             redis_tls: RedisTls::default(),
             inbox_window: Duration::from_secs(24 * 3600),
             inbox_lease: Duration::from_secs(1),
@@ -617,11 +627,19 @@ impl Config {
             ("CATGA_MAX_DELIVER", self.max_deliver as usize),
             ("CATGA_JS_REPLICAS", self.streams.replicas),
             ("CATGA_JS_SAGA_STREAMS", self.streams.saga_streams as usize),
+            ("CATGA_STORE_SHARDS", self.store_shards as usize),
         ];
         for (name, n) in at_least_one {
             if n == 0 {
                 return Err(config_error(name, "0", "expected a whole number above 0"));
             }
+        }
+        if self.store_shards > crate::store::shards::MAX_SHARDS {
+            return Err(config_error(
+                "CATGA_STORE_SHARDS",
+                &self.store_shards.to_string(),
+                &format!("expected at most {}", crate::store::shards::MAX_SHARDS),
+            ));
         }
         let at_least = [
             ("CATGA_REQUEST_TIMEOUT_MS", self.request_timeout, 1),

@@ -83,7 +83,9 @@ impl DeadLetters {
     pub async fn connect(config: &crate::Config) -> Result<DeadLetters> {
         let client = Client::connect_with(config).await?;
         let store = match crate::store::RedisConnect::from_config(config) {
-            Some(redis) => Some(crate::store::RedisStore::connect(&redis, &config.service)?.into()),
+            Some(redis) => {
+                Some(crate::store::RedisStore::connect(&redis, &config.service, config.store_shards)?.into())
+            }
             None => None,
         };
         Ok(DeadLetters {

@@ -138,6 +138,12 @@ pub mod __private {
         key.to_string()
     }
 
+    /// A message's key (`#[command(key = field)]`): the field as text,
+    /// which places the handler's writes in a store shard.
+    pub fn message_key_text<K: std::fmt::Display + ?Sized>(key: &K) -> String {
+        key.to_string()
+    }
+
     /// The body of a `#[saga]` handler: runs the saga function through
     /// [`Context::saga`]; a compensated saga is an outcome (logged), not a
     /// failure of the handler.

@@ -90,6 +90,19 @@ fn no_key(_: u32, _: &Bytes) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// The key a message type declares (`#[command(key = account)]`), read
+/// from a payload sent at `version`; `None` without decoding when the
+/// type declares none.
+fn message_key<M: Message + crate::wire::codec::Decode>(
+    version: u32,
+    payload: &Bytes,
+) -> Result<Option<String>> {
+    if !M::__CATGA_KEYED {
+        return Ok(None);
+    }
+    Ok(crate::message::decode_at::<M>(version, payload)?.__catga_key())
+}
+
 fn event_key<H>(version: u32, payload: &Bytes) -> Result<Option<String>>
 where
     H: EventHandler,
@@ -195,6 +208,7 @@ pub struct HandlerSpec {
     options: HandlerOptions,
     call: CallFn,
     key: KeyFn,
+    message_key: KeyFn,
 }
 
 impl std::fmt::Debug for HandlerSpec {
@@ -229,6 +243,7 @@ impl HandlerSpec {
             options,
             call: call_command::<H>,
             key: no_key,
+            message_key: message_key::<H::Command>,
         }
     }
 
@@ -249,6 +264,7 @@ impl HandlerSpec {
             options,
             call: call_event::<H>,
             key: event_key::<H>,
+            message_key: message_key::<H::Event>,
         }
     }
 
@@ -346,6 +362,12 @@ impl HandlerSpec {
     /// compensated.
     pub fn saga_timeout(&self) -> Option<std::time::Duration> {
         self.options.timeout_ms.map(std::time::Duration::from_millis)
+    }
+
+    /// The key the message's type declares (`key = field`), of a payload
+    /// sent at `version` (decoding it only when the type declares one).
+    pub(crate) fn message_key(&self, version: u32, payload: &Bytes) -> Result<Option<String>> {
+        (self.message_key)(version, payload)
     }
 
     /// A keyed saga's key of a payload sent at `version` (decoding it).
@@ -460,6 +482,7 @@ mod tests {
             },
             call: never,
             key: no_key,
+            message_key: no_key,
         }
     }
 

@@ -323,17 +323,19 @@ impl Context {
             // claim is given up in the background.
             let guard = RunGuard {
                 orphans: &self.work().orphans,
+                shard: self.work().store.shard_of(&id),
                 run: Some(&run),
             };
             let ran = self.run_saga(id, Some(run.1.mark()), saga).await;
             if self
                 .work()
                 .store
-                .inbox_abandon(RUNS, &run.0, &run.1)
+                .inbox_abandon(self.work().store.shard_of(&run.0), RUNS, &run.0, &run.1)
                 .await
                 .is_err()
             {
-                self.work().orphans.give_up(RUNS, &run.0, &run.1);
+                let shard = self.work().store.shard_of(&run.0);
+                self.work().orphans.give_up(shard, RUNS, &run.0, &run.1);
             }
             guard.disarm();
             ran
@@ -374,11 +376,12 @@ impl Context {
             let run = (id.to_owned(), claim.clone());
             let asking = RunGuard {
                 orphans: &work.orphans,
+                shard: work.store.shard_of(id),
                 run: Some(&run),
             };
             let begun = work
                 .store
-                .inbox_begin(RUNS, id, &claim, ttl, work.alive_for)
+                .inbox_begin(work.store.shard_of(id), RUNS, id, &claim, ttl, work.alive_for)
                 .await;
             if begun.is_ok() {
                 asking.disarm();
@@ -515,6 +518,8 @@ impl Drop for LocalRun {
 /// Gives a saga's run claim up in the background if dropped armed.
 struct RunGuard<'a> {
     orphans: &'a crate::store::Orphans,
+    /// The store shard of the run's claim (the saga's).
+    shard: u32,
     run: Option<&'a (String, crate::store::Claim)>,
 }
 
@@ -527,7 +532,7 @@ impl RunGuard<'_> {
 impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
         if let Some((id, claim)) = self.run.take() {
-            self.orphans.give_up(RUNS, id, claim);
+            self.orphans.give_up(self.shard, RUNS, id, claim);
         }
     }
 }

@@ -147,6 +147,7 @@ impl Context {
             events,
             inbox: None,
             fence: work.fence.clone(),
+            home: work.home.clone(),
         };
         match work.store.commit(&commit).await? {
             Committed::Fenced => Err(fenced()),
@@ -162,6 +163,10 @@ impl Context {
         let data = state.encode_value()?;
         let work = self.work();
         if let Some(staged) = &work.staged {
+            // Refused at the save rather than when the handler answers.
+            if let Some(home) = &work.home {
+                work.store.check_shard(home, T::KIND, state.key())?;
+            }
             let mut staged = staged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let version = match staged
                 .states
@@ -201,6 +206,7 @@ impl Context {
             events,
             inbox: None,
             fence: work.fence.clone(),
+            home: work.home.clone(),
         };
         match work.store.commit(&commit).await? {
             Committed::Yes(versions) => {

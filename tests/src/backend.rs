@@ -16,8 +16,10 @@ pub enum Backend {
     Nats(NatsServer, RedisServer),
     /// The embedded bus and its in-memory store.
     Memory(MemoryBus),
-    /// A real nats-server and the state store on a 3-master Redis Cluster.
-    RedisCluster(NatsServer, RedisCluster),
+    /// A real nats-server and the state store on a 3-master Redis Cluster,
+    /// the service's keys split into this many shards
+    /// (`CATGA_STORE_SHARDS`; 1: all on one master).
+    RedisCluster(NatsServer, RedisCluster, u32),
     /// A real nats-server and the state store on the master that Redis
     /// Sentinel names.
     RedisSentinel(NatsServer, RedisSentinel),
@@ -31,7 +33,13 @@ impl Backend {
 
     /// A fresh nats-server and Redis Cluster.
     pub fn redis_cluster() -> Backend {
-        Backend::RedisCluster(NatsServer::start(), RedisCluster::start())
+        Backend::RedisCluster(NatsServer::start(), RedisCluster::start(), 1)
+    }
+
+    /// A fresh nats-server and Redis Cluster, the service's keys in 3
+    /// shards (one per master).
+    pub fn redis_sharded() -> Backend {
+        Backend::RedisCluster(NatsServer::start(), RedisCluster::start(), 3)
     }
 
     /// A fresh nats-server and Redis master, replica and sentinel.
@@ -49,7 +57,8 @@ impl Backend {
         match self {
             Backend::Nats(..) => "nats",
             Backend::Memory(_) => "memory",
-            Backend::RedisCluster(..) => "nats with Redis Cluster",
+            Backend::RedisCluster(_, _, 1) => "nats with Redis Cluster",
+            Backend::RedisCluster(..) => "nats with Redis Cluster in shards",
             Backend::RedisSentinel(..) => "nats with Redis Sentinel",
         }
     }
@@ -57,7 +66,9 @@ impl Backend {
     /// The nats-server's URL, on the NATS backends.
     pub fn nats_url(&self) -> Option<String> {
         match self {
-            Backend::Nats(s, _) | Backend::RedisCluster(s, _) | Backend::RedisSentinel(s, _) => Some(s.url()),
+            Backend::Nats(s, _) | Backend::RedisCluster(s, ..) | Backend::RedisSentinel(s, _) => {
+                Some(s.url())
+            }
             Backend::Memory(_) => None,
         }
     }
@@ -65,7 +76,7 @@ impl Backend {
     /// The nats-server, on the NATS backend.
     pub fn nats_server(&mut self) -> Option<&mut NatsServer> {
         match self {
-            Backend::Nats(s, _) | Backend::RedisCluster(s, _) | Backend::RedisSentinel(s, _) => Some(s),
+            Backend::Nats(s, _) | Backend::RedisCluster(s, ..) | Backend::RedisSentinel(s, _) => Some(s),
             Backend::Memory(_) => None,
         }
     }
@@ -95,7 +106,9 @@ impl Backend {
         match self {
             Backend::Nats(s, r) => b.nats_url(s.url()).redis_url(r.url()),
             Backend::Memory(bus) => b.memory(bus.clone()),
-            Backend::RedisCluster(s, r) => b.nats_url(s.url()).redis_cluster(&r.urls()),
+            Backend::RedisCluster(s, r, shards) => {
+                b.nats_url(s.url()).redis_cluster(&r.urls()).store_shards(*shards)
+            }
             Backend::RedisSentinel(s, r) => b.nats_url(s.url()).redis_sentinel(&[r.url()], "mymaster"),
         }
     }
@@ -128,7 +141,7 @@ impl Backend {
     /// A client that hosts no handlers.
     pub async fn client(&self) -> Client {
         match self {
-            Backend::Nats(s, _) | Backend::RedisCluster(s, _) | Backend::RedisSentinel(s, _) => {
+            Backend::Nats(s, _) | Backend::RedisCluster(s, ..) | Backend::RedisSentinel(s, _) => {
                 let c = Client::connect(&s.url()).await.expect("client connects");
                 // Wait for the first connection so that tests start clean.
                 for _ in 0..200 {

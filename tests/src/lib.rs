@@ -68,10 +68,11 @@ macro_rules! on_both {
     };
 }
 
-/// [`on_both!`], plus `redis_cluster::name` and `redis_sentinel::name`:
-/// the same scenario on NATS with the state store on a 3-master Redis
-/// Cluster and on a master found through Redis Sentinel. For the
-/// scenarios that exercise the store.
+/// [`on_both!`], plus `redis_cluster::name`, `redis_sentinel::name` and
+/// `redis_sharded::name`: the same scenario on NATS with the state store
+/// on a 3-master Redis Cluster, on a master found through Redis Sentinel,
+/// and on a 3-master Redis Cluster with the service's keys in 3 shards
+/// (`CATGA_STORE_SHARDS=3`). For the scenarios that exercise the store.
 #[macro_export]
 macro_rules! on_every_store {
     ($($name:ident),+ $(,)?) => {
@@ -89,6 +90,14 @@ macro_rules! on_every_store {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name(&$crate::Backend::redis_sentinel()).await;
+                }
+            )+
+        }
+        mod redis_sharded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&$crate::Backend::redis_sharded()).await;
                 }
             )+
         }

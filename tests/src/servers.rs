@@ -65,7 +65,13 @@ impl Process {
             "{} is already running",
             self.binary.display()
         );
-        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
+        // Appended to: a server killed and started again keeps the log of
+        // its earlier runs, for the test that fails after a restart.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("log file");
         let log2 = log.try_clone().expect("log file");
         let child = Command::new(&self.binary)
             .args(args)
@@ -260,6 +266,13 @@ fn accepts_tcp(port: u16) -> bool {
 
 /// The directory the server keeps its files in (config, log, JetStream).
 impl NatsServer {
+    /// The last `lines` lines of the server's log (all its runs).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir().join("server.log")).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Where a test may put files the server reads (certificates).
     pub fn dir(&self) -> &std::path::Path {
         self.process.dir.path()
@@ -411,7 +424,18 @@ impl RedisCluster {
     /// Starts three cluster-enabled servers and joins them with
     /// `redis-cli --cluster create`.
     pub fn start() -> RedisCluster {
-        let args = [
+        RedisCluster::start_with(&[])
+    }
+
+    /// A cluster whose masters keep serving their slots while another
+    /// master is down (`cluster-require-full-coverage no`), as a cluster
+    /// that spreads services over its masters is run.
+    pub fn start_partial() -> RedisCluster {
+        RedisCluster::start_with(&["--cluster-require-full-coverage", "no"])
+    }
+
+    fn start_with(more: &[&str]) -> RedisCluster {
+        let mut args = vec![
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -419,6 +443,7 @@ impl RedisCluster {
             "--cluster-node-timeout",
             "2000",
         ];
+        args.extend_from_slice(more);
         let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true, &args)).collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
         let out = std::process::Command::new("redis-cli")

@@ -326,6 +326,10 @@ async fn accounts_replica(nats_url: &str, redis: &RedisServer, id: &str) -> Runt
 /// the next 10 s went to core NATS, out of the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_saved_with_state_reach_their_stream_in_order_while_nodes_die() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::INFO)
+        .with_writer(std::io::stderr)
+        .try_init();
     let mut cluster = NatsCluster::start();
     let redis = RedisServer::start_persistent();
     let n = &cluster.nodes;
@@ -395,10 +399,18 @@ async fn events_saved_with_state_reach_their_stream_in_order_while_nodes_die() {
 
     // The outbox empties.
     let until = Instant::now() + Duration::from_secs(60);
+    let dump = |cluster: &NatsCluster| {
+        for (i, n) in cluster.nodes.iter().enumerate() {
+            eprintln!("---- node {i}'s log, last lines ----\n{}", n.log_tail(150));
+        }
+    };
     loop {
         let backlog = r1.outbox_backlog().await.unwrap_or(u64::MAX);
         if backlog == 0 {
             break;
+        }
+        if Instant::now() >= until {
+            dump(&cluster);
         }
         assert!(Instant::now() < until, "the outbox still holds {backlog} entries");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -466,6 +478,42 @@ async fn events_saved_with_state_reach_their_stream_in_order_while_nodes_die() {
                 .is_some_and(|b| b.iter().collect::<BTreeSet<_>>().len() >= events.len())
         });
         if done || Instant::now() >= until {
+            if !done {
+                // Where the sagas stopped: every consumer's position.
+                use futures_util::TryStreamExt;
+                if let Ok(names) = js.stream_names().try_collect::<Vec<String>>().await {
+                    for name in names {
+                        let Ok(stream) = js.get_stream(&name).await else {
+                            continue;
+                        };
+                        let Ok(consumers) = stream.consumers().try_collect::<Vec<_>>().await else {
+                            continue;
+                        };
+                        for c in consumers {
+                            eprintln!(
+                                "consumer {name}/{}: pending {} ack pending {} redelivered {} delivered {:?} ack floor {:?} waiting {}",
+                                c.name,
+                                c.num_pending,
+                                c.num_ack_pending,
+                                c.num_redelivered,
+                                c.delivered.stream_sequence,
+                                c.ack_floor.stream_sequence,
+                                c.num_waiting
+                            );
+                        }
+                    }
+                }
+                let booked = BOOKED.lock().expect("booked").clone();
+                for (account, events) in &in_stream {
+                    let ran = booked.get(&(run.clone(), account.clone())).map_or(0, Vec::len);
+                    eprintln!(
+                        "{account} (partition {}): {} events, the saga ran {ran}",
+                        catga::ring::partition_of(account, 4),
+                        events.len()
+                    );
+                }
+                dump(&cluster);
+            }
             for (account, events) in &in_stream {
                 let ran = booked
                     .get(&(run.clone(), account.clone()))

@@ -57,6 +57,21 @@ impl From<v1::Refund> for Refund {
     }
 }
 
+/// Its handler's writes commit in the store shard of `account`.
+#[command(key = account, idempotent)]
+#[derive(Serialize, Deserialize)]
+pub struct Deposit {
+    pub account: String,
+    pub cents: u64,
+}
+
+/// Events may name a key too; any `Display` field will do.
+#[event(key = order)]
+#[derive(Serialize, Deserialize)]
+pub struct Shipped {
+    pub order: u64,
+}
+
 fn reply_of<C: Command>() -> &'static str {
     std::any::type_name::<C::Reply>()
 }
@@ -86,4 +101,14 @@ fn main() {
     assert_eq!(upcast, Some(Some(Refund { cents: 300 })));
     assert!(<Refund as Message>::__catga_upcast(2, b"{}").is_none(), "version 2 is read as it is");
     assert!(<OrderCreated as Message>::__catga_upcast(1, b"{}").is_none(), "no upcast declared");
+
+    let d = Deposit {
+        account: "acct-7".into(),
+        cents: 5,
+    };
+    assert!(<Deposit as Message>::__CATGA_KEYED);
+    assert_eq!(d.__catga_key().as_deref(), Some("acct-7"));
+    assert_eq!(Shipped { order: 42 }.__catga_key().as_deref(), Some("42"));
+    assert!(!<OrderCreated as Message>::__CATGA_KEYED);
+    assert_eq!(OrderCreated { id: 1 }.__catga_key(), None);
 }

@@ -11,7 +11,7 @@ use super::watch::{check_broker, keep_alive, watch_refusals, watch_store};
 use super::{Runtime, Shared, ready::Health};
 use crate::client::Client;
 use crate::config::{Config, redact_url};
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::registry::{self, HandlerSpec};
 use crate::store::{MemoryStore, RedisConnect, RedisStore, Store};
 use crate::transport::Transport;
@@ -72,6 +72,13 @@ impl RuntimeBuilder {
         let urls: Vec<&str> = nodes.iter().map(AsRef::as_ref).collect();
         self.config.redis_url = Some(urls.join(","));
         self.config.redis_mode = crate::config::RedisMode::Cluster;
+        self
+    }
+
+    /// Splits the service's store keys into `n` shards (as
+    /// `CATGA_STORE_SHARDS`).
+    pub fn store_shards(mut self, n: u32) -> Self {
+        self.config.store_shards = n;
         self
     }
 
@@ -285,6 +292,14 @@ impl RuntimeBuilder {
         let selected = select(&config, filter.as_ref())?;
         let (transport, mode, bus_store) = connect_transport(&config, bus).await?;
         let store = connect_store(&config, bus_store)?;
+        // A store written with another shard count is refused here when it
+        // answers now; one that does not answer yet is checked before its
+        // first write, and readiness says why it is refused.
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(2), store.check_layout()).await
+            && e.kind() == ErrorKind::Config
+        {
+            return Err(e);
+        }
         tracing::info!(
             service = %config.service,
             instance = %config.instance_id,
@@ -453,14 +468,14 @@ async fn connect_transport(
 /// this process only.
 fn connect_store(config: &Config, bus_store: Option<Arc<MemoryStore>>) -> Result<Store> {
     Ok(match (RedisConnect::from_config(config), bus_store) {
-        (Some(redis), _) => RedisStore::connect(&redis, &config.service)?.into(),
-        (None, Some(bus_store)) => bus_store.into(),
+        (Some(redis), _) => RedisStore::connect(&redis, &config.service, config.store_shards)?.into(),
+        (None, Some(bus_store)) => Store::memory(bus_store, config.store_shards),
         (None, None) => {
             tracing::warn!(
                 "REDIS_URL is not set: state, outbox and inbox are kept in this process only; \
                  replicas do not share them"
             );
-            MemoryStore::new().into()
+            Store::memory(Arc::new(MemoryStore::new()), config.store_shards)
         }
     })
 }
@@ -499,6 +514,7 @@ fn shared(
         alive_for: config.inbox_lease,
         last_delivery: false,
         saga_timeout: None,
+        home: None,
     });
     let relay = Arc::new(super::lease::Lease::new(
         super::outbox::RELAY_LEASE,

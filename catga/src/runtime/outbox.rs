@@ -45,27 +45,68 @@ pub(crate) const RELAY_LEASE: &str = "relay";
 const BATCH: usize = 256;
 
 /// Relays while this replica holds the relay lease; runs until aborted.
+///
+/// With one outbox stream, a round waits on it for new entries. With one
+/// per store shard (`CATGA_STORE_SHARDS`), rounds go from shard to shard
+/// without waiting (a read cannot wait on streams in different slots of a
+/// cluster), and a whole turn that found nothing pauses a moment (see
+/// [`idle_pause`]). A shard that fails (its master is away) waits out its
+/// own back-off while the other shards go on: each key's events are in
+/// one shard, so their order does not depend on the others.
 pub(crate) async fn run(shared: Arc<Shared>, lease: Arc<Lease>) {
     let mut relay = Relay::default();
-    let mut failures: u32 = 0;
+    let shards = shared.store.outbox_shards().max(1);
+    let mut failures = vec![0u32; shards as usize];
+    let mut retry_at = vec![Instant::now(); shards as usize];
+    let mut shard = 0;
+    let mut idle = true;
     loop {
         if lease.held().is_none() {
-            failures = 0;
+            failures.fill(0);
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        match relay.round(&shared, &lease, Duration::from_millis(500)).await {
-            Ok(_) => failures = 0,
-            Err(e) => {
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(20) {
-                    tracing::warn!(error = %e, failures, "the outbox relay cannot store every entry yet; it keeps trying, in order");
+        let at = shard as usize;
+        shard = (shard + 1) % shards;
+        if retry_at[at] <= Instant::now() {
+            let block = if shards == 1 {
+                Duration::from_millis(500)
+            } else {
+                Duration::ZERO
+            };
+            match relay.round(&shared, &lease, at as u32, block).await {
+                Ok(n) => {
+                    failures[at] = 0;
+                    idle &= n == 0;
                 }
-                let pause = crate::resilience::backoff(Duration::from_millis(100), failures.min(6));
-                tokio::time::sleep(pause).await;
+                Err(e) => {
+                    failures[at] += 1;
+                    if failures[at] == 1 || failures[at].is_multiple_of(20) {
+                        tracing::warn!(error = %e, failures = failures[at], shard = at, "the outbox relay cannot store every entry yet; it keeps trying, in order");
+                    }
+                    let pause = crate::resilience::backoff(Duration::from_millis(100), failures[at].min(6));
+                    retry_at[at] = Instant::now() + pause;
+                }
             }
         }
+        if shard == 0 {
+            let earliest = retry_at.iter().min().copied().unwrap_or_else(Instant::now);
+            if earliest > Instant::now() {
+                tokio::time::sleep_until(earliest).await;
+            } else if idle && shards > 1 {
+                tokio::time::sleep(idle_pause(shards)).await;
+            }
+            idle = true;
+        }
     }
+}
+
+/// How long a relay of several outbox streams rests after a turn that
+/// found every stream empty: 5 ms a shard, between 10 and 200 ms. What an
+/// event waits at most when it is committed to an idle outbox; an idle
+/// service costs each shard's master one read per pause.
+fn idle_pause(shards: u32) -> Duration {
+    (Duration::from_millis(5) * shards).clamp(Duration::from_millis(10), Duration::from_millis(200))
 }
 
 /// Relays what is in the outbox until it is empty or `deadline` passes
@@ -73,14 +114,21 @@ pub(crate) async fn run(shared: Arc<Shared>, lease: Arc<Lease>) {
 /// this replica holds the relay lease.
 pub(crate) async fn flush(shared: &Shared, lease: &Lease, deadline: Instant) {
     let mut relay = Relay::default();
+    let shards = shared.store.outbox_shards().max(1);
     while lease.held().is_some() && Instant::now() < deadline {
-        match tokio::time::timeout_at(deadline, relay.round(shared, lease, Duration::ZERO)).await {
-            Ok(Ok(0)) | Err(_) => return,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "the outbox could not be flushed; its entries wait in the store");
-                return;
+        let mut moved = 0;
+        for shard in 0..shards {
+            match tokio::time::timeout_at(deadline, relay.round(shared, lease, shard, Duration::ZERO)).await {
+                Err(_) => return,
+                Ok(Ok(n)) => moved += n,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, shard, "the outbox could not be flushed; its entries wait in the store");
+                    return;
+                }
             }
+        }
+        if moved == 0 {
+            return;
         }
     }
 }
@@ -113,19 +161,19 @@ impl Relay {
     /// removes those stored or dead-lettered. Returns how many left the
     /// outbox; an error only when none did and one failed (the failed ones
     /// go again in a later round, in order).
-    async fn round(&mut self, shared: &Shared, lease: &Lease, block: Duration) -> Result<usize> {
+    async fn round(&mut self, shared: &Shared, lease: &Lease, shard: u32, block: Duration) -> Result<usize> {
         let store = &shared.store;
         let transport = shared.client.transport();
         let Page {
             ids,
             entries,
             unreadable,
-        } = self.read(shared, block).await?;
+        } = self.read(shared, shard, block).await?;
         if !unreadable.is_empty() {
             // Written by a commit, so never seen; kept, they would block the
             // outbox for good.
             tracing::error!(entries = ?unreadable, "outbox entries that cannot be read: removed");
-            store.outbox_remove(&unreadable).await?;
+            store.outbox_remove(shard, &unreadable).await?;
         }
         let mut failure = self.ensure_streams(shared, &entries).await;
         // Now that every subject's stream is known: nothing of a stream
@@ -160,7 +208,7 @@ impl Relay {
             failure.get_or_insert(e);
         }
         let n = settled.done.len() + unreadable.len();
-        store.outbox_remove(&settled.done).await?;
+        store.outbox_remove(shard, &settled.done).await?;
         for chain in &settled.stored_chains {
             self.suspended.remove(chain);
         }
@@ -178,12 +226,12 @@ impl Relay {
 
     /// Reads the oldest entries (waiting up to `block` for one), and while
     /// streams are suspended, up to [`PAGES`] pages past their entries.
-    async fn read(&self, shared: &Shared, block: Duration) -> Result<Page> {
+    async fn read(&self, shared: &Shared, shard: u32, block: Duration) -> Result<Page> {
         let store = &shared.store;
         let transport = shared.client.transport();
         let now = Instant::now();
         let any_waiting = self.suspended.values().any(|(until, _)| *until > now);
-        let mut page = Box::pin(store.outbox_read(BATCH, block)).await?;
+        let mut page = Box::pin(store.outbox_read(shard, BATCH, block)).await?;
         let mut read = Page {
             ids: Vec::with_capacity(page.len()),
             entries: Vec::with_capacity(page.len()),
@@ -206,7 +254,7 @@ impl Relay {
             if !any_waiting || read.entries.len() >= BATCH {
                 break;
             }
-            page = Box::pin(store.outbox_read_after(&last, BATCH)).await?;
+            page = Box::pin(store.outbox_read_after(shard, &last, BATCH)).await?;
         }
         Ok(read)
     }

@@ -41,7 +41,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::ops::metrics::Ended;
 use crate::registry::HandlerKind;
 use crate::resilience::{Admit, backoff};
-use crate::store::{Answer, Claim as InboxClaim, Committed, Finished, Inbox, InboxWrite, StoredReply, Work};
+use crate::store::{
+    Answer, Claim as InboxClaim, Committed, Finished, Home, Inbox, InboxWrite, StoredReply, Work,
+};
 use crate::transport::{DeadLetter, Delivery, Settle};
 use crate::wire::{self, MessageMeta};
 
@@ -171,8 +173,13 @@ async fn steps(served: &Served, shared: &Shared, meta: &Arc<MessageMeta>, payloa
     // deadline, its partition given up), its claim is given up in the
     // background instead of holding the message while this replica lives.
     let guard = ClaimGuard(match &claim {
-        Claim::Owned { scope, id, claim } => Some((&shared.plain_work.orphans, scope, id, claim)),
-        Claim::None => None,
+        Claim::Owned {
+            scope,
+            id,
+            claim,
+            home,
+        } => Some((&shared.plain_work.orphans, shard(home), scope, id, claim)),
+        Claim::None { .. } => None,
     });
     if let Err(early) = admit(served) {
         release(shared, &claim, Err(Error::unavailable("not run"))).await;
@@ -187,7 +194,15 @@ async fn steps(served: &Served, shared: &Shared, meta: &Arc<MessageMeta>, payloa
 }
 
 /// Gives an owned claim up in the background if dropped armed.
-struct ClaimGuard<'a>(Option<(&'a crate::store::Orphans, &'a str, &'a String, &'a InboxClaim)>);
+struct ClaimGuard<'a>(
+    Option<(
+        &'a crate::store::Orphans,
+        u32,
+        &'a str,
+        &'a String,
+        &'a InboxClaim,
+    )>,
+);
 
 impl ClaimGuard<'_> {
     fn disarm(mut self) {
@@ -197,8 +212,8 @@ impl ClaimGuard<'_> {
 
 impl Drop for ClaimGuard<'_> {
     fn drop(&mut self) {
-        if let Some((orphans, scope, id, claim)) = self.0.take() {
-            orphans.give_up(scope, id, claim);
+        if let Some((orphans, shard, scope, id, claim)) = self.0.take() {
+            orphans.give_up(shard, scope, id, claim);
         }
     }
 }
@@ -287,13 +302,61 @@ fn check_deadline(shared: &Shared, meta: &MessageMeta) -> Result<(), Outcome> {
 /// What the inbox step decided.
 enum Claim {
     /// Not an idempotent handler, or a message without an id.
-    None,
+    None {
+        /// The store shard of the message's key, when it has one and the
+        /// store has several shards.
+        home: Option<Home>,
+    },
     /// This attempt owns the message's id until it releases it.
     Owned {
         scope: &'static str,
         id: String,
         claim: InboxClaim,
+        /// The store shard of its inbox entry (and of its writes), with
+        /// several shards.
+        home: Option<Home>,
     },
+}
+
+impl Claim {
+    fn home(&self) -> Option<&Home> {
+        match self {
+            Claim::None { home } | Claim::Owned { home, .. } => home.as_ref(),
+        }
+    }
+}
+
+/// The shard of an inbox entry: its home's, or the only one.
+fn shard(home: &Option<Home>) -> u32 {
+    home.as_ref().map_or(0, |h| h.shard)
+}
+
+/// Where a message's writes commit when the store has several shards: the
+/// shard of its key, if its type declares one (`key = field`); else, for
+/// an idempotent handler, the shard of its message id (its inbox entry's);
+/// else none chosen yet (its first save's shard).
+fn home_of(
+    served: &Served,
+    shared: &Shared,
+    meta: &MessageMeta,
+    payload: &Bytes,
+    claims: bool,
+) -> Option<Home> {
+    let store = &shared.store;
+    if store.shard_count() <= 1 {
+        return None;
+    }
+    // A payload whose key cannot be read fails in the handler's decode.
+    if let Ok(Some(key)) = served.spec.message_key(meta.version(), payload) {
+        return Some(Home {
+            shard: store.shard_of(&key),
+            by: format!("the shard of its key {key}").into(),
+        });
+    }
+    claims.then(|| Home {
+        shard: store.shard_of(meta.message_id()),
+        by: format!("the shard of its message id {}", meta.message_id()).into(),
+    })
 }
 
 /// Step 4: an idempotent handler takes the message's id: first time, it
@@ -309,12 +372,18 @@ async fn claim(
 ) -> Result<Claim, Outcome> {
     let spec = served.spec;
     if !spec.is_idempotent() {
-        return Ok(Claim::None);
+        return Ok(Claim::None {
+            home: home_of(served, shared, meta, payload, false),
+        });
     }
     if !meta.has_sender_id() {
         tracing::debug!("idempotent handler, but the message has no id to remember it by");
-        return Ok(Claim::None);
+        return Ok(Claim::None {
+            home: home_of(served, shared, meta, payload, false),
+        });
     }
+    let home = home_of(served, shared, meta, payload, true);
+    let at = shard(&home);
     let scope = match spec.kind() {
         // One handler per command subject: the subject names the scope.
         HandlerKind::Command => spec.subject(),
@@ -331,15 +400,22 @@ async fn claim(
         // Dropped while the claim is asked for (a drain deadline), or
         // failed without an answer, the claim may be written: given up in
         // the background either way.
-        let asking = ClaimGuard(Some((&shared.plain_work.orphans, scope, &id, &claim)));
-        let begun = Box::pin(shared.store.inbox_begin(scope, &id, &claim, ttl, alive_for)).await;
+        let asking = ClaimGuard(Some((&shared.plain_work.orphans, at, scope, &id, &claim)));
+        let begun = Box::pin(shared.store.inbox_begin(at, scope, &id, &claim, ttl, alive_for)).await;
         if begun.is_ok() {
             asking.disarm();
         } else {
             drop(asking);
         }
         match begun {
-            Ok(Inbox::Fresh) => return Ok(Claim::Owned { scope, id, claim }),
+            Ok(Inbox::Fresh) => {
+                return Ok(Claim::Owned {
+                    scope,
+                    id,
+                    claim,
+                    home,
+                });
+            }
             Ok(Inbox::Done(answer)) if answer.fits(&claim.digest) => {
                 return Err(Outcome::Answered(answer.reply));
             }
@@ -463,8 +539,13 @@ async fn call(
         }
     };
     match claim {
-        Claim::Owned { scope, id, claim } => commit_answer(shared, &work, scope, id, claim, body).await,
-        Claim::None => Ok(body),
+        Claim::Owned {
+            scope,
+            id,
+            claim,
+            home,
+        } => commit_answer(shared, &work, (shard(home), scope, id), claim, body).await,
+        Claim::None { .. } => Ok(body),
     }
 }
 
@@ -486,7 +567,7 @@ fn work_for(served: &Served, shared: &Shared, meta: &MessageMeta, claim: &Claim)
         None => (None, None),
     };
     Ok(match (claim, fence) {
-        (Claim::None, None) if !spec.is_saga() => Arc::clone(&shared.plain_work),
+        (Claim::None { home: None }, None) if !spec.is_saga() => Arc::clone(&shared.plain_work),
         (claim, fence) => Arc::new(Work {
             store: shared.store.clone(),
             orphans: shared.plain_work.orphans.clone(),
@@ -499,6 +580,7 @@ fn work_for(served: &Served, shared: &Shared, meta: &MessageMeta, claim: &Claim)
             alive_for: shared.config.inbox_lease,
             last_delivery: served.durable.is_some() && meta.delivery() >= u64::from(served.max_deliver),
             saga_timeout: spec.saga_timeout(),
+            home: claim.home().cloned(),
         }),
     })
 }
@@ -509,8 +591,7 @@ fn work_for(served: &Served, shared: &Shared, meta: &MessageMeta, claim: &Claim)
 async fn commit_answer(
     shared: &Shared,
     work: &Work,
-    scope: &str,
-    id: &str,
+    (at, scope, id): (u32, &str, &str),
     claim: &InboxClaim,
     body: Bytes,
 ) -> Result<Bytes> {
@@ -531,6 +612,7 @@ async fn commit_answer(
             window: shared.config.inbox_window,
         }),
         work.fence.clone(),
+        work.home.clone(),
     );
     // Boxed, here and at the other store calls: a store operation's future
     // is large, and an unboxed one would make every message's future as
@@ -544,7 +626,7 @@ async fn commit_answer(
         ))),
         // Taken over (this replica was thought gone): the other attempt's
         // answer, if it gave one, and no run again in place either way.
-        Ok(Committed::LostClaim) => match Box::pin(shared.store.inbox_peek(scope, id)).await {
+        Ok(Committed::LostClaim) => match Box::pin(shared.store.inbox_peek(at, scope, id)).await {
             Ok(Some(raw)) => match Inbox::from_raw(&raw) {
                 Inbox::Done(answer) if answer.fits(&claim.digest) => match answer.reply {
                     StoredReply::Ok(body) => Ok(body),
@@ -555,7 +637,7 @@ async fn commit_answer(
             _ => Err(lost_claim().in_doubt()),
         },
         Ok(Committed::Fenced) => Err(crate::state::fenced()),
-        Err(e) => Box::pin(resolve(shared, scope, id, claim, e)).await,
+        Err(e) => Box::pin(resolve(shared, (at, scope, id), claim, e)).await,
     }
 }
 
@@ -575,14 +657,13 @@ fn lost_claim() -> Error {
 /// 409 replaced the success every later retry was given.
 async fn resolve(
     shared: &Shared,
-    scope: &str,
-    id: &str,
+    (at, scope, id): (u32, &str, &str),
     claim: &InboxClaim,
     failure: Error,
 ) -> Result<Bytes> {
     let mark = claim.mark();
     for attempt in 1..=8 {
-        match shared.store.inbox_peek(scope, id).await {
+        match shared.store.inbox_peek(at, scope, id).await {
             Ok(Some(raw)) if raw == mark.as_bytes() => return Err(failure),
             Ok(Some(raw)) => {
                 return match Inbox::from_raw(&raw) {
@@ -637,7 +718,13 @@ fn record(served: &Served, result: &Result<Bytes>) {
 /// its claim (its replica was thought gone) gives the answer the inbox
 /// holds, if any, instead of overwriting it.
 async fn release(shared: &Shared, claim: &Claim, result: Result<Bytes>) -> Outcome {
-    let Claim::Owned { scope, id, claim } = claim else {
+    let Claim::Owned {
+        scope,
+        id,
+        claim,
+        home,
+    } = claim
+    else {
         return match result {
             Ok(body) => Outcome::Done(body),
             Err(e) => Outcome::Failed(e),
@@ -654,7 +741,13 @@ async fn release(shared: &Shared, claim: &Claim, result: Result<Bytes>) -> Outco
                 },
             };
             let window = shared.config.inbox_window;
-            match Box::pin(shared.store.inbox_finish(scope, id, claim, &answer, window)).await {
+            match Box::pin(
+                shared
+                    .store
+                    .inbox_finish(shard(home), scope, id, claim, &answer, window),
+            )
+            .await
+            {
                 Ok(Finished::NotHeld(Some(kept))) if kept.fits(&claim.digest) => {
                     tracing::info!(error = %e, "answered by another attempt meanwhile: its answer is given");
                     Outcome::Answered(kept.reply)
@@ -662,15 +755,15 @@ async fn release(shared: &Shared, claim: &Claim, result: Result<Bytes>) -> Outco
                 Ok(_) => Outcome::Failed(e),
                 Err(err) => {
                     tracing::warn!(error = %err, "the inbox could not keep the answer; a retry runs the message again");
-                    shared.plain_work.orphans.give_up(scope, id, claim);
+                    shared.plain_work.orphans.give_up(shard(home), scope, id, claim);
                     Outcome::Failed(e)
                 }
             }
         }
         Err(e) => {
-            if let Err(err) = Box::pin(shared.store.inbox_abandon(scope, id, claim)).await {
+            if let Err(err) = Box::pin(shared.store.inbox_abandon(shard(home), scope, id, claim)).await {
                 tracing::warn!(error = %err, "the claim could not be given up; trying again in the background");
-                shared.plain_work.orphans.give_up(scope, id, claim);
+                shared.plain_work.orphans.give_up(shard(home), scope, id, claim);
             }
             Outcome::Failed(e)
         }

@@ -479,6 +479,7 @@ mod tests {
             events: vec![entry("e1")],
             inbox: None,
             fence: None,
+            home: None,
         };
         assert_eq!(s.commit(&two).await.expect("commit"), Committed::Yes(vec![1, 2]));
         assert_eq!(
@@ -492,6 +493,7 @@ mod tests {
             events: vec![entry("e2")],
             inbox: None,
             fence: None,
+            home: None,
         };
         assert_eq!(
             s.commit(&partial).await.expect("commit"),
@@ -634,6 +636,7 @@ mod tests {
                 lease: LEADER_LEASE.into(),
                 token: fence,
             }),
+            home: None,
         };
         // a stalls past its lease; b takes over with a newer token.
         tokio::time::sleep(Duration::from_millis(80)).await;

@@ -3,14 +3,16 @@
 //! inbox that makes handlers idempotent. Redis when `REDIS_URL` is set, an
 //! in-memory twin with the same semantics otherwise.
 //!
-//! Key space: `catga:{<service>}:<kind>:<key>`. The service name is the
-//! Redis hash tag, so every key of one service lives in one Redis Cluster
-//! slot and each atomic operation (a Lua script over a state key and the
-//! outbox stream) works on a cluster unchanged. The cost: one service's
-//! state does not spread over several shards.
+//! Key space: `catga:{<service>}:<kind>:<key>`, the service name being the
+//! Redis hash tag, with one shard (the default); with several
+//! (`CATGA_STORE_SHARDS`), each shard has its own tag, so that one
+//! service spreads over every master of a Redis Cluster while each atomic
+//! operation (a Lua script over state keys, an inbox entry and the outbox
+//! stream) stays in one slot: see [`shards`].
 
 mod memory;
 mod redis;
+pub(crate) mod shards;
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
@@ -228,6 +230,18 @@ pub(crate) struct Commit {
     /// The fencing token of the lease the writer holds: the commit is
     /// refused unless it is still the latest one granted.
     pub fence: Option<Fence>,
+    /// The shard the writer's unit of work lives in (its inbox entry's),
+    /// if it has one; else the shard of its first state (or event).
+    pub home: Option<Home>,
+}
+
+/// The store shard a unit of work commits in, and what chose it (for the
+/// error that refuses a save of a key in another shard).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Home {
+    pub shard: u32,
+    /// "its key acct-7", "its message id 01J…".
+    pub by: Arc<str>,
 }
 
 /// A lease's fencing token, as a write carries it: the write is refused
@@ -335,7 +349,16 @@ pub(crate) enum Finished {
 
 /// The store a runtime uses. Cheap to clone.
 #[derive(Clone)]
-pub(crate) struct Store(Arc<Kind>);
+pub(crate) struct Store(Arc<Inner>);
+
+struct Inner {
+    kind: Kind,
+    /// How many shards the service's keys are split into (see
+    /// [`shards`]). The in-memory store keeps one map whatever the count,
+    /// but refuses what a sharded Redis would refuse, so that a service
+    /// behaves the same on both.
+    shards: u32,
+}
 
 // Behind an `Arc` already: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
@@ -346,26 +369,121 @@ enum Kind {
 
 impl From<RedisStore> for Store {
     fn from(s: RedisStore) -> Store {
-        Store(Arc::new(Kind::Redis(s)))
+        let shards = s.shard_count();
+        Store(Arc::new(Inner {
+            kind: Kind::Redis(s),
+            shards,
+        }))
     }
 }
 
 impl From<MemoryStore> for Store {
     fn from(s: MemoryStore) -> Store {
-        Store(Arc::new(Kind::Memory(Arc::new(s))))
+        Store::memory(Arc::new(s), 1)
     }
 }
 
 impl From<Arc<MemoryStore>> for Store {
     fn from(s: Arc<MemoryStore>) -> Store {
-        Store(Arc::new(Kind::Memory(s)))
+        Store::memory(s, 1)
     }
 }
 
+/// A save refused because its key is in another shard than the unit of
+/// work's.
+fn other_shard(home: &Home, kind: &str, key: &str, shard: u32, shards: u32) -> Error {
+    Error::new(
+        ErrorKind::Internal,
+        format!(
+            "{kind} {key} is in store shard {shard}, and this handler commits in shard {} ({}): with \
+             CATGA_STORE_SHARDS={shards} a handler saves only keys of its own shard. Give the message a \
+             key in the shard of what it saves (#[command(key = field)]), group related keys with a \
+             {{tag}} in their names, or change the other key by sending a command or publishing an \
+             event (a saga for work over several keys)",
+            home.shard, home.by
+        ),
+    )
+}
+
 impl Store {
+    /// The in-memory store `s`, refusing what `shards` shards would.
+    pub(crate) fn memory(s: Arc<MemoryStore>, shards: u32) -> Store {
+        Store(Arc::new(Inner {
+            kind: Kind::Memory(s),
+            shards: shards.max(1),
+        }))
+    }
+
+    /// Fails with a configuration error when the store holds the
+    /// service's data in another number of shards than this runtime's
+    /// (checked once it answers).
+    pub(crate) async fn check_layout(&self) -> Result<()> {
+        match &self.0.kind {
+            Kind::Redis(s) => s.check_layout().await,
+            Kind::Memory(_) => Ok(()),
+        }
+    }
+
+    /// How many shards the service's keys are split into.
+    pub(crate) fn shard_count(&self) -> u32 {
+        self.0.shards
+    }
+
+    /// The shard of a key (a state key, a command's key, a message id).
+    pub(crate) fn shard_of(&self, key: &str) -> u32 {
+        shards::shard_of(key, self.0.shards)
+    }
+
+    /// How many outbox streams the relay drains: one per shard in Redis,
+    /// one queue in memory.
+    pub(crate) fn outbox_shards(&self) -> u32 {
+        match &self.0.kind {
+            Kind::Redis(_) => self.0.shards,
+            Kind::Memory(_) => 1,
+        }
+    }
+
+    /// Fails when `key` of `kind` is in another shard than `home`.
+    pub(crate) fn check_shard(&self, home: &Home, kind: &str, key: &str) -> Result<()> {
+        let shard = self.shard_of(key);
+        if shard == home.shard {
+            Ok(())
+        } else {
+            Err(other_shard(home, kind, key, shard, self.0.shards))
+        }
+    }
+
+    /// The shard `commit` is written in: its home's, or its first state's
+    /// (or event's); a state in another shard refuses the commit.
+    fn commit_shard(&self, commit: &Commit) -> Result<u32> {
+        if self.0.shards <= 1 {
+            return Ok(0);
+        }
+        let home = match (&commit.home, commit.states.first(), commit.events.first()) {
+            (Some(home), _, _) => home.clone(),
+            (None, Some(first), _) => Home {
+                shard: self.shard_of(&first.key),
+                by: format!(
+                    "the shard of the first key it saves, {} {}",
+                    first.kind, first.key
+                )
+                .into(),
+            },
+            (None, None, Some(event)) => Home {
+                shard: self.shard_of(&event.id),
+                by: "".into(),
+            },
+            (None, None, None) => return Ok(0),
+        };
+        for w in &commit.states {
+            self.check_shard(&home, &w.kind, &w.key)?;
+        }
+        Ok(home.shard)
+    }
+
     /// Which kind, for logs.
     pub(crate) fn name(&self) -> &'static str {
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(_) => "redis",
             Kind::Memory(_) => "memory",
         }
@@ -373,7 +491,7 @@ impl Store {
 
     /// Whether the store answers.
     pub(crate) async fn ping(&self) -> Result<()> {
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(s) => s.ping().await,
             Kind::Memory(s) => s.ping().await,
         }
@@ -383,7 +501,7 @@ impl Store {
     /// (its eviction policy), if it may; `None` when it may not, or when
     /// it does not say.
     pub(crate) async fn eviction_risk(&self) -> Result<Option<String>> {
-        let Kind::Redis(s) = &*self.0 else {
+        let Kind::Redis(s) = &self.0.kind else {
             return Ok(None);
         };
         Ok(match s.eviction_policy().await?.as_deref() {
@@ -403,8 +521,8 @@ impl Store {
 
     /// The value of a state key and its version.
     pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
-        match &*self.0 {
-            Kind::Redis(s) => s.load(kind, key).await,
+        match &self.0.kind {
+            Kind::Redis(s) => s.load(self.shard_of(key), kind, key).await,
             Kind::Memory(s) => s.load(kind, key).await,
         }
     }
@@ -414,8 +532,9 @@ impl Store {
         if commit.states.is_empty() && commit.events.is_empty() && commit.inbox.is_none() {
             return Ok(Committed::Yes(Vec::new()));
         }
-        match &*self.0 {
-            Kind::Redis(s) => s.commit(commit).await,
+        let shard = self.commit_shard(commit)?;
+        match &self.0.kind {
+            Kind::Redis(s) => s.commit(shard, commit).await,
             Kind::Memory(s) => s.commit(commit).await,
         }
     }
@@ -425,11 +544,12 @@ impl Store {
     /// cannot be read comes as `None` (it can only be removed).
     pub(crate) async fn outbox_read(
         &self,
+        shard: u32,
         count: usize,
         block: Duration,
     ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
-        match &*self.0 {
-            Kind::Redis(s) => s.outbox_read(count, block).await,
+        match &self.0.kind {
+            Kind::Redis(s) => s.outbox_read(shard, count, block).await,
             Kind::Memory(s) => s.outbox_read(count, block).await,
         }
     }
@@ -438,26 +558,27 @@ impl Store {
     /// `count` (no waiting).
     pub(crate) async fn outbox_read_after(
         &self,
+        shard: u32,
         after: &str,
         count: usize,
     ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
-        match &*self.0 {
-            Kind::Redis(s) => s.outbox_read_after(after, count).await,
+        match &self.0.kind {
+            Kind::Redis(s) => s.outbox_read_after(shard, after, count).await,
             Kind::Memory(s) => s.outbox_read_after(after, count).await,
         }
     }
 
     /// Removes published (or dead-lettered) outbox entries.
-    pub(crate) async fn outbox_remove(&self, ids: &[String]) -> Result<()> {
-        match &*self.0 {
-            Kind::Redis(s) => s.outbox_remove(ids).await,
+    pub(crate) async fn outbox_remove(&self, shard: u32, ids: &[String]) -> Result<()> {
+        match &self.0.kind {
+            Kind::Redis(s) => s.outbox_remove(shard, ids).await,
             Kind::Memory(s) => s.outbox_remove(ids).await,
         }
     }
 
     /// Entries waiting to be published (not yet marked sent).
     pub(crate) async fn outbox_backlog(&self) -> Result<u64> {
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(s) => s.outbox_backlog().await,
             Kind::Memory(s) => s.outbox_backlog().await,
         }
@@ -469,14 +590,15 @@ impl Store {
     /// that its claim never names a replica not yet known to be alive.
     pub(crate) async fn inbox_begin(
         &self,
+        shard: u32,
         scope: &str,
         id: &str,
         claim: &Claim,
         ttl: Duration,
         alive_for: Duration,
     ) -> Result<Inbox> {
-        match &*self.0 {
-            Kind::Redis(s) => s.inbox_begin(scope, id, claim, ttl, alive_for).await,
+        match &self.0.kind {
+            Kind::Redis(s) => s.inbox_begin(shard, scope, id, claim, ttl, alive_for).await,
             Kind::Memory(s) => s.inbox_begin(scope, id, claim, ttl, alive_for).await,
         }
     }
@@ -486,23 +608,27 @@ impl Store {
     /// another's answer).
     pub(crate) async fn inbox_finish(
         &self,
+        shard: u32,
         scope: &str,
         id: &str,
         claim: &Claim,
         answer: &Answer,
         window: Duration,
     ) -> Result<Finished> {
-        match &*self.0 {
-            Kind::Redis(s) => s.inbox_finish(scope, id, &claim.mark(), answer, window).await,
+        match &self.0.kind {
+            Kind::Redis(s) => {
+                s.inbox_finish(shard, scope, id, &claim.mark(), answer, window)
+                    .await
+            }
             Kind::Memory(s) => s.inbox_finish(scope, id, &claim.mark(), answer, window).await,
         }
     }
 
     /// What the inbox holds for `id`, without claiming it: `None` if
     /// nothing.
-    pub(crate) async fn inbox_peek(&self, scope: &str, id: &str) -> Result<Option<Vec<u8>>> {
-        match &*self.0 {
-            Kind::Redis(s) => s.inbox_peek(scope, id).await,
+    pub(crate) async fn inbox_peek(&self, shard: u32, scope: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        match &self.0.kind {
+            Kind::Redis(s) => s.inbox_peek(shard, scope, id).await,
             Kind::Memory(s) => s.inbox_peek(scope, id).await,
         }
     }
@@ -510,7 +636,7 @@ impl Store {
     /// Says that `member` is alive for `ttl` more (its claims hold), or,
     /// with `alive` false, that it leaves (its claims lapse at once).
     pub(crate) async fn alive(&self, member: &str, ttl: Duration, alive: bool) -> Result<()> {
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(s) => s.alive(member, ttl, alive).await,
             Kind::Memory(s) => s.alive(member, ttl, alive).await,
         }
@@ -519,7 +645,7 @@ impl Store {
     /// Records that this replica wrote dead letter `id` with `digest`, for
     /// `keep` (as long as the letter is kept).
     pub(crate) async fn record_letter(&self, id: &str, digest: &str, keep: Duration) -> Result<()> {
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(s) => s.record_letter(id, digest, keep).await,
             Kind::Memory(s) => s.record_letter(id, digest, keep).await,
         }
@@ -528,7 +654,7 @@ impl Store {
     /// Forgets the record of dead letter `id` (it was replayed: a copy of
     /// it published again is not authentic).
     pub(crate) async fn forget_letter(&self, id: &str) -> Result<()> {
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(s) => s.forget_letter(id).await,
             Kind::Memory(s) => s.forget_letter(id).await,
         }
@@ -540,7 +666,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(s) => s.letter_digests(ids).await,
             Kind::Memory(s) => s.letter_digests(ids).await,
         }
@@ -548,15 +674,15 @@ impl Store {
 
     /// A saga's journal: its fields, by name.
     pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
-        match &*self.0 {
-            Kind::Redis(s) => s.saga_load(id).await,
+        match &self.0.kind {
+            Kind::Redis(s) => s.saga_load(self.shard_of(id), id).await,
             Kind::Memory(s) => s.saga_load(id).await,
         }
     }
 
     /// The ids of the sagas with a journal, newest first, at most `limit`.
     pub(crate) async fn saga_list(&self, limit: usize) -> Result<Vec<String>> {
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(s) => s.saga_list(limit).await,
             Kind::Memory(s) => s.saga_list(limit).await,
         }
@@ -573,8 +699,8 @@ impl Store {
         fence: Option<&Fence>,
         run: Option<(&str, &str)>,
     ) -> Result<bool> {
-        match &*self.0 {
-            Kind::Redis(s) => s.saga_write(id, fields, fence, run).await,
+        match &self.0.kind {
+            Kind::Redis(s) => s.saga_write(self.shard_of(id), id, fields, fence, run).await,
             Kind::Memory(s) => s.saga_write(id, fields, fence, run).await,
         }
     }
@@ -608,7 +734,7 @@ impl Store {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(s) => s.lease_sync(leases, owner, ttl).await,
             Kind::Memory(s) => s.lease_sync(leases, owner, ttl).await,
         }
@@ -624,7 +750,7 @@ impl Store {
         alive: bool,
         timeout: Duration,
     ) -> Result<Vec<String>> {
-        match &*self.0 {
+        match &self.0.kind {
             Kind::Redis(s) => s.members(group, member, alive, timeout).await,
             Kind::Memory(s) => s.members(group, member, alive, timeout).await,
         }
@@ -632,9 +758,9 @@ impl Store {
 
     /// Gives `id` up (a retryable failure) if `claim` still holds it: the
     /// next attempt runs it.
-    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, claim: &Claim) -> Result<()> {
-        match &*self.0 {
-            Kind::Redis(s) => s.inbox_abandon(scope, id, &claim.mark()).await,
+    pub(crate) async fn inbox_abandon(&self, shard: u32, scope: &str, id: &str, claim: &Claim) -> Result<()> {
+        match &self.0.kind {
+            Kind::Redis(s) => s.inbox_abandon(shard, scope, id, &claim.mark()).await,
             Kind::Memory(s) => s.inbox_abandon(scope, id, &claim.mark()).await,
         }
     }
@@ -649,10 +775,10 @@ impl Store {
 /// kill, whose reply was lost, answered every retry of its message "busy"
 /// until the run ended.
 #[derive(Clone)]
-pub(crate) struct Orphans(tokio::sync::mpsc::Sender<(String, String, Claim)>);
+pub(crate) struct Orphans(tokio::sync::mpsc::Sender<(u32, String, String, Claim)>);
 
 /// The receiving end of [`Orphans`], for [`clean_orphans`].
-pub(crate) type OrphanQueue = tokio::sync::mpsc::Receiver<(String, String, Claim)>;
+pub(crate) type OrphanQueue = tokio::sync::mpsc::Receiver<(u32, String, String, Claim)>;
 
 /// Claims waiting to be given up, at most; beyond (a long store outage),
 /// a claim lapses with its replica's liveness, or with the inbox window.
@@ -664,10 +790,12 @@ impl Orphans {
         (Orphans(tx), rx)
     }
 
-    /// Gives `claim` on `id` up in the background (if it still holds it).
-    pub(crate) fn give_up(&self, scope: &str, id: &str, claim: &Claim) {
+    /// Gives `claim` on `id` (in `shard`) up in the background (if it
+    /// still holds it).
+    pub(crate) fn give_up(&self, shard: u32, scope: &str, id: &str, claim: &Claim) {
         if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) =
-            self.0.try_send((scope.to_owned(), id.to_owned(), claim.clone()))
+            self.0
+                .try_send((shard, scope.to_owned(), id.to_owned(), claim.clone()))
         {
             tracing::warn!(
                 "too many claims wait to be given up; this one lapses with the replica or the inbox window"
@@ -679,9 +807,9 @@ impl Orphans {
 /// Gives up the claims sent to [`Orphans`], one after another, each until
 /// the store answers; runs until the runtime stops it.
 pub(crate) async fn clean_orphans(store: Store, mut queue: OrphanQueue) {
-    while let Some((scope, id, claim)) = queue.recv().await {
+    while let Some((shard, scope, id, claim)) = queue.recv().await {
         let mut attempt = 0;
-        while let Err(e) = store.inbox_abandon(&scope, &id, &claim).await {
+        while let Err(e) = store.inbox_abandon(shard, &scope, &id, &claim).await {
             attempt += 1;
             tracing::debug!(error = %e, attempt, "a claim left by a failed attempt is not given up yet");
             let pause = crate::resilience::backoff(Duration::from_millis(200), attempt);
@@ -759,6 +887,9 @@ pub(crate) struct Work {
     pub last_delivery: bool,
     /// A saga's `timeout`.
     pub saga_timeout: Option<Duration>,
+    /// The shard its writes commit in, when the message chose one (its
+    /// inbox entry's, or its key's); `None` with one shard.
+    pub home: Option<Home>,
 }
 
 impl Work {
@@ -792,7 +923,12 @@ pub(crate) struct StagedState {
 
 impl Staged {
     /// The commit these writes make, with the handler's answer.
-    pub(crate) fn into_commit(self, inbox: Option<InboxWrite>, fence: Option<Fence>) -> Commit {
+    pub(crate) fn into_commit(
+        self,
+        inbox: Option<InboxWrite>,
+        fence: Option<Fence>,
+        home: Option<Home>,
+    ) -> Commit {
         Commit {
             states: self
                 .states
@@ -807,6 +943,7 @@ impl Staged {
             events: self.events,
             inbox,
             fence,
+            home,
         }
     }
 }

@@ -14,6 +14,7 @@ use super::{
     Answer, Claim, Commit, Committed, Fence, Finished, Inbox, LEADER_LEASE, OutboxEntry, prefix, unavailable,
 };
 use crate::error::{Error, ErrorKind, Result};
+use crate::store::shards;
 
 /// How to reach Redis: `REDIS_URL` (`redis://` or `rediss://`, with
 /// `user:password@` or `:password@` for AUTH) and TLS files.
@@ -53,8 +54,17 @@ pub(crate) struct RedisStore {
     /// The outbox's blocking reads: a blocked read holds its connection,
     /// and the main connection is shared by every handler.
     relay: Conn,
+    /// Control keys: leases and their fences, members, dead-letter
+    /// records, the shard count's mark (see [`shards`]).
     prefix: String,
-    outbox: String,
+    /// Each shard's data prefix; one shard's is `prefix`.
+    shards: Vec<String>,
+    /// Each shard's outbox stream.
+    outboxes: Vec<String>,
+    /// Lease fences raised in every shard, by lease: the token raised.
+    raised: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Set once the store's shard count was found to be this runtime's.
+    layout: tokio::sync::OnceCell<()>,
     commit: Script,
     inbox_begin: Script,
     /// Deletes a key if the caller still holds it (inbox claims; leases
@@ -64,6 +74,8 @@ pub(crate) struct RedisStore {
     saga_write: Script,
     lease_sync: Script,
     members: Script,
+    raise: Script,
+    mark_layout: Script,
 }
 
 /// A connection to Redis, whichever the topology; cheap to clone, and
@@ -475,6 +487,35 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 ";
 
+/// Raises copies of lease fences (KEYS) to tokens (ARGV, in order) where
+/// they are lower: a shard's copy of a fence only grows.
+const RAISE: &str = r"
+for i = 1, #KEYS do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') < tonumber(ARGV[i]) then
+    redis.call('SET', KEYS[i], ARGV[i])
+  end
+end
+return 1
+";
+
+/// The store's shard count (KEYS[1]), marked with `ARGV[1]` the first
+/// time. A store written by a release without the mark holds the layout
+/// of one shard: its outbox stream or saga index (KEYS[2], KEYS[3], in
+/// the service's own slot) says it was used, and it is marked 1.
+const MARK_LAYOUT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  return v
+end
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+  v = '1'
+else
+  v = ARGV[1]
+end
+redis.call('SET', KEYS[1], v)
+return v
+";
+
 fn entry_fields(fields: &[(String, Value)]) -> Option<OutboxEntry> {
     let get = |name: &str| -> Option<Vec<u8>> {
         fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| match v {
@@ -520,7 +561,7 @@ impl RedisStore {
     /// Prepares the connections; they connect on first use and reconnect
     /// by themselves, so a Redis that is down at start-up does not stop
     /// the runtime (it reports not ready until Redis answers).
-    pub(crate) fn connect(how: &RedisConnect, service: &str) -> Result<RedisStore> {
+    pub(crate) fn connect(how: &RedisConnect, service: &str, shard_count: u32) -> Result<RedisStore> {
         let bad_url = |e: RedisError| {
             Error::new(
                 ErrorKind::Config,
@@ -647,11 +688,15 @@ impl RedisStore {
             (Conn::Server(conn), Conn::Server(relay))
         };
         let prefix = prefix(service);
+        let shards = shards::prefixes(service, shard_count);
         Ok(RedisStore {
             conn,
             relay,
-            outbox: format!("{prefix}:outbox"),
+            outboxes: shards.iter().map(|p| format!("{p}:outbox")).collect(),
+            shards,
             prefix,
+            raised: Default::default(),
+            layout: tokio::sync::OnceCell::new(),
             commit: Script::new(COMMIT),
             inbox_begin: Script::new(INBOX_BEGIN),
             delete_if_held: Script::new(DELETE_IF_HELD),
@@ -659,15 +704,65 @@ impl RedisStore {
             saga_write: Script::new(SAGA_WRITE),
             lease_sync: Script::new(LEASE_SYNC),
             members: Script::new(MEMBERS),
+            raise: Script::new(RAISE),
+            mark_layout: Script::new(MARK_LAYOUT),
         })
     }
 
-    fn state_key(&self, kind: &str, key: &str) -> String {
-        format!("{}:state:{kind}:{key}", self.prefix)
+    /// How many shards this store's keys are split into.
+    pub(crate) fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
     }
 
-    fn saga_key(&self, id: &str) -> String {
-        format!("{}:saga:{id}", self.prefix)
+    fn shard(&self, shard: u32) -> &str {
+        self.shards.get(shard as usize).unwrap_or(&self.prefix)
+    }
+
+    fn state_key(&self, shard: u32, kind: &str, key: &str) -> String {
+        format!("{}:state:{kind}:{key}", self.shard(shard))
+    }
+
+    fn saga_key(&self, shard: u32, id: &str) -> String {
+        format!("{}:saga:{id}", self.shard(shard))
+    }
+
+    fn outbox(&self, shard: u32) -> &str {
+        self.outboxes.get(shard as usize).map_or("", String::as_str)
+    }
+
+    /// Checks, once, that the store holds this service's data in as many
+    /// shards as this runtime splits it into (and marks a new store so):
+    /// a runtime with another count would look for every key in the wrong
+    /// place, and commit where the others never look.
+    pub(crate) async fn check_layout(&self) -> Result<()> {
+        self.layout
+            .get_or_try_init(|| async {
+                let mut c = self.conn.clone();
+                let found: String = self
+                    .mark_layout
+                    .key(format!("{}:shards", self.prefix))
+                    .key(format!("{}:outbox", self.prefix))
+                    .key(format!("{}:sagas", self.prefix))
+                    .arg(self.shard_count())
+                    .invoke_async(&mut c)
+                    .await
+                    .map_err(map_err)?;
+                if found == self.shard_count().to_string() {
+                    Ok(())
+                } else {
+                    Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "the store holds this service's data in {found} shard(s) and CATGA_STORE_SHARDS is {}: \
+                             every replica of a service must use the count its store was written with \
+                             (changing it needs the store emptied, or the data moved; see the operations guide)",
+                            self.shard_count()
+                        ),
+                    ))
+                }
+            })
+            .await
+            .map(|_| ())
     }
 
     fn letter_key(&self, id: &str) -> String {
@@ -706,10 +801,14 @@ impl RedisStore {
         pipe.query_async(&mut c).await.map_err(map_err)
     }
 
-    pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
+    pub(crate) async fn saga_load(
+        &self,
+        shard: u32,
+        id: &str,
+    ) -> Result<std::collections::BTreeMap<String, Bytes>> {
         let mut c = self.conn.clone();
         let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
-            .arg(self.saga_key(id))
+            .arg(self.saga_key(shard, id))
             .query_async(&mut c)
             .await
             .map_err(map_err)?;
@@ -718,19 +817,21 @@ impl RedisStore {
 
     pub(crate) async fn saga_write(
         &self,
+        shard: u32,
         id: &str,
         fields: &[(&str, &[u8])],
         fence: Option<&Fence>,
         run: Option<(&str, &str)>,
     ) -> Result<bool> {
+        self.check_layout().await?;
         let mut c = self.conn.clone();
         let mut inv = self.saga_write.prepare_invoke();
-        inv.key(self.saga_key(id))
-            .key(self.fence_key(fence.map_or(LEADER_LEASE, |f| &f.lease)))
-            .key(format!("{}:sagas", self.prefix))
+        inv.key(self.saga_key(shard, id))
+            .key(self.fence_copy_key(shard, fence.map_or(LEADER_LEASE, |f| &f.lease)))
+            .key(format!("{}:sagas", self.shard(shard)))
             .key(match run {
-                Some((scope, _)) => self.inbox_key(scope, id),
-                None => self.saga_key(id),
+                Some((scope, _)) => self.inbox_key(shard, scope, id),
+                None => self.saga_key(shard, id),
             })
             .arg(fence.map(|f| f.token.to_string()).unwrap_or_default())
             .arg(run.map(|(_, mark)| mark).unwrap_or_default())
@@ -747,18 +848,28 @@ impl RedisStore {
         Ok(written == 1)
     }
 
+    /// The newest sagas of every shard, newest first, at most `limit`.
     pub(crate) async fn saga_list(&self, limit: usize) -> Result<Vec<String>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut c = self.conn.clone();
-        redis::cmd("ZREVRANGE")
-            .arg(format!("{}:sagas", self.prefix))
-            .arg(0)
-            .arg(limit - 1)
-            .query_async(&mut c)
-            .await
-            .map_err(map_err)
+        let lists = futures_util::future::try_join_all(self.shards.iter().map(|shard| {
+            let mut c = self.conn.clone();
+            async move {
+                redis::cmd("ZREVRANGE")
+                    .arg(format!("{shard}:sagas"))
+                    .arg(0)
+                    .arg(limit - 1)
+                    .arg("WITHSCORES")
+                    .query_async::<Vec<(String, f64)>>(&mut c)
+                    .await
+                    .map_err(map_err)
+            }
+        }))
+        .await?;
+        let mut all: Vec<(String, f64)> = lists.into_iter().flatten().collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+        Ok(all.into_iter().take(limit).map(|(id, _)| id).collect())
     }
 
     fn lease_key(&self, lease: &str) -> String {
@@ -767,6 +878,63 @@ impl RedisStore {
 
     fn fence_key(&self, lease: &str) -> String {
         format!("{}:{lease}:fence", self.prefix)
+    }
+
+    /// A shard's copy of a lease's fence, which the writes of that shard
+    /// check; with one shard, the fence itself.
+    fn fence_copy_key(&self, shard: u32, lease: &str) -> String {
+        format!("{}:{lease}:fence", self.shard(shard))
+    }
+
+    /// Raises the copies of newly granted fences in every shard (with one
+    /// shard there is nothing to copy). A grant whose copies could not all
+    /// be raised is tried again at the next sync; meanwhile the shards
+    /// that missed it refuse the new holder's writes (their copy is not
+    /// its token), so that at no time does a shard take the writes of two
+    /// holders.
+    async fn raise_fences(&self, leases: &[(String, bool)], tokens: &[u64]) {
+        if self.shards.len() <= 1 {
+            return;
+        }
+        let fresh: Vec<(&str, u64)> = {
+            let mut raised = self
+                .raised
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut fresh = Vec::new();
+            for ((name, _), token) in leases.iter().zip(tokens) {
+                if *token == 0 {
+                    raised.remove(name);
+                } else if raised.get(name) != Some(token) {
+                    fresh.push((name.as_str(), *token));
+                }
+            }
+            fresh
+        };
+        if fresh.is_empty() {
+            return;
+        }
+        let shard_count = self.shard_count();
+        let raised = futures_util::future::join_all((0..shard_count).map(|shard| {
+            let mut c = self.conn.clone();
+            let mut inv = self.raise.prepare_invoke();
+            for (name, token) in &fresh {
+                inv.key(self.fence_copy_key(shard, name)).arg(*token);
+            }
+            async move { inv.invoke_async::<i64>(&mut c).await }
+        }))
+        .await;
+        if let Some(Err(e)) = raised.iter().find(|r| r.is_err()) {
+            tracing::warn!(error = %e, "a lease's fence could not be copied to every store shard yet; writes in the shards that missed it wait for the next renewal");
+            return;
+        }
+        let mut done = self
+            .raised
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, token) in fresh {
+            done.insert(name.to_owned(), token);
+        }
     }
 
     pub(crate) async fn lease_sync(
@@ -784,7 +952,9 @@ impl RedisStore {
             inv.arg(if *want { "1" } else { "0" });
         }
         let mut c = self.conn.clone();
-        inv.invoke_async(&mut c).await.map_err(map_err)
+        let tokens: Vec<u64> = inv.invoke_async(&mut c).await.map_err(map_err)?;
+        self.raise_fences(leases, &tokens).await;
+        Ok(tokens)
     }
 
     pub(crate) async fn members(
@@ -825,8 +995,8 @@ impl RedisStore {
         }
     }
 
-    fn inbox_key(&self, scope: &str, id: &str) -> String {
-        format!("{}:inbox:{scope}:{id}", self.prefix)
+    fn inbox_key(&self, shard: u32, scope: &str, id: &str) -> String {
+        format!("{}:inbox:{scope}:{id}", self.shard(shard))
     }
 
     pub(crate) async fn ping(&self) -> Result<()> {
@@ -835,22 +1005,24 @@ impl RedisStore {
             Conn::Server(_) | Conn::Sentinel(_) => {
                 redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ())
             }
-            // A cluster's PING goes to any node; the node that matters is
-            // the one holding this service's slot, which a keyed command
-            // reaches.
-            Conn::Cluster(_) => redis::cmd("EXISTS")
-                .arg(&self.outbox)
-                .query_async::<i64>(&mut c)
-                .await
-                .map(|_| ()),
+            // A cluster's PING goes to any node; the nodes that matter are
+            // those holding this service's slots, which keyed commands
+            // reach.
+            Conn::Cluster(_) => futures_util::future::try_join_all(self.outboxes.iter().map(|o| {
+                let mut c = self.conn.clone();
+                async move { redis::cmd("EXISTS").arg(o).query_async::<i64>(&mut c).await }
+            }))
+            .await
+            .map(|_| ()),
         }
-        .map_err(map_err)
+        .map_err(map_err)?;
+        self.check_layout().await
     }
 
-    pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
+    pub(crate) async fn load(&self, shard: u32, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
         let mut c = self.conn.clone();
         let (v, d): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(self.state_key(kind, key))
+            .arg(self.state_key(shard, kind, key))
             .arg("v")
             .arg("d")
             .query_async(&mut c)
@@ -859,17 +1031,18 @@ impl RedisStore {
         Ok(v.zip(d).map(|(v, d)| (v, Bytes::from(d))))
     }
 
-    pub(crate) async fn commit(&self, commit: &Commit) -> Result<Committed> {
+    pub(crate) async fn commit(&self, shard: u32, commit: &Commit) -> Result<Committed> {
+        self.check_layout().await?;
         let mut inv = self.commit.prepare_invoke();
         for w in &commit.states {
-            inv.key(self.state_key(&w.kind, &w.key));
+            inv.key(self.state_key(shard, &w.kind, &w.key));
         }
-        inv.key(&self.outbox);
+        inv.key(self.outbox(shard));
         if let Some(i) = &commit.inbox {
-            inv.key(self.inbox_key(&i.scope, &i.id));
+            inv.key(self.inbox_key(shard, &i.scope, &i.id));
         }
         if let Some(f) = &commit.fence {
-            inv.key(self.fence_key(&f.lease));
+            inv.key(self.fence_copy_key(shard, &f.lease));
         }
         inv.arg(commit.states.len())
             .arg(if commit.inbox.is_some() { "1" } else { "0" })
@@ -897,7 +1070,21 @@ impl RedisStore {
         let out: Vec<u64> = inv.invoke_async(&mut c).await.map_err(map_err)?;
         Ok(match out.as_slice() {
             [1, versions @ ..] => Committed::Yes(versions.to_vec()),
-            [3] => Committed::Fenced,
+            [3] => {
+                // The shard's copy of the fence may have been lost (a
+                // master restarted without its data): copied again at the
+                // next renewal, if this replica still holds the lease.
+                if let Some(f) = &commit.fence {
+                    let mut raised = self
+                        .raised
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if raised.get(&*f.lease) == Some(&f.token) {
+                        raised.remove(&*f.lease);
+                    }
+                }
+                Committed::Fenced
+            }
             [0, index, current] => Committed::Conflict {
                 index: (*index as usize).saturating_sub(1),
                 current: *current,
@@ -912,6 +1099,7 @@ impl RedisStore {
     /// stream is the backlog), and blocks only while it is empty.
     pub(crate) async fn outbox_read(
         &self,
+        shard: u32,
         count: usize,
         block: Duration,
     ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
@@ -929,7 +1117,7 @@ impl RedisStore {
         };
         let read: Value = read
             .arg("STREAMS")
-            .arg(&self.outbox)
+            .arg(self.outbox(shard))
             .arg("0-0")
             .query_async(&mut c)
             .await
@@ -948,12 +1136,13 @@ impl RedisStore {
 
     pub(crate) async fn outbox_read_after(
         &self,
+        shard: u32,
         after: &str,
         count: usize,
     ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
         let mut c = self.conn.clone();
         let read: Value = redis::cmd("XRANGE")
-            .arg(&self.outbox)
+            .arg(self.outbox(shard))
             .arg(format!("({after}"))
             .arg("+")
             .arg("COUNT")
@@ -964,43 +1153,47 @@ impl RedisStore {
         Ok(entries(&read))
     }
 
-    pub(crate) async fn outbox_remove(&self, ids: &[String]) -> Result<()> {
+    pub(crate) async fn outbox_remove(&self, shard: u32, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
         let mut c = self.conn.clone();
         redis::cmd("XDEL")
-            .arg(&self.outbox)
+            .arg(self.outbox(shard))
             .arg(ids)
             .query_async::<()>(&mut c)
             .await
             .map_err(map_err)
     }
 
+    /// Entries waiting in the outbox of every shard.
     pub(crate) async fn outbox_backlog(&self) -> Result<u64> {
-        let mut c = self.conn.clone();
-        redis::cmd("XLEN")
-            .arg(&self.outbox)
-            .query_async(&mut c)
-            .await
-            .map_err(map_err)
+        let lengths = futures_util::future::try_join_all(self.outboxes.iter().map(|o| {
+            let mut c = self.conn.clone();
+            async move { redis::cmd("XLEN").arg(o).query_async::<u64>(&mut c).await }
+        }))
+        .await
+        .map_err(map_err)?;
+        Ok(lengths.into_iter().sum())
     }
 
     pub(crate) async fn inbox_begin(
         &self,
+        shard: u32,
         scope: &str,
         id: &str,
         claim: &Claim,
         ttl: Duration,
         alive_for: Duration,
     ) -> Result<Inbox> {
+        self.check_layout().await?;
         let mut c = self.conn.clone();
         let found: Option<Vec<u8>> = self
             .inbox_begin
-            .key(self.inbox_key(scope, id))
+            .key(self.inbox_key(shard, scope, id))
             .arg(claim.mark())
             .arg(ttl.as_millis().max(1) as u64)
-            .arg(self.alive_prefix())
+            .arg(self.alive_prefix(shard))
             .arg(&claim.member)
             .arg(alive_for.as_millis().max(1) as u64)
             .invoke_async(&mut c)
@@ -1014,6 +1207,7 @@ impl RedisStore {
 
     pub(crate) async fn inbox_finish(
         &self,
+        shard: u32,
         scope: &str,
         id: &str,
         claim: &str,
@@ -1023,7 +1217,7 @@ impl RedisStore {
         let mut c = self.conn.clone();
         let out: Value = self
             .finish_if_held
-            .key(self.inbox_key(scope, id))
+            .key(self.inbox_key(shard, scope, id))
             .arg(claim)
             .arg(answer.encode())
             .arg(window.as_millis().max(1) as u64)
@@ -1037,39 +1231,50 @@ impl RedisStore {
         })
     }
 
-    pub(crate) async fn inbox_peek(&self, scope: &str, id: &str) -> Result<Option<Vec<u8>>> {
+    pub(crate) async fn inbox_peek(&self, shard: u32, scope: &str, id: &str) -> Result<Option<Vec<u8>>> {
         let mut c = self.conn.clone();
         redis::cmd("GET")
-            .arg(self.inbox_key(scope, id))
+            .arg(self.inbox_key(shard, scope, id))
             .query_async(&mut c)
             .await
             .map_err(map_err)
     }
 
-    /// Liveness keys: `<prefix>:alive:<member>`.
-    fn alive_prefix(&self) -> String {
-        format!("{}:alive:", self.prefix)
+    /// Liveness keys: `<shard prefix>:alive:<member>`, one per shard (the
+    /// inbox claims of a shard read its own).
+    fn alive_prefix(&self, shard: u32) -> String {
+        format!("{}:alive:", self.shard(shard))
     }
 
+    /// Says `member` alive (or gone) in every shard; each shard is told
+    /// even when another fails (its master away), so that claims in the
+    /// shards that answer hold.
     pub(crate) async fn alive(&self, member: &str, ttl: Duration, alive: bool) -> Result<()> {
-        let mut c = self.conn.clone();
-        let key = format!("{}{member}", self.alive_prefix());
-        let cmd = if alive {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(key).arg(1).arg("PX").arg(ttl.as_millis().max(1) as u64);
-            cmd
-        } else {
-            let mut cmd = redis::cmd("DEL");
-            cmd.arg(key);
-            cmd
-        };
-        cmd.query_async::<()>(&mut c).await.map_err(map_err)
+        let told = futures_util::future::join_all((0..self.shard_count()).map(|shard| {
+            let mut c = self.conn.clone();
+            let key = format!("{}{member}", self.alive_prefix(shard));
+            let cmd = if alive {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(key).arg(1).arg("PX").arg(ttl.as_millis().max(1) as u64);
+                cmd
+            } else {
+                let mut cmd = redis::cmd("DEL");
+                cmd.arg(key);
+                cmd
+            };
+            async move { cmd.query_async::<()>(&mut c).await }
+        }))
+        .await;
+        told.into_iter()
+            .collect::<redis::RedisResult<Vec<()>>>()
+            .map(|_| ())
+            .map_err(map_err)
     }
 
-    pub(crate) async fn inbox_abandon(&self, scope: &str, id: &str, claim: &str) -> Result<()> {
+    pub(crate) async fn inbox_abandon(&self, shard: u32, scope: &str, id: &str, claim: &str) -> Result<()> {
         let mut c = self.conn.clone();
         self.delete_if_held
-            .key(self.inbox_key(scope, id))
+            .key(self.inbox_key(shard, scope, id))
             .arg(claim)
             .invoke_async::<i64>(&mut c)
             .await

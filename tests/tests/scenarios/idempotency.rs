@@ -17,8 +17,9 @@ impl State for Account {
     const KIND: &'static str = "account";
 }
 
-/// Adds money, once per message id.
-#[command(reply = u64, subject = "tests.idem.deposit", idempotent)]
+/// Adds money, once per message id (its writes in the account's store
+/// shard, which the `redis_sharded` runs need).
+#[command(reply = u64, subject = "tests.idem.deposit", idempotent, key = account)]
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Deposit {
     pub account: String,
@@ -41,7 +42,7 @@ pub struct Tick {
 }
 
 /// Adds money once per id, holding for a minute on replica `stall_on`.
-#[command(reply = u64, subject = "tests.idem.stalling", idempotent)]
+#[command(reply = u64, subject = "tests.idem.stalling", idempotent, key = account)]
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct StallingDeposit {
     pub account: String,

@@ -20,6 +20,7 @@ mod request_reply;
 mod resized;
 mod saga_time;
 mod sagas;
+mod shards;
 mod shutdown;
 mod state;
 mod tracing;

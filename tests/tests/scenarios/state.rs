@@ -53,8 +53,9 @@ pub struct Incremented {
 }
 
 /// Adds one to counter `key` (idempotent: the saves commit with the
-/// answer, so a stale one is found at the commit).
-#[command(reply = u64, subject = "tests.state.incr_once", idempotent)]
+/// answer, so a stale one is found at the commit; in the key's store
+/// shard).
+#[command(reply = u64, subject = "tests.state.incr_once", idempotent, key = key)]
 #[derive(Serialize, Deserialize, Debug)]
 pub struct IncrOnce {
     pub key: String,

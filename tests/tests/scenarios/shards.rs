@@ -1,0 +1,348 @@
+//! Store shards (`CATGA_STORE_SHARDS=3`): a keyed command's inbox entry,
+//! saves and outbox entries commit in its key's shard; a save of a key in
+//! another shard is refused with nothing written; keys with a `{tag}`
+//! commit together; sagas and the outbox backlog are read across shards.
+//! The same on the embedded store (which refuses what a sharded Redis
+//! would) and on NATS with Redis.
+
+use std::collections::BTreeSet;
+
+use catga::{Context, ErrorKind, Result, Saga, State, Versioned, command, event, saga};
+use catga_tests::backend::shutdown_all;
+use catga_tests::{Backend, Recorder, run_id};
+use serde::{Deserialize, Serialize};
+
+use crate::WAIT;
+
+/// The shard count of these scenarios.
+const SHARDS: u32 = 3;
+
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
+pub struct Account {
+    pub cents: u64,
+}
+
+impl State for Account {
+    const KIND: &'static str = "shard-account";
+}
+
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
+pub struct Line {
+    pub cents: u64,
+}
+
+impl State for Line {
+    const KIND: &'static str = "shard-line";
+}
+
+/// Adds cents to an account; its writes commit in the account's shard.
+#[command(reply = u64, subject = "tests.shards.deposit", idempotent, key = account)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Deposit {
+    pub run: String,
+    pub account: String,
+    pub cents: u64,
+}
+
+/// Published with each deposit, through its shard's outbox.
+#[event(subject = "tests.shards.deposited")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Deposited {
+    pub run: String,
+    pub account: String,
+    pub cents: u64,
+}
+
+/// Moves everything from one account to another in one handler.
+#[command(reply = u64, subject = "tests.shards.sweep", idempotent, key = from)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Sweep {
+    pub from: String,
+    pub to: String,
+}
+
+/// Adds a line to an account: `order-{account}-<n>` and the account
+/// commit together.
+#[command(reply = u64, subject = "tests.shards.add_line", key = account)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct AddLine {
+    pub account: String,
+    pub n: u64,
+    pub cents: u64,
+}
+
+/// Reads an account (a keyed command without an inbox).
+#[command(reply = Option<u64>, subject = "tests.shards.balance", key = account)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Balance {
+    pub account: String,
+}
+
+/// Reads a line.
+#[command(reply = Option<u64>, subject = "tests.shards.line")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct LineOf {
+    pub key: String,
+}
+
+/// Starts a saga (its journal goes to the shard of its id).
+#[event(subject = "tests.shards.opened")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Opened {
+    pub run: String,
+    pub n: u64,
+}
+
+static DEPOSITED: Recorder = Recorder::new();
+static OPENED: Recorder = Recorder::new();
+
+async fn credit(ctx: &Context, account: &str, cents: u64) -> Result<Versioned<Account>> {
+    let mut a = ctx
+        .try_load::<Account>(account)
+        .await?
+        .unwrap_or_else(|| Versioned::new(account.to_owned(), Account::default()));
+    a.cents += cents;
+    Ok(a)
+}
+
+#[command]
+async fn deposit(ctx: &Context, d: Deposit) -> Result<u64> {
+    let a = credit(ctx, &d.account, d.cents).await?;
+    let saved = ctx
+        .save(a)
+        .with_event(Deposited {
+            run: d.run,
+            account: d.account,
+            cents: d.cents,
+        })
+        .await?;
+    Ok(saved.cents)
+}
+
+#[command]
+async fn sweep(ctx: &Context, s: Sweep) -> Result<u64> {
+    let mut from = ctx.load::<Account>(&s.from).await?;
+    let moved = std::mem::take(&mut from.cents);
+    let to = credit(ctx, &s.to, moved).await?;
+    ctx.save(from).await?;
+    ctx.save(to).await?;
+    Ok(moved)
+}
+
+#[command]
+async fn add_line(ctx: &Context, l: AddLine) -> Result<u64> {
+    let line = Versioned::new(
+        format!("order-{{{}}}-{}", l.account, l.n),
+        Line { cents: l.cents },
+    );
+    ctx.save(line).await?;
+    let a = credit(ctx, &l.account, l.cents).await?;
+    Ok(ctx.save(a).await?.cents)
+}
+
+#[command]
+async fn balance(ctx: &Context, b: Balance) -> Result<Option<u64>> {
+    Ok(ctx.try_load::<Account>(&b.account).await?.map(|a| a.cents))
+}
+
+#[command]
+async fn line_of(ctx: &Context, l: LineOf) -> Result<Option<u64>> {
+    Ok(ctx.try_load::<Line>(&l.key).await?.map(|l| l.cents))
+}
+
+#[event]
+async fn on_deposited(ctx: &Context, d: Deposited) -> Result<()> {
+    DEPOSITED.record(&format!("{}/{}", d.run, d.account), "deposited", ctx, d.cents);
+    Ok(())
+}
+
+#[saga]
+async fn opening(saga: &Saga, o: Opened) -> Result<()> {
+    OPENED.record(&o.run, "opened", saga.context(), o.n);
+    Ok(())
+}
+
+catga_tests::on_both!(
+    keyed_writes_commit_in_their_shard_and_their_events_leave,
+    a_save_in_another_shard_is_refused_with_nothing_written,
+    keys_with_one_tag_commit_together,
+    sagas_are_listed_across_shards
+);
+
+fn sharded(b: &Backend, instance: &str) -> catga::RuntimeBuilder {
+    b.builder(module_path!(), instance).store_shards(SHARDS)
+}
+
+/// Accounts spread over every shard: each deposit answers once per id,
+/// each account's balance adds up, and every deposit's event is
+/// published once (the relay drains every shard's outbox).
+async fn keyed_writes_commit_in_their_shard_and_their_events_leave(b: &Backend) {
+    let rt = b.started(sharded(b, "r1")).await;
+    let client = b.client().await;
+    let run = run_id();
+    let accounts: Vec<String> = (0..12).map(|i| format!("{run}-acct-{i}")).collect();
+    let shards: BTreeSet<u64> = accounts
+        .iter()
+        .map(|a| catga::ring::partition_of(a, SHARDS) as u64)
+        .collect();
+    assert_eq!(shards.len(), SHARDS as usize, "the accounts cover every shard");
+    for round in 1..=3u64 {
+        for a in &accounts {
+            let d = Deposit {
+                run: run.clone(),
+                account: a.clone(),
+                cents: 10,
+            };
+            let id = format!("{a}-{round}");
+            assert_eq!(
+                client.send_with_id(d.clone(), &id).await.expect("deposit"),
+                10 * round
+            );
+            assert_eq!(
+                client.send_with_id(d, &id).await.expect("the same deposit again"),
+                10 * round,
+                "answered from the inbox of the account's shard"
+            );
+        }
+    }
+    for a in &accounts {
+        let got: Vec<u64> = DEPOSITED
+            .wait_for(&format!("{run}/{a}"), 3, WAIT)
+            .await
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(got, vec![10, 10, 10], "{a}: each event once");
+    }
+    assert_eq!(rt.outbox_backlog().await.expect("backlog"), 0);
+    shutdown_all(vec![rt]).await;
+}
+
+/// A handler that saves a key of another shard is refused at that save:
+/// the client gets an internal error, and neither account changed.
+async fn a_save_in_another_shard_is_refused_with_nothing_written(b: &Backend) {
+    let rt = b.started(sharded(b, "r1")).await;
+    let client = b.client().await;
+    let run = run_id();
+    let account = |i: u32| format!("{run}-sweep-{i}");
+    let shard = |k: &str| catga::ring::partition_of(k, SHARDS);
+    let from = account(0);
+    let near = (1..)
+        .map(account)
+        .find(|k| shard(k) == shard(&from))
+        .expect("a key in the same shard");
+    let far = (1..)
+        .map(account)
+        .find(|k| shard(k) != shard(&from))
+        .expect("a key in another shard");
+    for k in [&from, &near, &far] {
+        let d = Deposit {
+            run: run.clone(),
+            account: k.clone(),
+            cents: 5,
+        };
+        client.send(d).await.expect("deposit");
+    }
+    let refused = client
+        .send(Sweep {
+            from: from.clone(),
+            to: far.clone(),
+        })
+        .await
+        .expect_err("a save in another shard");
+    assert_eq!(refused.kind(), ErrorKind::Internal, "{refused}");
+    let balance = |account: &String| {
+        client.send(Balance {
+            account: account.clone(),
+        })
+    };
+    assert_eq!(
+        balance(&from).await.expect("balance"),
+        Some(5),
+        "nothing was taken from {from}"
+    );
+    assert_eq!(balance(&far).await.expect("balance"), Some(5));
+    // Within one shard it goes through.
+    let moved = client
+        .send(Sweep {
+            from: from.clone(),
+            to: near.clone(),
+        })
+        .await
+        .expect("a sweep within one shard");
+    assert_eq!(moved, 5);
+    assert_eq!(balance(&near).await.expect("balance"), Some(10));
+    shutdown_all(vec![rt]).await;
+}
+
+/// `order-{acct}-<n>` is placed by `acct`: a line and its account commit
+/// together whatever the line's number.
+async fn keys_with_one_tag_commit_together(b: &Backend) {
+    let rt = b.started(sharded(b, "r1")).await;
+    let client = b.client().await;
+    let account = format!("{}-lines", run_id());
+    for n in 1..=9 {
+        let total = client
+            .send(AddLine {
+                account: account.clone(),
+                n,
+                cents: 1,
+            })
+            .await
+            .expect("a line and its account");
+        assert_eq!(total, n);
+    }
+    let line = client
+        .send(LineOf {
+            key: format!("order-{{{account}}}-9"),
+        })
+        .await
+        .expect("a line");
+    assert_eq!(line, Some(1));
+    shutdown_all(vec![rt]).await;
+}
+
+/// Sagas whose journals are in different shards are all listed, newest
+/// first.
+async fn sagas_are_listed_across_shards(b: &Backend) {
+    let rt = b.started(sharded(b, "r1")).await;
+    let client = b.client().await;
+    let run = run_id();
+    for n in 0..9 {
+        client
+            .publish(Opened { run: run.clone(), n })
+            .await
+            .expect("publish");
+    }
+    OPENED.wait_for(&run, 9, WAIT).await;
+    let ids: BTreeSet<String> = OPENED
+        .of(&run)
+        .iter()
+        .map(|r| format!("opening:{}", r.message_id))
+        .collect();
+    let mut listed = BTreeSet::new();
+    let until = std::time::Instant::now() + WAIT;
+    while listed.len() < ids.len() {
+        assert!(
+            std::time::Instant::now() < until,
+            "listed {} of {} sagas",
+            listed.len(),
+            ids.len()
+        );
+        listed = rt
+            .sagas(1000)
+            .await
+            .expect("sagas")
+            .into_iter()
+            .map(|s| s.id)
+            .filter(|id| ids.contains(id))
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let shards: BTreeSet<u32> = listed
+        .iter()
+        .map(|id| catga::ring::partition_of(id, SHARDS))
+        .collect();
+    assert!(shards.len() > 1, "the journals are in several shards: {shards:?}");
+    shutdown_all(vec![rt]).await;
+}

@@ -1,0 +1,357 @@
+//! Store shards on a real 3-master Redis Cluster: a sharded service's
+//! keys and commands spread over every master; a master SIGKILLed under
+//! load stops only the keys of its shard, and once it is back nothing is
+//! lost or doubled; a store written with another shard count is refused.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use catga::{Context, ErrorKind, Result, State, Versioned, command};
+use catga_tests::{NatsServer, RedisCluster, RedisServer, run_id};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+/// An account's balance.
+pub struct Account {
+    /// In cents.
+    pub cents: u64,
+}
+
+impl State for Account {
+    const KIND: &'static str = "account";
+}
+
+/// Adds cents to an account, once per id, in the account's shard.
+#[command(reply = u64, subject = "shards.deposit", idempotent, key = account)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Deposit {
+    /// The account, and the key that places the deposit's writes.
+    pub account: String,
+    /// How much.
+    pub cents: u64,
+}
+
+/// Reads an account.
+#[command(reply = u64, subject = "shards.balance", key = account)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Balance {
+    /// The account.
+    pub account: String,
+}
+
+#[command]
+async fn deposit(ctx: &Context, d: Deposit) -> Result<u64> {
+    let mut a = ctx
+        .try_load::<Account>(&d.account)
+        .await?
+        .unwrap_or_else(|| Versioned::new(d.account.clone(), Account::default()));
+    a.cents += d.cents;
+    Ok(ctx.save(a).await?.cents)
+}
+
+#[command]
+async fn balance(ctx: &Context, b: Balance) -> Result<u64> {
+    Ok(ctx.try_load::<Account>(&b.account).await?.map_or(0, |a| a.cents))
+}
+
+const SERVICE: &str = "shard-tests";
+
+fn builder(shards: u32) -> catga::RuntimeBuilder {
+    catga::Runtime::builder()
+        .service(SERVICE)
+        .instance_id("r1")
+        .store_shards(shards)
+        .handlers(|s| s.name().starts_with("shards::"))
+}
+
+/// What `redis-cli -p <port> <args>` prints.
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Commands a node ran so far (`INFO commandstats`), by name.
+fn commands_run(port: u16) -> BTreeMap<String, u64> {
+    cli(port, &["info", "commandstats"])
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// The shard of `account` among `shards` (the store's placement: xxh3).
+fn shard_of(account: &str, shards: u32) -> u32 {
+    catga::ring::partition_of(account, shards)
+}
+
+/// 3 shards on 3 masters: every master holds some of the service's state
+/// and ran a fair share of its commands (the busiest at most 1.5 times
+/// the mean; BENCHMARKS.md measures it under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_service_spreads_over_every_master() {
+    let nats = NatsServer::start();
+    let cluster = RedisCluster::start();
+    let rt = builder(3)
+        .nats_url(nats.url())
+        .redis_cluster(&cluster.urls())
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
+    let client = catga::Client::connect(&nats.url()).await.expect("client");
+    let before: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|n| commands_run(n.port()).values().sum())
+        .collect();
+    let run = run_id();
+    for i in 0..120 {
+        let d = Deposit {
+            account: format!("{run}-{}", i % 40),
+            cents: 1,
+        };
+        client.send(d).await.expect("deposit");
+    }
+    let ran: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| commands_run(n.port()).values().sum::<u64>() - b)
+        .collect();
+    let mean = ran.iter().sum::<u64>() as f64 / ran.len() as f64;
+    eprintln!("commands per master: {ran:?} (mean {mean:.0})");
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let keys = cli(
+            n.port(),
+            &["--scan", "--pattern", &format!("catga:{{{SERVICE}~*}}:state:*")],
+        );
+        assert!(
+            keys.lines().count() > 0,
+            "master {i} holds none of the service's state"
+        );
+    }
+    let busiest = ran.iter().copied().max().unwrap_or(0) as f64;
+    assert!(
+        busiest <= 1.5 * mean,
+        "the busiest master ran {busiest} commands, the mean is {mean:.0}: {ran:?}"
+    );
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A master SIGKILLed under load from several senders over many keys:
+/// while it is away the keys of its shard fail (retryably) and the others
+/// keep being answered; once it is back every deposit that failed is sent
+/// again under its id, and every account holds each deposit exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_under_load_stops_only_its_shard() {
+    const SHARDS: u32 = 3;
+    let nats = NatsServer::start();
+    let mut cluster = RedisCluster::start_partial();
+    let rt = builder(SHARDS)
+        .nats_url(nats.url())
+        .redis_cluster(&cluster.urls())
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
+    let client = catga::Client::connect(&nats.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(1));
+    let run = run_id();
+    // The master of shard 1: the one holding the state of an account of
+    // that shard.
+    let victim_shard = 1;
+    let probe = (0..)
+        .map(|i| format!("{run}-{i}"))
+        .find(|a| shard_of(a, SHARDS) == victim_shard)
+        .expect("an account in shard 1");
+    client
+        .send(Deposit {
+            account: probe.clone(),
+            cents: 0,
+        })
+        .await
+        .expect("a first deposit");
+    let pattern = format!("catga:{{{SERVICE}~*}}:state:account:{probe}");
+    let victim = (0..cluster.nodes.len())
+        .find(|&i| {
+            !cli(cluster.nodes[i].port(), &["--scan", "--pattern", &pattern])
+                .trim()
+                .is_empty()
+        })
+        .expect("a master holds the probe account");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let down = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..6)
+        .map(|s| {
+            let (client, run, stop, down) = (client.clone(), run.clone(), stop.clone(), down.clone());
+            tokio::spawn(async move {
+                // Per deposit id: its account, whether the first try
+                // failed, and whether the master was down then.
+                let mut sent: Vec<(String, String, bool, bool)> = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let account = format!("{run}-{}", (s * 7 + n) % 30);
+                    let id = format!("{run}-s{s}-{n}");
+                    let was_down = down.load(Ordering::Relaxed);
+                    let d = Deposit {
+                        account: account.clone(),
+                        cents: 1,
+                    };
+                    let failed = match client.send_with_id(d, &id).await {
+                        Ok(_) => false,
+                        Err(e) => {
+                            assert!(e.is_retryable(), "{e}");
+                            true
+                        }
+                    };
+                    sent.push((id, account, failed, was_down || down.load(Ordering::Relaxed)));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                sent
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    down.store(true, Ordering::Relaxed);
+    cluster.nodes[victim].kill();
+    eprintln!("killed master {victim} (shard {victim_shard})");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    cluster.nodes[victim].resume();
+    cluster.wait_ok();
+    down.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = Vec::new();
+    for s in senders {
+        sent.extend(s.await.expect("sender"));
+    }
+
+    // While the master was away: the other shards' keys were answered.
+    let during: Vec<_> = sent.iter().filter(|(.., was_down)| *was_down).collect();
+    let (theirs, others): (Vec<_>, Vec<_>) = during
+        .iter()
+        .partition(|(_, account, ..)| shard_of(account, SHARDS) == victim_shard);
+    let failed = |v: &[&&(String, String, bool, bool)]| v.iter().filter(|(_, _, f, _)| *f).count();
+    eprintln!(
+        "while master {victim} was away: {} of {} deposits on its shard failed, {} of {} on the others",
+        failed(&theirs),
+        theirs.len(),
+        failed(&others),
+        others.len()
+    );
+    assert!(others.len() >= 30, "the other shards took load: {}", others.len());
+    assert!(
+        failed(&others) * 10 <= others.len(),
+        "the other shards kept answering: {} of {} failed",
+        failed(&others),
+        others.len()
+    );
+    assert!(
+        failed(&theirs) > 0,
+        "the killed master's keys failed while it was away"
+    );
+
+    // Once it is back: every failed deposit again under its id, then each
+    // account holds each deposit once.
+    let until = Instant::now() + Duration::from_secs(60);
+    for (id, account, failed, _) in &sent {
+        if !failed {
+            continue;
+        }
+        loop {
+            let d = Deposit {
+                account: account.clone(),
+                cents: 1,
+            };
+            match client.send_with_id(d, id).await {
+                Ok(_) => break,
+                Err(e) if e.is_retryable() && Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("deposit {id} failed for good: {e}"),
+            }
+        }
+    }
+    let mut expected: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, account, ..) in &sent {
+        *expected.entry(account).or_default() += 1;
+    }
+    for (account, n) in expected {
+        let got = client
+            .send(Balance {
+                account: account.to_owned(),
+            })
+            .await
+            .expect("balance");
+        assert_eq!(got, n, "{account}: every deposit once");
+    }
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// Every replica of a service must split its store the same way: a store
+/// written in 3 shards refuses a runtime with 2 or 1 at start-up, with an
+/// error that names both counts; a store written before shards existed
+/// (no mark, but an outbox under the old tag) counts as 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_written_with_another_shard_count_is_refused() {
+    let redis = RedisServer::start();
+    let rt = builder(3).redis_url(redis.url()).start().await.expect("starts");
+    let client = rt.client();
+    let d = Deposit {
+        account: "a".into(),
+        cents: 1,
+    };
+    client.send(d.clone()).await.expect("deposit");
+    rt.shutdown().await.expect("clean shutdown");
+    for other in [2, 1] {
+        let refused = builder(other)
+            .redis_url(redis.url())
+            .start()
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a runtime with {other} shard(s) started"));
+        assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+        let text = refused.to_string();
+        assert!(
+            text.contains("3 shard(s)") && text.contains(&format!("CATGA_STORE_SHARDS is {other}")),
+            "{text}"
+        );
+    }
+    let again = builder(3)
+        .redis_url(redis.url())
+        .start()
+        .await
+        .expect("the same count starts");
+    again.shutdown().await.expect("clean shutdown");
+
+    // A store of an earlier release: data under the service's own tag and
+    // no mark.
+    let old = RedisServer::start();
+    cli(
+        old.port(),
+        &["XADD", &format!("catga:{{{SERVICE}}}:outbox"), "*", "id", "x"],
+    );
+    let Err(refused) = builder(3).redis_url(old.url()).start().await else {
+        panic!("a sharded runtime started on an unsharded store");
+    };
+    assert!(refused.to_string().contains("1 shard(s)"), "{refused}");
+    let one = builder(1)
+        .redis_url(old.url())
+        .start()
+        .await
+        .expect("one shard starts");
+    one.shutdown().await.expect("clean shutdown");
+}
