@@ -634,11 +634,11 @@ impl Config {
                 return Err(config_error(name, "0", "expected a whole number above 0"));
             }
         }
-        if self.store_shards > crate::store::shards::MAX_SHARDS {
+        if self.store_shards > MAX_STORE_SHARDS {
             return Err(config_error(
                 "CATGA_STORE_SHARDS",
                 &self.store_shards.to_string(),
-                &format!("expected at most {}", crate::store::shards::MAX_SHARDS),
+                &format!("expected at most {}", MAX_STORE_SHARDS),
             ));
         }
         let at_least = [
@@ -773,6 +773,11 @@ fn count(name: &str, v: &str) -> Result<usize> {
         .map_err(|_| config_error(name, v, "expected a whole number"))
 }
 
+/// The most store shards a service may have (`CATGA_STORE_SHARDS`): each
+/// lease grant copies its fence to every shard, and an idle relay polls
+/// each shard.
+pub(crate) const MAX_STORE_SHARDS: u32 = 256;
+
 fn small(name: &str, v: &str) -> Result<u32> {
     v.parse::<u32>()
         .map_err(|_| config_error(name, v, "expected a whole number below 2^32"))
@@ -868,8 +873,10 @@ mod tests {
         // The same value is refused the same way, naming the variable,
         // whichever way it was set.
         type Case = (&'static str, &'static str, fn(&mut Config));
-        let cases: [Case; 5] = [
+        let cases: [Case; 7] = [
             ("CATGA_CONCURRENCY", "0", |c| c.concurrency = 0),
+            ("CATGA_STORE_SHARDS", "0", |c| c.store_shards = 0),
+            ("CATGA_STORE_SHARDS", "257", |c| c.store_shards = 257),
             ("CATGA_JS_SAGA_STREAMS", "0", |c| c.streams.saga_streams = 0),
             ("CATGA_SUBSCRIPTION_BYTES", "0", |c| c.subscription_bytes = 0),
             ("CATGA_LEADER_LEASE_MS", "5", |c| {

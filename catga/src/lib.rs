@@ -44,6 +44,7 @@ pub mod guide {
     // definition of a link label wins in Markdown, so these (checked by
     // rustdoc) take their place here.
     #[doc = "[sagas page]: crate::guide::sagas"]
+    #[doc = "[ops shards]: crate::guide::operations"]
     #[doc = ""]
     #[doc = include_str!("../docs/guarantees.md")]
     pub mod guarantees {}

@@ -1032,4 +1032,70 @@ mod tests {
     fn keys_share_the_service_hash_tag() {
         assert_eq!(prefix("orders"), "catga:{orders}");
     }
+
+    fn save(key: &str) -> StateWrite {
+        StateWrite {
+            kind: "account".into(),
+            key: key.into(),
+            expected: 0,
+            data: Bytes::from_static(b"{}"),
+        }
+    }
+
+    /// Two keys, in different shards of 3.
+    fn apart() -> (String, String) {
+        let a = "a-0".to_owned();
+        let b = (1..)
+            .map(|i| format!("a-{i}"))
+            .find(|k| shards::shard_of(k, 3) != shards::shard_of(&a, 3))
+            .expect("a key in another shard");
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn a_commit_over_two_shards_is_refused_naming_both_keys() {
+        let store = Store::memory(Arc::new(MemoryStore::new()), 3);
+        let (a, b) = apart();
+        let home = Home {
+            shard: store.shard_of(&a),
+            by: format!("the shard of its key {a}").into(),
+        };
+        let both = Commit {
+            states: vec![save(&a), save(&b)],
+            home: Some(home.clone()),
+            ..Commit::default()
+        };
+        let refused = store.commit(&both).await.expect_err("two shards");
+        assert_eq!(refused.kind(), ErrorKind::Internal);
+        let text = refused.message();
+        assert!(
+            text.contains(&format!("account {b}")) && text.contains(&a),
+            "{text}"
+        );
+        assert!(
+            text.contains("CATGA_STORE_SHARDS=3") && text.contains("key = field"),
+            "{text}"
+        );
+        // Without a home, the first save's shard is the commit's.
+        let unhomed = Commit {
+            states: vec![save(&a), save(&b)],
+            ..Commit::default()
+        };
+        assert!(store.commit(&unhomed).await.is_err());
+        assert_eq!(
+            store.load("account", &b).await.expect("load"),
+            None,
+            "nothing written"
+        );
+        // Keys placed by one tag commit together.
+        let tagged = Commit {
+            states: vec![save(&a), save(&format!("line-{{{a}}}-1"))],
+            home: Some(home),
+            ..Commit::default()
+        };
+        assert!(matches!(store.commit(&tagged).await, Ok(Committed::Yes(_))));
+        // One shard takes anything.
+        let one = Store::memory(Arc::new(MemoryStore::new()), 1);
+        assert!(matches!(one.commit(&unhomed).await, Ok(Committed::Yes(_))));
+    }
 }

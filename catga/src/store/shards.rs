@@ -26,10 +26,6 @@ use xxhash_rust::xxh3::xxh3_64;
 /// Redis Cluster's slot count.
 const SLOTS: u32 = 16_384;
 
-/// The most shards a service may have: each lease grant raises its fence
-/// in every shard, and an idle relay polls each shard.
-pub const MAX_SHARDS: u32 = 256;
-
 /// The part of `key` that places it: the text inside its first `{…}` if
 /// that is not empty, else the whole key.
 pub(crate) fn placing_part(key: &str) -> &str {
@@ -109,7 +105,7 @@ mod tests {
 
     #[test]
     fn shards_fall_on_evenly_spread_slots() {
-        for n in [2u32, 3, 5, 16, MAX_SHARDS] {
+        for n in [2u32, 3, 5, 16, crate::config::MAX_STORE_SHARDS] {
             let p = prefixes("orders", n);
             assert_eq!(p.len(), n as usize);
             for (i, prefix) in p.iter().enumerate() {
