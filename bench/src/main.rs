@@ -31,7 +31,7 @@
 //!
 //! `BENCH_SECONDS` sets the measuring time per cell (default 3);
 //! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256);
-//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal`
+//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards`
 //! picks sections;
 //! `BENCH_BURST` sets the fan-out burst (default 1,000,000).
 
@@ -84,6 +84,7 @@ mod overhead;
 mod reliable;
 mod reqreply;
 mod sagas;
+mod shards;
 
 #[tokio::main]
 async fn main() {
@@ -147,5 +148,8 @@ async fn main() {
     }
     if selected("journal") {
         sagas::journal().await;
+    }
+    if selected("shards") {
+        shards::shards(duration).await;
     }
 }
