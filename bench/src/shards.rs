@@ -62,7 +62,11 @@ fn commands_run(port: u16) -> u64 {
         .lines()
         .filter_map(|l| {
             let rest = l.strip_prefix("cmdstat_")?.split_once(':')?.1;
-            rest.strip_prefix("calls=")?.split(',').next()?.parse::<u64>().ok()
+            rest.strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
         })
         .sum()
 }
@@ -76,7 +80,9 @@ const LAYOUTS: [&str; 3] = [
 
 pub(crate) async fn shards(duration: Duration) {
     let nats = catga_tests::NatsServer::start();
-    let single = catga_tests::RedisServer::start();
+    // Persistent like the cluster's masters (append-only, fsync on every
+    // write): the layouts differ in their topology only.
+    let single = catga_tests::RedisServer::start_persistent();
     let cluster = catga_tests::RedisCluster::start();
     let client = Client::connect(&nats.url()).await.expect("client");
     let accounts = Arc::new(AtomicU64::new(0));
@@ -85,8 +91,9 @@ pub(crate) async fn shards(duration: Duration) {
     println!("## Store shards: keyed commands on one Redis master and on three");
     println!();
     println!(
-        "Keyed commands over 10,000 accounts at concurrency {concurrency}, one replica. \
-         Median of {} rounds, layouts in turn; ratios against one Redis server in the same round.",
+        "Keyed commands over 10,000 accounts at concurrency {concurrency}, one replica; every Redis \
+         append-only with fsync on each write. Median of {} rounds, layouts in turn; ratios against \
+         one Redis server in the same round.",
         rounds()
     );
     println!();
@@ -185,7 +192,11 @@ pub(crate) async fn shards(duration: Duration) {
             .collect::<Vec<_>>()
             .join(" / ");
         by_round.insert(round, busiest / mean);
-        println!("- round {}: {parts} of {total:.0} commands ({:.2}x)", round + 1, busiest / mean);
+        println!(
+            "- round {}: {parts} of {total:.0} commands ({:.2}x)",
+            round + 1,
+            busiest / mean
+        );
     }
     println!();
     println!(

@@ -374,13 +374,21 @@ fn done(json: bool, v: Value, text: String) -> String {
 /// The store of the service's replicas (`REDIS_URL`), read directly: no
 /// runtime, so that the CLI never takes a replica's part (the outbox
 /// relay's lease, discovery, the HTTP endpoint).
-fn the_store(config: &Config, what: &str) -> Result<Store> {
+///
+/// It reads as many shards as the store was written with (its mark), not
+/// `CATGA_STORE_SHARDS` as the operator's shell has it, and never marks a
+/// store.
+async fn the_store(config: &Config, what: &str) -> Result<Store> {
     let Some(redis) = RedisConnect::from_config(config) else {
         return Err(Error::invalid(format!(
             "{what} are read from the store: set REDIS_URL (and CATGA_SERVICE) as the replicas have it"
         )));
     };
-    Ok(RedisStore::connect(&redis, &config.service, config.store_shards)?.into())
+    let store = RedisStore::connect(&redis, &config.service, config.store_shards)?;
+    match store.marked_count().await? {
+        Some(n) if n != config.store_shards => Ok(RedisStore::connect(&redis, &config.service, n)?.into()),
+        _ => Ok(store.into()),
+    }
 }
 
 async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {
@@ -390,7 +398,7 @@ async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {
             .parse()
             .map_err(|_| Error::invalid(format!("sagas [N], not `{s}`\n{USAGE}")))?,
     };
-    let store = the_store(&config, "sagas")?;
+    let store = the_store(&config, "sagas").await?;
     let mut found = Vec::new();
     for id in store.saga_list(n).await? {
         let journal = store.saga_load(&id).await?;
@@ -438,7 +446,8 @@ async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {
 }
 
 async fn outbox(config: Config, json: bool) -> Result<String> {
-    let backlog = the_store(&config, "the outbox's entries")?
+    let backlog = the_store(&config, "the outbox's entries")
+        .await?
         .outbox_backlog()
         .await?;
     Ok(done(

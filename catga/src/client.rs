@@ -682,6 +682,7 @@ mod tests {
                 last_delivery: false,
                 saga_timeout: None,
                 home: None,
+                events_home: None,
             })
         };
         let ctx = Context::new(client.clone(), Arc::new(meta), work(), "tests::h");

@@ -619,6 +619,22 @@ impl Config {
     /// error naming the variable. (A builder's `.concurrency(0)` was
     /// silently 1 while `CATGA_CONCURRENCY=0` was an error.)
     pub fn validate(&self) -> Result<()> {
+        // The service names its Redis hash tags (`catga:{orders}`, shard
+        // tags `catga:{orders~1}`) and NATS subjects: braces, `~`,
+        // wildcards or spaces would let one service's keys or subjects
+        // pass for another's.
+        if self.service.is_empty()
+            || self
+                .service
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}' | '~' | '*' | '>'))
+        {
+            return Err(config_error(
+                "CATGA_SERVICE",
+                &self.service,
+                "expected a name without spaces, braces, `~`, `*` or `>`",
+            ));
+        }
         let at_least_one = [
             ("CATGA_CONCURRENCY", self.concurrency),
             ("CATGA_PARALLEL", self.parallel),
@@ -873,7 +889,9 @@ mod tests {
         // The same value is refused the same way, naming the variable,
         // whichever way it was set.
         type Case = (&'static str, &'static str, fn(&mut Config));
-        let cases: [Case; 7] = [
+        let cases: [Case; 9] = [
+            ("CATGA_SERVICE", "orders~1", |c| c.service = "orders~1".into()),
+            ("CATGA_SERVICE", "a{b}", |c| c.service = "a{b}".into()),
             ("CATGA_CONCURRENCY", "0", |c| c.concurrency = 0),
             ("CATGA_STORE_SHARDS", "0", |c| c.store_shards = 0),
             ("CATGA_STORE_SHARDS", "257", |c| c.store_shards = 257),

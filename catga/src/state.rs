@@ -147,7 +147,7 @@ impl Context {
             events,
             inbox: None,
             fence: work.fence.clone(),
-            home: work.home.clone(),
+            home: work.home.clone().or_else(|| work.events_home.clone()),
         };
         match work.store.commit(&commit).await? {
             Committed::Fenced => Err(fenced()),

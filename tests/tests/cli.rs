@@ -1,7 +1,8 @@
 //! The operator CLI (`catga`, run here as `catga::cli::run`) against a
 //! service of two replicas on real nats-server and redis-server: services
 //! with their handlers, leader and keyed-saga partitions; dead letters
-//! listed, shown, replayed and purged; sagas; the outbox.
+//! listed, shown, replayed and purged; sagas; the outbox (the replicas'
+//! store in 3 shards, the CLI told none).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -110,8 +111,12 @@ async fn the_cli_shows_and_operates_a_running_service() {
     let c = config(&nats, &redis);
     let mut replicas = Vec::new();
     for id in ["r1", "r2"] {
+        // The replicas keep their store in 3 shards; the operator's shell
+        // (`c`) does not say so: the CLI reads the count the store is
+        // marked with.
         let rt = Runtime::builder()
             .config(c.clone())
+            .store_shards(3)
             .instance_id(id)
             .membership(Duration::from_millis(100), Duration::from_millis(600))
             .handlers(|s| s.name().starts_with("cli::"))

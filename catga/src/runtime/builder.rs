@@ -515,6 +515,7 @@ fn shared(
         last_delivery: false,
         saga_timeout: None,
         home: None,
+        events_home: None,
     });
     let relay = Arc::new(super::lease::Lease::new(
         super::outbox::RELAY_LEASE,

@@ -188,9 +188,13 @@ impl Relay {
         if sent.is_empty() {
             // Everything waits on a suspended stream: sleep until the
             // first one may be tried again, instead of reading the same
-            // entries in a loop.
+            // entries in a loop. With several shards the other shards go
+            // on meanwhile: the relay's turn pauses when every shard had
+            // nothing to send.
             let next = self.suspended.values().map(|(until, _)| *until).min();
-            if let Some(next) = next {
+            if let Some(next) = next
+                && shared.store.outbox_shards() == 1
+            {
                 tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(20))).await;
             }
             return match failure {

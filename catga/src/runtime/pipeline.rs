@@ -326,6 +326,37 @@ impl Claim {
     }
 }
 
+/// Where a fenced handler's (a `leader` one's, a keyed saga's) events
+/// published without a save commit, with several shards: its home, else
+/// the shard of the keyed saga's key (one key's events in one shard, in
+/// order, whatever message published them), else the shard of its message
+/// id (the events of one message in order).
+fn events_home(
+    served: &Served,
+    shared: &Shared,
+    meta: &MessageMeta,
+    payload: &Bytes,
+    claim: &Claim,
+) -> Option<Home> {
+    let store = &shared.store;
+    if store.shard_count() <= 1 {
+        return None;
+    }
+    if let Some(home) = claim.home() {
+        return Some(home.clone());
+    }
+    if let Ok(Some(key)) = served.spec.key_of(meta.version(), payload) {
+        return Some(Home {
+            shard: store.shard_of(&key),
+            by: format!("the shard of its saga key {key}").into(),
+        });
+    }
+    Some(Home {
+        shard: store.shard_of(meta.message_id()),
+        by: format!("the shard of its message id {}", meta.message_id()).into(),
+    })
+}
+
 /// The shard of an inbox entry: its home's, or the only one.
 fn shard(home: &Option<Home>) -> u32 {
     home.as_ref().map_or(0, |h| h.shard)
@@ -518,7 +549,7 @@ async fn call(
         ),
         None => None,
     };
-    let work = work_for(served, shared, meta, claim)?;
+    let work = work_for(served, shared, meta, &payload, claim)?;
     let ctx = Context::new(
         shared.client.clone(),
         Arc::clone(meta),
@@ -553,7 +584,13 @@ async fn call(
 /// stages nothing and is not fenced shares one `Work` (one allocation
 /// less per message); an idempotent one gets its own to stage in, a
 /// `leader` one or a keyed saga's its own with the lease's fencing token.
-fn work_for(served: &Served, shared: &Shared, meta: &MessageMeta, claim: &Claim) -> Result<Arc<Work>> {
+fn work_for(
+    served: &Served,
+    shared: &Shared,
+    meta: &MessageMeta,
+    payload: &Bytes,
+    claim: &Claim,
+) -> Result<Arc<Work>> {
     let spec = served.spec;
     let (fence, held) = match &served.partition {
         // The partition was given up or lost after this message was
@@ -574,13 +611,18 @@ fn work_for(served: &Served, shared: &Shared, meta: &MessageMeta, claim: &Claim)
             staged: matches!(claim, Claim::Owned { .. }).then(Default::default),
             durable_subjects: Arc::clone(&shared.durable_subjects),
             sent: Default::default(),
-            fence,
             held,
             member: Arc::clone(&shared.plain_work.member),
             alive_for: shared.config.inbox_lease,
             last_delivery: served.durable.is_some() && meta.delivery() >= u64::from(served.max_deliver),
             saga_timeout: spec.saga_timeout(),
             home: claim.home().cloned(),
+            events_home: if fence.is_some() {
+                events_home(served, shared, meta, payload, claim)
+            } else {
+                None
+            },
+            fence,
         }),
     })
 }

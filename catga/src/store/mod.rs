@@ -890,6 +890,9 @@ pub(crate) struct Work {
     /// The shard its writes commit in, when the message chose one (its
     /// inbox entry's, or its key's); `None` with one shard.
     pub home: Option<Home>,
+    /// In a fenced handler with several shards: where the events it
+    /// publishes without a save commit (see the pipeline's `events_home`).
+    pub events_home: Option<Home>,
 }
 
 impl Work {

@@ -416,10 +416,11 @@ return 0
 /// fencing token that is not the latest (KEYS[2]), or `ARGV[2]` is a run
 /// claim no longer held (KEYS[4]: the run's inbox key; another run took
 /// it over), and lists saga `ARGV[4]` in KEYS[3] at time `ARGV[3]` the
-/// first time; then (field, value) pairs. 1 if written.
+/// first time; then (field, value) pairs. 1 if written, 2 if fenced, 0
+/// if the run's claim is lost.
 const SAGA_WRITE: &str = r"
 if ARGV[1] ~= '' and (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then
-  return 0
+  return 2
 end
 if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then
   return 0
@@ -500,14 +501,17 @@ return 1
 
 /// The store's shard count (KEYS[1]), marked with `ARGV[1]` the first
 /// time. A store written by a release without the mark holds the layout
-/// of one shard: its outbox stream or saga index (KEYS[2], KEYS[3], in
-/// the service's own slot) says it was used, and it is marked 1.
+/// of one shard: its outbox stream, saga index, or the fence of its relay
+/// or leader lease (KEYS[2..5], in the service's own slot; every runtime
+/// with a store took the relay lease) says it was used, and it is marked
+/// as one shard. No lease is taken before the mark (see `lease_sync`), so
+/// a new store's fences never pass for an old store's.
 const MARK_LAYOUT: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
   return v
 end
-if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+if redis.call('EXISTS', KEYS[2], KEYS[3], KEYS[4], KEYS[5]) > 0 then
   v = '1'
 else
   v = ARGV[1]
@@ -730,6 +734,28 @@ impl RedisStore {
         self.outboxes.get(shard as usize).map_or("", String::as_str)
     }
 
+    /// The shard count the store is marked with, if it is marked (read
+    /// only: for the CLI, which reads the store as the replicas wrote it).
+    pub(crate) async fn marked_count(&self) -> Result<Option<u32>> {
+        let mut c = self.conn.clone();
+        let mark: Option<String> = redis::cmd("GET")
+            .arg(format!("{}:shards", self.prefix))
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok(mark.and_then(|m| m.parse().ok()))
+    }
+
+    /// [`check_layout`](Self::check_layout) before a write: a store of
+    /// another count makes writes fail retryably (the message comes back,
+    /// rather than be dead-lettered for a deployment's mistake), and
+    /// readiness says why.
+    async fn writable(&self) -> Result<()> {
+        self.check_layout()
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unavailable, e.message().to_owned()))
+    }
+
     /// Checks, once, that the store holds this service's data in as many
     /// shards as this runtime splits it into (and marks a new store so):
     /// a runtime with another count would look for every key in the wrong
@@ -743,6 +769,8 @@ impl RedisStore {
                     .key(format!("{}:shards", self.prefix))
                     .key(format!("{}:outbox", self.prefix))
                     .key(format!("{}:sagas", self.prefix))
+                    .key(self.fence_key("relay")) // the outbox relay's lease
+                    .key(self.fence_key(LEADER_LEASE))
                     .arg(self.shard_count())
                     .invoke_async(&mut c)
                     .await
@@ -823,7 +851,7 @@ impl RedisStore {
         fence: Option<&Fence>,
         run: Option<(&str, &str)>,
     ) -> Result<bool> {
-        self.check_layout().await?;
+        self.writable().await?;
         let mut c = self.conn.clone();
         let mut inv = self.saga_write.prepare_invoke();
         inv.key(self.saga_key(shard, id))
@@ -845,6 +873,11 @@ impl RedisStore {
             inv.arg(*field).arg(*value);
         }
         let written: i64 = inv.invoke_async(&mut c).await.map_err(map_err)?;
+        if written == 2
+            && let Some(f) = fence
+        {
+            self.forget_raised(f);
+        }
         Ok(written == 1)
     }
 
@@ -886,12 +919,31 @@ impl RedisStore {
         format!("{}:{lease}:fence", self.shard(shard))
     }
 
+    /// After a write refused by a shard's copy of `fence`: the copy may have
+    /// been lost (a master restarted without its data, an eviction), so it
+    /// is copied again at the next renewal if this replica still holds the
+    /// lease (a lease it lost renews with token 0 and is forgotten anyway).
+    fn forget_raised(&self, fence: &Fence) {
+        if self.shards.len() <= 1 {
+            return;
+        }
+        let mut raised = self
+            .raised
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if raised.get(&*fence.lease) == Some(&fence.token) {
+            raised.remove(&*fence.lease);
+        }
+    }
+
     /// Raises the copies of newly granted fences in every shard (with one
     /// shard there is nothing to copy). A grant whose copies could not all
     /// be raised is tried again at the next sync; meanwhile the shards
     /// that missed it refuse the new holder's writes (their copy is not
     /// its token), so that at no time does a shard take the writes of two
-    /// holders.
+    /// holders. Across shards it is weaker than one fence: until a shard's
+    /// copy is raised, a stale holder (one that stalled past its lease)
+    /// may still write there while the new holder writes in the others.
     async fn raise_fences(&self, leases: &[(String, bool)], tokens: &[u64]) {
         if self.shards.len() <= 1 {
             return;
@@ -921,7 +973,15 @@ impl RedisStore {
             for (name, token) in &fresh {
                 inv.key(self.fence_copy_key(shard, name)).arg(*token);
             }
-            async move { inv.invoke_async::<i64>(&mut c).await }
+            // Bounded: a master that does not answer must not hold up the
+            // renewal of every lease (their ends are counted from before
+            // the sync); its shard refuses the new holder until a later
+            // renewal copies the fence.
+            async move {
+                tokio::time::timeout(Duration::from_millis(500), inv.invoke_async::<i64>(&mut c))
+                    .await
+                    .unwrap_or_else(|_| Err(RedisError::from((redis::ErrorKind::Io, "timed out"))))
+            }
         }))
         .await;
         if let Some(Err(e)) = raised.iter().find(|r| r.is_err()) {
@@ -943,6 +1003,9 @@ impl RedisStore {
         owner: &str,
         ttl: Duration,
     ) -> Result<Vec<u64>> {
+        // The mark first: a lease's fence would make a new store look like
+        // one of an earlier release to the mark's check.
+        self.writable().await?;
         let mut inv = self.lease_sync.prepare_invoke();
         for (name, _) in leases {
             inv.key(self.lease_key(name)).key(self.fence_key(name));
@@ -1032,7 +1095,7 @@ impl RedisStore {
     }
 
     pub(crate) async fn commit(&self, shard: u32, commit: &Commit) -> Result<Committed> {
-        self.check_layout().await?;
+        self.writable().await?;
         let mut inv = self.commit.prepare_invoke();
         for w in &commit.states {
             inv.key(self.state_key(shard, &w.kind, &w.key));
@@ -1071,17 +1134,8 @@ impl RedisStore {
         Ok(match out.as_slice() {
             [1, versions @ ..] => Committed::Yes(versions.to_vec()),
             [3] => {
-                // The shard's copy of the fence may have been lost (a
-                // master restarted without its data): copied again at the
-                // next renewal, if this replica still holds the lease.
                 if let Some(f) = &commit.fence {
-                    let mut raised = self
-                        .raised
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if raised.get(&*f.lease) == Some(&f.token) {
-                        raised.remove(&*f.lease);
-                    }
+                    self.forget_raised(f);
                 }
                 Committed::Fenced
             }
@@ -1186,7 +1240,7 @@ impl RedisStore {
         ttl: Duration,
         alive_for: Duration,
     ) -> Result<Inbox> {
-        self.check_layout().await?;
+        self.writable().await?;
         let mut c = self.conn.clone();
         let found: Option<Vec<u8>> = self
             .inbox_begin
