@@ -1075,6 +1075,7 @@ async fn route(
         batch: 64,
         stream: None,
         pull_expires: PULL_EXPIRES,
+        in_order: true,
     };
     let base = partition_base(&shared.config.service, spec);
     let partitions = spec.partitions().unwrap_or(1);
@@ -1095,22 +1096,9 @@ async fn route(
             );
             continue;
         }
-        // A router that died left deliveries unacknowledged: they come
-        // back after the ack wait, and must be routed before anything
-        // newer (the broker redelivers before it delivers new ones).
-        match transport.durable_pending(subject, durable).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(
-                    saga = spec.name(),
-                    pending = n,
-                    "waiting for the previous router's deliveries to come back"
-                );
-                let wait = ack_wait + Duration::from_millis(500);
-                if tokio::time::timeout(wait, stop.wait_for(|s| *s)).await.is_ok() {
-                    return;
-                }
-            }
+        match settle_triggers(transport, spec, durable, ack_wait, &mut stop).await {
+            Ok(true) => {}
+            Ok(false) => return,
             Err(e) => {
                 tracing::warn!(saga = spec.name(), error = %e, "cannot read the trigger consumer yet");
                 set_trouble(
@@ -1142,6 +1130,55 @@ async fn route(
             }
         }
         failures = failures.max(1);
+    }
+}
+
+/// Waits until every trigger delivered before can only come back to the
+/// next pull, ahead of anything newer (the broker redelivers before it
+/// delivers new ones); `Ok(false)` when told to stop meanwhile.
+///
+/// A router that died, or this router's last subscription, may have left
+/// deliveries unacknowledged, and pull requests on the broker that keep
+/// taking triggers into an inbox nobody reads until they expire
+/// ([`PULL_EXPIRES`]). Such triggers come back only after the ack wait:
+/// pulled at once, a new subscription got newer triggers first, and the
+/// late one was routed after them (seen in
+/// `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
+/// an account's saga ran its 180th deposit after its 200th). So the wait
+/// lasts until no pull request is left, then an ack wait more if any
+/// delivery is out.
+async fn settle_triggers(
+    transport: &crate::transport::Transport,
+    spec: &'static HandlerSpec,
+    durable: &str,
+    ack_wait: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<bool> {
+    let subject = spec.subject();
+    let requests_gone_by = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+    loop {
+        let out = transport.durable_outstanding(subject, durable).await?;
+        if out.waiting > 0 && tokio::time::Instant::now() < requests_gone_by {
+            if tokio::time::timeout(Duration::from_millis(200), stop.wait_for(|s| *s))
+                .await
+                .is_ok()
+            {
+                return Ok(false);
+            }
+            continue;
+        }
+        if out.ack_pending > 0 {
+            tracing::info!(
+                saga = spec.name(),
+                pending = out.ack_pending,
+                "waiting for the triggers delivered before to come back"
+            );
+            let wait = ack_wait + Duration::from_millis(500);
+            if tokio::time::timeout(wait, stop.wait_for(|s| *s)).await.is_ok() {
+                return Ok(false);
+            }
+        }
+        return Ok(true);
     }
 }
 

@@ -70,6 +70,7 @@ impl Served {
                     batch: limit,
                     stream: None,
                     pull_expires: Duration::from_secs(30),
+                    in_order: false,
                 },
             )
         });
@@ -120,6 +121,9 @@ impl Served {
                 batch: 1,
                 stream: Some(partition.stream_key.clone()),
                 pull_expires: keyed::PULL_EXPIRES,
+                // One message at a time: the broker delivers nothing past
+                // a message a lost request took until it comes back.
+                in_order: false,
             },
         ));
         served.partition = Some(partition);

@@ -419,15 +419,25 @@ impl NatsTransport {
 
     /// Messages a durable consumer delivered and has not had acknowledged
     /// (0 if the consumer does not exist yet).
-    pub(crate) async fn durable_pending(&self, subject: &str, durable: &str) -> Result<u64> {
+    pub(crate) async fn durable_outstanding(
+        &self,
+        subject: &str,
+        durable: &str,
+    ) -> Result<super::Outstanding> {
         let js = self.jetstream();
         let stream = js
             .get_stream(stream_name(subject))
             .await
             .map_err(|e| js_error("stream lookup", e))?;
         match stream.consumer_info(durable).await {
-            Ok(info) => Ok(info.num_ack_pending as u64),
-            Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => Ok(0),
+            Ok(info) => Ok(super::Outstanding {
+                ack_pending: info.num_ack_pending as u64,
+                waiting: info.num_waiting as u64,
+            }),
+            Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => Ok(super::Outstanding {
+                ack_pending: 0,
+                waiting: 0,
+            }),
             Err(e) => Err(js_error("consumer info", e)),
         }
     }
@@ -631,6 +641,18 @@ impl JsSubscription {
                 // asks again. With one message in flight (a keyed saga's
                 // partition), that stalled the partition 6 s in the keyed
                 // benchmark, with a single replica; pull anew at once.
+                // A subscriber that relies on stream order ends instead: the
+                // lost request may have taken messages into an inbox nobody
+                // reads, which come back after the ack wait, behind newer
+                // ones a fresh pull would get first (see `keyed::route`).
+                Some(Err(e))
+                    if e.kind() == consumer::pull::MessagesErrorKind::MissingHeartbeat
+                        && self.options.in_order =>
+                {
+                    tracing::warn!(error = %e, subject = %self.subject, "pull from JetStream lost its request; ending the subscription");
+                    self.messages = None;
+                    return None;
+                }
                 Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::MissingHeartbeat => {
                     tracing::warn!(error = %e, subject = %self.subject, "pull from JetStream lost its request; pulling anew");
                     match pull(&self.consumer, &self.options).await {

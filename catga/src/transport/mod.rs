@@ -68,6 +68,21 @@ pub(crate) struct DurableOptions {
     pub stream: Option<String>,
     /// How long one pull request waits on the broker (NATS).
     pub pull_expires: Duration,
+    /// The subscriber relies on stream order over a window of deliveries
+    /// (a keyed saga's router): a pull request lost on the broker ends the
+    /// subscription instead of being replaced at once, so that the caller
+    /// lets what the lost request took come back before it pulls again
+    /// (see `keyed::route`).
+    pub in_order: bool,
+}
+
+/// What a durable consumer has out: deliveries not acknowledged yet, and
+/// pull requests waiting on the broker (which may still take messages,
+/// also for a subscriber that is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Outstanding {
+    pub ack_pending: u64,
+    pub waiting: u64,
 }
 
 /// The JetStream stream that keeps `subject`: `CATGA_` plus the subject
@@ -632,12 +647,15 @@ impl Transport {
         }
     }
 
-    /// Messages the durable consumer `durable` of `subject` was given and
-    /// has not acknowledged.
-    pub(crate) async fn durable_pending(&self, subject: &str, durable: &str) -> Result<u64> {
+    /// What the durable consumer `durable` of `subject` has out: messages
+    /// given and not acknowledged, and pull requests waiting.
+    pub(crate) async fn durable_outstanding(&self, subject: &str, durable: &str) -> Result<Outstanding> {
         match &self.0 {
-            Kind::Nats(t) => t.durable_pending(subject, durable).await,
-            Kind::Memory(bus) => Ok(bus.streams().pending(subject, durable)),
+            Kind::Nats(t) => t.durable_outstanding(subject, durable).await,
+            Kind::Memory(bus) => Ok(Outstanding {
+                ack_pending: bus.streams().pending(subject, durable),
+                waiting: 0,
+            }),
         }
     }
 
