@@ -107,6 +107,20 @@ pub(crate) fn rounds() -> usize {
         .max(1)
 }
 
+/// Each round's ratio, as the tables print them: `0.91, 0.88, 0.93`.
+pub(crate) fn per_round(rs: &[f64]) -> String {
+    rs.iter()
+        .map(|r| format!("{r:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A table cell of ratios: their median, then each round's.
+pub(crate) fn ratio_cell(rs: Vec<f64>) -> String {
+    let text = per_round(&rs);
+    format!("{:.2}x ({text})", median(rs))
+}
+
 /// The median of some ratios.
 pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);

@@ -161,11 +161,7 @@ pub(crate) async fn overhead(duration: Duration, data: &'static str) {
                 .iter()
                 .map(|c| c[i].throughput() / c[0].throughput())
                 .collect();
-            let spread = all
-                .iter()
-                .map(|r| format!("{r:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let spread = per_round(&all);
             (median(all), spread)
         };
         let (m, m_spread) = ratios(1);

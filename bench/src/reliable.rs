@@ -169,11 +169,7 @@ pub(crate) async fn reliable(duration: Duration, data: &'static str) {
     }
     let ratios = |i: usize| -> (f64, String) {
         let rs: Vec<f64> = per[i].iter().zip(&per[0]).map(|(c, r)| c / r).collect();
-        let text = rs
-            .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let text = per_round(&rs);
         (median(rs), text)
     };
     println!(
@@ -256,16 +252,12 @@ pub(crate) async fn reliable(duration: Duration, data: &'static str) {
         }
         let med = |i: usize| median(cells.iter().map(|c| c[i].throughput()).collect());
         let ratio = |i: usize, j: usize| {
-            let rs: Vec<f64> = cells
-                .iter()
-                .map(|c| c[i].throughput() / c[j].throughput())
-                .collect();
-            let text = rs
-                .iter()
-                .map(|r| format!("{r:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!("{:.2}x ({text})", median(rs))
+            ratio_cell(
+                cells
+                    .iter()
+                    .map(|c| c[i].throughput() / c[j].throughput())
+                    .collect(),
+            )
         };
         let lat = |i: usize| {
             format!(

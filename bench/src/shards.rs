@@ -155,17 +155,13 @@ pub(crate) async fn shards(duration: Duration) {
         }
     }
     let ratio_text = |layout: usize, pick: fn(&(f64, f64)) -> f64| {
-        let rs: Vec<f64> = rates[layout]
-            .iter()
-            .zip(&rates[0])
-            .map(|(l, base)| pick(l) / pick(base))
-            .collect();
-        let text = rs
-            .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!("{:.2}x ({text})", median(rs))
+        ratio_cell(
+            rates[layout]
+                .iter()
+                .zip(&rates[0])
+                .map(|(l, base)| pick(l) / pick(base))
+                .collect(),
+        )
     };
     println!("| layout | idempotent req/s | vs 1 server | plain state req/s | vs 1 server |");
     println!("|---|---:|---:|---:|---:|");

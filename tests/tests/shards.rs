@@ -66,6 +66,18 @@ fn builder(shards: u32) -> catga::RuntimeBuilder {
         .handlers(|s| s.name().starts_with("shards::"))
 }
 
+/// A ready replica on `nats`, its store on `cluster` in `shards` shards.
+async fn started(nats: &NatsServer, cluster: &RedisCluster, shards: u32) -> catga::Runtime {
+    let rt = builder(shards)
+        .nats_url(nats.url())
+        .redis_cluster(&cluster.urls())
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
+    rt
+}
+
 /// What `redis-cli -p <port> <args>` prints.
 fn cli(port: u16, args: &[&str]) -> String {
     let out = std::process::Command::new("redis-cli")
@@ -100,13 +112,7 @@ fn shard_of(account: &str, shards: u32) -> u32 {
 async fn a_sharded_service_spreads_over_every_master() {
     let nats = NatsServer::start();
     let cluster = RedisCluster::start();
-    let rt = builder(3)
-        .nats_url(nats.url())
-        .redis_cluster(&cluster.urls())
-        .start()
-        .await
-        .expect("starts");
-    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
+    let rt = started(&nats, &cluster, 3).await;
     let client = catga::Client::connect(&nats.url()).await.expect("client");
     let before: Vec<u64> = cluster
         .nodes
@@ -156,13 +162,7 @@ async fn a_master_killed_under_load_stops_only_its_shard() {
     const SHARDS: u32 = 3;
     let nats = NatsServer::start();
     let mut cluster = RedisCluster::start_partial();
-    let rt = builder(SHARDS)
-        .nats_url(nats.url())
-        .redis_cluster(&cluster.urls())
-        .start()
-        .await
-        .expect("starts");
-    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
+    let rt = started(&nats, &cluster, SHARDS).await;
     let client = catga::Client::connect(&nats.url())
         .await
         .expect("client")

@@ -90,8 +90,9 @@ pub struct CreateOrder {
     pub lines: Vec<Line>,
 }
 
-/// Pays an order in full.
-#[command(idempotent)]
+/// Pays an order in full. Keyed by the order: with store shards
+/// (`CATGA_STORE_SHARDS`) its inbox entry and saves are in the order's.
+#[command(idempotent, key = id)]
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct PayOrder {
     /// Which order.
@@ -101,7 +102,7 @@ pub struct PayOrder {
 }
 
 /// Ships a paid order; replies with the tracking number.
-#[command(reply = String, idempotent)]
+#[command(reply = String, idempotent, key = id)]
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ShipOrder {
     /// Which order.
@@ -109,7 +110,7 @@ pub struct ShipOrder {
 }
 
 /// Cancels an order that has not shipped.
-#[command(idempotent)]
+#[command(idempotent, key = id)]
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct CancelOrder {
     /// Which order.
