@@ -299,6 +299,17 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Freezes the server (SIGSTOP): commands wait, keys' times to live
+    /// run on, as with a server stuck.
+    pub fn pause(&self) {
+        self.process.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn unpause(&self) {
+        self.process.signal("CONT");
+    }
+
     /// Starts a server without persistence and waits until it answers
     /// `PING`.
     pub fn start() -> RedisServer {

@@ -174,6 +174,76 @@ async fn keyed_sagas_resume_after_redis_restarts_with_nothing_doubled() {
     catga_tests::backend::shutdown_all(replicas).await;
 }
 
+/// Redis stalls (SIGSTOP) longer than the partition leases while keyed
+/// sagas run on one replica: the router finds its hold on its lease lapsed
+/// and stops; when Redis answers again the lease is renewed and the router
+/// routes again, so the sagas published after the stall run too, each
+/// account's entries once and in order. Before, the ended router was left
+/// ended under a renewed lease, and no trigger was routed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_whose_lease_lapsed_routes_again() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start_persistent();
+    let service = format!("sagafaults-{}", run_id());
+    let rt = replica(&nats, &redis, &service, "r1").await;
+    let client = catga::Client::connect(&nats.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(3));
+    let run = run_id();
+    let accounts: Vec<String> = (0..2).map(|i| format!("{run}-{i}")).collect();
+    let publish = |seqs: std::ops::Range<u64>| {
+        let (client, accounts) = (client.clone(), accounts.clone());
+        async move {
+            for seq in seqs {
+                for account in &accounts {
+                    let e = Entry {
+                        account: account.clone(),
+                        seq,
+                    };
+                    client.publish_durable(e).await.expect("published");
+                }
+            }
+        }
+    };
+    let applied = |upto: usize| {
+        let (client, accounts) = (client.clone(), accounts.clone());
+        async move {
+            let started = Instant::now();
+            loop {
+                let mut all = Vec::new();
+                for a in &accounts {
+                    let got = client
+                        .send(GetEntries { account: a.clone() })
+                        .await
+                        .map(|e| e.seqs);
+                    all.push(got.unwrap_or_default());
+                }
+                if all.iter().all(|seqs| seqs.len() >= upto) {
+                    return all;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "not every account reached {upto} entries: {all:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    publish(0..5).await;
+    applied(5).await;
+    // Longer than the leases (600 ms), shorter than a store call's
+    // time-out (2 s): the renewal that waited comes back granted.
+    redis.pause();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.unpause();
+    publish(5..10).await;
+    for seqs in applied(10).await {
+        assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "each entry once, in order");
+    }
+    rt.shutdown().await.expect("clean shutdown");
+}
+
 /// Reads an account's entries.
 #[command(subject = "tests.sagafaults.get", reply = Entries)]
 #[derive(Serialize, Deserialize, Debug)]

@@ -754,7 +754,36 @@ impl Keeper {
             self.not_served.remove(&key);
         }
         match (owned_now.slots.get(&key), token) {
-            (Some(Slot::Serving { partition, .. } | Slot::Draining { partition, .. }), t) if t > 0 => {
+            (Some(Slot::Serving { partition, run }), t) if t > 0 => {
+                partition.token.grant(t, tick + ttl);
+                // A router ends by itself when it finds its hold on the
+                // lease lapsed (a renewal came late: this loop waited on a
+                // partition's start while nodes died); held again, the
+                // lease needs a router again. Left ended, no trigger was
+                // routed for good (seen in
+                // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
+                // 256 triggers unacknowledged, no pull waiting).
+                if mine
+                    && let Running::Router { task, .. } = run
+                    && task.is_finished()
+                {
+                    let partition = Arc::clone(partition);
+                    tracing::warn!(
+                        saga = spec.name(),
+                        token = t,
+                        "the router had stopped while its lease lapsed; routing again"
+                    );
+                    match self.start(spec, &partition, t).await {
+                        Ok(run) => {
+                            owned_now.slots.insert(key, Slot::Serving { partition, run });
+                        }
+                        Err(e) => {
+                            self.not_served.insert(key, format!("it could not start: {e}"));
+                        }
+                    }
+                }
+            }
+            (Some(Slot::Draining { partition, .. }), t) if t > 0 => {
                 partition.token.grant(t, tick + ttl);
             }
             (Some(Slot::Draining { partition, .. }), _) => partition.lose(),
@@ -1123,13 +1152,19 @@ async fn route(
         let outcome = route_from(&shared, &served, &mut sub, &mut stop, &lease, &base, partitions).await;
         sub.drain().await;
         match outcome {
-            Ok(()) => return,
+            Ok(()) => break,
             Err(e) => {
                 tracing::warn!(saga = spec.name(), error = %e, "routing stopped; starting again");
                 set_trouble(&trouble, Some(format!("routing stopped: {e}")));
             }
         }
         failures = failures.max(1);
+    }
+    if !*stop.borrow() {
+        tracing::info!(
+            saga = spec.name(),
+            "routing stopped: this replica's hold on the router lease lapsed (a renewal is late); it routes again once the lease is renewed"
+        );
     }
 }
 
