@@ -1125,9 +1125,9 @@ async fn route(
             );
             continue;
         }
-        match settle_triggers(transport, spec, durable, ack_wait, &mut stop).await {
-            Ok(true) => {}
-            Ok(false) => return,
+        let floor = match settle_triggers(transport, spec, durable, ack_wait, &mut stop).await {
+            Ok(Some(floor)) => floor,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(saga = spec.name(), error = %e, "cannot read the trigger consumer yet");
                 set_trouble(
@@ -1136,7 +1136,7 @@ async fn route(
                 );
                 continue;
             }
-        }
+        };
         let mut sub = match transport.durable_subscribe(subject, durable, &options).await {
             Ok(sub) => sub,
             Err(e) => {
@@ -1149,7 +1149,10 @@ async fn route(
             }
         };
         set_trouble(&trouble, None);
-        let outcome = route_from(&shared, &served, &mut sub, &mut stop, &lease, &base, partitions).await;
+        let outcome = route_from(
+            &shared, &served, &mut sub, &mut stop, &lease, &base, partitions, floor,
+        )
+        .await;
         sub.drain().await;
         match outcome {
             Ok(()) => break,
@@ -1170,7 +1173,8 @@ async fn route(
 
 /// Waits until every trigger delivered before can only come back to the
 /// next pull, ahead of anything newer (the broker redelivers before it
-/// delivers new ones); `Ok(false)` when told to stop meanwhile.
+/// delivers new ones): the consumer's acknowledgement floor then, or
+/// `None` when told to stop meanwhile.
 ///
 /// A router that died, or this router's last subscription, may have left
 /// deliveries unacknowledged, and pull requests on the broker that keep
@@ -1188,7 +1192,7 @@ async fn settle_triggers(
     durable: &str,
     ack_wait: Duration,
     stop: &mut watch::Receiver<bool>,
-) -> Result<bool> {
+) -> Result<Option<u64>> {
     let subject = spec.subject();
     let requests_gone_by = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
     loop {
@@ -1198,7 +1202,7 @@ async fn settle_triggers(
                 .await
                 .is_ok()
             {
-                return Ok(false);
+                return Ok(None);
             }
             continue;
         }
@@ -1210,15 +1214,207 @@ async fn settle_triggers(
             );
             let wait = ack_wait + Duration::from_millis(500);
             if tokio::time::timeout(wait, stop.wait_for(|s| *s)).await.is_ok() {
-                return Ok(false);
+                return Ok(None);
+            }
+            return Ok(Some(
+                transport.durable_outstanding(subject, durable).await?.ack_floor,
+            ));
+        }
+        return Ok(Some(out.ack_floor));
+    }
+}
+
+/// One router run's state: the routings in flight, the chain per
+/// partition stream, and the first failure.
+struct Router<'a> {
+    shared: &'a Shared,
+    served: &'a Served,
+    base: &'a str,
+    partitions: u32,
+    streams: u32,
+    timeout: Duration,
+    /// Each routing in flight: its acknowledgement, the trigger's settler,
+    /// and the trigger (for a dead letter if its copy is refused).
+    inflight: VecDeque<Routing>,
+    /// Per partition stream, the id of the copy routed to it last in this
+    /// run: the next one is stored only right after it (the expectation
+    /// is the stream's, so each stream has its own chain). The first of a
+    /// run follows whatever the stream holds, which is right: every
+    /// trigger before it was stored (or is being given back and comes
+    /// first).
+    last: Vec<Option<String>>,
+    failed: Option<Error>,
+}
+
+impl Router<'_> {
+    /// Routes one trigger: sends its copy to its partition's stream (or
+    /// dead-letters it, or gives it back after a failure).
+    async fn take(&mut self, d: crate::transport::Delivery) {
+        let (shared, served) = (self.shared, self.served);
+        let spec = served.spec;
+        let transport = shared.client.transport();
+        let (incoming, settler) = d.split();
+        let meta = super::pipeline::read(incoming.subject, incoming.headers, None, incoming.delivered);
+        // A version newer than the saga knows is refused here, as the
+        // pipeline would refuse it, before its key is read.
+        let key = crate::wire::check_version(meta.headers(), spec.message_type(), spec.version())
+            .and_then(|()| spec.key_of(meta.version(), &incoming.payload))
+            .and_then(|key| {
+                key.ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Internal,
+                        format!("keyed saga {} has no key", spec.name()),
+                    )
+                })
+            });
+        let key = match key {
+            Ok(key) => key,
+            Err(error) => {
+                tracing::error!(saga = spec.name(), error = %error, "a trigger without a readable key: dead-lettered");
+                let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
+                let _ = settler.settle(recorded(shared, letter).await).await;
+                return;
+            }
+        };
+        let p = crate::ring::partition_of(&key, self.partitions);
+        let last = &mut self.last[(p % self.streams) as usize];
+        // The trigger's own headers, without the broker's (a
+        // forged `Nats-Expected-Stream` would make every copy be
+        // refused); the copy keeps the trigger's id: the saga's
+        // id, and what the partition's stream drops a repeated
+        // routing by.
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(h) = meta.headers() {
+            for (k, vs) in h.iter() {
+                if !crate::wire::is_broker_header(k.as_ref()) {
+                    for v in vs {
+                        headers.append(k.clone(), v.clone());
+                    }
+                }
             }
         }
-        return Ok(true);
+        let id = meta.message_id().to_owned();
+        headers.insert(crate::wire::headers::MESSAGE_ID, id.as_str());
+        // Each copy is stored only right after the one routed
+        // before it to the same stream: a copy lost while a node
+        // dies fails the ones sent to its stream after it,
+        // which are given back and routed again in order.
+        // A trigger delivered again (its router died, or did not
+        // settle it in time) may have its copy stored already: the
+        // stream drops the repeat, and its last message is then
+        // another one. It is routed on its own, after what is in
+        // flight, and the chain goes on from it only if it was
+        // stored now; after a repeat the next copy starts a chain
+        // (everything before it is stored). Chained on a repeat,
+        // the next copy was refused, and each new router made one
+        // step per ack wait.
+        if incoming.delivered > 1 {
+            while let Some((stored, settler, trigger)) = self.inflight.pop_front() {
+                let stored = stored.await;
+                routed(
+                    shared,
+                    served,
+                    settler,
+                    &trigger,
+                    stored.map(|_| ()),
+                    &mut self.failed,
+                )
+                .await;
+            }
+            if self.failed.is_some() {
+                let _ = settler
+                    .settle(Settle::Retry {
+                        delay: Duration::ZERO,
+                    })
+                    .await;
+                return;
+            }
+        }
+        match transport
+            .publish_durable_start(
+                &format!("{}.{p}", self.base),
+                headers,
+                incoming.payload.clone(),
+                last.as_deref(),
+                self.timeout,
+            )
+            .await
+        {
+            Ok(stored) if incoming.delivered > 1 => {
+                let stored = stored.await;
+                match &stored {
+                    Ok(true) => *last = None,
+                    Ok(false) => *last = Some(id),
+                    Err(_) => {}
+                }
+                let trigger = (meta, incoming.payload);
+                routed(
+                    shared,
+                    served,
+                    settler,
+                    &trigger,
+                    stored.map(|_| ()),
+                    &mut self.failed,
+                )
+                .await;
+            }
+            Ok(stored) => {
+                *last = Some(id);
+                self.inflight
+                    .push_back((stored, settler, Box::new((meta, incoming.payload))));
+            }
+            // It can never be routed (its copy is over the
+            // broker's limit): a dead letter, not a retry forever.
+            Err(e) if !e.is_retryable() => {
+                tracing::error!(saga = spec.name(), error = %e, "a trigger cannot be routed: dead-lettered");
+                let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &e);
+                let _ = settler.settle(recorded(shared, letter).await).await;
+            }
+            Err(e) => {
+                // What was sent before it is settled first, in
+                // order: given back ahead of them, it would come
+                // back first and be routed ahead of them (seen in
+                // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
+                // a trigger ran before the 43 sent ahead of it
+                // when a node died).
+                while let Some((stored, earlier, trigger)) = self.inflight.pop_front() {
+                    let stored = stored.await;
+                    routed(
+                        shared,
+                        served,
+                        earlier,
+                        &trigger,
+                        stored.map(|_| ()),
+                        &mut self.failed,
+                    )
+                    .await;
+                }
+                let _ = settler
+                    .settle(Settle::Retry {
+                        delay: Duration::ZERO,
+                    })
+                    .await;
+                self.failed = Some(e);
+            }
+        }
     }
 }
 
 /// Routes from one subscription until told to stop (`Ok`) or a routing
 /// fails (`Err`: every trigger not yet stored is given back).
+///
+/// Triggers are routed in the order of their stream: a trigger whose
+/// stream sequence is past the next one expected (`floor`, the consumer's
+/// acknowledgement floor, plus one) is held, progress-acknowledged, until
+/// the ones before it came: a pull request lost on the broker (a node
+/// died) may have taken them into an inbox nobody reads, and they come
+/// back only after the ack wait, behind newer ones (seen in
+/// `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
+/// an account's saga ran its 310th deposit before its 294th). A sequence
+/// that does not come (deleted, or another subject's in a shared stream)
+/// is looked up once the wait has lasted past the ack wait and a pull's
+/// expiry, and skipped.
+#[allow(clippy::too_many_arguments)]
 async fn route_from(
     shared: &Shared,
     served: &Served,
@@ -1227,163 +1423,179 @@ async fn route_from(
     lease: &Partition,
     base: &str,
     partitions: u32,
+    floor: u64,
 ) -> Result<()> {
     let spec = served.spec;
     let transport = shared.client.transport();
-    let timeout = shared.config.request_timeout;
-    // Each routing in flight: its acknowledgement, the trigger's settler,
-    // and the trigger (for a dead letter if its copy is refused).
-    let mut inflight: VecDeque<Routing> = VecDeque::new();
-    let mut failed: Option<Error> = None;
-    // Per partition stream, the id of the copy routed to it last in this
-    // run: the next one is stored only right after it (the expectation is
-    // the stream's, so each stream has its own chain). The first of a run
-    // follows whatever the stream holds, which is right: every trigger
-    // before it was stored (or is being given back and comes first).
-    let streams = crate::transport::partition_stream_count(partitions, shared.config.streams.saga_streams);
-    let mut last: Vec<Option<String>> = vec![None; streams as usize];
+    let mut r = Router {
+        shared,
+        served,
+        base,
+        partitions,
+        streams: crate::transport::partition_stream_count(partitions, shared.config.streams.saga_streams),
+        timeout: shared.config.request_timeout,
+        inflight: VecDeque::new(),
+        last: Vec::new(),
+        failed: None,
+    };
+    r.last = vec![None; r.streams as usize];
+    let mut next = floor + 1;
+    let mut held: BTreeMap<u64, crate::transport::Delivery> = BTreeMap::new();
+    let mut gap_since: Option<Instant> = None;
+    let mut floor_asked = Instant::now();
+    let gap_wait = ack_wait(&shared.config) + PULL_EXPIRES + Duration::from_secs(1);
     // Triggers in flight wait for their copies' stores, which take up to
     // the request time-out while a node dies: longer than the triggers'
     // short ack wait. Unacknowledged that long, the broker delivered them
     // again while the first delivery was still in flight, and a later
     // trigger could be routed ahead of earlier ones given back (seen in
     // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`).
-    // Progress acks keep them this router's while it works on them.
+    // Progress acks keep them (and the held ones) this router's while it
+    // works on them.
     let mut keep = tokio::time::interval(ack_wait(&shared.config) / 3);
     keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let stopping = *stop.borrow() || lease.fence().is_err() || failed.is_some();
-        if stopping && inflight.is_empty() {
-            return failed.map_or(Ok(()), Err);
+        let stopping = *stop.borrow() || lease.fence().is_err() || r.failed.is_some();
+        if stopping && r.inflight.is_empty() {
+            // What waits for an earlier trigger goes back, to come again
+            // after it.
+            for (_, d) in std::mem::take(&mut held) {
+                let _ = d
+                    .settler
+                    .settle(Settle::Retry {
+                        delay: Duration::ZERO,
+                    })
+                    .await;
+            }
+            return r.failed.map_or(Ok(()), Err);
         }
         tokio::select! {
             biased;
-            stored = front(&mut inflight), if !inflight.is_empty() => {
-                let Some((_, settler, trigger)) = inflight.pop_front() else { continue };
-                routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut failed).await;
+            stored = front(&mut r.inflight), if !r.inflight.is_empty() => {
+                let Some((_, settler, trigger)) = r.inflight.pop_front() else { continue };
+                routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut r.failed).await;
+                // Triggers acknowledged before this run, above a gap, are
+                // never delivered again: once the gap is acknowledged the
+                // floor jumps past them, and the held ones go on. Asked at
+                // most every 200 ms, when the routings in flight are done.
+                if !stopping && r.inflight.is_empty() && floor_asked.elapsed() >= Duration::from_millis(200) {
+                    floor_asked = Instant::now();
+                    catch_up(&mut r, &mut held, &mut next, &mut gap_since).await;
+                }
             }
-            _ = keep.tick(), if !inflight.is_empty() => {
-                let settlers: Vec<&Settler> = inflight.iter().map(|(_, settler, _)| settler).collect();
+            _ = keep.tick(), if !r.inflight.is_empty() || !held.is_empty() => {
+                // Collected first (the original code's shape): the
+                // iterator over the in-flight futures is not `Send`.
+                let settlers: Vec<&Settler> = r
+                    .inflight
+                    .iter()
+                    .map(|(_, settler, _)| settler)
+                    .chain(held.values().map(|d| &d.settler))
+                    .collect();
                 for settler in settlers {
                     if let Err(e) = settler.progress().await {
                         tracing::debug!(error = %e, "progress ack of a trigger not sent");
                     }
                 }
+                if stopping {
+                    continue;
+                }
+                if r.inflight.is_empty() && floor_asked.elapsed() >= Duration::from_millis(200) {
+                    floor_asked = Instant::now();
+                    catch_up(&mut r, &mut held, &mut next, &mut gap_since).await;
+                }
+                if gap_since.is_none_or(|t| t.elapsed() < gap_wait) {
+                    continue;
+                }
+                // The next trigger has not come for long, and is not
+                // acknowledged: if the stream holds it no more (deleted,
+                // aged out), the first one it holds after it is next.
+                let first_held = held.keys().next().copied().unwrap_or(next);
+                let found = tokio::time::timeout(ASK, transport.next_on(spec.subject(), next)).await;
+                match found {
+                    Ok(Ok(found)) => next = found.unwrap_or(first_held).min(first_held).max(next),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "cannot look the next trigger up yet"),
+                    Err(_) => tracing::debug!("the next trigger's look-up timed out"),
+                }
+                release(&mut r, &mut held, &mut next).await;
+                gap_since = (!held.is_empty()).then(Instant::now);
             }
             _ = stop.changed(), if !stopping => {}
-            d = sub.next(), if !stopping && inflight.len() < ROUTER_WINDOW => {
+            // Held triggers do not stop the pulls: the one they wait for
+            // comes back only to a pull request (the broker's ack pending
+            // limit bounds how many are held).
+            d = sub.next(), if !stopping && r.inflight.len() < ROUTER_WINDOW => {
                 let Some(d) = d else {
-                    failed = Some(Error::new(ErrorKind::Transport, "the trigger consumer's subscription ended"));
+                    r.failed = Some(Error::new(ErrorKind::Transport, "the trigger consumer's subscription ended"));
                     continue;
                 };
-                let (incoming, settler) = d.split();
-                let meta = super::pipeline::read(incoming.subject, incoming.headers, None, incoming.delivered);
-                // A version newer than the saga knows is refused here, as the
-                // pipeline would refuse it, before its key is read.
-                let key = crate::wire::check_version(meta.headers(), spec.message_type(), spec.version())
-                    .and_then(|()| spec.key_of(meta.version(), &incoming.payload))
-                    .and_then(|key| {
-                    key.ok_or_else(|| Error::new(ErrorKind::Internal, format!("keyed saga {} has no key", spec.name())))
-                });
-                let key = match key {
-                    Ok(key) => key,
-                    Err(error) => {
-                        tracing::error!(saga = spec.name(), error = %error, "a trigger without a readable key: dead-lettered");
-                        let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
-                        let _ = settler.settle(recorded(shared, letter).await).await;
-                        continue;
-                    }
-                };
-                let p = crate::ring::partition_of(&key, partitions);
-                let last = &mut last[(p % streams) as usize];
-                // The trigger's own headers, without the broker's (a
-                // forged `Nats-Expected-Stream` would make every copy be
-                // refused); the copy keeps the trigger's id: the saga's
-                // id, and what the partition's stream drops a repeated
-                // routing by.
-                let mut headers = async_nats::HeaderMap::new();
-                if let Some(h) = meta.headers() {
-                    for (k, vs) in h.iter() {
-                        if !crate::wire::is_broker_header(k.as_ref()) {
-                            for v in vs {
-                                headers.append(k.clone(), v.clone());
-                            }
+                match d.settler.stream_seq() {
+                    Some(seq) if seq > next => {
+                        // Delivered again while held (a progress ack came
+                        // late): one delivery stands for it; a nak of the
+                        // other would give it back again, and again.
+                        if let Some(earlier) = held.insert(seq, d) {
+                            earlier.settler.forget();
                         }
+                        gap_since.get_or_insert_with(Instant::now);
                     }
-                }
-                let id = meta.message_id().to_owned();
-                headers.insert(crate::wire::headers::MESSAGE_ID, id.as_str());
-                // Each copy is stored only right after the one routed
-                // before it to the same stream: a copy lost while a node
-                // dies fails the ones sent to its stream after it,
-                // which are given back and routed again in order.
-                // A trigger delivered again (its router died, or did not
-                // settle it in time) may have its copy stored already: the
-                // stream drops the repeat, and its last message is then
-                // another one. It is routed on its own, after what is in
-                // flight, and the chain goes on from it only if it was
-                // stored now; after a repeat the next copy starts a chain
-                // (everything before it is stored). Chained on a repeat,
-                // the next copy was refused, and each new router made one
-                // step per ack wait.
-                if incoming.delivered > 1 {
-                    while let Some((stored, settler, trigger)) = inflight.pop_front() {
-                        let stored = stored.await;
-                        routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut failed).await;
+                    Some(seq) if seq == next => {
+                        r.take(d).await;
+                        next += 1;
+                        release(&mut r, &mut held, &mut next).await;
+                        gap_since = (!held.is_empty()).then(Instant::now);
                     }
-                    if failed.is_some() {
-                        let _ = settler.settle(Settle::Retry { delay: Duration::ZERO }).await;
-                        continue;
-                    }
-                }
-                match transport
-                    .publish_durable_start(
-                        &format!("{base}.{p}"),
-                        headers,
-                        incoming.payload.clone(),
-                        last.as_deref(),
-                        timeout,
-                    )
-                    .await
-                {
-                    Ok(stored) if incoming.delivered > 1 => {
-                        let stored = stored.await;
-                        match &stored {
-                            Ok(true) => *last = None,
-                            Ok(false) => *last = Some(id),
-                            Err(_) => {}
-                        }
-                        let trigger = (meta, incoming.payload);
-                        routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut failed).await;
-                    }
-                    Ok(stored) => {
-                        *last = Some(id);
-                        inflight.push_back((stored, settler, Box::new((meta, incoming.payload))));
-                    }
-                    // It can never be routed (its copy is over the
-                    // broker's limit): a dead letter, not a retry forever.
-                    Err(e) if !e.is_retryable() => {
-                        tracing::error!(saga = spec.name(), error = %e, "a trigger cannot be routed: dead-lettered");
-                        let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &e);
-                        let _ = settler.settle(recorded(shared, letter).await).await;
-                    }
-                    Err(e) => {
-                        // What was sent before it is settled first, in
-                        // order: given back ahead of them, it would come
-                        // back first and be routed ahead of them (seen in
-                        // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
-                        // a trigger ran before the 43 sent ahead of it
-                        // when a node died).
-                        while let Some((stored, earlier, trigger)) = inflight.pop_front() {
-                            let stored = stored.await;
-                            routed(shared, served, earlier, &trigger, stored.map(|_| ()), &mut failed).await;
-                        }
-                        let _ = settler.settle(Settle::Retry { delay: Duration::ZERO }).await;
-                        failed = Some(e);
-                    }
+                    // Routed before (a repeat), or no sequence (the
+                    // embedded streams deliver in order).
+                    _ => r.take(d).await,
                 }
             }
         }
+    }
+}
+
+/// How long the router waits for the broker's answer about its consumer
+/// or stream while it holds triggers (a node may be down): its progress
+/// acks wait meanwhile.
+const ASK: Duration = Duration::from_millis(500);
+
+/// Routes the held triggers that come next, in order (until a routing
+/// fails).
+async fn release(r: &mut Router<'_>, held: &mut BTreeMap<u64, crate::transport::Delivery>, next: &mut u64) {
+    while r.failed.is_none()
+        && let Some(d) = held.remove(next)
+    {
+        r.take(d).await;
+        *next += 1;
+    }
+}
+
+/// Held triggers that wait for one acknowledged before this run (by a
+/// router before it): such a trigger is never delivered again, and the
+/// consumer's floor jumps past it once the ones below it are
+/// acknowledged.
+async fn catch_up(
+    r: &mut Router<'_>,
+    held: &mut BTreeMap<u64, crate::transport::Delivery>,
+    next: &mut u64,
+    gap_since: &mut Option<Instant>,
+) {
+    if held.is_empty() || held.contains_key(next) {
+        return;
+    }
+    let spec = r.served.spec;
+    let transport = r.shared.client.transport();
+    let asked = tokio::time::timeout(
+        ASK,
+        transport.durable_outstanding(spec.subject(), saga_name(spec)),
+    )
+    .await;
+    if let Ok(Ok(out)) = asked
+        && out.ack_floor + 1 > *next
+    {
+        *next = out.ack_floor + 1;
+        release(r, held, next).await;
+        *gap_since = (!held.is_empty()).then(Instant::now);
     }
 }
 

@@ -433,12 +433,29 @@ impl NatsTransport {
             Ok(info) => Ok(super::Outstanding {
                 ack_pending: info.num_ack_pending as u64,
                 waiting: info.num_waiting as u64,
+                ack_floor: info.ack_floor.stream_sequence,
             }),
             Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => Ok(super::Outstanding {
                 ack_pending: 0,
                 waiting: 0,
+                ack_floor: 0,
             }),
             Err(e) => Err(js_error("consumer info", e)),
+        }
+    }
+
+    /// The sequence of the first message on `subject` at or after `seq` in
+    /// the stream that keeps it; `None` when there is none.
+    pub(crate) async fn next_on(&self, subject: &str, seq: u64) -> Result<Option<u64>> {
+        let stream = self
+            .jetstream()
+            .get_stream_no_info(stream_name(subject))
+            .await
+            .map_err(|e| js_error("stream lookup", e))?;
+        match stream.get_first_raw_message_by_subject(subject, seq).await {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(js_error("message lookup", e)),
         }
     }
 
@@ -708,6 +725,11 @@ pub(crate) struct JsAck {
 }
 
 impl JsAck {
+    /// The message's sequence in its stream.
+    pub(crate) fn stream_seq(&self) -> Option<u64> {
+        self.message.info().ok().map(|i| i.stream_sequence)
+    }
+
     pub(crate) async fn ack(self) -> Result<()> {
         self.message
             .ack()

@@ -83,6 +83,8 @@ pub(crate) struct DurableOptions {
 pub(crate) struct Outstanding {
     pub ack_pending: u64,
     pub waiting: u64,
+    /// The stream sequence up to which every message is acknowledged.
+    pub ack_floor: u64,
 }
 
 /// The JetStream stream that keeps `subject`: `CATGA_` plus the subject
@@ -647,6 +649,16 @@ impl Transport {
         }
     }
 
+    /// The sequence of the first message on `subject` at or after `seq`
+    /// in the stream that keeps it (`None`: none); the embedded streams are
+    /// not asked (their deliveries carry no sequence).
+    pub(crate) async fn next_on(&self, subject: &str, seq: u64) -> Result<Option<u64>> {
+        match &self.0 {
+            Kind::Nats(t) => t.next_on(subject, seq).await,
+            Kind::Memory(_) => Ok(None),
+        }
+    }
+
     /// What the durable consumer `durable` of `subject` has out: messages
     /// given and not acknowledged, and pull requests waiting.
     pub(crate) async fn durable_outstanding(&self, subject: &str, durable: &str) -> Result<Outstanding> {
@@ -655,6 +667,7 @@ impl Transport {
             Kind::Memory(bus) => Ok(Outstanding {
                 ack_pending: bus.streams().pending(subject, durable),
                 waiting: 0,
+                ack_floor: 0,
             }),
         }
     }
@@ -985,6 +998,14 @@ pub(crate) struct Settler {
 }
 
 impl Settler {
+    /// A JetStream message's sequence in its stream.
+    pub(crate) fn stream_seq(&self) -> Option<u64> {
+        match &self.reply {
+            ReplyTo::Js(ack) => ack.stream_seq(),
+            _ => None,
+        }
+    }
+
     /// Tells the broker a durable message is still being worked on, so
     /// that its ack wait starts again; nothing for other messages.
     pub(crate) async fn progress(&self) -> Result<()> {
@@ -1091,6 +1112,14 @@ fn refuse(reply: ReplyTo, error: &Error) {
         // once, for another delivery.
         ReplyTo::Js(ack) => ack.give_back_now(),
         ReplyTo::MemoryDurable(ack) => ack.nak(Duration::ZERO),
+    }
+}
+
+impl Settler {
+    /// Lets this delivery go without answering: another delivery of the
+    /// same message stands for it (a nak here would give that one back).
+    pub(crate) fn forget(mut self) {
+        self.reply = ReplyTo::None;
     }
 }
 
