@@ -1117,7 +1117,17 @@ async fn route(
             }
         }
         failures += 1;
-        if let Err(e) = transport.ensure_stream(subject, &shared.config.streams).await {
+        // Each step of setting up is bounded: a router that waits on the
+        // broker for good routes nothing (seen once in
+        // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
+        // no pull request for two minutes after a restart while nodes
+        // died, the step it waited on unknown); timed out, it starts again
+        // and says which step.
+        let set_up = bounded(
+            "setting up the trigger stream",
+            transport.ensure_stream(subject, &shared.config.streams),
+        );
+        if let Err(e) = set_up.await {
             tracing::warn!(saga = spec.name(), error = %e, "cannot set up the saga's trigger stream yet");
             set_trouble(
                 &trouble,
@@ -1125,7 +1135,11 @@ async fn route(
             );
             continue;
         }
-        let floor = match settle_triggers(transport, spec, durable, ack_wait, &mut stop).await {
+        let settled = bounded(
+            "waiting for the triggers delivered before",
+            settle_triggers(transport, spec, durable, ack_wait, &mut stop),
+        );
+        let floor = match settled.await {
             Ok(Some(floor)) => floor,
             Ok(None) => return,
             Err(e) => {
@@ -1137,7 +1151,11 @@ async fn route(
                 continue;
             }
         };
-        let mut sub = match transport.durable_subscribe(subject, durable, &options).await {
+        let bound = bounded(
+            "binding the trigger consumer",
+            transport.durable_subscribe(subject, durable, &options),
+        );
+        let mut sub = match bound.await {
             Ok(sub) => sub,
             Err(e) => {
                 tracing::warn!(saga = spec.name(), error = %e, "cannot bind the trigger consumer yet");
@@ -1153,7 +1171,12 @@ async fn route(
             &shared, &served, &mut sub, &mut stop, &lease, &base, partitions, floor,
         )
         .await;
-        sub.drain().await;
+        if tokio::time::timeout(SET_UP, sub.drain()).await.is_err() {
+            tracing::warn!(
+                saga = spec.name(),
+                "giving the trigger consumer's pulled messages back took too long"
+            );
+        }
         match outcome {
             Ok(()) => break,
             Err(e) => {
@@ -1551,6 +1574,20 @@ async fn route_from(
                 }
             }
         }
+    }
+}
+
+/// How long one step of setting a router up may take.
+const SET_UP: Duration = Duration::from_secs(20);
+
+/// `step`, failing with a time-out after [`SET_UP`].
+async fn bounded<T>(what: &str, step: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(SET_UP, step).await {
+        Ok(done) => done,
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!("{what} took longer than {} s", SET_UP.as_secs()),
+        )),
     }
 }
 
