@@ -1270,6 +1270,22 @@ struct Router<'a> {
 }
 
 impl Router<'_> {
+    /// Waits for every routing in flight, oldest first, and settles each.
+    async fn settle_inflight(&mut self) {
+        while let Some((stored, settler, trigger)) = self.inflight.pop_front() {
+            let stored = stored.await;
+            routed(
+                self.shared,
+                self.served,
+                settler,
+                &trigger,
+                stored.map(|_| ()),
+                &mut self.failed,
+            )
+            .await;
+        }
+    }
+
     /// Routes one trigger: sends its copy to its partition's stream (or
     /// dead-letters it, or gives it back after a failure).
     async fn take(&mut self, d: crate::transport::Delivery) {
@@ -1300,7 +1316,7 @@ impl Router<'_> {
             }
         };
         let p = crate::ring::partition_of(&key, self.partitions);
-        let last = &mut self.last[(p % self.streams) as usize];
+        let at = (p % self.streams) as usize;
         // The trigger's own headers, without the broker's (a
         // forged `Nats-Expected-Stream` would make every copy be
         // refused); the copy keeps the trigger's id: the saga's
@@ -1332,18 +1348,7 @@ impl Router<'_> {
         // the next copy was refused, and each new router made one
         // step per ack wait.
         if incoming.delivered > 1 {
-            while let Some((stored, settler, trigger)) = self.inflight.pop_front() {
-                let stored = stored.await;
-                routed(
-                    shared,
-                    served,
-                    settler,
-                    &trigger,
-                    stored.map(|_| ()),
-                    &mut self.failed,
-                )
-                .await;
-            }
+            self.settle_inflight().await;
             if self.failed.is_some() {
                 let _ = settler
                     .settle(Settle::Retry {
@@ -1358,7 +1363,7 @@ impl Router<'_> {
                 &format!("{}.{p}", self.base),
                 headers,
                 incoming.payload.clone(),
-                last.as_deref(),
+                self.last[at].as_deref(),
                 self.timeout,
             )
             .await
@@ -1366,8 +1371,8 @@ impl Router<'_> {
             Ok(stored) if incoming.delivered > 1 => {
                 let stored = stored.await;
                 match &stored {
-                    Ok(true) => *last = None,
-                    Ok(false) => *last = Some(id),
+                    Ok(true) => self.last[at] = None,
+                    Ok(false) => self.last[at] = Some(id),
                     Err(_) => {}
                 }
                 let trigger = (meta, incoming.payload);
@@ -1382,7 +1387,7 @@ impl Router<'_> {
                 .await;
             }
             Ok(stored) => {
-                *last = Some(id);
+                self.last[at] = Some(id);
                 self.inflight
                     .push_back((stored, settler, Box::new((meta, incoming.payload))));
             }
@@ -1400,18 +1405,7 @@ impl Router<'_> {
                 // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
                 // a trigger ran before the 43 sent ahead of it
                 // when a node died).
-                while let Some((stored, earlier, trigger)) = self.inflight.pop_front() {
-                    let stored = stored.await;
-                    routed(
-                        shared,
-                        served,
-                        earlier,
-                        &trigger,
-                        stored.map(|_| ()),
-                        &mut self.failed,
-                    )
-                    .await;
-                }
+                self.settle_inflight().await;
                 let _ = settler
                     .settle(Settle::Retry {
                         delay: Duration::ZERO,
