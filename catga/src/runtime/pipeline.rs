@@ -346,15 +346,9 @@ fn events_home(
         return Some(home.clone());
     }
     if let Ok(Some(key)) = served.spec.key_of(meta.version(), payload) {
-        return Some(Home {
-            shard: store.shard_of(&key),
-            by: format!("the shard of its saga key {key}").into(),
-        });
+        return Some(store.home_of("saga key", &key));
     }
-    Some(Home {
-        shard: store.shard_of(meta.message_id()),
-        by: format!("the shard of its message id {}", meta.message_id()).into(),
-    })
+    Some(store.home_of("message id", meta.message_id()))
 }
 
 /// The shard of an inbox entry: its home's, or the only one.
@@ -379,15 +373,9 @@ fn home_of(
     }
     // A payload whose key cannot be read fails in the handler's decode.
     if let Ok(Some(key)) = served.spec.message_key(meta.version(), payload) {
-        return Some(Home {
-            shard: store.shard_of(&key),
-            by: format!("the shard of its key {key}").into(),
-        });
+        return Some(store.home_of("key", &key));
     }
-    claims.then(|| Home {
-        shard: store.shard_of(meta.message_id()),
-        by: format!("the shard of its message id {}", meta.message_id()).into(),
-    })
+    claims.then(|| store.home_of("message id", meta.message_id()))
 }
 
 /// Step 4: an idempotent handler takes the message's id: first time, it

@@ -443,6 +443,15 @@ impl Store {
         }
     }
 
+    /// The home a unit of work gets from `key`, its `what` ("key", "saga
+    /// key", "message id"), for the error that refuses a save elsewhere.
+    pub(crate) fn home_of(&self, what: &str, key: &str) -> Home {
+        Home {
+            shard: self.shard_of(key),
+            by: format!("the shard of its {what} {key}").into(),
+        }
+    }
+
     /// Fails when `key` of `kind` is in another shard than `home`.
     pub(crate) fn check_shard(&self, home: &Home, kind: &str, key: &str) -> Result<()> {
         let shard = self.shard_of(key);
