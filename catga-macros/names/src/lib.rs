@@ -3,6 +3,8 @@
 //! the runtime checks subjects sent at run time (`Client::send_raw`), with
 //! the same rules and the same test table.
 
+pub mod schedule;
+
 /// The longest subject catga sends.
 pub const MAX_SUBJECT_LEN: usize = 1024;
 

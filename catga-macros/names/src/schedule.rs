@@ -1,0 +1,359 @@
+//! When a recurring job's occurrences fall: `every = "30s"` (multiples of
+//! the period since the Unix epoch, so that every replica computes the
+//! same instants) or a cron expression, in UTC. The macro checks an
+//! expression at compile time with this code, and the runtime computes
+//! the occurrences with it: both read it the same way.
+//!
+//! Times are milliseconds since the Unix epoch. A cron expression has six
+//! fields, `second minute hour day-of-month month day-of-week`, or the
+//! usual five without the seconds (then at second 0). A field is `*`, a
+//! value, a range `a-b`, a step `*/n`, `a-b/n` or `a/n`, or a list of
+//! those; months and days of the week also take their English
+//! three-letter names (`JAN`, `MON`), and day of week 7 is Sunday like 0.
+//! As in Vixie cron, when both day fields are restricted a day matches
+//! either of them.
+
+/// The shortest `every` a job may have.
+pub const MIN_EVERY_MS: u64 = 100;
+
+/// How far ahead an occurrence is looked for: 8 years covers every leap
+/// day (a year divisible by 100 but not by 400 skips one).
+const SEARCH_DAYS: i64 = 8 * 366;
+
+/// A parsed cron expression: one bit per allowed value of each field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cron {
+    seconds: u64,
+    minutes: u64,
+    hours: u32,
+    /// Bits 1 to 31.
+    days: u32,
+    /// Bits 1 to 12.
+    months: u16,
+    /// Bits 0 (Sunday) to 6.
+    weekdays: u8,
+    days_restricted: bool,
+    weekdays_restricted: bool,
+}
+
+/// Parses a cron expression (see the module's text), refusing one that
+/// never fires.
+pub fn parse_cron(text: &str) -> Result<Cron, String> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let (sec, rest) = match fields.len() {
+        6 => (fields[0], &fields[1..]),
+        5 => ("0", &fields[..]),
+        n => {
+            return Err(format!(
+                "a cron expression has 6 fields (second minute hour day-of-month month day-of-week) \
+                 or 5 (without the second), found {n}"
+            ));
+        }
+    };
+    let field = |name: &str, text: &str, min: u32, max: u32, names: &[&str]| {
+        parse_field(text, min, max, names).map_err(|why| format!("{name} field `{text}`: {why}"))
+    };
+    let seconds = field("second", sec, 0, 59, &[])?;
+    let minutes = field("minute", rest[0], 0, 59, &[])?;
+    let hours = field("hour", rest[1], 0, 23, &[])?;
+    let days = field("day-of-month", rest[2], 1, 31, &[])?;
+    let months = field("month", rest[3], 1, 12, &MONTHS)?;
+    let mut weekdays = field("day-of-week", rest[4], 0, 7, &WEEKDAYS)?;
+    if weekdays & (1 << 7) != 0 {
+        weekdays = (weekdays & !(1 << 7)) | 1;
+    }
+    let cron = Cron {
+        seconds,
+        // Each set fits its field's width: the values were checked.
+        minutes,
+        hours: hours as u32,
+        days: days as u32,
+        months: months as u16,
+        weekdays: weekdays as u8,
+        days_restricted: !is_star(rest[2]),
+        weekdays_restricted: !is_star(rest[4]),
+    };
+    // From 2000-03-01: any date of the month and weekday rules recurs
+    // within the search window, so "none found" means "never".
+    if cron.next_after(951_868_800_000).is_none() {
+        return Err("it never fires: no date matches its day, month and day-of-week fields".to_owned());
+    }
+    Ok(cron)
+}
+
+const MONTHS: [&str; 12] = [
+    "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
+];
+const WEEKDAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+
+fn is_star(field: &str) -> bool {
+    field == "*"
+}
+
+/// One field: a bit per allowed value in `min..=max`.
+fn parse_field(text: &str, min: u32, max: u32, names: &[&str]) -> Result<u64, String> {
+    let mut bits = 0u64;
+    for part in text.split(',') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => {
+                let step: u32 = s
+                    .parse()
+                    .map_err(|_| format!("the step `{s}` is not a whole number"))?;
+                if step == 0 || step > max {
+                    return Err(format!("the step {step} must be from 1 to {max}"));
+                }
+                (r, Some(step))
+            }
+            None => (part, None),
+        };
+        let (lo, hi) = if range == "*" {
+            (min, max)
+        } else if let Some((a, b)) = range.split_once('-') {
+            (value(a, min, max, names)?, value(b, min, max, names)?)
+        } else {
+            let v = value(range, min, max, names)?;
+            // `a/n` runs from `a` to the end of the range.
+            (v, if step.is_some() { max } else { v })
+        };
+        if lo > hi {
+            return Err(format!("the range {lo}-{hi} runs backwards"));
+        }
+        let step = step.unwrap_or(1);
+        let mut v = lo;
+        while v <= hi {
+            bits |= 1 << v;
+            v += step;
+        }
+    }
+    Ok(bits)
+}
+
+fn value(text: &str, min: u32, max: u32, names: &[&str]) -> Result<u32, String> {
+    if text == "?" {
+        return Err("`?` is not supported; write `*`".to_owned());
+    }
+    let upper = text.to_ascii_uppercase();
+    if let Some(i) = names.iter().position(|n| *n == upper) {
+        // Names count from the range's start: months from 1, weekdays
+        // from 0 (Sunday).
+        return Ok(i as u32 + min);
+    }
+    let v: u32 = text.parse().map_err(|_| {
+        if text.is_empty() {
+            "a value is missing".to_owned()
+        } else {
+            format!("`{text}` is not a value")
+        }
+    })?;
+    if !(min..=max).contains(&v) {
+        return Err(format!("{v} is out of range {min}-{max}"));
+    }
+    Ok(v)
+}
+
+impl Cron {
+    fn day_matches(&self, days: i64) -> bool {
+        let (_, month, day) = civil_from_days(days);
+        if self.months & (1 << month) == 0 {
+            return false;
+        }
+        let weekday = (days + 4).rem_euclid(7) as u32; // 1970-01-01 was a Thursday.
+        let by_day = self.days & (1 << day) != 0;
+        let by_weekday = self.weekdays & (1 << weekday) != 0;
+        match (self.days_restricted, self.weekdays_restricted) {
+            (true, true) => by_day || by_weekday,
+            (true, false) => by_day,
+            (false, true) => by_weekday,
+            (false, false) => true,
+        }
+    }
+
+    /// The first allowed second of a day at or after `from` (seconds into
+    /// the day).
+    fn first_in_day(&self, from: u32) -> Option<u32> {
+        (from..86_400).find(|&t| self.time_matches(t))
+    }
+
+    /// The last allowed second of a day at or before `until`.
+    fn last_in_day(&self, until: u32) -> Option<u32> {
+        (0..=until).rev().find(|&t| self.time_matches(t))
+    }
+
+    fn time_matches(&self, t: u32) -> bool {
+        self.hours & (1 << (t / 3600)) != 0
+            && self.minutes & (1 << (t / 60 % 60)) != 0
+            && self.seconds & (1 << (t % 60)) != 0
+    }
+
+    /// The first occurrence strictly after `ms`.
+    pub fn next_after(&self, ms: u64) -> Option<u64> {
+        let secs = (ms / 1000) as i64 + 1;
+        let (mut day, mut from) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
+        for _ in 0..SEARCH_DAYS {
+            if self.day_matches(day)
+                && let Some(t) = self.first_in_day(from)
+            {
+                return Some((day * 86_400 + i64::from(t)) as u64 * 1000);
+            }
+            day += 1;
+            from = 0;
+        }
+        None
+    }
+
+    /// The last occurrence at or before `ms`.
+    pub fn at_or_before(&self, ms: u64) -> Option<u64> {
+        let secs = (ms / 1000) as i64;
+        let (mut day, mut until) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
+        for _ in 0..SEARCH_DAYS {
+            if day < 0 {
+                return None;
+            }
+            if self.day_matches(day)
+                && let Some(t) = self.last_in_day(until)
+            {
+                return Some((day * 86_400 + i64::from(t)) as u64 * 1000);
+            }
+            day -= 1;
+            until = 86_399;
+        }
+        None
+    }
+}
+
+/// Year, month (1-12) and day (1-31) of a day counted from 1970-01-01
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A job's schedule: a fixed period or a cron expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Every so many milliseconds, at multiples of the period since the
+    /// Unix epoch.
+    Every(u64),
+    /// A cron expression, in UTC.
+    Cron(Cron),
+}
+
+impl Schedule {
+    /// The first occurrence strictly after `ms`.
+    pub fn next_after(&self, ms: u64) -> Option<u64> {
+        match self {
+            Schedule::Every(p) => (ms / p + 1).checked_mul(*p),
+            Schedule::Cron(c) => c.next_after(ms),
+        }
+    }
+
+    /// The last occurrence at or before `ms`.
+    pub fn at_or_before(&self, ms: u64) -> Option<u64> {
+        match self {
+            Schedule::Every(p) => Some(ms / p * p).filter(|t| *t > 0),
+            Schedule::Cron(c) => c.at_or_before(ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2026-12-06 09:00:00 UTC, a Sunday.
+    const SUNDAY_9: u64 = 1_796_547_600_000;
+
+    fn cron(text: &str) -> Cron {
+        parse_cron(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn days_convert_like_the_calendar() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_793), (2026, 12, 6));
+        assert_eq!((20_793 + 4) % 7, 0, "2026-12-06 is a Sunday");
+    }
+
+    #[test]
+    fn every_five_minutes_on_the_minute() {
+        let c = cron("0 */5 * * * *");
+        assert_eq!(c.next_after(SUNDAY_9), Some(SUNDAY_9 + 300_000));
+        assert_eq!(c.next_after(SUNDAY_9 - 1), Some(SUNDAY_9));
+        assert_eq!(c.at_or_before(SUNDAY_9), Some(SUNDAY_9));
+        assert_eq!(c.at_or_before(SUNDAY_9 + 299_999), Some(SUNDAY_9));
+        assert_eq!(cron("*/5 * * * *"), c, "five fields start at second 0");
+    }
+
+    #[test]
+    fn weekdays_names_ranges_and_lists() {
+        // Monday to Friday at 08:30: from Sunday 09:00, Monday 08:30.
+        let c = cron("0 30 8 * * MON-FRI");
+        assert_eq!(c.next_after(SUNDAY_9), Some(SUNDAY_9 + 86_400_000 - 1_800_000));
+        // Back from Sunday: Friday 08:30.
+        assert_eq!(
+            c.at_or_before(SUNDAY_9),
+            Some(SUNDAY_9 - 2 * 86_400_000 - 1_800_000)
+        );
+        assert_eq!(cron("0 0 0 * * 7"), cron("0 0 0 * * sun"));
+        assert_eq!(cron("0 0 0 1 jan,JUL *"), cron("0 0 0 1 1,7 *"));
+        assert_eq!(cron("0 0 0-23/6 * * *"), cron("0 0 0,6,12,18 * * *"));
+        assert_eq!(cron("0 0 12/6 * * *"), cron("0 0 12,18 * * *"));
+    }
+
+    #[test]
+    fn restricted_day_fields_match_either() {
+        // The 1st of the month or any Sunday, at midnight: after Sunday
+        // 2026-12-06 09:00 comes Sunday the 13th... unless the 1st is
+        // sooner; 2027-01-01 is later.
+        let c = cron("0 0 0 1 * SUN");
+        assert_eq!(
+            c.next_after(SUNDAY_9),
+            Some(SUNDAY_9 - 9 * 3_600_000 + 7 * 86_400_000)
+        );
+    }
+
+    #[test]
+    fn leap_days_are_found_and_impossible_dates_refused() {
+        let c = cron("0 0 0 29 2 *");
+        // From 2026: 2028-02-29.
+        assert_eq!(c.next_after(SUNDAY_9), Some(1_835_395_200_000));
+        let e = parse_cron("0 0 0 31 4 *").expect_err("April has 30 days");
+        assert!(e.contains("never fires"), "{e}");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        for (text, says) in [
+            ("* * * *", "found 4"),
+            ("61 * * * * *", "second field `61`: 61 is out of range 0-59"),
+            ("0 0 25 * * *", "hour field `25`"),
+            ("0 0 0 ? * *", "`?` is not supported"),
+            ("0 0 0 * FOO *", "`FOO` is not a value"),
+            ("0 */0 * * * *", "the step 0"),
+            ("0 10-5 * * * *", "runs backwards"),
+            ("0 1,,2 * * * *", "a value is missing"),
+        ] {
+            let e = parse_cron(text).expect_err(text);
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_is_aligned_on_the_epoch() {
+        let s = Schedule::Every(500);
+        assert_eq!(s.next_after(1_250), Some(1_500));
+        assert_eq!(s.next_after(1_500), Some(2_000));
+        assert_eq!(s.at_or_before(1_499), Some(1_000));
+        assert_eq!(s.at_or_before(1_500), Some(1_500));
+        assert_eq!(s.at_or_before(499), None);
+    }
+}
