@@ -132,6 +132,10 @@ const SAGA: Role = Role {
     attr: Attr::Saga,
     target: Target::Handler,
 };
+const JOB: Role = Role {
+    attr: Attr::Job,
+    target: Target::Handler,
+};
 
 /// Every key of every attribute.
 const KEYS: &[Key] = &[
@@ -187,7 +191,7 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "idempotent",
-        roles: &[COMMAND_TYPE, EVENT_HANDLER],
+        roles: &[COMMAND_TYPE, EVENT_HANDLER, JOB],
         takes: Takes::Flag,
         belongs: "on a command type (`#[command(idempotent)]` on the struct: its senders attach a message id) \
                   or on an event handler (`#[event(idempotent)]` on an async fn)",
@@ -207,13 +211,13 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "max_deliver",
-        roles: &[EVENT_HANDLER, SAGA],
+        roles: &[EVENT_HANDLER, SAGA, JOB],
         takes: Takes::Int { min: 1, max: 1000 },
         belongs: "on a durable event handler (`#[event(durable = \"billing\", max_deliver = 5)]`)",
     },
     Key {
         name: "retry",
-        roles: &[COMMAND_HANDLER, EVENT_HANDLER, SAGA],
+        roles: &[COMMAND_HANDLER, EVENT_HANDLER, SAGA, JOB],
         takes: Takes::Int { min: 0, max: 100 },
         belongs: "on a handler (an `async fn`), not on a message type",
     },
@@ -238,8 +242,45 @@ const KEYS: &[Key] = &[
         belongs: "on a saga (`#[saga(timeout = \"30s\")]`): past it, an unfinished saga is compensated",
     },
     Key {
+        name: "every",
+        roles: &[JOB],
+        takes: Takes::Str(check_every),
+        belongs: "on a job (`#[job(every = \"30s\")]` on an async fn)",
+    },
+    Key {
+        name: "cron",
+        roles: &[JOB],
+        takes: Takes::Str(check_cron),
+        belongs: "on a job (`#[job(cron = \"0 */5 * * * *\")]` on an async fn)",
+    },
+    Key {
+        name: "missed",
+        roles: &[JOB],
+        takes: Takes::Str(check_missed),
+        belongs: "on a job (`#[job(every = \"1h\", missed = \"skip\")]` on an async fn)",
+    },
+    Key {
+        name: "jitter",
+        roles: &[JOB],
+        takes: Takes::Str(check_duration),
+        belongs: "on a job (`#[job(every = \"1h\", jitter = \"30s\")]` on an async fn)",
+    },
+    Key {
+        name: "overlap",
+        roles: &[JOB],
+        takes: Takes::Flag,
+        belongs: "on a job (`#[job(every = \"1m\", overlap)]` on an async fn)",
+    },
+    Key {
         name: "crate",
-        roles: &[COMMAND_TYPE, EVENT_TYPE, COMMAND_HANDLER, EVENT_HANDLER, SAGA],
+        roles: &[
+            COMMAND_TYPE,
+            EVENT_TYPE,
+            COMMAND_HANDLER,
+            EVENT_HANDLER,
+            SAGA,
+            JOB,
+        ],
         takes: Takes::Path,
         belongs: "",
     },
@@ -383,10 +424,22 @@ pub(crate) struct HandlerArgs {
     pub(crate) partitions: Option<u32>,
     /// `timeout = "30s"` (sagas), in milliseconds.
     pub(crate) timeout_ms: Option<u64>,
+    /// `every = "30s"` (jobs), in milliseconds.
+    pub(crate) every_ms: Option<u64>,
+    /// `cron = "..."` (jobs).
+    pub(crate) cron: Option<LitStr>,
+    /// `missed = "skip"` (jobs): a late occurrence is skipped.
+    pub(crate) missed_skip: bool,
+    /// `jitter = "2s"` (jobs), in milliseconds.
+    pub(crate) jitter_ms: Option<u64>,
+    /// `overlap` (jobs).
+    pub(crate) overlap: bool,
     /// `crate = "..."`, or `::catga`.
     pub(crate) krate: Path,
     /// Each key as written, for errors about combinations.
     written: Vec<(&'static str, Ident)>,
+    /// Keys written with a value already refused.
+    refused: Vec<&'static str>,
 }
 
 impl HandlerArgs {
@@ -404,9 +457,20 @@ impl HandlerArgs {
             partitions: opts.int("partitions"),
             // Checked by its row: a valid duration.
             timeout_ms: opts.str("timeout").and_then(|t| duration_ms(&t.value()).ok()),
+            every_ms: opts.str("every").and_then(|t| duration_ms(&t.value()).ok()),
+            cron: opts.str("cron"),
+            missed_skip: opts.str("missed").is_some_and(|m| m.value() == "skip"),
+            jitter_ms: opts.str("jitter").and_then(|t| duration_ms(&t.value()).ok()),
+            overlap: opts.flag("overlap"),
             krate: opts.krate(),
             written: std::mem::take(&mut opts.keys),
+            refused: std::mem::take(&mut opts.refused),
         }
+    }
+
+    /// Whether the key was written at all (accepted or refused).
+    pub(crate) fn mentions(&self, key: &str) -> bool {
+        self.written(key).is_some() || self.refused.contains(&key)
     }
 
     /// The key as written, for errors about combinations.
@@ -465,16 +529,20 @@ fn parse(tokens: TokenStream, role: Role, errors: &mut Errors) -> Options {
             continue;
         };
         if !row.roles.contains(&role) {
-            if role == SAGA && row.roles.iter().any(|r| r.target == Target::Handler) {
+            if (role == SAGA || role == JOB) && row.roles.iter().any(|r| r.target == Target::Handler) {
                 let expected = KEYS
                     .iter()
-                    .filter(|k| k.roles.contains(&SAGA))
+                    .filter(|k| k.roles.contains(&role))
                     .map(|k| format!("`{}`", k.name))
                     .collect::<Vec<_>>()
                     .join(", ");
                 errors.spanned(
                     &key,
-                    format!("`{name}` is not an argument of #[saga]; a saga takes {expected}"),
+                    format!(
+                        "`{name}` is not an argument of {}; {} takes {expected}",
+                        role.attr.name(),
+                        role.item()
+                    ),
                 );
             } else {
                 errors.spanned(&key, format!("`{name}` goes {}", row.belongs));
@@ -595,6 +663,29 @@ fn check_duration(text: &str) -> Result<(), String> {
     duration_ms(text).map(|_| ())
 }
 
+fn check_every(text: &str) -> Result<(), String> {
+    let min = crate::names::schedule::MIN_EVERY_MS;
+    match duration_ms(text)? {
+        ms if ms < min => Err(format!(
+            "a job runs at most every {min}ms: each occurrence is a message stored by the broker"
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_cron(text: &str) -> Result<(), String> {
+    crate::names::schedule::parse_cron(text).map(|_| ())
+}
+
+fn check_missed(text: &str) -> Result<(), String> {
+    match text {
+        "latest" | "skip" => Ok(()),
+        _ => {
+            Err("write \"latest\" (run the newest missed occurrence once) or \"skip\" (run none)".to_owned())
+        }
+    }
+}
+
 /// Flags are matched before this arm; kept total without a panic.
 fn unreachable_flag() -> String {
     "no value".to_owned()
@@ -622,7 +713,9 @@ mod unit {
                     let n = proc_macro2::Literal::u64_unsuffixed((*min).max(1));
                     quote!(#name = #n)
                 }
-                Takes::Str(_) if key.name == "timeout" => quote!(#name = "30s"),
+                Takes::Str(_) if ["timeout", "every", "jitter"].contains(&key.name) => quote!(#name = "30s"),
+                Takes::Str(_) if key.name == "cron" => quote!(#name = "0 * * * * *"),
+                Takes::Str(_) if key.name == "missed" => quote!(#name = "skip"),
                 Takes::Str(_) => quote!(#name = "orders"),
                 Takes::Type => quote!(#name = OrderId),
                 Takes::Field => quote!(#name = order_id),
@@ -634,7 +727,14 @@ mod unit {
 
     #[test]
     fn every_key_is_read_into_a_field() {
-        for role in [COMMAND_TYPE, EVENT_TYPE, COMMAND_HANDLER, EVENT_HANDLER, SAGA] {
+        for role in [
+            COMMAND_TYPE,
+            EVENT_TYPE,
+            COMMAND_HANDLER,
+            EVENT_HANDLER,
+            SAGA,
+            JOB,
+        ] {
             let mut errors = Errors::default();
             let mut opts = parse(every_key(role), role, &mut errors);
             assert!(

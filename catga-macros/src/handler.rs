@@ -120,7 +120,7 @@ fn validate<'a>(attr: Attr, f: &'a ItemFn, errors: &mut Errors) -> Option<Signat
         ReturnType::Default => {
             let reply = match attr {
                 Attr::Command => "Reply",
-                Attr::Event | Attr::Saga => "()",
+                Attr::Event | Attr::Saga | Attr::Job => "()",
             };
             errors.at(
                 sig.paren_token.span.close(),
@@ -247,7 +247,7 @@ fn handler_impl(
             quote_spanned!(user_output.span()=> type Reply = <#user_output as #p::HandlerResult>::Ok;),
             quote!(#p::Result<Self::Reply>),
         ),
-        Attr::Event | Attr::Saga => (quote!(), quote!(#p::Result<()>)),
+        Attr::Event | Attr::Saga | Attr::Job => (quote!(), quote!(#p::Result<()>)),
     };
     // The return type of `call` is spanned on the function's name: a
     // future that is not `Send` (an `Rc` held across an await) is reported
@@ -314,7 +314,7 @@ fn spec(attr: Attr, p: &TokenStream, args: &HandlerArgs, f: &ItemFn, sig: &Signa
     let timeout_ms = some(args.timeout_ms.map(|n| quote!(#n)));
     let constructor = match attr {
         Attr::Command => quote!(command),
-        Attr::Event | Attr::Saga => quote!(event),
+        Attr::Event | Attr::Saga | Attr::Job => quote!(event),
     };
     // The one place that requires the handled type to be a catga command
     // (or event) with the reply the function returns, spanned on the
@@ -335,6 +335,7 @@ fn spec(attr: Attr, p: &TokenStream, args: &HandlerArgs, f: &ItemFn, sig: &Signa
                 keyed: #keyed,
                 partitions: #partitions,
                 timeout_ms: #timeout_ms,
+                job: ::core::option::Option::None,
             },
         )
     }

@@ -1,5 +1,5 @@
 //! Procedural macros of [catga](https://docs.rs/catga): `#[command]`,
-//! `#[event]` and `#[saga]`. Use them through the `catga` crate, which re-exports them.
+//! `#[event]`, `#[saga]` and `#[job]`. Use them through the `catga` crate, which re-exports them.
 //!
 //! One attribute, two roles ([`role`]): on a struct or enum it declares a
 //! message type ([`message`]: subject, reply type, version); on an
@@ -9,6 +9,7 @@
 
 mod attr;
 mod handler;
+mod job;
 mod message;
 use catga_names as names;
 mod role;
@@ -65,6 +66,21 @@ pub fn saga(attr: TokenStream, item: TokenStream) -> TokenStream {
     expand(Attr::Saga, attr.into(), item.into()).into()
 }
 
+/// Registers a recurring job: `#[job(every = "30s")]` or
+/// `#[job(cron = "0 */5 * * * *")]` on an `async fn() -> catga::Result<()>`
+/// or `async fn(ctx: &Context) -> catga::Result<()>`.
+///
+/// Each occurrence (at multiples of `every` since the Unix epoch, or when
+/// the cron expression, in UTC, says) runs once across the replicas of the
+/// service: exactly once in effect with `idempotent` (the occurrence's
+/// message id is `<job>:<scheduled unix ms>`), at least once otherwise.
+/// Also takes `missed = "latest" | "skip"`, `jitter = "2s"`, `overlap`,
+/// `max_deliver` and `retry`.
+#[proc_macro_attribute]
+pub fn job(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand(Attr::Job, attr.into(), item.into()).into()
+}
+
 /// Expands `attr(args)` on `item`: finds the role from the item and hands
 /// it to [`message`](crate::message) or [`handler`](crate::handler). The
 /// item is always re-emitted unchanged.
@@ -79,6 +95,16 @@ fn expand(
         Err(_) => return item,
     };
     match &parsed {
+        syn::Item::Struct(_) | syn::Item::Enum(_) if attr == Attr::Job => {
+            let err = syn::Error::new_spanned(
+                &parsed,
+                "#[job] goes on an `async fn() -> catga::Result<()>` or `async fn(ctx: &Context) -> \
+                 catga::Result<()>`: a job is code run on a schedule, not a message type",
+            )
+            .to_compile_error();
+            quote::quote!(#item #err)
+        }
+        syn::Item::Fn(f) if attr == Attr::Job => job::expand(args, &item, f),
         syn::Item::Struct(_) | syn::Item::Enum(_) if attr == Attr::Saga => {
             let err = syn::Error::new_spanned(
                 &parsed,
@@ -92,14 +118,15 @@ fn expand(
         syn::Item::Enum(e) => message::expand(attr, args, &item, &e.ident, &e.generics, true),
         syn::Item::Fn(f) => handler::expand(attr, args, &item, f),
         other => {
-            let err = syn::Error::new_spanned(
-                other,
+            let text = if attr == Attr::Job {
+                "#[job] goes on an `async fn` (the code run at each occurrence)".to_owned()
+            } else {
                 format!(
                     "{} goes on a struct or an enum (a message type) or on an `async fn` (a handler)",
                     attr.name()
-                ),
-            )
-            .to_compile_error();
+                )
+            };
+            let err = syn::Error::new_spanned(other, text).to_compile_error();
             quote::quote!(#item #err)
         }
     }

@@ -164,7 +164,7 @@ fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
             }
         }
         // `#[saga]` on a type is refused before it gets here.
-        Attr::Event | Attr::Saga => quote_spanned! {ident.span()=>
+        Attr::Event | Attr::Saga | Attr::Job => quote_spanned! {ident.span()=>
             #[automatically_derived]
             impl #p::Event for #ident {}
         },

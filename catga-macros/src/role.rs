@@ -9,6 +9,8 @@ pub(crate) enum Attr {
     Event,
     /// Only on an `async fn`: a saga triggered by an event.
     Saga,
+    /// Only on an `async fn`: a recurring job.
+    Job,
 }
 
 /// What the attribute is on.
@@ -34,6 +36,7 @@ impl Attr {
             Attr::Command => "#[command]",
             Attr::Event => "#[event]",
             Attr::Saga => "#[saga]",
+            Attr::Job => "#[job]",
         }
     }
 
@@ -43,6 +46,7 @@ impl Attr {
             Attr::Command => "a #[command]",
             Attr::Event => "an #[event]",
             Attr::Saga => "a #[saga]",
+            Attr::Job => "a #[job]",
         }
     }
 
@@ -51,6 +55,7 @@ impl Attr {
         match self {
             Attr::Command => "command",
             Attr::Event | Attr::Saga => "event",
+            Attr::Job => "occurrence",
         }
     }
 
@@ -59,6 +64,7 @@ impl Attr {
         match self {
             Attr::Command => "cmd",
             Attr::Event | Attr::Saga => "evt",
+            Attr::Job => "catga.job",
         }
     }
 
@@ -67,6 +73,7 @@ impl Attr {
         match self {
             Attr::Command => ("Command", "CommandHandler"),
             Attr::Event | Attr::Saga => ("Event", "EventHandler"),
+            Attr::Job => ("Event", "JobHandler"),
         }
     }
 }
@@ -79,8 +86,9 @@ impl Role {
             (Attr::Event, Target::Type) => "an event type",
             (Attr::Command, Target::Handler) => "a command handler",
             (Attr::Event, Target::Handler) => "an event handler",
-            (Attr::Saga, Target::Type) => "a type",
+            (Attr::Saga | Attr::Job, Target::Type) => "a type",
             (Attr::Saga, Target::Handler) => "a saga",
+            (Attr::Job, Target::Handler) => "a job",
         }
     }
 }

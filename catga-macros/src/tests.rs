@@ -1,6 +1,6 @@
 //! Expansion snapshots over the trybuild fixtures: every file in
 //! `ui-tests/pass` and `ui-tests/fail` is parsed, each item carrying
-//! `#[command]`, `#[event]` or `#[saga]` is replaced by its expansion, and the file is
+//! `#[command]`, `#[event]`, `#[saga]` or `#[job]` is replaced by its expansion, and the file is
 //! pretty printed with prettyplease and compared with
 //! `snapshots/<pass|fail>__<case>.snap`. So each fixture is checked twice:
 //! by rustc through trybuild (does it compile, what does the user read) and
@@ -21,7 +21,7 @@ use crate::role::Attr;
 fn catga_attr(attrs: &mut Vec<syn::Attribute>) -> Option<(Attr, TokenStream)> {
     let pos = attrs.iter().position(|a| {
         let last = a.path().segments.last().map(|s| s.ident.to_string());
-        matches!(last.as_deref(), Some("command" | "event" | "saga"))
+        matches!(last.as_deref(), Some("command" | "event" | "saga" | "job"))
     })?;
     let attr = attrs.remove(pos);
     let which = match attr
@@ -33,6 +33,7 @@ fn catga_attr(attrs: &mut Vec<syn::Attribute>) -> Option<(Attr, TokenStream)> {
     {
         Some("command") => Attr::Command,
         Some("saga") => Attr::Saga,
+        Some("job") => Attr::Job,
         _ => Attr::Event,
     };
     let args = match attr.meta {

@@ -622,6 +622,13 @@ impl Context {
         self.meta.subject()
     }
 
+    /// In a `#[job]`: the time the occurrence being run was scheduled for
+    /// (its message id is `<job>:<scheduled unix ms>`); `None` in any
+    /// other handler.
+    pub fn scheduled_at(&self) -> Option<std::time::SystemTime> {
+        crate::wire::occurrence_of(self.subject(), self.message_id())
+    }
+
     /// When the sender stops waiting for the reply, if it said.
     pub fn deadline(&self) -> Option<Deadline> {
         self.meta.deadline()

@@ -22,7 +22,7 @@
 //!
 //! The [`guide`] tells what catga promises and how to run it:
 //! [guarantees](guide::guarantees), [sagas](guide::sagas),
-//! [configuration](guide::configuration) and
+//! [recurring jobs](guide::jobs), [configuration](guide::configuration) and
 //! [operations](guide::operations). Its examples are compiled as doc tests.
 //!
 //! ## Subjects
@@ -45,6 +45,7 @@ pub mod guide {
     // rustdoc) take their place here.
     #[doc = "[sagas page]: crate::guide::sagas"]
     #[doc = "[ops shards]: crate::guide::operations"]
+    #[doc = "[jobs page]: crate::guide::jobs"]
     #[doc = ""]
     #[doc = include_str!("../docs/guarantees.md")]
     pub mod guarantees {}
@@ -52,6 +53,8 @@ pub mod guide {
     #[doc = ""]
     #[doc = include_str!("../docs/sagas.md")]
     pub mod sagas {}
+    #[doc = include_str!("../docs/jobs.md")]
+    pub mod jobs {}
     #[doc = include_str!("../docs/configuration.md")]
     pub mod configuration {}
     #[doc = "[sagas page]: crate::guide::sagas"]
@@ -87,7 +90,7 @@ pub mod testing;
 mod transport;
 mod wire;
 
-pub use catga_macros::{command, event, saga};
+pub use catga_macros::{command, event, job, saga};
 pub use client::{Client, Context};
 pub use config::{Config, NatsSecurity, RedisMode, RedisTls, Secret, StreamSettings};
 // The table of variables and the URL redaction serve catga's own tests of
@@ -103,8 +106,10 @@ pub use error::{Error, ErrorKind, Result};
 pub use message::{Command, Event, Message, MessageKind};
 #[cfg(feature = "otlp")]
 pub use ops::otel::layer as otlp_layer;
-pub use registry::{CommandHandler, EventHandler, HandlerKind, HandlerSpec, handlers};
-pub use runtime::{Readiness, Runtime, RuntimeBuilder, init_telemetry, run, start};
+pub use registry::{
+    CommandHandler, EventHandler, HandlerKind, HandlerSpec, JobHandler, JobOptions, JobSchedule, handlers,
+};
+pub use runtime::{JobInfo, Readiness, Runtime, RuntimeBuilder, init_telemetry, run, start};
 pub use saga::{Saga, SagaInfo, SagaOutcome, SagaStatus, SagaStepInfo, Step};
 pub use state::Save;
 pub use store::{State, Versioned};
@@ -122,7 +127,8 @@ pub mod __private {
     pub use crate::error::Result;
     pub use crate::message::{Command, Event, Message, MessageKind};
     pub use crate::registry::{
-        CommandHandler, EventHandler, HANDLERS, HandlerOptions, HandlerResult, HandlerSpec,
+        CommandHandler, EventHandler, HANDLERS, HandlerOptions, HandlerResult, HandlerSpec, JobHandler,
+        JobOptions, JobResult, JobSchedule,
     };
     pub use crate::wire::codec::{Decode, Encode};
     pub use linkme;

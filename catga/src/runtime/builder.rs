@@ -343,7 +343,7 @@ impl RuntimeBuilder {
             .iter()
             .map(|s| s.subject().to_owned())
             .collect();
-        let background = vec![
+        let mut background = vec![
             tokio::spawn(
                 shared
                     .health
@@ -359,6 +359,10 @@ impl RuntimeBuilder {
             tokio::spawn(super::outbox::run(Arc::clone(&shared), Arc::clone(&shared.relay))),
             tokio::spawn(super::discovery::serve(Arc::clone(&shared))),
         ];
+        // Every replica schedules every job it serves (see `jobs`).
+        for spec in selected.iter().copied().filter(|s| s.job().is_some()) {
+            background.push(tokio::spawn(super::jobs::schedule(Arc::clone(&shared), spec)));
+        }
         let http = match shared.config.http_addr.clone() {
             Some(addr) => Some(super::endpoint::HttpEndpoint::start(&addr, &shared).await?),
             None => None,

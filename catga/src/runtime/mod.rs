@@ -15,6 +15,7 @@
 //!   (liveness, store, broker);
 //! - `outbox`: the relay; `lease`: the relay's lease and leases held
 //!   through a drain; `letters`: dead letters as the runtime writes them;
+//! - `jobs`: recurring jobs' schedules;
 //! - `leader`: the leader lease; `keyed`: keyed sagas' membership,
 //!   partitions and routing;
 //! - `discovery`: NATS micro discovery; `endpoint`: the HTTP endpoint;
@@ -25,6 +26,7 @@ mod discovery;
 mod endpoint;
 mod entry;
 mod handlers;
+mod jobs;
 mod keyed;
 mod leader;
 mod lease;
@@ -41,6 +43,7 @@ mod watch;
 
 pub use builder::RuntimeBuilder;
 pub use entry::{init_telemetry, run, start};
+pub use jobs::JobInfo;
 pub use ready::Readiness;
 pub use replica::Runtime;
 pub(crate) use shared::Shared;

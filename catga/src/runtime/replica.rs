@@ -175,6 +175,18 @@ impl Runtime {
         Ok(out)
     }
 
+    /// The recurring jobs this replica serves, with their next occurrence
+    /// and the last one stored for a replica to run.
+    pub async fn jobs(&self) -> Result<Vec<super::JobInfo>> {
+        let mut out = Vec::new();
+        for spec in &self.handlers {
+            if let Some(info) = super::jobs::info(&self.shared, spec).await? {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
     /// The service's dead letters, each checked against the record the
     /// replica that wrote it kept in the store (see [`crate::DeadLetters`]).
     pub fn dead_letters(&self) -> crate::DeadLetters {

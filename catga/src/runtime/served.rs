@@ -57,9 +57,18 @@ impl Served {
             None if parallel > 1 => Some(private_group(&config.instance_id, spec)),
             None => None,
         };
-        let limit = spec.concurrency().unwrap_or(config.concurrency).max(1);
-        let max_ack_pending = (limit * parallel * 4).max(256);
-        let ack_wait = config.ack_wait;
+        let mut limit = spec.concurrency().unwrap_or(config.concurrency).max(1);
+        let mut max_ack_pending = (limit * parallel * 4).max(256);
+        let mut ack_wait = config.ack_wait;
+        if let Some(job) = spec.job() {
+            // One occurrence at a time over every replica, unless the job
+            // allows overlapping runs.
+            if !job.overlap {
+                limit = 1;
+                max_ack_pending = 1;
+            }
+            ack_wait = ack_wait.min(super::jobs::ACK_WAIT);
+        }
         let max_deliver = spec.max_deliver().unwrap_or(config.max_deliver).max(1);
         let durable = spec.durable().map(|name| {
             (

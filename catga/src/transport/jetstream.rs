@@ -459,6 +459,60 @@ impl NatsTransport {
         }
     }
 
+    /// The last message on `subject` in its stream: its sequence and its
+    /// message id (`None`: the stream holds none).
+    pub(crate) async fn last_on(&self, subject: &str) -> Result<Option<(u64, String)>> {
+        let stream = self
+            .jetstream()
+            .get_stream_no_info(stream_name(subject))
+            .await
+            .map_err(|e| js_error("stream lookup", e))?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => {
+                let id = m
+                    .headers
+                    .get(crate::wire::headers::MESSAGE_ID)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                Ok(Some((m.sequence, id)))
+            }
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(js_error("message lookup", e)),
+        }
+    }
+
+    /// Stores a message on `subject` only if the last message on that
+    /// subject is still the one with sequence `after` (0: none), with
+    /// `Nats-Expected-Last-Subject-Sequence`.
+    pub(crate) async fn publish_after_seq(
+        &self,
+        subject: &str,
+        mut headers: HeaderMap,
+        payload: Bytes,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<super::Appended> {
+        headers.insert(EXPECTED_LAST_SUBJECT_SEQ, after.to_string());
+        let js = self.jetstream();
+        let run = async {
+            let ack = js
+                .publish_with_headers(subject.to_owned(), headers, payload)
+                .await
+                .map_err(|e| publish_error(subject, e))?;
+            match ack.await {
+                Ok(stored) if stored.duplicate => Ok(super::Appended::Repeated),
+                Ok(stored) => stored_at(subject, &stored).map(|()| super::Appended::Stored),
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    Ok(super::Appended::Behind)
+                }
+                Err(e) => Err(publish_error(subject, e)),
+            }
+        };
+        tokio::time::timeout(timeout, run)
+            .await
+            .unwrap_or_else(|_| Err(no_ack(subject, timeout)))
+    }
+
     async fn dlq(&self, service: &str) -> Result<stream::Stream> {
         self.jetstream()
             .get_stream(stream_name(&DeadLetter::subjects_of(service)))
@@ -551,6 +605,10 @@ impl NatsTransport {
 /// Checks an acknowledgement: a stream sequence of 0 (servers before 2.11
 /// answered a repeat of a message they had not stored yet with it, in a
 /// cluster) means the message may not be stored.
+/// The header that makes a publish conditional on the last message of
+/// its subject.
+const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
+
 fn stored_at(subject: &str, ack: &jetstream::publish::PublishAck) -> Result<()> {
     if ack.sequence == 0 {
         return Err(Error::new(
@@ -606,7 +664,9 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
             Error::new(ErrorKind::TooLarge, format!("message on {subject} refused: {e}"))
         }
         K::TimedOut => Error::new(ErrorKind::Timeout, format!("JetStream publish on {subject}: {e}")),
-        // catga never asks for a last sequence: only a forged header can.
+        // catga asks for a last sequence only when it publishes a job's
+        // occurrence, which reads this refusal itself: only a forged
+        // header gets here.
         K::WrongLastSequence => Error::new(
             ErrorKind::Invalid,
             format!("JetStream refused the message on {subject}: {e}"),

@@ -241,6 +241,21 @@ impl MemoryBus {
         self.keep(subject, headers, payload, None)
     }
 
+    /// Stores a message in `subject`'s stream only if the stream's last
+    /// message is still the one with sequence `after` (see
+    /// [`Transport::publish_after_seq`](super::Transport::publish_after_seq)).
+    pub(crate) fn publish_after(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        after: u64,
+    ) -> Result<super::Appended> {
+        let headers = (!headers.is_empty()).then_some(headers);
+        self.check_size(subject, headers.as_ref(), payload.len())?;
+        self.inner.streams.publish_after(subject, headers, payload, after)
+    }
+
     fn keep(&self, subject: &str, headers: HeaderMap, payload: Bytes, record: Option<SentAs>) -> Result<()> {
         let headers = (!headers.is_empty()).then_some(headers);
         self.check_size(subject, headers.as_ref(), payload.len())?;

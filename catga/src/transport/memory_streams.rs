@@ -138,6 +138,47 @@ impl Streams {
         payload: Bytes,
         record: Option<super::tap::SentAs>,
     ) -> Result<bool> {
+        self.append(subject, headers, payload, record, None)
+            .map(|a| a == super::Appended::Stored)
+    }
+
+    /// [`publish`](Self::publish), only if the stream's last message is
+    /// still the one with sequence `after` (0: none), as JetStream's
+    /// `Nats-Expected-Last-Subject-Sequence` (a stream here stores one
+    /// subject).
+    pub(crate) fn publish_after(
+        &self,
+        subject: &str,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+        after: u64,
+    ) -> Result<super::Appended> {
+        self.append(subject, headers, payload, None, Some(after))
+    }
+
+    /// The stream's last message: its sequence and message id.
+    pub(crate) fn last(&self, subject: &str) -> Option<(u64, String)> {
+        let mut inner = lock(&self.inner);
+        let stream = inner.streams.get_mut(subject)?;
+        stream.prune(Instant::now());
+        let (seq, m) = stream.messages.last_key_value()?;
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::MESSAGE_ID))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        Some((*seq, id))
+    }
+
+    fn append(
+        &self,
+        subject: &str,
+        headers: Option<HeaderMap>,
+        payload: Bytes,
+        record: Option<super::tap::SentAs>,
+        after: Option<u64>,
+    ) -> Result<super::Appended> {
         let wakes: Vec<Arc<Notify>> = {
             let mut inner = lock(&self.inner);
             let Some(stream) = inner.streams.get_mut(subject) else {
@@ -152,11 +193,20 @@ impl Streams {
                 .as_ref()
                 .and_then(|h| h.get(headers::MESSAGE_ID))
                 .map(|v| v.as_str().to_owned());
-            if let Some(id) = &id {
-                if stream.recent_ids.contains_key(id) {
-                    return Ok(false);
+            // JetStream checks a repeated id before the expectation.
+            if let Some(id) = &id
+                && stream.recent_ids.contains_key(id)
+            {
+                return Ok(super::Appended::Repeated);
+            }
+            if let Some(after) = after {
+                let last = stream.messages.last_key_value().map_or(0, |(s, _)| *s);
+                if last != after {
+                    return Ok(super::Appended::Behind);
                 }
-                stream.recent_ids.insert(id.clone(), now);
+            }
+            if let Some(id) = id {
+                stream.recent_ids.insert(id, now);
             }
             match record {
                 Some(how) => self.tap.record(subject, how, headers.as_ref(), &payload),
@@ -177,7 +227,7 @@ impl Streams {
         for w in wakes {
             w.notify_waiters();
         }
-        Ok(true)
+        Ok(super::Appended::Stored)
     }
 
     /// Whether `durable` is bound on the stream of `subject`.
@@ -283,13 +333,17 @@ impl Streams {
         ))
     }
 
-    /// Messages `durable` was given and has not acknowledged.
-    pub(crate) fn pending(&self, subject: &str, durable: &str) -> u64 {
+    /// Messages `durable` was given and has not acknowledged, and the
+    /// sequence up to which every message is acknowledged.
+    pub(crate) fn outstanding(&self, subject: &str, durable: &str) -> (u64, u64) {
         lock(&self.inner)
             .streams
             .get(subject)
             .and_then(|s| s.consumers.get(durable))
-            .map_or(0, |c| c.pending.len() as u64)
+            .map_or((0, 0), |c| {
+                let first_open = c.pending.keys().next().copied().unwrap_or(c.next);
+                (c.pending.len() as u64, first_open.saturating_sub(1))
+            })
     }
 
     fn settle(&self, subject: &str, durable: &str, seq: u64, redeliver_in: Option<Duration>) {

@@ -76,6 +76,19 @@ pub(crate) struct DurableOptions {
     pub in_order: bool,
 }
 
+/// What became of a conditional publish
+/// ([`Transport::publish_after_seq`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Appended {
+    /// Stored now.
+    Stored,
+    /// A message with its id was stored before (within the duplicate
+    /// window): dropped.
+    Repeated,
+    /// Another message came after the expected one: not stored.
+    Behind,
+}
+
 /// What a durable consumer has out: deliveries not acknowledged yet, and
 /// pull requests waiting on the broker (which may still take messages,
 /// also for a subscriber that is gone).
@@ -659,16 +672,49 @@ impl Transport {
         }
     }
 
+    /// The last message on `subject` in the stream that keeps it: its
+    /// sequence and message id (`None`: none).
+    pub(crate) async fn last_on(&self, subject: &str) -> Result<Option<(u64, String)>> {
+        match &self.0 {
+            Kind::Nats(t) => t.last_on(subject).await,
+            Kind::Memory(bus) => Ok(bus.streams().last(subject)),
+        }
+    }
+
+    /// Stores a message on `subject` only if the last message on that
+    /// subject is still the one with sequence `after` (0: none), and not
+    /// when its id was stored before: of several replicas publishing the
+    /// same next message, one stores it.
+    pub(crate) async fn publish_after_seq(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        after: u64,
+        timeout: Duration,
+    ) -> Result<Appended> {
+        match &self.0 {
+            Kind::Nats(t) => {
+                t.publish_after_seq(subject, headers, payload, after, timeout)
+                    .await
+            }
+            Kind::Memory(bus) => bus.publish_after(subject, headers, payload, after),
+        }
+    }
+
     /// What the durable consumer `durable` of `subject` has out: messages
     /// given and not acknowledged, and pull requests waiting.
     pub(crate) async fn durable_outstanding(&self, subject: &str, durable: &str) -> Result<Outstanding> {
         match &self.0 {
             Kind::Nats(t) => t.durable_outstanding(subject, durable).await,
-            Kind::Memory(bus) => Ok(Outstanding {
-                ack_pending: bus.streams().pending(subject, durable),
-                waiting: 0,
-                ack_floor: 0,
-            }),
+            Kind::Memory(bus) => {
+                let (ack_pending, ack_floor) = bus.streams().outstanding(subject, durable);
+                Ok(Outstanding {
+                    ack_pending,
+                    waiting: 0,
+                    ack_floor,
+                })
+            }
         }
     }
 

@@ -79,6 +79,33 @@ pub mod headers {
 /// The longest message id catga accepts.
 pub const MAX_ID_LEN: usize = 256;
 
+/// The subjects of recurring jobs start with this
+/// (`catga.job.<crate>.<fn>`).
+pub(crate) const JOB_SUBJECT_PREFIX: &str = "catga.job.";
+
+/// The time an occurrence of a job was scheduled for, read from its
+/// message id (`<job>:<scheduled unix ms>`), when `subject` is a job's.
+pub(crate) fn occurrence_of(subject: &str, id: &str) -> Option<std::time::SystemTime> {
+    if !subject.starts_with(JOB_SUBJECT_PREFIX) {
+        return None;
+    }
+    // A replayed dead letter's id is the occurrence's plus `.replay<n>`.
+    let tail = id.rsplit_once(':')?.1;
+    let digits = tail.split('.').next()?;
+    occurrence_ms(&id[..id.len() - tail.len() + digits.len()])
+        .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
+
+/// The scheduled time (unix ms) an occurrence's message id carries, as
+/// the scheduler stored it (`<job>:<ms>`, nothing after).
+pub(crate) fn occurrence_ms(id: &str) -> Option<u64> {
+    let digits = id.rsplit_once(':')?.1;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// A fresh, unique message id (a NUID: 22 base-62 characters).
 pub fn new_message_id() -> String {
     nuid::next().to_string()

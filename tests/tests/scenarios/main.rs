@@ -9,6 +9,7 @@ mod errors;
 mod fan_out;
 mod handover;
 mod idempotency;
+mod jobs;
 mod keyed;
 mod leader;
 mod lifecycle;

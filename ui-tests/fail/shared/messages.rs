@@ -2,7 +2,7 @@
 // the imports the cases use (not every case uses every import).
 
 #[allow(unused_imports)]
-use catga::{Context, Result, Saga, command, event, saga};
+use catga::{Context, Result, Saga, command, event, job, saga};
 #[allow(unused_imports)]
 use serde::{Deserialize, Serialize};
 

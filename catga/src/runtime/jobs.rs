@@ -1,0 +1,390 @@
+//! Recurring jobs (`#[job]`): every replica schedules, the broker decides.
+//!
+//! A job is served like a durable event handler of its own subject
+//! (`catga.job.<crate>.<fn>`), with one durable consumer shared by the
+//! replicas, so each stored occurrence runs on one replica: again after
+//! its ack wait if that replica dies or stalls, once in effect when the
+//! job is `idempotent` (its inbox is keyed by the occurrence's id,
+//! `<job>:<scheduled unix ms>`).
+//!
+//! Each occurrence is stored once, whatever the number of replicas and
+//! however late one wakes: every replica reads the last occurrence stored
+//! and publishes the next with `Nats-Expected-Last-Subject-Sequence` set
+//! to the last one's sequence (and the occurrence's id as its message
+//! id), so the stream stores one of the replicas' copies and refuses the
+//! others; a replica that stalled and wakes with an old view is refused
+//! the same way. No lease is involved: while one replica lives, the
+//! occurrences are published, with no hand-over gap.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use catga_names::schedule::{self, Schedule};
+
+use super::Shared;
+use crate::error::{Error, ErrorKind, Result};
+use crate::registry::{HandlerSpec, JobOptions, JobSchedule};
+use crate::transport::Appended;
+
+/// How late an occurrence may be published and still count as on time
+/// (besides the job's jitter): a replica's timer and the broker's round
+/// trips take milliseconds; a second leaves room for a loaded host.
+const ON_TIME: u64 = 1_000;
+
+/// The longest wait between two looks at the stream: a clock set back
+/// or forward is noticed within it.
+const LONGEST_WAIT: Duration = Duration::from_secs(60);
+
+/// How long one question to the broker may take.
+const ASK: Duration = Duration::from_secs(5);
+
+/// Occurrences stored and not yet run, past which a job without
+/// `overlap` does not store more (it is slower than its schedule, or its
+/// consumer is stuck): the next ones are missed, and `missed` decides.
+pub(crate) const MAX_WAITING: u64 = 100;
+
+/// A job's ack wait at most: a replica that dies while running an
+/// occurrence gives it back this soon (a running one keeps it with
+/// progress acks).
+pub(crate) const ACK_WAIT: Duration = Duration::from_secs(5);
+
+use crate::wire::occurrence_ms;
+
+/// The message id of `spec`'s occurrence at `at_ms`: `<job>:<ms>`, the
+/// job's name in visible ASCII and cut (with a hash of the whole) so that
+/// the id fits [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN).
+pub(crate) fn occurrence_id(spec: &HandlerSpec, at_ms: u64) -> String {
+    const ROOM: usize = crate::wire::MAX_ID_LEN - 21;
+    let full = spec.name();
+    let mut name: String = full
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .collect();
+    if name.len() > ROOM {
+        let hash = xxhash_rust::xxh3::xxh3_64(full.as_bytes());
+        name.truncate(ROOM - 17);
+        name = format!("{name}~{hash:016x}");
+    }
+    format!("{name}:{at_ms}")
+}
+
+/// The schedule a job's attribute wrote (checked at compile time).
+pub(crate) fn schedule_of(options: &JobOptions) -> Result<Schedule> {
+    match options.schedule {
+        JobSchedule::Every(ms) => Ok(Schedule::Every(ms.max(schedule::MIN_EVERY_MS))),
+        JobSchedule::Cron(text) => schedule::parse_cron(text)
+            .map(Schedule::Cron)
+            .map_err(|why| Error::new(ErrorKind::Config, format!("cron expression {text:?}: {why}"))),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a job's schedule, its last stored occurrence and the time say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Publish the occurrence at this time.
+    Publish(u64),
+    /// Nothing due: look again at this time.
+    WaitUntil(u64),
+    /// Never again (a cron expression without a future date).
+    Never,
+}
+
+/// Decides what to do at `now`, given the last occurrence stored
+/// (`last`, if its time is known).
+fn decide(schedule: &Schedule, options: &JobOptions, last: Option<u64>, now: u64) -> Next {
+    let on_time = ON_TIME + options.jitter_ms;
+    if let Some(due) = schedule.at_or_before(now)
+        && last.is_none_or(|at| at < due)
+    {
+        let late = now - due;
+        let run = match last {
+            // Never stored (a new job, or a stream that aged it out): only
+            // an occurrence on time, never one from before the job ran.
+            None => late <= on_time,
+            Some(_) => !options.skip_missed || late <= on_time,
+        };
+        if run {
+            return Next::Publish(due);
+        }
+    }
+    match schedule.next_after(now.max(last.unwrap_or(0))) {
+        Some(next) => Next::WaitUntil(next),
+        None => Next::Never,
+    }
+}
+
+/// A replica's share of the jitter of the occurrence at `at`: the same
+/// for a replica and an occurrence, different across replicas.
+fn jitter(shared: &Shared, options: &JobOptions, at: u64) -> u64 {
+    if options.jitter_ms == 0 {
+        return 0;
+    }
+    let seed = format!("{}:{at}", shared.config.instance_id);
+    xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) % (options.jitter_ms + 1)
+}
+
+/// Schedules `spec` on this replica until the task is aborted (at
+/// shutdown).
+pub(crate) async fn schedule(shared: Arc<Shared>, spec: &'static HandlerSpec) {
+    let Some(options) = spec.job().copied() else {
+        return;
+    };
+    let schedule = match schedule_of(&options) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(job = spec.name(), error = %e, "the job is not scheduled");
+            return;
+        }
+    };
+    let mut stream_ready = false;
+    let mut failing = Duration::ZERO;
+    loop {
+        let wait = match round(&shared, spec, &options, &schedule, &mut stream_ready).await {
+            Ok(wait) => {
+                failing = Duration::ZERO;
+                wait
+            }
+            Err(e) => {
+                // 100 ms, doubling to 5 s: a broker away is asked again
+                // soon after it is back.
+                failing = (failing * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+                if failing >= Duration::from_secs(5) {
+                    tracing::warn!(job = spec.name(), error = %e, "could not schedule the job's next occurrence");
+                } else {
+                    tracing::debug!(job = spec.name(), error = %e, "could not schedule the job's next occurrence");
+                }
+                failing
+            }
+        };
+        tokio::time::sleep(wait.min(LONGEST_WAIT)).await;
+    }
+}
+
+/// One look at the stream: publishes the occurrence due, if any, and
+/// says how long to wait before the next look.
+async fn round(
+    shared: &Shared,
+    spec: &'static HandlerSpec,
+    options: &JobOptions,
+    schedule: &Schedule,
+    stream_ready: &mut bool,
+) -> Result<Duration> {
+    let transport = shared.client.transport();
+    let subject = spec.subject();
+    if !*stream_ready {
+        bounded(transport.ensure_stream(subject, &shared.config.streams)).await?;
+        *stream_ready = true;
+    }
+    let last = bounded(transport.last_on(subject)).await?;
+    let last_at = last.as_ref().and_then(|(_, id)| occurrence_ms(id));
+    let now = now_ms();
+    match decide(schedule, options, last_at, now) {
+        Next::Publish(at) => {
+            let after = last.as_ref().map_or(0, |(seq, _)| *seq);
+            if !options.overlap && after > 0 {
+                let durable = spec.durable().unwrap_or(spec.name());
+                let out = bounded(transport.durable_outstanding(subject, durable)).await?;
+                let waiting = after.saturating_sub(out.ack_floor);
+                if out.ack_floor > 0 && waiting >= MAX_WAITING {
+                    tracing::warn!(
+                        job = spec.name(),
+                        waiting,
+                        "the job runs slower than its schedule: {waiting} occurrences wait; the next is \
+                         not stored until fewer do"
+                    );
+                    return Ok(Duration::from_millis(ON_TIME));
+                }
+            }
+            let id = occurrence_id(spec, at);
+            let headers = crate::wire::message_headers(true, 1, crate::wire::Cause::Id(&id));
+            let stored = bounded(transport.publish_after_seq(
+                subject,
+                headers,
+                bytes::Bytes::new(),
+                after,
+                shared.config.request_timeout,
+            ))
+            .await?;
+            if stored == Appended::Stored {
+                tracing::debug!(job = spec.name(), id, late_ms = now - at, "occurrence stored");
+            }
+            // Look again at once: the stream now has the newest.
+            Ok(Duration::ZERO)
+        }
+        Next::WaitUntil(next) => {
+            let wait = next.saturating_sub(now) + jitter(shared, options, next);
+            Ok(Duration::from_millis(wait))
+        }
+        Next::Never => {
+            tracing::warn!(job = spec.name(), "the job's schedule has no future occurrence");
+            Ok(LONGEST_WAIT)
+        }
+    }
+}
+
+async fn bounded<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(ASK, f).await.unwrap_or_else(|_| {
+        Err(Error::new(
+            ErrorKind::Timeout,
+            format!("no answer from the broker within {ASK:?}"),
+        ))
+    })
+}
+
+/// A job as [`Runtime::jobs`](crate::Runtime::jobs) lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    /// The job's function (`crate::module::fn_name`).
+    pub name: &'static str,
+    /// Its schedule as written: `every 30s` or `cron 0 */5 * * * *`.
+    pub schedule: String,
+    /// The next occurrence after now.
+    pub next: Option<SystemTime>,
+    /// The last occurrence stored (published for a replica to run).
+    pub last: Option<SystemTime>,
+}
+
+/// A period as the attribute may have written it (`30s`, `5m`).
+fn written(ms: u64) -> String {
+    match ms {
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// `spec`'s listing.
+pub(crate) async fn info(shared: &Shared, spec: &'static HandlerSpec) -> Result<Option<JobInfo>> {
+    let Some(options) = spec.job() else {
+        return Ok(None);
+    };
+    let schedule = schedule_of(options)?;
+    let transport = shared.client.transport();
+    let last = match bounded(transport.last_on(spec.subject())).await {
+        Ok(last) => last.and_then(|(_, id)| occurrence_ms(&id)),
+        // Its stream is not made yet: nothing stored.
+        Err(e) if e.kind() != ErrorKind::Timeout => None,
+        Err(e) => return Err(e),
+    };
+    let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    Ok(Some(JobInfo {
+        name: spec.name(),
+        schedule: match options.schedule {
+            JobSchedule::Every(ms) => format!("every {}", written(ms)),
+            JobSchedule::Cron(text) => format!("cron {text}"),
+        },
+        next: schedule.next_after(now_ms()).map(at),
+        last: last.map(at),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(skip_missed: bool, jitter_ms: u64) -> JobOptions {
+        JobOptions {
+            schedule: JobSchedule::Every(500),
+            skip_missed,
+            jitter_ms,
+            overlap: false,
+        }
+    }
+
+    #[test]
+    fn an_occurrence_is_published_once_its_time_comes() {
+        let s = Schedule::Every(500);
+        let o = options(false, 0);
+        assert_eq!(decide(&s, &o, Some(1_000), 1_499), Next::WaitUntil(1_500));
+        assert_eq!(decide(&s, &o, Some(1_000), 1_500), Next::Publish(1_500));
+        assert_eq!(decide(&s, &o, Some(1_500), 1_700), Next::WaitUntil(2_000));
+    }
+
+    #[test]
+    fn missed_occurrences_run_the_latest_once_or_are_skipped() {
+        let s = Schedule::Every(500);
+        // Down from 1,000 to 60,200: the newest due is 60,000.
+        assert_eq!(
+            decide(&s, &options(false, 0), Some(1_000), 60_200),
+            Next::Publish(60_000)
+        );
+        assert_eq!(
+            decide(&s, &options(true, 0), Some(1_000), 60_200),
+            Next::Publish(60_000)
+        );
+        // Every hour, found 30 minutes late.
+        let hourly = Schedule::Every(3_600_000);
+        let late = 7_200_000 + 1_800_000;
+        assert_eq!(
+            decide(&hourly, &options(false, 0), Some(3_600_000), late),
+            Next::Publish(7_200_000)
+        );
+        assert_eq!(
+            decide(&hourly, &options(true, 0), Some(3_600_000), late),
+            Next::WaitUntil(10_800_000)
+        );
+        // The jitter is part of being on time.
+        assert_eq!(
+            decide(
+                &hourly,
+                &options(true, 600_000),
+                Some(3_600_000),
+                7_200_000 + 500_000
+            ),
+            Next::Publish(7_200_000)
+        );
+    }
+
+    #[test]
+    fn a_new_job_does_not_run_an_occurrence_from_before() {
+        let hourly = Schedule::Every(3_600_000);
+        assert_eq!(
+            decide(&hourly, &options(false, 0), None, 7_200_000 + 1_800_000),
+            Next::WaitUntil(10_800_000)
+        );
+        assert_eq!(
+            decide(&hourly, &options(false, 0), None, 7_200_000 + 300),
+            Next::Publish(7_200_000)
+        );
+    }
+
+    #[test]
+    fn occurrence_ids_carry_their_time_and_fit() {
+        struct Never;
+        impl crate::registry::JobHandler for Never {
+            async fn call(_: crate::Context) -> Result<()> {
+                Ok(())
+            }
+        }
+        let long: &'static str = Box::leak("m::".repeat(200).into_boxed_str());
+        for name in ["app::jobs::expire", long] {
+            let spec = HandlerSpec::for_job::<Never>(
+                name,
+                "catga.job.app.expire",
+                crate::registry::HandlerOptions::DEFAULT,
+            );
+            let id = occurrence_id(&spec, 1_796_547_600_000);
+            assert!(id.len() <= crate::wire::MAX_ID_LEN, "{id}");
+            assert_eq!(
+                crate::wire::occurrence_of("catga.job.app.expire", &id),
+                Some(UNIX_EPOCH + Duration::from_millis(1_796_547_600_000))
+            );
+        }
+        assert_eq!(crate::wire::occurrence_of("evt.x", "a:1"), None);
+        // A replayed dead letter keeps its time; the scheduler does not
+        // take it for one it stored.
+        assert_eq!(
+            crate::wire::occurrence_of("catga.job.app.expire", "app::expire:1500.replay7"),
+            Some(UNIX_EPOCH + Duration::from_millis(1_500))
+        );
+        assert_eq!(occurrence_ms("app::expire:1500.replay7"), None);
+        assert_eq!(occurrence_ms("app::expire:+15"), None);
+    }
+}

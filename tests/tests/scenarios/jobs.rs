@@ -1,0 +1,133 @@
+//! Recurring jobs (`#[job]`): each occurrence runs once over every replica
+//! of the service, also while replicas stop and start; the listing shows
+//! a job's schedule, its next occurrence and the last one stored.
+//!
+//! Each run of the job counts its occurrence in a state in the store
+//! (keyed by the occurrence's time), committed with its inbox entry: an
+//! occurrence stored twice, or run twice with effect, counts 2.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use catga::{Context, Result, State, Versioned, command, job};
+use catga_tests::Backend;
+use catga_tests::backend::shutdown_all;
+use serde::{Deserialize, Serialize};
+
+/// The job's period, in ms.
+const EVERY: u64 = 500;
+
+/// Every occurrence seen: its time (unix ms) and how often it ran.
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
+pub struct Runs {
+    pub at: BTreeMap<u64, u32>,
+}
+
+impl State for Runs {
+    const KIND: &'static str = "job-runs";
+}
+
+/// Reads the runs.
+#[command(reply = BTreeMap<u64, u32>, subject = "tests.jobs.runs")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReadRuns;
+
+#[job(every = "500ms", idempotent)]
+async fn tick(ctx: &Context) -> Result<()> {
+    let at = ctx
+        .scheduled_at()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .ok_or_else(|| catga::Error::invalid("an occurrence without its time"))?;
+    let mut runs = ctx
+        .try_load::<Runs>("runs")
+        .await?
+        .unwrap_or_else(|| Versioned::new("runs".to_owned(), Runs::default()));
+    *runs.at.entry(at).or_default() += 1;
+    ctx.save(runs).await?;
+    Ok(())
+}
+
+#[command]
+async fn read_runs(ctx: &Context, _: ReadRuns) -> Result<BTreeMap<u64, u32>> {
+    Ok(ctx
+        .try_load::<Runs>("runs")
+        .await?
+        .map(|r| r.at.clone())
+        .unwrap_or_default())
+}
+
+catga_tests::on_both!(
+    each_occurrence_runs_once_over_replicas_that_come_and_go,
+    jobs_are_listed_with_their_next_and_last_occurrence
+);
+
+async fn runs(client: &catga::Client) -> BTreeMap<u64, u32> {
+    client.send(ReadRuns).await.unwrap_or_default()
+}
+
+/// Waits until at least `n` occurrences ran.
+async fn until_runs(client: &catga::Client, n: usize) -> BTreeMap<u64, u32> {
+    let start = Instant::now();
+    loop {
+        let seen = runs(client).await;
+        if seen.len() >= n {
+            return seen;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} occurrences ran in 30 s, expected {n}: {seen:?}",
+            seen.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Three replicas schedule the job; one stops, one more starts: every
+/// occurrence from the first on ran exactly once, one per period, none
+/// skipped.
+async fn each_occurrence_runs_once_over_replicas_that_come_and_go(b: &Backend) {
+    let mut replicas = b.replicas(module_path!(), 3).await;
+    let client = b.client().await;
+    until_runs(&client, 4).await;
+    let first = replicas.remove(0);
+    first.shutdown().await.expect("clean shutdown");
+    let seen = until_runs(&client, 8).await.len();
+    replicas.push(b.runtime(module_path!(), "r4").await);
+    let seen = until_runs(&client, seen + 4).await;
+    let times: Vec<u64> = seen.keys().copied().collect();
+    for (at, n) in &seen {
+        assert_eq!(*n, 1, "the occurrence at {at} ran {n} times: {seen:?}");
+        assert_eq!(
+            at % EVERY,
+            0,
+            "occurrences fall on multiples of the period: {seen:?}"
+        );
+    }
+    for pair in times.windows(2) {
+        assert_eq!(pair[1] - pair[0], EVERY, "an occurrence was skipped: {seen:?}");
+    }
+    shutdown_all(replicas).await;
+}
+
+/// The listing names the job, its schedule, when it runs next and the last
+/// occurrence stored.
+async fn jobs_are_listed_with_their_next_and_last_occurrence(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    until_runs(&client, 1).await;
+    let jobs = rt.jobs().await.expect("jobs");
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let job = &jobs[0];
+    assert!(job.name.ends_with("jobs::tick"), "{job:?}");
+    assert_eq!(job.schedule, "every 500ms");
+    let now = std::time::SystemTime::now();
+    let next = job.next.expect("a next occurrence");
+    assert!(
+        next > now && next <= now + Duration::from_millis(EVERY),
+        "{job:?}"
+    );
+    let last = job.last.expect("a last occurrence");
+    assert!(last <= now && last + Duration::from_secs(2) > now, "{job:?}");
+    rt.shutdown().await.expect("clean shutdown");
+}

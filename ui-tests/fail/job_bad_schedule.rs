@@ -1,0 +1,34 @@
+use catga::{Result, job};
+
+// Each mistake in a schedule is named where it is written.
+#[job(cron = "0 */5 * * *  * *")]
+async fn seven_fields() -> Result<()> {
+    Ok(())
+}
+
+#[job(cron = "0 61 * * * *")]
+async fn minute_out_of_range() -> Result<()> {
+    Ok(())
+}
+
+#[job(cron = "0 0 0 31 4 *")]
+async fn never() -> Result<()> {
+    Ok(())
+}
+
+#[job(every = "10ms")]
+async fn too_often() -> Result<()> {
+    Ok(())
+}
+
+#[job(every = "5")]
+async fn no_unit() -> Result<()> {
+    Ok(())
+}
+
+#[job(every = "1m", missed = "all")]
+async fn unknown_policy() -> Result<()> {
+    Ok(())
+}
+
+fn main() {}
