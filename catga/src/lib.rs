@@ -109,7 +109,7 @@ pub use ops::otel::layer as otlp_layer;
 pub use registry::{
     CommandHandler, EventHandler, HandlerKind, HandlerSpec, JobHandler, JobOptions, JobSchedule, handlers,
 };
-pub use runtime::{JobInfo, Readiness, Runtime, RuntimeBuilder, init_telemetry, run, start};
+pub use runtime::{DelayedInfo, JobInfo, Readiness, Runtime, RuntimeBuilder, init_telemetry, run, start};
 pub use saga::{Saga, SagaInfo, SagaOutcome, SagaStatus, SagaStepInfo, Step};
 pub use state::Save;
 pub use store::{State, Versioned};

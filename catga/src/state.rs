@@ -95,48 +95,45 @@ impl Context {
         }
     }
 
-    /// An event as the outbox keeps it. One that the broker could never
-    /// take (over its limit, with the ids the relay adds) is refused here,
-    /// before anything is committed: a 413 the handler sees, instead of a
-    /// committed event that can never be published.
+    /// An event as the outbox keeps it (see [`outbox_entry`]).
     pub(crate) fn outbox_entry<E: Event>(&self, event: &E) -> Result<OutboxEntry> {
-        let payload = event.encode()?;
-        let headers = self.child_headers(true, E::VERSION);
-        let transport = self.client().transport();
-        let size = crate::transport::memory::wire_size(Some(&headers), payload.len())
-            + crate::transport::ROUTING_HEADROOM;
-        if size > transport.max_payload() {
-            return Err(crate::transport::memory::too_large(
-                E::SUBJECT,
-                size,
-                transport.max_payload(),
-            ));
+        outbox_entry(
+            self.client().transport(),
+            self.child_headers(true, E::VERSION),
+            event,
+        )
+    }
+
+    /// Publishes `event` once `delay` has passed (see
+    /// [`publish_at`](Self::publish_at)); returns its message id, which
+    /// [`Runtime::cancel_delayed`](crate::Runtime::cancel_delayed) takes.
+    pub async fn publish_after<E: Event>(&self, delay: std::time::Duration, event: E) -> Result<String> {
+        self.publish_at(std::time::SystemTime::now() + delay, event).await
+    }
+
+    /// Publishes `event` at `at`, not before: it waits in the service's
+    /// store (Redis, or the embedded store), committed like an event saved
+    /// with state: with the handler's answer in an idempotent handler (or
+    /// not at all), under the lease's fence in a `leader` handler or a
+    /// keyed saga, at once otherwise. When it is due, the outbox relay
+    /// stores it in its subject's stream like any event of the outbox, so
+    /// it survives restarts of every replica and of the broker, and
+    /// durable handlers get it once. Returns its message id.
+    pub async fn publish_at<E: Event>(&self, at: std::time::SystemTime, event: E) -> Result<String> {
+        let mut entry = self.outbox_entry(&event)?;
+        entry.due_ms = Some(unix_ms(at));
+        let id = entry.id.clone();
+        if let Some(staged) = &self.work().staged {
+            staged
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .events
+                .push(entry);
+            return Ok(id);
         }
-        let header_block =
-            crate::transport::memory::wire_size(Some(&headers), 0) + crate::transport::ROUTING_HEADROOM;
-        if header_block > crate::transport::MAX_HEADERS {
-            return Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "the headers of an event on {} take {header_block} bytes, over JetStream's limit of {}",
-                    E::SUBJECT,
-                    crate::transport::MAX_HEADERS
-                ),
-            ));
-        }
-        let id = headers
-            .get(crate::wire::headers::MESSAGE_ID)
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_else(crate::wire::new_message_id);
-        Ok(OutboxEntry {
-            id,
-            subject: E::SUBJECT.to_owned(),
-            headers: headers
-                .iter()
-                .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
-                .collect(),
-            payload: payload.to_vec(),
-        })
+        self.work().check_fence()?;
+        self.commit_events(vec![entry]).await?;
+        Ok(id)
     }
 
     /// Commits `events` to the outbox alone, under the handler's fence.
@@ -294,4 +291,57 @@ impl<'a, T: State> IntoFuture for Save<'a, T> {
             self.ctx.commit_save(self.state, events).await
         })
     }
+}
+
+/// An event as the outbox keeps it. One that the broker could never
+/// take (over its limit, with the ids the relay adds) is refused here,
+/// before anything is committed: a 413 the handler sees, instead of a
+/// committed event that can never be published.
+pub(crate) fn outbox_entry<E: Event>(
+    transport: &crate::transport::Transport,
+    headers: async_nats::HeaderMap,
+    event: &E,
+) -> Result<OutboxEntry> {
+    let payload = event.encode()?;
+    let size = crate::transport::memory::wire_size(Some(&headers), payload.len())
+        + crate::transport::ROUTING_HEADROOM;
+    if size > transport.max_payload() {
+        return Err(crate::transport::memory::too_large(
+            E::SUBJECT,
+            size,
+            transport.max_payload(),
+        ));
+    }
+    let header_block =
+        crate::transport::memory::wire_size(Some(&headers), 0) + crate::transport::ROUTING_HEADROOM;
+    if header_block > crate::transport::MAX_HEADERS {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "the headers of an event on {} take {header_block} bytes, over JetStream's limit of {}",
+                E::SUBJECT,
+                crate::transport::MAX_HEADERS
+            ),
+        ));
+    }
+    let id = headers
+        .get(crate::wire::headers::MESSAGE_ID)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(crate::wire::new_message_id);
+    Ok(OutboxEntry {
+        id,
+        subject: E::SUBJECT.to_owned(),
+        headers: headers
+            .iter()
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
+            .collect(),
+        payload: payload.to_vec(),
+        due_ms: None,
+    })
+}
+
+/// `at` in milliseconds since the Unix epoch (0 before it).
+pub(crate) fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

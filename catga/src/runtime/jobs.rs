@@ -250,6 +250,18 @@ pub struct JobInfo {
     pub last: Option<SystemTime>,
 }
 
+/// A delayed message waiting in the store, as
+/// [`Runtime::delayed`](crate::Runtime::delayed) lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelayedInfo {
+    /// Its message id.
+    pub id: String,
+    /// The subject it is published on.
+    pub subject: String,
+    /// When it is due.
+    pub due: SystemTime,
+}
+
 /// A period as the attribute may have written it (`30s`, `5m`).
 fn written(ms: u64) -> String {
     match ms {

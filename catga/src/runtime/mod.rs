@@ -43,7 +43,7 @@ mod watch;
 
 pub use builder::RuntimeBuilder;
 pub use entry::{init_telemetry, run, start};
-pub use jobs::JobInfo;
+pub use jobs::{DelayedInfo, JobInfo};
 pub use ready::Readiness;
 pub use replica::Runtime;
 pub(crate) use shared::Shared;

@@ -148,6 +148,18 @@ const PAGES: usize = 16;
 #[derive(Default)]
 struct Relay {
     suspended: HashMap<String, (Instant, u32)>,
+    /// When each shard's delayed messages are looked at next.
+    release_at: HashMap<u32, Instant>,
+}
+
+/// How often the relay looks for delayed messages that came due (sooner
+/// when it knows the next one's time): what a delayed message waits at
+/// most past its time when the relay is idle, for one call to the store
+/// a shard.
+const DELAYED_POLL: Duration = Duration::from_millis(250);
+
+fn unix_now_ms() -> u64 {
+    crate::state::unix_ms(std::time::SystemTime::now())
 }
 
 impl Relay {
@@ -164,6 +176,7 @@ impl Relay {
     async fn round(&mut self, shared: &Shared, lease: &Lease, shard: u32, block: Duration) -> Result<usize> {
         let store = &shared.store;
         let transport = shared.client.transport();
+        let block = block.min(self.release_due(shared, shard).await?);
         let Page {
             ids,
             entries,
@@ -230,6 +243,31 @@ impl Relay {
 
     /// Reads the oldest entries (waiting up to `block` for one), and while
     /// streams are suspended, up to [`PAGES`] pages past their entries.
+    /// Moves the delayed messages of `shard` that came due to its outbox
+    /// (in due order, behind what is there), when it is time to look;
+    /// how long until the next look.
+    async fn release_due(&mut self, shared: &Shared, shard: u32) -> Result<Duration> {
+        let now = Instant::now();
+        if let Some(at) = self.release_at.get(&shard)
+            && *at > now
+        {
+            return Ok(*at - now);
+        }
+        let now_ms = unix_now_ms();
+        let (moved, next) = shared.store.delayed_release(shard, now_ms, BATCH).await?;
+        let wait = match next {
+            // More were due than one batch: the next round looks again.
+            _ if moved >= BATCH => Duration::ZERO,
+            Some(next) => DELAYED_POLL.min(Duration::from_millis(next.saturating_sub(now_ms))),
+            None => DELAYED_POLL,
+        };
+        if moved > 0 {
+            tracing::debug!(moved, shard, "delayed messages came due");
+        }
+        self.release_at.insert(shard, now + wait);
+        Ok(wait)
+    }
+
     async fn read(&self, shared: &Shared, shard: u32, block: Duration) -> Result<Page> {
         let store = &shared.store;
         let transport = shared.client.transport();

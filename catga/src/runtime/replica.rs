@@ -175,6 +175,53 @@ impl Runtime {
         Ok(out)
     }
 
+    /// Publishes `event` once `delay` has passed; see
+    /// [`publish_at`](Self::publish_at).
+    pub async fn publish_after<E: crate::Event>(&self, delay: Duration, event: E) -> Result<String> {
+        self.publish_at(std::time::SystemTime::now() + delay, event).await
+    }
+
+    /// Publishes `event` at `at`, not before, from outside a handler (in
+    /// a handler, [`Context::publish_at`](crate::Context::publish_at)
+    /// commits it with the handler's work). It waits in the service's
+    /// store until the outbox relay stores it in its subject's stream;
+    /// returns its message id, for [`cancel_delayed`](Self::cancel_delayed).
+    pub async fn publish_at<E: crate::Event>(&self, at: std::time::SystemTime, event: E) -> Result<String> {
+        let headers = crate::wire::message_headers(true, E::VERSION, crate::wire::Cause::Root);
+        let mut entry = crate::state::outbox_entry(self.shared.client.transport(), headers, &event)?;
+        entry.due_ms = Some(crate::state::unix_ms(at));
+        let id = entry.id.clone();
+        let commit = crate::store::Commit {
+            events: vec![entry],
+            ..Default::default()
+        };
+        self.shared.store.commit(&commit).await?;
+        Ok(id)
+    }
+
+    /// Cancels a delayed message that has not come due: `true` if it was
+    /// still waiting (it will not be published), `false` if no delayed
+    /// message has that id any more (published already, or cancelled).
+    pub async fn cancel_delayed(&self, id: &str) -> Result<bool> {
+        self.shared.store.delayed_cancel(id).await
+    }
+
+    /// The delayed messages waiting, soonest first, at most `limit`.
+    pub async fn delayed(&self, limit: usize) -> Result<Vec<super::DelayedInfo>> {
+        Ok(self
+            .shared
+            .store
+            .delayed_list(limit)
+            .await?
+            .into_iter()
+            .map(|(id, subject, due)| super::DelayedInfo {
+                id,
+                subject,
+                due: std::time::UNIX_EPOCH + Duration::from_millis(due),
+            })
+            .collect())
+    }
+
     /// The recurring jobs this replica serves, with their next occurrence
     /// and the last one stored for a replica to run.
     pub async fn jobs(&self) -> Result<Vec<super::JobInfo>> {

@@ -28,6 +28,10 @@ struct Inner {
     state: HashMap<(String, String), (u64, Bytes)>,
     outbox: BTreeMap<u64, OutboxEntry>,
     next_entry: u64,
+    /// Delayed messages by due time (unix ms) and entry number, and where
+    /// each id is in that map.
+    delayed: BTreeMap<(u64, u64), OutboxEntry>,
+    delayed_ids: HashMap<String, (u64, u64)>,
     inbox: HashMap<(String, String), (InboxValue, Instant)>,
     /// Leases by name: the holder and when it runs out.
     leases: HashMap<String, (String, Instant)>,
@@ -137,8 +141,66 @@ impl MemoryStore {
         for entry in events {
             inner.next_entry += 1;
             let n = inner.next_entry;
-            inner.outbox.insert(n, entry);
+            match entry.due_ms {
+                Some(due) => {
+                    // The same id again replaces it, as Redis' ZADD does.
+                    if let Some(at) = inner.delayed_ids.insert(entry.id.clone(), (due, n)) {
+                        inner.delayed.remove(&at);
+                    }
+                    inner.delayed.insert((due, n), entry);
+                }
+                None => {
+                    inner.outbox.insert(n, entry);
+                }
+            }
         }
+    }
+
+    /// Moves the delayed messages due by `now_ms` (at most `limit`) to the
+    /// outbox; how many moved, and when the next is due.
+    pub(crate) fn delayed_release(&self, now_ms: u64, limit: usize) -> (usize, Option<u64>) {
+        let moved = {
+            let mut inner = self.lock();
+            let due: Vec<(u64, u64)> = inner
+                .delayed
+                .range(..(now_ms.saturating_add(1), 0))
+                .take(limit)
+                .map(|(k, _)| *k)
+                .collect();
+            for key in &due {
+                if let Some(mut entry) = inner.delayed.remove(key) {
+                    inner.delayed_ids.remove(&entry.id);
+                    entry.due_ms = None;
+                    inner.next_entry += 1;
+                    let n = inner.next_entry;
+                    inner.outbox.insert(n, entry);
+                }
+            }
+            (due.len(), inner.delayed.keys().next().map(|(due, _)| *due))
+        };
+        if moved.0 > 0 {
+            self.appended.notify_waiters();
+        }
+        moved
+    }
+
+    /// Cancels a delayed message still waiting.
+    pub(crate) fn delayed_cancel(&self, id: &str) -> bool {
+        let mut inner = self.lock();
+        match inner.delayed_ids.remove(id) {
+            Some(at) => inner.delayed.remove(&at).is_some(),
+            None => false,
+        }
+    }
+
+    /// The delayed messages waiting, soonest first: id, subject, due time.
+    pub(crate) fn delayed_list(&self, limit: usize) -> Vec<(String, String, u64)> {
+        self.lock()
+            .delayed
+            .iter()
+            .take(limit)
+            .map(|((due, _), e)| (e.id.clone(), e.subject.clone(), *due))
+            .collect()
     }
 
     pub(crate) async fn commit(&self, commit: &Commit) -> Result<Committed> {
@@ -450,6 +512,7 @@ mod tests {
             subject: "evt.x".into(),
             headers: vec![],
             payload: b"{}".to_vec(),
+            due_ms: None,
         }
     }
 

@@ -112,6 +112,10 @@ pub(crate) struct OutboxEntry {
     pub subject: String,
     pub headers: Vec<(String, String)>,
     pub payload: Vec<u8>,
+    /// A delayed message's due time (unix ms): it waits in the store's
+    /// delayed set until then, and the relay moves it to the outbox.
+    #[serde(default)]
+    pub due_ms: Option<u64>,
 }
 
 /// One state write of a commit: the key, the version it must still be
@@ -590,6 +594,54 @@ impl Store {
         match &self.0.kind {
             Kind::Redis(s) => s.outbox_backlog().await,
             Kind::Memory(s) => s.outbox_backlog().await,
+        }
+    }
+
+    /// Moves a shard's delayed entries due by `now_ms` (at most `limit`)
+    /// to its outbox, in due order; how many moved, and when the next one
+    /// is due.
+    pub(crate) async fn delayed_release(
+        &self,
+        shard: u32,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<(usize, Option<u64>)> {
+        match &self.0.kind {
+            Kind::Redis(s) => s.delayed_release(shard, now_ms, limit).await,
+            Kind::Memory(s) => Ok(s.delayed_release(now_ms, limit)),
+        }
+    }
+
+    /// Cancels the delayed message `id` if it still waits (in whichever
+    /// shard it was committed): whether it did.
+    pub(crate) async fn delayed_cancel(&self, id: &str) -> Result<bool> {
+        match &self.0.kind {
+            Kind::Redis(s) => {
+                for shard in 0..s.shard_count() {
+                    if s.delayed_cancel(shard, id).await? {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            }
+            Kind::Memory(s) => Ok(s.delayed_cancel(id)),
+        }
+    }
+
+    /// The delayed messages waiting, soonest first, at most `limit`: id,
+    /// subject, due time (unix ms).
+    pub(crate) async fn delayed_list(&self, limit: usize) -> Result<Vec<(String, String, u64)>> {
+        match &self.0.kind {
+            Kind::Redis(s) => {
+                let mut all = Vec::new();
+                for shard in 0..s.shard_count() {
+                    all.extend(s.delayed_list(shard, limit).await?);
+                }
+                all.sort_by_key(|(_, _, due)| *due);
+                all.truncate(limit);
+                Ok(all)
+            }
+            Kind::Memory(s) => Ok(s.delayed_list(limit)),
         }
     }
 

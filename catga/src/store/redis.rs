@@ -76,6 +76,8 @@ pub(crate) struct RedisStore {
     members: Script,
     raise: Script,
     mark_layout: Script,
+    delayed_release: Script,
+    delayed_cancel: Script,
 }
 
 /// A connection to Redis, whichever the topology; cheap to clone, and
@@ -330,11 +332,14 @@ fn read_file(name: &str, path: &std::path::Path) -> Result<Vec<u8>> {
 /// inbox claim, then writes states, the inbox answer and the outbox
 /// entries, or nothing.
 ///
-/// KEYS: the state keys, the outbox stream, the inbox key (if any), the
-/// leader fence key (if fenced).
+/// KEYS: the state keys, the outbox stream, the delayed entries' sorted
+/// set and hash, the inbox key (if any), the leader fence key (if
+/// fenced).
 /// ARGV: state count, "1" if there is an inbox part, the fencing token (or
 /// ""), (expected version, data) per state, then (claim marker, answer, window ms) if there is an
-/// inbox part, then (id, subject, headers, payload) per event.
+/// inbox part, then (id, subject, headers, payload, due ms or "") per
+/// event: an event with a due time waits in the delayed set until the
+/// relay moves it to the outbox (see `DELAYED_RELEASE`).
 const COMMIT: &str = r"
 local n = tonumber(ARGV[1])
 local has_inbox = ARGV[2] == '1'
@@ -349,7 +354,7 @@ for i = 1, n do
   end
 end
 local at = 4 + 2 * n
-if has_inbox and redis.call('GET', KEYS[n + 2]) ~= ARGV[at] then
+if has_inbox and redis.call('GET', KEYS[n + 4]) ~= ARGV[at] then
   return {2}
 end
 local out = {1}
@@ -359,13 +364,49 @@ for i = 1, n do
   out[i + 1] = version
 end
 if has_inbox then
-  redis.call('SET', KEYS[n + 2], ARGV[at + 1], 'PX', ARGV[at + 2])
+  redis.call('SET', KEYS[n + 4], ARGV[at + 1], 'PX', ARGV[at + 2])
   at = at + 3
 end
-for j = at, #ARGV, 4 do
-  redis.call('XADD', KEYS[n + 1], '*', 'id', ARGV[j], 'subject', ARGV[j + 1], 'headers', ARGV[j + 2], 'payload', ARGV[j + 3])
+for j = at, #ARGV, 5 do
+  if ARGV[j + 4] == '' then
+    redis.call('XADD', KEYS[n + 1], '*', 'id', ARGV[j], 'subject', ARGV[j + 1], 'headers', ARGV[j + 2], 'payload', ARGV[j + 3])
+  else
+    local id = ARGV[j]
+    redis.call('ZADD', KEYS[n + 2], ARGV[j + 4], id)
+    redis.call('HSET', KEYS[n + 3], id .. ':s', ARGV[j + 1], id .. ':h', ARGV[j + 2], id .. ':p', ARGV[j + 3])
+  end
 end
 return out
+";
+
+/// Moves the delayed entries due by `ARGV[1]` (unix ms), at most
+/// `ARGV[2]`, from the delayed set and hash (KEYS[1], KEYS[2]) to the
+/// end of the outbox (KEYS[3]), in due order; returns how many moved and
+/// the due time of the next one (or -1). One script: an entry is moved
+/// once, whichever relay runs it.
+const DELAYED_RELEASE: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', KEYS[2], id .. ':s', id .. ':h', id .. ':p')
+  if f[1] then
+    redis.call('XADD', KEYS[3], '*', 'id', id, 'subject', f[1], 'headers', f[2], 'payload', f[3])
+  end
+  redis.call('HDEL', KEYS[2], id .. ':s', id .. ':h', id .. ':p')
+  redis.call('ZREM', KEYS[1], id)
+end
+local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#ids, tonumber(next[2] or '-1')}
+";
+
+/// Cancels the delayed entry `ARGV[1]` (KEYS: its set and hash): 1 if it
+/// was still waiting, 0 if it was not there (never, or moved already).
+const DELAYED_CANCEL: &str = r"
+local id = ARGV[1]
+if redis.call('ZREM', KEYS[1], id) == 0 then
+  return 0
+end
+redis.call('HDEL', KEYS[2], id .. ':s', id .. ':h', id .. ':p')
+return 1
 ";
 
 /// Claims an inbox key (KEYS[1]) with the claim `ARGV[1]` for `ARGV[2]`
@@ -534,6 +575,7 @@ fn entry_fields(fields: &[(String, Value)]) -> Option<OutboxEntry> {
         subject: String::from_utf8(get("subject")?).ok()?,
         headers,
         payload: get("payload")?,
+        due_ms: None,
     })
 }
 
@@ -710,6 +752,8 @@ impl RedisStore {
             members: Script::new(MEMBERS),
             raise: Script::new(RAISE),
             mark_layout: Script::new(MARK_LAYOUT),
+            delayed_release: Script::new(DELAYED_RELEASE),
+            delayed_cancel: Script::new(DELAYED_CANCEL),
         })
     }
 
@@ -732,6 +776,81 @@ impl RedisStore {
 
     fn outbox(&self, shard: u32) -> &str {
         self.outboxes.get(shard as usize).map_or("", String::as_str)
+    }
+
+    /// The delayed entries of a shard, by due time (a sorted set of ids).
+    fn delayed_key(&self, shard: u32) -> String {
+        format!("{}:delayed", self.shard(shard))
+    }
+
+    /// The delayed entries of a shard: `<id>:s`, `<id>:h`, `<id>:p`
+    /// (subject, headers, payload).
+    fn delayed_entries_key(&self, shard: u32) -> String {
+        format!("{}:delayed:e", self.shard(shard))
+    }
+
+    /// Moves a shard's delayed entries due by `now_ms` (at most `limit`)
+    /// to its outbox; how many moved, and when the next is due.
+    pub(crate) async fn delayed_release(
+        &self,
+        shard: u32,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<(usize, Option<u64>)> {
+        let mut c = self.conn.clone();
+        let (moved, next): (usize, i64) = self
+            .delayed_release
+            .key(self.delayed_key(shard))
+            .key(self.delayed_entries_key(shard))
+            .key(self.outbox(shard))
+            .arg(now_ms)
+            .arg(limit)
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok((moved, u64::try_from(next).ok()))
+    }
+
+    /// Cancels a delayed entry still waiting in `shard`.
+    pub(crate) async fn delayed_cancel(&self, shard: u32, id: &str) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let n: u32 = self
+            .delayed_cancel
+            .key(self.delayed_key(shard))
+            .key(self.delayed_entries_key(shard))
+            .arg(id)
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok(n == 1)
+    }
+
+    /// A shard's waiting delayed entries, soonest first, at most `limit`:
+    /// id, subject and due time.
+    pub(crate) async fn delayed_list(&self, shard: u32, limit: usize) -> Result<Vec<(String, String, u64)>> {
+        let mut c = self.conn.clone();
+        let due: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(self.delayed_key(shard))
+            .arg(0)
+            .arg(limit.max(1) as i64 - 1)
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut get = redis::cmd("HMGET");
+        get.arg(self.delayed_entries_key(shard));
+        for (id, _) in &due {
+            get.arg(format!("{id}:s"));
+        }
+        let subjects: Vec<Option<String>> = get.query_async(&mut c).await.map_err(map_err)?;
+        Ok(due
+            .into_iter()
+            .zip(subjects)
+            .map(|((id, at), subject)| (id, subject.unwrap_or_default(), at as u64))
+            .collect())
     }
 
     /// The shard count the store is marked with, if it is marked (read
@@ -1101,6 +1220,8 @@ impl RedisStore {
             inv.key(self.state_key(shard, &w.kind, &w.key));
         }
         inv.key(self.outbox(shard));
+        inv.key(self.delayed_key(shard));
+        inv.key(self.delayed_entries_key(shard));
         if let Some(i) = &commit.inbox {
             inv.key(self.inbox_key(shard, &i.scope, &i.id));
         }
@@ -1127,7 +1248,11 @@ impl RedisStore {
         for e in &commit.events {
             let headers = serde_json::to_vec(&e.headers)
                 .map_err(|err| Error::new(ErrorKind::Internal, format!("outbox headers: {err}")))?;
-            inv.arg(&e.id).arg(&e.subject).arg(headers).arg(&e.payload);
+            inv.arg(&e.id)
+                .arg(&e.subject)
+                .arg(headers)
+                .arg(&e.payload)
+                .arg(e.due_ms.map(|d| d.to_string()).unwrap_or_default());
         }
         let mut c = self.conn.clone();
         let out: Vec<u64> = inv.invoke_async(&mut c).await.map_err(map_err)?;

@@ -4,6 +4,7 @@
 //! `memory::` test of each).
 
 mod back_pressure;
+mod delayed;
 mod durable;
 mod errors;
 mod fan_out;
