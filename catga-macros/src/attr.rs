@@ -262,7 +262,7 @@ const KEYS: &[Key] = &[
     Key {
         name: "jitter",
         roles: &[JOB],
-        takes: Takes::Str(check_duration),
+        takes: Takes::Str(check_jitter),
         belongs: "on a job (`#[job(every = \"1h\", jitter = \"30s\")]` on an async fn)",
     },
     Key {
@@ -667,8 +667,20 @@ fn check_every(text: &str) -> Result<(), String> {
     let min = crate::names::schedule::MIN_EVERY_MS;
     match duration_ms(text)? {
         ms if ms < min => Err(format!(
-            "a job runs at most every {min}ms: each occurrence is a message stored by the broker"
+            "`every` must be at least {min}ms: each occurrence is a message stored by the broker"
         )),
+        _ => Ok(()),
+    }
+}
+
+/// The longest `jitter`: an occurrence published later than this after
+/// its time would pass the broker's duplicate window (2 minutes by
+/// default), and a job's spread is meant to be small next to its period.
+pub(crate) const MAX_JITTER_MS: u64 = 60_000;
+
+fn check_jitter(text: &str) -> Result<(), String> {
+    match duration_ms(text)? {
+        ms if ms > MAX_JITTER_MS => Err(format!("`jitter` is at most {}s", MAX_JITTER_MS / 1000)),
         _ => Ok(()),
     }
 }

@@ -9,6 +9,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
+use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{FnArg, ItemFn, ReturnType, Type};
 
@@ -20,7 +21,7 @@ const FORMS: &str =
 
 /// Checks the signature, collecting every mistake; whether the function
 /// takes the context.
-fn validate(f: &ItemFn, errors: &mut Errors) -> bool {
+fn validate(f: &ItemFn, errors: &mut Errors) -> Option<Span> {
     let sig = &f.sig;
     if sig.asyncness.is_none() {
         errors.spanned(sig.fn_token, "a #[job] must be an `async fn`");
@@ -37,7 +38,15 @@ fn validate(f: &ItemFn, errors: &mut Errors) -> bool {
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
         errors.spanned(&sig.generics, "a #[job] cannot be generic");
     }
-    let mut takes_context = false;
+    let name = sig.ident.unraw().to_string();
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        errors.spanned(
+            &sig.ident,
+            "a #[job]'s name is part of its subject and its occurrences' ids: use ASCII letters, digits \
+             and `_`",
+        );
+    }
+    let mut takes_context = None;
     for (i, input) in sig.inputs.iter().enumerate() {
         match input {
             FnArg::Receiver(r) => errors.spanned(
@@ -49,7 +58,7 @@ fn validate(f: &ItemFn, errors: &mut Errors) -> bool {
                 format!("too many arguments: a #[job] takes at most the context: {FORMS}"),
             ),
             FnArg::Typed(pt) => match &*pt.ty {
-                Type::Reference(r) if r.mutability.is_none() => takes_context = true,
+                Type::Reference(r) if r.mutability.is_none() => takes_context = Some(r.elem.span()),
                 other => errors.spanned(
                     other,
                     "a #[job] takes only the context, by shared reference: `ctx: &Context`; the \
@@ -67,12 +76,21 @@ fn validate(f: &ItemFn, errors: &mut Errors) -> bool {
     takes_context
 }
 
-/// Checks the keys that only make sense together: one schedule.
+/// Checks the keys that only make sense together: one schedule, and a
+/// jitter shorter than the period.
 fn combinations(args: &HandlerArgs, errors: &mut Errors) {
-    if let (Some(_), Some(cron)) = (args.written("every"), args.written("cron")) {
-        errors.spanned(
-            cron,
+    if args.mentions("every") && args.mentions("cron") {
+        errors.at(
+            args.written("cron").map_or_else(Span::call_site, |c| c.span()),
             "a job has one schedule: `every = \"30s\"` or `cron = \"...\"`, not both",
+        );
+    }
+    if let (Some(every), Some(jitter), Some(key)) = (args.every_ms, args.jitter_ms, args.written("jitter"))
+        && jitter >= every
+    {
+        errors.spanned(
+            key,
+            "`jitter` must be shorter than `every`: each occurrence is published up to the jitter late",
         );
     }
     // A schedule written with a refused value is reported already.
@@ -108,13 +126,16 @@ pub(crate) fn expand(args: TokenStream, item: &TokenStream, f: &ItemFn) -> Token
 
 /// The handler type, its trait impl and its registry entry, in an
 /// anonymous const.
-fn registration(args: &HandlerArgs, f: &ItemFn, takes_context: bool) -> TokenStream {
+fn registration(args: &HandlerArgs, f: &ItemFn, takes_context: Option<Span>) -> TokenStream {
     let krate = &args.krate;
     let p = quote!(#krate::__private);
     let fn_ident = &f.sig.ident;
-    let fn_name = fn_ident.to_string();
-    let call = if takes_context {
-        quote!(#fn_ident(&__catga_ctx))
+    let fn_name = fn_ident.unraw().to_string();
+    let call = if let Some(ty) = takes_context {
+        // Spanned on the argument's type: a reference to something other
+        // than the context is reported there.
+        let ctx = quote_spanned!(ty=> &__catga_ctx);
+        quote!(#fn_ident(#ctx))
     } else {
         quote!({
             let _ = &__catga_ctx;
@@ -167,7 +188,7 @@ fn registration(args: &HandlerArgs, f: &ItemFn, takes_context: bool) -> TokenStr
             #[linkme(crate = #p::linkme)]
             static __CATGA_HANDLER: #p::HandlerSpec = #p::HandlerSpec::for_job::<__CatgaHandler>(
                 ::core::concat!(::core::module_path!(), "::", #fn_name),
-                ::core::concat!("catga.job.", ::core::env!("CARGO_PKG_NAME"), ".", #fn_name),
+                ::core::concat!("catga.job.", ::core::env!("CARGO_CRATE_NAME"), ".", #fn_name),
                 #p::HandlerOptions {
                     durable: ::core::option::Option::Some(#fn_name),
                     max_deliver: #max_deliver,

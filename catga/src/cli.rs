@@ -12,6 +12,10 @@
 //! catga dlq show N | replay N [--force] | purge N | purge-all
 //! catga sagas [N]                    the newest N sagas and their steps (REDIS_URL)
 //! catga outbox                       events saved and not yet published (REDIS_URL)
+//! catga delayed [N]                  the N soonest delayed messages (REDIS_URL)
+//! catga delayed cancel ID            cancels one that has not come due
+//! catga jobs                         the recurring jobs of this binary: schedule,
+//!                                    next occurrence, last one stored (NATS_URL)
 //! ```
 //!
 //! Every command takes `--json` (one JSON document on standard output) and
@@ -188,6 +192,14 @@ pub async fn run(args: &[String], mut config: Config) -> Result<String> {
             at_most(1)?;
             outbox(config, json).await
         }
+        Some("delayed") => {
+            at_most(3)?;
+            delayed(&rest[1..], config, json).await
+        }
+        Some("jobs") => {
+            at_most(1)?;
+            jobs(config, json).await
+        }
         Some("help" | "--help" | "-h") | None => Ok(USAGE.to_owned()),
         Some(other) => Err(Error::invalid(format!("unknown command `{other}`\n{USAGE}"))),
     }
@@ -203,6 +215,10 @@ pub const USAGE: &str = "usage: catga [--json] [--service NAME] COMMAND
   dlq purge N | purge-all       delete one, or all
   sagas [N]                     the newest N (20) sagas and their steps (REDIS_URL)
   outbox                        events saved and not yet published (REDIS_URL)
+  delayed [N]                   the N (20) soonest delayed messages (REDIS_URL)
+  delayed cancel ID             cancel one that has not come due
+  jobs                          the recurring jobs of this binary (the service's
+                                own binary): schedule, next, last stored (NATS_URL)
 The settings come from the environment, as the replicas read them (NATS_URL, REDIS_URL, CATGA_SERVICE, ...).
 ";
 
@@ -455,4 +471,98 @@ async fn outbox(config: Config, json: bool) -> Result<String> {
         json!({ "outbox_backlog": backlog }),
         format!("{backlog} events saved and not yet published"),
     ))
+}
+
+/// `when` relative to now: `in 12s`, `3s ago`.
+fn relative(when: std::time::SystemTime) -> String {
+    let now = std::time::SystemTime::now();
+    match when.duration_since(now) {
+        Ok(ahead) => format!("in {}s", ahead.as_secs()),
+        Err(behind) => format!("{}s ago", behind.duration().as_secs()),
+    }
+}
+
+async fn delayed(args: &[&str], config: Config, json: bool) -> Result<String> {
+    let store = the_store(&config, "delayed messages").await?;
+    if let Some(&"cancel") = args.first() {
+        let id = args
+            .get(1)
+            .ok_or_else(|| Error::invalid(format!("delayed cancel ID\n{USAGE}")))?;
+        let cancelled = store.delayed_cancel(id).await?;
+        let text = if cancelled {
+            format!("cancelled {id}: it will not be published")
+        } else {
+            format!("no delayed message {id} is waiting (published already, cancelled, or unknown)")
+        };
+        return Ok(done(json, json!({ "id": id, "cancelled": cancelled }), text));
+    }
+    let n = match args.first() {
+        None => 20,
+        Some(s) => s
+            .parse()
+            .map_err(|_| Error::invalid(format!("delayed [N], not `{s}`\n{USAGE}")))?,
+    };
+    let found = store.delayed_list(n).await?;
+    if json {
+        let all: Vec<Value> = found
+            .iter()
+            .map(|(id, subject, due)| json!({ "id": id, "subject": subject, "due_ms": due }))
+            .collect();
+        return Ok(done(true, Value::Array(all), String::new()));
+    }
+    let mut out = format!(
+        "{} delayed messages waiting (the {n} soonest shown)\n",
+        found.len()
+    );
+    for (id, subject, due) in &found {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(*due);
+        let _ = writeln!(out, "{id}  {subject}  due {}", relative(at));
+    }
+    Ok(out)
+}
+
+async fn jobs(config: Config, json: bool) -> Result<String> {
+    let specs: Vec<_> = crate::registry::handlers()
+        .iter()
+        .filter(|s| s.job().is_some())
+        .collect();
+    if specs.is_empty() {
+        return Ok(done(
+            json,
+            Value::Array(Vec::new()),
+            "no recurring jobs in this binary: run `jobs` from the service's own binary (e.g. \
+             `order-system jobs`)"
+                .to_owned(),
+        ));
+    }
+    let client = Client::connect_with(&config).await?;
+    let mut found = Vec::new();
+    for spec in specs {
+        if let Some(info) = crate::runtime::job_info(client.transport(), spec).await? {
+            found.push(info);
+        }
+    }
+    let ms = |t: Option<std::time::SystemTime>| {
+        t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+    };
+    if json {
+        let all: Vec<Value> = found
+            .iter()
+            .map(|j| json!({ "name": j.name, "schedule": j.schedule, "next_ms": ms(j.next), "last_ms": ms(j.last) }))
+            .collect();
+        return Ok(done(true, Value::Array(all), String::new()));
+    }
+    let mut out = String::new();
+    for j in &found {
+        let _ = writeln!(
+            out,
+            "{}  {}  next {}  last {}",
+            j.name,
+            j.schedule,
+            j.next.map_or_else(|| "never".to_owned(), relative),
+            j.last.map_or_else(|| "none stored".to_owned(), relative),
+        );
+    }
+    Ok(out)
 }

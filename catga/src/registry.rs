@@ -124,6 +124,7 @@ pub trait JobResult {
     fn into_outcome(self) -> Result<()>;
 }
 
+#[diagnostic::do_not_recommend]
 impl JobResult for Result<()> {
     fn into_outcome(self) -> Result<()> {
         self

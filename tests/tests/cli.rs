@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use catga::{Config, Error, Result, Runtime, Saga, command, event, saga};
+use catga::{Config, Error, Result, Runtime, Saga, command, event, job, saga};
 use catga_tests::{NatsServer, RedisServer, until};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -86,6 +86,12 @@ pub struct Tick;
 
 #[event(leader)]
 async fn on_tick(_t: Tick) -> Result<()> {
+    Ok(())
+}
+
+/// A recurring job, listed by `catga jobs` run from this binary.
+#[job(every = "1s")]
+async fn cli_tick() -> Result<()> {
     Ok(())
 }
 
@@ -237,6 +243,51 @@ async fn the_cli_shows_and_operates_a_running_service() {
     let outbox: Value = serde_json::from_str(&cli(&["outbox", "--json"], &c).await).expect("JSON");
     assert_eq!(outbox["outbox_backlog"], 0);
 
+    // Delayed messages: listed soonest first, one cancelled.
+    let later = replicas[0]
+        .publish_after(Duration::from_secs(600), Tick)
+        .await
+        .expect("delayed");
+    let sooner = replicas[0]
+        .publish_after(Duration::from_secs(300), Tick)
+        .await
+        .expect("delayed");
+    let listed: Value = serde_json::from_str(&cli(&["delayed", "--json"], &c).await).expect("JSON");
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(ids, [sooner.as_str(), later.as_str()], "soonest first: {listed}");
+    assert!(cli(&["delayed"], &c).await.contains("tests.cli.tick  due in 29"));
+    let cancelled: Value =
+        serde_json::from_str(&cli(&["--json", "delayed", "cancel", &later], &c).await).expect("JSON");
+    assert_eq!(cancelled["cancelled"], true);
+    assert!(
+        cli(&["delayed", "cancel", &later], &c)
+            .await
+            .contains("no delayed message")
+    );
+    assert_eq!(replicas[0].delayed(10).await.expect("listing").len(), 1);
+
+    // The jobs of this binary, with the last occurrence stored.
+    let started = std::time::Instant::now();
+    loop {
+        let jobs: Value = serde_json::from_str(&cli(&["jobs", "--json"], &c).await).expect("JSON");
+        let job = &jobs[0];
+        assert_eq!(job["schedule"], "every 1s", "{jobs}");
+        assert!(
+            job["name"].as_str().is_some_and(|n| n.ends_with("cli_tick")),
+            "{jobs}"
+        );
+        if job["last_ms"].is_u64() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{jobs}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Misuse is a usage error, said before connecting.
     for bad in [
         &["dlq", "show"][..],
@@ -245,6 +296,9 @@ async fn the_cli_shows_and_operates_a_running_service() {
         &["services", "extra"],
         &["--jsn", "services"],
         &["sagas", "x"],
+        &["delayed", "x"],
+        &["delayed", "cancel"],
+        &["jobs", "extra"],
         &["--service"],
     ] {
         let args: Vec<String> = bad.iter().map(|a| (*a).to_owned()).collect();

@@ -17,4 +17,21 @@ async fn grouped() -> Result<()> {
     Ok(())
 }
 
+// Both schedules, one of them also invalid: both mistakes at once.
+#[job(every = "10ms", cron = "0 * * * * *")]
+async fn both_and_too_often() -> Result<()> {
+    Ok(())
+}
+
+// The jitter stays below the period, and below a minute.
+#[job(every = "10s", jitter = "10s")]
+async fn jitter_as_long_as_the_period() -> Result<()> {
+    Ok(())
+}
+
+#[job(every = "1h", jitter = "5m")]
+async fn jitter_too_long() -> Result<()> {
+    Ok(())
+}
+
 fn main() {}

@@ -26,4 +26,15 @@ async fn wrong_return() -> Result<u64> {
     Ok(1)
 }
 
+#[job(every = "1m")]
+async fn not_the_context(ctx: &String) -> Result<()> {
+    let _ = ctx;
+    Ok(())
+}
+
+#[job(every = "1m")]
+async fn café() -> Result<()> {
+    Ok(())
+}
+
 fn main() {}

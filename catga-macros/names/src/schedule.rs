@@ -86,8 +86,10 @@ const MONTHS: [&str; 12] = [
 ];
 const WEEKDAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
 
+/// A day field that starts with `*` (`*`, `*/2`) leaves the other day
+/// field alone, as in Vixie cron.
 fn is_star(field: &str) -> bool {
-    field == "*"
+    field.starts_with('*')
 }
 
 /// One field: a bit per allowed value in `min..=max`.
@@ -98,7 +100,9 @@ fn parse_field(text: &str, min: u32, max: u32, names: &[&str]) -> Result<u64, St
             Some((r, s)) => {
                 let step: u32 = s
                     .parse()
-                    .map_err(|_| format!("the step `{s}` is not a whole number"))?;
+                    .ok()
+                    .filter(|_| s.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(|| format!("the step `{s}` is not a whole number"))?;
                 if step == 0 || step > max {
                     return Err(format!("the step {step} must be from 1 to {max}"));
                 }
@@ -138,7 +142,8 @@ fn value(text: &str, min: u32, max: u32, names: &[&str]) -> Result<u32, String> 
         // from 0 (Sunday).
         return Ok(i as u32 + min);
     }
-    let v: u32 = text.parse().map_err(|_| {
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    let v: u32 = text.parse().ok().filter(|_| digits).ok_or_else(|| {
         if text.is_empty() {
             "a value is missing".to_owned()
         } else {
@@ -193,7 +198,7 @@ impl Cron {
             if self.day_matches(day)
                 && let Some(t) = self.first_in_day(from)
             {
-                return Some((day * 86_400 + i64::from(t)) as u64 * 1000);
+                return u64::try_from(day * 86_400 + i64::from(t)).ok()?.checked_mul(1000);
             }
             day += 1;
             from = 0;
@@ -212,7 +217,7 @@ impl Cron {
             if self.day_matches(day)
                 && let Some(t) = self.last_in_day(until)
             {
-                return Some((day * 86_400 + i64::from(t)) as u64 * 1000);
+                return u64::try_from(day * 86_400 + i64::from(t)).ok()?.checked_mul(1000);
             }
             day -= 1;
             until = 86_399;
@@ -310,6 +315,18 @@ mod tests {
     }
 
     #[test]
+    fn a_day_field_starting_with_a_star_leaves_the_other_alone() {
+        // Every other day of the month, when it is a Monday (Vixie cron).
+        let c = cron("0 0 0 */2 * MON");
+        let next = c.next_after(SUNDAY_9).expect("next");
+        let days = (next / 1000 / 86_400) as i64;
+        let (_, _, day) = civil_from_days(days);
+        assert_eq!((days + 4).rem_euclid(7), 1, "a Monday");
+        assert_eq!(day % 2, 1, "an odd day");
+        assert_eq!(cron("0 0 0 * * *").next_after(u64::MAX - 10), None, "no overflow");
+    }
+
+    #[test]
     fn restricted_day_fields_match_either() {
         // The 1st of the month or any Sunday, at midnight: after Sunday
         // 2026-12-06 09:00 comes Sunday the 13th... unless the 1st is
@@ -341,6 +358,7 @@ mod tests {
             ("0 */0 * * * *", "the step 0"),
             ("0 10-5 * * * *", "runs backwards"),
             ("0 1,,2 * * * *", "a value is missing"),
+            ("0 +5 * * * *", "`+5` is not a value"),
         ] {
             let e = parse_cron(text).expect_err(text);
             assert!(e.contains(says), "{text}: {e}");

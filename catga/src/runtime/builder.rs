@@ -343,7 +343,7 @@ impl RuntimeBuilder {
             .iter()
             .map(|s| s.subject().to_owned())
             .collect();
-        let mut background = vec![
+        let background = vec![
             tokio::spawn(
                 shared
                     .health
@@ -360,9 +360,12 @@ impl RuntimeBuilder {
             tokio::spawn(super::discovery::serve(Arc::clone(&shared))),
         ];
         // Every replica schedules every job it serves (see `jobs`).
-        for spec in selected.iter().copied().filter(|s| s.job().is_some()) {
-            background.push(tokio::spawn(super::jobs::schedule(Arc::clone(&shared), spec)));
-        }
+        let schedulers = selected
+            .iter()
+            .copied()
+            .filter(|s| s.job().is_some())
+            .map(|spec| tokio::spawn(super::jobs::schedule(Arc::clone(&shared), spec)))
+            .collect();
         let http = match shared.config.http_addr.clone() {
             Some(addr) => Some(super::endpoint::HttpEndpoint::start(&addr, &shared).await?),
             None => None,
@@ -372,6 +375,7 @@ impl RuntimeBuilder {
             handlers: selected,
             serving,
             background,
+            schedulers,
             leader,
             keyed,
             http,

@@ -50,10 +50,10 @@ pub(crate) const ACK_WAIT: Duration = Duration::from_secs(5);
 
 use crate::wire::occurrence_ms;
 
-/// The message id of `spec`'s occurrence at `at_ms`: `<job>:<ms>`, the
-/// job's name in visible ASCII and cut (with a hash of the whole) so that
-/// the id fits [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN).
-pub(crate) fn occurrence_id(spec: &HandlerSpec, at_ms: u64) -> String {
+/// The part of `spec`'s occurrence ids before the time: the job's name
+/// in visible ASCII, cut (with a hash of the whole) so that an id fits
+/// [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN), and `:`.
+fn occurrence_prefix(spec: &HandlerSpec) -> String {
     const ROOM: usize = crate::wire::MAX_ID_LEN - 21;
     let full = spec.name();
     let mut name: String = full
@@ -65,7 +65,36 @@ pub(crate) fn occurrence_id(spec: &HandlerSpec, at_ms: u64) -> String {
         name.truncate(ROOM - 17);
         name = format!("{name}~{hash:016x}");
     }
-    format!("{name}:{at_ms}")
+    name.push(':');
+    name
+}
+
+/// The message id of `spec`'s occurrence at `at_ms`: `<job>:<ms>`.
+pub(crate) fn occurrence_id(spec: &HandlerSpec, at_ms: u64) -> String {
+    format!("{}{at_ms}", occurrence_prefix(spec))
+}
+
+/// The time of `spec`'s occurrence with message id `id`, if it is one the
+/// scheduler stored (not a replayed dead letter, nor anything else
+/// published on the job's subject).
+fn stored_time(spec: &HandlerSpec, id: &str) -> Option<u64> {
+    let digits = id.strip_prefix(&occurrence_prefix(spec))?;
+    occurrence_ms(&format!(":{digits}"))
+}
+
+/// Whether the occurrence with message id `id` of job `spec` (with
+/// `missed = "skip"`) is missed by now: its successor came due more than
+/// the on-time margin ago.
+pub(crate) fn superseded(spec: &HandlerSpec, id: &str) -> bool {
+    let Some(options) = spec.job().filter(|o| o.skip_missed) else {
+        return false;
+    };
+    let (Ok(schedule), Some(at)) = (schedule_of(options), stored_time(spec, id)) else {
+        return false;
+    };
+    schedule
+        .next_after(at)
+        .is_some_and(|next| next.saturating_add(ON_TIME + options.jitter_ms) < now_ms())
 }
 
 /// The schedule a job's attribute wrote (checked at compile time).
@@ -89,44 +118,71 @@ fn now_ms() -> u64 {
 enum Next {
     /// Publish the occurrence at this time.
     Publish(u64),
-    /// Nothing due: look again at this time.
+    /// Nothing to do yet: look again at this time.
     WaitUntil(u64),
     /// Never again (a cron expression without a future date).
     Never,
 }
 
 /// Decides what to do at `now`, given the last occurrence stored
-/// (`last`, if its time is known).
-fn decide(schedule: &Schedule, options: &JobOptions, last: Option<u64>, now: u64) -> Next {
-    let on_time = ON_TIME + options.jitter_ms;
+/// (`last`, if its time is known) and this replica's share of the jitter
+/// of an occurrence (`jitter(at)`, at most the job's `jitter`).
+fn decide(
+    schedule: &Schedule,
+    options: &JobOptions,
+    last: Option<u64>,
+    now: u64,
+    jitter: impl Fn(u64) -> u64,
+) -> Next {
+    let on_time = ON_TIME.saturating_add(options.jitter_ms);
     if let Some(due) = schedule.at_or_before(now)
         && last.is_none_or(|at| at < due)
     {
         let late = now - due;
         let run = match last {
-            // Never stored (a new job, or a stream that aged it out): only
-            // an occurrence on time, never one from before the job ran.
+            // Never stored (a new job, or a stream that lost it): only an
+            // occurrence on time, never one from before the job ran.
             None => late <= on_time,
             Some(_) => !options.skip_missed || late <= on_time,
         };
         if run {
-            return Next::Publish(due);
+            let start = due.saturating_add(jitter(due));
+            return if now < start {
+                Next::WaitUntil(start)
+            } else {
+                Next::Publish(due)
+            };
         }
     }
     match schedule.next_after(now.max(last.unwrap_or(0))) {
-        Some(next) => Next::WaitUntil(next),
+        Some(next) => Next::WaitUntil(next.saturating_add(jitter(next))),
         None => Next::Never,
     }
 }
 
 /// A replica's share of the jitter of the occurrence at `at`: the same
 /// for a replica and an occurrence, different across replicas.
-fn jitter(shared: &Shared, options: &JobOptions, at: u64) -> u64 {
+fn jitter(instance: &str, options: &JobOptions, at: u64) -> u64 {
     if options.jitter_ms == 0 {
         return 0;
     }
-    let seed = format!("{}:{at}", shared.config.instance_id);
-    xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) % (options.jitter_ms + 1)
+    let seed = format!("{instance}:{at}");
+    xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) % options.jitter_ms.saturating_add(1)
+}
+
+/// One job's scheduler on this replica.
+struct Scheduler {
+    spec: &'static HandlerSpec,
+    options: JobOptions,
+    schedule: Schedule,
+    /// Its stream was made (or found).
+    stream_ready: bool,
+    /// The newest occurrence this replica saw stored: what it goes by
+    /// when the stream's last message is not an occurrence (a replayed
+    /// dead letter).
+    newest: Option<u64>,
+    /// A warning about a last occurrence in the future was given.
+    warned_future: bool,
 }
 
 /// Schedules `spec` on this replica until the task is aborted (at
@@ -142,15 +198,26 @@ pub(crate) async fn schedule(shared: Arc<Shared>, spec: &'static HandlerSpec) {
             return;
         }
     };
-    let mut stream_ready = false;
+    let mut s = Scheduler {
+        spec,
+        options,
+        schedule,
+        stream_ready: false,
+        newest: None,
+        warned_future: false,
+    };
     let mut failing = Duration::ZERO;
     loop {
-        let wait = match round(&shared, spec, &options, &schedule, &mut stream_ready).await {
+        let wait = match s.round(&shared).await {
             Ok(wait) => {
                 failing = Duration::ZERO;
                 wait
             }
             Err(e) => {
+                if e.kind() == ErrorKind::NoHandler {
+                    // The stream is gone: made again next round.
+                    s.stream_ready = false;
+                }
                 // 100 ms, doubling to 5 s: a broker away is asked again
                 // soon after it is back.
                 failing = (failing * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
@@ -166,64 +233,86 @@ pub(crate) async fn schedule(shared: Arc<Shared>, spec: &'static HandlerSpec) {
     }
 }
 
-/// One look at the stream: publishes the occurrence due, if any, and
-/// says how long to wait before the next look.
-async fn round(
-    shared: &Shared,
-    spec: &'static HandlerSpec,
-    options: &JobOptions,
-    schedule: &Schedule,
-    stream_ready: &mut bool,
-) -> Result<Duration> {
-    let transport = shared.client.transport();
-    let subject = spec.subject();
-    if !*stream_ready {
-        bounded(transport.ensure_stream(subject, &shared.config.streams)).await?;
-        *stream_ready = true;
-    }
-    let last = bounded(transport.last_on(subject)).await?;
-    let last_at = last.as_ref().and_then(|(_, id)| occurrence_ms(id));
-    let now = now_ms();
-    match decide(schedule, options, last_at, now) {
-        Next::Publish(at) => {
-            let after = last.as_ref().map_or(0, |(seq, _)| *seq);
-            if !options.overlap && after > 0 {
-                let durable = spec.durable().unwrap_or(spec.name());
-                let out = bounded(transport.durable_outstanding(subject, durable)).await?;
-                let waiting = after.saturating_sub(out.ack_floor);
-                if out.ack_floor > 0 && waiting >= MAX_WAITING {
-                    tracing::warn!(
-                        job = spec.name(),
-                        waiting,
-                        "the job runs slower than its schedule: {waiting} occurrences wait; the next is \
-                         not stored until fewer do"
-                    );
-                    return Ok(Duration::from_millis(ON_TIME));
+impl Scheduler {
+    /// One look at the stream: publishes the occurrence due, if any, and
+    /// says how long to wait before the next look.
+    async fn round(&mut self, shared: &Shared) -> Result<Duration> {
+        let spec = self.spec;
+        let transport = shared.client.transport();
+        let subject = spec.subject();
+        if !self.stream_ready {
+            bounded(transport.ensure_job_stream(subject, &shared.config.streams)).await?;
+            self.stream_ready = true;
+        }
+        let last = bounded(transport.last_on(subject)).await?;
+        let now = now_ms();
+        let on_time = ON_TIME.saturating_add(self.options.jitter_ms);
+        let mut last_at = last.as_ref().and_then(|(_, id)| stored_time(spec, id));
+        if let Some(at) = last_at
+            && at > now.saturating_add(on_time)
+        {
+            if !self.warned_future {
+                self.warned_future = true;
+                tracing::warn!(
+                    job = spec.name(),
+                    last_ms = at,
+                    now_ms = now,
+                    "the job's last occurrence stored is in the future: a replica's clock runs ahead, or \
+                     it was published by hand; going by this replica's clock"
+                );
+            }
+            last_at = None;
+        }
+        let last_at = last_at.max(self.newest);
+        let instance = shared.config.instance_id.as_str();
+        let options = self.options;
+        match decide(&self.schedule, &options, last_at, now, |at| {
+            jitter(instance, &options, at)
+        }) {
+            Next::Publish(at) => {
+                let after = last.as_ref().map_or(0, |(seq, _)| *seq);
+                if after > 0 {
+                    let durable = spec.durable().unwrap_or(spec.name());
+                    let out = bounded(transport.durable_outstanding(subject, durable)).await?;
+                    let waiting = out.pending + out.ack_pending;
+                    if waiting >= MAX_WAITING {
+                        tracing::warn!(
+                            job = spec.name(),
+                            waiting,
+                            "the job runs slower than its schedule: {waiting} occurrences wait; the next is \
+                             not stored until fewer do"
+                        );
+                        return Ok(Duration::from_millis(ON_TIME));
+                    }
+                }
+                let id = occurrence_id(spec, at);
+                let headers = crate::wire::message_headers(true, 1, crate::wire::Cause::Id(&id));
+                let stored = bounded(transport.publish_after_seq(
+                    subject,
+                    headers,
+                    bytes::Bytes::new(),
+                    after,
+                    shared.config.request_timeout,
+                ))
+                .await?;
+                match stored {
+                    Appended::Stored | Appended::Repeated => {
+                        if stored == Appended::Stored {
+                            tracing::debug!(job = spec.name(), id, late_ms = now - at, "occurrence stored");
+                        }
+                        self.newest = self.newest.max(Some(at));
+                        let next = self.schedule.next_after(at).unwrap_or(u64::MAX);
+                        Ok(Duration::from_millis(next.saturating_sub(now)))
+                    }
+                    // Another replica stored something since: look again.
+                    Appended::Behind => Ok(Duration::ZERO),
                 }
             }
-            let id = occurrence_id(spec, at);
-            let headers = crate::wire::message_headers(true, 1, crate::wire::Cause::Id(&id));
-            let stored = bounded(transport.publish_after_seq(
-                subject,
-                headers,
-                bytes::Bytes::new(),
-                after,
-                shared.config.request_timeout,
-            ))
-            .await?;
-            if stored == Appended::Stored {
-                tracing::debug!(job = spec.name(), id, late_ms = now - at, "occurrence stored");
+            Next::WaitUntil(at) => Ok(Duration::from_millis(at.saturating_sub(now))),
+            Next::Never => {
+                tracing::warn!(job = spec.name(), "the job's schedule has no future occurrence");
+                Ok(LONGEST_WAIT)
             }
-            // Look again at once: the stream now has the newest.
-            Ok(Duration::ZERO)
-        }
-        Next::WaitUntil(next) => {
-            let wait = next.saturating_sub(now) + jitter(shared, options, next);
-            Ok(Duration::from_millis(wait))
-        }
-        Next::Never => {
-            tracing::warn!(job = spec.name(), "the job's schedule has no future occurrence");
-            Ok(LONGEST_WAIT)
         }
     }
 }
@@ -272,17 +361,20 @@ fn written(ms: u64) -> String {
     }
 }
 
-/// `spec`'s listing.
-pub(crate) async fn info(shared: &Shared, spec: &'static HandlerSpec) -> Result<Option<JobInfo>> {
+/// `spec`'s listing, its last occurrence read from the job's stream
+/// through `transport`.
+pub(crate) async fn info(
+    transport: &crate::transport::Transport,
+    spec: &'static HandlerSpec,
+) -> Result<Option<JobInfo>> {
     let Some(options) = spec.job() else {
         return Ok(None);
     };
     let schedule = schedule_of(options)?;
-    let transport = shared.client.transport();
     let last = match bounded(transport.last_on(spec.subject())).await {
-        Ok(last) => last.and_then(|(_, id)| occurrence_ms(&id)),
+        Ok(last) => last.and_then(|(_, id)| stored_time(spec, &id)),
         // Its stream is not made yet: nothing stored.
-        Err(e) if e.kind() != ErrorKind::Timeout => None,
+        Err(e) if e.kind() == ErrorKind::NoHandler => None,
         Err(e) => return Err(e),
     };
     let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
@@ -310,13 +402,36 @@ mod tests {
         }
     }
 
+    fn none(_: u64) -> u64 {
+        0
+    }
+
     #[test]
     fn an_occurrence_is_published_once_its_time_comes() {
         let s = Schedule::Every(500);
         let o = options(false, 0);
-        assert_eq!(decide(&s, &o, Some(1_000), 1_499), Next::WaitUntil(1_500));
-        assert_eq!(decide(&s, &o, Some(1_000), 1_500), Next::Publish(1_500));
-        assert_eq!(decide(&s, &o, Some(1_500), 1_700), Next::WaitUntil(2_000));
+        assert_eq!(decide(&s, &o, Some(1_000), 1_499, none), Next::WaitUntil(1_500));
+        assert_eq!(decide(&s, &o, Some(1_000), 1_500, none), Next::Publish(1_500));
+        assert_eq!(decide(&s, &o, Some(1_500), 1_700, none), Next::WaitUntil(2_000));
+    }
+
+    #[test]
+    fn a_replica_waits_for_its_share_of_the_jitter() {
+        let s = Schedule::Every(3_600_000);
+        let o = options(false, 30_000);
+        let mine = |_| 20_000;
+        assert_eq!(
+            decide(&s, &o, Some(3_600_000), 7_200_000 + 5_000, mine),
+            Next::WaitUntil(7_220_000)
+        );
+        assert_eq!(
+            decide(&s, &o, Some(3_600_000), 7_220_000, mine),
+            Next::Publish(7_200_000)
+        );
+        assert_eq!(
+            decide(&s, &o, Some(7_200_000), 7_220_000, mine),
+            Next::WaitUntil(10_820_000)
+        );
     }
 
     #[test]
@@ -324,22 +439,22 @@ mod tests {
         let s = Schedule::Every(500);
         // Down from 1,000 to 60,200: the newest due is 60,000.
         assert_eq!(
-            decide(&s, &options(false, 0), Some(1_000), 60_200),
+            decide(&s, &options(false, 0), Some(1_000), 60_200, none),
             Next::Publish(60_000)
         );
         assert_eq!(
-            decide(&s, &options(true, 0), Some(1_000), 60_200),
+            decide(&s, &options(true, 0), Some(1_000), 60_200, none),
             Next::Publish(60_000)
         );
         // Every hour, found 30 minutes late.
         let hourly = Schedule::Every(3_600_000);
         let late = 7_200_000 + 1_800_000;
         assert_eq!(
-            decide(&hourly, &options(false, 0), Some(3_600_000), late),
+            decide(&hourly, &options(false, 0), Some(3_600_000), late, none),
             Next::Publish(7_200_000)
         );
         assert_eq!(
-            decide(&hourly, &options(true, 0), Some(3_600_000), late),
+            decide(&hourly, &options(true, 0), Some(3_600_000), late, none),
             Next::WaitUntil(10_800_000)
         );
         // The jitter is part of being on time.
@@ -348,7 +463,8 @@ mod tests {
                 &hourly,
                 &options(true, 600_000),
                 Some(3_600_000),
-                7_200_000 + 500_000
+                7_200_000 + 500_000,
+                none
             ),
             Next::Publish(7_200_000)
         );
@@ -358,45 +474,70 @@ mod tests {
     fn a_new_job_does_not_run_an_occurrence_from_before() {
         let hourly = Schedule::Every(3_600_000);
         assert_eq!(
-            decide(&hourly, &options(false, 0), None, 7_200_000 + 1_800_000),
+            decide(&hourly, &options(false, 0), None, 7_200_000 + 1_800_000, none),
             Next::WaitUntil(10_800_000)
         );
         assert_eq!(
-            decide(&hourly, &options(false, 0), None, 7_200_000 + 300),
+            decide(&hourly, &options(false, 0), None, 7_200_000 + 300, none),
             Next::Publish(7_200_000)
         );
     }
 
+    struct Never;
+    impl crate::registry::JobHandler for Never {
+        async fn call(_: crate::Context) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn spec(name: &'static str, options: Option<JobOptions>) -> HandlerSpec {
+        HandlerSpec::for_job::<Never>(
+            name,
+            "catga.job.app.expire",
+            crate::registry::HandlerOptions {
+                job: options,
+                ..crate::registry::HandlerOptions::DEFAULT
+            },
+        )
+    }
+
     #[test]
     fn occurrence_ids_carry_their_time_and_fit() {
-        struct Never;
-        impl crate::registry::JobHandler for Never {
-            async fn call(_: crate::Context) -> Result<()> {
-                Ok(())
-            }
-        }
         let long: &'static str = Box::leak("m::".repeat(200).into_boxed_str());
         for name in ["app::jobs::expire", long] {
-            let spec = HandlerSpec::for_job::<Never>(
-                name,
-                "catga.job.app.expire",
-                crate::registry::HandlerOptions::DEFAULT,
-            );
+            let spec = spec(name, None);
             let id = occurrence_id(&spec, 1_796_547_600_000);
             assert!(id.len() <= crate::wire::MAX_ID_LEN, "{id}");
+            assert_eq!(stored_time(&spec, &id), Some(1_796_547_600_000));
             assert_eq!(
                 crate::wire::occurrence_of("catga.job.app.expire", &id),
                 Some(UNIX_EPOCH + Duration::from_millis(1_796_547_600_000))
             );
         }
         assert_eq!(crate::wire::occurrence_of("evt.x", "a:1"), None);
-        // A replayed dead letter keeps its time; the scheduler does not
-        // take it for one it stored.
+        // A replayed dead letter keeps its time for the handler; the
+        // scheduler does not take it, nor another job's id, nor a forged
+        // one, for an occurrence it stored.
+        let spec = spec("app::expire", None);
         assert_eq!(
             crate::wire::occurrence_of("catga.job.app.expire", "app::expire:1500.replay7"),
             Some(UNIX_EPOCH + Duration::from_millis(1_500))
         );
-        assert_eq!(occurrence_ms("app::expire:1500.replay7"), None);
-        assert_eq!(occurrence_ms("app::expire:+15"), None);
+        assert_eq!(stored_time(&spec, "app::expire:1500.replay7"), None);
+        assert_eq!(stored_time(&spec, "app::expire:+15"), None);
+        assert_eq!(stored_time(&spec, "x:99999999999999"), None);
+        assert_eq!(stored_time(&spec, "app::other:1500"), None);
+    }
+
+    #[test]
+    fn only_an_occurrence_whose_successor_is_long_due_is_skipped() {
+        let skip = spec("app::expire", Some(options(true, 0)));
+        let keep = spec("app::expire", Some(options(false, 0)));
+        let now = now_ms();
+        let old = occurrence_id(&skip, now / 500 * 500 - 5_000);
+        let fresh = occurrence_id(&skip, now / 500 * 500);
+        assert!(superseded(&skip, &old));
+        assert!(!superseded(&skip, &fresh));
+        assert!(!superseded(&keep, &old), "`latest` runs what was stored");
     }
 }

@@ -1105,6 +1105,7 @@ async fn route(
         stream: None,
         pull_expires: PULL_EXPIRES,
         in_order: true,
+        from_last: false,
     };
     let base = partition_base(&shared.config.service, spec);
     let partitions = spec.partitions().unwrap_or(1);

@@ -43,6 +43,7 @@ mod watch;
 
 pub use builder::RuntimeBuilder;
 pub use entry::{init_telemetry, run, start};
+pub(crate) use jobs::info as job_info;
 pub use jobs::{DelayedInfo, JobInfo};
 pub use ready::Readiness;
 pub use replica::Runtime;

@@ -537,6 +537,13 @@ async fn call(
         ),
         None => None,
     };
+    if super::jobs::superseded(served.spec, meta.message_id()) {
+        // `missed = "skip"`: an occurrence whose successor came due before
+        // it could run (its replicas were down, or it waited behind a
+        // failed run) is done without running.
+        tracing::info!(id = meta.message_id(), "job occurrence skipped: it is missed");
+        return Ok(Bytes::new());
+    }
     let work = work_for(served, shared, meta, &payload, claim)?;
     let ctx = Context::new(
         shared.client.clone(),

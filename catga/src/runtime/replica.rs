@@ -24,6 +24,10 @@ pub struct Runtime {
     /// subscribing and the draining, so that they never interleave.
     pub(crate) serving: Arc<tokio::sync::Mutex<HashMap<&'static str, Serving>>>,
     pub(crate) background: Vec<JoinHandle<()>>,
+    /// The recurring jobs' schedulers: stopped first at shutdown, so that
+    /// no occurrence is stored while the replicas drain (it would run
+    /// whenever the service next starts).
+    pub(crate) schedulers: Vec<JoinHandle<()>>,
     /// The leadership loop, when some handler is `leader`.
     pub(crate) leader: Option<JoinHandle<()>>,
     /// The keyed sagas served: their ownership loop and partitions.
@@ -227,7 +231,7 @@ impl Runtime {
     pub async fn jobs(&self) -> Result<Vec<super::JobInfo>> {
         let mut out = Vec::new();
         for spec in &self.handlers {
-            if let Some(info) = super::jobs::info(&self.shared, spec).await? {
+            if let Some(info) = super::jobs::info(self.shared.client.transport(), spec).await? {
                 out.push(info);
             }
         }
@@ -294,6 +298,10 @@ impl Runtime {
     /// (its requests answer "unavailable") and an error is returned.
     pub async fn shutdown(mut self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.shared.config.drain_timeout;
+        for s in std::mem::take(&mut self.schedulers) {
+            s.abort();
+            let _ = s.await;
+        }
         // No leader handler or partition may start while the rest drains.
         if let Some(leader) = self.leader.take() {
             leader.abort();
@@ -350,7 +358,7 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        for b in &self.background {
+        for b in self.background.iter().chain(&self.schedulers) {
             b.abort();
         }
         if let Some(http) = &self.http {

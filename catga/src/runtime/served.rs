@@ -60,7 +60,8 @@ impl Served {
         let mut limit = spec.concurrency().unwrap_or(config.concurrency).max(1);
         let mut max_ack_pending = (limit * parallel * 4).max(256);
         let mut ack_wait = config.ack_wait;
-        if let Some(job) = spec.job() {
+        let job = spec.job();
+        if let Some(job) = job {
             // One occurrence at a time over every replica, unless the job
             // allows overlapping runs.
             if !job.overlap {
@@ -80,6 +81,7 @@ impl Served {
                     stream: None,
                     pull_expires: Duration::from_secs(30),
                     in_order: false,
+                    from_last: job.is_some(),
                 },
             )
         });
@@ -133,6 +135,7 @@ impl Served {
                 // One message at a time: the broker delivers nothing past
                 // a message a lost request took until it comes back.
                 in_order: false,
+                from_last: false,
             },
         ));
         served.partition = Some(partition);
@@ -154,9 +157,15 @@ impl Served {
                 transport
                     .ensure_dead_letters(&shared.config.service, &shared.config.streams)
                     .await?;
-                transport
-                    .ensure_stream(&self.to.subject, &shared.config.streams)
-                    .await?;
+                if self.spec.job().is_some() {
+                    transport
+                        .ensure_job_stream(&self.to.subject, &shared.config.streams)
+                        .await?;
+                } else {
+                    transport
+                        .ensure_stream(&self.to.subject, &shared.config.streams)
+                        .await?;
+                }
                 transport.durable_subscribe(&self.to.subject, name, options).await
             }
         }

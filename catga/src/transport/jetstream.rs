@@ -213,6 +213,11 @@ impl NatsTransport {
             // and then never delivered again: neither handled nor kept.
             max_deliver: -1,
             max_ack_pending: options.max_ack_pending as i64,
+            deliver_policy: if options.from_last {
+                consumer::DeliverPolicy::LastPerSubject
+            } else {
+                consumer::DeliverPolicy::All
+            },
             ..Default::default()
         };
         let consumer: consumer::PullConsumer = stream
@@ -432,11 +437,13 @@ impl NatsTransport {
         match stream.consumer_info(durable).await {
             Ok(info) => Ok(super::Outstanding {
                 ack_pending: info.num_ack_pending as u64,
+                pending: info.num_pending,
                 waiting: info.num_waiting as u64,
                 ack_floor: info.ack_floor.stream_sequence,
             }),
             Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => Ok(super::Outstanding {
                 ack_pending: 0,
+                pending: 0,
                 waiting: 0,
                 ack_floor: 0,
             }),
@@ -477,8 +484,29 @@ impl NatsTransport {
                 Ok(Some((m.sequence, id)))
             }
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) if e.to_string().to_ascii_lowercase().contains("stream not found") => Err(Error::new(
+                ErrorKind::NoHandler,
+                format!("no stream stores subject {subject}"),
+            )),
             Err(e) => Err(js_error("message lookup", e)),
         }
+    }
+
+    /// Creates the stream of a recurring job's subject, or brings its
+    /// settings in line: kept without an age limit (the last occurrence
+    /// tells when the job last ran, however long its period), at most
+    /// [`JOB_STREAM_MESSAGES`] messages.
+    pub(crate) async fn ensure_job_stream(&self, subject: &str, settings: &StreamSettings) -> Result<()> {
+        let mut config = stream_config(
+            stream_name(subject),
+            vec![subject.to_owned()],
+            settings,
+            Duration::ZERO,
+        );
+        config.max_messages = JOB_STREAM_MESSAGES;
+        self.ensure(config).await?;
+        self.remember_stream(subject, true);
+        Ok(())
     }
 
     /// Stores a message on `subject` only if the last message on that
@@ -502,10 +530,10 @@ impl NatsTransport {
             match ack.await {
                 Ok(stored) if stored.duplicate => Ok(super::Appended::Repeated),
                 Ok(stored) => stored_at(subject, &stored).map(|()| super::Appended::Stored),
-                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                    Ok(super::Appended::Behind)
-                }
-                Err(e) => Err(publish_error(subject, e)),
+                Err(e) => match lost_race(&e) {
+                    Some(how) => Ok(how),
+                    None => Err(publish_error(subject, e)),
+                },
             }
         };
         tokio::time::timeout(timeout, run)
@@ -605,10 +633,6 @@ impl NatsTransport {
 /// Checks an acknowledgement: a stream sequence of 0 (servers before 2.11
 /// answered a repeat of a message they had not stored yet with it, in a
 /// cluster) means the message may not be stored.
-/// The header that makes a publish conditional on the last message of
-/// its subject.
-const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
-
 fn stored_at(subject: &str, ack: &jetstream::publish::PublishAck) -> Result<()> {
     if ack.sequence == 0 {
         return Err(Error::new(
@@ -633,6 +657,35 @@ fn no_ack(subject: &str, timeout: Duration) -> Error {
 /// stream's message size, an expectation that cannot hold), so that
 /// sending it again cannot help. Limits of the account or the server
 /// (10002, 10023, 10047, 10028) may pass: those stay retryable.
+/// The most messages a job's stream keeps: ten times the occurrences a
+/// job may have waiting (see `runtime::jobs::MAX_WAITING`).
+const JOB_STREAM_MESSAGES: i64 = 1000;
+
+/// The header that makes a publish conditional on the last message of
+/// its subject.
+const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// Whether a conditional publish lost to another one: the subject moved
+/// on (10071, or 10164 when a clustered stream's leader checks it before
+/// proposing), or a copy with the same id is being stored (10158, also
+/// on a clustered stream). async-nats reports the last two as `Other`.
+fn lost_race(e: &jetstream::context::PublishError) -> Option<super::Appended> {
+    use jetstream::ErrorCode as C;
+    if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence {
+        return Some(super::Appended::Behind);
+    }
+    let code = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .map(jetstream::Error::error_code)?;
+    match code {
+        C::STREAM_WRONG_LAST_SEQUENCE | C::STREAM_WRONG_LAST_SEQUENCE_CONSTANT => {
+            Some(super::Appended::Behind)
+        }
+        C::STREAM_DUPLICATE_MESSAGE_CONFLICT => Some(super::Appended::Repeated),
+        _ => None,
+    }
+}
+
 fn refused_for_good(e: &jetstream::context::PublishError) -> bool {
     use jetstream::ErrorCode as C;
     std::error::Error::source(e)

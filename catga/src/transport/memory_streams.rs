@@ -253,12 +253,12 @@ impl Streams {
                 format!("no stream stores subject {subject}"),
             ));
         };
-        let first = stream
-            .messages
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(stream.last_seq + 1);
+        let first = if options.from_last {
+            stream.messages.keys().next_back().copied()
+        } else {
+            stream.messages.keys().next().copied()
+        }
+        .unwrap_or(stream.last_seq + 1);
         let consumer = stream
             .consumers
             .entry(durable.to_owned())
@@ -333,17 +333,19 @@ impl Streams {
         ))
     }
 
-    /// Messages `durable` was given and has not acknowledged, and the
-    /// sequence up to which every message is acknowledged.
-    pub(crate) fn outstanding(&self, subject: &str, durable: &str) -> (u64, u64) {
-        lock(&self.inner)
-            .streams
-            .get(subject)
-            .and_then(|s| s.consumers.get(durable))
-            .map_or((0, 0), |c| {
-                let first_open = c.pending.keys().next().copied().unwrap_or(c.next);
-                (c.pending.len() as u64, first_open.saturating_sub(1))
-            })
+    /// Messages `durable` was given and has not acknowledged, those it
+    /// was not given yet, and the sequence up to which every message is
+    /// acknowledged.
+    pub(crate) fn outstanding(&self, subject: &str, durable: &str) -> (u64, u64, u64) {
+        let inner = lock(&self.inner);
+        let Some(stream) = inner.streams.get(subject) else {
+            return (0, 0, 0);
+        };
+        stream.consumers.get(durable).map_or((0, 0, 0), |c| {
+            let first_open = c.pending.keys().next().copied().unwrap_or(c.next);
+            let undelivered = stream.messages.range(c.next..).count() as u64;
+            (c.pending.len() as u64, undelivered, first_open.saturating_sub(1))
+        })
     }
 
     fn settle(&self, subject: &str, durable: &str, seq: u64, redeliver_in: Option<Duration>) {

@@ -74,6 +74,10 @@ pub(crate) struct DurableOptions {
     /// lets what the lost request took come back before it pulls again
     /// (see `keyed::route`).
     pub in_order: bool,
+    /// A consumer created now starts at the stream's last message, not
+    /// its first (a job's: re-created, it must not run every occurrence
+    /// the stream keeps).
+    pub from_last: bool,
 }
 
 /// What became of a conditional publish
@@ -95,6 +99,8 @@ pub(crate) enum Appended {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Outstanding {
     pub ack_pending: u64,
+    /// Messages not delivered yet.
+    pub pending: u64,
     pub waiting: u64,
     /// The stream sequence up to which every message is acknowledged.
     pub ack_floor: u64,
@@ -483,6 +489,26 @@ impl Transport {
         }
     }
 
+    /// Creates the stream of a recurring job's subject (no age limit, a
+    /// bounded count on NATS), or brings its settings in line.
+    pub(crate) async fn ensure_job_stream(
+        &self,
+        subject: &str,
+        settings: &crate::config::StreamSettings,
+    ) -> Result<()> {
+        match &self.0 {
+            Kind::Nats(t) => t.ensure_job_stream(subject, settings).await,
+            Kind::Memory(bus) => {
+                let kept = crate::config::StreamSettings {
+                    max_age: Duration::MAX,
+                    ..settings.clone()
+                };
+                bus.streams().ensure(subject, &kept);
+                Ok(())
+            }
+        }
+    }
+
     /// Creates the streams of a keyed saga's partitions `<base>.0` to
     /// `<base>.<partitions - 1>`: `settings.saga_streams` streams on NATS
     /// (see [`partition_streams`]), one per partition on the embedded bus
@@ -708,9 +734,10 @@ impl Transport {
         match &self.0 {
             Kind::Nats(t) => t.durable_outstanding(subject, durable).await,
             Kind::Memory(bus) => {
-                let (ack_pending, ack_floor) = bus.streams().outstanding(subject, durable);
+                let (ack_pending, pending, ack_floor) = bus.streams().outstanding(subject, durable);
                 Ok(Outstanding {
                     ack_pending,
+                    pending,
                     waiting: 0,
                     ack_floor,
                 })

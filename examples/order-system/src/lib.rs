@@ -2,6 +2,7 @@
 //! clients (the demo driver, tests, other services) share the message types.
 
 pub mod demo;
+pub mod expiry;
 pub mod fulfilment;
 pub mod invoicing;
 pub mod load;

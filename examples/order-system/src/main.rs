@@ -5,7 +5,9 @@
 //! (`ORDER_COURIER_REFUSALS` percent of orders find no courier and are
 //! compensated); an invoicing saga per paid order, keyed by customer (a
 //! customer's invoices numbered in payment order, customers spread over
-//! the replicas); a queue-grouped notifier. A demo driver pushes orders through
+//! the replicas); a queue-grouped notifier; a payment reminder delayed
+//! after each order (`ORDER_REMIND_AFTER_MS`) and a job that expires
+//! unpaid orders (`ORDER_EXPIRE_AFTER_MS`, see `expiry`). A demo driver pushes orders through
 //! their lifecycle so that the example shows something out of the box.
 //!
 //! ```text
@@ -17,6 +19,8 @@
 //!                                                        # the `catga` CLI's commands)
 //! cargo run -p order-system -- load 1000 16              # a load client: 1000 orders, 16 at once
 //! cargo run -p order-system -- sagas 20                  # the newest 20 fulfilment sagas (REDIS_URL)
+//! cargo run -p order-system -- jobs                      # the expiry job: next and last occurrence
+//! cargo run -p order-system -- delayed 20                # the 20 soonest payment reminders (REDIS_URL)
 //! order-system probe 127.0.0.1:8080 /ready               # exit 0 if the endpoint answers 200
 //! ```
 //!
@@ -39,7 +43,7 @@ async fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         // The operator CLI's commands (`catga dlq ...`, `catga sagas ...`),
         // for an image that ships only this binary.
-        Some("dlq" | "sagas" | "services" | "outbox") => {
+        Some("dlq" | "sagas" | "services" | "outbox" | "delayed" | "jobs") => {
             print!("{}", catga::cli::run(&args, Config::from_env()?).await?);
             return Ok(());
         }

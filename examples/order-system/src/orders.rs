@@ -253,6 +253,16 @@ async fn create_order(ctx: &Context, cmd: CreateOrder) -> Result<OrderId> {
             total_cents,
         })
         .await?;
+    // Committed with the order: the reminder comes whatever happens to
+    // this replica (see `expiry`).
+    ctx.publish_after(
+        crate::expiry::remind_after(),
+        crate::expiry::PaymentReminder {
+            id: id.clone(),
+            placed_ms: crate::expiry::unix_ms(std::time::SystemTime::now()),
+        },
+    )
+    .await?;
     tracing::info!(order = %id, total_cents, replica = ctx.instance_id(), "order created");
     Ok(id)
 }
