@@ -28,10 +28,13 @@
 //! 11. Rebalance: partitions and keys that move when a replica leaves or
 //!     joins.
 //! 12. Saga journal overhead per step.
+//! 13. Store shards: one Redis master against three.
+//! 14. Time: how late delayed messages and job occurrences fire with 1,
+//!     1,000 and 100,000 delayed messages pending, and their cost.
 //!
 //! `BENCH_SECONDS` sets the measuring time per cell (default 3);
 //! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256);
-//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards`
+//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards,time`
 //! picks sections;
 //! `BENCH_BURST` sets the fan-out burst (default 1,000,000).
 
@@ -85,6 +88,7 @@ mod reliable;
 mod reqreply;
 mod sagas;
 mod shards;
+mod time;
 
 #[tokio::main]
 async fn main() {
@@ -151,5 +155,8 @@ async fn main() {
     }
     if selected("shards") {
         shards::shards(duration).await;
+    }
+    if selected("time") {
+        time::time().await;
     }
 }

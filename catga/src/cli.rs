@@ -193,7 +193,7 @@ pub async fn run(args: &[String], mut config: Config) -> Result<String> {
             outbox(config, json).await
         }
         Some("delayed") => {
-            at_most(3)?;
+            at_most(if rest.get(1) == Some(&"cancel") { 3 } else { 2 })?;
             delayed(&rest[1..], config, json).await
         }
         Some("jobs") => {
@@ -510,10 +510,8 @@ async fn delayed(args: &[&str], config: Config, json: bool) -> Result<String> {
             .collect();
         return Ok(done(true, Value::Array(all), String::new()));
     }
-    let mut out = format!(
-        "{} delayed messages waiting (the {n} soonest shown)\n",
-        found.len()
-    );
+    let total = store.delayed_count().await?;
+    let mut out = format!("{total} delayed messages waiting; the {} soonest:\n", found.len());
     for (id, subject, due) in &found {
         let at = std::time::UNIX_EPOCH + Duration::from_millis(*due);
         let _ = writeln!(out, "{id}  {subject}  due {}", relative(at));

@@ -436,7 +436,7 @@ impl std::fmt::Debug for Context {
 /// The id of the `n`th message a handler sends while handling `parent`:
 /// the same on every run of the handler, so that a run repeated after a
 /// crash sends what its receivers (if idempotent) recognise.
-fn child_id(parent: &str, n: u64) -> String {
+pub(crate) fn child_id(parent: &str, n: u64) -> String {
     if parent.len() + 24 <= wire::MAX_ID_LEN {
         return format!("{parent}.{n}");
     }
@@ -486,6 +486,21 @@ impl Context {
                 child_id(self.meta.message_id(), n).as_str(),
             );
         }
+        h
+    }
+
+    /// The headers of a delayed event this handler sends: like
+    /// [`child_headers`](Self::child_headers), with an id derived from this
+    /// message's and this handler's name in every handler (not only an
+    /// idempotent one): a run repeated (a retry, a redelivery) schedules
+    /// the same message again, which replaces the one waiting rather than
+    /// adding a second, and two handlers of one message schedule two.
+    pub(crate) fn delayed_headers(&self, version: u32) -> HeaderMap {
+        let mut h = wire::message_headers(true, version, Cause::Parent(&self.meta));
+        let n = self.work.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let handler = xxhash_rust::xxh3::xxh3_64(self.handler.as_bytes()) as u32;
+        let id = wire::bounded_id(format!("{}~{handler:08x}", child_id(self.meta.message_id(), n)));
+        h.insert(wire::headers::MESSAGE_ID, id.as_str());
         h
     }
 

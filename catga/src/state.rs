@@ -108,7 +108,7 @@ impl Context {
     /// [`publish_at`](Self::publish_at)); returns its message id, which
     /// [`Runtime::cancel_delayed`](crate::Runtime::cancel_delayed) takes.
     pub async fn publish_after<E: Event>(&self, delay: std::time::Duration, event: E) -> Result<String> {
-        self.publish_at(std::time::SystemTime::now() + delay, event).await
+        self.publish_at(after_now(delay)?, event).await
     }
 
     /// Publishes `event` at `at`, not before: it waits in the service's
@@ -118,9 +118,13 @@ impl Context {
     /// keyed saga, at once otherwise. When it is due, the outbox relay
     /// stores it in its subject's stream like any event of the outbox, so
     /// it survives restarts of every replica and of the broker, and
-    /// durable handlers get it once. Returns its message id.
+    /// durable handlers get it once. Returns its message id, derived from
+    /// the message being handled, the handler and the order of its sends:
+    /// a run repeated schedules the same message again, replacing the
+    /// one waiting.
     pub async fn publish_at<E: Event>(&self, at: std::time::SystemTime, event: E) -> Result<String> {
-        let mut entry = self.outbox_entry(&event)?;
+        let headers = self.delayed_headers(E::VERSION);
+        let mut entry = outbox_entry(self.client().transport(), headers, &event)?;
         entry.due_ms = Some(unix_ms(at));
         let id = entry.id.clone();
         if let Some(staged) = &self.work().staged {
@@ -344,4 +348,12 @@ pub(crate) fn outbox_entry<E: Event>(
 pub(crate) fn unix_ms(at: std::time::SystemTime) -> u64 {
     at.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Now plus `delay`, or an invalid-input error for a delay past what a
+/// clock can tell.
+pub(crate) fn after_now(delay: std::time::Duration) -> Result<std::time::SystemTime> {
+    std::time::SystemTime::now()
+        .checked_add(delay)
+        .ok_or_else(|| Error::invalid(format!("a delay of {delay:?} is past the end of time")))
 }

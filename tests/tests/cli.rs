@@ -297,6 +297,7 @@ async fn the_cli_shows_and_operates_a_running_service() {
         &["--jsn", "services"],
         &["sagas", "x"],
         &["delayed", "x"],
+        &["delayed", "5", "junk"],
         &["delayed", "cancel"],
         &["jobs", "extra"],
         &["--service"],

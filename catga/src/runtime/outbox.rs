@@ -158,10 +158,6 @@ struct Relay {
 /// a shard.
 const DELAYED_POLL: Duration = Duration::from_millis(250);
 
-fn unix_now_ms() -> u64 {
-    crate::state::unix_ms(std::time::SystemTime::now())
-}
-
 impl Relay {
     /// Whether `chain` is left alone right now.
     fn waiting(&self, chain: &str, now: Instant) -> bool {
@@ -176,7 +172,16 @@ impl Relay {
     async fn round(&mut self, shared: &Shared, lease: &Lease, shard: u32, block: Duration) -> Result<usize> {
         let store = &shared.store;
         let transport = shared.client.transport();
-        let block = block.min(self.release_due(shared, shard).await?);
+        // A failed release (the shard's master away, or out of memory)
+        // does not hold back what is in the outbox already: it is tried
+        // again at the next look.
+        let block = match self.release_due(shared, shard).await {
+            Ok(wait) => block.min(wait),
+            Err(e) => {
+                tracing::debug!(error = %e, shard, "delayed messages could not be released yet");
+                block.min(DELAYED_POLL)
+            }
+        };
         let Page {
             ids,
             entries,
@@ -241,8 +246,6 @@ impl Relay {
         }
     }
 
-    /// Reads the oldest entries (waiting up to `block` for one), and while
-    /// streams are suspended, up to [`PAGES`] pages past their entries.
     /// Moves the delayed messages of `shard` that came due to its outbox
     /// (in due order, behind what is there), when it is time to look;
     /// how long until the next look.
@@ -253,12 +256,13 @@ impl Relay {
         {
             return Ok(*at - now);
         }
-        let now_ms = unix_now_ms();
-        let (moved, next) = shared.store.delayed_release(shard, now_ms, BATCH).await?;
+        // Looked at again in a moment whatever the outcome.
+        self.release_at.insert(shard, now + DELAYED_POLL);
+        let (moved, next) = shared.store.delayed_release(shard, BATCH).await?;
         let wait = match next {
             // More were due than one batch: the next round looks again.
             _ if moved >= BATCH => Duration::ZERO,
-            Some(next) => DELAYED_POLL.min(Duration::from_millis(next.saturating_sub(now_ms))),
+            Some(next) => DELAYED_POLL.min(next),
             None => DELAYED_POLL,
         };
         if moved > 0 {
@@ -268,6 +272,8 @@ impl Relay {
         Ok(wait)
     }
 
+    /// Reads the oldest entries (waiting up to `block` for one), and while
+    /// streams are suspended, up to [`PAGES`] pages past their entries.
     async fn read(&self, shared: &Shared, shard: u32, block: Duration) -> Result<Page> {
         let store = &shared.store;
         let transport = shared.client.transport();

@@ -182,7 +182,7 @@ impl Runtime {
     /// Publishes `event` once `delay` has passed; see
     /// [`publish_at`](Self::publish_at).
     pub async fn publish_after<E: crate::Event>(&self, delay: Duration, event: E) -> Result<String> {
-        self.publish_at(std::time::SystemTime::now() + delay, event).await
+        self.publish_at(crate::state::after_now(delay)?, event).await
     }
 
     /// Publishes `event` at `at`, not before, from outside a handler (in

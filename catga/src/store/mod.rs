@@ -597,18 +597,36 @@ impl Store {
         }
     }
 
-    /// Moves a shard's delayed entries due by `now_ms` (at most `limit`)
-    /// to its outbox, in due order; how many moved, and when the next one
-    /// is due.
+    /// Moves a shard's delayed entries due by now (at most `limit`) to
+    /// its outbox, in due order; how many moved, and how long until the
+    /// next one is due. Redis decides "now" by its clock, the same for
+    /// every relay.
     pub(crate) async fn delayed_release(
         &self,
         shard: u32,
-        now_ms: u64,
         limit: usize,
-    ) -> Result<(usize, Option<u64>)> {
+    ) -> Result<(usize, Option<Duration>)> {
         match &self.0.kind {
-            Kind::Redis(s) => s.delayed_release(shard, now_ms, limit).await,
-            Kind::Memory(s) => Ok(s.delayed_release(now_ms, limit)),
+            Kind::Redis(s) => s.delayed_release(shard, limit).await,
+            Kind::Memory(s) => {
+                let now = crate::state::unix_ms(std::time::SystemTime::now());
+                let (moved, next) = s.delayed_release(now, limit);
+                Ok((moved, next.map(|n| Duration::from_millis(n.saturating_sub(now)))))
+            }
+        }
+    }
+
+    /// Delayed messages waiting, in every shard.
+    pub(crate) async fn delayed_count(&self) -> Result<u64> {
+        match &self.0.kind {
+            Kind::Redis(s) => {
+                let mut n = 0;
+                for shard in 0..s.shard_count() {
+                    n += s.delayed_count(shard).await?;
+                }
+                Ok(n)
+            }
+            Kind::Memory(s) => Ok(s.delayed_list(usize::MAX).len() as u64),
         }
     }
 

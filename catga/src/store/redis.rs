@@ -379,13 +379,15 @@ end
 return out
 ";
 
-/// Moves the delayed entries due by `ARGV[1]` (unix ms), at most
-/// `ARGV[2]`, from the delayed set and hash (KEYS[1], KEYS[2]) to the
-/// end of the outbox (KEYS[3]), in due order; returns how many moved and
-/// the due time of the next one (or -1). One script: an entry is moved
-/// once, whichever relay runs it.
+/// Moves the delayed entries due by now (Redis' clock, the same for
+/// every relay; unix ms), at most `ARGV[1]`, from the delayed set and
+/// hash (KEYS[1], KEYS[2]) to the end of the outbox (KEYS[3]), in due
+/// order; returns how many moved, the due time of the next one (or -1)
+/// and now. One script: an entry is moved once, whichever relay runs it.
 const DELAYED_RELEASE: &str = r"
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
 for _, id in ipairs(ids) do
   local f = redis.call('HMGET', KEYS[2], id .. ':s', id .. ':h', id .. ':p')
   if f[1] then
@@ -395,7 +397,7 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
 end
 local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {#ids, tonumber(next[2] or '-1')}
+return {#ids, tonumber(next[2] or '-1'), now}
 ";
 
 /// Cancels the delayed entry `ARGV[1]` (KEYS: its set and hash): 1 if it
@@ -789,26 +791,29 @@ impl RedisStore {
         format!("{}:delayed:e", self.shard(shard))
     }
 
-    /// Moves a shard's delayed entries due by `now_ms` (at most `limit`)
-    /// to its outbox; how many moved, and when the next is due.
+    /// Moves a shard's delayed entries due by now, by Redis' clock (at
+    /// most `limit`), to its outbox; how many moved, and how long until
+    /// the next is due.
     pub(crate) async fn delayed_release(
         &self,
         shard: u32,
-        now_ms: u64,
         limit: usize,
-    ) -> Result<(usize, Option<u64>)> {
+    ) -> Result<(usize, Option<Duration>)> {
         let mut c = self.conn.clone();
-        let (moved, next): (usize, i64) = self
+        let (moved, next, now): (usize, i64, i64) = self
             .delayed_release
             .key(self.delayed_key(shard))
             .key(self.delayed_entries_key(shard))
             .key(self.outbox(shard))
-            .arg(now_ms)
             .arg(limit)
             .invoke_async(&mut c)
             .await
             .map_err(map_err)?;
-        Ok((moved, u64::try_from(next).ok()))
+        let now = u64::try_from(now).unwrap_or(0);
+        let until = u64::try_from(next)
+            .ok()
+            .map(|next| Duration::from_millis(next.saturating_sub(now)));
+        Ok((moved, until))
     }
 
     /// Cancels a delayed entry still waiting in `shard`.
@@ -832,7 +837,7 @@ impl RedisStore {
         let due: Vec<(String, f64)> = redis::cmd("ZRANGE")
             .arg(self.delayed_key(shard))
             .arg(0)
-            .arg(limit.max(1) as i64 - 1)
+            .arg(i64::try_from(limit).map_or(-1, |l| l.max(1) - 1))
             .arg("WITHSCORES")
             .query_async(&mut c)
             .await
@@ -846,11 +851,22 @@ impl RedisStore {
             get.arg(format!("{id}:s"));
         }
         let subjects: Vec<Option<String>> = get.query_async(&mut c).await.map_err(map_err)?;
+        // One released or cancelled between the two reads is gone.
         Ok(due
             .into_iter()
             .zip(subjects)
-            .map(|((id, at), subject)| (id, subject.unwrap_or_default(), at as u64))
+            .filter_map(|((id, at), subject)| Some((id, subject?, at as u64)))
             .collect())
+    }
+
+    /// Delayed entries waiting in a shard.
+    pub(crate) async fn delayed_count(&self, shard: u32) -> Result<u64> {
+        let mut c = self.conn.clone();
+        redis::cmd("ZCARD")
+            .arg(self.delayed_key(shard))
+            .query_async(&mut c)
+            .await
+            .map_err(map_err)
     }
 
     /// The shard count the store is marked with, if it is marked (read

@@ -938,9 +938,11 @@ async fn invoices_follow_each_customers_payments_while_replicas_die_and_join() {
 /// replicas; a paid order is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpaid_orders_are_reminded_then_expired_once() {
+    // The reminder comes 2 s after an order: time enough for the paid
+    // one to be paid first on a loaded host.
     let servers = Servers::start_with(&[
-        ("ORDER_REMIND_AFTER_MS", "500"),
-        ("ORDER_EXPIRE_AFTER_MS", "1500"),
+        ("ORDER_REMIND_AFTER_MS", "2000"),
+        ("ORDER_EXPIRE_AFTER_MS", "3000"),
     ]);
     let replicas = servers.replicas(&["e1", "e2"]).await;
     let client = servers.client().await;
@@ -958,7 +960,7 @@ async fn unpaid_orders_are_reminded_then_expired_once() {
         );
     }
     let paid = create_and_pay(&client, 7, "prompt".to_owned()).await;
-    // Reminded after 0.5 s, due to expire at 1.5 s, expired by the next
+    // Reminded after 2 s, due to expire at 3 s, expired by the next
     // occurrence of the 5 s job.
     let start = std::time::Instant::now();
     loop {

@@ -34,6 +34,13 @@ pub struct Schedule {
     pub after_ms: u64,
 }
 
+/// Two handlers of one event each schedule a reminder.
+#[event(subject = "tests.delayed.placed")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Placed {
+    pub run: String,
+}
+
 /// Per run and reminder: when each delivery arrived (unix ms).
 static ARRIVED: Mutex<BTreeMap<(String, u64), Vec<u64>>> = Mutex::new(BTreeMap::new());
 
@@ -68,7 +75,25 @@ async fn schedule(ctx: &Context, s: Schedule) -> Result<String> {
     .await
 }
 
+async fn remind_in(ctx: &Context, run: String, n: u64) -> Result<()> {
+    let due_ms = now_ms() + 300;
+    ctx.publish_after(Duration::from_millis(300), Reminder { run, n, due_ms })
+        .await
+        .map(|_| ())
+}
+
+#[event(durable = "placed-a", idempotent)]
+async fn placed_a(ctx: &Context, p: Placed) -> Result<()> {
+    remind_in(ctx, p.run, 10).await
+}
+
+#[event(durable = "placed-b", idempotent)]
+async fn placed_b(ctx: &Context, p: Placed) -> Result<()> {
+    remind_in(ctx, p.run, 11).await
+}
+
 catga_tests::on_every_store!(
+    two_handlers_of_one_event_schedule_two_messages,
     delayed_messages_arrive_once_not_before_their_time,
     a_cancelled_delayed_message_is_never_published,
     delayed_messages_outlive_the_replica_that_sent_them
@@ -231,4 +256,20 @@ async fn delayed_messages_outlive_the_replica_that_sent_them(b: &Backend) {
     assert_eq!(seen.get(&1).map(Vec::len), Some(1), "{seen:?}");
     assert!(seen[&1][0] >= due, "not before its time");
     second.shutdown().await.expect("clean shutdown");
+}
+
+/// Two idempotent handlers of one event each schedule a delayed message
+/// as their first send: both arrive (their ids name the handler).
+async fn two_handlers_of_one_event_schedule_two_messages(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let run = run_id();
+    client
+        .publish_durable(Placed { run: run.clone() })
+        .await
+        .expect("published");
+    let seen = until_arrived(&run, 2, Duration::from_secs(15)).await;
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), vec![10, 11], "{seen:?}");
+    assert!(seen.values().all(|at| at.len() == 1), "{seen:?}");
+    rt.shutdown().await.expect("clean shutdown");
 }
