@@ -136,6 +136,15 @@ const JOB: Role = Role {
     attr: Attr::Job,
     target: Target::Handler,
 };
+/// Every role an attribute can have.
+const ROLES: [Role; 6] = [
+    COMMAND_TYPE,
+    EVENT_TYPE,
+    COMMAND_HANDLER,
+    EVENT_HANDLER,
+    SAGA,
+    JOB,
+];
 
 /// Every key of every attribute.
 const KEYS: &[Key] = &[
@@ -273,14 +282,7 @@ const KEYS: &[Key] = &[
     },
     Key {
         name: "crate",
-        roles: &[
-            COMMAND_TYPE,
-            EVENT_TYPE,
-            COMMAND_HANDLER,
-            EVENT_HANDLER,
-            SAGA,
-            JOB,
-        ],
+        roles: &ROLES,
         takes: Takes::Path,
         belongs: "",
     },
@@ -739,14 +741,7 @@ mod unit {
 
     #[test]
     fn every_key_is_read_into_a_field() {
-        for role in [
-            COMMAND_TYPE,
-            EVENT_TYPE,
-            COMMAND_HANDLER,
-            EVENT_HANDLER,
-            SAGA,
-            JOB,
-        ] {
+        for role in ROLES {
             let mut errors = Errors::default();
             let mut opts = parse(every_key(role), role, &mut errors);
             assert!(
