@@ -56,16 +56,7 @@ fn journaled_version(v: Option<Bytes>) -> Option<u32> {
 /// trigger back to the broker to come back when the timer fires.
 const IN_PROCESS_WAIT: Duration = Duration::from_secs(1);
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn ms_of(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::wire::{now_ms, unix_ms as ms_of};
 
 fn parse_ms(v: &[u8]) -> u64 {
     std::str::from_utf8(v)

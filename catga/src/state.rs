@@ -125,7 +125,7 @@ impl Context {
     pub async fn publish_at<E: Event>(&self, at: std::time::SystemTime, event: E) -> Result<String> {
         let headers = self.delayed_headers(E::VERSION);
         let mut entry = outbox_entry(self.client().transport(), headers, &event)?;
-        entry.due_ms = Some(unix_ms(at));
+        entry.due_ms = Some(crate::wire::unix_ms(at));
         let id = entry.id.clone();
         if let Some(staged) = &self.work().staged {
             staged
@@ -342,12 +342,6 @@ pub(crate) fn outbox_entry<E: Event>(
         payload: payload.to_vec(),
         due_ms: None,
     })
-}
-
-/// `at` in milliseconds since the Unix epoch (0 before it).
-pub(crate) fn unix_ms(at: std::time::SystemTime) -> u64 {
-    at.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Now plus `delay`, or an invalid-input error for a delay past what a

@@ -107,11 +107,7 @@ pub(crate) fn schedule_of(options: &JobOptions) -> Result<Schedule> {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::wire::now_ms;
 
 /// What a job's schedule, its last stored occurrence and the time say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -193,7 +193,7 @@ impl Runtime {
     pub async fn publish_at<E: crate::Event>(&self, at: std::time::SystemTime, event: E) -> Result<String> {
         let headers = crate::wire::message_headers(true, E::VERSION, crate::wire::Cause::Root);
         let mut entry = crate::state::outbox_entry(self.shared.client.transport(), headers, &event)?;
-        entry.due_ms = Some(crate::state::unix_ms(at));
+        entry.due_ms = Some(crate::wire::unix_ms(at));
         let id = entry.id.clone();
         let commit = crate::store::Commit {
             events: vec![entry],

@@ -100,9 +100,7 @@ impl Inner {
             (true, None) => {
                 // As on Redis: the greater of the last token plus one and
                 // the clock in milliseconds.
-                let clock = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
+                let clock = crate::wire::now_ms();
                 let token = self.fences.entry(name.to_owned()).or_insert(0);
                 *token = (*token + 1).max(clock);
                 let token = *token;

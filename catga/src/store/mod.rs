@@ -609,9 +609,7 @@ impl Store {
         match &self.0.kind {
             Kind::Redis(s) => s.delayed_release(shard, limit).await,
             Kind::Memory(s) => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
+                let now = crate::wire::now_ms();
                 let (moved, next) = s.delayed_release(now, limit);
                 Ok((moved, next.map(|n| Duration::from_millis(n.saturating_sub(now)))))
             }

@@ -998,11 +998,7 @@ impl RedisStore {
             })
             .arg(fence.map(|f| f.token.to_string()).unwrap_or_default())
             .arg(run.map(|(_, mark)| mark).unwrap_or_default())
-            .arg(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
-            )
+            .arg(crate::wire::now_ms())
             .arg(id);
         for (field, value) in fields {
             inv.arg(*field).arg(*value);

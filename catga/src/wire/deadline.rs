@@ -18,7 +18,7 @@
 //! clock runs ahead by more than a request's time-out drops that request,
 //! and logs it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::headers;
 
@@ -31,18 +31,12 @@ pub struct Deadline {
     unix_ms: u64,
 }
 
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 impl Deadline {
     /// `timeout` from now.
     pub fn after(timeout: Duration) -> Deadline {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         Deadline {
-            unix_ms: now_unix_ms().saturating_add(ms),
+            unix_ms: super::now_ms().saturating_add(ms),
         }
     }
 
@@ -58,7 +52,7 @@ impl Deadline {
 
     /// Time left, `None` once it passed.
     pub fn remaining(self) -> Option<Duration> {
-        let now = now_unix_ms();
+        let now = super::now_ms();
         (self.unix_ms > now).then(|| Duration::from_millis(self.unix_ms - now))
     }
 

@@ -79,6 +79,19 @@ pub mod headers {
 /// The longest message id catga accepts.
 pub const MAX_ID_LEN: usize = 256;
 
+/// `at` in milliseconds since the Unix epoch (0 before it); the one
+/// conversion of wall-clock times the crate uses (deadlines, saga
+/// timers, jobs, delayed messages).
+pub(crate) fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    unix_ms(std::time::SystemTime::now())
+}
+
 /// The subjects of recurring jobs start with this
 /// (`catga.job.<crate>.<fn>`).
 pub(crate) const JOB_SUBJECT_PREFIX: &str = "catga.job.";
