@@ -143,6 +143,21 @@ impl Breaker {
     }
 }
 
+/// `f`, failing with a retryable time-out naming `what` once `limit`
+/// passed: a call to the broker or the store that must not wait for good.
+pub(crate) async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    f: impl std::future::Future<Output = crate::error::Result<T>>,
+) -> crate::error::Result<T> {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::Timeout,
+            format!("{what} took longer than {limit:?}"),
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -314,12 +314,7 @@ impl Scheduler {
 }
 
 async fn bounded<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(ASK, f).await.unwrap_or_else(|_| {
-        Err(Error::new(
-            ErrorKind::Timeout,
-            format!("no answer from the broker within {ASK:?}"),
-        ))
-    })
+    crate::resilience::within(ASK, "a question to the broker", f).await
 }
 
 /// A job as [`Runtime::jobs`](crate::Runtime::jobs) lists it.

@@ -1577,13 +1577,7 @@ const SET_UP: Duration = Duration::from_secs(20);
 
 /// `step`, failing with a time-out after [`SET_UP`].
 async fn bounded<T>(what: &str, step: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    match tokio::time::timeout(SET_UP, step).await {
-        Ok(done) => done,
-        Err(_) => Err(Error::new(
-            ErrorKind::Timeout,
-            format!("{what} took longer than {} s", SET_UP.as_secs()),
-        )),
-    }
+    crate::resilience::within(SET_UP, what, step).await
 }
 
 /// How long the router waits for the broker's answer about its consumer
