@@ -263,6 +263,12 @@ const KEYS: &[Key] = &[
         belongs: "on a job (`#[job(cron = \"0 */5 * * * *\")]` on an async fn)",
     },
     Key {
+        name: "tz",
+        roles: &[JOB],
+        takes: Takes::Str(check_tz),
+        belongs: "on a cron job (`#[job(cron = \"0 0 9 * * MON-FRI\", tz = \"Europe/Berlin\")]` on an async fn)",
+    },
+    Key {
         name: "missed",
         roles: &[JOB],
         takes: Takes::Str(check_missed),
@@ -430,6 +436,8 @@ pub(crate) struct HandlerArgs {
     pub(crate) every_ms: Option<u64>,
     /// `cron = "..."` (jobs).
     pub(crate) cron: Option<LitStr>,
+    /// `tz = "Europe/Berlin"` (cron jobs).
+    pub(crate) tz: Option<LitStr>,
     /// `missed = "skip"` (jobs): a late occurrence is skipped.
     pub(crate) missed_skip: bool,
     /// `jitter = "2s"` (jobs), in milliseconds.
@@ -461,6 +469,7 @@ impl HandlerArgs {
             timeout_ms: opts.str("timeout").and_then(|t| duration_ms(&t.value()).ok()),
             every_ms: opts.str("every").and_then(|t| duration_ms(&t.value()).ok()),
             cron: opts.str("cron"),
+            tz: opts.str("tz"),
             missed_skip: opts.str("missed").is_some_and(|m| m.value() == "skip"),
             jitter_ms: opts.str("jitter").and_then(|t| duration_ms(&t.value()).ok()),
             overlap: opts.flag("overlap"),
@@ -691,6 +700,10 @@ fn check_cron(text: &str) -> Result<(), String> {
     crate::names::schedule::parse_cron(text).map(|_| ())
 }
 
+fn check_tz(text: &str) -> Result<(), String> {
+    crate::names::schedule::parse_zone(text).map(|_| ())
+}
+
 fn check_missed(text: &str) -> Result<(), String> {
     match text {
         "latest" | "skip" => Ok(()),
@@ -730,6 +743,7 @@ mod unit {
                 Takes::Str(_) if ["timeout", "every", "jitter"].contains(&key.name) => quote!(#name = "30s"),
                 Takes::Str(_) if key.name == "cron" => quote!(#name = "0 * * * * *"),
                 Takes::Str(_) if key.name == "missed" => quote!(#name = "skip"),
+                Takes::Str(_) if key.name == "tz" => quote!(#name = "Europe/Berlin"),
                 Takes::Str(_) => quote!(#name = "orders"),
                 Takes::Type => quote!(#name = OrderId),
                 Takes::Field => quote!(#name = order_id),

@@ -93,6 +93,14 @@ fn combinations(args: &HandlerArgs, errors: &mut Errors) {
             "`jitter` must be shorter than `every`: each occurrence is published up to the jitter late",
         );
     }
+    if let Some(tz) = args.written("tz")
+        && !args.mentions("cron")
+    {
+        errors.spanned(
+            tz,
+            "`tz` applies to `cron = \"...\"`: `every` counts from the Unix epoch, the same in every zone",
+        );
+    }
     // A schedule written with a refused value is reported already.
     if !args.mentions("every") && !args.mentions("cron") {
         errors.at(
@@ -161,6 +169,7 @@ fn registration(args: &HandlerArgs, f: &ItemFn, takes_context: Option<Span>) -> 
     let skip_missed = args.missed_skip;
     let jitter_ms = args.jitter_ms.unwrap_or(0);
     let overlap = args.overlap;
+    let tz = some(args.tz.as_ref().map(|tz| quote!(#tz)));
     // The user's return type must be `catga::Result<()>`: checked by a
     // trait spanned on that type, so that a mistake is reported there.
     let awaited = match &f.sig.output {
@@ -199,6 +208,7 @@ fn registration(args: &HandlerArgs, f: &ItemFn, takes_context: Option<Span>) -> 
                         skip_missed: #skip_missed,
                         jitter_ms: #jitter_ms,
                         overlap: #overlap,
+                        tz: #tz,
                     }),
                     ..#p::HandlerOptions::DEFAULT
                 },

@@ -71,10 +71,11 @@ pub fn saga(attr: TokenStream, item: TokenStream) -> TokenStream {
 /// or `async fn(ctx: &Context) -> catga::Result<()>`.
 ///
 /// Each occurrence (at multiples of `every` since the Unix epoch, or when
-/// the cron expression, in UTC, says) runs once across the replicas of the
-/// service: exactly once in effect with `idempotent` (the occurrence's
-/// message id is `<job>:<scheduled unix ms>`), at least once otherwise.
-/// Also takes `missed = "latest" | "skip"`, `jitter = "2s"`, `overlap`,
+/// the cron expression says, in UTC or on the wall clock of
+/// `tz = "Europe/Berlin"`) runs once across the replicas of the service:
+/// exactly once in effect with `idempotent` (the occurrence's message id
+/// is `<job>:<scheduled unix ms>`), at least once otherwise. Also takes
+/// `missed = "latest" | "skip"`, `jitter = "2s"`, `overlap`,
 /// `max_deliver` and `retry`.
 #[proc_macro_attribute]
 pub fn job(attr: TokenStream, item: TokenStream) -> TokenStream {

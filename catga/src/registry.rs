@@ -79,7 +79,8 @@ pub enum JobSchedule {
     /// `every = "30s"`, in milliseconds: at multiples of the period since
     /// the Unix epoch.
     Every(u64),
-    /// `cron = "..."`, in UTC (checked at compile time).
+    /// `cron = "..."`, in UTC or in [`JobOptions::tz`] (checked at
+    /// compile time).
     Cron(&'static str),
 }
 
@@ -96,6 +97,9 @@ pub struct JobOptions {
     pub jitter_ms: u64,
     /// `overlap`: occurrences may run at the same time.
     pub overlap: bool,
+    /// `tz = "Europe/Berlin"`: the zone whose wall clock a cron schedule
+    /// reads (UTC without it).
+    pub tz: Option<&'static str>,
 }
 
 /// The success type of a handler's return type: `T` of `catga::Result<T>`.

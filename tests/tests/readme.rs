@@ -62,6 +62,8 @@ fn every_test_the_guarantees_name_exists() {
         "tests/tests",
         "tests/tests/scenarios",
         "examples/order-system/tests",
+        // The schedule's own tests (clock changes need no servers).
+        "catga-macros/names/src",
     ] {
         for entry in std::fs::read_dir(workspace_path(dir)).expect("dir").flatten() {
             if entry.path().extension().is_some_and(|e| e == "rs") {

@@ -26,6 +26,16 @@ async fn no_unit() -> Result<()> {
     Ok(())
 }
 
+#[job(cron = "0 0 9 * * *", tz = "Europe/Atlantis")]
+async fn unknown_zone() -> Result<()> {
+    Ok(())
+}
+
+#[job(cron = "0 0 9 * * *", tz = "europe/berlin")]
+async fn zone_spelled_otherwise() -> Result<()> {
+    Ok(())
+}
+
 #[job(every = "1m", missed = "all")]
 async fn unknown_policy() -> Result<()> {
     Ok(())

@@ -23,6 +23,12 @@ async fn both_and_too_often() -> Result<()> {
     Ok(())
 }
 
+// A zone is for a cron expression's wall clock.
+#[job(every = "1h", tz = "Europe/Berlin")]
+async fn zone_without_cron() -> Result<()> {
+    Ok(())
+}
+
 // The jitter stays below the period, and below a minute.
 #[job(every = "10s", jitter = "10s")]
 async fn jitter_as_long_as_the_period() -> Result<()> {

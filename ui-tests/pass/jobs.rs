@@ -1,5 +1,5 @@
-//! Recurring jobs: `every` and `cron`, with and without the context, and
-//! their options.
+//! Recurring jobs: `every` and `cron` (in UTC and in a zone), with and
+//! without the context, and their options.
 
 use catga::{Context, JobSchedule, Result, job};
 
@@ -11,6 +11,11 @@ async fn sweep() -> Result<()> {
 #[job(cron = "0 */5 * * * MON-FRI", idempotent, missed = "skip", jitter = "10s", max_deliver = 3, retry = 2)]
 async fn report(ctx: &Context) -> Result<()> {
     let _ = ctx.scheduled_at();
+    Ok(())
+}
+
+#[job(cron = "0 30 8 * * MON-FRI", tz = "Europe/Berlin")]
+async fn morning() -> Result<()> {
     Ok(())
 }
 
@@ -41,4 +46,7 @@ fn main() {
     assert!(report.is_idempotent());
     assert_eq!((report.max_deliver(), report.retries()), (Some(3), 2));
     assert!(find("::rebuild").job().expect("a job").overlap);
+    let morning = find("::morning").job().expect("a job");
+    assert_eq!(morning.tz, Some("Europe/Berlin"));
+    assert_eq!(sweep.job().expect("a job").tz, None);
 }

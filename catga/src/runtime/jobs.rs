@@ -101,9 +101,16 @@ pub(crate) fn superseded(spec: &HandlerSpec, id: &str) -> bool {
 pub(crate) fn schedule_of(options: &JobOptions) -> Result<Schedule> {
     match options.schedule {
         JobSchedule::Every(ms) => Ok(Schedule::Every(ms.max(schedule::MIN_EVERY_MS))),
-        JobSchedule::Cron(text) => schedule::parse_cron(text)
-            .map(Schedule::Cron)
-            .map_err(|why| Error::new(ErrorKind::Config, format!("cron expression {text:?}: {why}"))),
+        JobSchedule::Cron(text) => {
+            let cron = schedule::parse_cron(text)
+                .map_err(|why| Error::new(ErrorKind::Config, format!("cron expression {text:?}: {why}")))?;
+            match options.tz {
+                None => Ok(Schedule::Cron(cron)),
+                Some(tz) => schedule::parse_zone(tz)
+                    .map(|zone| Schedule::Zoned(cron, zone))
+                    .map_err(|why| Error::new(ErrorKind::Config, format!("time zone {tz:?}: {why}"))),
+            }
+        }
     }
 }
 
@@ -373,7 +380,10 @@ pub(crate) async fn info(
         name: spec.name(),
         schedule: match options.schedule {
             JobSchedule::Every(ms) => format!("every {}", written(ms)),
-            JobSchedule::Cron(text) => format!("cron {text}"),
+            JobSchedule::Cron(text) => match options.tz {
+                Some(tz) => format!("cron {text} ({tz})"),
+                None => format!("cron {text}"),
+            },
         },
         next: schedule.next_after(now_ms()).map(at),
         last: last.map(at),
@@ -390,6 +400,7 @@ mod tests {
             skip_missed,
             jitter_ms,
             overlap: false,
+            tz: None,
         }
     }
 
@@ -459,6 +470,38 @@ mod tests {
             ),
             Next::Publish(7_200_000)
         );
+    }
+
+    #[test]
+    fn a_zoned_job_through_the_clock_changes() {
+        // 02:30 in New York, once a day: on 2026-03-08 the clocks skip from
+        // 02:00 to 03:00 (07:00 UTC), and the occurrence runs then.
+        let tz = JobOptions {
+            schedule: JobSchedule::Cron("0 30 2 * * *"),
+            tz: Some("America/New_York"),
+            ..options(false, 0)
+        };
+        let s = schedule_of(&tz).expect("a schedule");
+        let change = 1_772_953_200_000;
+        let day_before = change - 86_400_000 + 1_800_000;
+        assert_eq!(
+            decide(&s, &tz, Some(day_before), change - 1, none),
+            Next::WaitUntil(change)
+        );
+        assert_eq!(
+            decide(&s, &tz, Some(day_before), change, none),
+            Next::Publish(change)
+        );
+        assert_eq!(
+            decide(&s, &tz, Some(change), change + 1, none),
+            Next::WaitUntil(change + 86_400_000 - 1_800_000)
+        );
+        let unknown = JobOptions {
+            tz: Some("Mars/Olympus"),
+            ..tz
+        };
+        let e = schedule_of(&unknown).expect_err("no such zone");
+        assert!(e.to_string().contains("Mars/Olympus"), "{e}");
     }
 
     #[test]

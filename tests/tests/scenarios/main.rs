@@ -27,6 +27,7 @@ mod shutdown;
 mod state;
 mod tracing;
 mod versioning;
+mod zoned_jobs;
 
 use std::time::Duration;
 
