@@ -16,6 +16,7 @@
 //! catga delayed cancel ID            cancels one that has not come due
 //! catga jobs                         the recurring jobs of this binary: schedule,
 //!                                    next occurrence, last one stored (NATS_URL)
+//! catga jobs run NAME                runs one now, once, outside its schedule
 //! ```
 //!
 //! Every command takes `--json` (one JSON document on standard output) and
@@ -196,6 +197,13 @@ pub async fn run(args: &[String], mut config: Config) -> Result<String> {
             at_most(if rest.get(1) == Some(&"cancel") { 3 } else { 2 })?;
             delayed(&rest[1..], config, json).await
         }
+        Some("jobs") if rest.get(1) == Some(&"run") => {
+            at_most(3)?;
+            let name = rest
+                .get(2)
+                .ok_or_else(|| Error::invalid(format!("jobs run NAME\n{USAGE}")))?;
+            run_job(name, config, json).await
+        }
         Some("jobs") => {
             at_most(1)?;
             jobs(config, json).await
@@ -219,6 +227,7 @@ pub const USAGE: &str = "usage: catga [--json] [--service NAME] COMMAND
   delayed cancel ID             cancel one that has not come due
   jobs                          the recurring jobs of this binary (the service's
                                 own binary): schedule, next, last stored (NATS_URL)
+  jobs run NAME                 run one now, once, outside its schedule
 The settings come from the environment, as the replicas read them (NATS_URL, REDIS_URL, CATGA_SERVICE, ...).
 ";
 
@@ -517,6 +526,18 @@ async fn delayed(args: &[&str], config: Config, json: bool) -> Result<String> {
         let _ = writeln!(out, "{id}  {subject}  due {}", relative(at));
     }
     Ok(out)
+}
+
+async fn run_job(name: &str, config: Config, json: bool) -> Result<String> {
+    let spec = crate::runtime::find_job(crate::registry::handlers(), name)?;
+    let client = Client::connect_with(&config).await?;
+    let at = crate::runtime::run_job_now(client.transport(), &config.streams, config.request_timeout, spec)
+        .await?;
+    Ok(done(
+        json,
+        json!({ "name": spec.name(), "at_ms": at }),
+        format!("{} stored to run now (occurrence {at})", spec.name()),
+    ))
 }
 
 async fn jobs(config: Config, json: bool) -> Result<String> {

@@ -288,6 +288,32 @@ async fn the_cli_shows_and_operates_a_running_service() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // A run on demand: stored now, listed as the last one stored.
+    let run: Value =
+        serde_json::from_str(&cli(&["--json", "jobs", "run", "cli_tick"], &c).await).expect("JSON");
+    assert!(
+        run["name"].as_str().is_some_and(|n| n.ends_with("::cli_tick")),
+        "{run}"
+    );
+    let at = run["at_ms"].as_u64().expect("its time");
+    let jobs: Value = serde_json::from_str(&cli(&["jobs", "--json"], &c).await).expect("JSON");
+    assert!(
+        jobs[0]["last_ms"].as_u64().is_some_and(|l| l >= at),
+        "{jobs} after {run}"
+    );
+    assert!(
+        cli(&["jobs", "run", "cli_tick"], &c)
+            .await
+            .contains("stored to run now")
+    );
+    let unknown = catga::cli::run(
+        &["jobs".to_owned(), "run".to_owned(), "nope".to_owned()],
+        c.clone(),
+    )
+    .await
+    .expect_err("no such job");
+    assert_eq!(unknown.kind(), catga::ErrorKind::NotFound, "{unknown}");
+
     // Misuse is a usage error, said before connecting.
     for bad in [
         &["dlq", "show"][..],
@@ -300,6 +326,8 @@ async fn the_cli_shows_and_operates_a_running_service() {
         &["delayed", "5", "junk"],
         &["delayed", "cancel"],
         &["jobs", "extra"],
+        &["jobs", "run"],
+        &["jobs", "run", "cli_tick", "extra"],
         &["--service"],
     ] {
         let args: Vec<String> = bad.iter().map(|a| (*a).to_owned()).collect();

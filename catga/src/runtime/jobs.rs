@@ -320,6 +320,73 @@ impl Scheduler {
     }
 }
 
+/// Stores a run of `spec` at this moment, outside its schedule (an
+/// operator's or a test's "run it now"): it runs like an occurrence, on
+/// one replica, once in effect when the job is idempotent. Its id is
+/// `<job>:<ms>.run`, which the schedulers do not take for an occurrence
+/// of theirs (see [`stored_time`]): an occurrence due at the same moment
+/// is still stored and run. Returns its time (unix ms): now, or just after
+/// the last message stored if that is later, so that two runs in one
+/// millisecond are two runs.
+pub(crate) async fn run_now(
+    transport: &crate::transport::Transport,
+    streams: &crate::config::StreamSettings,
+    timeout: Duration,
+    spec: &HandlerSpec,
+) -> Result<u64> {
+    let subject = spec.subject();
+    bounded(transport.ensure_job_stream(subject, streams)).await?;
+    // Expected-sequence publishes race with the schedulers: a few tries.
+    for _ in 0..10 {
+        let last = bounded(transport.last_on(subject)).await?;
+        let after_time = last
+            .as_ref()
+            .and_then(|(_, id)| crate::wire::occurrence_of(subject, id))
+            .map(crate::wire::unix_ms);
+        let at = now_ms().max(after_time.map_or(0, |t| t.saturating_add(1)));
+        let id = format!("{}.run", occurrence_id(spec, at));
+        let headers = crate::wire::message_headers(true, 1, crate::wire::Cause::Id(&id));
+        let after = last.as_ref().map_or(0, |(seq, _)| *seq);
+        match bounded(transport.publish_after_seq(subject, headers, bytes::Bytes::new(), after, timeout))
+            .await?
+        {
+            Appended::Stored | Appended::Repeated => return Ok(at),
+            Appended::Behind => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Unavailable,
+        format!("the stream of job {} kept changing: try again", spec.name()),
+    ))
+}
+
+/// The job among `specs` named `name`: its path (`crate::module::fn`) or
+/// its function's name when no other job has it.
+pub(crate) fn find<'a>(
+    specs: impl IntoIterator<Item = &'a HandlerSpec>,
+    name: &str,
+) -> Result<&'a HandlerSpec> {
+    let jobs: Vec<&HandlerSpec> = specs.into_iter().filter(|s| s.job().is_some()).collect();
+    if let Some(exact) = jobs.iter().find(|s| s.name() == name) {
+        return Ok(exact);
+    }
+    let mut by_fn = jobs.iter().filter(|s| s.name().rsplit("::").next() == Some(name));
+    match (by_fn.next(), by_fn.next()) {
+        (Some(one), None) => Ok(one),
+        (Some(_), Some(_)) => Err(Error::new(
+            ErrorKind::Invalid,
+            format!("several jobs are named `{name}`: give the job's path (`crate::module::{name}`)"),
+        )),
+        (None, _) => Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no job `{name}` here; the jobs are: {}",
+                jobs.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
 async fn bounded<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     crate::resilience::within(ASK, "a question to the broker", f).await
 }
@@ -333,7 +400,8 @@ pub struct JobInfo {
     pub schedule: String,
     /// The next occurrence after now.
     pub next: Option<SystemTime>,
-    /// The last occurrence stored (published for a replica to run).
+    /// The last run stored (published for a replica to run): an
+    /// occurrence, a run on demand or a replayed dead letter.
     pub last: Option<SystemTime>,
 }
 
@@ -370,7 +438,10 @@ pub(crate) async fn info(
     };
     let schedule = schedule_of(options)?;
     let last = match bounded(transport.last_on(spec.subject())).await {
-        Ok(last) => last.and_then(|(_, id)| stored_time(spec, &id)),
+        // Any run stored: an occurrence, a run on demand, a replay.
+        Ok(last) => last
+            .and_then(|(_, id)| crate::wire::occurrence_of(spec.subject(), &id))
+            .map(crate::wire::unix_ms),
         // Its stream is not made yet: nothing stored.
         Err(e) if e.kind() == ErrorKind::NoHandler => None,
         Err(e) => return Err(e),
@@ -543,6 +614,13 @@ mod tests {
             let id = occurrence_id(&spec, 1_796_547_600_000);
             assert!(id.len() <= crate::wire::MAX_ID_LEN, "{id}");
             assert_eq!(stored_time(&spec, &id), Some(1_796_547_600_000));
+            let run = format!("{id}.run");
+            assert!(run.len() <= crate::wire::MAX_ID_LEN, "{run}");
+            assert_eq!(
+                stored_time(&spec, &run),
+                None,
+                "a run on demand is not an occurrence"
+            );
             assert_eq!(
                 crate::wire::occurrence_of("catga.job.app.expire", &id),
                 Some(UNIX_EPOCH + Duration::from_millis(1_796_547_600_000))

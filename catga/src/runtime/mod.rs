@@ -43,8 +43,8 @@ mod watch;
 
 pub use builder::RuntimeBuilder;
 pub use entry::{init_telemetry, run, start};
-pub(crate) use jobs::info as job_info;
 pub use jobs::{DelayedInfo, JobInfo};
+pub(crate) use jobs::{find as find_job, info as job_info, run_now as run_job_now};
 pub use ready::Readiness;
 pub use replica::Runtime;
 pub(crate) use shared::Shared;

@@ -238,6 +238,25 @@ impl Runtime {
         Ok(out)
     }
 
+    /// Runs the job `name` now, outside its schedule, once (see
+    /// [jobs](crate::guide::jobs)): an occurrence stored at this moment
+    /// and run by one replica like a scheduled one. `name` is the job's
+    /// path (`crate::module::fn`) or its function's name. Returns the
+    /// occurrence's time, which [`Context::scheduled_at`](crate::Context::scheduled_at)
+    /// shows. The scheduled occurrences are not moved.
+    pub async fn run_job(&self, name: &str) -> Result<std::time::SystemTime> {
+        let spec = super::jobs::find(self.handlers.iter().copied(), name)?;
+        let config = &self.shared.config;
+        let at = super::jobs::run_now(
+            self.shared.client.transport(),
+            &config.streams,
+            config.request_timeout,
+            spec,
+        )
+        .await?;
+        Ok(std::time::UNIX_EPOCH + Duration::from_millis(at))
+    }
+
     /// The service's dead letters, each checked against the record the
     /// replica that wrote it kept in the store (see [`crate::DeadLetters`]).
     pub fn dead_letters(&self) -> crate::DeadLetters {

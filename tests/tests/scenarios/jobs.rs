@@ -59,7 +59,8 @@ async fn read_runs(ctx: &Context, _: ReadRuns) -> Result<BTreeMap<u64, u32>> {
 
 catga_tests::on_both!(
     each_occurrence_runs_once_over_replicas_that_come_and_go,
-    jobs_are_listed_with_their_next_and_last_occurrence
+    jobs_are_listed_with_their_next_and_last_occurrence,
+    a_run_on_demand_runs_once_beside_the_schedule
 );
 
 async fn runs(client: &catga::Client) -> BTreeMap<u64, u32> {
@@ -130,4 +131,35 @@ async fn jobs_are_listed_with_their_next_and_last_occurrence(b: &Backend) {
     let last = job.last.expect("a last occurrence");
     assert!(last <= now && last + Duration::from_secs(2) > now, "{job:?}");
     rt.shutdown().await.expect("clean shutdown");
+}
+
+/// `Runtime::run_job` stores a run now: it runs once, on one of the
+/// replicas, with its own time, and the scheduled occurrences around it
+/// all run, none skipped.
+async fn a_run_on_demand_runs_once_beside_the_schedule(b: &Backend) {
+    let replicas = b.replicas(module_path!(), 2).await;
+    let client = b.client().await;
+    let before = until_runs(&client, 2).await.len();
+    let at = replicas[1].run_job("tick").await.expect("run now");
+    let at = at.duration_since(UNIX_EPOCH).expect("after 1970").as_millis() as u64;
+    let start = Instant::now();
+    let seen = loop {
+        let seen = until_runs(&client, before + 1).await;
+        // Two scheduled occurrences after the run on demand.
+        if seen.contains_key(&at) && seen.keys().filter(|t| **t > at && *t % EVERY == 0).count() >= 2 {
+            break seen;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(seen.values().all(|n| *n == 1), "each ran once: {seen:?}");
+    let scheduled: Vec<u64> = seen.keys().copied().filter(|t| *t != at).collect();
+    for pair in scheduled.windows(2) {
+        assert_eq!(pair[1] - pair[0], EVERY, "an occurrence was skipped: {seen:?}");
+    }
+    assert!(
+        replicas[0].run_job("no_such_job").await.is_err(),
+        "an unknown job is refused"
+    );
+    shutdown_all(replicas).await;
 }
