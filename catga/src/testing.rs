@@ -36,7 +36,17 @@
 //! unacknowledged, or due again after a retry's back-off or a saga's
 //! durable timer), every durable handler served has its consumer bound,
 //! and the outbox is empty, all observed with no activity on the bus in
-//! between. Limits:
+//! between.
+//!
+//! A delayed message (`publish_after`) due before `settled` would give up
+//! is waited for; one due later is left waiting: [`TestKit::delayed`]
+//! lists them and [`TestKit::release_delayed`] publishes them all at once,
+//! so that a test of "remind after a day" takes milliseconds. Recurring
+//! jobs run on their schedule in the kit too (leave them out of the
+//! handler selection to keep them quiet), and [`TestKit::run_job`] runs
+//! one now.
+//!
+//! Limits:
 //! - A saga sleeping for 30 minutes is not settled for 30 minutes: the kit
 //!   has no virtual time yet, and [`TestKit::settled`] says what is still
 //!   due, and when, once its time-out passes.
@@ -60,7 +70,7 @@ use crate::message::{Command, Event, Message};
 use crate::runtime::{Runtime, RuntimeBuilder};
 use crate::transport::memory::MemoryBus;
 use crate::transport::tap::Tap;
-use crate::{Client, DeadLetter, SagaInfo};
+use crate::{Client, DeadLetter, DelayedInfo, SagaInfo};
 
 pub use crate::transport::tap::{Recorded, SentAs};
 
@@ -141,10 +151,11 @@ impl TestKit {
     /// [`settle_within`](Self::settle_within), naming what is left.
     pub async fn settled(&self) -> Result<()> {
         let until = Instant::now() + self.settle_within;
+        let until_wall = std::time::SystemTime::now() + self.settle_within;
         let tap = self.bus.tap();
         loop {
             let before = tap.activity();
-            let left = self.left(tap).await?;
+            let left = self.left(tap, until_wall).await?;
             if left.is_empty() && tap.activity() == before {
                 return Ok(());
             }
@@ -166,9 +177,24 @@ impl TestKit {
         }
     }
 
-    /// What keeps the bus from having settled, in words.
-    async fn left(&self, tap: &Arc<Tap>) -> Result<Vec<String>> {
+    /// What keeps the bus from having settled, in words: `until` is when
+    /// [`settled`](Self::settled) gives up, before which a delayed message
+    /// due is waited for.
+    async fn left(&self, tap: &Arc<Tap>, until: std::time::SystemTime) -> Result<Vec<String>> {
         let mut left = Vec::new();
+        let waiting = self.delayed().await?;
+        let soon: Vec<_> = waiting.iter().filter(|d| d.due <= until).collect();
+        if let Some(first) = soon.first() {
+            left.push(format!(
+                "{} delayed messages due before the wait ends, the first on {} in {:?}",
+                soon.len(),
+                first.subject,
+                first
+                    .due
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default()
+            ));
+        }
         // In the order work flows: the outbox into streams, streams to
         // consumers, deliveries to handlers.
         let outbox = self.runtime.outbox_backlog().await?;
@@ -250,6 +276,26 @@ impl TestKit {
             .filter(|r| r.is::<M>() && r.version() <= M::VERSION && keep(r))
             .map(Recorded::decode)
             .collect()
+    }
+
+    /// The delayed messages waiting (sent with `publish_after` or
+    /// `publish_at` and not yet due), soonest first.
+    pub async fn delayed(&self) -> Result<Vec<DelayedInfo>> {
+        self.runtime.delayed(usize::MAX).await
+    }
+
+    /// Publishes every delayed message waiting now, ahead of its time, as
+    /// if it had come due (through the outbox, in due order); how many.
+    /// Follow with [`settled`](Self::settled) to wait for their handlers.
+    pub async fn release_delayed(&self) -> Result<usize> {
+        self.runtime.shared.store.delayed_release_all()
+    }
+
+    /// Runs the recurring job `name` (its function's name or path) now,
+    /// once, as [`Runtime::run_job`] does; the occurrence's time. Follow
+    /// with [`settled`](Self::settled) to wait for it.
+    pub async fn run_job(&self, name: &str) -> Result<std::time::SystemTime> {
+        self.runtime.run_job(name).await
     }
 
     /// The service's dead letters, oldest first (up to 1,000).

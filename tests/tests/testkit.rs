@@ -3,15 +3,17 @@
 //! starts, a durable handler that succeeds on its third delivery, one
 //! whose messages are dead-lettered: after `settled()`, every effect is
 //! there to assert on, without polling. And `settled()` fails, saying
-//! what is left, when a saga sleeps past its time-out.
+//! what is left, when a saga sleeps past its time-out. Delayed messages
+//! due soon are waited for, later ones released on demand; a job runs on
+//! demand.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use catga::testing::{SentAs, TestKit};
-use catga::{Context, Error, Result, Runtime, Saga, SagaStatus, State, Versioned, command, event, saga};
+use catga::{Context, Error, Result, Runtime, Saga, SagaStatus, State, Versioned, command, event, job, saga};
 use serde::{Deserialize, Serialize};
 
 /// Places an order.
@@ -205,6 +207,51 @@ async fn ledger(_saga: &Saga, e: Posted) -> Result<()> {
     Ok(())
 }
 
+/// Publishes [`Reminded`] after `after_ms`.
+#[command(subject = "tests.kit.remind")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Remind {
+    /// The delay.
+    pub after_ms: u64,
+    /// Which reminder.
+    pub n: u64,
+}
+
+/// A delayed event.
+#[event(subject = "tests.kit.reminded")]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Reminded {
+    /// Which reminder.
+    pub n: u64,
+}
+
+static REMINDED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[command]
+async fn remind(ctx: &Context, r: Remind) -> Result<()> {
+    ctx.publish_after(Duration::from_millis(r.after_ms), Reminded { n: r.n })
+        .await?;
+    Ok(())
+}
+
+#[event(durable = "kit-reminded")]
+async fn reminded(r: Reminded) -> Result<()> {
+    REMINDED.lock().expect("reminded").push(r.n);
+    Ok(())
+}
+
+/// Each occurrence of [`hourly_tally`] run, by its time, and how often.
+static TALLIES: Mutex<BTreeMap<SystemTime, u32>> = Mutex::new(BTreeMap::new());
+
+#[job(every = "1h", idempotent)]
+async fn hourly_tally(ctx: &Context) -> Result<()> {
+    let at = ctx
+        .scheduled_at()
+        .ok_or_else(|| Error::invalid("an occurrence without its time"))?;
+    *TALLIES.lock().expect("tallies").entry(at).or_default() += 1;
+    Ok(())
+}
+
 fn kit_handlers(except: &'static [&'static str]) -> catga::RuntimeBuilder {
     Runtime::builder()
         .service("kit")
@@ -370,5 +417,65 @@ async fn core_handlers_and_keyed_sagas_settle() {
         15,
         "the routed copies are not the user's"
     );
+    kit.shutdown().await.expect("clean shutdown");
+}
+
+/// A delayed message due before `settled()` gives up is waited for; one
+/// due in a day is left waiting, listed, and published on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_due_soon_settle_and_later_ones_are_released_on_demand() {
+    let kit = TestKit::with(kit_handlers(&["::dozing"])).await.expect("kit");
+    kit.client()
+        .send(Remind { after_ms: 300, n: 1 })
+        .await
+        .expect("sent");
+    kit.client()
+        .send(Remind {
+            after_ms: 86_400_000,
+            n: 2,
+        })
+        .await
+        .expect("sent");
+    kit.settled().await.expect("settled");
+    assert_eq!(
+        *REMINDED.lock().expect("reminded"),
+        [1],
+        "the one due in 300 ms was waited for, the one due tomorrow was not"
+    );
+    let waiting = kit.delayed().await.expect("listed");
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert_eq!(waiting[0].subject, "tests.kit.reminded");
+    assert!(
+        waiting[0].due > SystemTime::now() + Duration::from_secs(86_000),
+        "{waiting:?}"
+    );
+    assert_eq!(kit.release_delayed().await.expect("released"), 1);
+    kit.settled().await.expect("settled");
+    assert_eq!(*REMINDED.lock().expect("reminded"), [1, 2]);
+    assert!(kit.delayed().await.expect("listed").is_empty());
+    assert_eq!(
+        kit.published::<Reminded>().expect("decodes"),
+        [Reminded { n: 1 }, Reminded { n: 2 }]
+    );
+    kit.shutdown().await.expect("clean shutdown");
+}
+
+/// A job runs now on demand, once per call, with its occurrence's time;
+/// an unknown name is refused with the jobs there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_now_on_demand() {
+    let kit = TestKit::with(kit_handlers(&["::dozing"])).await.expect("kit");
+    let first = kit.run_job("hourly_tally").await.expect("run");
+    kit.settled().await.expect("settled");
+    let second = kit.run_job("testkit::hourly_tally").await.expect("run by path");
+    assert!(second > first, "{first:?} {second:?}");
+    kit.settled().await.expect("settled");
+    let tallies = TALLIES.lock().expect("tallies").clone();
+    // Another test's kit could run a scheduled occurrence on the hour.
+    assert_eq!(tallies.get(&first), Some(&1), "{tallies:?}");
+    assert_eq!(tallies.get(&second), Some(&1), "{tallies:?}");
+    let e = kit.run_job("nightly").await.expect_err("no such job");
+    assert_eq!(e.kind(), catga::ErrorKind::NotFound, "{e}");
+    assert!(e.message().contains("testkit::hourly_tally"), "{e}");
     kit.shutdown().await.expect("clean shutdown");
 }
