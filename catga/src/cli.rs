@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::store::{RedisConnect, RedisStore, Store};
+use crate::store::Store;
 use crate::{Client, Config, DeadLetter, DeadLetters, Error, Result, SagaInfo};
 
 /// How long `services` listens for the replicas' answers.
@@ -404,16 +404,11 @@ fn done(json: bool, v: Value, text: String) -> String {
 /// `CATGA_STORE_SHARDS` as the operator's shell has it, and never marks a
 /// store.
 async fn the_store(config: &Config, what: &str) -> Result<Store> {
-    let Some(redis) = RedisConnect::from_config(config) else {
-        return Err(Error::invalid(format!(
+    crate::store::open_from(config).await?.ok_or_else(|| {
+        Error::invalid(format!(
             "{what} are read from the store: set REDIS_URL (and CATGA_SERVICE) as the replicas have it"
-        )));
-    };
-    let store = RedisStore::connect(&redis, &config.service, config.store_shards)?;
-    match store.marked_count().await? {
-        Some(n) if n != config.store_shards => Ok(RedisStore::connect(&redis, &config.service, n)?.into()),
-        _ => Ok(store.into()),
-    }
+        ))
+    })
 }
 
 async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {

@@ -29,6 +29,43 @@ struct ClientInner {
     service: String,
     instance_id: String,
     request_timeout: Duration,
+    /// Where delayed messages wait: the service's store.
+    store: Arc<StoreAccess>,
+}
+
+/// How a client reaches the store its delayed messages wait in.
+pub(crate) enum StoreAccess {
+    /// A runtime's store, or an embedded bus's.
+    Ready(crate::store::Store),
+    /// The replicas' Redis, as a configuration names it: opened at the
+    /// first delayed message, with the shard count it is marked with.
+    FromConfig(
+        Box<crate::config::Config>,
+        tokio::sync::OnceCell<crate::store::Store>,
+    ),
+    /// None (a client from a NATS URL alone).
+    Missing,
+}
+
+impl StoreAccess {
+    async fn store(&self) -> Result<&crate::store::Store> {
+        match self {
+            StoreAccess::Ready(store) => Ok(store),
+            StoreAccess::FromConfig(config, cell) => {
+                cell.get_or_try_init(|| async {
+                    crate::store::open_from(config)
+                        .await?
+                        .ok_or_else(|| Error::new(ErrorKind::Config, "REDIS_URL is not set"))
+                })
+                .await
+            }
+            StoreAccess::Missing => Err(Error::new(
+                ErrorKind::Config,
+                "a delayed message waits in the service's store: connect with `Client::connect_with` and a \
+                 configuration that has the replicas' REDIS_URL and CATGA_SERVICE",
+            )),
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -76,22 +113,30 @@ impl Client {
         })
         .await?;
         transport.first_connection(config.request_timeout).await?;
+        let store = if crate::store::RedisConnect::from_config(config).is_some() {
+            StoreAccess::FromConfig(Box::new(config.clone()), tokio::sync::OnceCell::new())
+        } else {
+            StoreAccess::Missing
+        };
         Ok(Client::from_transport(
             transport.into(),
             config.service.clone(),
             wire::new_message_id(),
             config.request_timeout,
+            store,
         ))
     }
 
     /// A client on an in-memory bus (the embedded mode), e.g. the bus a
     /// runtime was built with.
     pub fn memory(bus: &MemoryBus) -> Client {
+        let store = crate::store::Store::memory(Arc::clone(bus.store()), 1);
         Client::from_transport(
             bus.clone().into(),
             "client".to_owned(),
             wire::new_message_id(),
             crate::config::DEFAULT_REQUEST_TIMEOUT,
+            StoreAccess::Ready(store),
         )
     }
 
@@ -100,6 +145,7 @@ impl Client {
         service: String,
         instance_id: String,
         request_timeout: Duration,
+        store: StoreAccess,
     ) -> Client {
         Client {
             inner: Arc::new(ClientInner {
@@ -107,18 +153,22 @@ impl Client {
                 service,
                 instance_id,
                 request_timeout,
+                store: Arc::new(store),
             }),
         }
     }
 
     /// The same client with another default reply time-out.
     pub fn with_request_timeout(&self, timeout: Duration) -> Client {
-        Client::from_transport(
-            self.inner.transport.clone(),
-            self.inner.service.clone(),
-            self.inner.instance_id.clone(),
-            timeout,
-        )
+        Client {
+            inner: Arc::new(ClientInner {
+                transport: self.inner.transport.clone(),
+                service: self.inner.service.clone(),
+                instance_id: self.inner.instance_id.clone(),
+                request_timeout: timeout,
+                store: Arc::clone(&self.inner.store),
+            }),
+        }
     }
 
     pub(crate) fn transport(&self) -> &Transport {
@@ -311,6 +361,45 @@ impl Client {
         wire::check_id(message_id)?;
         let headers = wire::message_headers(true, E::VERSION, Cause::Id(message_id));
         self.publish_with(event, headers, true).await
+    }
+
+    /// Publishes `event` once `delay` has passed; see
+    /// [`publish_at`](Self::publish_at).
+    pub async fn publish_after<E: Event>(&self, delay: Duration, event: E) -> Result<String> {
+        self.publish_at(after_now(delay)?, event).await
+    }
+
+    /// Publishes `event` at `at`, not before (in a handler,
+    /// [`Context::publish_at`] commits it with the handler's work). It
+    /// waits in the service's store until a replica's outbox relay stores
+    /// it in its subject's stream, once; returns its message id, for
+    /// [`cancel_delayed`](Self::cancel_delayed).
+    ///
+    /// The store is the one of the service this client names: a runtime's
+    /// client and an embedded bus's client have it; a client from
+    /// [`connect_with`](Self::connect_with) opens the replicas' Redis
+    /// (`REDIS_URL`, `CATGA_SERVICE`) at its first delayed message, and
+    /// one from a NATS URL alone has none (a [`ErrorKind::Config`] error).
+    /// A replica of that service must run for it to be published.
+    pub async fn publish_at<E: Event>(&self, at: std::time::SystemTime, event: E) -> Result<String> {
+        let store = self.inner.store.store().await?;
+        let headers = wire::message_headers(true, E::VERSION, Cause::Root);
+        let mut entry = outbox_entry(self.transport(), headers, &event)?;
+        entry.due_ms = Some(wire::unix_ms(at));
+        let id = entry.id.clone();
+        let commit = crate::store::Commit {
+            events: vec![entry],
+            ..Default::default()
+        };
+        store.commit(&commit).await?;
+        Ok(id)
+    }
+
+    /// Cancels a delayed message that has not come due: `true` if it was
+    /// still waiting (it will not be published), `false` if no delayed
+    /// message has that id any more (published already, or cancelled).
+    pub async fn cancel_delayed(&self, id: &str) -> Result<bool> {
+        self.inner.store.store().await?.delayed_cancel(id).await
     }
 
     /// Sends a raw payload to a command subject and returns the raw reply
@@ -668,6 +757,61 @@ impl Context {
     pub fn client(&self) -> &Client {
         &self.client
     }
+}
+
+/// An event as the outbox keeps it. One that the broker could never
+/// take (over its limit, with the ids the relay adds) is refused here,
+/// before anything is committed: a 413 the handler sees, instead of a
+/// committed event that can never be published.
+pub(crate) fn outbox_entry<E: Event>(
+    transport: &crate::transport::Transport,
+    headers: async_nats::HeaderMap,
+    event: &E,
+) -> Result<crate::store::OutboxEntry> {
+    let payload = event.encode()?;
+    let size = crate::transport::memory::wire_size(Some(&headers), payload.len())
+        + crate::transport::ROUTING_HEADROOM;
+    if size > transport.max_payload() {
+        return Err(crate::transport::memory::too_large(
+            E::SUBJECT,
+            size,
+            transport.max_payload(),
+        ));
+    }
+    let header_block =
+        crate::transport::memory::wire_size(Some(&headers), 0) + crate::transport::ROUTING_HEADROOM;
+    if header_block > crate::transport::MAX_HEADERS {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "the headers of an event on {} take {header_block} bytes, over JetStream's limit of {}",
+                E::SUBJECT,
+                crate::transport::MAX_HEADERS
+            ),
+        ));
+    }
+    let id = headers
+        .get(crate::wire::headers::MESSAGE_ID)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(crate::wire::new_message_id);
+    Ok(crate::store::OutboxEntry {
+        id,
+        subject: E::SUBJECT.to_owned(),
+        headers: headers
+            .iter()
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
+            .collect(),
+        payload: payload.to_vec(),
+        due_ms: None,
+    })
+}
+
+/// Now plus `delay`, or an invalid-input error for a delay past what a
+/// clock can tell.
+pub(crate) fn after_now(delay: std::time::Duration) -> Result<std::time::SystemTime> {
+    std::time::SystemTime::now()
+        .checked_add(delay)
+        .ok_or_else(|| Error::invalid(format!("a delay of {delay:?} is past the end of time")))
 }
 
 #[cfg(test)]

@@ -95,9 +95,9 @@ impl Context {
         }
     }
 
-    /// An event as the outbox keeps it (see [`outbox_entry`]).
+    /// An event as the outbox keeps it (see [`outbox_entry`](crate::client::outbox_entry)).
     pub(crate) fn outbox_entry<E: Event>(&self, event: &E) -> Result<OutboxEntry> {
-        outbox_entry(
+        crate::client::outbox_entry(
             self.client().transport(),
             self.child_headers(true, E::VERSION),
             event,
@@ -108,7 +108,7 @@ impl Context {
     /// [`publish_at`](Self::publish_at)); returns its message id, which
     /// [`Runtime::cancel_delayed`](crate::Runtime::cancel_delayed) takes.
     pub async fn publish_after<E: Event>(&self, delay: std::time::Duration, event: E) -> Result<String> {
-        self.publish_at(after_now(delay)?, event).await
+        self.publish_at(crate::client::after_now(delay)?, event).await
     }
 
     /// Publishes `event` at `at`, not before: it waits in the service's
@@ -124,7 +124,7 @@ impl Context {
     /// one waiting.
     pub async fn publish_at<E: Event>(&self, at: std::time::SystemTime, event: E) -> Result<String> {
         let headers = self.delayed_headers(E::VERSION);
-        let mut entry = outbox_entry(self.client().transport(), headers, &event)?;
+        let mut entry = crate::client::outbox_entry(self.client().transport(), headers, &event)?;
         entry.due_ms = Some(crate::wire::unix_ms(at));
         let id = entry.id.clone();
         if let Some(staged) = &self.work().staged {
@@ -295,59 +295,4 @@ impl<'a, T: State> IntoFuture for Save<'a, T> {
             self.ctx.commit_save(self.state, events).await
         })
     }
-}
-
-/// An event as the outbox keeps it. One that the broker could never
-/// take (over its limit, with the ids the relay adds) is refused here,
-/// before anything is committed: a 413 the handler sees, instead of a
-/// committed event that can never be published.
-pub(crate) fn outbox_entry<E: Event>(
-    transport: &crate::transport::Transport,
-    headers: async_nats::HeaderMap,
-    event: &E,
-) -> Result<OutboxEntry> {
-    let payload = event.encode()?;
-    let size = crate::transport::memory::wire_size(Some(&headers), payload.len())
-        + crate::transport::ROUTING_HEADROOM;
-    if size > transport.max_payload() {
-        return Err(crate::transport::memory::too_large(
-            E::SUBJECT,
-            size,
-            transport.max_payload(),
-        ));
-    }
-    let header_block =
-        crate::transport::memory::wire_size(Some(&headers), 0) + crate::transport::ROUTING_HEADROOM;
-    if header_block > crate::transport::MAX_HEADERS {
-        return Err(Error::new(
-            ErrorKind::TooLarge,
-            format!(
-                "the headers of an event on {} take {header_block} bytes, over JetStream's limit of {}",
-                E::SUBJECT,
-                crate::transport::MAX_HEADERS
-            ),
-        ));
-    }
-    let id = headers
-        .get(crate::wire::headers::MESSAGE_ID)
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_else(crate::wire::new_message_id);
-    Ok(OutboxEntry {
-        id,
-        subject: E::SUBJECT.to_owned(),
-        headers: headers
-            .iter()
-            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
-            .collect(),
-        payload: payload.to_vec(),
-        due_ms: None,
-    })
-}
-
-/// Now plus `delay`, or an invalid-input error for a delay past what a
-/// clock can tell.
-pub(crate) fn after_now(delay: std::time::Duration) -> Result<std::time::SystemTime> {
-    std::time::SystemTime::now()
-        .checked_add(delay)
-        .ok_or_else(|| Error::invalid(format!("a delay of {delay:?} is past the end of time")))
 }

@@ -138,6 +138,45 @@ impl Backend {
         out
     }
 
+    /// The settings a process beside the replicas reads to reach them and
+    /// their store (NATS and Redis URLs, the Redis mode, the service's
+    /// name and shard count); `None` on the embedded bus.
+    pub fn config(&self) -> Option<catga::Config> {
+        let mut c = catga::Config::default();
+        c.service = "catga-tests".to_owned();
+        match self {
+            Backend::Nats(s, r) => {
+                c.nats_url = Some(s.url());
+                c.redis_url = Some(r.url());
+            }
+            Backend::RedisCluster(s, r, shards) => {
+                c.nats_url = Some(s.url());
+                c.redis_url = Some(r.urls().join(","));
+                c.redis_mode = catga::RedisMode::Cluster;
+                c.store_shards = *shards;
+            }
+            Backend::RedisSentinel(s, r) => {
+                c.nats_url = Some(s.url());
+                c.redis_url = Some(r.url());
+                c.redis_mode = catga::RedisMode::Sentinel;
+                c.redis_sentinel_master = "mymaster".to_owned();
+            }
+            Backend::Memory(_) => return None,
+        }
+        Some(c)
+    }
+
+    /// A client that hosts no handlers and reaches the replicas' store
+    /// (for delayed messages): from [`config`](Self::config), or the
+    /// embedded bus's.
+    pub async fn store_client(&self) -> Client {
+        match (self, self.config()) {
+            (Backend::Memory(bus), _) => Client::memory(bus),
+            (_, Some(c)) => Client::connect_with(&c).await.expect("client connects"),
+            (_, None) => unreachable!("every NATS backend has a configuration"),
+        }
+    }
+
     /// A client that hosts no handlers.
     pub async fn client(&self) -> Client {
         match self {

@@ -501,6 +501,7 @@ fn shared(
         config.service.clone(),
         config.instance_id.clone(),
         config.request_timeout,
+        crate::client::StoreAccess::Ready(store.clone()),
     );
     let durable_subjects = selected
         .iter()

@@ -182,7 +182,7 @@ impl Runtime {
     /// Publishes `event` once `delay` has passed; see
     /// [`publish_at`](Self::publish_at).
     pub async fn publish_after<E: crate::Event>(&self, delay: Duration, event: E) -> Result<String> {
-        self.publish_at(crate::state::after_now(delay)?, event).await
+        self.shared.client.publish_after(delay, event).await
     }
 
     /// Publishes `event` at `at`, not before, from outside a handler (in
@@ -191,16 +191,7 @@ impl Runtime {
     /// store until the outbox relay stores it in its subject's stream;
     /// returns its message id, for [`cancel_delayed`](Self::cancel_delayed).
     pub async fn publish_at<E: crate::Event>(&self, at: std::time::SystemTime, event: E) -> Result<String> {
-        let headers = crate::wire::message_headers(true, E::VERSION, crate::wire::Cause::Root);
-        let mut entry = crate::state::outbox_entry(self.shared.client.transport(), headers, &event)?;
-        entry.due_ms = Some(crate::wire::unix_ms(at));
-        let id = entry.id.clone();
-        let commit = crate::store::Commit {
-            events: vec![entry],
-            ..Default::default()
-        };
-        self.shared.store.commit(&commit).await?;
-        Ok(id)
+        self.shared.client.publish_at(at, event).await
     }
 
     /// Cancels a delayed message that has not come due: `true` if it was

@@ -409,6 +409,22 @@ fn other_shard(home: &Home, kind: &str, key: &str, shard: u32, shards: u32) -> E
     )
 }
 
+/// The store of a service's replicas as `config` names it (`REDIS_URL`,
+/// `CATGA_SERVICE`), opened by a process that is not one of them (the
+/// CLI, a bare client): with the shard count the store is marked with,
+/// whatever `config` says, so that what it writes lands where the
+/// replicas look. `None` without `REDIS_URL`.
+pub(crate) async fn open_from(config: &crate::config::Config) -> Result<Option<Store>> {
+    let Some(redis) = RedisConnect::from_config(config) else {
+        return Ok(None);
+    };
+    let store = RedisStore::connect(&redis, &config.service, config.store_shards)?;
+    Ok(Some(match store.marked_count().await? {
+        Some(n) if n != config.store_shards => RedisStore::connect(&redis, &config.service, n)?.into(),
+        _ => store.into(),
+    }))
+}
+
 impl Store {
     /// The in-memory store `s`, refusing what `shards` shards would.
     pub(crate) fn memory(s: Arc<MemoryStore>, shards: u32) -> Store {

@@ -96,7 +96,8 @@ catga_tests::on_every_store!(
     two_handlers_of_one_event_schedule_two_messages,
     delayed_messages_arrive_once_not_before_their_time,
     a_cancelled_delayed_message_is_never_published,
-    delayed_messages_outlive_the_replica_that_sent_them
+    delayed_messages_outlive_the_replica_that_sent_them,
+    a_client_beside_the_replicas_sends_and_cancels_delayed_messages
 );
 
 fn arrivals(run: &str) -> BTreeMap<u64, Vec<u64>> {
@@ -271,5 +272,49 @@ async fn two_handlers_of_one_event_schedule_two_messages(b: &Backend) {
     let seen = until_arrived(&run, 2, Duration::from_secs(15)).await;
     assert_eq!(seen.keys().copied().collect::<Vec<_>>(), vec![10, 11], "{seen:?}");
     assert!(seen.values().all(|at| at.len() == 1), "{seen:?}");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A client that hosts no handlers, configured as the replicas are
+/// (`Client::connect_with`, or the embedded bus's): its delayed messages
+/// wait in the service's store and are published once by a replica, not
+/// before their time; it cancels one. A client from a NATS URL alone has
+/// no store: a configuration error, nothing sent.
+async fn a_client_beside_the_replicas_sends_and_cancels_delayed_messages(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.store_client().await;
+    let run = run_id();
+    let first = reminder(&run, 1, Duration::from_millis(600));
+    let due = first.due_ms;
+    client
+        .publish_after(Duration::from_millis(600), first)
+        .await
+        .expect("publish");
+    let at = SystemTime::now() + Duration::from_millis(600);
+    let second = client
+        .publish_at(at, reminder(&run, 2, Duration::from_millis(600)))
+        .await
+        .expect("publish");
+    assert!(client.cancel_delayed(&second).await.expect("cancel"), "waiting");
+    let seen = until_arrived(&run, 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let seen_later = arrivals(&run);
+    assert_eq!(seen.get(&1).map(Vec::len), Some(1), "once: {seen:?}");
+    assert!(seen[&1][0] >= due, "not before its time: {seen:?}");
+    assert!(seen[&1][0] < due + LATE.as_millis() as u64, "{seen:?}");
+    assert_eq!(
+        seen_later.len(),
+        1,
+        "the cancelled one never came: {seen_later:?}"
+    );
+    if b.nats_url().is_some() {
+        let bare = b.client().await;
+        let e = bare
+            .publish_after(Duration::from_millis(1), reminder(&run, 3, Duration::ZERO))
+            .await
+            .expect_err("no store");
+        assert_eq!(e.kind(), catga::ErrorKind::Config, "{e}");
+        assert!(e.message().contains("REDIS_URL"), "{e}");
+    }
     rt.shutdown().await.expect("clean shutdown");
 }
