@@ -404,7 +404,7 @@ fn done(json: bool, v: Value, text: String) -> String {
 /// `CATGA_STORE_SHARDS` as the operator's shell has it, and never marks a
 /// store.
 async fn the_store(config: &Config, what: &str) -> Result<Store> {
-    crate::store::open_from(config).await?.ok_or_else(|| {
+    crate::store::open_from(config, false).await?.ok_or_else(|| {
         Error::invalid(format!(
             "{what} are read from the store: set REDIS_URL (and CATGA_SERVICE) as the replicas have it"
         ))

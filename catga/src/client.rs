@@ -53,7 +53,7 @@ impl StoreAccess {
             StoreAccess::Ready(store) => Ok(store),
             StoreAccess::FromConfig(config, cell) => {
                 cell.get_or_try_init(|| async {
-                    crate::store::open_from(config)
+                    crate::store::open_from(config, true)
                         .await?
                         .ok_or_else(|| Error::new(ErrorKind::Config, "REDIS_URL is not set"))
                 })
@@ -376,11 +376,16 @@ impl Client {
     /// [`cancel_delayed`](Self::cancel_delayed).
     ///
     /// The store is the one of the service this client names: a runtime's
-    /// client and an embedded bus's client have it; a client from
+    /// client ([`Runtime::client`](crate::Runtime::client)) has the
+    /// runtime's; an embedded bus's client ([`Client::memory`]) has the
+    /// bus's (a runtime on that bus with a Redis URL keeps its delayed
+    /// messages in Redis: use its own client); a client from
     /// [`connect_with`](Self::connect_with) opens the replicas' Redis
-    /// (`REDIS_URL`, `CATGA_SERVICE`) at its first delayed message, and
-    /// one from a NATS URL alone has none (a [`ErrorKind::Config`] error).
-    /// A replica of that service must run for it to be published.
+    /// (`REDIS_URL`, `CATGA_SERVICE`) at its first delayed message, once a
+    /// replica of the service marked it (a [`ErrorKind::Config`] error
+    /// before, which also catches a misspelt service name); one from a
+    /// NATS URL alone has none (a [`ErrorKind::Config`] error). A replica
+    /// of that service must run for it to be published.
     pub async fn publish_at<E: Event>(&self, at: std::time::SystemTime, event: E) -> Result<String> {
         let store = self.inner.store.store().await?;
         let headers = wire::message_headers(true, E::VERSION, Cause::Root);

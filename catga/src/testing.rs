@@ -38,8 +38,9 @@
 //! and the outbox is empty, all observed with no activity on the bus in
 //! between.
 //!
-//! A delayed message (`publish_after`) due before `settled` would give up
-//! is waited for; one due later is left waiting: [`TestKit::delayed`]
+//! A delayed message (`publish_after`) due at least a second
+//! ([`DELAYED_MARGIN`]) before `settled` would give up is waited for; one
+//! due later is left waiting: [`TestKit::delayed`]
 //! lists them and [`TestKit::release_delayed`] publishes them all at once,
 //! so that a test of "remind after a day" takes milliseconds. Recurring
 //! jobs run on their schedule in the kit too (leave them out of the
@@ -73,6 +74,11 @@ use crate::transport::tap::Tap;
 use crate::{Client, DeadLetter, DelayedInfo, SagaInfo};
 
 pub use crate::transport::tap::{Recorded, SentAs};
+
+/// How long before [`TestKit::settled`] gives up a delayed message must
+/// be due to be waited for: the relay looks every 250 ms, and its
+/// handlers need their time too.
+pub const DELAYED_MARGIN: Duration = Duration::from_secs(1);
 
 /// How long [`TestKit::settled`] waits by default.
 pub const DEFAULT_SETTLE_WITHIN: Duration = Duration::from_secs(10);
@@ -178,12 +184,15 @@ impl TestKit {
     }
 
     /// What keeps the bus from having settled, in words: `until` is when
-    /// [`settled`](Self::settled) gives up, before which a delayed message
-    /// due is waited for.
+    /// [`settled`](Self::settled) gives up; a delayed message due at least
+    /// [`DELAYED_MARGIN`] before is waited for.
     async fn left(&self, tap: &Arc<Tap>, until: std::time::SystemTime) -> Result<Vec<String>> {
         let mut left = Vec::new();
         let waiting = self.delayed().await?;
-        let soon: Vec<_> = waiting.iter().filter(|d| d.due <= until).collect();
+        let soon: Vec<_> = waiting
+            .iter()
+            .filter(|d| d.due.checked_add(DELAYED_MARGIN).is_some_and(|d| d <= until))
+            .collect();
         if let Some(first) = soon.first() {
             left.push(format!(
                 "{} delayed messages due before the wait ends, the first on {} in {:?}",

@@ -52,9 +52,11 @@ use crate::wire::occurrence_ms;
 
 /// The part of `spec`'s occurrence ids before the time: the job's name
 /// in visible ASCII, cut (with a hash of the whole) so that an id fits
-/// [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN), and `:`.
+/// [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN), and `:`. Room is left for
+/// `:` and a time (21), and for what a run on demand adds (`.run` and a
+/// time, 24) or a replayed dead letter (`.replay<n>`).
 fn occurrence_prefix(spec: &HandlerSpec) -> String {
-    const ROOM: usize = crate::wire::MAX_ID_LEN - 21;
+    const ROOM: usize = crate::wire::MAX_ID_LEN - 21 - 24;
     let full = spec.name();
     let mut name: String = full
         .chars()
@@ -75,11 +77,34 @@ pub(crate) fn occurrence_id(spec: &HandlerSpec, at_ms: u64) -> String {
 }
 
 /// The time of `spec`'s occurrence with message id `id`, if it is one the
-/// scheduler stored (not a replayed dead letter, nor anything else
-/// published on the job's subject).
+/// scheduler stored (not a run on demand, a replayed dead letter, nor
+/// anything else published on the job's subject).
 fn stored_time(spec: &HandlerSpec, id: &str) -> Option<u64> {
     let digits = id.strip_prefix(&occurrence_prefix(spec))?;
     occurrence_ms(&format!(":{digits}"))
+}
+
+/// The message id of a run of `spec` on demand at `at_ms`, after the
+/// last occurrence stored (`last`, if any): `<job>:<ms>.run<last ms>`.
+fn run_id(spec: &HandlerSpec, at_ms: u64, last: Option<u64>) -> String {
+    let last = last.map(|l| l.to_string()).unwrap_or_default();
+    format!("{}{at_ms}.run{last}", occurrence_prefix(spec))
+}
+
+/// The last occurrence of the schedule stored as of the message with id
+/// `id`: its own time for an occurrence, the one it carries for a run on
+/// demand (so that a run on demand, the last message of the stream,
+/// does not hide the schedule's place from the schedulers), none for
+/// anything else.
+fn schedule_mark(spec: &HandlerSpec, id: &str) -> Option<u64> {
+    let rest = id.strip_prefix(&occurrence_prefix(spec))?;
+    match rest.split_once(".run") {
+        Some((own, last)) => {
+            occurrence_ms(&format!(":{own}"))?;
+            occurrence_ms(&format!(":{last}"))
+        }
+        None => stored_time(spec, id),
+    }
 }
 
 /// Whether the occurrence with message id `id` of job `spec` (with
@@ -250,7 +275,7 @@ impl Scheduler {
         let last = bounded(transport.last_on(subject)).await?;
         let now = now_ms();
         let on_time = ON_TIME.saturating_add(self.options.jitter_ms);
-        let mut last_at = last.as_ref().and_then(|(_, id)| stored_time(spec, id));
+        let mut last_at = last.as_ref().and_then(|(_, id)| schedule_mark(spec, id));
         if let Some(at) = last_at
             && at > now.saturating_add(on_time)
         {
@@ -322,12 +347,14 @@ impl Scheduler {
 
 /// Stores a run of `spec` at this moment, outside its schedule (an
 /// operator's or a test's "run it now"): it runs like an occurrence, on
-/// one replica, once in effect when the job is idempotent. Its id is
-/// `<job>:<ms>.run`, which the schedulers do not take for an occurrence
-/// of theirs (see [`stored_time`]): an occurrence due at the same moment
-/// is still stored and run. Returns its time (unix ms): now, or just after
-/// the last message stored if that is later, so that two runs in one
-/// millisecond are two runs.
+/// one replica, once in effect when the job is idempotent. Its id,
+/// `<job>:<ms>.run<last>`, is not one the schedulers take for an
+/// occurrence (an occurrence due at the same moment is still stored and
+/// run), and it carries the last occurrence stored, which the schedulers
+/// read through it (see [`schedule_mark`]). Returns its time (unix ms):
+/// now, or just after the last message stored when that is later by less
+/// than a second (two runs in one millisecond are two runs; a time far
+/// ahead, from a clock running ahead or a forged id, is not followed).
 pub(crate) async fn run_now(
     transport: &crate::transport::Transport,
     streams: &crate::config::StreamSettings,
@@ -336,21 +363,28 @@ pub(crate) async fn run_now(
 ) -> Result<u64> {
     let subject = spec.subject();
     bounded(transport.ensure_job_stream(subject, streams)).await?;
+    let mut floor = 0;
     // Expected-sequence publishes race with the schedulers: a few tries.
     for _ in 0..10 {
         let last = bounded(transport.last_on(subject)).await?;
-        let after_time = last
+        let now = now_ms();
+        let last_time = last
             .as_ref()
             .and_then(|(_, id)| crate::wire::occurrence_of(subject, id))
-            .map(crate::wire::unix_ms);
-        let at = now_ms().max(after_time.map_or(0, |t| t.saturating_add(1)));
-        let id = format!("{}.run", occurrence_id(spec, at));
+            .map(crate::wire::unix_ms)
+            .filter(|t| *t <= now.saturating_add(ON_TIME));
+        let at = now.max(last_time.map_or(0, |t| t.saturating_add(1))).max(floor);
+        let mark = last.as_ref().and_then(|(_, id)| schedule_mark(spec, id));
+        let id = run_id(spec, at, mark);
         let headers = crate::wire::message_headers(true, 1, crate::wire::Cause::Id(&id));
         let after = last.as_ref().map_or(0, |(seq, _)| *seq);
         match bounded(transport.publish_after_seq(subject, headers, bytes::Bytes::new(), after, timeout))
             .await?
         {
-            Appended::Stored | Appended::Repeated => return Ok(at),
+            Appended::Stored => return Ok(at),
+            // Another process stored a run with this id: the next
+            // millisecond.
+            Appended::Repeated => floor = at.saturating_add(1),
             Appended::Behind => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
@@ -576,6 +610,26 @@ mod tests {
     }
 
     #[test]
+    fn a_run_on_demand_last_in_the_stream_keeps_the_schedules_place() {
+        // Hourly; the 1:00 occurrence stored, a run on demand at 1:30,
+        // every replica down from 1:59 to 2:02: the 2:00 occurrence runs
+        // once (missed = "latest"), and a replica waking with an old view
+        // does not store 1:00 again.
+        let hourly = Schedule::Every(3_600_000);
+        let spec = spec("app::expire", None);
+        let run = run_id(&spec, 5_400_000, Some(3_600_000));
+        let mark = schedule_mark(&spec, &run);
+        assert_eq!(
+            decide(&hourly, &options(false, 0), mark, 7_320_000, none),
+            Next::Publish(7_200_000)
+        );
+        assert_eq!(
+            decide(&hourly, &options(false, 0), mark, 3_700_000, none),
+            Next::WaitUntil(7_200_000)
+        );
+    }
+
+    #[test]
     fn a_new_job_does_not_run_an_occurrence_from_before() {
         let hourly = Schedule::Every(3_600_000);
         assert_eq!(
@@ -614,12 +668,27 @@ mod tests {
             let id = occurrence_id(&spec, 1_796_547_600_000);
             assert!(id.len() <= crate::wire::MAX_ID_LEN, "{id}");
             assert_eq!(stored_time(&spec, &id), Some(1_796_547_600_000));
-            let run = format!("{id}.run");
+            let run = run_id(&spec, u64::MAX, Some(u64::MAX));
             assert!(run.len() <= crate::wire::MAX_ID_LEN, "{run}");
+            let replay = format!("{}.replay99", occurrence_id(&spec, u64::MAX));
+            assert!(replay.len() <= crate::wire::MAX_ID_LEN, "{replay}");
+            let run = run_id(&spec, 1_796_547_700_000, Some(1_796_547_600_000));
             assert_eq!(
                 stored_time(&spec, &run),
                 None,
                 "a run on demand is not an occurrence"
+            );
+            assert_eq!(
+                schedule_mark(&spec, &run),
+                Some(1_796_547_600_000),
+                "but it tells the last one stored"
+            );
+            assert_eq!(schedule_mark(&spec, &run_id(&spec, 5, None)), None);
+            assert_eq!(schedule_mark(&spec, &id), Some(1_796_547_600_000));
+            assert_eq!(
+                crate::wire::occurrence_of("catga.job.app.expire", &run),
+                Some(UNIX_EPOCH + Duration::from_millis(1_796_547_700_000)),
+                "its own time for the handler"
             );
             assert_eq!(
                 crate::wire::occurrence_of("catga.job.app.expire", &id),
@@ -639,6 +708,9 @@ mod tests {
         assert_eq!(stored_time(&spec, "app::expire:+15"), None);
         assert_eq!(stored_time(&spec, "x:99999999999999"), None);
         assert_eq!(stored_time(&spec, "app::other:1500"), None);
+        assert_eq!(schedule_mark(&spec, "app::expire:1500.replay7"), None);
+        assert_eq!(schedule_mark(&spec, "app::expire:1500.run+3"), None);
+        assert_eq!(schedule_mark(&spec, "app::expire:x.run1500"), None);
     }
 
     #[test]

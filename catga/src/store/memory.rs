@@ -161,7 +161,7 @@ impl MemoryStore {
             let mut inner = self.lock();
             let due: Vec<(u64, u64)> = inner
                 .delayed
-                .range(..(now_ms.saturating_add(1), 0))
+                .range(..=(now_ms, u64::MAX))
                 .take(limit)
                 .map(|(k, _)| *k)
                 .collect();

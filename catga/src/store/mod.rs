@@ -413,15 +413,29 @@ fn other_shard(home: &Home, kind: &str, key: &str, shard: u32, shards: u32) -> E
 /// `CATGA_SERVICE`), opened by a process that is not one of them (the
 /// CLI, a bare client): with the shard count the store is marked with,
 /// whatever `config` says, so that what it writes lands where the
-/// replicas look. `None` without `REDIS_URL`.
-pub(crate) async fn open_from(config: &crate::config::Config) -> Result<Option<Store>> {
+/// replicas look. `None` without `REDIS_URL`. With `to_write`, a store
+/// no replica has marked is refused: writing would mark it with this
+/// process's count (which the replicas may not share), and an unmarked
+/// store is also what a misspelt service name finds.
+pub(crate) async fn open_from(config: &crate::config::Config, to_write: bool) -> Result<Option<Store>> {
     let Some(redis) = RedisConnect::from_config(config) else {
         return Ok(None);
     };
     let store = RedisStore::connect(&redis, &config.service, config.store_shards)?;
     Ok(Some(match store.marked_count().await? {
         Some(n) if n != config.store_shards => RedisStore::connect(&redis, &config.service, n)?.into(),
-        _ => store.into(),
+        Some(_) => store.into(),
+        None if to_write => {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "no replica of service `{}` has written to this store yet: start one first, or check \
+                     CATGA_SERVICE",
+                    config.service
+                ),
+            ));
+        }
+        None => store.into(),
     }))
 }
 
