@@ -228,13 +228,13 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "CATGA_MEMBER_HEARTBEAT_MS",
-        meaning: "how often a replica with keyed sagas says it is alive, renews its partition leases and rebalances",
+        meaning: "how often a replica with keyed sagas (or relaying the outboxes of store shards) says it is alive, renews its partition leases and rebalances",
         default: "1000",
         read: Some(|c, n, v| set(&mut c.member_heartbeat, millis(n, v)?)),
     },
     Setting {
         name: "CATGA_MEMBER_TIMEOUT_MS",
-        meaning: "a replica silent this long leaves the ring of keyed sagas; also their partition lease, so its partitions move within about this time of its death",
+        meaning: "a replica silent this long leaves the ring of keyed sagas (and of the store shards' relays); also their partition lease, so its partitions move within about this time of its death",
         default: "5000",
         read: Some(|c, n, v| set(&mut c.member_timeout, millis(n, v)?)),
     },
@@ -287,7 +287,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "CATGA_OUTBOX_LEASE_MS",
-        meaning: "the outbox relay's lease: one replica at a time stores the outbox's events in their streams; when it dies, another takes over within this time",
+        meaning: "the outbox relay's lease: one replica at a time stores an outbox's events in their streams (with store shards, each shard's, the shards spread over the replicas); when it dies, another takes over within this time",
         default: "3000",
         read: Some(|c, n, v| set(&mut c.outbox_lease, millis(n, v)?)),
     },

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod collector;
 pub mod http;
 pub mod pki;
+pub mod process;
 pub mod record;
 pub mod servers;
 

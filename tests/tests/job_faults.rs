@@ -8,11 +8,11 @@
 //! ran later than the bound the README states.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use catga::Client;
+use catga_tests::process::Replica;
 use catga_tests::{NatsServer, RedisServer};
 
 /// The job's period.
@@ -25,69 +25,22 @@ const EVERY: u64 = 500;
 /// for a loaded host.
 const LATEST_MS: u64 = 20_000;
 
-struct Replica {
-    name: String,
-    log: PathBuf,
-    child: Option<Child>,
+fn spawn(nats: &str, redis: &str, name: &str, dir: &Path) -> Replica {
+    let env = [
+        ("NATS_URL", nats),
+        ("REDIS_URL", redis),
+        ("CATGA_SERVICE", "jobs"),
+        ("RUST_LOG", "info"),
+    ];
+    Replica::spawn(env!("CARGO_BIN_EXE_job_replica"), &env, name, dir)
 }
 
-impl Replica {
-    fn spawn(nats: &str, redis: &str, name: &str, dir: &Path) -> Replica {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_job_replica"))
-            .env("NATS_URL", nats)
-            .env("REDIS_URL", redis)
-            .env("CATGA_INSTANCE_ID", name)
-            .env("CATGA_SERVICE", "jobs")
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn job_replica");
-        Replica {
-            name: name.to_owned(),
-            log,
-            child: Some(child),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The occurrence this replica started and has not finished, if any.
-    fn running(&self) -> Option<String> {
-        let log = self.log();
-        let started = log.lines().rev().find_map(|l| l.strip_prefix("running "))?;
-        (!log.contains(&format!("ran {started}"))).then(|| started.to_owned())
-    }
-
-    fn signal(&self, sig: &str) {
-        let child = self.child.as_ref().expect("running");
-        let status = Command::new("kill")
-            .args([format!("-{sig}"), child.id().to_string()])
-            .status()
-            .expect("send signal");
-        assert!(status.success(), "kill -{sig}");
-    }
-
-    fn sigkill(&mut self) {
-        let mut child = self.child.take().expect("running");
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// The occurrence `replica` started and has not finished, if any (it
+/// prints `running <at>` and `ran <at>`).
+fn running(replica: &Replica) -> Option<String> {
+    let log = replica.log();
+    let started = log.lines().rev().find_map(|l| l.strip_prefix("running "))?;
+    (!log.contains(&format!("ran {started}"))).then(|| started.to_owned())
 }
 
 async fn runs(client: &Client) -> BTreeMap<u64, (u32, u64)> {
@@ -113,7 +66,7 @@ async fn one_running(replicas: &[Replica], skip: &[&str]) -> usize {
     loop {
         if let Some(i) = replicas
             .iter()
-            .position(|r| r.child.is_some() && !skip.contains(&r.name.as_str()) && r.running().is_some())
+            .position(|r| r.is_running() && !skip.contains(&r.name.as_str()) && running(r).is_some())
         {
             return i;
         }
@@ -132,7 +85,7 @@ async fn each_occurrence_runs_once_while_the_replica_running_it_is_killed_or_sta
     let dir = tempfile::tempdir().expect("temp dir");
     let mut replicas: Vec<Replica> = ["j1", "j2", "j3"]
         .iter()
-        .map(|n| Replica::spawn(&nats.url(), &redis.url(), n, dir.path()))
+        .map(|n| spawn(&nats.url(), &redis.url(), n, dir.path()))
         .collect();
     let client = Client::connect(&nats.url()).await.expect("client");
     let began = Instant::now();
@@ -147,7 +100,7 @@ async fn each_occurrence_runs_once_while_the_replica_running_it_is_killed_or_sta
 
     // SIGKILL the replica in the middle of a run.
     let killed = one_running(&replicas, &[]).await;
-    let killed_at = replicas[killed].running();
+    let killed_at = running(&replicas[killed]);
     replicas[killed].sigkill();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -155,7 +108,7 @@ async fn each_occurrence_runs_once_while_the_replica_running_it_is_killed_or_sta
     // (5 s) and its inbox lease (1 s), then let it go on.
     let killed_name = replicas[killed].name.clone();
     let stalled = one_running(&replicas, &[&killed_name]).await;
-    let stalled_at = replicas[stalled].running();
+    let stalled_at = running(&replicas[stalled]);
     replicas[stalled].signal("STOP");
     tokio::time::sleep(Duration::from_secs(7)).await;
     replicas[stalled].signal("CONT");

@@ -353,7 +353,11 @@ impl RuntimeBuilder {
             tokio::spawn(watch_refusals(Arc::clone(&shared), refusals, subjects)),
             tokio::spawn(watch_store(Arc::clone(&shared))),
             tokio::spawn(check_broker(Arc::clone(&shared))),
-            tokio::spawn(Arc::clone(&shared.relay).keep(shared.store.clone())),
+            tokio::spawn(Arc::clone(&shared.relay).keep(
+                shared.store.clone(),
+                shared.config.member_heartbeat,
+                shared.config.member_timeout,
+            )),
             tokio::spawn(keep_alive(Arc::clone(&shared))),
             tokio::spawn(crate::store::clean_orphans(shared.store.clone(), orphan_queue)),
             tokio::spawn(super::outbox::run(Arc::clone(&shared), Arc::clone(&shared.relay))),
@@ -526,11 +530,10 @@ fn shared(
         home: None,
         events_home: None,
     });
-    let relay = Arc::new(super::lease::Lease::new(
-        super::outbox::RELAY_LEASE,
+    let relay = Arc::new(super::outbox::RelayLeases::new(
+        store.outbox_shards(),
         leadership.owner(),
         config.outbox_lease,
-        "catga_outbox_relay",
     ));
     let shared = Arc::new(Shared {
         client,

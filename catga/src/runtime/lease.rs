@@ -24,7 +24,9 @@ pub(crate) struct Lease {
     ttl: Duration,
     /// The token held and until when, if held.
     held: Mutex<Option<(u64, Instant)>>,
-    gauge: &'static str,
+    /// Set to 1 while held, 0 otherwise; none for a lease among several
+    /// counted together.
+    gauge: Option<&'static str>,
 }
 
 impl Lease {
@@ -36,8 +38,37 @@ impl Lease {
             owner: owner.to_owned(),
             ttl: ttl.max(Duration::from_millis(30)),
             held: Mutex::new(None),
-            gauge,
+            gauge: Some(gauge),
         }
+    }
+
+    /// Lease `name` for `owner`, lasting `ttl`, without a gauge of its own.
+    pub(crate) fn quiet(name: &str, owner: &str, ttl: Duration) -> Lease {
+        Lease {
+            gauge: None,
+            ..Lease::new(name, owner, ttl, "")
+        }
+    }
+
+    /// The lease's name in the store.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Who asks for it.
+    pub(crate) fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// How long a grant lasts.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// How long before its end a grant asked for at `asked` is counted as
+    /// over: the margin for the clocks of the two hosts.
+    pub(crate) fn held_until(&self, asked: Instant) -> Instant {
+        asked + self.ttl - (self.ttl / 10).min(Duration::from_millis(500))
     }
 
     /// The token, while the lease is surely held.
@@ -49,7 +80,9 @@ impl Lease {
         held.filter(|(_, until)| Instant::now() < *until).map(|(t, _)| t)
     }
 
-    fn set(&self, held: Option<(u64, Instant)>) {
+    /// Records what the store granted: a token and until when it is
+    /// surely held, or nothing.
+    pub(crate) fn set(&self, held: Option<(u64, Instant)>) {
         let was = std::mem::replace(
             &mut *self
                 .held
@@ -62,22 +95,23 @@ impl Lease {
             (Some(_), None) => tracing::info!(lease = %self.name, "lease no longer held"),
             _ => {}
         }
-        metrics::gauge!(self.gauge).set(if held.is_some() { 1.0 } else { 0.0 });
+        if let Some(gauge) = self.gauge {
+            metrics::gauge!(gauge).set(if held.is_some() { 1.0 } else { 0.0 });
+        }
     }
 
     /// Takes the lease when it is free and keeps it; runs until aborted.
     pub(crate) async fn keep(self: Arc<Self>, store: Store) {
         let every = self.ttl / 3;
-        // Counted from before the request: the store may have granted it
-        // the moment the request arrived.
-        let margin = (self.ttl / 10).min(Duration::from_millis(500));
         loop {
             let asked = Instant::now();
             let wanted = [(self.name.clone(), true)];
             match store.lease_sync(&wanted, &self.owner, self.ttl).await {
                 Ok(tokens) => match tokens.first().copied().unwrap_or(0) {
                     0 => self.set(None),
-                    token => self.set(Some((token, asked + self.ttl - margin))),
+                    // Counted from before the request: the store may have
+                    // granted it the moment the request arrived.
+                    token => self.set(Some((token, self.held_until(asked)))),
                 },
                 Err(e) => {
                     tracing::debug!(lease = %self.name, error = %e, "the lease could not be renewed; it runs out unless renewed in time");

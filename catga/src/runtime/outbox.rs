@@ -2,10 +2,12 @@
 //! state in their streams, in commit order, and removes each from the
 //! outbox once its stream acknowledged it.
 //!
-//! - One replica at a time relays (the holder of the relay lease, see
-//!   [`super::lease`]); the others stand by and take over within a lease
-//!   when it dies. A live relay's entries are never taken over, however
-//!   slowly it publishes.
+//! - One replica at a time relays each outbox (the holder of its relay
+//!   lease, see [`super::lease`]); the others stand by and take over
+//!   within a lease when it dies. A live relay's entries are never taken
+//!   over, however slowly it publishes. With one outbox per store shard
+//!   (`CATGA_STORE_SHARDS`), the shards are spread over the replicas by
+//!   the ring the keyed sagas use ([`RelayLeases`]).
 //! - Every event goes to a stream: the one that stores its subject, or
 //!   one made for the subject when none does. An entry leaves the outbox
 //!   only once a stream acknowledged it; the answer "no stream stores
@@ -38,8 +40,155 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::store::OutboxEntry;
 use crate::transport::{DeadLetter, Outgoing};
 
-/// The relay lease's name in the store.
+/// The relay lease's name in the store (with one outbox; `relay:<shard>`
+/// with several).
 pub(crate) const RELAY_LEASE: &str = "relay";
+
+/// The member group of the replicas that relay, for the ring that spreads
+/// the outbox shards: with a `:`, which no keyed saga's group (its
+/// durable name) has.
+const RELAY_GROUP: &str = "outbox:relays";
+
+/// The relay's leases, one per outbox shard.
+///
+/// With one shard, the single lease `relay`, which any replica takes when
+/// it is free ([`Lease::keep`]), as before shards existed. With several,
+/// the lease `relay:<shard>` of each: every replica says it is alive in
+/// the [`RELAY_GROUP`], places the shards on the ring of the replicas
+/// alive (bounded loads, as keyed sagas' partitions), wants the leases of
+/// the shards the ring gives it and gives the others up: two round trips
+/// every member heartbeat or third of the lease, whichever is sooner. So the relaying of a service spreads
+/// over its replicas instead of resting on one, and moves when replicas
+/// join or die: a dead replica's shards are taken once it left the ring
+/// (`CATGA_MEMBER_TIMEOUT_MS`) and its leases ran out
+/// (`CATGA_OUTBOX_LEASE_MS`); a replica that shuts down leaves at once.
+pub(crate) struct RelayLeases {
+    shards: Vec<Arc<Lease>>,
+    /// Held by the relay through each round of a shard: a lease given up
+    /// to another replica (the ring moved) is released only once the
+    /// round that was sending under it ended, so that the next holder
+    /// does not send again what this one sent and had not yet removed.
+    rounds: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl RelayLeases {
+    /// The leases of `shards` outbox shards for `owner`, lasting `ttl`.
+    pub(crate) fn new(shards: u32, owner: &str, ttl: Duration) -> RelayLeases {
+        let shards = if shards <= 1 {
+            vec![Arc::new(Lease::new(
+                RELAY_LEASE,
+                owner,
+                ttl,
+                "catga_outbox_relay",
+            ))]
+        } else {
+            (0..shards)
+                .map(|s| Arc::new(Lease::quiet(&format!("{RELAY_LEASE}:{s}"), owner, ttl)))
+                .collect()
+        };
+        let rounds = shards.iter().map(|_| tokio::sync::Mutex::new(())).collect();
+        RelayLeases { shards, rounds }
+    }
+
+    /// The lock a round of `shard` holds.
+    fn round_of(&self, shard: u32) -> &tokio::sync::Mutex<()> {
+        &self.rounds[(shard as usize).min(self.rounds.len() - 1)]
+    }
+
+    /// The lease of `shard`.
+    fn of(&self, shard: u32) -> &Lease {
+        &self.shards[(shard as usize).min(self.shards.len() - 1)]
+    }
+
+    /// The shards whose outbox this replica relays now.
+    pub(crate) fn held(&self) -> Vec<u32> {
+        (0..self.shards.len() as u32)
+            .filter(|s| self.of(*s).held().is_some())
+            .collect()
+    }
+
+    /// Takes and keeps the leases this replica should hold, saying it is
+    /// alive every `heartbeat` (and every third of the lease) to the
+    /// relays that forget a replica silent for `member_timeout`; runs
+    /// until aborted.
+    pub(crate) async fn keep(
+        self: Arc<Self>,
+        store: crate::store::Store,
+        heartbeat: Duration,
+        member_timeout: Duration,
+    ) {
+        if let [one] = self.shards.as_slice() {
+            return Arc::clone(one).keep(store).await;
+        }
+        let first = &self.shards[0];
+        let (owner, ttl) = (first.owner().to_owned(), first.ttl());
+        let every = (ttl / 3).min(heartbeat);
+        let mut members: Vec<String> = Vec::new();
+        loop {
+            let asked = Instant::now();
+            match store.members(RELAY_GROUP, &owner, true, member_timeout).await {
+                Ok(alive) => members = alive,
+                // The last view stands: the leases say who relays.
+                Err(e) => tracing::debug!(error = %e, "the relays' member set could not be read"),
+            }
+            let ring = crate::ring::Ring::new(&members);
+            let owners = ring.assign(self.shards.len() as u32);
+            let wanted: Vec<(String, bool)> = self
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(s, l)| (l.name().to_owned(), owners.get(s) == Some(&owner.as_str())))
+                .collect();
+            // Shards to hand over: no new round starts, and the one
+            // running ends (within a third of the lease) before the lease
+            // is given up.
+            for (s, (lease, (_, want))) in self.shards.iter().zip(&wanted).enumerate() {
+                if !want && lease.held().is_some() {
+                    lease.set(None);
+                    let ended = tokio::time::timeout(ttl / 3, self.rounds[s].lock()).await;
+                    if ended.is_err() {
+                        tracing::debug!(lease = lease.name(), "handed over while a round still ran");
+                    }
+                }
+            }
+            match store.lease_sync(&wanted, &owner, ttl).await {
+                Ok(tokens) => {
+                    for (lease, token) in self.shards.iter().zip(tokens) {
+                        lease.set((token != 0).then(|| (token, lease.held_until(asked))));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "the relay leases could not be renewed; they run out unless renewed in time");
+                    for lease in &self.shards {
+                        if lease.held().is_none() {
+                            lease.set(None);
+                        }
+                    }
+                }
+            }
+            metrics::gauge!("catga_outbox_relay").set(self.held().len() as f64);
+            tokio::time::sleep_until(asked + every).await;
+        }
+    }
+
+    /// Gives every lease held up and leaves the relays' ring (at
+    /// shutdown, within `deadline`), so that other replicas take the
+    /// shards at their next round.
+    pub(crate) async fn release(&self, store: &crate::store::Store, deadline: Instant) {
+        if let [one] = self.shards.as_slice() {
+            return one.release(store, deadline).await;
+        }
+        let owner = self.shards[0].owner().to_owned();
+        let leave = store.members(RELAY_GROUP, &owner, false, Duration::from_secs(1));
+        if !matches!(tokio::time::timeout_at(deadline, leave).await, Ok(Ok(_))) {
+            tracing::debug!("could not leave the relays' ring; this replica is forgotten once silent");
+        }
+        for lease in &self.shards {
+            lease.release(store, deadline).await;
+        }
+        metrics::gauge!("catga_outbox_relay").set(0.0);
+    }
+}
 
 /// Entries read and sent per round.
 const BATCH: usize = 256;
@@ -53,7 +202,7 @@ const BATCH: usize = 256;
 /// [`idle_pause`]). A shard that fails (its master is away) waits out its
 /// own back-off while the other shards go on: each key's events are in
 /// one shard, so their order does not depend on the others.
-pub(crate) async fn run(shared: Arc<Shared>, lease: Arc<Lease>) {
+pub(crate) async fn run(shared: Arc<Shared>, leases: Arc<RelayLeases>) {
     let mut relay = Relay::default();
     let shards = shared.store.outbox_shards().max(1);
     let mut failures = vec![0u32; shards as usize];
@@ -61,20 +210,28 @@ pub(crate) async fn run(shared: Arc<Shared>, lease: Arc<Lease>) {
     let mut shard = 0;
     let mut idle = true;
     loop {
-        if lease.held().is_none() {
+        if shard == 0 && leases.held().is_empty() {
             failures.fill(0);
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
         let at = shard as usize;
         shard = (shard + 1) % shards;
-        if retry_at[at] <= Instant::now() {
+        let lease = leases.of(at as u32);
+        // Held through the round; the lease checked again once taken.
+        let round_lock = leases.round_of(at as u32).lock().await;
+        if lease.held().is_none() {
+            // Another replica's shard (or this one's lost): when it comes
+            // back, it starts afresh.
+            failures[at] = 0;
+            retry_at[at] = Instant::now();
+        } else if retry_at[at] <= Instant::now() {
             let block = if shards == 1 {
                 Duration::from_millis(500)
             } else {
                 Duration::ZERO
             };
-            match relay.round(&shared, &lease, at as u32, block).await {
+            match relay.round(&shared, lease, at as u32, block).await {
                 Ok(n) => {
                     failures[at] = 0;
                     idle &= n == 0;
@@ -89,8 +246,16 @@ pub(crate) async fn run(shared: Arc<Shared>, lease: Arc<Lease>) {
                 }
             }
         }
+        drop(round_lock);
         if shard == 0 {
-            let earliest = retry_at.iter().min().copied().unwrap_or_else(Instant::now);
+            // Of the shards this replica relays: the others' back-off
+            // starts afresh when they come to it.
+            let earliest = leases
+                .held()
+                .into_iter()
+                .map(|s| retry_at[s as usize])
+                .min()
+                .unwrap_or_else(Instant::now);
             if earliest > Instant::now() {
                 tokio::time::sleep_until(earliest).await;
             } else if idle && shards > 1 {
@@ -109,15 +274,20 @@ fn idle_pause(shards: u32) -> Duration {
     (Duration::from_millis(5) * shards).clamp(Duration::from_millis(10), Duration::from_millis(200))
 }
 
-/// Relays what is in the outbox until it is empty or `deadline` passes
-/// (shutdown: the embedded store's outbox dies with the process), if
-/// this replica holds the relay lease.
-pub(crate) async fn flush(shared: &Shared, lease: &Lease, deadline: Instant) {
+/// Relays what is in the outboxes this replica holds the leases of until
+/// they are empty or `deadline` passes (shutdown: the embedded store's
+/// outbox dies with the process).
+pub(crate) async fn flush(shared: &Shared, leases: &RelayLeases, deadline: Instant) {
     let mut relay = Relay::default();
-    let shards = shared.store.outbox_shards().max(1);
-    while lease.held().is_some() && Instant::now() < deadline {
+    while Instant::now() < deadline {
+        let held = leases.held();
+        if held.is_empty() {
+            return;
+        }
         let mut moved = 0;
-        for shard in 0..shards {
+        for shard in held {
+            let lease = leases.of(shard);
+            let _round = leases.round_of(shard).lock().await;
             match tokio::time::timeout_at(deadline, relay.round(shared, lease, shard, Duration::ZERO)).await {
                 Err(_) => return,
                 Ok(Ok(n)) => moved += n,
@@ -480,5 +650,77 @@ mod tests {
         ] {
             assert!(!never_stored(&Error::new(kind, "passing")), "{kind}");
         }
+    }
+
+    /// Until `done` says so of what `leases` hold, or 5 s.
+    async fn until(leases: &[&RelayLeases], done: impl Fn(&[Vec<u32>]) -> bool) -> Vec<Vec<u32>> {
+        let start = std::time::Instant::now();
+        loop {
+            let held: Vec<Vec<u32>> = leases.iter().map(|l| l.held()).collect();
+            if done(&held) || start.elapsed() > Duration::from_secs(5) {
+                return held;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn outbox_shards_spread_over_the_relays_and_move_when_one_dies() {
+        let store: crate::store::Store = crate::store::MemoryStore::new().into();
+        let (ttl, member_timeout) = (Duration::from_millis(300), Duration::from_millis(400));
+        let a = Arc::new(RelayLeases::new(4, "a", ttl));
+        let b = Arc::new(RelayLeases::new(4, "b", ttl));
+        let ka = tokio::spawn(Arc::clone(&a).keep(store.clone(), member_timeout / 4, member_timeout));
+        let kb = tokio::spawn(Arc::clone(&b).keep(store.clone(), member_timeout / 4, member_timeout));
+        let split = |held: &[Vec<u32>]| {
+            let mut all: Vec<u32> = held.concat();
+            all.sort_unstable();
+            all == [0, 1, 2, 3] && held.iter().all(|h| h.len() == 2)
+        };
+        let held = until(&[&a, &b], split).await;
+        assert!(split(&held), "two shards each, none twice: {held:?}");
+        let before: Vec<u64> = (0..4).filter_map(|s| a.of(s).held().or(b.of(s).held())).collect();
+        // a stops (its process dies): b takes its shards once a left the
+        // ring and its leases ran out.
+        ka.abort();
+        let held = until(&[&a, &b], |h| h[1].len() == 4).await;
+        assert_eq!(held[1], [0, 1, 2, 3], "{held:?}");
+        assert!(a.held().is_empty(), "a's grants ran out: {held:?}");
+        let after: Vec<u64> = (0..4).filter_map(|s| b.of(s).held()).collect();
+        assert!(
+            after.iter().zip(&before).all(|(new, old)| new >= old),
+            "tokens never go back: {before:?} then {after:?}"
+        );
+        // A replica that joins gets its share back; one that shuts down
+        // leaves at once.
+        let c = Arc::new(RelayLeases::new(4, "c", ttl));
+        let kc = tokio::spawn(Arc::clone(&c).keep(store.clone(), member_timeout / 4, member_timeout));
+        let held = until(&[&b, &c], split).await;
+        assert!(split(&held), "{held:?}");
+        kb.abort();
+        b.release(&store, Instant::now() + Duration::from_secs(1)).await;
+        assert!(b.held().is_empty());
+        let held = until(&[&c], |h| h[0].len() == 4).await;
+        assert_eq!(
+            held[0],
+            [0, 1, 2, 3],
+            "taken over without waiting for b to be forgotten"
+        );
+        kc.abort();
+    }
+
+    #[tokio::test]
+    async fn one_outbox_keeps_the_single_relay_lease() {
+        let store: crate::store::Store = crate::store::MemoryStore::new().into();
+        let one = Arc::new(RelayLeases::new(1, "a", Duration::from_millis(300)));
+        assert_eq!(one.of(0).name(), RELAY_LEASE, "the name before shards existed");
+        let k = tokio::spawn(Arc::clone(&one).keep(
+            store.clone(),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        ));
+        let held = until(&[&one], |h| h[0] == [0]).await;
+        assert_eq!(held[0], [0]);
+        k.abort();
     }
 }

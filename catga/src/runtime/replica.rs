@@ -258,10 +258,18 @@ impl Runtime {
         )
     }
 
-    /// Whether this replica holds the outbox relay's lease (and stores the
-    /// service's outbox events in their streams).
+    /// Whether this replica relays an outbox (holds the relay lease of at
+    /// least one store shard, and stores those events in their streams).
     pub fn is_outbox_relay(&self) -> bool {
-        self.shared.relay.held().is_some()
+        !self.shared.relay.held().is_empty()
+    }
+
+    /// The store shards whose outbox this replica relays now (with one
+    /// shard, `[0]` on the replica holding the relay lease): with
+    /// `CATGA_STORE_SHARDS` above 1, the shards are spread over the
+    /// replicas.
+    pub fn relayed_shards(&self) -> Vec<u32> {
+        self.shared.relay.held()
     }
 
     /// Whether this replica holds the service's leader lease (and serves

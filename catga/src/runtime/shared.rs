@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::leader::Leadership;
-use super::lease::Lease;
 use super::ready::Health;
 use super::served::Served;
 use crate::client::Client;
@@ -29,8 +28,8 @@ pub(crate) struct Shared {
     pub plain_work: Arc<crate::store::Work>,
     /// This replica's side of the leader lease.
     pub leadership: Leadership,
-    /// This replica's side of the outbox relay's lease.
-    pub relay: Arc<Lease>,
+    /// This replica's side of the outbox relay's leases (one per shard).
+    pub relay: Arc<super::outbox::RelayLeases>,
     /// Messages dropped for a full subscription.
     pub dropped: AtomicU64,
     /// Requests not started because their sender stopped waiting.

@@ -166,7 +166,8 @@ catga_tests::on_both!(
     keyed_writes_commit_in_their_shard_and_their_events_leave,
     a_save_in_another_shard_is_refused_with_nothing_written,
     keys_with_one_tag_commit_together,
-    sagas_are_listed_across_shards
+    sagas_are_listed_across_shards,
+    the_shards_outboxes_are_relayed_by_every_replica
 );
 
 fn sharded(b: &Backend, instance: &str) -> catga::RuntimeBuilder {
@@ -345,4 +346,88 @@ async fn sagas_are_listed_across_shards(b: &Backend) {
         .collect();
     assert!(shards.len() > 1, "the journals are in several shards: {shards:?}");
     shutdown_all(vec![rt]).await;
+}
+
+/// Until the replicas' relayed shards are `expected`, each shard by one
+/// replica and each replica relaying `each` shards at most.
+async fn until_relayed(replicas: &[catga::Runtime], expected: &[u32], each: usize) -> Vec<Vec<u32>> {
+    let start = std::time::Instant::now();
+    loop {
+        let held: Vec<Vec<u32>> = replicas.iter().map(catga::Runtime::relayed_shards).collect();
+        let mut all = held.concat();
+        all.sort_unstable();
+        if all == expected && held.iter().all(|h| h.len() <= each) {
+            return held;
+        }
+        assert!(start.elapsed() < WAIT, "relayed {held:?}, expected {expected:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Deposits on accounts in every shard; each one's event arrives once.
+async fn deposit_everywhere(client: &catga::Client, run: &str, round: u64) {
+    for i in 0..12 {
+        let account = format!("{run}-acct-{i}");
+        let d = Deposit {
+            run: run.to_owned(),
+            account: account.clone(),
+            cents: 10,
+        };
+        client
+            .send_with_id(d, &format!("{account}-{round}"))
+            .await
+            .expect("deposit");
+    }
+    // Every replica receives each event (a plain subscriber): `round`
+    // events each, none twice.
+    for i in 0..12 {
+        let key = format!("{run}/{run}-acct-{i}");
+        let start = std::time::Instant::now();
+        loop {
+            let got = DEPOSITED.of(&key);
+            let ids: BTreeSet<&str> = got.iter().map(|r| r.message_id.as_str()).collect();
+            if ids.len() as u64 == round || start.elapsed() > WAIT {
+                assert_eq!(ids.len() as u64, round, "acct-{i}: {got:?}");
+                let mut seen = BTreeSet::new();
+                for r in &got {
+                    assert!(
+                        seen.insert((&r.instance, &r.message_id)),
+                        "acct-{i}: twice to {}: {got:?}",
+                        r.instance
+                    );
+                }
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Three replicas share the relaying of the three shards' outboxes (one
+/// each, on Redis; one replica holds the single outbox of the embedded
+/// store); when the replica relaying shard 0 shuts down, the others take
+/// its shard, and every event still leaves once.
+async fn the_shards_outboxes_are_relayed_by_every_replica(b: &Backend) {
+    let mut replicas = vec![
+        b.started(sharded(b, "r1")).await,
+        b.started(sharded(b, "r2")).await,
+        b.started(sharded(b, "r3")).await,
+    ];
+    let expected: Vec<u32> = if b.nats_url().is_some() {
+        (0..SHARDS).collect()
+    } else {
+        vec![0]
+    };
+    until_relayed(&replicas, &expected, 1).await;
+    let client = b.client().await;
+    let run = run_id();
+    deposit_everywhere(&client, &run, 1).await;
+    let first = replicas
+        .iter()
+        .position(|r| r.relayed_shards().contains(&0))
+        .expect("shard 0 is relayed");
+    replicas.remove(first).shutdown().await.expect("clean shutdown");
+    until_relayed(&replicas, &expected, expected.len()).await;
+    deposit_everywhere(&client, &run, 2).await;
+    shutdown_all(replicas).await;
 }

@@ -1,0 +1,74 @@
+//! A replica as an OS process, for the process tests: spawned from one of
+//! this crate's binaries with its settings in the environment, its
+//! standard output in a log file, signalled (`SIGSTOP`, `SIGCONT`),
+//! SIGKILLed, and killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A replica process.
+pub struct Replica {
+    /// Its instance id (`CATGA_INSTANCE_ID`).
+    pub name: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Replica {
+    /// Starts `bin` (a path, e.g. `env!("CARGO_BIN_EXE_job_replica")`) as
+    /// instance `name` with `env`, logging to `<dir>/<name>.log`.
+    pub fn spawn(bin: &str, env: &[(&str, &str)], name: &str, dir: &Path) -> Replica {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin)
+            .envs(env.iter().copied())
+            .env("CATGA_INSTANCE_ID", name)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        Replica {
+            name: name.to_owned(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    /// What it wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it was not killed.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Sends `kill -<sig>`.
+    pub fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), child.id().to_string()])
+            .status()
+            .expect("send signal");
+        assert!(status.success(), "kill -{sig}");
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub fn sigkill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
