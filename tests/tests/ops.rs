@@ -135,6 +135,11 @@ async fn the_endpoint_reports_health_readiness_and_metrics() {
             .expect_err("told to fail");
     }
     client.publish_durable(Job { n: 1 }).await.expect("stored");
+    // One delayed message waiting (due in an hour), then cancelled.
+    let waiting = rt
+        .publish_after(Duration::from_secs(3600), Job { n: 2 })
+        .await
+        .expect("scheduled");
     let page = {
         let started = Instant::now();
         loop {
@@ -178,6 +183,9 @@ async fn the_endpoint_reports_health_readiness_and_metrics() {
     assert_eq!(at("catga_broker_connected"), 1.0);
     assert_eq!(at("catga_store_up"), 1.0);
     assert_eq!(at("catga_outbox_backlog"), 0.0);
+    assert_eq!(at("catga_delayed_pending"), 1.0);
+    assert!(rt.cancel_delayed(&waiting).await.expect("cancelled"));
+    assert_eq!(sample(&metrics(addr).await, "catga_delayed_pending"), Some(0.0));
     assert!(!page.contains("message_id"), "no per-message labels");
 
     // Redis away: not ready, saying why; back: ready again.

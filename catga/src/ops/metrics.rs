@@ -22,6 +22,7 @@
 //! | `catga_ready`, `catga_broker_connected`, `catga_store_up` | gauge | |
 //! | `catga_slow_consumer_drops_total` | counter | |
 //! | `catga_outbox_backlog` | gauge | |
+//! | `catga_delayed_pending` | gauge | |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -127,6 +128,10 @@ fn describe() {
     describe_gauge!(
         "catga_outbox_backlog",
         "Events saved to the outbox and not yet published"
+    );
+    describe_gauge!(
+        "catga_delayed_pending",
+        "Delayed messages waiting in the store until they are due"
     );
 }
 
@@ -264,6 +269,7 @@ pub(crate) fn replica(
     store_up: bool,
     slow_consumer_drops: u64,
     outbox: Option<u64>,
+    delayed: Option<u64>,
 ) {
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
     gauge!("catga_ready").set(flag(ready));
@@ -272,6 +278,9 @@ pub(crate) fn replica(
     counter!("catga_slow_consumer_drops_total").absolute(slow_consumer_drops);
     if let Some(n) = outbox {
         gauge!("catga_outbox_backlog").set(n as f64);
+    }
+    if let Some(n) = delayed {
+        gauge!("catga_delayed_pending").set(n as f64);
     }
 }
 

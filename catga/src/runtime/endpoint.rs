@@ -44,12 +44,20 @@ impl HttpEndpoint {
                     .await
                     .ok()
                     .and_then(Result::ok);
+                    let delayed = tokio::time::timeout(
+                        std::time::Duration::from_millis(500),
+                        shared.store.delayed_count(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
                     crate::ops::metrics::replica(
                         shared.health.check(transport).ready,
                         transport.is_connected(),
                         !shared.health.store_down(),
                         transport.client_dropped(),
                         backlog,
+                        delayed,
                     );
                 })
             }),
