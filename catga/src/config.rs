@@ -287,7 +287,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "CATGA_OUTBOX_LEASE_MS",
-        meaning: "the outbox relay's lease: one replica at a time stores an outbox's events in their streams (with store shards, each shard's, the shards spread over the replicas); when it dies, another takes over within this time",
+        meaning: "the outbox relay's lease: one replica at a time stores an outbox's events in their streams (with store shards, each shard's, the shards spread over the replicas); when it dies, another takes over within this time (with store shards, once the relays' ring forgot it too: `CATGA_MEMBER_TIMEOUT_MS`)",
         default: "3000",
         read: Some(|c, n, v| set(&mut c.outbox_lease, millis(n, v)?)),
     },

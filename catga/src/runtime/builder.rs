@@ -353,11 +353,9 @@ impl RuntimeBuilder {
             tokio::spawn(watch_refusals(Arc::clone(&shared), refusals, subjects)),
             tokio::spawn(watch_store(Arc::clone(&shared))),
             tokio::spawn(check_broker(Arc::clone(&shared))),
-            tokio::spawn(Arc::clone(&shared.relay).keep(
-                shared.store.clone(),
-                shared.config.member_heartbeat,
-                shared.config.member_timeout,
-            )),
+            tokio::spawn(
+                Arc::clone(&shared.relay).keep(shared.store.clone(), shared.config.member_heartbeat),
+            ),
             tokio::spawn(keep_alive(Arc::clone(&shared))),
             tokio::spawn(crate::store::clean_orphans(shared.store.clone(), orphan_queue)),
             tokio::spawn(super::outbox::run(Arc::clone(&shared), Arc::clone(&shared.relay))),
@@ -534,6 +532,7 @@ fn shared(
         store.outbox_shards(),
         leadership.owner(),
         config.outbox_lease,
+        config.member_timeout,
     ));
     let shared = Arc::new(Shared {
         client,

@@ -64,6 +64,8 @@ const RELAY_GROUP: &str = "outbox:relays";
 /// (`CATGA_OUTBOX_LEASE_MS`); a replica that shuts down leaves at once.
 pub(crate) struct RelayLeases {
     shards: Vec<Arc<Lease>>,
+    /// How long the relays' ring remembers a silent replica.
+    member_timeout: Duration,
     /// Held by the relay through each round of a shard: a lease given up
     /// to another replica (the ring moved) is released only once the
     /// round that was sending under it ended, so that the next holder
@@ -72,8 +74,9 @@ pub(crate) struct RelayLeases {
 }
 
 impl RelayLeases {
-    /// The leases of `shards` outbox shards for `owner`, lasting `ttl`.
-    pub(crate) fn new(shards: u32, owner: &str, ttl: Duration) -> RelayLeases {
+    /// The leases of `shards` outbox shards for `owner`, lasting `ttl`;
+    /// the ring forgets a replica silent for `member_timeout`.
+    pub(crate) fn new(shards: u32, owner: &str, ttl: Duration, member_timeout: Duration) -> RelayLeases {
         let shards = if shards <= 1 {
             vec![Arc::new(Lease::new(
                 RELAY_LEASE,
@@ -87,7 +90,11 @@ impl RelayLeases {
                 .collect()
         };
         let rounds = shards.iter().map(|_| tokio::sync::Mutex::new(())).collect();
-        RelayLeases { shards, rounds }
+        RelayLeases {
+            shards,
+            member_timeout,
+            rounds,
+        }
     }
 
     /// The lock a round of `shard` holds.
@@ -108,15 +115,10 @@ impl RelayLeases {
     }
 
     /// Takes and keeps the leases this replica should hold, saying it is
-    /// alive every `heartbeat` (and every third of the lease) to the
-    /// relays that forget a replica silent for `member_timeout`; runs
-    /// until aborted.
-    pub(crate) async fn keep(
-        self: Arc<Self>,
-        store: crate::store::Store,
-        heartbeat: Duration,
-        member_timeout: Duration,
-    ) {
+    /// alive every `heartbeat` (and every third of the lease); runs until
+    /// aborted.
+    pub(crate) async fn keep(self: Arc<Self>, store: crate::store::Store, heartbeat: Duration) {
+        let member_timeout = self.member_timeout;
         if let [one] = self.shards.as_slice() {
             return Arc::clone(one).keep(store).await;
         }
@@ -139,22 +141,34 @@ impl RelayLeases {
                 .enumerate()
                 .map(|(s, l)| (l.name().to_owned(), owners.get(s) == Some(&owner.as_str())))
                 .collect();
-            // Shards to hand over: no new round starts, and the one
-            // running ends (within a third of the lease) before the lease
-            // is given up.
-            for (s, (lease, (_, want))) in self.shards.iter().zip(&wanted).enumerate() {
-                if !want && lease.held().is_some() {
-                    lease.set(None);
-                    let ended = tokio::time::timeout(ttl / 3, self.rounds[s].lock()).await;
-                    if ended.is_err() {
-                        tracing::debug!(lease = lease.name(), "handed over while a round still ran");
-                    }
+            // Shards to hand over: no new round starts on any, then the
+            // ones running end (all within a third of the lease) before the
+            // leases are given up.
+            let handed: Vec<usize> = (0..self.shards.len())
+                .filter(|s| !wanted[*s].1 && self.shards[*s].held().is_some())
+                .collect();
+            for s in &handed {
+                self.shards[*s].set(None);
+            }
+            let until = Instant::now() + ttl / 3;
+            for s in &handed {
+                if tokio::time::timeout_at(until, self.rounds[*s].lock())
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(
+                        lease = self.shards[*s].name(),
+                        "handed over while a round still ran"
+                    );
                 }
             }
+            // Counted from before the request, which may come late after
+            // the waits above.
+            let synced = Instant::now();
             match store.lease_sync(&wanted, &owner, ttl).await {
                 Ok(tokens) => {
                     for (lease, token) in self.shards.iter().zip(tokens) {
-                        lease.set((token != 0).then(|| (token, lease.held_until(asked))));
+                        lease.set((token != 0).then(|| (token, lease.held_until(synced))));
                     }
                 }
                 Err(e) => {
@@ -179,7 +193,9 @@ impl RelayLeases {
             return one.release(store, deadline).await;
         }
         let owner = self.shards[0].owner().to_owned();
-        let leave = store.members(RELAY_GROUP, &owner, false, Duration::from_secs(1));
+        // The ring's own timeout: a shorter one would forget live
+        // replicas whose heartbeat is older.
+        let leave = store.members(RELAY_GROUP, &owner, false, self.member_timeout);
         if !matches!(tokio::time::timeout_at(deadline, leave).await, Ok(Ok(_))) {
             tracing::debug!("could not leave the relays' ring; this replica is forgotten once silent");
         }
@@ -393,7 +409,14 @@ impl Relay {
         let outgoing: Vec<Outgoing> = sent.iter().map(outgoing).collect();
         let go_on = || lease.held().is_some();
         let results = transport
-            .store_in_order(&outgoing, shared.config.request_timeout, &go_on)
+            // With several shards, the relays of the others write to the
+            // same streams at the same time.
+            .store_in_order(
+                &outgoing,
+                shared.config.request_timeout,
+                &go_on,
+                store.outbox_shards() > 1,
+            )
             .await;
         let settled = settle(shared, sent_ids.into_iter().zip(&sent).zip(results)).await;
         if let Some(e) = settled.failure {
@@ -668,10 +691,10 @@ mod tests {
     async fn outbox_shards_spread_over_the_relays_and_move_when_one_dies() {
         let store: crate::store::Store = crate::store::MemoryStore::new().into();
         let (ttl, member_timeout) = (Duration::from_millis(300), Duration::from_millis(400));
-        let a = Arc::new(RelayLeases::new(4, "a", ttl));
-        let b = Arc::new(RelayLeases::new(4, "b", ttl));
-        let ka = tokio::spawn(Arc::clone(&a).keep(store.clone(), member_timeout / 4, member_timeout));
-        let kb = tokio::spawn(Arc::clone(&b).keep(store.clone(), member_timeout / 4, member_timeout));
+        let a = Arc::new(RelayLeases::new(4, "a", ttl, member_timeout));
+        let b = Arc::new(RelayLeases::new(4, "b", ttl, member_timeout));
+        let ka = tokio::spawn(Arc::clone(&a).keep(store.clone(), member_timeout / 4));
+        let kb = tokio::spawn(Arc::clone(&b).keep(store.clone(), member_timeout / 4));
         let split = |held: &[Vec<u32>]| {
             let mut all: Vec<u32> = held.concat();
             all.sort_unstable();
@@ -693,18 +716,20 @@ mod tests {
         );
         // A replica that joins gets its share back; one that shuts down
         // leaves at once.
-        let c = Arc::new(RelayLeases::new(4, "c", ttl));
-        let kc = tokio::spawn(Arc::clone(&c).keep(store.clone(), member_timeout / 4, member_timeout));
+        let c = Arc::new(RelayLeases::new(4, "c", ttl, member_timeout));
+        let kc = tokio::spawn(Arc::clone(&c).keep(store.clone(), member_timeout / 4));
         let held = until(&[&b, &c], split).await;
         assert!(split(&held), "{held:?}");
         kb.abort();
         b.release(&store, Instant::now() + Duration::from_secs(1)).await;
         assert!(b.held().is_empty());
+        let released = std::time::Instant::now();
         let held = until(&[&c], |h| h[0].len() == 4).await;
-        assert_eq!(
-            held[0],
-            [0, 1, 2, 3],
-            "taken over without waiting for b to be forgotten"
+        assert_eq!(held[0], [0, 1, 2, 3]);
+        assert!(
+            released.elapsed() < member_timeout,
+            "taken over without waiting for b to be forgotten: {:?}",
+            released.elapsed()
         );
         kc.abort();
     }
@@ -712,13 +737,14 @@ mod tests {
     #[tokio::test]
     async fn one_outbox_keeps_the_single_relay_lease() {
         let store: crate::store::Store = crate::store::MemoryStore::new().into();
-        let one = Arc::new(RelayLeases::new(1, "a", Duration::from_millis(300)));
-        assert_eq!(one.of(0).name(), RELAY_LEASE, "the name before shards existed");
-        let k = tokio::spawn(Arc::clone(&one).keep(
-            store.clone(),
-            Duration::from_secs(1),
+        let one = Arc::new(RelayLeases::new(
+            1,
+            "a",
+            Duration::from_millis(300),
             Duration::from_secs(5),
         ));
+        assert_eq!(one.of(0).name(), RELAY_LEASE, "the name before shards existed");
+        let k = tokio::spawn(Arc::clone(&one).keep(store.clone(), Duration::from_secs(1)));
         let held = until(&[&one], |h| h[0] == [0]).await;
         assert_eq!(held[0], [0]);
         k.abort();

@@ -372,7 +372,11 @@ impl NatsTransport {
         messages: &[super::Outgoing],
         timeout: Duration,
         go_on: &(dyn Fn() -> bool + Sync),
+        one_at_a_time: bool,
     ) -> Vec<Result<()>> {
+        if one_at_a_time {
+            return self.store_one_at_a_time(messages, timeout, go_on).await;
+        }
         let js = self.jetstream();
         let deadline = tokio::time::Instant::now() + timeout;
         // The id of the message sent last on each chain (a stream, or a
@@ -418,6 +422,69 @@ impl NatsTransport {
                 },
                 Err(e) => Err(e),
             });
+        }
+        out
+    }
+
+    /// [`store_in_order`](Self::store_in_order) for a stream with other
+    /// writers: each message of a chain is sent once the one before it was
+    /// stored, without `Nats-Expected-Last-Msg-Id` (which names the last
+    /// message of the whole stream, so another writer's message in between
+    /// would refuse the rest of the chain, after the server delivered it to
+    /// plain subscribers); the chains go side by side. A message not
+    /// stored leaves the rest of its chain unsent.
+    async fn store_one_at_a_time(
+        &self,
+        messages: &[super::Outgoing],
+        timeout: Duration,
+        go_on: &(dyn Fn() -> bool + Sync),
+    ) -> Vec<Result<()>> {
+        let js = self.jetstream();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut chains: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let chain = self.stream_of(&m.subject).unwrap_or_else(|| m.subject.clone());
+            match chains.iter_mut().find(|(c, _)| *c == chain) {
+                Some((_, at)) => at.push(i),
+                None => chains.push((chain, vec![i])),
+            }
+        }
+        let runs = chains.iter().map(|(_, at)| {
+            let js = js.clone();
+            async move {
+                let mut out = Vec::with_capacity(at.len());
+                let mut broken = false;
+                for &i in at {
+                    let m = &messages[i];
+                    if broken || !go_on() {
+                        broken = true;
+                        out.push((i, Err(super::not_sent())));
+                        continue;
+                    }
+                    let mut headers = m.headers.clone();
+                    headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
+                    let stored = tokio::time::timeout_at(deadline, async {
+                        js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                            .await?
+                            .await
+                    })
+                    .await;
+                    let result = match stored {
+                        Ok(Ok(ack)) => stored_at(&m.subject, &ack).map(|()| {
+                            self.learn_stream_of(&m.subject, &ack.stream);
+                        }),
+                        Ok(Err(e)) => Err(publish_error(&m.subject, e)),
+                        Err(_) => Err(no_ack(&m.subject, timeout)),
+                    };
+                    broken = result.is_err();
+                    out.push((i, result));
+                }
+                out
+            }
+        });
+        let mut out: Vec<Result<()>> = messages.iter().map(|_| Err(super::not_sent())).collect();
+        for (i, result) in futures_util::future::join_all(runs).await.into_iter().flatten() {
+            out[i] = result;
         }
         out
     }

@@ -650,14 +650,21 @@ impl Transport {
     ///
     /// `go_on` is asked before each message is sent (the relay still holds
     /// its lease): once it says no, the rest is not sent.
+    ///
+    /// With `one_at_a_time` (a stream with other writers in order, such as
+    /// the relays of other store shards), each message of a chain is sent
+    /// only once the one before it was stored, without the expectation:
+    /// one round trip per message and stream, and no other writer's
+    /// message can cut a chain short.
     pub(crate) async fn store_in_order(
         &self,
         messages: &[Outgoing],
         timeout: Duration,
         go_on: &(dyn Fn() -> bool + Sync),
+        one_at_a_time: bool,
     ) -> Vec<Result<()>> {
         match &self.0 {
-            Kind::Nats(t) => t.store_in_order(messages, timeout, go_on).await,
+            Kind::Nats(t) => t.store_in_order(messages, timeout, go_on, one_at_a_time).await,
             Kind::Memory(bus) => messages
                 .iter()
                 .map(|m| {

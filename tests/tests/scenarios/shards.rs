@@ -364,10 +364,23 @@ async fn until_relayed(replicas: &[catga::Runtime], expected: &[u32], each: usiz
     }
 }
 
+/// Four accounts of `run` in each shard.
+fn accounts_in_every_shard(run: &str) -> Vec<String> {
+    let mut per_shard = vec![0; SHARDS as usize];
+    (0..)
+        .map(|i| format!("{run}-acct-{i}"))
+        .filter(|a| {
+            let n = &mut per_shard[catga::ring::partition_of(a, SHARDS) as usize];
+            *n += 1;
+            *n <= 4
+        })
+        .take(4 * SHARDS as usize)
+        .collect()
+}
+
 /// Deposits on accounts in every shard; each one's event arrives once.
 async fn deposit_everywhere(client: &catga::Client, run: &str, round: u64) {
-    for i in 0..12 {
-        let account = format!("{run}-acct-{i}");
+    for account in accounts_in_every_shard(run) {
         let d = Deposit {
             run: run.to_owned(),
             account: account.clone(),
@@ -380,19 +393,19 @@ async fn deposit_everywhere(client: &catga::Client, run: &str, round: u64) {
     }
     // Every replica receives each event (a plain subscriber): `round`
     // events each, none twice.
-    for i in 0..12 {
-        let key = format!("{run}/{run}-acct-{i}");
+    for account in accounts_in_every_shard(run) {
+        let key = format!("{run}/{account}");
         let start = std::time::Instant::now();
         loop {
             let got = DEPOSITED.of(&key);
             let ids: BTreeSet<&str> = got.iter().map(|r| r.message_id.as_str()).collect();
             if ids.len() as u64 == round || start.elapsed() > WAIT {
-                assert_eq!(ids.len() as u64, round, "acct-{i}: {got:?}");
+                assert_eq!(ids.len() as u64, round, "{account}: {got:?}");
                 let mut seen = BTreeSet::new();
                 for r in &got {
                     assert!(
                         seen.insert((&r.instance, &r.message_id)),
-                        "acct-{i}: twice to {}: {got:?}",
+                        "{account}: twice to {}: {got:?}",
                         r.instance
                     );
                 }
