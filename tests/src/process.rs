@@ -56,6 +56,25 @@ impl Replica {
         assert!(status.success(), "kill -{sig}");
     }
 
+    /// SIGTERMs it and waits up to `within` for it to exit (after its
+    /// graceful shutdown); its exit status.
+    pub fn terminate(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().expect("running");
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if started.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not exit within {within:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILLs it and reaps it.
     pub fn sigkill(&mut self) {
         let mut child = self.child.take().expect("running");
