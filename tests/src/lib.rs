@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod collector;
 pub mod http;
+pub mod messages;
 pub mod pki;
 pub mod process;
 pub mod record;

@@ -83,6 +83,15 @@ impl Replica {
     }
 }
 
+/// What every one of `replicas` wrote, each under its name.
+pub fn logs(replicas: &[Replica]) -> String {
+    replicas
+        .iter()
+        .map(|r| format!("--- {}\n{}", r.name, r.log()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 impl Drop for Replica {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -93,7 +93,7 @@ async fn each_occurrence_runs_once_while_the_replica_running_it_is_killed_or_sta
         assert!(
             began.elapsed() < Duration::from_secs(30),
             "the job did not run; logs:\n{}",
-            replicas.iter().map(Replica::log).collect::<Vec<_>>().join("\n")
+            catga_tests::process::logs(&replicas)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

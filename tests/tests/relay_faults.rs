@@ -16,27 +16,7 @@ use catga::Client;
 use catga_tests::process::Replica;
 use catga_tests::{NatsServer, RedisServer};
 
-/// The messages, declared as the replica binary declares them.
-mod relay_replica {
-    use catga::{command, event};
-    use serde::{Deserialize, Serialize};
-
-    #[command(reply = u64, subject = "relay.deposit", idempotent, key = account)]
-    #[derive(Serialize, Deserialize, Debug, Clone)]
-    pub struct Deposit {
-        pub account: String,
-        pub seq: u64,
-    }
-
-    #[event(subject = "relay.deposited")]
-    #[derive(Serialize, Deserialize, Debug, Clone)]
-    pub struct Deposited {
-        pub account: String,
-        pub seq: u64,
-    }
-}
-
-use relay_replica::{Deposit, Deposited};
+use catga_tests::messages::relay::{Deposit, Deposited};
 
 /// The relay lease and the membership, short so that the test sees each
 /// hand-over within seconds.
@@ -115,13 +95,7 @@ async fn every_event_leaves_once_in_order_while_the_relays_of_the_shards_die_and
         .map(|n| spawn(&nats.url(), &redis.url(), n, dir.path()))
         .collect();
     let client = Client::connect(&nats.url()).await.expect("client");
-    let logs = |replicas: &[Replica]| {
-        replicas
-            .iter()
-            .map(|r| format!("--- {}\n{}", r.name, r.log()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let logs = |replicas: &[Replica]| catga_tests::process::logs(replicas);
     // Every replica serves, and the shards' relays are spread: each one
     // took a relay lease.
     let began = Instant::now();

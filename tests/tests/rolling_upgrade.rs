@@ -17,47 +17,7 @@ use catga::Client;
 use catga_tests::process::Replica;
 use catga_tests::{NatsServer, RedisServer};
 
-/// The messages the clients send, as the releases declare them.
-mod upgrade_replica {
-    use catga::command;
-    use serde::{Deserialize, Serialize};
-
-    #[command(reply = Option<(u32, u64)>, subject = "upgrade.ledger")]
-    #[derive(Serialize, Deserialize, Debug, Clone)]
-    pub struct ReadLedger {
-        pub order: String,
-    }
-
-    pub mod v1 {
-        use super::*;
-
-        #[command(subject = "upgrade.pay", reply = u64, idempotent)]
-        #[derive(Serialize, Deserialize, Debug, Clone)]
-        pub struct Pay {
-            pub order: String,
-            pub cents: u64,
-        }
-    }
-
-    pub mod v2 {
-        use super::*;
-
-        #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-        pub struct Money {
-            pub cents: u64,
-            pub currency: String,
-        }
-
-        #[command(subject = "upgrade.pay", reply = u64, idempotent, version = 2)]
-        #[derive(Serialize, Deserialize, Debug, Clone)]
-        pub struct Pay {
-            pub order: String,
-            pub amount: Money,
-        }
-    }
-}
-
-use upgrade_replica::{ReadLedger, v1, v2};
+use catga_tests::messages::upgrade::{ReadLedger, v1, v2};
 
 fn spawn(nats: &str, redis: &str, name: &str, release: &str, dir: &Path) -> Replica {
     let env = [
@@ -179,13 +139,7 @@ async fn old_and_new_releases_side_by_side_refuse_nothing_under_load() {
     );
     answered.extend(new);
 
-    let logs = || {
-        replicas
-            .iter()
-            .map(|r| format!("--- {}\n{}", r.name, r.log()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let logs = || catga_tests::process::logs(&replicas);
     let began = Instant::now();
     for (order, cents) in &answered {
         let counted = loop {

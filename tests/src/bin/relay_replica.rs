@@ -4,7 +4,8 @@
 //! `Deposited` with the deposit's number through the outbox of the
 //! account's shard.
 
-use catga::{Context, Error, Result, State, Versioned, command, event};
+use catga::{Context, Error, Result, State, Versioned, command};
+use catga_tests::messages::relay::{Deposit, Deposited};
 use serde::{Deserialize, Serialize};
 
 /// The last deposit taken on an account.
@@ -16,26 +17,6 @@ pub struct Count {
 
 impl State for Count {
     const KIND: &'static str = "relay-count";
-}
-
-/// Deposit number `seq` on `account` (1, 2, ... in order).
-#[command(reply = u64, subject = "relay.deposit", idempotent, key = account)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct Deposit {
-    /// Whose.
-    pub account: String,
-    /// Which.
-    pub seq: u64,
-}
-
-/// Published with each deposit, in the same commit.
-#[event(subject = "relay.deposited")]
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct Deposited {
-    /// Whose.
-    pub account: String,
-    /// Which.
-    pub seq: u64,
 }
 
 #[command]

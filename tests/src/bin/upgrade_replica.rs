@@ -14,6 +14,7 @@
 //! senders.
 
 use catga::{Context, Result, Runtime, State, Versioned, command, event};
+use catga_tests::messages::upgrade::{ReadLedger, v1, v2};
 use serde::{Deserialize, Serialize};
 
 /// An order's payments counted, keyed by the order.
@@ -27,14 +28,6 @@ pub struct Counted {
 
 impl State for Counted {
     const KIND: &'static str = "upgrade-counted";
-}
-
-/// Reads an order's count: (payments counted, cents), if any.
-#[command(reply = Option<(u32, u64)>, subject = "upgrade.ledger")]
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct ReadLedger {
-    /// Which.
-    pub order: String,
 }
 
 #[command]
@@ -54,94 +47,6 @@ async fn count(ctx: &Context, order: String, cents: u64) -> Result<()> {
     counted.cents = cents;
     ctx.save(counted).await?;
     Ok(())
-}
-
-/// Version 1 of the messages, as release N has them.
-pub mod v1 {
-    use catga::{command, event};
-    use serde::{Deserialize, Serialize};
-
-    /// Pays an order, in cents.
-    #[command(subject = "upgrade.pay", reply = u64, idempotent)]
-    #[derive(Serialize, Deserialize, Debug, Clone)]
-    pub struct Pay {
-        /// Which.
-        pub order: String,
-        /// How much.
-        pub cents: u64,
-    }
-
-    /// An order was paid.
-    #[event(subject = "upgrade.paid")]
-    #[derive(Serialize, Deserialize, Debug, Clone)]
-    pub struct Paid {
-        /// Which.
-        pub order: String,
-        /// How much.
-        pub cents: u64,
-    }
-}
-
-/// Version 2: an amount with its currency; version 1 reads as euros.
-pub mod v2 {
-    use catga::{command, event};
-    use serde::{Deserialize, Serialize};
-
-    /// An amount.
-    #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-    pub struct Money {
-        /// Cents of `currency`.
-        pub cents: u64,
-        /// ISO 4217.
-        pub currency: String,
-    }
-
-    impl Money {
-        fn euros(cents: u64) -> Money {
-            Money {
-                cents,
-                currency: "EUR".to_owned(),
-            }
-        }
-    }
-
-    /// Pays an order.
-    #[command(subject = "upgrade.pay", reply = u64, idempotent, version = 2, upcast_from = super::v1::Pay)]
-    #[derive(Serialize, Deserialize, Debug, Clone)]
-    pub struct Pay {
-        /// Which.
-        pub order: String,
-        /// How much.
-        pub amount: Money,
-    }
-
-    impl From<super::v1::Pay> for Pay {
-        fn from(p: super::v1::Pay) -> Pay {
-            Pay {
-                order: p.order,
-                amount: Money::euros(p.cents),
-            }
-        }
-    }
-
-    /// An order was paid.
-    #[event(subject = "upgrade.paid", version = 2, upcast_from = super::v1::Paid)]
-    #[derive(Serialize, Deserialize, Debug, Clone)]
-    pub struct Paid {
-        /// Which.
-        pub order: String,
-        /// How much.
-        pub amount: Money,
-    }
-
-    impl From<super::v1::Paid> for Paid {
-        fn from(p: super::v1::Paid) -> Paid {
-            Paid {
-                order: p.order,
-                amount: Money::euros(p.cents),
-            }
-        }
-    }
 }
 
 /// Release N: version 1 only.

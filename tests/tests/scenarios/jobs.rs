@@ -32,29 +32,40 @@ impl State for Runs {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct ReadRuns;
 
-#[job(every = "500ms", idempotent)]
-async fn tick(ctx: &Context) -> Result<()> {
+/// Counts the occurrence `ctx` runs in the runs kept under `key`, in the
+/// handler's commit.
+pub(crate) async fn count_occurrence(ctx: &Context, key: &str) -> Result<()> {
     let at = ctx
         .scheduled_at()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as u64)
         .ok_or_else(|| catga::Error::invalid("an occurrence without its time"))?;
     let mut runs = ctx
-        .try_load::<Runs>("runs")
+        .try_load::<Runs>(key)
         .await?
-        .unwrap_or_else(|| Versioned::new("runs".to_owned(), Runs::default()));
+        .unwrap_or_else(|| Versioned::new(key.to_owned(), Runs::default()));
     *runs.at.entry(at).or_default() += 1;
     ctx.save(runs).await?;
     Ok(())
 }
 
-#[command]
-async fn read_runs(ctx: &Context, _: ReadRuns) -> Result<BTreeMap<u64, u32>> {
+/// The runs kept under `key`.
+pub(crate) async fn occurrences(ctx: &Context, key: &str) -> Result<BTreeMap<u64, u32>> {
     Ok(ctx
-        .try_load::<Runs>("runs")
+        .try_load::<Runs>(key)
         .await?
         .map(|r| r.at.clone())
         .unwrap_or_default())
+}
+
+#[job(every = "500ms", idempotent)]
+async fn tick(ctx: &Context) -> Result<()> {
+    count_occurrence(ctx, "runs").await
+}
+
+#[command]
+async fn read_runs(ctx: &Context, _: ReadRuns) -> Result<BTreeMap<u64, u32>> {
+    occurrences(ctx, "runs").await
 }
 
 catga_tests::on_both!(

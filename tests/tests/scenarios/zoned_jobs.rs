@@ -5,22 +5,12 @@
 //! (`runtime::jobs`).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use catga::{Context, Result, State, Versioned, command, job};
+use catga::{Context, Result, command, job};
 use catga_tests::Backend;
 use catga_tests::backend::shutdown_all;
 use serde::{Deserialize, Serialize};
-
-/// Every occurrence seen: its time (unix ms) and how often it ran.
-#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
-pub struct ZonedRuns {
-    pub at: BTreeMap<u64, u32>,
-}
-
-impl State for ZonedRuns {
-    const KIND: &'static str = "zoned-job-runs";
-}
 
 /// Reads the runs.
 #[command(reply = BTreeMap<u64, u32>, subject = "tests.zoned_jobs.runs")]
@@ -30,27 +20,12 @@ pub struct ReadZonedRuns;
 /// Every second on St. John's wall clock (UTC-3:30, with summer time).
 #[job(cron = "* * * * * *", tz = "America/St_Johns", idempotent)]
 async fn zoned_tick(ctx: &Context) -> Result<()> {
-    let at = ctx
-        .scheduled_at()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as u64)
-        .ok_or_else(|| catga::Error::invalid("an occurrence without its time"))?;
-    let mut runs = ctx
-        .try_load::<ZonedRuns>("runs")
-        .await?
-        .unwrap_or_else(|| Versioned::new("runs".to_owned(), ZonedRuns::default()));
-    *runs.at.entry(at).or_default() += 1;
-    ctx.save(runs).await?;
-    Ok(())
+    crate::jobs::count_occurrence(ctx, "zoned-runs").await
 }
 
 #[command]
 async fn read_zoned_runs(ctx: &Context, _: ReadZonedRuns) -> Result<BTreeMap<u64, u32>> {
-    Ok(ctx
-        .try_load::<ZonedRuns>("runs")
-        .await?
-        .map(|r| r.at.clone())
-        .unwrap_or_default())
+    crate::jobs::occurrences(ctx, "zoned-runs").await
 }
 
 catga_tests::on_both!(a_zoned_job_runs_each_second_once_and_is_listed_with_its_zone);
