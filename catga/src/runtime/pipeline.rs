@@ -39,7 +39,7 @@ use super::served::Served;
 use crate::client::Context;
 use crate::error::{Error, ErrorKind, Result};
 use crate::ops::metrics::Ended;
-use crate::registry::HandlerKind;
+use crate::registry::{HandlerKind, HandlerSpec};
 use crate::resilience::{Admit, backoff};
 use crate::store::{
     Answer, Claim as InboxClaim, Committed, Finished, Home, Inbox, InboxWrite, StoredReply, Work,
@@ -406,7 +406,7 @@ async fn claim(
     let scope = match spec.kind() {
         // One handler per command subject: the subject names the scope.
         HandlerKind::Command => spec.subject(),
-        HandlerKind::Event => spec.name(),
+        HandlerKind::Event => event_scope(spec),
     };
     let id = meta.message_id().to_owned();
     let claim = InboxClaim {
@@ -926,4 +926,23 @@ pub(crate) fn dead_letter(
         letter_id: None,
         authentic: None,
     }
+}
+
+/// The inbox scope of an idempotent event handler: its subject and
+/// durable name when it is durable (what a release keeps when the function
+/// moves to another module, as the consumer it reads from), else its path.
+/// Made once per handler.
+fn event_scope(spec: &HandlerSpec) -> &'static str {
+    type Scopes = std::collections::HashMap<(&'static str, &'static str), &'static str>;
+    static SCOPES: std::sync::OnceLock<std::sync::Mutex<Scopes>> = std::sync::OnceLock::new();
+    let Some(durable) = spec.durable() else {
+        return spec.name();
+    };
+    let mut scopes = SCOPES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    scopes
+        .entry((spec.subject(), durable))
+        .or_insert_with(|| Box::leak(format!("{}#{durable}", spec.subject()).into_boxed_str()))
 }
