@@ -219,8 +219,11 @@ const BATCH: usize = 256;
 /// own back-off while the other shards go on: each key's events are in
 /// one shard, so their order does not depend on the others.
 pub(crate) async fn run(shared: Arc<Shared>, leases: Arc<RelayLeases>) {
-    let mut relay = Relay::default();
     let shards = shared.store.outbox_shards().max(1);
+    // One per shard: a stream left alone after a failure in one shard's
+    // round (or a chain cut when its lease went) does not hold back the
+    // same stream's events of the other shards this replica relays.
+    let mut relays: Vec<Relay> = (0..shards).map(|_| Relay::default()).collect();
     let mut failures = vec![0u32; shards as usize];
     let mut retry_at = vec![Instant::now(); shards as usize];
     let mut shard = 0;
@@ -247,7 +250,7 @@ pub(crate) async fn run(shared: Arc<Shared>, leases: Arc<RelayLeases>) {
             } else {
                 Duration::ZERO
             };
-            match relay.round(&shared, lease, at as u32, block).await {
+            match relays[at].round(&shared, lease, at as u32, block).await {
                 Ok(n) => {
                     failures[at] = 0;
                     idle &= n == 0;
@@ -294,7 +297,7 @@ fn idle_pause(shards: u32) -> Duration {
 /// they are empty or `deadline` passes (shutdown: the embedded store's
 /// outbox dies with the process).
 pub(crate) async fn flush(shared: &Shared, leases: &RelayLeases, deadline: Instant) {
-    let mut relay = Relay::default();
+    let mut relays: HashMap<u32, Relay> = HashMap::new();
     while Instant::now() < deadline {
         let held = leases.held();
         if held.is_empty() {
@@ -304,6 +307,7 @@ pub(crate) async fn flush(shared: &Shared, leases: &RelayLeases, deadline: Insta
         for shard in held {
             let lease = leases.of(shard);
             let _round = leases.round_of(shard).lock().await;
+            let relay = relays.entry(shard).or_default();
             match tokio::time::timeout_at(deadline, relay.round(shared, lease, shard, Duration::ZERO)).await {
                 Err(_) => return,
                 Ok(Ok(n)) => moved += n,
