@@ -199,8 +199,18 @@ impl RelayLeases {
         if !matches!(tokio::time::timeout_at(deadline, leave).await, Ok(Ok(_))) {
             tracing::debug!("could not leave the relays' ring; this replica is forgotten once silent");
         }
+        // Every lease, held or not as this replica sees it: one it was
+        // handing over when the keeper stopped is still its own in the
+        // store (giving up a lease another holds changes nothing).
         for lease in &self.shards {
-            lease.release(store, deadline).await;
+            lease.set(None);
+        }
+        let unwanted: Vec<(String, bool)> =
+            self.shards.iter().map(|l| (l.name().to_owned(), false)).collect();
+        let ttl = self.shards[0].ttl();
+        match tokio::time::timeout_at(deadline, store.lease_sync(&unwanted, &owner, ttl)).await {
+            Ok(Ok(_)) => {}
+            _ => tracing::warn!("the relay leases could not be given up in time; they run out by themselves"),
         }
         metrics::gauge!("catga_outbox_relay").set(0.0);
     }
