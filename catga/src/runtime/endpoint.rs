@@ -37,20 +37,12 @@ impl HttpEndpoint {
                 let shared = Arc::clone(&refresh);
                 Box::pin(async move {
                     let transport = shared.client.transport();
-                    let backlog = tokio::time::timeout(
-                        std::time::Duration::from_millis(500),
-                        shared.store.outbox_backlog(),
-                    )
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
-                    let delayed = tokio::time::timeout(
-                        std::time::Duration::from_millis(500),
-                        shared.store.delayed_count(),
-                    )
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
+                    // Both asked at once: a store away delays a scrape by
+                    // one wait, not two.
+                    let (backlog, delayed) = tokio::join!(
+                        for_scrape(shared.store.outbox_backlog()),
+                        for_scrape(shared.store.delayed_count())
+                    );
                     crate::ops::metrics::replica(
                         shared.health.check(transport).ready,
                         transport.is_connected(),
@@ -76,4 +68,13 @@ impl HttpEndpoint {
             let _ = task.await;
         }
     }
+}
+
+/// A figure the store gives for a scrape, or none when it does not answer
+/// within 500 ms.
+async fn for_scrape<T>(f: impl std::future::Future<Output = crate::error::Result<T>>) -> Option<T> {
+    tokio::time::timeout(std::time::Duration::from_millis(500), f)
+        .await
+        .ok()
+        .and_then(Result::ok)
 }
