@@ -136,6 +136,17 @@ fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
             }
         }
     });
+    // The payload's JSON Schema when the type derives `JsonSchema`, none
+    // otherwise: the probe's method lookup decides, so a type without it
+    // still compiles.
+    let schema_of = |ty: TokenStream| {
+        quote! {{
+            #[allow(unused_imports)]
+            use #p::{Described as _, Undescribed as _};
+            (&#p::SchemaProbe::<#ty>::new()).__catga_schema_of(__catga_generator)
+        }}
+    };
+    let schema = schema_of(quote!(Self));
     let message_impl = quote_spanned! {ident.span()=>
         #[automatically_derived]
         impl #p::Message for #ident {
@@ -145,6 +156,11 @@ fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
             const KIND: #p::MessageKind = #p::MessageKind::#kind;
             #upcast
             #key
+            fn __catga_schema(
+                __catga_generator: &mut #p::SchemaGenerator,
+            ) -> ::core::option::Option<#p::Schema> {
+                #schema
+            }
         }
     };
     let role_impl = match attr {
@@ -155,11 +171,20 @@ fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
             };
             let span = args.reply.as_ref().map_or(ident.span(), |t| t.span());
             let idempotent = args.idempotent;
+            // The type as written, not `<Self as Command>::Reply`: that
+            // projection would repeat every error of a type that is not a
+            // command (not `Serialize`, say) a second time.
+            let reply_schema = schema_of(reply.clone());
             quote_spanned! {span=>
                 #[automatically_derived]
                 impl #p::Command for #ident {
                     type Reply = #reply;
                     const IDEMPOTENT: bool = #idempotent;
+                    fn __catga_reply_schema(
+                        __catga_generator: &mut #p::SchemaGenerator,
+                    ) -> ::core::option::Option<#p::Schema> {
+                        #reply_schema
+                    }
                 }
             }
         }
@@ -169,8 +194,17 @@ fn impls(attr: Attr, args: &MessageArgs, ident: &Ident) -> TokenStream {
             impl #p::Event for #ident {}
         },
     };
+    let constructor = match attr {
+        Attr::Command => quote!(command),
+        Attr::Event | Attr::Saga | Attr::Job => quote!(event),
+    };
+    // Listed for the schema export, also when no handler of this binary
+    // takes it (an event the service publishes).
     quote! {
         #message_impl
         #role_impl
+        #[#p::linkme::distributed_slice(#p::MESSAGES)]
+        #[linkme(crate = #p::linkme)]
+        static __CATGA_MESSAGE: #p::MessageSpec = #p::MessageSpec::#constructor::<#ident>();
     }
 }

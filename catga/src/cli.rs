@@ -17,6 +17,10 @@
 //! catga jobs                         the recurring jobs of this binary: schedule,
 //!                                    next occurrence, last one stored (NATS_URL)
 //! catga jobs run NAME                runs one now, once, outside its schedule
+//! catga schema [--live]              the AsyncAPI 3 document (see [`schema`](crate::schema))
+//!                                    of this binary's handlers; the standalone
+//!                                    `catga` (no handlers) or `--live` asks a live
+//!                                    replica of the service (NATS_URL)
 //! ```
 //!
 //! Every command takes `--json` (one JSON document on standard output) and
@@ -138,6 +142,32 @@ impl Client {
         out.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
         Ok(out)
     }
+
+    /// The AsyncAPI document of `service`, as a live replica of it answers
+    /// `$SRV.SCHEMA.<service>` (see [`schema`](crate::schema)): the first
+    /// answer. `NoHandler` when no replica answers.
+    pub async fn asyncapi(&self, service: &str) -> Result<Value> {
+        let transport = self.transport();
+        if !transport.is_nats() {
+            return Err(Error::new(
+                crate::ErrorKind::Config,
+                "a live replica's document needs NATS: set NATS_URL as the replicas have it",
+            ));
+        }
+        let token = crate::wire::subject_token(service);
+        let subject = format!("$SRV.SCHEMA.{}", if token.is_empty() { "_" } else { &token });
+        transport
+            .gather(&subject, LISTEN)
+            .await?
+            .iter()
+            .find_map(|raw| serde_json::from_slice::<Value>(raw).ok())
+            .ok_or_else(|| {
+                Error::new(
+                    crate::ErrorKind::NoHandler,
+                    format!("no replica of `{service}` answered {subject}: is it running under that name?"),
+                )
+            })
+    }
 }
 
 /// Runs the CLI with `args` (without the program name) and `config`,
@@ -146,12 +176,14 @@ impl Client {
 pub async fn run(args: &[String], mut config: Config) -> Result<String> {
     let mut json = false;
     let mut force = false;
+    let mut live = false;
     let mut rest: Vec<&str> = Vec::new();
     let mut it = args.iter().map(String::as_str);
     while let Some(a) = it.next() {
         match a {
             "--json" => json = true,
             "--force" => force = true,
+            "--live" => live = true,
             "--service" => {
                 config.service = it
                     .next()
@@ -208,9 +240,28 @@ pub async fn run(args: &[String], mut config: Config) -> Result<String> {
             at_most(1)?;
             jobs(config, json).await
         }
+        Some("schema") => {
+            at_most(1)?;
+            schema(config, live).await
+        }
         Some("help" | "--help" | "-h") | None => Ok(USAGE.to_owned()),
         Some(other) => Err(Error::invalid(format!("unknown command `{other}`\n{USAGE}"))),
     }
+}
+
+/// `schema`: this binary's document, or a live replica's when it has no
+/// handlers (the standalone `catga`) or `--live` says so. Always JSON.
+async fn schema(config: Config, live: bool) -> Result<String> {
+    let doc = if live || crate::registry::handlers().is_empty() {
+        let client = Client::connect_with(&config).await?;
+        client.asyncapi(&config.service).await?
+    } else {
+        crate::schema::asyncapi(&config)
+    };
+    let mut out = serde_json::to_string_pretty(&doc)
+        .map_err(|e| Error::new(crate::ErrorKind::Internal, e.to_string()))?;
+    out.push('\n');
+    Ok(out)
 }
 
 /// What `catga help` prints.
@@ -228,6 +279,8 @@ pub const USAGE: &str = "usage: catga [--json] [--service NAME] COMMAND
   jobs                          the recurring jobs of this binary (the service's
                                 own binary): schedule, next, last stored (NATS_URL)
   jobs run NAME                 run one now, once, outside its schedule
+  schema [--live]               the AsyncAPI 3 document of this binary's handlers;
+                                the standalone catga, or --live: a live replica's (NATS_URL)
 The settings come from the environment, as the replicas read them (NATS_URL, REDIS_URL, CATGA_SERVICE, ...).
 ";
 

@@ -84,6 +84,7 @@ mod resilience;
 pub mod ring;
 mod runtime;
 mod saga;
+pub mod schema;
 mod state;
 mod store;
 pub mod testing;
@@ -107,7 +108,8 @@ pub use message::{Command, Event, Message, MessageKind};
 #[cfg(feature = "otlp")]
 pub use ops::otel::layer as otlp_layer;
 pub use registry::{
-    CommandHandler, EventHandler, HandlerKind, HandlerSpec, JobHandler, JobOptions, JobSchedule, handlers,
+    CommandHandler, EventHandler, HandlerKind, HandlerSpec, JobHandler, JobOptions, JobSchedule, MessageSpec,
+    handlers, messages,
 };
 pub use runtime::{DelayedInfo, JobInfo, Readiness, Runtime, RuntimeBuilder, init_telemetry, run, start};
 pub use saga::{Saga, SagaInfo, SagaOutcome, SagaStatus, SagaStepInfo, Step};
@@ -128,10 +130,12 @@ pub mod __private {
     pub use crate::message::{Command, Event, Message, MessageKind};
     pub use crate::registry::{
         CommandHandler, EventHandler, HANDLERS, HandlerOptions, HandlerResult, HandlerSpec, JobHandler,
-        JobOptions, JobResult, JobSchedule,
+        JobOptions, JobResult, JobSchedule, MESSAGES, MessageSpec,
     };
+    pub use crate::schema::probe::{Described, SchemaProbe, Undescribed};
     pub use crate::wire::codec::{Decode, Encode};
     pub use linkme;
+    pub use schemars::{Schema, SchemaGenerator};
 
     /// Names a type in a position that requires `T: Send`: generated code
     /// calls it with a handler's future, spanned on the handler's name, so

@@ -6,6 +6,7 @@
 //! The scenarios live in `tests/scenarios/`, one file per topic holding its
 //! handlers and its scenarios.
 
+pub mod asyncapi;
 pub mod backend;
 pub mod collector;
 pub mod http;

@@ -1,6 +1,7 @@
 //! NATS micro discovery against a real nats-server, spoken by a plain
 //! async-nats client: `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` for all
-//! services, one service and one replica; and the start-up check that
+//! services, one service and one replica; `$SRV.SCHEMA`, catga's own verb,
+//! with the replica's AsyncAPI document; and the start-up check that
 //! refuses a second service on a command subject.
 
 use std::time::Duration;
@@ -306,4 +307,96 @@ async fn keyed_sagas_are_listed_with_their_partitions() {
     for rt in replicas {
         rt.shutdown().await.expect("clean shutdown");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_answer_schema_with_their_asyncapi_document() {
+    let server = NatsServer::start();
+    let r1 = shop(&server, "shop", "r1").await.expect("r1");
+    let plain = async_nats::connect(server.url()).await.expect("plain client");
+
+    let docs = ask(&plain, "$SRV.SCHEMA.shop").await;
+    assert_eq!(docs.len(), 1, "{docs:?}");
+    let doc = &docs[0];
+    assert_eq!(doc, &r1.asyncapi(), "the replica answers with its own document");
+    let found = catga_tests::asyncapi::problems(doc);
+    assert!(found.is_empty(), "{found:#?}");
+    assert_eq!(
+        (&doc["info"]["title"], &doc["info"]["version"]),
+        (&"shop".into(), &"1.2.3".into())
+    );
+    // The replica's selection: the keyed saga it does not serve has no
+    // operation, its event type is still listed as a channel.
+    let ops: Vec<&String> = doc["operations"]
+        .as_object()
+        .expect("operations")
+        .keys()
+        .collect();
+    assert_eq!(ops, ["discovery.add", "discovery.fail", "discovery.on_happened"]);
+    assert_eq!(
+        doc["operations"]["discovery.add"]["bindings"]["nats"]["queue"],
+        "adders"
+    );
+    assert_eq!(
+        doc["operations"]["discovery.fail"]["bindings"]["nats"]["queue"],
+        "shop.fail"
+    );
+    assert!(
+        doc["operations"]["discovery.on_happened"]
+            .get("bindings")
+            .is_none(),
+        "fan-out"
+    );
+    assert_eq!(doc["channels"]["shop.entry"]["address"], "shop.entry");
+    // `Add` derives no `JsonSchema`: any value, and said so; its reply
+    // (`u64`) has a schema.
+    let add = &doc["components"]["messages"]["Add"]["payload"];
+    assert!(
+        add["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not derive")),
+        "{add}"
+    );
+    assert_eq!(
+        doc["components"]["messages"]["Add.reply"]["payload"]["type"],
+        "integer"
+    );
+
+    // From code, and from the CLI as the standalone `catga` asks.
+    let client = catga::Client::connect(&server.url()).await.expect("client");
+    assert_eq!(&client.asyncapi("shop").await.expect("asked"), doc);
+    let err = client.asyncapi("nobody").await.expect_err("no replica");
+    assert_eq!(err.kind(), catga::ErrorKind::NoHandler, "{err}");
+    let config = catga::Config::from_lookup(|k| (k == "NATS_URL").then(|| server.url())).expect("config");
+    let args: Vec<String> = ["--service", "shop", "schema", "--live"]
+        .map(String::from)
+        .to_vec();
+    let out = catga::cli::run(&args, config).await.expect("catga schema");
+    assert_eq!(&serde_json::from_str::<Value>(&out).expect("JSON"), doc);
+    r1.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn an_embedded_runtime_has_its_document_but_serves_none() {
+    let rt = Runtime::builder()
+        .service("shop")
+        .handlers(|s| s.name() == "discovery::add")
+        .start()
+        .await
+        .expect("embedded");
+    let doc = rt.asyncapi();
+    assert!(catga_tests::asyncapi::problems(&doc).is_empty());
+    let ops: Vec<&String> = doc["operations"]
+        .as_object()
+        .expect("operations")
+        .keys()
+        .collect();
+    assert_eq!(ops, ["discovery.add"]);
+    let err = rt
+        .client()
+        .asyncapi("shop")
+        .await
+        .expect_err("no discovery without NATS");
+    assert_eq!(err.kind(), catga::ErrorKind::Config, "{err}");
+    rt.shutdown().await.expect("shutdown");
 }

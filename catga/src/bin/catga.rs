@@ -14,7 +14,7 @@ async fn main() {
     // a command on one service's data must name it.
     let per_service = args
         .iter()
-        .any(|a| matches!(a.as_str(), "dlq" | "sagas" | "outbox" | "delayed"));
+        .any(|a| matches!(a.as_str(), "dlq" | "sagas" | "outbox" | "delayed" | "schema"));
     let named = std::env::var_os("CATGA_SERVICE").is_some()
         || args
             .iter()

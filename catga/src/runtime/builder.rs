@@ -547,6 +547,8 @@ fn shared(
         relay,
         dropped: AtomicU64::new(0),
         expired: AtomicU64::new(0),
+        handlers: selected.to_vec(),
+        asyncapi: std::sync::OnceLock::new(),
     });
     (shared, orphan_queue)
 }

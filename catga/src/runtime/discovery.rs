@@ -1,6 +1,7 @@
 //! NATS micro discovery: every replica answers `$SRV.PING`, `$SRV.INFO`
 //! and `$SRV.STATS` (for all services, for its service's name, and for its
-//! own id) with its command handlers and keyed sagas as endpoints (a keyed
+//! own id) with its command handlers and keyed sagas as endpoints, and
+//! `$SRV.SCHEMA` with its AsyncAPI document (catga's own verb; a keyed
 //! saga's metadata names the partitions it serves here), so that `nats micro
 //! ls|info|stats` and any micro-aware client list catga services. At
 //! start-up the same protocol finds another service that already serves
@@ -224,6 +225,15 @@ pub(crate) async fn serve(shared: Arc<Shared>) {
             while let Some(delivery) = sub.next().await {
                 let verb = delivery.subject.split('.').nth(1).unwrap_or("").to_owned();
                 let (_, settler) = delivery.split();
+                if verb == "SCHEMA" {
+                    // A document larger than the broker's max_payload
+                    // cannot be sent: the asker gets no answer, and the
+                    // replica says why.
+                    if let Err(e) = settler.settle(Settle::Reply(shared.asyncapi_bytes())).await {
+                        tracing::warn!(error = %e, "NATS micro discovery: cannot send the AsyncAPI document");
+                    }
+                    continue;
+                }
                 match answer(&shared, &verb, &started) {
                     Some(body) => {
                         let _ = settler.settle(Settle::Reply(body.to_string().into())).await;

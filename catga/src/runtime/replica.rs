@@ -58,6 +58,14 @@ impl Runtime {
         self.shared.client.clone()
     }
 
+    /// The AsyncAPI 3 document of the handlers this runtime serves (and
+    /// of every message type linked into the binary): see
+    /// [`schema`](crate::schema). Every replica also answers
+    /// `$SRV.SCHEMA.<service>` on NATS with it.
+    pub fn asyncapi(&self) -> serde_json::Value {
+        self.shared.asyncapi()
+    }
+
     /// The handlers this runtime was started with.
     pub fn handlers(&self) -> &[&'static HandlerSpec] {
         &self.handlers

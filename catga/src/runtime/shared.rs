@@ -34,6 +34,10 @@ pub(crate) struct Shared {
     pub dropped: AtomicU64,
     /// Requests not started because their sender stopped waiting.
     pub expired: AtomicU64,
+    /// The handlers this replica serves.
+    pub handlers: Vec<&'static crate::registry::HandlerSpec>,
+    /// Their AsyncAPI document, made at the first `$SRV.SCHEMA` request.
+    pub asyncapi: std::sync::OnceLock<bytes::Bytes>,
 }
 
 /// One keyed saga as this replica runs it (see [`Shared::keyed_view`]).
@@ -47,6 +51,19 @@ pub(crate) struct KeyedView {
 }
 
 impl Shared {
+    /// The AsyncAPI document of this replica's handlers (see
+    /// [`crate::schema`]).
+    pub fn asyncapi(&self) -> serde_json::Value {
+        crate::schema::document(&self.config.service, &self.config.service_version, &self.handlers)
+    }
+
+    /// The same, encoded once for discovery's answers.
+    pub fn asyncapi_bytes(&self) -> bytes::Bytes {
+        self.asyncapi
+            .get_or_init(|| self.asyncapi().to_string().into())
+            .clone()
+    }
+
     pub(crate) fn count_dropped(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
     }

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use catga::{Context, ErrorKind, Result, State, Versioned, command, event, job};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::orders::{Order, OrderCancelled, OrderId, Status};
@@ -44,7 +45,7 @@ pub fn unix_ms(at: SystemTime) -> u64 {
 
 /// Sent with each order, delayed by [`remind_after`].
 #[event(subject = "orders.payment_reminder")]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct PaymentReminder {
     /// The order.
     pub id: OrderId,
@@ -54,7 +55,7 @@ pub struct PaymentReminder {
 
 /// The orders reminded and not paid then, with when each was placed
 /// (unix ms): what the expiry job looks at.
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
 pub struct Overdue {
     /// Order id → placed at.
     pub since: BTreeMap<String, u64>,
@@ -69,7 +70,7 @@ pub const OVERDUE: &str = "all";
 
 /// Cancels an order if it is still unpaid; answers whether it did.
 #[command(reply = bool, idempotent, key = id)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct ExpireOrder {
     /// Which order.
     pub id: OrderId,

@@ -11,13 +11,14 @@
 use std::time::Duration;
 
 use catga::{Context, Error, Result, Saga, State, Versioned, command, saga};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::orders::{OrderId, OrderPaid};
 
 /// What fulfilment did to one order: each count is how many times that
 /// step took effect.
-#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Default, Clone, PartialEq, Eq)]
 pub struct Fulfilment {
     /// Stock reserved.
     pub reserved: u64,
@@ -33,7 +34,7 @@ impl State for Fulfilment {
 
 /// Reserves the order's stock.
 #[command(reply = u64, idempotent)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct ReserveStock {
     /// The order.
     pub id: OrderId,
@@ -41,7 +42,7 @@ pub struct ReserveStock {
 
 /// Gives the order's stock back.
 #[command(idempotent)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct ReleaseStock {
     /// The order.
     pub id: OrderId,
@@ -49,7 +50,7 @@ pub struct ReleaseStock {
 
 /// Books a courier; refused (400) for some orders.
 #[command(reply = String, idempotent)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct BookCourier {
     /// The order.
     pub id: OrderId,
@@ -57,7 +58,7 @@ pub struct BookCourier {
 
 /// What fulfilment did to an order.
 #[command(subject = "orders.fulfilment", reply = Fulfilment)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct GetFulfilment {
     /// The order.
     pub id: OrderId,

@@ -11,12 +11,13 @@
 use std::time::Duration;
 
 use catga::{Context, Result, Saga, State, Versioned, command, saga};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::orders::{OrderId, OrderPaid};
 
 /// A customer's invoices, numbered from 1 in the order they were issued.
-#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Default, Clone, PartialEq, Eq)]
 pub struct Invoices {
     /// The order of each invoice: invoice n is `orders[n - 1]`.
     pub orders: Vec<OrderId>,
@@ -28,7 +29,7 @@ impl State for Invoices {
 
 /// Issues the next invoice of a customer for an order.
 #[command(reply = u64, idempotent)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct IssueInvoice {
     /// The customer.
     pub customer: String,
@@ -38,7 +39,7 @@ pub struct IssueInvoice {
 
 /// A customer's invoices.
 #[command(subject = "orders.invoices", reply = Invoices)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct GetInvoices {
     /// The customer.
     pub customer: String,

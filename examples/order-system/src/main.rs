@@ -21,6 +21,7 @@
 //! cargo run -p order-system -- sagas 20                  # the newest 20 fulfilment sagas (REDIS_URL)
 //! cargo run -p order-system -- jobs                      # the expiry job: next and last occurrence
 //! cargo run -p order-system -- delayed 20                # the 20 soonest payment reminders (REDIS_URL)
+//! cargo run -p order-system -- schema                    # its AsyncAPI 3 document (asyncapi.json)
 //! order-system probe 127.0.0.1:8080 /ready               # exit 0 if the endpoint answers 200
 //! ```
 //!
@@ -43,7 +44,7 @@ async fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         // The operator CLI's commands (`catga dlq ...`, `catga sagas ...`),
         // for an image that ships only this binary.
-        Some("dlq" | "sagas" | "services" | "outbox" | "delayed" | "jobs") => {
+        Some("dlq" | "sagas" | "services" | "outbox" | "delayed" | "jobs" | "schema") => {
             print!("{}", catga::cli::run(&args, Config::from_env()?).await?);
             return Ok(());
         }

@@ -8,10 +8,11 @@
 //! version, and its handler runs again (`retry`) against the new state.
 
 use catga::{Context, Error, Result, State, Versioned, command, event};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// An order's id.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OrderId(pub String);
 
 impl std::fmt::Display for OrderId {
@@ -21,7 +22,7 @@ impl std::fmt::Display for OrderId {
 }
 
 /// One line of an order.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
 pub struct Line {
     /// Product code.
     pub sku: String,
@@ -32,7 +33,7 @@ pub struct Line {
 }
 
 /// Where an order is in its lifecycle.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     /// Created, waiting for payment.
     Created,
@@ -45,7 +46,7 @@ pub enum Status {
 }
 
 /// An order as the store keeps it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
 pub struct Order {
     /// Who ordered.
     pub customer: String,
@@ -64,7 +65,7 @@ impl State for Order {
 }
 
 /// The revenue ledger, kept by the `billing` durable consumer.
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
 pub struct Revenue {
     /// Payments recorded.
     pub payments: u64,
@@ -82,7 +83,7 @@ pub const LEDGER: &str = "all";
 /// Places an order. Idempotent: sending it again under the same message id
 /// returns the first order's id and creates nothing.
 #[command(reply = OrderId, idempotent)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct CreateOrder {
     /// Who orders.
     pub customer: String,
@@ -93,7 +94,7 @@ pub struct CreateOrder {
 /// Pays an order in full. Keyed by the order: with store shards
 /// (`CATGA_STORE_SHARDS`) its inbox entry and saves are in the order's.
 #[command(idempotent, key = id)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct PayOrder {
     /// Which order.
     pub id: OrderId,
@@ -103,7 +104,7 @@ pub struct PayOrder {
 
 /// Ships a paid order; replies with the tracking number.
 #[command(reply = String, idempotent, key = id)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct ShipOrder {
     /// Which order.
     pub id: OrderId,
@@ -111,7 +112,7 @@ pub struct ShipOrder {
 
 /// Cancels an order that has not shipped.
 #[command(idempotent, key = id)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct CancelOrder {
     /// Which order.
     pub id: OrderId,
@@ -121,7 +122,7 @@ pub struct CancelOrder {
 
 /// Reads an order.
 #[command(subject = "orders.get", reply = OrderView)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct GetOrder {
     /// Which order.
     pub id: OrderId,
@@ -129,11 +130,11 @@ pub struct GetOrder {
 
 /// Reads the revenue ledger.
 #[command(subject = "orders.revenue", reply = Revenue)]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct GetRevenue;
 
 /// An order as a reader sees it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
 pub struct OrderView {
     /// Id.
     pub id: OrderId,
@@ -151,7 +152,7 @@ pub struct OrderView {
 
 /// An order was placed.
 #[event(subject = "orders.created")]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct OrderCreated {
     /// Id.
     pub id: OrderId,
@@ -163,7 +164,7 @@ pub struct OrderCreated {
 
 /// An order was paid.
 #[event(subject = "orders.paid")]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct OrderPaid {
     /// Id.
     pub id: OrderId,
@@ -176,7 +177,7 @@ pub struct OrderPaid {
 
 /// An order left the warehouse.
 #[event(subject = "orders.shipped")]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct OrderShipped {
     /// Id.
     pub id: OrderId,
@@ -186,7 +187,7 @@ pub struct OrderShipped {
 
 /// An order was cancelled.
 #[event(subject = "orders.cancelled")]
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct OrderCancelled {
     /// Id.
     pub id: OrderId,
