@@ -366,7 +366,8 @@ impl Client {
     /// Publishes `event` once `delay` has passed; see
     /// [`publish_at`](Self::publish_at).
     pub async fn publish_after<E: Event>(&self, delay: Duration, event: E) -> Result<String> {
-        self.publish_at(after_now(delay)?, event).await
+        self.publish_at(after_now(self.transport().clock(), delay)?, event)
+            .await
     }
 
     /// Publishes `event` at `at`, not before (in a handler,
@@ -762,6 +763,21 @@ impl Context {
     pub fn client(&self) -> &Client {
         &self.client
     }
+
+    /// Now, by the clock catga keeps the times of later work by (saga
+    /// timers and time-outs, delayed messages, jobs): the system's, or,
+    /// on an embedded bus a test kit moved forward (`TestKit::advance`),
+    /// that bus's. Take it rather than `SystemTime::now()` for a time the
+    /// handler computes from now (`saga.sleep_until(...)`), so that a test
+    /// can skip ahead.
+    pub fn now(&self) -> std::time::SystemTime {
+        self.client.transport().clock().now()
+    }
+
+    /// [`now`](Self::now) in milliseconds since the Unix epoch.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.client.transport().clock().now_ms()
+    }
 }
 
 /// An event as the outbox keeps it. One that the broker could never
@@ -813,8 +829,12 @@ pub(crate) fn outbox_entry<E: Event>(
 
 /// Now plus `delay`, or an invalid-input error for a delay past what a
 /// clock can tell.
-pub(crate) fn after_now(delay: std::time::Duration) -> Result<std::time::SystemTime> {
-    std::time::SystemTime::now()
+pub(crate) fn after_now(
+    clock: &crate::clock::Clock,
+    delay: std::time::Duration,
+) -> Result<std::time::SystemTime> {
+    clock
+        .now()
         .checked_add(delay)
         .ok_or_else(|| Error::invalid(format!("a delay of {delay:?} is past the end of time")))
 }

@@ -71,6 +71,7 @@ struct Readme;
 
 pub mod cli;
 mod client;
+mod clock;
 mod config;
 mod dead_letters;
 mod error;

@@ -56,7 +56,7 @@ fn journaled_version(v: Option<Bytes>) -> Option<u32> {
 /// trigger back to the broker to come back when the timer fires.
 const IN_PROCESS_WAIT: Duration = Duration::from_secs(1);
 
-use crate::wire::{now_ms, unix_ms as ms_of};
+use crate::wire::unix_ms as ms_of;
 
 fn parse_ms(v: &[u8]) -> u64 {
     std::str::from_utf8(v)
@@ -423,14 +423,14 @@ impl Context {
             let started = match s.get(STARTED) {
                 Some(v) => parse_ms(&v),
                 None => {
-                    let now = now_ms();
+                    let now = self.now_ms();
                     s.write(STARTED, now.to_string().as_bytes()).await?;
                     now
                 }
             };
             let deadline = started + timeout.as_millis() as u64;
             s.inner.deadline.store(deadline, Ordering::Relaxed);
-            if now_ms() >= deadline {
+            if self.now_ms() >= deadline {
                 let cause = Error::new(
                     ErrorKind::Timeout,
                     format!("the saga timed out: it did not finish within {timeout:?}"),
@@ -548,7 +548,8 @@ impl Saga {
     /// timer fires (each such wait costs one delivery of the trigger:
     /// count them in `max_deliver`).
     pub async fn sleep(&self, name: &'static str, wait: Duration) -> Result<()> {
-        self.timer(name, now_ms() + wait.as_millis() as u64).await
+        self.timer(name, self.inner.ctx.now_ms() + wait.as_millis() as u64)
+            .await
     }
 
     /// Waits durably until `at` (see [`sleep`](Self::sleep)): a resumed
@@ -573,7 +574,7 @@ impl Saga {
     }
 
     async fn wait_until(&self, name: &str, wake: u64) -> Result<()> {
-        let now = now_ms();
+        let now = self.inner.ctx.now_ms();
         if now >= wake {
             return Ok(());
         }
@@ -582,15 +583,22 @@ impl Saga {
             tokio::time::sleep(left).await;
             return Ok(());
         }
+        // A timer past the saga's time-out brings the trigger back at the
+        // time-out, which compensates then, not when the timer would ring.
+        let back_in = match self.deadline() {
+            Some(d) if d < wake => Duration::from_millis(d.saturating_sub(now).max(1)),
+            _ => left,
+        };
         Err(Error::new(
             ErrorKind::Unavailable,
             format!(
-                "saga {} waits for its timer {name} ({} ms left): its trigger comes back then",
+                "saga {} waits for its timer {name} ({} ms left): its trigger comes back in {} ms",
                 self.id(),
-                left.as_millis()
+                left.as_millis(),
+                back_in.as_millis()
             ),
         )
-        .with_retry_after(left))
+        .with_retry_after(back_in))
     }
 
     /// When it times out, if it has a time-out.
@@ -604,7 +612,7 @@ impl Saga {
     /// No more tries: the trigger's last delivery, or past the time-out.
     /// A retryable failure then compensates.
     fn out_of_time(&self) -> bool {
-        self.inner.ctx.work().last_delivery || self.deadline().is_some_and(|d| now_ms() >= d)
+        self.inner.ctx.work().last_delivery || self.deadline().is_some_and(|d| self.inner.ctx.now_ms() >= d)
     }
 
     /// Where it stands.
@@ -851,7 +859,7 @@ impl<C: Command> Step<C> {
         // Within the saga's time-out too.
         let left = saga
             .deadline()
-            .map(|d| Duration::from_millis(d.saturating_sub(now_ms()).max(1)));
+            .map(|d| Duration::from_millis(d.saturating_sub(saga.inner.ctx.now_ms()).max(1)));
         let within = match (timeout, left) {
             (Some(t), Some(l)) => Some(t.min(l)),
             (t, l) => t.or(l),

@@ -108,7 +108,11 @@ impl Context {
     /// [`publish_at`](Self::publish_at)); returns its message id, which
     /// [`Runtime::cancel_delayed`](crate::Runtime::cancel_delayed) takes.
     pub async fn publish_after<E: Event>(&self, delay: std::time::Duration, event: E) -> Result<String> {
-        self.publish_at(crate::client::after_now(delay)?, event).await
+        self.publish_at(
+            crate::client::after_now(self.client().transport().clock(), delay)?,
+            event,
+        )
+        .await
     }
 
     /// Publishes `event` at `at`, not before: it waits in the service's

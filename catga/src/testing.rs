@@ -47,10 +47,30 @@
 //! handler selection to keep them quiet), and [`TestKit::run_job`] runs
 //! one now.
 //!
+//! Virtual time: [`TestKit::advance`] moves the kit's clock forward, as if
+//! that much time had passed. Saga timers (`saga.sleep`) and time-outs,
+//! redeliveries held back by a retry's back-off, delayed messages and job
+//! occurrences due within it come due at once, so a test of "compensate
+//! after 30 minutes" takes milliseconds:
+//!
+//! ```text
+//! kit.client().publish(OrderPlaced { .. }).await?;
+//! kit.settled().await?;                        // the saga waits for payment
+//! kit.advance(Duration::from_secs(30 * 60));
+//! kit.settled().await?;                        // ... and has compensated
+//! ```
+//!
+//! Leases, heartbeats, ack waits and request time-outs keep the real time
+//! (a replica's liveness is not what a test skips), and so does
+//! `SystemTime::now()` in a handler: read [`Context::now`](crate::Context::now)
+//! for a time computed from now. A job whose period passed several times
+//! in one move runs as after a pause: its `missed` policy decides (the
+//! newest occurrence, by default).
+//!
 //! Limits:
-//! - A saga sleeping for 30 minutes is not settled for 30 minutes: the kit
-//!   has no virtual time yet, and [`TestKit::settled`] says what is still
-//!   due, and when, once its time-out passes.
+//! - Without [`advance`](TestKit::advance), a saga sleeping for 30 minutes
+//!   is not settled for 30 minutes: [`TestKit::settled`] says what is
+//!   still due, and when, once its time-out passes.
 //! - Work in tasks the test or a handler spawned itself is not seen.
 //! - A durable consumer whose handler was stopped keeps what its stream
 //!   holds for it: not settled until it is served again.
@@ -141,6 +161,26 @@ impl TestKit {
         &self.runtime
     }
 
+    /// Moves the kit's clock forward by `by`, as if that much time had
+    /// passed (see the [module](self)): saga timers and time-outs,
+    /// redeliveries held back by a retry's back-off, delayed messages and
+    /// job occurrences due within it come due now. Follow it with
+    /// [`settled`](Self::settled) to wait for what they set off.
+    ///
+    /// Leases, heartbeats, ack waits and request time-outs keep the real
+    /// time, and so does what a handler reads from `SystemTime::now()`
+    /// (`Context::now` reads the kit's clock).
+    pub fn advance(&self, by: Duration) {
+        self.bus.clock().advance(by);
+        self.bus.streams().advance(by);
+    }
+
+    /// Now, by the kit's clock: the system's time plus every
+    /// [`advance`](Self::advance) so far.
+    pub fn now(&self) -> std::time::SystemTime {
+        self.bus.clock().now()
+    }
+
     /// The kit's bus: start more replicas on it with
     /// `Runtime::builder().memory(kit.bus().clone())` (without a Redis
     /// URL they share the kit's store); what they send is recorded and
@@ -157,7 +197,7 @@ impl TestKit {
     /// [`settle_within`](Self::settle_within), naming what is left.
     pub async fn settled(&self) -> Result<()> {
         let until = Instant::now() + self.settle_within;
-        let until_wall = std::time::SystemTime::now() + self.settle_within;
+        let until_wall = self.now() + self.settle_within;
         let tap = self.bus.tap();
         loop {
             let before = tap.activity();
@@ -190,7 +230,7 @@ impl TestKit {
         let mut left = Vec::new();
         let waiting = self.delayed().await?;
         // Due already, or due with room before the wait ends.
-        let now = std::time::SystemTime::now();
+        let now = self.now();
         let soon: Vec<_> = waiting
             .iter()
             .filter(|d| d.due <= now || d.due.checked_add(DELAYED_MARGIN).is_some_and(|d| d <= until))
@@ -200,10 +240,7 @@ impl TestKit {
                 "{} delayed messages due before the wait ends, the first on {} in {:?}",
                 soon.len(),
                 first.subject,
-                first
-                    .due
-                    .duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default()
+                first.due.duration_since(now).unwrap_or_default()
             ));
         }
         // In the order work flows: the outbox into streams, streams to

@@ -5,7 +5,10 @@
 //! there to assert on, without polling. And `settled()` fails, saying
 //! what is left, when a saga sleeps past its time-out. Delayed messages
 //! due soon are waited for, later ones released on demand; a job runs on
-//! demand.
+//! demand. Virtual time: moving the kit's clock wakes a saga's 30-minute
+//! timer, times a saga out, brings a retry held back by its back-off, a
+//! delayed message due tomorrow and an hourly job's occurrence, in
+//! milliseconds.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -256,7 +259,11 @@ fn kit_handlers(except: &'static [&'static str]) -> catga::RuntimeBuilder {
     Runtime::builder()
         .service("kit")
         .retry_base(Duration::from_millis(20))
-        .handlers(move |s| s.name().starts_with("testkit::") && !except.iter().any(|e| s.name().ends_with(e)))
+        .handlers(move |s| {
+            s.name().starts_with("testkit::")
+                && !s.name().starts_with("testkit::virtual_")
+                && !except.iter().any(|e| s.name().ends_with(e))
+        })
 }
 
 /// A command, its outbox event and the saga it starts, each step
@@ -477,5 +484,309 @@ async fn a_job_runs_now_on_demand() {
     let e = kit.run_job("nightly").await.expect_err("no such job");
     assert_eq!(e.kind(), catga::ErrorKind::NotFound, "{e}");
     assert!(e.message().contains("testkit::hourly_tally"), "{e}");
+    kit.shutdown().await.expect("clean shutdown");
+}
+
+// Virtual time. Each test has its own kit (its own bus and clock) and its
+// own handlers, so that the tests of this file, which share a process
+// under plain `cargo test`, do not see each other's effects.
+
+/// A trip was booked: [`virtual_waits`] holds it, waits 30 minutes for
+/// the payment window, then confirms.
+#[event(subject = "tests.kit.virtual.booked")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VirtualBooked {
+    /// Which trip.
+    pub trip: u64,
+}
+
+/// A trip was booked with a deadline: [`virtual_expires`] times out after
+/// 20 minutes while it waits an hour.
+#[event(subject = "tests.kit.virtual.expiring")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VirtualExpiring {
+    /// Which trip.
+    pub trip: u64,
+}
+
+/// Holds a trip.
+#[command(subject = "tests.kit.virtual.hold", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct VirtualHold {
+    /// Which trip.
+    pub trip: u64,
+}
+
+/// Gives a hold up.
+#[command(subject = "tests.kit.virtual.unhold", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct VirtualUnhold {
+    /// Which trip.
+    pub trip: u64,
+}
+
+/// Confirms a trip.
+#[command(subject = "tests.kit.virtual.confirm", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct VirtualConfirm {
+    /// Which trip.
+    pub trip: u64,
+}
+
+/// What the trip handlers did, per trip, in order.
+static TRIPS: Mutex<BTreeMap<u64, Vec<&'static str>>> = Mutex::new(BTreeMap::new());
+
+fn trip(n: u64) -> Vec<&'static str> {
+    TRIPS.lock().expect("trips").get(&n).cloned().unwrap_or_default()
+}
+
+fn did(n: u64, what: &'static str) {
+    TRIPS.lock().expect("trips").entry(n).or_default().push(what);
+}
+
+#[command]
+async fn virtual_hold(c: VirtualHold) -> Result<()> {
+    did(c.trip, "hold");
+    Ok(())
+}
+
+#[command]
+async fn virtual_unhold(c: VirtualUnhold) -> Result<()> {
+    did(c.trip, "unhold");
+    Ok(())
+}
+
+#[command]
+async fn virtual_confirm(c: VirtualConfirm) -> Result<()> {
+    did(c.trip, "confirm");
+    Ok(())
+}
+
+#[saga]
+async fn virtual_waits(saga: &Saga, e: VirtualBooked) -> Result<()> {
+    saga.step("hold", VirtualHold { trip: e.trip })
+        .compensate(VirtualUnhold { trip: e.trip })
+        .await?;
+    saga.sleep("payment window", Duration::from_secs(30 * 60)).await?;
+    saga.step("confirm", VirtualConfirm { trip: e.trip }).await?;
+    Ok(())
+}
+
+#[saga(timeout = "20m")]
+async fn virtual_expires(saga: &Saga, e: VirtualExpiring) -> Result<()> {
+    saga.step("hold", VirtualHold { trip: e.trip })
+        .compensate(VirtualUnhold { trip: e.trip })
+        .await?;
+    saga.sleep("an hour", Duration::from_secs(3600)).await?;
+    saga.step("confirm", VirtualConfirm { trip: e.trip }).await?;
+    Ok(())
+}
+
+fn virtual_kit(names: &'static [&'static str], retry_base: Duration) -> catga::RuntimeBuilder {
+    Runtime::builder()
+        .service("kit")
+        .retry_base(retry_base)
+        .handlers(move |s| names.iter().any(|n| s.name() == format!("testkit::{n}")))
+}
+
+const TRIP_HANDLERS: &[&str] = &[
+    "virtual_hold",
+    "virtual_unhold",
+    "virtual_confirm",
+    "virtual_waits",
+    "virtual_expires",
+];
+
+/// A saga's 30-minute timer rings when the clock is moved 30 minutes, and
+/// not before; a saga with a 20-minute time-out sleeping an hour is
+/// compensated when the clock passes its time-out. In well under the real
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_time_wakes_a_sagas_timer_and_times_another_out() {
+    let started = std::time::Instant::now();
+    let kit = TestKit::with(virtual_kit(TRIP_HANDLERS, Duration::from_millis(20)))
+        .await
+        .expect("kit")
+        .settle_within(Duration::from_secs(2));
+    let before = kit.now();
+    kit.client()
+        .publish_durable(VirtualBooked { trip: 1 })
+        .await
+        .expect("published");
+    kit.client()
+        .publish_durable(VirtualExpiring { trip: 2 })
+        .await
+        .expect("published");
+    let waiting = kit.settled().await.expect_err("both sagas sleep");
+    assert!(waiting.message().contains("due in"), "{waiting}");
+    assert_eq!(trip(1), ["hold"]);
+    assert_eq!(trip(2), ["hold"]);
+
+    // 25 minutes: the payment window is still open; the time-out passed.
+    kit.advance(Duration::from_secs(25 * 60));
+    assert!(kit.now() >= before + Duration::from_secs(25 * 60));
+    let waiting = kit.settled().await.expect_err("trip 1 still sleeps");
+    assert!(
+        waiting.message().contains("tests.kit.virtual.booked"),
+        "{waiting}"
+    );
+    assert_eq!(trip(1), ["hold"], "not woken early");
+    assert_eq!(trip(2), ["hold", "unhold"], "timed out, compensated");
+
+    // 5 more: the window closes, trip 1 is confirmed.
+    kit.advance(Duration::from_secs(5 * 60));
+    kit.settled().await.expect("settled");
+    assert_eq!(trip(1), ["hold", "confirm"]);
+    assert_eq!(trip(2), ["hold", "unhold"], "nothing more");
+    let sagas = kit.sagas().await.expect("sagas");
+    let status = |name: &str| {
+        sagas
+            .iter()
+            .find(|s| s.id.contains(name))
+            .map(|s| s.status)
+            .unwrap_or_else(|| panic!("no saga {name}: {sagas:?}"))
+    };
+    assert_eq!(status("virtual_waits"), SagaStatus::Completed);
+    assert_eq!(status("virtual_expires"), SagaStatus::Compensated);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "90 minutes of saga time took {:?}",
+        started.elapsed()
+    );
+    kit.shutdown().await.expect("clean shutdown");
+}
+
+/// Publishes [`VirtualReminded`] a day later.
+#[command(subject = "tests.kit.virtual.remind")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct VirtualRemind {
+    /// Which reminder.
+    pub n: u64,
+}
+
+/// A reminder, a day after.
+#[event(subject = "tests.kit.virtual.reminded")]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VirtualReminded {
+    /// Which reminder.
+    pub n: u64,
+}
+
+static VIRTUAL_REMINDED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[command]
+async fn virtual_remind(ctx: &Context, r: VirtualRemind) -> Result<()> {
+    ctx.publish_after(Duration::from_secs(86_400), VirtualReminded { n: r.n })
+        .await?;
+    Ok(())
+}
+
+#[event(durable = "kit-virtual-reminded")]
+async fn virtual_reminded(r: VirtualReminded) -> Result<()> {
+    VIRTUAL_REMINDED.lock().expect("reminded").push(r.n);
+    Ok(())
+}
+
+/// A flaky durable event: its first delivery fails, and the kit's retry
+/// back-off (from 20 s) holds it back.
+#[event(subject = "tests.kit.virtual.flaky")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct VirtualFlaky;
+
+static FLAKY: AtomicU64 = AtomicU64::new(0);
+
+#[event(durable = "kit-virtual-flaky")]
+async fn virtual_flaky(_f: VirtualFlaky) -> Result<()> {
+    if FLAKY.fetch_add(1, Ordering::SeqCst) == 0 {
+        return Err(Error::unavailable("later"));
+    }
+    Ok(())
+}
+
+/// Runs every hour, counting its occurrences by their time.
+static VIRTUAL_HOURS: Mutex<BTreeMap<SystemTime, u32>> = Mutex::new(BTreeMap::new());
+
+#[job(every = "1h")]
+async fn virtual_hourly(ctx: &Context) -> Result<()> {
+    let at = ctx
+        .scheduled_at()
+        .ok_or_else(|| Error::invalid("an occurrence without its time"))?;
+    *VIRTUAL_HOURS.lock().expect("hours").entry(at).or_default() += 1;
+    Ok(())
+}
+
+/// A delayed message due tomorrow, a retry held back for 10 minutes and
+/// an hourly job's occurrences come when the clock is moved past them;
+/// a job whose hour passed three times in one move runs its newest
+/// occurrence once, as after a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_time_brings_delayed_messages_retries_and_job_occurrences() {
+    let kit = TestKit::with(virtual_kit(
+        &[
+            "virtual_remind",
+            "virtual_reminded",
+            "virtual_flaky",
+            "virtual_hourly",
+        ],
+        Duration::from_secs(20),
+    ))
+    .await
+    .expect("kit")
+    .settle_within(Duration::from_secs(2));
+    kit.client().send(VirtualRemind { n: 7 }).await.expect("sent");
+    kit.client()
+        .publish_durable(VirtualFlaky)
+        .await
+        .expect("published");
+    let left = kit.settled().await.expect_err("the retry waits 20 s or more");
+    assert!(left.message().contains("kit-virtual-flaky"), "{left}");
+    assert_eq!(FLAKY.load(Ordering::SeqCst), 1);
+    assert!(VIRTUAL_REMINDED.lock().expect("reminded").is_empty());
+    assert_eq!(kit.delayed().await.expect("listed").len(), 1);
+
+    kit.advance(Duration::from_secs(120));
+    kit.settled()
+        .await
+        .expect("the retry came, the reminder is not due");
+    assert_eq!(FLAKY.load(Ordering::SeqCst), 2);
+    assert!(VIRTUAL_REMINDED.lock().expect("reminded").is_empty());
+
+    // The first hour boundary after the kit started: one occurrence.
+    let hour = Duration::from_secs(3600);
+    kit.advance(hour);
+    let hours = || VIRTUAL_HOURS.lock().expect("hours").clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while hours().is_empty() && std::time::Instant::now() < deadline {
+        kit.settled().await.expect("settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = hours();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first.values().all(|n| *n == 1), "{first:?}");
+
+    // Three hours at once: the newest missed occurrence runs, once.
+    kit.advance(3 * hour);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while hours().len() < 2 && std::time::Instant::now() < deadline {
+        kit.settled().await.expect("settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kit.settled().await.expect("settled");
+    let after = hours();
+    assert_eq!(after.len(), 2, "{after:?}");
+    let (last, n) = after
+        .iter()
+        .next_back()
+        .map(|(t, n)| (*t, *n))
+        .expect("an occurrence");
+    assert_eq!(n, 1);
+    let first_at = *first.keys().next().expect("first");
+    assert_eq!(last.duration_since(first_at).ok(), Some(3 * hour), "{after:?}");
+
+    // A day (24 h since the reminder was sent; 4 h 2 min are behind us).
+    kit.advance(20 * hour);
+    kit.settled().await.expect("settled");
+    assert_eq!(*VIRTUAL_REMINDED.lock().expect("reminded"), [7]);
+    assert!(kit.delayed().await.expect("listed").is_empty());
     kit.shutdown().await.expect("clean shutdown");
 }

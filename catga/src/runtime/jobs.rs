@@ -110,7 +110,7 @@ fn schedule_mark(spec: &HandlerSpec, id: &str) -> Option<u64> {
 /// Whether the occurrence with message id `id` of job `spec` (with
 /// `missed = "skip"`) is missed by now: its successor came due more than
 /// the on-time margin ago.
-pub(crate) fn superseded(spec: &HandlerSpec, id: &str) -> bool {
+pub(crate) fn superseded(spec: &HandlerSpec, id: &str, now: u64) -> bool {
     let Some(options) = spec.job().filter(|o| o.skip_missed) else {
         return false;
     };
@@ -119,7 +119,7 @@ pub(crate) fn superseded(spec: &HandlerSpec, id: &str) -> bool {
     };
     schedule
         .next_after(at)
-        .is_some_and(|next| next.saturating_add(ON_TIME + options.jitter_ms) < now_ms())
+        .is_some_and(|next| next.saturating_add(ON_TIME + options.jitter_ms) < now)
 }
 
 /// The schedule a job's attribute wrote (checked at compile time).
@@ -138,8 +138,6 @@ pub(crate) fn schedule_of(options: &JobOptions) -> Result<Schedule> {
         }
     }
 }
-
-use crate::wire::now_ms;
 
 /// What a job's schedule, its last stored occurrence and the time say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +209,11 @@ struct Scheduler {
     newest: Option<u64>,
     /// A warning about a last occurrence in the future was given.
     warned_future: bool,
+    /// When this replica began scheduling the job (by its clock): with
+    /// nothing stored yet, an occurrence after it is this replica's to
+    /// store even late (it was up, but stalled, or a test kit moved the
+    /// clock past it); one before it is never run.
+    started: u64,
 }
 
 /// Schedules `spec` on this replica until the task is aborted (at
@@ -233,6 +236,7 @@ pub(crate) async fn schedule(shared: Arc<Shared>, spec: &'static HandlerSpec) {
         stream_ready: false,
         newest: None,
         warned_future: false,
+        started: shared.client.transport().clock().now_ms(),
     };
     let mut failing = Duration::ZERO;
     loop {
@@ -257,7 +261,13 @@ pub(crate) async fn schedule(shared: Arc<Shared>, spec: &'static HandlerSpec) {
                 failing
             }
         };
-        tokio::time::sleep(wait.min(LONGEST_WAIT)).await;
+        // A test kit moving the clock forward wakes it to look again.
+        shared
+            .client
+            .transport()
+            .clock()
+            .nap(wait.min(LONGEST_WAIT))
+            .await;
     }
 }
 
@@ -273,7 +283,7 @@ impl Scheduler {
             self.stream_ready = true;
         }
         let last = bounded(transport.last_on(subject)).await?;
-        let now = now_ms();
+        let now = transport.clock().now_ms();
         let on_time = ON_TIME.saturating_add(self.options.jitter_ms);
         let mut last_at = last.as_ref().and_then(|(_, id)| schedule_mark(spec, id));
         if let Some(at) = last_at
@@ -291,7 +301,7 @@ impl Scheduler {
             }
             last_at = None;
         }
-        let last_at = last_at.max(self.newest);
+        let last_at = last_at.max(self.newest).or(Some(self.started.saturating_sub(1)));
         let instance = shared.config.instance_id.as_str();
         let options = self.options;
         match decide(&self.schedule, &options, last_at, now, |at| {
@@ -367,7 +377,7 @@ pub(crate) async fn run_now(
     // Expected-sequence publishes race with the schedulers: a few tries.
     for _ in 0..10 {
         let last = bounded(transport.last_on(subject)).await?;
-        let now = now_ms();
+        let now = transport.clock().now_ms();
         let last_time = last
             .as_ref()
             .and_then(|(_, id)| crate::wire::occurrence_of(subject, id))
@@ -490,7 +500,7 @@ pub(crate) async fn info(
                 None => format!("cron {text}"),
             },
         },
-        next: schedule.next_after(now_ms()).map(at),
+        next: schedule.next_after(transport.clock().now_ms()).map(at),
         last: last.map(at),
     }))
 }
@@ -498,6 +508,7 @@ pub(crate) async fn info(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::now_ms;
 
     fn options(skip_missed: bool, jitter_ms: u64) -> JobOptions {
         JobOptions {
@@ -720,8 +731,8 @@ mod tests {
         let now = now_ms();
         let old = occurrence_id(&skip, now / 500 * 500 - 5_000);
         let fresh = occurrence_id(&skip, now / 500 * 500);
-        assert!(superseded(&skip, &old));
-        assert!(!superseded(&skip, &fresh));
-        assert!(!superseded(&keep, &old), "`latest` runs what was stored");
+        assert!(superseded(&skip, &old, now));
+        assert!(!superseded(&skip, &fresh, now));
+        assert!(!superseded(&keep, &old, now), "`latest` runs what was stored");
     }
 }

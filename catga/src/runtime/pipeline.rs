@@ -537,7 +537,11 @@ async fn call(
         ),
         None => None,
     };
-    if super::jobs::superseded(served.spec, meta.message_id()) {
+    if super::jobs::superseded(
+        served.spec,
+        meta.message_id(),
+        shared.client.transport().clock().now_ms(),
+    ) {
         // `missed = "skip"`: an occurrence whose successor came due before
         // it could run (its replicas were down, or it waited behind a
         // failed run) is done without running.

@@ -4,7 +4,7 @@
 //! tokens).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use tokio::time::Instant;
 #[cfg(test)]
 use super::LEADER_LEASE;
 use super::{Answer, Claim, Commit, Committed, Fence, Finished, Inbox, OutboxEntry};
+use crate::clock::Clock;
 use crate::error::Result;
 
 #[derive(Default)]
@@ -21,6 +22,9 @@ pub(crate) struct MemoryStore {
     inner: Mutex<Inner>,
     /// Wakes a relay waiting for new outbox entries.
     appended: Notify,
+    /// What "now" is for delayed messages: its bus's clock, which a test
+    /// kit may move forward.
+    clock: Arc<Clock>,
 }
 
 #[derive(Default)]
@@ -119,6 +123,19 @@ impl Inner {
 impl MemoryStore {
     pub(crate) fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// A store whose delayed messages come due by `clock`.
+    pub(crate) fn with_clock(clock: Arc<Clock>) -> MemoryStore {
+        MemoryStore {
+            clock,
+            ..MemoryStore::default()
+        }
+    }
+
+    /// Its clock.
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

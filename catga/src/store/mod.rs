@@ -639,7 +639,7 @@ impl Store {
         match &self.0.kind {
             Kind::Redis(s) => s.delayed_release(shard, limit).await,
             Kind::Memory(s) => {
-                let now = crate::wire::now_ms();
+                let now = s.clock().now_ms();
                 let (moved, next) = s.delayed_release(now, limit);
                 Ok((moved, next.map(|n| Duration::from_millis(n.saturating_sub(now)))))
             }

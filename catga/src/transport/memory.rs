@@ -50,6 +50,9 @@ struct BusInner {
     /// The state store of the embedded mode: runtimes on one bus share it,
     /// as replicas share Redis.
     store: Arc<crate::store::MemoryStore>,
+    /// The clock of the times kept for later on this bus (see
+    /// [`crate::clock`]).
+    clock: Arc<crate::clock::Clock>,
 }
 
 #[derive(Default)]
@@ -196,15 +199,22 @@ impl MemoryBus {
     /// A new, empty bus that refuses messages over `max_payload` bytes
     /// (payload plus headers), as a nats-server with that `max_payload`.
     pub fn with_max_payload(max_payload: usize) -> MemoryBus {
+        let clock = Arc::new(crate::clock::Clock::new());
         MemoryBus {
             inner: Arc::new(BusInner {
                 routes: RwLock::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 max_payload,
                 streams: Arc::default(),
-                store: Arc::default(),
+                store: Arc::new(crate::store::MemoryStore::with_clock(Arc::clone(&clock))),
+                clock,
             }),
         }
+    }
+
+    /// The clock of the times kept for later on this bus.
+    pub(crate) fn clock(&self) -> &crate::clock::Clock {
+        &self.inner.clock
     }
 
     /// The payload limit.

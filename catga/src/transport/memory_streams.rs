@@ -4,7 +4,7 @@
 //! subscriber of the same name, explicit acks, redelivery after a negative
 //! ack or when the ack wait passes, and a dead-letter store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -54,6 +54,10 @@ struct Consumer {
     /// Delivered, not acknowledged: deliveries so far, and when it may be
     /// delivered again (the ack deadline, or a nak's delay).
     pending: BTreeMap<u64, (u64, Instant)>,
+    /// Those of `pending` held back by a negative ack's delay (a retry's
+    /// back-off, a saga's timer), not in a handler's hands: what a test
+    /// kit's move of the clock brings forward.
+    held_back: BTreeSet<u64>,
     wake: Arc<Notify>,
 }
 
@@ -266,6 +270,7 @@ impl Streams {
                 options: options.clone(),
                 next: first,
                 pending: BTreeMap::new(),
+                held_back: BTreeSet::new(),
                 wake: Arc::new(Notify::new()),
             });
         consumer.options = options.clone();
@@ -302,6 +307,7 @@ impl Streams {
         let due = c.pending.iter().find(|(_, (_, at))| *at <= now).map(|(s, _)| *s);
         let (seq, deliveries) = match due {
             Some(seq) => {
+                c.held_back.remove(&seq);
                 let entry = c.pending.get_mut(&seq).map(|e| {
                     e.0 += 1;
                     e.1 = now + c.options.ack_wait;
@@ -361,16 +367,47 @@ impl Streams {
             match redeliver_in {
                 None => {
                     c.pending.remove(&seq);
+                    c.held_back.remove(&seq);
                 }
                 Some(delay) => {
                     if let Some(e) = c.pending.get_mut(&seq) {
                         e.1 = Instant::now() + delay;
+                        c.held_back.insert(seq);
                     }
                 }
             }
             Arc::clone(&c.wake)
         };
         wake.notify_waiters();
+    }
+
+    /// Brings every message held back by a negative ack's delay `by`
+    /// closer (the test kit's move of the clock), and wakes the consumers
+    /// to look again. Messages in a handler's hands keep their ack wait.
+    pub(crate) fn advance(&self, by: Duration) {
+        let wakes: Vec<Arc<Notify>> = {
+            let mut inner = lock(&self.inner);
+            let now = Instant::now();
+            let mut wakes = Vec::new();
+            for stream in inner.streams.values_mut() {
+                for c in stream.consumers.values_mut() {
+                    let Consumer {
+                        pending, held_back, ..
+                    } = c;
+                    held_back.retain(|seq| pending.contains_key(seq));
+                    for seq in held_back.iter() {
+                        if let Some(e) = pending.get_mut(seq) {
+                            e.1 = now + e.1.saturating_duration_since(now).saturating_sub(by);
+                        }
+                    }
+                    wakes.push(Arc::clone(&c.wake));
+                }
+            }
+            wakes
+        };
+        for w in wakes {
+            w.notify_waiters();
+        }
     }
 
     pub(crate) fn add_dead(&self, mut letter: DeadLetter) {

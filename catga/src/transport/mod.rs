@@ -466,6 +466,15 @@ impl Transport {
         matches!(self.0, Kind::Nats(_))
     }
 
+    /// The clock of the times kept for later (see [`crate::clock`]): the
+    /// system's, or an embedded bus's, which a test kit may move.
+    pub(crate) fn clock(&self) -> &crate::clock::Clock {
+        match &self.0 {
+            Kind::Nats(_) => crate::clock::Clock::system(),
+            Kind::Memory(bus) => bus.clock(),
+        }
+    }
+
     pub(crate) async fn subscribe(&self, to: &SubscribeTo) -> Result<Subscription> {
         match &self.0 {
             Kind::Nats(t) => t.subscribe(to).await.map(|s| Subscription(Sub::Nats(s))),
