@@ -156,17 +156,24 @@ impl Client {
         }
         let token = crate::wire::subject_token(service);
         let subject = format!("$SRV.SCHEMA.{}", if token.is_empty() { "_" } else { &token });
-        transport
+        let answers: Vec<Value> = transport
             .gather(&subject, LISTEN)
             .await?
             .iter()
-            .find_map(|raw| serde_json::from_slice::<Value>(raw).ok())
-            .ok_or_else(|| {
-                Error::new(
-                    crate::ErrorKind::NoHandler,
-                    format!("no replica of `{service}` answered {subject}: is it running under that name?"),
-                )
-            })
+            .filter_map(|raw| serde_json::from_slice::<Value>(raw).ok())
+            .collect();
+        // Names that differ only in what a subject token cannot hold
+        // (`orders.v2`, `orders_v2`) share the subject: take the one named.
+        if let Some(doc) = answers.iter().find(|d| d["info"]["title"] == service) {
+            return Ok(doc.clone());
+        }
+        if let Some(why) = answers.iter().find_map(|d| d["error"].as_str()) {
+            return Err(Error::new(crate::ErrorKind::TooLarge, why.to_owned()));
+        }
+        Err(Error::new(
+            crate::ErrorKind::NoHandler,
+            format!("no replica of `{service}` answered {subject}: is it running under that name?"),
+        ))
     }
 }
 

@@ -570,6 +570,24 @@ impl MessageSpec {
     pub(crate) fn schemas(&self) -> (SchemaFn, Option<SchemaFn>) {
         (self.schema, self.reply_schema)
     }
+
+    /// A registration without schemas, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        subject: &'static str,
+        name: &'static str,
+        version: u32,
+        kind: crate::message::MessageKind,
+    ) -> MessageSpec {
+        MessageSpec {
+            subject,
+            name,
+            version,
+            kind,
+            schema: no_schema,
+            reply_schema: (kind == crate::message::MessageKind::Command).then_some(no_schema as SchemaFn),
+        }
+    }
 }
 
 /// Every message type linked into this binary.

@@ -9,31 +9,45 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The same document comes from [`Runtime::asyncapi`](crate::Runtime::asyncapi)
-//! (the runtime's own selection of handlers), from `catga schema` run in
-//! the service's binary (`order-system schema`), and from a live replica:
-//! every replica answers `$SRV.SCHEMA.<service>` on NATS with it, which is
-//! what the standalone `catga schema --service NAME` asks.
+//! [`Runtime::asyncapi`](crate::Runtime::asyncapi) gives the document of
+//! a runtime's own selection of handlers, and a live replica answers
+//! `$SRV.SCHEMA.<service>` on NATS with it (asked by name only: a bare
+//! `$SRV.SCHEMA` is not answered); the standalone `catga schema --service
+//! NAME` and [`Client::asyncapi`](crate::Client::asyncapi) ask that. `catga
+//! schema` run in the service's binary (`order-system schema`) gives the
+//! document of every handler linked into it, as this function does.
 //!
 //! What it holds:
 //! - a channel per subject, with the message types it carries; a
 //!   command's reply channel (the requester's inbox, so its address is
 //!   `null`) carries the reply and catga's error reply;
-//! - a `receive` operation per handler: its queue group as the NATS
-//!   binding's `queue`, and under `x-catga` its kind, durable consumer,
-//!   retries and the rest of its attribute;
+//! - a `receive` operation per handler (recurring jobs are internal and
+//!   left out): its queue group as the NATS binding's `queue`, and under
+//!   `x-catga` its kind, durable consumer, retries and the rest of its
+//!   attribute;
 //! - message types this binary links but does not handle (the events it
-//!   publishes, most often) as channels without an operation;
+//!   publishes, most often) as channels without an operation; the linker
+//!   keeps a library crate's types only if the binary uses the crate (see
+//!   [`link!`](crate::link));
+//! - every version of a type linked (`v1::Pay` beside `v2::Pay` during a
+//!   roll-out): the newest keyed by its name, older ones as `Pay.v1`; a
+//!   version above 1 requires its `Catga-Version` header, without which
+//!   it would be read as version 1;
 //! - the headers catga reads (`Nats-Msg-Id`, `Catga-Version`,
 //!   `traceparent`, ...) and the error reply's headers with every error
 //!   kind and its status code.
 //!
-//! A payload's schema is its type's `schemars::JsonSchema` (add `schemars
-//! = "1"` to the service's dependencies and derive it beside `Serialize`).
-//! A type that does not derive it is exported with a schema that accepts
-//! any JSON value and says so in its description; nothing fails to build
-//! for want of a schema. Only the current version of a type is described:
-//! the older payloads it upcasts from (`upcast_from`) are not.
+//! A payload's schema is its type's `schemars::JsonSchema` (schemars 1:
+//! add `schemars = { version = "1", features = ["derive"] }` to the
+//! service's dependencies and derive it beside `Serialize`). A type that
+//! does not derive it (or derives another major version's) is exported
+//! with a schema that accepts any JSON value and says so in its
+//! description; nothing fails to build for want of a schema. Schemas
+//! describe how a type is read (serde's `Deserialize` side): a reply type
+//! whose `Serialize` side differs (`skip_deserializing`, asymmetric
+//! renames, a hand-written `Serialize`) is described as it would be read.
+//! A document larger than the broker's `max_payload` is not sent over
+//! NATS: the asker gets a `TooLarge` error saying so.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -118,6 +132,8 @@ pub mod probe {
 struct Entry {
     /// Its key under `components.messages`.
     id: String,
+    /// Its reply's key there (commands).
+    reply_id: String,
     name: &'static str,
     subject: &'static str,
     version: u32,
@@ -154,14 +170,30 @@ impl Builder {
         handlers: &[&'static HandlerSpec],
         linked: &'static [MessageSpec],
     ) -> Value {
-        let types = message_types(handlers, linked);
+        // In name order whatever the link order, so that the document and
+        // its numbered keys do not depend on it.
+        let mut handlers: Vec<&'static HandlerSpec> =
+            handlers.iter().copied().filter(|s| s.job().is_none()).collect();
+        handlers.sort_by_key(|s| (s.name(), s.subject()));
+        let types = message_types(&handlers, linked);
+        let groups = by_subject(&types);
+        // The subjects' channels first, then the reply channels, each key
+        // once: a subject `x.reply` and the replies of `x` do not meet.
+        let mut taken = BTreeSet::new();
+        let channel_keys: BTreeMap<&str, String> = groups
+            .keys()
+            .map(|subject| (*subject, unique(&mut taken, &channel_id(subject))))
+            .collect();
+        let reply_keys: BTreeMap<&str, String> = groups
+            .iter()
+            .filter(|(_, of)| of.iter().any(|t| t.reply.is_some()))
+            .map(|(subject, _)| (*subject, unique(&mut taken, &reply_id(&channel_keys[subject]))))
+            .collect();
         let mut channels = Map::new();
         let mut messages = Map::new();
-        // Channels and messages by subject, in subject order.
-        for (subject, of_subject) in by_subject(&types) {
-            let channel = channel_id(subject);
+        for (subject, of_subject) in &groups {
             let mut listed = Map::new();
-            for t in &of_subject {
+            for t in of_subject {
                 listed.insert(
                     t.id.clone(),
                     reference(&format!("#/components/messages/{}", t.id)),
@@ -170,7 +202,7 @@ impl Builder {
             }
             let kind = of_subject.first().map(|t| t.kind);
             channels.insert(
-                channel.clone(),
+                channel_keys[subject].clone(),
                 json!({
                     "address": subject,
                     "title": subject,
@@ -181,45 +213,47 @@ impl Builder {
                     "messages": listed,
                 }),
             );
-            // The reply channel of a command subject.
-            let replies: Vec<&&Entry> = of_subject.iter().filter(|t| t.reply.is_some()).collect();
-            if !replies.is_empty() {
-                let mut listed = Map::new();
-                for t in replies {
-                    let id = reply_id(&t.id);
-                    listed.insert(id.clone(), reference(&format!("#/components/messages/{id}")));
-                    messages.insert(id, self.reply(t));
-                }
+            let Some(key) = reply_keys.get(subject) else {
+                continue;
+            };
+            let mut listed = Map::new();
+            for t in of_subject.iter().filter(|t| t.reply.is_some()) {
                 listed.insert(
-                    ERROR_MESSAGE.to_owned(),
-                    reference(&format!("#/components/messages/{ERROR_MESSAGE}")),
+                    t.reply_id.clone(),
+                    reference(&format!("#/components/messages/{}", t.reply_id)),
                 );
-                channels.insert(
-                    reply_id(&channel),
-                    json!({
-                        "address": null,
-                        "description": format!(
-                            "Replies to `{subject}`: the requester's inbox (the request's NATS reply \
-                             subject), so its address is not known in advance."
-                        ),
-                        "messages": listed,
-                    }),
-                );
+                messages.insert(t.reply_id.clone(), self.reply(t));
             }
+            listed.insert(
+                ERROR_MESSAGE.to_owned(),
+                reference(&format!("#/components/messages/{ERROR_MESSAGE}")),
+            );
+            channels.insert(
+                key.clone(),
+                json!({
+                    "address": null,
+                    "description": format!(
+                        "Replies to `{subject}`: the requester's inbox (the request's NATS reply \
+                         subject), so its address is not known in advance."
+                    ),
+                    "messages": listed,
+                }),
+            );
         }
         let mut operations = Map::new();
         let mut taken = BTreeSet::new();
-        for spec in handlers.iter().filter(|s| s.job().is_none()) {
-            let Some(t) = types
-                .iter()
-                .find(|t| t.subject == spec.subject() && t.name == spec.message_type())
-            else {
+        for spec in &handlers {
+            let Some(t) = types.iter().find(|t| {
+                t.subject == spec.subject() && t.name == spec.message_type() && t.version == spec.version()
+            }) else {
                 continue;
             };
             let id = unique(&mut taken, &operation_id(spec.name()));
-            operations.insert(id, operation(spec, t));
+            let channel = &channel_keys[spec.subject()];
+            let reply = reply_keys.get(spec.subject()).map(String::as_str);
+            operations.insert(id, operation(spec, t, channel, reply));
         }
-        if channels.values().any(|c| c["address"].is_null()) {
+        if !reply_keys.is_empty() {
             messages.insert(ERROR_MESSAGE.to_owned(), error_message());
         }
         let mut schemas = self.generator.take_definitions(true);
@@ -248,10 +282,18 @@ impl Builder {
 
     fn payload(&mut self, schema: SchemaFn, what: &str) -> Value {
         match schema(&mut self.generator) {
-            Some(s) => s.to_value(),
+            Some(mut s) => {
+                // What is not a definition (a tuple, an `Option`) gets the
+                // draft-07 rewrites here; definitions get them when taken.
+                for t in self.generator.transforms_mut() {
+                    t.transform(&mut s);
+                }
+                s.to_value()
+            }
             None => json!({
                 "description": format!(
-                    "{what} does not derive `schemars::JsonSchema`: any JSON value is shown here"
+                    "{what} does not derive `schemars::JsonSchema` (schemars 1): any JSON value is \
+                     shown here"
                 ),
             }),
         }
@@ -259,15 +301,32 @@ impl Builder {
 
     fn message(&mut self, t: &Entry) -> Value {
         let payload = self.payload(t.schema, t.name);
+        let headers = reference(&format!("#/components/schemas/{HEADERS}"));
+        // A payload of version 2 or later is read as such only with its
+        // version in the header: without it, it is read as version 1.
+        let headers = if t.version > 1 {
+            json!({
+                "allOf": [
+                    headers,
+                    {
+                        "type": "object",
+                        "required": [headers::VERSION.to_string()],
+                        "properties": { headers::VERSION.to_string(): { "const": t.version.to_string() } },
+                    },
+                ],
+            })
+        } else {
+            headers
+        };
         json!({
             "name": t.name,
             "title": t.name,
             "summary": match t.kind {
-                MessageKind::Command => format!("Command `{}`, on `{}`.", t.name, t.subject),
-                MessageKind::Event => format!("Event `{}`, on `{}`.", t.name, t.subject),
+                MessageKind::Command => format!("Command `{}` version {}, on `{}`.", t.name, t.version, t.subject),
+                MessageKind::Event => format!("Event `{}` version {}, on `{}`.", t.name, t.version, t.subject),
             },
             "contentType": "application/json",
-            "headers": reference(&format!("#/components/schemas/{HEADERS}")),
+            "headers": headers,
             "payload": payload,
             "x-catga-version": t.version,
         })
@@ -280,7 +339,7 @@ impl Builder {
             None => json!({}),
         };
         json!({
-            "name": reply_id(t.name),
+            "name": t.reply_id,
             "title": format!("Reply to {}", t.name),
             "summary": format!("The answer of `{}`'s handler.", t.name),
             "contentType": "application/json",
@@ -291,58 +350,67 @@ impl Builder {
 
 /// The handled types (from the handlers, so that a type in a crate the
 /// linker kept only for its handler is there) and the linked ones, each
-/// once, with unique component keys.
+/// version of each once, with unique component keys.
 fn message_types(handlers: &[&'static HandlerSpec], linked: &'static [MessageSpec]) -> Vec<Entry> {
-    let mut found: BTreeMap<(&'static str, &'static str), Entry> = BTreeMap::new();
-    for spec in handlers.iter().filter(|s| s.job().is_none()) {
-        let (schema, reply) = spec.schemas();
+    type Key = (&'static str, &'static str, u32);
+    let entry = |(subject, name, version): Key, kind, (schema, reply): (SchemaFn, Option<SchemaFn>)| Entry {
+        id: String::new(),
+        reply_id: String::new(),
+        name,
+        subject,
+        version,
+        kind,
+        schema,
+        reply,
+    };
+    let mut found: BTreeMap<Key, Entry> = BTreeMap::new();
+    for spec in handlers {
+        let key = (spec.subject(), spec.message_type(), spec.version());
+        let kind = match spec.kind() {
+            HandlerKind::Command => MessageKind::Command,
+            HandlerKind::Event => MessageKind::Event,
+        };
         found
-            .entry((spec.subject(), spec.message_type()))
-            .or_insert_with(|| Entry {
-                id: String::new(),
-                name: spec.message_type(),
-                subject: spec.subject(),
-                version: spec.version(),
-                kind: match spec.kind() {
-                    HandlerKind::Command => MessageKind::Command,
-                    HandlerKind::Event => MessageKind::Event,
-                },
-                schema,
-                reply,
-            });
+            .entry(key)
+            .or_insert_with(|| entry(key, kind, spec.schemas()));
     }
     for m in linked {
-        let (schema, reply) = m.schemas();
-        found.entry((m.subject(), m.name())).or_insert_with(|| Entry {
-            id: String::new(),
-            name: m.name(),
-            subject: m.subject(),
-            version: m.version(),
-            kind: m.kind(),
-            schema,
-            reply,
-        });
+        let key = (m.subject(), m.name(), m.version());
+        found
+            .entry(key)
+            .or_insert_with(|| entry(key, m.kind(), m.schemas()));
     }
-    // A type's key is its name; two types of one name (two modules, two
-    // subjects) add their subject, in the map's order, so that the keys do
-    // not depend on link order.
-    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-    for (_, name) in found.keys() {
-        *names.entry(name).or_default() += 1;
+    // A type's key is its name; a name on two subjects adds the subject;
+    // an older version of a type (`v1::Pay` beside `v2::Pay`, both on one
+    // subject, during a roll-out) adds `.v<N>`. In the map's order, so
+    // that keys do not depend on link order.
+    let mut subjects: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let mut newest: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+    for (subject, name, version) in found.keys() {
+        subjects.entry(name).or_default().insert(subject);
+        let n = newest.entry((subject, name)).or_default();
+        *n = (*n).max(*version);
     }
-    let mut taken = BTreeSet::new();
-    found
+    let mut taken = BTreeSet::from([ERROR_MESSAGE.to_owned()]);
+    let mut types: Vec<Entry> = found
         .into_values()
         .map(|mut t| {
-            let base = if names.get(t.name).copied().unwrap_or(0) > 1 {
+            let mut base = if subjects.get(t.name).is_some_and(|s| s.len() > 1) {
                 format!("{}.{}", t.name, t.subject)
             } else {
                 t.name.to_owned()
             };
+            if newest.get(&(t.subject, t.name)).is_some_and(|n| *n != t.version) {
+                base = format!("{base}.v{}", t.version);
+            }
             t.id = unique(&mut taken, &component_key(&base));
             t
         })
-        .collect()
+        .collect();
+    for t in types.iter_mut().filter(|t| t.reply.is_some()) {
+        t.reply_id = unique(&mut taken, &reply_id(&t.id));
+    }
+    types
 }
 
 /// The types grouped by subject, in subject order.
@@ -355,8 +423,7 @@ fn by_subject(types: &[Entry]) -> BTreeMap<&'static str, Vec<&Entry>> {
 }
 
 /// The `receive` operation of one handler.
-fn operation(spec: &HandlerSpec, t: &Entry) -> Value {
-    let channel = channel_id(spec.subject());
+fn operation(spec: &HandlerSpec, t: &Entry, channel: &str, reply: Option<&str>) -> Value {
     let mut op = Map::new();
     op.insert("action".into(), json!("receive"));
     op.insert("channel".into(), reference(&format!("#/channels/{channel}")));
@@ -411,14 +478,15 @@ fn operation(spec: &HandlerSpec, t: &Entry) -> Value {
         catga.insert("queue_group".into(), json!(group));
     }
     op.insert("x-catga".into(), Value::Object(catga));
-    if spec.kind() == HandlerKind::Command {
-        let reply = reply_id(&channel);
+    if spec.kind() == HandlerKind::Command
+        && let Some(reply) = reply
+    {
         op.insert(
             "reply".into(),
             json!({
                 "channel": reference(&format!("#/channels/{reply}")),
                 "messages": [
-                    reference(&format!("#/channels/{reply}/messages/{}", reply_id(&t.id))),
+                    reference(&format!("#/channels/{reply}/messages/{}", t.reply_id)),
                     reference(&format!("#/channels/{reply}/messages/{ERROR_MESSAGE}")),
                 ],
             }),
@@ -569,6 +637,7 @@ fn error_message() -> Value {
         "name": ERROR_MESSAGE,
         "title": "Error reply",
         "summary": "A command that failed: the headers say why, the body is empty.",
+        "contentType": "text/plain",
         "headers": reference(&format!("#/components/schemas/{ERROR_HEADERS}")),
         "payload": { "type": "string", "maxLength": 0, "description": "Empty." },
     })
@@ -577,6 +646,83 @@ fn error_message() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn doc_of(linked: Vec<MessageSpec>) -> Value {
+        Builder::new().build("svc", "1.0.0", &[], Box::leak(linked.into_boxed_slice()))
+    }
+
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    if k == "$ref" {
+                        out.push(v.as_str().unwrap_or_default().to_owned());
+                    }
+                    refs(v, out);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    fn dangling(doc: &Value) -> Vec<String> {
+        let mut all = Vec::new();
+        refs(doc, &mut all);
+        all.into_iter()
+            .filter(|r| r.strip_prefix('#').is_none_or(|p| doc.pointer(p).is_none()))
+            .collect()
+    }
+
+    #[test]
+    fn a_subject_named_like_a_reply_channel_keeps_its_own() {
+        let doc = doc_of(vec![
+            MessageSpec::for_test("a", "Ask", 1, MessageKind::Command),
+            MessageSpec::for_test("a.reply", "Told", 1, MessageKind::Event),
+        ]);
+        let channels = &doc["channels"];
+        assert_eq!(channels["a.reply"]["address"], "a.reply", "{channels}");
+        assert_eq!(channels["a.reply.2"]["address"], Value::Null, "{channels}");
+        assert!(
+            channels["a.reply.2"]["messages"]["Ask.reply"].is_object(),
+            "{channels}"
+        );
+        assert!(dangling(&doc).is_empty(), "{:?}", dangling(&doc));
+    }
+
+    #[test]
+    fn two_versions_of_a_type_on_one_subject_are_both_listed() {
+        let doc = doc_of(vec![
+            MessageSpec::for_test("pay", "Pay", 2, MessageKind::Command),
+            MessageSpec::for_test("pay", "Pay", 1, MessageKind::Command),
+        ]);
+        let messages = &doc["components"]["messages"];
+        assert_eq!(messages["Pay"]["x-catga-version"], 2, "{messages}");
+        assert_eq!(messages["Pay.v1"]["x-catga-version"], 1, "{messages}");
+        // Version 2 is read as such only with its header.
+        let v2 = messages["Pay"]["headers"].to_string();
+        assert!(
+            v2.contains("\"required\":[\"Catga-Version\"]") && v2.contains("\"const\":\"2\""),
+            "{v2}"
+        );
+        assert_eq!(
+            messages["Pay.v1"]["headers"]["$ref"],
+            "#/components/schemas/catga.Headers"
+        );
+        let listed = doc["channels"]["pay"]["messages"].as_object().map(|m| m.len());
+        assert_eq!(listed, Some(2));
+        assert!(dangling(&doc).is_empty(), "{:?}", dangling(&doc));
+    }
+
+    #[test]
+    fn the_document_does_not_depend_on_link_order() {
+        let a = || MessageSpec::for_test("x.one", "Same", 1, MessageKind::Event);
+        let b = || MessageSpec::for_test("x.two", "Same", 1, MessageKind::Event);
+        let one = doc_of(vec![a(), b()]);
+        let other = doc_of(vec![b(), a()]);
+        assert_eq!(one, other);
+        assert!(one["components"]["messages"]["Same.x.one"].is_object(), "{one}");
+    }
 
     #[test]
     fn keys_fit_asyncapi() {

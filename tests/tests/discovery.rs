@@ -315,6 +315,10 @@ async fn replicas_answer_schema_with_their_asyncapi_document() {
     let r1 = shop(&server, "shop", "r1").await.expect("r1");
     let plain = async_nats::connect(server.url()).await.expect("plain client");
 
+    assert!(
+        ask(&plain, "$SRV.SCHEMA").await.is_empty(),
+        "asked without a name, no replica sends its whole document"
+    );
     let docs = ask(&plain, "$SRV.SCHEMA.shop").await;
     assert_eq!(docs.len(), 1, "{docs:?}");
     let doc = &docs[0];
@@ -399,4 +403,21 @@ async fn an_embedded_runtime_has_its_document_but_serves_none() {
         .expect_err("no discovery without NATS");
     assert_eq!(err.kind(), catga::ErrorKind::Config, "{err}");
     rt.shutdown().await.expect("shutdown");
+}
+
+/// A document larger than the broker's `max_payload` is not sent: the
+/// asker is told so, not that no replica answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_over_max_payload_is_refused_with_a_reason() {
+    let server = NatsServer::start_with("max_payload: 4096");
+    let r1 = shop(&server, "shop", "r1").await.expect("r1");
+    assert!(
+        r1.asyncapi().to_string().len() > 4096,
+        "the test needs a larger document"
+    );
+    let client = catga::Client::connect(&server.url()).await.expect("client");
+    let err = client.asyncapi("shop").await.expect_err("too large");
+    assert_eq!(err.kind(), catga::ErrorKind::TooLarge, "{err}");
+    assert!(err.message().contains("max_payload (4096)"), "{err}");
+    r1.shutdown().await.expect("shutdown");
 }

@@ -224,13 +224,19 @@ pub(crate) async fn serve(shared: Arc<Shared>) {
         tasks.spawn(async move {
             while let Some(delivery) = sub.next().await {
                 let verb = delivery.subject.split('.').nth(1).unwrap_or("").to_owned();
+                let subject_of = delivery.subject.to_string();
                 let (_, settler) = delivery.split();
                 if verb == "SCHEMA" {
-                    // A document larger than the broker's max_payload
-                    // cannot be sent: the asker gets no answer, and the
-                    // replica says why.
-                    if let Err(e) = settler.settle(Settle::Reply(shared.asyncapi_bytes())).await {
-                        tracing::warn!(error = %e, "NATS micro discovery: cannot send the AsyncAPI document");
+                    // Only when asked by name: a bare `$SRV.SCHEMA` would
+                    // have every replica of every service send its whole
+                    // document.
+                    if delivery_subject_named(&subject_of) {
+                        let body = schema_answer(&shared);
+                        if let Err(e) = settler.settle(Settle::Reply(body)).await {
+                            tracing::warn!(error = %e, "NATS micro discovery: cannot send the AsyncAPI document");
+                        }
+                    } else {
+                        settler.settle(Settle::Drop).await.unwrap_or(());
                     }
                     continue;
                 }
@@ -244,6 +250,35 @@ pub(crate) async fn serve(shared: Arc<Shared>) {
         });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Whether a discovery subject names a service (`$SRV.<verb>.<name>...`).
+fn delivery_subject_named(subject: &str) -> bool {
+    subject.split('.').count() >= 3
+}
+
+/// The answer to `$SRV.SCHEMA.<name>`: the document, or, when it is larger
+/// than the broker takes, a small JSON object whose `error` says so.
+fn schema_answer(shared: &Shared) -> bytes::Bytes {
+    let body = shared.asyncapi_bytes();
+    let limit = shared.client.transport().max_payload();
+    if body.len() <= limit {
+        return body;
+    }
+    tracing::warn!(
+        bytes = body.len(),
+        max_payload = limit,
+        "the AsyncAPI document is larger than the broker's max_payload: not sent; run `catga schema` in          the service's binary instead"
+    );
+    json!({
+        "error": format!(
+            "the AsyncAPI document of `{}` is {} bytes, more than the broker's max_payload ({limit}):              run `catga schema` in the service's binary instead",
+            shared.config.service,
+            body.len()
+        ),
+    })
+    .to_string()
+    .into()
 }
 
 /// Asks every micro service for its endpoints and finds those of another
