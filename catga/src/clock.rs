@@ -67,11 +67,37 @@ impl Clock {
     /// Sleeps for `wait` of real time, or until the clock is moved,
     /// whichever comes first: for loops that look at the time again when
     /// they wake.
+    #[cfg(test)]
     pub(crate) async fn nap(&self, wait: Duration) {
-        let mut moved = self.moved.subscribe();
+        Clock::nap_watching(&mut self.watch(), wait).await;
+    }
+
+    /// A watch of the clock's moves, for [`nap_watching`](Self::nap_watching):
+    /// kept across a loop, it also sees a move made while the loop was
+    /// not napping.
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
+        self.moved.subscribe()
+    }
+
+    /// Sleeps for `wait` of real time, or until the clock moved since
+    /// `moved` last saw it.
+    pub(crate) async fn nap_watching(moved: &mut watch::Receiver<u64>, wait: Duration) {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             _ = moved.changed() => {}
+        }
+    }
+
+    /// Waits until the clock reads `at_ms` (unix ms), by real time or by
+    /// moves.
+    pub(crate) async fn until_ms(&self, at_ms: u64) {
+        let mut moved = self.watch();
+        loop {
+            let now = self.now_ms();
+            if now >= at_ms {
+                return;
+            }
+            Clock::nap_watching(&mut moved, Duration::from_millis(at_ms - now)).await;
         }
     }
 }

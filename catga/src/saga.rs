@@ -869,11 +869,27 @@ impl<C: Command> Step<C> {
         // not run, and the steps before it are compensated.
         let sent = match saga.inner.ctx.headers_with_id(version, &id) {
             Ok(headers) => {
-                saga.inner
+                let request = saga
+                    .inner
                     .ctx
                     .client()
-                    .request_with_id(C::SUBJECT, payload, headers, within)
-                    .await
+                    .request_with_id(C::SUBJECT, payload, headers, within);
+                match saga.deadline() {
+                    // The saga's time-out also ends a request in flight
+                    // when a test kit moves the clock past it (by the
+                    // system's clock, the request's own deadline does).
+                    Some(deadline) => {
+                        let clock = saga.inner.ctx.client().transport().clock();
+                        tokio::select! {
+                            sent = request => sent,
+                            () = clock.until_ms(deadline) => Err(Error::new(
+                                ErrorKind::Timeout,
+                                format!("step {name}: the saga's time-out passed while it waited for the answer"),
+                            )),
+                        }
+                    }
+                    None => request.await,
+                }
             }
             Err(e) => Err(e),
         };

@@ -54,8 +54,8 @@
 //! after 30 minutes" takes milliseconds:
 //!
 //! ```text
-//! kit.client().publish(OrderPlaced { .. }).await?;
-//! kit.settled().await?;                        // the saga waits for payment
+//! kit.client().publish_durable(OrderPlaced { .. }).await?;
+//! let _ = kit.settled().await;                 // not settled: the saga waits for payment
 //! kit.advance(Duration::from_secs(30 * 60));
 //! kit.settled().await?;                        // ... and has compensated
 //! ```
@@ -65,7 +65,9 @@
 //! `SystemTime::now()` in a handler: read [`Context::now`](crate::Context::now)
 //! for a time computed from now. A job whose period passed several times
 //! in one move runs as after a pause: its `missed` policy decides (the
-//! newest occurrence, by default).
+//! newest occurrence, by default; none with `missed = "skip"`). A saga
+//! step waiting for its answer ends when a move passes the saga's
+//! time-out.
 //!
 //! Limits:
 //! - Without [`advance`](TestKit::advance), a saga sleeping for 30 minutes

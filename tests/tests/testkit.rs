@@ -608,6 +608,10 @@ async fn virtual_time_wakes_a_sagas_timer_and_times_another_out() {
         .await
         .expect("kit")
         .settle_within(Duration::from_secs(2));
+    // Two hours on already: what the sagas journal and compare is the
+    // kit's time, not the system's (a time-out reckoned from the system's
+    // clock would have passed at once).
+    kit.advance(Duration::from_secs(2 * 3600));
     let before = kit.now();
     kit.client()
         .publish_durable(VirtualBooked { trip: 1 })
@@ -715,24 +719,19 @@ async fn virtual_hourly(ctx: &Context) -> Result<()> {
     Ok(())
 }
 
-/// A delayed message due tomorrow, a retry held back for 10 minutes and
-/// an hourly job's occurrences come when the clock is moved past them;
-/// a job whose hour passed three times in one move runs its newest
-/// occurrence once, as after a pause.
+/// A delayed message due tomorrow and a retry held back by its back-off
+/// come when the clock is moved past them, not before; the delay is
+/// reckoned from the kit's clock (moved five days first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn virtual_time_brings_delayed_messages_retries_and_job_occurrences() {
+async fn virtual_time_brings_delayed_messages_and_retries() {
     let kit = TestKit::with(virtual_kit(
-        &[
-            "virtual_remind",
-            "virtual_reminded",
-            "virtual_flaky",
-            "virtual_hourly",
-        ],
+        &["virtual_remind", "virtual_reminded", "virtual_flaky"],
         Duration::from_secs(20),
     ))
     .await
     .expect("kit")
     .settle_within(Duration::from_secs(2));
+    kit.advance(Duration::from_secs(5 * 86_400));
     kit.client().send(VirtualRemind { n: 7 }).await.expect("sent");
     kit.client()
         .publish_durable(VirtualFlaky)
@@ -742,7 +741,12 @@ async fn virtual_time_brings_delayed_messages_retries_and_job_occurrences() {
     assert!(left.message().contains("kit-virtual-flaky"), "{left}");
     assert_eq!(FLAKY.load(Ordering::SeqCst), 1);
     assert!(VIRTUAL_REMINDED.lock().expect("reminded").is_empty());
-    assert_eq!(kit.delayed().await.expect("listed").len(), 1);
+    let waiting = kit.delayed().await.expect("listed");
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert!(
+        waiting[0].due > kit.now() + Duration::from_secs(23 * 3600),
+        "due a day after the kit's now: {waiting:?}"
+    );
 
     kit.advance(Duration::from_secs(120));
     kit.settled()
@@ -751,27 +755,48 @@ async fn virtual_time_brings_delayed_messages_retries_and_job_occurrences() {
     assert_eq!(FLAKY.load(Ordering::SeqCst), 2);
     assert!(VIRTUAL_REMINDED.lock().expect("reminded").is_empty());
 
-    // The first hour boundary after the kit started: one occurrence.
+    kit.advance(Duration::from_secs(86_400));
+    kit.settled().await.expect("settled");
+    assert_eq!(*VIRTUAL_REMINDED.lock().expect("reminded"), [7]);
+    assert!(kit.delayed().await.expect("listed").is_empty());
+    kit.shutdown().await.expect("clean shutdown");
+}
+
+/// An hourly job runs its occurrence when the clock is moved past the
+/// hour; moved three hours at once, it runs the newest missed occurrence
+/// once, as after a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_time_runs_a_jobs_occurrences() {
+    let kit = TestKit::with(virtual_kit(&["virtual_hourly"], Duration::from_millis(20)))
+        .await
+        .expect("kit");
     let hour = Duration::from_secs(3600);
-    kit.advance(hour);
     let hours = || VIRTUAL_HOURS.lock().expect("hours").clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while hours().is_empty() && std::time::Instant::now() < deadline {
-        kit.settled().await.expect("settled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let wait_for = |n: usize| {
+        let kit = &kit;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while hours().len() < n && std::time::Instant::now() < deadline {
+                kit.settled().await.expect("settled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            kit.settled().await.expect("settled");
+        }
+    };
+    // Just past the next hour.
+    let since_epoch = kit
+        .now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970");
+    let to_next = hour - Duration::from_secs(since_epoch.as_secs() % 3600);
+    kit.advance(to_next + Duration::from_secs(2));
+    wait_for(1).await;
     let first = hours();
     assert_eq!(first.len(), 1, "{first:?}");
     assert!(first.values().all(|n| *n == 1), "{first:?}");
 
-    // Three hours at once: the newest missed occurrence runs, once.
     kit.advance(3 * hour);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while hours().len() < 2 && std::time::Instant::now() < deadline {
-        kit.settled().await.expect("settled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    kit.settled().await.expect("settled");
+    wait_for(2).await;
     let after = hours();
     assert_eq!(after.len(), 2, "{after:?}");
     let (last, n) = after
@@ -782,11 +807,5 @@ async fn virtual_time_brings_delayed_messages_retries_and_job_occurrences() {
     assert_eq!(n, 1);
     let first_at = *first.keys().next().expect("first");
     assert_eq!(last.duration_since(first_at).ok(), Some(3 * hour), "{after:?}");
-
-    // A day (24 h since the reminder was sent; 4 h 2 min are behind us).
-    kit.advance(20 * hour);
-    kit.settled().await.expect("settled");
-    assert_eq!(*VIRTUAL_REMINDED.lock().expect("reminded"), [7]);
-    assert!(kit.delayed().await.expect("listed").is_empty());
     kit.shutdown().await.expect("clean shutdown");
 }

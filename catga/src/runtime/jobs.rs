@@ -239,6 +239,9 @@ pub(crate) async fn schedule(shared: Arc<Shared>, spec: &'static HandlerSpec) {
         started: shared.client.transport().clock().now_ms(),
     };
     let mut failing = Duration::ZERO;
+    // One watch for the whole loop: a move of the clock during a round
+    // (a test kit's) is seen by the nap after it.
+    let mut moved = shared.client.transport().clock().watch();
     loop {
         let wait = match s.round(&shared).await {
             Ok(wait) => {
@@ -262,12 +265,7 @@ pub(crate) async fn schedule(shared: Arc<Shared>, spec: &'static HandlerSpec) {
             }
         };
         // A test kit moving the clock forward wakes it to look again.
-        shared
-            .client
-            .transport()
-            .clock()
-            .nap(wait.min(LONGEST_WAIT))
-            .await;
+        crate::clock::Clock::nap_watching(&mut moved, wait.min(LONGEST_WAIT)).await;
     }
 }
 
@@ -301,7 +299,17 @@ impl Scheduler {
             }
             last_at = None;
         }
-        let last_at = last_at.max(self.newest).or(Some(self.started.saturating_sub(1)));
+        let last_at = last_at.max(self.newest);
+        // What the stream shows is what this replica saw stored: a later
+        // round whose last message is no occurrence (a replayed dead
+        // letter) goes by it.
+        self.newest = last_at;
+        // An empty stream: an occurrence after this replica began is its
+        // to store, even late; one before, never.
+        let last_at = match &last {
+            None => last_at.or(Some(self.started.saturating_sub(1))),
+            Some(_) => last_at,
+        };
         let instance = shared.config.instance_id.as_str();
         let options = self.options;
         match decide(&self.schedule, &options, last_at, now, |at| {

@@ -58,6 +58,10 @@ struct Consumer {
     /// back-off, a saga's timer), not in a handler's hands: what a test
     /// kit's move of the clock brings forward.
     held_back: BTreeSet<u64>,
+    /// How far a test kit moved the clock while each message of `pending`
+    /// not held back was in a handler's hands: taken off the delay of its
+    /// negative ack, which the handler reckoned before the move.
+    moved_in_hand: BTreeMap<u64, Duration>,
     wake: Arc<Notify>,
 }
 
@@ -271,6 +275,7 @@ impl Streams {
                 next: first,
                 pending: BTreeMap::new(),
                 held_back: BTreeSet::new(),
+                moved_in_hand: BTreeMap::new(),
                 wake: Arc::new(Notify::new()),
             });
         consumer.options = options.clone();
@@ -308,6 +313,7 @@ impl Streams {
         let (seq, deliveries) = match due {
             Some(seq) => {
                 c.held_back.remove(&seq);
+                c.moved_in_hand.remove(&seq);
                 let entry = c.pending.get_mut(&seq).map(|e| {
                     e.0 += 1;
                     e.1 = now + c.options.ack_wait;
@@ -368,10 +374,12 @@ impl Streams {
                 None => {
                     c.pending.remove(&seq);
                     c.held_back.remove(&seq);
+                    c.moved_in_hand.remove(&seq);
                 }
                 Some(delay) => {
+                    let moved = c.moved_in_hand.remove(&seq).unwrap_or_default();
                     if let Some(e) = c.pending.get_mut(&seq) {
-                        e.1 = Instant::now() + delay;
+                        e.1 = Instant::now() + delay.saturating_sub(moved);
                         c.held_back.insert(seq);
                     }
                 }
@@ -392,12 +400,19 @@ impl Streams {
             for stream in inner.streams.values_mut() {
                 for c in stream.consumers.values_mut() {
                     let Consumer {
-                        pending, held_back, ..
+                        pending,
+                        held_back,
+                        moved_in_hand,
+                        ..
                     } = c;
                     held_back.retain(|seq| pending.contains_key(seq));
-                    for seq in held_back.iter() {
-                        if let Some(e) = pending.get_mut(seq) {
+                    moved_in_hand.retain(|seq, _| pending.contains_key(seq));
+                    for (seq, e) in pending.iter_mut() {
+                        if held_back.contains(seq) {
                             e.1 = now + e.1.saturating_duration_since(now).saturating_sub(by);
+                        } else {
+                            let m = moved_in_hand.entry(*seq).or_default();
+                            *m = m.saturating_add(by);
                         }
                     }
                     wakes.push(Arc::clone(&c.wake));
