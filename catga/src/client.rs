@@ -110,6 +110,7 @@ impl Client {
             url,
             name: "catga-client".to_owned(),
             security: config.nats_security.clone(),
+            js_domain: config.streams.domain.clone(),
         })
         .await?;
         transport.first_connection(config.request_timeout).await?;

@@ -274,6 +274,18 @@ pub const SETTINGS: &[Setting] = &[
         read: Some(|c, n, v| set(&mut c.streams.saga_streams, small(n, v)?)),
     },
     Setting {
+        name: "CATGA_JS_PLACEMENT",
+        meaning: "where the streams catga creates are placed: `cluster=NAME`, `tags=A,B` or both separated by `;` (a stream that exists is not moved; see the operations guide, \"Streams\")",
+        default: "unset: the servers choose",
+        read: Some(|c, _, v| set(&mut c.streams.placement, Some(StreamPlacement::parse(v)?))),
+    },
+    Setting {
+        name: "CATGA_JS_DOMAIN",
+        meaning: "the JetStream domain catga uses (a replica behind a leaf node names the hub's)",
+        default: "unset: the server's own",
+        read: Some(|c, n, v| set(&mut c.streams.domain, Some(name_token(n, v)?))),
+    },
+    Setting {
         name: "CATGA_JS_MAX_AGE_MS",
         meaning: "how long a stream keeps events (dead letters: at least 30 days)",
         default: "604800000 (7 days)",
@@ -314,6 +326,12 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "version the replica reports in NATS micro discovery (`$SRV.INFO`)",
         default: "0.0.0",
         read: Some(|c, _, v| set(&mut c.service_version, v.to_owned())),
+    },
+    Setting {
+        name: "CATGA_REGION",
+        meaning: "the region this replica runs in: NATS micro discovery, `/ready` and the start-up log name it",
+        default: "unset",
+        read: Some(|c, n, v| set(&mut c.region, Some(name_token(n, v)?))),
     },
     Setting {
         name: "CATGA_SUBJECT_CONFLICT",
@@ -454,6 +472,9 @@ pub struct Config {
     pub http_addr: Option<String>,
     /// The version reported in NATS micro discovery.
     pub service_version: String,
+    /// The region this replica runs in (`CATGA_REGION`): discovery, `/ready`
+    /// and the start-up log name it.
+    pub region: Option<String>,
     /// Refuse to start (`true`) or only warn when another service serves
     /// one of this replica's command subjects.
     pub refuse_subject_conflicts: bool,
@@ -534,6 +555,69 @@ pub struct StreamSettings {
     /// Streams the partitions of each keyed saga spread over (at most
     /// one per partition): partition `p` is in stream `p % saga_streams`.
     pub saga_streams: u32,
+    /// Where the streams catga creates are placed (`CATGA_JS_PLACEMENT`):
+    /// a cluster and/or server tags; `None` leaves it to the servers.
+    pub placement: Option<StreamPlacement>,
+    /// The JetStream domain to reach (`CATGA_JS_DOMAIN`): a replica behind
+    /// a leaf node names the hub's domain.
+    pub domain: Option<String>,
+}
+
+/// Where JetStream places a stream: in a cluster, on servers with tags.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamPlacement {
+    /// The cluster's name.
+    pub cluster: Option<String>,
+    /// Tags every server holding the stream must have.
+    pub tags: Vec<String>,
+}
+
+impl StreamPlacement {
+    /// Reads `cluster=east`, `tags=ssd,az1`, or both separated by `;`.
+    pub fn parse(text: &str) -> Result<StreamPlacement> {
+        let mut p = StreamPlacement::default();
+        for part in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            match part.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+                Some(("cluster", v)) if !v.is_empty() && p.cluster.is_none() => {
+                    p.cluster = Some(v.to_owned())
+                }
+                Some(("tags", v)) if p.tags.is_empty() => {
+                    p.tags = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                }
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "CATGA_JS_PLACEMENT: `{part}` is not `cluster=NAME` or `tags=A,B` (each once, \
+                             separated by `;`)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if p.cluster.is_none() && p.tags.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "CATGA_JS_PLACEMENT: name a cluster (`cluster=NAME`) or tags (`tags=A,B`)",
+            ));
+        }
+        Ok(p)
+    }
+}
+
+impl std::fmt::Display for StreamPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.cluster, self.tags.is_empty()) {
+            (Some(c), true) => write!(f, "cluster={c}"),
+            (None, _) => write!(f, "tags={}", self.tags.join(",")),
+            (Some(c), false) => write!(f, "cluster={c};tags={}", self.tags.join(",")),
+        }
+    }
 }
 
 impl Default for StreamSettings {
@@ -544,6 +628,8 @@ impl Default for StreamSettings {
             max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
             saga_streams: 1,
+            placement: None,
+            domain: None,
         }
     }
 }
@@ -569,6 +655,7 @@ impl Default for Config {
             client_only: false,
             http_addr: None,
             service_version: "0.0.0".to_owned(),
+            region: None,
             refuse_subject_conflicts: true,
             redis_url: None,
             redis_mode: RedisMode::Server,
@@ -779,6 +866,22 @@ impl NatsSecurity {
 
 /// Stores a value read from the environment (keeps the table's rows on
 /// one line each).
+/// A name that is one subject token (`[A-Za-z0-9_-]+`).
+fn name_token(name: &str, v: &str) -> Result<String> {
+    let v = v.trim();
+    if !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(v.to_owned())
+    } else {
+        Err(Error::new(
+            ErrorKind::Config,
+            format!("{name}: `{v}` is not a name of letters, digits, `-` and `_`"),
+        ))
+    }
+}
+
 fn set<T>(field: &mut T, value: T) -> Result<()> {
     *field = value;
     Ok(())
@@ -933,6 +1036,9 @@ mod tests {
             "HOSTNAME",
             "CATGA_INSTANCE_ID",
             "CATGA_HTTP_ADDR",
+            "CATGA_REGION",
+            "CATGA_JS_PLACEMENT",
+            "CATGA_JS_DOMAIN",
         ];
         let base = Config::default();
         let mut checked = 0;
@@ -959,6 +1065,32 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 25, "{checked}");
+    }
+
+    #[test]
+    fn placements_read_a_cluster_and_tags() {
+        let p = StreamPlacement::parse("cluster=east; tags=ssd, az1").expect("valid");
+        assert_eq!(
+            p,
+            StreamPlacement {
+                cluster: Some("east".into()),
+                tags: vec!["ssd".into(), "az1".into()]
+            }
+        );
+        assert_eq!(p.to_string(), "cluster=east;tags=ssd,az1");
+        assert_eq!(
+            StreamPlacement::parse("tags=a").expect("valid").to_string(),
+            "tags=a"
+        );
+        for bad in ["", "east", "cluster=", "cluster=a;cluster=b", "zone=a", ";"] {
+            assert!(StreamPlacement::parse(bad).is_err(), "{bad:?}");
+        }
+        let c = Config::from_lookup(|n| (n == "CATGA_JS_PLACEMENT").then(|| "cluster=west".into()))
+            .expect("valid");
+        assert_eq!(
+            c.streams.placement.map(|p| p.to_string()).as_deref(),
+            Some("cluster=west")
+        );
     }
 
     #[test]

@@ -94,7 +94,7 @@ mod wire;
 
 pub use catga_macros::{command, event, job, saga};
 pub use client::{Client, Context};
-pub use config::{Config, NatsSecurity, RedisMode, RedisTls, Secret, StreamSettings};
+pub use config::{Config, NatsSecurity, RedisMode, RedisTls, Secret, StreamPlacement, StreamSettings};
 // The table of variables and the URL redaction serve catga's own tests of
 // the README and the deploy files: not API.
 /// The header types of [`MessageMeta::headers`] and [`headers`] (from

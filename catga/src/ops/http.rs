@@ -26,6 +26,8 @@ pub(crate) struct Ready {
     pub ready: bool,
     pub failing: Vec<String>,
     pub warnings: Vec<String>,
+    /// `CATGA_REGION`, said in the body.
+    pub region: Option<String>,
 }
 
 /// What the endpoint asks the runtime.
@@ -100,6 +102,9 @@ async fn ready(State(p): State<Probes>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let mut body = serde_json::json!({ "ready": r.ready, "failing": r.failing });
+    if let Some(region) = r.region {
+        body["region"] = region.into();
+    }
     if !r.warnings.is_empty() {
         body["warnings"] = r.warnings.into();
     }

@@ -175,6 +175,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Names the region this replica runs in (`CATGA_REGION`): NATS micro
+    /// discovery, `/ready` and the start-up log say it.
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.config.region = Some(region.into());
+        self
+    }
+
     /// Serves `/health`, `/ready` and `/metrics` on `addr` (port 0: a free
     /// one, see [`Runtime::http_addr`](super::Runtime::http_addr)).
     pub fn http_addr(mut self, addr: impl Into<String>) -> Self {
@@ -458,6 +465,7 @@ async fn connect_transport(
                 url: url.clone(),
                 name: format!("{}/{}", config.service, config.instance_id),
                 security: config.nats_security.clone(),
+                js_domain: config.streams.domain.clone(),
             })
             .await?;
             (nats.into(), "NATS", None)

@@ -35,13 +35,14 @@ fn base(shared: &Shared, kind: &str) -> serde_json::Map<String, Value> {
     m.insert("name".into(), json!(micro_name(&c.service)));
     m.insert("id".into(), json!(micro_name(&c.instance_id)));
     m.insert("version".into(), json!(c.service_version));
-    m.insert(
-        "metadata".into(),
-        json!({
-            "framework": "catga",
-            "leader": shared.leadership.token().is_some().to_string(),
-        }),
-    );
+    let mut metadata = json!({
+        "framework": "catga",
+        "leader": shared.leadership.token().is_some().to_string(),
+    });
+    if let Some(region) = &c.region {
+        metadata["region"] = json!(region);
+    }
+    m.insert("metadata".into(), metadata);
     m
 }
 

@@ -31,6 +31,7 @@ impl HttpEndpoint {
                     ready: r.ready,
                     failing: r.failing,
                     warnings: r.warnings,
+                    region: ready.config.region.clone(),
                 }
             }),
             refresh: Arc::new(move || {

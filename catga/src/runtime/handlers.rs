@@ -193,7 +193,11 @@ pub(crate) async fn spawn_served(served: Arc<Served>, shared: &Arc<Shared>) -> R
 }
 
 pub(crate) fn log_table(selected: &[&'static HandlerSpec], config: &Config) {
-    tracing::info!(count = selected.len(), "handler table");
+    tracing::info!(
+        count = selected.len(),
+        region = config.region.as_deref().unwrap_or("-"),
+        "handler table"
+    );
     for s in selected {
         let served = Served::new(s, config);
         tracing::info!(

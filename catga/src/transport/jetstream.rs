@@ -47,14 +47,101 @@ fn stream_config(
         num_replicas: settings.replicas,
         max_age,
         duplicate_window: settings.duplicate_window,
+        placement: settings.placement.as_ref().map(|p| stream::Placement {
+            cluster: p.cluster.clone(),
+            tags: p.tags.clone(),
+        }),
         ..Default::default()
     }
+}
+
+/// The metadata key under which catga records the settings it gave a
+/// stream, so that a later start tells whether anyone changed them since.
+const SETTINGS_KEY: &str = "catga.settings";
+
+/// What catga sets on a stream, as text (its record).
+fn settings_record(c: &stream::Config) -> String {
+    format!(
+        "subjects={};storage={:?};replicas={};max_age_ms={};duplicate_window_ms={};placement={}",
+        c.subjects.join(","),
+        c.storage,
+        c.num_replicas,
+        c.max_age.as_millis(),
+        c.duplicate_window.as_millis(),
+        placement_text(c.placement.as_ref())
+    )
+}
+
+fn placement_text(p: Option<&stream::Placement>) -> String {
+    match p {
+        None => "any".to_owned(),
+        Some(p) => format!(
+            "cluster={},tags={}",
+            p.cluster.as_deref().unwrap_or("any"),
+            p.tags.join("+")
+        ),
+    }
+}
+
+/// How the stream as it is differs from the stream catga would make, in
+/// words.
+fn differences(current: &stream::Config, wanted: &stream::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if current.subjects != wanted.subjects {
+        out.push(format!(
+            "subjects {} (catga: {})",
+            current.subjects.join(","),
+            wanted.subjects.join(",")
+        ));
+    }
+    if current.num_replicas != wanted.num_replicas {
+        out.push(format!(
+            "replicas {} (catga: {})",
+            current.num_replicas, wanted.num_replicas
+        ));
+    }
+    if current.max_age != wanted.max_age {
+        out.push(format!(
+            "max age {:?} (catga: {:?})",
+            current.max_age, wanted.max_age
+        ));
+    }
+    if current.duplicate_window != wanted.duplicate_window {
+        out.push(format!(
+            "duplicate window {:?} (catga: {:?})",
+            current.duplicate_window, wanted.duplicate_window
+        ));
+    }
+    if current.storage != wanted.storage {
+        out.push(format!(
+            "storage {:?} (catga: {:?})",
+            current.storage, wanted.storage
+        ));
+    }
+    if current.placement != wanted.placement {
+        out.push(format!(
+            "placement {} (catga: {})",
+            placement_text(current.placement.as_ref()),
+            placement_text(wanted.placement.as_ref())
+        ));
+    }
+    out
 }
 
 impl NatsTransport {
     /// Creates the stream of `subject`, or brings its settings in line.
     /// Every replica does this at start-up; it is idempotent.
     pub(crate) async fn ensure_stream(&self, subject: &str, settings: &StreamSettings) -> Result<()> {
+        // A stream an operator made for the subject under another name is
+        // used as it is (catga's would overlap it, which JetStream refuses).
+        if let Ok(holder) = self.jetstream().stream_by_subject(subject).await
+            && holder != stream_name(subject)
+        {
+            tracing::info!(%subject, stream = %holder, "the subject is stored by a stream catga did not make: used as it is");
+            self.learn_stream_of(subject, &holder);
+            self.remember_stream(subject, true);
+            return Ok(());
+        }
         self.ensure(stream_config(
             stream_name(subject),
             vec![subject.to_owned()],
@@ -154,22 +241,82 @@ impl NatsTransport {
         Ok(())
     }
 
-    async fn ensure(&self, config: stream::Config) -> Result<()> {
+    /// Creates a stream as `config` says, or brings one catga made in
+    /// line with it. A stream created or changed outside catga (its
+    /// settings no longer what catga recorded in its metadata, or, without
+    /// a record, with a placement, a mirror or sources) is used as it is:
+    /// what catga would change is logged. Only what catga sets is ever
+    /// changed (subjects, replicas, max age, duplicate window): an
+    /// operator's placement, sources or limits stay; an existing stream is
+    /// not moved to another placement, nor its storage changed.
+    async fn ensure(&self, mut config: stream::Config) -> Result<()> {
+        config
+            .metadata
+            .insert(SETTINGS_KEY.to_owned(), settings_record(&config));
         let js = self.jetstream();
         match js.get_stream(&config.name).await {
             Ok(mut existing) => {
                 let info = existing.info().await.map_err(|e| js_error("stream info", e))?;
                 let current = &info.config;
-                if current.max_age != config.max_age
-                    || current.duplicate_window != config.duplicate_window
-                    || current.num_replicas != config.num_replicas
-                    || current.subjects != config.subjects
-                {
-                    js.update_stream(&config)
-                        .await
-                        .map_err(|e| js_error("stream update", e))?;
-                    tracing::info!(stream = %config.name, "stream settings updated");
+                let differs = differences(current, &config);
+                let recorded = current.metadata.get(SETTINGS_KEY);
+                if differs.is_empty() {
+                    // A stream of an earlier release, as catga would make
+                    // it: recorded now, so that a later change by an
+                    // operator is told from catga's.
+                    if recorded.is_none() {
+                        let mut updated = current.clone();
+                        updated
+                            .metadata
+                            .insert(SETTINGS_KEY.to_owned(), settings_record(current));
+                        js.update_stream(&updated)
+                            .await
+                            .map_err(|e| js_error("stream update", e))?;
+                    }
+                    return Ok(());
                 }
+                let catgas = match recorded {
+                    Some(recorded) => *recorded == settings_record(current),
+                    // Streams of earlier releases (and of servers before
+                    // 2.10, which keep no metadata) have no record: taken
+                    // for catga's unless they carry what catga never sets.
+                    None => {
+                        current.placement.is_none()
+                            && current.mirror.is_none()
+                            && current.sources.as_ref().is_none_or(Vec::is_empty)
+                    }
+                };
+                if !catgas {
+                    tracing::warn!(
+                        stream = %config.name,
+                        differences = %differs.join("; "),
+                        "the stream was created or changed outside catga: used as it is; catga would change it"
+                    );
+                    return Ok(());
+                }
+                let mut updated = current.clone();
+                updated.subjects = config.subjects.clone();
+                updated.num_replicas = config.num_replicas;
+                updated.max_age = config.max_age;
+                updated.duplicate_window = config.duplicate_window;
+                if updated.placement != config.placement || updated.storage != config.storage {
+                    tracing::warn!(
+                        stream = %config.name,
+                        differences = %differs.join("; "),
+                        "the stream's placement or storage differs from catga's settings: an existing stream is \
+                         not moved (`nats stream edit`, or recreate it)"
+                    );
+                }
+                updated
+                    .metadata
+                    .insert(SETTINGS_KEY.to_owned(), settings_record(&updated));
+                if settings_record(&updated) == settings_record(current) {
+                    return Ok(());
+                }
+                js.update_stream(&updated)
+                    .await
+                    .map_err(|e| js_error("stream update", e))?;
+                tracing::info!(stream = %config.name, changes = %differs.join("; "), "stream settings updated");
                 Ok(())
             }
             Err(_) => match js.create_stream(config.clone()).await {
@@ -196,10 +343,21 @@ impl NatsTransport {
         options: &DurableOptions,
     ) -> Result<JsSubscription> {
         let js = self.jetstream();
-        let stream = js
+        let stream = match js
             .get_stream(stream_name(options.stream.as_deref().unwrap_or(subject)))
             .await
-            .map_err(|e| js_error("stream lookup", e))?;
+        {
+            Ok(s) => s,
+            // Stored by a stream of another name (an operator's).
+            Err(e) if options.stream.is_none() => match js.stream_by_subject(subject).await {
+                Ok(holder) => js
+                    .get_stream(holder)
+                    .await
+                    .map_err(|e| js_error("stream lookup", e))?,
+                Err(_) => return Err(js_error("stream lookup", e)),
+            },
+            Err(e) => return Err(js_error("stream lookup", e)),
+        };
         let config = consumer::pull::Config {
             durable_name: Some(durable.to_owned()),
             filter_subject: subject.to_owned(),

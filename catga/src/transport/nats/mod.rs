@@ -51,6 +51,8 @@ pub(crate) struct NatsConnect {
     pub name: String,
     /// Credentials and TLS beyond the URL.
     pub security: crate::config::NatsSecurity,
+    /// The JetStream domain to use (`CATGA_JS_DOMAIN`).
+    pub js_domain: Option<String>,
 }
 
 /// Messages async-nats buffers per subscription before it drops. catga
@@ -308,7 +310,10 @@ impl NatsTransport {
         match &*cached {
             Some((seen, js)) if *seen == id => js.clone(),
             _ => {
-                let js = async_nats::jetstream::new((*client).clone());
+                let js = match &self.inner.how.js_domain {
+                    Some(domain) => async_nats::jetstream::with_domain((*client).clone(), domain),
+                    None => async_nats::jetstream::new((*client).clone()),
+                };
                 *cached = Some((id, js.clone()));
                 js
             }

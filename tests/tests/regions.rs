@@ -1,0 +1,269 @@
+//! Toward regions: the streams catga creates are placed where
+//! `CATGA_JS_PLACEMENT` says; a stream an operator created or changed is
+//! used as it is, not rewritten, while one catga made is brought in line
+//! (keeping what an operator added); a replica behind a leaf node reaches
+//! the hub's JetStream through `CATGA_JS_DOMAIN`; the region is named in
+//! discovery and `/ready`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use catga::{Result, Runtime, StreamPlacement, StreamSettings, event};
+use catga_tests::{NatsServer, until};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Paid (its stream placed, then changed by an operator).
+#[event(subject = "regions.paid")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Paid;
+
+/// Shipped (its stream catga's, with an operator's limit added).
+#[event(subject = "regions.shipped")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Shipped;
+
+/// Refunded (its stream made by an operator before catga started).
+#[event(subject = "regions.refunded")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Refunded;
+
+#[event(durable = "regions-paid")]
+async fn on_paid(_p: Paid) -> Result<()> {
+    Ok(())
+}
+
+#[event(durable = "regions-shipped")]
+async fn on_shipped(_s: Shipped) -> Result<()> {
+    Ok(())
+}
+
+#[event(durable = "regions-refunded")]
+async fn on_refunded(_r: Refunded) -> Result<()> {
+    Ok(())
+}
+
+/// Billed behind a leaf node.
+#[event(subject = "regions.billed")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Billed {
+    /// Which one.
+    pub n: u64,
+}
+
+static BILLED: AtomicU64 = AtomicU64::new(0);
+
+#[event(durable = "regions-billed")]
+async fn on_billed(b: Billed) -> Result<()> {
+    BILLED.fetch_add(b.n, Ordering::SeqCst);
+    Ok(())
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn settings(max_age: Duration, placement: Option<&str>) -> StreamSettings {
+    StreamSettings {
+        max_age,
+        placement: placement.map(|p| StreamPlacement::parse(p).expect("placement")),
+        ..StreamSettings::default()
+    }
+}
+
+async fn replica(
+    server: &NatsServer,
+    id: &str,
+    streams: StreamSettings,
+    names: &'static [&'static str],
+) -> Runtime {
+    let rt = Runtime::builder()
+        .nats_url(server.url())
+        .service("regions")
+        .instance_id(id)
+        .streams(streams)
+        .handlers(move |s| names.contains(&s.name()))
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
+    rt
+}
+
+async fn stream_of(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+) -> async_nats::jetstream::stream::Config {
+    let name = js
+        .stream_by_subject(subject)
+        .await
+        .expect("a stream stores the subject");
+    let mut stream = js.get_stream(&name).await.expect("stream");
+    stream.info().await.expect("info").config.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_placed_and_an_operators_changes_are_kept() {
+    let server = NatsServer::start_with("server_tags: [\"ssd\", \"az:1\"]\n");
+    let plain = async_nats::connect(server.url()).await.expect("plain client");
+    let js = async_nats::jetstream::new(plain);
+    // An operator's stream, made before catga's first start: placed, an
+    // hour of events.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "OPS_REFUNDED".into(),
+        subjects: vec!["regions.refunded".into()],
+        max_age: Duration::from_secs(3600),
+        placement: Some(async_nats::jetstream::stream::Placement {
+            cluster: None,
+            tags: vec!["az:1".into()],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("the operator's stream");
+
+    let names: &[&str] = &["regions::on_paid", "regions::on_shipped", "regions::on_refunded"];
+    let first = replica(&server, "r1", settings(7 * DAY, Some("tags=ssd")), names).await;
+    let paid = stream_of(&js, "regions.paid").await;
+    assert_eq!(
+        paid.placement.as_ref().map(|p| p.tags.clone()),
+        Some(vec!["ssd".to_owned()])
+    );
+    assert!(
+        paid.metadata.contains_key("catga.settings"),
+        "{:?}",
+        paid.metadata
+    );
+    let refunded = stream_of(&js, "regions.refunded").await;
+    assert_eq!(refunded.name, "OPS_REFUNDED");
+    assert_eq!(
+        refunded.max_age,
+        Duration::from_secs(3600),
+        "the operator's stream is used as it is"
+    );
+    first.shutdown().await.expect("shutdown");
+
+    // The operator shortens one of catga's streams and adds a limit to
+    // another.
+    js.update_stream(async_nats::jetstream::stream::Config {
+        max_age: Duration::from_secs(3600),
+        ..paid.clone()
+    })
+    .await
+    .expect("operator's change");
+    let shipped = stream_of(&js, "regions.shipped").await;
+    js.update_stream(async_nats::jetstream::stream::Config {
+        max_messages: 1000,
+        ..shipped
+    })
+    .await
+    .expect("operator's limit");
+
+    // The replicas come back with two days of events.
+    let second = replica(&server, "r2", settings(2 * DAY, Some("tags=ssd")), names).await;
+    let paid = stream_of(&js, "regions.paid").await;
+    assert_eq!(
+        paid.max_age,
+        Duration::from_secs(3600),
+        "the operator's change is kept"
+    );
+    let shipped = stream_of(&js, "regions.shipped").await;
+    assert_eq!(
+        shipped.max_age,
+        2 * DAY,
+        "catga's own stream follows its settings"
+    );
+    assert_eq!(shipped.max_messages, 1000, "and keeps what the operator added");
+    let refunded = stream_of(&js, "regions.refunded").await;
+    assert_eq!(
+        (refunded.max_age, refunded.placement.map(|p| p.tags)),
+        (Duration::from_secs(3600), Some(vec!["az:1".to_owned()]))
+    );
+    // Events still flow through every one of them.
+    let client = second.client();
+    client.publish_durable(Paid).await.expect("paid");
+    client.publish_durable(Refunded).await.expect("refunded");
+    second.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_a_leaf_node_serves_durable_events_from_the_hubs_jetstream() {
+    let leaf_port = catga_tests::servers::free_port();
+    let hub = NatsServer::start_with(&format!(
+        "jetstream {{ domain: hub }}\nleafnodes {{ port: {leaf_port} }}\n"
+    ));
+    let leaf = NatsServer::start_with(&format!(
+        "jetstream {{ domain: leaf }}\nleafnodes {{ remotes: [ {{ url: \"nats://127.0.0.1:{leaf_port}\" }} ] }}\n"
+    ));
+    let streams = StreamSettings {
+        domain: Some("hub".into()),
+        ..StreamSettings::default()
+    };
+    let rt = Runtime::builder()
+        .nats_url(leaf.url())
+        .service("regions-leaf")
+        .streams(streams.clone())
+        .handlers(|s| s.name() == "regions::on_billed")
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(30)).await;
+    let mut config = catga::Config::default();
+    config.nats_url = Some(leaf.url());
+    config.streams = streams;
+    let client = catga::Client::connect_with(&config)
+        .await
+        .expect("client on the leaf");
+    for n in 1..=20 {
+        client.publish_durable(Billed { n }).await.expect("published");
+    }
+    until("every billed event handled", Duration::from_secs(20), || {
+        BILLED.load(Ordering::SeqCst) >= 210
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(BILLED.load(Ordering::SeqCst), 210, "1 + ... + 20, each once");
+    // The stream lives in the hub's domain, not in the leaf's own.
+    let at_hub = async_nats::jetstream::new(async_nats::connect(hub.url()).await.expect("hub client"));
+    assert!(at_hub.stream_by_subject("regions.billed").await.is_ok());
+    let at_leaf = async_nats::jetstream::new(async_nats::connect(leaf.url()).await.expect("leaf client"));
+    assert!(
+        at_leaf.stream_by_subject("regions.billed").await.is_err(),
+        "the leaf's own JetStream has no such stream"
+    );
+    rt.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_region_is_named_in_discovery_and_ready() {
+    let server = NatsServer::start();
+    let rt = Runtime::builder()
+        .nats_url(server.url())
+        .service("regions-named")
+        .region("eu-west")
+        .http_addr("127.0.0.1:0")
+        .handlers(|s| s.name() == "regions::on_paid")
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
+    let addr = rt.http_addr().expect("endpoint");
+    let (status, body) = catga_tests::http::get(addr, "/ready");
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["region"], "eu-west", "{body}");
+    let plain = async_nats::connect(server.url()).await.expect("plain");
+    let inbox = plain.new_inbox();
+    let mut sub = plain.subscribe(inbox.clone()).await.expect("sub");
+    plain
+        .publish_with_reply("$SRV.INFO.regions-named", inbox, "".into())
+        .await
+        .expect("ask");
+    let m = tokio::time::timeout(Duration::from_secs(2), sub.next())
+        .await
+        .expect("an answer")
+        .expect("message");
+    let info: Value = serde_json::from_slice(&m.payload).expect("JSON");
+    assert_eq!(info["metadata"]["region"], "eu-west", "{info}");
+    assert!(catga::Config::from_lookup(|k| (k == "CATGA_REGION").then(|| "eu west".into())).is_err());
+    rt.shutdown().await.expect("shutdown");
+}
