@@ -864,8 +864,6 @@ impl NatsSecurity {
     }
 }
 
-/// Stores a value read from the environment (keeps the table's rows on
-/// one line each).
 /// A name that is one subject token (`[A-Za-z0-9_-]+`).
 fn name_token(name: &str, v: &str) -> Result<String> {
     let v = v.trim();
@@ -882,6 +880,8 @@ fn name_token(name: &str, v: &str) -> Result<String> {
     }
 }
 
+/// Stores a value read from the environment (keeps the table's rows on
+/// one line each).
 fn set<T>(field: &mut T, value: T) -> Result<()> {
     *field = value;
     Ok(())

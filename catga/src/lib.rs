@@ -116,8 +116,8 @@ pub use runtime::{DelayedInfo, JobInfo, Readiness, Runtime, RuntimeBuilder, init
 pub use saga::{Saga, SagaInfo, SagaOutcome, SagaStatus, SagaStepInfo, Step};
 pub use state::Save;
 pub use store::{State, Versioned};
-pub use transport::DEFAULT_MAX_PAYLOAD;
 pub use transport::memory::MemoryBus;
+pub use transport::{DEFAULT_MAX_PAYLOAD, stream_name};
 pub use wire::deadline::Deadline;
 pub use wire::trace::TraceParent;
 pub use wire::{MessageMeta, headers, new_message_id};

@@ -1,9 +1,11 @@
 //! Toward regions: the streams catga creates are placed where
 //! `CATGA_JS_PLACEMENT` says; a stream an operator created or changed is
 //! used as it is, not rewritten, while one catga made is brought in line
-//! (keeping what an operator added); a replica behind a leaf node reaches
+//! (keeping what an operator added beside catga's settings); a stream of
+//! another name storing a subject keeps its handler from binding; a
+//! replica behind a leaf node reaches
 //! the hub's JetStream through `CATGA_JS_DOMAIN`; the region is named in
-//! discovery and `/ready`.
+//! discovery, `/ready` and the metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -41,6 +43,16 @@ async fn on_shipped(_s: Shipped) -> Result<()> {
 
 #[event(durable = "regions-refunded")]
 async fn on_refunded(_r: Refunded) -> Result<()> {
+    Ok(())
+}
+
+/// Voided (its subject stored by an operator's stream of another name).
+#[event(subject = "regions.voided")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Voided;
+
+#[event(durable = "regions-voided")]
+async fn on_voided(_v: Voided) -> Result<()> {
     Ok(())
 }
 
@@ -106,10 +118,10 @@ async fn streams_are_placed_and_an_operators_changes_are_kept() {
     let server = NatsServer::start_with("server_tags: [\"ssd\", \"az:1\"]\n");
     let plain = async_nats::connect(server.url()).await.expect("plain client");
     let js = async_nats::jetstream::new(plain);
-    // An operator's stream, made before catga's first start: placed, an
-    // hour of events.
+    // An operator's stream, made before catga's first start under the
+    // name catga gives it: placed, an hour of events.
     js.create_stream(async_nats::jetstream::stream::Config {
-        name: "OPS_REFUNDED".into(),
+        name: catga::stream_name("regions.refunded"),
         subjects: vec!["regions.refunded".into()],
         max_age: Duration::from_secs(3600),
         placement: Some(async_nats::jetstream::stream::Placement {
@@ -134,7 +146,7 @@ async fn streams_are_placed_and_an_operators_changes_are_kept() {
         paid.metadata
     );
     let refunded = stream_of(&js, "regions.refunded").await;
-    assert_eq!(refunded.name, "OPS_REFUNDED");
+    assert_eq!(refunded.name, catga::stream_name("regions.refunded"));
     assert_eq!(
         refunded.max_age,
         Duration::from_secs(3600),
@@ -142,8 +154,8 @@ async fn streams_are_placed_and_an_operators_changes_are_kept() {
     );
     first.shutdown().await.expect("shutdown");
 
-    // The operator shortens one of catga's streams and adds a limit to
-    // another.
+    // The operator shortens one of catga's streams and describes another
+    // (a field catga does not set).
     js.update_stream(async_nats::jetstream::stream::Config {
         max_age: Duration::from_secs(3600),
         ..paid.clone()
@@ -152,11 +164,11 @@ async fn streams_are_placed_and_an_operators_changes_are_kept() {
     .expect("operator's change");
     let shipped = stream_of(&js, "regions.shipped").await;
     js.update_stream(async_nats::jetstream::stream::Config {
-        max_messages: 1000,
+        description: Some("billing's".into()),
         ..shipped
     })
     .await
-    .expect("operator's limit");
+    .expect("operator's description");
 
     // The replicas come back with two days of events.
     let second = replica(&server, "r2", settings(2 * DAY, Some("tags=ssd")), names).await;
@@ -172,7 +184,11 @@ async fn streams_are_placed_and_an_operators_changes_are_kept() {
         2 * DAY,
         "catga's own stream follows its settings"
     );
-    assert_eq!(shipped.max_messages, 1000, "and keeps what the operator added");
+    assert_eq!(
+        shipped.description.as_deref(),
+        Some("billing's"),
+        "and keeps what the operator added"
+    );
     let refunded = stream_of(&js, "regions.refunded").await;
     assert_eq!(
         (refunded.max_age, refunded.placement.map(|p| p.tags)),
@@ -183,6 +199,39 @@ async fn streams_are_placed_and_an_operators_changes_are_kept() {
     client.publish_durable(Paid).await.expect("paid");
     client.publish_durable(Refunded).await.expect("refunded");
     second.shutdown().await.expect("shutdown");
+
+    // A third start with the same settings changes nothing more.
+    let third = replica(&server, "r3", settings(2 * DAY, Some("tags=ssd")), names).await;
+    assert_eq!(
+        stream_of(&js, "regions.paid").await.max_age,
+        Duration::from_secs(3600)
+    );
+    let shipped = stream_of(&js, "regions.shipped").await;
+    assert_eq!(shipped.max_age, 2 * DAY);
+    third.shutdown().await.expect("shutdown");
+
+    // A subject an operator's stream of another name stores: the handler
+    // does not bind (the log names both streams), rather than publish
+    // into a stream catga did not make.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "OPS_VOIDS".into(),
+        subjects: vec!["regions.voided".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("the operator's stream");
+    let refused = Runtime::builder()
+        .nats_url(server.url())
+        .service("regions")
+        .handlers(|s| s.name() == "regions::on_voided")
+        .start()
+        .await
+        .expect("starts");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = refused.readiness();
+    assert!(!r.ready, "{r:?}");
+    assert!(r.failing.iter().any(|f| f.contains("subscriptions")), "{r:?}");
+    refused.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,6 +300,16 @@ async fn the_region_is_named_in_discovery_and_ready() {
     assert_eq!(status, 200, "{body}");
     let body: Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(body["region"], "eu-west", "{body}");
+    let (status, metrics) = catga_tests::http::get(addr, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    let info = metrics
+        .lines()
+        .find(|l| l.starts_with("catga_replica_info{") && l.contains("service=\"regions-named\""))
+        .unwrap_or_else(|| panic!("no catga_replica_info: {metrics}"));
+    assert!(
+        info.contains("region=\"eu-west\"") && info.ends_with(" 1"),
+        "{info}"
+    );
     let plain = async_nats::connect(server.url()).await.expect("plain");
     let inbox = plain.new_inbox();
     let mut sub = plain.subscribe(inbox.clone()).await.expect("sub");

@@ -23,6 +23,7 @@
 //! | `catga_slow_consumer_drops_total` | counter | |
 //! | `catga_outbox_backlog` | gauge | |
 //! | `catga_delayed_pending` | gauge | |
+//! | `catga_replica_info` (always 1) | gauge | service, version, region |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -119,6 +120,10 @@ fn describe() {
         "1 while the handler's circuit breaker is open"
     );
     describe_gauge!("catga_ready", "1 while the replica is ready");
+    describe_gauge!(
+        "catga_replica_info",
+        "Always 1: the replica's service, version and region (CATGA_REGION) as labels"
+    );
     describe_gauge!("catga_broker_connected", "1 while the broker connection is up");
     describe_gauge!("catga_store_up", "1 while the state store answers");
     describe_counter!(
@@ -260,6 +265,18 @@ impl HandlerMetrics {
     pub(crate) fn breaker(&self, open: bool) {
         self.breaker_open.set(if open { 1.0 } else { 0.0 });
     }
+}
+
+/// The replica's identity as labels of a gauge at 1 (Prometheus' "info"
+/// pattern), so that dashboards can group by region.
+pub(crate) fn info(service: &str, version: &str, region: Option<&str>) {
+    gauge!(
+        "catga_replica_info",
+        "service" => service.to_owned(),
+        "version" => version.to_owned(),
+        "region" => region.unwrap_or("").to_owned()
+    )
+    .set(1.0);
 }
 
 /// Sets the replica-wide gauges, before a scrape.

@@ -52,6 +52,8 @@ impl HttpEndpoint {
                         backlog,
                         delayed,
                     );
+                    let c = &shared.config;
+                    crate::ops::metrics::info(&c.service, &c.service_version, c.region.as_deref());
                 })
             }),
         };

@@ -44,9 +44,17 @@ fn stream_config(
         } else {
             stream::StorageType::File
         },
-        num_replicas: settings.replicas,
+        // As the server stores them, so that the record catga keeps of a
+        // stream matches the stream it then reads back: at least one
+        // replica; a duplicate window of 0 is two minutes, and none is
+        // longer than the age limit.
+        num_replicas: settings.replicas.max(1),
         max_age,
-        duplicate_window: settings.duplicate_window,
+        duplicate_window: match settings.duplicate_window {
+            Duration::ZERO => Duration::from_secs(120),
+            w if !max_age.is_zero() => w.min(max_age),
+            w => w,
+        },
         placement: settings.placement.as_ref().map(|p| stream::Placement {
             cluster: p.cluster.clone(),
             tags: p.tags.clone(),
@@ -62,14 +70,21 @@ const SETTINGS_KEY: &str = "catga.settings";
 /// What catga sets on a stream, as text (its record).
 fn settings_record(c: &stream::Config) -> String {
     format!(
-        "subjects={};storage={:?};replicas={};max_age_ms={};duplicate_window_ms={};placement={}",
+        "subjects={};storage={:?};replicas={};max_age_ms={};max_msgs={};duplicate_window_ms={};placement={}",
         c.subjects.join(","),
         c.storage,
         c.num_replicas,
         c.max_age.as_millis(),
+        max_messages(c),
         c.duplicate_window.as_millis(),
         placement_text(c.placement.as_ref())
     )
+}
+
+/// A stream's message limit as the server keeps it: none is -1 (a
+/// request may say 0).
+fn max_messages(c: &stream::Config) -> i64 {
+    if c.max_messages <= 0 { -1 } else { c.max_messages }
 }
 
 fn placement_text(p: Option<&stream::Placement>) -> String {
@@ -106,6 +121,13 @@ fn differences(current: &stream::Config, wanted: &stream::Config) -> Vec<String>
             current.max_age, wanted.max_age
         ));
     }
+    if max_messages(current) != max_messages(wanted) {
+        out.push(format!(
+            "max messages {} (catga: {})",
+            max_messages(current),
+            max_messages(wanted)
+        ));
+    }
     if current.duplicate_window != wanted.duplicate_window {
         out.push(format!(
             "duplicate window {:?} (catga: {:?})",
@@ -132,16 +154,6 @@ impl NatsTransport {
     /// Creates the stream of `subject`, or brings its settings in line.
     /// Every replica does this at start-up; it is idempotent.
     pub(crate) async fn ensure_stream(&self, subject: &str, settings: &StreamSettings) -> Result<()> {
-        // A stream an operator made for the subject under another name is
-        // used as it is (catga's would overlap it, which JetStream refuses).
-        if let Ok(holder) = self.jetstream().stream_by_subject(subject).await
-            && holder != stream_name(subject)
-        {
-            tracing::info!(%subject, stream = %holder, "the subject is stored by a stream catga did not make: used as it is");
-            self.learn_stream_of(subject, &holder);
-            self.remember_stream(subject, true);
-            return Ok(());
-        }
         self.ensure(stream_config(
             stream_name(subject),
             vec![subject.to_owned()],
@@ -208,7 +220,7 @@ impl NatsTransport {
     async fn other_layout(&self, subject: &str, name: &str) -> Option<Error> {
         let subject = subject.replace('*', "0");
         let holder = self.jetstream().stream_by_subject(subject.clone()).await.ok()?;
-        (holder != name).then(|| {
+        (holder != name && holder.starts_with("CATGA_")).then(|| {
             Error::new(
                 ErrorKind::Config,
                 format!(
@@ -260,11 +272,24 @@ impl NatsTransport {
                 let current = &info.config;
                 let differs = differences(current, &config);
                 let recorded = current.metadata.get(SETTINGS_KEY);
+                // What catga never sets: a mirror, sources, or a placement
+                // other than its own setting's.
+                let foreign = current.mirror.is_some()
+                    || current.sources.as_ref().is_some_and(|s| !s.is_empty())
+                    || (current.placement.is_some() && current.placement != config.placement);
+                let catgas = match recorded {
+                    Some(recorded) => *recorded == settings_record(current),
+                    // Streams of earlier releases (and of servers before
+                    // 2.10, which keep no metadata) have no record: taken
+                    // for catga's unless they carry what catga never sets.
+                    None => !foreign,
+                };
                 if differs.is_empty() {
                     // A stream of an earlier release, as catga would make
                     // it: recorded now, so that a later change by an
-                    // operator is told from catga's.
-                    if recorded.is_none() {
+                    // operator is told from catga's (on a server that
+                    // keeps metadata).
+                    if recorded.is_none() && catgas && self.keeps_metadata() {
                         let mut updated = current.clone();
                         updated
                             .metadata
@@ -275,17 +300,6 @@ impl NatsTransport {
                     }
                     return Ok(());
                 }
-                let catgas = match recorded {
-                    Some(recorded) => *recorded == settings_record(current),
-                    // Streams of earlier releases (and of servers before
-                    // 2.10, which keep no metadata) have no record: taken
-                    // for catga's unless they carry what catga never sets.
-                    None => {
-                        current.placement.is_none()
-                            && current.mirror.is_none()
-                            && current.sources.as_ref().is_none_or(Vec::is_empty)
-                    }
-                };
                 if !catgas {
                     tracing::warn!(
                         stream = %config.name,
@@ -298,6 +312,7 @@ impl NatsTransport {
                 updated.subjects = config.subjects.clone();
                 updated.num_replicas = config.num_replicas;
                 updated.max_age = config.max_age;
+                updated.max_messages = config.max_messages;
                 updated.duplicate_window = config.duplicate_window;
                 if updated.placement != config.placement || updated.storage != config.storage {
                     tracing::warn!(
@@ -329,9 +344,43 @@ impl NatsTransport {
                     tracing::debug!(error = %e, "stream created by another replica");
                     Ok(())
                 }
-                Err(e) => Err(js_error("stream create", e)),
+                Err(e) => Err(self
+                    .stored_elsewhere(&config)
+                    .await
+                    .unwrap_or_else(|| js_error("stream create", e))),
             },
         }
+    }
+
+    /// Why a stream could not be made, if a stream catga did not make
+    /// already stores its subject: catga keeps its subjects in streams of
+    /// its own names (a partition layout of its own is told by
+    /// `other_layout`).
+    async fn stored_elsewhere(&self, config: &stream::Config) -> Option<Error> {
+        let subject = config.subjects.first()?.replace('*', "0");
+        let holder = self.jetstream().stream_by_subject(subject.clone()).await.ok()?;
+        (holder != config.name && !holder.starts_with("CATGA_")).then(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the subject `{subject}` is stored by stream {holder}, which catga did not make: catga \
+                     keeps it in a stream of its own, {}; take the subject out of {holder}, or give that \
+                     stream this name (see the operations guide, \"Streams\")",
+                    config.name
+                ),
+            )
+        })
+    }
+
+    /// Whether the server keeps stream metadata (2.10 and later).
+    fn keeps_metadata(&self) -> bool {
+        let version = self.server_version().unwrap_or_default();
+        let mut parts = version
+            .trim_start_matches('v')
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (major, minor) >= (2, 10)
     }
 
     /// Binds the durable consumer `durable` on `subject` (creating or
@@ -343,21 +392,10 @@ impl NatsTransport {
         options: &DurableOptions,
     ) -> Result<JsSubscription> {
         let js = self.jetstream();
-        let stream = match js
+        let stream = js
             .get_stream(stream_name(options.stream.as_deref().unwrap_or(subject)))
             .await
-        {
-            Ok(s) => s,
-            // Stored by a stream of another name (an operator's).
-            Err(e) if options.stream.is_none() => match js.stream_by_subject(subject).await {
-                Ok(holder) => js
-                    .get_stream(holder)
-                    .await
-                    .map_err(|e| js_error("stream lookup", e))?,
-                Err(_) => return Err(js_error("stream lookup", e)),
-            },
-            Err(e) => return Err(js_error("stream lookup", e)),
-        };
+            .map_err(|e| js_error("stream lookup", e))?;
         let config = consumer::pull::Config {
             durable_name: Some(durable.to_owned()),
             filter_subject: subject.to_owned(),

@@ -108,8 +108,9 @@ pub(crate) struct Outstanding {
 
 /// The JetStream stream that keeps `subject`: `CATGA_` plus the subject
 /// with its dots as underscores, plus a short hash of the exact subject
-/// (so that `a.b_c` and `a_b.c` get different streams).
-pub(crate) fn stream_name(subject: &str) -> String {
+/// (so that `a.b_c` and `a_b.c` get different streams). An operator who
+/// makes a stream before catga does gives it this name.
+pub fn stream_name(subject: &str) -> String {
     let readable = subject_token(subject);
     // FNV-1a: stable across builds and platforms.
     let mut h: u32 = 0x811c_9dc5;
