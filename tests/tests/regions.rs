@@ -5,12 +5,18 @@
 //! another name storing a subject keeps its handler from binding; a
 //! replica behind a leaf node reaches
 //! the hub's JetStream through `CATGA_JS_DOMAIN`; the region is named in
-//! discovery, `/ready` and the metrics.
+//! discovery, `/ready` and the metrics. And two regions (two NATS clusters
+//! joined by gateways, replica processes in each): a region's requests
+//! are answered by its own replicas; when they are SIGKILLed under load
+//! the other region answers, nothing lost after one retry; when they come
+//! back they take their region's requests again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use catga::{Result, Runtime, StreamPlacement, StreamSettings, event};
+use catga_tests::messages::region::Where;
+use catga_tests::process::{Replica, logs};
 use catga_tests::{NatsServer, until};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -325,4 +331,180 @@ async fn the_region_is_named_in_discovery_and_ready() {
     assert_eq!(info["metadata"]["region"], "eu-west", "{info}");
     assert!(catga::Config::from_lookup(|k| (k == "CATGA_REGION").then(|| "eu west".into())).is_err());
     rt.shutdown().await.expect("shutdown");
+}
+
+fn region_replica(nats: &str, region: &str, name: &str, dir: &std::path::Path) -> Replica {
+    let env = [
+        ("NATS_URL", nats),
+        ("CATGA_SERVICE", "where"),
+        ("CATGA_REGION", region),
+        ("RUST_LOG", "info"),
+    ];
+    Replica::spawn(env!("CARGO_BIN_EXE_region_replica"), &env, name, dir)
+}
+
+async fn wait_ready(replicas: &[&Replica]) {
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    while !replicas
+        .iter()
+        .all(|r| r.log().contains("ready: every subscription"))
+    {
+        assert!(
+            std::time::Instant::now() < limit,
+            "replicas not ready:\n{}",
+            replicas
+                .iter()
+                .map(|r| format!("--- {}\n{}", r.name, r.log()))
+                .collect::<String>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends `Where` requests, 8 at a time, until `stop`; each is retried once
+/// if its first try fails. Returns, per request, who answered and how many
+/// tries it took (a request answered by nobody after two tries is `None`).
+async fn ask_until(
+    client: catga::Client,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(Option<String>, u32, std::time::Instant)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for lane in 0..8u64 {
+        let (client, stop) = (client.clone(), std::sync::Arc::clone(&stop));
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            let mut n = lane;
+            while !stop.load(Ordering::Relaxed) {
+                n += 8;
+                let mut answered = None;
+                let mut tries = 0;
+                while answered.is_none() && tries < 2 {
+                    tries += 1;
+                    answered = client.send(Where { n }).await.ok();
+                }
+                out.push((answered, tries, std::time::Instant::now()));
+            }
+            out
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done.expect("lane"));
+    }
+    all
+}
+
+fn from_region(answers: &[(Option<String>, u32, std::time::Instant)], region: char) -> usize {
+    answers
+        .iter()
+        .filter(|(who, _, _)| who.as_deref().is_some_and(|w| w.starts_with(region)))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_answer_locally_and_fail_over_when_one_loses_its_replicas() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let free = catga_tests::servers::free_port;
+    let (ga, gb, ra, rb) = (free(), free(), free(), free());
+    // One server per region. JetStream (which the harness turns on) over
+    // gateways wants a cluster with a route: a route to itself does.
+    let region = |name: &str, route: u16, port: u16, other: &str, other_port: u16| {
+        format!(
+            "server_name: {name}\ncluster {{ name: {name}, port: {route}, routes: [\"nats://127.0.0.1:{route}\"] }}\n\
+             gateway {{ name: {name}, port: {port}, gateways: [ {{ name: {other}, url: \
+             \"nats://127.0.0.1:{other_port}\" }} ] }}\n"
+        )
+    };
+    // Started side by side: each may wait for the other.
+    let (config_a, config_b) = (region("A", ra, ga, "B", gb), region("B", rb, gb, "A", ga));
+    let starting_a = std::thread::spawn(move || NatsServer::start_with(&config_a));
+    let b = NatsServer::start_with(&config_b);
+    let a = starting_a.join().expect("server A");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut replicas = vec![
+        region_replica(&a.url(), "a", "a1", dir.path()),
+        region_replica(&a.url(), "a", "a2", dir.path()),
+        region_replica(&b.url(), "b", "b1", dir.path()),
+        region_replica(&b.url(), "b", "b2", dir.path()),
+    ];
+    wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
+    let mut config = catga::Config::default();
+    config.nats_url = Some(a.url());
+    config.request_timeout = Duration::from_secs(2);
+    let client = catga::Client::connect_with(&config)
+        .await
+        .expect("a client in region a");
+    // The gateways carry interest once they are up: B answers a's caller
+    // when a has nobody (checked below); until then, wait for both.
+    until("the gateways are up", Duration::from_secs(20), || {
+        a.log().contains("Outbound gateway connection to \"B\"")
+            && b.log().contains("Outbound gateway connection to \"A\"")
+    })
+    .await;
+
+    // 1. Region a's requests are answered in region a.
+    let stop = Arc::new(AtomicBool::new(false));
+    let asking = tokio::spawn(ask_until(client.clone(), Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let local = asking.await.expect("asked");
+    assert!(local.len() > 50, "{} requests", local.len());
+    assert!(
+        local.iter().all(|(who, _, _)| who.is_some()),
+        "every request answered"
+    );
+    assert_eq!(from_region(&local, 'b'), 0, "none crossed the gateway: {local:?}");
+    assert!(from_region(&local, 'a') == local.len());
+
+    // 2. Both of a's replicas are SIGKILLed under load: b answers, every
+    //    request after at most one retry.
+    let stop = Arc::new(AtomicBool::new(false));
+    let asking = tokio::spawn(ask_until(client.clone(), Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = std::time::Instant::now();
+    replicas[0].sigkill();
+    replicas[1].sigkill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let failover = asking.await.expect("asked");
+    let lost: Vec<_> = failover.iter().filter(|(who, _, _)| who.is_none()).collect();
+    assert!(
+        lost.is_empty(),
+        "{} requests lost after one retry\n{}",
+        lost.len(),
+        logs(&replicas)
+    );
+    let first_b = failover
+        .iter()
+        .filter(|(who, _, _)| who.as_deref().is_some_and(|w| w.starts_with('b')))
+        .map(|(_, _, at)| *at)
+        .min()
+        .expect("region b answered");
+    let retried = failover.iter().filter(|(_, tries, _)| *tries > 1).count();
+    eprintln!(
+        "failover: region b answered {:?} after the kill; {} of {} requests needed their retry",
+        first_b.saturating_duration_since(killed),
+        retried,
+        failover.len()
+    );
+    assert!(first_b.saturating_duration_since(killed) < Duration::from_secs(3));
+
+    // 3. a's replicas come back and take a's requests again.
+    replicas[0] = region_replica(&a.url(), "a", "a1", dir.path());
+    replicas[1] = region_replica(&a.url(), "a", "a2", dir.path());
+    wait_ready(&[&replicas[0], &replicas[1]]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let asking = tokio::spawn(ask_until(client.clone(), Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let back = asking.await.expect("asked");
+    assert!(back.iter().all(|(who, _, _)| who.is_some()));
+    assert_eq!(
+        from_region(&back, 'b'),
+        0,
+        "region a answers its own again: {back:?}"
+    );
 }
