@@ -33,6 +33,31 @@ fn find_binary(name: &str, env_var: &str) -> PathBuf {
     );
 }
 
+/// A base port whose `n` successors are free right now, below the
+/// ephemeral range (32768 and up on Linux), for scripts that take a range
+/// of ports: the other tests' servers take free ports from that range,
+/// and one of them once took a port of a script's range between the
+/// check and the script's start.
+pub fn free_port_range(n: u16) -> u16 {
+    for _ in 0..200 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let base = 20_000 + (std::process::id() as u16 % 200) * 30 + (nanos % 6_000) as u16;
+        if (1..=n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free range of {n} ports");
+}
+
+/// Whether process `pid` runs (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released for the server).
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");

@@ -3,35 +3,18 @@
 //! the NATS node it may be connected to is SIGKILLed; nothing is lost;
 //! `stop` leaves nothing running.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
+
+use catga_tests::servers::alive;
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/local-cluster")
 }
 
-/// A base port whose 50 successors are free right now, below the
-/// ephemeral range (32768 and up on Linux): the other tests' servers take
-/// free ports from that range, and one of them took a port of this range
-/// between the check and the script's start (seen once in a full run).
 fn free_base() -> u16 {
-    for _ in 0..200 {
-        let base = 20_000 + (std::process::id() as u16 % 200) * 30 + rand_offset();
-        if (1..=50).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free range of 50 ports");
-}
-
-fn rand_offset() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (nanos % 6_000) as u16
+    catga_tests::servers::free_port_range(50)
 }
 
 struct Cluster {
@@ -77,11 +60,6 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.command(&["stop"]).output();
     }
-}
-
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
 
 #[test]
