@@ -100,3 +100,71 @@ impl Drop for Replica {
         }
     }
 }
+
+/// A script of `deploy/` run for real (`local-cluster`, `two-regions`):
+/// its state in a temporary directory, its ports from a free range, the
+/// example's binary and the test's nats-server; stopped when dropped.
+pub struct DeployScript {
+    script: PathBuf,
+    /// The script's state directory (logs, pid files).
+    pub dir: tempfile::TempDir,
+    /// The first port of its range.
+    pub base: u16,
+    /// The variables naming the directory and the base port.
+    vars: (&'static str, &'static str),
+    binary: String,
+}
+
+impl DeployScript {
+    /// `script` (a path) with its directory and base-port variables
+    /// (`vars`) and the example binary `binary`.
+    pub fn new(script: PathBuf, vars: (&'static str, &'static str), binary: &str) -> DeployScript {
+        DeployScript {
+            script,
+            dir: tempfile::tempdir().expect("temp dir"),
+            base: crate::servers::free_port_range(50),
+            vars,
+            binary: binary.to_owned(),
+        }
+    }
+
+    /// The script with `args`, not started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("bash");
+        c.arg(&self.script)
+            .args(args)
+            .env(self.vars.0, self.dir.path())
+            .env(self.vars.1, self.base.to_string())
+            .env("ORDER_SYSTEM_BIN", &self.binary);
+        if std::env::var_os("CATGA_NATS_SERVER").is_none() {
+            c.env("CATGA_NATS_SERVER", "nats-server");
+        }
+        c
+    }
+
+    /// Runs it with `args`; panics with its output if it fails.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        let out = self.command(args).output().expect("run the script");
+        assert!(
+            out.status.success(),
+            "{} {args:?} failed:\n{}\n{}",
+            self.script.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// The pid the script recorded for `name`, if any.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+    }
+}
+
+impl Drop for DeployScript {
+    fn drop(&mut self) {
+        let _ = self.command(&["stop"]).output();
+    }
+}

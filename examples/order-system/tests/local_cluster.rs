@@ -4,70 +4,23 @@
 //! `stop` leaves nothing running.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
+use catga_tests::process::DeployScript;
 use catga_tests::servers::alive;
 
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/local-cluster")
-}
-
-fn free_base() -> u16 {
-    catga_tests::servers::free_port_range(50)
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    base: u16,
-}
-
-impl Cluster {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("bash");
-        c.arg(script())
-            .args(args)
-            .env("CATGA_CLUSTER_DIR", self.dir.path())
-            .env("CATGA_CLUSTER_BASE_PORT", self.base.to_string())
-            .env("ORDER_SYSTEM_BIN", env!("CARGO_BIN_EXE_order-system"));
-        if std::env::var_os("CATGA_NATS_SERVER").is_none() {
-            c.env("CATGA_NATS_SERVER", "nats-server");
-        }
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let out = self.command(args).output().expect("run the script");
-        assert!(
-            out.status.success(),
-            "local-cluster {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn pid(&self, name: &str) -> u32 {
-        std::fs::read_to_string(self.dir.path().join(format!("{name}.pid")))
-            .expect("pid file")
-            .trim()
-            .parse()
-            .expect("pid")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = self.command(&["stop"]).output();
-    }
+fn cluster() -> DeployScript {
+    DeployScript::new(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/local-cluster"),
+        ("CATGA_CLUSTER_DIR", "CATGA_CLUSTER_BASE_PORT"),
+        env!("CARGO_BIN_EXE_order-system"),
+    )
 }
 
 #[test]
 fn local_cluster_serves_survives_a_nats_node_and_stops_cleanly() {
-    let cluster = Cluster {
-        dir: tempfile::tempdir().expect("temp dir"),
-        base: free_base(),
-    };
+    let cluster = cluster();
     let started = cluster.run(&["start", "2"]);
     let status = String::from_utf8_lossy(&started.stdout).into_owned();
     for i in 1..=2 {
@@ -83,7 +36,7 @@ fn local_cluster_serves_survives_a_nats_node_and_stops_cleanly() {
     }
     let pids: Vec<u32> = ["nats1", "nats2", "nats3", "redis", "orders1", "orders2"]
         .iter()
-        .map(|n| cluster.pid(n))
+        .map(|n| cluster.pid(n).expect("pid"))
         .collect();
 
     // A load client while one NATS node is SIGKILLed.
@@ -94,7 +47,7 @@ fn local_cluster_serves_survives_a_nats_node_and_stops_cleanly() {
         .spawn()
         .expect("load");
     std::thread::sleep(Duration::from_millis(500));
-    let nats1 = cluster.pid("nats1");
+    let nats1 = cluster.pid("nats1").expect("pid");
     assert!(
         Command::new("kill")
             .args(["-KILL", &nats1.to_string()])

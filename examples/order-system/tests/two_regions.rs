@@ -7,61 +7,19 @@
 //! nothing running.
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use catga_tests::process::DeployScript;
 use catga_tests::servers::alive;
 use order_system::orders::GetRevenue;
 
-struct Regions {
-    dir: tempfile::TempDir,
-    base: u16,
-}
-
-impl Regions {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("bash");
-        c.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/two-regions"))
-            .args(args)
-            .env("CATGA_REGIONS_DIR", self.dir.path())
-            .env("CATGA_REGIONS_BASE_PORT", self.base.to_string())
-            .env("ORDER_SYSTEM_BIN", env!("CARGO_BIN_EXE_order-system"));
-        if std::env::var_os("CATGA_NATS_SERVER").is_none() {
-            c.env("CATGA_NATS_SERVER", "nats-server");
-        }
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let out = self.command(args).output().expect("run the script");
-        assert!(
-            out.status.success(),
-            "two-regions {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    /// Orders each replica created so far (its log says so per order).
-    fn created(&self, replica: &str) -> usize {
-        std::fs::read_to_string(self.dir.path().join(format!("{replica}.log")))
-            .unwrap_or_default()
-            .matches("order created")
-            .count()
-    }
-
-    fn pid(&self, name: &str) -> Option<u32> {
-        std::fs::read_to_string(self.dir.path().join(format!("{name}.pid")))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-    }
-}
-
-impl Drop for Regions {
-    fn drop(&mut self) {
-        let _ = self.command(&["stop"]).output();
-    }
+/// Orders `replica` created so far (its log says so per order).
+fn created(regions: &DeployScript, replica: &str) -> usize {
+    std::fs::read_to_string(regions.dir.path().join(format!("{replica}.log")))
+        .unwrap_or_default()
+        .matches("order created")
+        .count()
 }
 
 fn loaded(out: &Output, orders: u32) {
@@ -73,10 +31,11 @@ fn loaded(out: &Output, orders: u32) {
 
 #[test]
 fn two_regions_serve_locally_fail_over_and_stop_cleanly() {
-    let regions = Regions {
-        dir: tempfile::tempdir().expect("temp dir"),
-        base: catga_tests::servers::free_port_range(50),
-    };
+    let regions = DeployScript::new(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/two-regions"),
+        ("CATGA_REGIONS_DIR", "CATGA_REGIONS_BASE_PORT"),
+        env!("CARGO_BIN_EXE_order-system"),
+    );
     let started = regions.run(&["start"]);
     let status = String::from_utf8_lossy(&started.stdout).into_owned();
     assert!(
@@ -87,7 +46,7 @@ fn two_regions_serve_locally_fail_over_and_stop_cleanly() {
         .iter()
         .map(|n| regions.pid(n).expect("pid"))
         .collect();
-    let by_region = |r: char| -> usize { (1..=2).map(|n| regions.created(&format!("{r}{n}"))).sum() };
+    let by_region = |r: char| -> usize { (1..=2).map(|n| created(&regions, &format!("{r}{n}"))).sum() };
 
     // Region b's callers are served in region b.
     loaded(&regions.run(&["load", "b", "100", "8"]), 100);
