@@ -42,10 +42,6 @@ fn two_regions_serve_locally_fail_over_and_stop_cleanly() {
         status.contains("b2: running") && status.contains("region b"),
         "{status}"
     );
-    let pids: Vec<u32> = ["nats-a", "nats-b", "redis", "a1", "a2", "b1", "b2"]
-        .iter()
-        .map(|n| regions.pid(n).expect("pid"))
-        .collect();
     let by_region = |r: char| -> usize { (1..=2).map(|n| created(&regions, &format!("{r}{n}"))).sum() };
 
     // Region b's callers are served in region b.
@@ -60,7 +56,13 @@ fn two_regions_serve_locally_fail_over_and_stop_cleanly() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("load");
-    std::thread::sleep(Duration::from_millis(400));
+    // Killed mid-load: once b took part of it, and before it is done.
+    let b_before = by_region('b');
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while by_region('b') < b_before + 50 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(by_region('b') >= b_before + 50, "region b did not take the load");
     regions.run(&["kill", "b"]);
     loaded(&load.wait_with_output().expect("load ran"), 300);
     assert!(by_region('a') > 0, "region a took over");
@@ -88,13 +90,20 @@ fn two_regions_serve_locally_fail_over_and_stop_cleanly() {
         loop {
             let r = client.send(GetRevenue).await.expect("revenue");
             if r.payments >= 500 || std::time::Instant::now() > until {
-                return r;
+                // A late second count of a payment would show by now.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return client.send(GetRevenue).await.expect("revenue");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
     assert_eq!((revenue.payments, revenue.cents), (500, 500 * 450));
 
+    // What runs now, the revived replicas included.
+    let pids: Vec<u32> = ["nats-a", "nats-b", "redis", "a1", "a2", "b1", "b2"]
+        .iter()
+        .map(|n| regions.pid(n).expect("pid"))
+        .collect();
     regions.run(&["stop"]);
     std::thread::sleep(Duration::from_millis(200));
     for pid in pids {
