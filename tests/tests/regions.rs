@@ -394,6 +394,35 @@ async fn ask_until(
     all
 }
 
+/// Publishes 50 `Noted` from `client` and collects who handled each, as a
+/// plain subscriber on `nats_url` hears it.
+async fn noted_by(client: &catga::Client, nats_url: &str, round: u64) -> Vec<String> {
+    use catga_tests::messages::region::{Noted, NotedBy};
+    let plain = async_nats::connect(nats_url).await.expect("plain");
+    let mut heard = plain.subscribe("region.noted_by").await.expect("sub");
+    plain.flush().await.expect("flush");
+    // The subscription's interest crosses the gateways before the events.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for n in 0..50 {
+        client
+            .publish(Noted { n: round * 100 + n })
+            .await
+            .expect("published");
+    }
+    let mut by = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while by.len() < 50 {
+        match tokio::time::timeout_at(until, heard.next()).await {
+            Ok(Some(m)) => {
+                let e: NotedBy = serde_json::from_slice(&m.payload).expect("NotedBy");
+                by.push(e.by);
+            }
+            _ => break,
+        }
+    }
+    by
+}
+
 fn from_region(answers: &[(Option<String>, u32, std::time::Instant)], region: char) -> usize {
     answers
         .iter()
@@ -467,6 +496,10 @@ async fn two_regions_answer_locally_and_fail_over_when_one_loses_its_replicas() 
             "{replica} answered none: the queue group spreads over the region"
         );
     }
+    // And its queue-grouped events are handled in region a, once each.
+    let by = noted_by(&client, &a.url(), 1).await;
+    assert_eq!(by.len(), 50, "{by:?}");
+    assert!(by.iter().all(|w| w.starts_with('a')), "{by:?}");
 
     // 2. Both of a's replicas are SIGKILLed under load: b answers, every
     //    request after at most one retry.
@@ -508,6 +541,11 @@ async fn two_regions_answer_locally_and_fail_over_when_one_loses_its_replicas() 
         first_b.saturating_duration_since(killed)
     );
 
+    // With a's replicas gone, b handles a's queue-grouped events.
+    let by = noted_by(&client, &a.url(), 2).await;
+    assert_eq!(by.len(), 50, "{by:?}");
+    assert!(by.iter().all(|w| w.starts_with('b')), "{by:?}");
+
     // 3. a's replicas come back and take a's requests again.
     replicas[0] = region_replica(&a.url(), "a", "a1", dir.path());
     replicas[1] = region_replica(&a.url(), "a", "a2", dir.path());
@@ -524,4 +562,7 @@ async fn two_regions_answer_locally_and_fail_over_when_one_loses_its_replicas() 
         0,
         "region a answers its own again: {back:?}"
     );
+    let by = noted_by(&client, &a.url(), 3).await;
+    assert_eq!(by.len(), 50, "{by:?}");
+    assert!(by.iter().all(|w| w.starts_with('a')), "and its events: {by:?}");
 }
