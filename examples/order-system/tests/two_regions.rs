@@ -65,10 +65,11 @@ fn two_regions_serve_locally_fail_over_and_stop_cleanly() {
     assert!(by_region('b') >= b_before + 50, "region b did not take the load");
     regions.run(&["kill", "b"]);
     loaded(&load.wait_with_output().expect("load ran"), 300);
+    // The logs show who ran the handler, not what was committed (an
+    // idempotent handler's writes commit after it returns, so a replica
+    // killed in between logged an order its retry then created): the
+    // ledger below counts each payment exactly.
     assert!(by_region('a') > 0, "region a took over");
-    // A replica killed between its commit and its log line logs one less:
-    // the ledger below counts each payment exactly.
-    assert!(by_region('a') + by_region('b') <= 400, "no order created twice");
 
     // b's replicas come back and serve b again.
     regions.run(&["revive", "b"]);
