@@ -29,12 +29,14 @@
 //!     joins.
 //! 12. Saga journal overhead per step.
 //! 13. Store shards: one Redis master against three.
+//! 14. Outbox relay: one shard (one relay, pipelined) against three (a
+//!     relay per shard, one event at a time per stream).
 //! 14. Time: how late delayed messages and job occurrences fire with 1,
 //!     1,000 and 100,000 delayed messages pending, and their cost.
 //!
 //! `BENCH_SECONDS` sets the measuring time per cell (default 3);
 //! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256);
-//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards,time`
+//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards,relay,time`
 //! picks sections;
 //! `BENCH_BURST` sets the fan-out burst (default 1,000,000).
 
@@ -155,6 +157,9 @@ async fn main() {
     }
     if selected("shards") {
         shards::shards(duration).await;
+    }
+    if selected("relay") {
+        shards::relay().await;
     }
     if selected("time") {
         time::time().await;

@@ -1,14 +1,16 @@
 //! Section: store shards (`CATGA_STORE_SHARDS`) on a 3-master Redis
 //! Cluster: how evenly a sharded service's Redis commands spread over the
 //! masters, and the throughput of keyed state and idempotent commands on
-//! one master against three.
+//! one master against three. Section `relay`: how fast the outbox's
+//! events reach the broker with one shard (one relay, pipelined) and with
+//! three (a relay per shard, each stream's events one at a time).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use catga::{Client, Result, command};
+use catga::{Client, Result, command, event};
 use serde::{Deserialize, Serialize};
 
 use crate::measure::*;
@@ -199,4 +201,127 @@ pub(crate) async fn shards(duration: Duration) {
         "Busiest master / mean, median of rounds: {:.2}x; errors: {errors}",
         median(by_round.into_values().collect())
     );
+}
+
+/// Adds one to an account's counter and saves a [`RelayDeposited`] with
+/// it, through the outbox of the account's shard.
+#[command(subject = "bench.relay.deposit", reply = u64, key = account)]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct RelayDeposit {
+    /// The account.
+    pub account: String,
+}
+
+/// What [`RelayDeposit`] saved, relayed by the outbox.
+#[event(subject = "bench.relay.deposited")]
+#[derive(Serialize, Deserialize, Clone)]
+pub struct RelayDeposited {
+    /// The account.
+    pub account: String,
+    /// Its counter.
+    pub n: u64,
+}
+
+#[command(queue_group = "bench-relay", retry = 10)]
+async fn relay_deposit(ctx: &catga::Context, d: RelayDeposit) -> Result<u64> {
+    let mut c = ctx
+        .try_load::<Counter>(&d.account)
+        .await?
+        .unwrap_or_else(|| catga::Versioned::new(d.account.clone(), Counter::default()));
+    c.0 += 1;
+    let n = c.0;
+    ctx.save(c)
+        .with_event(RelayDeposited {
+            account: d.account,
+            n,
+        })
+        .await?;
+    Ok(n)
+}
+
+/// The outbox's relay with one shard against three: a burst of `BURST`
+/// keyed commands, each saving a counter and an event; the time from the
+/// first send until a plain subscriber heard every event.
+pub(crate) async fn relay() {
+    const BURST: u64 = 3_000;
+    let nats = catga_tests::NatsServer::start();
+    let cluster = catga_tests::RedisCluster::start();
+    let client = Client::connect(&nats.url()).await.expect("client");
+    let plain = async_nats::connect(nats.url()).await.expect("plain client");
+    let concurrency = 64;
+    println!();
+    println!("## Outbox relay: one shard against three");
+    println!();
+    println!(
+        "Bursts of {BURST} keyed commands (concurrency {concurrency}, 1,000 accounts), each saving a \
+         counter and an event through the outbox, on a 3-master Redis Cluster; events/s from the first \
+         send until a plain subscriber heard every event. One replica. Median of {} rounds, layouts in \
+         turn; ratios against one shard in the same round.",
+        rounds()
+    );
+    println!();
+    let layouts = [
+        ("1 shard (one relay, pipelined)", 1u32),
+        ("3 shards (one at a time per stream)", 3),
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); layouts.len()];
+    for round in 0..rounds() {
+        for k in 0..layouts.len() {
+            let which = (round + k) % layouts.len();
+            let (_, shards) = layouts[which];
+            let rt = up(serving(&["shards::relay_deposit"])
+                .nats_url(nats.url())
+                .redis_cluster(&cluster.urls())
+                .store_shards(shards)
+                .service(format!("bench-relay-{round}-{which}"))
+                .instance_id("bench"))
+            .await;
+            let mut heard = plain.subscribe("bench.relay.deposited").await.expect("subscribe");
+            plain.flush().await.expect("flush");
+            let started = std::time::Instant::now();
+            let next = Arc::new(AtomicU64::new(0));
+            let mut senders = tokio::task::JoinSet::new();
+            for _ in 0..concurrency {
+                let (c, next) = (client.clone(), Arc::clone(&next));
+                senders.spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= BURST {
+                            return;
+                        }
+                        let account = format!("acct-{}", i * 7919 % 1_000);
+                        let _ = c.send(RelayDeposit { account }).await;
+                    }
+                });
+            }
+            let mut got = 0;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while got < BURST {
+                match tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut heard)).await {
+                    Ok(Some(_)) => got += 1,
+                    _ => break,
+                }
+            }
+            let took = started.elapsed();
+            while senders.join_next().await.is_some() {}
+            assert_eq!(got, BURST, "every event heard within two minutes");
+            rates[which].push(BURST as f64 / took.as_secs_f64());
+            rt.shutdown().await.expect("shutdown");
+        }
+    }
+    println!("| layout | events/s | vs 1 shard |");
+    println!("|---|---:|---:|");
+    for (i, (name, _)) in layouts.iter().enumerate() {
+        let ratios = rates[i].iter().zip(&rates[0]).map(|(r, base)| r / base).collect();
+        let each = rates[i]
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "| {name} | {:.0} ({each}) | {} |",
+            median(rates[i].clone()),
+            ratio_cell(ratios)
+        );
+    }
 }
