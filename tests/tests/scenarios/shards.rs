@@ -309,18 +309,34 @@ async fn sagas_are_listed_across_shards(b: &Backend) {
     let rt = b.started(sharded(b, "r1")).await;
     let client = b.client().await;
     let run = run_id();
-    for n in 0..9 {
+    // Message ids chosen so that the journals fall in every shard (a
+    // journal's shard is that of the saga's id, `opening:<message id>`).
+    let mut per_shard = [0u32; SHARDS as usize];
+    let message_ids: Vec<String> = (0..)
+        .map(|i| format!("{run}-{i}"))
+        .filter(|id| {
+            let shard = catga::ring::partition_of(&format!("opening:{id}"), SHARDS) as usize;
+            per_shard[shard] += 1;
+            per_shard[shard] <= 3
+        })
+        .take(9)
+        .collect();
+    for (n, id) in (0..).zip(&message_ids) {
         client
-            .publish(Opened { run: run.clone(), n })
+            .publish_with_id(Opened { run: run.clone(), n }, id)
             .await
             .expect("publish");
     }
-    OPENED.wait_for(&run, 9, WAIT).await;
-    let ids: BTreeSet<String> = OPENED
-        .of(&run)
+    let records = OPENED.wait_for(&run, 9, WAIT).await;
+    let ids: BTreeSet<String> = records
         .iter()
         .map(|r| format!("opening:{}", r.message_id))
         .collect();
+    assert_eq!(
+        (records.len(), ids.len()),
+        (9, 9),
+        "each saga opened once: {records:?}"
+    );
     let mut listed = BTreeSet::new();
     let until = std::time::Instant::now() + WAIT;
     while listed.len() < ids.len() {
@@ -344,7 +360,11 @@ async fn sagas_are_listed_across_shards(b: &Backend) {
         .iter()
         .map(|id| catga::ring::partition_of(id, SHARDS))
         .collect();
-    assert!(shards.len() > 1, "the journals are in several shards: {shards:?}");
+    assert_eq!(
+        shards.len(),
+        SHARDS as usize,
+        "the journals are in every shard: {shards:?}"
+    );
     shutdown_all(vec![rt]).await;
 }
 
