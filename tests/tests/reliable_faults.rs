@@ -1,7 +1,8 @@
 //! Reliable delivery under faults, against real nats-server and
 //! redis-server processes: Redis stopped mid-run, nats-server restarted
 //! with JetStream on disk, and an outbox relay that died between publishing
-//! an event and marking it sent.
+//! an event and marking it sent, and Redis killed while the inbox calls of
+//! many senders are in flight together.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -349,5 +350,108 @@ async fn a_relay_that_died_between_publish_and_mark_delivers_once() {
     let records = ENTRIES.wait_for(&run, 1, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(ENTRIES.of(&run).len(), 1, "delivered once: {records:?}");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// `cmdstat_evalsha` calls so far, from `INFO commandstats`.
+async fn script_calls(redis: &RedisServer) -> u64 {
+    let r = redis::Client::open(redis.url()).expect("redis url");
+    let mut con = r.get_multiplexed_async_connection().await.expect("redis");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut con)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Idempotent commands from many senders at once go to Redis together
+/// (their inbox claims in one script call, their commits in another), and
+/// Redis SIGKILLed while such calls are in flight (its append-only file
+/// synced on every write) loses and doubles none: every sender, sending
+/// each of its ids until answered, gets 1, 2, ... in order from its own
+/// total, and a total counts each id once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_commands_sent_together_survive_redis_killed_under_load() {
+    const SENDERS: u64 = 24;
+    const EACH: u64 = 40;
+    let nats = NatsServer::start();
+    let mut redis = RedisServer::start_persistent();
+    let rt = builder(&nats, &redis).start().await.expect("starts");
+    ready(&rt).await;
+    let client = catga::Client::connect(&nats.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(3));
+    let run = run_id();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            let (client, run, answered) = (client.clone(), run.clone(), answered.clone());
+            tokio::spawn(async move {
+                let key = format!("{run}-{s}");
+                let mut answers = Vec::new();
+                for n in 0..EACH {
+                    let id = format!("{run}-{s}-{n}");
+                    let until = std::time::Instant::now() + Duration::from_secs(60);
+                    loop {
+                        match client.send_with_id(Add { key: key.clone() }, &id).await {
+                            Ok(v) => {
+                                answers.push(v);
+                                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                break;
+                            }
+                            Err(e) => {
+                                assert!(e.is_retryable(), "{id}: {e}");
+                                assert!(std::time::Instant::now() < until, "{id} never answered: {e}");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                }
+                answers
+            })
+        })
+        .collect();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while answered.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(std::time::Instant::now() < until, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let calls = script_calls(&redis).await;
+    let done = answered.load(std::sync::atomic::Ordering::Relaxed);
+    println!("{calls} script calls for {done} answered messages before the kill");
+    // One claim and one commit per message would be two calls per
+    // answer (and more for the calls of messages still in flight).
+    assert!(
+        calls < done * 3 / 2,
+        "{calls} script calls for {done} answered messages: not sent together"
+    );
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.resume();
+    for (s, sender) in senders.into_iter().enumerate() {
+        let answers = sender.await.expect("sender");
+        assert_eq!(
+            answers,
+            (1..=EACH).collect::<Vec<_>>(),
+            "sender {s}: each id applied once, in order"
+        );
+    }
+    ready(&rt).await;
+    assert_eq!(
+        client
+            .send(Add {
+                key: format!("{run}-0")
+            })
+            .await
+            .expect("one more"),
+        EACH + 1,
+        "the total counts each id once"
+    );
     rt.shutdown().await.expect("clean shutdown");
 }

@@ -10,6 +10,7 @@
 //! operation (a Lua script over state keys, an inbox entry and the outbox
 //! stream) stays in one slot: see [`shards`].
 
+mod batch;
 mod memory;
 mod redis;
 pub(crate) mod shards;

@@ -14,6 +14,7 @@ use super::{
     Answer, Claim, Commit, Committed, Fence, Finished, Inbox, LEADER_LEASE, OutboxEntry, prefix, unavailable,
 };
 use crate::error::{Error, ErrorKind, Result};
+use crate::store::batch::{Batcher, Call, SendBatch};
 use crate::store::shards;
 
 /// How to reach Redis: `REDIS_URL` (`redis://` or `rediss://`, with
@@ -65,8 +66,14 @@ pub(crate) struct RedisStore {
     raised: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Set once the store's shard count was found to be this runtime's.
     layout: tokio::sync::OnceCell<()>,
+    /// Commits one at a time (those without an inbox part).
     commit: Script,
-    inbox_begin: Script,
+    /// Commits with an inbox part, gathered per shard (see [`batch`]).
+    ///
+    /// [`batch`]: super::batch
+    commits: Batcher<CommitCall>,
+    /// Inbox claims, gathered per shard.
+    claims: Batcher<ClaimCall>,
     /// Deletes a key if the caller still holds it (inbox claims; leases
     /// are given up through `lease_sync`).
     delete_if_held: Script,
@@ -340,41 +347,69 @@ fn read_file(name: &str, path: &std::path::Path) -> Result<Vec<u8>> {
 /// inbox part, then (id, subject, headers, payload, due ms or "") per
 /// event: an event with a due time waits in the delayed set until the
 /// relay moves it to the outbox (see `DELAYED_RELEASE`).
-const COMMIT: &str = r"
-local n = tonumber(ARGV[1])
-local has_inbox = ARGV[2] == '1'
-if ARGV[3] ~= '' and (redis.call('GET', KEYS[#KEYS]) or '0') ~= ARGV[3] then
-  return {3}
-end
-for i = 1, n do
-  local cur = redis.call('HGET', KEYS[i], 'v')
-  local expected = tonumber(ARGV[2 + 2 * i])
-  if (cur == false and expected ~= 0) or (cur ~= false and tonumber(cur) ~= expected) then
-    return {0, i, tonumber(cur or '0')}
+/// The commit function the two scripts below share.
+const COMMIT_FN: &str = r"
+local function commit(K, A)
+  local n = tonumber(A[1])
+  local has_inbox = A[2] == '1'
+  if A[3] ~= '' and (redis.call('GET', K[#K]) or '0') ~= A[3] then
+    return {3}
   end
-end
-local at = 4 + 2 * n
-if has_inbox and redis.call('GET', KEYS[n + 4]) ~= ARGV[at] then
-  return {2}
-end
-local out = {1}
-for i = 1, n do
-  local version = tonumber(ARGV[2 + 2 * i]) + 1
-  redis.call('HSET', KEYS[i], 'v', version, 'd', ARGV[3 + 2 * i])
-  out[i + 1] = version
-end
-if has_inbox then
-  redis.call('SET', KEYS[n + 4], ARGV[at + 1], 'PX', ARGV[at + 2])
-  at = at + 3
-end
-for j = at, #ARGV, 5 do
-  if ARGV[j + 4] == '' then
-    redis.call('XADD', KEYS[n + 1], '*', 'id', ARGV[j], 'subject', ARGV[j + 1], 'headers', ARGV[j + 2], 'payload', ARGV[j + 3])
-  else
-    local id = ARGV[j]
-    redis.call('ZADD', KEYS[n + 2], ARGV[j + 4], id)
-    redis.call('HSET', KEYS[n + 3], id .. ':s', ARGV[j + 1], id .. ':h', ARGV[j + 2], id .. ':p', ARGV[j + 3])
+  for i = 1, n do
+    local cur = redis.call('HGET', K[i], 'v')
+    local expected = tonumber(A[2 + 2 * i])
+    if (cur == false and expected ~= 0) or (cur ~= false and tonumber(cur) ~= expected) then
+      return {0, i, tonumber(cur or '0')}
+    end
   end
+  local at = 4 + 2 * n
+  if has_inbox and redis.call('GET', K[n + 4]) ~= A[at] then
+    return {2}
+  end
+  local out = {1}
+  for i = 1, n do
+    local version = tonumber(A[2 + 2 * i]) + 1
+    redis.call('HSET', K[i], 'v', version, 'd', A[3 + 2 * i])
+    out[i + 1] = version
+  end
+  if has_inbox then
+    redis.call('SET', K[n + 4], A[at + 1], 'PX', A[at + 2])
+    at = at + 3
+  end
+  for j = at, #A, 5 do
+    if A[j + 4] == '' then
+      redis.call('XADD', K[n + 1], '*', 'id', A[j], 'subject', A[j + 1], 'headers', A[j + 2], 'payload', A[j + 3])
+    else
+      local id = A[j]
+      redis.call('ZADD', K[n + 2], A[j + 4], id)
+      redis.call('HSET', K[n + 3], id .. ':s', A[j + 1], id .. ':h', A[j + 2], id .. ':p', A[j + 3])
+    end
+  end
+  return out
+end
+";
+
+/// One commit: KEYS and ARGV as `commit` takes them.
+const COMMIT_ONE: &str = "return commit(KEYS, ARGV)";
+
+/// Several commits, each on its own (one's conflict leaves the others
+/// be): ARGV[1] is how many; then per commit its key count, its argument
+/// count and its arguments; its keys follow the previous commit's in
+/// KEYS. Returns each commit's result, in order.
+const COMMIT_MANY: &str = r"
+local out, ko, ao = {}, 0, 1
+for c = 1, tonumber(ARGV[1]) do
+  local nk, na = tonumber(ARGV[ao + 1]), tonumber(ARGV[ao + 2])
+  ao = ao + 2
+  local K, A = {}, {}
+  for i = 1, nk do
+    K[i] = KEYS[ko + i]
+  end
+  for i = 1, na do
+    A[i] = ARGV[ao + i]
+  end
+  out[c] = commit(K, A)
+  ko, ao = ko + nk, ao + na
 end
 return out
 ";
@@ -411,27 +446,43 @@ redis.call('HDEL', KEYS[2], id .. ':s', id .. ':h', id .. ':p')
 return 1
 ";
 
-/// Claims an inbox key (KEYS[1]) with the claim `ARGV[1]` for `ARGV[2]`
-/// ms, or returns what it holds; first says that the claiming replica
-/// (`ARGV[4]`) is alive for `ARGV[5]` ms. A claim whose replica's liveness key
-/// (`ARGV[3]` followed by the replica's name, in the same hash slot) is
-/// gone has lapsed and is taken over. That key is not in KEYS: its name
-/// is read from the claim; it shares the inbox key's hash tag, so it is
-/// on the same node of a cluster.
+/// Claims inbox keys (KEYS, one per claim) or returns what they hold:
+/// per key, five arguments in ARGV: the claim, how long it is kept (ms),
+/// the liveness keys' prefix, the claiming replica and how long it is
+/// said alive (ms). Returns per key '' if claimed, else what it holds.
+/// Each claim first says its replica alive (once per replica and call).
+/// A claim whose replica's liveness key (the prefix followed by the
+/// replica's name, in the same hash slot) is gone has lapsed and is taken
+/// over. That key is not in KEYS: its name is read from the claim; it
+/// shares the inbox key's hash tag, so it is on the same node of a
+/// cluster. Claims of one call run in order: a second claim of a key in
+/// the same call finds the first.
 const INBOX_BEGIN: &str = r"
-redis.call('SET', ARGV[3] .. ARGV[4], 1, 'PX', ARGV[5])
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 2) == 'P:' then
-  local member = string.match(v, '^P:[^:]*:[^:]*:(.*)$')
-  if member == nil or redis.call('EXISTS', ARGV[3] .. member) == 0 then
-    v = false
+local said = {}
+local out = {}
+for i = 1, #KEYS do
+  local a = 5 * (i - 1)
+  local prefix = ARGV[a + 3]
+  local alive = prefix .. ARGV[a + 4]
+  if not said[alive] then
+    redis.call('SET', alive, 1, 'PX', ARGV[a + 5])
+    said[alive] = true
+  end
+  local v = redis.call('GET', KEYS[i])
+  if v and string.sub(v, 1, 2) == 'P:' then
+    local member = string.match(v, '^P:[^:]*:[^:]*:(.*)$')
+    if member == nil or redis.call('EXISTS', prefix .. member) == 0 then
+      v = false
+    end
+  end
+  if v then
+    out[i] = v
+  else
+    redis.call('SET', KEYS[i], ARGV[a + 1], 'PX', ARGV[a + 2])
+    out[i] = ''
   end
 end
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return false
-end
-return v
+return out
 ";
 
 /// Keeps the answer `ARGV[2]` in an inbox key (KEYS[1]) for `ARGV[3]` ms
@@ -605,6 +656,136 @@ fn entries(list: &Value) -> Vec<(String, Option<OutboxEntry>)> {
     out
 }
 
+/// An inbox claim waiting to go (see [`INBOX_BEGIN`]).
+struct ClaimCall {
+    key: String,
+    /// The claim, how long it is kept, the liveness keys' prefix, the
+    /// replica, how long it is said alive.
+    args: [Vec<u8>; 5],
+    answer: tokio::sync::oneshot::Sender<Result<Option<Vec<u8>>>>,
+}
+
+impl Call for ClaimCall {
+    fn size(&self) -> usize {
+        self.key.len() + self.args.iter().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// A commit with an inbox part waiting to go (see [`COMMIT_MANY`]).
+struct CommitCall {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+    answer: tokio::sync::oneshot::Sender<Result<Vec<u64>>>,
+}
+
+impl Call for CommitCall {
+    fn size(&self) -> usize {
+        self.keys.iter().map(String::len).sum::<usize>() + self.args.iter().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// The same failure for each of a batch's calls (a Redis error is not
+/// `Clone`).
+fn each_failed(e: RedisError, n: usize) -> impl Iterator<Item = Error> {
+    let e = map_err(e);
+    (0..n).map(move |_| Error::new(e.kind(), e.message().to_owned()))
+}
+
+fn send_claims(conn: Conn) -> SendBatch<ClaimCall> {
+    let script = Script::new(INBOX_BEGIN);
+    Arc::new(move |_shard, calls: Vec<ClaimCall>| {
+        let (mut c, script) = (conn.clone(), script.clone());
+        Box::pin(async move {
+            let mut inv = script.prepare_invoke();
+            for call in &calls {
+                inv.key(&call.key);
+                for a in &call.args {
+                    inv.arg(a.as_slice());
+                }
+            }
+            let found: redis::RedisResult<Vec<Vec<u8>>> = inv.invoke_async(&mut c).await;
+            match found {
+                Ok(found) if found.len() == calls.len() => {
+                    for (call, v) in calls.into_iter().zip(found) {
+                        let _ = call.answer.send(Ok((!v.is_empty()).then_some(v)));
+                    }
+                }
+                Ok(found) => {
+                    let e = RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "inbox claims",
+                        format!("{} answers to {} claims", found.len(), calls.len()),
+                    ));
+                    for (call, e) in calls.into_iter().zip(each_failed(e, usize::MAX)) {
+                        let _ = call.answer.send(Err(e));
+                    }
+                }
+                Err(e) => {
+                    let n = calls.len();
+                    for (call, e) in calls.into_iter().zip(each_failed(e, n)) {
+                        let _ = call.answer.send(Err(e));
+                    }
+                }
+            }
+        })
+    })
+}
+
+fn send_commits(conn: Conn) -> SendBatch<CommitCall> {
+    let script = Script::new(&format!("{COMMIT_FN}{COMMIT_MANY}"));
+    Arc::new(move |_shard, calls: Vec<CommitCall>| {
+        let (mut c, script) = (conn.clone(), script.clone());
+        Box::pin(async move {
+            let mut inv = script.prepare_invoke();
+            inv.arg(calls.len());
+            for call in &calls {
+                for k in &call.keys {
+                    inv.key(k);
+                }
+                inv.arg(call.keys.len()).arg(call.args.len());
+                for a in &call.args {
+                    inv.arg(a.as_slice());
+                }
+            }
+            let out: redis::RedisResult<Vec<Vec<u64>>> = inv.invoke_async(&mut c).await;
+            match out {
+                Ok(out) if out.len() == calls.len() => {
+                    for (call, v) in calls.into_iter().zip(out) {
+                        let _ = call.answer.send(Ok(v));
+                    }
+                }
+                Ok(out) => {
+                    let e = RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "commits",
+                        format!("{} answers to {} commits", out.len(), calls.len()),
+                    ));
+                    for (call, e) in calls.into_iter().zip(each_failed(e, usize::MAX)) {
+                        let _ = call.answer.send(Err(e));
+                    }
+                }
+                Err(e) => {
+                    let n = calls.len();
+                    for (call, e) in calls.into_iter().zip(each_failed(e, n)) {
+                        let _ = call.answer.send(Err(e));
+                    }
+                }
+            }
+        })
+    })
+}
+
+/// A batched call's answer; a batch task gone without answering (its
+/// runtime ended) is an unavailable store, in doubt like a lost reply.
+async fn answered<T>(rx: tokio::sync::oneshot::Receiver<Result<T>>) -> Result<T> {
+    rx.await.unwrap_or_else(|_| {
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            "the store call was not answered (its batch was dropped)",
+        ))
+    })
+}
+
 impl RedisStore {
     /// Prepares the connections; they connect on first use and reconnect
     /// by themselves, so a Redis that is down at start-up does not stop
@@ -738,6 +919,8 @@ impl RedisStore {
         let prefix = prefix(service);
         let shards = shards::prefixes(service, shard_count);
         Ok(RedisStore {
+            commits: Batcher::new(shard_count, send_commits(conn.clone())),
+            claims: Batcher::new(shard_count, send_claims(conn.clone())),
             conn,
             relay,
             outboxes: shards.iter().map(|p| format!("{p}:outbox")).collect(),
@@ -745,8 +928,7 @@ impl RedisStore {
             prefix,
             raised: Default::default(),
             layout: tokio::sync::OnceCell::new(),
-            commit: Script::new(COMMIT),
-            inbox_begin: Script::new(INBOX_BEGIN),
+            commit: Script::new(&format!("{COMMIT_FN}{COMMIT_ONE}")),
             delete_if_held: Script::new(DELETE_IF_HELD),
             finish_if_held: Script::new(FINISH_IF_HELD),
             saga_write: Script::new(SAGA_WRITE),
@@ -1225,49 +1407,78 @@ impl RedisStore {
         Ok(v.zip(d).map(|(v, d)| (v, Bytes::from(d))))
     }
 
-    pub(crate) async fn commit(&self, shard: u32, commit: &Commit) -> Result<Committed> {
-        self.writable().await?;
-        let mut inv = self.commit.prepare_invoke();
+    /// A commit's keys and arguments, as [`COMMIT_FN`] takes them.
+    fn commit_parts(&self, shard: u32, commit: &Commit) -> Result<(Vec<String>, Vec<Vec<u8>>)> {
+        let mut keys = Vec::with_capacity(commit.states.len() + 5);
         for w in &commit.states {
-            inv.key(self.state_key(shard, &w.kind, &w.key));
+            keys.push(self.state_key(shard, &w.kind, &w.key));
         }
-        inv.key(self.outbox(shard));
-        inv.key(self.delayed_key(shard));
-        inv.key(self.delayed_entries_key(shard));
+        keys.push(self.outbox(shard).to_owned());
+        keys.push(self.delayed_key(shard));
+        keys.push(self.delayed_entries_key(shard));
         if let Some(i) = &commit.inbox {
-            inv.key(self.inbox_key(shard, &i.scope, &i.id));
+            keys.push(self.inbox_key(shard, &i.scope, &i.id));
         }
         if let Some(f) = &commit.fence {
-            inv.key(self.fence_copy_key(shard, &f.lease));
+            keys.push(self.fence_copy_key(shard, &f.lease));
         }
-        inv.arg(commit.states.len())
-            .arg(if commit.inbox.is_some() { "1" } else { "0" })
-            .arg(
-                commit
-                    .fence
-                    .as_ref()
-                    .map(|f| f.token.to_string())
-                    .unwrap_or_default(),
-            );
+        let text = |t: String| t.into_bytes();
+        let mut args = Vec::with_capacity(3 + 2 * commit.states.len() + 3 + 5 * commit.events.len());
+        args.push(text(commit.states.len().to_string()));
+        args.push(if commit.inbox.is_some() {
+            b"1".to_vec()
+        } else {
+            b"0".to_vec()
+        });
+        args.push(text(
+            commit
+                .fence
+                .as_ref()
+                .map(|f| f.token.to_string())
+                .unwrap_or_default(),
+        ));
         for w in &commit.states {
-            inv.arg(w.expected).arg(w.data.as_ref());
+            args.push(text(w.expected.to_string()));
+            args.push(w.data.to_vec());
         }
         if let Some(i) = &commit.inbox {
-            inv.arg(&i.claim)
-                .arg(i.answer.encode())
-                .arg(i.window.as_millis().max(1) as u64);
+            args.push(i.claim.clone().into_bytes());
+            args.push(i.answer.encode());
+            args.push(text((i.window.as_millis().max(1) as u64).to_string()));
         }
         for e in &commit.events {
             let headers = serde_json::to_vec(&e.headers)
                 .map_err(|err| Error::new(ErrorKind::Internal, format!("outbox headers: {err}")))?;
-            inv.arg(&e.id)
-                .arg(&e.subject)
-                .arg(headers)
-                .arg(&e.payload)
-                .arg(e.due_ms.map(|d| d.to_string()).unwrap_or_default());
+            args.push(e.id.clone().into_bytes());
+            args.push(e.subject.clone().into_bytes());
+            args.push(headers);
+            args.push(e.payload.to_vec());
+            args.push(text(e.due_ms.map(|d| d.to_string()).unwrap_or_default()));
         }
-        let mut c = self.conn.clone();
-        let out: Vec<u64> = inv.invoke_async(&mut c).await.map_err(map_err)?;
+        Ok((keys, args))
+    }
+
+    pub(crate) async fn commit(&self, shard: u32, commit: &Commit) -> Result<Committed> {
+        self.writable().await?;
+        let (keys, args) = self.commit_parts(shard, commit)?;
+        let out = if commit.inbox.is_some() {
+            // An idempotent handler's commit goes with the others of its
+            // shard: if the batch fails, each resolves its outcome from its
+            // inbox key, as after any lost reply.
+            let (answer, rx) = tokio::sync::oneshot::channel();
+            self.commits.submit(shard, CommitCall { keys, args, answer });
+            answered(rx).await?
+        } else {
+            let mut inv = self.commit.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            for a in &args {
+                inv.arg(a.as_slice());
+            }
+            let mut c = self.conn.clone();
+            inv.invoke_async::<Vec<u64>>(&mut c).await.map_err(map_err)?
+        };
         Ok(match out.as_slice() {
             [1, versions @ ..] => Committed::Yes(versions.to_vec()),
             [3] => {
@@ -1378,19 +1589,23 @@ impl RedisStore {
         alive_for: Duration,
     ) -> Result<Inbox> {
         self.writable().await?;
-        let mut c = self.conn.clone();
-        let found: Option<Vec<u8>> = self
-            .inbox_begin
-            .key(self.inbox_key(shard, scope, id))
-            .arg(claim.mark())
-            .arg(ttl.as_millis().max(1) as u64)
-            .arg(self.alive_prefix(shard))
-            .arg(&claim.member)
-            .arg(alive_for.as_millis().max(1) as u64)
-            .invoke_async(&mut c)
-            .await
-            .map_err(map_err)?;
-        Ok(match found {
+        let ms = |d: Duration| (d.as_millis().max(1) as u64).to_string().into_bytes();
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        self.claims.submit(
+            shard,
+            ClaimCall {
+                key: self.inbox_key(shard, scope, id),
+                args: [
+                    claim.mark().into_bytes(),
+                    ms(ttl),
+                    self.alive_prefix(shard).into_bytes(),
+                    claim.member.clone().into_bytes(),
+                    ms(alive_for),
+                ],
+                answer,
+            },
+        );
+        Ok(match answered(rx).await? {
             None => Inbox::Fresh,
             Some(v) => Inbox::from_raw(&v),
         })
