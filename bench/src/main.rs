@@ -36,7 +36,7 @@
 //!
 //! `BENCH_SECONDS` sets the measuring time per cell (default 3);
 //! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256);
-//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards,relay,time`
+//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,inbox,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards,relay,time`
 //! picks sections;
 //! `BENCH_BURST` sets the fan-out burst (default 1,000,000).
 
@@ -130,6 +130,9 @@ async fn main() {
     }
     if selected("reliable") {
         reliable::reliable(duration, data).await;
+    }
+    if selected("inbox") {
+        reliable::inbox(duration, data).await;
     }
     if selected("fanout") {
         fanout::fanout().await;
