@@ -23,7 +23,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 /// Batches of one shard out at once before calls wait to go together.
-const IN_FLIGHT: usize = 8;
+const IN_FLIGHT: usize = 2;
 
 /// The most calls in one batch.
 const MOST_CALLS: usize = 128;
@@ -36,6 +36,10 @@ const MOST_BYTES: usize = 1 << 20;
 pub(crate) trait Call: Send + 'static {
     /// Bytes of arguments it adds to a batch.
     fn size(&self) -> usize;
+
+    /// Whether its caller stopped waiting (dropped: a drain deadline, a
+    /// partition given up); such a call is not sent.
+    fn abandoned(&self) -> bool;
 }
 
 /// Sends one batch (of one shard) and answers each of its calls.
@@ -60,14 +64,17 @@ impl<C: Call> Batcher<C> {
     /// Queues `call` for `shard`; `send` answers it. A task of a runtime
     /// that has ended (a store kept across runtimes, as in tests) is
     /// started again in the caller's.
-    pub(crate) fn submit(&self, shard: u32, call: C) {
-        let Some(slot) = self.shards.get(shard as usize).or_else(|| self.shards.first()) else {
-            return;
+    pub(crate) fn submit(&self, shard: u32, call: C) -> crate::error::Result<()> {
+        let Some(slot) = self.shards.get(shard as usize) else {
+            return Err(crate::error::Error::new(
+                crate::error::ErrorKind::Internal,
+                format!("store shard {shard} out of range"),
+            ));
         };
         let mut slot = slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let call = match slot.as_ref() {
             Some(tx) => match tx.send(call) {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(back) => back.0,
             },
             None => call,
@@ -76,6 +83,7 @@ impl<C: Call> Batcher<C> {
         let _ = tx.send(call);
         tokio::spawn(run(shard, rx, Arc::clone(&self.send)));
         *slot = Some(tx);
+        Ok(())
     }
 }
 
@@ -102,7 +110,10 @@ async fn run<C: Call>(shard: u32, mut calls: UnboundedReceiver<C>, send: SendBat
                         Err(_) => break,
                     }
                 }
-                out.push(send(shard, batch));
+                batch.retain(|call| !call.abandoned());
+                if !batch.is_empty() {
+                    out.push(send(shard, batch));
+                }
             }
         }
     }

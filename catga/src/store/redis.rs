@@ -392,10 +392,12 @@ end
 /// One commit: KEYS and ARGV as `commit` takes them.
 const COMMIT_ONE: &str = "return commit(KEYS, ARGV)";
 
-/// Several commits, each on its own (one's conflict leaves the others
-/// be): ARGV[1] is how many; then per commit its key count, its argument
-/// count and its arguments; its keys follow the previous commit's in
-/// KEYS. Returns each commit's result, in order.
+/// Several commits, each on its own (one's conflict or error leaves the
+/// others be): ARGV[1] is how many; then per commit its key count, its
+/// argument count and its arguments; its keys follow the previous
+/// commit's in KEYS. Returns each commit's result, in order; {4} for a
+/// commit that raised an error (a key of another type): what it wrote
+/// before the error stays, as with one commit's script.
 const COMMIT_MANY: &str = r"
 local out, ko, ao = {}, 0, 1
 for c = 1, tonumber(ARGV[1]) do
@@ -408,7 +410,12 @@ for c = 1, tonumber(ARGV[1]) do
   for i = 1, na do
     A[i] = ARGV[ao + i]
   end
-  out[c] = commit(K, A)
+  local ok, r = pcall(commit, K, A)
+  if ok then
+    out[c] = r
+  else
+    out[c] = {4}
+  end
   ko, ao = ko + nk, ao + na
 end
 return out
@@ -456,7 +463,8 @@ return 1
 /// over. That key is not in KEYS: its name is read from the claim; it
 /// shares the inbox key's hash tag, so it is on the same node of a
 /// cluster. Claims of one call run in order: a second claim of a key in
-/// the same call finds the first.
+/// the same call finds the first. A key holding the same claim (a call
+/// sent again after its reply was lost) is claimed.
 const INBOX_BEGIN: &str = r"
 local said = {}
 local out = {}
@@ -469,7 +477,9 @@ for i = 1, #KEYS do
     said[alive] = true
   end
   local v = redis.call('GET', KEYS[i])
-  if v and string.sub(v, 1, 2) == 'P:' then
+  if v == ARGV[a + 1] then
+    v = false
+  elseif v and string.sub(v, 1, 2) == 'P:' then
     local member = string.match(v, '^P:[^:]*:[^:]*:(.*)$')
     if member == nil or redis.call('EXISTS', prefix .. member) == 0 then
       v = false
@@ -669,6 +679,10 @@ impl Call for ClaimCall {
     fn size(&self) -> usize {
         self.key.len() + self.args.iter().map(Vec::len).sum::<usize>()
     }
+
+    fn abandoned(&self) -> bool {
+        self.answer.is_closed()
+    }
 }
 
 /// A commit with an inbox part waiting to go (see [`COMMIT_MANY`]).
@@ -682,6 +696,10 @@ impl Call for CommitCall {
     fn size(&self) -> usize {
         self.keys.iter().map(String::len).sum::<usize>() + self.args.iter().map(Vec::len).sum::<usize>()
     }
+
+    fn abandoned(&self) -> bool {
+        self.answer.is_closed()
+    }
 }
 
 /// The same failure for each of a batch's calls (a Redis error is not
@@ -692,9 +710,9 @@ fn each_failed(e: RedisError, n: usize) -> impl Iterator<Item = Error> {
 }
 
 fn send_claims(conn: Conn) -> SendBatch<ClaimCall> {
-    let script = Script::new(INBOX_BEGIN);
+    let (script, give_up) = (Script::new(INBOX_BEGIN), Script::new(DELETE_IF_HELD));
     Arc::new(move |_shard, calls: Vec<ClaimCall>| {
-        let (mut c, script) = (conn.clone(), script.clone());
+        let (mut c, script, give_up) = (conn.clone(), script.clone(), give_up.clone());
         Box::pin(async move {
             let mut inv = script.prepare_invoke();
             for call in &calls {
@@ -707,7 +725,22 @@ fn send_claims(conn: Conn) -> SendBatch<ClaimCall> {
             match found {
                 Ok(found) if found.len() == calls.len() => {
                     for (call, v) in calls.into_iter().zip(found) {
-                        let _ = call.answer.send(Ok((!v.is_empty()).then_some(v)));
+                        let fresh = v.is_empty();
+                        // A caller that stopped waiting while its claim was
+                        // on the way (its guard gave up a claim not yet
+                        // written) would leave it held for the inbox
+                        // window: given up here, after it was written.
+                        if call.answer.send(Ok((!fresh).then_some(v))).is_err() && fresh {
+                            let [mark, ..] = &call.args;
+                            let gone = give_up
+                                .key(&call.key)
+                                .arg(mark.as_slice())
+                                .invoke_async::<i64>(&mut c)
+                                .await;
+                            if let Err(e) = gone {
+                                tracing::warn!(error = %e, "a claim whose caller stopped waiting could not be given up; it lapses with its replica");
+                            }
+                        }
                     }
                 }
                 Ok(found) => {
@@ -1466,8 +1499,15 @@ impl RedisStore {
             // shard: if the batch fails, each resolves its outcome from its
             // inbox key, as after any lost reply.
             let (answer, rx) = tokio::sync::oneshot::channel();
-            self.commits.submit(shard, CommitCall { keys, args, answer });
-            answered(rx).await?
+            self.commits.submit(shard, CommitCall { keys, args, answer })?;
+            let out = answered(rx).await?;
+            if out == [4] {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    "the commit failed in Redis (one of its keys holds a value of another type?)",
+                ));
+            }
+            out
         } else {
             let mut inv = self.commit.prepare_invoke();
             for k in &keys {
@@ -1604,7 +1644,7 @@ impl RedisStore {
                 ],
                 answer,
             },
-        );
+        )?;
         Ok(match answered(rx).await? {
             None => Inbox::Fresh,
             Some(v) => Inbox::from_raw(&v),
