@@ -702,11 +702,23 @@ impl Call for CommitCall {
     }
 }
 
-/// The same failure for each of a batch's calls (a Redis error is not
-/// `Clone`).
-fn each_failed(e: RedisError, n: usize) -> impl Iterator<Item = Error> {
+/// Each of a batch's `n` calls' outcome: its item of the script's
+/// answer, or the failure of the whole call (a Redis error is not
+/// `Clone`: the same kind and text for each).
+fn per_call<T>(n: usize, out: redis::RedisResult<Vec<T>>, what: &str) -> Vec<Result<T>> {
+    let e = match out {
+        Ok(items) if items.len() == n => return items.into_iter().map(Ok).collect(),
+        Ok(items) => RedisError::from((
+            redis::ErrorKind::Parse,
+            "batched store call",
+            format!("{} answers to {n} {what}", items.len()),
+        )),
+        Err(e) => e,
+    };
     let e = map_err(e);
-    (0..n).map(move |_| Error::new(e.kind(), e.message().to_owned()))
+    (0..n)
+        .map(|_| Err(Error::new(e.kind(), e.message().to_owned())))
+        .collect()
 }
 
 fn send_claims(conn: Conn) -> SendBatch<ClaimCall> {
@@ -721,42 +733,27 @@ fn send_claims(conn: Conn) -> SendBatch<ClaimCall> {
                     inv.arg(a.as_slice());
                 }
             }
-            let found: redis::RedisResult<Vec<Vec<u8>>> = inv.invoke_async(&mut c).await;
-            match found {
-                Ok(found) if found.len() == calls.len() => {
-                    for (call, v) in calls.into_iter().zip(found) {
-                        let fresh = v.is_empty();
-                        // A caller that stopped waiting while its claim was
-                        // on the way (its guard gave up a claim not yet
-                        // written) would leave it held for the inbox
-                        // window: given up here, after it was written.
-                        if call.answer.send(Ok((!fresh).then_some(v))).is_err() && fresh {
-                            let [mark, ..] = &call.args;
-                            let gone = give_up
-                                .key(&call.key)
-                                .arg(mark.as_slice())
-                                .invoke_async::<i64>(&mut c)
-                                .await;
-                            if let Err(e) = gone {
-                                tracing::warn!(error = %e, "a claim whose caller stopped waiting could not be given up; it lapses with its replica");
-                            }
-                        }
-                    }
-                }
-                Ok(found) => {
-                    let e = RedisError::from((
-                        redis::ErrorKind::Parse,
-                        "inbox claims",
-                        format!("{} answers to {} claims", found.len(), calls.len()),
-                    ));
-                    for (call, e) in calls.into_iter().zip(each_failed(e, usize::MAX)) {
-                        let _ = call.answer.send(Err(e));
-                    }
-                }
-                Err(e) => {
-                    let n = calls.len();
-                    for (call, e) in calls.into_iter().zip(each_failed(e, n)) {
-                        let _ = call.answer.send(Err(e));
+            let found = per_call(
+                calls.len(),
+                inv.invoke_async::<Vec<Vec<u8>>>(&mut c).await,
+                "claims",
+            );
+            for (call, found) in calls.into_iter().zip(found) {
+                let fresh = found.as_ref().is_ok_and(Vec::is_empty);
+                let found = found.map(|v| (!v.is_empty()).then_some(v));
+                // A caller that stopped waiting while its claim was on the
+                // way (its guard gave up a claim not yet written) would
+                // leave it held for the inbox window: given up here, after
+                // it was written.
+                if call.answer.send(found).is_err() && fresh {
+                    let [mark, ..] = &call.args;
+                    let gone = give_up
+                        .key(&call.key)
+                        .arg(mark.as_slice())
+                        .invoke_async::<i64>(&mut c)
+                        .await;
+                    if let Err(e) = gone {
+                        tracing::warn!(error = %e, "a claim whose caller stopped waiting could not be given up; it lapses with its replica");
                     }
                 }
             }
@@ -780,29 +777,13 @@ fn send_commits(conn: Conn) -> SendBatch<CommitCall> {
                     inv.arg(a.as_slice());
                 }
             }
-            let out: redis::RedisResult<Vec<Vec<u64>>> = inv.invoke_async(&mut c).await;
-            match out {
-                Ok(out) if out.len() == calls.len() => {
-                    for (call, v) in calls.into_iter().zip(out) {
-                        let _ = call.answer.send(Ok(v));
-                    }
-                }
-                Ok(out) => {
-                    let e = RedisError::from((
-                        redis::ErrorKind::Parse,
-                        "commits",
-                        format!("{} answers to {} commits", out.len(), calls.len()),
-                    ));
-                    for (call, e) in calls.into_iter().zip(each_failed(e, usize::MAX)) {
-                        let _ = call.answer.send(Err(e));
-                    }
-                }
-                Err(e) => {
-                    let n = calls.len();
-                    for (call, e) in calls.into_iter().zip(each_failed(e, n)) {
-                        let _ = call.answer.send(Err(e));
-                    }
-                }
+            let out = per_call(
+                calls.len(),
+                inv.invoke_async::<Vec<Vec<u64>>>(&mut c).await,
+                "commits",
+            );
+            for (call, out) in calls.into_iter().zip(out) {
+                let _ = call.answer.send(out);
             }
         })
     })
