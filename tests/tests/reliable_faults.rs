@@ -2,7 +2,8 @@
 //! redis-server processes: Redis stopped mid-run, nats-server restarted
 //! with JetStream on disk, and an outbox relay that died between publishing
 //! an event and marking it sent, and Redis killed while the inbox calls of
-//! many senders are in flight together.
+//! many senders are in flight together, and a commit failing on a key of
+//! another type beside them.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -30,6 +31,15 @@ pub struct Add {
     pub key: String,
 }
 
+/// Sets total `key` to 1 without reading it first: its commit is the
+/// first to touch the key.
+#[command(reply = u64, subject = "tests.faults.set_one", idempotent)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SetOne {
+    /// Which total.
+    pub key: String,
+}
+
 /// A durable event, recorded once per message id.
 #[event(subject = "tests.faults.entry")]
 #[derive(Serialize, Deserialize, Debug)]
@@ -50,6 +60,11 @@ async fn add(ctx: &Context, a: Add) -> Result<u64> {
         .unwrap_or_else(|| Versioned::new(a.key.clone(), Total::default()));
     total.value += 1;
     Ok(ctx.save(total).await?.value)
+}
+
+#[command]
+async fn set_one(ctx: &Context, s: SetOne) -> Result<u64> {
+    Ok(ctx.save(Versioned::new(s.key, Total { value: 1 })).await?.value)
 }
 
 #[event(durable = "entries", idempotent)]
@@ -456,6 +471,72 @@ async fn idempotent_commands_sent_together_survive_redis_killed_under_load() {
             EACH + 1,
             "sender {s}'s total counts each id once, its last one too"
         );
+    }
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A commit that fails on a key of another type (state written by hand
+/// into the service's key space) fails alone: the idempotent commits sent
+/// together with it in one script call keep their outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_failing_on_a_key_of_another_type_fails_alone() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let rt = builder(&nats, &redis).start().await.expect("starts");
+    ready(&rt).await;
+    let client = catga::Client::connect(&nats.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(5));
+    let run = run_id();
+    let broken = format!("{run}-broken");
+    let r = redis::Client::open(redis.url()).expect("redis url");
+    let mut con = r.get_multiplexed_async_connection().await.expect("redis");
+    let _: () = redis::cmd("SET")
+        .arg(format!("catga:{{faults}}:state:{}:{broken}", Total::KIND))
+        .arg("not a hash")
+        .query_async(&mut con)
+        .await
+        .expect("SET");
+    // Senders on good keys and on the broken one at once, so that their
+    // commits share script calls.
+    let senders: Vec<_> = (0..24u64)
+        .map(|s| {
+            let (client, run, broken) = (client.clone(), run.clone(), broken.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                // A broken commit fails after the handler's retries (about
+                // a second): a few keep it busy while the others send.
+                let sends = if s % 3 == 0 { 4 } else { 20 };
+                for n in 0..sends {
+                    let key = if s % 3 == 0 {
+                        broken.clone()
+                    } else {
+                        format!("{run}-{s}-{n}")
+                    };
+                    let sent = client
+                        .send_with_id(SetOne { key }, &format!("{run}-{s}-{n}"))
+                        .await;
+                    out.push(sent.map_err(|e| e.kind()));
+                }
+                (s, out)
+            })
+        })
+        .collect();
+    for sender in senders {
+        let (s, out) = sender.await.expect("sender");
+        if s % 3 == 0 {
+            assert!(
+                out.iter().all(Result::is_err),
+                "sender {s} writes the broken key: {out:?}"
+            );
+        } else {
+            assert_eq!(
+                out,
+                vec![Ok(1); 20],
+                "sender {s}: its commits keep their outcome beside the broken one"
+            );
+        }
     }
     rt.shutdown().await.expect("clean shutdown");
 }

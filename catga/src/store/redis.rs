@@ -396,8 +396,8 @@ const COMMIT_ONE: &str = "return commit(KEYS, ARGV)";
 /// others be): ARGV[1] is how many; then per commit its key count, its
 /// argument count and its arguments; its keys follow the previous
 /// commit's in KEYS. Returns each commit's result, in order; {4} for a
-/// commit that raised an error (a key of another type): what it wrote
-/// before the error stays, as with one commit's script.
+/// commit that found a key of another type (what it wrote before stays,
+/// as with one commit's script). Any other error fails the whole call.
 const COMMIT_MANY: &str = r"
 local out, ko, ao = {}, 0, 1
 for c = 1, tonumber(ARGV[1]) do
@@ -414,7 +414,15 @@ for c = 1, tonumber(ARGV[1]) do
   if ok then
     out[c] = r
   else
-    out[c] = {4}
+    -- A key of another type fails this commit alone; anything else
+    -- (READONLY after a failover, OOM, MISCONF) fails the call as it
+    -- would fail one commit's script. Redis 7 raises a table, 6 a string.
+    local e = type(r) == 'table' and r.err or tostring(r)
+    if string.find(e, 'WRONGTYPE', 1, true) then
+      out[c] = {4}
+    else
+      return redis.error_reply(e)
+    end
   end
   ko, ao = ko + nk, ao + na
 end
@@ -738,24 +746,28 @@ fn send_claims(conn: Conn) -> SendBatch<ClaimCall> {
                 inv.invoke_async::<Vec<Vec<u8>>>(&mut c).await,
                 "claims",
             );
+            // A caller that stopped waiting while its claim was on the way
+            // (its guard gave up a claim not yet written) would leave it
+            // held for the inbox window: given up here, once it is
+            // written and every other caller answered.
+            let mut left = Vec::new();
             for (call, found) in calls.into_iter().zip(found) {
                 let fresh = found.as_ref().is_ok_and(Vec::is_empty);
                 let found = found.map(|v| (!v.is_empty()).then_some(v));
-                // A caller that stopped waiting while its claim was on the
-                // way (its guard gave up a claim not yet written) would
-                // leave it held for the inbox window: given up here, after
-                // it was written.
                 if call.answer.send(found).is_err() && fresh {
-                    let [mark, ..] = &call.args;
-                    let gone = give_up
-                        .key(&call.key)
-                        .arg(mark.as_slice())
-                        .invoke_async::<i64>(&mut c)
-                        .await;
-                    if let Err(e) = gone {
-                        tracing::warn!(error = %e, "a claim whose caller stopped waiting could not be given up; it lapses with its replica");
-                    }
+                    let [mark, ..] = call.args;
+                    left.push((call.key, mark));
                 }
+            }
+            let gone = futures_util::future::join_all(left.iter().map(|(key, mark)| {
+                let mut c = c.clone();
+                let mut inv = give_up.prepare_invoke();
+                inv.key(key).arg(mark.as_slice());
+                async move { inv.invoke_async::<i64>(&mut c).await }
+            }))
+            .await;
+            if let Some(Err(e)) = gone.iter().find(|r| r.is_err()) {
+                tracing::warn!(error = %e, "a claim whose caller stopped waiting could not be given up; it holds until the inbox window ends or its replica stops");
             }
         })
     })
