@@ -3,7 +3,7 @@
 //! with JetStream on disk, and an outbox relay that died between publishing
 //! an event and marking it sent, and Redis killed while the inbox calls of
 //! many senders are in flight together, and a commit failing on a key of
-//! another type beside them.
+//! another type beside them or in its own outbox.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -40,6 +40,17 @@ pub struct SetOne {
     pub key: String,
 }
 
+/// Adds one to total `key` and says so with an [`Entry`] of `run`, once
+/// per message id.
+#[command(reply = u64, subject = "tests.faults.note", idempotent)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Note {
+    /// Which total.
+    pub key: String,
+    /// The test run, for the entry.
+    pub run: String,
+}
+
 /// A durable event, recorded once per message id.
 #[event(subject = "tests.faults.entry")]
 #[derive(Serialize, Deserialize, Debug)]
@@ -65,6 +76,22 @@ async fn add(ctx: &Context, a: Add) -> Result<u64> {
 #[command]
 async fn set_one(ctx: &Context, s: SetOne) -> Result<u64> {
     Ok(ctx.save(Versioned::new(s.key, Total { value: 1 })).await?.value)
+}
+
+#[command]
+async fn note(ctx: &Context, n: Note) -> Result<u64> {
+    let mut total = ctx
+        .try_load::<Total>(&n.key)
+        .await?
+        .unwrap_or_else(|| Versioned::new(n.key.clone(), Total::default()));
+    total.value += 1;
+    let value = ctx.save(total).await?.value;
+    ctx.publish(Entry {
+        run: n.run,
+        seq: value,
+    })
+    .await?;
+    Ok(value)
 }
 
 #[event(durable = "entries", idempotent)]
@@ -538,5 +565,63 @@ async fn a_commit_failing_on_a_key_of_another_type_fails_alone() {
             );
         }
     }
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A commit whose event cannot be written (the outbox key holds a value of
+/// another type) writes nothing and keeps no answer: the sender is told it
+/// failed, and the same id sent again once the outbox is repaired runs and
+/// publishes its event, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_event_cannot_be_written_keeps_no_answer() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let rt = builder(&nats, &redis).start().await.expect("starts");
+    ready(&rt).await;
+    let client = catga::Client::connect(&nats.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(5));
+    let r = redis::Client::open(redis.url()).expect("redis url");
+    let mut con = r.get_multiplexed_async_connection().await.expect("redis");
+    let outbox = "catga:{faults}:outbox";
+    let _: () = redis::cmd("DEL")
+        .arg(outbox)
+        .query_async(&mut con)
+        .await
+        .expect("DEL");
+    let _: () = redis::cmd("SET")
+        .arg(outbox)
+        .arg("not a stream")
+        .query_async(&mut con)
+        .await
+        .expect("SET");
+    let run = run_id();
+    let note = Note {
+        key: run.clone(),
+        run: run.clone(),
+    };
+    let id = format!("{run}-note");
+    let first = client.send_with_id(note.clone(), &id).await;
+    assert!(first.is_err(), "its event was not written, yet {first:?}");
+    let state: Option<String> = redis::cmd("HGET")
+        .arg(format!("catga:{{faults}}:state:{}:{run}", Total::KIND))
+        .arg("v")
+        .query_async(&mut con)
+        .await
+        .expect("HGET");
+    assert_eq!(state, None, "nothing of the failed commit is written");
+    let _: () = redis::cmd("DEL")
+        .arg(outbox)
+        .query_async(&mut con)
+        .await
+        .expect("DEL");
+    assert_eq!(
+        client.send_with_id(note, &id).await.expect("runs once repaired"),
+        1
+    );
+    let records = ENTRIES.wait_for(&run, 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ENTRIES.of(&run).len(), 1, "its event, once: {records:?}");
     rt.shutdown().await.expect("clean shutdown");
 }
