@@ -133,8 +133,9 @@ async fn each_occurrence_runs_once_while_the_replica_running_it_is_killed_or_sta
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let context = format!(
-        "killed {killed_name} running {killed_at:?}, stalled {} running {stalled_at:?}; runs: {seen:?}",
-        replicas[stalled].name
+        "killed {killed_name} running {killed_at:?}, stalled {} running {stalled_at:?}; runs: {seen:?}; logs:\n{}",
+        replicas[stalled].name,
+        catga_tests::process::logs(&replicas)
     );
     let first = *seen.keys().next().expect("runs");
     assert!(

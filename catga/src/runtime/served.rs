@@ -79,7 +79,17 @@ impl Served {
                     max_ack_pending,
                     batch: limit,
                     stream: None,
-                    pull_expires: Duration::from_secs(30),
+                    // A job's one delivery at a time waits, like a keyed
+                    // partition's, on a pull request the broker may no
+                    // longer have: a job-fault run on a loaded host held
+                    // its occurrences 17 s after a replica was stopped and
+                    // continued. The short expiry bounds that (see
+                    // `keyed::PULL_EXPIRES`).
+                    pull_expires: if job.is_some() {
+                        super::keyed::PULL_EXPIRES
+                    } else {
+                        Duration::from_secs(30)
+                    },
                     in_order: false,
                     from_last: job.is_some(),
                 },
