@@ -97,6 +97,9 @@ use crate::{Client, DeadLetter, DelayedInfo, SagaInfo};
 
 pub use crate::transport::tap::{Recorded, SentAs};
 
+mod simulation;
+pub use simulation::{FaultReport, Faults, Simulation, explore};
+
 /// How long before [`TestKit::settled`] gives up a delayed message must
 /// be due to be waited for: the relay looks every 250 ms, and its
 /// handlers need their time too.
@@ -104,6 +107,139 @@ pub const DELAYED_MARGIN: Duration = Duration::from_secs(1);
 
 /// How long [`TestKit::settled`] waits by default.
 pub const DEFAULT_SETTLE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits until nothing is left on `bus` (see [`TestKit::settled`]);
+/// `runtimes` are the replicas serving on it (at least one).
+pub(crate) async fn settle(bus: &MemoryBus, runtimes: &[&Runtime], within: Duration) -> Result<()> {
+    let until = Instant::now() + within;
+    let until_wall = bus.clock().now() + within;
+    let tap = bus.tap();
+    loop {
+        let before = tap.activity();
+        let left = left(bus, runtimes, tap, until_wall).await?;
+        if left.is_empty() && tap.activity() == before {
+            return Ok(());
+        }
+        if Instant::now() >= until {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "not settled within {within:?}: {}",
+                    if left.is_empty() {
+                        "the bus kept busy".to_owned()
+                    } else {
+                        left.join("; ")
+                    }
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// What keeps the bus from having settled, in words: `until` is when
+/// [`settle`] gives up; a delayed message due at least
+/// [`DELAYED_MARGIN`] before is waited for.
+async fn left(
+    bus: &MemoryBus,
+    runtimes: &[&Runtime],
+    tap: &Arc<Tap>,
+    until: std::time::SystemTime,
+) -> Result<Vec<String>> {
+    let Some(any) = runtimes.first() else {
+        return Err(Error::new(ErrorKind::Unavailable, "no replica is running"));
+    };
+    let mut left = Vec::new();
+    // The replicas share the bus's store: any of them lists its delayed
+    // messages and its outbox.
+    let waiting = any.delayed(usize::MAX).await?;
+    // Due already, or due with room before the wait ends.
+    let now = bus.clock().now();
+    let soon: Vec<_> = waiting
+        .iter()
+        .filter(|d| d.due <= now || d.due.checked_add(DELAYED_MARGIN).is_some_and(|d| d <= until))
+        .collect();
+    if let Some(first) = soon.first() {
+        left.push(format!(
+            "{} delayed messages due before the wait ends, the first on {} in {:?}",
+            soon.len(),
+            first.subject,
+            first.due.duration_since(now).unwrap_or_default()
+        ));
+    }
+    // In the order work flows: the outbox into streams, streams to
+    // consumers, deliveries to handlers.
+    let outbox = any.outbox_backlog().await?;
+    if outbox > 0 {
+        left.push(format!("{outbox} events in the outbox"));
+    }
+    // A durable consumer bound in a task of its own (a keyed saga's
+    // router) may not be bound yet: what its stream holds is not in
+    // any backlog until it is.
+    let streams = bus.streams();
+    for runtime in runtimes {
+        for name in runtime.serving().await {
+            let Some(spec) = runtime.handlers().iter().find(|s| s.name() == name) else {
+                continue;
+            };
+            if let Some(durable) = spec.durable()
+                && !streams.has_consumer(spec.subject(), durable)
+            {
+                left.push(format!("consumer {durable} of {} not bound yet", spec.subject()));
+            }
+        }
+    }
+    let now = Instant::now();
+    for b in streams.backlog() {
+        let mut what = Vec::new();
+        if b.undelivered > 0 {
+            what.push(format!("{} not delivered yet", b.undelivered));
+        }
+        if let Some(next) = b.pending.iter().min() {
+            what.push(format!(
+                "{} unacknowledged, the next due {}",
+                b.pending.len(),
+                if *next <= now {
+                    "now".to_owned()
+                } else {
+                    format!("in {:?}", *next - now)
+                }
+            ));
+        }
+        left.push(format!(
+            "consumer {} of {}: {}",
+            b.durable,
+            b.subject,
+            what.join(", ")
+        ));
+    }
+    let in_flight = tap.in_flight();
+    if in_flight > 0 {
+        left.push(format!("{in_flight} messages being handled"));
+    }
+    Ok(left)
+}
+
+/// The events of type `E` published on `bus` (see [`TestKit::published`]).
+pub(crate) fn published<E: Event>(bus: &MemoryBus) -> Result<Vec<E>> {
+    decoded::<E>(bus, |r| {
+        matches!(r.sent_as, SentAs::Publish | SentAs::PublishDurable)
+    })
+}
+
+/// The records of type `M` on `bus` that `keep` keeps, decoded; those of
+/// a version newer than `M` (asked for an older type) are left out.
+fn decoded<M: Message + crate::wire::codec::Decode>(
+    bus: &MemoryBus,
+    keep: impl Fn(&Recorded) -> bool,
+) -> Result<Vec<M>> {
+    bus.tap()
+        .records()
+        .iter()
+        .filter(|r| r.is::<M>() && r.version() <= M::VERSION && keep(r))
+        .map(Recorded::decode)
+        .collect()
+}
 
 /// A runtime on its own embedded bus, with every message recorded (see
 /// the [module](self)).
@@ -198,102 +334,7 @@ impl TestKit {
     /// dead-lettered. Fails with a time-out after
     /// [`settle_within`](Self::settle_within), naming what is left.
     pub async fn settled(&self) -> Result<()> {
-        let until = Instant::now() + self.settle_within;
-        let until_wall = self.now() + self.settle_within;
-        let tap = self.bus.tap();
-        loop {
-            let before = tap.activity();
-            let left = self.left(tap, until_wall).await?;
-            if left.is_empty() && tap.activity() == before {
-                return Ok(());
-            }
-            if Instant::now() >= until {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "not settled within {:?}: {}",
-                        self.settle_within,
-                        if left.is_empty() {
-                            "the bus kept busy".to_owned()
-                        } else {
-                            left.join("; ")
-                        }
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    /// What keeps the bus from having settled, in words: `until` is when
-    /// [`settled`](Self::settled) gives up; a delayed message due at least
-    /// [`DELAYED_MARGIN`] before is waited for.
-    async fn left(&self, tap: &Arc<Tap>, until: std::time::SystemTime) -> Result<Vec<String>> {
-        let mut left = Vec::new();
-        let waiting = self.delayed().await?;
-        // Due already, or due with room before the wait ends.
-        let now = self.now();
-        let soon: Vec<_> = waiting
-            .iter()
-            .filter(|d| d.due <= now || d.due.checked_add(DELAYED_MARGIN).is_some_and(|d| d <= until))
-            .collect();
-        if let Some(first) = soon.first() {
-            left.push(format!(
-                "{} delayed messages due before the wait ends, the first on {} in {:?}",
-                soon.len(),
-                first.subject,
-                first.due.duration_since(now).unwrap_or_default()
-            ));
-        }
-        // In the order work flows: the outbox into streams, streams to
-        // consumers, deliveries to handlers.
-        let outbox = self.runtime.outbox_backlog().await?;
-        if outbox > 0 {
-            left.push(format!("{outbox} events in the outbox"));
-        }
-        // A durable consumer bound in a task of its own (a keyed saga's
-        // router) may not be bound yet: what its stream holds is not in
-        // any backlog until it is.
-        let streams = self.bus.streams();
-        for name in self.runtime.serving().await {
-            let Some(spec) = self.runtime.handlers().iter().find(|s| s.name() == name) else {
-                continue;
-            };
-            if let Some(durable) = spec.durable()
-                && !streams.has_consumer(spec.subject(), durable)
-            {
-                left.push(format!("consumer {durable} of {} not bound yet", spec.subject()));
-            }
-        }
-        let now = Instant::now();
-        for b in streams.backlog() {
-            let mut what = Vec::new();
-            if b.undelivered > 0 {
-                what.push(format!("{} not delivered yet", b.undelivered));
-            }
-            if let Some(next) = b.pending.iter().min() {
-                what.push(format!(
-                    "{} unacknowledged, the next due {}",
-                    b.pending.len(),
-                    if *next <= now {
-                        "now".to_owned()
-                    } else {
-                        format!("in {:?}", *next - now)
-                    }
-                ));
-            }
-            left.push(format!(
-                "consumer {} of {}: {}",
-                b.durable,
-                b.subject,
-                what.join(", ")
-            ));
-        }
-        let in_flight = tap.in_flight();
-        if in_flight > 0 {
-            left.push(format!("{in_flight} messages being handled"));
-        }
-        Ok(left)
+        settle(&self.bus, &[&self.runtime], self.settle_within).await
     }
 
     /// Every message sent and published on the bus so far, in order
@@ -306,26 +347,13 @@ impl TestKit {
     /// handler, the outbox relay or the test), in order; older versions
     /// upcast as `E` says, newer ones left out.
     pub fn published<E: Event>(&self) -> Result<Vec<E>> {
-        self.decoded::<E>(|r| matches!(r.sent_as, SentAs::Publish | SentAs::PublishDurable))
+        published(&self.bus)
     }
 
     /// The commands of type `C` sent so far (by handlers, sagas or the
     /// test; a retried send counts each time), in order.
     pub fn sent<C: Command>(&self) -> Result<Vec<C>> {
-        self.decoded::<C>(|r| r.sent_as == SentAs::Request)
-    }
-
-    /// The records of type `M` that `keep` keeps, decoded; those of a
-    /// version newer than `M` (asked for an older type) are left out.
-    fn decoded<M: Message + crate::wire::codec::Decode>(
-        &self,
-        keep: impl Fn(&Recorded) -> bool,
-    ) -> Result<Vec<M>> {
-        self.messages()
-            .iter()
-            .filter(|r| r.is::<M>() && r.version() <= M::VERSION && keep(r))
-            .map(Recorded::decode)
-            .collect()
+        decoded::<C>(&self.bus, |r| r.sent_as == SentAs::Request)
     }
 
     /// The delayed messages waiting (sent with `publish_after` or

@@ -130,6 +130,9 @@ impl Process {
                 .status()
                 .expect("run kill");
             assert!(status.success(), "kill -{signal} failed");
+            if signal == "STOP" {
+                wait_stopped(c.id());
+            }
         }
     }
 
@@ -137,6 +140,41 @@ impl Process {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// Waits (up to 2 s) until every thread of process `pid` is stopped:
+/// `kill -STOP` returns once the signal is sent, and a busy
+/// multi-threaded nats-server was seen answering a request sent right
+/// after it. Where `/proc` cannot be read, it waits 50 ms.
+fn wait_stopped(pid: u32) {
+    let until = Instant::now() + Duration::from_secs(2);
+    let tasks = format!("/proc/{pid}/task");
+    let all_stopped = || -> Option<bool> {
+        let mut any = false;
+        for task in std::fs::read_dir(&tasks).ok()? {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            // "pid (comm) S ...": the state follows the last ')'.
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            if state != 'T' && state != 't' {
+                return Some(false);
+            }
+            any = true;
+        }
+        Some(any)
+    };
+    loop {
+        match all_stopped() {
+            Some(true) => return,
+            None => {
+                std::thread::sleep(Duration::from_millis(50));
+                return;
+            }
+            Some(false) if Instant::now() >= until => {
+                panic!("process {pid} did not stop within 2 s of SIGSTOP")
+            }
+            Some(false) => std::thread::sleep(Duration::from_millis(1)),
         }
     }
 }

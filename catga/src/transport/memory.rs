@@ -86,8 +86,19 @@ impl Route {
     /// Hands one copy to each receiver; `make` builds each copy. Returns
     /// how many were handed over.
     fn deliver(&self, mut make: impl FnMut() -> Delivery) -> usize {
+        self.deliver_some(make_all, &mut make)
+    }
+
+    /// [`deliver`](Self::deliver), skipping the copies `keep` says no to
+    /// (the simulator's lost copies; a skipped copy counts as handed over,
+    /// as a copy the network lost does for NATS).
+    fn deliver_some(&self, mut keep: impl FnMut() -> bool, make: &mut impl FnMut() -> Delivery) -> usize {
         let mut n = 0;
         for m in &self.plain {
+            if !keep() {
+                n += 1;
+                continue;
+            }
             if m.tx.send(make()).is_ok() {
                 n += 1;
             }
@@ -95,6 +106,10 @@ impl Route {
         for g in &self.groups {
             let len = g.members.len();
             let start = g.turn.fetch_add(1, Ordering::Relaxed);
+            if !keep() {
+                n += 1;
+                continue;
+            }
             let mut msg = make();
             // A member whose subscription is gone gives the message back;
             // try the next one.
@@ -112,12 +127,19 @@ impl Route {
     }
 }
 
+/// Keeps every copy: [`Route::deliver`] without faults.
+fn make_all() -> bool {
+    true
+}
+
 /// The reply slot of an in-memory request: the first answer wins, as with
 /// NATS. A request with one receiver (the common case: one queue group)
 /// needs no shared slot.
 pub(crate) struct ReplySlot {
     tx: SlotTx,
     max_payload: usize,
+    /// The simulator's faults, when this request's reply is to be lost.
+    lost: Option<Arc<super::chaos::Chaos>>,
 }
 
 enum SlotTx {
@@ -150,7 +172,12 @@ impl ReplySlot {
         };
         // The requester may have given up (time-out); nothing to do then.
         if let Some(tx) = tx {
-            let _ = tx.send(reply);
+            match self.lost {
+                Some(chaos) => chaos.lose_reply(tx),
+                None => {
+                    let _ = tx.send(reply);
+                }
+            }
         }
     }
 }
@@ -280,7 +307,7 @@ impl MemoryBus {
         let routes = self.inner.routes.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(route) = routes.get(subject.as_str()) {
             let tap = self.tap();
-            route.deliver(|| {
+            let mut make = || {
                 Delivery::new(
                     subject.clone(),
                     headers.clone(),
@@ -289,7 +316,21 @@ impl MemoryBus {
                     ReplyTo::None,
                 )
                 .tracked(tap)
-            });
+            };
+            match self.inner.streams.chaos() {
+                None => route.deliver(make),
+                Some(chaos) => {
+                    let key = super::chaos::key_of(subject, headers.as_ref(), &payload, 0);
+                    let mut copy = 0;
+                    route.deliver_some(
+                        || {
+                            copy += 1;
+                            !chaos.strikes(super::chaos::Fault::Copy, super::chaos::mix(key ^ copy))
+                        },
+                        &mut make,
+                    )
+                }
+            };
         }
     }
 
@@ -382,6 +423,21 @@ impl MemoryBus {
         let max_payload = self.inner.max_payload;
         let tap = self.tap();
         tap.record(subject, SentAs::Request, headers.as_ref(), &payload);
+        let mut lost = None;
+        if let Some(chaos) = self.inner.streams.chaos() {
+            let key = super::chaos::key_of(subject, headers.as_ref(), &payload, 0);
+            if chaos.strikes(super::chaos::Fault::Request, key) {
+                // No handler sees it: the sender hears nothing.
+                tokio::time::sleep(timeout).await;
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("no reply on subject {subject} within {timeout:?}"),
+                ));
+            }
+            if chaos.strikes(super::chaos::Fault::Reply, key) {
+                lost = Some(Arc::clone(chaos));
+            }
+        }
         {
             let routes = self.inner.routes.read().unwrap_or_else(PoisonError::into_inner);
             let route = routes.get(subject.as_str()).ok_or_else(|| no_handler(subject))?;
@@ -404,6 +460,7 @@ impl MemoryBus {
                         ReplyTo::Memory(ReplySlot {
                             tx: slot,
                             max_payload,
+                            lost: lost.take(),
                         }),
                     )
                     .tracked(tap)
@@ -419,6 +476,7 @@ impl MemoryBus {
                         ReplyTo::Memory(ReplySlot {
                             tx: SlotTx::Shared(Arc::clone(&shared)),
                             max_payload,
+                            lost: lost.clone(),
                         }),
                     )
                     .tracked(tap)

@@ -24,6 +24,9 @@ pub(crate) struct Streams {
     inner: Mutex<Inner>,
     /// The bus's tap (see [`super::tap`]).
     tap: Arc<super::tap::Tap>,
+    /// The bus's faults, when a simulation runs on it (see
+    /// [`super::chaos`]).
+    chaos: std::sync::OnceLock<Arc<super::chaos::Chaos>>,
 }
 
 #[derive(Default)]
@@ -89,6 +92,16 @@ impl Streams {
     /// The bus's tap.
     pub(crate) fn tap(&self) -> &Arc<super::tap::Tap> {
         &self.tap
+    }
+
+    /// The bus's faults, if a simulation installed them.
+    pub(crate) fn chaos(&self) -> Option<&Arc<super::chaos::Chaos>> {
+        self.chaos.get()
+    }
+
+    /// Installs the bus's faults; `false` if some were installed before.
+    pub(crate) fn install_chaos(&self, chaos: Arc<super::chaos::Chaos>) -> bool {
+        self.chaos.set(chaos).is_ok()
     }
 
     /// What the durable consumers have not settled: per consumer with
@@ -502,6 +515,18 @@ impl MemoryDurable {
             woken.as_mut().enable();
             match self.streams.take(&self.subject, &self.durable) {
                 Ok((seq, deliveries, m)) => {
+                    let key = match self.streams.chaos() {
+                        Some(chaos) => {
+                            let key = super::chaos::key_of(&self.subject, m.headers.as_ref(), &m.payload, 0);
+                            // Lost on its way: it stays pending and comes
+                            // again when its ack wait passes.
+                            if chaos.strikes(super::chaos::Fault::Delivery, key) {
+                                continue;
+                            }
+                            key
+                        }
+                        None => 0,
+                    };
                     let mut d = Delivery::new(
                         Subject::from(self.subject.as_str()),
                         m.headers,
@@ -512,6 +537,7 @@ impl MemoryDurable {
                             subject: self.subject.clone(),
                             durable: self.durable.clone(),
                             seq,
+                            key,
                         }),
                     );
                     d.delivered = deliveries;
@@ -541,10 +567,18 @@ pub(crate) struct MemoryAck {
     subject: String,
     durable: String,
     seq: u64,
+    /// The message's key for the simulator's faults (0 without them).
+    key: u64,
 }
 
 impl MemoryAck {
     pub(crate) fn ack(self) {
+        // A lost ack: the message comes again when its ack wait passes.
+        if let Some(chaos) = self.streams.chaos()
+            && chaos.strikes(super::chaos::Fault::Ack, self.key)
+        {
+            return;
+        }
         self.streams.settle(&self.subject, &self.durable, self.seq, None);
     }
 

@@ -7,6 +7,7 @@
 //! with which a message answers itself. It never asks which transport it
 //! runs on.
 
+pub(crate) mod chaos;
 pub(crate) mod jetstream;
 pub(crate) mod memory;
 pub(crate) mod memory_streams;

@@ -1,0 +1,582 @@
+//! Seeded fault simulation: several replicas of a service in one process,
+//! on one embedded bus and its store, under faults drawn from a seed.
+//!
+//! ```rust,standalone_crate
+//! use catga::testing::{explore, Faults, Simulation};
+//! use catga::{command, Context, Result, State, Versioned};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Default)]
+//! struct Account { balance: u64 }
+//! impl State for Account { const KIND: &'static str = "account"; }
+//!
+//! #[command(reply = u64, idempotent)]
+//! #[derive(Serialize, Deserialize, Clone)]
+//! pub struct Deposit { pub account: String, pub amount: u64 }
+//!
+//! #[command(queue_group = "accounts")]
+//! async fn deposit(ctx: &Context, d: Deposit) -> Result<u64> {
+//!     let mut account = ctx
+//!         .try_load::<Account>(&d.account)
+//!         .await?
+//!         .unwrap_or_else(|| Versioned::new(d.account.clone(), Account::default()));
+//!     account.balance += d.amount;
+//!     let balance = account.balance;
+//!     ctx.save(account).await?;
+//!     Ok(balance)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<()> {
+//! // Seeds 0..2 here; `CATGA_SIM_SEEDS=1000` runs a thousand, and a
+//! // failing seed is named with the way to run it alone.
+//! explore(0..2, |seed| async move {
+//!     let mut sim = Simulation::start(seed, 3, Faults::default(), |b| b).await?;
+//!     for n in 0..20 {
+//!         let d = Deposit { account: "a".into(), amount: 1 };
+//!         sim.send(d, &format!("deposit-{n}")).await?;
+//!     }
+//!     sim.settled().await?;
+//!     // Every deposit counted once, whatever was lost or killed.
+//!     let d = Deposit { account: "a".into(), amount: 0 };
+//!     assert_eq!(sim.send(d, "check").await?, 20);
+//!     sim.shutdown().await
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The faults are those a real deployment has, and only those:
+//! - a request lost on its way (no handler sees it) or its reply lost
+//!   (the handler ran): either way the sender times out;
+//! - a subscriber's copy of a core event lost (core NATS is at most once);
+//! - a durable delivery lost on its way (it comes again after its ack
+//!   wait, behind later messages) or its ack lost (it comes again although
+//!   it was handled);
+//! - a replica killed (its tasks stop where they are, its leases and
+//!   claims left to run out) or stopped gracefully (SIGTERM: it drains),
+//!   then started again.
+//!
+//! Each loss is decided from the seed and the message it falls on, not
+//! from the order in which tasks ran, and the kills fall after a number of
+//! messages drawn from the seed: a seed run again loses the same requests,
+//! replies, copies and acks of the same messages and kills the same
+//! replicas. What it does not replay is the interleaving of the tasks
+//! (tokio's and the OS's scheduling): a failure that needs one exact
+//! interleaving may take a few runs of its seed to show again.
+//!
+//! The replicas run with short leases and ack waits (see
+//! [`Simulation::start`]) so that a run recovers from its faults in
+//! seconds. Not simulated: a replica stalled past its leases, the store
+//! losing its last writes in a failover, messages duplicated by the
+//! network on core subjects (NATS does not), a partition between replicas
+//! that still reach the store.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Command, Event};
+use crate::runtime::{Runtime, RuntimeBuilder};
+use crate::transport::chaos::{Chaos, Fault, mix};
+use crate::transport::memory::MemoryBus;
+use crate::{Client, DeadLetter, SagaInfo};
+
+use super::DEFAULT_SETTLE_WITHIN;
+
+/// How often each fault strikes in a [`Simulation`]: the chance, from 0
+/// to 1, that one message meets it at each place it can.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Faults {
+    /// A request lost before any handler saw it.
+    pub lose_requests: f64,
+    /// A reply lost after its handler ran.
+    pub lose_replies: f64,
+    /// A subscriber's copy of a core (not durable) event lost.
+    pub lose_copies: f64,
+    /// A durable delivery lost on its way (redelivered after the ack
+    /// wait).
+    pub lose_deliveries: f64,
+    /// A durable consumer's ack lost (the handled message redelivered).
+    pub lose_acks: f64,
+    /// How many times a replica is killed or stopped, then started again,
+    /// during the run.
+    pub restarts: u32,
+}
+
+impl Default for Faults {
+    /// 2 % of each loss and 3 restarts: enough for a few hundred messages
+    /// to meet every fault, few enough for the run to finish in seconds.
+    fn default() -> Faults {
+        Faults {
+            lose_requests: 0.02,
+            lose_replies: 0.02,
+            lose_copies: 0.02,
+            lose_deliveries: 0.02,
+            lose_acks: 0.02,
+            restarts: 3,
+        }
+    }
+}
+
+impl Faults {
+    /// No faults: the same replicas, timings and assertions, with nothing
+    /// lost or killed.
+    pub fn none() -> Faults {
+        Faults {
+            lose_requests: 0.0,
+            lose_replies: 0.0,
+            lose_copies: 0.0,
+            lose_deliveries: 0.0,
+            lose_acks: 0.0,
+            restarts: 0,
+        }
+    }
+
+    fn rates(&self) -> [u32; 5] {
+        let ppm = |p: f64| (p.clamp(0.0, 1.0) * 1_000_000.0).round() as u32;
+        Fault::ALL.map(|f| {
+            ppm(match f {
+                Fault::Request => self.lose_requests,
+                Fault::Reply => self.lose_replies,
+                Fault::Copy => self.lose_copies,
+                Fault::Delivery => self.lose_deliveries,
+                Fault::Ack => self.lose_acks,
+            })
+        })
+    }
+}
+
+/// What a [`Simulation`] did to its replicas so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FaultReport {
+    /// The seed.
+    pub seed: u64,
+    /// Requests lost before a handler saw them.
+    pub lost_requests: u64,
+    /// Replies lost after their handler ran.
+    pub lost_replies: u64,
+    /// Copies of core events lost.
+    pub lost_copies: u64,
+    /// Durable deliveries lost on their way.
+    pub lost_deliveries: u64,
+    /// Acks of durable deliveries lost.
+    pub lost_acks: u64,
+    /// Replicas killed (tasks stopped where they were).
+    pub kills: u64,
+    /// Replicas stopped gracefully (drained).
+    pub stops: u64,
+    /// Replicas started again.
+    pub restarts: u64,
+}
+
+impl std::fmt::Display for FaultReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {}: lost {} requests, {} replies, {} core copies, {} durable deliveries, {} acks; \
+             {} replicas killed, {} stopped, {} started again",
+            self.seed,
+            self.lost_requests,
+            self.lost_replies,
+            self.lost_copies,
+            self.lost_deliveries,
+            self.lost_acks,
+            self.kills,
+            self.stops,
+            self.restarts
+        )
+    }
+}
+
+type Configure = dyn Fn(RuntimeBuilder) -> RuntimeBuilder + Send + Sync;
+
+/// The replicas of a simulation and how to start one.
+struct Cluster {
+    bus: MemoryBus,
+    configure: Box<Configure>,
+    replicas: Mutex<Vec<Option<Runtime>>>,
+    /// Replicas started so far, for their instance ids.
+    started: AtomicU64,
+    kills: AtomicU64,
+    stops: AtomicU64,
+    restarts: AtomicU64,
+}
+
+impl Cluster {
+    async fn start_replica(&self, slot: usize) -> Result<Runtime> {
+        let n = self.started.fetch_add(1, Ordering::Relaxed);
+        let builder = (self.configure)(timings(Runtime::builder()).instance_id(format!("sim-{slot}-{n}")));
+        let runtime = builder.embedded(self.bus.clone()).start().await?;
+        runtime.ready().await?;
+        Ok(runtime)
+    }
+}
+
+/// The timings of a simulation's replicas, before the caller's own: a
+/// killed replica's leases, claims and unacknowledged deliveries run out
+/// in about a second, so that a run recovers from its faults quickly.
+fn timings(builder: RuntimeBuilder) -> RuntimeBuilder {
+    let defaults = Config::default();
+    builder
+        .request_timeout(Duration::from_millis(500))
+        .drain_timeout(Duration::from_secs(2))
+        .leader_lease(Duration::from_millis(600))
+        .membership(Duration::from_millis(100), Duration::from_millis(600))
+        .inbox(defaults.inbox_window, Duration::from_millis(400))
+        .durable_defaults(Duration::from_secs(1), defaults.max_deliver)
+        .outbox_lease(Duration::from_millis(600))
+        .retry_base(Duration::from_millis(20))
+}
+
+/// Several replicas of a service on one embedded bus, under faults drawn
+/// from a seed (see the [module](self)).
+pub struct Simulation {
+    seed: u64,
+    cluster: Arc<Cluster>,
+    chaos: Arc<Chaos>,
+    client: Client,
+    monkey: Option<JoinHandle<()>>,
+    settle_within: Duration,
+}
+
+impl std::fmt::Debug for Simulation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulation")
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Simulation {
+    /// Starts `replicas` replicas of the service `configure` describes
+    /// (given a builder with the simulation's short timings: 500 ms
+    /// request time-out, 1 s ack wait, leases of 400-600 ms; it may change
+    /// them and choose the handlers) on a new embedded bus, and lets the
+    /// faults loose. Messages start being lost at once; the first restart
+    /// comes after some dozens of messages.
+    pub async fn start(
+        seed: u64,
+        replicas: usize,
+        faults: Faults,
+        configure: impl Fn(RuntimeBuilder) -> RuntimeBuilder + Send + Sync + 'static,
+    ) -> Result<Simulation> {
+        if replicas == 0 {
+            return Err(Error::new(ErrorKind::Invalid, "a simulation needs a replica"));
+        }
+        let bus = MemoryBus::new();
+        bus.tap().turn_on();
+        let chaos = Arc::new(Chaos::new(seed, faults.rates()));
+        bus.streams().install_chaos(Arc::clone(&chaos));
+        let cluster = Arc::new(Cluster {
+            bus: bus.clone(),
+            configure: Box::new(configure),
+            replicas: Mutex::new(Vec::new()),
+            started: AtomicU64::new(0),
+            kills: AtomicU64::new(0),
+            stops: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+        });
+        for slot in 0..replicas {
+            let runtime = cluster.start_replica(slot).await?;
+            cluster.replicas.lock().await.push(Some(runtime));
+        }
+        let client = Client::memory(&bus).with_request_timeout(Duration::from_millis(500));
+        let monkey = (faults.restarts > 0)
+            .then(|| tokio::spawn(restart_replicas(Arc::clone(&cluster), seed, faults.restarts)));
+        Ok(Simulation {
+            seed,
+            cluster,
+            chaos,
+            client,
+            monkey,
+            settle_within: DEFAULT_SETTLE_WITHIN,
+        })
+    }
+
+    /// How long [`settled`](Self::settled) waits once the faults stop
+    /// ([`DEFAULT_SETTLE_WITHIN`] unless set).
+    pub fn settle_within(mut self, within: Duration) -> Simulation {
+        self.settle_within = within;
+        self
+    }
+
+    /// The seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// A client on the simulation's bus: its requests meet the faults
+    /// too. It is never killed.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The simulation's bus.
+    pub fn bus(&self) -> &MemoryBus {
+        &self.cluster.bus
+    }
+
+    /// Sends `cmd` with the message id `id` until it is answered, as a
+    /// careful client does: the same id again after a time-out or any
+    /// other error worth retrying, for up to a minute.
+    pub async fn send<C: Command + Clone>(&self, cmd: C, id: &str) -> Result<C::Reply> {
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.client.send_with_id(cmd.clone(), id).await {
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Publishes `event` durably with the message id `id` until the
+    /// stream took it (see [`send`](Self::send)).
+    pub async fn publish_durable<E: Event + Clone>(&self, event: E, id: &str) -> Result<()> {
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.client.publish_durable_with_id(event.clone(), id).await {
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Ends the faults: no more losses, no more restarts (one under way
+    /// finishes), and every replica down is started again.
+    pub async fn heal(&mut self) -> Result<()> {
+        if let Some(monkey) = self.monkey.take() {
+            monkey.abort();
+            let _ = monkey.await;
+        }
+        self.chaos.set_on(false);
+        let mut replicas = self.cluster.replicas.lock().await;
+        for slot in 0..replicas.len() {
+            if replicas[slot].is_none() {
+                replicas[slot] = Some(self.cluster.start_replica(slot).await?);
+                self.cluster.restarts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Heals (see [`heal`](Self::heal)), then waits until everything the
+    /// run set off has settled, as [`TestKit::settled`](super::TestKit::settled)
+    /// does, across every replica.
+    pub async fn settled(&mut self) -> Result<()> {
+        self.heal().await?;
+        let replicas = self.cluster.replicas.lock().await;
+        let live: Vec<&Runtime> = replicas.iter().flatten().collect();
+        super::settle(&self.cluster.bus, &live, self.settle_within).await
+    }
+
+    /// What the faults did so far.
+    pub fn report(&self) -> FaultReport {
+        let [
+            lost_requests,
+            lost_replies,
+            lost_copies,
+            lost_deliveries,
+            lost_acks,
+        ] = self.chaos.struck();
+        FaultReport {
+            seed: self.seed,
+            lost_requests,
+            lost_replies,
+            lost_copies,
+            lost_deliveries,
+            lost_acks,
+            kills: self.cluster.kills.load(Ordering::Relaxed),
+            stops: self.cluster.stops.load(Ordering::Relaxed),
+            restarts: self.cluster.restarts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The events of type `E` published so far, in order (see
+    /// [`TestKit::published`](super::TestKit::published)).
+    pub fn published<E: Event>(&self) -> Result<Vec<E>> {
+        super::published(&self.cluster.bus)
+    }
+
+    /// The service's dead letters, oldest first (up to 1,000).
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
+        self.any_replica(|r| r.dead_letters()).await?.list(0, 1000).await
+    }
+
+    /// The service's sagas, newest first (up to 1,000), with their steps.
+    pub async fn sagas(&self) -> Result<Vec<SagaInfo>> {
+        let replicas = self.cluster.replicas.lock().await;
+        match replicas.iter().flatten().next() {
+            Some(r) => r.sagas(1000).await,
+            None => Err(Error::new(ErrorKind::Unavailable, "no replica is running")),
+        }
+    }
+
+    async fn any_replica<T>(&self, f: impl FnOnce(&Runtime) -> T) -> Result<T> {
+        let replicas = self.cluster.replicas.lock().await;
+        replicas
+            .iter()
+            .flatten()
+            .next()
+            .map(f)
+            .ok_or_else(|| Error::new(ErrorKind::Unavailable, "no replica is running"))
+    }
+
+    /// Stops the faults and shuts every replica down gracefully.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(monkey) = self.monkey.take() {
+            monkey.abort();
+            let _ = monkey.await;
+        }
+        self.chaos.set_on(false);
+        let replicas: Vec<Runtime> = self.cluster.replicas.lock().await.drain(..).flatten().collect();
+        let mut outcome = Ok(());
+        for r in replicas {
+            if let Err(e) = r.shutdown().await {
+                outcome = Err(e);
+            }
+        }
+        outcome
+    }
+}
+
+impl Drop for Simulation {
+    fn drop(&mut self) {
+        if let Some(monkey) = &self.monkey {
+            monkey.abort();
+        }
+    }
+}
+
+/// Kills or stops a replica after a number of messages drawn from the
+/// seed, starts it again after some more, `times` times.
+async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, times: u32) {
+    let mut state = mix(seed ^ 0x7265_7374_6172_7473);
+    let mut draw = move |below: u64| {
+        state = mix(state);
+        state % below
+    };
+    let slots = cluster.replicas.lock().await.len() as u64;
+    for _ in 0..times {
+        messages(&cluster.bus, 20 + draw(120)).await;
+        let slot = draw(slots) as usize;
+        let graceful = draw(2) == 0;
+        let Some(victim) = cluster.replicas.lock().await.get_mut(slot).and_then(Option::take) else {
+            continue;
+        };
+        if graceful {
+            tracing::info!(slot, "simulation: stopping a replica (SIGTERM)");
+            cluster.stops.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = victim.shutdown().await {
+                tracing::info!(slot, error = %e, "simulation: the stopped replica did not drain in time");
+            }
+        } else {
+            tracing::info!(slot, "simulation: killing a replica (SIGKILL)");
+            cluster.kills.fetch_add(1, Ordering::Relaxed);
+            drop(victim);
+        }
+        messages(&cluster.bus, 10 + draw(80)).await;
+        // A failed start (the store or bus refusing for a moment) is tried
+        // again; `heal` starts whatever is still down.
+        loop {
+            match cluster.start_replica(slot).await {
+                Ok(runtime) => {
+                    if let Some(s) = cluster.replicas.lock().await.get_mut(slot) {
+                        *s = Some(runtime);
+                    }
+                    cluster.restarts.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    tracing::info!(slot, error = %e, "simulation: a replica did not start; trying again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Waits until `n` more things moved on the bus, or 2 s with nothing
+/// moving (the run may be over: the restart comes then).
+async fn messages(bus: &MemoryBus, n: u64) {
+    let tap = bus.tap();
+    let until = tap.activity() + n;
+    let mut quiet_since = tokio::time::Instant::now();
+    let mut last = tap.activity();
+    while tap.activity() < until {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let now = tap.activity();
+        if now != last {
+            last = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() > Duration::from_secs(2) {
+            return;
+        }
+    }
+}
+
+/// Runs `run` once per seed of `seeds`, each in a task of its own, and
+/// stops at the first that fails (returns an error or panics) with an
+/// error naming the seed and how to run it alone. Returns how many seeds
+/// ran.
+///
+/// `CATGA_SIM_SEED=n` runs seed `n` alone; `CATGA_SIM_SEEDS=n` runs `n`
+/// seeds from the start of `seeds` instead of `seeds` (a nightly run of
+/// thousands).
+pub async fn explore<F, Fut>(seeds: std::ops::Range<u64>, mut run: F) -> Result<u64>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    let number =
+        |name: &str| -> Result<Option<u64>> {
+            match std::env::var(name) {
+                Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+                    Error::new(ErrorKind::Config, format!("{name} must be a number, not `{v}`"))
+                }),
+                Err(_) => Ok(None),
+            }
+        };
+    let seeds: Vec<u64> = match (number("CATGA_SIM_SEED")?, number("CATGA_SIM_SEEDS")?) {
+        (Some(one), _) => vec![one],
+        (None, Some(n)) => (seeds.start..seeds.start.saturating_add(n)).collect(),
+        (None, None) => seeds.collect(),
+    };
+    let mut ran = 0;
+    for seed in seeds {
+        tracing::info!(seed, "simulation: seed");
+        let failed = match tokio::spawn(run(seed)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some((e.kind(), e.message().to_owned())),
+            Err(e) if e.is_panic() => {
+                let panic = e.into_panic();
+                let text = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "a panic".to_owned());
+                Some((ErrorKind::Internal, text))
+            }
+            Err(e) => Some((ErrorKind::Internal, e.to_string())),
+        };
+        if let Some((kind, text)) = failed {
+            return Err(Error::new(
+                kind,
+                format!("seed {seed} failed: {text} (run it alone with CATGA_SIM_SEED={seed})"),
+            ));
+        }
+        ran += 1;
+    }
+    Ok(ran)
+}

@@ -1,0 +1,402 @@
+//! The fault simulator (`catga::testing::Simulation`) on catga's own
+//! promises: three replicas of a small bank take deposits while requests,
+//! replies, core copies, durable deliveries and acks are lost and replicas
+//! are killed or stopped and started again; once healed and settled,
+//! every deposit took effect once in the account, once in the ledger a
+//! durable handler keeps, and once through a saga's step. A seed replays
+//! the same faults; a handler that is not idempotent is caught, with the
+//! seed that shows it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use catga::testing::{Faults, Simulation, explore};
+use catga::{Context, Result, RuntimeBuilder, Saga, State, Versioned, command, event, saga};
+use serde::{Deserialize, Serialize};
+
+/// Deposits `amount` into `account`; answers the new balance.
+#[command(reply = u64, subject = "tests.sim.deposit", idempotent)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Deposit {
+    /// Which account.
+    pub account: String,
+    /// How much.
+    pub amount: u64,
+}
+
+/// A deposit took effect (saved with the account, relayed by the outbox).
+#[event(subject = "tests.sim.deposited")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Deposited {
+    /// Which account.
+    pub account: String,
+    /// How much.
+    pub amount: u64,
+}
+
+/// The saga's step: credits the deposit to the account's rewards.
+#[command(subject = "tests.sim.credit", idempotent)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Credit {
+    /// Which account.
+    pub account: String,
+    /// How much.
+    pub amount: u64,
+}
+
+/// What the books say of an account.
+#[command(reply = Books, subject = "tests.sim.books")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct GetBooks {
+    /// Which account.
+    pub account: String,
+}
+
+/// One account's totals, as each part of the service kept them.
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq, Eq)]
+pub struct Books {
+    /// The account's balance and deposits.
+    pub account: Totals,
+    /// The ledger's (a durable, idempotent event handler).
+    pub ledger: Totals,
+    /// The rewards' (a saga's step).
+    pub rewards: Totals,
+}
+
+/// A sum and how many amounts went into it.
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq, Eq)]
+pub struct Totals {
+    /// The sum.
+    pub total: u64,
+    /// How many.
+    pub count: u64,
+}
+
+/// An account.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Account(Totals);
+
+impl State for Account {
+    const KIND: &'static str = "sim-account";
+}
+
+/// The ledger of an account.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Ledger(Totals);
+
+impl State for Ledger {
+    const KIND: &'static str = "sim-ledger";
+}
+
+/// The rewards of an account.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Rewards(Totals);
+
+impl State for Rewards {
+    const KIND: &'static str = "sim-rewards";
+}
+
+/// Adds `amount` to the state `key` of kind `T`; the new totals.
+async fn add<T: State + Default + std::ops::DerefMut<Target = Totals>>(
+    ctx: &Context,
+    key: &str,
+    amount: u64,
+    event: Option<Deposited>,
+) -> Result<Totals> {
+    let mut s = ctx
+        .try_load::<T>(key)
+        .await?
+        .unwrap_or_else(|| Versioned::new(key.to_owned(), T::default()));
+    s.total += amount;
+    s.count += 1;
+    let totals = Totals {
+        total: s.total,
+        count: s.count,
+    };
+    match event {
+        Some(e) => ctx.save(s).with_event(e).await?,
+        None => ctx.save(s).await?,
+    };
+    Ok(totals)
+}
+
+macro_rules! totals {
+    ($t:ty) => {
+        impl std::ops::Deref for $t {
+            type Target = Totals;
+            fn deref(&self) -> &Totals {
+                &self.0
+            }
+        }
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut Totals {
+                &mut self.0
+            }
+        }
+    };
+}
+totals!(Account);
+totals!(Ledger);
+totals!(Rewards);
+
+#[command(queue_group = "sim")]
+async fn deposit(ctx: &Context, d: Deposit) -> Result<u64> {
+    let event = Deposited {
+        account: d.account.clone(),
+        amount: d.amount,
+    };
+    Ok(add::<Account>(ctx, &d.account, d.amount, Some(event))
+        .await?
+        .total)
+}
+
+#[event(durable = "sim-ledger", idempotent, retry = 20)]
+async fn post(ctx: &Context, e: Deposited) -> Result<()> {
+    add::<Ledger>(ctx, &e.account, e.amount, None).await.map(drop)
+}
+
+#[command(queue_group = "sim")]
+async fn credit(ctx: &Context, c: Credit) -> Result<()> {
+    add::<Rewards>(ctx, &c.account, c.amount, None).await.map(drop)
+}
+
+#[saga]
+async fn reward(saga: &Saga, e: Deposited) -> Result<()> {
+    saga.step(
+        "credit",
+        Credit {
+            account: e.account,
+            amount: e.amount,
+        },
+    )
+    .await
+}
+
+#[command(queue_group = "sim")]
+async fn books(ctx: &Context, q: GetBooks) -> Result<Books> {
+    let totals = |t: Option<Totals>| t.unwrap_or_default();
+    Ok(Books {
+        account: totals(ctx.try_load::<Account>(&q.account).await?.map(|a| a.0.clone())),
+        ledger: totals(ctx.try_load::<Ledger>(&q.account).await?.map(|a| a.0.clone())),
+        rewards: totals(ctx.try_load::<Rewards>(&q.account).await?.map(|a| a.0.clone())),
+    })
+}
+
+/// Counts the deposits of the handler that forgot its inbox.
+static CARELESS: AtomicU64 = AtomicU64::new(0);
+
+/// A deposit whose handler keeps its count outside the store, without
+/// `idempotent`: a lost reply makes the sender send it again, and it
+/// counts twice.
+#[command(reply = u64, subject = "tests.sim.careless")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct CarelessDeposit {
+    /// Which deposit.
+    pub n: u64,
+}
+
+#[command(queue_group = "sim")]
+async fn careless(_d: CarelessDeposit) -> Result<u64> {
+    Ok(CARELESS.fetch_add(1, Ordering::SeqCst) + 1)
+}
+
+const ACCOUNTS: u64 = 4;
+const DEPOSITS: u64 = 12;
+
+/// The bank's handlers, not the careless one.
+fn bank(b: RuntimeBuilder) -> RuntimeBuilder {
+    b.service("sim-bank")
+        .handlers(|h| !h.name().ends_with("careless"))
+}
+
+/// Deposits `1..=DEPOSITS` into each account, the accounts side by side,
+/// each deposit sent until answered under its own message id.
+async fn workload(sim: &Simulation, run: &str) -> Result<()> {
+    let accounts = (0..ACCOUNTS).map(|a| async move {
+        for n in 1..=DEPOSITS {
+            let d = Deposit {
+                account: format!("{run}-{a}"),
+                amount: n,
+            };
+            sim.send(d, &format!("{run}-{a}-{n}")).await?;
+        }
+        Ok::<(), catga::Error>(())
+    });
+    futures_util::future::try_join_all(accounts).await?;
+    Ok(())
+}
+
+/// Every deposit once in the account, the ledger and the rewards.
+async fn check_books(sim: &Simulation, run: &str) -> Result<()> {
+    let expected = Totals {
+        total: DEPOSITS * (DEPOSITS + 1) / 2,
+        count: DEPOSITS,
+    };
+    for a in 0..ACCOUNTS {
+        let account = format!("{run}-{a}");
+        let books = sim
+            .send(
+                GetBooks {
+                    account: account.clone(),
+                },
+                &format!("books-{account}"),
+            )
+            .await?;
+        let want = Books {
+            account: expected.clone(),
+            ledger: expected.clone(),
+            rewards: expected.clone(),
+        };
+        assert_eq!(books, want, "account {account}, {}", sim.report());
+    }
+    assert!(sim.dead_letters().await?.is_empty(), "no dead letters");
+    Ok(())
+}
+
+/// Three replicas, every fault: every deposit once everywhere, for each
+/// seed (a few here; `CATGA_SIM_SEEDS=1000` for more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_deposit_takes_effect_once_under_seeded_faults() {
+    let ran = explore(0..4, |seed| async move {
+        let faults = Faults {
+            lose_requests: 0.05,
+            lose_replies: 0.05,
+            lose_copies: 0.05,
+            lose_deliveries: 0.05,
+            lose_acks: 0.05,
+            restarts: 3,
+        };
+        let mut sim = Simulation::start(seed, 3, faults, bank).await?;
+        let run = format!("s{seed}");
+        workload(&sim, &run).await?;
+        sim.settled().await?;
+        let report = sim.report();
+        check_books(&sim, &run).await?;
+        // The faults did strike: requests and replies were lost and a
+        // replica went down while the deposits came, in every seed.
+        assert!(
+            report.lost_requests + report.lost_replies > 0,
+            "no request or reply lost: {report}"
+        );
+        assert!(report.kills + report.stops > 0, "no replica went down: {report}");
+        eprintln!("{report}");
+        sim.shutdown().await
+    })
+    .await
+    .expect("every seed keeps the books");
+    assert!(ran >= 1);
+}
+
+/// A seed loses the same requests and replies of the same messages in
+/// every run, and another seed others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_replays_the_same_faults() {
+    async fn losses(seed: u64) -> (u64, u64) {
+        let faults = Faults {
+            lose_requests: 0.1,
+            lose_replies: 0.1,
+            ..Faults::none()
+        };
+        // The deposits alone: every message's id is the test's, so every
+        // decision falls on the same messages.
+        let sim = Simulation::start(seed, 2, faults, |b| {
+            b.service("sim-replay")
+                .handlers(|h| h.name().ends_with("deposit"))
+        })
+        .await
+        .expect("start");
+        for n in 0..40 {
+            let d = Deposit {
+                account: format!("replay-{seed}"),
+                amount: n,
+            };
+            sim.send(d, &format!("replay-{seed}-{n}"))
+                .await
+                .expect("answered");
+        }
+        let r = sim.report();
+        sim.shutdown().await.expect("shutdown");
+        (r.lost_requests, r.lost_replies)
+    }
+    let first = losses(11).await;
+    assert!(first.0 + first.1 > 0, "10 % of 40 requests: some lost");
+    assert_eq!(losses(11).await, first, "the same seed, the same losses");
+    let others: Vec<_> = [12, 13, 14].into_iter().map(losses).collect();
+    let mut differ = false;
+    for o in others {
+        differ |= o.await != first;
+    }
+    assert!(differ, "other seeds lose other messages");
+}
+
+/// A handler that counts outside the store and is not idempotent counts
+/// some deposit twice when a reply is lost and the sender sends again:
+/// `explore` fails and names the seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_is_not_idempotent_is_caught_with_its_seed() {
+    let err = explore(0..20, |seed| async move {
+        CARELESS.store(0, Ordering::SeqCst);
+        let faults = Faults {
+            lose_replies: 0.05,
+            ..Faults::none()
+        };
+        let sim = Simulation::start(seed, 2, faults, |b| {
+            b.service("sim-careless")
+                .handlers(|h| h.name().ends_with("careless"))
+        })
+        .await?;
+        for n in 0..30 {
+            sim.send(CarelessDeposit { n }, &format!("careless-{seed}-{n}"))
+                .await?;
+        }
+        let counted = CARELESS.load(Ordering::SeqCst);
+        sim.shutdown().await?;
+        assert_eq!(counted, 30, "each deposit counted once");
+        Ok(())
+    })
+    .await
+    .expect_err("a lost reply makes a careless handler count twice");
+    let text = err.to_string();
+    assert!(text.contains("CATGA_SIM_SEED="), "{text}");
+    assert!(text.contains("each deposit counted once"), "{text}");
+    // The seed it names fails again on its own.
+    let seed: u64 = text
+        .split("CATGA_SIM_SEED=")
+        .nth(1)
+        .and_then(|s| s.trim_end_matches(')').parse().ok())
+        .expect("a seed");
+    CARELESS.store(0, Ordering::SeqCst);
+    let sim = Simulation::start(
+        seed,
+        2,
+        Faults {
+            lose_replies: 0.05,
+            ..Faults::none()
+        },
+        |b| {
+            b.service("sim-careless")
+                .handlers(|h| h.name().ends_with("careless"))
+        },
+    )
+    .await
+    .expect("start");
+    for n in 0..30 {
+        sim.send(CarelessDeposit { n }, &format!("careless-{seed}-{n}"))
+            .await
+            .expect("sent");
+    }
+    assert!(CARELESS.load(Ordering::SeqCst) > 30, "replayed: {}", sim.report());
+    sim.shutdown().await.expect("shutdown");
+}
+
+/// Quiet: no faults, the same books.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_faults_the_books_match_too() {
+    let mut sim = Simulation::start(99, 2, Faults::none(), bank)
+        .await
+        .expect("start");
+    workload(&sim, "quiet").await.expect("workload");
+    sim.settled().await.expect("settled");
+    check_books(&sim, "quiet").await.expect("books");
+    assert_eq!(sim.report().restarts, 0);
+    sim.shutdown().await.expect("shutdown");
+}
