@@ -28,7 +28,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<()> {
-//! // Seeds 0..2 here; `CATGA_SIM_SEEDS=1000` runs a thousand, and a
+//! // Seeds 0 and 1 here; `CATGA_SIM_SEEDS=1000` runs a thousand, and a
 //! // failing seed is named with the way to run it alone.
 //! explore(0..2, |seed| async move {
 //!     let mut sim = Simulation::start(seed, 3, Faults::default(), |b| b).await?;
@@ -526,15 +526,15 @@ async fn messages(bus: &MemoryBus, n: u64) {
     }
 }
 
-/// Runs `run` once per seed of `seeds`, each in a task of its own, and
+/// Runs `run` once per seed of `seeds` (a range, or regression seeds
+/// first: `[73].into_iter().chain(0..4)`), each in a task of its own, and
 /// stops at the first that fails (returns an error or panics) with an
 /// error naming the seed and how to run it alone. Returns how many seeds
 /// ran.
 ///
-/// `CATGA_SIM_SEED=n` runs seed `n` alone; `CATGA_SIM_SEEDS=n` runs `n`
-/// seeds from the start of `seeds` instead of `seeds` (a nightly run of
-/// thousands).
-pub async fn explore<F, Fut>(seeds: std::ops::Range<u64>, mut run: F) -> Result<u64>
+/// `CATGA_SIM_SEED=n` runs seed `n` alone; `CATGA_SIM_SEEDS=n` runs seeds
+/// `0..n` instead of `seeds` (a nightly run of thousands).
+pub async fn explore<F, Fut>(seeds: impl IntoIterator<Item = u64>, mut run: F) -> Result<u64>
 where
     F: FnMut(u64) -> Fut,
     Fut: Future<Output = Result<()>> + Send + 'static,
@@ -550,8 +550,8 @@ where
         };
     let seeds: Vec<u64> = match (number("CATGA_SIM_SEED")?, number("CATGA_SIM_SEEDS")?) {
         (Some(one), _) => vec![one],
-        (None, Some(n)) => (seeds.start..seeds.start.saturating_add(n)).collect(),
-        (None, None) => seeds.collect(),
+        (None, Some(n)) => (0..n).collect(),
+        (None, None) => seeds.into_iter().collect(),
     };
     let mut ran = 0;
     for seed in seeds {

@@ -207,10 +207,7 @@ mod tests {
         let chaos = Chaos::new(1, [1_000_000, 0, 0, 0, 0]);
         let k = key_of("s", None, b"x", 0);
         assert!(chaos.strikes(Fault::Request, k));
-        assert!(
-            !chaos.strikes(Fault::Reply, k),
-            "a kind at rate 0 never strikes"
-        );
+        assert!(!chaos.strikes(Fault::Reply, k), "a kind at rate 0 never strikes");
         chaos.set_on(false);
         assert!(!chaos.strikes(Fault::Request, k));
         assert_eq!(chaos.struck(), [1, 0, 0, 0, 0]);

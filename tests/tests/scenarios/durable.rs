@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use catga::{Context, Error, ErrorKind, Result, command, event};
@@ -111,6 +111,7 @@ catga_tests::on_both!(
     dead_letters_can_be_replayed_and_purged,
     an_open_breaker_stops_pulling,
     an_open_breaker_answers_commands_unavailable,
+    a_replica_whose_breaker_is_open_shuts_down_at_once,
     poison_at_the_size_limit_is_dead_lettered_cut_to_fit,
     letters_are_per_service_and_keep_no_5xx_text,
     a_message_that_crashes_every_replica_ends_as_a_dead_letter
@@ -277,6 +278,50 @@ async fn an_open_breaker_stops_pulling(b: &Backend) {
         "every message handled once the dependency is back"
     );
     rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A durable handler's breaker is open (for a minute) when the replica
+/// is told to stop: the drain does not wait for the breaker, so the
+/// shutdown is clean and quick. It waited until the breaker closed, and
+/// its drain was cut off at the deadline (found by the fault simulator).
+async fn a_replica_whose_breaker_is_open_shuts_down_at_once(b: &Backend) {
+    let rt = b
+        .started(
+            b.builder(module_path!(), "r1")
+                .retry_base(Duration::from_millis(20))
+                .breaker(3, Duration::from_secs(60))
+                .drain_timeout(Duration::from_secs(10)),
+        )
+        .await;
+    let client = b.client().await;
+    let run = run_id();
+    set_broken(&run, true);
+    for seq in 0..5 {
+        client
+            .publish_durable(Fragile {
+                run: run.clone(),
+                seq,
+            })
+            .await
+            .expect("stored");
+    }
+    let until = Instant::now() + WAIT;
+    while ATTEMPTS.get(&run) < 3 {
+        assert!(Instant::now() < until, "three failures open the breaker");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The breaker opened on the third failure.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let attempts = ATTEMPTS.get(&run);
+    let started = Instant::now();
+    rt.shutdown().await.expect("a clean shutdown, nothing cut off");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "shut down in {took:?}, not when the breaker closes"
+    );
+    assert_eq!(ATTEMPTS.get(&run), attempts, "nothing more was tried");
+    set_broken(&run, false);
 }
 
 async fn an_open_breaker_answers_commands_unavailable(b: &Backend) {
