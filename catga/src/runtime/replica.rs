@@ -322,7 +322,26 @@ impl Runtime {
     /// in flight and flushes their replies, all within one deadline (the
     /// drain time-out). At the deadline, whatever still runs is cancelled
     /// (its requests answer "unavailable") and an error is returned.
-    pub async fn shutdown(mut self) -> Result<()> {
+    ///
+    /// Dropping the returned future (a time-out around it, a second
+    /// signal) does not cut the shutdown short: it goes on in a task of
+    /// its own, within the same deadline, and gives the leases and claims
+    /// up. Cut short, the tasks it had taken over went on unowned: the
+    /// holders of the leader and partition leases renewed them for as long
+    /// as the process lived, and no other replica could lead (found by the
+    /// fault simulator: the example's seed 2).
+    pub async fn shutdown(self) -> Result<()> {
+        match tokio::spawn(self.shut_down()).await {
+            Ok(outcome) => outcome,
+            Err(e) => Err(Error::new(
+                ErrorKind::Internal,
+                format!("the shutdown stopped before its end: {e}"),
+            )),
+        }
+    }
+
+    /// [`shutdown`](Self::shutdown), in the caller's task.
+    async fn shut_down(mut self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.shared.config.drain_timeout;
         for s in std::mem::take(&mut self.schedulers) {
             s.abort();

@@ -28,7 +28,10 @@ async fn on_tick(ctx: &Context, t: Tick) -> Result<()> {
 
 const LEASE: Duration = Duration::from_millis(500);
 
-catga_tests::on_every_store!(one_leader_serves_and_a_standby_takes_over);
+catga_tests::on_every_store!(
+    one_leader_serves_and_a_standby_takes_over,
+    a_shutdown_cut_short_still_gives_the_lease_up
+);
 
 /// Waits until exactly one of `replicas` leads and serves the leader
 /// handler with its subscription confirmed; returns its index.
@@ -93,5 +96,38 @@ async fn one_leader_serves_and_a_standby_takes_over(b: &Backend) {
     let seen = ticks(&client).await;
     assert!(seen.iter().all(|r| r.instance != leader_id));
     let survivor = replicas.remove(next);
+    survivor.shutdown().await.expect("clean shutdown");
+}
+
+/// The leader is told to stop and the caller gives up on the shutdown at
+/// once (a time-out around it): the shutdown goes on by itself and gives
+/// the lease up, and the standby leads. Cut short, it left the lease's
+/// holder renewing it for as long as the process lived.
+async fn a_shutdown_cut_short_still_gives_the_lease_up(b: &Backend) {
+    let mut replicas = Vec::new();
+    for i in 1..=2 {
+        let builder = b.builder(module_path!(), &format!("c{i}")).leader_lease(LEASE);
+        replicas.push(b.started(builder).await);
+    }
+    let client = b.client().await;
+    let first = leader_of(&replicas.iter().collect::<Vec<_>>()).await;
+    let old = replicas.remove(first);
+    let cut = tokio::time::timeout(Duration::from_millis(1), old.shutdown()).await;
+    assert!(cut.is_err(), "the shutdown was cut short");
+    let stopped = Instant::now();
+    while !replicas[0].is_leader() {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "the standby never led: the lease is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    leader_of(&replicas.iter().collect::<Vec<_>>()).await;
+    let seen = ticks(&client).await;
+    assert!(
+        seen.iter()
+            .all(|r| r.instance.ends_with("c1") || r.instance.ends_with("c2"))
+    );
+    let survivor = replicas.remove(0);
     survivor.shutdown().await.expect("clean shutdown");
 }
