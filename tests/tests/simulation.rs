@@ -278,6 +278,7 @@ async fn every_deposit_takes_effect_once_under_seeded_faults() {
             lose_deliveries: 0.05,
             lose_acks: 0.05,
             restarts: 3,
+            stalls: 2,
         };
         let mut sim = Simulation::start(seed, 3, faults, bank).await?;
         let run = format!("s{seed}");
@@ -291,7 +292,10 @@ async fn every_deposit_takes_effect_once_under_seeded_faults() {
             report.lost_requests + report.lost_replies > 0,
             "no request or reply lost: {report}"
         );
-        assert!(report.kills + report.stops > 0, "no replica went down: {report}");
+        assert!(
+            report.kills + report.stops + report.stalls > 0,
+            "no replica went down or stalled: {report}"
+        );
         eprintln!("{report}");
         sim.shutdown().await
     })

@@ -449,15 +449,19 @@ fn select(config: &Config, filter: Option<&Filter>) -> Result<Vec<&'static Handl
     Ok(selected)
 }
 
+/// The embedded bus's store, and the stall switch of the bus handle the
+/// runtime was given (the fault simulator's).
+type BusStore = (Arc<MemoryStore>, Option<Arc<crate::transport::memory::Gate>>);
+
 /// The transport (a given bus, NATS, or a new embedded bus), what to call
 /// it in the log, and the embedded bus's store when there is one.
 async fn connect_transport(
     config: &Config,
     bus: Option<MemoryBus>,
-) -> Result<(Transport, &'static str, Option<Arc<MemoryStore>>)> {
+) -> Result<(Transport, &'static str, Option<BusStore>)> {
     Ok(match (bus, &config.nats_url) {
         (Some(bus), _) => {
-            let store = Arc::clone(bus.store());
+            let store = (Arc::clone(bus.store()), bus.gate().cloned());
             (bus.into(), "a shared in-memory bus", Some(store))
         }
         (None, Some(url)) => {
@@ -472,7 +476,7 @@ async fn connect_transport(
         }
         (None, None) => {
             let bus = MemoryBus::new();
-            let store = Arc::clone(bus.store());
+            let store = (Arc::clone(bus.store()), None);
             (
                 bus.into(),
                 "the embedded in-memory transport, one process (NATS_URL is not set)",
@@ -484,10 +488,10 @@ async fn connect_transport(
 
 /// The store: Redis when configured, else the embedded bus's, else one of
 /// this process only.
-fn connect_store(config: &Config, bus_store: Option<Arc<MemoryStore>>) -> Result<Store> {
+fn connect_store(config: &Config, bus_store: Option<BusStore>) -> Result<Store> {
     Ok(match (RedisConnect::from_config(config), bus_store) {
         (Some(redis), _) => RedisStore::connect(&redis, &config.service, config.store_shards)?.into(),
-        (None, Some(bus_store)) => Store::memory(bus_store, config.store_shards),
+        (None, Some((bus_store, gate))) => Store::memory_gated(bus_store, config.store_shards, gate),
         (None, None) => {
             tracing::warn!(
                 "REDIS_URL is not set: state, outbox and inbox are kept in this process only; \

@@ -358,6 +358,9 @@ pub(crate) struct Store(Arc<Inner>);
 
 struct Inner {
     kind: Kind,
+    /// The stall switch of the replica using this handle (the fault
+    /// simulator's): every call waits while it is on.
+    gate: Option<Arc<crate::transport::memory::Gate>>,
     /// How many shards the service's keys are split into (see
     /// [`shards`]). The in-memory store keeps one map whatever the count,
     /// but refuses what a sharded Redis would refuse, so that a service
@@ -377,6 +380,7 @@ impl From<RedisStore> for Store {
         let shards = s.shard_count();
         Store(Arc::new(Inner {
             kind: Kind::Redis(s),
+            gate: None,
             shards,
         }))
     }
@@ -443,16 +447,35 @@ pub(crate) async fn open_from(config: &crate::config::Config, to_write: bool) ->
 impl Store {
     /// The in-memory store `s`, refusing what `shards` shards would.
     pub(crate) fn memory(s: Arc<MemoryStore>, shards: u32) -> Store {
+        Store::memory_gated(s, shards, None)
+    }
+
+    /// [`memory`](Self::memory), for a replica whose calls `gate` can
+    /// stall.
+    pub(crate) fn memory_gated(
+        s: Arc<MemoryStore>,
+        shards: u32,
+        gate: Option<Arc<crate::transport::memory::Gate>>,
+    ) -> Store {
         Store(Arc::new(Inner {
             kind: Kind::Memory(s),
+            gate,
             shards: shards.max(1),
         }))
+    }
+
+    /// Waits while this handle's replica is stalled.
+    async fn pass(&self) {
+        if let Some(gate) = &self.0.gate {
+            gate.pass().await;
+        }
     }
 
     /// Fails with a configuration error when the store holds the
     /// service's data in another number of shards than this runtime's
     /// (checked once it answers).
     pub(crate) async fn check_layout(&self) -> Result<()> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.check_layout().await,
             Kind::Memory(_) => Ok(()),
@@ -535,6 +558,7 @@ impl Store {
 
     /// Whether the store answers.
     pub(crate) async fn ping(&self) -> Result<()> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.ping().await,
             Kind::Memory(s) => s.ping().await,
@@ -545,6 +569,7 @@ impl Store {
     /// (its eviction policy), if it may; `None` when it may not, or when
     /// it does not say.
     pub(crate) async fn eviction_risk(&self) -> Result<Option<String>> {
+        self.pass().await;
         let Kind::Redis(s) = &self.0.kind else {
             return Ok(None);
         };
@@ -565,6 +590,7 @@ impl Store {
 
     /// The value of a state key and its version.
     pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.load(self.shard_of(key), kind, key).await,
             Kind::Memory(s) => s.load(kind, key).await,
@@ -573,6 +599,7 @@ impl Store {
 
     /// Writes a commit atomically (see [`Commit`]).
     pub(crate) async fn commit(&self, commit: &Commit) -> Result<Committed> {
+        self.pass().await;
         if commit.states.is_empty() && commit.events.is_empty() && commit.inbox.is_none() {
             return Ok(Committed::Yes(Vec::new()));
         }
@@ -592,6 +619,7 @@ impl Store {
         count: usize,
         block: Duration,
     ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.outbox_read(shard, count, block).await,
             Kind::Memory(s) => s.outbox_read(count, block).await,
@@ -606,6 +634,7 @@ impl Store {
         after: &str,
         count: usize,
     ) -> Result<Vec<(String, Option<OutboxEntry>)>> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.outbox_read_after(shard, after, count).await,
             Kind::Memory(s) => s.outbox_read_after(after, count).await,
@@ -614,6 +643,7 @@ impl Store {
 
     /// Removes published (or dead-lettered) outbox entries.
     pub(crate) async fn outbox_remove(&self, shard: u32, ids: &[String]) -> Result<()> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.outbox_remove(shard, ids).await,
             Kind::Memory(s) => s.outbox_remove(ids).await,
@@ -622,6 +652,7 @@ impl Store {
 
     /// Entries waiting to be published (not yet marked sent).
     pub(crate) async fn outbox_backlog(&self) -> Result<u64> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.outbox_backlog().await,
             Kind::Memory(s) => s.outbox_backlog().await,
@@ -637,6 +668,7 @@ impl Store {
         shard: u32,
         limit: usize,
     ) -> Result<(usize, Option<Duration>)> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.delayed_release(shard, limit).await,
             Kind::Memory(s) => {
@@ -663,6 +695,7 @@ impl Store {
 
     /// Delayed messages waiting, in every shard.
     pub(crate) async fn delayed_count(&self) -> Result<u64> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => {
                 let mut n = 0;
@@ -678,6 +711,7 @@ impl Store {
     /// Cancels the delayed message `id` if it still waits (in whichever
     /// shard it was committed): whether it did.
     pub(crate) async fn delayed_cancel(&self, id: &str) -> Result<bool> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => {
                 for shard in 0..s.shard_count() {
@@ -694,6 +728,7 @@ impl Store {
     /// The delayed messages waiting, soonest first, at most `limit`: id,
     /// subject, due time (unix ms).
     pub(crate) async fn delayed_list(&self, limit: usize) -> Result<Vec<(String, String, u64)>> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => {
                 let mut all = Vec::new();
@@ -721,6 +756,7 @@ impl Store {
         ttl: Duration,
         alive_for: Duration,
     ) -> Result<Inbox> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.inbox_begin(shard, scope, id, claim, ttl, alive_for).await,
             Kind::Memory(s) => s.inbox_begin(scope, id, claim, ttl, alive_for).await,
@@ -739,6 +775,7 @@ impl Store {
         answer: &Answer,
         window: Duration,
     ) -> Result<Finished> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => {
                 s.inbox_finish(shard, scope, id, &claim.mark(), answer, window)
@@ -751,6 +788,7 @@ impl Store {
     /// What the inbox holds for `id`, without claiming it: `None` if
     /// nothing.
     pub(crate) async fn inbox_peek(&self, shard: u32, scope: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.inbox_peek(shard, scope, id).await,
             Kind::Memory(s) => s.inbox_peek(scope, id).await,
@@ -760,6 +798,7 @@ impl Store {
     /// Says that `member` is alive for `ttl` more (its claims hold), or,
     /// with `alive` false, that it leaves (its claims lapse at once).
     pub(crate) async fn alive(&self, member: &str, ttl: Duration, alive: bool) -> Result<()> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.alive(member, ttl, alive).await,
             Kind::Memory(s) => s.alive(member, ttl, alive).await,
@@ -769,6 +808,7 @@ impl Store {
     /// Records that this replica wrote dead letter `id` with `digest`, for
     /// `keep` (as long as the letter is kept).
     pub(crate) async fn record_letter(&self, id: &str, digest: &str, keep: Duration) -> Result<()> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.record_letter(id, digest, keep).await,
             Kind::Memory(s) => s.record_letter(id, digest, keep).await,
@@ -778,6 +818,7 @@ impl Store {
     /// Forgets the record of dead letter `id` (it was replayed: a copy of
     /// it published again is not authentic).
     pub(crate) async fn forget_letter(&self, id: &str) -> Result<()> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.forget_letter(id).await,
             Kind::Memory(s) => s.forget_letter(id).await,
@@ -787,6 +828,7 @@ impl Store {
     /// The recorded digests of dead letters `ids`, in order (`None`: no
     /// record).
     pub(crate) async fn letter_digests(&self, ids: &[String]) -> Result<Vec<Option<String>>> {
+        self.pass().await;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -798,6 +840,7 @@ impl Store {
 
     /// A saga's journal: its fields, by name.
     pub(crate) async fn saga_load(&self, id: &str) -> Result<std::collections::BTreeMap<String, Bytes>> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.saga_load(self.shard_of(id), id).await,
             Kind::Memory(s) => s.saga_load(id).await,
@@ -806,6 +849,7 @@ impl Store {
 
     /// The ids of the sagas with a journal, newest first, at most `limit`.
     pub(crate) async fn saga_list(&self, limit: usize) -> Result<Vec<String>> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.saga_list(limit).await,
             Kind::Memory(s) => s.saga_list(limit).await,
@@ -823,6 +867,7 @@ impl Store {
         fence: Option<&Fence>,
         run: Option<(&str, &str)>,
     ) -> Result<bool> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.saga_write(self.shard_of(id), id, fields, fence, run).await,
             Kind::Memory(s) => s.saga_write(id, fields, fence, run).await,
@@ -832,6 +877,7 @@ impl Store {
     /// Takes the service's leader lease for `lease` (or extends it, if
     /// `owner` holds it): its fencing token, or `None` if another holds it.
     pub(crate) async fn leader_acquire(&self, owner: &str, lease: Duration) -> Result<Option<u64>> {
+        self.pass().await;
         let tokens = self
             .lease_sync(&[(LEADER_LEASE.to_owned(), true)], owner, lease)
             .await?;
@@ -840,6 +886,7 @@ impl Store {
 
     /// Gives the leader lease up if `owner` holds it.
     pub(crate) async fn leader_release(&self, owner: &str) -> Result<()> {
+        self.pass().await;
         self.lease_sync(&[(LEADER_LEASE.to_owned(), false)], owner, Duration::ZERO)
             .await
             .map(|_| ())
@@ -855,6 +902,7 @@ impl Store {
         owner: &str,
         ttl: Duration,
     ) -> Result<Vec<u64>> {
+        self.pass().await;
         if leases.is_empty() {
             return Ok(Vec::new());
         }
@@ -874,6 +922,7 @@ impl Store {
         alive: bool,
         timeout: Duration,
     ) -> Result<Vec<String>> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.members(group, member, alive, timeout).await,
             Kind::Memory(s) => s.members(group, member, alive, timeout).await,
@@ -883,6 +932,7 @@ impl Store {
     /// Gives `id` up (a retryable failure) if `claim` still holds it: the
     /// next attempt runs it.
     pub(crate) async fn inbox_abandon(&self, shard: u32, scope: &str, id: &str, claim: &Claim) -> Result<()> {
+        self.pass().await;
         match &self.0.kind {
             Kind::Redis(s) => s.inbox_abandon(shard, scope, id, &claim.mark()).await,
             Kind::Memory(s) => s.inbox_abandon(scope, id, &claim.mark()).await,

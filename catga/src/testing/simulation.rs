@@ -56,7 +56,11 @@
 //!   it was handled);
 //! - a replica killed (its tasks stop where they are, its leases and
 //!   claims left to run out) or stopped gracefully (SIGTERM: it drains),
-//!   then started again.
+//!   then started again;
+//! - a replica stalled past its leases (SIGSTOP, a long pause): what it
+//!   sends and receives on the bus and asks of the store waits, its
+//!   leases, claims and ack waits run out and other replicas take its
+//!   work over; then it goes on where it was, with what it held before.
 //!
 //! Each loss is decided from the seed and the message it falls on, not
 //! from the order in which tasks ran, and the kills fall after a number of
@@ -68,8 +72,8 @@
 //!
 //! The replicas run with short leases and ack waits (see
 //! [`Simulation::start`]) so that a run recovers from its faults in
-//! seconds. Not simulated: a replica stalled past its leases, the store
-//! losing its last writes in a failover, messages duplicated by the
+//! seconds. Not simulated: the store losing its last writes in a
+//! failover, messages duplicated by the
 //! network on core subjects (NATS does not), a partition between replicas
 //! that still reach the store.
 
@@ -86,7 +90,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Command, Event};
 use crate::runtime::{Runtime, RuntimeBuilder};
 use crate::transport::chaos::{Chaos, Fault, mix};
-use crate::transport::memory::MemoryBus;
+use crate::transport::memory::{Gate, MemoryBus};
 use crate::{Client, DeadLetter, SagaInfo};
 
 use super::DEFAULT_SETTLE_WITHIN;
@@ -109,10 +113,15 @@ pub struct Faults {
     /// How many times a replica is killed or stopped, then started again,
     /// during the run.
     pub restarts: u32,
+    /// How many times a replica stalls past its leases (1 to 2.5 s: its
+    /// I/O on the bus and the store waits, its leases, claims and ack
+    /// waits run out, others take its work over), then goes on where it
+    /// was.
+    pub stalls: u32,
 }
 
 impl Default for Faults {
-    /// 2 % of each loss and 3 restarts: enough for a few hundred messages
+    /// 2 % of each loss, 3 restarts and a stall: enough for a few hundred messages
     /// to meet every fault, few enough for the run to finish in seconds.
     fn default() -> Faults {
         Faults {
@@ -122,6 +131,7 @@ impl Default for Faults {
             lose_deliveries: 0.02,
             lose_acks: 0.02,
             restarts: 3,
+            stalls: 1,
         }
     }
 }
@@ -137,6 +147,7 @@ impl Faults {
             lose_deliveries: 0.0,
             lose_acks: 0.0,
             restarts: 0,
+            stalls: 0,
         }
     }
 
@@ -175,6 +186,8 @@ pub struct FaultReport {
     pub stops: u64,
     /// Replicas started again.
     pub restarts: u64,
+    /// Replicas stalled past their leases.
+    pub stalls: u64,
 }
 
 impl std::fmt::Display for FaultReport {
@@ -182,7 +195,7 @@ impl std::fmt::Display for FaultReport {
         write!(
             f,
             "seed {}: lost {} requests, {} replies, {} core copies, {} durable deliveries, {} acks; \
-             {} replicas killed, {} stopped, {} started again",
+             {} replicas killed, {} stopped, {} started again, {} stalled",
             self.seed,
             self.lost_requests,
             self.lost_replies,
@@ -191,7 +204,8 @@ impl std::fmt::Display for FaultReport {
             self.lost_acks,
             self.kills,
             self.stops,
-            self.restarts
+            self.restarts,
+            self.stalls
         )
     }
 }
@@ -203,20 +217,56 @@ struct Cluster {
     bus: MemoryBus,
     configure: Box<Configure>,
     replicas: Mutex<Vec<Option<Runtime>>>,
+    /// Each slot's stall switch (its replica's, a new one per start).
+    gates: std::sync::Mutex<Vec<Arc<Gate>>>,
     /// Replicas started so far, for their instance ids.
     started: AtomicU64,
     kills: AtomicU64,
     stops: AtomicU64,
     restarts: AtomicU64,
+    stalls: AtomicU64,
 }
 
 impl Cluster {
     async fn start_replica(&self, slot: usize) -> Result<Runtime> {
         let n = self.started.fetch_add(1, Ordering::Relaxed);
         let builder = (self.configure)(timings(Runtime::builder()).instance_id(format!("sim-{slot}-{n}")));
-        let runtime = builder.embedded(self.bus.clone()).start().await?;
+        let gate = Arc::new(Gate::new());
+        {
+            let mut gates = self
+                .gates
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if gates.len() <= slot {
+                gates.resize_with(slot + 1, || Arc::new(Gate::new()));
+            }
+            gates[slot] = Arc::clone(&gate);
+        }
+        let runtime = builder.embedded(self.bus.gated(gate)).start().await?;
         runtime.ready().await?;
         Ok(runtime)
+    }
+
+    /// Stalls or wakes the replica of `slot`.
+    fn stall(&self, slot: usize, stalled: bool) {
+        let gates = self
+            .gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(gate) = gates.get(slot) {
+            gate.set(stalled);
+        }
+    }
+
+    /// Wakes every replica.
+    fn wake_all(&self) {
+        let gates = self
+            .gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gate in gates.iter() {
+            gate.set(false);
+        }
     }
 }
 
@@ -279,18 +329,26 @@ impl Simulation {
             bus: bus.clone(),
             configure: Box::new(configure),
             replicas: Mutex::new(Vec::new()),
+            gates: std::sync::Mutex::new(Vec::new()),
             started: AtomicU64::new(0),
             kills: AtomicU64::new(0),
             stops: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
         });
         for slot in 0..replicas {
             let runtime = cluster.start_replica(slot).await?;
             cluster.replicas.lock().await.push(Some(runtime));
         }
         let client = Client::memory(&bus).with_request_timeout(Duration::from_millis(500));
-        let monkey = (faults.restarts > 0)
-            .then(|| tokio::spawn(restart_replicas(Arc::clone(&cluster), seed, faults.restarts)));
+        let monkey = (faults.restarts + faults.stalls > 0).then(|| {
+            tokio::spawn(restart_replicas(
+                Arc::clone(&cluster),
+                seed,
+                faults.restarts,
+                faults.stalls,
+            ))
+        });
         Ok(Simulation {
             seed,
             cluster,
@@ -353,14 +411,35 @@ impl Simulation {
         }
     }
 
-    /// Ends the faults: no more losses, no more restarts (one under way
-    /// finishes), and every replica down is started again.
+    /// Stalls the replica of `slot` for `duration` (as SIGSTOP, then
+    /// SIGCONT would), on top of the faults drawn from the seed: returns
+    /// once it goes on.
+    pub async fn stall(&self, slot: usize, duration: Duration) {
+        tracing::info!(slot, ?duration, "simulation: stalling a replica (SIGSTOP)");
+        self.cluster.stalls.fetch_add(1, Ordering::Relaxed);
+        self.cluster.stall(slot, true);
+        tokio::time::sleep(duration).await;
+        self.cluster.stall(slot, false);
+        tracing::info!(slot, "simulation: the stalled replica goes on (SIGCONT)");
+    }
+
+    /// The replicas by slot (`None` while one is down), to look at them
+    /// (`is_leader`, `partitions`, ...). Restarts wait while the guard is
+    /// held: hold it briefly.
+    pub async fn replicas(&self) -> tokio::sync::MutexGuard<'_, Vec<Option<Runtime>>> {
+        self.cluster.replicas.lock().await
+    }
+
+    /// Ends the faults: no more losses, restarts or stalls (a replica
+    /// stopping goes on stopping), a stalled replica goes on, and every
+    /// replica down is started again.
     pub async fn heal(&mut self) -> Result<()> {
         if let Some(monkey) = self.monkey.take() {
             monkey.abort();
             let _ = monkey.await;
         }
         self.chaos.set_on(false);
+        self.cluster.wake_all();
         let mut replicas = self.cluster.replicas.lock().await;
         for slot in 0..replicas.len() {
             if replicas[slot].is_none() {
@@ -400,6 +479,7 @@ impl Simulation {
             kills: self.cluster.kills.load(Ordering::Relaxed),
             stops: self.cluster.stops.load(Ordering::Relaxed),
             restarts: self.cluster.restarts.load(Ordering::Relaxed),
+            stalls: self.cluster.stalls.load(Ordering::Relaxed),
         }
     }
 
@@ -440,6 +520,7 @@ impl Simulation {
             let _ = monkey.await;
         }
         self.chaos.set_on(false);
+        self.cluster.wake_all();
         let replicas: Vec<Runtime> = self.cluster.replicas.lock().await.drain(..).flatten().collect();
         let mut outcome = Ok(());
         for r in replicas {
@@ -459,18 +540,35 @@ impl Drop for Simulation {
     }
 }
 
-/// Kills or stops a replica after a number of messages drawn from the
-/// seed, starts it again after some more, `times` times.
-async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, times: u32) {
+/// After a number of messages drawn from the seed, kills or stops a
+/// replica and starts it again after some more (`restarts` times), or
+/// stalls one for 1 to 2.5 s (`stalls` times), in an order drawn from the
+/// seed.
+async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut restarts: u32, mut stalls: u32) {
     let mut state = mix(seed ^ 0x7265_7374_6172_7473);
     let mut draw = move |below: u64| {
         state = mix(state);
         state % below
     };
     let slots = cluster.replicas.lock().await.len() as u64;
-    for _ in 0..times {
-        messages(&cluster.bus, 20 + draw(120)).await;
+    // The first fault comes early, so that a short run meets one too.
+    let mut gap = 10 + draw(50);
+    while restarts + stalls > 0 {
+        messages(&cluster.bus, gap).await;
+        gap = 20 + draw(120);
         let slot = draw(slots) as usize;
+        if draw(u64::from(restarts + stalls)) < u64::from(stalls) {
+            stalls -= 1;
+            let for_ms = 1000 + draw(1500);
+            tracing::info!(slot, for_ms, "simulation: stalling a replica (SIGSTOP)");
+            cluster.stalls.fetch_add(1, Ordering::Relaxed);
+            cluster.stall(slot, true);
+            tokio::time::sleep(Duration::from_millis(for_ms)).await;
+            cluster.stall(slot, false);
+            tracing::info!(slot, "simulation: the stalled replica goes on (SIGCONT)");
+            continue;
+        }
+        restarts -= 1;
         let graceful = draw(2) == 0;
         let Some(victim) = cluster.replicas.lock().await.get_mut(slot).and_then(Option::take) else {
             continue;

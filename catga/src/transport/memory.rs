@@ -26,6 +26,45 @@ use crate::wire::deadline::Deadline;
 #[derive(Clone)]
 pub struct MemoryBus {
     inner: Arc<BusInner>,
+    /// The stall switch of the replica this handle belongs to (the fault
+    /// simulator's), if any.
+    gate: Option<Arc<Gate>>,
+}
+
+/// A replica's stall switch (the fault simulator's): while it is on,
+/// what the replica sends and receives on the bus and asks of the store
+/// waits, as with a process stopped by the OS or a long pause. Its acks
+/// go out when it wakes; the "still working" signals of its durable
+/// deliveries are not sent, so their ack waits run out. A reply whose
+/// handler had nothing left to wait for goes out at once.
+pub(crate) struct Gate {
+    stalled: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    pub(crate) fn new() -> Gate {
+        Gate {
+            stalled: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Stalls or wakes the replica.
+    pub(crate) fn set(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+
+    /// Whether the replica is stalled.
+    pub(crate) fn is_stalled(&self) -> bool {
+        *self.stalled.borrow()
+    }
+
+    /// Waits while the replica is stalled.
+    pub(crate) async fn pass(&self) {
+        if self.is_stalled() {
+            let mut rx = self.stalled.subscribe();
+            let _ = rx.wait_for(|stalled| !*stalled).await;
+        }
+    }
 }
 
 impl Default for MemoryBus {
@@ -236,6 +275,27 @@ impl MemoryBus {
                 store: Arc::new(crate::store::MemoryStore::with_clock(Arc::clone(&clock))),
                 clock,
             }),
+            gate: None,
+        }
+    }
+
+    /// The same bus, for a replica whose I/O `gate` can stall.
+    pub(crate) fn gated(&self, gate: Arc<Gate>) -> MemoryBus {
+        MemoryBus {
+            inner: Arc::clone(&self.inner),
+            gate: Some(gate),
+        }
+    }
+
+    /// This handle's stall switch, if any.
+    pub(crate) fn gate(&self) -> Option<&Arc<Gate>> {
+        self.gate.as_ref()
+    }
+
+    /// Waits while this handle's replica is stalled.
+    pub(crate) async fn pass(&self) {
+        if let Some(gate) = &self.gate {
+            gate.pass().await;
         }
     }
 
@@ -417,6 +477,7 @@ impl MemoryBus {
         deadline: Deadline,
         timeout: Duration,
     ) -> Result<Reply> {
+        self.pass().await;
         let headers = (!headers.is_empty()).then_some(headers);
         self.check_size(subject, headers.as_ref(), payload.len())?;
         let (tx, rx) = oneshot::channel();
@@ -509,6 +570,7 @@ pub(crate) struct MemorySubscription {
 
 impl MemorySubscription {
     pub(crate) async fn next(&mut self) -> Option<Delivery> {
+        self.bus.pass().await;
         self.rx.recv().await
     }
 

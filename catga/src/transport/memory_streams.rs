@@ -298,6 +298,7 @@ impl Streams {
             durable: durable.to_owned(),
             wake: Arc::clone(&consumer.wake),
             stopped: false,
+            gate: None,
         })
     }
 
@@ -502,11 +503,23 @@ pub(crate) struct MemoryDurable {
     durable: String,
     wake: Arc<Notify>,
     stopped: bool,
+    /// The stall switch of the replica it belongs to (see
+    /// [`super::memory::Gate`]).
+    gate: Option<Arc<super::memory::Gate>>,
 }
 
 impl MemoryDurable {
+    /// The same subscriber, stalled with its replica.
+    pub(crate) fn gated(mut self, gate: Option<Arc<super::memory::Gate>>) -> MemoryDurable {
+        self.gate = gate;
+        self
+    }
+
     pub(crate) async fn next(&mut self) -> Option<Delivery> {
         loop {
+            if let Some(gate) = &self.gate {
+                gate.pass().await;
+            }
             if self.stopped {
                 return None;
             }
@@ -538,6 +551,7 @@ impl MemoryDurable {
                             durable: self.durable.clone(),
                             seq,
                             key,
+                            gate: self.gate.clone(),
                         }),
                     );
                     d.delivered = deliveries;
@@ -569,6 +583,8 @@ pub(crate) struct MemoryAck {
     seq: u64,
     /// The message's key for the simulator's faults (0 without them).
     key: u64,
+    /// The stall switch of the replica holding it.
+    gate: Option<Arc<super::memory::Gate>>,
 }
 
 impl MemoryAck {
@@ -579,11 +595,23 @@ impl MemoryAck {
         {
             return;
         }
+        // A stalled replica's ack goes out when it wakes.
+        if let Some(gate) = self.gate.clone().filter(|g| g.is_stalled()) {
+            tokio::spawn(async move {
+                gate.pass().await;
+                self.streams.settle(&self.subject, &self.durable, self.seq, None);
+            });
+            return;
+        }
         self.streams.settle(&self.subject, &self.durable, self.seq, None);
     }
 
     /// Still working on it: the ack wait starts again.
     pub(crate) fn progress(&self) {
+        // A stalled replica says nothing: the ack wait runs out.
+        if self.gate.as_ref().is_some_and(|g| g.is_stalled()) {
+            return;
+        }
         let mut inner = lock(&self.streams.inner);
         if let Some(c) = inner
             .streams

@@ -450,7 +450,10 @@ impl Transport {
     ) -> Result<()> {
         match &self.0 {
             Kind::Nats(t) => t.publish(subject, headers, payload, timeout).await,
-            Kind::Memory(t) => t.publish(subject, headers, payload),
+            Kind::Memory(t) => {
+                t.pass().await;
+                t.publish(subject, headers, payload)
+            }
         }
     }
 
@@ -556,7 +559,7 @@ impl Transport {
             Kind::Memory(bus) => bus
                 .streams()
                 .bind(subject, durable, options)
-                .map(|s| Subscription(Sub::MemoryDurable(s))),
+                .map(|s| Subscription(Sub::MemoryDurable(s.gated(bus.gate().cloned())))),
         }
     }
 
@@ -570,7 +573,10 @@ impl Transport {
     ) -> Result<()> {
         match &self.0 {
             Kind::Nats(t) => t.publish_durable(subject, headers, payload, timeout).await,
-            Kind::Memory(bus) => bus.publish_durable(subject, headers, payload),
+            Kind::Memory(bus) => {
+                bus.pass().await;
+                bus.publish_durable(subject, headers, payload)
+            }
         }
     }
 
@@ -593,6 +599,7 @@ impl Transport {
                     .await
             }
             Kind::Memory(bus) => {
+                bus.pass().await;
                 // The embedded bus keeps order by construction: whether it
                 // was a repeat does not matter to a chain there.
                 let stored = bus
@@ -742,7 +749,10 @@ impl Transport {
                 t.publish_after_seq(subject, headers, payload, after, timeout)
                     .await
             }
-            Kind::Memory(bus) => bus.publish_after(subject, headers, payload, after),
+            Kind::Memory(bus) => {
+                bus.pass().await;
+                bus.publish_after(subject, headers, payload, after)
+            }
         }
     }
 

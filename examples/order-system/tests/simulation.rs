@@ -80,6 +80,7 @@ async fn every_order_ends_as_left_each_step_once_under_seeded_faults() {
             lose_deliveries: 0.05,
             lose_acks: 0.05,
             restarts: 3,
+            stalls: 2,
         };
         let mut sim = Simulation::start(seed, 3, faults, orders).await?;
         let run = format!("s{seed}");
@@ -144,4 +145,106 @@ async fn every_order_ends_as_left_each_step_once_under_seeded_faults() {
     })
     .await
     .expect("every seed keeps the orders right");
+}
+
+/// The invoicing saga's partitions, per replica slot (an empty list for
+/// a replica down).
+async fn partitions(sim: &Simulation) -> Vec<Vec<u32>> {
+    let replicas = sim.replicas().await;
+    let mut out = Vec::new();
+    for r in replicas.iter() {
+        let mut mine = Vec::new();
+        if let Some(r) = r {
+            for (saga, parts) in r.partitions().await {
+                if saga.ends_with("invoice") {
+                    mine.extend(parts);
+                }
+            }
+        }
+        out.push(mine);
+    }
+    out
+}
+
+/// Waits until `test` holds of the partitions, for up to 10 s.
+async fn until_partitions(sim: &Simulation, what: &str, test: impl Fn(&[Vec<u32>]) -> bool) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = partitions(sim).await;
+        if test(&now) {
+            return;
+        }
+        assert!(std::time::Instant::now() < until, "{what}: {now:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A replica stalls past its leases while orders are paid: the two
+/// others take its invoicing partitions over and invoice the orders; when
+/// it goes on, it gives them up again instead of invoicing twice, and
+/// every order is invoiced and fulfilled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replica_loses_its_partitions_and_nothing_is_done_twice() {
+    let mut sim = Simulation::start(7, 3, Faults::none(), orders)
+        .await
+        .expect("start");
+    until_partitions(&sim, "spread over the three", |p| p.iter().all(|m| !m.is_empty())).await;
+    let stall = sim.stall(0, std::time::Duration::from_millis(2500));
+    let during = async {
+        // Past the membership time-out (600 ms): the others hold every
+        // partition.
+        until_partitions(&sim, "taken over by the two others", |p| {
+            let mut held: Vec<u32> = p[1..].iter().flatten().copied().collect();
+            held.sort_unstable();
+            held == (0..16).collect::<Vec<_>>()
+        })
+        .await;
+        let mut placed = Vec::new();
+        for n in 1..=6 {
+            placed.push(one_order(&sim, "stall", n).await.expect("order"));
+        }
+        placed
+    };
+    let ((), placed) = tokio::join!(stall, during);
+    sim.settled().await.expect("settled");
+    until_partitions(&sim, "spread over the three again", |p| {
+        p.iter().all(|m| !m.is_empty())
+    })
+    .await;
+    let mut invoiced: BTreeMap<String, Vec<OrderId>> = BTreeMap::new();
+    for (id, customer, _, paid) in &placed {
+        let fulfilment = sim
+            .send(
+                GetFulfilment { id: id.clone() },
+                &format!("stall-fulfilment-{}", id.0),
+            )
+            .await
+            .expect("fulfilment");
+        if *paid {
+            let once = Fulfilment {
+                reserved: 1,
+                released: 0,
+                booked: 1,
+            };
+            assert_eq!(fulfilment, once, "order {}", id.0);
+            invoiced.entry(customer.clone()).or_default().push(id.clone());
+        }
+    }
+    for (customer, mut want) in invoiced {
+        let mut got = sim
+            .send(
+                GetInvoices {
+                    customer: customer.clone(),
+                },
+                &format!("stall-invoices-{customer}"),
+            )
+            .await
+            .expect("invoices")
+            .orders;
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, want, "{customer}'s invoices, each once");
+    }
+    assert_eq!(sim.report().stalls, 1);
+    sim.shutdown().await.expect("shutdown");
 }
