@@ -62,13 +62,15 @@ pub struct Books {
     pub rewards: Totals,
 }
 
-/// A sum and how many amounts went into it.
+/// A sum, how many amounts went into it, and which.
 #[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq, Eq)]
 pub struct Totals {
     /// The sum.
     pub total: u64,
     /// How many.
     pub count: u64,
+    /// The amounts, smallest first (each deposit's is its number).
+    pub amounts: Vec<u64>,
 }
 
 /// An account.
@@ -108,10 +110,9 @@ async fn add<T: State + Default + std::ops::DerefMut<Target = Totals>>(
         .unwrap_or_else(|| Versioned::new(key.to_owned(), T::default()));
     s.total += amount;
     s.count += 1;
-    let totals = Totals {
-        total: s.total,
-        count: s.count,
-    };
+    s.amounts.push(amount);
+    s.amounts.sort_unstable();
+    let totals = (**s).clone();
     match event {
         Some(e) => ctx.save(s).with_event(e).await?,
         None => ctx.save(s).await?,
@@ -159,7 +160,10 @@ async fn credit(ctx: &Context, c: Credit) -> Result<()> {
     add::<Rewards>(ctx, &c.account, c.amount, None).await.map(drop)
 }
 
-#[saga]
+// As many tries as the ledger: under 5 % of lost requests, a stall and
+// restarts, five deliveries (the default) can all time out, and the
+// trigger is then dead-lettered, as designed (seed 96 once did).
+#[saga(retry = 20)]
 async fn reward(saga: &Saga, e: Deposited) -> Result<()> {
     saga.step(
         "credit",
@@ -199,6 +203,16 @@ async fn careless(_d: CarelessDeposit) -> Result<u64> {
     Ok(CARELESS.fetch_add(1, Ordering::SeqCst) + 1)
 }
 
+/// `SIM_LOG=1`: the replicas' logs, to see what a failing seed did.
+fn logs() {
+    if std::env::var_os("SIM_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 const ACCOUNTS: u64 = 4;
 const DEPOSITS: u64 = 12;
 
@@ -225,11 +239,47 @@ async fn workload(sim: &Simulation, run: &str) -> Result<()> {
     Ok(())
 }
 
+/// [`workload`], each deposit sent for up to 5 s: after a store failover
+/// a deposit may stay "being handled" (a claim the failover brought
+/// back); how many did.
+async fn workload_bounded(sim: &Simulation, run: &str) -> Result<u64> {
+    let accounts = (0..ACCOUNTS).map(|a| async move {
+        let mut wedged = 0;
+        for n in 1..=DEPOSITS {
+            let d = Deposit {
+                account: format!("{run}-{a}"),
+                amount: n,
+            };
+            let id = format!("{run}-{a}-{n}");
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match sim.client().send_with_id(d.clone(), &id).await {
+                    Ok(_) => break,
+                    Err(e) if e.is_retryable() && std::time::Instant::now() < until => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    Err(e) if e.is_retryable() => {
+                        wedged += 1;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok::<u64, catga::Error>(wedged)
+    });
+    Ok(futures_util::future::try_join_all(accounts)
+        .await?
+        .into_iter()
+        .sum())
+}
+
 /// Every deposit once in the account, the ledger and the rewards.
 async fn check_books(sim: &Simulation, run: &str) -> Result<()> {
     let expected = Totals {
         total: DEPOSITS * (DEPOSITS + 1) / 2,
         count: DEPOSITS,
+        amounts: (1..=DEPOSITS).collect(),
     };
     for a in 0..ACCOUNTS {
         let account = format!("{run}-{a}");
@@ -248,7 +298,8 @@ async fn check_books(sim: &Simulation, run: &str) -> Result<()> {
         };
         assert_eq!(books, want, "account {account}, {}", sim.report());
     }
-    assert!(sim.dead_letters().await?.is_empty(), "no dead letters");
+    let letters = sim.dead_letters().await?;
+    assert!(letters.is_empty(), "no dead letters: {letters:#?}");
     Ok(())
 }
 
@@ -263,13 +314,7 @@ const REGRESSIONS: [u64; 1] = [73];
 /// for more).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_deposit_takes_effect_once_under_seeded_faults() {
-    // `SIM_LOG=1`: the replicas' logs, to see what a failing seed did.
-    if std::env::var_os("SIM_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_test_writer()
-            .try_init();
-    }
+    logs();
     let ran = explore(REGRESSIONS.into_iter().chain(0..4), |seed| async move {
         let faults = Faults {
             lose_requests: 0.05,
@@ -279,6 +324,7 @@ async fn every_deposit_takes_effect_once_under_seeded_faults() {
             lose_acks: 0.05,
             restarts: 3,
             stalls: 2,
+            failovers: 0,
         };
         let mut sim = Simulation::start(seed, 3, faults, bank).await?;
         let run = format!("s{seed}");
@@ -417,4 +463,90 @@ async fn without_faults_the_books_match_too() {
     check_books(&sim, "quiet").await.expect("books");
     assert_eq!(sim.report().restarts, 0);
     sim.shutdown().await.expect("shutdown");
+}
+
+/// The store fails over to a replica that lags behind, losing its last
+/// writes (which catga does not guard against: Redis replicates
+/// asynchronously). What was acknowledged may be lost, but nothing is
+/// done twice: no deposit is counted twice in the account, the ledger or
+/// the rewards, and each total is the sum of what it counted.
+///
+/// A failover can also bring back a claim a live replica had already
+/// given up (a saga's run, an idempotent message's): it stays held until
+/// that replica stops, and what waits for it does not settle (seeds 4
+/// and 13, in some runs). That is a known limit (see the operations
+/// guide), so a run that does not settle is reported here, not failed;
+/// what did run is checked all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failover_loses_writes_but_does_nothing_twice() {
+    logs();
+    explore(0..4, |seed| async move {
+        let faults = Faults {
+            lose_replies: 0.05,
+            lose_acks: 0.05,
+            failovers: 2,
+            ..Faults::none()
+        };
+        let mut sim = Simulation::start(seed, 3, faults, bank).await?;
+        // Three rounds: the embedded bus takes a round in about 150 ms,
+        // and the failovers come during the run.
+        let runs: Vec<String> = ["a", "b", "c"].map(|r| format!("f{seed}{r}")).into();
+        let mut unanswered = 0;
+        for run in &runs {
+            unanswered += workload_bounded(&sim, run).await?;
+        }
+        let wedged = match sim.settled().await {
+            Err(e) if e.kind() == catga::ErrorKind::Timeout => {
+                eprintln!("seed {seed}: a claim the failover brought back is still held: {e}");
+                true
+            }
+            other => {
+                other?;
+                unanswered > 0
+            }
+        };
+        let report = sim.report();
+        assert!(report.failovers > 0, "the store failed over: {report}");
+        for account in runs
+            .iter()
+            .flat_map(|run| (0..ACCOUNTS).map(move |a| format!("{run}-{a}")))
+        {
+            let books = sim
+                .send(
+                    GetBooks {
+                        account: account.clone(),
+                    },
+                    &format!("books-{account}"),
+                )
+                .await?;
+            for (part, t) in [
+                ("account", &books.account),
+                ("ledger", &books.ledger),
+                ("rewards", &books.rewards),
+            ] {
+                let mut once = t.amounts.clone();
+                once.dedup();
+                assert_eq!(
+                    once, t.amounts,
+                    "{account}'s {part} counted a deposit twice: {report}"
+                );
+                assert_eq!(t.count, t.amounts.len() as u64, "{account}'s {part}: {report}");
+                assert_eq!(
+                    t.total,
+                    t.amounts.iter().sum::<u64>(),
+                    "{account}'s {part}: {report}"
+                );
+            }
+        }
+        eprintln!("{report}");
+        let shutdown = sim.shutdown().await;
+        // A handler waiting on a wedged claim is cut off at the drain
+        // deadline; otherwise the shutdown is clean.
+        if !wedged {
+            shutdown?;
+        }
+        Ok(())
+    })
+    .await
+    .expect("nothing done twice");
 }

@@ -27,8 +27,8 @@ pub(crate) struct MemoryStore {
     clock: Arc<Clock>,
 }
 
-#[derive(Default)]
-struct Inner {
+#[derive(Default, Clone)]
+pub(crate) struct Inner {
     state: HashMap<(String, String), (u64, Bytes)>,
     outbox: BTreeMap<u64, OutboxEntry>,
     next_entry: u64,
@@ -136,6 +136,23 @@ impl MemoryStore {
     /// Its clock.
     pub(crate) fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// Everything the store holds now: what a replica that lags behind
+    /// has (see [`restore`](Self::restore)).
+    pub(crate) fn snapshot(&self) -> Inner {
+        self.lock().clone()
+    }
+
+    /// Goes back to `snapshot`, as after a failover to a replica that had
+    /// not received the writes since (Redis replicates asynchronously):
+    /// states, inbox answers, outbox entries, leases and journals written
+    /// since are lost, fencing tokens included: as on Redis, the next
+    /// grant takes the greater of the last token plus one and the clock,
+    /// so tokens keep growing.
+    pub(crate) fn restore(&self, snapshot: Inner) {
+        *self.lock() = snapshot;
+        self.appended.notify_waiters();
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

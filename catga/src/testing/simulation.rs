@@ -72,8 +72,8 @@
 //!
 //! The replicas run with short leases and ack waits (see
 //! [`Simulation::start`]) so that a run recovers from its faults in
-//! seconds. Not simulated: the store losing its last writes in a
-//! failover, messages duplicated by the
+//! seconds. With [`Faults::failovers`], the store also fails over to a
+//! replica that lags behind, losing its last writes. Not simulated: messages duplicated by the
 //! network on core subjects (NATS does not), a partition between replicas
 //! that still reach the store.
 
@@ -118,6 +118,13 @@ pub struct Faults {
     /// waits run out, others take its work over), then goes on where it
     /// was.
     pub stalls: u32,
+    /// How many times the store fails over to a replica that lags behind:
+    /// every write of the last 5 to 100 ms (states, inbox answers,
+    /// outbox entries, leases, journals) is lost, as Redis' asynchronous
+    /// replication can lose acknowledged writes. catga does not guard
+    /// against that (it adds no `WAIT`): with it on, test that nothing is
+    /// done twice, not that nothing is lost. 0 by default.
+    pub failovers: u32,
 }
 
 impl Default for Faults {
@@ -132,6 +139,7 @@ impl Default for Faults {
             lose_acks: 0.02,
             restarts: 3,
             stalls: 1,
+            failovers: 0,
         }
     }
 }
@@ -148,6 +156,7 @@ impl Faults {
             lose_acks: 0.0,
             restarts: 0,
             stalls: 0,
+            failovers: 0,
         }
     }
 
@@ -188,6 +197,8 @@ pub struct FaultReport {
     pub restarts: u64,
     /// Replicas stalled past their leases.
     pub stalls: u64,
+    /// Store failovers that lost the last writes.
+    pub failovers: u64,
 }
 
 impl std::fmt::Display for FaultReport {
@@ -195,7 +206,7 @@ impl std::fmt::Display for FaultReport {
         write!(
             f,
             "seed {}: lost {} requests, {} replies, {} core copies, {} durable deliveries, {} acks; \
-             {} replicas killed, {} stopped, {} started again, {} stalled",
+             {} replicas killed, {} stopped, {} started again, {} stalled; {} store failovers",
             self.seed,
             self.lost_requests,
             self.lost_replies,
@@ -205,7 +216,8 @@ impl std::fmt::Display for FaultReport {
             self.kills,
             self.stops,
             self.restarts,
-            self.stalls
+            self.stalls,
+            self.failovers
         )
     }
 }
@@ -225,6 +237,7 @@ struct Cluster {
     stops: AtomicU64,
     restarts: AtomicU64,
     stalls: AtomicU64,
+    failovers: AtomicU64,
 }
 
 impl Cluster {
@@ -335,20 +348,20 @@ impl Simulation {
             stops: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
         });
         for slot in 0..replicas {
             let runtime = cluster.start_replica(slot).await?;
             cluster.replicas.lock().await.push(Some(runtime));
         }
         let client = Client::memory(&bus).with_request_timeout(Duration::from_millis(500));
-        let monkey = (faults.restarts + faults.stalls > 0).then(|| {
-            tokio::spawn(restart_replicas(
-                Arc::clone(&cluster),
-                seed,
-                faults.restarts,
-                faults.stalls,
-            ))
-        });
+        let plan = Plan {
+            restarts: faults.restarts,
+            stalls: faults.stalls,
+            failovers: faults.failovers,
+        };
+        let monkey =
+            (plan.left() > 0).then(|| tokio::spawn(restart_replicas(Arc::clone(&cluster), seed, plan)));
         Ok(Simulation {
             seed,
             cluster,
@@ -430,9 +443,10 @@ impl Simulation {
         self.cluster.replicas.lock().await
     }
 
-    /// Ends the faults: no more losses, restarts or stalls (a replica
-    /// stopping goes on stopping), a stalled replica goes on, and every
-    /// replica down is started again.
+    /// Ends the faults: no more losses, restarts, stalls or failovers
+    /// (those still due are not done; a replica stopping goes on
+    /// stopping), a stalled replica goes on, and every replica down is
+    /// started again.
     pub async fn heal(&mut self) -> Result<()> {
         if let Some(monkey) = self.monkey.take() {
             monkey.abort();
@@ -480,6 +494,7 @@ impl Simulation {
             stops: self.cluster.stops.load(Ordering::Relaxed),
             restarts: self.cluster.restarts.load(Ordering::Relaxed),
             stalls: self.cluster.stalls.load(Ordering::Relaxed),
+            failovers: self.cluster.failovers.load(Ordering::Relaxed),
         }
     }
 
@@ -540,11 +555,24 @@ impl Drop for Simulation {
     }
 }
 
+/// The faults of a run that are not losses, still to come.
+struct Plan {
+    restarts: u32,
+    stalls: u32,
+    failovers: u32,
+}
+
+impl Plan {
+    fn left(&self) -> u32 {
+        self.restarts + self.stalls + self.failovers
+    }
+}
+
 /// After a number of messages drawn from the seed, kills or stops a
-/// replica and starts it again after some more (`restarts` times), or
-/// stalls one for 1 to 2.5 s (`stalls` times), in an order drawn from the
-/// seed.
-async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut restarts: u32, mut stalls: u32) {
+/// replica and starts it again after some more, stalls one for 1 to
+/// 2.5 s, or fails the store over to what it held 5 to 100 ms ago, as
+/// many times as `plan` says, in an order drawn from the seed.
+async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut plan: Plan) {
     let mut state = mix(seed ^ 0x7265_7374_6172_7473);
     let mut draw = move |below: u64| {
         state = mix(state);
@@ -553,12 +581,30 @@ async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut restarts: u32, m
     let slots = cluster.replicas.lock().await.len() as u64;
     // The first fault comes early, so that a short run meets one too.
     let mut gap = 10 + draw(50);
-    while restarts + stalls > 0 {
+    while plan.left() > 0 {
+        tracing::debug!(
+            after = gap,
+            "simulation: the next fault comes after this many messages"
+        );
         messages(&cluster.bus, gap).await;
         gap = 20 + draw(120);
         let slot = draw(slots) as usize;
-        if draw(u64::from(restarts + stalls)) < u64::from(stalls) {
-            stalls -= 1;
+        let pick = draw(u64::from(plan.left()));
+        if pick < u64::from(plan.failovers) {
+            plan.failovers -= 1;
+            let store = cluster.bus.store();
+            let lagging = store.snapshot();
+            // What a lagging replica misses: the writes of the last 5 to
+            // 100 ms.
+            let lag_ms = 5 + draw(95);
+            tokio::time::sleep(Duration::from_millis(lag_ms)).await;
+            tracing::info!(lag_ms, "simulation: the store fails over, losing its last writes");
+            cluster.failovers.fetch_add(1, Ordering::Relaxed);
+            store.restore(lagging);
+            continue;
+        }
+        if pick < u64::from(plan.failovers + plan.stalls) {
+            plan.stalls -= 1;
             let for_ms = 1000 + draw(1500);
             tracing::info!(slot, for_ms, "simulation: stalling a replica (SIGSTOP)");
             cluster.stalls.fetch_add(1, Ordering::Relaxed);
@@ -568,7 +614,7 @@ async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut restarts: u32, m
             tracing::info!(slot, "simulation: the stalled replica goes on (SIGCONT)");
             continue;
         }
-        restarts -= 1;
+        plan.restarts -= 1;
         let graceful = draw(2) == 0;
         let Some(victim) = cluster.replicas.lock().await.get_mut(slot).and_then(Option::take) else {
             continue;

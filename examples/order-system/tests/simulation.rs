@@ -81,6 +81,7 @@ async fn every_order_ends_as_left_each_step_once_under_seeded_faults() {
             lose_acks: 0.05,
             restarts: 3,
             stalls: 2,
+            failovers: 0,
         };
         let mut sim = Simulation::start(seed, 3, faults, orders).await?;
         let run = format!("s{seed}");
