@@ -86,6 +86,7 @@ pub mod ring;
 mod runtime;
 mod saga;
 pub mod schema;
+mod stall;
 mod state;
 mod store;
 pub mod testing;

@@ -451,7 +451,7 @@ fn select(config: &Config, filter: Option<&Filter>) -> Result<Vec<&'static Handl
 
 /// The embedded bus's store, and the stall switch of the bus handle the
 /// runtime was given (the fault simulator's).
-type BusStore = (Arc<MemoryStore>, Option<Arc<crate::transport::memory::Gate>>);
+type BusStore = (Arc<MemoryStore>, Option<Arc<crate::stall::Gate>>);
 
 /// The transport (a given bus, NATS, or a new embedded bus), what to call
 /// it in the log, and the embedded bus's store when there is one.

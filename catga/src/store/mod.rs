@@ -360,7 +360,7 @@ struct Inner {
     kind: Kind,
     /// The stall switch of the replica using this handle (the fault
     /// simulator's): every call waits while it is on.
-    gate: Option<Arc<crate::transport::memory::Gate>>,
+    gate: Option<Arc<crate::stall::Gate>>,
     /// How many shards the service's keys are split into (see
     /// [`shards`]). The in-memory store keeps one map whatever the count,
     /// but refuses what a sharded Redis would refuse, so that a service
@@ -455,7 +455,7 @@ impl Store {
     pub(crate) fn memory_gated(
         s: Arc<MemoryStore>,
         shards: u32,
-        gate: Option<Arc<crate::transport::memory::Gate>>,
+        gate: Option<Arc<crate::stall::Gate>>,
     ) -> Store {
         Store(Arc::new(Inner {
             kind: Kind::Memory(s),

@@ -89,8 +89,9 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{Command, Event};
 use crate::runtime::{Runtime, RuntimeBuilder};
+use crate::stall::Gate;
 use crate::transport::chaos::{Chaos, Fault, mix};
-use crate::transport::memory::{Gate, MemoryBus};
+use crate::transport::memory::MemoryBus;
 use crate::{Client, DeadLetter, SagaInfo};
 
 use super::DEFAULT_SETTLE_WITHIN;

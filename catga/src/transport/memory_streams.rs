@@ -504,13 +504,13 @@ pub(crate) struct MemoryDurable {
     wake: Arc<Notify>,
     stopped: bool,
     /// The stall switch of the replica it belongs to (see
-    /// [`super::memory::Gate`]).
-    gate: Option<Arc<super::memory::Gate>>,
+    /// [`crate::stall::Gate`]).
+    gate: Option<Arc<crate::stall::Gate>>,
 }
 
 impl MemoryDurable {
     /// The same subscriber, stalled with its replica.
-    pub(crate) fn gated(mut self, gate: Option<Arc<super::memory::Gate>>) -> MemoryDurable {
+    pub(crate) fn gated(mut self, gate: Option<Arc<crate::stall::Gate>>) -> MemoryDurable {
         self.gate = gate;
         self
     }
@@ -584,7 +584,7 @@ pub(crate) struct MemoryAck {
     /// The message's key for the simulator's faults (0 without them).
     key: u64,
     /// The stall switch of the replica holding it.
-    gate: Option<Arc<super::memory::Gate>>,
+    gate: Option<Arc<crate::stall::Gate>>,
 }
 
 impl MemoryAck {
