@@ -77,6 +77,10 @@
 //! - A durable consumer whose handler was stopped keeps what its stream
 //!   holds for it: not settled until it is served again.
 //!
+//! Several replicas under faults drawn from a seed (lost requests,
+//! replies and deliveries, replicas killed, stopped or stalled, the store
+//! failing over): see [`Simulation`] and [`explore`].
+//!
 //! Every message put on the bus is recorded, whether or not anything
 //! received it (a command with no handler, an event nobody subscribes
 //! to); a durable publish the stream dropped as a repeat of the same
@@ -97,7 +101,7 @@ use crate::{Client, DeadLetter, DelayedInfo, SagaInfo};
 
 pub use crate::transport::tap::{Recorded, SentAs};
 
-mod simulation;
+pub mod simulation;
 pub use simulation::{FaultReport, Faults, Simulation, explore};
 
 /// How long before [`TestKit::settled`] gives up a delayed message must
