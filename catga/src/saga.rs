@@ -306,7 +306,9 @@ impl Context {
         // halved a keyed saga's throughput on a 3-node cluster). Any other
         // saga runs on any replica: its run is claimed in the store.
         let ran = if self.work().fence.is_some() {
-            let _running = LocalRun::enter(&id).await;
+            // Per replica: several runtimes in one process (a test kit's,
+            // the fault simulator's) are several replicas.
+            let _running = LocalRun::enter(&format!("{}\u{0}{id}", self.work().member)).await;
             self.run_saga(id, None, saga).await
         } else {
             let run = self.claim_run(&id).await?;

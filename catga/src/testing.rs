@@ -102,7 +102,7 @@ use crate::{Client, DeadLetter, DelayedInfo, SagaInfo};
 pub use crate::transport::tap::{Recorded, SentAs};
 
 pub mod simulation;
-pub use simulation::{FaultReport, Faults, Simulation, explore};
+pub use simulation::{FaultReport, Faults, Simulation, explore, explore_exactly};
 
 /// How long before [`TestKit::settled`] gives up a delayed message must
 /// be due to be waited for: the relay looks every 250 ms, and its

@@ -333,6 +333,7 @@ impl Runtime {
     pub async fn shutdown(self) -> Result<()> {
         match tokio::spawn(self.shut_down()).await {
             Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(Error::new(
                 ErrorKind::Internal,
                 format!("the shutdown stopped before its end: {e}"),

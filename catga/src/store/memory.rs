@@ -146,12 +146,27 @@ impl MemoryStore {
 
     /// Goes back to `snapshot`, as after a failover to a replica that had
     /// not received the writes since (Redis replicates asynchronously):
-    /// states, inbox answers, outbox entries, leases and journals written
-    /// since are lost, fencing tokens included: as on Redis, the next
-    /// grant takes the greater of the last token plus one and the clock,
-    /// so tokens keep growing.
-    pub(crate) fn restore(&self, snapshot: Inner) {
-        *self.lock() = snapshot;
+    /// states, inbox answers, outbox entries, leases, fencing tokens and
+    /// journals written since are lost. The outbox's entry numbers go on
+    /// from the newest (Redis' stream ids are times, never issued twice:
+    /// a number issued again would let the relay remove a new entry under
+    /// a lost entry's id). It waits until the clock is past every fencing
+    /// token granted so far, as a failover that takes seconds does on
+    /// Redis: the next grant takes the clock, so no lost token is issued
+    /// again.
+    pub(crate) async fn restore(&self, mut snapshot: Inner) {
+        loop {
+            {
+                let mut inner = self.lock();
+                let newest = inner.fences.values().copied().max().unwrap_or(0);
+                if crate::wire::now_ms() > newest.saturating_add(1) {
+                    snapshot.next_entry = snapshot.next_entry.max(inner.next_entry);
+                    *inner = snapshot;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         self.appended.notify_waiters();
     }
 

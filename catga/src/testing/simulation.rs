@@ -60,29 +60,45 @@
 //! - a replica stalled past its leases (SIGSTOP, a long pause): what it
 //!   sends and receives on the bus and asks of the store waits, its
 //!   leases, claims and ack waits run out and other replicas take its
-//!   work over; then it goes on where it was, with what it held before.
+//!   work over; then it goes on where it was, with what it held before;
+//! - with [`Faults::failovers`] (off by default), the store failing over
+//!   to a replica that lags behind, losing its last writes.
 //!
-//! Each loss is decided from the seed and the message it falls on, not
-//! from the order in which tasks ran, and the kills fall after a number of
-//! messages drawn from the seed: a seed run again loses the same requests,
-//! replies, copies and acks of the same messages and kills the same
-//! replicas. What it does not replay is the interleaving of the tasks
-//! (tokio's and the OS's scheduling): a failure that needs one exact
+//! What a seed replays. Each loss is decided from the seed and the message
+//! it falls on (its id, and the consumer or subscriber it goes to), not
+//! from the order in which tasks ran: a seed run again loses the same
+//! requests, replies, copies, deliveries and acks of the messages whose
+//! ids are the same in every run. Those are the ids a test chose
+//! (`send_with_id`, [`Simulation::send`]) and the ids catga derives from
+//! them: an idempotent handler's events, a saga's steps. A message with a
+//! fresh id (published by a handler that is not idempotent) meets its
+//! own chances in each run. [`FaultReport::fingerprint`] tells whether
+//! two runs lost the same messages. The restarts, stalls and failovers
+//! come after a number of messages drawn from the seed, at about the
+//! same point of a run. The interleaving of the tasks (tokio's and the
+//! OS's scheduling) is not replayed: a failure that needs one exact
 //! interleaving may take a few runs of its seed to show again.
+//!
+//! Where one process differs from many. A killed replica's requests in
+//! hand are answered "unavailable" and its durable deliveries given back
+//! at once, as when a crash closes the connection, not left to time out.
+//! A stalled replica's timers go on: a handler's deadline can end during
+//! the stall, and what it then sends back (a negative ack, a dead letter,
+//! a reply) goes out at once; its acks wait until it wakes.
 //!
 //! The replicas run with short leases and ack waits (see
 //! [`Simulation::start`]) so that a run recovers from its faults in
-//! seconds. With [`Faults::failovers`], the store also fails over to a
-//! replica that lags behind, losing its last writes. Not simulated: messages duplicated by the
-//! network on core subjects (NATS does not), a partition between replicas
-//! that still reach the store.
+//! seconds. Not simulated: delays and reordering other than a lost
+//! delivery coming again, a lost acknowledgement of a durable publish (a
+//! publish sent twice), messages duplicated on core subjects (NATS does
+//! not), a partition between replicas that still reach the store.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
@@ -200,6 +216,9 @@ pub struct FaultReport {
     pub stalls: u64,
     /// Store failovers that lost the last writes.
     pub failovers: u64,
+    /// Which messages the losses fell on (a sum of a hash per loss, in
+    /// any order): equal in two runs that lost the same messages.
+    pub fingerprint: u64,
 }
 
 impl std::fmt::Display for FaultReport {
@@ -272,6 +291,19 @@ impl Cluster {
         }
     }
 
+    /// Shuts the gate of the replica of `slot` for good (it was killed)
+    /// and leaves the slot a new one.
+    fn kill_gate(&self, slot: usize) {
+        let mut gates = self
+            .gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(gate) = gates.get_mut(slot) {
+            gate.set(true);
+            *gate = Arc::new(Gate::new());
+        }
+    }
+
     /// Wakes every replica.
     fn wake_all(&self) {
         let gates = self
@@ -308,6 +340,8 @@ pub struct Simulation {
     chaos: Arc<Chaos>,
     client: Client,
     monkey: Option<JoinHandle<()>>,
+    /// Tells the restarts to stop (see `heal`).
+    healed: watch::Sender<bool>,
     settle_within: Duration,
 }
 
@@ -361,14 +395,22 @@ impl Simulation {
             stalls: faults.stalls,
             failovers: faults.failovers,
         };
-        let monkey =
-            (plan.left() > 0).then(|| tokio::spawn(restart_replicas(Arc::clone(&cluster), seed, plan)));
+        let healed = watch::Sender::new(false);
+        let monkey = (plan.left() > 0).then(|| {
+            tokio::spawn(restart_replicas(
+                Arc::clone(&cluster),
+                seed,
+                plan,
+                healed.subscribe(),
+            ))
+        });
         Ok(Simulation {
             seed,
             cluster,
             chaos,
             client,
             monkey,
+            healed,
             settle_within: DEFAULT_SETTLE_WITHIN,
         })
     }
@@ -449,10 +491,7 @@ impl Simulation {
     /// stopping), a stalled replica goes on, and every replica down is
     /// started again.
     pub async fn heal(&mut self) -> Result<()> {
-        if let Some(monkey) = self.monkey.take() {
-            monkey.abort();
-            let _ = monkey.await;
-        }
+        self.stop_faults().await;
         self.chaos.set_on(false);
         self.cluster.wake_all();
         let mut replicas = self.cluster.replicas.lock().await;
@@ -496,6 +535,7 @@ impl Simulation {
             restarts: self.cluster.restarts.load(Ordering::Relaxed),
             stalls: self.cluster.stalls.load(Ordering::Relaxed),
             failovers: self.cluster.failovers.load(Ordering::Relaxed),
+            fingerprint: self.chaos.fingerprint(),
         }
     }
 
@@ -531,10 +571,7 @@ impl Simulation {
 
     /// Stops the faults and shuts every replica down gracefully.
     pub async fn shutdown(mut self) -> Result<()> {
-        if let Some(monkey) = self.monkey.take() {
-            monkey.abort();
-            let _ = monkey.await;
-        }
+        self.stop_faults().await;
         self.chaos.set_on(false);
         self.cluster.wake_all();
         let replicas: Vec<Runtime> = self.cluster.replicas.lock().await.drain(..).flatten().collect();
@@ -545,6 +582,17 @@ impl Simulation {
             }
         }
         outcome
+    }
+}
+
+impl Simulation {
+    /// Stops the restarts, stalls and failovers at their next wait (a stop
+    /// or start under way is finished) and waits for that.
+    async fn stop_faults(&mut self) {
+        self.healed.send_replace(true);
+        if let Some(monkey) = self.monkey.take() {
+            let _ = monkey.await;
+        }
     }
 }
 
@@ -569,11 +617,26 @@ impl Plan {
     }
 }
 
+/// Waits for `f`, unless the run heals first (`None` then).
+async fn unless_healed<F: Future>(healed: &mut watch::Receiver<bool>, f: F) -> Option<F::Output> {
+    tokio::select! {
+        out = f => Some(out),
+        _ = healed.wait_for(|h| *h) => None,
+    }
+}
+
 /// After a number of messages drawn from the seed, kills or stops a
 /// replica and starts it again after some more, stalls one for 1 to
 /// 2.5 s, or fails the store over to what it held 5 to 100 ms ago, as
-/// many times as `plan` says, in an order drawn from the seed.
-async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut plan: Plan) {
+/// many times as `plan` says, in an order drawn from the seed. Stops at
+/// the first wait once the run heals; a stop or a start under way is
+/// finished first (cut short, a start left handlers serving unowned).
+async fn restart_replicas(
+    cluster: Arc<Cluster>,
+    seed: u64,
+    mut plan: Plan,
+    mut healed: watch::Receiver<bool>,
+) {
     let mut state = mix(seed ^ 0x7265_7374_6172_7473);
     let mut draw = move |below: u64| {
         state = mix(state);
@@ -587,7 +650,12 @@ async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut plan: Plan) {
             after = gap,
             "simulation: the next fault comes after this many messages"
         );
-        messages(&cluster.bus, gap).await;
+        if unless_healed(&mut healed, messages(&cluster.bus, gap))
+            .await
+            .is_none()
+        {
+            return;
+        }
         gap = 20 + draw(120);
         let slot = draw(slots) as usize;
         let pick = draw(u64::from(plan.left()));
@@ -598,10 +666,13 @@ async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut plan: Plan) {
             // What a lagging replica misses: the writes of the last 5 to
             // 100 ms.
             let lag_ms = 5 + draw(95);
-            tokio::time::sleep(Duration::from_millis(lag_ms)).await;
+            let lag = tokio::time::sleep(Duration::from_millis(lag_ms));
+            if unless_healed(&mut healed, lag).await.is_none() {
+                return;
+            }
             tracing::info!(lag_ms, "simulation: the store fails over, losing its last writes");
             cluster.failovers.fetch_add(1, Ordering::Relaxed);
-            store.restore(lagging);
+            store.restore(lagging).await;
             continue;
         }
         if pick < u64::from(plan.failovers + plan.stalls) {
@@ -610,9 +681,12 @@ async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut plan: Plan) {
             tracing::info!(slot, for_ms, "simulation: stalling a replica (SIGSTOP)");
             cluster.stalls.fetch_add(1, Ordering::Relaxed);
             cluster.stall(slot, true);
-            tokio::time::sleep(Duration::from_millis(for_ms)).await;
+            let stalled = unless_healed(&mut healed, tokio::time::sleep(Duration::from_millis(for_ms))).await;
             cluster.stall(slot, false);
             tracing::info!(slot, "simulation: the stalled replica goes on (SIGCONT)");
+            if stalled.is_none() {
+                return;
+            }
             continue;
         }
         plan.restarts -= 1;
@@ -629,9 +703,18 @@ async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut plan: Plan) {
         } else {
             tracing::info!(slot, "simulation: killing a replica (SIGKILL)");
             cluster.kills.fetch_add(1, Ordering::Relaxed);
+            // Its gate stays shut: what it left waiting (an ack spawned
+            // while it was stalled) never goes out.
+            cluster.kill_gate(slot);
             drop(victim);
         }
-        messages(&cluster.bus, 10 + draw(80)).await;
+        if unless_healed(&mut healed, messages(&cluster.bus, 10 + draw(80)))
+            .await
+            .is_none()
+        {
+            // `heal` starts it.
+            return;
+        }
         // A failed start (the store or bus refusing for a moment) is tried
         // again; `heal` starts whatever is still down.
         loop {
@@ -645,7 +728,12 @@ async fn restart_replicas(cluster: Arc<Cluster>, seed: u64, mut plan: Plan) {
                 }
                 Err(e) => {
                     tracing::info!(slot, error = %e, "simulation: a replica did not start; trying again");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if unless_healed(&mut healed, tokio::time::sleep(Duration::from_millis(50)))
+                        .await
+                        .is_none()
+                    {
+                        return;
+                    }
                 }
             }
         }
@@ -671,15 +759,19 @@ async fn messages(bus: &MemoryBus, n: u64) {
     }
 }
 
+/// How long one seed may run before [`explore`] gives up on it (and
+/// names it).
+pub const SEED_WITHIN: Duration = Duration::from_secs(300);
+
 /// Runs `run` once per seed of `seeds` (a range, or regression seeds
 /// first: `[73].into_iter().chain(0..4)`), each in a task of its own, and
-/// stops at the first that fails (returns an error or panics) with an
-/// error naming the seed and how to run it alone. Returns how many seeds
-/// ran.
+/// stops at the first that fails (returns an error, panics, or runs past
+/// [`SEED_WITHIN`]) with an error naming the seed and how to run it
+/// alone. Returns how many seeds ran.
 ///
 /// `CATGA_SIM_SEED=n` runs seed `n` alone; `CATGA_SIM_SEEDS=n` runs seeds
-/// `0..n` instead of `seeds` (a nightly run of thousands).
-pub async fn explore<F, Fut>(seeds: impl IntoIterator<Item = u64>, mut run: F) -> Result<u64>
+/// `0..n` after `seeds` (a nightly run of thousands).
+pub async fn explore<F, Fut>(seeds: impl IntoIterator<Item = u64>, run: F) -> Result<u64>
 where
     F: FnMut(u64) -> Fut,
     Fut: Future<Output = Result<()>> + Send + 'static,
@@ -695,16 +787,39 @@ where
         };
     let seeds: Vec<u64> = match (number("CATGA_SIM_SEED")?, number("CATGA_SIM_SEEDS")?) {
         (Some(one), _) => vec![one],
-        (None, Some(n)) => (0..n).collect(),
-        (None, None) => seeds.into_iter().collect(),
+        (None, more) => {
+            let mut all: Vec<u64> = seeds.into_iter().collect();
+            for seed in 0..more.unwrap_or(0) {
+                if !all.contains(&seed) {
+                    all.push(seed);
+                }
+            }
+            all
+        }
     };
+    explore_exactly(seeds, run).await
+}
+
+/// [`explore`] without reading `CATGA_SIM_SEED` and `CATGA_SIM_SEEDS`:
+/// exactly `seeds`.
+pub async fn explore_exactly<F, Fut>(seeds: impl IntoIterator<Item = u64>, mut run: F) -> Result<u64>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
     let mut ran = 0;
     for seed in seeds {
         tracing::info!(seed, "simulation: seed");
-        let failed = match tokio::spawn(run(seed)).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some((e.kind(), e.message().to_owned())),
-            Err(e) if e.is_panic() => {
+        let task = tokio::spawn(run(seed));
+        let abort = task.abort_handle();
+        let failed = match tokio::time::timeout(SEED_WITHIN, task).await {
+            Err(_) => {
+                abort.abort();
+                Some((ErrorKind::Timeout, format!("it ran past {SEED_WITHIN:?}")))
+            }
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(e))) => Some((e.kind(), e.message().to_owned())),
+            Ok(Err(e)) if e.is_panic() => {
                 let panic = e.into_panic();
                 let text = panic
                     .downcast_ref::<String>()
@@ -713,7 +828,7 @@ where
                     .unwrap_or_else(|| "a panic".to_owned());
                 Some((ErrorKind::Internal, text))
             }
-            Err(e) => Some((ErrorKind::Internal, e.to_string())),
+            Ok(Err(e)) => Some((ErrorKind::Internal, e.to_string())),
         };
         if let Some((kind, text)) = failed {
             return Err(Error::new(

@@ -73,6 +73,10 @@ pub(crate) struct Chaos {
     /// How many times each message met each kind of fault so far.
     met: Mutex<HashMap<(usize, u64), u64>>,
     struck: [AtomicU64; 5],
+    /// What struck, as a sum of a hash per (kind, message, time it met
+    /// it): the same in two runs when the same faults fell on the same
+    /// messages, whatever the order.
+    fingerprint: AtomicU64,
     /// The reply slots of requests whose reply was lost: kept, so that
     /// their senders time out as over NATS instead of hearing at once
     /// that the handler went away.
@@ -87,6 +91,7 @@ impl Chaos {
             on: AtomicBool::new(true),
             met: Mutex::new(HashMap::new()),
             struck: Default::default(),
+            fingerprint: AtomicU64::new(0),
             lost_replies: Mutex::new(Vec::new()),
         }
     }
@@ -118,6 +123,7 @@ impl Chaos {
         let hit = roll % 1_000_000 < u64::from(rate);
         if hit {
             self.struck[fault.index()].fetch_add(1, Ordering::Relaxed);
+            self.fingerprint.fetch_add(roll, Ordering::Relaxed);
         }
         hit
     }
@@ -125,6 +131,11 @@ impl Chaos {
     /// How many times each kind struck so far.
     pub(crate) fn struck(&self) -> [u64; 5] {
         std::array::from_fn(|i| self.struck[i].load(Ordering::Relaxed))
+    }
+
+    /// The fingerprint of what struck so far (see `fingerprint`).
+    pub(crate) fn fingerprint(&self) -> u64 {
+        self.fingerprint.load(Ordering::Relaxed)
     }
 
     /// Keeps the reply slot of a request whose reply was lost.

@@ -453,8 +453,9 @@ impl MemoryBus {
         if let Some(chaos) = self.inner.streams.chaos() {
             let key = super::chaos::key_of(subject, headers.as_ref(), &payload, 0);
             if chaos.strikes(super::chaos::Fault::Request, key) {
-                // No handler sees it: the sender hears nothing.
-                tokio::time::sleep(timeout).await;
+                // No handler sees it: the sender hears nothing until its
+                // deadline (what is left of it after a stall).
+                tokio::time::sleep(deadline.remaining().unwrap_or_default().min(timeout)).await;
                 return Err(Error::new(
                     ErrorKind::Timeout,
                     format!("no reply on subject {subject} within {timeout:?}"),
@@ -536,7 +537,10 @@ pub(crate) struct MemorySubscription {
 impl MemorySubscription {
     pub(crate) async fn next(&mut self) -> Option<Delivery> {
         self.bus.pass().await;
-        self.rx.recv().await
+        let delivery = self.rx.recv().await;
+        // Stalled while it waited: taken when the replica wakes.
+        self.bus.pass().await;
+        delivery
     }
 
     /// Leaves the routes at once (the bus is in this process, so nothing is

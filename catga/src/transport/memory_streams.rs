@@ -530,7 +530,11 @@ impl MemoryDurable {
                 Ok((seq, deliveries, m)) => {
                     let key = match self.streams.chaos() {
                         Some(chaos) => {
-                            let key = super::chaos::key_of(&self.subject, m.headers.as_ref(), &m.payload, 0);
+                            // Each consumer of the stream meets its own
+                            // faults: salted with its name.
+                            let salt = super::chaos::key_of(&self.durable, None, &[], 0);
+                            let key =
+                                super::chaos::key_of(&self.subject, m.headers.as_ref(), &m.payload, salt);
                             // Lost on its way: it stays pending and comes
                             // again when its ack wait passes.
                             if chaos.strikes(super::chaos::Fault::Delivery, key) {

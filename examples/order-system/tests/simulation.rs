@@ -190,7 +190,9 @@ async fn a_stalled_replica_loses_its_partitions_and_nothing_is_done_twice() {
         .await
         .expect("start");
     until_partitions(&sim, "spread over the three", |p| p.iter().all(|m| !m.is_empty())).await;
-    let stall = sim.stall(0, std::time::Duration::from_millis(2500));
+    // Long enough that the takeover (about a second) and six orders fit
+    // in it on a loaded host.
+    let stall = sim.stall(0, std::time::Duration::from_secs(6));
     let during = async {
         // Past the membership time-out (600 ms): the others hold every
         // partition.
