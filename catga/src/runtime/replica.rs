@@ -331,7 +331,9 @@ impl Runtime {
     /// as the process lived, and no other replica could lead (found by the
     /// fault simulator: the example's seed 2).
     pub async fn shutdown(self) -> Result<()> {
-        match tokio::spawn(self.shut_down()).await {
+        // In the caller's span, as its logs were before.
+        let shutting = tracing::Instrument::instrument(self.shut_down(), tracing::Span::current());
+        match tokio::spawn(shutting).await {
             Ok(outcome) => outcome,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(Error::new(
