@@ -311,7 +311,7 @@ impl Context {
             let _running = LocalRun::enter(&format!("{}\u{0}{id}", self.work().member)).await;
             self.run_saga(id, None, saga).await
         } else {
-            let run = self.claim_run(&id).await?;
+            let (run, _running) = self.claim_run(&id).await?;
             // Dropped half way (cancelled at a drain deadline), the run's
             // claim is given up in the background.
             let guard = RunGuard {
@@ -354,13 +354,15 @@ impl Context {
     /// it, or until that run's replica is gone): one run of a saga at a
     /// time, whatever delivered its trigger twice (a redelivery while it
     /// ran, a duplicate publish outside the stream's window).
-    async fn claim_run(&self, id: &str) -> Result<(String, crate::store::Claim)> {
+    async fn claim_run(&self, id: &str) -> Result<((String, crate::store::Claim), crate::store::Attempt)> {
         let work = self.work();
         let claim = crate::store::Claim {
             digest: String::new(),
             attempt: crate::wire::new_message_id(),
             member: work.member.to_string(),
         };
+        // Counted before it is asked for (see `Orphans::is_stale`).
+        let running = work.orphans.hold(&claim.attempt);
         let mut waited = false;
         loop {
             let ttl = Duration::from_secs(24 * 3600);
@@ -383,6 +385,19 @@ impl Context {
             }
             let begun = begun?;
             match begun {
+                crate::store::Inbox::Busy(mark) if work.orphans.is_stale(&mark, &work.member) => {
+                    // This replica's run claim, held by nothing here: its
+                    // end was lost (a store failover). Given up, and taken
+                    // again.
+                    tracing::warn!(
+                        saga = %id,
+                        "a run claim of this replica's that nothing here holds (its end was lost, as in a \
+                         store failover): given up"
+                    );
+                    work.store
+                        .inbox_abandon_mark(work.store.shard_of(id), RUNS, id, &mark)
+                        .await?;
+                }
                 crate::store::Inbox::Busy(_) => {
                     if !waited {
                         tracing::info!(saga = %id, "another run of this saga is in progress: waiting for it");
@@ -390,7 +405,7 @@ impl Context {
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                _ => return Ok((id.to_owned(), claim)),
+                _ => return Ok(((id.to_owned(), claim), running)),
             }
         }
     }

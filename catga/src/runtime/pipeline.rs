@@ -178,6 +178,7 @@ async fn steps(served: &Served, shared: &Shared, meta: &Arc<MessageMeta>, payloa
             id,
             claim,
             home,
+            ..
         } => Some((&shared.plain_work.orphans, shard(home), scope, id, claim)),
         Claim::None { .. } => None,
     });
@@ -315,6 +316,8 @@ enum Claim {
         /// The store shard of its inbox entry (and of its writes), with
         /// several shards.
         home: Option<Home>,
+        /// Counts the attempt as this replica's while it holds the claim.
+        _running: crate::store::Attempt,
     },
 }
 
@@ -414,6 +417,9 @@ async fn claim(
         attempt: wire::new_message_id(),
         member: shared.leadership.owner().to_owned(),
     };
+    // Counted before it is asked for: a claim of this replica's that no
+    // attempt here holds is one whose end the store lost.
+    let running = shared.plain_work.orphans.hold(&claim.attempt);
     loop {
         let (ttl, alive_for) = (shared.config.inbox_window, shared.config.inbox_lease);
         // Dropped while the claim is asked for (a drain deadline), or
@@ -433,12 +439,37 @@ async fn claim(
                     id,
                     claim,
                     home,
+                    _running: running,
                 });
             }
             Ok(Inbox::Done(answer)) if answer.fits(&claim.digest) => {
                 return Err(Outcome::Answered(answer.reply));
             }
-            Ok(Inbox::Busy(digest)) if digest.is_empty() || digest == claim.digest => {
+            Ok(Inbox::Busy(mark))
+                if shared
+                    .plain_work
+                    .orphans
+                    .is_stale(&mark, shared.leadership.owner()) =>
+            {
+                // This replica's claim, held by no attempt here: its end
+                // was written, then lost (a Redis failover to a replica
+                // that had not received it). Held while this replica
+                // lives, it would keep the message "busy" for good.
+                tracing::warn!(
+                    message_id = %id,
+                    "a claim of this replica's that nothing here holds (its end was lost, as in a store \
+                     failover): given up, and the message claimed again"
+                );
+                if let Err(e) = Box::pin(shared.store.inbox_abandon_mark(at, scope, &id, &mark)).await {
+                    return Err(Outcome::Failed(e));
+                }
+            }
+            Ok(Inbox::Busy(mark))
+                if {
+                    let digest = crate::store::Claim::digest_of(&mark);
+                    digest.is_empty() || digest == claim.digest
+                } =>
+            {
                 let waits = match spec.kind() {
                     HandlerKind::Command => meta
                         .deadline()
@@ -574,6 +605,7 @@ async fn call(
             id,
             claim,
             home,
+            ..
         } => commit_answer(shared, &work, (shard(home), scope, id), claim, body).await,
         Claim::None { .. } => Ok(body),
     }
@@ -764,6 +796,7 @@ async fn release(shared: &Shared, claim: &Claim, result: Result<Bytes>) -> Outco
         id,
         claim,
         home,
+        ..
     } = claim
     else {
         return match result {

@@ -669,7 +669,7 @@ mod tests {
         }
         let begin = |c, id| begin_on(&s, c, id);
         assert_eq!(begin(&r1, "m1").await.expect("begin"), Inbox::Fresh);
-        assert_eq!(begin(&r2, "m1").await.expect("begin"), Inbox::Busy(d.clone()));
+        assert_eq!(begin(&r2, "m1").await.expect("begin"), Inbox::Busy(r1.mark()));
         let answer = Answer {
             digest: Some(d.clone()),
             reply: crate::store::StoredReply::Ok(Bytes::from_static(b"7")),
@@ -701,7 +701,7 @@ mod tests {
         // Abandoned: the next attempt runs it.
         assert_eq!(begin(&r1, "m2").await.expect("begin"), Inbox::Fresh);
         s.inbox_abandon("h", "m2", &r2.mark()).await.expect("not r2's");
-        assert_eq!(begin(&r2, "m2").await.expect("begin"), Inbox::Busy(d.clone()));
+        assert_eq!(begin(&r2, "m2").await.expect("begin"), Inbox::Busy(r1.mark()));
         s.inbox_abandon("h", "m2", &r1.mark()).await.expect("abandon");
         assert_eq!(begin(&r2, "m2").await.expect("begin"), Inbox::Fresh);
         // r2 dies: its claim lapses with its liveness, not with a lease.
@@ -710,7 +710,7 @@ mod tests {
         // A claim of the same payload by a live replica: busy, whatever
         // the claim's own time to live.
         s.alive("r2", ttl, true).await.expect("alive");
-        assert_eq!(begin(&r2, "m2").await.expect("begin"), Inbox::Busy(d.clone()));
+        assert_eq!(begin(&r2, "m2").await.expect("begin"), Inbox::Busy(r1.mark()));
     }
 
     #[tokio::test]

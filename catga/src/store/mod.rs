@@ -160,6 +160,19 @@ impl Claim {
         format!("P:{}:{}:{}", self.digest, self.attempt, self.member)
     }
 
+    /// The digest of the payload a kept claim (`Inbox::Busy`) is for
+    /// (empty if unreadable).
+    pub(crate) fn digest_of(mark: &str) -> &str {
+        Claim::parse(mark.as_bytes()).map_or("", |(digest, _)| digest)
+    }
+
+    /// The attempt and the member of a kept claim.
+    pub(crate) fn holder(mark: &str) -> Option<(&str, &str)> {
+        let rest = mark.strip_prefix("P:")?;
+        let (_digest, rest) = rest.split_once(':')?;
+        rest.split_once(':')
+    }
+
     /// The digest and the member of a kept claim.
     pub(crate) fn parse(mark: &[u8]) -> Option<(&str, &str)> {
         let text = std::str::from_utf8(mark).ok()?;
@@ -323,15 +336,16 @@ pub(crate) enum Inbox {
     Fresh,
     /// Handled before: the answer then.
     Done(Answer),
-    /// Being handled right now by a live replica (claim of this digest).
+    /// Being handled right now by a live replica: its claim as the inbox
+    /// keeps it (see [`Claim::mark`]; empty if unreadable).
     Busy(String),
 }
 
 impl Inbox {
     /// What the inbox holds, read from its raw value.
     pub(crate) fn from_raw(raw: &[u8]) -> Inbox {
-        if let Some((digest, _)) = Claim::parse(raw) {
-            return Inbox::Busy(digest.to_owned());
+        if Claim::parse(raw).is_some() {
+            return Inbox::Busy(String::from_utf8_lossy(raw).into_owned());
         }
         match Answer::decode(raw) {
             Some(answer) => Inbox::Done(answer),
@@ -931,6 +945,22 @@ impl Store {
 
     /// Gives `id` up (a retryable failure) if `claim` still holds it: the
     /// next attempt runs it.
+    /// Gives up the claim `mark` on `id` (as the inbox keeps it) if it
+    /// still holds it.
+    pub(crate) async fn inbox_abandon_mark(
+        &self,
+        shard: u32,
+        scope: &str,
+        id: &str,
+        mark: &str,
+    ) -> Result<()> {
+        self.pass().await;
+        match &self.0.kind {
+            Kind::Redis(s) => s.inbox_abandon(shard, scope, id, mark).await,
+            Kind::Memory(s) => s.inbox_abandon(scope, id, mark).await,
+        }
+    }
+
     pub(crate) async fn inbox_abandon(&self, shard: u32, scope: &str, id: &str, claim: &Claim) -> Result<()> {
         self.pass().await;
         match &self.0.kind {
@@ -949,7 +979,28 @@ impl Store {
 /// kill, whose reply was lost, answered every retry of its message "busy"
 /// until the run ended.
 #[derive(Clone)]
-pub(crate) struct Orphans(tokio::sync::mpsc::Sender<(u32, String, String, Claim)>);
+pub(crate) struct Orphans {
+    queue: tokio::sync::mpsc::Sender<(u32, String, String, Claim)>,
+    /// The attempts of this replica that hold or are asking for a claim
+    /// (see [`Orphans::hold`]).
+    running: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// An attempt counted as this replica's (see [`Orphans::hold`]) until
+/// dropped.
+pub(crate) struct Attempt {
+    running: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    attempt: String,
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.attempt);
+    }
+}
 
 /// The receiving end of [`Orphans`], for [`clean_orphans`].
 pub(crate) type OrphanQueue = tokio::sync::mpsc::Receiver<(u32, String, String, Claim)>;
@@ -961,14 +1012,48 @@ const ORPHANS: usize = 10_000;
 impl Orphans {
     pub(crate) fn new() -> (Orphans, OrphanQueue) {
         let (tx, rx) = tokio::sync::mpsc::channel(ORPHANS);
-        (Orphans(tx), rx)
+        (
+            Orphans {
+                queue: tx,
+                running: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Counts `attempt` as this replica's until the guard drops: from
+    /// before its claim is asked for until it is finished or given up.
+    pub(crate) fn hold(&self, attempt: &str) -> Attempt {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(attempt.to_owned());
+        Attempt {
+            running: Arc::clone(&self.running),
+            attempt: attempt.to_owned(),
+        }
+    }
+
+    /// Whether the claim `mark` the inbox holds is this replica's
+    /// (`member`) but no attempt here holds it: its end was written and
+    /// then lost (a store failover brought an older copy back), and it
+    /// would hold the message while this replica lives.
+    pub(crate) fn is_stale(&self, mark: &str, member: &str) -> bool {
+        Claim::holder(mark).is_some_and(|(attempt, holder)| {
+            holder == member
+                && !self
+                    .running
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains(attempt)
+        })
     }
 
     /// Gives `claim` on `id` (in `shard`) up in the background (if it
     /// still holds it).
     pub(crate) fn give_up(&self, shard: u32, scope: &str, id: &str, claim: &Claim) {
         if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) =
-            self.0
+            self.queue
                 .try_send((shard, scope.to_owned(), id.to_owned(), claim.clone()))
         {
             tracing::warn!(
@@ -1199,9 +1284,11 @@ mod tests {
             Claim::parse(mark.as_bytes()),
             Some((claim.digest.as_str(), "orders-1/NUID:with:colons"))
         );
+        assert_eq!(Inbox::from_raw(mark.as_bytes()), Inbox::Busy(mark.clone()));
+        assert_eq!(Claim::digest_of(&mark), claim.digest);
         assert_eq!(
-            Inbox::from_raw(mark.as_bytes()),
-            Inbox::Busy(claim.digest.clone())
+            Claim::holder(&mark),
+            Some((claim.attempt.as_str(), "orders-1/NUID:with:colons"))
         );
     }
 
