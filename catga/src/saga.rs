@@ -362,7 +362,7 @@ impl Context {
             member: work.member.to_string(),
         };
         // Counted before it is asked for (see `Orphans::is_stale`).
-        let running = work.orphans.hold(&claim.attempt);
+        let mut running = work.orphans.hold(&claim.attempt);
         let mut waited = false;
         loop {
             let ttl = Duration::from_secs(24 * 3600);
@@ -385,7 +385,7 @@ impl Context {
             }
             let begun = begun?;
             match begun {
-                crate::store::Inbox::Busy(mark) if work.orphans.is_stale(&mark, &work.member) => {
+                crate::store::Inbox::Busy(mark) if work.orphans.is_stale(&mark, &work.member, RUNS, id) => {
                     // This replica's run claim, held by nothing here: its
                     // end was lost (a store failover). Given up, and taken
                     // again.
@@ -397,6 +397,7 @@ impl Context {
                     work.store
                         .inbox_abandon_mark(work.store.shard_of(id), RUNS, id, &mark)
                         .await?;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 crate::store::Inbox::Busy(_) => {
                     if !waited {
@@ -405,7 +406,10 @@ impl Context {
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                _ => return Ok(((id.to_owned(), claim), running)),
+                _ => {
+                    running.owns(RUNS, id);
+                    return Ok(((id.to_owned(), claim), running));
+                }
             }
         }
     }

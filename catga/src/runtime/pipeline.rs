@@ -419,7 +419,7 @@ async fn claim(
     };
     // Counted before it is asked for: a claim of this replica's that no
     // attempt here holds is one whose end the store lost.
-    let running = shared.plain_work.orphans.hold(&claim.attempt);
+    let mut running = shared.plain_work.orphans.hold(&claim.attempt);
     loop {
         let (ttl, alive_for) = (shared.config.inbox_window, shared.config.inbox_lease);
         // Dropped while the claim is asked for (a drain deadline), or
@@ -434,6 +434,7 @@ async fn claim(
         }
         match begun {
             Ok(Inbox::Fresh) => {
+                running.owns(scope, &id);
                 return Ok(Claim::Owned {
                     scope,
                     id,
@@ -446,10 +447,11 @@ async fn claim(
                 return Err(Outcome::Answered(answer.reply));
             }
             Ok(Inbox::Busy(mark))
-                if shared
-                    .plain_work
-                    .orphans
-                    .is_stale(&mark, shared.leadership.owner()) =>
+                if crate::store::Claim::digest_of(&mark) == claim.digest
+                    && shared
+                        .plain_work
+                        .orphans
+                        .is_stale(&mark, shared.leadership.owner(), scope, &id) =>
             {
                 // This replica's claim, held by no attempt here: its end
                 // was written, then lost (a Redis failover to a replica
@@ -463,6 +465,7 @@ async fn claim(
                 if let Err(e) = Box::pin(shared.store.inbox_abandon_mark(at, scope, &id, &mark)).await {
                     return Err(Outcome::Failed(e));
                 }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Ok(Inbox::Busy(mark))
                 if {

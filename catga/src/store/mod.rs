@@ -943,8 +943,6 @@ impl Store {
         }
     }
 
-    /// Gives `id` up (a retryable failure) if `claim` still holds it: the
-    /// next attempt runs it.
     /// Gives up the claim `mark` on `id` (as the inbox keeps it) if it
     /// still holds it.
     pub(crate) async fn inbox_abandon_mark(
@@ -961,6 +959,8 @@ impl Store {
         }
     }
 
+    /// Gives `id` up (a retryable failure) if `claim` still holds it: the
+    /// next attempt runs it.
     pub(crate) async fn inbox_abandon(&self, shard: u32, scope: &str, id: &str, claim: &Claim) -> Result<()> {
         self.pass().await;
         match &self.0.kind {
@@ -983,22 +983,59 @@ pub(crate) struct Orphans {
     queue: tokio::sync::mpsc::Sender<(u32, String, String, Claim)>,
     /// The attempts of this replica that hold or are asking for a claim
     /// (see [`Orphans::hold`]).
-    running: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    running: Arc<std::sync::Mutex<Running>>,
+}
+
+/// The attempts of a replica that hold or ask for a claim, and the ids
+/// they own (see [`Orphans::is_stale`]).
+#[derive(Default)]
+pub(crate) struct Running {
+    attempts: std::collections::HashSet<String>,
+    /// Per `scope\0id`: how many attempts here own it (one, but two after
+    /// a failover lost a claim).
+    owned: std::collections::HashMap<String, usize>,
+}
+
+fn lock_running(running: &std::sync::Mutex<Running>) -> std::sync::MutexGuard<'_, Running> {
+    // Each critical section is a single insert or removal.
+    running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn owned_key(scope: &str, id: &str) -> String {
+    format!("{scope}\0{id}")
 }
 
 /// An attempt counted as this replica's (see [`Orphans::hold`]) until
 /// dropped.
 pub(crate) struct Attempt {
-    running: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    running: Arc<std::sync::Mutex<Running>>,
     attempt: String,
+    /// The id it owns, once its claim is taken.
+    owns: Option<String>,
+}
+
+impl Attempt {
+    /// Its claim on `id` (in `scope`) was taken: it owns the id until
+    /// dropped.
+    pub(crate) fn owns(&mut self, scope: &str, id: &str) {
+        let key = owned_key(scope, id);
+        *lock_running(&self.running).owned.entry(key.clone()).or_insert(0) += 1;
+        self.owns = Some(key);
+    }
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.attempt);
+        let mut running = lock_running(&self.running);
+        running.attempts.remove(&self.attempt);
+        if let Some(key) = self.owns.take()
+            && let Some(n) = running.owned.get_mut(&key)
+        {
+            *n -= 1;
+            if *n == 0 {
+                running.owned.remove(&key);
+            }
+        }
     }
 }
 
@@ -1024,28 +1061,27 @@ impl Orphans {
     /// Counts `attempt` as this replica's until the guard drops: from
     /// before its claim is asked for until it is finished or given up.
     pub(crate) fn hold(&self, attempt: &str) -> Attempt {
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(attempt.to_owned());
+        lock_running(&self.running).attempts.insert(attempt.to_owned());
         Attempt {
             running: Arc::clone(&self.running),
             attempt: attempt.to_owned(),
+            owns: None,
         }
     }
 
-    /// Whether the claim `mark` the inbox holds is this replica's
-    /// (`member`) but no attempt here holds it: its end was written and
-    /// then lost (a store failover brought an older copy back), and it
-    /// would hold the message while this replica lives.
-    pub(crate) fn is_stale(&self, mark: &str, member: &str) -> bool {
+    /// Whether the claim `mark` on `id` (in `scope`) the inbox holds is
+    /// this replica's (`member`) but neither the attempt it names nor any
+    /// other attempt here owns it: its end was written and then lost (a
+    /// store failover brought an older copy back), and it would hold the
+    /// message while this replica lives. An id another attempt here owns
+    /// is not: the failover may have lost that attempt's claim, and it
+    /// may still be running.
+    pub(crate) fn is_stale(&self, mark: &str, member: &str, scope: &str, id: &str) -> bool {
         Claim::holder(mark).is_some_and(|(attempt, holder)| {
+            let running = lock_running(&self.running);
             holder == member
-                && !self
-                    .running
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .contains(attempt)
+                && !running.attempts.contains(attempt)
+                && !running.owned.contains_key(&owned_key(scope, id))
         })
     }
 
