@@ -279,6 +279,48 @@ async fn workload_bounded(sim: &Simulation, run: &str) -> Result<u64> {
         .sum())
 }
 
+/// No deposit of `runs` counted twice in the account, the ledger or the
+/// rewards, and each total the sum of what it counted (what a store
+/// failover lost is not asked for).
+async fn nothing_twice(
+    sim: &Simulation,
+    runs: &[String],
+    report: &catga::testing::FaultReport,
+) -> Result<()> {
+    for account in runs
+        .iter()
+        .flat_map(|run| (0..ACCOUNTS).map(move |a| format!("{run}-{a}")))
+    {
+        let books = sim
+            .send(
+                GetBooks {
+                    account: account.clone(),
+                },
+                &format!("books-{account}"),
+            )
+            .await?;
+        for (part, t) in [
+            ("account", &books.account),
+            ("ledger", &books.ledger),
+            ("rewards", &books.rewards),
+        ] {
+            let mut once = t.amounts.clone();
+            once.dedup();
+            assert_eq!(
+                once, t.amounts,
+                "{account}'s {part} counted a deposit twice: {report}"
+            );
+            assert_eq!(t.count, t.amounts.len() as u64, "{account}'s {part}: {report}");
+            assert_eq!(
+                t.total,
+                t.amounts.iter().sum::<u64>(),
+                "{account}'s {part}: {report}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Every deposit once in the account, the ledger and the rewards.
 async fn check_books(sim: &Simulation, run: &str) -> Result<()> {
     let expected = Totals {
@@ -525,37 +567,7 @@ async fn a_store_failover_loses_writes_but_does_nothing_twice() {
         };
         let report = sim.report();
         assert!(report.failovers > 0, "the store failed over: {report}");
-        for account in runs
-            .iter()
-            .flat_map(|run| (0..ACCOUNTS).map(move |a| format!("{run}-{a}")))
-        {
-            let books = sim
-                .send(
-                    GetBooks {
-                        account: account.clone(),
-                    },
-                    &format!("books-{account}"),
-                )
-                .await?;
-            for (part, t) in [
-                ("account", &books.account),
-                ("ledger", &books.ledger),
-                ("rewards", &books.rewards),
-            ] {
-                let mut once = t.amounts.clone();
-                once.dedup();
-                assert_eq!(
-                    once, t.amounts,
-                    "{account}'s {part} counted a deposit twice: {report}"
-                );
-                assert_eq!(t.count, t.amounts.len() as u64, "{account}'s {part}: {report}");
-                assert_eq!(
-                    t.total,
-                    t.amounts.iter().sum::<u64>(),
-                    "{account}'s {part}: {report}"
-                );
-            }
-        }
+        nothing_twice(&sim, &runs, &report).await?;
         eprintln!("{report}");
         let shutdown = sim.shutdown().await;
         // A handler waiting on a wedged claim is cut off at the drain
@@ -592,31 +604,7 @@ async fn a_replica_gives_up_its_claims_a_failover_brought_back() {
         sim.settled().await?;
         let report = sim.report();
         assert!(report.failovers > 0, "the store failed over: {report}");
-        for account in runs
-            .iter()
-            .flat_map(|run| (0..ACCOUNTS).map(move |a| format!("{run}-{a}")))
-        {
-            let books = sim
-                .send(
-                    GetBooks {
-                        account: account.clone(),
-                    },
-                    &format!("books-{account}"),
-                )
-                .await?;
-            for (part, t) in [
-                ("account", &books.account),
-                ("ledger", &books.ledger),
-                ("rewards", &books.rewards),
-            ] {
-                let mut once = t.amounts.clone();
-                once.dedup();
-                assert_eq!(
-                    once, t.amounts,
-                    "{account}'s {part} counted a deposit twice: {report}"
-                );
-            }
-        }
+        nothing_twice(&sim, &runs, &report).await?;
         eprintln!("{report}");
         sim.shutdown().await
     })

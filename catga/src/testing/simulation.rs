@@ -442,29 +442,13 @@ impl Simulation {
     /// careful client does: the same id again after a time-out or any
     /// other error worth retrying, for up to a minute.
     pub async fn send<C: Command + Clone>(&self, cmd: C, id: &str) -> Result<C::Reply> {
-        let until = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match self.client.send_with_id(cmd.clone(), id).await {
-                Err(e) if e.is_retryable() && tokio::time::Instant::now() < until => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => return other,
-            }
-        }
+        until_taken(|| self.client.send_with_id(cmd.clone(), id)).await
     }
 
     /// Publishes `event` durably with the message id `id` until the
     /// stream took it (see [`send`](Self::send)).
     pub async fn publish_durable<E: Event + Clone>(&self, event: E, id: &str) -> Result<()> {
-        let until = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match self.client.publish_durable_with_id(event.clone(), id).await {
-                Err(e) if e.is_retryable() && tokio::time::Instant::now() < until => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => return other,
-            }
-        }
+        until_taken(|| self.client.publish_durable_with_id(event.clone(), id)).await
     }
 
     /// Stalls the replica of `slot` for `duration` (as SIGSTOP, then
@@ -614,6 +598,19 @@ struct Plan {
 impl Plan {
     fn left(&self) -> u32 {
         self.restarts + self.stalls + self.failovers
+    }
+}
+
+/// Runs `op` again after an error worth retrying, for up to a minute.
+async fn until_taken<T, Fut: Future<Output = Result<T>>>(mut op: impl FnMut() -> Fut) -> Result<T> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match op().await {
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
     }
 }
 
