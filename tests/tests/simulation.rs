@@ -517,6 +517,16 @@ async fn without_faults_the_books_match_too() {
     sim.shutdown().await.expect("shutdown");
 }
 
+/// Replies and acks lost, and the store failing over twice.
+fn failing_over() -> Faults {
+    Faults {
+        lose_replies: 0.05,
+        lose_acks: 0.05,
+        failovers: 2,
+        ..Faults::none()
+    }
+}
+
 /// The store fails over to a replica that lags behind, losing its last
 /// writes (which catga does not guard against: Redis replicates
 /// asynchronously). What was acknowledged may be lost, but nothing is
@@ -535,12 +545,7 @@ async fn without_faults_the_books_match_too() {
 async fn a_store_failover_loses_writes_but_does_nothing_twice() {
     logs();
     explore(0..4, |seed| async move {
-        let faults = Faults {
-            lose_replies: 0.05,
-            lose_acks: 0.05,
-            failovers: 2,
-            ..Faults::none()
-        };
+        let faults = failing_over();
         let mut sim = Simulation::start(seed, 3, faults, bank).await?;
         // Three rounds: the embedded bus takes a round in about 150 ms,
         // and the failovers come during the run.
@@ -590,12 +595,7 @@ async fn a_store_failover_loses_writes_but_does_nothing_twice() {
 async fn a_replica_gives_up_its_claims_a_failover_brought_back() {
     logs();
     explore(0..4, |seed| async move {
-        let faults = Faults {
-            lose_replies: 0.05,
-            lose_acks: 0.05,
-            failovers: 2,
-            ..Faults::none()
-        };
+        let faults = failing_over();
         let mut sim = Simulation::start(seed, 1, faults, bank).await?;
         let runs: Vec<String> = ["a", "b", "c"].map(|r| format!("o{seed}{r}")).into();
         for run in &runs {

@@ -90,7 +90,7 @@ impl Route {
     /// Hands one copy to each receiver; `make` builds each copy. Returns
     /// how many were handed over.
     fn deliver(&self, mut make: impl FnMut() -> Delivery) -> usize {
-        self.deliver_some(make_all, &mut make)
+        self.deliver_some(keep_all, &mut make)
     }
 
     /// [`deliver`](Self::deliver), skipping the copies `keep` says no to
@@ -132,7 +132,7 @@ impl Route {
 }
 
 /// Keeps every copy: [`Route::deliver`] without faults.
-fn make_all() -> bool {
+fn keep_all() -> bool {
     true
 }
 

@@ -58,6 +58,29 @@ async fn one_order(sim: &Simulation, run: &str, n: u64) -> Result<(OrderId, Stri
     Ok((id, customer, total, paid))
 }
 
+/// Each customer's invoices are exactly its paid orders in `invoiced`,
+/// each once; `context` goes into the failure's message.
+async fn each_invoiced_once(
+    sim: &Simulation,
+    run: &str,
+    invoiced: BTreeMap<String, Vec<OrderId>>,
+    context: &str,
+) -> Result<()> {
+    for (customer, mut want) in invoiced {
+        let ask = GetInvoices {
+            customer: customer.clone(),
+        };
+        let mut got = sim.send(ask, &format!("{run}-invoices-{customer}")).await?.orders;
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got, want,
+            "{customer}'s invoices, each paid order once: {context}"
+        );
+    }
+    Ok(())
+}
+
 /// The example's handlers but its timers (the expiry job and the payment
 /// reminders: an order here is paid or cancelled at once).
 fn orders(b: catga::RuntimeBuilder) -> catga::RuntimeBuilder {
@@ -120,20 +143,7 @@ async fn every_order_ends_as_left_each_step_once_under_seeded_faults() {
         }
         let ledger = sim.send(GetRevenue, &format!("{run}-revenue")).await?;
         assert_eq!(ledger, revenue, "the revenue ledger: {report}");
-        for (customer, mut want) in invoiced {
-            let mut got = sim
-                .send(
-                    GetInvoices {
-                        customer: customer.clone(),
-                    },
-                    &format!("{run}-invoices-{customer}"),
-                )
-                .await?
-                .orders;
-            got.sort_by(|a, b| a.0.cmp(&b.0));
-            want.sort_by(|a, b| a.0.cmp(&b.0));
-            assert_eq!(got, want, "{customer}'s invoices, each paid order once: {report}");
-        }
+        each_invoiced_once(&sim, &run, invoiced, &report.to_string()).await?;
         let letters = sim.dead_letters().await?;
         if !letters.is_empty() {
             return Err(Error::new(
@@ -233,21 +243,9 @@ async fn a_stalled_replica_loses_its_partitions_and_nothing_is_done_twice() {
             invoiced.entry(customer.clone()).or_default().push(id.clone());
         }
     }
-    for (customer, mut want) in invoiced {
-        let mut got = sim
-            .send(
-                GetInvoices {
-                    customer: customer.clone(),
-                },
-                &format!("stall-invoices-{customer}"),
-            )
-            .await
-            .expect("invoices")
-            .orders;
-        got.sort_by(|a, b| a.0.cmp(&b.0));
-        want.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(got, want, "{customer}'s invoices, each once");
-    }
+    each_invoiced_once(&sim, "stall", invoiced, "after the stall")
+        .await
+        .expect("invoices");
     assert_eq!(sim.report().stalls, 1);
     sim.shutdown().await.expect("shutdown");
 }
