@@ -77,6 +77,21 @@
 //! - A durable consumer whose handler was stopped keeps what its stream
 //!   holds for it: not settled until it is served again.
 //!
+//! On real servers: [`TestKit::on_servers`] runs the runtime on the NATS
+//! server and Redis its builder names. It records what its runtime and
+//! client send (a durable publish once its stream stored it, not a
+//! repeat), counts what its subscriptions hand out, and `settled` asks
+//! JetStream about every durable consumer the runtime bound (messages
+//! not delivered yet, deliveries not acknowledged) and the store about
+//! its outbox and delayed messages; then it waits for [`QUIET`] with
+//! nothing moving after a round trip to the broker, since a core message
+//! on its way from the broker to a subscription is counted nowhere.
+//! What other processes send on the same servers is neither recorded
+//! nor waited for, and a consumer another process bound is not asked
+//! about. Virtual time ([`TestKit::advance`]) and
+//! [`TestKit::release_delayed`] are the embedded kit's: the servers keep
+//! their own time.
+//!
 //! Several replicas under faults drawn from a seed (lost requests,
 //! replies and deliveries, replicas killed, stopped or stalled, the store
 //! failing over): see [`Simulation`] and [`explore`].
@@ -153,30 +168,9 @@ async fn left(
     let Some(any) = runtimes.first() else {
         return Err(Error::new(ErrorKind::Unavailable, "no replica is running"));
     };
-    let mut left = Vec::new();
     // The replicas share the bus's store: any of them lists its delayed
     // messages and its outbox.
-    let waiting = any.delayed(usize::MAX).await?;
-    // Due already, or due with room before the wait ends.
-    let now = bus.clock().now();
-    let soon: Vec<_> = waiting
-        .iter()
-        .filter(|d| d.due <= now || d.due.checked_add(DELAYED_MARGIN).is_some_and(|d| d <= until))
-        .collect();
-    if let Some(first) = soon.first() {
-        left.push(format!(
-            "{} delayed messages due before the wait ends, the first on {} in {:?}",
-            soon.len(),
-            first.subject,
-            first.due.duration_since(now).unwrap_or_default()
-        ));
-    }
-    // In the order work flows: the outbox into streams, streams to
-    // consumers, deliveries to handlers.
-    let outbox = any.outbox_backlog().await?;
-    if outbox > 0 {
-        left.push(format!("{outbox} events in the outbox"));
-    }
+    let mut left = left_in_store(any, bus.clock().now(), until).await?;
     // A durable consumer bound in a task of its own (a keyed saga's
     // router) may not be bound yet: what its stream holds is not in
     // any backlog until it is.
@@ -224,31 +218,172 @@ async fn left(
     Ok(left)
 }
 
-/// The events of type `E` published on `bus` (see [`TestKit::published`]).
-pub(crate) fn published<E: Event>(bus: &MemoryBus) -> Result<Vec<E>> {
-    decoded::<E>(bus, |r| {
+/// What the store of `runtime` still holds that keeps work from having
+/// settled: delayed messages due before `until` (with
+/// [`DELAYED_MARGIN`] to spare) and the outbox.
+async fn left_in_store(
+    runtime: &Runtime,
+    now: std::time::SystemTime,
+    until: std::time::SystemTime,
+) -> Result<Vec<String>> {
+    let mut left = Vec::new();
+    let waiting = runtime.delayed(usize::MAX).await?;
+    // Due already, or due with room before the wait ends.
+    let soon: Vec<_> = waiting
+        .iter()
+        .filter(|d| d.due <= now || d.due.checked_add(DELAYED_MARGIN).is_some_and(|d| d <= until))
+        .collect();
+    if let Some(first) = soon.first() {
+        left.push(format!(
+            "{} delayed messages due before the wait ends, the first on {} in {:?}",
+            soon.len(),
+            first.subject,
+            first.due.duration_since(now).unwrap_or_default()
+        ));
+    }
+    // In the order work flows: the outbox into streams, streams to
+    // consumers, deliveries to handlers.
+    let outbox = runtime.outbox_backlog().await?;
+    if outbox > 0 {
+        left.push(format!("{outbox} events in the outbox"));
+    }
+    Ok(left)
+}
+
+/// How long a kit on real servers waits, after a round trip to the
+/// broker, with nothing moving, before it calls the work settled. A core
+/// message a handler published is counted nowhere between the broker
+/// and the subscription that takes it; the round trip puts whatever was
+/// published before it into the subscriptions' queues (the broker writes
+/// a connection's messages in order), and this much quiet lets the serve
+/// loops take them. A loopback delivery takes well under a millisecond.
+pub const QUIET: Duration = Duration::from_millis(50);
+
+/// Looks at a quiet runtime on real servers, each after a round trip,
+/// before [`settle_on_servers`] calls it settled, besides [`QUIET`].
+const QUIET_LOOKS: u32 = 3;
+
+/// [`settle`] for a runtime on real servers: what its store holds, what
+/// every durable consumer it bound still has (asked of JetStream), and
+/// what its subscriptions handed out, all observed empty with nothing
+/// moving for [`QUIET`] after a round trip to the broker.
+async fn settle_on_servers(runtime: &Runtime, within: Duration) -> Result<()> {
+    let until = Instant::now() + within;
+    let until_wall = std::time::SystemTime::now() + within;
+    let transport = runtime.shared.client.transport();
+    let tap = transport.tap();
+    // The activity count, when it was first seen with nothing left, and
+    // the looks since. Quiet is counted in looks too, each after a round
+    // trip: on a starved host the serve loops and this loop slow down
+    // alike, and time alone would run out before a loop took its message.
+    let mut quiet: Option<(u64, Instant, u32)> = None;
+    loop {
+        let before = tap.activity();
+        let mut left = left_on_servers(runtime, tap, until_wall).await?;
+        let remaining = until.saturating_duration_since(Instant::now());
+        if let Err(e) = transport.round_trip(remaining.min(Duration::from_secs(2))).await {
+            left.push(format!("no round trip to the broker: {e}"));
+        }
+        let after = tap.activity();
+        if left.is_empty() && after == before {
+            match &mut quiet {
+                Some((seen, since, looks)) if *seen == after => {
+                    *looks += 1;
+                    if since.elapsed() >= QUIET && *looks >= QUIET_LOOKS {
+                        return Ok(());
+                    }
+                }
+                _ => quiet = Some((after, Instant::now(), 0)),
+            }
+        } else {
+            quiet = None;
+        }
+        if Instant::now() >= until {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "not settled within {within:?}: {}",
+                    if left.is_empty() {
+                        "the runtime kept busy".to_owned()
+                    } else {
+                        left.join("; ")
+                    }
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What keeps a runtime on real servers from having settled, in words.
+async fn left_on_servers(
+    runtime: &Runtime,
+    tap: &Arc<Tap>,
+    until: std::time::SystemTime,
+) -> Result<Vec<String>> {
+    let mut left = left_in_store(runtime, std::time::SystemTime::now(), until).await?;
+    let transport = runtime.shared.client.transport();
+    let bound = tap.consumers();
+    for name in runtime.serving().await {
+        let Some(spec) = runtime.handlers().iter().find(|s| s.name() == name) else {
+            continue;
+        };
+        if let Some(durable) = spec.durable()
+            && !bound.iter().any(|(s, d)| s == spec.subject() && d == durable)
+        {
+            left.push(format!("consumer {durable} of {} not bound yet", spec.subject()));
+        }
+    }
+    for (stream_of, durable) in &bound {
+        let out = transport.durable_outstanding(stream_of, durable).await?;
+        let mut what = Vec::new();
+        if out.pending > 0 {
+            what.push(format!("{} not delivered yet", out.pending));
+        }
+        if out.ack_pending > 0 {
+            what.push(format!("{} unacknowledged", out.ack_pending));
+        }
+        if !what.is_empty() {
+            left.push(format!(
+                "consumer {durable} of the stream of {stream_of}: {}",
+                what.join(", ")
+            ));
+        }
+    }
+    let in_flight = tap.in_flight();
+    if in_flight > 0 {
+        left.push(format!("{in_flight} messages being handled"));
+    }
+    Ok(left)
+}
+
+/// The events of type `E` that `tap` recorded as published (see
+/// [`TestKit::published`]).
+pub(crate) fn published<E: Event>(tap: &Tap) -> Result<Vec<E>> {
+    decoded::<E>(tap, |r| {
         matches!(r.sent_as, SentAs::Publish | SentAs::PublishDurable)
     })
 }
 
-/// The records of type `M` on `bus` that `keep` keeps, decoded; those of
-/// a version newer than `M` (asked for an older type) are left out.
+/// The records of type `M` that `tap` holds and `keep` keeps, decoded;
+/// those of a version newer than `M` (asked for an older type) are left
+/// out.
 fn decoded<M: Message + crate::wire::codec::Decode>(
-    bus: &MemoryBus,
+    tap: &Tap,
     keep: impl Fn(&Recorded) -> bool,
 ) -> Result<Vec<M>> {
-    bus.tap()
-        .records()
+    tap.records()
         .iter()
         .filter(|r| r.is::<M>() && r.version() <= M::VERSION && keep(r))
         .map(Recorded::decode)
         .collect()
 }
 
-/// A runtime on its own embedded bus, with every message recorded (see
-/// the [module](self)).
+/// A runtime on its own embedded bus, or on real servers, with every
+/// message it sends recorded (see the [module](self)).
 pub struct TestKit {
-    bus: MemoryBus,
+    /// The kit's embedded bus; `None` on real servers.
+    bus: Option<MemoryBus>,
     runtime: Runtime,
     client: Client,
     settle_within: Duration,
@@ -257,6 +392,7 @@ pub struct TestKit {
 impl std::fmt::Debug for TestKit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TestKit")
+            .field("on_servers", &self.bus.is_none())
             .field("settle_within", &self.settle_within)
             .finish_non_exhaustive()
     }
@@ -278,11 +414,51 @@ impl TestKit {
         runtime.ready().await?;
         let client = runtime.client();
         Ok(TestKit {
-            bus,
+            bus: Some(bus),
             runtime,
             client,
             settle_within: DEFAULT_SETTLE_WITHIN,
         })
+    }
+
+    /// The runtime `builder` describes, on the NATS server (and the Redis
+    /// store, if one is set) its settings name: the same handlers, wire
+    /// and store as in production, with what this process sends
+    /// recorded and its work followed until it settles (see the
+    /// [module](self)). Returns once the runtime is ready.
+    ///
+    /// Fails with a configuration error when the builder names no NATS
+    /// URL or was given an embedded bus: [`TestKit::with`] is for those.
+    pub async fn on_servers(builder: RuntimeBuilder) -> Result<TestKit> {
+        if !builder.on_nats() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "TestKit::on_servers needs a NATS URL (RuntimeBuilder::nats_url) and no embedded bus; \
+                 TestKit::with runs on the embedded transport",
+            ));
+        }
+        let runtime = builder.tapped().start().await?;
+        if let Err(e) = runtime.ready().await {
+            let _ = runtime.shutdown().await;
+            return Err(e);
+        }
+        let client = runtime.client();
+        Ok(TestKit {
+            bus: None,
+            runtime,
+            client,
+            settle_within: DEFAULT_SETTLE_WITHIN,
+        })
+    }
+
+    /// Whether the kit runs on real servers ([`TestKit::on_servers`]).
+    pub fn on_real_servers(&self) -> bool {
+        self.bus.is_none()
+    }
+
+    /// What the kit records.
+    fn tap(&self) -> &Arc<Tap> {
+        self.runtime.shared.client.transport().tap()
     }
 
     /// How long [`settled`](Self::settled) waits before it fails
@@ -312,23 +488,35 @@ impl TestKit {
     /// Leases, heartbeats, ack waits and request time-outs keep the real
     /// time, and so does what a handler reads from `SystemTime::now()`
     /// (`Context::now` reads the kit's clock).
+    ///
+    /// # Panics
+    ///
+    /// On real servers ([`TestKit::on_servers`]): JetStream's timers and
+    /// Redis' expiries keep the real time, which a test cannot move.
     pub fn advance(&self, by: Duration) {
-        self.bus.clock().advance(by);
-        self.bus.streams().advance(by);
+        let Some(bus) = &self.bus else {
+            panic!(
+                "TestKit::advance moves the embedded bus's clock; a kit on real servers keeps \
+                 the servers' time (run this test with TestKit::with)"
+            );
+        };
+        bus.clock().advance(by);
+        bus.streams().advance(by);
     }
 
     /// Now, by the kit's clock: the system's time plus every
-    /// [`advance`](Self::advance) so far.
+    /// [`advance`](Self::advance) so far (the system's time on real
+    /// servers).
     pub fn now(&self) -> std::time::SystemTime {
-        self.bus.clock().now()
+        self.runtime.shared.client.transport().clock().now()
     }
 
-    /// The kit's bus: start more replicas on it with
-    /// `Runtime::builder().memory(kit.bus().clone())` (without a Redis
-    /// URL they share the kit's store); what they send is recorded and
-    /// counted by [`settled`](Self::settled) too.
-    pub fn bus(&self) -> &MemoryBus {
-        &self.bus
+    /// The kit's embedded bus (`None` on real servers): start more
+    /// replicas on it with `Runtime::builder().memory(bus.clone())`
+    /// (without a Redis URL they share the kit's store); what they send
+    /// is recorded and counted by [`settled`](Self::settled) too.
+    pub fn bus(&self) -> Option<&MemoryBus> {
+        self.bus.as_ref()
     }
 
     /// Waits until everything the test set off has settled (see the
@@ -338,26 +526,31 @@ impl TestKit {
     /// dead-lettered. Fails with a time-out after
     /// [`settle_within`](Self::settle_within), naming what is left.
     pub async fn settled(&self) -> Result<()> {
-        settle(&self.bus, &[&self.runtime], self.settle_within).await
+        match &self.bus {
+            Some(bus) => settle(bus, &[&self.runtime], self.settle_within).await,
+            None => settle_on_servers(&self.runtime, self.settle_within).await,
+        }
     }
 
     /// Every message sent and published on the bus so far, in order
-    /// (catga's own copies of keyed sagas' triggers left out).
+    /// (catga's own copies of keyed sagas' triggers left out). On real
+    /// servers: what this kit's runtime and client sent, in the order
+    /// they sent it (a durable publish once its stream stored it).
     pub fn messages(&self) -> Vec<Recorded> {
-        self.bus.tap().records()
+        self.tap().records()
     }
 
     /// The events of type `E` published so far (core or durable, by a
     /// handler, the outbox relay or the test), in order; older versions
     /// upcast as `E` says, newer ones left out.
     pub fn published<E: Event>(&self) -> Result<Vec<E>> {
-        published(&self.bus)
+        published(self.tap())
     }
 
     /// The commands of type `C` sent so far (by handlers, sagas or the
     /// test; a retried send counts each time), in order.
     pub fn sent<C: Command>(&self) -> Result<Vec<C>> {
-        decoded::<C>(&self.bus, |r| r.sent_as == SentAs::Request)
+        decoded::<C>(self.tap(), |r| r.sent_as == SentAs::Request)
     }
 
     /// The delayed messages waiting (sent with `publish_after` or
@@ -369,6 +562,8 @@ impl TestKit {
     /// Publishes every delayed message waiting now, ahead of its time, as
     /// if it had come due (through the outbox, in due order); how many.
     /// Follow with [`settled`](Self::settled) to wait for their handlers.
+    /// On the embedded store only: refused on Redis
+    /// ([`TestKit::on_servers`]).
     pub async fn release_delayed(&self) -> Result<usize> {
         self.runtime.shared.store.delayed_release_all()
     }

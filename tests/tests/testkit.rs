@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use catga::testing::{SentAs, TestKit};
 use catga::{Context, Error, Result, Runtime, Saga, SagaStatus, State, Versioned, command, event, job, saga};
+use catga_tests::{NatsServer, RedisServer};
 use serde::{Deserialize, Serialize};
 
 /// Places an order.
@@ -136,11 +137,20 @@ async fn fulfil(saga: &Saga, e: Placed) -> Result<()> {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Poke;
 
-static POKES: AtomicU64 = AtomicU64::new(0);
+/// Deliveries of [`Poke`], per service (the embedded and the
+/// real-server kits run side by side in this binary).
+static POKES: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+fn count(of: &Mutex<BTreeMap<String, u64>>, service: &str, n: u64) -> u64 {
+    let mut all = of.lock().expect("counts");
+    let c = all.entry(service.to_owned()).or_default();
+    *c += n;
+    *c
+}
 
 #[event(durable = "kit-pokes")]
-async fn poked(_p: Poke) -> Result<()> {
-    if POKES.fetch_add(1, Ordering::SeqCst) < 2 {
+async fn poked(ctx: &Context, _p: Poke) -> Result<()> {
+    if count(&POKES, ctx.service(), 1) <= 2 {
         return Err(Error::unavailable("not yet"));
     }
     Ok(())
@@ -178,12 +188,12 @@ pub struct Noted {
     pub n: u64,
 }
 
-static NOTES: AtomicU64 = AtomicU64::new(0);
+static NOTES: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
 
 #[event]
-async fn note(n: Noted) -> Result<()> {
+async fn note(ctx: &Context, n: Noted) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(100)).await;
-    NOTES.fetch_add(n.n, Ordering::SeqCst);
+    count(&NOTES, ctx.service(), n.n);
     Ok(())
 }
 
@@ -197,13 +207,17 @@ pub struct Posted {
     pub seq: u64,
 }
 
-static LEDGER: Mutex<BTreeMap<String, Vec<u64>>> = Mutex::new(BTreeMap::new());
+/// Per service, per account: the postings in the order handled.
+type Ledger = BTreeMap<String, BTreeMap<String, Vec<u64>>>;
+static LEDGER: Mutex<Ledger> = Mutex::new(BTreeMap::new());
 
 #[saga(key = account, partitions = 4)]
-async fn ledger(_saga: &Saga, e: Posted) -> Result<()> {
+async fn ledger(saga: &Saga, e: Posted) -> Result<()> {
     LEDGER
         .lock()
         .expect("ledger")
+        .entry(saga.context().service().to_owned())
+        .or_default()
         .entry(e.account)
         .or_default()
         .push(e.seq);
@@ -256,8 +270,12 @@ async fn hourly_tally(ctx: &Context) -> Result<()> {
 }
 
 fn kit_handlers(except: &'static [&'static str]) -> catga::RuntimeBuilder {
+    kit_named("kit", except)
+}
+
+fn kit_named(service: &str, except: &'static [&'static str]) -> catga::RuntimeBuilder {
     Runtime::builder()
-        .service("kit")
+        .service(service)
         .retry_base(Duration::from_millis(20))
         .handlers(move |s| {
             s.name().starts_with("testkit::")
@@ -271,6 +289,35 @@ fn kit_handlers(except: &'static [&'static str]) -> catga::RuntimeBuilder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_its_event_and_saga_settle_and_are_recorded() {
     let kit = TestKit::with(kit_handlers(&["::dozing"])).await.expect("kit");
+    a_command_its_event_and_saga(kit).await;
+}
+
+/// The same on a NATS server and a Redis server: the wire, the streams
+/// and the store of production.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_its_event_and_saga_settle_and_are_recorded_on_servers() {
+    let (kit, _servers) = on_servers("kit-flow", &["::dozing"]).await;
+    a_command_its_event_and_saga(kit).await;
+}
+
+/// A kit on a NATS server and a Redis server of its own, which live as
+/// long as the second value.
+async fn on_servers(service: &str, except: &'static [&'static str]) -> (TestKit, (NatsServer, RedisServer)) {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let kit = TestKit::on_servers(
+        kit_named(service, except)
+            .nats_url(nats.url())
+            .redis_url(redis.url())
+            .durable_defaults(Duration::from_secs(2), 5),
+    )
+    .await
+    .expect("kit on servers");
+    assert!(kit.on_real_servers());
+    (kit, (nats, redis))
+}
+
+async fn a_command_its_event_and_saga(kit: TestKit) {
     kit.client()
         .send(Place {
             order: "o-1".into(),
@@ -343,6 +390,40 @@ async fn a_command_its_event_and_saga_settle_and_are_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_and_dead_letters_settle() {
     let kit = TestKit::with(kit_handlers(&["::dozing"])).await.expect("kit");
+    retries_and_dead_letters(kit).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_dead_letters_settle_on_servers() {
+    let (kit, _servers) = on_servers("kit-retries", &["::dozing"]).await;
+    // What only the embedded kit can do is refused, saying so.
+    let moved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        kit.advance(Duration::from_secs(1));
+    }));
+    let said = moved.expect_err("no virtual time on real servers");
+    let said = said
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| said.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    assert!(said.contains("TestKit::with"), "{said}");
+    let err = kit.release_delayed().await.expect_err("embedded store only");
+    assert!(err.message().contains("embedded"), "{err}");
+    assert!(kit.bus().is_none());
+    retries_and_dead_letters(kit).await;
+}
+
+/// A kit on servers without a NATS URL is refused, naming the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kit_on_servers_needs_a_nats_url() {
+    let err = TestKit::on_servers(kit_named("kit-nowhere", &[]))
+        .await
+        .expect_err("no NATS URL");
+    assert_eq!(err.kind(), catga::ErrorKind::Config, "{err}");
+    assert!(err.message().contains("nats_url"), "{err}");
+}
+
+async fn retries_and_dead_letters(kit: TestKit) {
     kit.client().publish_durable(Poke).await.expect("published");
     kit.client()
         .publish_durable(Poison { n: 7 })
@@ -350,7 +431,7 @@ async fn retries_and_dead_letters_settle() {
         .expect("published");
     kit.settled().await.expect("settled");
     assert_eq!(
-        POKES.load(Ordering::SeqCst),
+        count(&POKES, kit.client().service(), 0),
         3,
         "handled on the third delivery, before settled() returned"
     );
@@ -369,21 +450,34 @@ async fn retries_and_dead_letters_settle() {
 /// time-out and says what is due, and when.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sleeping_saga_is_not_settled_and_says_so() {
-    let kit = TestKit::with(kit_handlers(&[]))
-        .await
-        .expect("kit")
-        .settle_within(Duration::from_secs(2));
+    let kit = TestKit::with(kit_handlers(&[])).await.expect("kit");
+    let err = a_sleeping_saga(kit).await;
+    assert!(err.message().contains("due in"), "says when it is due: {err}");
+}
+
+/// On servers JetStream holds the sleeping saga's trigger: named as
+/// unacknowledged (the broker does not say when it is due).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_saga_is_not_settled_and_says_so_on_servers() {
+    let (kit, _servers) = on_servers("kit-dozing", &[]).await;
+    let err = a_sleeping_saga(kit).await;
+    assert!(err.message().contains("unacknowledged"), "{err}");
+}
+
+async fn a_sleeping_saga(kit: TestKit) -> Error {
+    let kit = kit.settle_within(Duration::from_secs(2));
     kit.client().publish_durable(Doze).await.expect("published");
     let err = kit
         .settled()
         .await
-        .expect_err("a minute's sleep is not settled in 500 ms");
+        .expect_err("a minute's sleep is not settled in 2 s");
     assert_eq!(err.kind(), catga::ErrorKind::Timeout, "{err}");
     assert!(
-        err.message().contains("tests.kit.doze") && err.message().contains("due in"),
-        "names the consumer and when it is due: {err}"
+        err.message().contains("tests.kit.doze"),
+        "names the consumer: {err}"
     );
     let _ = kit.shutdown().await;
+    err
 }
 
 /// A core event handler still running is waited for, not only durable
@@ -393,6 +487,17 @@ async fn a_sleeping_saga_is_not_settled_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_handlers_and_keyed_sagas_settle() {
     let kit = TestKit::with(kit_handlers(&["::dozing"])).await.expect("kit");
+    core_handlers_and_keyed_sagas(kit).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_handlers_and_keyed_sagas_settle_on_servers() {
+    let (kit, _servers) = on_servers("kit-keyed", &["::dozing"]).await;
+    core_handlers_and_keyed_sagas(kit).await;
+}
+
+async fn core_handlers_and_keyed_sagas(kit: TestKit) {
+    let service = kit.client().service().to_owned();
     kit.client().publish(Noted { n: 5 }).await.expect("published");
     for seq in 0..5 {
         for account in ["a", "b", "c"] {
@@ -407,11 +512,16 @@ async fn core_handlers_and_keyed_sagas_settle() {
     }
     kit.settled().await.expect("settled");
     assert_eq!(
-        NOTES.load(Ordering::SeqCst),
+        count(&NOTES, &service, 0),
         5,
         "the core handler finished before settled() returned"
     );
-    let ledger = LEDGER.lock().expect("ledger").clone();
+    let ledger = LEDGER
+        .lock()
+        .expect("ledger")
+        .get(&service)
+        .cloned()
+        .unwrap_or_default();
     for account in ["a", "b", "c"] {
         assert_eq!(
             ledger.get(account).cloned().unwrap_or_default(),

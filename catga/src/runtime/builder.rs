@@ -26,6 +26,9 @@ pub struct RuntimeBuilder {
     config: Config,
     bus: Option<MemoryBus>,
     filter: Option<Filter>,
+    /// Whether the transport's tap is on from the start (a test kit on
+    /// real servers).
+    tapped: bool,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -44,6 +47,7 @@ impl RuntimeBuilder {
             config: Config::default(),
             bus: None,
             filter: None,
+            tapped: false,
         }
     }
 
@@ -212,6 +216,19 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Records what the runtime sends and counts its deliveries from the
+    /// start (a test kit on real servers; see [`crate::testing`]).
+    pub(crate) fn tapped(mut self) -> Self {
+        self.tapped = true;
+        self
+    }
+
+    /// Whether the runtime would run on NATS (a URL is set and no bus
+    /// given).
+    pub(crate) fn on_nats(&self) -> bool {
+        self.bus.is_none() && self.config.nats_url.is_some()
+    }
+
     /// Sets the service name.
     pub fn service(mut self, name: impl Into<String>) -> Self {
         self.config.service = name.into();
@@ -288,7 +305,12 @@ impl RuntimeBuilder {
     /// serves (its durable consumers bound, its leader handlers and keyed
     /// sagas' partitions started), so that what is sent next is handled.
     pub async fn start(self) -> Result<Runtime> {
-        let RuntimeBuilder { config, bus, filter } = self;
+        let RuntimeBuilder {
+            config,
+            bus,
+            filter,
+            tapped,
+        } = self;
         // The same checks as for the environment, naming the variable.
         config.validate()?;
         // Before any handler registers its metrics: a handle registered
@@ -298,6 +320,9 @@ impl RuntimeBuilder {
         }
         let selected = select(&config, filter.as_ref())?;
         let (transport, mode, bus_store) = connect_transport(&config, bus).await?;
+        if tapped {
+            transport.tap().turn_on();
+        }
         let store = connect_store(&config, bus_store)?;
         // A store written with another shard count is refused here when it
         // answers now; one that does not answer yet is checked before its

@@ -526,7 +526,7 @@ impl Simulation {
     /// The events of type `E` published so far, in order (see
     /// [`TestKit::published`](super::TestKit::published)).
     pub fn published<E: Event>(&self) -> Result<Vec<E>> {
-        super::published(&self.cluster.bus)
+        super::published(self.cluster.bus.tap())
     }
 
     /// The service's dead letters, oldest first (up to 1,000).

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
 use super::nats::NatsTransport;
+use super::tap::SentAs;
 use super::{DeadLetter, Delivery, DurableOptions, ReplyTo, stream_name};
 
 use crate::config::StreamSettings;
@@ -391,6 +392,8 @@ impl NatsTransport {
         durable: &str,
         options: &DurableOptions,
     ) -> Result<JsSubscription> {
+        self.tap()
+            .bound(options.stream.as_deref().unwrap_or(subject), durable);
         let js = self.jetstream();
         let stream = js
             .get_stream(stream_name(options.stream.as_deref().unwrap_or(subject)))
@@ -479,13 +482,23 @@ impl NatsTransport {
             ));
         }
         let js = self.jetstream();
+        let copy = self.tap().is_on().then(|| (headers.clone(), payload.clone()));
         let run = async {
             let ack = js
                 .publish_with_headers(subject.to_owned(), headers, payload)
                 .await
                 .map_err(|e| publish_error(subject, e))?;
             let stored = ack.await.map_err(|e| publish_error(subject, e))?;
-            stored_at(subject, &stored)
+            stored_at(subject, &stored)?;
+            // Recorded once stored, and not when the stream dropped it as
+            // a repeat (as the embedded streams do).
+            if let Some((headers, payload)) = copy
+                && !stored.duplicate
+            {
+                self.tap()
+                    .record(subject, SentAs::PublishDurable, Some(&headers), &payload);
+            }
+            Ok(())
         };
         tokio::time::timeout(timeout, run).await.unwrap_or_else(|_| {
             Err(Error::new(
@@ -612,6 +625,7 @@ impl NatsTransport {
                 Ok(ack) => match tokio::time::timeout_at(deadline, ack).await {
                     Ok(Ok(stored)) => stored_at(&m.subject, &stored).map(|()| {
                         self.learn_stream_of(&m.subject, &stored.stream);
+                        self.record_stored(m, &stored);
                     }),
                     Ok(Err(e)) => Err(publish_error(&m.subject, e)),
                     Err(_) => Err(no_ack(&m.subject, timeout)),
@@ -668,6 +682,7 @@ impl NatsTransport {
                     let result = match stored {
                         Ok(Ok(ack)) => stored_at(&m.subject, &ack).map(|()| {
                             self.learn_stream_of(&m.subject, &ack.stream);
+                            self.record_stored(m, &ack);
                         }),
                         Ok(Err(e)) => Err(publish_error(&m.subject, e)),
                         Err(_) => Err(no_ack(&m.subject, timeout)),
@@ -683,6 +698,18 @@ impl NatsTransport {
             out[i] = result;
         }
         out
+    }
+
+    /// Records a relayed message the stream stored (not a repeat) for a
+    /// test kit, as it travelled: with its message id.
+    fn record_stored(&self, m: &super::Outgoing, ack: &jetstream::publish::PublishAck) {
+        if ack.duplicate || !self.tap().is_on() {
+            return;
+        }
+        let mut headers = m.headers.clone();
+        headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
+        self.tap()
+            .record(&m.subject, SentAs::PublishDurable, Some(&headers), &m.payload);
     }
 
     /// Messages a durable consumer delivered and has not had acknowledged
@@ -1079,7 +1106,7 @@ impl JsSubscription {
             })),
         );
         d.delivered = delivered;
-        d
+        d.tracked(self.transport.tap())
     }
 
     /// Stops pulling. Messages pulled but not yet taken are given back at

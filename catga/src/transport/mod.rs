@@ -434,7 +434,11 @@ impl Transport {
     ) -> Result<Reply> {
         let timeout = deadline.remaining().ok_or_else(|| expired(subject))?;
         match &self.0 {
-            Kind::Nats(t) => t.request(subject, headers, payload, deadline, timeout).await,
+            Kind::Nats(t) => {
+                t.tap()
+                    .record(subject, tap::SentAs::Request, Some(&headers), &payload);
+                t.request(subject, headers, payload, deadline, timeout).await
+            }
             Kind::Memory(t) => t.request(subject, headers, payload, deadline, timeout).await,
         }
     }
@@ -449,7 +453,11 @@ impl Transport {
         timeout: Duration,
     ) -> Result<()> {
         match &self.0 {
-            Kind::Nats(t) => t.publish(subject, headers, payload, timeout).await,
+            Kind::Nats(t) => {
+                t.tap()
+                    .record(subject, tap::SentAs::Publish, Some(&headers), &payload);
+                t.publish(subject, headers, payload, timeout).await
+            }
             Kind::Memory(t) => {
                 t.pass().await;
                 t.publish(subject, headers, payload)
@@ -463,6 +471,14 @@ impl Transport {
         match &self.0 {
             Kind::Nats(t) => t.gather(subject, window).await,
             Kind::Memory(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// What the test kit sees of this transport (see [`tap`]).
+    pub(crate) fn tap(&self) -> &std::sync::Arc<tap::Tap> {
+        match &self.0 {
+            Kind::Nats(t) => t.tap(),
+            Kind::Memory(bus) => bus.tap(),
         }
     }
 

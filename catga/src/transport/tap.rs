@@ -92,6 +92,10 @@ pub(crate) struct Tap {
     /// is).
     activity: AtomicU64,
     records: Mutex<Vec<Recorded>>,
+    /// The durable consumers bound through a NATS transport while on
+    /// (subject, durable name): what a kit on real servers asks the
+    /// broker about (the embedded streams list their own).
+    bound: Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 impl Tap {
@@ -100,7 +104,7 @@ impl Tap {
         self.on.store(true, Ordering::Release);
     }
 
-    fn is_on(&self) -> bool {
+    pub(crate) fn is_on(&self) -> bool {
         self.on.load(Ordering::Acquire)
     }
 
@@ -152,6 +156,26 @@ impl Tap {
                 headers: headers.cloned().unwrap_or_default(),
                 payload: payload.clone(),
             });
+    }
+
+    /// A durable consumer was bound (through NATS).
+    pub(crate) fn bound(&self, subject: &str, durable: &str) {
+        if self.is_on() {
+            self.bound
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert((subject.to_owned(), durable.to_owned()));
+        }
+    }
+
+    /// Every durable consumer bound through NATS while on.
+    pub(crate) fn consumers(&self) -> Vec<(String, String)> {
+        self.bound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Everything recorded so far, in the order it was put on the bus.

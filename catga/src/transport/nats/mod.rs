@@ -92,6 +92,9 @@ struct Inner {
     dlq_settings: Mutex<Option<crate::config::StreamSettings>>,
     slow_consumer_events: Arc<AtomicU64>,
     server_errors: broadcast::Sender<String>,
+    /// What a test kit on real servers sees of this connection (off
+    /// unless it turned it on; see [`crate::transport::tap`]).
+    tap: Arc<crate::transport::tap::Tap>,
 }
 
 impl Drop for Inner {
@@ -209,6 +212,7 @@ impl NatsTransport {
                 dlq_settings: Mutex::new(None),
                 slow_consumer_events: slow,
                 server_errors,
+                tap: Arc::default(),
             }),
         })
     }
@@ -473,6 +477,11 @@ impl NatsTransport {
             Arc::clone(&self.inner.inbox_live),
         )));
         Ok(())
+    }
+
+    /// What a test kit on real servers sees of this connection.
+    pub(crate) fn tap(&self) -> &Arc<crate::transport::tap::Tap> {
+        &self.inner.tap
     }
 
     /// Requests waiting for a reply right now.

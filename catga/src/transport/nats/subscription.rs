@@ -200,13 +200,10 @@ impl NatsSubscription {
                 }),
                 None => ReplyTo::None,
             };
-            return Some(Delivery::new(
-                msg.subject,
-                msg.headers,
-                msg.payload,
-                deadline,
-                reply,
-            ));
+            return Some(
+                Delivery::new(msg.subject, msg.headers, msg.payload, deadline, reply)
+                    .tracked(self.transport.tap()),
+            );
         }
     }
 
