@@ -1,6 +1,7 @@
-//! A test kit: a service's handlers on the embedded transport, every
-//! message they send and publish recorded, a wait until everything a test
-//! set off has settled, and assertions on what travelled.
+//! A test kit: a service's handlers on the embedded transport (or on
+//! real servers: [`TestKit::on_servers`]), every message they send and
+//! publish recorded, a wait until everything a test set off has settled,
+//! and assertions on what travelled.
 //!
 //! ```rust,standalone_crate
 //! use catga::testing::TestKit;
@@ -79,18 +80,30 @@
 //!
 //! On real servers: [`TestKit::on_servers`] runs the runtime on the NATS
 //! server and Redis its builder names. It records what its runtime and
-//! client send (a durable publish once its stream stored it, not a
-//! repeat), counts what its subscriptions hand out, and `settled` asks
-//! JetStream about every durable consumer the runtime bound (messages
-//! not delivered yet, deliveries not acknowledged) and the store about
-//! its outbox and delayed messages; then it waits for [`QUIET`] with
-//! nothing moving after a round trip to the broker, since a core message
-//! on its way from the broker to a subscription is counted nowhere.
-//! What other processes send on the same servers is neither recorded
-//! nor waited for, and a consumer another process bound is not asked
-//! about. Virtual time ([`TestKit::advance`]) and
-//! [`TestKit::release_delayed`] are the embedded kit's: the servers keep
-//! their own time.
+//! client send, each message as it leaves (taken back if the broker
+//! refused it, or if a durable publish failed; one sent again under the
+//! same message id is recorded once). It counts what its subscriptions
+//! hand out, and `settled` asks JetStream about every durable consumer
+//! the runtime bound (messages not delivered yet, deliveries not
+//! acknowledged, a redelivery held back by its back-off among them) and
+//! the store about its outbox and delayed messages; then it waits for
+//! [`QUIET`] with nothing moving after a round trip to the broker, since
+//! a core message on its way from the broker to a subscription is
+//! counted nowhere. A look that fails (a JetStream leader election, the
+//! store away for a moment) is named and taken again until the wait
+//! ends. Limits:
+//! - Give each kit servers of its own, or run such tests one at a time:
+//!   two kits on one server share their durable consumers (and, with one
+//!   service name and Redis, their outbox and keyed sagas' partitions),
+//!   so one kit's messages may be handled, recorded and waited for by
+//!   the other. A different service name is not enough.
+//! - What other processes send is neither recorded nor counted.
+//! - A retry's back-off longer than [`settle_within`](TestKit::settle_within)
+//!   cannot be skipped: [`TestKit::advance`] is the embedded kit's (it
+//!   panics on servers, whose timers keep their own time), and the
+//!   time-out names the consumer's unacknowledged messages, not when
+//!   they come due.
+//! - [`TestKit::release_delayed`] is refused on Redis.
 //!
 //! Several replicas under faults drawn from a seed (lost requests,
 //! replies and deliveries, replicas killed, stopped or stalled, the store
@@ -99,8 +112,10 @@
 //! Every message put on the bus is recorded, whether or not anything
 //! received it (a command with no handler, an event nobody subscribes
 //! to); a durable publish the stream dropped as a repeat of the same
-//! message id is not. Replies are not recorded; dead letters are listed by
-//! [`TestKit::dead_letters`].
+//! message id is not. Replies are not recorded, nor are catga's own
+//! messages (keyed sagas' routed copies, dead letters: those are listed
+//! by [`TestKit::dead_letters`]). On real servers, what this kit's
+//! runtime and client sent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -279,7 +294,7 @@ async fn settle_on_servers(runtime: &Runtime, within: Duration) -> Result<()> {
     let mut quiet: Option<(u64, Instant, u32)> = None;
     loop {
         let before = tap.activity();
-        let mut left = left_on_servers(runtime, tap, until_wall).await?;
+        let mut left = left_on_servers(runtime, tap, until_wall).await;
         let remaining = until.saturating_duration_since(Instant::now());
         if let Err(e) = transport.round_trip(remaining.min(Duration::from_secs(2))).await {
             left.push(format!("no round trip to the broker: {e}"));
@@ -315,13 +330,13 @@ async fn settle_on_servers(runtime: &Runtime, within: Duration) -> Result<()> {
     }
 }
 
-/// What keeps a runtime on real servers from having settled, in words.
-async fn left_on_servers(
-    runtime: &Runtime,
-    tap: &Arc<Tap>,
-    until: std::time::SystemTime,
-) -> Result<Vec<String>> {
-    let mut left = left_in_store(runtime, std::time::SystemTime::now(), until).await?;
+/// What keeps a runtime on real servers from having settled, in words;
+/// a look that fails (a JetStream leader election, the store away for a
+/// moment) is named too, and looked at again on the next turn.
+async fn left_on_servers(runtime: &Runtime, tap: &Arc<Tap>, until: std::time::SystemTime) -> Vec<String> {
+    let mut left = left_in_store(runtime, std::time::SystemTime::now(), until)
+        .await
+        .unwrap_or_else(|e| vec![format!("the store did not answer: {e}")]);
     let transport = runtime.shared.client.transport();
     let bound = tap.consumers();
     for name in runtime.serving().await {
@@ -335,7 +350,13 @@ async fn left_on_servers(
         }
     }
     for (stream_of, durable) in &bound {
-        let out = transport.durable_outstanding(stream_of, durable).await?;
+        let out = match transport.durable_outstanding(stream_of, durable).await {
+            Ok(out) => out,
+            Err(e) => {
+                left.push(format!("consumer {durable} of the stream of {stream_of}: {e}"));
+                continue;
+            }
+        };
         let mut what = Vec::new();
         if out.pending > 0 {
             what.push(format!("{} not delivered yet", out.pending));
@@ -354,7 +375,7 @@ async fn left_on_servers(
     if in_flight > 0 {
         left.push(format!("{in_flight} messages being handled"));
     }
-    Ok(left)
+    left
 }
 
 /// The events of type `E` that `tap` recorded as published (see

@@ -425,11 +425,25 @@ async fn a_kit_on_servers_needs_a_nats_url() {
 
 async fn retries_and_dead_letters(kit: TestKit) {
     kit.client().publish_durable(Poke).await.expect("published");
-    kit.client()
-        .publish_durable(Poison { n: 7 })
-        .await
-        .expect("published");
+    // Sent twice under one id, as a client retries: stored, handled and
+    // recorded once.
+    for _ in 0..2 {
+        kit.client()
+            .publish_durable_with_id(Poison { n: 7 }, "poison-7")
+            .await
+            .expect("published");
+    }
     kit.settled().await.expect("settled");
+    let recorded: Vec<_> = kit.messages().into_iter().map(|m| m.subject).collect();
+    assert_eq!(
+        recorded.iter().filter(|s| *s == "tests.kit.poison").count(),
+        1,
+        "{recorded:?}"
+    );
+    assert!(
+        recorded.iter().all(|s| !s.starts_with("catga.")),
+        "catga's own messages (the dead letter) are not the test's: {recorded:?}"
+    );
     assert_eq!(
         count(&POKES, kit.client().service(), 0),
         3,

@@ -392,8 +392,6 @@ impl NatsTransport {
         durable: &str,
         options: &DurableOptions,
     ) -> Result<JsSubscription> {
-        self.tap()
-            .bound(options.stream.as_deref().unwrap_or(subject), durable);
         let js = self.jetstream();
         let stream = js
             .get_stream(stream_name(options.stream.as_deref().unwrap_or(subject)))
@@ -424,6 +422,9 @@ impl NatsTransport {
             .await
             .map_err(|e| js_error("consumer create", e))?;
         let messages = pull(&consumer, options).await?;
+        // Once it exists: a test kit asks about it from now on.
+        self.tap()
+            .bound(options.stream.as_deref().unwrap_or(subject), durable);
         Ok(JsSubscription {
             messages: Some(messages),
             transport: self.clone(),
@@ -467,6 +468,25 @@ impl NatsTransport {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<()> {
+        let slot = self
+            .tap()
+            .record_sent(subject, SentAs::PublishDurable, Some(&headers), &payload);
+        let stored = self.store_one(subject, headers, payload, timeout).await;
+        if stored.is_err() {
+            self.tap().unrecord(slot);
+        }
+        stored
+    }
+
+    /// [`publish_durable`](Self::publish_durable) of catga's own message
+    /// (a dead letter): a test kit does not record it as the user's.
+    async fn store_one(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<()> {
         let lookup = tokio::time::timeout(timeout, self.has_stream(subject))
             .await
             .unwrap_or_else(|_| {
@@ -482,23 +502,13 @@ impl NatsTransport {
             ));
         }
         let js = self.jetstream();
-        let copy = self.tap().is_on().then(|| (headers.clone(), payload.clone()));
         let run = async {
             let ack = js
                 .publish_with_headers(subject.to_owned(), headers, payload)
                 .await
                 .map_err(|e| publish_error(subject, e))?;
             let stored = ack.await.map_err(|e| publish_error(subject, e))?;
-            stored_at(subject, &stored)?;
-            // Recorded once stored, and not when the stream dropped it as
-            // a repeat (as the embedded streams do).
-            if let Some((headers, payload)) = copy
-                && !stored.duplicate
-            {
-                self.tap()
-                    .record(subject, SentAs::PublishDurable, Some(&headers), &payload);
-            }
-            Ok(())
+            stored_at(subject, &stored)
         };
         tokio::time::timeout(timeout, run).await.unwrap_or_else(|_| {
             Err(Error::new(
@@ -592,14 +602,18 @@ impl NatsTransport {
         // subject whose stream no acknowledgement named yet).
         let mut last: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
         let mut acks = Vec::with_capacity(messages.len());
+        // Where a test kit recorded each message sent.
+        let mut slots = Vec::with_capacity(messages.len());
         for m in messages {
             if !go_on() {
                 acks.push(Err(super::not_sent()));
+                slots.push(None);
                 continue;
             }
             let chain = self.stream_of(&m.subject).unwrap_or_else(|| m.subject.clone());
             let mut headers = m.headers.clone();
             headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
+            slots.push(self.record_outgoing(m, &headers));
             if let Some(after) = last.get(&chain) {
                 headers.insert(super::EXPECTED_LAST_ID, *after);
             }
@@ -620,18 +634,21 @@ impl NatsTransport {
             });
         }
         let mut out = Vec::with_capacity(messages.len());
-        for (m, ack) in messages.iter().zip(acks) {
-            out.push(match ack {
+        for ((m, ack), slot) in messages.iter().zip(acks).zip(slots) {
+            let result = match ack {
                 Ok(ack) => match tokio::time::timeout_at(deadline, ack).await {
                     Ok(Ok(stored)) => stored_at(&m.subject, &stored).map(|()| {
                         self.learn_stream_of(&m.subject, &stored.stream);
-                        self.record_stored(m, &stored);
                     }),
                     Ok(Err(e)) => Err(publish_error(&m.subject, e)),
                     Err(_) => Err(no_ack(&m.subject, timeout)),
                 },
                 Err(e) => Err(e),
-            });
+            };
+            if result.is_err() {
+                self.tap().unrecord(slot);
+            }
+            out.push(result);
         }
         out
     }
@@ -673,6 +690,7 @@ impl NatsTransport {
                     }
                     let mut headers = m.headers.clone();
                     headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
+                    let slot = self.record_outgoing(m, &headers);
                     let stored = tokio::time::timeout_at(deadline, async {
                         js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
                             .await?
@@ -682,11 +700,13 @@ impl NatsTransport {
                     let result = match stored {
                         Ok(Ok(ack)) => stored_at(&m.subject, &ack).map(|()| {
                             self.learn_stream_of(&m.subject, &ack.stream);
-                            self.record_stored(m, &ack);
                         }),
                         Ok(Err(e)) => Err(publish_error(&m.subject, e)),
                         Err(_) => Err(no_ack(&m.subject, timeout)),
                     };
+                    if result.is_err() {
+                        self.tap().unrecord(slot);
+                    }
                     broken = result.is_err();
                     out.push((i, result));
                 }
@@ -700,16 +720,11 @@ impl NatsTransport {
         out
     }
 
-    /// Records a relayed message the stream stored (not a repeat) for a
-    /// test kit, as it travelled: with its message id.
-    fn record_stored(&self, m: &super::Outgoing, ack: &jetstream::publish::PublishAck) {
-        if ack.duplicate || !self.tap().is_on() {
-            return;
-        }
-        let mut headers = m.headers.clone();
-        headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
+    /// Records a relayed message for a test kit before it is sent, as it
+    /// travels (with its message id; see [`crate::transport::tap`]).
+    fn record_outgoing(&self, m: &super::Outgoing, headers: &HeaderMap) -> Option<super::tap::Slot> {
         self.tap()
-            .record(&m.subject, SentAs::PublishDurable, Some(&headers), &m.payload);
+            .record_sent(&m.subject, SentAs::PublishDurable, Some(headers), &m.payload)
     }
 
     /// Messages a durable consumer delivered and has not had acknowledged
@@ -880,7 +895,7 @@ impl NatsTransport {
     pub(crate) async fn store_dead_letter(&self, letter: &DeadLetter) -> Result<()> {
         let (subject, headers) = letter.to_stored();
         let stored = self
-            .publish_durable(
+            .store_one(
                 &subject,
                 headers.clone(),
                 letter.payload.clone(),
@@ -893,7 +908,7 @@ impl NatsTransport {
                 self.remember_stream(&DeadLetter::subjects_of(&letter.service), false);
                 self.ensure_dead_letters(&letter.service, &settings).await?;
                 self.remember_stream(&subject, true);
-                self.publish_durable(&subject, headers, letter.payload.clone(), Duration::from_secs(5))
+                self.store_one(&subject, headers, letter.payload.clone(), Duration::from_secs(5))
                     .await
             }
             other => other,

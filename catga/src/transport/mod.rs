@@ -435,9 +435,19 @@ impl Transport {
         let timeout = deadline.remaining().ok_or_else(|| expired(subject))?;
         match &self.0 {
             Kind::Nats(t) => {
-                t.tap()
-                    .record(subject, tap::SentAs::Request, Some(&headers), &payload);
-                t.request(subject, headers, payload, deadline, timeout).await
+                let slot = t
+                    .tap()
+                    .record_sent(subject, tap::SentAs::Request, Some(&headers), &payload);
+                let reply = t.request(subject, headers, payload, deadline, timeout).await;
+                // Refused before it left (over the broker's limit, or no
+                // connection): not sent, so not recorded. A time-out or
+                // no handler is a request that went out.
+                if let Err(e) = &reply
+                    && matches!(e.kind(), ErrorKind::TooLarge | ErrorKind::Transport)
+                {
+                    t.tap().unrecord(slot);
+                }
+                reply
             }
             Kind::Memory(t) => t.request(subject, headers, payload, deadline, timeout).await,
         }
@@ -454,9 +464,14 @@ impl Transport {
     ) -> Result<()> {
         match &self.0 {
             Kind::Nats(t) => {
-                t.tap()
-                    .record(subject, tap::SentAs::Publish, Some(&headers), &payload);
-                t.publish(subject, headers, payload, timeout).await
+                let slot = t
+                    .tap()
+                    .record_sent(subject, tap::SentAs::Publish, Some(&headers), &payload);
+                let sent = t.publish(subject, headers, payload, timeout).await;
+                if sent.is_err() {
+                    t.tap().unrecord(slot);
+                }
+                sent
             }
             Kind::Memory(t) => {
                 t.pass().await;

@@ -1,7 +1,9 @@
-//! What the test kit sees of an embedded bus: every message sent and
-//! published on it, and how many deliveries are handed out and not yet
-//! settled. Off unless the test kit (`catga::testing`) turns it on:
-//! then one atomic add per delivery and one record per message.
+//! What the test kit sees of an embedded bus, or of a runtime's NATS
+//! connection: every message sent and published, and how many deliveries
+//! are handed out and not yet settled (and, on NATS, which durable
+//! consumers were bound). Off unless the test kit (`catga::testing`)
+//! turns it on: then one atomic add per delivery and one record per
+//! message; off, one atomic load each.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -80,7 +82,22 @@ impl Recorded {
     }
 }
 
-/// The tap of one bus.
+/// What was recorded, in order: a slot emptied when the message turned
+/// out not sent.
+#[derive(Default)]
+struct Records {
+    list: Vec<Option<Recorded>>,
+    /// The ids of the durable publishes in `list`: a publish sent again
+    /// under the same id is recorded once (the stream stores it once).
+    durable_ids: std::collections::HashSet<String>,
+}
+
+/// Where [`Tap::record_sent`] put a record, to take it back with
+/// [`Tap::unrecord`] if the message was not sent after all.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slot(usize);
+
+/// The tap of one bus, or of one NATS connection.
 #[derive(Default)]
 pub(crate) struct Tap {
     on: AtomicBool,
@@ -91,7 +108,7 @@ pub(crate) struct Tap {
     /// one counted place to the next, each counted until the next one
     /// is).
     activity: AtomicU64,
-    records: Mutex<Vec<Recorded>>,
+    records: Mutex<Records>,
     /// The durable consumers bound through a NATS transport while on
     /// (subject, durable name): what a kit on real servers asks the
     /// broker about (the embedded streams list their own).
@@ -146,25 +163,80 @@ impl Tap {
         if !self.is_on() {
             return;
         }
-        self.activity.fetch_add(1, Ordering::AcqRel);
-        self.records
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Recorded {
-                subject: subject.to_owned(),
-                sent_as,
-                headers: headers.cloned().unwrap_or_default(),
-                payload: payload.clone(),
-            });
+        self.push(subject, sent_as, headers, payload, false);
     }
 
-    /// A durable consumer was bound (through NATS).
-    pub(crate) fn bound(&self, subject: &str, durable: &str) {
+    /// Records a message about to be sent (before it is, so that what its
+    /// handlers send is recorded after it); `None` when off, or for a
+    /// durable publish whose message id is recorded already (sent again).
+    /// [`unrecord`](Self::unrecord) takes it back if it was not sent.
+    pub(crate) fn record_sent(
+        &self,
+        subject: &str,
+        sent_as: SentAs,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+    ) -> Option<Slot> {
+        self.push(subject, sent_as, headers, payload, true)
+    }
+
+    /// Records a message; with `once_per_id`, a durable publish whose id
+    /// is recorded already is not (the embedded streams record only what
+    /// they store, and drop repeats themselves).
+    fn push(
+        &self,
+        subject: &str,
+        sent_as: SentAs,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+        once_per_id: bool,
+    ) -> Option<Slot> {
+        if !self.is_on() {
+            return None;
+        }
+        self.activity.fetch_add(1, Ordering::AcqRel);
+        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        if once_per_id
+            && sent_as == SentAs::PublishDurable
+            && let Some(id) = headers.and_then(|h| h.get(headers::MESSAGE_ID))
+            && !records.durable_ids.insert(id.as_str().to_owned())
+        {
+            return None;
+        }
+        records.list.push(Some(Recorded {
+            subject: subject.to_owned(),
+            sent_as,
+            headers: headers.cloned().unwrap_or_default(),
+            payload: payload.clone(),
+        }));
+        Some(Slot(records.list.len() - 1))
+    }
+
+    /// Takes back what [`record_sent`](Self::record_sent) recorded: the
+    /// message was not sent (or, for a durable publish, not stored, as
+    /// far as the sender knows; sent again, it is recorded again).
+    pub(crate) fn unrecord(&self, slot: Option<Slot>) {
+        let Some(Slot(at)) = slot else {
+            return;
+        };
+        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let Records { list, durable_ids } = &mut *records;
+        if let Some(taken) = list.get_mut(at).and_then(Option::take)
+            && taken.sent_as == SentAs::PublishDurable
+            && let Some(id) = taken.message_id()
+        {
+            durable_ids.remove(id);
+        }
+    }
+
+    /// A durable consumer was bound (through NATS): `stream_of` is the
+    /// subject its stream is named by.
+    pub(crate) fn bound(&self, stream_of: &str, durable: &str) {
         if self.is_on() {
             self.bound
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .insert((subject.to_owned(), durable.to_owned()));
+                .insert((stream_of.to_owned(), durable.to_owned()));
         }
     }
 
@@ -183,7 +255,11 @@ impl Tap {
         self.records
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .list
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
     }
 }
 
