@@ -88,15 +88,25 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
     let started = served.metrics.start();
     async move {
         let payload = incoming.payload;
+        // This future is moved once per message by the serve loop (into
+        // its set of futures in flight): its size is a memcpy per message,
+        // 7.5 KB for a `Subscription::next` and 3.6 KB for this one in the
+        // fan-out bench's profile, its largest cost after the broker
+        // client's. So `work` is pinned in place and awaited through the
+        // pin on both paths (a `work.await` by value kept a second slot
+        // as large), in a block of its own (ended before the settle, whose
+        // future then takes the same room), and the rare paths of the
+        // steps are boxed.
+        let outcome = {
         let work = steps(served, shared, &meta, payload.clone());
-        let outcome = match served.progress {
+        tokio::pin!(work);
+        match served.progress {
             None => work.await,
             // A keyed saga's consumers have a short ack wait (a delivery
             // lost in a hand-over comes back soon) and one message in
             // flight (a redelivery while it runs would be the next one's
             // turn): tell the broker the message is still being handled.
             Some(every) => {
-                tokio::pin!(work);
                 loop {
                     tokio::select! {
                         outcome = &mut work => break outcome,
@@ -108,6 +118,7 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
                     }
                 }
             }
+        }
         };
         let mut ended = ended(&outcome);
         let wait = matches!(&outcome, Outcome::Failed(e) if e.retry_after().is_some());
@@ -118,7 +129,9 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
             ended = Ended::Waiting;
         }
         let settle = match settle {
-            Settle::Dead(mut letter) => match super::letters::keep_letter(shared, &mut letter).await {
+            // Boxed: rare, and its futures would make every message's
+            // as large.
+            Settle::Dead(mut letter) => match Box::pin(super::letters::keep_letter(shared, &mut letter)).await {
                 Ok(()) => Settle::Dead(letter),
                 Err(e) => {
                     tracing::warn!(error = %e, "the dead letter could not be recorded; the message comes back later");
@@ -165,9 +178,18 @@ async fn steps(served: &Served, shared: &Shared, meta: &Arc<MessageMeta>, payloa
     {
         return early;
     }
-    let claim = match claim(served, shared, meta, &payload).await {
-        Ok(c) => c,
-        Err(early) => return early,
+    // The inbox's futures are boxed, and only idempotent handlers await
+    // them: inline, they made every message's future as large, which the
+    // serve loop moves once per message (see `process`).
+    let claim = if served.spec.is_idempotent() {
+        match Box::pin(claim(served, shared, meta, &payload)).await {
+            Ok(c) => c,
+            Err(early) => return early,
+        }
+    } else {
+        Claim::None {
+            home: home_of(served, shared, meta, &payload, false),
+        }
     };
     // Should this message's work be dropped half way (cancelled at a drain
     // deadline, its partition given up), its claim is given up in the
@@ -609,7 +631,16 @@ async fn call(
             claim,
             home,
             ..
-        } => commit_answer(shared, &work, (shard(home), scope, id), claim, body).await,
+        } => {
+            Box::pin(commit_answer(
+                shared,
+                &work,
+                (shard(home), scope, id),
+                claim,
+                body,
+            ))
+            .await
+        }
         Claim::None { .. } => Ok(body),
     }
 }
@@ -794,6 +825,18 @@ fn record(served: &Served, result: &Result<Bytes>) {
 /// its claim (its replica was thought gone) gives the answer the inbox
 /// holds, if any, instead of overwriting it.
 async fn release(shared: &Shared, claim: &Claim, result: Result<Bytes>) -> Outcome {
+    match claim {
+        Claim::None { .. } => match result {
+            Ok(body) => Outcome::Done(body),
+            Err(e) => Outcome::Failed(e),
+        },
+        // Boxed, as the claim (see `steps`).
+        Claim::Owned { .. } => Box::pin(release_owned(shared, claim, result)).await,
+    }
+}
+
+/// [`release`] of a claim this attempt owns.
+async fn release_owned(shared: &Shared, claim: &Claim, result: Result<Bytes>) -> Outcome {
     let Claim::Owned {
         scope,
         id,

@@ -1090,7 +1090,8 @@ impl JsSubscription {
                 }
                 Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::MissingHeartbeat => {
                     tracing::warn!(error = %e, subject = %self.subject, "pull from JetStream lost its request; pulling anew");
-                    match pull(&self.consumer, &self.options).await {
+                    // Boxed: rare, and large (see `NatsSubscription::next`).
+                    match Box::pin(pull(&self.consumer, &self.options)).await {
                         Ok(fresh) => self.messages = Some(fresh),
                         Err(e) => {
                             tracing::warn!(error = %e, subject = %self.subject, "cannot pull anew yet");
