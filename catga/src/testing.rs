@@ -155,20 +155,26 @@ pub(crate) async fn settle(bus: &MemoryBus, runtimes: &[&Runtime], within: Durat
             return Ok(());
         }
         if Instant::now() >= until {
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "not settled within {within:?}: {}",
-                    if left.is_empty() {
-                        "the bus kept busy".to_owned()
-                    } else {
-                        left.join("; ")
-                    }
-                ),
-            ));
+            return Err(not_settled(within, &left, "the bus kept busy"));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// The time-out of a wait that did not settle: what was `left`, or
+/// `busy` when nothing was left but something kept moving.
+fn not_settled(within: Duration, left: &[String], busy: &str) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!(
+            "not settled within {within:?}: {}",
+            if left.is_empty() {
+                busy.to_owned()
+            } else {
+                left.join("; ")
+            }
+        ),
+    )
 }
 
 /// What keeps the bus from having settled, in words: `until` is when
@@ -314,17 +320,7 @@ async fn settle_on_servers(runtime: &Runtime, within: Duration) -> Result<()> {
             quiet = None;
         }
         if Instant::now() >= until {
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "not settled within {within:?}: {}",
-                    if left.is_empty() {
-                        "the runtime kept busy".to_owned()
-                    } else {
-                        left.join("; ")
-                    }
-                ),
-            ));
+            return Err(not_settled(within, &left, "the runtime kept busy"));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -217,7 +217,7 @@ impl RuntimeBuilder {
     }
 
     /// Records what the runtime sends and counts its deliveries from the
-    /// start (a test kit on real servers; see [`crate::testing`]).
+    /// start (a test kit on real servers: `TestKit::on_servers`).
     pub(crate) fn tapped(mut self) -> Self {
         self.tapped = true;
         self

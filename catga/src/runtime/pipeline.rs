@@ -98,27 +98,27 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
         // future then takes the same room), and the rare paths of the
         // steps are boxed.
         let outcome = {
-        let work = steps(served, shared, &meta, payload.clone());
-        tokio::pin!(work);
-        match served.progress {
-            None => work.await,
-            // A keyed saga's consumers have a short ack wait (a delivery
-            // lost in a hand-over comes back soon) and one message in
-            // flight (a redelivery while it runs would be the next one's
-            // turn): tell the broker the message is still being handled.
-            Some(every) => {
-                loop {
-                    tokio::select! {
-                        outcome = &mut work => break outcome,
-                        () = tokio::time::sleep(every) => {
-                            if let Err(e) = settler.progress().await {
-                                tracing::debug!(error = %e, "progress ack not sent");
+            let work = steps(served, shared, &meta, payload.clone());
+            tokio::pin!(work);
+            match served.progress {
+                None => work.await,
+                // A keyed saga's consumers have a short ack wait (a delivery
+                // lost in a hand-over comes back soon) and one message in
+                // flight (a redelivery while it runs would be the next one's
+                // turn): tell the broker the message is still being handled.
+                Some(every) => {
+                    loop {
+                        tokio::select! {
+                            outcome = &mut work => break outcome,
+                            () = tokio::time::sleep(every) => {
+                                if let Err(e) = settler.progress().await {
+                                    tracing::debug!(error = %e, "progress ack not sent");
+                                }
                             }
                         }
                     }
                 }
             }
-        }
         };
         let mut ended = ended(&outcome);
         let wait = matches!(&outcome, Outcome::Failed(e) if e.retry_after().is_some());
@@ -131,7 +131,9 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
         let settle = match settle {
             // Boxed: rare, and its futures would make every message's
             // as large.
-            Settle::Dead(mut letter) => match Box::pin(super::letters::keep_letter(shared, &mut letter)).await {
+            Settle::Dead(mut letter) => match Box::pin(super::letters::keep_letter(shared, &mut letter))
+                .await
+            {
                 Ok(()) => Settle::Dead(letter),
                 Err(e) => {
                     tracing::warn!(error = %e, "the dead letter could not be recorded; the message comes back later");
@@ -415,6 +417,8 @@ async fn claim(
     payload: &Bytes,
 ) -> Result<Claim, Outcome> {
     let spec = served.spec;
+    // `steps` does this itself without awaiting (see there); kept so that
+    // no caller can claim the inbox for a handler that is not idempotent.
     if !spec.is_idempotent() {
         return Ok(Claim::None {
             home: home_of(served, shared, meta, payload, false),
