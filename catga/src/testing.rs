@@ -197,16 +197,12 @@ async fn left(
     // any backlog until it is.
     let streams = bus.streams();
     for runtime in runtimes {
-        for name in runtime.serving().await {
-            let Some(spec) = runtime.handlers().iter().find(|s| s.name() == name) else {
-                continue;
-            };
-            if let Some(durable) = spec.durable()
-                && !streams.has_consumer(spec.subject(), durable)
-            {
-                left.push(format!("consumer {durable} of {} not bound yet", spec.subject()));
-            }
-        }
+        unbound(
+            runtime,
+            |subject, durable| streams.has_consumer(subject, durable),
+            &mut left,
+        )
+        .await;
     }
     let now = Instant::now();
     for b in streams.backlog() {
@@ -237,6 +233,21 @@ async fn left(
         left.push(format!("{in_flight} messages being handled"));
     }
     Ok(left)
+}
+
+/// Names in `left` each durable consumer `runtime` serves that
+/// `is_bound(subject, durable)` says is not bound yet.
+async fn unbound(runtime: &Runtime, is_bound: impl Fn(&str, &str) -> bool, left: &mut Vec<String>) {
+    for name in runtime.serving().await {
+        let Some(spec) = runtime.handlers().iter().find(|s| s.name() == name) else {
+            continue;
+        };
+        if let Some(durable) = spec.durable()
+            && !is_bound(spec.subject(), durable)
+        {
+            left.push(format!("consumer {durable} of {} not bound yet", spec.subject()));
+        }
+    }
 }
 
 /// What the store of `runtime` still holds that keeps work from having
@@ -335,16 +346,8 @@ async fn left_on_servers(runtime: &Runtime, tap: &Arc<Tap>, until: std::time::Sy
         .unwrap_or_else(|e| vec![format!("the store did not answer: {e}")]);
     let transport = runtime.shared.client.transport();
     let bound = tap.consumers();
-    for name in runtime.serving().await {
-        let Some(spec) = runtime.handlers().iter().find(|s| s.name() == name) else {
-            continue;
-        };
-        if let Some(durable) = spec.durable()
-            && !bound.iter().any(|(s, d)| s == spec.subject() && d == durable)
-        {
-            left.push(format!("consumer {durable} of {} not bound yet", spec.subject()));
-        }
-    }
+    let is_bound = |subject: &str, durable: &str| bound.iter().any(|(s, d)| s == subject && d == durable);
+    unbound(runtime, is_bound, &mut left).await;
     for (stream_of, durable) in &bound {
         let out = match transport.durable_outstanding(stream_of, durable).await {
             Ok(out) => out,
@@ -552,7 +555,8 @@ impl TestKit {
     /// Every message sent and published on the bus so far, in order
     /// (catga's own copies of keyed sagas' triggers left out). On real
     /// servers: what this kit's runtime and client sent, in the order
-    /// they sent it (a durable publish once its stream stored it).
+    /// they sent it (taken back if it was not sent, or a durable publish
+    /// not stored; see the [module](self)).
     pub fn messages(&self) -> Vec<Recorded> {
         self.tap().records()
     }
