@@ -44,7 +44,47 @@ async fn noted(ctx: &Context, n: Noted) -> Result<()> {
     Ok(())
 }
 
-catga_tests::on_both!(error_replies, undecodable_payload, undecodable_event_is_skipped);
+/// An event whose handler finishes at once, later, fails or panics, as
+/// its `mode` says.
+#[event(subject = "tests.errors.paced")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Paced {
+    pub run: String,
+    pub seq: u64,
+    /// `now`, `later`, `fail`, `panic`, or `gate` (later, once the test
+    /// opened its run's gate).
+    pub mode: String,
+}
+
+static PACED: Recorder = Recorder::new();
+
+/// The runs whose `gate` events may finish.
+static OPEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// One at a time: a handler still running holds the only slot.
+#[event(concurrency = 1)]
+async fn paced(ctx: &Context, p: Paced) -> Result<()> {
+    match p.mode.as_str() {
+        "later" => tokio::time::sleep(std::time::Duration::from_millis(3)).await,
+        "gate" => {
+            while !OPEN.lock().unwrap_or_else(|e| e.into_inner()).contains(&p.run) {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+        "fail" => return Err(Error::msg("a plain event handler failed")),
+        "panic" => panic!("a plain event handler blew up"),
+        _ => {}
+    }
+    PACED.record(&p.run, "paced", ctx, p.seq);
+    Ok(())
+}
+
+catga_tests::on_both!(
+    error_replies,
+    undecodable_payload,
+    undecodable_event_is_skipped,
+    plain_events_run_in_order_one_at_a_time
+);
 
 /// Handler errors come back with their kind; 4xx texts as written, 5xx texts
 /// replaced by an error id (the text stays in the replica's log); a panic
@@ -127,5 +167,46 @@ async fn undecodable_event_is_skipped(b: &Backend) {
         .expect("publish");
     let records = NOTED.wait_for(&run, 1, WAIT).await;
     assert_eq!(records.len(), 1, "the valid event after the bad ones is handled");
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A plain event handler runs in place when it finishes at once, and in
+/// the set in flight when it does not (`pipeline::process_in_place`):
+/// either way its `concurrency` holds (one at a time here, so nothing
+/// overtakes a handler still sleeping, and every event is handled in the
+/// order published), and failures and panics are contained.
+async fn plain_events_run_in_order_one_at_a_time(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let run = run_id();
+    let modes = ["now", "later", "now", "fail", "now", "panic", "later", "now"];
+    let mut kept = Vec::new();
+    for seq in 0..64u64 {
+        // The first holds the only slot until every event is published:
+        // they all wait behind it, whatever the timing.
+        let mode = if seq == 0 {
+            "gate"
+        } else {
+            modes[seq as usize % modes.len()]
+        };
+        if mode != "fail" && mode != "panic" {
+            kept.push(seq);
+        }
+        client
+            .publish(Paced {
+                run: run.clone(),
+                seq,
+                mode: mode.to_owned(),
+            })
+            .await
+            .expect("publish");
+    }
+    OPEN.lock().unwrap_or_else(|e| e.into_inner()).push(run.clone());
+    let records = PACED.wait_for(&run, kept.len(), WAIT).await;
+    let seen: Vec<u64> = records.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seen, kept,
+        "every event that succeeds is handled once, in the order published"
+    );
     rt.shutdown().await.expect("clean shutdown");
 }
