@@ -237,33 +237,23 @@ pub(crate) fn process_in_place<'a>(
     let claim = Claim::None {
         home: home_of(served, shared, &meta, &payload, false),
     };
-    let work = match early
-        .and_then(|()| work_for(served, shared, &meta, &payload, &claim).map_err(Outcome::Failed))
-    {
+    if let Err(early) = early {
+        end_unanswered(served, shared, &meta, &payload, early, started);
+        return None;
+    }
+    let work = match work_for(served, shared, &meta, &payload, &claim) {
         Ok(work) => work,
-        Err(early) => {
-            end_unanswered(served, shared, &meta, &payload, early, started);
+        // A `leader` handler whose lease is gone: a failed run, as in
+        // `call`, which the breaker hears of (a half-open breaker's trial
+        // needs its verdict).
+        Err(e) => {
+            let result = Err(e);
+            record(served, &result);
+            let outcome = release_unclaimed(result);
+            end_unanswered(served, shared, &meta, &payload, outcome, started);
             return None;
         }
     };
-    if served.spec.job().is_some_and(|o| o.skip_missed)
-        && super::jobs::superseded(
-            served.spec,
-            meta.message_id(),
-            shared.client.transport().clock().now_ms(),
-        )
-    {
-        tracing::info!(id = meta.message_id(), "job occurrence skipped: it is missed");
-        end_unanswered(
-            served,
-            shared,
-            &meta,
-            &payload,
-            Outcome::Done(Bytes::new()),
-            started,
-        );
-        return None;
-    }
     let ctx = Context::new(shared.client.clone(), Arc::clone(&meta), work, served.spec.name());
     // The handler's future is boxed (the registry holds function
     // pointers), so it can be polled here and moved afterwards.
@@ -295,6 +285,11 @@ fn ran_to_outcome(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> O
         )),
     };
     record(served, &result);
+    release_unclaimed(result)
+}
+
+/// [`release`] of a message without an inbox claim.
+fn release_unclaimed(result: Result<Bytes>) -> Outcome {
     match result {
         Ok(body) => Outcome::Done(body),
         Err(e) => Outcome::Failed(e),
@@ -992,10 +987,7 @@ fn record(served: &Served, result: &Result<Bytes>) {
 /// holds, if any, instead of overwriting it.
 async fn release(shared: &Shared, claim: &Claim, result: Result<Bytes>) -> Outcome {
     match claim {
-        Claim::None { .. } => match result {
-            Ok(body) => Outcome::Done(body),
-            Err(e) => Outcome::Failed(e),
-        },
+        Claim::None { .. } => release_unclaimed(result),
         // Boxed, as the claim (see `steps`).
         Claim::Owned { .. } => Box::pin(release_owned(shared, claim, result)).await,
     }

@@ -58,6 +58,9 @@ pub(crate) async fn serve(
     // Pushes what is left itself: returning an `Option` of a future as
     // large as a message's was a 2.8 KB copy per message, `None` or not.
     let begin = |d: Delivery, cx: &mut std::task::Context<'_>, inflight: &mut FuturesUnordered<_>| {
+        // An event's delivery was made unanswered when taken (see
+        // `Intake::take`); checked again, as the in-place path sends
+        // nothing.
         if in_place && !d.expects_reply() {
             if let Some(rest) = pipeline::process_in_place(served, shared, d, cx) {
                 inflight.push(Either::Right(rest));
@@ -89,16 +92,29 @@ pub(crate) async fn serve(
     tokio::pin!(stopped);
     loop {
         if inflight.len() < served.limit && !intake.is_empty() {
+            let mut begun = 0;
             std::future::poll_fn(|cx| {
-                while inflight.len() < served.limit {
+                while inflight.len() < served.limit && begun < BATCH {
                     match intake.next() {
                         Some(d) => begin(d, cx, &mut inflight),
                         None => break,
                     }
+                    begun += 1;
                 }
                 Poll::Ready(())
             })
             .await;
+            // Messages run in place leave room behind them: a full queue
+            // (8,192 by default) would otherwise be run in one poll of this
+            // task, holding its worker from every other task meanwhile.
+            // Nothing else here waits on the queue, so come straight back.
+            // The set in flight is collected first: its finished handlers
+            // would hold their slots until the queue is empty.
+            if begun == BATCH && !intake.is_empty() && inflight.len() < served.limit {
+                while let Some(Some(())) = inflight.next().now_or_never() {}
+                tokio::task::yield_now().await;
+                continue;
+            }
         }
         if draining && sub.is_none() && intake.is_empty() && inflight.is_empty() {
             break;
