@@ -26,9 +26,10 @@
 //!
 //! A step that ends the path early returns the [`Outcome`] to settle with.
 //!
-//! A plain event handler (no inbox, no durable consumer, no partition, no
-//! retries: nothing to await but the handler, and no answer) takes the same
-//! steps in [`process_in_place`], on the serve loop's own poll.
+//! A plain handler (not idempotent, not durable, no partition, no
+//! retries, not a saga or a job: nothing to await but the handler and its
+//! answer) takes the same steps in [`process_in_place`], on the serve
+//! loop's own poll.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -48,7 +49,7 @@ use crate::resilience::{Admit, backoff};
 use crate::store::{
     Answer, Claim as InboxClaim, Committed, Finished, Home, Inbox, InboxWrite, StoredReply, Work,
 };
-use crate::transport::{DeadLetter, Delivery, Settle};
+use crate::transport::{DeadLetter, Delivery, Settle, Settler};
 use crate::wire::{self, MessageMeta};
 
 /// How a message ended.
@@ -164,38 +165,50 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
     .await
 }
 
-/// Whether `served`'s messages take [`process_in_place`]: a plain event
-/// handler, whose path has no step to await before or after the handler
-/// (no inbox claim, no durable acknowledgement, no partition permit, no
-/// retry's pause) and no answer to send.
+/// Whether `served`'s messages take [`process_in_place`]: a handler
+/// whose path has no step to await before the handler (no inbox claim, no
+/// partition permit), none after it but the answer (no durable
+/// acknowledgement, no dead letter, no retry's pause), and not a saga or a
+/// job: plain events and plain commands.
 pub(crate) fn runs_in_place(served: &Served) -> bool {
     let spec = served.spec;
-    spec.kind() == HandlerKind::Event
-        && !spec.is_idempotent()
+    !spec.is_idempotent()
+        && !spec.is_saga()
+        && spec.job().is_none()
         && spec.retries() == 0
         && served.durable.is_none()
         && served.partition.is_none()
         && served.progress.is_none()
 }
 
-/// The part of a message left to run after [`process_in_place`]: its
-/// handler's future, polled once already.
-pub(crate) type Rest<'a> =
-    tracing::instrument::Instrumented<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>>;
+/// What is left of a message after [`process_in_place`]: its handler's
+/// future, polled once already, or its answer, not sent at once.
+pub(crate) type Rest<'a> = tracing::instrument::Instrumented<Pending<'a>>;
+
+/// A boxed future that finishes a message.
+pub(crate) type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// How far a message got on its first poll in place.
+enum First<F> {
+    /// Its outcome is known (an early step ended it, or the handler
+    /// finished).
+    Ended(Outcome),
+    /// Its handler is still running.
+    Running(F),
+}
 
 /// The path of [`process`] for a handler that [`runs_in_place`], run on
-/// the serve loop's own poll: the steps before the handler, then one poll
-/// of the handler's future. A handler that finishes at once (most event
-/// handlers that update memory or hand work on) is done there, without
-/// the serve loop's set of futures in flight: no task node allocated, no
-/// 2.8 KB future moved into it, no wake-up through it. The fan-out
-/// profile spent 12% of its time in that set (push, poll, release) and
-/// the span wrapper around each message. A handler still pending after
-/// its first poll returns what is left of it, for that set.
+/// the serve loop's own poll: the steps before the handler, one poll of
+/// the handler's future and, if it finished, one of the answer's. A
+/// message done there (most event handlers that update memory or hand
+/// work on, a command whose reply the client's queue takes at once) never
+/// enters the serve loop's set of futures in flight: no task node
+/// allocated, no 2.8 KB future moved into it, no wake-up through it. The
+/// fan-out profile spent 12% of its time in that set (push, poll,
+/// release) and the span wrapper around each message. What is still
+/// pending is returned, for that set.
 ///
-/// Runs the same steps as [`process`], for a delivery that expects no
-/// answer (an event's, once the serve loop took it): its settler is only
-/// dropped.
+/// Runs the same steps as [`process`], in the same order.
 pub(crate) fn process_in_place<'a>(
     served: &'a Served,
     shared: &'a Shared,
@@ -203,8 +216,8 @@ pub(crate) fn process_in_place<'a>(
     cx: &mut std::task::Context<'_>,
 ) -> Option<Rest<'a>> {
     use std::future::Future;
-    // Its settler answers nothing: kept until the message is done, for
-    // the test kit's count of deliveries in flight.
+    // The settler answers a command; an event's is kept until the
+    // message is done, for the test kit's count of deliveries in flight.
     let (incoming, settler) = delivery.split();
     let meta = Arc::new(read(
         incoming.subject,
@@ -234,42 +247,48 @@ pub(crate) fn process_in_place<'a>(
         .and_then(|()| check_version(served, &meta))
         .and_then(|()| check_deadline(shared, &meta))
         .and_then(|()| admit(served));
-    let claim = Claim::None {
-        home: home_of(served, shared, &meta, &payload, false),
-    };
-    if let Err(early) = early {
-        end_unanswered(served, shared, &meta, &payload, early, started);
-        return None;
-    }
-    let work = match work_for(served, shared, &meta, &payload, &claim) {
-        Ok(work) => work,
-        // A `leader` handler whose lease is gone: a failed run, as in
-        // `call`, which the breaker hears of (a half-open breaker's trial
-        // needs its verdict).
-        Err(e) => {
-            let result = Err(e);
-            record(served, &result);
-            let outcome = release_unclaimed(result);
-            end_unanswered(served, shared, &meta, &payload, outcome, started);
-            return None;
+    let first = match early {
+        Err(early) => First::Ended(early),
+        Ok(()) => {
+            let claim = Claim::None {
+                home: home_of(served, shared, &meta, &payload, false),
+            };
+            match work_for(served, shared, &meta, &payload, &claim) {
+                // A `leader` handler whose lease is gone: a failed run, as
+                // in `call`, which the breaker hears of (a half-open
+                // breaker's trial needs its verdict).
+                Err(e) => {
+                    let result = Err(e);
+                    record(served, &result);
+                    First::Ended(release_unclaimed(result))
+                }
+                Ok(work) => {
+                    let ctx =
+                        Context::new(shared.client.clone(), Arc::clone(&meta), work, served.spec.name());
+                    // The handler's future is boxed (the registry holds
+                    // function pointers), so it can be polled here and
+                    // moved afterwards.
+                    let mut run = AssertUnwindSafe(served.spec.call(ctx, payload.clone())).catch_unwind();
+                    match std::pin::Pin::new(&mut run).poll(cx) {
+                        std::task::Poll::Ready(ran) => First::Ended(ran_to_outcome(served, ran)),
+                        std::task::Poll::Pending => First::Running(run),
+                    }
+                }
+            }
         }
     };
-    let ctx = Context::new(shared.client.clone(), Arc::clone(&meta), work, served.spec.name());
-    // The handler's future is boxed (the registry holds function
-    // pointers), so it can be polled here and moved afterwards.
-    let mut work = AssertUnwindSafe(served.spec.call(ctx, payload.clone())).catch_unwind();
-    if let std::task::Poll::Ready(ran) = std::pin::Pin::new(&mut work).poll(cx) {
-        let outcome = ran_to_outcome(served, ran);
-        end_unanswered(served, shared, &meta, &payload, outcome, started);
-        return None;
-    }
+    let rest = match first {
+        First::Ended(outcome) => {
+            answer_in_place(served, shared, (&meta, &payload), outcome, started, settler, cx)
+        }
+        First::Running(run) => Some(Box::pin(async move {
+            let outcome = ran_to_outcome(served, run.await);
+            let (ended, settle) = settle_of(served, shared, &meta, &payload, outcome);
+            answer(served, settler, settle, started, ended).await;
+        }) as Pending<'a>),
+    };
     drop(entered);
-    let rest: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> = Box::pin(async move {
-        let outcome = ran_to_outcome(served, work.await);
-        end_unanswered(served, shared, &meta, &payload, outcome, started);
-        drop(settler);
-    });
-    Some(rest.instrument(span))
+    rest.map(|rest| rest.instrument(span))
 }
 
 /// What one run of a handler in place came to: as [`call`] and
@@ -296,20 +315,62 @@ fn release_unclaimed(result: Result<Bytes>) -> Outcome {
     }
 }
 
-/// The end of a message that expects no answer and is not durable: its
-/// outcome logged ([`conclude`]), its metrics.
-fn end_unanswered(
+/// What a message not durable ends as: the label of its metrics, and its
+/// answer ([`conclude`]).
+fn settle_of(
     served: &Served,
     shared: &Shared,
     meta: &MessageMeta,
     payload: &Bytes,
     outcome: Outcome,
-    started: std::time::Instant,
-) {
+) -> (Ended, Settle) {
     let ended = ended(&outcome);
-    // Nothing to send: an event's settle answers nothing.
-    let _ = conclude(served, shared, meta, payload, outcome);
+    (ended, conclude(served, shared, meta, payload, outcome))
+}
+
+/// Sends a message's answer, then counts it as ended, as [`process`] does
+/// for a message that is not durable.
+async fn answer(
+    served: &Served,
+    settler: Settler,
+    settle: Settle,
+    started: std::time::Instant,
+    ended: Ended,
+) {
+    if !settler.answers() {
+        // An event's: nothing to send (dropped after the count, as when
+        // it ends in place).
+        served.metrics.end(started, ended);
+        return;
+    }
+    if let Err(e) = settler.settle(settle).await {
+        tracing::warn!(error = %e, "the answer was not sent as is");
+    }
     served.metrics.end(started, ended);
+}
+
+/// Ends a message in place: an event's at once, a command's answer polled
+/// once (it is sent at once when the client's queue has room) and
+/// returned if it is not sent yet.
+fn answer_in_place<'a>(
+    served: &'a Served,
+    shared: &Shared,
+    (meta, payload): (&MessageMeta, &Bytes),
+    outcome: Outcome,
+    started: std::time::Instant,
+    settler: Settler,
+    cx: &mut std::task::Context<'_>,
+) -> Option<Pending<'a>> {
+    let (ended, settle) = settle_of(served, shared, meta, payload, outcome);
+    if !settler.answers() {
+        served.metrics.end(started, ended);
+        return None;
+    }
+    let mut sending: Pending<'a> = Box::pin(answer(served, settler, settle, started, ended));
+    match sending.as_mut().poll(cx) {
+        std::task::Poll::Ready(()) => None,
+        std::task::Poll::Pending => Some(sending),
+    }
 }
 
 /// The `outcome` label of the metrics.

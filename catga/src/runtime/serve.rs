@@ -6,10 +6,11 @@
 //!
 //! The handlers of one subscription share its task: they run concurrently,
 //! not in parallel (no task spawn per message: that halved throughput in
-//! the benchmark). A plain event handler's message is run in place as it is
-//! taken, and joins the set in flight only if its handler does not finish
-//! at its first poll (see `pipeline::process_in_place`). `parallel = N` gives a handler N subscriptions, each on
-//! its own task, which the runtime spreads over the cores.
+//! the benchmark). A plain handler's message is run in place as it is
+//! taken, and joins the set in flight only if its handler or its answer
+//! does not finish at its first poll (see `pipeline::process_in_place`).
+//! `parallel = N` gives a handler N subscriptions, each on its own task,
+//! which the runtime spreads over the cores.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -51,17 +52,17 @@ pub(crate) async fn serve(
 ) -> ServeReport {
     let served = &*served;
     let shared = &*shared;
-    // A plain event handler runs in place, on this loop's poll, and only
-    // what it leaves pending joins the set in flight (see
+    // A plain handler's message runs in place, on this loop's poll, and
+    // only what it leaves pending joins the set in flight (see
     // `pipeline::process_in_place`); any other message runs in the set.
+    // What is left pending was first polled with this task's waker: the
+    // set polls it again with its own at once, as `push` marks a new
+    // entry ready, so no wake-up is lost (this task's is only spurious).
     let in_place = pipeline::runs_in_place(served);
     // Pushes what is left itself: returning an `Option` of a future as
     // large as a message's was a 2.8 KB copy per message, `None` or not.
     let begin = |d: Delivery, cx: &mut std::task::Context<'_>, inflight: &mut FuturesUnordered<_>| {
-        // An event's delivery was made unanswered when taken (see
-        // `Intake::take`); checked again, as the in-place path sends
-        // nothing.
-        if in_place && !d.expects_reply() {
+        if in_place {
             if let Some(rest) = pipeline::process_in_place(served, shared, d, cx) {
                 inflight.push(Either::Right(rest));
             }
@@ -166,7 +167,8 @@ pub(crate) async fn serve(
                                 begin(d, cx, &mut inflight);
                             }
                         }
-                        take_waiting(&mut sub, &mut intake, &mut inflight, (&begin, cx), (served, shared), durable);
+                        let on = (served, shared);
+                        take_waiting(&mut sub, &mut intake, &mut inflight, (&begin, cx), on, durable);
                         Poll::Ready(())
                     })
                     .await;

@@ -1130,6 +1130,13 @@ pub(crate) struct Settler {
 }
 
 impl Settler {
+    /// Whether the message has somewhere to answer to: a requester, or a
+    /// durable consumer's acknowledgement (an event's delivery has none
+    /// once the serve loop took it).
+    pub(crate) fn answers(&self) -> bool {
+        !matches!(self.reply, ReplyTo::None)
+    }
+
     /// A JetStream message's sequence in its stream.
     pub(crate) fn stream_seq(&self) -> Option<u64> {
         match &self.reply {

@@ -79,11 +79,67 @@ async fn paced(ctx: &Context, p: Paced) -> Result<()> {
     Ok(())
 }
 
+/// A command whose handler answers at once, later, fails or panics, as
+/// its `mode` says (the modes of [`Paced`]).
+#[command(reply = u64)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct PacedCommand {
+    pub run: String,
+    pub seq: u64,
+    pub mode: String,
+}
+
+/// Per run: handlers of [`PacedCommand`] running now, and the most at once.
+static RUNNING: std::sync::Mutex<Vec<(String, usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+fn running(run: &str, by: isize) {
+    let mut all = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+    let at = match all.iter().position(|(r, ..)| r == run) {
+        Some(at) => at,
+        None => {
+            all.push((run.to_owned(), 0, 0));
+            all.len() - 1
+        }
+    };
+    let entry = &mut all[at];
+    entry.1 = entry.1.saturating_add_signed(by);
+    entry.2 = entry.2.max(entry.1);
+}
+
+/// One at a time, as [`paced`].
+#[command(concurrency = 1)]
+async fn paced_command(c: PacedCommand) -> Result<u64> {
+    running(&c.run, 1);
+    let ended = async {
+        match c.mode.as_str() {
+            "later" => tokio::time::sleep(std::time::Duration::from_millis(3)).await,
+            "gate" => {
+                while !OPEN.lock().unwrap_or_else(|e| e.into_inner()).contains(&c.run) {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            }
+            "fail" => return Err(Error::msg("a plain command handler failed")),
+            "panic" => {
+                running(&c.run, -1);
+                panic!("a plain command handler blew up")
+            }
+            _ => {}
+        }
+        Ok(c.seq)
+    }
+    .await;
+    if c.mode != "panic" {
+        running(&c.run, -1);
+    }
+    ended
+}
+
 catga_tests::on_both!(
     error_replies,
     undecodable_payload,
     undecodable_event_is_skipped,
-    plain_events_run_in_order_one_at_a_time
+    plain_events_run_in_order_one_at_a_time,
+    plain_commands_run_one_at_a_time_and_answer
 );
 
 /// Handler errors come back with their kind; 4xx texts as written, 5xx texts
@@ -208,5 +264,53 @@ async fn plain_events_run_in_order_one_at_a_time(b: &Backend) {
         seen, kept,
         "every event that succeeds is handled once, in the order published"
     );
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A plain command handler runs in place too (its reply sent on the serve
+/// loop's poll when the client's queue takes it): `concurrency = 1` holds
+/// (never two at once, though one sleeps while the rest wait), and every
+/// request gets its own answer, failures and panics included.
+async fn plain_commands_run_one_at_a_time_and_answer(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let run = run_id();
+    let modes = ["now", "later", "now", "fail", "now", "panic", "later", "now"];
+    let mode_of = |seq: u64| {
+        if seq == 0 {
+            "gate"
+        } else {
+            modes[seq as usize % modes.len()]
+        }
+    };
+    let sends = (0..64u64).map(|seq| {
+        client.send(PacedCommand {
+            run: run.clone(),
+            seq,
+            mode: mode_of(seq).to_owned(),
+        })
+    });
+    let opener = async {
+        // The first holds the only slot while the others arrive.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        OPEN.lock().unwrap_or_else(|e| e.into_inner()).push(run.clone());
+    };
+    let (answers, ()) = tokio::join!(futures_util::future::join_all(sends), opener);
+    for (seq, answer) in answers.into_iter().enumerate() {
+        let seq = seq as u64;
+        match (mode_of(seq), answer) {
+            ("fail", Err(e)) => assert_eq!(e.kind(), ErrorKind::Handler, "{seq}: {e}"),
+            ("panic", Err(e)) => assert_eq!(e.kind(), ErrorKind::Panic, "{seq}: {e}"),
+            (_, Ok(n)) => assert_eq!(n, seq, "each request gets its own answer"),
+            (mode, other) => panic!("{seq} ({mode}): {other:?}"),
+        }
+    }
+    let most = RUNNING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(r, ..)| *r == run)
+        .map(|(_, _, most)| *most);
+    assert_eq!(most, Some(1), "never two handlers at once");
     rt.shutdown().await.expect("clean shutdown");
 }
