@@ -69,30 +69,9 @@ pub(crate) enum Outcome {
 /// Runs one message down the path (see the module documentation).
 pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery) {
     let (incoming, settler) = delivery.split();
-    let meta = Arc::new(read(
-        incoming.subject,
-        incoming.headers,
-        incoming.deadline,
-        incoming.delivered,
-    ));
-    let span = tracing::info_span!(
-        "handle",
-        handler = served.spec.name(),
-        subject = meta.subject(),
-        message_id = meta.message_id(),
-        correlation_id = meta.correlation_id(),
-        trace_id = tracing::field::Empty,
-    );
-    #[cfg(feature = "otlp")]
-    meta.link_trace(|incoming| crate::wire::trace::otel::link(&span, incoming));
-    if !span.is_disabled()
-        && let Some(trace) = meta.trace_id()
-    {
-        span.record("trace_id", trace.as_str());
-    }
+    let (meta, span, payload) = identify(served, incoming);
     let started = served.metrics.start();
     async move {
-        let payload = incoming.payload;
         // This future is moved once per message by the serve loop (into
         // its set of futures in flight): its size is a memcpy per message,
         // 7.5 KB for a `Subscription::next` and 3.6 KB for this one in the
@@ -165,6 +144,36 @@ pub(crate) async fn process(served: &Served, shared: &Shared, delivery: Delivery
     .await
 }
 
+/// Step 1, and the message's span, linked to the sender's trace; the
+/// payload.
+fn identify(
+    served: &Served,
+    incoming: crate::transport::Incoming,
+) -> (Arc<MessageMeta>, tracing::Span, Bytes) {
+    let meta = Arc::new(read(
+        incoming.subject,
+        incoming.headers,
+        incoming.deadline,
+        incoming.delivered,
+    ));
+    let span = tracing::info_span!(
+        "handle",
+        handler = served.spec.name(),
+        subject = meta.subject(),
+        message_id = meta.message_id(),
+        correlation_id = meta.correlation_id(),
+        trace_id = tracing::field::Empty,
+    );
+    #[cfg(feature = "otlp")]
+    meta.link_trace(|incoming| crate::wire::trace::otel::link(&span, incoming));
+    if !span.is_disabled()
+        && let Some(trace) = meta.trace_id()
+    {
+        span.record("trace_id", trace.as_str());
+    }
+    (meta, span, incoming.payload)
+}
+
 /// Whether `served`'s messages take [`process_in_place`]: a handler
 /// whose path has no step to await before the handler (no inbox claim, no
 /// partition permit), none after it but the answer (no durable
@@ -219,29 +228,8 @@ pub(crate) fn process_in_place<'a>(
     // The settler answers a command; an event's is kept until the
     // message is done, for the test kit's count of deliveries in flight.
     let (incoming, settler) = delivery.split();
-    let meta = Arc::new(read(
-        incoming.subject,
-        incoming.headers,
-        incoming.deadline,
-        incoming.delivered,
-    ));
-    let span = tracing::info_span!(
-        "handle",
-        handler = served.spec.name(),
-        subject = meta.subject(),
-        message_id = meta.message_id(),
-        correlation_id = meta.correlation_id(),
-        trace_id = tracing::field::Empty,
-    );
-    #[cfg(feature = "otlp")]
-    meta.link_trace(|incoming| crate::wire::trace::otel::link(&span, incoming));
-    if !span.is_disabled()
-        && let Some(trace) = meta.trace_id()
-    {
-        span.record("trace_id", trace.as_str());
-    }
+    let (meta, span, payload) = identify(served, incoming);
     let started = served.metrics.start();
-    let payload = incoming.payload;
     let entered = span.enter();
     let early = check_id(&meta)
         .and_then(|()| check_version(served, &meta))
