@@ -395,6 +395,7 @@ impl MemoryBus {
             subject: to.subject.clone(),
             id,
             removed: false,
+            held: None,
         })
     }
 
@@ -532,15 +533,25 @@ pub(crate) struct MemorySubscription {
     subject: String,
     id: u64,
     removed: bool,
+    /// A delivery taken while the replica was stalled, kept until it
+    /// wakes.
+    held: Option<Delivery>,
 }
 
 impl MemorySubscription {
+    /// The next delivery. Safe to cancel, as the serve loop's `select!`
+    /// does whenever another of its branches wins: a delivery taken while
+    /// the replica is stalled is kept here, not dropped with the wait (a
+    /// request then answered "unavailable", an event lost: a stalled
+    /// process runs nothing, so the simulator must not lose it either).
     pub(crate) async fn next(&mut self) -> Option<Delivery> {
-        self.bus.pass().await;
-        let delivery = self.rx.recv().await;
+        if self.held.is_none() {
+            self.bus.pass().await;
+            self.held = self.rx.recv().await;
+        }
         // Stalled while it waited: taken when the replica wakes.
         self.bus.pass().await;
-        delivery
+        self.held.take()
     }
 
     /// Leaves the routes at once (the bus is in this process, so nothing is
@@ -579,6 +590,36 @@ mod tests {
             n += 1;
         }
         n
+    }
+
+    /// The serve loop drops a wait for the next message whenever another
+    /// branch of its `select!` wins (a handler finishing): a delivery
+    /// taken while the replica is stalled must still come when it wakes.
+    #[tokio::test]
+    async fn a_delivery_taken_during_a_stall_survives_a_dropped_wait() {
+        let bus = MemoryBus::new();
+        let gate = Arc::new(crate::stall::Gate::new());
+        let replica = bus.gated(Arc::clone(&gate));
+        let mut sub = replica.subscribe(&to("s", None)).expect("sub");
+        {
+            use std::future::Future;
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let mut next = Box::pin(sub.next());
+            assert!(next.as_mut().poll(&mut cx).is_pending(), "nothing yet");
+            bus.publish(&"s".into(), HeaderMap::new(), Bytes::from_static(b"x"))
+                .expect("publish");
+            gate.set(true);
+            assert!(
+                next.as_mut().poll(&mut cx).is_pending(),
+                "taken, and held while stalled"
+            );
+        }
+        gate.set(false);
+        let d = tokio::time::timeout(Duration::from_secs(2), sub.next())
+            .await
+            .expect("the delivery taken during the stall comes when the replica wakes")
+            .expect("a delivery");
+        assert_eq!(&d.payload[..], b"x");
     }
 
     #[tokio::test]
