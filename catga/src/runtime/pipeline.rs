@@ -283,16 +283,22 @@ pub(crate) fn process_in_place<'a>(
 /// [`release`] make it for a handler without an inbox claim, and the
 /// breaker told ([`record`]).
 fn ran_to_outcome(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> Outcome {
-    let result = match ran {
+    let result = handler_result(ran);
+    record(served, &result);
+    release_unclaimed(result)
+}
+
+/// What a handler's run (its panic caught) answers: its body, its error
+/// as a handler failure, or a panic as a `Panic` error with its message.
+fn handler_result(ran: std::thread::Result<Result<Bytes>>) -> Result<Bytes> {
+    match ran {
         Ok(Ok(body)) => Ok(body),
         Ok(Err(e)) => Err(e.into_handler_failure()),
         Err(panic) => Err(Error::new(
             ErrorKind::Panic,
             format!("the handler panicked: {}", crate::error::panic_message(&panic)),
         )),
-    };
-    record(served, &result);
-    release_unclaimed(result)
+    }
 }
 
 /// [`release`] of a message without an inbox claim.
@@ -821,19 +827,11 @@ async fn call(
         Arc::clone(&work),
         served.spec.name(),
     );
-    let body = match AssertUnwindSafe(served.spec.call(ctx, payload))
-        .catch_unwind()
-        .await
-    {
-        Ok(Ok(body)) => body,
-        Ok(Err(e)) => return Err(e.into_handler_failure()),
-        Err(panic) => {
-            return Err(Error::new(
-                ErrorKind::Panic,
-                format!("the handler panicked: {}", crate::error::panic_message(&panic)),
-            ));
-        }
-    };
+    let body = handler_result(
+        AssertUnwindSafe(served.spec.call(ctx, payload))
+            .catch_unwind()
+            .await,
+    )?;
     match claim {
         Claim::Owned {
             scope,

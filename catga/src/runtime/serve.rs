@@ -14,9 +14,8 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use futures_util::future::Either;
 use futures_util::stream::FuturesUnordered;
@@ -162,13 +161,9 @@ pub(crate) async fn serve(
                     let mut first = Some(d);
                     std::future::poll_fn(|cx| {
                         if let Some(d) = first.take() {
-                            let room = inflight.len() < served.limit;
-                            if let Some(d) = intake.take(d, served, shared, room) {
-                                begin(d, cx, &mut inflight);
-                            }
+                            let on = (served, shared);
+                            take_waiting(d, &mut sub, &mut intake, &mut inflight, (&begin, cx), on, durable);
                         }
-                        let on = (served, shared);
-                        take_waiting(&mut sub, &mut intake, &mut inflight, (&begin, cx), on, durable);
                         Poll::Ready(())
                     })
                     .await;
@@ -203,11 +198,13 @@ pub(crate) async fn serve(
     ServeReport { handover_confirmed }
 }
 
-/// Takes what else is already waiting on `sub`, up to a batch, without
+/// Takes `first` (begun now if there is room, else queued or dropped),
+/// then what else is already waiting on `sub`, up to a batch, without
 /// going around the serve loop's select for each message (its branches
 /// cost more than a message's handling in an event burst). A durable
 /// consumer takes only what can run now.
 fn take_waiting<F, B>(
+    first: Delivery,
     sub: &mut Option<Subscription>,
     intake: &mut Intake,
     inflight: &mut FuturesUnordered<F>,
@@ -217,18 +214,18 @@ fn take_waiting<F, B>(
 ) where
     B: Fn(Delivery, &mut std::task::Context<'_>, &mut FuturesUnordered<F>),
 {
-    let mut batch = 1;
-    while batch < BATCH && (!durable || inflight.len() < served.limit) {
-        match sub.as_mut().and_then(|s| s.next().now_or_never()) {
-            Some(Some(d)) => {
-                let room = inflight.len() < served.limit;
-                if let Some(d) = intake.take(d, served, shared, room) {
-                    begin(d, cx, inflight);
-                }
-            }
-            _ => break,
+    let mut taken = Some(first);
+    let mut batch = 0;
+    while let Some(d) = taken.take() {
+        let room = inflight.len() < served.limit;
+        if let Some(d) = intake.take(d, served, shared, room) {
+            begin(d, cx, inflight);
         }
         batch += 1;
+        if batch == BATCH || (durable && inflight.len() >= served.limit) {
+            break;
+        }
+        taken = sub.as_mut().and_then(|s| s.next().now_or_never()).flatten();
     }
 }
 
