@@ -111,6 +111,7 @@ impl Client {
             name: "catga-client".to_owned(),
             security: config.nats_security.clone(),
             js_domain: config.streams.domain.clone(),
+            region: config.region.clone(),
         })
         .await?;
         transport.first_connection(config.request_timeout).await?;

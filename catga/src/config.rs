@@ -329,7 +329,7 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "CATGA_REGION",
-        meaning: "the region this replica runs in: NATS micro discovery, `/ready` and the start-up log name it",
+        meaning: "the region this replica runs in: NATS micro discovery, `/ready` and the start-up log name it; its durable consumers prefer the pulls of their stream's own NATS cluster (servers 2.12 and later; see the operations guide, \"Streams\", regions)",
         default: "unset",
         read: Some(|c, n, v| set(&mut c.region, Some(name_token(n, v)?))),
     },
@@ -473,7 +473,8 @@ pub struct Config {
     /// The version reported in NATS micro discovery.
     pub service_version: String,
     /// The region this replica runs in (`CATGA_REGION`): discovery, `/ready`
-    /// and the start-up log name it.
+    /// and the start-up log name it; its durable consumers prefer the
+    /// pulls of their stream's own NATS cluster.
     pub region: Option<String>,
     /// Refuse to start (`true`) or only warn when another service serves
     /// one of this replica's command subjects.

@@ -9,7 +9,9 @@
 //! joined by gateways, replica processes in each): a region's requests
 //! are answered by its own replicas; when they are SIGKILLed under load
 //! the other region answers, nothing lost after one retry; when they come
-//! back they take their region's requests again.
+//! back they take their region's requests again. Durable events are
+//! handled by the replicas of the region their stream lives in, by the
+//! other region's while it has none, and there again once they are back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -333,11 +335,47 @@ async fn the_region_is_named_in_discovery_and_ready() {
     rt.shutdown().await.expect("shutdown");
 }
 
+/// Two regions: one NATS server each (clusters A and B) joined by
+/// gateways, JetStream in both; returns once the gateways are up (they
+/// carry interest from then on: B answers a's callers when a has nobody).
+async fn two_regions() -> (NatsServer, NatsServer) {
+    // Below the ephemeral range the other tests' servers take ports from.
+    let base = catga_tests::servers::free_port_range(4);
+    let (ga, gb, ra, rb) = (base + 1, base + 2, base + 3, base + 4);
+    // One server per region. JetStream (which the harness turns on) over
+    // gateways refuses to start without configured routes ("JetStream
+    // cluster requires configured routes"): a one-node cluster routing to
+    // itself satisfies the check.
+    let region = |name: &str, route: u16, port: u16, other: &str, other_port: u16| {
+        format!(
+            "server_name: {name}\ncluster {{ name: {name}, host: 127.0.0.1, port: {route}, routes: \
+             [\"nats://127.0.0.1:{route}\"] }}\ngateway {{ name: {name}, host: 127.0.0.1, port: {port}, \
+             gateways: [ {{ name: {other}, url: \
+             \"nats://127.0.0.1:{other_port}\" }} ] }}\n"
+        )
+    };
+    // Started side by side: each may wait for the other.
+    let (config_a, config_b) = (region("A", ra, ga, "B", gb), region("B", rb, gb, "A", ga));
+    let starting_a = std::thread::spawn(move || NatsServer::start_with(&config_a));
+    let b = NatsServer::start_with(&config_b);
+    let a = starting_a.join().expect("server A");
+    until("the gateways are up", Duration::from_secs(20), || {
+        a.log().contains("Outbound gateway connection to \"B\"")
+            && b.log().contains("Outbound gateway connection to \"A\"")
+    })
+    .await;
+    (a, b)
+}
+
 fn region_replica(nats: &str, region: &str, name: &str, dir: &std::path::Path) -> Replica {
     let env = [
         ("NATS_URL", nats),
         ("CATGA_SERVICE", "where"),
         ("CATGA_REGION", region),
+        // The durable consumer's stream lives in region a; what it took
+        // before a kill comes back within 2 s.
+        ("CATGA_JS_PLACEMENT", "cluster=A"),
+        ("CATGA_ACK_WAIT_MS", "2000"),
         ("RUST_LOG", "info"),
     ];
     Replica::spawn(env!("CARGO_BIN_EXE_region_replica"), &env, name, dir)
@@ -435,26 +473,7 @@ async fn two_regions_answer_locally_and_fail_over_when_one_loses_its_replicas() 
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
-    // Below the ephemeral range the other tests' servers take ports from.
-    let base = catga_tests::servers::free_port_range(4);
-    let (ga, gb, ra, rb) = (base + 1, base + 2, base + 3, base + 4);
-    // One server per region. JetStream (which the harness turns on) over
-    // gateways refuses to start without configured routes ("JetStream
-    // cluster requires configured routes"): a one-node cluster routing to
-    // itself satisfies the check.
-    let region = |name: &str, route: u16, port: u16, other: &str, other_port: u16| {
-        format!(
-            "server_name: {name}\ncluster {{ name: {name}, host: 127.0.0.1, port: {route}, routes: \
-             [\"nats://127.0.0.1:{route}\"] }}\ngateway {{ name: {name}, host: 127.0.0.1, port: {port}, \
-             gateways: [ {{ name: {other}, url: \
-             \"nats://127.0.0.1:{other_port}\" }} ] }}\n"
-        )
-    };
-    // Started side by side: each may wait for the other.
-    let (config_a, config_b) = (region("A", ra, ga, "B", gb), region("B", rb, gb, "A", ga));
-    let starting_a = std::thread::spawn(move || NatsServer::start_with(&config_a));
-    let b = NatsServer::start_with(&config_b);
-    let a = starting_a.join().expect("server A");
+    let (a, b) = two_regions().await;
     let dir = tempfile::tempdir().expect("dir");
     let mut replicas = vec![
         region_replica(&a.url(), "a", "a1", dir.path()),
@@ -469,13 +488,6 @@ async fn two_regions_answer_locally_and_fail_over_when_one_loses_its_replicas() 
     let client = catga::Client::connect_with(&config)
         .await
         .expect("a client in region a");
-    // The gateways carry interest once they are up: B answers a's caller
-    // when a has nobody (checked below); until then, wait for both.
-    until("the gateways are up", Duration::from_secs(20), || {
-        a.log().contains("Outbound gateway connection to \"B\"")
-            && b.log().contains("Outbound gateway connection to \"A\"")
-    })
-    .await;
 
     // 1. Region a's requests are answered in region a.
     let stop = Arc::new(AtomicBool::new(false));
@@ -565,4 +577,175 @@ async fn two_regions_answer_locally_and_fail_over_when_one_loses_its_replicas() 
     let by = noted_by(&client, &a.url(), 3).await;
     assert_eq!(by.len(), 50, "{by:?}");
     assert!(by.iter().all(|w| w.starts_with('a')), "and its events: {by:?}");
+}
+
+/// Collects `StoredBy` from `heard` until every number in `want` was heard
+/// or `within` passed: who handled each, and when it was first heard.
+async fn stored_by(
+    heard: &mut async_nats::Subscriber,
+    want: &std::collections::BTreeSet<u64>,
+    within: Duration,
+) -> std::collections::BTreeMap<u64, (Vec<String>, std::time::Instant)> {
+    use catga_tests::messages::region::StoredBy;
+    let mut by = std::collections::BTreeMap::<u64, (Vec<String>, std::time::Instant)>::new();
+    let until = tokio::time::Instant::now() + within;
+    while !want.iter().all(|n| by.contains_key(n)) {
+        match tokio::time::timeout_at(until, heard.next()).await {
+            Ok(Some(m)) => {
+                let e: StoredBy = serde_json::from_slice(&m.payload).expect("StoredBy");
+                by.entry(e.n)
+                    .or_insert_with(|| (Vec::new(), std::time::Instant::now()))
+                    .0
+                    .push(e.by);
+            }
+            _ => break,
+        }
+    }
+    by
+}
+
+/// Durable events are handled in the region their stream lives in (a),
+/// wherever they are published from: the replicas of the other region
+/// (b) pull at a lower priority. When a's replicas are SIGKILLed under
+/// load, b's take every event, nothing lost; when they come back, they
+/// take the stream's events again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_events_are_handled_in_their_streams_region_and_fail_over() {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use catga_tests::messages::region::Stored;
+
+    let (a, b) = two_regions().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut replicas = vec![
+        region_replica(&a.url(), "a", "a1", dir.path()),
+        region_replica(&a.url(), "a", "a2", dir.path()),
+        region_replica(&b.url(), "b", "b1", dir.path()),
+        region_replica(&b.url(), "b", "b2", dir.path()),
+    ];
+    wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
+    for (i, replica) in replicas.iter().enumerate() {
+        assert_eq!(
+            replica.log().contains("pulls at a lower priority"),
+            i >= 2,
+            "only b's replicas pull at a lower priority\n{}",
+            logs(&replicas)
+        );
+    }
+    // Published in region b: where the stream lives decides, not where an
+    // event comes from.
+    let mut config = catga::Config::default();
+    config.nats_url = Some(b.url());
+    let client = catga::Client::connect_with(&config)
+        .await
+        .expect("a client in region b");
+    let plain = async_nats::connect(a.url()).await.expect("plain");
+    let mut heard = plain.subscribe("region.stored_by").await.expect("sub");
+    plain.flush().await.expect("flush");
+    // The subscription's interest crosses the gateway before the events.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 1. a's replicas handle every event, once.
+    let want: BTreeSet<u64> = (0..100).collect();
+    for &n in &want {
+        client.publish_durable(Stored { n }).await.expect("stored");
+    }
+    let by = stored_by(&mut heard, &want, Duration::from_secs(10)).await;
+    assert_eq!(by.len(), want.len(), "every event handled\n{}", logs(&replicas));
+    assert!(
+        by.values()
+            .all(|(who, _)| who.len() == 1 && who[0].starts_with('a')),
+        "every event handled once, in region a: {by:?}"
+    );
+
+    // 2. a's replicas are SIGKILLed while events are published: b takes
+    //    every event, the ones a took and never acknowledged included.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishing = tokio::spawn({
+        let (client, stop) = (client.clone(), Arc::clone(&stop));
+        async move {
+            let mut sent = std::collections::BTreeMap::new();
+            let mut n = 1000;
+            while !stop.load(Ordering::Relaxed) {
+                // A publish the broker did not confirm is sent again: the
+                // stream keeps one copy per message id.
+                let id = format!("stored-{n}");
+                while client.publish_durable_with_id(Stored { n }, &id).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                sent.insert(n, std::time::Instant::now());
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            sent
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    replicas[0].sigkill();
+    replicas[1].sigkill();
+    // Reaped: nothing published from now on can reach them.
+    let killed = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = publishing.await.expect("published");
+    let numbers: BTreeSet<u64> = sent.keys().copied().collect();
+    let by = stored_by(&mut heard, &numbers, Duration::from_secs(20)).await;
+    let lost: Vec<_> = numbers.iter().filter(|n| !by.contains_key(n)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} events never handled: {lost:?}\n{}",
+        lost.len(),
+        sent.len(),
+        logs(&replicas)
+    );
+    // Every event published after the kill is handled in b, and how long
+    // one waited at most is the failover time.
+    let after: Vec<_> = sent.iter().filter(|(_, at)| **at > killed).collect();
+    assert!(
+        after.len() > 50,
+        "{} events published after the kill",
+        after.len()
+    );
+    let mut waited = Duration::ZERO;
+    for (n, at) in &after {
+        let (who, heard_at) = &by[n];
+        assert!(who.iter().all(|w| w.starts_with('b')), "{n} handled by {who:?}");
+        waited = waited.max(heard_at.saturating_duration_since(**at));
+    }
+    let from_b = by
+        .values()
+        .filter(|(who, _)| who.iter().any(|w| w.starts_with('b')))
+        .count();
+    eprintln!(
+        "durable failover: an event published after the kill waited at most {waited:?}; {from_b} of {} \
+         events handled in b",
+        sent.len()
+    );
+    // What a's replicas took and never acknowledged comes back after the
+    // ack wait (2 s); a pull of theirs the server still served after the
+    // kill (it serves one less than 2 s old without interest behind a
+    // gateway) took some of what came after it too.
+    assert!(
+        waited < Duration::from_secs(10),
+        "an event waited {waited:?} after the kill"
+    );
+
+    // 3. a's replicas come back and take the stream's events again.
+    replicas[0] = region_replica(&a.url(), "a", "a1", dir.path());
+    replicas[1] = region_replica(&a.url(), "a", "a2", dir.path());
+    wait_ready(&[&replicas[0], &replicas[1]]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let want: BTreeSet<u64> = (5000..5100).collect();
+    for &n in &want {
+        client.publish_durable(Stored { n }).await.expect("stored");
+    }
+    let by = stored_by(&mut heard, &want, Duration::from_secs(10)).await;
+    assert_eq!(by.len(), want.len(), "every event handled\n{}", logs(&replicas));
+    assert!(
+        by.values()
+            .all(|(who, _)| who.len() == 1 && who[0].starts_with('a')),
+        "region a handles its stream's events again: {by:?}"
+    );
 }

@@ -495,6 +495,7 @@ async fn connect_transport(
                 name: format!("{}/{}", config.service, config.instance_id),
                 security: config.nats_security.clone(),
                 js_domain: config.streams.domain.clone(),
+                region: config.region.clone(),
             })
             .await?;
             (nats.into(), "NATS", None)

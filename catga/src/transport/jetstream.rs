@@ -380,8 +380,47 @@ impl NatsTransport {
             .trim_start_matches('v')
             .split('.')
             .map(|p| p.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        (major, minor) >= (2, 10)
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 10)
+    }
+
+    /// Whether the JetStream that keeps this replica's consumers has the
+    /// `prioritized` policy: its API level, 2 from nats-server 2.12. Asked
+    /// of JetStream, not read from the server this replica is connected
+    /// to: a leaf node (`CATGA_JS_DOMAIN`), or a server upgraded before
+    /// the others, may run another version than the one that answers.
+    async fn has_priorities(&self) -> bool {
+        match self.jetstream().query_account().await {
+            Ok(account) => account.requests.level >= 2,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot ask JetStream for its API level; pulling without priorities");
+                false
+            }
+        }
+    }
+
+    /// How this replica pulls from a durable consumer of `stream`, where
+    /// JetStream has priority groups (`None` where it has not): in
+    /// catga's group, at priority 0 when the stream lives in the NATS
+    /// cluster this replica is connected to (or either is not known), 1
+    /// when it lives in another (a region across a gateway, or the hub of
+    /// a leaf node). Decided when the consumer is bound.
+    async fn pull_priority(&self, stream: &jetstream::stream::Stream) -> Option<usize> {
+        if !self.has_priorities().await {
+            return None;
+        }
+        let here = self.server_cluster();
+        let there = stream.cached_info().cluster.as_ref().and_then(|c| c.name.clone());
+        let remote = matches!((&here, &there), (Some(here), Some(there)) if here != there);
+        if remote {
+            tracing::info!(
+                stream = %stream.cached_info().config.name,
+                stream_cluster = there.as_deref().unwrap_or_default(),
+                cluster = here.as_deref().unwrap_or_default(),
+                "the stream lives in another NATS cluster: this replica pulls at a lower priority \
+                 (it is given messages while no replica of that cluster pulls, with CATGA_REGION set there)"
+            );
+        }
+        Some(usize::from(remote))
     }
 
     /// Binds the durable consumer `durable` on `subject` (creating or
@@ -417,11 +456,29 @@ impl NatsTransport {
             },
             ..Default::default()
         };
+        let priority = self.pull_priority(&stream).await;
+        // Region-aware (`CATGA_REGION` set, server 2.12 or later): the
+        // consumer hands its messages to the pulls of the lowest priority
+        // waiting, so that the replicas of the stream's own cluster take
+        // them and the other regions' only while none of those pulls (see
+        // `pull_priority`). Every catga pull names the group on such a
+        // server, also without a region: the server refuses a pull without
+        // it once any replica made the consumer prioritized ("Priority
+        // Group missing"), and takes one with it on a consumer without.
+        let config = if priority.is_some() && self.region_aware() {
+            consumer::pull::Config {
+                priority_policy: consumer::PriorityPolicy::Prioritized,
+                priority_groups: vec![PRIORITY_GROUP.to_owned()],
+                ..config
+            }
+        } else {
+            config
+        };
         let consumer: consumer::PullConsumer = stream
             .create_consumer(config)
             .await
             .map_err(|e| js_error("consumer create", e))?;
-        let messages = pull(&consumer, options).await?;
+        let messages = pull(&consumer, options, priority).await?;
         // Once it exists: a test kit asks about it from now on.
         self.tap()
             .bound(options.stream.as_deref().unwrap_or(subject), durable);
@@ -431,6 +488,7 @@ impl NatsTransport {
             subject: subject.to_owned(),
             consumer,
             options: options.clone(),
+            priority,
         })
     }
 
@@ -1043,16 +1101,27 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
     }
 }
 
-/// Starts pulling from `consumer`.
-async fn pull(consumer: &consumer::PullConsumer, options: &DurableOptions) -> Result<consumer::pull::Stream> {
-    consumer
+/// The priority group every catga pull names on a server that has them
+/// (see `durable_subscribe`).
+const PRIORITY_GROUP: &str = "catga";
+
+/// Starts pulling from `consumer`, in catga's priority group at
+/// `priority` when the server has priority groups.
+async fn pull(
+    consumer: &consumer::PullConsumer,
+    options: &DurableOptions,
+    priority: Option<usize>,
+) -> Result<consumer::pull::Stream> {
+    let pulls = consumer
         .stream()
         .max_messages_per_batch(options.batch.max(1))
         .heartbeat(options.pull_expires / 3)
-        .expires(options.pull_expires)
-        .messages()
-        .await
-        .map_err(|e| js_error("pull", e))
+        .expires(options.pull_expires);
+    let pulls = match priority {
+        Some(p) => pulls.group(PRIORITY_GROUP).priority(p),
+        None => pulls,
+    };
+    pulls.messages().await.map_err(|e| js_error("pull", e))
 }
 
 /// A durable pull consumer, read as a subscription.
@@ -1062,6 +1131,8 @@ pub(crate) struct JsSubscription {
     subject: String,
     consumer: consumer::PullConsumer,
     options: DurableOptions,
+    /// Its pulls' priority (see `NatsTransport::pull_priority`).
+    priority: Option<usize>,
 }
 
 impl JsSubscription {
@@ -1091,13 +1162,27 @@ impl JsSubscription {
                 Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::MissingHeartbeat => {
                     tracing::warn!(error = %e, subject = %self.subject, "pull from JetStream lost its request; pulling anew");
                     // Boxed: rare, and large (see `NatsSubscription::next`).
-                    match Box::pin(pull(&self.consumer, &self.options)).await {
+                    match Box::pin(pull(&self.consumer, &self.options, self.priority)).await {
                         Ok(fresh) => self.messages = Some(fresh),
                         Err(e) => {
                             tracing::warn!(error = %e, subject = %self.subject, "cannot pull anew yet");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     }
+                }
+                // The consumer refuses the pull's priority group: it was
+                // made prioritized or plain by another replica since this
+                // one bound it (or by a release that pulls otherwise).
+                // async-nats counts the refused pull as pending and asks
+                // no more; bound again, the pull matches what the
+                // consumer is then.
+                Some(Err(e))
+                    if e.kind() == consumer::pull::MessagesErrorKind::Other
+                        && e.to_string().contains("Priority Group") =>
+                {
+                    tracing::warn!(error = %e, subject = %self.subject, "the consumer refused this replica's pull; binding it again");
+                    self.messages = None;
+                    return None;
                 }
                 Some(Err(e)) => {
                     // Other failures of a pull: the stream goes on.

@@ -53,6 +53,9 @@ pub(crate) struct NatsConnect {
     pub security: crate::config::NatsSecurity,
     /// The JetStream domain to use (`CATGA_JS_DOMAIN`).
     pub js_domain: Option<String>,
+    /// The region this replica runs in (`CATGA_REGION`): its durable
+    /// consumers prefer the pulls of their stream's own cluster.
+    pub region: Option<String>,
 }
 
 /// Messages async-nats buffers per subscription before it drops. catga
@@ -291,6 +294,19 @@ impl NatsTransport {
     pub(crate) fn server_version(&self) -> Option<String> {
         let info = self.client().server_info();
         (!info.version.is_empty()).then_some(info.version)
+    }
+
+    /// The name of the NATS cluster of the server this connection is on,
+    /// if it is in one.
+    pub(crate) fn server_cluster(&self) -> Option<String> {
+        self.client().server_info().cluster
+    }
+
+    /// Whether this replica names a region (`CATGA_REGION`): the durable
+    /// consumers it makes prefer the pulls of their stream's own cluster
+    /// (see `durable_subscribe`).
+    pub(crate) fn region_aware(&self) -> bool {
+        self.inner.how.region.is_some()
     }
 
     /// The largest message the server takes (its `max_payload`), or NATS'
