@@ -672,10 +672,14 @@ async fn durable_events_are_handled_in_their_streams_region_and_fail_over() {
                 // A publish the broker did not confirm is sent again: the
                 // stream keeps one copy per message id.
                 let id = format!("stored-{n}");
+                // When it was first sent: its acknowledgement may come back
+                // (or this task run again) after the kill, while a's
+                // replicas could have taken it before.
+                let at = std::time::Instant::now();
                 while client.publish_durable_with_id(Stored { n }, &id).await.is_err() {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                sent.insert(n, std::time::Instant::now());
+                sent.insert(n, at);
                 n += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
