@@ -33,10 +33,13 @@
 //!     relay per shard, one event at a time per stream).
 //! 14. Time: how late delayed messages and job occurrences fire with 1,
 //!     1,000 and 100,000 delayed messages pending, and their cost.
+//! 15. Regions: a command answered in the caller's region vs across a
+//!     gateway with an injected delay, and the failover to the other
+//!     region when the caller's region loses its replica.
 //!
 //! `BENCH_SECONDS` sets the measuring time per cell (default 3);
 //! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256);
-//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,inbox,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards,relay,time`
+//! `BENCH_ONLY=reqreply,embedded,parallel,reliable,inbox,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards,relay,time,regions`
 //! picks sections;
 //! `BENCH_BURST` sets the fan-out burst (default 1,000,000).
 
@@ -86,6 +89,7 @@ mod cluster;
 mod fanout;
 mod measure;
 mod overhead;
+mod regions;
 mod reliable;
 mod reqreply;
 mod sagas;
@@ -166,5 +170,8 @@ async fn main() {
     }
     if selected("time") {
         time::time().await;
+    }
+    if selected("regions") {
+        regions::regions(duration, data).await;
     }
 }
