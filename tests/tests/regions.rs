@@ -12,6 +12,8 @@
 //! back they take their region's requests again. Durable events are
 //! handled by the replicas of the region their stream lives in, by the
 //! other region's while it has none, and there again once they are back.
+//! A region whose NATS is killed leaves the other region answering its
+//! own callers, and answers its own again when its NATS is back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -751,5 +753,83 @@ async fn durable_events_are_handled_in_their_streams_region_and_fail_over() {
         by.values()
             .all(|(who, _)| who.len() == 1 && who[0].starts_with('a')),
         "region a handles its stream's events again: {by:?}"
+    );
+}
+
+/// A region whose NATS is lost takes none of the other region with it:
+/// region b's callers are answered by b's replicas, none lost, while
+/// region a's only server is SIGKILLed and down; when it comes back, a's
+/// replica reconnects and answers a's callers again. (JetStream's meta
+/// group, a node in each region, has no quorum meanwhile: durable events
+/// wait; commands do not need it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_that_loses_its_nats_leaves_the_other_answering() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let (mut a, b) = two_regions().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let replicas = vec![
+        region_replica(&a.url(), "a", "a1", dir.path()),
+        region_replica(&b.url(), "b", "b1", dir.path()),
+        region_replica(&b.url(), "b", "b2", dir.path()),
+    ];
+    wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
+    let mut config = catga::Config::default();
+    config.nats_url = Some(b.url());
+    config.request_timeout = Duration::from_secs(2);
+    let in_b = catga::Client::connect_with(&config)
+        .await
+        .expect("a client in region b");
+
+    // Region b's callers, answered in b, before, while and after a's NATS
+    // is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let asking = tokio::spawn(ask_until(in_b.clone(), Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.kill();
+    let killed = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let answers = asking.await.expect("asked");
+    let lost = answers.iter().filter(|(who, _, _)| who.is_none()).count();
+    assert_eq!(lost, 0, "{lost} of b's requests lost\n{}", logs(&replicas));
+    assert_eq!(
+        from_region(&answers, 'a'),
+        0,
+        "b's callers are answered in b: {answers:?}"
+    );
+    let after = answers.iter().filter(|(_, _, at)| *at > killed).count();
+    assert!(after > 50, "{after} of b's requests answered after the kill");
+    let retried = answers.iter().filter(|(_, tries, _)| *tries > 1).count();
+    eprintln!(
+        "region a's NATS killed: {} of b's requests answered ({after} after the kill), {retried} needed their retry",
+        answers.len()
+    );
+
+    // a's NATS back: a's replica reconnects and answers a's callers.
+    a.resume();
+    let mut config = catga::Config::default();
+    config.nats_url = Some(a.url());
+    config.request_timeout = Duration::from_secs(2);
+    let in_a = catga::Client::connect_with(&config)
+        .await
+        .expect("a client in region a");
+    let mut who = None;
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < limit {
+        match in_a.send(Where { n: 1 }).await {
+            Ok(w) if w == "a1" => {
+                who = Some(w);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    assert_eq!(
+        who.as_deref(),
+        Some("a1"),
+        "a's replica answers a's callers once a's NATS is back\n{}",
+        logs(&replicas)
     );
 }
