@@ -286,13 +286,37 @@ async fn failover(a: &catga_tests::NatsServer, b: &catga_tests::NatsServer) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     drop(here);
     let killed = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The callers above all wait on a request the kill lost, for its
+    // time-out: a request every 10 ms, each on its own, shows what one
+    // sent in that second meets.
+    let mut probes = tokio::task::JoinSet::new();
+    for n in 0..100u64 {
+        let client = client.clone();
+        probes.spawn(async move {
+            let sent = Instant::now();
+            let ok = client.send(IoWork { n }).await.is_ok();
+            (sent, Instant::now(), ok)
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     while let Some(lane) = lanes.join_next().await {
         all.extend(lane.expect("lane"));
     }
+    let mut probed = Vec::new();
+    while let Some(probe) = probes.join_next().await {
+        probed.push(probe.expect("probe"));
+    }
     drop(there);
+    let probe_failed = probed.iter().filter(|(_, _, ok)| !ok).count();
+    let probe_waits: Vec<f64> = probed
+        .iter()
+        .filter(|(_, _, ok)| *ok)
+        .map(|(sent, done, _)| done.duration_since(*sent).as_secs_f64() * 1e3)
+        .collect();
+    let probe_worst = probe_waits.iter().copied().fold(0.0, f64::max);
     let before: Vec<f64> = all
         .iter()
         .filter(|(sent, done, ok)| *ok && *done < killed && *sent > killed - Duration::from_secs(1))
@@ -320,7 +344,7 @@ async fn failover(a: &catga_tests::NatsServer, b: &catga_tests::NatsServer) {
     println!("### Failover to the other region");
     println!();
     println!(
-        "One replica process per region (`IoWork`: 2 ms of waiting), 8 callers in region a, request time-out {} ms; a's replica SIGKILLed after 2 s, 3 s more measured.",
+        "One replica process per region (`IoWork`: 2 ms of waiting), 8 callers in region a, request time-out {} ms; a's replica SIGKILLed after 2 s, 3 s more measured; from the kill on, one more request every 10 ms for a second, each on its own.",
         timeout.as_millis()
     );
     println!();
@@ -341,8 +365,18 @@ async fn failover(a: &catga_tests::NatsServer, b: &catga_tests::NatsServer) {
         failed_after
     );
     println!(
-        "| first request sent after the kill answered (in b), ms after the kill | {:.1} |",
+        "| first answer after the kill to a caller above (its lost request timed out first), ms after the kill | {:.1} |",
         first_answered.as_secs_f64() * 1e3
+    );
+    println!(
+        "| requests sent one by one every 10 ms in the first second after the kill / failed | {} / {} |",
+        probed.len(),
+        probe_failed
+    );
+    println!(
+        "| their latency (answered in b), median / worst ms | {:.1} / {:.1} |",
+        median(probe_waits),
+        probe_worst
     );
     println!(
         "| latency after the kill (answered in b), median / worst ms | {:.1} / {:.1} |",

@@ -385,15 +385,25 @@ impl NatsTransport {
 
     /// Whether the JetStream that keeps this replica's consumers has the
     /// `prioritized` policy: its API level, 2 from nats-server 2.12. Asked
-    /// of JetStream, not read from the server this replica is connected
-    /// to: a leaf node (`CATGA_JS_DOMAIN`), or a server upgraded before
-    /// the others, may run another version than the one that answers.
-    async fn has_priorities(&self) -> bool {
+    /// of JetStream (its meta leader answers), not read from the server
+    /// this replica is connected to: a leaf node (`CATGA_JS_DOMAIN`) may
+    /// run another version. A server upgrade under way, with the meta
+    /// leader upgraded and a stream's peers not yet, is not told apart.
+    ///
+    /// Not known (the question failed, as in a JetStream leader election):
+    /// a region-aware replica does not bind now (its serve loop tries
+    /// again): bound as on a server without priorities, it would make a
+    /// prioritized consumer plain, and nothing would make it prioritized
+    /// again until a region-aware replica binds anew. Any other replica
+    /// pulls without priorities; a prioritized consumer refuses that
+    /// pull, and the replica binds again (see `JsSubscription::next`).
+    async fn has_priorities(&self) -> Result<bool> {
         match self.jetstream().query_account().await {
-            Ok(account) => account.requests.level >= 2,
+            Ok(account) => Ok(account.requests.level >= 2),
+            Err(e) if self.region_aware() => Err(js_error("JetStream API level lookup", e)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot ask JetStream for its API level; pulling without priorities");
-                false
+                Ok(false)
             }
         }
     }
@@ -404,9 +414,9 @@ impl NatsTransport {
     /// cluster this replica is connected to (or either is not known), 1
     /// when it lives in another (a region across a gateway, or the hub of
     /// a leaf node). Decided when the consumer is bound.
-    async fn pull_priority(&self, stream: &jetstream::stream::Stream) -> Option<usize> {
-        if !self.has_priorities().await {
-            return None;
+    async fn pull_priority(&self, stream: &jetstream::stream::Stream) -> Result<Option<usize>> {
+        if !self.has_priorities().await? {
+            return Ok(None);
         }
         let here = self.server_cluster();
         let there = stream.cached_info().cluster.as_ref().and_then(|c| c.name.clone());
@@ -420,7 +430,7 @@ impl NatsTransport {
                  (it is given messages while no replica of that cluster pulls, with CATGA_REGION set there)"
             );
         }
-        Some(usize::from(remote))
+        Ok(Some(usize::from(remote)))
     }
 
     /// Binds the durable consumer `durable` on `subject` (creating or
@@ -456,7 +466,7 @@ impl NatsTransport {
             },
             ..Default::default()
         };
-        let priority = self.pull_priority(&stream).await;
+        let priority = self.pull_priority(&stream).await?;
         // Region-aware (`CATGA_REGION` set, server 2.12 or later): the
         // consumer hands its messages to the pulls of the lowest priority
         // waiting, so that the replicas of the stream's own cluster take
