@@ -370,16 +370,23 @@ async fn two_regions() -> (NatsServer, NatsServer) {
 }
 
 fn region_replica(nats: &str, region: &str, name: &str, dir: &std::path::Path) -> Replica {
-    let env = [
+    replica_in(nats, Some(region), name, dir)
+}
+
+/// A replica connected to `nats`, naming `region` if given.
+fn replica_in(nats: &str, region: Option<&str>, name: &str, dir: &std::path::Path) -> Replica {
+    let mut env = vec![
         ("NATS_URL", nats),
         ("CATGA_SERVICE", "where"),
-        ("CATGA_REGION", region),
         // The durable consumer's stream lives in region a; what it took
         // before a kill comes back within 2 s.
         ("CATGA_JS_PLACEMENT", "cluster=A"),
         ("CATGA_ACK_WAIT_MS", "2000"),
         ("RUST_LOG", "info"),
     ];
+    if let Some(region) = region {
+        env.push(("CATGA_REGION", region));
+    }
     Replica::spawn(env!("CARGO_BIN_EXE_region_replica"), &env, name, dir)
 }
 
@@ -832,4 +839,76 @@ async fn a_region_that_loses_its_nats_leaves_the_other_answering() {
         "a's replica answers a's callers once a's NATS is back\n{}",
         logs(&replicas)
     );
+}
+
+/// Replicas with and without `CATGA_REGION` on one durable consumer: each
+/// binding makes it prioritized or plain again, and no pull is refused
+/// either way: every event is handled once. Bound last by the replica
+/// with a region, the consumer prefers region a; bound last by the one
+/// without, it hands events to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_and_without_a_region_keep_pulling() {
+    use std::collections::BTreeSet;
+
+    use catga_tests::messages::region::Stored;
+
+    let (a, b) = two_regions().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut replicas = vec![
+        replica_in(&a.url(), Some("a"), "a1", dir.path()),
+        replica_in(&b.url(), None, "b1", dir.path()),
+    ];
+    wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
+    let mut config = catga::Config::default();
+    config.nats_url = Some(b.url());
+    let client = catga::Client::connect_with(&config).await.expect("client");
+    let plain = async_nats::connect(a.url()).await.expect("plain");
+    let mut heard = plain.subscribe("region.stored_by").await.expect("sub");
+    plain.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut next = 0;
+    for round in 0..3 {
+        // Round 1: a1 binds again (prioritized); round 2: b1 (plain).
+        if round > 0 {
+            let (which, region) = if round == 1 { (0, Some("a")) } else { (1, None) };
+            let (url, name) = if which == 0 {
+                (a.url(), "a1")
+            } else {
+                (b.url(), "b1")
+            };
+            replicas[which].sigkill();
+            replicas[which] = replica_in(&url, region, name, dir.path());
+            wait_ready(&[&replicas[which]]).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let want: BTreeSet<u64> = (next..next + 50).collect();
+        next += 50;
+        for &n in &want {
+            client.publish_durable(Stored { n }).await.expect("stored");
+        }
+        let by = stored_by(&mut heard, &want, Duration::from_secs(10)).await;
+        assert_eq!(
+            by.len(),
+            want.len(),
+            "round {round}: every event handled\n{}",
+            logs(&replicas)
+        );
+        assert!(
+            by.values().all(|(who, _)| who.len() == 1),
+            "round {round}: every event handled once: {by:?}"
+        );
+        if round == 1 {
+            assert!(
+                by.values().all(|(who, _)| who[0] == "a1"),
+                "bound last by a1, the consumer prefers region a: {by:?}"
+            );
+        }
+    }
+    for replica in &replicas {
+        assert!(
+            !replica.log().contains("refused this replica's pull"),
+            "no pull refused\n{}",
+            logs(&replicas)
+        );
+    }
 }
