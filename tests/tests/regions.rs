@@ -390,6 +390,37 @@ fn replica_in(nats: &str, region: Option<&str>, name: &str, dir: &std::path::Pat
     Replica::spawn(env!("CARGO_BIN_EXE_region_replica"), &env, name, dir)
 }
 
+/// A catga client connected to `url` (a region's server), with a 2 s
+/// request time-out.
+async fn client_in(url: String) -> catga::Client {
+    let mut config = catga::Config::default();
+    config.nats_url = Some(url);
+    config.request_timeout = Duration::from_secs(2);
+    catga::Client::connect_with(&config).await.expect("a client")
+}
+
+/// Two replicas in each region (a1, a2 on `a`; b1, b2 on `b`), ready.
+async fn two_by_two(a: &NatsServer, b: &NatsServer, dir: &std::path::Path) -> Vec<Replica> {
+    let replicas = vec![
+        region_replica(&a.url(), "a", "a1", dir),
+        region_replica(&a.url(), "a", "a2", dir),
+        region_replica(&b.url(), "b", "b1", dir),
+        region_replica(&b.url(), "b", "b2", dir),
+    ];
+    wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
+    replicas
+}
+
+/// Who handled each `Stored`, heard on `url` once the subscription's
+/// interest has crossed the gateway.
+async fn hear_stored_by(url: String) -> (async_nats::Client, async_nats::Subscriber) {
+    let plain = async_nats::connect(url).await.expect("plain");
+    let heard = plain.subscribe("region.stored_by").await.expect("sub");
+    plain.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (plain, heard)
+}
+
 async fn wait_ready(replicas: &[&Replica]) {
     let limit = std::time::Instant::now() + Duration::from_secs(30);
     while !replicas
@@ -484,19 +515,9 @@ async fn two_regions_answer_locally_and_fail_over_when_one_loses_its_replicas() 
 
     let (a, b) = two_regions().await;
     let dir = tempfile::tempdir().expect("dir");
-    let mut replicas = vec![
-        region_replica(&a.url(), "a", "a1", dir.path()),
-        region_replica(&a.url(), "a", "a2", dir.path()),
-        region_replica(&b.url(), "b", "b1", dir.path()),
-        region_replica(&b.url(), "b", "b2", dir.path()),
-    ];
-    wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
-    let mut config = catga::Config::default();
-    config.nats_url = Some(a.url());
-    config.request_timeout = Duration::from_secs(2);
-    let client = catga::Client::connect_with(&config)
-        .await
-        .expect("a client in region a");
+    let mut replicas = two_by_two(&a, &b, dir.path()).await;
+    let client = client_in(a.url()).await;
+    let request_timeout = Duration::from_secs(2);
 
     // 1. Region a's requests are answered in region a.
     let stop = Arc::new(AtomicBool::new(false));
@@ -557,7 +578,7 @@ async fn two_regions_answer_locally_and_fail_over_when_one_loses_its_replicas() 
     // then its retry is answered in b; one sent after the kill goes to b
     // at once. So b answers within a time-out of the kill.
     assert!(
-        first_b.saturating_duration_since(killed) < config.request_timeout + Duration::from_millis(500),
+        first_b.saturating_duration_since(killed) < request_timeout + Duration::from_millis(500),
         "region b answered {:?} after the kill",
         first_b.saturating_duration_since(killed)
     );
@@ -613,6 +634,25 @@ async fn stored_by(
     by
 }
 
+/// Publishes a `Stored` for each of `numbers`, each stored before the
+/// next, and returns who handled each once every one was heard (fails
+/// with the replicas' logs if one was not within 10 s).
+async fn publish_stored(
+    client: &catga::Client,
+    heard: &mut async_nats::Subscriber,
+    numbers: std::ops::Range<u64>,
+    replicas: &[Replica],
+) -> std::collections::BTreeMap<u64, (Vec<String>, std::time::Instant)> {
+    use catga_tests::messages::region::Stored;
+    let want: std::collections::BTreeSet<u64> = numbers.collect();
+    for &n in &want {
+        client.publish_durable(Stored { n }).await.expect("stored");
+    }
+    let by = stored_by(heard, &want, Duration::from_secs(10)).await;
+    assert_eq!(by.len(), want.len(), "every event handled\n{}", logs(replicas));
+    by
+}
+
 /// Durable events are handled in the region their stream lives in (a),
 /// wherever they are published from: the replicas of the other region
 /// (b) pull at a lower priority. When a's replicas are SIGKILLed under
@@ -628,13 +668,7 @@ async fn durable_events_are_handled_in_their_streams_region_and_fail_over() {
 
     let (a, b) = two_regions().await;
     let dir = tempfile::tempdir().expect("dir");
-    let mut replicas = vec![
-        region_replica(&a.url(), "a", "a1", dir.path()),
-        region_replica(&a.url(), "a", "a2", dir.path()),
-        region_replica(&b.url(), "b", "b1", dir.path()),
-        region_replica(&b.url(), "b", "b2", dir.path()),
-    ];
-    wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
+    let mut replicas = two_by_two(&a, &b, dir.path()).await;
     for (i, replica) in replicas.iter().enumerate() {
         assert_eq!(
             replica.log().contains("pulls at a lower priority"),
@@ -645,24 +679,11 @@ async fn durable_events_are_handled_in_their_streams_region_and_fail_over() {
     }
     // Published in region b: where the stream lives decides, not where an
     // event comes from.
-    let mut config = catga::Config::default();
-    config.nats_url = Some(b.url());
-    let client = catga::Client::connect_with(&config)
-        .await
-        .expect("a client in region b");
-    let plain = async_nats::connect(a.url()).await.expect("plain");
-    let mut heard = plain.subscribe("region.stored_by").await.expect("sub");
-    plain.flush().await.expect("flush");
-    // The subscription's interest crosses the gateway before the events.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = client_in(b.url()).await;
+    let (_plain, mut heard) = hear_stored_by(a.url()).await;
 
     // 1. a's replicas handle every event, once.
-    let want: BTreeSet<u64> = (0..100).collect();
-    for &n in &want {
-        client.publish_durable(Stored { n }).await.expect("stored");
-    }
-    let by = stored_by(&mut heard, &want, Duration::from_secs(10)).await;
-    assert_eq!(by.len(), want.len(), "every event handled\n{}", logs(&replicas));
+    let by = publish_stored(&client, &mut heard, 0..100, &replicas).await;
     assert!(
         by.values()
             .all(|(who, _)| who.len() == 1 && who[0].starts_with('a')),
@@ -750,12 +771,7 @@ async fn durable_events_are_handled_in_their_streams_region_and_fail_over() {
     replicas[1] = region_replica(&a.url(), "a", "a2", dir.path());
     wait_ready(&[&replicas[0], &replicas[1]]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let want: BTreeSet<u64> = (5000..5100).collect();
-    for &n in &want {
-        client.publish_durable(Stored { n }).await.expect("stored");
-    }
-    let by = stored_by(&mut heard, &want, Duration::from_secs(10)).await;
-    assert_eq!(by.len(), want.len(), "every event handled\n{}", logs(&replicas));
+    let by = publish_stored(&client, &mut heard, 5000..5100, &replicas).await;
     assert!(
         by.values()
             .all(|(who, _)| who.len() == 1 && who[0].starts_with('a')),
@@ -782,12 +798,7 @@ async fn a_region_that_loses_its_nats_leaves_the_other_answering() {
         region_replica(&b.url(), "b", "b2", dir.path()),
     ];
     wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
-    let mut config = catga::Config::default();
-    config.nats_url = Some(b.url());
-    config.request_timeout = Duration::from_secs(2);
-    let in_b = catga::Client::connect_with(&config)
-        .await
-        .expect("a client in region b");
+    let in_b = client_in(b.url()).await;
 
     // Region b's callers, answered in b, before, while and after a's NATS
     // is killed.
@@ -816,12 +827,7 @@ async fn a_region_that_loses_its_nats_leaves_the_other_answering() {
 
     // a's NATS back: a's replica reconnects and answers a's callers.
     a.resume();
-    let mut config = catga::Config::default();
-    config.nats_url = Some(a.url());
-    config.request_timeout = Duration::from_secs(2);
-    let in_a = catga::Client::connect_with(&config)
-        .await
-        .expect("a client in region a");
+    let in_a = client_in(a.url()).await;
     let mut who = None;
     let limit = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < limit {
@@ -848,10 +854,6 @@ async fn a_region_that_loses_its_nats_leaves_the_other_answering() {
 /// without, it hands events to both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_with_and_without_a_region_keep_pulling() {
-    use std::collections::BTreeSet;
-
-    use catga_tests::messages::region::Stored;
-
     let (a, b) = two_regions().await;
     let dir = tempfile::tempdir().expect("dir");
     let mut replicas = vec![
@@ -859,13 +861,8 @@ async fn replicas_with_and_without_a_region_keep_pulling() {
         replica_in(&b.url(), None, "b1", dir.path()),
     ];
     wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
-    let mut config = catga::Config::default();
-    config.nats_url = Some(b.url());
-    let client = catga::Client::connect_with(&config).await.expect("client");
-    let plain = async_nats::connect(a.url()).await.expect("plain");
-    let mut heard = plain.subscribe("region.stored_by").await.expect("sub");
-    plain.flush().await.expect("flush");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = client_in(b.url()).await;
+    let (_plain, mut heard) = hear_stored_by(a.url()).await;
     let mut next = 0;
     for round in 0..3 {
         // Round 1: a1 binds again (prioritized); round 2: b1 (plain).
@@ -881,18 +878,8 @@ async fn replicas_with_and_without_a_region_keep_pulling() {
             wait_ready(&[&replicas[which]]).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        let want: BTreeSet<u64> = (next..next + 50).collect();
+        let by = publish_stored(&client, &mut heard, next..next + 50, &replicas).await;
         next += 50;
-        for &n in &want {
-            client.publish_durable(Stored { n }).await.expect("stored");
-        }
-        let by = stored_by(&mut heard, &want, Duration::from_secs(10)).await;
-        assert_eq!(
-            by.len(),
-            want.len(),
-            "round {round}: every event handled\n{}",
-            logs(&replicas)
-        );
         assert!(
             by.values().all(|(who, _)| who.len() == 1),
             "round {round}: every event handled once: {by:?}"
