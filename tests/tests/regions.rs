@@ -13,7 +13,8 @@
 //! handled by the replicas of the region their stream lives in, by the
 //! other region's while it has none, and there again once they are back.
 //! A region whose NATS is killed leaves the other region answering its
-//! own callers, and answers its own again when its NATS is back.
+//! own callers, and answers its own again when its NATS is back; with
+//! three regions, JetStream keeps its quorum without it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -341,46 +342,88 @@ async fn the_region_is_named_in_discovery_and_ready() {
 /// gateways, JetStream in both; returns once the gateways are up (they
 /// carry interest from then on: B answers a's callers when a has nobody).
 async fn two_regions() -> (NatsServer, NatsServer) {
+    let mut servers = regions(&["A", "B"]).await.into_iter();
+    match (servers.next(), servers.next()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => unreachable!("two regions"),
+    }
+}
+
+/// One NATS server per region, clusters named `names`, every pair joined
+/// by a gateway, JetStream in each; returns them in that order once every
+/// gateway is up.
+async fn regions(names: &[&'static str]) -> Vec<NatsServer> {
     // Below the ephemeral range the other tests' servers take ports from.
-    let base = catga_tests::servers::free_port_range(4);
-    let (ga, gb, ra, rb) = (base + 1, base + 2, base + 3, base + 4);
-    // One server per region. JetStream (which the harness turns on) over
-    // gateways refuses to start without configured routes ("JetStream
-    // cluster requires configured routes"): a one-node cluster routing to
-    // itself satisfies the check.
-    let region = |name: &str, route: u16, port: u16, other: &str, other_port: u16| {
-        format!(
-            "server_name: {name}\ncluster {{ name: {name}, host: 127.0.0.1, port: {route}, routes: \
-             [\"nats://127.0.0.1:{route}\"] }}\ngateway {{ name: {name}, host: 127.0.0.1, port: {port}, \
-             gateways: [ {{ name: {other}, url: \
-             \"nats://127.0.0.1:{other_port}\" }} ] }}\n"
-        )
-    };
-    // Started side by side: each may wait for the other.
-    let (config_a, config_b) = (region("A", ra, ga, "B", gb), region("B", rb, gb, "A", ga));
-    let starting_a = std::thread::spawn(move || NatsServer::start_with(&config_a));
-    let b = NatsServer::start_with(&config_b);
-    let a = starting_a.join().expect("server A");
+    let n = names.len() as u16;
+    let base = catga_tests::servers::free_port_range(2 * n);
+    let gateway = |i: usize| base + 1 + i as u16;
+    let route = |i: usize| base + 1 + n + i as u16;
+    // JetStream (which the harness turns on) over gateways refuses to
+    // start without configured routes ("JetStream cluster requires
+    // configured routes"): a one-node cluster routing to itself satisfies
+    // the check.
+    let configs: Vec<String> = (0..names.len())
+        .map(|i| {
+            let others: Vec<String> = (0..names.len())
+                .filter(|&j| j != i)
+                .map(|j| {
+                    format!(
+                        "{{ name: {}, url: \"nats://127.0.0.1:{}\" }}",
+                        names[j],
+                        gateway(j)
+                    )
+                })
+                .collect();
+            format!(
+                "server_name: {name}\ncluster {{ name: {name}, host: 127.0.0.1, port: {route}, routes: \
+                 [\"nats://127.0.0.1:{route}\"] }}\ngateway {{ name: {name}, host: 127.0.0.1, port: \
+                 {port}, gateways: [ {others} ] }}\n",
+                name = names[i],
+                route = route(i),
+                port = gateway(i),
+                others = others.join(", ")
+            )
+        })
+        .collect();
+    // Started side by side: each may wait for the others.
+    let starting: Vec<_> = configs
+        .into_iter()
+        .map(|config| std::thread::spawn(move || NatsServer::start_with(&config)))
+        .collect();
+    let servers: Vec<NatsServer> = starting
+        .into_iter()
+        .map(|s| s.join().expect("a region's server"))
+        .collect();
     until("the gateways are up", Duration::from_secs(20), || {
-        a.log().contains("Outbound gateway connection to \"B\"")
-            && b.log().contains("Outbound gateway connection to \"A\"")
+        servers.iter().enumerate().all(|(i, server)| {
+            let log = server.log();
+            names.iter().enumerate().all(|(j, other)| {
+                i == j || log.contains(&format!("Outbound gateway connection to \"{other}\""))
+            })
+        })
     })
     .await;
-    (a, b)
+    servers
 }
 
 fn region_replica(nats: &str, region: &str, name: &str, dir: &std::path::Path) -> Replica {
-    replica_in(nats, Some(region), name, dir)
+    replica_in(nats, Some(region), "cluster=A", name, dir)
 }
 
-/// A replica connected to `nats`, naming `region` if given.
-fn replica_in(nats: &str, region: Option<&str>, name: &str, dir: &std::path::Path) -> Replica {
+/// A replica connected to `nats`, naming `region` if given, whose
+/// streams are placed by `placement` (`CATGA_JS_PLACEMENT`).
+fn replica_in(
+    nats: &str,
+    region: Option<&str>,
+    placement: &str,
+    name: &str,
+    dir: &std::path::Path,
+) -> Replica {
     let mut env = vec![
         ("NATS_URL", nats),
         ("CATGA_SERVICE", "where"),
-        // The durable consumer's stream lives in region a; what it took
-        // before a kill comes back within 2 s.
-        ("CATGA_JS_PLACEMENT", "cluster=A"),
+        ("CATGA_JS_PLACEMENT", placement),
+        // What a killed replica took comes back within 2 s.
         ("CATGA_ACK_WAIT_MS", "2000"),
         ("RUST_LOG", "info"),
     ];
@@ -857,8 +900,8 @@ async fn replicas_with_and_without_a_region_keep_pulling() {
     let (a, b) = two_regions().await;
     let dir = tempfile::tempdir().expect("dir");
     let mut replicas = vec![
-        replica_in(&a.url(), Some("a"), "a1", dir.path()),
-        replica_in(&b.url(), None, "b1", dir.path()),
+        replica_in(&a.url(), Some("a"), "cluster=A", "a1", dir.path()),
+        replica_in(&b.url(), None, "cluster=A", "b1", dir.path()),
     ];
     wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
     let client = client_in(b.url()).await;
@@ -874,7 +917,7 @@ async fn replicas_with_and_without_a_region_keep_pulling() {
                 (b.url(), "b1")
             };
             replicas[which].sigkill();
-            replicas[which] = replica_in(&url, region, name, dir.path());
+            replicas[which] = replica_in(&url, region, "cluster=A", name, dir.path());
             wait_ready(&[&replicas[which]]).await;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -898,4 +941,39 @@ async fn replicas_with_and_without_a_region_keep_pulling() {
             logs(&replicas)
         );
     }
+}
+
+/// Three regions keep JetStream's quorum when one loses its NATS (with a
+/// node per region, the meta group has a member in each): region a's only
+/// server is SIGKILLed, and a replica of region b binds its durable
+/// consumer again (which needs the meta group), gets ready and handles the
+/// events of its region's stream, published from region c.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_regions_keep_durable_events_when_one_loses_its_nats() {
+    let mut servers = regions(&["A", "B", "C"]).await;
+    let (b, c) = (servers[1].url(), servers[2].url());
+    let dir = tempfile::tempdir().expect("dir");
+    let place = "cluster=B";
+    let mut replicas = vec![
+        replica_in(&b, Some("b"), place, "b1", dir.path()),
+        replica_in(&c, Some("c"), place, "c1", dir.path()),
+    ];
+    wait_ready(&replicas.iter().collect::<Vec<_>>()).await;
+    let client = client_in(c.clone()).await;
+    let (_plain, mut heard) = hear_stored_by(b.clone()).await;
+    let by = publish_stored(&client, &mut heard, 0..50, &replicas).await;
+    assert!(
+        by.values().all(|(who, _)| who.len() == 1 && who[0] == "b1"),
+        "handled in the stream's region, once each: {by:?}"
+    );
+
+    servers[0].kill();
+    replicas[0].sigkill();
+    replicas[0] = replica_in(&b, Some("b"), place, "b1", dir.path());
+    wait_ready(&[&replicas[0]]).await;
+    let by = publish_stored(&client, &mut heard, 100..150, &replicas).await;
+    assert!(
+        by.values().all(|(who, _)| who.len() == 1 && who[0] == "b1"),
+        "handled in the stream's region, once each, with region a's NATS gone: {by:?}"
+    );
 }
