@@ -577,12 +577,14 @@ impl StreamPlacement {
     /// Reads `cluster=east`, `tags=ssd,az1`, or both separated by `;`.
     pub fn parse(text: &str) -> Result<StreamPlacement> {
         let mut p = StreamPlacement::default();
+        let mut tags_read = false;
         for part in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             match part.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
                 Some(("cluster", v)) if !v.is_empty() && p.cluster.is_none() => {
                     p.cluster = Some(v.to_owned())
                 }
-                Some(("tags", v)) if p.tags.is_empty() => {
+                Some(("tags", v)) if !tags_read => {
+                    tags_read = true;
                     p.tags = v
                         .split(',')
                         .map(str::trim)
@@ -601,13 +603,36 @@ impl StreamPlacement {
                 }
             }
         }
-        if p.cluster.is_none() && p.tags.is_empty() {
+        p.check()?;
+        Ok(p)
+    }
+
+    /// Refuses a placement that names nothing, or a cluster or tag the
+    /// servers could not match (empty, or with spaces, `=`, `,` or `;`):
+    /// a stream placed by it could never be made, and its handlers would
+    /// never get ready.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.cluster.is_none() && self.tags.is_empty() {
             return Err(Error::new(
                 ErrorKind::Config,
                 "CATGA_JS_PLACEMENT: name a cluster (`cluster=NAME`) or tags (`tags=A,B`)",
             ));
         }
-        Ok(p)
+        let odd = |v: &str| {
+            v.is_empty()
+                || v.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '=' | ',' | ';'))
+        };
+        if let Some(bad) = self.cluster.iter().chain(&self.tags).find(|v| odd(v)) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "CATGA_JS_PLACEMENT: `{bad}` is not a cluster name or tag (empty, or with spaces, `=`, \
+                     `,` or `;`)"
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -767,6 +792,26 @@ impl Config {
                 &self.member_timeout.as_millis().to_string(),
                 "must be at least twice CATGA_MEMBER_HEARTBEAT_MS, or live replicas would drop out between heartbeats",
             ));
+        }
+        // Set through the builder, these skip the environment's reading:
+        // the same rules here. The region labels metrics and discovery;
+        // the domain becomes part of JetStream's API subjects.
+        for (name, value) in [
+            ("CATGA_REGION", &self.region),
+            ("CATGA_JS_DOMAIN", &self.streams.domain),
+        ] {
+            if let Some(v) = value
+                && name_token(name, v).ok().as_deref() != Some(v.as_str())
+            {
+                return Err(config_error(
+                    name,
+                    v,
+                    "expected a name of letters, digits, `-` and `_`",
+                ));
+            }
+        }
+        if let Some(placement) = &self.streams.placement {
+            placement.check()?;
         }
         let tls_files =
             self.redis_tls.ca.is_some() || self.redis_tls.cert.is_some() || self.redis_tls.key.is_some();
@@ -1083,9 +1128,36 @@ mod tests {
             StreamPlacement::parse("tags=a").expect("valid").to_string(),
             "tags=a"
         );
-        for bad in ["", "east", "cluster=", "cluster=a;cluster=b", "zone=a", ";"] {
+        for bad in [
+            "",
+            "east",
+            "cluster=",
+            "cluster=a;cluster=b",
+            "zone=a",
+            ";",
+            "tags=;tags=ssd",
+            "cluster=a=b",
+            "cluster=east west",
+        ] {
             assert!(StreamPlacement::parse(bad).is_err(), "{bad:?}");
         }
+        // The builder's values are checked as the environment's are.
+        let with = |f: &dyn Fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate()
+        };
+        assert!(with(&|c| c.region = Some("eu-west".into())).is_ok());
+        assert!(with(&|c| c.region = Some(String::new())).is_err());
+        assert!(with(&|c| c.region = Some("eu west".into())).is_err());
+        assert!(with(&|c| c.streams.domain = Some("hub.x".into())).is_err());
+        assert!(
+            with(&|c| c.streams.placement = Some(StreamPlacement {
+                cluster: Some("a b".into()),
+                tags: Vec::new()
+            }))
+            .is_err()
+        );
         let c = Config::from_lookup(|n| (n == "CATGA_JS_PLACEMENT").then(|| "cluster=west".into()))
             .expect("valid");
         assert_eq!(
