@@ -390,32 +390,29 @@ impl NatsTransport {
     /// run another version. A server upgrade under way, with the meta
     /// leader upgraded and a stream's peers not yet, is not told apart.
     ///
-    /// Not known (the question failed, as in a JetStream leader election):
-    /// a region-aware replica does not bind now (its serve loop tries
-    /// again): bound as on a server without priorities, it would make a
+    /// Not known (the question failed, as in a JetStream leader
+    /// election): the replica does not bind now (its serve loop tries
+    /// again). Bound as on a server without priorities, it would make a
     /// prioritized consumer plain, and nothing would make it prioritized
-    /// again until a region-aware replica binds anew. Any other replica
-    /// pulls without priorities; a prioritized consumer refuses that
-    /// pull, and the replica binds again (see `JsSubscription::next`).
+    /// again until a region-aware replica binds anew.
     async fn has_priorities(&self) -> Result<bool> {
-        match self.jetstream().query_account().await {
-            Ok(account) => Ok(account.requests.level >= 2),
-            Err(e) if self.region_aware() => Err(js_error("JetStream API level lookup", e)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot ask JetStream for its API level; pulling without priorities");
-                Ok(false)
-            }
-        }
+        self.jetstream()
+            .query_account()
+            .await
+            .map(|account| account.requests.level >= 2)
+            .map_err(|e| js_error("JetStream API level lookup", e))
     }
 
-    /// How this replica pulls from a durable consumer of `stream`, where
-    /// JetStream has priority groups (`None` where it has not): in
-    /// catga's group, at priority 0 when the stream lives in the NATS
+    /// How a region-aware replica (`CATGA_REGION` set) pulls from a
+    /// durable consumer of `stream`, where JetStream has priority groups:
+    /// in catga's group, at priority 0 when the stream lives in the NATS
     /// cluster this replica is connected to (or either is not known), 1
     /// when it lives in another (a region across a gateway, or the hub of
-    /// a leaf node). Decided when the consumer is bound.
+    /// a leaf node). Decided when the consumer is bound. `None` (a plain
+    /// pull, as without regions) for any other replica, or where
+    /// JetStream has no priority groups.
     async fn pull_priority(&self, stream: &jetstream::stream::Stream) -> Result<Option<usize>> {
-        if !self.has_priorities().await? {
+        if !self.region_aware() || !self.has_priorities().await? {
             return Ok(None);
         }
         let here = self.server_cluster();
@@ -471,11 +468,12 @@ impl NatsTransport {
         // consumer hands its messages to the pulls of the lowest priority
         // waiting, so that the replicas of the stream's own cluster take
         // them and the other regions' only while none of those pulls (see
-        // `pull_priority`). Every catga pull names the group on such a
-        // server, also without a region: the server refuses a pull without
-        // it once any replica made the consumer prioritized ("Priority
-        // Group missing"), and takes one with it on a consumer without.
-        let config = if priority.is_some() && self.region_aware() {
+        // `pull_priority`). The server takes a pull naming the group on a
+        // plain consumer too. Any other replica binds and pulls as without
+        // regions: its group-less pull is refused once a region-aware
+        // replica made the consumer prioritized ("Priority Group
+        // missing"), and it binds again (see `JsSubscription::next`).
+        let config = if priority.is_some() {
             consumer::pull::Config {
                 priority_policy: consumer::PriorityPolicy::Prioritized,
                 priority_groups: vec![PRIORITY_GROUP.to_owned()],
