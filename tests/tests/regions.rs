@@ -83,6 +83,23 @@ async fn on_billed(b: Billed) -> Result<()> {
     Ok(())
 }
 
+/// Tallied by replicas with and without a region on one server.
+#[event(subject = "regions.tallied")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Tallied {
+    /// Which one.
+    pub n: u64,
+}
+
+/// How often each `Tallied` was handled.
+static TALLIED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+#[event(durable = "regions-tallied")]
+async fn on_tallied(t: Tallied) -> Result<()> {
+    TALLIED.lock().expect("tallied").push(t.n);
+    Ok(())
+}
+
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
 fn settings(max_age: Duration, placement: Option<&str>) -> StreamSettings {
@@ -962,4 +979,69 @@ async fn three_regions_keep_durable_events_when_one_loses_its_nats() {
         by.values().all(|(who, _)| who.len() == 1 && who[0] == "b1"),
         "handled in the stream's region, once each, with region a's NATS gone: {by:?}"
     );
+}
+
+/// A replica without `CATGA_REGION` whose pull a consumer made prioritized
+/// (by a region-aware replica) refuses binds the consumer again, plain,
+/// instead of stalling (async-nats asks no more after a refused pull): it
+/// bound first and pulls one message at a time, so it holds the oldest
+/// waiting pull, takes the first event, and its next pull is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_a_region_refused_by_a_prioritized_consumer_binds_again() {
+    use async_nats::jetstream::consumer::PriorityPolicy;
+
+    let server = NatsServer::start();
+    let start = |id: &'static str, region: Option<&'static str>, concurrency: usize| {
+        let url = server.url();
+        async move {
+            let mut builder = Runtime::builder()
+                .nats_url(url)
+                .service("regions-tallied")
+                .instance_id(id)
+                .concurrency(concurrency)
+                .handlers(|s| s.name() == "regions::on_tallied");
+            if let Some(region) = region {
+                builder = builder.region(region);
+            }
+            let rt = builder.start().await.expect("starts");
+            catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
+            rt
+        }
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.expect("plain"));
+    let policy = |js: async_nats::jetstream::Context| async move {
+        let stream = js
+            .get_stream(catga::stream_name("regions.tallied"))
+            .await
+            .expect("stream");
+        let consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer("regions-tallied").await.expect("consumer");
+        consumer.cached_info().config.priority_policy.clone()
+    };
+    let plain = start("x", None, 1).await;
+    assert_eq!(policy(js.clone()).await, PriorityPolicy::None);
+    let aware = start("y", Some("a"), 64).await;
+    assert_eq!(policy(js.clone()).await, PriorityPolicy::Prioritized);
+    let client = plain.client();
+    for n in 0..20 {
+        client.publish_durable(Tallied { n }).await.expect("stored");
+    }
+    until("every event handled", Duration::from_secs(10), || {
+        TALLIED.lock().expect("tallied").len() >= 20
+    })
+    .await;
+    // x bound the consumer again: plain once more.
+    let limit = std::time::Instant::now() + Duration::from_secs(10);
+    while policy(js.clone()).await != PriorityPolicy::None {
+        assert!(
+            std::time::Instant::now() < limit,
+            "the replica without a region did not bind the consumer again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut tallied = TALLIED.lock().expect("tallied").clone();
+    tallied.sort_unstable();
+    assert_eq!(tallied, (0..20).collect::<Vec<_>>(), "every event handled once");
+    plain.shutdown().await.expect("shutdown");
+    aware.shutdown().await.expect("shutdown");
 }
