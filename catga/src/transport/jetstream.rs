@@ -380,7 +380,8 @@ impl NatsTransport {
             .trim_start_matches('v')
             .split('.')
             .map(|p| p.parse::<u32>().unwrap_or(0));
-        (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 10)
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (major, minor) >= (2, 10)
     }
 
     /// Whether the JetStream that keeps this replica's consumers has the
@@ -1109,12 +1110,13 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
     }
 }
 
-/// The priority group every catga pull names on a server that has them
-/// (see `durable_subscribe`).
+/// The priority group a region-aware replica's consumers have and its
+/// pulls name (see `durable_subscribe`).
 const PRIORITY_GROUP: &str = "catga";
 
-/// Starts pulling from `consumer`, in catga's priority group at
-/// `priority` when the server has priority groups.
+/// Starts pulling from `consumer`: in catga's priority group at
+/// `priority` when given one (a region-aware replica's, see
+/// `NatsTransport::pull_priority`), else a plain pull.
 async fn pull(
     consumer: &consumer::PullConsumer,
     options: &DurableOptions,
@@ -1178,12 +1180,11 @@ impl JsSubscription {
                         }
                     }
                 }
-                // The consumer refuses the pull's priority group: it was
-                // made prioritized or plain by another replica since this
-                // one bound it (or by a release that pulls otherwise).
-                // async-nats counts the refused pull as pending and asks
-                // no more; bound again, the pull matches what the
-                // consumer is then.
+                // The consumer refuses the pull for its priority group: a
+                // region-aware replica made it prioritized since this one,
+                // without a region, bound it plain. async-nats counts the
+                // refused pull as pending and asks no more; bound again
+                // (plain), the pull matches the consumer.
                 Some(Err(e))
                     if e.kind() == consumer::pull::MessagesErrorKind::Other
                         && e.to_string().contains("Priority Group") =>
