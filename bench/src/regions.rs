@@ -11,15 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use catga::{Client, Result, command};
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::measure::*;
-use crate::reqreply::{Blob, Echo, typed_request};
+use crate::reqreply::{Blob, serve_typed_echo, typed_request};
 
 /// The one-way delay between the regions.
 const DELAY: Duration = Duration::from_millis(10);
@@ -132,21 +130,7 @@ async fn two_regions() -> (catga_tests::NatsServer, catga_tests::NatsServer) {
 /// A raw typed responder (decodes `Echo`, encodes `Blob`) on `subject`.
 async fn raw_responder(url: &str, subject: &'static str) -> async_nats::Client {
     let nats = async_nats::connect(url).await.expect("raw responder");
-    let mut sub = nats
-        .queue_subscribe(subject, "bench".to_owned())
-        .await
-        .expect("raw sub");
-    let replies = nats.clone();
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            let Some(reply) = m.reply else { continue };
-            let Ok(e) = serde_json::from_slice::<Echo>(&m.payload) else {
-                continue;
-            };
-            let body = Bytes::from(serde_json::to_vec(&Blob { data: e.data }).expect("json"));
-            let _ = replies.publish(reply, body).await;
-        }
-    });
+    serve_typed_echo(&nats, subject).await;
     nats.flush().await.expect("flush");
     nats
 }

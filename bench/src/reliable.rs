@@ -542,21 +542,7 @@ async fn raw_inbox_responders(nats_url: &str, redis_url: &str) {
         Arc::new(redis::Script::new(RAW_CLAIM)),
         Arc::new(redis::Script::new(RAW_FINISH)),
     );
-    let mut typed = nats
-        .queue_subscribe("inbox.typed", "bench".to_owned())
-        .await
-        .expect("raw sub");
-    let responder = nats.clone();
-    tokio::spawn(async move {
-        while let Some(m) = typed.next().await {
-            let Some(reply) = m.reply else { continue };
-            let Ok(e) = serde_json::from_slice::<Echo>(&m.payload) else {
-                continue;
-            };
-            let body = serde_json::to_vec(&Blob { data: e.data }).expect("json");
-            let _ = responder.publish(reply, body.into()).await;
-        }
-    });
+    crate::reqreply::serve_typed_echo(&nats, "inbox.typed").await;
     let mut once = nats
         .queue_subscribe("inbox.once", "bench".to_owned())
         .await

@@ -97,27 +97,18 @@ pub(crate) async fn request_reply(duration: Duration, data: &'static str, raw_pa
     // - "typed.echo" decodes the request and encodes the reply with
     //   serde_json, as a typed service written on async-nats does.
     let responder = async_nats::connect(server.url()).await.expect("raw responder");
-    for (subject, typed) in [("raw.echo", false), ("typed.echo", true)] {
-        let mut sub = responder
-            .queue_subscribe(subject, "bench".to_owned())
-            .await
-            .expect("raw sub");
-        let nats = responder.clone();
-        tokio::spawn(async move {
-            while let Some(m) = sub.next().await {
-                let Some(reply) = m.reply else { continue };
-                let body = if typed {
-                    match serde_json::from_slice::<Echo>(&m.payload) {
-                        Ok(e) => Bytes::from(serde_json::to_vec(&Blob { data: e.data }).expect("json")),
-                        Err(_) => continue,
-                    }
-                } else {
-                    m.payload
-                };
-                let _ = nats.publish(reply, body).await;
-            }
-        });
-    }
+    let mut sub = responder
+        .queue_subscribe("raw.echo", "bench".to_owned())
+        .await
+        .expect("raw sub");
+    let nats = responder.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let Some(reply) = m.reply else { continue };
+            let _ = nats.publish(reply, m.payload).await;
+        }
+    });
+    serve_typed_echo(&responder, "typed.echo").await;
     responder.flush().await.expect("flush");
     let raw_client = async_nats::connect(server.url()).await.expect("raw requester");
 
@@ -380,6 +371,26 @@ pub(crate) async fn parallel(duration: Duration) {
         );
         rt.shutdown().await.expect("shutdown");
     }
+}
+
+/// Answers `subject` on `nats` (queue group `bench`) the way a typed
+/// service on raw async-nats does: decode `Echo`, encode `Blob`, reply.
+pub(crate) async fn serve_typed_echo(nats: &async_nats::Client, subject: &'static str) {
+    let mut sub = nats
+        .queue_subscribe(subject, "bench".to_owned())
+        .await
+        .expect("raw sub");
+    let replies = nats.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let Some(reply) = m.reply else { continue };
+            let Ok(e) = serde_json::from_slice::<Echo>(&m.payload) else {
+                continue;
+            };
+            let body = Bytes::from(serde_json::to_vec(&Blob { data: e.data }).expect("json"));
+            let _ = replies.publish(reply, body).await;
+        }
+    });
 }
 
 /// One request the way a typed service on raw async-nats sends it: encode
