@@ -38,7 +38,7 @@ use super::Shared;
 use super::lease::Lease;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::OutboxEntry;
-use crate::transport::{DeadLetter, Outgoing};
+use crate::transport::{DeadLetter, Order, Outgoing};
 
 /// The relay lease's name in the store (with one outbox; `relay:<shard>`
 /// with several).
@@ -252,6 +252,7 @@ pub(crate) async fn run(shared: Arc<Shared>, leases: Arc<RelayLeases>) {
         if lease.held().is_none() {
             // Another replica's shard (or this one's lost): when it comes
             // back, it starts afresh.
+            relays[at].settled = false;
             failures[at] = 0;
             retry_at[at] = Instant::now();
         } else if retry_at[at] <= Instant::now() {
@@ -347,6 +348,13 @@ const PAGES: usize = 16;
 /// it stores.
 #[derive(Default)]
 struct Relay {
+    /// Whether a round stored all it sent since the shard was taken: until
+    /// then, what it reads may have been stored already (by the relay
+    /// before it, or by a send whose acknowledgement was lost), and with
+    /// store shards it goes a message at a time ([`Order::Stepwise`]):
+    /// JetStream refuses an atomic batch holding a message it stored
+    /// already, whole, after plain subscribers got every message of it.
+    settled: bool,
     suspended: HashMap<String, (Instant, u32)>,
     /// When each shard's delayed messages are looked at next.
     release_at: HashMap<u32, Instant>,
@@ -387,6 +395,10 @@ impl Relay {
             entries,
             unreadable,
         } = self.read(shared, shard, block).await?;
+        if ids.is_empty() && unreadable.is_empty() && self.suspended.is_empty() {
+            // An empty outbox: nothing in it was sent before.
+            self.settled = true;
+        }
         if !unreadable.is_empty() {
             // Written by a commit, so never seen; kept, they would block the
             // outbox for good.
@@ -422,17 +434,18 @@ impl Relay {
         }
         let outgoing: Vec<Outgoing> = sent.iter().map(outgoing).collect();
         let go_on = || lease.held().is_some();
+        // With several shards, the relays of the others write to the same
+        // streams at the same time.
+        let order = match (store.outbox_shards() > 1, self.settled) {
+            (false, _) => Order::Chained,
+            (true, true) => Order::Batched,
+            (true, false) => Order::Stepwise,
+        };
         let results = transport
-            // With several shards, the relays of the others write to the
-            // same streams at the same time.
-            .store_in_order(
-                &outgoing,
-                shared.config.request_timeout,
-                &go_on,
-                store.outbox_shards() > 1,
-            )
+            .store_in_order(&outgoing, shared.config.request_timeout, &go_on, order)
             .await;
         let settled = settle(shared, sent_ids.into_iter().zip(&sent).zip(results)).await;
+        self.settled = settled.failure.is_none();
         if let Some(e) = settled.failure {
             failure.get_or_insert(e);
         }

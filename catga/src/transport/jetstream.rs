@@ -155,13 +155,16 @@ impl NatsTransport {
     /// Creates the stream of `subject`, or brings its settings in line.
     /// Every replica does this at start-up; it is idempotent.
     pub(crate) async fn ensure_stream(&self, subject: &str, settings: &StreamSettings) -> Result<()> {
-        self.ensure(stream_config(
+        let mut config = stream_config(
             stream_name(subject),
             vec![subject.to_owned()],
             settings,
             settings.max_age,
-        ))
-        .await?;
+        );
+        // The relays of several store shards write one stream each in
+        // atomic batches (see `store_beside_others`).
+        config.allow_atomic_publish = self.takes_batches().await;
+        self.ensure(config).await?;
         self.remember_stream(subject, true);
         Ok(())
     }
@@ -285,16 +288,22 @@ impl NatsTransport {
                     // for catga's unless they carry what catga never sets.
                     None => !foreign,
                 };
+                // A stream of catga's made before it asked for atomic
+                // batches (an earlier release, or a server upgraded to
+                // 2.12 since) takes them from now on.
+                let batches = catgas && config.allow_atomic_publish && !current.allow_atomic_publish;
                 if differs.is_empty() {
                     // A stream of an earlier release, as catga would make
                     // it: recorded now, so that a later change by an
                     // operator is told from catga's (on a server that
                     // keeps metadata).
-                    if recorded.is_none() && catgas && self.keeps_metadata() {
+                    let record = recorded.is_none() && catgas && self.keeps_metadata();
+                    if record || batches {
                         let mut updated = current.clone();
                         updated
                             .metadata
                             .insert(SETTINGS_KEY.to_owned(), settings_record(current));
+                        updated.allow_atomic_publish |= batches;
                         js.update_stream(&updated)
                             .await
                             .map_err(|e| js_error("stream update", e))?;
@@ -315,6 +324,7 @@ impl NatsTransport {
                 updated.max_age = config.max_age;
                 updated.max_messages = config.max_messages;
                 updated.duplicate_window = config.duplicate_window;
+                updated.allow_atomic_publish |= batches;
                 if updated.placement != config.placement || updated.storage != config.storage {
                     tracing::warn!(
                         stream = %config.name,
@@ -382,6 +392,29 @@ impl NatsTransport {
             .map(|p| p.parse::<u32>().unwrap_or(0));
         let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
         (major, minor) >= (2, 10)
+    }
+
+    /// Whether JetStream takes atomic batches (`allow_atomic` streams):
+    /// its API level, 2 from nats-server 2.12, asked once. Not known (the
+    /// question failed) is taken as no and asked again next time: a
+    /// stream made meanwhile without the setting gets it when a replica
+    /// next sets it up, and its relays send one message at a time until
+    /// then.
+    async fn takes_batches(&self) -> bool {
+        if let Some(known) = self.batches_known() {
+            return known;
+        }
+        match self.jetstream().query_account().await {
+            Ok(account) => {
+                let taken = account.requests.level >= 2;
+                self.learn_batches(taken);
+                taken
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "JetStream's API level is not known yet");
+                false
+            }
+        }
     }
 
     /// Whether the JetStream that keeps this replica's consumers has the
@@ -658,10 +691,12 @@ impl NatsTransport {
         messages: &[super::Outgoing],
         timeout: Duration,
         go_on: &(dyn Fn() -> bool + Sync),
-        one_at_a_time: bool,
+        order: super::Order,
     ) -> Vec<Result<()>> {
-        if one_at_a_time {
-            return self.store_one_at_a_time(messages, timeout, go_on).await;
+        if order != super::Order::Chained {
+            return self
+                .store_beside_others(messages, timeout, go_on, order == super::Order::Batched)
+                .await;
         }
         let js = self.jetstream();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -721,17 +756,34 @@ impl NatsTransport {
     }
 
     /// [`store_in_order`](Self::store_in_order) for a stream with other
-    /// writers: each message of a chain is sent once the one before it was
-    /// stored, without `Nats-Expected-Last-Msg-Id` (which names the last
-    /// message of the whole stream, so another writer's message in between
-    /// would refuse the rest of the chain, after the server delivered it to
-    /// plain subscribers); the chains go side by side. A message not
-    /// stored leaves the rest of its chain unsent.
-    async fn store_one_at_a_time(
+    /// writers (the relays of other store shards). `Nats-Expected-Last-Msg-Id`
+    /// names the last message of the whole stream, so another writer's
+    /// message in between would refuse the rest of a chain after the
+    /// server delivered it to plain subscribers; instead each chain (a
+    /// stream) goes as atomic batches where the stream takes them
+    /// (`allow_atomic`, nats-server 2.12 and later): a batch is stored
+    /// whole, its messages one after another, or not at all, so no other
+    /// writer cuts into it and a failure leaves no later message stored
+    /// before an earlier one. One round trip a batch: with 3 shards, a
+    /// message at a time cost the relay 0.47x of one shard's events/s
+    /// (BENCHMARKS.md, "Outbox relay").
+    ///
+    /// A batch the stream does not take goes a message at a time, each
+    /// once the one before it was stored: on a stream made without
+    /// `allow_atomic` (an operator's, or made before the server was
+    /// 2.12), and for a batch refused as a whole, as JetStream refuses one
+    /// holding a message id it stored already (a relay that died after
+    /// its batch was stored sends it again) or one over the stream's
+    /// limits, so that each message gets its own answer (a duplicate is
+    /// stored; a message too large is told apart from the rest). The
+    /// chains go side by side; a message not stored leaves the rest of its
+    /// chain unsent.
+    async fn store_beside_others(
         &self,
         messages: &[super::Outgoing],
         timeout: Duration,
         go_on: &(dyn Fn() -> bool + Sync),
+        batches: bool,
     ) -> Vec<Result<()>> {
         let js = self.jetstream();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -743,39 +795,36 @@ impl NatsTransport {
                 None => chains.push((chain, vec![i])),
             }
         }
-        let runs = chains.iter().map(|(_, at)| {
+        let runs = chains.iter().map(|(chain, at)| {
             let js = js.clone();
             async move {
                 let mut out = Vec::with_capacity(at.len());
-                let mut broken = false;
-                for &i in at {
-                    let m = &messages[i];
-                    if broken || !go_on() {
-                        broken = true;
-                        out.push((i, Err(super::not_sent())));
+                let mut rest = &at[..];
+                while !rest.is_empty() {
+                    if !go_on() {
+                        out.extend(rest.iter().map(|&i| (i, Err(super::not_sent()))));
+                        break;
+                    }
+                    let n = batch_len(rest.iter().map(|&i| &messages[i]));
+                    let (batch, after) = rest.split_at(n);
+                    rest = after;
+                    if batches
+                        && n > 1
+                        && self.takes_batch(&js, chain).await
+                        && self.store_batch(&js, chain, messages, batch, deadline).await
+                    {
+                        out.extend(batch.iter().map(|&i| (i, Ok(()))));
                         continue;
                     }
-                    let mut headers = m.headers.clone();
-                    headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
-                    let slot = self.record_outgoing(m, &headers);
-                    let stored = tokio::time::timeout_at(deadline, async {
-                        js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
-                            .await?
-                            .await
-                    })
-                    .await;
-                    let result = match stored {
-                        Ok(Ok(ack)) => stored_at(&m.subject, &ack).map(|()| {
-                            self.learn_stream_of(&m.subject, &ack.stream);
-                        }),
-                        Ok(Err(e)) => Err(publish_error(&m.subject, e)),
-                        Err(_) => Err(no_ack(&m.subject, timeout)),
-                    };
-                    if result.is_err() {
-                        self.tap().unrecord(slot);
+                    let stored = self
+                        .store_each(&js, messages, batch, deadline, timeout, go_on)
+                        .await;
+                    let broken = stored.iter().any(|(_, r)| r.is_err());
+                    out.extend(stored);
+                    if broken {
+                        out.extend(rest.iter().map(|&i| (i, Err(super::not_sent()))));
+                        break;
                     }
-                    broken = result.is_err();
-                    out.push((i, result));
                 }
                 out
             }
@@ -783,6 +832,153 @@ impl NatsTransport {
         let mut out: Vec<Result<()>> = messages.iter().map(|_| Err(super::not_sent())).collect();
         for (i, result) in futures_util::future::join_all(runs).await.into_iter().flatten() {
             out[i] = result;
+        }
+        out
+    }
+
+    /// Whether the stream `chain` is sent atomic batches: it was made with
+    /// `allow_atomic` (its settings looked up at most
+    /// [`BATCH_SETTING_MEMORY`] ago). Not when `chain` is a subject whose
+    /// stream no acknowledgement named yet, nor when the look-up fails: a
+    /// batch sent to a stream that does not take it would reach plain
+    /// subscribers before JetStream refused it, and again when sent a
+    /// message at a time.
+    async fn takes_batch(&self, js: &jetstream::Context, chain: &str) -> bool {
+        if let Some(known) = self.batch_setting(chain, BATCH_SETTING_MEMORY) {
+            return known;
+        }
+        if !self.is_known_stream(chain) {
+            return false;
+        }
+        match js.get_stream(chain).await {
+            Ok(stream) => {
+                let taken = stream.cached_info().config.allow_atomic_publish;
+                self.learn_batch_setting(chain, taken);
+                taken
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Sends `batch` (indices into `messages`, one stream's) as one atomic
+    /// batch: every message but the last published plainly, the last one
+    /// committing it and answered. Returns whether it was stored; if it
+    /// was refused or not answered, none of it is taken as stored (the
+    /// caller sends it a message at a time; what the batch did store
+    /// after all is then acknowledged as a duplicate).
+    async fn store_batch(
+        &self,
+        js: &jetstream::Context,
+        chain: &str,
+        messages: &[super::Outgoing],
+        batch: &[usize],
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let client = js.client();
+        let id = nuid::next();
+        let mut slots = Vec::with_capacity(batch.len());
+        let mut sent = Ok(());
+        let mut commit = None;
+        for (n, &i) in batch.iter().enumerate() {
+            let m = &messages[i];
+            let mut headers = m.headers.clone();
+            headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
+            slots.push(self.record_outgoing(m, &headers));
+            headers.insert(BATCH_ID, id.as_str());
+            headers.insert(BATCH_SEQUENCE, (n + 1).to_string().as_str());
+            if n + 1 < batch.len() {
+                let published = client.publish_with_headers(m.subject.clone(), headers, m.payload.clone());
+                match tokio::time::timeout_at(deadline, published).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        sent = Err(e.to_string());
+                        break;
+                    }
+                    Err(_) => {
+                        sent = Err("not sent in time".to_owned());
+                        break;
+                    }
+                }
+            } else {
+                headers.insert(BATCH_COMMIT, "1");
+                commit = Some(tokio::time::timeout_at(deadline, async {
+                    js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                        .await?
+                        .await
+                }));
+            }
+        }
+        let why = match (sent, commit) {
+            (Err(why), _) => why,
+            (Ok(()), None) => "nothing to commit".to_owned(),
+            (Ok(()), Some(commit)) => match commit.await {
+                Ok(Ok(ack)) if ack.sequence > 0 => {
+                    self.learn_stream_of(&messages[batch[0]].subject, &ack.stream);
+                    return true;
+                }
+                Ok(Ok(_)) => "acknowledged without a sequence".to_owned(),
+                Ok(Err(e)) => {
+                    if batch_error(&e) == Some(jetstream::ErrorCode::ATOMIC_PUBLISH_DISABLED) {
+                        tracing::info!(
+                            stream = chain,
+                            "the stream no longer takes atomic batches (allow_atomic was turned off): its \
+                             relayed events go one at a time"
+                        );
+                        self.learn_batch_setting(chain, false);
+                    }
+                    e.to_string()
+                }
+                Err(_) => "no answer in time".to_owned(),
+            },
+        };
+        tracing::debug!(stream = chain, messages = batch.len(), why = %why, "an atomic batch was not stored: sent one at a time");
+        for slot in slots {
+            self.tap().unrecord(slot);
+        }
+        false
+    }
+
+    /// Sends `batch` a message at a time, each once the one before it was
+    /// stored; a message not stored leaves the rest unsent.
+    async fn store_each(
+        &self,
+        js: &jetstream::Context,
+        messages: &[super::Outgoing],
+        batch: &[usize],
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+        go_on: &(dyn Fn() -> bool + Sync),
+    ) -> Vec<(usize, Result<()>)> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut broken = false;
+        for &i in batch {
+            let m = &messages[i];
+            if broken || !go_on() {
+                broken = true;
+                out.push((i, Err(super::not_sent())));
+                continue;
+            }
+            let mut headers = m.headers.clone();
+            headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
+            let slot = self.record_outgoing(m, &headers);
+            let stored = tokio::time::timeout_at(deadline, async {
+                js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                    .await?
+                    .await
+            })
+            .await;
+            let result = match stored {
+                Ok(Ok(ack)) => stored_at(&m.subject, &ack).map(|()| {
+                    self.learn_stream_of(&m.subject, &ack.stream);
+                }),
+                Ok(Err(e)) => Err(publish_error(&m.subject, e)),
+                Err(_) => Err(no_ack(&m.subject, timeout)),
+            };
+            if result.is_err() {
+                self.tap().unrecord(slot);
+            }
+            broken = result.is_err();
+            out.push((i, result));
         }
         out
     }
@@ -1056,6 +1252,48 @@ fn lost_race(e: &jetstream::context::PublishError) -> Option<super::Appended> {
         C::STREAM_DUPLICATE_MESSAGE_CONFLICT => Some(super::Appended::Repeated),
         _ => None,
     }
+}
+
+/// The headers of an atomic batch (ADR-50, nats-server 2.12).
+const BATCH_ID: &str = "Nats-Batch-Id";
+const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+const BATCH_COMMIT: &str = "Nats-Batch-Commit";
+
+/// How long a stream's `allow_atomic` setting, once looked up, is taken
+/// as it was (an operator may turn it on or off meanwhile).
+const BATCH_SETTING_MEMORY: Duration = Duration::from_secs(60);
+
+/// The most messages of one atomic batch: nats-server's default
+/// `jetstream.limits.batch.max_msgs`.
+const BATCH_MESSAGES: usize = 1000;
+
+/// The most bytes (payloads and headers) of one atomic batch: the server
+/// stages a whole batch in memory before it commits it, so a chain of
+/// large messages goes as several batches, each once the one before it
+/// was stored.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// How many of `messages` (one chain's, in order) go in the next atomic
+/// batch: at least one, at most [`BATCH_MESSAGES`] and, past the first,
+/// [`BATCH_BYTES`].
+fn batch_len<'a>(messages: impl Iterator<Item = &'a super::Outgoing>) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for m in messages.take(BATCH_MESSAGES) {
+        bytes += super::memory::wire_size(Some(&m.headers), m.payload.len()) + m.id.len();
+        if n > 0 && bytes > BATCH_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// The JetStream error code of a refused publish, if it has one.
+fn batch_error(e: &jetstream::context::PublishError) -> Option<jetstream::ErrorCode> {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .map(jetstream::Error::error_code)
 }
 
 fn refused_for_good(e: &jetstream::context::PublishError) -> bool {

@@ -54,6 +54,25 @@ pub(crate) struct Outgoing {
     pub payload: Bytes,
 }
 
+/// How [`Transport::store_in_order`] keeps each stream's messages in
+/// order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// The only writer of its streams: pipelined, each message expecting
+    /// the one before it (`Nats-Expected-Last-Msg-Id`).
+    Chained,
+    /// One of several writers of a stream (the relays of other store
+    /// shards): each stream's messages as atomic batches where the stream
+    /// takes them, else a message at a time.
+    Batched,
+    /// One of several writers, a message at a time, each once the one
+    /// before it was stored: for messages some of which may be stored
+    /// already (a relay's first round after it took a shard over, or
+    /// after a failure), which would make JetStream refuse a batch of
+    /// them whole, after plain subscribers got each.
+    Stepwise,
+}
+
 /// How a durable consumer is bound.
 #[derive(Debug, Clone)]
 pub(crate) struct DurableOptions {
@@ -700,20 +719,23 @@ impl Transport {
     /// `go_on` is asked before each message is sent (the relay still holds
     /// its lease): once it says no, the rest is not sent.
     ///
-    /// With `one_at_a_time` (a stream with other writers in order, such as
-    /// the relays of other store shards), each message of a chain is sent
-    /// only once the one before it was stored, without the expectation:
-    /// one round trip per message and stream, and no other writer's
-    /// message can cut a chain short.
+    /// That is [`Order::Chained`]. A stream with other writers (the relays
+    /// of other store shards) cannot take the expectation, which names the
+    /// last message of the whole stream: [`Order::Batched`] sends each
+    /// stream's messages as atomic batches, each stored whole or not at
+    /// all, where the stream takes them; [`Order::Stepwise`] (and a stream
+    /// that takes no batches) sends each message only once the one before
+    /// it was stored: one round trip per message and stream. Either way no
+    /// other writer's message can cut a chain short.
     pub(crate) async fn store_in_order(
         &self,
         messages: &[Outgoing],
         timeout: Duration,
         go_on: &(dyn Fn() -> bool + Sync),
-        one_at_a_time: bool,
+        order: Order,
     ) -> Vec<Result<()>> {
         match &self.0 {
-            Kind::Nats(t) => t.store_in_order(messages, timeout, go_on, one_at_a_time).await,
+            Kind::Nats(t) => t.store_in_order(messages, timeout, go_on, order).await,
             Kind::Memory(bus) => messages
                 .iter()
                 .map(|m| {

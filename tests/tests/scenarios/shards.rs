@@ -5,7 +5,7 @@
 //! The same on the embedded store (which refuses what a sharded Redis
 //! would) and on NATS with Redis.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use catga::{Context, ErrorKind, Result, Saga, State, Versioned, command, event, saga};
 use catga_tests::backend::shutdown_all;
@@ -93,7 +93,43 @@ pub struct Opened {
     pub n: u64,
 }
 
+/// Adds a cent to an account and publishes three steps with it, in one
+/// commit (their ids `<message id>.<n>`, n from 0).
+#[command(reply = u64, subject = "tests.shards.burst", idempotent, key = account)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Burst {
+    pub run: String,
+    pub account: String,
+}
+
+/// One of a burst's steps, on a stream catga makes.
+#[event(subject = "tests.shards.stepped")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Stepped {
+    pub run: String,
+    pub account: String,
+    pub n: u64,
+}
+
+/// A burst's steps on a stream an operator made, without `allow_atomic`.
+#[command(reply = u64, subject = "tests.shards.noted_burst", key = account)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct NotedBurst {
+    pub run: String,
+    pub account: String,
+}
+
+/// One of a noted burst's steps.
+#[event(subject = "tests.shards.noted")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Noted {
+    pub run: String,
+    pub account: String,
+    pub n: u64,
+}
+
 static DEPOSITED: Recorder = Recorder::new();
+static STEPPED: Recorder = Recorder::new();
 static OPENED: Recorder = Recorder::new();
 
 async fn credit(ctx: &Context, account: &str, cents: u64) -> Result<Versioned<Account>> {
@@ -150,6 +186,40 @@ async fn line_of(ctx: &Context, l: LineOf) -> Result<Option<u64>> {
     Ok(ctx.try_load::<Line>(&l.key).await?.map(|l| l.cents))
 }
 
+#[command]
+async fn burst(ctx: &Context, b: Burst) -> Result<u64> {
+    let a = credit(ctx, &b.account, 1).await?;
+    let steps = (1..=3).map(|n| Stepped {
+        run: b.run.clone(),
+        account: b.account.clone(),
+        n,
+    });
+    Ok(ctx.save(a).with_events(steps).await?.cents)
+}
+
+#[command]
+async fn noted_burst(ctx: &Context, b: NotedBurst) -> Result<u64> {
+    let a = credit(ctx, &b.account, 1).await?;
+    let steps = (1..=3).map(|n| Noted {
+        run: b.run.clone(),
+        account: b.account.clone(),
+        n,
+    });
+    Ok(ctx.save(a).with_events(steps).await?.cents)
+}
+
+#[event(durable = "shard-steps")]
+async fn on_stepped(ctx: &Context, s: Stepped) -> Result<()> {
+    STEPPED.record(&format!("{}/{}", s.run, s.account), "stepped", ctx, s.n);
+    Ok(())
+}
+
+#[event]
+async fn on_noted(ctx: &Context, s: Noted) -> Result<()> {
+    STEPPED.record(&format!("{}/{}", s.run, s.account), "noted", ctx, s.n);
+    Ok(())
+}
+
 #[event]
 async fn on_deposited(ctx: &Context, d: Deposited) -> Result<()> {
     DEPOSITED.record(&format!("{}/{}", d.run, d.account), "deposited", ctx, d.cents);
@@ -167,7 +237,8 @@ catga_tests::on_both!(
     a_save_in_another_shard_is_refused_with_nothing_written,
     keys_with_one_tag_commit_together,
     sagas_are_listed_across_shards,
-    the_shards_outboxes_are_relayed_by_every_replica
+    the_shards_outboxes_are_relayed_by_every_replica,
+    events_sent_again_are_stored_once_and_in_order
 );
 
 fn sharded(b: &Backend, instance: &str) -> catga::RuntimeBuilder {
@@ -463,4 +534,190 @@ async fn the_shards_outboxes_are_relayed_by_every_replica(b: &Backend) {
     until_relayed(&replicas, &expected, expected.len()).await;
     deposit_everywhere(&client, &run, 2).await;
     shutdown_all(replicas).await;
+}
+
+/// The steps of `account` a handler tagged `tag` heard, in order.
+fn heard(run: &str, account: &str, tag: &str) -> Vec<u64> {
+    STEPPED
+        .of(&format!("{run}/{account}"))
+        .iter()
+        .filter(|r| r.tag == tag)
+        .map(|r| r.seq)
+        .collect()
+}
+
+/// Until the handler tagged `tag` heard `n` steps of each account.
+async fn until_heard(run: &str, accounts: &[String], tag: &str, n: usize) {
+    let start = std::time::Instant::now();
+    while accounts.iter().any(|a| heard(run, a, tag).len() < n) {
+        let got: Vec<Vec<u64>> = accounts.iter().map(|a| heard(run, a, tag)).collect();
+        assert!(start.elapsed() < WAIT, "{tag}: not every step heard: {got:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The steps of `run`'s accounts as their streams store them (stream
+/// order), each with whether it came in an atomic batch.
+async fn stored_steps(nats_url: &str, subject: &str, run: &str) -> BTreeMap<String, Vec<(u64, bool)>> {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.expect("connect"));
+    let name = js.stream_by_subject(subject).await.expect("the steps' stream");
+    let mut stream = js.get_stream(name).await.expect("stream");
+    let info = stream.info().await.expect("info");
+    let mut out: BTreeMap<String, Vec<(u64, bool)>> = BTreeMap::new();
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        let m = stream.get_raw_message(seq).await.expect("message");
+        let step: Stepped = serde_json::from_slice(&m.payload).expect("a step");
+        let batched = m.headers.get("Nats-Batch-Id").is_some();
+        if step.run == run {
+            out.entry(step.account).or_default().push((step.n, batched));
+        }
+    }
+    out
+}
+
+/// With store shards, a relay sends each stream's events as atomic
+/// batches: every burst (three steps saved with one deposit) is stored in
+/// one, and its steps reach the durable handler once and in order. A
+/// batch holding events the stream stored already (as a relay that died
+/// before it removed what it sent leaves them) is refused whole, and the
+/// relay sends it again an event at a time: the stored ones are
+/// acknowledged as duplicates, the rest stored after them. On a stream an
+/// operator made without `allow_atomic`, the steps go one at a time (its
+/// plain subscriber hears each once), and the stream is left as made. The
+/// same bursts on the embedded store and bus.
+async fn events_sent_again_are_stored_once_and_in_order(b: &Backend) {
+    if let Some(url) = b.nats_url() {
+        let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.expect("connect"));
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "OPERATORS_NOTES".to_owned(),
+            subjects: vec!["tests.shards.noted".to_owned()],
+            ..Default::default()
+        })
+        .await
+        .expect("the operator's stream");
+    }
+    let rt = b.started(sharded(b, "r1")).await;
+    let expected: Vec<u32> = if b.nats_url().is_some() {
+        (0..SHARDS).collect()
+    } else {
+        vec![0]
+    };
+    until_relayed(std::slice::from_ref(&rt), &expected, expected.len()).await;
+    // The relay's first rounds found the outboxes empty: it sends batches.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let client = b.client().await;
+    let run = run_id();
+    let accounts = accounts_in_every_shard(&run);
+    // The first two steps of shard 0's accounts are in the stream already,
+    // under the ids the deposit's events get (`<message id>.<n>`).
+    let stored_before: Vec<&String> = accounts
+        .iter()
+        .filter(|a| catga::ring::partition_of(a, SHARDS) == 0)
+        .collect();
+    if let Some(url) = b.nats_url() {
+        let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.expect("connect"));
+        for a in &stored_before {
+            for n in 1..=2u64 {
+                let step = Stepped {
+                    run: run.clone(),
+                    account: (*a).clone(),
+                    n,
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("{a}-1.{}", n - 1).as_str());
+                js.publish_with_headers(
+                    "tests.shards.stepped",
+                    headers,
+                    serde_json::to_vec(&step).expect("json").into(),
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+            }
+        }
+    }
+    for round in 1..=2 {
+        for a in &accounts {
+            let burst = Burst {
+                run: run.clone(),
+                account: a.clone(),
+            };
+            client
+                .send_with_id(burst, &format!("{a}-{round}"))
+                .await
+                .expect("burst");
+        }
+    }
+    for a in &accounts {
+        let noted = NotedBurst {
+            run: run.clone(),
+            account: a.clone(),
+        };
+        client
+            .send_with_id(noted, &format!("{a}-n"))
+            .await
+            .expect("noted burst");
+    }
+    until_heard(&run, &accounts, "stepped", 6).await;
+    until_heard(&run, &accounts, "noted", 3).await;
+    let start = std::time::Instant::now();
+    while rt.outbox_backlog().await.expect("backlog") > 0 {
+        assert!(start.elapsed() < WAIT, "the outbox did not drain");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for a in &accounts {
+        assert_eq!(
+            heard(&run, a, "stepped"),
+            vec![1, 2, 3, 1, 2, 3],
+            "{a}: two bursts, each step once, in order"
+        );
+        assert_eq!(
+            heard(&run, a, "noted"),
+            vec![1, 2, 3],
+            "{a}: each step once, in order"
+        );
+    }
+    if let Some(url) = b.nats_url() {
+        let stored = stored_steps(&url, "tests.shards.stepped", &run).await;
+        let noted = stored_steps(&url, "tests.shards.noted", &run).await;
+        for a in &accounts {
+            let steps: Vec<u64> = stored[a].iter().map(|(n, _)| *n).collect();
+            assert_eq!(steps, vec![1, 2, 3, 1, 2, 3], "{a}: stored once each, in order");
+            let batched: Vec<bool> = stored[a].iter().map(|(_, batched)| *batched).collect();
+            if stored_before.contains(&a) {
+                // A batch holding them was refused: the rest of it went one
+                // at a time, and it may have held others of the shard.
+                assert_eq!(
+                    batched[..3],
+                    [false, false, false],
+                    "{a}: the burst with steps stored before went one at a time"
+                );
+            } else {
+                assert_eq!(batched, vec![true; 6], "{a}: each burst in one atomic batch");
+            }
+            assert_eq!(
+                noted[a],
+                vec![(1, false), (2, false), (3, false)],
+                "{a}: stored one at a time on the operator's stream"
+            );
+        }
+        let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.expect("connect"));
+        let name = js.stream_by_subject("tests.shards.stepped").await.expect("name");
+        let ours = js.get_stream(name).await.expect("catga's stream");
+        assert!(
+            ours.cached_info().config.allow_atomic_publish,
+            "catga's stream takes atomic batches"
+        );
+        let operators = js
+            .get_stream("OPERATORS_NOTES")
+            .await
+            .expect("the operator's stream");
+        assert!(
+            !operators.cached_info().config.allow_atomic_publish,
+            "the operator's stream is left as made"
+        );
+    }
+    shutdown_all(vec![rt]).await;
 }

@@ -93,6 +93,12 @@ struct Inner {
     stream_of: Mutex<HashMap<String, String>>,
     /// The settings dead-letter streams were made with, to make one again.
     dlq_settings: Mutex<Option<crate::config::StreamSettings>>,
+    /// Whether JetStream takes atomic batches (API level 2, nats-server
+    /// 2.12 and later), once asked.
+    batches: Mutex<Option<bool>>,
+    /// Whether a stream takes atomic batches (its `allow_atomic`), and
+    /// when that was looked up.
+    batch_settings: Mutex<HashMap<String, (bool, Instant)>>,
     slow_consumer_events: Arc<AtomicU64>,
     server_errors: broadcast::Sender<String>,
     /// What a test kit on real servers sees of this connection (off
@@ -213,6 +219,8 @@ impl NatsTransport {
                 streams: Mutex::new(HashMap::new()),
                 stream_of: Mutex::new(HashMap::new()),
                 dlq_settings: Mutex::new(None),
+                batches: Mutex::new(None),
+                batch_settings: Mutex::new(HashMap::new()),
                 slow_consumer_events: slow,
                 server_errors,
                 tap: Arc::default(),
@@ -248,6 +256,48 @@ impl NatsTransport {
             .unwrap_or_else(PoisonError::into_inner)
             .get(subject)
             .cloned()
+    }
+
+    /// Whether JetStream takes atomic batches, if known.
+    pub(super) fn batches_known(&self) -> Option<bool> {
+        *self.inner.batches.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remembers whether JetStream takes atomic batches.
+    pub(super) fn learn_batches(&self, taken: bool) {
+        *self.inner.batches.lock().unwrap_or_else(PoisonError::into_inner) = Some(taken);
+    }
+
+    /// Whether the stream `name` takes atomic batches, if looked up within
+    /// `memory`.
+    pub(super) fn batch_setting(&self, name: &str, memory: Duration) -> Option<bool> {
+        self.inner
+            .batch_settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .filter(|(_, at)| at.elapsed() < memory)
+            .map(|(taken, _)| *taken)
+    }
+
+    /// Remembers whether the stream `name` takes atomic batches.
+    pub(super) fn learn_batch_setting(&self, name: &str, taken: bool) {
+        self.inner
+            .batch_settings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), (taken, Instant::now()));
+    }
+
+    /// Whether `name` is a stream an acknowledgement or a look-up named
+    /// (not a subject standing in for a stream not known yet).
+    pub(super) fn is_known_stream(&self, name: &str) -> bool {
+        self.inner
+            .stream_of
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .any(|s| s == name)
     }
 
     /// The settings dead-letter streams were made with (the defaults if
