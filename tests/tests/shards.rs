@@ -162,6 +162,38 @@ async fn a_sharded_service_spreads_over_every_master() {
         busiest <= 1.5 * mean,
         "the busiest master ran {busiest} commands, the mean is {mean:.0}: {ran:?}"
     );
+    // The relays' leases fence no write: their fences are not copied to
+    // the shards (the leader's lease, which fences writes, is).
+    let start = std::time::Instant::now();
+    while rt.relayed_shards().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the replica relays every shard"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fences: Vec<String> = cluster
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            cli(n.port(), &["--scan", "--pattern", "catga:*fence*"])
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let relay_fences: Vec<&String> = fences.iter().filter(|k| k.contains(":relay")).collect();
+    assert_eq!(
+        relay_fences.len(),
+        3,
+        "one fence per relay lease, none copied to the shards: {fences:?}"
+    );
+    assert!(
+        relay_fences
+            .iter()
+            .all(|k| k.starts_with(&format!("catga:{{{SERVICE}}}:"))),
+        "the relays' fences are control keys: {fences:?}"
+    );
     rt.shutdown().await.expect("clean shutdown");
 }
 

@@ -536,6 +536,8 @@ fn shared(
     store: Store,
     selected: &[&'static HandlerSpec],
 ) -> (Arc<Shared>, crate::store::OrphanQueue) {
+    // Several relays then write each stream: they send atomic batches.
+    transport.want_batches(store.outbox_shards() > 1);
     let client = Client::from_transport(
         transport,
         config.service.clone(),

@@ -26,7 +26,7 @@
 //!   after its acknowledgement was lost, or by a relay that took over from
 //!   one that died before removing it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -252,7 +252,6 @@ pub(crate) async fn run(shared: Arc<Shared>, leases: Arc<RelayLeases>) {
         if lease.held().is_none() {
             // Another replica's shard (or this one's lost): when it comes
             // back, it starts afresh.
-            relays[at].settled = false;
             failures[at] = 0;
             retry_at[at] = Instant::now();
         } else if retry_at[at] <= Instant::now() {
@@ -338,6 +337,11 @@ pub(crate) async fn flush(shared: &Shared, leases: &RelayLeases, deadline: Insta
 /// streams.
 const PAGES: usize = 16;
 
+/// The most entries one round sends: what a relay that took a shard over
+/// sends a message at a time (its rounds read from the oldest) before it
+/// knows none of what it reads was sent by the relay before it.
+const STEPWISE_COVER: usize = BATCH * PAGES;
+
 /// What a relay remembers between rounds: the streams (chains, see
 /// [`Transport::chain_of`](crate::transport::Transport::chain_of)) that
 /// failed to store their oldest entry, left alone until when (and how
@@ -348,13 +352,25 @@ const PAGES: usize = 16;
 /// it stores.
 #[derive(Default)]
 struct Relay {
-    /// Whether a round stored all it sent since the shard was taken: until
-    /// then, what it reads may have been stored already (by the relay
-    /// before it, or by a send whose acknowledgement was lost), and with
-    /// store shards it goes a message at a time ([`Order::Stepwise`]):
-    /// JetStream refuses an atomic batch holding a message it stored
-    /// already, whole, after plain subscribers got every message of it.
-    settled: bool,
+    /// The lease token under which what this relay reads is known not to
+    /// be stored yet (0: not known). With store shards, rounds until then
+    /// go a message at a time ([`Order::Stepwise`]): what they read may
+    /// have been stored by the relay before it (it died, or stalled past
+    /// its lease, before it removed what it sent), and JetStream refuses
+    /// an atomic batch holding a message it stored already, whole, after
+    /// plain subscribers got every message of it. Known once the outbox
+    /// was read empty, or once rounds sent without a failure past what
+    /// the relay before could have sent ([`STEPWISE_COVER`] entries) or
+    /// read less than a full page.
+    settled_under: u64,
+    /// The lease token the last round saw (0: none).
+    token: u64,
+    /// Entries sent a message at a time since the lease was taken.
+    stepwise_sent: usize,
+    /// Streams (chains) sent a message at a time even when settled: one
+    /// that failed (its acknowledgement lost, it may have stored some)
+    /// until a round stored its messages.
+    unsettled: HashSet<String>,
     suspended: HashMap<String, (Instant, u32)>,
     /// When each shard's delayed messages are looked at next.
     release_at: HashMap<u32, Instant>,
@@ -367,6 +383,16 @@ struct Relay {
 const DELAYED_POLL: Duration = Duration::from_millis(250);
 
 impl Relay {
+    /// What this relay reads under `token` is known not to be stored
+    /// yet: the streams left alone meanwhile are not (their entries were
+    /// not read).
+    fn settle_under(&mut self, token: u64) {
+        self.settled_under = token;
+        self.stepwise_sent = 0;
+        self.unsettled.clear();
+        self.unsettled.extend(self.suspended.keys().cloned());
+    }
+
     /// Whether `chain` is left alone right now.
     fn waiting(&self, chain: &str, now: Instant) -> bool {
         self.suspended.get(chain).is_some_and(|(until, _)| *until > now)
@@ -395,10 +421,18 @@ impl Relay {
             entries,
             unreadable,
         } = self.read(shared, shard, block).await?;
+        let token = lease.held().unwrap_or(0);
+        if token != self.token {
+            // Taken (again), or lost: what was known is not.
+            self.token = token;
+            self.settled_under = 0;
+            self.stepwise_sent = 0;
+        }
         if ids.is_empty() && unreadable.is_empty() && self.suspended.is_empty() {
             // An empty outbox: nothing in it was sent before.
-            self.settled = true;
+            self.settle_under(token);
         }
+        let full = ids.len() >= BATCH;
         if !unreadable.is_empty() {
             // Written by a commit, so never seen; kept, they would block the
             // outbox for good.
@@ -436,21 +470,38 @@ impl Relay {
         let go_on = || lease.held().is_some();
         // With several shards, the relays of the others write to the same
         // streams at the same time.
-        let order = match (store.outbox_shards() > 1, self.settled) {
-            (false, _) => Order::Chained,
-            (true, true) => Order::Batched,
-            (true, false) => Order::Stepwise,
+        let stepwise = store.outbox_shards() > 1 && (token == 0 || self.settled_under != token);
+        let order = if store.outbox_shards() == 1 {
+            Order::Chained
+        } else if stepwise {
+            Order::Stepwise
+        } else {
+            Order::Batched {
+                stepwise: &self.unsettled,
+            }
         };
         let results = transport
             .store_in_order(&outgoing, shared.config.request_timeout, &go_on, order)
             .await;
         let settled = settle(shared, sent_ids.into_iter().zip(&sent).zip(results)).await;
-        self.settled = settled.failure.is_none();
+        let n = settled.done.len() + unreadable.len();
+        store.outbox_remove(shard, &settled.done).await?;
+        // Only once removed: entries stored and not removed are read again.
+        if stepwise && settled.failure.is_none() {
+            self.stepwise_sent += settled.done.len();
+            if self.stepwise_sent >= STEPWISE_COVER || !full {
+                self.settle_under(token);
+            }
+        }
+        for chain in &settled.failed_chains {
+            self.unsettled.insert(chain.clone());
+        }
+        for chain in settled.stored_chains.difference(&settled.failed_chains) {
+            self.unsettled.remove(chain);
+        }
         if let Some(e) = settled.failure {
             failure.get_or_insert(e);
         }
-        let n = settled.done.len() + unreadable.len();
-        store.outbox_remove(shard, &settled.done).await?;
         for chain in &settled.stored_chains {
             self.suspended.remove(chain);
         }

@@ -1281,7 +1281,9 @@ impl RedisStore {
         }
     }
 
-    /// Raises the copies of newly granted fences in every shard (with one
+    /// Raises the copies of newly granted fences in every shard (only of
+    /// the leases whose holders write under them, see
+    /// [`checked_in_shards`]; with one
     /// shard there is nothing to copy). A grant whose copies could not all
     /// be raised is tried again at the next sync; meanwhile the shards
     /// that missed it refuse the new holder's writes (their copy is not
@@ -1300,6 +1302,9 @@ impl RedisStore {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut fresh = Vec::new();
             for ((name, _), token) in leases.iter().zip(tokens) {
+                if !checked_in_shards(name) {
+                    continue;
+                }
                 if *token == 0 {
                     raised.remove(name);
                 } else if raised.get(name) != Some(token) {
@@ -1726,4 +1731,16 @@ impl RedisStore {
             .map_err(map_err)
             .map(|_| ())
     }
+}
+
+/// Whether writes in the shards check a lease's fence, so that a grant is
+/// copied to every shard: not the outbox relays' leases (`relay`,
+/// `relay:<shard>`: an outbox entry is removed once its stream stored it,
+/// whoever removes it) nor a keyed saga's router lease
+/// (`part:<saga>:router`: the router only publishes). Copying those cost
+/// a script on every master at each grant, for nothing.
+fn checked_in_shards(lease: &str) -> bool {
+    let relay = lease == "relay" || lease.starts_with("relay:");
+    let router = lease.starts_with("part:") && lease.ends_with(":router");
+    !(relay || router)
 }

@@ -71,14 +71,17 @@ const SETTINGS_KEY: &str = "catga.settings";
 /// What catga sets on a stream, as text (its record).
 fn settings_record(c: &stream::Config) -> String {
     format!(
-        "subjects={};storage={:?};replicas={};max_age_ms={};max_msgs={};duplicate_window_ms={};placement={}",
+        "subjects={};storage={:?};replicas={};max_age_ms={};max_msgs={};duplicate_window_ms={};placement={}{}",
         c.subjects.join(","),
         c.storage,
         c.num_replicas,
         c.max_age.as_millis(),
         max_messages(c),
         c.duplicate_window.as_millis(),
-        placement_text(c.placement.as_ref())
+        placement_text(c.placement.as_ref()),
+        // Only when set, so that the records of streams made before
+        // catga set it stay as they were.
+        if c.allow_atomic_publish { ";atomic=1" } else { "" }
     )
 }
 
@@ -162,8 +165,10 @@ impl NatsTransport {
             settings.max_age,
         );
         // The relays of several store shards write one stream each in
-        // atomic batches (see `store_beside_others`).
-        config.allow_atomic_publish = self.takes_batches().await;
+        // atomic batches (see `store_beside_others`): only a service with
+        // store shards asks for them, so that no other stream needs a
+        // server that knows them.
+        config.allow_atomic_publish = self.wants_batches() && self.takes_batches().await;
         self.ensure(config).await?;
         self.remember_stream(subject, true);
         Ok(())
@@ -289,8 +294,11 @@ impl NatsTransport {
                     None => !foreign,
                 };
                 // A stream of catga's made before it asked for atomic
-                // batches (an earlier release, or a server upgraded to
-                // 2.12 since) takes them from now on.
+                // batches (an earlier release, a service given store
+                // shards since, or a server upgraded to 2.12 since) takes
+                // them from now on. Never turned off by catga: an operator
+                // who turns it off changes the record, and the stream is
+                // theirs from then on.
                 let batches = catgas && config.allow_atomic_publish && !current.allow_atomic_publish;
                 if differs.is_empty() {
                     // A stream of an earlier release, as catga would make
@@ -299,14 +307,8 @@ impl NatsTransport {
                     // keeps metadata).
                     let record = recorded.is_none() && catgas && self.keeps_metadata();
                     if record || batches {
-                        let mut updated = current.clone();
-                        updated
-                            .metadata
-                            .insert(SETTINGS_KEY.to_owned(), settings_record(current));
-                        updated.allow_atomic_publish |= batches;
-                        js.update_stream(&updated)
-                            .await
-                            .map_err(|e| js_error("stream update", e))?;
+                        let updated = current.clone();
+                        self.update(&js, updated, batches, record).await?;
                     }
                     return Ok(());
                 }
@@ -324,7 +326,6 @@ impl NatsTransport {
                 updated.max_age = config.max_age;
                 updated.max_messages = config.max_messages;
                 updated.duplicate_window = config.duplicate_window;
-                updated.allow_atomic_publish |= batches;
                 if updated.placement != config.placement || updated.storage != config.storage {
                     tracing::warn!(
                         stream = %config.name,
@@ -333,16 +334,14 @@ impl NatsTransport {
                          not moved (`nats stream edit`, or recreate it)"
                     );
                 }
-                updated
-                    .metadata
-                    .insert(SETTINGS_KEY.to_owned(), settings_record(&updated));
-                if settings_record(&updated) == settings_record(current) {
+                let changed = settings_record(&updated) != settings_record(current);
+                if !changed && !batches {
                     return Ok(());
                 }
-                js.update_stream(&updated)
-                    .await
-                    .map_err(|e| js_error("stream update", e))?;
-                tracing::info!(stream = %config.name, changes = %differs.join("; "), "stream settings updated");
+                self.update(&js, updated, batches, changed).await?;
+                if changed {
+                    tracing::info!(stream = %config.name, changes = %differs.join("; "), "stream settings updated");
+                }
                 Ok(())
             }
             Err(_) => match js.create_stream(config.clone()).await {
@@ -360,6 +359,47 @@ impl NatsTransport {
                     .await
                     .unwrap_or_else(|| js_error("stream create", e))),
             },
+        }
+    }
+
+    /// Updates a stream of catga's to `updated` (recording it), with
+    /// atomic batches turned on if `batches`. Turning them on is a wish,
+    /// not a need: a stream that refuses it (its persistence is
+    /// asynchronous, a peer's server is older, the account may not update
+    /// streams) is used as it is, its relayed events sent one at a time,
+    /// and the rest of the update (`needed`) is made without it.
+    async fn update(
+        &self,
+        js: &jetstream::Context,
+        mut updated: stream::Config,
+        batches: bool,
+        needed: bool,
+    ) -> Result<bool> {
+        updated.allow_atomic_publish |= batches;
+        updated
+            .metadata
+            .insert(SETTINGS_KEY.to_owned(), settings_record(&updated));
+        match js.update_stream(&updated).await {
+            Ok(_) => Ok(updated.allow_atomic_publish),
+            Err(e) if batches => {
+                tracing::warn!(
+                    stream = %updated.name,
+                    error = %e,
+                    "the stream does not take allow_atomic: the relays of the store shards send its events one at a time"
+                );
+                if !needed {
+                    return Ok(false);
+                }
+                updated.allow_atomic_publish = false;
+                updated
+                    .metadata
+                    .insert(SETTINGS_KEY.to_owned(), settings_record(&updated));
+                js.update_stream(&updated)
+                    .await
+                    .map(|_| false)
+                    .map_err(|e| js_error("stream update", e))
+            }
+            Err(e) => Err(js_error("stream update", e)),
         }
     }
 
@@ -691,12 +731,16 @@ impl NatsTransport {
         messages: &[super::Outgoing],
         timeout: Duration,
         go_on: &(dyn Fn() -> bool + Sync),
-        order: super::Order,
+        order: super::Order<'_>,
     ) -> Vec<Result<()>> {
-        if order != super::Order::Chained {
-            return self
-                .store_beside_others(messages, timeout, go_on, order == super::Order::Batched)
-                .await;
+        match order {
+            super::Order::Chained => {}
+            super::Order::Batched { stepwise } => {
+                return self
+                    .store_beside_others(messages, timeout, go_on, Some(stepwise))
+                    .await;
+            }
+            super::Order::Stepwise => return self.store_beside_others(messages, timeout, go_on, None).await,
         }
         let js = self.jetstream();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -768,22 +812,22 @@ impl NatsTransport {
     /// message at a time cost the relay 0.47x of one shard's events/s
     /// (BENCHMARKS.md, "Outbox relay").
     ///
-    /// A batch the stream does not take goes a message at a time, each
-    /// once the one before it was stored: on a stream made without
-    /// `allow_atomic` (an operator's, or made before the server was
-    /// 2.12), and for a batch refused as a whole, as JetStream refuses one
-    /// holding a message id it stored already (a relay that died after
-    /// its batch was stored sends it again) or one over the stream's
-    /// limits, so that each message gets its own answer (a duplicate is
-    /// stored; a message too large is told apart from the rest). The
-    /// chains go side by side; a message not stored leaves the rest of its
-    /// chain unsent.
+    /// Without `batches` (and for the streams it names), and on a stream
+    /// that does not take batches (made without `allow_atomic`: an
+    /// operator's, or made before the server was 2.12), the messages go
+    /// one at a time, each once the one before it was stored. So does a
+    /// batch refused as a whole, as JetStream refuses one holding a
+    /// message id it stored already or one over a limit of the server's,
+    /// so that each message gets its own answer (a repeat is acknowledged
+    /// as a duplicate; a message too large is told apart from the rest).
+    /// The chains go side by side; a message not stored leaves the rest of
+    /// its chain unsent.
     async fn store_beside_others(
         &self,
         messages: &[super::Outgoing],
         timeout: Duration,
         go_on: &(dyn Fn() -> bool + Sync),
-        batches: bool,
+        batches: Option<&std::collections::HashSet<String>>,
     ) -> Vec<Result<()>> {
         let js = self.jetstream();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -808,10 +852,12 @@ impl NatsTransport {
                     let n = batch_len(rest.iter().map(|&i| &messages[i]));
                     let (batch, after) = rest.split_at(n);
                     rest = after;
-                    if batches
+                    if batches.is_some_and(|stepwise| !stepwise.contains(chain))
                         && n > 1
-                        && self.takes_batch(&js, chain).await
-                        && self.store_batch(&js, chain, messages, batch, deadline).await
+                        && self.takes_batch(&js, chain, deadline).await
+                        && self
+                            .store_batch(&js, chain, messages, batch, deadline, go_on)
+                            .await
                     {
                         out.extend(batch.iter().map(|&i| (i, Ok(()))));
                         continue;
@@ -836,28 +882,45 @@ impl NatsTransport {
         out
     }
 
-    /// Whether the stream `chain` is sent atomic batches: it was made with
+    /// Whether the stream `chain` is sent atomic batches: it has
     /// `allow_atomic` (its settings looked up at most
-    /// [`BATCH_SETTING_MEMORY`] ago). Not when `chain` is a subject whose
-    /// stream no acknowledgement named yet, nor when the look-up fails: a
-    /// batch sent to a stream that does not take it would reach plain
-    /// subscribers before JetStream refused it, and again when sent a
-    /// message at a time.
-    async fn takes_batch(&self, js: &jetstream::Context, chain: &str) -> bool {
+    /// [`BATCH_SETTING_MEMORY`] ago), turned on here for a stream of
+    /// catga's made without it, and it refused none of late. Not when
+    /// `chain` is a subject whose stream no acknowledgement named yet, nor
+    /// when the look-up fails or outlasts `deadline`: a batch sent to a
+    /// stream that does not take it would reach plain subscribers before
+    /// JetStream refused it, and again when sent a message at a time.
+    async fn takes_batch(
+        &self,
+        js: &jetstream::Context,
+        chain: &str,
+        deadline: tokio::time::Instant,
+    ) -> bool {
         if let Some(known) = self.batch_setting(chain, BATCH_SETTING_MEMORY) {
             return known;
         }
         if !self.is_known_stream(chain) {
             return false;
         }
-        match js.get_stream(chain).await {
-            Ok(stream) => {
-                let taken = stream.cached_info().config.allow_atomic_publish;
-                self.learn_batch_setting(chain, taken);
-                taken
+        let Ok(Ok(stream)) = tokio::time::timeout_at(deadline, js.get_stream(chain)).await else {
+            return false;
+        };
+        let current = &stream.cached_info().config;
+        let mut taken = current.allow_atomic_publish;
+        // A stream of catga's, unchanged since, made without the setting
+        // (by a service without store shards, a client's
+        // `publish_durable`, or before the server was 2.12): turned on
+        // now.
+        let unchanged = current.metadata.get(SETTINGS_KEY) == Some(&settings_record(current));
+        if !taken && unchanged && self.wants_batches() && self.takes_batches().await {
+            let update = self.update(js, current.clone(), true, false);
+            taken = matches!(tokio::time::timeout_at(deadline, update).await, Ok(Ok(true)));
+            if taken {
+                tracing::info!(stream = chain, "the stream takes atomic batches from now on");
             }
-            Err(_) => false,
         }
+        self.learn_batch_setting(chain, taken);
+        taken
     }
 
     /// Sends `batch` (indices into `messages`, one stream's) as one atomic
@@ -873,6 +936,7 @@ impl NatsTransport {
         messages: &[super::Outgoing],
         batch: &[usize],
         deadline: tokio::time::Instant,
+        go_on: &(dyn Fn() -> bool + Sync),
     ) -> bool {
         let client = js.client();
         let id = nuid::next();
@@ -899,6 +963,11 @@ impl NatsTransport {
                         break;
                     }
                 }
+            } else if !go_on() {
+                // The lease went while the batch was sent: it is not
+                // committed (the server drops it), and nothing more is
+                // sent.
+                sent = Err("the relay's lease went".to_owned());
             } else {
                 headers.insert(BATCH_COMMIT, "1");
                 commit = Some(tokio::time::timeout_at(deadline, async {
@@ -918,13 +987,25 @@ impl NatsTransport {
                 }
                 Ok(Ok(_)) => "acknowledged without a sequence".to_owned(),
                 Ok(Err(e)) => {
-                    if batch_error(&e) == Some(jetstream::ErrorCode::ATOMIC_PUBLISH_DISABLED) {
-                        tracing::info!(
-                            stream = chain,
-                            "the stream no longer takes atomic batches (allow_atomic was turned off): its \
-                             relayed events go one at a time"
-                        );
-                        self.learn_batch_setting(chain, false);
+                    match batch_error(&e) {
+                        // A message of it is stored already: the next
+                        // batch is another.
+                        Some(jetstream::ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE) => {}
+                        // Batches turned off, a limit of the server's
+                        // (its batch size, the batches in flight), or a
+                        // message the stream refuses: a refused batch
+                        // reached plain subscribers, so none is tried
+                        // again for a while.
+                        Some(code) => {
+                            tracing::info!(
+                                stream = chain,
+                                code = code.0,
+                                error = %e,
+                                "the stream refused an atomic batch: its relayed events go one at a time for a while"
+                            );
+                            self.learn_batch_setting(chain, false);
+                        }
+                        None => {}
                     }
                     e.to_string()
                 }

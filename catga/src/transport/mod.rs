@@ -57,14 +57,19 @@ pub(crate) struct Outgoing {
 /// How [`Transport::store_in_order`] keeps each stream's messages in
 /// order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Order {
+pub(crate) enum Order<'a> {
     /// The only writer of its streams: pipelined, each message expecting
     /// the one before it (`Nats-Expected-Last-Msg-Id`).
     Chained,
     /// One of several writers of a stream (the relays of other store
     /// shards): each stream's messages as atomic batches where the stream
-    /// takes them, else a message at a time.
-    Batched,
+    /// takes them, else a message at a time; the streams in `stepwise`
+    /// (some of whose messages may be stored already, as after a failure)
+    /// a message at a time.
+    Batched {
+        /// Streams (chains) sent a message at a time.
+        stepwise: &'a std::collections::HashSet<String>,
+    },
     /// One of several writers, a message at a time, each once the one
     /// before it was stored: for messages some of which may be stored
     /// already (a relay's first round after it took a shard over, or
@@ -732,7 +737,7 @@ impl Transport {
         messages: &[Outgoing],
         timeout: Duration,
         go_on: &(dyn Fn() -> bool + Sync),
-        order: Order,
+        order: Order<'_>,
     ) -> Vec<Result<()>> {
         match &self.0 {
             Kind::Nats(t) => t.store_in_order(messages, timeout, go_on, order).await,
@@ -747,6 +752,16 @@ impl Transport {
                     bus.publish_durable(&m.subject, headers, m.payload.clone())
                 })
                 .collect(),
+        }
+    }
+
+    /// Asks that the streams this transport makes take atomic batches
+    /// (`allow_atomic`, where JetStream has them): the relays of a
+    /// service's store shards send each stream's events that way (see
+    /// [`Order::Batched`]). Nothing on the embedded bus.
+    pub(crate) fn want_batches(&self, wanted: bool) {
+        if let Kind::Nats(t) = &self.0 {
+            t.want_batches(wanted);
         }
     }
 

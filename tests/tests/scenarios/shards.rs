@@ -208,6 +208,12 @@ async fn noted_burst(ctx: &Context, b: NotedBurst) -> Result<u64> {
     Ok(ctx.save(a).with_events(steps).await?.cents)
 }
 
+#[event]
+async fn on_stepped_plainly(ctx: &Context, s: Stepped) -> Result<()> {
+    STEPPED.record(&format!("{}/{}", s.run, s.account), "stepped plainly", ctx, s.n);
+    Ok(())
+}
+
 #[event(durable = "shard-steps")]
 async fn on_stepped(ctx: &Context, s: Stepped) -> Result<()> {
     STEPPED.record(&format!("{}/{}", s.run, s.account), "stepped", ctx, s.n);
@@ -595,6 +601,15 @@ async fn events_sent_again_are_stored_once_and_in_order(b: &Backend) {
         })
         .await
         .expect("the operator's stream");
+        // The steps' stream as an earlier release made it: no record, no
+        // `allow_atomic`; a replica with store shards turns it on.
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: catga::stream_name("tests.shards.stepped"),
+            subjects: vec!["tests.shards.stepped".to_owned()],
+            ..Default::default()
+        })
+        .await
+        .expect("an earlier release's stream");
     }
     let rt = b.started(sharded(b, "r1")).await;
     let expected: Vec<u32> = if b.nats_url().is_some() {
@@ -678,6 +693,14 @@ async fn events_sent_again_are_stored_once_and_in_order(b: &Backend) {
             vec![1, 2, 3],
             "{a}: each step once, in order"
         );
+        if !stored_before.contains(&a) {
+            // No batch refused: a plain subscriber heard each step once.
+            assert_eq!(
+                heard(&run, a, "stepped plainly"),
+                vec![1, 2, 3, 1, 2, 3],
+                "{a}: heard plainly once each"
+            );
+        }
     }
     if let Some(url) = b.nats_url() {
         let stored = stored_steps(&url, "tests.shards.stepped", &run).await;
@@ -704,11 +727,12 @@ async fn events_sent_again_are_stored_once_and_in_order(b: &Backend) {
             );
         }
         let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.expect("connect"));
-        let name = js.stream_by_subject("tests.shards.stepped").await.expect("name");
-        let ours = js.get_stream(name).await.expect("catga's stream");
+        let name = catga::stream_name("tests.shards.stepped");
+        let ours = js.get_stream(&name).await.expect("catga's stream");
+        let mut config = ours.cached_info().config.clone();
         assert!(
-            ours.cached_info().config.allow_atomic_publish,
-            "catga's stream takes atomic batches"
+            config.allow_atomic_publish,
+            "the earlier release's stream takes atomic batches"
         );
         let operators = js
             .get_stream("OPERATORS_NOTES")
@@ -718,6 +742,41 @@ async fn events_sent_again_are_stored_once_and_in_order(b: &Backend) {
             !operators.cached_info().config.allow_atomic_publish,
             "the operator's stream is left as made"
         );
+        // An operator turns batches off on catga's stream: a replica that
+        // starts leaves them off, and its relay sends one at a time.
+        config.allow_atomic_publish = false;
+        js.update_stream(&config).await.expect("turned off");
+        shutdown_all(vec![rt]).await;
+        let rt = b.started(sharded(b, "r2")).await;
+        until_relayed(std::slice::from_ref(&rt), &expected, expected.len()).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let later: Vec<String> = accounts.iter().map(|a| format!("{a}-later")).collect();
+        for a in &later {
+            let burst = Burst {
+                run: run.clone(),
+                account: a.clone(),
+            };
+            client
+                .send_with_id(burst, &format!("{a}-1"))
+                .await
+                .expect("burst");
+        }
+        until_heard(&run, &later, "stepped", 3).await;
+        let stored = stored_steps(&url, "tests.shards.stepped", &run).await;
+        for a in &later {
+            assert_eq!(
+                stored[a],
+                vec![(1, false), (2, false), (3, false)],
+                "{a}: one at a time on the stream the operator changed"
+            );
+        }
+        let ours = js.get_stream(&name).await.expect("catga's stream");
+        assert!(
+            !ours.cached_info().config.allow_atomic_publish,
+            "the operator's change is kept"
+        );
+        shutdown_all(vec![rt]).await;
+    } else {
+        shutdown_all(vec![rt]).await;
     }
-    shutdown_all(vec![rt]).await;
 }

@@ -96,6 +96,9 @@ struct Inner {
     /// Whether JetStream takes atomic batches (API level 2, nats-server
     /// 2.12 and later), once asked.
     batches: Mutex<Option<bool>>,
+    /// Whether the streams this connection makes should take atomic
+    /// batches (the service has store shards, whose relays send them).
+    wants_batches: AtomicBool,
     /// Whether a stream takes atomic batches (its `allow_atomic`), and
     /// when that was looked up.
     batch_settings: Mutex<HashMap<String, (bool, Instant)>>,
@@ -220,6 +223,7 @@ impl NatsTransport {
                 stream_of: Mutex::new(HashMap::new()),
                 dlq_settings: Mutex::new(None),
                 batches: Mutex::new(None),
+                wants_batches: AtomicBool::new(false),
                 batch_settings: Mutex::new(HashMap::new()),
                 slow_consumer_events: slow,
                 server_errors,
@@ -256,6 +260,18 @@ impl NatsTransport {
             .unwrap_or_else(PoisonError::into_inner)
             .get(subject)
             .cloned()
+    }
+
+    /// Asks for streams that take atomic batches (see
+    /// [`Transport::want_batches`](crate::transport::Transport::want_batches)).
+    pub(crate) fn want_batches(&self, wanted: bool) {
+        self.inner.wants_batches.store(wanted, Ordering::Relaxed);
+    }
+
+    /// Whether the streams this connection makes should take atomic
+    /// batches.
+    pub(super) fn wants_batches(&self) -> bool {
+        self.inner.wants_batches.load(Ordering::Relaxed)
     }
 
     /// Whether JetStream takes atomic batches, if known.
