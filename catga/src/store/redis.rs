@@ -700,6 +700,32 @@ impl Call for ClaimCall {
 }
 
 /// A commit with an inbox part waiting to go (see [`COMMIT_MANY`]).
+/// Where a commit's keys and arguments go (see `RedisStore::commit_parts`).
+trait CommitParts {
+    fn key(&mut self, key: String);
+    fn arg(&mut self, arg: &[u8]);
+}
+
+/// Owned, for a batch of commits.
+impl CommitParts for (Vec<String>, Vec<Vec<u8>>) {
+    fn key(&mut self, key: String) {
+        self.0.push(key);
+    }
+    fn arg(&mut self, arg: &[u8]) {
+        self.1.push(arg.to_vec());
+    }
+}
+
+/// Straight into a script's invocation, for one commit.
+impl CommitParts for redis::ScriptInvocation<'_> {
+    fn key(&mut self, key: String) {
+        redis::ScriptInvocation::key(self, key);
+    }
+    fn arg(&mut self, arg: &[u8]) {
+        redis::ScriptInvocation::arg(self, arg);
+    }
+}
+
 struct CommitCall {
     keys: Vec<String>,
     args: Vec<Vec<u8>>,
@@ -1444,64 +1470,62 @@ impl RedisStore {
         Ok(v.zip(d).map(|(v, d)| (v, Bytes::from(d))))
     }
 
-    /// A commit's keys and arguments, as [`COMMIT_FN`] takes them.
-    fn commit_parts(&self, shard: u32, commit: &Commit) -> Result<(Vec<String>, Vec<Vec<u8>>)> {
-        let mut keys = Vec::with_capacity(commit.states.len() + 5);
+    /// Gives a commit's keys and arguments, as [`COMMIT_FN`] takes them, to
+    /// `parts`: owned for a batch, or straight into the script's
+    /// invocation (one copy of each state and payload fewer).
+    fn commit_parts(&self, shard: u32, commit: &Commit, parts: &mut impl CommitParts) -> Result<()> {
         for w in &commit.states {
-            keys.push(self.state_key(shard, &w.kind, &w.key));
+            parts.key(self.state_key(shard, &w.kind, &w.key));
         }
-        keys.push(self.outbox(shard).to_owned());
-        keys.push(self.delayed_key(shard));
-        keys.push(self.delayed_entries_key(shard));
+        parts.key(self.outbox(shard).to_owned());
+        parts.key(self.delayed_key(shard));
+        parts.key(self.delayed_entries_key(shard));
         if let Some(i) = &commit.inbox {
-            keys.push(self.inbox_key(shard, &i.scope, &i.id));
+            parts.key(self.inbox_key(shard, &i.scope, &i.id));
         }
         if let Some(f) = &commit.fence {
-            keys.push(self.fence_copy_key(shard, &f.lease));
+            parts.key(self.fence_copy_key(shard, &f.lease));
         }
-        let text = |t: String| t.into_bytes();
-        let mut args = Vec::with_capacity(3 + 2 * commit.states.len() + 3 + 5 * commit.events.len());
-        args.push(text(commit.states.len().to_string()));
-        args.push(if commit.inbox.is_some() {
-            b"1".to_vec()
-        } else {
-            b"0".to_vec()
-        });
-        args.push(text(
+        parts.arg(commit.states.len().to_string().as_bytes());
+        parts.arg(if commit.inbox.is_some() { b"1" } else { b"0" });
+        parts.arg(
             commit
                 .fence
                 .as_ref()
                 .map(|f| f.token.to_string())
-                .unwrap_or_default(),
-        ));
+                .unwrap_or_default()
+                .as_bytes(),
+        );
         for w in &commit.states {
-            args.push(text(w.expected.to_string()));
-            args.push(w.data.to_vec());
+            parts.arg(w.expected.to_string().as_bytes());
+            parts.arg(&w.data);
         }
         if let Some(i) = &commit.inbox {
-            args.push(i.claim.clone().into_bytes());
-            args.push(i.answer.encode());
-            args.push(text((i.window.as_millis().max(1) as u64).to_string()));
+            parts.arg(i.claim.as_bytes());
+            parts.arg(&i.answer.encode());
+            parts.arg((i.window.as_millis().max(1) as u64).to_string().as_bytes());
         }
         for e in &commit.events {
             let headers = serde_json::to_vec(&e.headers)
                 .map_err(|err| Error::new(ErrorKind::Internal, format!("outbox headers: {err}")))?;
-            args.push(e.id.clone().into_bytes());
-            args.push(e.subject.clone().into_bytes());
-            args.push(headers);
-            args.push(e.payload.to_vec());
-            args.push(text(e.due_ms.map(|d| d.to_string()).unwrap_or_default()));
+            parts.arg(e.id.as_bytes());
+            parts.arg(e.subject.as_bytes());
+            parts.arg(&headers);
+            parts.arg(&e.payload);
+            parts.arg(e.due_ms.map(|d| d.to_string()).unwrap_or_default().as_bytes());
         }
-        Ok((keys, args))
+        Ok(())
     }
 
     pub(crate) async fn commit(&self, shard: u32, commit: &Commit) -> Result<Committed> {
         self.writable().await?;
-        let (keys, args) = self.commit_parts(shard, commit)?;
         let out = if commit.inbox.is_some() {
             // An idempotent handler's commit goes with the others of its
             // shard: if the batch fails, each resolves its outcome from its
             // inbox key, as after any lost reply.
+            let mut parts = (Vec::new(), Vec::new());
+            self.commit_parts(shard, commit, &mut parts)?;
+            let (keys, args) = parts;
             let (answer, rx) = tokio::sync::oneshot::channel();
             self.commits.submit(shard, CommitCall { keys, args, answer })?;
             let out = answered(rx).await?;
@@ -1514,12 +1538,7 @@ impl RedisStore {
             out
         } else {
             let mut inv = self.commit.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for a in &args {
-                inv.arg(a.as_slice());
-            }
+            self.commit_parts(shard, commit, &mut inv)?;
             let mut c = self.conn.clone();
             inv.invoke_async::<Vec<u64>>(&mut c).await.map_err(map_err)?
         };
