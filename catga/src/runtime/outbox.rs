@@ -337,9 +337,10 @@ pub(crate) async fn flush(shared: &Shared, leases: &RelayLeases, deadline: Insta
 /// streams.
 const PAGES: usize = 16;
 
-/// The most entries one round sends: what a relay that took a shard over
-/// sends a message at a time (its rounds read from the oldest) before it
-/// knows none of what it reads was sent by the relay before it.
+/// How deep one round reads at most (past suspended streams' entries):
+/// what a relay that took a shard over sends a message at a time (its
+/// rounds read from the oldest) before it knows none of what it reads was
+/// sent by the relay before it.
 const STEPWISE_COVER: usize = BATCH * PAGES;
 
 /// What a relay remembers between rounds: the streams (chains, see
@@ -421,9 +422,14 @@ impl Relay {
             entries,
             unreadable,
         } = self.read(shared, shard, block).await?;
-        let token = lease.held().unwrap_or(0);
+        // The lease lapsed meanwhile (a renewal is late): nothing is sent,
+        // and what this relay knows holds if the same token comes back
+        // (no other holder came in between: it would have a new one).
+        let Some(token) = lease.held() else {
+            return Ok(0);
+        };
         if token != self.token {
-            // Taken (again), or lost: what was known is not.
+            // Taken (again): what was known is not.
             self.token = token;
             self.settled_under = 0;
             self.stepwise_sent = 0;
@@ -432,7 +438,9 @@ impl Relay {
             // An empty outbox: nothing in it was sent before.
             self.settle_under(token);
         }
-        let full = ids.len() >= BATCH;
+        // Whether there may be more behind what was read (suspended
+        // streams' entries were read past).
+        let full = ids.len() + unreadable.len() >= BATCH || !self.suspended.is_empty();
         if !unreadable.is_empty() {
             // Written by a commit, so never seen; kept, they would block the
             // outbox for good.
@@ -467,10 +475,11 @@ impl Relay {
             };
         }
         let outgoing: Vec<Outgoing> = sent.iter().map(outgoing).collect();
-        let go_on = || lease.held().is_some();
+        // Under the token what this round decided was decided under.
+        let go_on = || lease.held() == Some(token);
         // With several shards, the relays of the others write to the same
         // streams at the same time.
-        let stepwise = store.outbox_shards() > 1 && (token == 0 || self.settled_under != token);
+        let stepwise = store.outbox_shards() > 1 && self.settled_under != token;
         let order = if store.outbox_shards() == 1 {
             Order::Chained
         } else if stepwise {
@@ -485,7 +494,12 @@ impl Relay {
             .await;
         let settled = settle(shared, sent_ids.into_iter().zip(&sent).zip(results)).await;
         let n = settled.done.len() + unreadable.len();
-        store.outbox_remove(shard, &settled.done).await?;
+        if let Err(e) = store.outbox_remove(shard, &settled.done).await {
+            // Stored and still in the outbox: read again, they must not
+            // go in a batch.
+            self.unsettled.extend(settled.stored_chains);
+            return Err(e);
+        }
         // Only once removed: entries stored and not removed are read again.
         if stepwise && settled.failure.is_none() {
             self.stepwise_sent += settled.done.len();

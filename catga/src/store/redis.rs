@@ -1763,3 +1763,18 @@ fn checked_in_shards(lease: &str) -> bool {
     let router = lease.starts_with("part:") && lease.ends_with(":router");
     !(relay || router)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::checked_in_shards;
+
+    #[test]
+    fn only_leases_writes_are_made_under_have_their_fences_copied() {
+        for lease in ["leader", "part:fulfil:0", "part:fulfil:15", "part:router-saga:3"] {
+            assert!(checked_in_shards(lease), "{lease}");
+        }
+        for lease in ["relay", "relay:0", "relay:12", "part:fulfil:router"] {
+            assert!(!checked_in_shards(lease), "{lease}");
+        }
+    }
+}

@@ -81,8 +81,33 @@ fn settings_record(c: &stream::Config) -> String {
         placement_text(c.placement.as_ref()),
         // Only when set, so that the records of streams made before
         // catga set it stay as they were.
-        if c.allow_atomic_publish { ";atomic=1" } else { "" }
+        if c.allow_atomic_publish { ATOMIC_MARK } else { "" }
     )
+}
+
+/// What a record says when catga turned atomic batches on.
+const ATOMIC_MARK: &str = ";atomic=1";
+
+/// Whether a stream is catga's as `recorded`: its settings are as catga
+/// recorded them, atomic batches aside (an operator who turns them off
+/// leaves the rest catga's: see [`batches_turned_off`]); without a record
+/// (an earlier release, a server before 2.10), unless it carries what
+/// catga never sets (`foreign`).
+fn recorded_as_is(recorded: Option<&String>, current: &stream::Config, foreign: bool) -> bool {
+    match recorded {
+        Some(recorded) => {
+            let now = settings_record(current);
+            recorded.strip_suffix(ATOMIC_MARK).unwrap_or(recorded)
+                == now.strip_suffix(ATOMIC_MARK).unwrap_or(&now)
+        }
+        None => !foreign,
+    }
+}
+
+/// Whether someone turned off the atomic batches catga turned on: catga
+/// leaves them off.
+fn batches_turned_off(recorded: Option<&String>, current: &stream::Config) -> bool {
+    !current.allow_atomic_publish && recorded.is_some_and(|r| r.ends_with(ATOMIC_MARK))
 }
 
 /// A stream's message limit as the server keeps it: none is -1 (a
@@ -286,20 +311,19 @@ impl NatsTransport {
                 let foreign = current.mirror.is_some()
                     || current.sources.as_ref().is_some_and(|s| !s.is_empty())
                     || (current.placement.is_some() && current.placement != config.placement);
-                let catgas = match recorded {
-                    Some(recorded) => *recorded == settings_record(current),
-                    // Streams of earlier releases (and of servers before
-                    // 2.10, which keep no metadata) have no record: taken
-                    // for catga's unless they carry what catga never sets.
-                    None => !foreign,
-                };
+                // Streams of earlier releases (and of servers before 2.10,
+                // which keep no metadata) have no record: taken for
+                // catga's unless they carry what catga never sets.
+                let catgas = recorded_as_is(recorded, current, foreign);
                 // A stream of catga's made before it asked for atomic
                 // batches (an earlier release, a service given store
                 // shards since, or a server upgraded to 2.12 since) takes
-                // them from now on. Never turned off by catga: an operator
-                // who turns it off changes the record, and the stream is
-                // theirs from then on.
-                let batches = catgas && config.allow_atomic_publish && !current.allow_atomic_publish;
+                // them from now on. Never turned back on once an operator
+                // turned them off, nor off by catga.
+                let batches = catgas
+                    && config.allow_atomic_publish
+                    && !current.allow_atomic_publish
+                    && !batches_turned_off(recorded, current);
                 if differs.is_empty() {
                     // A stream of an earlier release, as catga would make
                     // it: recorded now, so that a later change by an
@@ -375,25 +399,28 @@ impl NatsTransport {
         batches: bool,
         needed: bool,
     ) -> Result<bool> {
+        // Batches someone turned off stay recorded as turned off.
+        let off = batches_turned_off(updated.metadata.get(SETTINGS_KEY), &updated);
         updated.allow_atomic_publish |= batches;
-        updated
-            .metadata
-            .insert(SETTINGS_KEY.to_owned(), settings_record(&updated));
+        let record = settings_record(&updated) + if off { ATOMIC_MARK } else { "" };
+        updated.metadata.insert(SETTINGS_KEY.to_owned(), record);
         match js.update_stream(&updated).await {
-            Ok(_) => Ok(updated.allow_atomic_publish),
+            // As the server keeps it: one that does not know the setting
+            // (an older peer) drops it.
+            Ok(info) => Ok(info.config.allow_atomic_publish),
             Err(e) if batches => {
                 tracing::warn!(
                     stream = %updated.name,
                     error = %e,
-                    "the stream does not take allow_atomic: the relays of the store shards send its events one at a time"
+                    "the stream could not be given allow_atomic: the relays of the store shards send its events one \
+                     at a time"
                 );
                 if !needed {
                     return Ok(false);
                 }
                 updated.allow_atomic_publish = false;
-                updated
-                    .metadata
-                    .insert(SETTINGS_KEY.to_owned(), settings_record(&updated));
+                let record = settings_record(&updated) + if off { ATOMIC_MARK } else { "" };
+                updated.metadata.insert(SETTINGS_KEY.to_owned(), record);
                 js.update_stream(&updated)
                     .await
                     .map(|_| false)
@@ -911,8 +938,18 @@ impl NatsTransport {
         // (by a service without store shards, a client's
         // `publish_durable`, or before the server was 2.12): turned on
         // now.
-        let unchanged = current.metadata.get(SETTINGS_KEY) == Some(&settings_record(current));
-        if !taken && unchanged && self.wants_batches() && self.takes_batches().await {
+        let recorded = current.metadata.get(SETTINGS_KEY);
+        let foreign = current.mirror.is_some() || current.sources.as_ref().is_some_and(|s| !s.is_empty());
+        let catgas = chain.starts_with("CATGA_") && recorded_as_is(recorded, current, foreign);
+        if !taken
+            && catgas
+            && !batches_turned_off(recorded, current)
+            && self.wants_batches()
+            && matches!(
+                tokio::time::timeout_at(deadline, self.takes_batches()).await,
+                Ok(true)
+            )
+        {
             let update = self.update(js, current.clone(), true, false);
             taken = matches!(tokio::time::timeout_at(deadline, update).await, Ok(Ok(true)));
             if taken {
@@ -981,9 +1018,27 @@ impl NatsTransport {
             (Err(why), _) => why,
             (Ok(()), None) => "nothing to commit".to_owned(),
             (Ok(()), Some(commit)) => match commit.await {
-                Ok(Ok(ack)) if ack.sequence > 0 => {
+                Ok(Ok(ack))
+                    if ack.sequence > 0
+                        && ack.batch_id.as_deref() == Some(id.as_str())
+                        && ack.batch_size == Some(batch.len() as u64) =>
+                {
                     self.learn_stream_of(&messages[batch[0]].subject, &ack.stream);
                     return true;
+                }
+                // An acknowledgement of the last message alone: a server
+                // that does not know batches (an older peer leading the
+                // stream) stored them as plain messages, or some of them.
+                // None is taken as stored: sent again one at a time, those
+                // stored are acknowledged as duplicates.
+                Ok(Ok(ack)) if ack.sequence > 0 => {
+                    tracing::warn!(
+                        stream = chain,
+                        "the stream acknowledged an atomic batch as a plain message (a server before 2.12 leads \
+                         it?): its relayed events go one at a time for a while"
+                    );
+                    self.learn_batch_setting(chain, false);
+                    "acknowledged as a plain message".to_owned()
                 }
                 Ok(Ok(_)) => "acknowledged without a sequence".to_owned(),
                 Ok(Err(e)) => {
@@ -1611,5 +1666,95 @@ impl JsAck {
     /// Sends the message back to be redelivered now (an unsettled delivery).
     pub(crate) fn give_back_now(self) {
         let _ = self.message.ack_with(AckKind::Nak(None)).now_or_never();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(atomic: bool, record: Option<String>) -> stream::Config {
+        let mut c = stream::Config {
+            name: "CATGA_X".to_owned(),
+            subjects: vec!["x".to_owned()],
+            allow_atomic_publish: atomic,
+            ..Default::default()
+        };
+        if let Some(r) = record {
+            c.metadata.insert(SETTINGS_KEY.to_owned(), r);
+        }
+        c
+    }
+
+    #[test]
+    fn atomic_batches_aside_a_stream_recorded_as_it_is_stays_catgas() {
+        let plain = settings_record(&stream(false, None));
+        assert!(
+            !plain.contains(ATOMIC_MARK),
+            "a record without batches is as before: {plain}"
+        );
+        // Made without batches, turned on by catga, or on by a release that
+        // did not record it: catga's either way.
+        for (atomic, record) in [
+            (false, plain.clone()),
+            (true, plain.clone() + ATOMIC_MARK),
+            (true, plain.clone()),
+        ] {
+            let c = stream(atomic, Some(record.clone()));
+            assert!(
+                recorded_as_is(c.metadata.get(SETTINGS_KEY), &c, false),
+                "{record} with {atomic}"
+            );
+        }
+        // Someone changed what catga sets: not catga's.
+        let mut changed = stream(false, Some(plain.clone()));
+        changed.subjects.push("y".to_owned());
+        assert!(!recorded_as_is(
+            changed.metadata.get(SETTINGS_KEY),
+            &changed,
+            false
+        ));
+        // No record: catga's unless it carries what catga never sets.
+        assert!(recorded_as_is(None, &stream(false, None), false));
+        assert!(!recorded_as_is(None, &stream(false, None), true));
+    }
+
+    #[test]
+    fn batches_turned_off_after_catga_turned_them_on_stay_off() {
+        let on = settings_record(&stream(true, None));
+        assert!(on.ends_with(ATOMIC_MARK));
+        let off = stream(false, Some(on.clone()));
+        assert!(batches_turned_off(off.metadata.get(SETTINGS_KEY), &off));
+        let still_on = stream(true, Some(on));
+        assert!(!batches_turned_off(
+            still_on.metadata.get(SETTINGS_KEY),
+            &still_on
+        ));
+        let never = stream(false, Some(settings_record(&stream(false, None))));
+        assert!(!batches_turned_off(never.metadata.get(SETTINGS_KEY), &never));
+    }
+
+    #[test]
+    fn a_batch_holds_at_most_its_count_and_its_bytes_but_always_one() {
+        let small = |n: usize| super::super::Outgoing {
+            subject: "x".to_owned(),
+            id: format!("m{n}"),
+            headers: async_nats::HeaderMap::new(),
+            payload: Bytes::from(vec![0u8; 100]),
+        };
+        let many: Vec<_> = (0..1500).map(small).collect();
+        assert_eq!(batch_len(many.iter()), BATCH_MESSAGES);
+        assert_eq!(batch_len(many[..3].iter()), 3);
+        let big = |n: usize| super::super::Outgoing {
+            payload: Bytes::from(vec![0u8; 1 << 20]),
+            ..small(n)
+        };
+        let large: Vec<_> = (0..10).map(big).collect();
+        assert_eq!(batch_len(large.iter()), 3, "three 1 MiB messages in 4 MiB");
+        let huge = [super::super::Outgoing {
+            payload: Bytes::from(vec![0u8; 8 << 20]),
+            ..small(0)
+        }];
+        assert_eq!(batch_len(huge.iter()), 1, "one message alone, whatever its size");
     }
 }
