@@ -305,6 +305,16 @@ impl RuntimeBuilder {
     /// serves (its durable consumers bound, its leader handlers and keyed
     /// sagas' partitions started), so that what is sent next is handled.
     pub async fn start(self) -> Result<Runtime> {
+        // Boxed: setting up awaits a long chain of broker and store calls,
+        // and inline its future weighs on the caller's stack (a debug
+        // build's test thread, 2 MiB, overflowed in
+        // `cli::the_cli_shows_and_operates_a_running_service` once the
+        // stream set-up asked for atomic batches).
+        Box::pin(self.start_here()).await
+    }
+
+    /// [`start`](Self::start)'s work.
+    async fn start_here(self) -> Result<Runtime> {
         let RuntimeBuilder {
             config,
             bus,

@@ -434,13 +434,14 @@ impl Relay {
             self.settled_under = 0;
             self.stepwise_sent = 0;
         }
-        if ids.is_empty() && unreadable.is_empty() && self.suspended.is_empty() {
+        // Streams left alone right now: their entries were read past.
+        let skipped = self.suspended.values().any(|(until, _)| *until > Instant::now());
+        if ids.is_empty() && unreadable.is_empty() && !skipped {
             // An empty outbox: nothing in it was sent before.
             self.settle_under(token);
         }
-        // Whether there may be more behind what was read (suspended
-        // streams' entries were read past).
-        let full = ids.len() + unreadable.len() >= BATCH || !self.suspended.is_empty();
+        // Whether there may be more behind what was read.
+        let full = ids.len() + unreadable.len() >= BATCH || skipped;
         if !unreadable.is_empty() {
             // Written by a commit, so never seen; kept, they would block the
             // outbox for good.

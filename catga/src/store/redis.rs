@@ -699,7 +699,6 @@ impl Call for ClaimCall {
     }
 }
 
-/// A commit with an inbox part waiting to go (see [`COMMIT_MANY`]).
 /// Where a commit's keys and arguments go (see `RedisStore::commit_parts`).
 trait CommitParts {
     fn key(&mut self, key: String);
@@ -726,6 +725,7 @@ impl CommitParts for redis::ScriptInvocation<'_> {
     }
 }
 
+/// A commit with an inbox part waiting to go (see [`COMMIT_MANY`]).
 struct CommitCall {
     keys: Vec<String>,
     args: Vec<Vec<u8>>,

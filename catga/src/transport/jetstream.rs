@@ -193,7 +193,7 @@ impl NatsTransport {
         // atomic batches (see `store_beside_others`): only a service with
         // store shards asks for them, so that no other stream needs a
         // server that knows them.
-        config.allow_atomic_publish = self.wants_batches() && self.takes_batches().await;
+        config.allow_atomic_publish = self.wants_batches() && Box::pin(self.takes_batches()).await;
         self.ensure(config).await?;
         self.remember_stream(subject, true);
         Ok(())
@@ -332,7 +332,7 @@ impl NatsTransport {
                     let record = recorded.is_none() && catgas && self.keeps_metadata();
                     if record || batches {
                         let updated = current.clone();
-                        self.update(&js, updated, batches, record).await?;
+                        Box::pin(self.update(&js, updated, batches, record)).await?;
                     }
                     return Ok(());
                 }
@@ -362,7 +362,7 @@ impl NatsTransport {
                 if !changed && !batches {
                     return Ok(());
                 }
-                self.update(&js, updated, batches, changed).await?;
+                Box::pin(self.update(&js, updated, batches, changed)).await?;
                 if changed {
                     tracing::info!(stream = %config.name, changes = %differs.join("; "), "stream settings updated");
                 }
@@ -406,7 +406,17 @@ impl NatsTransport {
         updated.metadata.insert(SETTINGS_KEY.to_owned(), record);
         match js.update_stream(&updated).await {
             // As the server keeps it: one that does not know the setting
-            // (an older peer) drops it.
+            // (an older peer) drops it, and the record must not say catga
+            // turned it on (it would read as an operator's "off").
+            Ok(info) if batches && !info.config.allow_atomic_publish && !off => {
+                let mut kept = info.config;
+                kept.metadata
+                    .insert(SETTINGS_KEY.to_owned(), settings_record(&kept));
+                js.update_stream(&kept)
+                    .await
+                    .map(|_| false)
+                    .map_err(|e| js_error("stream update", e))
+            }
             Ok(info) => Ok(info.config.allow_atomic_publish),
             Err(e) if batches => {
                 tracing::warn!(
@@ -452,13 +462,19 @@ impl NatsTransport {
 
     /// Whether the server keeps stream metadata (2.10 and later).
     fn keeps_metadata(&self) -> bool {
+        self.server_at_least(2, 10, 0)
+    }
+
+    /// Whether the connected server's version is at least
+    /// `major.minor.patch`.
+    fn server_at_least(&self, major: u32, minor: u32, patch: u32) -> bool {
         let version = self.server_version().unwrap_or_default();
         let mut parts = version
             .trim_start_matches('v')
-            .split('.')
+            .split(['.', '-'])
             .map(|p| p.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        (major, minor) >= (2, 10)
+        let mut next = || parts.next().unwrap_or(0);
+        (next(), next(), next()) >= (major, minor, patch)
     }
 
     /// Whether JetStream takes atomic batches (`allow_atomic` streams):
@@ -473,7 +489,13 @@ impl NatsTransport {
         }
         match self.jetstream().query_account().await {
             Ok(account) => {
-                let taken = account.requests.level >= 2;
+                // 2.12.0 has API level 2 but refuses a batch whose
+                // messages carry `Nats-Msg-Id` (10177), which every
+                // relayed event does: de-duplication in batches came with
+                // 2.12.1. The connected server's version stands in for
+                // the stream leaders' (a cluster mid-upgrade is not told
+                // apart; a refusal then stops batching a while).
+                let taken = account.requests.level >= 2 && self.server_at_least(2, 12, 1);
                 self.learn_batches(taken);
                 taken
             }
@@ -836,8 +858,8 @@ impl NatsTransport {
     /// whole, its messages one after another, or not at all, so no other
     /// writer cuts into it and a failure leaves no later message stored
     /// before an earlier one. One round trip a batch: with 3 shards, a
-    /// message at a time cost the relay 0.47x of one shard's events/s
-    /// (BENCHMARKS.md, "Outbox relay").
+    /// message at a time costs the relay 0.34x of one shard's events/s,
+    /// batches 0.81x (BENCHMARKS.md, "Outbox relay").
     ///
     /// Without `batches` (and for the streams it names), and on a stream
     /// that does not take batches (made without `allow_atomic`: an
@@ -882,9 +904,7 @@ impl NatsTransport {
                     if batches.is_some_and(|stepwise| !stepwise.contains(chain))
                         && n > 1
                         && self.takes_batch(&js, chain, deadline).await
-                        && self
-                            .store_batch(&js, chain, messages, batch, deadline, go_on)
-                            .await
+                        && self.store_batch(&js, chain, messages, batch, deadline).await
                     {
                         out.extend(batch.iter().map(|&i| (i, Ok(()))));
                         continue;
@@ -940,7 +960,10 @@ impl NatsTransport {
         // now.
         let recorded = current.metadata.get(SETTINGS_KEY);
         let foreign = current.mirror.is_some() || current.sources.as_ref().is_some_and(|s| !s.is_empty());
-        let catgas = chain.starts_with("CATGA_") && recorded_as_is(recorded, current, foreign);
+        // Only a stream catga recorded: without a record an operator's
+        // placement would not be told apart here (`ensure` tells it).
+        let catgas =
+            chain.starts_with("CATGA_") && recorded.is_some() && recorded_as_is(recorded, current, foreign);
         if !taken
             && catgas
             && !batches_turned_off(recorded, current)
@@ -950,7 +973,7 @@ impl NatsTransport {
                 Ok(true)
             )
         {
-            let update = self.update(js, current.clone(), true, false);
+            let update = Box::pin(self.update(js, current.clone(), true, false));
             taken = matches!(tokio::time::timeout_at(deadline, update).await, Ok(Ok(true)));
             if taken {
                 tracing::info!(stream = chain, "the stream takes atomic batches from now on");
@@ -973,10 +996,10 @@ impl NatsTransport {
         messages: &[super::Outgoing],
         batch: &[usize],
         deadline: tokio::time::Instant,
-        go_on: &(dyn Fn() -> bool + Sync),
     ) -> bool {
         let client = js.client();
         let id = nuid::next();
+        let started = std::time::Instant::now();
         let mut slots = Vec::with_capacity(batch.len());
         let mut sent = Ok(());
         let mut commit = None;
@@ -1000,12 +1023,16 @@ impl NatsTransport {
                         break;
                     }
                 }
-            } else if !go_on() {
-                // The lease went while the batch was sent: it is not
-                // committed (the server drops it), and nothing more is
-                // sent.
-                sent = Err("the relay's lease went".to_owned());
+            } else if started.elapsed() > BATCH_STALL {
+                // The process stalled while it sent the batch (stopped,
+                // starved): its lease may have gone and another relay
+                // sent these since, so it is not committed (the server
+                // drops it).
+                sent = Err("the batch took too long to send".to_owned());
             } else {
+                // Committed whether or not the lease is still this
+                // relay's: a live hand-over waits for the round to end,
+                // and the messages reached plain subscribers already.
                 headers.insert(BATCH_COMMIT, "1");
                 commit = Some(tokio::time::timeout_at(deadline, async {
                     js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
@@ -1046,6 +1073,17 @@ impl NatsTransport {
                         // A message of it is stored already: the next
                         // batch is another.
                         Some(jetstream::ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE) => {}
+                        // A header the server does not take in a batch
+                        // (`Nats-Msg-Id` on 2.12.0): for good.
+                        Some(jetstream::ErrorCode::ATOMIC_PUBLISH_UNSUPPORTED_HEADER) => {
+                            tracing::warn!(
+                                stream = chain,
+                                error = %e,
+                                "the stream's server takes no message ids in atomic batches (nats-server 2.12.0?): \
+                                 relayed events go one at a time"
+                            );
+                            self.learn_batches(false);
+                        }
                         // Batches turned off, a limit of the server's
                         // (its batch size, the batches in flight), or a
                         // message the stream refuses: a refused batch
@@ -1398,6 +1436,10 @@ const BATCH_COMMIT: &str = "Nats-Batch-Commit";
 /// How long a stream's `allow_atomic` setting, once looked up, is taken
 /// as it was (an operator may turn it on or off meanwhile).
 const BATCH_SETTING_MEMORY: Duration = Duration::from_secs(60);
+
+/// How long sending a batch's messages may take before its commit: far
+/// more than buffering a thousand messages takes, far less than a lease.
+const BATCH_STALL: Duration = Duration::from_secs(1);
 
 /// The most messages of one atomic batch: nats-server's default
 /// `jetstream.limits.batch.max_msgs`.

@@ -618,10 +618,27 @@ async fn events_sent_again_are_stored_once_and_in_order(b: &Backend) {
         vec![0]
     };
     until_relayed(std::slice::from_ref(&rt), &expected, expected.len()).await;
-    // The relay's first rounds found the outboxes empty: it sends batches.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let client = b.client().await;
     let run = run_id();
+    // A relay that took a shard goes one at a time until it knows nothing
+    // it reads was stored before: a probe in every shard, once heard, was
+    // such a round (it read less than a page); after it, batches.
+    let mut shards_probed = BTreeSet::new();
+    let probes: Vec<String> = accounts_in_every_shard(&format!("{run}-probe"))
+        .into_iter()
+        .filter(|a| shards_probed.insert(catga::ring::partition_of(a, SHARDS)))
+        .collect();
+    for a in &probes {
+        let probe = Burst {
+            run: run.clone(),
+            account: a.clone(),
+        };
+        client
+            .send_with_id(probe, &format!("{a}-probe"))
+            .await
+            .expect("probe");
+    }
+    until_heard(&run, &probes, "stepped", 3).await;
     let accounts = accounts_in_every_shard(&run);
     // The first two steps of shard 0's accounts are in the stream already,
     // under the ids the deposit's events get (`<message id>.<n>`).
