@@ -408,14 +408,17 @@ impl NatsTransport {
             // As the server keeps it: one that does not know the setting
             // (an older peer) drops it, and the record must not say catga
             // turned it on (it would read as an operator's "off").
-            Ok(info) if batches && !info.config.allow_atomic_publish && !off => {
+            Ok(info) if batches && !info.config.allow_atomic_publish => {
                 let mut kept = info.config;
                 kept.metadata
                     .insert(SETTINGS_KEY.to_owned(), settings_record(&kept));
-                js.update_stream(&kept)
-                    .await
-                    .map(|_| false)
-                    .map_err(|e| js_error("stream update", e))
+                // The update itself was made: a record not put right is
+                // told in the log only (the stream then reads as one whose
+                // batches someone turned off, and stays without them).
+                if let Err(e) = js.update_stream(&kept).await {
+                    tracing::warn!(stream = %kept.name, error = %e, "the stream's record could not be put right");
+                }
+                Ok(false)
             }
             Ok(info) => Ok(info.config.allow_atomic_publish),
             Err(e) if batches => {
@@ -898,13 +901,17 @@ impl NatsTransport {
                         out.extend(rest.iter().map(|&i| (i, Err(super::not_sent()))));
                         break;
                     }
+                    // What a batch's commit counts a stall from.
+                    let checked = std::time::Instant::now();
                     let n = batch_len(rest.iter().map(|&i| &messages[i]));
                     let (batch, after) = rest.split_at(n);
                     rest = after;
                     if batches.is_some_and(|stepwise| !stepwise.contains(chain))
                         && n > 1
                         && self.takes_batch(&js, chain, deadline).await
-                        && self.store_batch(&js, chain, messages, batch, deadline).await
+                        && self
+                            .store_batch(&js, chain, messages, batch, deadline, checked)
+                            .await
                     {
                         out.extend(batch.iter().map(|&i| (i, Ok(()))));
                         continue;
@@ -943,6 +950,11 @@ impl NatsTransport {
         chain: &str,
         deadline: tokio::time::Instant,
     ) -> bool {
+        // JetStream (or the server this replica is on) takes none, even
+        // where a stream has the setting.
+        if self.batches_known() == Some(false) {
+            return false;
+        }
         if let Some(known) = self.batch_setting(chain, BATCH_SETTING_MEMORY) {
             return known;
         }
@@ -996,10 +1008,16 @@ impl NatsTransport {
         messages: &[super::Outgoing],
         batch: &[usize],
         deadline: tokio::time::Instant,
+        started: std::time::Instant,
     ) -> bool {
+        if started.elapsed() > BATCH_STALL {
+            // The look-up took that long (or the process stalled): one at
+            // a time, each message asking for the lease, rather than a
+            // batch that may not be committed.
+            return false;
+        }
         let client = js.client();
         let id = nuid::next();
-        let started = std::time::Instant::now();
         let mut slots = Vec::with_capacity(batch.len());
         let mut sent = Ok(());
         let mut commit = None;
@@ -1024,10 +1042,11 @@ impl NatsTransport {
                     }
                 }
             } else if started.elapsed() > BATCH_STALL {
-                // The process stalled while it sent the batch (stopped,
-                // starved): its lease may have gone and another relay
-                // sent these since, so it is not committed (the server
-                // drops it).
+                // The process stalled since it found its lease held (it
+                // was stopped or starved while it looked the stream up or
+                // sent the batch): the lease may have gone and another
+                // relay sent these since, so it is not committed (the
+                // server drops it).
                 sent = Err("the batch took too long to send".to_owned());
             } else {
                 // Committed whether or not the lease is still this
@@ -1083,6 +1102,7 @@ impl NatsTransport {
                                  relayed events go one at a time"
                             );
                             self.learn_batches(false);
+                            self.learn_batch_setting(chain, false);
                         }
                         // Batches turned off, a limit of the server's
                         // (its batch size, the batches in flight), or a
