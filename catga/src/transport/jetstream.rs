@@ -95,13 +95,15 @@ const ATOMIC_MARK: &str = ";atomic=1";
 /// catga never sets (`foreign`).
 fn recorded_as_is(recorded: Option<&String>, current: &stream::Config, foreign: bool) -> bool {
     match recorded {
-        Some(recorded) => {
-            let now = settings_record(current);
-            recorded.strip_suffix(ATOMIC_MARK).unwrap_or(recorded)
-                == now.strip_suffix(ATOMIC_MARK).unwrap_or(&now)
-        }
+        Some(recorded) => record_matches(recorded, current),
         None => !foreign,
     }
+}
+
+/// Whether `recorded` is `current`'s record, atomic batches aside.
+fn record_matches(recorded: &str, current: &stream::Config) -> bool {
+    let now = settings_record(current);
+    recorded.strip_suffix(ATOMIC_MARK).unwrap_or(recorded) == now.strip_suffix(ATOMIC_MARK).unwrap_or(&now)
 }
 
 /// Whether someone turned off the atomic batches catga turned on: catga
@@ -971,11 +973,9 @@ impl NatsTransport {
         // `publish_durable`, or before the server was 2.12): turned on
         // now.
         let recorded = current.metadata.get(SETTINGS_KEY);
-        let foreign = current.mirror.is_some() || current.sources.as_ref().is_some_and(|s| !s.is_empty());
         // Only a stream catga recorded: without a record an operator's
         // placement would not be told apart here (`ensure` tells it).
-        let catgas =
-            chain.starts_with("CATGA_") && recorded.is_some() && recorded_as_is(recorded, current, foreign);
+        let catgas = chain.starts_with("CATGA_") && recorded.is_some_and(|r| record_matches(r, current));
         if !taken
             && catgas
             && !batches_turned_off(recorded, current)

@@ -87,7 +87,7 @@ struct Inner {
     jetstream: Mutex<Option<(usize, async_nats::jetstream::Context)>>,
     /// Whether a stream stores a subject, and when that was looked up (see
     /// `NatsTransport::has_stream`).
-    streams: Mutex<HashMap<String, (bool, Instant)>>,
+    streams: Recalled,
     /// The stream that stored a subject's messages, as its acknowledgements
     /// named it: publishes to one stream chain on each other.
     stream_of: Mutex<HashMap<String, String>>,
@@ -101,7 +101,7 @@ struct Inner {
     wants_batches: AtomicBool,
     /// Whether a stream takes atomic batches (its `allow_atomic`), and
     /// when that was looked up.
-    batch_settings: Mutex<HashMap<String, (bool, Instant)>>,
+    batch_settings: Recalled,
     slow_consumer_events: Arc<AtomicU64>,
     server_errors: broadcast::Sender<String>,
     /// What a test kit on real servers sees of this connection (off
@@ -117,6 +117,27 @@ impl Drop for Inner {
             d.abort();
         }
     }
+}
+
+/// What was looked up about streams or subjects, and when.
+type Recalled = Mutex<HashMap<String, (bool, Instant)>>;
+
+/// What `known` says of `key`, if it was looked up within `memory`.
+fn recalled(known: &Recalled, key: &str, memory: Duration) -> Option<bool> {
+    known
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(key)
+        .filter(|(_, at)| at.elapsed() < memory)
+        .map(|(value, _)| *value)
+}
+
+/// Remembers `value` for `key` in `known`, as of now.
+fn remember(known: &Recalled, key: &str, value: bool) {
+    known
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key.to_owned(), (value, Instant::now()));
 }
 
 fn transport_error(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -234,22 +255,12 @@ impl NatsTransport {
 
     /// Whether a stream stores `subject`, if looked up within `memory`.
     pub(super) fn stream_known(&self, subject: &str, memory: Duration) -> Option<bool> {
-        self.inner
-            .streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(subject)
-            .filter(|(_, at)| at.elapsed() < memory)
-            .map(|(exists, _)| *exists)
+        recalled(&self.inner.streams, subject, memory)
     }
 
     /// Remembers whether a stream stores `subject`.
     pub(super) fn remember_stream(&self, subject: &str, exists: bool) {
-        self.inner
-            .streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(subject.to_owned(), (exists, Instant::now()));
+        remember(&self.inner.streams, subject, exists);
     }
 
     /// The stream that stores `subject`, if an acknowledgement named it.
@@ -287,22 +298,12 @@ impl NatsTransport {
     /// Whether the stream `name` takes atomic batches, if looked up within
     /// `memory`.
     pub(super) fn batch_setting(&self, name: &str, memory: Duration) -> Option<bool> {
-        self.inner
-            .batch_settings
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(name)
-            .filter(|(_, at)| at.elapsed() < memory)
-            .map(|(taken, _)| *taken)
+        recalled(&self.inner.batch_settings, name, memory)
     }
 
     /// Remembers whether the stream `name` takes atomic batches.
     pub(super) fn learn_batch_setting(&self, name: &str, taken: bool) {
-        self.inner
-            .batch_settings
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_owned(), (taken, Instant::now()));
+        remember(&self.inner.batch_settings, name, taken);
     }
 
     /// Whether `name` is a stream an acknowledgement or a look-up named
