@@ -166,6 +166,28 @@ impl Replica {
         Replica::spawn(id, handler, nats, redis, concurrency, DEFAULT_LEASE, LEADER_LEASE)
     }
 
+    /// [`spawn_with`](Self::spawn_with), with more environment for the
+    /// replica (its `CATGA_*` settings).
+    pub(crate) fn spawn_env(
+        id: &str,
+        handler: &str,
+        nats: &str,
+        redis: Option<&str>,
+        concurrency: usize,
+        env: &[(&str, String)],
+    ) -> Replica {
+        Replica::spawn_in(
+            id,
+            handler,
+            nats,
+            redis,
+            concurrency,
+            DEFAULT_LEASE,
+            LEADER_LEASE,
+            env,
+        )
+    }
+
     fn spawn(
         id: &str,
         handler: &str,
@@ -175,8 +197,23 @@ impl Replica {
         lease: Duration,
         leader_lease: Duration,
     ) -> Replica {
+        Replica::spawn_in(id, handler, nats, redis, concurrency, lease, leader_lease, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_in(
+        id: &str,
+        handler: &str,
+        nats: &str,
+        redis: Option<&str>,
+        concurrency: usize,
+        lease: Duration,
+        leader_lease: Duration,
+        env: &[(&str, String)],
+    ) -> Replica {
         let exe = std::env::current_exe().expect("own path");
         let mut cmd = Process::new(exe);
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         cmd.arg("replica")
             .env("NATS_URL", nats)
             .env("CATGA_INSTANCE_ID", id)

@@ -65,19 +65,23 @@ pub async fn keyed() {
     println!("## Keyed sagas: replicas as separate processes");
     println!();
     println!(
-        "A `#[saga(key = key, partitions = 64)]` over 1,000 keys, C sagas at a time per replica; its one step is an idempotent command awaiting 2 ms. 6,000 triggers published by 16 publishers (after 200 to warm up); sagas per second from the first publish to the last saga done. \"no step\": the saga only journals its end, which shows what routing and the partitions cost. CPU: the host's busy share during the 2 ms runs (2 cores for the replicas, nats-server, redis-server and this client)."
+        "A `#[saga(key = key, partitions = 64)]` over 1,000 keys, C sagas at a time per replica; its one step is an idempotent command awaiting 2 ms. 6,000 triggers published by 16 publishers (after 200 to warm up); sagas per second from the first publish to the last saga done. \"no step\": the saga only journals its end, which shows what routing and the partitions cost. S: partition streams (`CATGA_JS_SAGA_STREAMS`), each with a router share of its own. CPU: the host's busy share during the 2 ms runs (2 cores for the replicas, nats-server, redis-server and this client)."
     );
     println!();
     println!(
-        "| C | replicas | sagas/s (2 ms step) | vs 1 replica | ideal | host CPU busy | sagas/s (no step) | vs 1 replica |"
+        "| S | C | replicas | sagas/s (2 ms step) | vs 1 replica | ideal | host CPU busy | sagas/s (no step) | vs 1 replica |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let levels: Vec<usize> = std::env::var("BENCH_KEYED_CONCURRENCY")
-        .ok()
-        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![2, 4]);
-    for per_replica in levels {
-        keyed_at(per_replica).await;
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let list = |var: &str, default: Vec<usize>| -> Vec<usize> {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .unwrap_or(default)
+    };
+    for streams in list("BENCH_KEYED_STREAMS", vec![1, 3]) {
+        for per_replica in list("BENCH_KEYED_CONCURRENCY", vec![2, 4]) {
+            keyed_at(streams, per_replica).await;
+        }
     }
     println!();
 }
@@ -99,7 +103,7 @@ fn host_cpu() -> (u64, u64) {
     (total - idle, total)
 }
 
-async fn keyed_at(per_replica: usize) {
+async fn keyed_at(streams: usize, per_replica: usize) {
     use futures_util::StreamExt;
     let mut base: Option<(f64, f64)> = None;
     let counts: Vec<usize> = std::env::var("BENCH_KEYED_REPLICAS")
@@ -112,12 +116,13 @@ async fn keyed_at(per_replica: usize) {
         let (url, redis_url) = (nats.url(), redis.url());
         let replicas: Vec<crate::cluster::Replica> = (0..n)
             .map(|i| {
-                crate::cluster::Replica::spawn_with(
+                crate::cluster::Replica::spawn_env(
                     &format!("k{i}"),
                     "keyed",
                     &url,
                     Some(&redis_url),
                     per_replica,
+                    &[("CATGA_JS_SAGA_STREAMS", streams.to_string())],
                 )
             })
             .collect();
@@ -155,7 +160,7 @@ async fn keyed_at(per_replica: usize) {
         counter.abort();
         let (s, r) = *base.get_or_insert((rates[0], rates[1]));
         println!(
-            "| {per_replica} | {n} | {:.0} | {:.2}x | {n}x | {:.0} % | {:.0} | {:.2}x |",
+            "| {streams} | {per_replica} | {n} | {:.0} | {:.2}x | {n}x | {:.0} % | {:.0} | {:.2}x |",
             rates[0],
             rates[0] / s,
             100.0 * busy,

@@ -318,10 +318,10 @@ async fn services(config: Config, json: bool) -> Result<String> {
                     e.subject,
                     get("partitions"),
                     get("partitions_total"),
-                    if get("routing") == "true" {
-                        ", routes the triggers"
-                    } else {
-                        ""
+                    match (get("routing"), get("routing_shares")) {
+                        ("true", "" | "0") => ", routes the triggers".to_owned(),
+                        ("true", shares) => format!(", routes the triggers of partition streams [{shares}]"),
+                        _ => String::new(),
                     }
                 );
             } else {

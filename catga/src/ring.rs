@@ -82,17 +82,30 @@ impl Ring {
     /// `load_factor` times the mean (at least 1.0), for comparing the
     /// balance it gives with the partitions it moves.
     pub fn assign_bounded(&self, partitions: u32, load_factor: f64) -> Vec<&str> {
+        let names: Vec<String> = (0..partitions).map(|p| format!("partition/{p}")).collect();
+        self.spread_bounded(&names, load_factor)
+    }
+
+    /// The owner of each of `names` (in their order), spread as
+    /// partitions are: each at its own point, no member over the mean.
+    /// Empty without members.
+    pub fn spread(&self, names: &[String]) -> Vec<&str> {
+        self.spread_bounded(names, LOAD_FACTOR)
+    }
+
+    fn spread_bounded(&self, names: &[String], load_factor: f64) -> Vec<&str> {
         if self.members.is_empty() {
             return Vec::new();
         }
         let n = self.members.len();
-        let cap = ((f64::from(partitions) / n as f64) * load_factor.max(1.0))
+        let cap = ((names.len() as f64 / n as f64) * load_factor.max(1.0))
             .ceil()
             .max(1.0) as usize;
         let mut load = vec![0usize; n];
-        (0..partitions)
-            .map(|p| {
-                let h = xxh3_64(format!("partition/{p}").as_bytes());
+        names
+            .iter()
+            .map(|name| {
+                let h = xxh3_64(name.as_bytes());
                 let start = self.points.partition_point(|(point, _)| *point < h);
                 let len = self.points.len();
                 // The first member clockwise with room; every member has

@@ -95,7 +95,15 @@ fn endpoints(shared: &Shared) -> Vec<Endpoint> {
                     "partitions_total",
                     view.spec.partitions().unwrap_or(1).to_string(),
                 ),
-                ("routing", view.routing.to_string()),
+                ("routing", (!view.routing.is_empty()).to_string()),
+                (
+                    "routing_shares",
+                    view.routing
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
             ],
             served: view.partitions.iter().map(|(_, s)| Arc::clone(s)).collect(),
         });

@@ -1,12 +1,17 @@
 //! Keyed sagas (`#[saga(key = field)]`): instances partitioned by key over
 //! the live replicas.
 //!
-//! - One replica at a time routes (the holder of the saga's router lease,
-//!   placed by the ring like a partition): it pulls the triggers from the
-//!   saga's durable consumer, reads each key, and stores the trigger on its
-//!   partition's subject (`catga.saga.<service>.<saga>.<n>`, in one of
-//!   `CATGA_JS_SAGA_STREAMS` JetStream streams per saga) under the trigger's message id, so a routing repeated
-//!   after a crash is dropped by the stream's duplicate window. It sends
+//! - One router per partition stream (`CATGA_JS_SAGA_STREAMS`, 1 by
+//!   default) routes, each share on one replica at a time (the holder of
+//!   the share's router lease, placed by the ring like a partition): it
+//!   pulls every trigger with a durable consumer of its own, reads each
+//!   key, acknowledges the triggers of other shares' partitions, and
+//!   stores each of its own on its partition's subject
+//!   (`catga.saga.<service>.<saga>.<n>`, in stream `n %
+//!   CATGA_JS_SAGA_STREAMS`) under the trigger's message id, so a routing
+//!   repeated after a crash is dropped by the stream's duplicate window.
+//!   Each partition stream has one writer; a key's triggers all go
+//!   through the one share of its partition's stream. It sends
 //!   one trigger after another on one connection without waiting for each
 //!   acknowledgement (the stream stores them in that order) and acks the
 //!   triggers in order as their copies are stored: a key's triggers reach
@@ -141,15 +146,46 @@ pub(crate) fn ack_wait(config: &crate::config::Config) -> Duration {
 
 fn lease_name(spec: &HandlerSpec, p: u32) -> String {
     let saga = saga_name(spec);
-    if p == ROUTER {
-        format!("part:{saga}:router")
-    } else {
-        format!("part:{saga}:{p}")
+    match router_share(p) {
+        Some(0) => format!("part:{saga}:router"),
+        Some(share) => format!("part:{saga}:router-{share}"),
+        None => format!("part:{saga}:{p}"),
     }
 }
 
-/// The router's slot: not a partition number.
+/// The slot of the routers' first share: share `k` is `ROUTER - k`. Not
+/// partition numbers (those are far below).
 const ROUTER: u32 = u32::MAX;
+
+/// The slot of router share `share`.
+fn router_slot(share: u32) -> u32 {
+    ROUTER - share
+}
+
+/// The router share of slot `p`, if it is a router's.
+fn router_share(p: u32) -> Option<u32> {
+    (p > u32::MAX / 2).then(|| ROUTER - p)
+}
+
+/// How many routers share a keyed saga's triggers: one per partition
+/// stream (`CATGA_JS_SAGA_STREAMS`, at most one per partition), each
+/// routing the triggers of its stream's partitions, so that each
+/// partition stream keeps one writer (and its chain of expected ids) and
+/// no one replica routes every trigger.
+pub(crate) fn router_shares(spec: &HandlerSpec, config: &crate::config::Config) -> u32 {
+    crate::transport::partition_stream_count(spec.partitions().unwrap_or(1), config.streams.saga_streams)
+}
+
+/// The durable consumer router share `share` pulls the triggers with:
+/// share 0 keeps the saga's own name (the one router of a saga on one
+/// stream, and of earlier releases).
+pub(crate) fn router_durable(spec: &HandlerSpec, share: u32) -> String {
+    if share == 0 {
+        saga_name(spec).to_owned()
+    } else {
+        format!("{}-r{share}", saga_name(spec))
+    }
+}
 
 /// In-flight routings of one router: the triggers sent to their
 /// partitions and not yet acknowledged there.
@@ -201,10 +237,29 @@ impl Owned {
     pub(crate) fn served(&self) -> BTreeMap<&'static str, Vec<u32>> {
         let mut out: BTreeMap<&'static str, Vec<u32>> = BTreeMap::new();
         for ((saga, p), slot) in &self.slots {
-            if *p != ROUTER && matches!(slot, Slot::Serving { .. }) {
+            if router_share(*p).is_none() && matches!(slot, Slot::Serving { .. }) {
                 out.entry(saga).or_default().push(*p);
             }
         }
+        out
+    }
+
+    /// The router shares run here, per saga.
+    pub(crate) fn routing(&self) -> BTreeMap<&'static str, Vec<u32>> {
+        let mut out: BTreeMap<&'static str, Vec<u32>> = BTreeMap::new();
+        for ((saga, p), slot) in &self.slots {
+            if let (
+                Some(share),
+                Slot::Serving {
+                    run: Running::Router { .. },
+                    ..
+                },
+            ) = (router_share(*p), slot)
+            {
+                out.entry(saga).or_default().push(share);
+            }
+        }
+        out.values_mut().for_each(|shares| shares.sort_unstable());
         out
     }
 
@@ -397,6 +452,11 @@ impl Keyed {
         self.owned.lock().await.served()
     }
 
+    /// The router shares this replica runs, per saga.
+    pub(crate) async fn routing(&self) -> BTreeMap<&'static str, Vec<u32>> {
+        self.owned.lock().await.routing()
+    }
+
     /// Stops the ownership loop and takes what still runs, for the
     /// shutdown to drain (see [`Owned::take_all`]).
     pub(crate) async fn stop(&mut self) -> (Vec<Serving>, Vec<JoinHandle<()>>, Vec<super::lease::HeldLease>) {
@@ -449,16 +509,24 @@ fn gate(shared: &Shared, spec: &HandlerSpec) -> Arc<Semaphore> {
 }
 
 /// Who should own each partition of a saga with `partitions` partitions,
-/// then its router, given its live `members` (from the consistent-hash
-/// ring, loads bounded at the mean). The pure step of the ownership loop;
-/// the loop then brings the leases in line with it.
-pub(crate) fn owners(members: &[String], saga: &str, partitions: u32) -> Vec<String> {
+/// then each of its `routers` router shares, given its live `members`
+/// (from the consistent-hash ring, loads bounded at the mean). The pure
+/// step of the ownership loop; the loop then brings the leases in line
+/// with it.
+pub(crate) fn owners(members: &[String], saga: &str, partitions: u32, routers: u32) -> Vec<String> {
     let ring = crate::ring::Ring::new(members);
-    ring.assign(partitions)
-        .into_iter()
-        .chain(ring.owner_of(&format!("router/{saga}")))
-        .map(str::to_owned)
-        .collect()
+    let owners = ring.assign(partitions).into_iter();
+    if routers <= 1 {
+        return owners
+            .chain(ring.owner_of(&format!("router/{saga}")))
+            .map(str::to_owned)
+            .collect();
+    }
+    // Several shares spread like partitions (loads bounded at the mean):
+    // each on its own point, 3 shares over 3 replicas landed on 2 of them
+    // in most member lists.
+    let names: Vec<String> = (0..routers).map(|k| format!("router/{saga}/{k}")).collect();
+    owners.chain(ring.spread(&names)).map(str::to_owned).collect()
 }
 
 /// This replica's name in the ring: its instance id and a nonce of this
@@ -653,7 +721,12 @@ impl Keeper {
                             "saga ring members changed"
                         );
                         metrics::gauge!("catga_members", "saga" => spec.name()).set(members.len() as f64);
-                        *owners = self::owners(&members, spec.name(), spec.partitions().unwrap_or(1));
+                        *owners = self::owners(
+                            &members,
+                            spec.name(),
+                            spec.partitions().unwrap_or(1),
+                            router_shares(spec, &self.shared.config),
+                        );
                         *seen = members;
                     }
                 }
@@ -720,8 +793,9 @@ impl Keeper {
             .zip(&self.streams_ready)
         {
             let partitions = spec.partitions().unwrap_or(1);
-            for p in (0..partitions).chain([ROUTER]) {
-                let at = if p == ROUTER { partitions } else { p } as usize;
+            let routers = (0..router_shares(spec, &self.shared.config)).map(router_slot);
+            for p in (0..partitions).chain(routers) {
+                let at = router_share(p).map_or(p, |share| partitions + share) as usize;
                 let mine = *ready && owners.get(at).is_some_and(|o| *o == self.me);
                 let slot = owned_now.slots.get(&(spec.name(), p));
                 if !mine && matches!(slot, Some(Slot::Serving { .. })) {
@@ -842,17 +916,17 @@ impl Keeper {
         partition: &Arc<Partition>,
         token: u64,
     ) -> Result<Running> {
-        if partition.index == ROUTER {
+        if let Some(share) = router_share(partition.index) {
             let (stop, stop_rx) = watch::channel(false);
             let trouble = Trouble::default();
             let task = tokio::spawn(route(
                 Arc::clone(&self.shared),
                 spec,
-                Arc::clone(partition),
+                (Arc::clone(partition), share),
                 stop_rx,
                 Arc::clone(&trouble),
             ));
-            tracing::info!(saga = spec.name(), token, "routing this saga's triggers");
+            tracing::info!(saga = spec.name(), token, share, "routing this saga's triggers");
             Ok(Running::Router { stop, task, trouble })
         } else {
             super::handlers::spawn_partition(spec, &self.shared, Arc::clone(partition))
@@ -900,7 +974,7 @@ impl Keeper {
                 let mut view = super::shared::KeyedView {
                     spec,
                     partitions: Vec::new(),
-                    routing: false,
+                    routing: Vec::new(),
                 };
                 for ((_, p), slot) in owned_now.slots.range((spec.name(), 0)..=(spec.name(), ROUTER)) {
                     match slot {
@@ -911,7 +985,7 @@ impl Keeper {
                         Slot::Serving {
                             run: Running::Router { .. },
                             ..
-                        } => view.routing = true,
+                        } => view.routing.extend(router_share(*p)),
                         Slot::Draining { .. } => {}
                     }
                 }
@@ -961,8 +1035,9 @@ impl Keeper {
                 reasons.into_iter().collect::<Vec<_>>().join("; ")
             ));
         }
-        if mine(partitions as usize) {
-            match slot(ROUTER) {
+        for share in (0..router_shares(spec, &self.shared.config)).filter(|k| mine((partitions + k) as usize))
+        {
+            match slot(router_slot(share)) {
                 Some(Slot::Serving {
                     run: Running::Router { trouble, .. },
                     ..
@@ -972,12 +1047,12 @@ impl Keeper {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .as_ref()
                     {
-                        why.push(format!("cannot route its triggers: {e}"));
+                        why.push(format!("cannot route its triggers (share {share}): {e}"));
                     }
                 }
                 _ => why.push(format!(
-                    "its router is this replica's but does not run ({})",
-                    reason(ROUTER)
+                    "its router (share {share}) is this replica's but does not run ({})",
+                    reason(router_slot(share))
                 )),
             }
         }
@@ -1061,7 +1136,7 @@ pub(crate) async fn leave(shared: &Shared, specs: &[&'static HandlerSpec]) {
         .iter()
         .flat_map(|spec| {
             (0..spec.partitions().unwrap_or(1))
-                .chain([ROUTER])
+                .chain((0..router_shares(spec, &shared.config)).map(router_slot))
                 .map(move |p| (lease_name(spec, p), false))
         })
         .collect();
@@ -1083,20 +1158,34 @@ pub(crate) async fn leave(shared: &Shared, specs: &[&'static HandlerSpec]) {
     }
 }
 
-/// Routes a keyed saga's triggers to their partitions while `stop` is
-/// false (see the module documentation); the holder of the router lease
-/// runs it.
+/// Routes a keyed saga's triggers of one router share to their
+/// partitions while `stop` is false (see the module documentation); the
+/// holder of the share's router lease runs it.
+///
+/// Each share pulls every trigger with a durable consumer of its own,
+/// routes those of its partition stream's partitions and acknowledges
+/// the rest. Share 0 keeps the saga's consumer (a saga on one stream has
+/// no other share; an earlier release routed every trigger with it) and
+/// creates the other shares' consumers, if missing, at its own
+/// acknowledgement floor before it routes: every trigger it acknowledged
+/// was routed (by it, or by one router of an earlier release), and none
+/// after it is skipped by both. Another share that finds its consumer
+/// missing creates it at share 0's floor the same way (see
+/// [`own_consumer`]): created at the stream's start, it would route every
+/// trigger the stream still keeps again.
 async fn route(
     shared: Arc<Shared>,
     spec: &'static HandlerSpec,
-    lease: Arc<Partition>,
+    (lease, share): (Arc<Partition>, u32),
     mut stop: watch::Receiver<bool>,
     trouble: Trouble,
 ) {
     let transport = shared.client.transport();
     let served = Served::new(spec, &shared.config);
     let subject = spec.subject();
-    let durable = saga_name(spec);
+    let durable = router_durable(spec, share);
+    let durable = durable.as_str();
+    let shares = router_shares(spec, &shared.config);
     let ack_wait = ack_wait(&shared.config);
     let options = DurableOptions {
         ack_wait,
@@ -1105,7 +1194,11 @@ async fn route(
         stream: None,
         pull_expires: PULL_EXPIRES,
         in_order: true,
-        from_last: false,
+        start: if share == 0 {
+            crate::transport::Start::First
+        } else {
+            crate::transport::Start::Existing
+        },
     };
     let base = partition_base(&shared.config.service, spec);
     let partitions = spec.partitions().unwrap_or(1);
@@ -1136,6 +1229,20 @@ async fn route(
             );
             continue;
         }
+        if share > 0 {
+            let made = bounded(
+                "creating the trigger consumer",
+                own_consumer(transport, spec, share, &options),
+            );
+            if let Err(e) = made.await {
+                tracing::warn!(saga = spec.name(), share, error = %e, "cannot create the router share's trigger consumer yet");
+                set_trouble(
+                    &trouble,
+                    Some(format!("its trigger consumer cannot be created: {e}")),
+                );
+                continue;
+            }
+        }
         let settled = bounded(
             "waiting for the triggers delivered before",
             settle_triggers(transport, spec, durable, ack_wait, &mut stop),
@@ -1152,6 +1259,38 @@ async fn route(
                 continue;
             }
         };
+        if share == 0 && shares > 1 {
+            let others = async {
+                for k in 1..shares {
+                    let other = DurableOptions {
+                        start: crate::transport::Start::Existing,
+                        ..options.clone()
+                    };
+                    let made = transport
+                        .create_durable_at(subject, &router_durable(spec, k), &other, floor + 1)
+                        .await?;
+                    if made {
+                        tracing::info!(
+                            saga = spec.name(),
+                            share = k,
+                            from = floor + 1,
+                            "created a router share's trigger consumer"
+                        );
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = bounded("creating the other router shares' consumers", others).await {
+                tracing::warn!(saga = spec.name(), error = %e, "cannot create the other router shares' consumers yet");
+                set_trouble(
+                    &trouble,
+                    Some(format!(
+                        "the other router shares' consumers cannot be created: {e}"
+                    )),
+                );
+                continue;
+            }
+        }
         let bound = bounded(
             "binding the trigger consumer",
             transport.durable_subscribe(subject, durable, &options),
@@ -1169,7 +1308,15 @@ async fn route(
         };
         set_trouble(&trouble, None);
         let outcome = route_from(
-            &shared, &served, &mut sub, &mut stop, &lease, &base, partitions, floor,
+            &shared,
+            &served,
+            &mut sub,
+            &mut stop,
+            &lease,
+            (durable, share),
+            &base,
+            partitions,
+            floor,
         )
         .await;
         if tokio::time::timeout(SET_UP, sub.drain()).await.is_err() {
@@ -1193,6 +1340,43 @@ async fn route(
             "routing stopped: this replica's hold on the router lease lapsed (a renewal is late); it routes again once the lease is renewed"
         );
     }
+}
+
+/// Creates router share `share`'s trigger consumer if it is missing, at
+/// share 0's acknowledgement floor: every trigger up to it was routed
+/// (share 0 acknowledges another share's trigger unrouted only once that
+/// share's consumer exists). This is what a share meets while share 0 is
+/// still routed by a replica of an earlier release, which routes every
+/// trigger with the saga's one consumer: the share routes its own as
+/// well, and the partition stream drops the copies stored twice (by
+/// message id, within its duplicate window; the expected-id chains keep
+/// each stream in trigger order, see the operations guide). Without share
+/// 0's consumer (a new saga), it starts at the stream's beginning, as
+/// share 0's will.
+async fn own_consumer(
+    transport: &crate::transport::Transport,
+    spec: &'static HandlerSpec,
+    share: u32,
+    options: &DurableOptions,
+) -> Result<()> {
+    let subject = spec.subject();
+    let zero = transport
+        .durable_outstanding(subject, &router_durable(spec, 0))
+        .await?
+        .ack_floor;
+    let durable = router_durable(spec, share);
+    if transport
+        .create_durable_at(subject, &durable, options, zero + 1)
+        .await?
+    {
+        tracing::info!(
+            saga = spec.name(),
+            share,
+            from = zero + 1,
+            "created this router share's trigger consumer"
+        );
+    }
+    Ok(())
 }
 
 /// Waits until every trigger delivered before can only come back to the
@@ -1253,6 +1437,10 @@ async fn settle_triggers(
 struct Router<'a> {
     shared: &'a Shared,
     served: &'a Served,
+    /// The trigger consumer this router pulls with.
+    durable: &'a str,
+    /// Its share: it routes the triggers of partition stream `share`.
+    share: u32,
     base: &'a str,
     partitions: u32,
     streams: u32,
@@ -1309,6 +1497,11 @@ impl Router<'_> {
             });
         let key = match key {
             Ok(key) => key,
+            // Dead-lettered once, by share 0; the others pass it by.
+            Err(_) if self.share != 0 => {
+                let _ = settler.settle(Settle::Reply(Bytes::new())).await;
+                return;
+            }
             Err(error) => {
                 tracing::error!(saga = spec.name(), error = %error, "a trigger without a readable key: dead-lettered");
                 let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
@@ -1318,6 +1511,12 @@ impl Router<'_> {
         };
         let p = crate::ring::partition_of(&key, self.partitions);
         let at = (p % self.streams) as usize;
+        // Another share's: acknowledged here, routed there (its consumer
+        // has it too).
+        if at != self.share as usize {
+            let _ = settler.settle(Settle::Reply(Bytes::new())).await;
+            return;
+        }
         // The trigger's own headers, without the broker's (a
         // forged `Nats-Expected-Stream` would make every copy be
         // refused); the copy keeps the trigger's id: the saga's
@@ -1439,6 +1638,7 @@ async fn route_from(
     sub: &mut crate::transport::Subscription,
     stop: &mut watch::Receiver<bool>,
     lease: &Partition,
+    (durable, share): (&str, u32),
     base: &str,
     partitions: u32,
     floor: u64,
@@ -1448,6 +1648,8 @@ async fn route_from(
     let mut r = Router {
         shared,
         served,
+        durable,
+        share,
         base,
         partitions,
         streams: crate::transport::partition_stream_count(partitions, shared.config.streams.saga_streams),
@@ -1611,11 +1813,7 @@ async fn catch_up(
     }
     let spec = r.served.spec;
     let transport = r.shared.client.transport();
-    let asked = tokio::time::timeout(
-        ASK,
-        transport.durable_outstanding(spec.subject(), saga_name(spec)),
-    )
-    .await;
+    let asked = tokio::time::timeout(ASK, transport.durable_outstanding(spec.subject(), r.durable)).await;
     if let Ok(Ok(out)) = asked
         && out.ack_floor + 1 > *next
     {
@@ -1701,7 +1899,7 @@ mod tests {
     fn every_partition_and_the_router_have_one_owner_among_the_members() {
         for n in 1..=5 {
             let members = names(n);
-            let owned = owners(&members, "saga", 16);
+            let owned = owners(&members, "saga", 16, 1);
             assert_eq!(owned.len(), 17, "16 partitions and the router");
             assert!(owned.iter().all(|o| members.contains(o)));
             // Loads bounded at the mean: nobody owns more than its share.
@@ -1717,15 +1915,44 @@ mod tests {
 
     #[test]
     fn owners_are_the_same_on_every_replica() {
-        let a = owners(&names(3), "saga", 8);
+        let a = owners(&names(3), "saga", 8, 3);
         let mut shuffled = names(3);
         shuffled.reverse();
         shuffled.sort();
         assert_eq!(
             a,
-            owners(&shuffled, "saga", 8),
+            owners(&shuffled, "saga", 8, 3),
             "a function of the sorted members"
         );
-        assert!(owners(&[], "saga", 8).is_empty(), "nobody alive: nobody owns");
+        assert!(owners(&[], "saga", 8, 3).is_empty(), "nobody alive: nobody owns");
+    }
+
+    #[test]
+    fn router_shares_spread_like_partitions() {
+        for n in 1..=5_usize {
+            let members = names(n);
+            let owned = owners(&members, "saga", 8, 3);
+            assert_eq!(owned.len(), 11, "8 partitions and 3 router shares");
+            assert_eq!(
+                owned[..8],
+                owners(&members, "saga", 8, 1)[..8],
+                "shares do not move partitions"
+            );
+            for m in &members {
+                let routes = owned[8..].iter().filter(|o| *o == m).count();
+                assert!(
+                    routes <= 3_usize.div_ceil(n),
+                    "{m} routes {routes} of 3 shares with {n} members"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn router_slots_are_not_partitions() {
+        assert_eq!(router_share(router_slot(0)), Some(0));
+        assert_eq!(router_share(router_slot(7)), Some(7));
+        assert_eq!(router_share(4095), None);
+        assert_eq!(router_share(0), None);
     }
 }

@@ -292,6 +292,14 @@ impl Runtime {
         self.keyed.served().await
     }
 
+    /// The router shares of keyed sagas this replica runs right now, per
+    /// saga handler name: share `k` routes the triggers of the partitions
+    /// stored in partition stream `k` (one share per stream,
+    /// `CATGA_JS_SAGA_STREAMS`).
+    pub async fn routing(&self) -> std::collections::BTreeMap<&'static str, Vec<u32>> {
+        self.keyed.routing().await
+    }
+
     /// The handlers being served right now, with the keyed sagas this
     /// replica runs (whichever of their partitions it holds).
     pub async fn serving(&self) -> Vec<&'static str> {

@@ -91,7 +91,11 @@ impl Served {
                         Duration::from_secs(30)
                     },
                     in_order: false,
-                    from_last: job.is_some(),
+                    start: if job.is_some() {
+                        crate::transport::Start::Last
+                    } else {
+                        crate::transport::Start::First
+                    },
                 },
             )
         });
@@ -145,7 +149,7 @@ impl Served {
                 // One message at a time: the broker delivers nothing past
                 // a message a lost request took until it comes back.
                 in_order: false,
-                from_last: false,
+                start: crate::transport::Start::First,
             },
         ));
         served.partition = Some(partition);

@@ -46,8 +46,8 @@ pub(crate) struct KeyedView {
     pub spec: &'static crate::registry::HandlerSpec,
     /// The partitions served here, and their serve loops' counters.
     pub partitions: Vec<(u32, Arc<Served>)>,
-    /// Whether this replica routes its triggers.
-    pub routing: bool,
+    /// The router shares this replica runs (see `keyed::router_shares`).
+    pub routing: Vec<u32>,
 }
 
 impl Shared {

@@ -1755,12 +1755,16 @@ impl RedisStore {
 /// Whether writes in the shards check a lease's fence, so that a grant is
 /// copied to every shard: not the outbox relays' leases (`relay`,
 /// `relay:<shard>`: an outbox entry is removed once its stream stored it,
-/// whoever removes it) nor a keyed saga's router lease
-/// (`part:<saga>:router`: the router only publishes). Copying those cost
-/// a script on every master at each grant, for nothing.
+/// whoever removes it) nor a keyed saga's router leases
+/// (`part:<saga>:router`, `part:<saga>:router-<share>`: a router only
+/// publishes). Copying those cost a script on every master at each grant,
+/// for nothing.
 fn checked_in_shards(lease: &str) -> bool {
     let relay = lease == "relay" || lease.starts_with("relay:");
-    let router = lease.starts_with("part:") && lease.ends_with(":router");
+    let share = lease
+        .rsplit_once(":router-")
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let router = lease.starts_with("part:") && (lease.ends_with(":router") || share);
     !(relay || router)
 }
 
@@ -1770,10 +1774,23 @@ mod tests {
 
     #[test]
     fn only_leases_writes_are_made_under_have_their_fences_copied() {
-        for lease in ["leader", "part:fulfil:0", "part:fulfil:15", "part:router-saga:3"] {
+        for lease in [
+            "leader",
+            "part:fulfil:0",
+            "part:fulfil:15",
+            "part:router-saga:3",
+            "part:a::router:3",
+            "part:router-:3",
+        ] {
             assert!(checked_in_shards(lease), "{lease}");
         }
-        for lease in ["relay", "relay:0", "relay:12", "part:fulfil:router"] {
+        for lease in [
+            "relay",
+            "relay:0",
+            "relay:12",
+            "part:fulfil:router",
+            "part:fulfil:router-2",
+        ] {
             assert!(!checked_in_shards(lease), "{lease}");
         }
     }

@@ -11,7 +11,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::nats::NatsTransport;
 use super::tap::SentAs;
-use super::{DeadLetter, Delivery, DurableOptions, ReplyTo, stream_name};
+use super::{DeadLetter, Delivery, DurableOptions, ReplyTo, Start, stream_name};
 
 use crate::config::StreamSettings;
 use crate::error::{Error, ErrorKind, Result};
@@ -571,45 +571,23 @@ impl NatsTransport {
             .get_stream(stream_name(options.stream.as_deref().unwrap_or(subject)))
             .await
             .map_err(|e| js_error("stream lookup", e))?;
-        let config = consumer::pull::Config {
-            durable_name: Some(durable.to_owned()),
-            filter_subject: subject.to_owned(),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: options.ack_wait,
-            // No limit on the server: catga counts deliveries and ends
-            // every message handled or dead-lettered, also one whose
-            // replicas crashed before settling it (see the pipeline). With
-            // a server limit, a message whose dead letter could not be
-            // stored (over the broker's limit) was naked until the limit
-            // and then never delivered again: neither handled nor kept.
-            max_deliver: -1,
-            max_ack_pending: options.max_ack_pending as i64,
-            deliver_policy: if options.from_last {
-                consumer::DeliverPolicy::LastPerSubject
-            } else {
-                consumer::DeliverPolicy::All
+        let deliver_policy = match options.start {
+            Start::First => consumer::DeliverPolicy::All,
+            Start::Last => consumer::DeliverPolicy::LastPerSubject,
+            // Bound as it was created (JetStream refuses a change of where
+            // a consumer starts).
+            Start::Existing => match consumer_found(&stream, durable).await? {
+                Some(info) => info.config.deliver_policy,
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!("the durable consumer {durable} is not created yet"),
+                    ));
+                }
             },
-            ..Default::default()
         };
         let priority = self.pull_priority(&stream).await?;
-        // Region-aware (`CATGA_REGION` set, server 2.12 or later): the
-        // consumer hands its messages to the pulls of the lowest priority
-        // waiting, so that the replicas of the stream's own cluster take
-        // them and the other regions' only while none of those pulls (see
-        // `pull_priority`). The server takes a pull naming the group on a
-        // plain consumer too. Any other replica binds and pulls as without
-        // regions: its group-less pull is refused once a region-aware
-        // replica made the consumer prioritized ("Priority Group
-        // missing"), and it binds again (see `JsSubscription::next`).
-        let config = if priority.is_some() {
-            consumer::pull::Config {
-                priority_policy: consumer::PriorityPolicy::Prioritized,
-                priority_groups: vec![PRIORITY_GROUP.to_owned()],
-                ..config
-            }
-        } else {
-            config
-        };
+        let config = consumer_config(subject, durable, options, deliver_policy, priority);
         let consumer: consumer::PullConsumer = stream
             .create_consumer(config)
             .await
@@ -626,6 +604,41 @@ impl NatsTransport {
             options: options.clone(),
             priority,
         })
+    }
+
+    /// Creates the durable consumer `durable` on `subject` at stream
+    /// sequence `seq`, unless it exists; whether it was created now.
+    pub(crate) async fn create_durable_at(
+        &self,
+        subject: &str,
+        durable: &str,
+        options: &DurableOptions,
+        seq: u64,
+    ) -> Result<bool> {
+        let stream = self
+            .jetstream()
+            .get_stream(stream_name(options.stream.as_deref().unwrap_or(subject)))
+            .await
+            .map_err(|e| js_error("stream lookup", e))?;
+        if consumer_found(&stream, durable).await?.is_some() {
+            return Ok(false);
+        }
+        let priority = self.pull_priority(&stream).await?;
+        let policy = consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: seq.max(1),
+        };
+        match stream
+            .create_consumer(consumer_config(subject, durable, options, policy, priority))
+            .await
+        {
+            Ok(_) => Ok(true),
+            // Made meanwhile by another replica (the create was then an
+            // update of where it starts, which JetStream refuses).
+            Err(e) => match consumer_found(&stream, durable).await? {
+                Some(_) => Ok(false),
+                None => Err(js_error("consumer create", e)),
+            },
+        }
     }
 
     /// Whether the stream of `subject` exists, looked up at most every
@@ -1196,21 +1209,20 @@ impl NatsTransport {
             .get_stream(stream_name(subject))
             .await
             .map_err(|e| js_error("stream lookup", e))?;
-        match stream.consumer_info(durable).await {
-            Ok(info) => Ok(super::Outstanding {
+        Ok(match consumer_found(&stream, durable).await? {
+            Some(info) => super::Outstanding {
                 ack_pending: info.num_ack_pending as u64,
                 pending: info.num_pending,
                 waiting: info.num_waiting as u64,
                 ack_floor: info.ack_floor.stream_sequence,
-            }),
-            Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => Ok(super::Outstanding {
+            },
+            None => super::Outstanding {
                 ack_pending: 0,
                 pending: 0,
                 waiting: 0,
                 ack_floor: 0,
-            }),
-            Err(e) => Err(js_error("consumer info", e)),
-        }
+            },
+        })
     }
 
     /// The sequence of the first message on `subject` at or after `seq` in
@@ -1549,6 +1561,61 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
 /// The priority group a region-aware replica's consumers have and its
 /// pulls name (see `durable_subscribe`).
 const PRIORITY_GROUP: &str = "catga";
+
+/// The durable consumer `durable` of `stream`, if it exists.
+async fn consumer_found(stream: &jetstream::stream::Stream, durable: &str) -> Result<Option<consumer::Info>> {
+    match stream.consumer_info(durable).await {
+        Ok(info) => Ok(Some(info)),
+        Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => Ok(None),
+        Err(e) => Err(js_error("consumer info", e)),
+    }
+}
+
+/// The configuration catga gives a durable consumer: explicit acks, no
+/// server limit on deliveries, and a priority group where the replica is
+/// region-aware (`priority`, see `pull_priority`).
+fn consumer_config(
+    subject: &str,
+    durable: &str,
+    options: &DurableOptions,
+    deliver_policy: consumer::DeliverPolicy,
+    priority: Option<usize>,
+) -> consumer::pull::Config {
+    let config = consumer::pull::Config {
+        durable_name: Some(durable.to_owned()),
+        filter_subject: subject.to_owned(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: options.ack_wait,
+        // No limit on the server: catga counts deliveries and ends
+        // every message handled or dead-lettered, also one whose
+        // replicas crashed before settling it (see the pipeline). With
+        // a server limit, a message whose dead letter could not be
+        // stored (over the broker's limit) was naked until the limit
+        // and then never delivered again: neither handled nor kept.
+        max_deliver: -1,
+        max_ack_pending: options.max_ack_pending as i64,
+        deliver_policy,
+        ..Default::default()
+    };
+    // Region-aware (`CATGA_REGION` set, server 2.12 or later): the
+    // consumer hands its messages to the pulls of the lowest priority
+    // waiting, so that the replicas of the stream's own cluster take
+    // them and the other regions' only while none of those pulls (see
+    // `pull_priority`). The server takes a pull naming the group on a
+    // plain consumer too. Any other replica binds and pulls as without
+    // regions: its group-less pull is refused once a region-aware
+    // replica made the consumer prioritized ("Priority Group
+    // missing"), and it binds again (see `JsSubscription::next`).
+    if priority.is_some() {
+        consumer::pull::Config {
+            priority_policy: consumer::PriorityPolicy::Prioritized,
+            priority_groups: vec![PRIORITY_GROUP.to_owned()],
+            ..config
+        }
+    } else {
+        config
+    }
+}
 
 /// Starts pulling from `consumer`: in catga's priority group at
 /// `priority` when given one (a region-aware replica's, see

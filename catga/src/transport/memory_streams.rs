@@ -13,7 +13,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{DeadLetter, Delivery, DurableOptions, ReplyTo};
+use super::{DeadLetter, Delivery, DurableOptions, ReplyTo, Start};
 use crate::config::StreamSettings;
 use crate::error::{Error, ErrorKind, Result};
 use crate::wire::headers;
@@ -66,6 +66,20 @@ struct Consumer {
     /// negative ack, which the handler reckoned before the move.
     moved_in_hand: BTreeMap<u64, Duration>,
     wake: Arc<Notify>,
+}
+
+impl Consumer {
+    /// A consumer that delivers from sequence `next` on.
+    fn new(options: &DurableOptions, next: u64) -> Consumer {
+        Consumer {
+            options: options.clone(),
+            next,
+            pending: BTreeMap::new(),
+            held_back: BTreeSet::new(),
+            moved_in_hand: BTreeMap::new(),
+            wake: Arc::new(Notify::new()),
+        }
+    }
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -259,6 +273,31 @@ impl Streams {
             .is_some_and(|s| s.consumers.contains_key(durable))
     }
 
+    /// Creates `durable` on `subject` at sequence `seq` unless it exists;
+    /// whether it was created now.
+    pub(crate) fn create_at(
+        &self,
+        subject: &str,
+        durable: &str,
+        options: &DurableOptions,
+        seq: u64,
+    ) -> Result<bool> {
+        let mut inner = lock(&self.inner);
+        let Some(stream) = inner.streams.get_mut(subject) else {
+            return Err(Error::new(
+                ErrorKind::NoHandler,
+                format!("no stream stores subject {subject}"),
+            ));
+        };
+        if stream.consumers.contains_key(durable) {
+            return Ok(false);
+        }
+        stream
+            .consumers
+            .insert(durable.to_owned(), Consumer::new(options, seq.max(1)));
+        Ok(true)
+    }
+
     /// Binds `durable` on `subject`, creating it to start at the stream's
     /// beginning (as a new JetStream durable with the default policy).
     pub(crate) fn bind(
@@ -274,23 +313,22 @@ impl Streams {
                 format!("no stream stores subject {subject}"),
             ));
         };
-        let first = if options.from_last {
-            stream.messages.keys().next_back().copied()
-        } else {
-            stream.messages.keys().next().copied()
+        let first = match options.start {
+            Start::Last => stream.messages.keys().next_back().copied(),
+            Start::First => stream.messages.keys().next().copied(),
+            Start::Existing if stream.consumers.contains_key(durable) => None,
+            Start::Existing => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("the durable consumer {durable} is not created yet"),
+                ));
+            }
         }
         .unwrap_or(stream.last_seq + 1);
         let consumer = stream
             .consumers
             .entry(durable.to_owned())
-            .or_insert_with(|| Consumer {
-                options: options.clone(),
-                next: first,
-                pending: BTreeMap::new(),
-                held_back: BTreeSet::new(),
-                moved_in_hand: BTreeMap::new(),
-                wake: Arc::new(Notify::new()),
-            });
+            .or_insert_with(|| Consumer::new(options, first));
         consumer.options = options.clone();
         Ok(MemoryDurable {
             streams: Arc::clone(self),

@@ -99,10 +99,22 @@ pub(crate) struct DurableOptions {
     /// lets what the lost request took come back before it pulls again
     /// (see `keyed::route`).
     pub in_order: bool,
-    /// A consumer created now starts at the stream's last message, not
-    /// its first (a job's: re-created, it must not run every occurrence
-    /// the stream keeps).
-    pub from_last: bool,
+    /// Where the consumer starts if this binding creates it.
+    pub start: Start,
+}
+
+/// Where a durable consumer created by a binding starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// At the stream's first message (a new JetStream durable's default).
+    First,
+    /// At the stream's last message (a job's: re-created, it must not run
+    /// every occurrence the stream keeps).
+    Last,
+    /// Nowhere: only a consumer that exists is bound, none is created (a
+    /// keyed saga's router share, whose consumer share 0 creates at its
+    /// own acknowledgement floor with [`Transport::create_durable_at`]).
+    Existing,
 }
 
 /// What became of a conditional publish
@@ -821,6 +833,22 @@ impl Transport {
                 bus.pass().await;
                 bus.publish_after(subject, headers, payload, after)
             }
+        }
+    }
+
+    /// Creates the durable consumer `durable` on `subject` starting at
+    /// stream sequence `seq`, unless it exists (then it is left as it is);
+    /// whether it was created now.
+    pub(crate) async fn create_durable_at(
+        &self,
+        subject: &str,
+        durable: &str,
+        options: &DurableOptions,
+        seq: u64,
+    ) -> Result<bool> {
+        match &self.0 {
+            Kind::Nats(t) => t.create_durable_at(subject, durable, options, seq).await,
+            Kind::Memory(bus) => bus.streams().create_at(subject, durable, options, seq),
         }
     }
 

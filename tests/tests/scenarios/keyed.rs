@@ -87,6 +87,7 @@ async fn audit(saga: &Saga, e: Audited) -> Result<()> {
 catga_tests::on_both!(
     keyed_sagas_keep_key_order_while_replicas_leave_and_join,
     over_three_streams_keyed_sagas_keep_key_order_while_replicas_leave_and_join,
+    three_router_shares_spread_and_a_new_share_starts_where_routing_stood,
     a_replica_without_the_saga_is_not_in_its_ring,
     a_keyed_saga_is_stopped_and_started_by_name
 );
@@ -114,16 +115,53 @@ async fn replica(b: &Backend, name: &str) -> Runtime {
 /// A replica whose keyed sagas' partitions spread over `streams` streams
 /// (`CATGA_JS_SAGA_STREAMS`).
 async fn replica_over(b: &Backend, name: &str, streams: u32) -> Runtime {
+    replica_with(
+        b,
+        name,
+        catga::StreamSettings {
+            saga_streams: streams,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn replica_with(b: &Backend, name: &str, streams: catga::StreamSettings) -> Runtime {
     b.started(
         b.builder(module_path!(), name)
             .membership(Duration::from_millis(100), Duration::from_millis(500))
             .retry_base(Duration::from_millis(20))
-            .streams(catga::StreamSettings {
-                saga_streams: streams,
-                ..Default::default()
-            }),
+            .streams(streams),
     )
     .await
+}
+
+/// Waits until each of `replicas` runs exactly one of the saga's three
+/// router shares.
+async fn routers_spread(replicas: &[&Runtime]) {
+    let started = Instant::now();
+    loop {
+        let mut shares = Vec::new();
+        for rt in replicas {
+            let routing = rt.routing().await;
+            shares.push(
+                routing
+                    .iter()
+                    .find(|(name, _)| name.ends_with("::ledger"))
+                    .map(|(_, s)| s.clone())
+                    .unwrap_or_default(),
+            );
+        }
+        let all: BTreeSet<u32> = shares.iter().flatten().copied().collect();
+        if shares.iter().all(|s| s.len() == 1) && all == BTreeSet::from([0, 1, 2]) {
+            return;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the router shares did not spread over the replicas: {shares:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until `replicas` serve every partition of the saga, each once,
@@ -251,6 +289,76 @@ async fn over_three_streams_keyed_sagas_keep_key_order_while_replicas_leave_and_
     }
     // 6 accounts x (10 + 10 + 15) triggers, each copy stored once.
     assert_eq!(stored, 6 * 35, "every trigger stored once over the streams");
+}
+
+/// Over three partition streams, three router shares route the triggers,
+/// one per replica (no one replica routes them all), each trigger once and
+/// in its key's order.
+///
+/// On NATS, the shares' trigger consumers are then deleted, as a service
+/// of an earlier release (one router, the saga's one consumer) leaves
+/// them, past the streams' duplicate window: share 0 makes them again at
+/// its acknowledgement floor, so no trigger routed before is routed (and
+/// stored) again, and every new one is.
+async fn three_router_shares_spread_and_a_new_share_starts_where_routing_stood(b: &Backend) {
+    let settings = catga::StreamSettings {
+        saga_streams: 3,
+        duplicate_window: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let mut replicas = Vec::new();
+    for name in ["s1", "s2", "s3"] {
+        replicas.push(replica_with(b, name, settings.clone()).await);
+    }
+    let client = b.client().await;
+    spread(&replicas.iter().collect::<Vec<_>>()).await;
+    routers_spread(&replicas.iter().collect::<Vec<_>>()).await;
+    let run = run_id();
+    publish(&client, &run, 0, 10).await;
+    check(&run, 10).await;
+    let Some(url) = b.nats_url() else {
+        catga_tests::backend::shutdown_all(replicas).await;
+        return;
+    };
+    catga_tests::backend::shutdown_all(replicas).await;
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("raw client"));
+    let triggers = js
+        .get_stream(catga::stream_name("tests.keyed.posted"))
+        .await
+        .expect("the trigger stream");
+    for share in ["ledger-r1", "ledger-r2"] {
+        triggers
+            .delete_consumer(share)
+            .await
+            .unwrap_or_else(|e| panic!("delete {share}: {e}"));
+    }
+    // Past the duplicate window: a trigger routed again would be stored
+    // again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut replicas = Vec::new();
+    for name in ["s4", "s5", "s6"] {
+        replicas.push(replica_with(b, name, settings.clone()).await);
+    }
+    routers_spread(&replicas.iter().collect::<Vec<_>>()).await;
+    let run = run_id();
+    publish(&client, &run, 0, 5).await;
+    check(&run, 5).await;
+    for share in ["ledger-r1", "ledger-r2"] {
+        let info = triggers.consumer_info(share).await.expect("made again");
+        assert_eq!(info.num_ack_pending, 0, "{share}: {info:?}");
+        assert_eq!(info.num_pending, 0, "{share}: {info:?}");
+    }
+    let mut stored = 0;
+    for group in 0..3 {
+        let name = js
+            .stream_by_subject(format!("catga.saga.catga-tests.ledger.{group}"))
+            .await
+            .expect("a partition stream");
+        let mut stream = js.get_stream(&name).await.expect("stream");
+        stored += stream.info().await.expect("stream info").state.messages;
+    }
+    assert_eq!(stored, 6 * 15, "every trigger stored once over the streams");
+    catga_tests::backend::shutdown_all(replicas).await;
 }
 
 /// Three replicas serve the keyed saga; one leaves and one joins while
