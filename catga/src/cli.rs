@@ -58,7 +58,9 @@ pub struct ServiceInfo {
 
 /// One endpoint of a [`ServiceInfo`]: a command handler, or a keyed saga
 /// (`metadata["kind"] == "keyed_saga"`, with `partitions`, the partitions
-/// this replica serves, `partitions_total` and `routing`).
+/// this replica serves, `partitions_total`, `routing` (whether it routes
+/// triggers), `routing_shares` (the router shares it runs, one per
+/// partition stream) and `router_shares_total`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointInfo {
     /// Its name (the handler function's).
@@ -318,9 +320,12 @@ async fn services(config: Config, json: bool) -> Result<String> {
                     e.subject,
                     get("partitions"),
                     get("partitions_total"),
-                    match (get("routing"), get("routing_shares")) {
-                        ("true", "" | "0") => ", routes the triggers".to_owned(),
-                        ("true", shares) => format!(", routes the triggers of partition streams [{shares}]"),
+                    match (get("routing"), get("router_shares_total")) {
+                        ("true", "" | "1") => ", routes the triggers".to_owned(),
+                        ("true", total) => format!(
+                            ", routes the triggers of partition streams [{}] of {total}",
+                            get("routing_shares")
+                        ),
                         _ => String::new(),
                     }
                 );

@@ -104,6 +104,10 @@ fn endpoints(shared: &Shared) -> Vec<Endpoint> {
                         .collect::<Vec<_>>()
                         .join(","),
                 ),
+                (
+                    "router_shares_total",
+                    super::keyed::router_shares(view.spec, &shared.config).to_string(),
+                ),
             ],
             served: view.partitions.iter().map(|(_, s)| Arc::clone(s)).collect(),
         });

@@ -1169,10 +1169,13 @@ pub(crate) async fn leave(shared: &Shared, specs: &[&'static HandlerSpec]) {
 /// creates the other shares' consumers, if missing, at its own
 /// acknowledgement floor before it routes: every trigger it acknowledged
 /// was routed (by it, or by one router of an earlier release), and none
-/// after it is skipped by both. Another share that finds its consumer
-/// missing creates it at share 0's floor the same way (see
-/// [`own_consumer`]): created at the stream's start, it would route every
-/// trigger the stream still keeps again.
+/// after it is skipped by both; share 0's consumer records the layout
+/// (how many shares), and the other consumers are made again at its
+/// floor when it changed (see [`other_consumers`]). Another share whose
+/// consumer is missing creates it at share 0's floor the same way, once
+/// share 0's consumer records this layout (see [`own_consumer`]):
+/// created at the stream's start, it would route every trigger the
+/// stream still keeps again.
 async fn route(
     shared: Arc<Shared>,
     spec: &'static HandlerSpec,
@@ -1199,6 +1202,7 @@ async fn route(
         } else {
             crate::transport::Start::Existing
         },
+        routers: (share == 0).then_some(shares),
     };
     let base = partition_base(&shared.config.service, spec);
     let partitions = spec.partitions().unwrap_or(1);
@@ -1231,16 +1235,27 @@ async fn route(
         }
         if share > 0 {
             let made = bounded(
-                "creating the trigger consumer",
-                own_consumer(transport, spec, share, &options),
+                "setting the trigger consumer up",
+                own_consumer(transport, spec, share, shares, &options),
             );
-            if let Err(e) = made.await {
-                tracing::warn!(saga = spec.name(), share, error = %e, "cannot create the router share's trigger consumer yet");
-                set_trouble(
-                    &trouble,
-                    Some(format!("its trigger consumer cannot be created: {e}")),
-                );
-                continue;
+            match made.await {
+                Ok(true) => {}
+                // Share 0's router (on another replica) sets the layout
+                // up: not this replica's trouble, and nothing waits
+                // unrouted meanwhile that is not kept in this share's
+                // consumer (or routed by an earlier release's router).
+                Ok(false) => {
+                    set_trouble(&trouble, None);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(saga = spec.name(), share, error = %e, "cannot set the router share's trigger consumer up yet");
+                    set_trouble(
+                        &trouble,
+                        Some(format!("its trigger consumer cannot be set up: {e}")),
+                    );
+                    continue;
+                }
             }
         }
         let settled = bounded(
@@ -1260,32 +1275,13 @@ async fn route(
             }
         };
         if share == 0 && shares > 1 {
-            let others = async {
-                for k in 1..shares {
-                    let other = DurableOptions {
-                        start: crate::transport::Start::Existing,
-                        ..options.clone()
-                    };
-                    let made = transport
-                        .create_durable_at(subject, &router_durable(spec, k), &other, floor + 1)
-                        .await?;
-                    if made {
-                        tracing::info!(
-                            saga = spec.name(),
-                            share = k,
-                            from = floor + 1,
-                            "created a router share's trigger consumer"
-                        );
-                    }
-                }
-                Ok(())
-            };
-            if let Err(e) = bounded("creating the other router shares' consumers", others).await {
-                tracing::warn!(saga = spec.name(), error = %e, "cannot create the other router shares' consumers yet");
+            let others = other_consumers(transport, spec, shares, &options, floor);
+            if let Err(e) = bounded("setting the other router shares' consumers up", others).await {
+                tracing::warn!(saga = spec.name(), error = %e, "cannot set the other router shares' consumers up yet");
                 set_trouble(
                     &trouble,
                     Some(format!(
-                        "the other router shares' consumers cannot be created: {e}"
+                        "the other router shares' consumers cannot be set up: {e}"
                     )),
                 );
                 continue;
@@ -1342,41 +1338,104 @@ async fn route(
     }
 }
 
-/// Creates router share `share`'s trigger consumer if it is missing, at
-/// share 0's acknowledgement floor: every trigger up to it was routed
-/// (share 0 acknowledges another share's trigger unrouted only once that
-/// share's consumer exists). This is what a share meets while share 0 is
-/// still routed by a replica of an earlier release, which routes every
-/// trigger with the saga's one consumer: the share routes its own as
-/// well, and the partition stream drops the copies stored twice (by
-/// message id, within its duplicate window; the expected-id chains keep
-/// each stream in trigger order, see the operations guide). Without share
-/// 0's consumer (a new saga), it starts at the stream's beginning, as
-/// share 0's will.
+/// Sets up router share 0's side of the other shares, before it skips
+/// their triggers: each other share's trigger consumer is created at
+/// share 0's acknowledgement floor `floor` if missing, and made again
+/// there if share 0's consumer records another layout than `shares` (or
+/// none: one router, or an earlier release, routed every trigger with
+/// it; the other consumers left from an earlier layout, if any, stood
+/// still meanwhile and would route those triggers again). Every trigger
+/// up to `floor` was routed: by share 0, or by the one router before it.
+/// Share 0's bind then records `shares`.
+async fn other_consumers(
+    transport: &crate::transport::Transport,
+    spec: &'static HandlerSpec,
+    shares: u32,
+    options: &DurableOptions,
+    floor: u64,
+) -> Result<()> {
+    let subject = spec.subject();
+    let recorded = transport
+        .durable_found(subject, &router_durable(spec, 0))
+        .await?
+        .and_then(|found| found.routers);
+    // A server that keeps no consumer metadata (before 2.10) reads every
+    // layout back as none: the consumers are then only made if missing.
+    let renew = recorded != Some(shares) && transport.records_durables();
+    let other = DurableOptions {
+        start: crate::transport::Start::Existing,
+        routers: None,
+        ..options.clone()
+    };
+    for k in 1..shares {
+        let durable = router_durable(spec, k);
+        if renew {
+            transport.delete_durable(subject, &durable).await?;
+        }
+        if transport
+            .create_durable_at(subject, &durable, &other, floor + 1)
+            .await?
+        {
+            tracing::info!(
+                saga = spec.name(),
+                share = k,
+                from = floor + 1,
+                layout_before = ?recorded,
+                "set a router share's trigger consumer up"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Sets router share `share`'s trigger consumer up once share 0's
+/// consumer records this layout (`shares`): created at share 0's
+/// acknowledgement floor if it is missing (share 0 acknowledges another
+/// share's trigger unrouted only once that share's consumer exists, so
+/// every trigger up to it was routed). `false` while share 0's consumer
+/// is missing or records another layout: share 0's router makes (or
+/// makes again) this share's consumer first, and a consumer of an
+/// earlier layout bound now would route its triggers again. Meanwhile a
+/// router of an earlier release may still route every trigger (see the
+/// operations guide on upgrading).
 async fn own_consumer(
     transport: &crate::transport::Transport,
     spec: &'static HandlerSpec,
     share: u32,
+    shares: u32,
     options: &DurableOptions,
-) -> Result<()> {
+) -> Result<bool> {
     let subject = spec.subject();
-    let zero = transport
-        .durable_outstanding(subject, &router_durable(spec, 0))
-        .await?
-        .ack_floor;
+    let Some(zero) = transport.durable_found(subject, &router_durable(spec, 0)).await? else {
+        tracing::debug!(
+            saga = spec.name(),
+            share,
+            "waiting for share 0's router to make its consumer"
+        );
+        return Ok(false);
+    };
+    if zero.routers != Some(shares) && transport.records_durables() {
+        tracing::debug!(
+            saga = spec.name(),
+            share,
+            recorded = ?zero.routers,
+            "waiting for share 0's router to set this layout up"
+        );
+        return Ok(false);
+    }
     let durable = router_durable(spec, share);
     if transport
-        .create_durable_at(subject, &durable, options, zero + 1)
+        .create_durable_at(subject, &durable, options, zero.ack_floor + 1)
         .await?
     {
         tracing::info!(
             saga = spec.name(),
             share,
-            from = zero + 1,
+            from = zero.ack_floor + 1,
             "created this router share's trigger consumer"
         );
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Waits until every trigger delivered before can only come back to the
@@ -1497,11 +1556,14 @@ impl Router<'_> {
             });
         let key = match key {
             Ok(key) => key,
-            // Dead-lettered once, by share 0; the others pass it by.
-            Err(_) if self.share != 0 => {
-                let _ = settler.settle(Settle::Reply(Bytes::new())).await;
-                return;
-            }
+            // Dead-lettered by each share that cannot read it (its
+            // partition, so its share, is not known): the dead-letter
+            // stream keeps one (its message id is the trigger's and the
+            // handler's, within the stream's duplicate window). A share
+            // of a newer release that can read it (a version the others
+            // do not know yet, mid-roll-out) routes it as well, where
+            // one router of the older release would only have
+            // dead-lettered it.
             Err(error) => {
                 tracing::error!(saga = spec.name(), error = %error, "a trigger without a readable key: dead-lettered");
                 let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);

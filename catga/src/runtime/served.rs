@@ -96,6 +96,7 @@ impl Served {
                     } else {
                         crate::transport::Start::First
                     },
+                    routers: None,
                 },
             )
         });
@@ -150,6 +151,7 @@ impl Served {
                 // a message a lost request took until it comes back.
                 in_order: false,
                 start: crate::transport::Start::First,
+                routers: None,
             },
         ));
         served.partition = Some(partition);

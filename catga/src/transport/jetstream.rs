@@ -641,6 +641,51 @@ impl NatsTransport {
         }
     }
 
+    /// The durable consumer `durable` of `subject`, if it exists.
+    pub(crate) async fn durable_found(
+        &self,
+        subject: &str,
+        durable: &str,
+    ) -> Result<Option<super::DurableFound>> {
+        let stream = self
+            .jetstream()
+            .get_stream(stream_name(subject))
+            .await
+            .map_err(|e| js_error("stream lookup", e))?;
+        Ok(consumer_found(&stream, durable)
+            .await?
+            .map(|info| super::DurableFound {
+                ack_floor: info.ack_floor.stream_sequence,
+                routers: info.config.metadata.get(ROUTERS_KEY).and_then(|v| v.parse().ok()),
+            }))
+    }
+
+    /// Deletes the durable consumer `durable` of `subject` if it exists.
+    pub(crate) async fn delete_durable(&self, subject: &str, durable: &str) -> Result<()> {
+        let stream = self
+            .jetstream()
+            .get_stream(stream_name(subject))
+            .await
+            .map_err(|e| js_error("stream lookup", e))?;
+        if consumer_found(&stream, durable).await?.is_none() {
+            return Ok(());
+        }
+        match stream.delete_consumer(durable).await {
+            Ok(_) => Ok(()),
+            Err(e) => match consumer_found(&stream, durable).await? {
+                None => Ok(()),
+                Some(_) => Err(js_error("consumer delete", e)),
+            },
+        }
+    }
+
+    /// Whether the connected server keeps consumer metadata (2.10 and
+    /// later; an earlier one drops it, so a layout recorded there reads
+    /// back as never recorded).
+    pub(crate) fn records_durables(&self) -> bool {
+        self.server_at_least(2, 10, 0)
+    }
+
     /// Whether the stream of `subject` exists, looked up at most every
     /// [`STREAM_MEMORY`] per subject.
     ///
@@ -1562,6 +1607,10 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
 /// pulls name (see `durable_subscribe`).
 const PRIORITY_GROUP: &str = "catga";
 
+/// The consumer metadata that records a keyed saga's router layout (see
+/// `DurableOptions::routers`).
+const ROUTERS_KEY: &str = "catga.routers";
+
 /// The durable consumer `durable` of `stream`, if it exists.
 async fn consumer_found(stream: &jetstream::stream::Stream, durable: &str) -> Result<Option<consumer::Info>> {
     match stream.consumer_info(durable).await {
@@ -1595,6 +1644,10 @@ fn consumer_config(
         max_deliver: -1,
         max_ack_pending: options.max_ack_pending as i64,
         deliver_policy,
+        metadata: options
+            .routers
+            .map(|n| std::collections::HashMap::from([(ROUTERS_KEY.to_owned(), n.to_string())]))
+            .unwrap_or_default(),
         ..Default::default()
     };
     // Region-aware (`CATGA_REGION` set, server 2.12 or later): the

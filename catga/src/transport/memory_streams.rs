@@ -273,6 +273,29 @@ impl Streams {
             .is_some_and(|s| s.consumers.contains_key(durable))
     }
 
+    /// `durable` on `subject`, if it exists.
+    pub(crate) fn found(&self, subject: &str, durable: &str) -> Option<super::DurableFound> {
+        let inner = lock(&self.inner);
+        let c = inner.streams.get(subject)?.consumers.get(durable)?;
+        let first_open = c.pending.keys().next().copied().unwrap_or(c.next);
+        Some(super::DurableFound {
+            ack_floor: first_open.saturating_sub(1),
+            routers: c.options.routers,
+        })
+    }
+
+    /// Deletes `durable` on `subject` if it exists; a subscription bound
+    /// to it ends.
+    pub(crate) fn delete(&self, subject: &str, durable: &str) {
+        let removed = lock(&self.inner)
+            .streams
+            .get_mut(subject)
+            .and_then(|s| s.consumers.remove(durable));
+        if let Some(c) = removed {
+            c.wake.notify_waiters();
+        }
+    }
+
     /// Creates `durable` on `subject` at sequence `seq` unless it exists;
     /// whether it was created now.
     pub(crate) fn create_at(
@@ -341,15 +364,17 @@ impl Streams {
     }
 
     /// The next message for `durable`: a redelivery that is due, or a new
-    /// one; `Err(when)` tells when to look again (None: when woken).
+    /// one; `Err(Ok(when))` tells when to look again (None: when woken),
+    /// `Err(Err(()))` that the consumer `bound` is gone.
     fn take(
         &self,
         subject: &str,
         durable: &str,
-    ) -> std::result::Result<(u64, u64, Stored2), Option<Instant>> {
+        bound: &Arc<Notify>,
+    ) -> std::result::Result<(u64, u64, Stored2), std::result::Result<Option<Instant>, ()>> {
         let mut inner = lock(&self.inner);
         let Some(stream) = inner.streams.get_mut(subject) else {
-            return Err(None);
+            return Err(Ok(None));
         };
         let now = Instant::now();
         stream.prune(now);
@@ -357,8 +382,13 @@ impl Streams {
             messages, consumers, ..
         } = stream;
         let Some(c) = consumers.get_mut(durable) else {
-            return Err(None);
+            return Err(Err(()));
         };
+        // Deleted, and maybe made again: not the consumer this
+        // subscription bound (whose wake-ups it waits on).
+        if !Arc::ptr_eq(&c.wake, bound) {
+            return Err(Err(()));
+        }
         // A pending message whose message was pruned is gone.
         c.pending.retain(|seq, _| messages.contains_key(seq));
         let due = c.pending.iter().find(|(_, (_, at))| *at <= now).map(|(s, _)| *s);
@@ -382,7 +412,7 @@ impl Streams {
                         c.pending.insert(seq, (1, now + c.options.ack_wait));
                         (seq, 1)
                     }
-                    _ => return Err(c.pending.values().map(|(_, at)| *at).min()),
+                    _ => return Err(Ok(c.pending.values().map(|(_, at)| *at).min())),
                 }
             }
         };
@@ -564,7 +594,7 @@ impl MemoryDurable {
             let woken = self.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            match self.streams.take(&self.subject, &self.durable) {
+            match self.streams.take(&self.subject, &self.durable, &self.wake) {
                 Ok((seq, deliveries, m)) => {
                     let key = match self.streams.chaos() {
                         Some(chaos) => {
@@ -599,13 +629,16 @@ impl MemoryDurable {
                     d.delivered = deliveries;
                     return Some(d.tracked(&self.streams.tap));
                 }
-                Err(Some(at)) => {
+                Err(Ok(Some(at))) => {
                     tokio::select! {
                         () = woken => {}
                         () = tokio::time::sleep_until(at) => {}
                     }
                 }
-                Err(None) => woken.await,
+                Err(Ok(None)) => woken.await,
+                // Its consumer was deleted: the subscription ends, as a
+                // JetStream one does.
+                Err(Err(())) => return None,
             }
         }
     }

@@ -101,6 +101,22 @@ pub(crate) struct DurableOptions {
     pub in_order: bool,
     /// Where the consumer starts if this binding creates it.
     pub start: Start,
+    /// The router layout recorded on the consumer: how many router
+    /// shares a keyed saga's share 0 routes beside (see
+    /// `keyed::router_shares`); read back with
+    /// [`Transport::durable_found`].
+    pub routers: Option<u32>,
+}
+
+/// A durable consumer as the broker has it (see
+/// [`Transport::durable_found`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DurableFound {
+    /// Every message up to this stream sequence is acknowledged.
+    pub ack_floor: u64,
+    /// The router layout recorded on it ([`DurableOptions::routers`]),
+    /// if any.
+    pub routers: Option<u32>,
 }
 
 /// Where a durable consumer created by a binding starts.
@@ -849,6 +865,34 @@ impl Transport {
         match &self.0 {
             Kind::Nats(t) => t.create_durable_at(subject, durable, options, seq).await,
             Kind::Memory(bus) => bus.streams().create_at(subject, durable, options, seq),
+        }
+    }
+
+    /// The durable consumer `durable` of `subject`, if it exists.
+    pub(crate) async fn durable_found(&self, subject: &str, durable: &str) -> Result<Option<DurableFound>> {
+        match &self.0 {
+            Kind::Nats(t) => t.durable_found(subject, durable).await,
+            Kind::Memory(bus) => Ok(bus.streams().found(subject, durable)),
+        }
+    }
+
+    /// Deletes the durable consumer `durable` of `subject` if it exists.
+    pub(crate) async fn delete_durable(&self, subject: &str, durable: &str) -> Result<()> {
+        match &self.0 {
+            Kind::Nats(t) => t.delete_durable(subject, durable).await,
+            Kind::Memory(bus) => {
+                bus.streams().delete(subject, durable);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the broker keeps what [`DurableOptions::routers`] records
+    /// (consumer metadata: nats-server 2.10 and later).
+    pub(crate) fn records_durables(&self) -> bool {
+        match &self.0 {
+            Kind::Nats(t) => t.records_durables(),
+            Kind::Memory(_) => true,
         }
     }
 

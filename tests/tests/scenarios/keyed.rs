@@ -295,12 +295,16 @@ async fn over_three_streams_keyed_sagas_keep_key_order_while_replicas_leave_and_
 /// one per replica (no one replica routes them all), each trigger once and
 /// in its key's order.
 ///
-/// On NATS, the shares' trigger consumers are then deleted, as a service
-/// of an earlier release (one router, the saga's one consumer) leaves
-/// them, past the streams' duplicate window: share 0 makes them again at
-/// its acknowledgement floor, so no trigger routed before is routed (and
-/// stored) again, and every new one is.
+/// On NATS, the replicas then stop and the state an earlier layout leaves
+/// is made: share 0's consumer records no layout (as one router's, or an
+/// earlier release's), and the other shares' consumers stand at the
+/// stream's start (left from long ago). Triggers are published while no
+/// replica runs, and the streams' duplicate window passes. Share 0 makes
+/// the other consumers again at its acknowledgement floor: no trigger
+/// routed before is routed (and stored) again, and every one published
+/// while the replicas were down is routed.
 async fn three_router_shares_spread_and_a_new_share_starts_where_routing_stood(b: &Backend) {
+    use async_nats::jetstream::consumer;
     let settings = catga::StreamSettings {
         saga_streams: 3,
         duplicate_window: Duration::from_secs(1),
@@ -316,22 +320,46 @@ async fn three_router_shares_spread_and_a_new_share_starts_where_routing_stood(b
     let run = run_id();
     publish(&client, &run, 0, 10).await;
     check(&run, 10).await;
-    let Some(url) = b.nats_url() else {
-        catga_tests::backend::shutdown_all(replicas).await;
-        return;
-    };
     catga_tests::backend::shutdown_all(replicas).await;
+    let Some(url) = b.nats_url() else { return };
     let js = async_nats::jetstream::new(async_nats::connect(url).await.expect("raw client"));
     let triggers = js
         .get_stream(catga::stream_name("tests.keyed.posted"))
         .await
         .expect("the trigger stream");
+    let zero = triggers
+        .consumer_info("ledger")
+        .await
+        .expect("share 0's consumer");
+    assert_eq!(
+        zero.config.metadata.get("catga.routers").map(String::as_str),
+        Some("3"),
+        "share 0 records the layout"
+    );
+    let mut forgotten = zero.config.clone();
+    forgotten.metadata.clear();
+    triggers
+        .create_consumer(forgotten)
+        .await
+        .expect("share 0's layout forgotten");
     for share in ["ledger-r1", "ledger-r2"] {
         triggers
             .delete_consumer(share)
             .await
             .unwrap_or_else(|e| panic!("delete {share}: {e}"));
+        triggers
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(share.to_owned()),
+                filter_subject: "tests.keyed.posted".to_owned(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: 1 },
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{share} at the stream's start: {e}"));
     }
+    let down = run_id();
+    publish(&client, &down, 0, 3).await;
     // Past the duplicate window: a trigger routed again would be stored
     // again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -340,6 +368,7 @@ async fn three_router_shares_spread_and_a_new_share_starts_where_routing_stood(b
         replicas.push(replica_with(b, name, settings.clone()).await);
     }
     routers_spread(&replicas.iter().collect::<Vec<_>>()).await;
+    check(&down, 3).await;
     let run = run_id();
     publish(&client, &run, 0, 5).await;
     check(&run, 5).await;
@@ -357,7 +386,11 @@ async fn three_router_shares_spread_and_a_new_share_starts_where_routing_stood(b
         let mut stream = js.get_stream(&name).await.expect("stream");
         stored += stream.info().await.expect("stream info").state.messages;
     }
-    assert_eq!(stored, 6 * 15, "every trigger stored once over the streams");
+    assert_eq!(
+        stored,
+        6 * (10 + 3 + 5),
+        "every trigger stored once over the streams"
+    );
     catga_tests::backend::shutdown_all(replicas).await;
 }
 
