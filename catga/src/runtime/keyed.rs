@@ -1226,7 +1226,7 @@ async fn route(
             transport.ensure_stream(subject, &shared.config.streams),
         );
         if let Err(e) = set_up.await {
-            tracing::warn!(saga = spec.name(), error = %e, "cannot set up the saga's trigger stream yet");
+            tracing::warn!(saga = spec.name(), share, error = %e, "cannot set up the saga's trigger stream yet");
             set_trouble(
                 &trouble,
                 Some(format!("its trigger stream cannot be set up: {e}")),
@@ -1236,7 +1236,7 @@ async fn route(
         if share > 0 {
             let made = bounded(
                 "setting the trigger consumer up",
-                own_consumer(transport, spec, share, shares, &options),
+                own_consumer(transport, spec, share, shares),
             );
             match made.await {
                 Ok(true) => {}
@@ -1266,7 +1266,7 @@ async fn route(
             Ok(Some(floor)) => floor,
             Ok(None) => return,
             Err(e) => {
-                tracing::warn!(saga = spec.name(), error = %e, "cannot read the trigger consumer yet");
+                tracing::warn!(saga = spec.name(), share, error = %e, "cannot read the trigger consumer yet");
                 set_trouble(
                     &trouble,
                     Some(format!("its trigger consumer cannot be read: {e}")),
@@ -1275,9 +1275,9 @@ async fn route(
             }
         };
         if share == 0 && shares > 1 {
-            let others = other_consumers(transport, spec, shares, &options, floor);
+            let others = other_consumers(transport, spec, (shares, &lease), &options, floor);
             if let Err(e) = bounded("setting the other router shares' consumers up", others).await {
-                tracing::warn!(saga = spec.name(), error = %e, "cannot set the other router shares' consumers up yet");
+                tracing::warn!(saga = spec.name(), share, error = %e, "cannot set the other router shares' consumers up yet");
                 set_trouble(
                     &trouble,
                     Some(format!(
@@ -1294,7 +1294,7 @@ async fn route(
         let mut sub = match bound.await {
             Ok(sub) => sub,
             Err(e) => {
-                tracing::warn!(saga = spec.name(), error = %e, "cannot bind the trigger consumer yet");
+                tracing::warn!(saga = spec.name(), share, error = %e, "cannot bind the trigger consumer yet");
                 set_trouble(
                     &trouble,
                     Some(format!("its trigger consumer cannot be bound: {e}")),
@@ -1324,7 +1324,7 @@ async fn route(
         match outcome {
             Ok(()) => break,
             Err(e) => {
-                tracing::warn!(saga = spec.name(), error = %e, "routing stopped; starting again");
+                tracing::warn!(saga = spec.name(), share, error = %e, "routing stopped; starting again");
                 set_trouble(&trouble, Some(format!("routing stopped: {e}")));
             }
         }
@@ -1333,35 +1333,45 @@ async fn route(
     if !*stop.borrow() {
         tracing::info!(
             saga = spec.name(),
+            share,
             "routing stopped: this replica's hold on the router lease lapsed (a renewal is late); it routes again once the lease is renewed"
         );
     }
 }
 
 /// Sets up router share 0's side of the other shares, before it skips
-/// their triggers: each other share's trigger consumer is created at
-/// share 0's acknowledgement floor `floor` if missing, and made again
-/// there if share 0's consumer records another layout than `shares` (or
-/// none: one router, or an earlier release, routed every trigger with
-/// it; the other consumers left from an earlier layout, if any, stood
-/// still meanwhile and would route those triggers again). Every trigger
-/// up to `floor` was routed: by share 0, or by the one router before it.
-/// Share 0's bind then records `shares`.
+/// their triggers: unless share 0's consumer records this layout
+/// (`shares`), each other share's trigger consumer is made (again) at
+/// share 0's acknowledgement floor `floor`: with another layout or none
+/// recorded (one router, or an earlier release), share 0's consumer
+/// routed every trigger up to it, and the other consumers left from an
+/// earlier layout, if any, stood still meanwhile and would route those
+/// triggers again. Share 0's bind then records `shares`. With the layout
+/// recorded, every other consumer must exist (see [`own_consumer`]).
+///
+/// Each step first checks the lease, and a consumer is deleted only while
+/// the record still differs: a holder that stalled past its lease while
+/// another took over and recorded the layout leaves the consumers alone
+/// once it wakes (a stall between the check and the step is not caught:
+/// the broker takes no fence).
 async fn other_consumers(
     transport: &crate::transport::Transport,
     spec: &'static HandlerSpec,
-    shares: u32,
+    (shares, lease): (u32, &Partition),
     options: &DurableOptions,
     floor: u64,
 ) -> Result<()> {
     let subject = spec.subject();
-    let recorded = transport
-        .durable_found(subject, &router_durable(spec, 0))
-        .await?
-        .and_then(|found| found.routers);
-    // A server that keeps no consumer metadata (before 2.10) reads every
-    // layout back as none: the consumers are then only made if missing.
-    let renew = recorded != Some(shares) && transport.records_durables();
+    let zero = router_durable(spec, 0);
+    let recorded = || async {
+        Ok::<_, Error>(
+            transport
+                .durable_found(subject, &zero)
+                .await?
+                .and_then(|found| found.routers),
+        )
+    };
+    let before = recorded().await?;
     let other = DurableOptions {
         start: crate::transport::Start::Existing,
         routers: None,
@@ -1369,9 +1379,28 @@ async fn other_consumers(
     };
     for k in 1..shares {
         let durable = router_durable(spec, k);
-        if renew {
-            transport.delete_durable(subject, &durable).await?;
+        if before == Some(shares) {
+            // Made before the layout was recorded: gone since, it was
+            // deleted while this share skipped its triggers, and made
+            // again here it would skip those it had not routed.
+            if transport.durable_found(subject, &durable).await?.is_none() {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the trigger consumer {durable} of router share {k} is gone (deleted?); the triggers it \
+                         had not routed are not routed; to make it again at this share's floor, clear the \
+                         description of consumer {zero} (see the operations guide)"
+                    ),
+                ));
+            }
+            continue;
         }
+        lease.fence()?;
+        if recorded().await? == Some(shares) {
+            return Ok(());
+        }
+        transport.delete_durable(subject, &durable).await?;
+        lease.fence()?;
         if transport
             .create_durable_at(subject, &durable, &other, floor + 1)
             .await?
@@ -1380,7 +1409,7 @@ async fn other_consumers(
                 saga = spec.name(),
                 share = k,
                 from = floor + 1,
-                layout_before = ?recorded,
+                layout_before = ?before,
                 "set a router share's trigger consumer up"
             );
         }
@@ -1388,52 +1417,47 @@ async fn other_consumers(
     Ok(())
 }
 
-/// Sets router share `share`'s trigger consumer up once share 0's
-/// consumer records this layout (`shares`): created at share 0's
-/// acknowledgement floor if it is missing (share 0 acknowledges another
-/// share's trigger unrouted only once that share's consumer exists, so
-/// every trigger up to it was routed). `false` while share 0's consumer
-/// is missing or records another layout: share 0's router makes (or
-/// makes again) this share's consumer first, and a consumer of an
-/// earlier layout bound now would route its triggers again. Meanwhile a
-/// router of an earlier release may still route every trigger (see the
-/// operations guide on upgrading).
+/// Whether router share `share` may bind its trigger consumer: once share
+/// 0's consumer records this layout (`shares`), which share 0's router
+/// writes after it made every other share's consumer at its floor (see
+/// [`other_consumers`]). `false` while it is missing or records another
+/// layout (one router, or an earlier release, may still route every
+/// trigger meanwhile: see the operations guide on upgrading). With the
+/// layout recorded, a missing consumer was deleted after share 0 skipped
+/// triggers it had not routed: an error, and not made again here (at
+/// share 0's floor it would skip them for good; at the stream's start it
+/// would route every trigger again, behind newer ones).
 async fn own_consumer(
     transport: &crate::transport::Transport,
     spec: &'static HandlerSpec,
     share: u32,
     shares: u32,
-    options: &DurableOptions,
 ) -> Result<bool> {
     let subject = spec.subject();
-    let Some(zero) = transport.durable_found(subject, &router_durable(spec, 0)).await? else {
+    let recorded = transport
+        .durable_found(subject, &router_durable(spec, 0))
+        .await?
+        .and_then(|zero| zero.routers);
+    if recorded != Some(shares) {
         tracing::debug!(
             saga = spec.name(),
             share,
-            "waiting for share 0's router to make its consumer"
-        );
-        return Ok(false);
-    };
-    if zero.routers != Some(shares) && transport.records_durables() {
-        tracing::debug!(
-            saga = spec.name(),
-            share,
-            recorded = ?zero.routers,
+            ?recorded,
             "waiting for share 0's router to set this layout up"
         );
         return Ok(false);
     }
     let durable = router_durable(spec, share);
-    if transport
-        .create_durable_at(subject, &durable, options, zero.ack_floor + 1)
-        .await?
-    {
-        tracing::info!(
-            saga = spec.name(),
-            share,
-            from = zero.ack_floor + 1,
-            "created this router share's trigger consumer"
-        );
+    if transport.durable_found(subject, &durable).await?.is_none() {
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "its trigger consumer {durable} is gone while share 0 routes beside it (deleted?); the triggers \
+                 it had not routed are not routed; to make it again at share 0's floor, clear the description \
+                 of consumer {} (see the operations guide)",
+                router_durable(spec, 0)
+            ),
+        ));
     }
     Ok(true)
 }

@@ -292,10 +292,12 @@ impl Runtime {
         self.keyed.served().await
     }
 
-    /// The router shares of keyed sagas this replica runs right now, per
-    /// saga handler name: share `k` routes the triggers of the partitions
-    /// stored in partition stream `k` (one share per stream,
-    /// `CATGA_JS_SAGA_STREAMS`).
+    /// The router shares of keyed sagas whose leases this replica holds
+    /// right now, per saga handler name: share `k` routes the triggers of
+    /// the partitions stored in partition stream `k` (one share per
+    /// stream: `CATGA_JS_SAGA_STREAMS`, at most one per partition). A
+    /// share other than 0 waits, before it routes, until share 0's router
+    /// has set its consumers up.
     pub async fn routing(&self) -> std::collections::BTreeMap<&'static str, Vec<u32>> {
         self.keyed.routing().await
     }

@@ -588,10 +588,20 @@ impl NatsTransport {
         };
         let priority = self.pull_priority(&stream).await?;
         let config = consumer_config(subject, durable, options, deliver_policy, priority);
-        let consumer: consumer::PullConsumer = stream
-            .create_consumer(config)
-            .await
-            .map_err(|e| js_error("consumer create", e))?;
+        // Bound as it is: an update, which JetStream refuses for a
+        // consumer that is gone (deleted since it was found), where a
+        // create-or-update would make it again where it started.
+        let consumer: consumer::PullConsumer = if options.start == Start::Existing {
+            stream
+                .update_consumer(config)
+                .await
+                .map_err(|e| js_error("consumer update", e))?
+        } else {
+            stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| js_error("consumer create", e))?
+        };
         let messages = pull(&consumer, options, priority).await?;
         // Once it exists: a test kit asks about it from now on.
         self.tap()
@@ -632,8 +642,9 @@ impl NatsTransport {
             .await
         {
             Ok(_) => Ok(true),
-            // Made meanwhile by another replica (the create was then an
-            // update of where it starts, which JetStream refuses).
+            // Made meanwhile by another replica elsewhere: the create was
+            // then an update of where it starts, which JetStream refuses
+            // (an identical one succeeds, and says made).
             Err(e) => match consumer_found(&stream, durable).await? {
                 Some(_) => Ok(false),
                 None => Err(js_error("consumer create", e)),
@@ -656,7 +667,12 @@ impl NatsTransport {
             .await?
             .map(|info| super::DurableFound {
                 ack_floor: info.ack_floor.stream_sequence,
-                routers: info.config.metadata.get(ROUTERS_KEY).and_then(|v| v.parse().ok()),
+                routers: info
+                    .config
+                    .description
+                    .as_deref()
+                    .and_then(|d| d.strip_prefix(ROUTERS_RECORD))
+                    .and_then(|n| n.parse().ok()),
             }))
     }
 
@@ -677,13 +693,6 @@ impl NatsTransport {
                 Some(_) => Err(js_error("consumer delete", e)),
             },
         }
-    }
-
-    /// Whether the connected server keeps consumer metadata (2.10 and
-    /// later; an earlier one drops it, so a layout recorded there reads
-    /// back as never recorded).
-    pub(crate) fn records_durables(&self) -> bool {
-        self.server_at_least(2, 10, 0)
     }
 
     /// Whether the stream of `subject` exists, looked up at most every
@@ -1607,9 +1616,15 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
 /// pulls name (see `durable_subscribe`).
 const PRIORITY_GROUP: &str = "catga";
 
-/// The consumer metadata that records a keyed saga's router layout (see
-/// `DurableOptions::routers`).
-const ROUTERS_KEY: &str = "catga.routers";
+/// What records a keyed saga's router layout on share 0's consumer (see
+/// `DurableOptions::routers`), before the count.
+///
+/// Kept in the consumer's description, which every server keeps and an
+/// update may change: metadata (2.10 and later) is dropped by an earlier
+/// server, also one that leads JetStream in a cluster mid-upgrade, and a
+/// layout read back as never recorded makes share 0 make the other
+/// shares' consumers again each time it sets up.
+const ROUTERS_RECORD: &str = "catga router shares: ";
 
 /// The durable consumer `durable` of `stream`, if it exists.
 async fn consumer_found(stream: &jetstream::stream::Stream, durable: &str) -> Result<Option<consumer::Info>> {
@@ -1644,10 +1659,7 @@ fn consumer_config(
         max_deliver: -1,
         max_ack_pending: options.max_ack_pending as i64,
         deliver_policy,
-        metadata: options
-            .routers
-            .map(|n| std::collections::HashMap::from([(ROUTERS_KEY.to_owned(), n.to_string())]))
-            .unwrap_or_default(),
+        description: options.routers.map(|n| format!("{ROUTERS_RECORD}{n}")),
         ..Default::default()
     };
     // Region-aware (`CATGA_REGION` set, server 2.12 or later): the

@@ -69,6 +69,12 @@ struct Consumer {
 }
 
 impl Consumer {
+    /// Every message up to this sequence is acknowledged.
+    fn ack_floor(&self) -> u64 {
+        let first_open = self.pending.keys().next().copied().unwrap_or(self.next);
+        first_open.saturating_sub(1)
+    }
+
     /// A consumer that delivers from sequence `next` on.
     fn new(options: &DurableOptions, next: u64) -> Consumer {
         Consumer {
@@ -80,6 +86,16 @@ impl Consumer {
             wake: Arc::new(Notify::new()),
         }
     }
+}
+
+/// Why a durable consumer has nothing to deliver now.
+enum Wait {
+    /// Something comes due then (a redelivery).
+    Until(Instant),
+    /// Nothing until a publish wakes it.
+    Woken,
+    /// The consumer the subscription bound is gone (deleted).
+    Gone,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -277,9 +293,8 @@ impl Streams {
     pub(crate) fn found(&self, subject: &str, durable: &str) -> Option<super::DurableFound> {
         let inner = lock(&self.inner);
         let c = inner.streams.get(subject)?.consumers.get(durable)?;
-        let first_open = c.pending.keys().next().copied().unwrap_or(c.next);
         Some(super::DurableFound {
-            ack_floor: first_open.saturating_sub(1),
+            ack_floor: c.ack_floor(),
             routers: c.options.routers,
         })
     }
@@ -364,17 +379,16 @@ impl Streams {
     }
 
     /// The next message for `durable`: a redelivery that is due, or a new
-    /// one; `Err(Ok(when))` tells when to look again (None: when woken),
-    /// `Err(Err(()))` that the consumer `bound` is gone.
+    /// one; else when to look again, or that the consumer `bound` is gone.
     fn take(
         &self,
         subject: &str,
         durable: &str,
         bound: &Arc<Notify>,
-    ) -> std::result::Result<(u64, u64, Stored2), std::result::Result<Option<Instant>, ()>> {
+    ) -> std::result::Result<(u64, u64, Stored2), Wait> {
         let mut inner = lock(&self.inner);
         let Some(stream) = inner.streams.get_mut(subject) else {
-            return Err(Ok(None));
+            return Err(Wait::Woken);
         };
         let now = Instant::now();
         stream.prune(now);
@@ -382,12 +396,12 @@ impl Streams {
             messages, consumers, ..
         } = stream;
         let Some(c) = consumers.get_mut(durable) else {
-            return Err(Err(()));
+            return Err(Wait::Gone);
         };
         // Deleted, and maybe made again: not the consumer this
         // subscription bound (whose wake-ups it waits on).
         if !Arc::ptr_eq(&c.wake, bound) {
-            return Err(Err(()));
+            return Err(Wait::Gone);
         }
         // A pending message whose message was pruned is gone.
         c.pending.retain(|seq, _| messages.contains_key(seq));
@@ -412,7 +426,14 @@ impl Streams {
                         c.pending.insert(seq, (1, now + c.options.ack_wait));
                         (seq, 1)
                     }
-                    _ => return Err(Ok(c.pending.values().map(|(_, at)| *at).min())),
+                    _ => {
+                        return Err(c
+                            .pending
+                            .values()
+                            .map(|(_, at)| *at)
+                            .min()
+                            .map_or(Wait::Woken, Wait::Until));
+                    }
                 }
             }
         };
@@ -436,9 +457,8 @@ impl Streams {
             return (0, 0, 0);
         };
         stream.consumers.get(durable).map_or((0, 0, 0), |c| {
-            let first_open = c.pending.keys().next().copied().unwrap_or(c.next);
             let undelivered = stream.messages.range(c.next..).count() as u64;
-            (c.pending.len() as u64, undelivered, first_open.saturating_sub(1))
+            (c.pending.len() as u64, undelivered, c.ack_floor())
         })
     }
 
@@ -629,16 +649,16 @@ impl MemoryDurable {
                     d.delivered = deliveries;
                     return Some(d.tracked(&self.streams.tap));
                 }
-                Err(Ok(Some(at))) => {
+                Err(Wait::Until(at)) => {
                     tokio::select! {
                         () = woken => {}
                         () = tokio::time::sleep_until(at) => {}
                     }
                 }
-                Err(Ok(None)) => woken.await,
+                Err(Wait::Woken) => woken.await,
                 // Its consumer was deleted: the subscription ends, as a
                 // JetStream one does.
-                Err(Err(())) => return None,
+                Err(Wait::Gone) => return None,
             }
         }
     }

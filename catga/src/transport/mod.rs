@@ -101,9 +101,9 @@ pub(crate) struct DurableOptions {
     pub in_order: bool,
     /// Where the consumer starts if this binding creates it.
     pub start: Start,
-    /// The router layout recorded on the consumer: how many router
-    /// shares a keyed saga's share 0 routes beside (see
-    /// `keyed::router_shares`); read back with
+    /// The router layout recorded on the consumer (in its description on
+    /// NATS): how many router shares a keyed saga's share 0 routes beside
+    /// (see `keyed::router_shares`); read back with
     /// [`Transport::durable_found`].
     pub routers: Option<u32>,
 }
@@ -884,15 +884,6 @@ impl Transport {
                 bus.streams().delete(subject, durable);
                 Ok(())
             }
-        }
-    }
-
-    /// Whether the broker keeps what [`DurableOptions::routers`] records
-    /// (consumer metadata: nats-server 2.10 and later).
-    pub(crate) fn records_durables(&self) -> bool {
-        match &self.0 {
-            Kind::Nats(t) => t.records_durables(),
-            Kind::Memory(_) => true,
         }
     }
 

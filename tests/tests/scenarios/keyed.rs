@@ -332,12 +332,12 @@ async fn three_router_shares_spread_and_a_new_share_starts_where_routing_stood(b
         .await
         .expect("share 0's consumer");
     assert_eq!(
-        zero.config.metadata.get("catga.routers").map(String::as_str),
-        Some("3"),
+        zero.config.description.as_deref(),
+        Some("catga router shares: 3"),
         "share 0 records the layout"
     );
     let mut forgotten = zero.config.clone();
-    forgotten.metadata.clear();
+    forgotten.description = None;
     triggers
         .create_consumer(forgotten)
         .await
