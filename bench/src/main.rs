@@ -41,7 +41,9 @@
 //! `BENCH_LEVELS=64,256` picks the concurrency levels (default 1,16,64,256);
 //! `BENCH_ONLY=reqreply,embedded,parallel,reliable,inbox,fanout,scaling,failover,overhead,takeover,keyed,rebalance,journal,shards,relay,time,regions`
 //! picks sections;
-//! `BENCH_BURST` sets the fan-out burst (default 1,000,000).
+//! `BENCH_BURST` sets the fan-out burst (default 1,000,000);
+//! `BENCH_KEYED_STREAMS=1,3`, `BENCH_KEYED_CONCURRENCY=2,4` and
+//! `BENCH_KEYED_REPLICAS=1,3,5` pick the keyed section's layouts.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};

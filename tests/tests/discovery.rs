@@ -277,8 +277,15 @@ async fn keyed_sagas_are_listed_with_their_partitions() {
         assert_eq!(e["metadata"]["partitions_total"], "4");
         let served = e["metadata"]["partitions"].as_str().expect("partitions");
         all.extend(served.split(',').map(|p| p.parse::<u32>().expect("a number")));
+        assert_eq!(
+            e["metadata"]["router_shares_total"], "1",
+            "one stream, one router share"
+        );
         if e["metadata"]["routing"] == "true" {
             routing += 1;
+            assert_eq!(e["metadata"]["routing_shares"], "0", "{info}");
+        } else {
+            assert_eq!(e["metadata"]["routing_shares"], "", "{info}");
         }
     }
     all.sort_unstable();

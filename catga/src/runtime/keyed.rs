@@ -1035,8 +1035,16 @@ impl Keeper {
                 reasons.into_iter().collect::<Vec<_>>().join("; ")
             ));
         }
-        for share in (0..router_shares(spec, &self.shared.config)).filter(|k| mine((partitions + k) as usize))
-        {
+        let shares = router_shares(spec, &self.shared.config);
+        // Named only where there are several (one router reads as before).
+        let named = |share: u32| {
+            if shares > 1 {
+                format!(" (share {share})")
+            } else {
+                String::new()
+            }
+        };
+        for share in (0..shares).filter(|k| mine((partitions + k) as usize)) {
             match slot(router_slot(share)) {
                 Some(Slot::Serving {
                     run: Running::Router { trouble, .. },
@@ -1047,11 +1055,12 @@ impl Keeper {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .as_ref()
                     {
-                        why.push(format!("cannot route its triggers (share {share}): {e}"));
+                        why.push(format!("cannot route its triggers{}: {e}", named(share)));
                     }
                 }
                 _ => why.push(format!(
-                    "its router (share {share}) is this replica's but does not run ({})",
+                    "its router{} is this replica's but does not run ({})",
+                    named(share),
                     reason(router_slot(share))
                 )),
             }
@@ -1202,7 +1211,9 @@ async fn route(
         } else {
             crate::transport::Start::Existing
         },
-        routers: (share == 0).then_some(shares),
+        // Recorded only where there are other shares: one router sends
+        // the consumer as before.
+        routers: (share == 0 && shares > 1).then_some(shares),
     };
     let base = partition_base(&shared.config.service, spec);
     let partitions = spec.partitions().unwrap_or(1);
@@ -1340,20 +1351,22 @@ async fn route(
 }
 
 /// Sets up router share 0's side of the other shares, before it skips
-/// their triggers: unless share 0's consumer records this layout
-/// (`shares`), each other share's trigger consumer is made (again) at
-/// share 0's acknowledgement floor `floor`: with another layout or none
-/// recorded (one router, or an earlier release), share 0's consumer
-/// routed every trigger up to it, and the other consumers left from an
-/// earlier layout, if any, stood still meanwhile and would route those
-/// triggers again. Share 0's bind then records `shares`. With the layout
-/// recorded, every other consumer must exist (see [`own_consumer`]).
+/// their triggers, at share 0's acknowledgement floor `floor`:
+/// - share 0's consumer found recording another layout than `shares`, or
+///   none (one router, or an earlier release, routed every trigger up to
+///   `floor` with it): each other share's consumer is made again there
+///   (one left from an earlier layout stood still meanwhile and would
+///   route those triggers again);
+/// - not found (a new saga): each missing one is made there;
+/// - recording this layout: every other consumer must exist (see
+///   [`own_consumer`]).
 ///
-/// Each step first checks the lease, and a consumer is deleted only while
-/// the record still differs: a holder that stalled past its lease while
-/// another took over and recorded the layout leaves the consumers alone
-/// once it wakes (a stall between the check and the step is not caught:
-/// the broker takes no fence).
+/// Share 0's bind then records `shares`. A consumer is deleted only
+/// right after the lease is checked and the record is found to differ
+/// still: a holder that stalled past its lease while another took over
+/// and recorded the layout leaves the consumers alone once it wakes (a
+/// stall between that check and the delete is not caught: the broker
+/// takes no fence).
 async fn other_consumers(
     transport: &crate::transport::Transport,
     spec: &'static HandlerSpec,
@@ -1363,15 +1376,21 @@ async fn other_consumers(
 ) -> Result<()> {
     let subject = spec.subject();
     let zero = router_durable(spec, 0);
-    let recorded = || async {
-        Ok::<_, Error>(
-            transport
-                .durable_found(subject, &zero)
-                .await?
-                .and_then(|found| found.routers),
-        )
+    // Made again only when share 0's consumer is found with another
+    // layout or none: a look-up that finds nothing (a new saga, or a
+    // cluster whose meta leader is catching up) only makes what is
+    // missing, and leaves what exists alone.
+    let stale = || async {
+        Ok::<_, Error>(matches!(
+            transport.durable_found(subject, &zero).await?,
+            Some(found) if found.routers != Some(shares)
+        ))
     };
-    let before = recorded().await?;
+    let recorded = transport
+        .durable_found(subject, &zero)
+        .await?
+        .is_some_and(|found| found.routers == Some(shares));
+    let renew = stale().await?;
     let other = DurableOptions {
         start: crate::transport::Start::Existing,
         routers: None,
@@ -1379,7 +1398,7 @@ async fn other_consumers(
     };
     for k in 1..shares {
         let durable = router_durable(spec, k);
-        if before == Some(shares) {
+        if recorded {
             // Made before the layout was recorded: gone since, it was
             // deleted while this share skipped its triggers, and made
             // again here it would skip those it had not routed.
@@ -1395,11 +1414,13 @@ async fn other_consumers(
             }
             continue;
         }
-        lease.fence()?;
-        if recorded().await? == Some(shares) {
-            return Ok(());
+        if renew {
+            if !stale().await? {
+                return Ok(());
+            }
+            lease.fence()?;
+            transport.delete_durable(subject, &durable).await?;
         }
-        transport.delete_durable(subject, &durable).await?;
         lease.fence()?;
         if transport
             .create_durable_at(subject, &durable, &other, floor + 1)
@@ -1409,7 +1430,7 @@ async fn other_consumers(
                 saga = spec.name(),
                 share = k,
                 from = floor + 1,
-                layout_before = ?before,
+                renewed = renew,
                 "set a router share's trigger consumer up"
             );
         }
@@ -1566,6 +1587,17 @@ impl Router<'_> {
         let transport = shared.client.transport();
         let (incoming, settler) = d.split();
         let meta = super::pipeline::read(incoming.subject, incoming.headers, None, incoming.delivered);
+        // A trigger published without an id (by a plain client) is named
+        // after its place in the stream and its payload: the same in
+        // every share and each time it is routed again, so that its
+        // copy's repeats are dropped, its saga runs once, and its dead
+        // letter is kept once. (A made-up id differed at each routing.)
+        let id = match settler.stream_seq() {
+            Some(seq) if !meta.has_sender_id() => {
+                format!("t{seq}-{:016x}", xxhash_rust::xxh3::xxh3_64(&incoming.payload))
+            }
+            _ => meta.message_id().to_owned(),
+        };
         // A version newer than the saga knows is refused here, as the
         // pipeline would refuse it, before its key is read.
         let key = crate::wire::check_version(meta.headers(), spec.message_type(), spec.version())
@@ -1582,15 +1614,17 @@ impl Router<'_> {
             Ok(key) => key,
             // Dead-lettered by each share that cannot read it (its
             // partition, so its share, is not known): the dead-letter
-            // stream keeps one (its message id is the trigger's and the
-            // handler's, within the stream's duplicate window). A share
+            // stream keeps one (its message id is the trigger's id and
+            // the handler's, within the stream's duplicate window). A share
             // of a newer release that can read it (a version the others
             // do not know yet, mid-roll-out) routes it as well, where
             // one router of the older release would only have
             // dead-lettered it.
             Err(error) => {
                 tracing::error!(saga = spec.name(), error = %error, "a trigger without a readable key: dead-lettered");
-                let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
+                let mut letter =
+                    super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
+                letter.message_id.get_or_insert(id);
                 let _ = settler.settle(recorded(shared, letter).await).await;
                 return;
             }
@@ -1618,7 +1652,6 @@ impl Router<'_> {
                 }
             }
         }
-        let id = meta.message_id().to_owned();
         headers.insert(crate::wire::headers::MESSAGE_ID, id.as_str());
         // Each copy is stored only right after the one routed
         // before it to the same stream: a copy lost while a node

@@ -508,6 +508,68 @@ async fn a_replica_without_the_saga_is_not_in_its_ring(b: &Backend) {
     catga_tests::backend::shutdown_all(vec![with, without]).await;
 }
 
+/// Triggers a plain client publishes without any header, over three
+/// router shares: each runs once and in its key's order, and one whose
+/// payload cannot be read is dead-lettered once, not once per share
+/// (each share cannot tell whose it is, and names it by its place in the
+/// stream and its payload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_triggers_without_ids_over_three_router_shares() {
+    let b = Backend::nats();
+    let mut replicas = Vec::new();
+    for name in ["p1", "p2", "p3"] {
+        replicas.push(replica_over(&b, name, 3).await);
+    }
+    spread(&replicas.iter().collect::<Vec<_>>()).await;
+    routers_spread(&replicas.iter().collect::<Vec<_>>()).await;
+    let js = async_nats::jetstream::new(
+        async_nats::connect(b.nats_url().expect("nats"))
+            .await
+            .expect("raw client"),
+    );
+    let run = run_id();
+    for seq in 0..3 {
+        for account in ACCOUNTS {
+            let payload = serde_json::to_vec(&Posted {
+                run: run.clone(),
+                account: account.to_owned(),
+                seq,
+            })
+            .expect("json");
+            js.publish("tests.keyed.posted", payload.into())
+                .await
+                .expect("published")
+                .await
+                .expect("stored");
+        }
+    }
+    check(&run, 3).await;
+    js.publish("tests.keyed.posted", "{not a trigger".into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let letters = replicas[0].dead_letters();
+    let started = Instant::now();
+    loop {
+        let found = letters.list(0, 100).await.expect("dead letters");
+        if !found.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the unreadable trigger was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every share has read it by now or soon: give them time to add theirs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let found = letters.list(0, 100).await.expect("dead letters");
+    assert_eq!(found.len(), 1, "dead-lettered once: {found:?}");
+    assert!(found[0].handler.ends_with("::ledger"), "{:?}", found[0]);
+    catga_tests::backend::shutdown_all(replicas).await;
+}
+
 /// Triggers published by an ordinary client with JetStream directives in
 /// their headers (`Nats-Expected-Stream` naming the trigger's own stream,
 /// which accepts it): the router does not copy the broker's headers onto
