@@ -163,7 +163,16 @@ impl Replica {
         redis: Option<&str>,
         concurrency: usize,
     ) -> Replica {
-        Replica::spawn(id, handler, nats, redis, concurrency, DEFAULT_LEASE, LEADER_LEASE)
+        Replica::spawn(
+            id,
+            handler,
+            nats,
+            redis,
+            concurrency,
+            DEFAULT_LEASE,
+            LEADER_LEASE,
+            &[],
+        )
     }
 
     /// [`spawn_with`](Self::spawn_with), with more environment for the
@@ -176,7 +185,7 @@ impl Replica {
         concurrency: usize,
         env: &[(&str, String)],
     ) -> Replica {
-        Replica::spawn_in(
+        Replica::spawn(
             id,
             handler,
             nats,
@@ -188,20 +197,8 @@ impl Replica {
         )
     }
 
-    fn spawn(
-        id: &str,
-        handler: &str,
-        nats: &str,
-        redis: Option<&str>,
-        concurrency: usize,
-        lease: Duration,
-        leader_lease: Duration,
-    ) -> Replica {
-        Replica::spawn_in(id, handler, nats, redis, concurrency, lease, leader_lease, &[])
-    }
-
     #[allow(clippy::too_many_arguments)]
-    fn spawn_in(
+    fn spawn(
         id: &str,
         handler: &str,
         nats: &str,
@@ -312,6 +309,7 @@ pub async fn scaling(duration: Duration) {
                     per_replica,
                     DEFAULT_LEASE,
                     LEADER_LEASE,
+                    &[],
                 )
             })
             .collect();
@@ -362,6 +360,7 @@ pub async fn takeover() {
                 4,
                 DEFAULT_LEASE,
                 Duration::from_millis(lease_ms),
+                &[],
             )
         };
         let replicas = [spawn("t1"), spawn("t2")];
@@ -468,6 +467,7 @@ async fn failover_run(signal: &str, lease: Duration) {
                 8,
                 lease,
                 LEADER_LEASE,
+                &[],
             )
         })
         .collect();

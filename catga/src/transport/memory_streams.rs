@@ -88,6 +88,14 @@ impl Consumer {
     }
 }
 
+/// No stream stores `subject`.
+fn no_stream(subject: &str) -> Error {
+    Error::new(
+        ErrorKind::NoHandler,
+        format!("no stream stores subject {subject}"),
+    )
+}
+
 /// Why a durable consumer has nothing to deliver now.
 enum Wait {
     /// Something comes due then (a redelivery).
@@ -322,10 +330,7 @@ impl Streams {
     ) -> Result<bool> {
         let mut inner = lock(&self.inner);
         let Some(stream) = inner.streams.get_mut(subject) else {
-            return Err(Error::new(
-                ErrorKind::NoHandler,
-                format!("no stream stores subject {subject}"),
-            ));
+            return Err(no_stream(subject));
         };
         if stream.consumers.contains_key(durable) {
             return Ok(false);
@@ -346,10 +351,7 @@ impl Streams {
     ) -> Result<MemoryDurable> {
         let mut inner = lock(&self.inner);
         let Some(stream) = inner.streams.get_mut(subject) else {
-            return Err(Error::new(
-                ErrorKind::NoHandler,
-                format!("no stream stores subject {subject}"),
-            ));
+            return Err(no_stream(subject));
         };
         let first = match options.start {
             Start::Last => stream.messages.keys().next_back().copied(),
