@@ -1286,7 +1286,7 @@ async fn route(
             }
         };
         if share == 0 && shares > 1 {
-            let others = other_consumers(transport, spec, (shares, &lease), &options, floor);
+            let others = other_consumers(transport, spec, (shares, &lease), &options);
             if let Err(e) = bounded("setting the other router shares' consumers up", others).await {
                 tracing::warn!(saga = spec.name(), share, error = %e, "cannot set the other router shares' consumers up yet");
                 set_trouble(
@@ -1351,13 +1351,15 @@ async fn route(
 }
 
 /// Sets up router share 0's side of the other shares, before it skips
-/// their triggers, at share 0's acknowledgement floor `floor`:
-/// - share 0's consumer found recording another layout than `shares`, or
-///   none (one router, or an earlier release, routed every trigger up to
-///   `floor` with it): each other share's consumer is made again there
-///   (one left from an earlier layout stood still meanwhile and would
-///   route those triggers again);
-/// - not found (a new saga): each missing one is made there;
+/// their triggers. One look-up of share 0's consumer decides:
+/// - found recording another layout than `shares`, or none (one router,
+///   or an earlier release, routed every trigger up to its floor with
+///   it): each other share's consumer is made again right after that
+///   floor (one left from an earlier layout stood still meanwhile and
+///   would route those triggers again);
+/// - not found (a new saga): the others are made at the stream's start,
+///   as share 0's will be; if one exists already, the look-up is taken as
+///   wrong and set-up is tried again;
 /// - recording this layout: every other consumer must exist (see
 ///   [`own_consumer`]).
 ///
@@ -1372,70 +1374,92 @@ async fn other_consumers(
     spec: &'static HandlerSpec,
     (shares, lease): (u32, &Partition),
     options: &DurableOptions,
-    floor: u64,
 ) -> Result<()> {
     let subject = spec.subject();
     let zero = router_durable(spec, 0);
-    // Made again only when share 0's consumer is found with another
-    // layout or none: a look-up that finds nothing (a new saga, or a
-    // cluster whose meta leader is catching up) only makes what is
-    // missing, and leaves what exists alone.
-    let stale = || async {
-        Ok::<_, Error>(matches!(
-            transport.durable_found(subject, &zero).await?,
-            Some(found) if found.routers != Some(shares)
-        ))
-    };
-    let recorded = transport
-        .durable_found(subject, &zero)
-        .await?
-        .is_some_and(|found| found.routers == Some(shares));
-    let renew = stale().await?;
     let other = DurableOptions {
         start: crate::transport::Start::Existing,
         routers: None,
         ..options.clone()
     };
-    for k in 1..shares {
-        let durable = router_durable(spec, k);
-        if recorded {
-            // Made before the layout was recorded: gone since, it was
-            // deleted while this share skipped its triggers, and made
-            // again here it would skip those it had not routed.
-            if transport.durable_found(subject, &durable).await?.is_none() {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "the trigger consumer {durable} of router share {k} is gone (deleted?); the triggers it \
-                         had not routed are not routed; to make it again at this share's floor, clear the \
-                         description of consumer {zero} (see the operations guide)"
-                    ),
-                ));
+    let durables: Vec<String> = (1..shares).map(|k| router_durable(spec, k)).collect();
+    // One look-up decides, and gives the floor.
+    match transport.durable_found(subject, &zero).await? {
+        // This layout: every other consumer was made before it was
+        // recorded. One gone since was deleted while this share skipped
+        // its triggers; made again here, it would skip those it had not
+        // routed.
+        Some(found) if found.routers == Some(shares) => {
+            for durable in &durables {
+                if transport.durable_found(subject, durable).await?.is_none() {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "the trigger consumer {durable} of a router share is gone (deleted?); the \
+                             triggers it had not routed are not routed; to make it again at this share's \
+                             floor, clear the description of consumer {zero} (see the operations guide)"
+                        ),
+                    ));
+                }
             }
-            continue;
+            Ok(())
         }
-        if renew {
-            if !stale().await? {
-                return Ok(());
+        // Another layout or none: share 0's consumer routed every trigger
+        // up to its floor; the others are made (again) right after it.
+        Some(found) => {
+            for durable in &durables {
+                lease.fence()?;
+                // Looked at again right before the delete: another holder
+                // may have recorded the layout meanwhile (this one stalled
+                // past its lease), and a look-up that finds nothing
+                // decides nothing.
+                match transport.durable_found(subject, &zero).await? {
+                    Some(now) if now.routers == Some(shares) => return Ok(()),
+                    Some(_) => {}
+                    None => {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!("the trigger consumer {zero} was not found this time; trying again"),
+                        ));
+                    }
+                }
+                transport.delete_durable(subject, durable).await?;
+                lease.fence()?;
+                transport
+                    .create_durable_at(subject, durable, &other, found.ack_floor + 1)
+                    .await?;
+                tracing::info!(
+                    saga = spec.name(),
+                    consumer = %durable,
+                    from = found.ack_floor + 1,
+                    layout_before = ?found.routers,
+                    "made a router share's trigger consumer again at share 0's floor"
+                );
             }
-            lease.fence()?;
-            transport.delete_durable(subject, &durable).await?;
+            Ok(())
         }
-        lease.fence()?;
-        if transport
-            .create_durable_at(subject, &durable, &other, floor + 1)
-            .await?
-        {
-            tracing::info!(
-                saga = spec.name(),
-                share = k,
-                from = floor + 1,
-                renewed = renew,
-                "set a router share's trigger consumer up"
-            );
+        // A new saga: share 0's consumer will start at the stream's
+        // beginning, and so do the others. Any of them found already
+        // means a look-up that found nothing: decided next time.
+        None => {
+            for durable in &durables {
+                if transport.durable_found(subject, durable).await?.is_some() {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "the trigger consumer {zero} was not found while {durable} exists; trying again \
+                             (if {zero} was deleted, delete the router shares' consumers too)"
+                        ),
+                    ));
+                }
+            }
+            for durable in &durables {
+                lease.fence()?;
+                transport.create_durable_at(subject, durable, &other, 1).await?;
+            }
+            Ok(())
         }
     }
-    Ok(())
 }
 
 /// Whether router share `share` may bind its trigger consumer: once share
@@ -1586,18 +1610,27 @@ impl Router<'_> {
         let spec = served.spec;
         let transport = shared.client.transport();
         let (incoming, settler) = d.split();
-        let meta = super::pipeline::read(incoming.subject, incoming.headers, None, incoming.delivered);
         // A trigger published without an id (by a plain client) is named
-        // after its place in the stream and its payload: the same in
-        // every share and each time it is routed again, so that its
+        // after its place in the stream, when it was stored and its
+        // payload: the same in every share and each time it is routed
+        // again, and another after the stream is made anew. So its
         // copy's repeats are dropped, its saga runs once, and its dead
-        // letter is kept once. (A made-up id differed at each routing.)
-        let id = match settler.stream_seq() {
-            Some(seq) if !meta.has_sender_id() => {
-                format!("t{seq}-{:016x}", xxhash_rust::xxh3::xxh3_64(&incoming.payload))
-            }
-            _ => meta.message_id().to_owned(),
-        };
+        // letters are kept once. (A made-up id differed at each routing.)
+        let mut trigger_headers = incoming.headers;
+        let named = trigger_headers
+            .as_ref()
+            .is_some_and(|h| h.get(crate::wire::headers::MESSAGE_ID).is_some());
+        if !named && let Some((seq, at)) = settler.stored_at() {
+            let id = format!(
+                "t{seq}-{at:x}-{:016x}",
+                xxhash_rust::xxh3::xxh3_64(&incoming.payload)
+            );
+            trigger_headers
+                .get_or_insert_with(async_nats::HeaderMap::new)
+                .insert(crate::wire::headers::MESSAGE_ID, id.as_str());
+        }
+        let meta = super::pipeline::read(incoming.subject, trigger_headers, None, incoming.delivered);
+        let id = meta.message_id().to_owned();
         // A version newer than the saga knows is refused here, as the
         // pipeline would refuse it, before its key is read.
         let key = crate::wire::check_version(meta.headers(), spec.message_type(), spec.version())
@@ -1622,9 +1655,7 @@ impl Router<'_> {
             // dead-lettered it.
             Err(error) => {
                 tracing::error!(saga = spec.name(), error = %error, "a trigger without a readable key: dead-lettered");
-                let mut letter =
-                    super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
-                letter.message_id.get_or_insert(id);
+                let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &error);
                 let _ = settler.settle(recorded(shared, letter).await).await;
                 return;
             }

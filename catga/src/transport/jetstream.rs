@@ -1811,6 +1811,15 @@ impl JsAck {
         self.message.info().ok().map(|i| i.stream_sequence)
     }
 
+    /// The message's sequence in its stream and when it was stored (Unix
+    /// nanoseconds).
+    pub(crate) fn stored_at(&self) -> Option<(u64, i128)> {
+        self.message
+            .info()
+            .ok()
+            .map(|i| (i.stream_sequence, i.published.unix_timestamp_nanos()))
+    }
+
     pub(crate) async fn ack(self) -> Result<()> {
         self.message
             .ack()

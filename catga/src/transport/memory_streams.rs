@@ -685,6 +685,11 @@ pub(crate) struct MemoryAck {
 }
 
 impl MemoryAck {
+    /// The message's sequence in its stream.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
     pub(crate) fn ack(self) {
         // A lost ack: the message comes again when its ack wait passes.
         if let Some(chaos) = self.streams.chaos()

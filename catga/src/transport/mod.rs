@@ -1245,6 +1245,18 @@ impl Settler {
         }
     }
 
+    /// Where a durable message sits: its stream sequence and, on NATS,
+    /// when it was stored (Unix nanoseconds; 0 on the embedded bus, whose
+    /// streams live as long as the process). What names a message
+    /// published without an id (see `keyed`).
+    pub(crate) fn stored_at(&self) -> Option<(u64, i128)> {
+        match &self.reply {
+            ReplyTo::Js(ack) => ack.stored_at(),
+            ReplyTo::MemoryDurable(ack) => Some((ack.seq(), 0)),
+            _ => None,
+        }
+    }
+
     /// Tells the broker a durable message is still being worked on, so
     /// that its ack wait starts again; nothing for other messages.
     pub(crate) async fn progress(&self) -> Result<()> {
