@@ -1357,9 +1357,9 @@ async fn route(
 ///   it): each other share's consumer is made again right after that
 ///   floor (one left from an earlier layout stood still meanwhile and
 ///   would route those triggers again);
-/// - not found (a new saga): the others are made at the stream's start,
-///   as share 0's will be; if one exists already, the look-up is taken as
-///   wrong and set-up is tried again;
+/// - not found (a new saga): the missing others are made at the stream's
+///   start, as share 0's will be; if one of them delivered already, the
+///   look-up is taken as wrong and set-up is tried again;
 /// - recording this layout: every other consumer must exist (see
 ///   [`own_consumer`]).
 ///
@@ -1439,16 +1439,22 @@ async fn other_consumers(
             Ok(())
         }
         // A new saga: share 0's consumer will start at the stream's
-        // beginning, and so do the others. Any of them found already
-        // means a look-up that found nothing: decided next time.
+        // beginning, and so do the others. One found that delivered
+        // already means a look-up that found nothing: decided next time.
+        // One that never delivered was made by a set-up cut short (a
+        // share binds only once the layout is recorded): kept.
         None => {
             for durable in &durables {
-                if transport.durable_found(subject, durable).await?.is_some() {
+                if transport
+                    .durable_found(subject, durable)
+                    .await?
+                    .is_some_and(|found| found.delivered)
+                {
                     return Err(Error::new(
                         ErrorKind::Unavailable,
                         format!(
-                            "the trigger consumer {zero} was not found while {durable} exists; trying again \
-                             (if {zero} was deleted, delete the router shares' consumers too)"
+                            "the trigger consumer {zero} was not found while {durable} has delivered; trying \
+                             again (if {zero} was deleted, delete the router shares' consumers too)"
                         ),
                     ));
                 }

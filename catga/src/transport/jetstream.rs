@@ -667,6 +667,7 @@ impl NatsTransport {
             .await?
             .map(|info| super::DurableFound {
                 ack_floor: info.ack_floor.stream_sequence,
+                delivered: info.delivered.consumer_sequence > 0,
                 routers: info
                     .config
                     .description

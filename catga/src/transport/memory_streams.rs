@@ -66,6 +66,8 @@ struct Consumer {
     /// negative ack, which the handler reckoned before the move.
     moved_in_hand: BTreeMap<u64, Duration>,
     wake: Arc<Notify>,
+    /// Whether it ever delivered a message.
+    delivered: bool,
 }
 
 impl Consumer {
@@ -84,6 +86,7 @@ impl Consumer {
             held_back: BTreeSet::new(),
             moved_in_hand: BTreeMap::new(),
             wake: Arc::new(Notify::new()),
+            delivered: false,
         }
     }
 }
@@ -304,6 +307,7 @@ impl Streams {
         Some(super::DurableFound {
             ack_floor: c.ack_floor(),
             routers: c.options.routers,
+            delivered: c.delivered,
         })
     }
 
@@ -425,6 +429,7 @@ impl Streams {
                 match next {
                     Some(seq) if in_flight < c.options.max_ack_pending => {
                         c.next = seq + 1;
+                        c.delivered = true;
                         c.pending.insert(seq, (1, now + c.options.ack_wait));
                         (seq, 1)
                     }

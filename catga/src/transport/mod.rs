@@ -117,6 +117,8 @@ pub(crate) struct DurableFound {
     /// The router layout recorded on it ([`DurableOptions::routers`]),
     /// if any.
     pub routers: Option<u32>,
+    /// Whether it ever delivered a message.
+    pub delivered: bool,
 }
 
 /// Where a durable consumer created by a binding starts.
