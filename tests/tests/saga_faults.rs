@@ -65,9 +65,21 @@ async fn post(saga: &Saga, e: Entry) -> Result<()> {
     Ok(())
 }
 
-async fn replica(nats: &NatsServer, redis: &RedisServer, service: &str, id: &str) -> Runtime {
+/// A replica whose keyed saga's partitions spread over `streams`
+/// partition streams, each routed by a router share of its own.
+async fn replica_over(
+    nats: &NatsServer,
+    redis: &RedisServer,
+    service: &str,
+    id: &str,
+    streams: u32,
+) -> Runtime {
     let rt = Runtime::builder()
         .service(service)
+        .streams(catga::StreamSettings {
+            saga_streams: streams,
+            ..Default::default()
+        })
         .instance_id(id)
         .nats_url(nats.url())
         .redis_url(redis.url())
@@ -87,12 +99,23 @@ const PER_ACCOUNT: u64 = 15;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_sagas_resume_after_redis_restarts_with_nothing_doubled() {
+    resume_after_redis_restarts(1).await;
+}
+
+/// The same with three partition streams: three router shares over the
+/// two replicas lose and regain their leases with the partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_shares_resume_after_redis_restarts_with_nothing_doubled() {
+    resume_after_redis_restarts(3).await;
+}
+
+async fn resume_after_redis_restarts(streams: u32) {
     let nats = NatsServer::start();
     let mut redis = RedisServer::start_persistent();
     let service = format!("sagafaults-{}", run_id());
     let replicas = vec![
-        replica(&nats, &redis, &service, "r1").await,
-        replica(&nats, &redis, &service, "r2").await,
+        replica_over(&nats, &redis, &service, "r1", streams).await,
+        replica_over(&nats, &redis, &service, "r2", streams).await,
     ];
     let client = catga::Client::connect(&nats.url())
         .await
@@ -182,10 +205,21 @@ async fn keyed_sagas_resume_after_redis_restarts_with_nothing_doubled() {
 /// ended under a renewed lease, and no trigger was routed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_whose_lease_lapsed_routes_again() {
+    routes_again_after_the_leases_lapsed(1).await;
+}
+
+/// The same with three router shares on the one replica: each ends when
+/// its hold lapses and routes again once its lease is renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_shares_whose_leases_lapsed_route_again() {
+    routes_again_after_the_leases_lapsed(3).await;
+}
+
+async fn routes_again_after_the_leases_lapsed(streams: u32) {
     let nats = NatsServer::start();
     let redis = RedisServer::start_persistent();
     let service = format!("sagafaults-{}", run_id());
-    let rt = replica(&nats, &redis, &service, "r1").await;
+    let rt = replica_over(&nats, &redis, &service, "r1", streams).await;
     let client = catga::Client::connect(&nats.url())
         .await
         .expect("client")
