@@ -163,16 +163,7 @@ impl Replica {
         redis: Option<&str>,
         concurrency: usize,
     ) -> Replica {
-        Replica::spawn(
-            id,
-            handler,
-            nats,
-            redis,
-            concurrency,
-            DEFAULT_LEASE,
-            LEADER_LEASE,
-            &[],
-        )
+        Replica::spawn_env(id, handler, nats, redis, concurrency, &[])
     }
 
     /// [`spawn_with`](Self::spawn_with), with more environment for the

@@ -221,6 +221,13 @@ enum Running {
 /// up), shared between it and the ownership loop's report.
 type Trouble = Arc<std::sync::Mutex<Option<String>>>;
 
+/// A router's set-up step failed with `e`: logged (`log`), and told to
+/// readiness as `why` with the error.
+fn held_back(trouble: &Trouble, spec: &HandlerSpec, share: u32, e: &Error, log: &str, why: &str) {
+    tracing::warn!(saga = spec.name(), share, error = %e, "{log}");
+    set_trouble(trouble, Some(format!("{why}: {e}")));
+}
+
 fn set_trouble(trouble: &Trouble, why: Option<String>) {
     *trouble.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
 }
@@ -1237,10 +1244,13 @@ async fn route(
             transport.ensure_stream(subject, &shared.config.streams),
         );
         if let Err(e) = set_up.await {
-            tracing::warn!(saga = spec.name(), share, error = %e, "cannot set up the saga's trigger stream yet");
-            set_trouble(
+            held_back(
                 &trouble,
-                Some(format!("its trigger stream cannot be set up: {e}")),
+                spec,
+                share,
+                &e,
+                "cannot set up the saga's trigger stream yet",
+                "its trigger stream cannot be set up",
             );
             continue;
         }
@@ -1260,10 +1270,13 @@ async fn route(
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(saga = spec.name(), share, error = %e, "cannot set the router share's trigger consumer up yet");
-                    set_trouble(
+                    held_back(
                         &trouble,
-                        Some(format!("its trigger consumer cannot be set up: {e}")),
+                        spec,
+                        share,
+                        &e,
+                        "cannot set the router share's trigger consumer up yet",
+                        "its trigger consumer cannot be set up",
                     );
                     continue;
                 }
@@ -1277,10 +1290,13 @@ async fn route(
             Ok(Some(floor)) => floor,
             Ok(None) => return,
             Err(e) => {
-                tracing::warn!(saga = spec.name(), share, error = %e, "cannot read the trigger consumer yet");
-                set_trouble(
+                held_back(
                     &trouble,
-                    Some(format!("its trigger consumer cannot be read: {e}")),
+                    spec,
+                    share,
+                    &e,
+                    "cannot read the trigger consumer yet",
+                    "its trigger consumer cannot be read",
                 );
                 continue;
             }
@@ -1288,12 +1304,13 @@ async fn route(
         if share == 0 && shares > 1 {
             let others = other_consumers(transport, spec, (shares, &lease), &options);
             if let Err(e) = bounded("setting the other router shares' consumers up", others).await {
-                tracing::warn!(saga = spec.name(), share, error = %e, "cannot set the other router shares' consumers up yet");
-                set_trouble(
+                held_back(
                     &trouble,
-                    Some(format!(
-                        "the other router shares' consumers cannot be set up: {e}"
-                    )),
+                    spec,
+                    share,
+                    &e,
+                    "cannot set the other router shares' consumers up yet",
+                    "the other router shares' consumers cannot be set up",
                 );
                 continue;
             }
@@ -1305,10 +1322,13 @@ async fn route(
         let mut sub = match bound.await {
             Ok(sub) => sub,
             Err(e) => {
-                tracing::warn!(saga = spec.name(), share, error = %e, "cannot bind the trigger consumer yet");
-                set_trouble(
+                held_back(
                     &trouble,
-                    Some(format!("its trigger consumer cannot be bound: {e}")),
+                    spec,
+                    share,
+                    &e,
+                    "cannot bind the trigger consumer yet",
+                    "its trigger consumer cannot be bound",
                 );
                 continue;
             }
@@ -1335,8 +1355,14 @@ async fn route(
         match outcome {
             Ok(()) => break,
             Err(e) => {
-                tracing::warn!(saga = spec.name(), share, error = %e, "routing stopped; starting again");
-                set_trouble(&trouble, Some(format!("routing stopped: {e}")));
+                held_back(
+                    &trouble,
+                    spec,
+                    share,
+                    &e,
+                    "routing stopped; starting again",
+                    "routing stopped",
+                );
             }
         }
         failures = failures.max(1);
