@@ -622,9 +622,12 @@ impl Context {
 
     /// Sends a command caused by the message being handled, within what is
     /// left of its sender's deadline. A failure (the command's handler's
-    /// error, no handler, a time-out) is returned as is; if this handler
-    /// passes it on with `?`, its own caller sees this handler's failure,
-    /// with the downstream cause in the message (see [`Error`]).
+    /// error, no handler, a time-out) is returned as is. If a command
+    /// handler passes it on with `?`, its own caller sees this handler's
+    /// failure (500, not retryable), with the downstream cause in the
+    /// message (see [`Error`]); an event handler's run fails with the
+    /// downstream kind, so a time-out is tried again (`retry`, a durable
+    /// redelivery) and a refusal is final.
     pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
         self.send_with_timeout(cmd, self.client.inner.request_timeout)
             .await

@@ -344,6 +344,24 @@ impl Error {
         self.kind.is_retryable()
     }
 
+    /// What an event handler's run comes to when it returns this error.
+    /// An event has no caller to mislead, so a failure of a nested send
+    /// keeps its kind, named as downstream in the message: a time-out or
+    /// no replica is tried again (`retry`, then a durable redelivery, which
+    /// an idempotent handler runs under the same derived ids), and a
+    /// refusal is final. A durable, idempotent billing handler whose
+    /// command timed out was dead-lettered at its first delivery when
+    /// this made every such failure the handler's own 500.
+    pub(crate) fn into_event_failure(self) -> Error {
+        match &self.origin {
+            Origin::Local => self,
+            Origin::Remote { subject } => Error::new(
+                self.kind,
+                format!("a downstream call failed: {subject} answered: {}", self.message),
+            ),
+        }
+    }
+
     /// What a handler's caller sees when the handler returns this error
     /// (see [`Error`]): a failure of a nested send is the handler's own
     /// failure, not the downstream kind, because the handler already ran.
@@ -448,5 +466,20 @@ mod tests {
         );
         let local = Error::invalid("x").into_handler_failure();
         assert_eq!(local.kind(), ErrorKind::Invalid);
+    }
+
+    #[test]
+    fn an_event_handler_keeps_the_downstream_kind() {
+        let timeout = Error::remote(ErrorKind::Timeout, "no reply".into(), "cmd.count").into_event_failure();
+        assert_eq!(timeout.kind(), ErrorKind::Timeout);
+        assert!(timeout.is_retryable() && !timeout.is_remote());
+        assert!(
+            timeout.message().contains("cmd.count answered: no reply"),
+            "{timeout}"
+        );
+        let refused = Error::remote(ErrorKind::Invalid, "bad".into(), "cmd.count").into_event_failure();
+        assert!(!refused.is_retryable());
+        let local = Error::unavailable("x").into_event_failure();
+        assert_eq!(local.message(), "x");
     }
 }

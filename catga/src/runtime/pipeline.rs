@@ -283,17 +283,20 @@ pub(crate) fn process_in_place<'a>(
 /// [`release`] make it for a handler without an inbox claim, and the
 /// breaker told ([`record`]).
 fn ran_to_outcome(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> Outcome {
-    let result = handler_result(ran);
+    let result = handler_result(served, ran);
     record(served, &result);
     release_unclaimed(result)
 }
 
 /// What a handler's run (its panic caught) answers: its body, its error
-/// as a handler failure, or a panic as a `Panic` error with its message.
-fn handler_result(ran: std::thread::Result<Result<Bytes>>) -> Result<Bytes> {
+/// (a nested send's failure as a command handler's own, or with its kind
+/// in an event handler, see [`Error::into_event_failure`]), or a panic as
+/// a `Panic` error with its message.
+fn handler_result(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> Result<Bytes> {
     match ran {
         Ok(Ok(body)) => Ok(body),
-        Ok(Err(e)) => Err(e.into_handler_failure()),
+        Ok(Err(e)) if served.spec.kind() == HandlerKind::Command => Err(e.into_handler_failure()),
+        Ok(Err(e)) => Err(e.into_event_failure()),
         Err(panic) => Err(Error::new(
             ErrorKind::Panic,
             format!("the handler panicked: {}", crate::error::panic_message(&panic)),
@@ -828,6 +831,7 @@ async fn call(
         served.spec.name(),
     );
     let body = handler_result(
+        served,
         AssertUnwindSafe(served.spec.call(ctx, payload))
             .catch_unwind()
             .await,

@@ -39,6 +39,20 @@ pub struct Flaky {
     pub run: String,
 }
 
+/// Handled by sending [`Flaky`] (or, with `refuse`, [`Refused`]).
+#[event(subject = "tests.durable.forward")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Forward {
+    pub run: String,
+    pub seq: u64,
+    pub refuse: bool,
+}
+
+/// A command its handler always refuses.
+#[command(subject = "tests.durable.refused")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Refused;
+
 static HANDLED: Recorder = Recorder::new();
 static ATTEMPTS: Tally = Tally::new();
 static BROKEN: Mutex<BTreeMap<String, bool>> = Mutex::new(BTreeMap::new());
@@ -88,6 +102,22 @@ async fn flaky(f: Flaky) -> Result<()> {
     Ok(())
 }
 
+#[command]
+async fn refused(_: Refused) -> Result<()> {
+    Err(Error::invalid("refused for good"))
+}
+
+#[event(durable = "forwards", max_deliver = 50)]
+async fn on_forward(ctx: &Context, f: Forward) -> Result<()> {
+    if f.refuse {
+        ctx.send(Refused).await?;
+    } else {
+        ctx.send(Flaky { run: f.run.clone() }).await?;
+    }
+    HANDLED.record(&f.run, "forward", ctx, f.seq);
+    Ok(())
+}
+
 fn job(run: &str, seq: u64, mode: &str) -> Job {
     Job {
         run: run.to_owned(),
@@ -114,8 +144,48 @@ catga_tests::on_both!(
     a_replica_whose_breaker_is_open_shuts_down_at_once,
     poison_at_the_size_limit_is_dead_lettered_cut_to_fit,
     letters_are_per_service_and_keep_no_5xx_text,
-    a_message_that_crashes_every_replica_ends_as_a_dead_letter
+    a_message_that_crashes_every_replica_ends_as_a_dead_letter,
+    a_downstream_failure_for_now_is_delivered_again_and_a_refusal_is_final
 );
+
+/// An event handler that passes on its nested send's failure fails with
+/// the downstream kind: a 503 is delivered again until the command goes
+/// through, a 400 is dead-lettered at once under its own kind.
+async fn a_downstream_failure_for_now_is_delivered_again_and_a_refusal_is_final(b: &Backend) {
+    let rt = runtime(b).await;
+    let client = b.client().await;
+    let run = run_id();
+    set_broken(&run, true);
+    let forward = |seq, refuse| Forward {
+        run: run.clone(),
+        seq,
+        refuse,
+    };
+    client.publish_durable(forward(1, false)).await.expect("stored");
+    let until = Instant::now() + WAIT;
+    while ATTEMPTS.get(&run) < 3 {
+        assert!(Instant::now() < until, "the event was not delivered again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    set_broken(&run, false);
+    let records = HANDLED.wait_for(&run, 1, WAIT).await;
+    assert_eq!(records.len(), 1, "handled once the command went through");
+
+    client.publish_durable(forward(2, true)).await.expect("stored");
+    let letters = wait_letters(&rt, &run, 1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.error_kind, ErrorKind::Invalid, "{letter:?}");
+    assert_eq!(letter.deliveries, 1, "a refusal is not retried");
+    assert!(
+        letter
+            .error
+            .contains("tests.durable.refused answered: refused for good"),
+        "{}",
+        letter.error
+    );
+    rt.shutdown().await.expect("clean shutdown");
+}
 
 async fn durable_events_are_handled_and_redelivered(b: &Backend) {
     let rt = runtime(b).await;
