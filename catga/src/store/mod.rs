@@ -27,6 +27,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub(crate) use self::memory::MemoryStore;
 pub(crate) use self::redis::{RedisConnect, RedisStore};
+pub use self::shards::placing_part;
 
 /// A kind of state kept in the store: a serde type with a name for its
 /// keys.

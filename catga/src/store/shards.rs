@@ -26,9 +26,18 @@ use xxhash_rust::xxh3::xxh3_64;
 /// Redis Cluster's slot count.
 const SLOTS: u32 = 16_384;
 
-/// The part of `key` that places it: the text inside its first `{…}` if
-/// that is not empty, else the whole key.
-pub(crate) fn placing_part(key: &str) -> &str {
+/// The part of a state key (or a message id) that places it in a store
+/// shard (`CATGA_STORE_SHARDS`): the text inside its first `{…}` if that
+/// is not empty, else the whole key. Keys with the same placing part are
+/// in the same shard whatever the shard count, so a handler can save them
+/// together: `order-{acct-7}-line-3` sits with `acct-7`.
+///
+/// ```
+/// assert_eq!(catga::placing_part("order-{acct-7}-line-3"), "acct-7");
+/// assert_eq!(catga::placing_part("acct-7"), "acct-7");
+/// assert_eq!(catga::placing_part("a{}b"), "a{}b");
+/// ```
+pub fn placing_part(key: &str) -> &str {
     if let Some(open) = key.find('{')
         && let Some(len) = key[open + 1..].find('}')
         && len > 0
