@@ -126,6 +126,36 @@ async fn compose_file_matches_the_code() {
         client_ports.push(arg("--port"));
     }
 
+    // Three Redis Cluster masters that keep serving while one is down.
+    let masters: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("redis") && n[5..].parse::<u8>().is_ok())
+        .collect();
+    assert_eq!(masters.len(), 3, "{names:?}");
+    for master in &masters {
+        let cmd = strings(&services[master.as_str()]["command"], "redis command");
+        let arg = |flag: &str| cmd.iter().position(|a| a == flag).and_then(|p| cmd.get(p + 1));
+        assert_eq!(
+            arg("--cluster-enabled").map(String::as_str),
+            Some("yes"),
+            "{master}"
+        );
+        assert_eq!(
+            arg("--cluster-require-full-coverage").map(String::as_str),
+            Some("no"),
+            "{master}"
+        );
+        assert_eq!(arg("--cluster-announce-hostname"), Some(*master), "{master}");
+    }
+    let init = strings(&services["redis-init"]["command"], "redis-init command").join("\n");
+    for master in &masters {
+        assert!(
+            init.contains(master.as_str()),
+            "redis-init joins {master}: {init}"
+        );
+    }
+    assert!(init.contains("--cluster create"), "{init}");
+
     let replicas: Vec<&String> = names.iter().filter(|n| n.starts_with("orders")).collect();
     assert_eq!(replicas.len(), 3, "{names:?}");
     let mut probe_paths = BTreeSet::new();
@@ -148,7 +178,23 @@ async fn compose_file_matches_the_code() {
                 i + 1
             );
         }
-        assert!(names.contains(&"redis".to_owned()) && var("REDIS_URL").contains("redis:6379"));
+        // The service's keys in one store shard per master of the Redis
+        // Cluster, which redis-init has formed before the replicas start.
+        let redis_url = var("REDIS_URL");
+        for master in &masters {
+            assert!(
+                redis_url.contains(&format!("{master}:6379")),
+                "{name}: {redis_url}"
+            );
+        }
+        assert_eq!(var("CATGA_REDIS_MODE"), "cluster");
+        assert_eq!(var("CATGA_STORE_SHARDS"), masters.len().to_string());
+        let after = &svc["depends_on"]["redis-init"]["condition"];
+        assert_eq!(
+            s(after, "depends_on redis-init"),
+            "service_completed_successfully",
+            "{name}"
+        );
         assert_eq!(var("CATGA_JS_REPLICAS"), "3", "streams survive a node");
         let http_port = port_of(&var("CATGA_HTTP_ADDR"));
         let test = strings(&svc["healthcheck"]["test"], "healthcheck");
@@ -318,4 +364,22 @@ async fn kubernetes_manifests_match_the_code() {
     assert_eq!(nats["config"]["cluster"]["replicas"].as_i64(), Some(3));
     assert_eq!(nats["config"]["jetstream"]["enabled"].as_bool(), Some(true));
     assert!(!load("k8s/redis-values.yaml").is_empty());
+
+    // The service runs on the Redis Cluster of the values, one store
+    // shard per master.
+    let redis = one("k8s/redis-cluster-values.yaml");
+    let nodes = redis["cluster"]["nodes"].as_i64().expect("cluster.nodes");
+    let per_master = 1 + redis["cluster"]["replicas"].as_i64().expect("cluster.replicas");
+    assert_eq!(setting("CATGA_REDIS_MODE"), "cluster");
+    assert_eq!(
+        setting("CATGA_STORE_SHARDS").parse::<i64>().expect("shards"),
+        nodes / per_master,
+        "one store shard per master"
+    );
+    assert!(
+        s(&redis["redis"]["configmap"], "redis.configmap").contains("cluster-require-full-coverage no"),
+        "a failed master stops only its shard"
+    );
+    let url = s(&secret["stringData"]["REDIS_URL"], "REDIS_URL");
+    assert!(url.contains("redis-cluster.redis.svc"), "{url}");
 }

@@ -8,7 +8,10 @@
 //! reason "unpaid".
 //!
 //! Only unpaid orders past their reminder cost anything beyond the
-//! reminder's entry in the store: the paid ones are never noted.
+//! reminder's entry in the store: the paid ones are never noted. The
+//! overdue orders are noted in 16 lists, each order in the one its id
+//! hashes to ([`overdue_list_of`]): no list is a key every reminder
+//! writes, and with store shards each list commits in its own shard.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,8 +56,8 @@ pub struct PaymentReminder {
     pub placed_ms: u64,
 }
 
-/// The orders reminded and not paid then, with when each was placed
-/// (unix ms): what the expiry job looks at.
+/// One list of the orders reminded and not paid then, with when each was
+/// placed (unix ms): what the expiry job looks at.
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Default, PartialEq, Eq)]
 pub struct Overdue {
     /// Order id → placed at.
@@ -65,8 +68,36 @@ impl State for Overdue {
     const KIND: &'static str = "overdue";
 }
 
-/// The key of the one overdue list.
-pub const OVERDUE: &str = "all";
+/// How many overdue lists there are.
+pub const OVERDUE_LISTS: u64 = 16;
+
+/// The one list an earlier release noted every overdue order in: still
+/// looked at, so that an upgraded service expires what it noted.
+pub const OLD_OVERDUE: &str = "all";
+
+/// The key of the list that notes order `id` overdue.
+pub fn overdue_list_of(id: &OrderId) -> String {
+    format!("overdue-{}", crate::orders::stable_hash(&id.0) % OVERDUE_LISTS)
+}
+
+/// Every overdue list's key: the earlier release's, then `overdue-0` and
+/// on.
+pub fn overdue_lists() -> impl Iterator<Item = String> {
+    std::iter::once(OLD_OVERDUE.to_owned()).chain((0..OVERDUE_LISTS).map(|n| format!("overdue-{n}")))
+}
+
+/// Expires the orders of one overdue list that are due at `now_ms`: the
+/// expiry job sends it for each list that has some. Keyed by the list:
+/// with store shards it commits in the list's shard.
+#[command(key = list)]
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
+pub struct ExpireOverdue {
+    /// The list's key ([`overdue_list_of`]).
+    pub list: String,
+    /// The occurrence's time (unix ms): orders placed longer than
+    /// [`expire_after`] before it are due.
+    pub now_ms: u64,
+}
 
 /// Cancels an order if it is still unpaid; answers whether it did.
 #[command(reply = bool, idempotent, key = id)]
@@ -78,8 +109,12 @@ pub struct ExpireOrder {
 
 /// The reminder: an unpaid order is noted as overdue (and its customer
 /// reminded); a paid, shipped or cancelled one is left alone. Durable:
-/// no reminder is lost while the replicas restart.
-#[event(durable = "reminders", idempotent, retry = 10, concurrency = 2)]
+/// no reminder is lost while the replicas restart. Not idempotent: it
+/// commits in the shard of what it saves, its order's list, and a
+/// reminder delivered again notes the same entry again (an order already
+/// expired meanwhile is noted again, and the next expiry finds it
+/// cancelled and drops it).
+#[event(durable = "reminders", retry = 10, concurrency = 2)]
 async fn remind(ctx: &Context, r: PaymentReminder) -> Result<()> {
     let unpaid = ctx
         .try_load::<Order>(&r.id.0)
@@ -88,10 +123,11 @@ async fn remind(ctx: &Context, r: PaymentReminder) -> Result<()> {
     if !unpaid {
         return Ok(());
     }
+    let list = overdue_list_of(&r.id);
     let mut overdue = ctx
-        .try_load::<Overdue>(OVERDUE)
+        .try_load::<Overdue>(&list)
         .await?
-        .unwrap_or_else(|| Versioned::new(OVERDUE, Overdue::default()));
+        .unwrap_or_else(|| Versioned::new(list, Overdue::default()));
     overdue.since.insert(r.id.0.clone(), r.placed_ms);
     ctx.save(overdue).await?;
     // After the save: a save that lost a race runs the handler again.
@@ -99,21 +135,43 @@ async fn remind(ctx: &Context, r: PaymentReminder) -> Result<()> {
     Ok(())
 }
 
+/// Whether an order placed at `placed_ms` is due to expire at `now_ms`.
+fn is_due(placed_ms: u64, now_ms: u64) -> bool {
+    placed_ms.saturating_add(expire_after().as_millis() as u64) <= now_ms
+}
+
 /// Every 5 seconds, on one replica: expires the overdue orders placed
-/// longer than [`expire_after`] ago. Idempotent: an occurrence run again
-/// (its replica died mid-run) sends the same expiries under the same ids
-/// and commits its list once.
-#[job(every = "5s", idempotent)]
+/// longer than [`expire_after`] ago, a list at a time. It reads every
+/// list and sends `ExpireOverdue` for those with orders due. An occurrence
+/// run again (its replica died mid-run) finds the lists it expired
+/// emptied, and an order expired twice is cancelled once (`expire_order`
+/// leaves one that is not unpaid alone).
+#[job(every = "5s")]
 async fn expire_unpaid(ctx: &Context) -> Result<()> {
-    let Some(mut overdue) = ctx.try_load::<Overdue>(OVERDUE).await? else {
+    let now_ms = unix_ms(ctx.scheduled_at().unwrap_or_else(SystemTime::now));
+    for list in overdue_lists() {
+        let Some(overdue) = ctx.try_load::<Overdue>(&list).await? else {
+            continue;
+        };
+        if overdue.since.values().any(|&placed| is_due(placed, now_ms)) {
+            ctx.send(ExpireOverdue { list, now_ms }).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Expires a list's due orders, then saves the list without them. A save
+/// that lost a race with a reminder runs again (`retry`) and sends the
+/// expiries again: the orders they cancelled are left alone.
+#[command(queue_group = "order-workers", retry = 5)]
+async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<()> {
+    let Some(mut overdue) = ctx.try_load::<Overdue>(&cmd.list).await? else {
         return Ok(());
     };
-    let now = unix_ms(ctx.scheduled_at().unwrap_or_else(SystemTime::now));
-    let limit = expire_after().as_millis() as u64;
     let due: Vec<String> = overdue
         .since
         .iter()
-        .filter(|(_, placed)| placed.saturating_add(limit) <= now)
+        .filter(|&(_, &placed)| is_due(placed, cmd.now_ms))
         .map(|(id, _)| id.clone())
         .collect();
     if due.is_empty() {

@@ -5,6 +5,9 @@
 //! Each step is an idempotent command, so a saga resumed by a new leader
 //! never reserves or books twice.
 //!
+//! The steps are keyed by the order (`key = id`): with store shards, each
+//! commits in the order's shard, beside the order.
+//!
 //! `GetFulfilment` tells what happened to an order: how often each step
 //! took effect (once, or never; never twice).
 
@@ -33,7 +36,7 @@ impl State for Fulfilment {
 }
 
 /// Reserves the order's stock.
-#[command(reply = u64, idempotent)]
+#[command(reply = u64, idempotent, key = id)]
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct ReserveStock {
     /// The order.
@@ -41,7 +44,7 @@ pub struct ReserveStock {
 }
 
 /// Gives the order's stock back.
-#[command(idempotent)]
+#[command(idempotent, key = id)]
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct ReleaseStock {
     /// The order.
@@ -49,7 +52,7 @@ pub struct ReleaseStock {
 }
 
 /// Books a courier; refused (400) for some orders.
-#[command(reply = String, idempotent)]
+#[command(reply = String, idempotent, key = id)]
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct BookCourier {
     /// The order.
@@ -76,11 +79,7 @@ pub fn refused(id: &OrderId) -> bool {
 
 /// Whether order `id` is among the `percent` percent no courier takes.
 pub fn refused_at(id: &OrderId, percent: u64) -> bool {
-    // FNV-1a: stable across processes and runs.
-    let hash = id.0.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    hash % 100 < percent
+    crate::orders::stable_hash(&id.0) % 100 < percent
 }
 
 /// Applies `change` to the order's fulfilment record.

@@ -27,8 +27,9 @@ impl State for Invoices {
     const KIND: &'static str = "invoices";
 }
 
-/// Issues the next invoice of a customer for an order.
-#[command(reply = u64, idempotent)]
+/// Issues the next invoice of a customer for an order. Keyed by the
+/// customer: with store shards it commits in the customer's shard.
+#[command(reply = u64, idempotent, key = customer)]
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct IssueInvoice {
     /// The customer.

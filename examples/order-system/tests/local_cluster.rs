@@ -1,7 +1,8 @@
-//! Drives `deploy/local-cluster`: a 3-node nats-server cluster, Redis and
-//! two replicas as real processes on loopback; a load client runs while
-//! the NATS node it may be connected to is SIGKILLed; nothing is lost;
-//! `stop` leaves nothing running.
+//! Drives `deploy/local-cluster`: a 3-node nats-server cluster, a 3-master
+//! Redis Cluster holding the service in 3 store shards, and two replicas
+//! as real processes on loopback; a load client runs while the NATS node
+//! it may be connected to is SIGKILLed; nothing is lost; every master
+//! holds a share of the service's keys; `stop` leaves nothing running.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -34,10 +35,12 @@ fn local_cluster_serves_survives_a_nats_node_and_stops_cleanly() {
         assert_eq!(code, 200);
         assert!(body.contains("catga_ready 1"), "{body}");
     }
-    let pids: Vec<u32> = ["nats1", "nats2", "nats3", "redis", "orders1", "orders2"]
-        .iter()
-        .map(|n| cluster.pid(n).expect("pid"))
-        .collect();
+    let pids: Vec<u32> = [
+        "nats1", "nats2", "nats3", "redis1", "redis2", "redis3", "orders1", "orders2",
+    ]
+    .iter()
+    .map(|n| cluster.pid(n).expect("pid"))
+    .collect();
 
     // A load client while one NATS node is SIGKILLed.
     let load = cluster
@@ -60,6 +63,27 @@ fn local_cluster_serves_survives_a_nats_node_and_stops_cleanly() {
     eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the load lost orders");
     assert!(text.contains("400 ok, 0 failed"), "{text}");
+
+    // The service's keys are spread over the three masters: each holds
+    // orders (the 400 were placed in the shards of their message ids).
+    for k in 0..3u16 {
+        let port = (cluster.base + 30 + k).to_string();
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &port,
+                "--scan",
+                "--pattern",
+                "catga:{order-system~*}:state:order:*",
+            ])
+            .output()
+            .expect("redis-cli");
+        let orders = String::from_utf8_lossy(&out.stdout).lines().count();
+        assert!(
+            orders > 50,
+            "the master on port {port} holds {orders} of the 400 orders"
+        );
+    }
 
     cluster.run(&["stop"]);
     std::thread::sleep(Duration::from_millis(200));

@@ -3,6 +3,11 @@
 //! are killed with SIGKILL and stopped with SIGTERM while clients keep
 //! sending; the clients count what they lost, and the store shows what was
 //! done (each order once, each payment counted once).
+//!
+//! Every test runs twice: `one_server::*` on one redis-server (one store
+//! shard), and `sharded_cluster::*` on a 3-master Redis Cluster with the
+//! service's keys in 3 store shards (`CATGA_STORE_SHARDS=3`), the layout
+//! that spreads one service over every master.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use catga::{Client, ErrorKind};
-use catga_tests::{NatsServer, RedisServer};
+use catga_tests::{NatsServer, RedisCluster, RedisServer};
 use order_system::fulfilment::{Fulfilment, GetFulfilment, refused_at};
 use order_system::invoicing::GetInvoices;
 use order_system::orders::{
@@ -46,6 +51,7 @@ impl Replica {
         let child = Command::new(env!("CARGO_BIN_EXE_order-system"))
             .env("NATS_URL", servers.nats.url())
             .env("REDIS_URL", servers.redis.url())
+            .envs(servers.redis.env())
             .env("CATGA_INSTANCE_ID", name)
             .env("CATGA_SERVICE", "orders")
             .env("CATGA_INBOX_LEASE_MS", LEASE_MS)
@@ -119,24 +125,64 @@ impl Drop for Replica {
     }
 }
 
+/// Where the replicas keep their state.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    /// One redis-server: one store shard.
+    Server,
+    /// A 3-master Redis Cluster, the service's keys in 3 store shards.
+    Sharded,
+}
+
+/// The Redis of a [`Layout`].
+enum Redis {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    fn start(layout: Layout) -> Redis {
+        match layout {
+            Layout::Server => Redis::Server(RedisServer::start()),
+            Layout::Sharded => Redis::Cluster(RedisCluster::start()),
+        }
+    }
+
+    /// `REDIS_URL`: the server, or the cluster's seed nodes.
+    fn url(&self) -> String {
+        match self {
+            Redis::Server(s) => s.url(),
+            Redis::Cluster(c) => c.urls().join(","),
+        }
+    }
+
+    /// What a replica or a CLI run needs besides `REDIS_URL`.
+    fn env(&self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            Redis::Server(_) => Vec::new(),
+            Redis::Cluster(_) => vec![("CATGA_REDIS_MODE", "cluster"), ("CATGA_STORE_SHARDS", "3")],
+        }
+    }
+}
+
 struct Servers {
     nats: NatsServer,
-    redis: RedisServer,
+    redis: Redis,
     dir: tempfile::TempDir,
     /// More variables for every replica.
     env: Vec<(&'static str, &'static str)>,
 }
 
 impl Servers {
-    fn start() -> Servers {
-        Servers::start_with(&[])
+    fn start(layout: Layout) -> Servers {
+        Servers::start_with(layout, &[])
     }
 
     /// Servers whose replicas get `env` besides the test's settings.
-    fn start_with(env: &[(&'static str, &'static str)]) -> Servers {
+    fn start_with(layout: Layout, env: &[(&'static str, &'static str)]) -> Servers {
         Servers {
             nats: NatsServer::start(),
-            redis: RedisServer::start(),
+            redis: Redis::start(layout),
             dir: tempfile::tempdir().expect("temp dir"),
             env: env.to_vec(),
         }
@@ -166,6 +212,7 @@ impl Servers {
             .args(["sagas", &n.to_string()])
             .env("NATS_URL", self.nats.url())
             .env("REDIS_URL", self.redis.url())
+            .envs(self.redis.env())
             .env("CATGA_SERVICE", "orders")
             .env("CATGA_INSTANCE_ID", "saga-lister")
             .env("RUST_LOG", "error")
@@ -187,6 +234,7 @@ impl Servers {
             .args(args)
             .env("NATS_URL", self.nats.url())
             .env("REDIS_URL", self.redis.url())
+            .envs(self.redis.env())
             .env("CATGA_SERVICE", "orders")
             .env("NO_COLOR", "1")
             .output()
@@ -349,9 +397,8 @@ async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     panic!("the replica did not exit within 15 s");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm_under_load() {
-    let servers = Servers::start();
+async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm_under_load(layout: Layout) {
+    let servers = Servers::start(layout);
     let mut replicas = servers.replicas(&["p1", "p2", "p3"]).await;
     let client = servers.client().await;
 
@@ -416,9 +463,8 @@ async fn replicas_share_work_survive_sigkill_and_drain_on_sigterm_under_load() {
 /// payer gives up, every order is paid once, and the durable billing
 /// ledger counts each payment exactly once, also after every redelivery
 /// of the killed replicas' unacknowledged events is over.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn payments_are_counted_exactly_once_while_replicas_are_killed() {
-    let servers = Servers::start();
+async fn payments_are_counted_exactly_once_while_replicas_are_killed(layout: Layout) {
+    let servers = Servers::start(layout);
     let mut replicas = servers.replicas(&["p1", "p2", "p3"]).await;
     let client = servers.client().await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -502,9 +548,8 @@ async fn payments_are_counted_exactly_once_while_replicas_are_killed() {
 /// answers the first order; bad input is a 400, an unknown order a 404;
 /// an undecodable payment event becomes a dead letter that the `dlq`
 /// command lists and purges.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn order_rules_hold_across_replicas() {
-    let servers = Servers::start();
+async fn order_rules_hold_across_replicas(layout: Layout) {
+    let servers = Servers::start(layout);
     let replicas = servers.replicas(&["p1", "p2", "p3"]).await;
     let client = servers.client().await;
 
@@ -686,9 +731,8 @@ fn leads(replica: &Replica) -> bool {
 /// ends fulfilled (stock reserved once, courier booked once) or, when no
 /// courier takes it, with its stock reserved once and released once;
 /// nothing twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader() {
-    let servers = Servers::start();
+async fn fulfilment_sagas_survive_a_killed_and_a_stalled_leader(layout: Layout) {
+    let servers = Servers::start(layout);
     let mut replicas = servers.replicas(&["s1", "s2", "s3"]).await;
     let client = servers.client().await;
     // Orders are paid in the background while the sagas run.
@@ -843,9 +887,8 @@ async fn paid_in_stream_order(nats_url: &str) -> Vec<OrderPaid> {
 /// payments arrive; one replica is SIGKILLed mid-run and another joins.
 /// Every paid order is invoiced once, and each customer's invoices follow
 /// the order of the payments in the stream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invoices_follow_each_customers_payments_while_replicas_die_and_join() {
-    let servers = Servers::start();
+async fn invoices_follow_each_customers_payments_while_replicas_die_and_join(layout: Layout) {
+    let servers = Servers::start(layout);
     let mut replicas = servers.replicas(&["k1", "k2", "k3"]).await;
     let client = servers.client().await;
     const ORDERS: u32 = 96;
@@ -936,14 +979,16 @@ async fn invoices_follow_each_customers_payments_while_replicas_die_and_join() {
 /// Orders left unpaid get their reminder (a delayed message committed
 /// with the order) and are expired by the job, once each across two
 /// replicas; a paid order is left alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unpaid_orders_are_reminded_then_expired_once() {
+async fn unpaid_orders_are_reminded_then_expired_once(layout: Layout) {
     // The reminder comes 2 s after an order: time enough for the paid
     // one to be paid first on a loaded host.
-    let servers = Servers::start_with(&[
-        ("ORDER_REMIND_AFTER_MS", "2000"),
-        ("ORDER_EXPIRE_AFTER_MS", "3000"),
-    ]);
+    let servers = Servers::start_with(
+        layout,
+        &[
+            ("ORDER_REMIND_AFTER_MS", "2000"),
+            ("ORDER_EXPIRE_AFTER_MS", "3000"),
+        ],
+    );
     let replicas = servers.replicas(&["e1", "e2"]).await;
     let client = servers.client().await;
     let mut unpaid = Vec::new();
@@ -1008,3 +1053,36 @@ async fn unpaid_orders_are_reminded_then_expired_once() {
         .collect();
     assert_eq!(expired, reminded, "the reminded orders, and only those, expired");
 }
+
+/// Each test on both layouts: `one_server::<test>` and
+/// `sharded_cluster::<test>`.
+macro_rules! on_both_layouts {
+    ($($test:ident),* $(,)?) => {
+        mod one_server {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Layout::Server).await;
+                }
+            )*
+        }
+
+        mod sharded_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Layout::Sharded).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_layouts!(
+    replicas_share_work_survive_sigkill_and_drain_on_sigterm_under_load,
+    payments_are_counted_exactly_once_while_replicas_are_killed,
+    order_rules_hold_across_replicas,
+    fulfilment_sagas_survive_a_killed_and_a_stalled_leader,
+    invoices_follow_each_customers_payments_while_replicas_die_and_join,
+    unpaid_orders_are_reminded_then_expired_once,
+);
