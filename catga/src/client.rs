@@ -622,15 +622,44 @@ impl Context {
 
     /// Sends a command caused by the message being handled, within what is
     /// left of its sender's deadline. A failure (the command's handler's
-    /// error, no handler, a time-out) is returned as is. If a command
-    /// handler passes it on with `?`, its own caller sees this handler's
-    /// failure (500, not retryable), with the downstream cause in the
-    /// message (see [`Error`]); an event handler's run fails with the
-    /// downstream kind, so a time-out is tried again (`retry`, a durable
-    /// redelivery) and a refusal is final.
+    /// error, no handler, a time-out) is returned as is. If the handler
+    /// passes it on with `?`, it fails itself (500, not retryable: it
+    /// already ran), with the downstream cause in the message (see
+    /// [`Error`]). An idempotent event handler's run fails with the
+    /// downstream kind instead, so a time-out is tried again (`retry`, a
+    /// durable redelivery) and a refusal is final.
     pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
         self.send_with_timeout(cmd, self.client.inner.request_timeout)
             .await
+    }
+
+    /// [`send`](Self::send) under a message id the handler chooses, such as
+    /// one made from a business key (`format!("count-{order}")`). Every run
+    /// of the handler, a redelivery, and a replay of its dead letter (which
+    /// has an id of its own, and so other derived ids) send the command
+    /// under the same id, which an idempotent receiver answers once within
+    /// its inbox window. An id longer than
+    /// [`MAX_ID_LEN`](crate::MAX_ID_LEN) is cut to its start and a hash of
+    /// the whole, the same each time; one with characters an id may not
+    /// hold is refused.
+    pub async fn send_with_id<C: Command>(&self, cmd: C, message_id: &str) -> Result<C::Reply> {
+        self.work.check_fence()?;
+        let deadline = self.nested_deadline(self.client.inner.request_timeout);
+        let id = wire::bounded_id(message_id.to_owned());
+        let headers = self.headers_with_id(C::VERSION, &id)?;
+        let result = if C::IDEMPOTENT {
+            match cmd.encode() {
+                Err(e) => Err(e),
+                Ok(payload) => self
+                    .client
+                    .request_retrying(&Subject::from_static(C::SUBJECT), headers, payload, deadline)
+                    .await
+                    .and_then(|body| decode_body::<C::Reply>(C::SUBJECT, &body)),
+            }
+        } else {
+            self.client.send_until(cmd, deadline, headers).await
+        };
+        result.map_err(|e| e.downstream(C::SUBJECT))
     }
 
     /// [`send`](Self::send) with an explicit reply time-out (still no later

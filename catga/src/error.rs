@@ -344,14 +344,14 @@ impl Error {
         self.kind.is_retryable()
     }
 
-    /// What an event handler's run comes to when it returns this error.
-    /// An event has no caller to mislead, so a failure of a nested send
-    /// keeps its kind, named as downstream in the message: a time-out or
-    /// no replica is tried again (`retry`, then a durable redelivery, which
-    /// an idempotent handler runs under the same derived ids), and a
-    /// refusal is final. A durable, idempotent billing handler whose
-    /// command timed out was dead-lettered at its first delivery when
-    /// this made every such failure the handler's own 500.
+    /// What an idempotent event handler's run comes to when it returns this
+    /// error. An event has no caller to mislead, and such a handler runs
+    /// again under the same derived ids with nothing committed before, so
+    /// a failure of a nested send keeps its kind, named as downstream in
+    /// the message: a time-out or no replica is tried again (`retry`, then
+    /// a durable redelivery), and a refusal is final. A durable, idempotent
+    /// billing handler whose command timed out was dead-lettered at its
+    /// first delivery when every such failure was the handler's own 500.
     pub(crate) fn into_event_failure(self) -> Error {
         match &self.origin {
             Origin::Local => self,

@@ -121,7 +121,7 @@ pub use transport::memory::MemoryBus;
 pub use transport::{DEFAULT_MAX_PAYLOAD, stream_name};
 pub use wire::deadline::Deadline;
 pub use wire::trace::TraceParent;
-pub use wire::{MessageMeta, headers, new_message_id};
+pub use wire::{MAX_ID_LEN, MessageMeta, headers, new_message_id};
 
 /// Used by the code that `#[command]` and `#[event]` generate. Not API: it
 /// changes without notice.

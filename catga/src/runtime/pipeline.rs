@@ -289,14 +289,21 @@ fn ran_to_outcome(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> O
 }
 
 /// What a handler's run (its panic caught) answers: its body, its error
-/// (a nested send's failure as a command handler's own, or with its kind
-/// in an event handler, see [`Error::into_event_failure`]), or a panic as
-/// a `Panic` error with its message.
+/// (a nested send's failure with its kind in an idempotent event handler,
+/// see [`Error::into_event_failure`], else as the handler's own), or a
+/// panic as a `Panic` error with its message.
 fn handler_result(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> Result<Bytes> {
     match ran {
         Ok(Ok(body)) => Ok(body),
-        Ok(Err(e)) if served.spec.kind() == HandlerKind::Command => Err(e.into_handler_failure()),
-        Ok(Err(e)) => Err(e.into_event_failure()),
+        // Only an idempotent handler may run again after a downstream
+        // failure that may have taken effect: its saves and events wait
+        // for its commit, and what it sends goes under the same ids. Any
+        // other handler's saves are made already, and it sends under new
+        // ids: for it, as for a command's caller, the failure is its own.
+        Ok(Err(e)) if served.spec.kind() == HandlerKind::Event && served.spec.is_idempotent() => {
+            Err(e.into_event_failure())
+        }
+        Ok(Err(e)) => Err(e.into_handler_failure()),
         Err(panic) => Err(Error::new(
             ErrorKind::Panic,
             format!("the handler panicked: {}", crate::error::panic_message(&panic)),

@@ -107,7 +107,7 @@ async fn refused(_: Refused) -> Result<()> {
     Err(Error::invalid("refused for good"))
 }
 
-#[event(durable = "forwards", max_deliver = 50)]
+#[event(durable = "forwards", idempotent, max_deliver = 50)]
 async fn on_forward(ctx: &Context, f: Forward) -> Result<()> {
     if f.refuse {
         ctx.send(Refused).await?;
@@ -148,9 +148,10 @@ catga_tests::on_both!(
     a_downstream_failure_for_now_is_delivered_again_and_a_refusal_is_final
 );
 
-/// An event handler that passes on its nested send's failure fails with
-/// the downstream kind: a 503 is delivered again until the command goes
-/// through, a 400 is dead-lettered at once under its own kind.
+/// An idempotent event handler that passes on its nested send's failure
+/// fails with the downstream kind: a 503 is delivered again until the
+/// command goes through, a 400 is dead-lettered at once under its own
+/// kind.
 async fn a_downstream_failure_for_now_is_delivered_again_and_a_refusal_is_final(b: &Backend) {
     let rt = runtime(b).await;
     let client = b.client().await;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use catga::{Context, ErrorKind, Result, command};
-use catga_tests::Backend;
+use catga_tests::{Backend, Tally, run_id};
 use serde::{Deserialize, Serialize};
 
 /// Echoes its text back with what the handler saw.
@@ -68,6 +68,34 @@ async fn relay_to_nobody(ctx: &Context, _: RelayToNobody) -> Result<()> {
     ctx.send(Nobody).await
 }
 
+/// Counted once per message id.
+#[command(subject = "tests.request_reply.count_once", reply = u64, idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct CountOnce {
+    pub run: String,
+}
+
+/// Sends a [`CountOnce`] under an id made from its run.
+#[command(subject = "tests.request_reply.count_by_run", reply = u64)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct CountByRun {
+    pub run: String,
+}
+
+static COUNTED: Tally = Tally::new();
+
+#[command]
+async fn count_once(c: CountOnce) -> Result<u64> {
+    COUNTED.add(&c.run);
+    Ok(COUNTED.get(&c.run))
+}
+
+#[command]
+async fn count_by_run(ctx: &Context, c: CountByRun) -> Result<u64> {
+    let id = format!("count-{}", c.run);
+    ctx.send_with_id(CountOnce { run: c.run }, &id).await
+}
+
 #[command]
 async fn relay(ctx: &Context, cmd: Relay) -> Result<Relayed> {
     let inner = ctx.send(Echo { text: cmd.text }).await?;
@@ -82,8 +110,37 @@ catga_tests::on_both!(
     command_round_trip,
     no_handler_fails_fast,
     nested_sends_inherit_the_deadline,
-    a_downstream_failure_is_the_handlers_own
+    a_downstream_failure_is_the_handlers_own,
+    a_command_sent_under_a_chosen_id_runs_once
 );
+
+/// `Context::send_with_id`: three messages that send one command under one
+/// chosen id have it run once; an id past the length limit is cut the
+/// same way each time; one that cannot be an id is refused.
+async fn a_command_sent_under_a_chosen_id_runs_once(b: &Backend) {
+    let rt = b.runtime(module_path!(), "r1").await;
+    let client = b.client().await;
+    let short = run_id();
+    let long = format!("{short}-{}", "x".repeat(catga::MAX_ID_LEN));
+    for run in [&short, &long] {
+        for _ in 0..3 {
+            let counted = client
+                .send(CountByRun { run: run.clone() })
+                .await
+                .expect("counted");
+            assert_eq!(counted, 1, "answered by the first run's inbox entry");
+        }
+        assert_eq!(COUNTED.get(run), 1, "{run}: ran once");
+    }
+    let err = client
+        .send(CountByRun {
+            run: format!("{short} with spaces"),
+        })
+        .await
+        .expect_err("not an id");
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    rt.shutdown().await.expect("clean shutdown");
+}
 
 /// A command goes to its handler and the reply comes back; ids propagate
 /// from a handler's incoming message to what it sends.
