@@ -86,10 +86,11 @@ pub fn overdue_lists() -> impl Iterator<Item = String> {
     std::iter::once(OLD_OVERDUE.to_owned()).chain((0..OVERDUE_LISTS).map(|n| format!("overdue-{n}")))
 }
 
-/// Expires the orders of one overdue list that are due at `now_ms`: the
-/// expiry job sends it for each list that has some. Keyed by the list:
-/// with store shards it commits in the list's shard.
-#[command(key = list)]
+/// Expires up to [`EXPIRE_BATCH`] orders of one overdue list that are due
+/// at `now_ms`, and answers how many due ones it left: the expiry job
+/// sends it for each list that has some, again while some are left.
+/// Keyed by the list: with store shards it commits in the list's shard.
+#[command(key = list, reply = u64)]
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone)]
 pub struct ExpireOverdue {
     /// The list's key ([`overdue_list_of`]).
@@ -98,6 +99,12 @@ pub struct ExpireOverdue {
     /// [`expire_after`] before it are due.
     pub now_ms: u64,
 }
+
+/// How many orders one `ExpireOverdue` expires: few enough to be done
+/// within the job's time-out for a send (5 s by default), so that a list
+/// that grew long while the service was down is saved a batch at a time
+/// instead of never.
+pub const EXPIRE_BATCH: usize = 50;
 
 /// Cancels an order if it is still unpaid; answers whether it did.
 #[command(reply = bool, idempotent, key = id)]
@@ -142,31 +149,58 @@ fn is_due(placed_ms: u64, now_ms: u64) -> bool {
 
 /// Every 5 seconds, on one replica: expires the overdue orders placed
 /// longer than [`expire_after`] ago, a list at a time. It reads every
-/// list and sends `ExpireOverdue` for those with orders due. An occurrence
-/// run again (its replica died mid-run) finds the lists it expired
-/// emptied, and an order expired twice is cancelled once (`expire_order`
-/// leaves one that is not unpaid alone).
+/// list and sends `ExpireOverdue` for those with orders due, again while
+/// some are left. A list that fails does not hold the others back: the
+/// occurrence fails after trying them all. An occurrence run again (its
+/// replica died mid-run) finds the lists it expired emptied, and an order
+/// expired twice is cancelled once.
 #[job(every = "5s")]
 async fn expire_unpaid(ctx: &Context) -> Result<()> {
     let now_ms = unix_ms(ctx.scheduled_at().unwrap_or_else(SystemTime::now));
+    let mut failed = None;
     for list in overdue_lists() {
-        let Some(overdue) = ctx.try_load::<Overdue>(&list).await? else {
-            continue;
+        let expired = async {
+            let Some(overdue) = ctx.try_load::<Overdue>(&list).await? else {
+                return Ok(());
+            };
+            let due = overdue
+                .since
+                .values()
+                .filter(|&&placed| is_due(placed, now_ms))
+                .count();
+            // Each batch leaves fewer due; the bound stops a list that
+            // keeps some due (its orders fail to expire) from holding the
+            // occurrence.
+            let mut left = due;
+            for _ in 0..due.div_ceil(EXPIRE_BATCH) {
+                if left == 0 {
+                    break;
+                }
+                let expire = ExpireOverdue {
+                    list: list.clone(),
+                    now_ms,
+                };
+                left = usize::try_from(ctx.send(expire).await?).unwrap_or(usize::MAX);
+            }
+            Ok::<_, catga::Error>(())
         };
-        if overdue.since.values().any(|&placed| is_due(placed, now_ms)) {
-            ctx.send(ExpireOverdue { list, now_ms }).await?;
+        if let Err(e) = expired.await {
+            tracing::warn!(list = %list, error = %e, "overdue orders not expired; the next occurrence tries again");
+            failed.get_or_insert(e);
         }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
-/// Expires a list's due orders, then saves the list without them. A save
-/// that lost a race with a reminder runs again (`retry`) and sends the
-/// expiries again: the orders they cancelled are left alone.
+/// Expires a batch of a list's due orders, then saves the list without
+/// them. Each expiry goes under an id made from its order, so that one
+/// sent again (a save that lost a race with a reminder runs again with
+/// `retry`; an occurrence run again) is answered by the first one's inbox
+/// entry.
 #[command(queue_group = "order-workers", retry = 5)]
-async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<()> {
+async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<u64> {
     let Some(mut overdue) = ctx.try_load::<Overdue>(&cmd.list).await? else {
-        return Ok(());
+        return Ok(0);
     };
     let due: Vec<String> = overdue
         .since
@@ -175,15 +209,14 @@ async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<()> {
         .map(|(id, _)| id.clone())
         .collect();
     if due.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
-    for id in &due {
-        match ctx
-            .send(ExpireOrder {
-                id: OrderId(id.clone()),
-            })
-            .await
-        {
+    let batch = &due[..due.len().min(EXPIRE_BATCH)];
+    for id in batch {
+        let expire = ExpireOrder {
+            id: OrderId(id.clone()),
+        };
+        match ctx.send_with_id(expire, &format!("expire-{id}")).await {
             Ok(expired) => {
                 if expired {
                     tracing::info!(order = %id, "unpaid order expired");
@@ -196,7 +229,7 @@ async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<()> {
         overdue.since.remove(id);
     }
     ctx.save(overdue).await?;
-    Ok(())
+    Ok((due.len() - batch.len()) as u64)
 }
 
 #[command(queue_group = "order-workers", retry = 5)]
