@@ -17,7 +17,21 @@ use std::time::{Duration, Instant};
 use catga::{Client, Result, Runtime, Saga, command, event, saga};
 use serde::{Deserialize, Serialize};
 
-/// The step of the keyed saga: awaits 2 ms.
+/// How long the keyed saga's step awaits: `BENCH_KEYED_STEP_MS` (default
+/// 2). The replica processes inherit the variable. A longer step (20 ms)
+/// makes the run wait on the remote call rather than on this host's two
+/// cores, which shows whether the routing and the partitions scale.
+fn step_ms() -> u64 {
+    static MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *MS.get_or_init(|| {
+        std::env::var("BENCH_KEYED_STEP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2)
+    })
+}
+
+/// The step of the keyed saga: awaits [`step_ms`].
 #[command(subject = "bench.saga.step", idempotent)]
 #[derive(Serialize, Deserialize, Clone)]
 pub struct SagaStep {
@@ -27,7 +41,7 @@ pub struct SagaStep {
 
 #[command(queue_group = "bench-saga-step")]
 async fn saga_step(_s: SagaStep) -> Result<()> {
-    tokio::time::sleep(Duration::from_millis(2)).await;
+    tokio::time::sleep(Duration::from_millis(step_ms())).await;
     Ok(())
 }
 
@@ -64,12 +78,14 @@ async fn keyed_job(saga: &Saga, j: SagaJob) -> Result<()> {
 pub async fn keyed() {
     println!("## Keyed sagas: replicas as separate processes");
     println!();
+    let ms = step_ms();
+    let jobs = keyed_jobs();
     println!(
-        "A `#[saga(key = key, partitions = 64)]` over 1,000 keys, C sagas at a time per replica; its one step is an idempotent command awaiting 2 ms. 6,000 triggers published by 16 publishers (after 200 to warm up); sagas per second from the first publish to the last saga done. \"no step\": the saga only journals its end, which shows what routing and the partitions cost. S: partition streams (`CATGA_JS_SAGA_STREAMS`), each with a router share of its own. CPU: the host's busy share during the 2 ms runs (2 cores for the replicas, nats-server, redis-server and this client)."
+        "A `#[saga(key = key, partitions = 64)]` over 1,000 keys, C sagas at a time per replica; its one step is an idempotent command awaiting {ms} ms. {jobs} triggers published by 16 publishers (after 200 to warm up); sagas per second from the first publish to the last saga done. \"no step\": the saga only journals its end, which shows what routing and the partitions cost. S: partition streams (`CATGA_JS_SAGA_STREAMS`), each with a router share of its own. CPU: the host's busy share during the {ms} ms runs (2 cores for the replicas, nats-server, redis-server and this client)."
     );
     println!();
     println!(
-        "| S | C | replicas | sagas/s (2 ms step) | vs 1 replica | ideal | host CPU busy | sagas/s (no step) | vs 1 replica |"
+        "| S | C | replicas | sagas/s ({ms} ms step) | vs 1 replica | ideal | host CPU busy | sagas/s (no step) | vs 1 replica |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let list = |var: &str, default: Vec<usize>| -> Vec<usize> {
@@ -84,6 +100,14 @@ pub async fn keyed() {
         }
     }
     println!();
+}
+
+/// Triggers per run: `BENCH_KEYED_JOBS` (default 6,000).
+fn keyed_jobs() -> u64 {
+    std::env::var("BENCH_KEYED_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6000)
 }
 
 /// Host CPU time so far: (busy, total) jiffies from `/proc/stat`.
@@ -151,7 +175,7 @@ async fn keyed_at(streams: usize, per_replica: usize) {
         let mut busy = 0.0;
         for (i, step) in [true, false].into_iter().enumerate() {
             let (b0, t0) = host_cpu();
-            rates[i] = run_keyed(&client, &count, step, 6000).await;
+            rates[i] = run_keyed(&client, &count, step, keyed_jobs()).await;
             let (b1, t1) = host_cpu();
             if step {
                 busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;

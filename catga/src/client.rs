@@ -626,8 +626,9 @@ impl Context {
     /// passes it on with `?`, it fails itself (500, not retryable: it
     /// already ran), with the downstream cause in the message (see
     /// [`Error`]). An idempotent event handler's run fails with the
-    /// downstream kind instead, so a time-out is tried again (`retry`, a
-    /// durable redelivery) and a refusal is final.
+    /// downstream kind instead when the command is idempotent too (or none
+    /// took it), so a time-out is tried again (`retry`, a durable
+    /// redelivery), and with a refusal's kind, which is final.
     pub async fn send<C: Command>(&self, cmd: C) -> Result<C::Reply> {
         self.send_with_timeout(cmd, self.client.inner.request_timeout)
             .await
@@ -638,7 +639,9 @@ impl Context {
     /// of the handler, a redelivery, and a replay of its dead letter (which
     /// has an id of its own, and so other derived ids) send the command
     /// under the same id, which an idempotent receiver answers once within
-    /// its inbox window. An id longer than
+    /// its inbox window (`CATGA_INBOX_WINDOW_MS`). The id names one
+    /// payload there: the same id with another payload is refused (409).
+    /// An id longer than
     /// [`MAX_ID_LEN`](crate::MAX_ID_LEN) is cut to its start and a hash of
     /// the whole, the same each time; one with characters an id may not
     /// hold is refused.
@@ -659,7 +662,7 @@ impl Context {
         } else {
             self.client.send_until(cmd, deadline, headers).await
         };
-        result.map_err(|e| e.downstream(C::SUBJECT))
+        result.map_err(|e| e.downstream(C::SUBJECT, C::IDEMPOTENT))
     }
 
     /// [`send`](Self::send) with an explicit reply time-out (still no later
@@ -697,7 +700,7 @@ impl Context {
         } else {
             self.client.send_until(cmd, deadline, headers).await
         };
-        result.map_err(|e| e.downstream(C::SUBJECT))
+        result.map_err(|e| e.downstream(C::SUBJECT, C::IDEMPOTENT))
     }
 
     /// Publishes an event caused by the message being handled. In an

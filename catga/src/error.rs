@@ -182,8 +182,10 @@ pub struct Error {
 enum Origin {
     /// Here.
     Local,
-    /// In the handler behind `subject`, decoded from its error reply.
-    Remote { subject: String },
+    /// In the handler behind `subject`, decoded from its error reply, or
+    /// met while calling it. `repeatable`: the command is idempotent, so
+    /// sending it again under its id cannot run it twice.
+    Remote { subject: String, repeatable: bool },
 }
 
 impl Error {
@@ -292,6 +294,7 @@ impl Error {
             message,
             origin: Origin::Remote {
                 subject: subject.to_owned(),
+                repeatable: false,
             },
             exposed: false,
             retry_after: None,
@@ -301,16 +304,16 @@ impl Error {
     }
 
     /// Marks an error met while calling the handler behind `subject` from
-    /// inside a handler (see [`into_handler_failure`](Self::into_handler_failure)).
-    pub(crate) fn downstream(self, subject: &str) -> Error {
-        match self.origin {
-            Origin::Remote { .. } => self,
-            Origin::Local => Error {
-                origin: Origin::Remote {
-                    subject: subject.to_owned(),
-                },
-                ..self
-            },
+    /// inside a handler (see [`into_handler_failure`](Self::into_handler_failure));
+    /// `repeatable`: that command is idempotent.
+    pub(crate) fn downstream(self, subject: &str, repeatable: bool) -> Error {
+        let subject = match self.origin {
+            Origin::Remote { subject, .. } => subject,
+            Origin::Local => subject.to_owned(),
+        };
+        Error {
+            origin: Origin::Remote { subject, repeatable },
+            ..self
         }
     }
 
@@ -344,21 +347,32 @@ impl Error {
         self.kind.is_retryable()
     }
 
-    /// What an idempotent event handler's run comes to when it returns this
-    /// error. An event has no caller to mislead, and such a handler runs
-    /// again under the same derived ids with nothing committed before, so
-    /// a failure of a nested send keeps its kind, named as downstream in
-    /// the message: a time-out or no replica is tried again (`retry`, then
-    /// a durable redelivery), and a refusal is final. A durable, idempotent
-    /// billing handler whose command timed out was dead-lettered at its
-    /// first delivery when every such failure was the handler's own 500.
+    /// What the run of an event handler that holds its message's inbox
+    /// claim comes to when it returns this error. An event has no caller to
+    /// mislead, and such a handler runs again with nothing committed and
+    /// under the same derived ids. So the failure of a nested send keeps its
+    /// kind, named as downstream in the message, when the handler's run
+    /// again cannot run the command twice (an idempotent command, or one no
+    /// replica took) or is not tried at all (a refusal): a time-out or no
+    /// replica is tried again (`retry`, then a durable redelivery), and a
+    /// refusal is final. A retryable failure of any other command is the
+    /// handler's own failure, as for a command
+    /// ([`into_handler_failure`](Self::into_handler_failure)).
+    /// A durable, idempotent billing handler whose command timed out was
+    /// dead-lettered at its first delivery when every such failure was the
+    /// handler's own 500.
     pub(crate) fn into_event_failure(self) -> Error {
         match &self.origin {
             Origin::Local => self,
-            Origin::Remote { subject } => Error::new(
-                self.kind,
-                format!("a downstream call failed: {subject} answered: {}", self.message),
-            ),
+            Origin::Remote { subject, repeatable }
+                if *repeatable || self.kind == ErrorKind::NoHandler || !self.kind.is_retryable() =>
+            {
+                Error::new(
+                    self.kind,
+                    format!("a downstream call failed: {subject} answered: {}", self.message),
+                )
+            }
+            Origin::Remote { .. } => self.into_handler_failure(),
         }
     }
 
@@ -368,7 +382,7 @@ impl Error {
     pub(crate) fn into_handler_failure(self) -> Error {
         match &self.origin {
             Origin::Local => self,
-            Origin::Remote { subject } => Error::new(
+            Origin::Remote { subject, .. } => Error::new(
                 ErrorKind::Handler,
                 format!(
                     "a downstream call failed: {subject} answered {} ({}): {}",
@@ -385,7 +399,7 @@ impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
         d.field("kind", &self.kind).field("message", &self.message);
-        if let Origin::Remote { subject } = &self.origin {
+        if let Origin::Remote { subject, .. } = &self.origin {
             d.field("from", subject);
         }
         if let Some(source) = &self.source {
@@ -470,15 +484,33 @@ mod tests {
 
     #[test]
     fn an_event_handler_keeps_the_downstream_kind() {
-        let timeout = Error::remote(ErrorKind::Timeout, "no reply".into(), "cmd.count").into_event_failure();
+        let timeout = Error::new(ErrorKind::Timeout, "no reply")
+            .downstream("cmd.count", true)
+            .into_event_failure();
         assert_eq!(timeout.kind(), ErrorKind::Timeout);
         assert!(timeout.is_retryable() && !timeout.is_remote());
         assert!(
             timeout.message().contains("cmd.count answered: no reply"),
             "{timeout}"
         );
-        let refused = Error::remote(ErrorKind::Invalid, "bad".into(), "cmd.count").into_event_failure();
-        assert!(!refused.is_retryable());
+        let refused = Error::remote(ErrorKind::Invalid, "bad".into(), "cmd.count")
+            .downstream("cmd.count", true)
+            .into_event_failure();
+        assert_eq!(refused.kind(), ErrorKind::Invalid);
+        // A command that is not idempotent may have run: sent again, it
+        // could run twice. Unless no replica took it.
+        let once = Error::new(ErrorKind::Timeout, "no reply")
+            .downstream("cmd.once", false)
+            .into_event_failure();
+        assert_eq!(once.kind(), ErrorKind::Handler);
+        let nobody = Error::new(ErrorKind::NoHandler, "no responders")
+            .downstream("cmd.once", false)
+            .into_event_failure();
+        assert_eq!(nobody.kind(), ErrorKind::NoHandler);
+        let refused_once = Error::remote(ErrorKind::Invalid, "bad".into(), "cmd.once")
+            .downstream("cmd.once", false)
+            .into_event_failure();
+        assert_eq!(refused_once.kind(), ErrorKind::Invalid);
         let local = Error::unavailable("x").into_event_failure();
         assert_eq!(local.message(), "x");
     }

@@ -283,26 +283,26 @@ pub(crate) fn process_in_place<'a>(
 /// [`release`] make it for a handler without an inbox claim, and the
 /// breaker told ([`record`]).
 fn ran_to_outcome(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> Outcome {
-    let result = handler_result(served, ran);
+    let result = handler_result(served, false, ran);
     record(served, &result);
     release_unclaimed(result)
 }
 
 /// What a handler's run (its panic caught) answers: its body, its error
-/// (a nested send's failure with its kind in an idempotent event handler,
-/// see [`Error::into_event_failure`], else as the handler's own), or a
-/// panic as a `Panic` error with its message.
-fn handler_result(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> Result<Bytes> {
+/// (a nested send's failure in an event handler that holds its inbox
+/// claim as [`Error::into_event_failure`] says, else as the handler's
+/// own), or a panic as a `Panic` error with its message.
+fn handler_result(served: &Served, claimed: bool, ran: std::thread::Result<Result<Bytes>>) -> Result<Bytes> {
     match ran {
         Ok(Ok(body)) => Ok(body),
-        // Only an idempotent handler may run again after a downstream
-        // failure that may have taken effect: its saves and events wait
-        // for its commit, and what it sends goes under the same ids. Any
-        // other handler's saves are made already, and it sends under new
-        // ids: for it, as for a command's caller, the failure is its own.
-        Ok(Err(e)) if served.spec.kind() == HandlerKind::Event && served.spec.is_idempotent() => {
-            Err(e.into_event_failure())
-        }
+        // Only a handler that holds its inbox claim may run again after a
+        // downstream failure that may have taken effect: its saves and
+        // events wait for its commit, and what it sends goes under the
+        // same ids. Any other handler's saves are made already (an
+        // idempotent one's too, for a message without an id), and it
+        // sends under new ids: for it, as for a command's caller, the
+        // failure is its own.
+        Ok(Err(e)) if claimed && served.spec.kind() == HandlerKind::Event => Err(e.into_event_failure()),
         Ok(Err(e)) => Err(e.into_handler_failure()),
         Err(panic) => Err(Error::new(
             ErrorKind::Panic,
@@ -839,6 +839,7 @@ async fn call(
     );
     let body = handler_result(
         served,
+        matches!(claim, Claim::Owned { .. }),
         AssertUnwindSafe(served.spec.call(ctx, payload))
             .catch_unwind()
             .await,

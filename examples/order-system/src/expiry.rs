@@ -212,6 +212,7 @@ async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<u64> {
         return Ok(0);
     }
     let batch = &due[..due.len().min(EXPIRE_BATCH)];
+    let mut failed = None;
     for id in batch {
         let expire = ExpireOrder {
             id: OrderId(id.clone()),
@@ -224,12 +225,29 @@ async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<u64> {
             }
             // Gone: nothing left to expire.
             Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            // It stays in the list, and the others expired are saved
+            // without it: one order that cannot be expired does not hold
+            // its list back. One that failed for now (a time-out) likely
+            // leaves no time for the rest: they wait for the next try.
+            Err(e) => {
+                tracing::warn!(order = %id, error = %e, "overdue order not expired; it stays in its list");
+                let for_now = e.is_retryable();
+                failed.get_or_insert(e);
+                if for_now {
+                    break;
+                }
+                continue;
+            }
         }
         overdue.since.remove(id);
     }
+    let left = overdue
+        .since
+        .values()
+        .filter(|&&placed| is_due(placed, cmd.now_ms))
+        .count();
     ctx.save(overdue).await?;
-    Ok((due.len() - batch.len()) as u64)
+    failed.map_or(Ok(left as u64), Err)
 }
 
 #[command(queue_group = "order-workers", retry = 5)]

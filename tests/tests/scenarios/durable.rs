@@ -39,13 +39,20 @@ pub struct Flaky {
     pub run: String,
 }
 
-/// Handled by sending [`Flaky`] (or, with `refuse`, [`Refused`]).
+/// Handled by sending [`Unsteady`] (or, with `refuse`, [`Refused`]).
 #[event(subject = "tests.durable.forward")]
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Forward {
     pub run: String,
     pub seq: u64,
     pub refuse: bool,
+}
+
+/// An idempotent command whose handler fails while its run is broken.
+#[command(subject = "tests.durable.unsteady", idempotent)]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Unsteady {
+    pub run: String,
 }
 
 /// A command its handler always refuses.
@@ -103,6 +110,15 @@ async fn flaky(f: Flaky) -> Result<()> {
 }
 
 #[command]
+async fn unsteady(u: Unsteady) -> Result<()> {
+    ATTEMPTS.add(&u.run);
+    if broken(&u.run) {
+        return Err(Error::unavailable("the database is down"));
+    }
+    Ok(())
+}
+
+#[command]
 async fn refused(_: Refused) -> Result<()> {
     Err(Error::invalid("refused for good"))
 }
@@ -112,7 +128,7 @@ async fn on_forward(ctx: &Context, f: Forward) -> Result<()> {
     if f.refuse {
         ctx.send(Refused).await?;
     } else {
-        ctx.send(Flaky { run: f.run.clone() }).await?;
+        ctx.send(Unsteady { run: f.run.clone() }).await?;
     }
     HANDLED.record(&f.run, "forward", ctx, f.seq);
     Ok(())
@@ -148,10 +164,10 @@ catga_tests::on_both!(
     a_downstream_failure_for_now_is_delivered_again_and_a_refusal_is_final
 );
 
-/// An idempotent event handler that passes on its nested send's failure
-/// fails with the downstream kind: a 503 is delivered again until the
-/// command goes through, a 400 is dead-lettered at once under its own
-/// kind.
+/// An idempotent event handler that passes on the failure of an
+/// idempotent command it sent fails with the downstream kind: a 503 is
+/// delivered again until the command goes through, a 400 is dead-lettered
+/// at once under its own kind.
 async fn a_downstream_failure_for_now_is_delivered_again_and_a_refusal_is_final(b: &Backend) {
     let rt = runtime(b).await;
     let client = b.client().await;
