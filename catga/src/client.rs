@@ -662,6 +662,11 @@ impl Context {
         } else {
             self.client.send_until(cmd, deadline, headers).await
         };
+        if !C::IDEMPOTENT {
+            self.work
+                .sent_unrepeatable
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         result.map_err(|e| e.downstream(C::SUBJECT, C::IDEMPOTENT))
     }
 
@@ -700,6 +705,11 @@ impl Context {
         } else {
             self.client.send_until(cmd, deadline, headers).await
         };
+        if !C::IDEMPOTENT {
+            self.work
+                .sent_unrepeatable
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         result.map_err(|e| e.downstream(C::SUBJECT, C::IDEMPOTENT))
     }
 
@@ -903,6 +913,7 @@ mod tests {
                 staged: None,
                 durable_subjects: Arc::default(),
                 sent: Default::default(),
+                sent_unrepeatable: Default::default(),
                 fence: None,
                 held: None,
                 member: "test".into(),

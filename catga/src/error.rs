@@ -184,8 +184,14 @@ enum Origin {
     Local,
     /// In the handler behind `subject`, decoded from its error reply, or
     /// met while calling it. `repeatable`: the command is idempotent, so
-    /// sending it again under its id cannot run it twice.
-    Remote { subject: String, repeatable: bool },
+    /// sending it again under its id cannot run it twice. `answered`: its
+    /// handler replied with this error (a "no handler" it replied is not
+    /// the transport's: the handler ran).
+    Remote {
+        subject: String,
+        repeatable: bool,
+        answered: bool,
+    },
 }
 
 impl Error {
@@ -295,6 +301,7 @@ impl Error {
             origin: Origin::Remote {
                 subject: subject.to_owned(),
                 repeatable: false,
+                answered: true,
             },
             exposed: false,
             retry_after: None,
@@ -307,12 +314,18 @@ impl Error {
     /// inside a handler (see [`into_handler_failure`](Self::into_handler_failure));
     /// `repeatable`: that command is idempotent.
     pub(crate) fn downstream(self, subject: &str, repeatable: bool) -> Error {
-        let subject = match self.origin {
-            Origin::Remote { subject, .. } => subject,
-            Origin::Local => subject.to_owned(),
+        let (subject, answered) = match self.origin {
+            Origin::Remote {
+                subject, answered, ..
+            } => (subject, answered),
+            Origin::Local => (subject.to_owned(), false),
         };
         Error {
-            origin: Origin::Remote { subject, repeatable },
+            origin: Origin::Remote {
+                subject,
+                repeatable,
+                answered,
+            },
             ..self
         }
     }
@@ -361,11 +374,20 @@ impl Error {
     /// A durable, idempotent billing handler whose command timed out was
     /// dead-lettered at its first delivery when every such failure was the
     /// handler's own 500.
-    pub(crate) fn into_event_failure(self) -> Error {
+    ///
+    /// `sent_unrepeatable`: the handler sent a command that is not
+    /// idempotent, which a run again would send again; then only a refusal
+    /// keeps its kind.
+    pub(crate) fn into_event_failure(self, sent_unrepeatable: bool) -> Error {
         match &self.origin {
             Origin::Local => self,
-            Origin::Remote { subject, repeatable }
-                if *repeatable || self.kind == ErrorKind::NoHandler || !self.kind.is_retryable() =>
+            Origin::Remote {
+                subject,
+                repeatable,
+                answered,
+            } if !self.kind.is_retryable()
+                || (!sent_unrepeatable
+                    && (*repeatable || (self.kind == ErrorKind::NoHandler && !*answered))) =>
             {
                 Error::new(
                     self.kind,
@@ -486,7 +508,7 @@ mod tests {
     fn an_event_handler_keeps_the_downstream_kind() {
         let timeout = Error::new(ErrorKind::Timeout, "no reply")
             .downstream("cmd.count", true)
-            .into_event_failure();
+            .into_event_failure(false);
         assert_eq!(timeout.kind(), ErrorKind::Timeout);
         assert!(timeout.is_retryable() && !timeout.is_remote());
         assert!(
@@ -495,23 +517,38 @@ mod tests {
         );
         let refused = Error::remote(ErrorKind::Invalid, "bad".into(), "cmd.count")
             .downstream("cmd.count", true)
-            .into_event_failure();
+            .into_event_failure(false);
         assert_eq!(refused.kind(), ErrorKind::Invalid);
         // A command that is not idempotent may have run: sent again, it
         // could run twice. Unless no replica took it.
         let once = Error::new(ErrorKind::Timeout, "no reply")
             .downstream("cmd.once", false)
-            .into_event_failure();
+            .into_event_failure(false);
         assert_eq!(once.kind(), ErrorKind::Handler);
         let nobody = Error::new(ErrorKind::NoHandler, "no responders")
             .downstream("cmd.once", false)
-            .into_event_failure();
+            .into_event_failure(false);
         assert_eq!(nobody.kind(), ErrorKind::NoHandler);
+        // A "no handler" its handler replied: the handler ran.
+        let replied = Error::remote(ErrorKind::NoHandler, "no stream".into(), "cmd.once")
+            .downstream("cmd.once", false)
+            .into_event_failure(false);
+        assert_eq!(replied.kind(), ErrorKind::Handler);
         let refused_once = Error::remote(ErrorKind::Invalid, "bad".into(), "cmd.once")
             .downstream("cmd.once", false)
-            .into_event_failure();
+            .into_event_failure(false);
         assert_eq!(refused_once.kind(), ErrorKind::Invalid);
-        let local = Error::unavailable("x").into_event_failure();
+        // Sent again, an earlier command that is not idempotent would run
+        // twice: only a refusal keeps its kind then.
+        let after_once = Error::new(ErrorKind::Timeout, "no reply")
+            .downstream("cmd.count", true)
+            .into_event_failure(true);
+        assert_eq!(after_once.kind(), ErrorKind::Handler);
+        let refused_after = Error::remote(ErrorKind::Invalid, "bad".into(), "cmd.count")
+            .downstream("cmd.count", true)
+            .into_event_failure(true);
+        assert_eq!(refused_after.kind(), ErrorKind::Invalid);
+        let local = Error::unavailable("x").into_event_failure(false);
         assert_eq!(local.message(), "x");
     }
 }

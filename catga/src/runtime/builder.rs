@@ -569,6 +569,7 @@ fn shared(
         staged: None,
         durable_subjects: Arc::clone(&durable_subjects),
         sent: Default::default(),
+        sent_unrepeatable: Default::default(),
         fence: None,
         held: None,
         member: leadership.owner().into(),

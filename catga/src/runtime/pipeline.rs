@@ -283,16 +283,21 @@ pub(crate) fn process_in_place<'a>(
 /// [`release`] make it for a handler without an inbox claim, and the
 /// breaker told ([`record`]).
 fn ran_to_outcome(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> Outcome {
-    let result = handler_result(served, false, ran);
+    let result = handler_result(served, None, ran);
     record(served, &result);
     release_unclaimed(result)
 }
 
 /// What a handler's run (its panic caught) answers: its body, its error
-/// (a nested send's failure in an event handler that holds its inbox
-/// claim as [`Error::into_event_failure`] says, else as the handler's
-/// own), or a panic as a `Panic` error with its message.
-fn handler_result(served: &Served, claimed: bool, ran: std::thread::Result<Result<Bytes>>) -> Result<Bytes> {
+/// (a nested send's failure in an event handler holding its claim as
+/// [`Error::into_event_failure`] says, `repeatable` telling whether it
+/// sent only idempotent commands; else as the handler's own), or a panic
+/// as a `Panic` error with its message.
+fn handler_result(
+    served: &Served,
+    repeatable: Option<bool>,
+    ran: std::thread::Result<Result<Bytes>>,
+) -> Result<Bytes> {
     match ran {
         Ok(Ok(body)) => Ok(body),
         // Only a handler that holds its inbox claim may run again after a
@@ -302,7 +307,9 @@ fn handler_result(served: &Served, claimed: bool, ran: std::thread::Result<Resul
         // idempotent one's too, for a message without an id), and it
         // sends under new ids: for it, as for a command's caller, the
         // failure is its own.
-        Ok(Err(e)) if claimed && served.spec.kind() == HandlerKind::Event => Err(e.into_event_failure()),
+        Ok(Err(e)) if served.spec.kind() == HandlerKind::Event && repeatable.is_some() => {
+            Err(e.into_event_failure(repeatable == Some(false)))
+        }
         Ok(Err(e)) => Err(e.into_handler_failure()),
         Err(panic) => Err(Error::new(
             ErrorKind::Panic,
@@ -837,13 +844,15 @@ async fn call(
         Arc::clone(&work),
         served.spec.name(),
     );
-    let body = handler_result(
-        served,
-        matches!(claim, Claim::Owned { .. }),
-        AssertUnwindSafe(served.spec.call(ctx, payload))
-            .catch_unwind()
-            .await,
-    )?;
+    let ran = AssertUnwindSafe(served.spec.call(ctx, payload))
+        .catch_unwind()
+        .await;
+    // It may run again with nothing done twice while it holds its claim
+    // (what it wrote waits for its commit) and sent no command that is not
+    // idempotent.
+    let repeatable = matches!(claim, Claim::Owned { .. })
+        .then(|| !work.sent_unrepeatable.load(std::sync::atomic::Ordering::Relaxed));
+    let body = handler_result(served, repeatable, ran)?;
     match claim {
         Claim::Owned {
             scope,
@@ -896,6 +905,7 @@ fn work_for(
             staged: matches!(claim, Claim::Owned { .. }).then(Default::default),
             durable_subjects: Arc::clone(&shared.durable_subjects),
             sent: Default::default(),
+            sent_unrepeatable: Default::default(),
             held,
             member: Arc::clone(&shared.plain_work.member),
             alive_for: shared.config.inbox_lease,

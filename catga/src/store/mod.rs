@@ -1165,6 +1165,9 @@ pub(crate) struct Work {
     pub durable_subjects: Arc<std::collections::HashSet<&'static str>>,
     /// Messages sent so far by the handler (numbers its children's ids).
     pub sent: std::sync::atomic::AtomicU64,
+    /// Whether the handler sent a command that is not idempotent: run
+    /// again, it would send that again, and the command could run twice.
+    pub sent_unrepeatable: std::sync::atomic::AtomicBool,
     /// In a `leader` handler or a keyed saga's partition: the fencing
     /// token of the lease it started under; its writes are refused once a
     /// newer grant of that lease exists.

@@ -212,7 +212,6 @@ async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<u64> {
         return Ok(0);
     }
     let batch = &due[..due.len().min(EXPIRE_BATCH)];
-    let mut failed = None;
     for id in batch {
         let expire = ExpireOrder {
             id: OrderId(id.clone()),
@@ -225,18 +224,16 @@ async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<u64> {
             }
             // Gone: nothing left to expire.
             Err(e) if e.kind() == ErrorKind::NotFound => {}
-            // It stays in the list, and the others expired are saved
-            // without it: one order that cannot be expired does not hold
-            // its list back. One that failed for now (a time-out) likely
-            // leaves no time for the rest: they wait for the next try.
-            Err(e) => {
-                tracing::warn!(order = %id, error = %e, "overdue order not expired; it stays in its list");
-                let for_now = e.is_retryable();
-                failed.get_or_insert(e);
-                if for_now {
-                    break;
-                }
+            // Failed for now (its master is away): it stays in the list
+            // for the next try, and the others go on.
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(order = %id, error = %e, "overdue order not expired yet; it stays in its list");
                 continue;
+            }
+            // For good: it leaves the list, so that it does not hold the
+            // list's next orders back; an operator sees it here.
+            Err(e) => {
+                tracing::error!(order = %id, error = %e, "overdue order cannot be expired; dropped from its list");
             }
         }
         overdue.since.remove(id);
@@ -247,7 +244,7 @@ async fn expire_overdue(ctx: &Context, cmd: ExpireOverdue) -> Result<u64> {
         .filter(|&&placed| is_due(placed, cmd.now_ms))
         .count();
     ctx.save(overdue).await?;
-    failed.map_or(Ok(left as u64), Err)
+    Ok(left as u64)
 }
 
 #[command(queue_group = "order-workers", retry = 5)]

@@ -7,7 +7,7 @@
 //! that race on one order cannot both win: the second save finds a newer
 //! version, and its handler runs again (`retry`) against the new state.
 
-use catga::{Context, Error, ErrorKind, Result, State, Versioned, command, event};
+use catga::{Context, Error, Result, State, Versioned, command, event};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +58,17 @@ pub struct Order {
     pub status: Status,
     /// Set once shipped.
     pub tracking: Option<String>,
+    /// Whether it was paid (it stays paid once cancelled). Orders of an
+    /// earlier release have no such field: paid is read from the status.
+    #[serde(default)]
+    pub paid: bool,
+}
+
+impl Order {
+    /// Whether the order was paid.
+    pub fn was_paid(&self) -> bool {
+        self.paid || matches!(self.status, Status::Paid | Status::Shipped)
+    }
 }
 
 impl State for Order {
@@ -119,8 +130,9 @@ pub fn stable_hash(text: &str) -> u64 {
 /// (`a}b`, `{}`) cannot go inside a `{…}`: the order is the message id
 /// itself then. No two message ids make one order id: the three forms
 /// differ in their start or in having a `{…}`. (An order of an earlier
-/// release, `ord-<message id>`, may have the id a new create makes: that
-/// create is refused as a conflict.)
+/// release, `ord-<message id>`, may have the id a new create makes, when
+/// its message id was the new one's in braces: that create's commit finds
+/// the order and is answered stale.)
 pub fn order_id(message_id: &str) -> OrderId {
     let by = catga::placing_part(message_id);
     [format!("ord-{{{message_id}}}"), format!("ord:{message_id}")]
@@ -309,6 +321,7 @@ async fn create_order(ctx: &Context, cmd: CreateOrder) -> Result<OrderId> {
             total_cents,
             status: Status::Created,
             tracking: None,
+            paid: false,
         },
     );
     ctx.save(order)
@@ -317,13 +330,7 @@ async fn create_order(ctx: &Context, cmd: CreateOrder) -> Result<OrderId> {
             customer: cmd.customer,
             total_cents,
         })
-        .await
-        .map_err(|e| match e.kind() {
-            // A new order's save finds one under its id: an order of an
-            // earlier release (see `order_id`).
-            ErrorKind::Stale => Error::conflict(format!("an order {id} exists already")),
-            _ => e,
-        })?;
+        .await?;
     // Committed with the order: the reminder comes whatever happens to
     // this replica (see `expiry`).
     ctx.publish_after(
@@ -354,6 +361,7 @@ async fn pay_order(ctx: &Context, cmd: PayOrder) -> Result<()> {
         )));
     }
     order.status = Status::Paid;
+    order.paid = true;
     let customer = order.customer.clone();
     ctx.save(order)
         .with_event(OrderPaid {
@@ -466,8 +474,22 @@ impl State for Counted {
 /// small.
 #[command(queue_group = "billing", retry = 10)]
 async fn count_payment(ctx: &Context, cmd: CountPayment) -> Result<()> {
-    if !ledgers().skip(1).any(|l| l == cmd.ledger) {
-        return Err(Error::invalid(format!("there is no ledger {:?}", cmd.ledger)));
+    // Anyone who may publish on the bus may send this: it counts only the
+    // payment of a paid order, of its total, in its ledger.
+    if cmd.ledger != ledger_of(&cmd.id) {
+        return Err(Error::invalid(format!(
+            "order {} is counted in {}, not {:?}",
+            cmd.id,
+            ledger_of(&cmd.id),
+            cmd.ledger
+        )));
+    }
+    let order = ctx.load::<Order>(&cmd.id.0).await?;
+    if !order.was_paid() || order.total_cents != cmd.amount_cents {
+        return Err(Error::invalid(format!(
+            "order {} was not paid {} cents",
+            cmd.id, cmd.amount_cents
+        )));
     }
     let mark = format!("counted-{{{}}}-{}", cmd.ledger, cmd.id);
     if ctx.try_load::<Counted>(&mark).await?.is_some() {
@@ -485,7 +507,7 @@ async fn count_payment(ctx: &Context, cmd: CountPayment) -> Result<()> {
         .await?
         .unwrap_or_else(|| Versioned::new(cmd.ledger.clone(), Revenue::default()));
     ledger.payments += 1;
-    ledger.cents += cmd.amount_cents;
+    ledger.cents = ledger.cents.saturating_add(cmd.amount_cents);
     ctx.save(ledger).await?;
     Ok(())
 }

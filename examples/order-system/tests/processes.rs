@@ -7,7 +7,9 @@
 //! Every test runs twice: `one_server::*` on one redis-server (one store
 //! shard), and `sharded_cluster::*` on a 3-master Redis Cluster with the
 //! service's keys in 3 store shards (`CATGA_STORE_SHARDS=3`), the layout
-//! that spreads one service over every master.
+//! that spreads one service over every master, and the keyed invoicing
+//! saga over 3 partition streams with a router share each
+//! (`CATGA_JS_SAGA_STREAMS=3`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -160,7 +162,13 @@ impl Redis {
     fn env(&self) -> Vec<(&'static str, &'static str)> {
         match self {
             Redis::Server(_) => Vec::new(),
-            Redis::Cluster(_) => vec![("CATGA_REDIS_MODE", "cluster"), ("CATGA_STORE_SHARDS", "3")],
+            // And the invoicing saga's partitions over 3 streams, each
+            // routed by its own router share, as in deploy/.
+            Redis::Cluster(_) => vec![
+                ("CATGA_REDIS_MODE", "cluster"),
+                ("CATGA_STORE_SHARDS", "3"),
+                ("CATGA_JS_SAGA_STREAMS", "3"),
+            ],
         }
     }
 }

@@ -48,6 +48,13 @@ pub struct Forward {
     pub refuse: bool,
 }
 
+/// Handled by sending [`Flaky`] (not idempotent), then [`Unsteady`].
+#[event(subject = "tests.durable.forward_both")]
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ForwardBoth {
+    pub run: String,
+}
+
 /// An idempotent command whose handler fails while its run is broken.
 #[command(subject = "tests.durable.unsteady", idempotent)]
 #[derive(Serialize, Deserialize, Debug)]
@@ -134,6 +141,15 @@ async fn on_forward(ctx: &Context, f: Forward) -> Result<()> {
     Ok(())
 }
 
+#[event(durable = "forwards-both", idempotent, max_deliver = 50)]
+async fn on_forward_both(ctx: &Context, f: ForwardBoth) -> Result<()> {
+    ctx.send(Flaky {
+        run: format!("{}-flaky", f.run),
+    })
+    .await?;
+    ctx.send(Unsteady { run: f.run }).await
+}
+
 fn job(run: &str, seq: u64, mode: &str) -> Job {
     Job {
         run: run.to_owned(),
@@ -200,6 +216,24 @@ async fn a_downstream_failure_for_now_is_delivered_again_and_a_refusal_is_final(
             .contains("tests.durable.refused answered: refused for good"),
         "{}",
         letter.error
+    );
+
+    // A handler that sent a command that is not idempotent is not run
+    // again for a later command's failure: that command would run twice.
+    let both = run_id();
+    set_broken(&both, true);
+    client
+        .publish_durable(ForwardBoth { run: both.clone() })
+        .await
+        .expect("stored");
+    let letters = wait_letters(&rt, &both, 1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].error_kind, ErrorKind::Handler, "{:?}", letters[0]);
+    assert_eq!(letters[0].deliveries, 1);
+    assert_eq!(
+        ATTEMPTS.get(&format!("{both}-flaky")),
+        1,
+        "the first command ran once"
     );
     rt.shutdown().await.expect("clean shutdown");
 }
