@@ -653,15 +653,32 @@ impl Context {
         let result = if C::IDEMPOTENT {
             match cmd.encode() {
                 Err(e) => Err(e),
-                Ok(payload) => self
-                    .client
-                    .request_retrying(&Subject::from_static(C::SUBJECT), headers, payload, deadline)
-                    .await
-                    .and_then(|body| decode_body::<C::Reply>(C::SUBJECT, &body)),
+                Ok(payload) => self.request_idempotent::<C>(headers, payload, deadline).await,
             }
         } else {
             self.client.send_until(cmd, deadline, headers).await
         };
+        self.sent::<C>(result)
+    }
+
+    /// Requests an idempotent command, again while no replica takes it
+    /// (within `deadline`), and decodes its reply.
+    async fn request_idempotent<C: Command>(
+        &self,
+        headers: HeaderMap,
+        payload: Bytes,
+        deadline: Deadline,
+    ) -> Result<C::Reply> {
+        self.client
+            .request_retrying(&Subject::from_static(C::SUBJECT), headers, payload, deadline)
+            .await
+            .and_then(|body| decode_body::<C::Reply>(C::SUBJECT, &body))
+    }
+
+    /// What a nested send of `C` came to: noted when `C` is not idempotent
+    /// (the handler cannot run again without sending it again), and a
+    /// failure marked as downstream.
+    fn sent<C: Command>(&self, result: Result<C::Reply>) -> Result<C::Reply> {
         if !C::IDEMPOTENT {
             self.work
                 .sent_unrepeatable
@@ -696,21 +713,13 @@ impl Context {
                         None => wire::new_message_id(),
                     };
                     headers.insert(wire::headers::MESSAGE_ID, id.as_str());
-                    self.client
-                        .request_retrying(&Subject::from_static(C::SUBJECT), headers, payload, deadline)
-                        .await
-                        .and_then(|body| decode_body::<C::Reply>(C::SUBJECT, &body))
+                    self.request_idempotent::<C>(headers, payload, deadline).await
                 }
             }
         } else {
             self.client.send_until(cmd, deadline, headers).await
         };
-        if !C::IDEMPOTENT {
-            self.work
-                .sent_unrepeatable
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        result.map_err(|e| e.downstream(C::SUBJECT, C::IDEMPOTENT))
+        self.sent::<C>(result)
     }
 
     /// Publishes an event caused by the message being handled. In an
