@@ -77,13 +77,13 @@ pub const OLD_OVERDUE: &str = "all";
 
 /// The key of the list that notes order `id` overdue.
 pub fn overdue_list_of(id: &OrderId) -> String {
-    format!("overdue-{}", crate::orders::stable_hash(&id.0) % OVERDUE_LISTS)
+    crate::orders::split_key("overdue", OVERDUE_LISTS, id)
 }
 
 /// Every overdue list's key: the earlier release's, then `overdue-0` and
 /// on.
 pub fn overdue_lists() -> impl Iterator<Item = String> {
-    std::iter::once(OLD_OVERDUE.to_owned()).chain((0..OVERDUE_LISTS).map(|n| format!("overdue-{n}")))
+    crate::orders::split_keys(OLD_OVERDUE, "overdue", OVERDUE_LISTS)
 }
 
 /// Expires up to [`EXPIRE_BATCH`] orders of one overdue list that are due

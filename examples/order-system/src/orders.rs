@@ -102,12 +102,24 @@ pub const OLD_LEDGER: &str = "all";
 
 /// The key of the ledger that counts the payment of order `id`.
 pub fn ledger_of(id: &OrderId) -> String {
-    format!("ledger-{}", stable_hash(&id.0) % LEDGERS)
+    split_key("ledger", LEDGERS, id)
 }
 
 /// Every ledger's key: the earlier release's, then `ledger-0` and on.
 pub fn ledgers() -> impl Iterator<Item = String> {
-    std::iter::once(OLD_LEDGER.to_owned()).chain((0..LEDGERS).map(|n| format!("ledger-{n}")))
+    split_keys(OLD_LEDGER, "ledger", LEDGERS)
+}
+
+/// Of `parts` keys `<prefix>-0` and on that share what one key held, the
+/// one order `id` is kept in (its id's [`stable_hash`]).
+pub fn split_key(prefix: &str, parts: u64, id: &OrderId) -> String {
+    format!("{prefix}-{}", stable_hash(&id.0) % parts)
+}
+
+/// The one key `old` of an earlier release, then the `parts` keys
+/// `<prefix>-0` and on that hold what it held.
+pub fn split_keys(old: &str, prefix: &'static str, parts: u64) -> impl Iterator<Item = String> {
+    std::iter::once(old.to_owned()).chain((0..parts).map(move |n| format!("{prefix}-{n}")))
 }
 
 /// FNV-1a of `text`: the same in every process and release.
