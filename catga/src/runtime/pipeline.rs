@@ -290,12 +290,13 @@ fn ran_to_outcome(served: &Served, ran: std::thread::Result<Result<Bytes>>) -> O
 
 /// What a handler's run (its panic caught) answers: its body, its error
 /// (a nested send's failure in an event handler holding its claim as
-/// [`Error::into_event_failure`] says, `repeatable` telling whether it
-/// sent only idempotent commands; else as the handler's own), or a panic
-/// as a `Panic` error with its message.
+/// [`Error::into_event_failure`] says, `sent_unrepeatable` telling whether
+/// such a handler sent a command that is not idempotent, `None` for one
+/// without a claim; else as the handler's own), or a panic as a `Panic`
+/// error with its message.
 fn handler_result(
     served: &Served,
-    repeatable: Option<bool>,
+    sent_unrepeatable: Option<bool>,
     ran: std::thread::Result<Result<Bytes>>,
 ) -> Result<Bytes> {
     match ran {
@@ -307,8 +308,8 @@ fn handler_result(
         // idempotent one's too, for a message without an id), and it
         // sends under new ids: for it, as for a command's caller, the
         // failure is its own.
-        Ok(Err(e)) if served.spec.kind() == HandlerKind::Event && repeatable.is_some() => {
-            Err(e.into_event_failure(repeatable == Some(false)))
+        Ok(Err(e)) if served.spec.kind() == HandlerKind::Event && sent_unrepeatable.is_some() => {
+            Err(e.into_event_failure(sent_unrepeatable == Some(true)))
         }
         Ok(Err(e)) => Err(e.into_handler_failure()),
         Err(panic) => Err(Error::new(
@@ -850,9 +851,9 @@ async fn call(
     // It may run again with nothing done twice while it holds its claim
     // (what it wrote waits for its commit) and sent no command that is not
     // idempotent.
-    let repeatable = matches!(claim, Claim::Owned { .. })
-        .then(|| !work.sent_unrepeatable.load(std::sync::atomic::Ordering::Relaxed));
-    let body = handler_result(served, repeatable, ran)?;
+    let sent_unrepeatable = matches!(claim, Claim::Owned { .. })
+        .then(|| work.sent_unrepeatable.load(std::sync::atomic::Ordering::Relaxed));
+    let body = handler_result(served, sent_unrepeatable, ran)?;
     match claim {
         Claim::Owned {
             scope,
