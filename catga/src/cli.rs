@@ -11,7 +11,7 @@
 //! catga dlq list [FROM]              dead letters of CATGA_SERVICE
 //! catga dlq show N | replay N [--force] | purge N | purge-all
 //! catga sagas [N]                    the newest N sagas and their steps (REDIS_URL)
-//! catga outbox                       events saved and not yet published (REDIS_URL)
+//! catga outbox                       events saved and not yet published, per shard (REDIS_URL)
 //! catga delayed [N]                  the N soonest delayed messages (REDIS_URL)
 //! catga delayed cancel ID            cancels one that has not come due
 //! catga jobs                         the recurring jobs of this binary: schedule,
@@ -182,7 +182,14 @@ impl Client {
 /// Runs the CLI with `args` (without the program name) and `config`,
 /// returning what it prints. Errors are the commands' (a usage error is
 /// `Invalid`).
-pub async fn run(args: &[String], mut config: Config) -> Result<String> {
+pub async fn run(args: &[String], config: Config) -> Result<String> {
+    // Boxed: the commands' futures are large, and a caller's async fn in a
+    // debug build keeps a stack slot of that size per call site (a test
+    // calling it a dozen times overflowed a test thread's 2 MiB).
+    Box::pin(run_boxed(args, config)).await
+}
+
+async fn run_boxed(args: &[String], mut config: Config) -> Result<String> {
     let mut json = false;
     let mut force = false;
     let mut live = false;
@@ -282,7 +289,7 @@ pub const USAGE: &str = "usage: catga [--json] [--service NAME] COMMAND
   dlq replay N [--force]        publish it again (--force: also one not written by catga)
   dlq purge N | purge-all       delete one, or all
   sagas [N]                     the newest N (20) sagas and their steps (REDIS_URL)
-  outbox                        events saved and not yet published (REDIS_URL)
+  outbox                        events saved and not yet published, per shard (REDIS_URL)
   delayed [N]                   the N (20) soonest delayed messages (REDIS_URL)
   delayed cancel ID             cancel one that has not come due
   jobs                          the recurring jobs of this binary (the service's
@@ -531,15 +538,50 @@ async fn sagas(args: &[&str], config: Config, json: bool) -> Result<String> {
 }
 
 async fn outbox(config: Config, json: bool) -> Result<String> {
-    let backlog = the_store(&config, "the outbox's entries")
-        .await?
-        .outbox_backlog()
-        .await?;
-    Ok(done(
-        json,
-        json!({ "outbox_backlog": backlog }),
-        format!("{backlog} events saved and not yet published"),
-    ))
+    let store = the_store(&config, "the outbox's entries").await?;
+    let mut shards = store.outbox_waiting(std::time::Duration::from_secs(2)).await;
+    // Nothing answered: the store's error, as every other command gives.
+    if shards.iter().all(Result::is_err) && !shards.is_empty() {
+        return Err(shards
+            .swap_remove(0)
+            .err()
+            .unwrap_or_else(|| Error::unavailable("no shard answers")));
+    }
+    let total: Option<u64> = shards.iter().map(|s| s.as_ref().ok().map(|s| s.waiting)).sum();
+    let oldest = |s: &crate::OutboxShard| {
+        (s.waiting > 0).then(|| format!(", the oldest for {:.1} s", s.oldest.as_secs_f64()))
+    };
+    let v = json!({
+        "outbox_backlog": total,
+        "shards": shards.iter().enumerate().map(|(n, s)| match s {
+            Ok(s) => json!({ "shard": s.shard, "waiting": s.waiting, "oldest_ms": s.oldest.as_millis() as u64 }),
+            Err(e) => json!({ "shard": n, "error": e.message() }),
+        }).collect::<Vec<_>>(),
+    });
+    let mut text = match (total, shards.as_slice()) {
+        (Some(n), [Ok(one)]) => format!(
+            "{n} events saved and not yet published{}",
+            oldest(one).unwrap_or_default()
+        ),
+        (Some(n), _) => format!("{n} events saved and not yet published"),
+        (None, _) => "some shards do not answer: the events waiting in them are not counted".to_owned(),
+    };
+    if shards.len() > 1 {
+        for (n, s) in shards.iter().enumerate() {
+            // A shard's error names its shard already.
+            let line = match s {
+                Ok(s) if s.waiting == 0 => format!("shard {n}: none waiting"),
+                Ok(s) => format!(
+                    "shard {n}: {} waiting{}",
+                    s.waiting,
+                    oldest(s).unwrap_or_default()
+                ),
+                Err(e) => e.message().to_owned(),
+            };
+            let _ = write!(text, "\n{line}");
+        }
+    }
+    Ok(done(json, v, text))
 }
 
 /// `when` relative to now: `in 12s`, `3s ago`.

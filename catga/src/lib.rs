@@ -116,7 +116,7 @@ pub use registry::{
 pub use runtime::{DelayedInfo, JobInfo, Readiness, Runtime, RuntimeBuilder, init_telemetry, run, start};
 pub use saga::{Saga, SagaInfo, SagaOutcome, SagaStatus, SagaStepInfo, Step};
 pub use state::Save;
-pub use store::{State, Versioned, placing_part};
+pub use store::{OutboxShard, State, Versioned, placing_part};
 pub use transport::memory::MemoryBus;
 pub use transport::{DEFAULT_MAX_PAYLOAD, stream_name};
 pub use wire::deadline::Deadline;

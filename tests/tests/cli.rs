@@ -242,6 +242,17 @@ async fn the_cli_shows_and_operates_a_running_service() {
     }
     let outbox: Value = serde_json::from_str(&cli(&["outbox", "--json"], &c).await).expect("JSON");
     assert_eq!(outbox["outbox_backlog"], 0);
+    let shards = outbox["shards"].as_array().expect("the shards");
+    assert_eq!(shards.len(), 3, "{outbox}");
+    assert!(
+        shards.iter().all(|s| s["waiting"] == 0 && s["oldest_ms"] == 0),
+        "{outbox}"
+    );
+    let text = cli(&["outbox"], &c).await;
+    assert!(
+        text.starts_with("0 events saved and not yet published\nshard 0: none waiting\n"),
+        "{text}"
+    );
 
     // Delayed messages: listed soonest first, one cancelled.
     let later = replicas[0]

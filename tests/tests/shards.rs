@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use catga::{Context, ErrorKind, Result, State, Versioned, command};
+use catga::{Context, ErrorKind, Result, State, Versioned, command, event};
 use catga_tests::{NatsServer, RedisCluster, RedisServer, run_id};
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +39,34 @@ pub struct Deposit {
 pub struct Balance {
     /// The account.
     pub account: String,
+}
+
+/// Counts a visit to an account and publishes it, through the account's
+/// shard's outbox (an idempotent handler's events go through it).
+#[command(reply = u64, subject = "shards.visit", idempotent, key = account)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Visit {
+    /// The account.
+    pub account: String,
+}
+
+/// Published with each visit.
+#[event(subject = "shards.visited")]
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Visited {
+    /// The account.
+    pub account: String,
+}
+
+#[command]
+async fn visit(ctx: &Context, v: Visit) -> Result<u64> {
+    let mut a = ctx
+        .try_load::<Account>(&v.account)
+        .await?
+        .unwrap_or_else(|| Versioned::new(v.account.clone(), Account::default()));
+    a.cents += 1;
+    ctx.publish(Visited { account: v.account }).await?;
+    Ok(ctx.save(a).await?.cents)
 }
 
 #[command]
@@ -271,10 +299,42 @@ async fn a_master_killed_under_load_stops_only_its_shard() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     down.store(true, Ordering::Relaxed);
     cluster.nodes[victim].kill();
+    let killed = Instant::now();
     eprintln!("killed master {victim} (shard {victim_shard})");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The replica stays ready: it serves the other shards. The shard that
+    // does not answer is named as a warning, and its outbox as unknown.
+    let named = format!("shards {victim_shard} of {SHARDS} do not answer");
+    let seen = loop {
+        let r = rt.readiness();
+        if r.warnings.iter().any(|w| w.contains(&named)) {
+            break r;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(4),
+            "no warning names the shard: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(seen.ready, "one master away fails no readiness check: {seen:?}");
+    let outboxes = rt.outbox_shards().await;
+    for (n, o) in outboxes.iter().enumerate() {
+        assert_eq!(o.is_err(), n == victim_shard as usize, "shard {n}: {o:?}");
+    }
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(killed.elapsed())).await;
     cluster.nodes[victim].resume();
     cluster.wait_ok();
+    let back = Instant::now();
+    loop {
+        let (r, outboxes) = (rt.readiness(), rt.outbox_shards().await);
+        if r.ready && r.warnings.is_empty() && outboxes.iter().all(Result::is_ok) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "the shard answers again: {r:?} {outboxes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     down.store(false, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
@@ -341,6 +401,115 @@ async fn a_master_killed_under_load_stops_only_its_shard() {
             .await
             .expect("balance");
         assert_eq!(got, n, "{account}: every deposit once");
+    }
+    rt.shutdown().await.expect("clean shutdown");
+}
+
+/// A shard whose relay is held up (its lease held by a replica that no
+/// longer runs) shows as that shard's lag: its events wait and the age of
+/// the oldest grows, in `Runtime::outbox_shards`, on the metrics page and
+/// in the CLI, while the other shards' events leave; once the lease is
+/// free, a live relay takes the shard over and its outbox drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_held_up_shows_as_its_shards_lag() {
+    const SHARDS: u32 = 3;
+    let nats = NatsServer::start();
+    let cluster = RedisCluster::start();
+    let lease = format!("catga:{{{SERVICE}}}:relay:1");
+    let port = cluster.nodes[0].port();
+    assert_eq!(
+        cli(port, &["-c", "SET", &lease, "gone", "PX", "60000"]).trim(),
+        "OK"
+    );
+    let rt = builder(SHARDS)
+        .nats_url(nats.url())
+        .redis_cluster(&cluster.urls())
+        .http_addr("127.0.0.1:0")
+        .start()
+        .await
+        .expect("starts");
+    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
+    let client = catga::Client::connect(&nats.url()).await.expect("client");
+    let run = run_id();
+    let mut per_shard = [0u32; SHARDS as usize];
+    let accounts: Vec<String> = (0..)
+        .map(|i| format!("{run}-{i}"))
+        .filter(|a| {
+            let n = &mut per_shard[shard_of(a, SHARDS) as usize];
+            *n += 1;
+            *n <= 2
+        })
+        .take(2 * SHARDS as usize)
+        .collect();
+    for a in &accounts {
+        client.send(Visit { account: a.clone() }).await.expect("visit");
+    }
+    let sent = Instant::now();
+    // The other shards' relays publish at once; shard 1's events wait.
+    let held = loop {
+        let outboxes: Vec<catga::OutboxShard> = rt
+            .outbox_shards()
+            .await
+            .into_iter()
+            .map(|o| o.expect("every shard answers"))
+            .collect();
+        if outboxes[0].waiting == 0
+            && outboxes[2].waiting == 0
+            && sent.elapsed() >= Duration::from_millis(1500)
+        {
+            break outboxes;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(10), "{outboxes:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(held[1].waiting, 2, "{held:?}");
+    assert!(held[1].oldest >= Duration::from_secs(1), "{held:?}");
+    assert!(held[1].oldest < Duration::from_secs(30), "{held:?}");
+    assert_eq!(held[0].oldest, Duration::ZERO, "{held:?}");
+    let addr = rt.http_addr().expect("endpoint");
+    let page = tokio::task::spawn_blocking(move || catga_tests::http::get(addr, "/metrics"))
+        .await
+        .expect("GET")
+        .1;
+    let sample = |series: &str| -> f64 {
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+    };
+    assert_eq!(sample("catga_outbox_backlog "), 2.0);
+    assert_eq!(sample("catga_outbox_shard_backlog{shard=\"1\"} "), 2.0);
+    assert_eq!(sample("catga_outbox_shard_backlog{shard=\"2\"} "), 0.0);
+    assert!(sample("catga_outbox_oldest_seconds{shard=\"1\"} ") >= 1.0);
+    assert_eq!(sample("catga_outbox_oldest_seconds{shard=\"0\"} "), 0.0);
+    assert_eq!(sample("catga_store_shard_up{shard=\"1\"} "), 1.0);
+    let mut c = catga::Config::default();
+    c.nats_url = Some(nats.url());
+    c.service = SERVICE.to_owned();
+    c.redis_url = Some(cluster.urls().join(","));
+    c.redis_mode = catga::RedisMode::Cluster;
+    let text = catga::cli::run(&["outbox".to_owned()], c)
+        .await
+        .expect("catga outbox");
+    assert!(
+        text.starts_with("2 events saved and not yet published\n"),
+        "{text}"
+    );
+    assert!(text.contains("shard 0: none waiting\n"), "{text}");
+    assert!(text.contains("shard 1: 2 waiting, the oldest for "), "{text}");
+
+    // The lease is free: the shard's events leave.
+    assert_eq!(cli(port, &["-c", "DEL", &lease]).trim(), "1");
+    let freed = Instant::now();
+    loop {
+        let outboxes = rt.outbox_shards().await;
+        if outboxes
+            .iter()
+            .all(|o| o.as_ref().is_ok_and(|o| o.waiting == 0 && o.oldest.is_zero()))
+        {
+            break;
+        }
+        assert!(freed.elapsed() < Duration::from_secs(20), "{outboxes:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     rt.shutdown().await.expect("clean shutdown");
 }

@@ -21,7 +21,9 @@
 //! | `catga_breaker_open` | gauge | handler |
 //! | `catga_ready`, `catga_broker_connected`, `catga_store_up` | gauge | |
 //! | `catga_slow_consumer_drops_total` | counter | |
+//! | `catga_store_shard_up` | gauge | shard |
 //! | `catga_outbox_backlog` | gauge | |
+//! | `catga_outbox_shard_backlog`, `catga_outbox_oldest_seconds` | gauge | shard |
 //! | `catga_delayed_pending` | gauge | |
 //! | `catga_replica_info` (always 1) | gauge | service, version, region |
 
@@ -125,14 +127,29 @@ fn describe() {
         "Always 1: the replica's service, version and region (CATGA_REGION) as labels"
     );
     describe_gauge!("catga_broker_connected", "1 while the broker connection is up");
-    describe_gauge!("catga_store_up", "1 while the state store answers");
+    describe_gauge!(
+        "catga_store_up",
+        "1 while the state store answers (with shards over a cluster: while one of them does)"
+    );
+    describe_gauge!(
+        "catga_store_shard_up",
+        "1 while the master holding this store shard answers"
+    );
     describe_counter!(
         "catga_slow_consumer_drops_total",
         "Messages the NATS client dropped because a subscription could not keep up"
     );
     describe_gauge!(
         "catga_outbox_backlog",
-        "Events saved to the outbox and not yet published"
+        "Events saved to the outbox and not yet published, in every shard (NaN while a shard does not answer)"
+    );
+    describe_gauge!(
+        "catga_outbox_shard_backlog",
+        "Events saved to this shard's outbox and not yet published (NaN while it does not answer)"
+    );
+    describe_gauge!(
+        "catga_outbox_oldest_seconds",
+        "How long the oldest event waiting in this shard's outbox has waited: the relay's lag (0 when none waits)"
     );
     describe_gauge!(
         "catga_delayed_pending",
@@ -285,7 +302,7 @@ pub(crate) fn replica(
     connected: bool,
     store_up: bool,
     slow_consumer_drops: u64,
-    outbox: Option<u64>,
+    outbox: &[crate::error::Result<crate::store::OutboxShard>],
     delayed: Option<u64>,
 ) {
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
@@ -293,11 +310,29 @@ pub(crate) fn replica(
     gauge!("catga_broker_connected").set(flag(connected));
     gauge!("catga_store_up").set(flag(store_up));
     counter!("catga_slow_consumer_drops_total").absolute(slow_consumer_drops);
-    if let Some(n) = outbox {
-        gauge!("catga_outbox_backlog").set(n as f64);
+    // A figure the store did not give is unknown (NaN), not the last one
+    // seen nor zero.
+    let mut total = if outbox.is_empty() { f64::NAN } else { 0.0 };
+    for (n, shard) in outbox.iter().enumerate() {
+        let label = n.to_string();
+        let (waiting, oldest) = match shard {
+            Ok(s) => (s.waiting as f64, s.oldest.as_secs_f64()),
+            Err(_) => (f64::NAN, f64::NAN),
+        };
+        total += waiting;
+        gauge!("catga_outbox_shard_backlog", "shard" => label.clone()).set(waiting);
+        gauge!("catga_outbox_oldest_seconds", "shard" => label).set(oldest);
     }
+    gauge!("catga_outbox_backlog").set(total);
     if let Some(n) = delayed {
         gauge!("catga_delayed_pending").set(n as f64);
+    }
+}
+
+/// Sets whether each store shard answers (`None`) or not.
+pub(crate) fn store_shards(answers: &[Option<String>]) {
+    for (n, why) in answers.iter().enumerate() {
+        gauge!("catga_store_shard_up", "shard" => n.to_string()).set(if why.is_none() { 1.0 } else { 0.0 });
     }
 }
 

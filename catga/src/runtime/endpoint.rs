@@ -40,8 +40,8 @@ impl HttpEndpoint {
                     let transport = shared.client.transport();
                     // Both asked at once: a store away delays a scrape by
                     // one wait, not two.
-                    let (backlog, delayed) = tokio::join!(
-                        for_scrape(shared.store.outbox_backlog()),
+                    let (outbox, delayed) = tokio::join!(
+                        shared.store.outbox_waiting(std::time::Duration::from_millis(500)),
                         for_scrape(shared.store.delayed_count())
                     );
                     crate::ops::metrics::replica(
@@ -49,7 +49,7 @@ impl HttpEndpoint {
                         transport.is_connected(),
                         !shared.health.store_down(),
                         transport.client_dropped(),
-                        backlog,
+                        &outbox,
                         delayed,
                     );
                     let c = &shared.config;

@@ -109,6 +109,14 @@ impl Runtime {
         self.shared.store.outbox_backlog().await
     }
 
+    /// Each store shard's outbox, in shard order (one with one shard or
+    /// the embedded store): how many events wait and how long the oldest
+    /// has waited, or why that shard did not answer within 2 s. A master
+    /// that is away fails only its own shards.
+    pub async fn outbox_shards(&self) -> Vec<Result<crate::OutboxShard>> {
+        self.shared.store.outbox_waiting(Duration::from_secs(2)).await
+    }
+
     /// Requests not started because their sender had stopped waiting.
     pub fn expired_requests(&self) -> u64 {
         self.shared.expired.load(Ordering::Relaxed)

@@ -57,10 +57,12 @@ pub(crate) async fn check_broker(shared: Arc<Shared>) {
     }
 }
 
-/// Pings the store once a second: readiness requires it to answer, so
-/// that Kubernetes stops routing to a replica that cannot reach Redis.
+/// Pings the store's shards once a second: readiness requires one of them
+/// to answer, so that Kubernetes stops routing to a replica that cannot
+/// reach Redis; shards that do not answer while others do are a warning.
 pub(crate) async fn watch_store(shared: Arc<Shared>) {
     let mut was: Option<String> = None;
+    let mut was_partly: Option<String> = None;
     let mut policy_checked = false;
     loop {
         // Once the store answers: whether it may evict what catga keeps.
@@ -75,11 +77,28 @@ pub(crate) async fn watch_store(shared: Arc<Shared>) {
                 shared.health.set_warning("store", risk);
             }
         }
-        let now = match tokio::time::timeout(std::time::Duration::from_secs(2), shared.store.ping()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.message().to_owned()),
-            Err(_) => Some("the state store does not answer within 2 s".to_owned()),
-        };
+        let answers = shared.store.ping_shards(std::time::Duration::from_secs(2)).await;
+        crate::ops::metrics::store_shards(&answers);
+        let away: Vec<(usize, &String)> = answers
+            .iter()
+            .enumerate()
+            .filter_map(|(shard, why)| why.as_ref().map(|why| (shard, why)))
+            .collect();
+        // Not ready only when no shard answers: a master that is away
+        // fails the keys of its shards on every replica alike, and the
+        // others are still served here. It is named as a warning.
+        let now = (away.len() == answers.len())
+            .then(|| away.first().map(|(_, why)| (*why).clone()))
+            .flatten();
+        let partly = (!away.is_empty() && now.is_none()).then(|| {
+            let shards: Vec<String> = away.iter().map(|(shard, _)| shard.to_string()).collect();
+            format!(
+                "shards {} of {} do not answer ({}): their keys fail until they do, the others are served",
+                shards.join(", "),
+                answers.len(),
+                away.first().map_or("", |(_, why)| why.as_str())
+            )
+        });
         match (&was, &now) {
             (None, Some(why)) => {
                 tracing::error!(error = %why, "the state store fails; not ready until it answers")
@@ -87,6 +106,13 @@ pub(crate) async fn watch_store(shared: Arc<Shared>) {
             (Some(_), None) => tracing::info!("the state store answers again"),
             _ => {}
         }
+        match (&was_partly, &partly) {
+            (None, Some(why)) => tracing::error!(error = %why, "store shards fail"),
+            (Some(_), None) => tracing::info!("every store shard answers again"),
+            _ => {}
+        }
+        shared.health.set_warning("store shards", partly.clone());
+        was_partly = partly;
         shared.health.set_store_down(now.clone());
         was = now;
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;

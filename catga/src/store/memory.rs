@@ -30,7 +30,9 @@ pub(crate) struct MemoryStore {
 #[derive(Default, Clone)]
 pub(crate) struct Inner {
     state: HashMap<(String, String), (u64, Bytes)>,
-    outbox: BTreeMap<u64, OutboxEntry>,
+    /// Entries by number, each with when it was appended (unix ms, by
+    /// the store's clock).
+    outbox: BTreeMap<u64, (OutboxEntry, u64)>,
     next_entry: u64,
     /// Delayed messages by due time (unix ms) and entry number, and where
     /// each id is in that map.
@@ -176,15 +178,11 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) async fn ping(&self) -> Result<()> {
-        Ok(())
-    }
-
     pub(crate) async fn load(&self, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
         Ok(self.lock().state.get(&(kind.to_owned(), key.to_owned())).cloned())
     }
 
-    fn append(inner: &mut Inner, events: Vec<OutboxEntry>) {
+    fn append(inner: &mut Inner, events: Vec<OutboxEntry>, now_ms: u64) {
         for entry in events {
             inner.next_entry += 1;
             let n = inner.next_entry;
@@ -197,7 +195,7 @@ impl MemoryStore {
                     inner.delayed.insert((due, n), entry);
                 }
                 None => {
-                    inner.outbox.insert(n, entry);
+                    inner.outbox.insert(n, (entry, now_ms));
                 }
             }
         }
@@ -220,7 +218,7 @@ impl MemoryStore {
                     entry.due_ms = None;
                     inner.next_entry += 1;
                     let n = inner.next_entry;
-                    inner.outbox.insert(n, entry);
+                    inner.outbox.insert(n, (entry, now_ms));
                 }
             }
             (due.len(), inner.delayed.keys().next().map(|(due, _)| *due))
@@ -288,7 +286,7 @@ impl MemoryStore {
                     (InboxValue::Done(i.answer.clone()), now + i.window),
                 );
             }
-            Self::append(&mut inner, commit.events.clone());
+            Self::append(&mut inner, commit.events.clone(), self.clock.now_ms());
             (versions, !commit.events.is_empty())
         };
         if appended.1 {
@@ -312,7 +310,7 @@ impl MemoryStore {
                 .outbox
                 .iter()
                 .take(count)
-                .map(|(n, e)| (n.to_string(), Some(e.clone())))
+                .map(|(n, (e, _))| (n.to_string(), Some(e.clone())))
                 .collect();
             if !read.is_empty() {
                 return Ok(read);
@@ -334,7 +332,7 @@ impl MemoryStore {
             .outbox
             .range(after + 1..)
             .take(count)
-            .map(|(n, e)| (n.to_string(), Some(e.clone())))
+            .map(|(n, (e, _))| (n.to_string(), Some(e.clone())))
             .collect())
     }
 
@@ -350,6 +348,19 @@ impl MemoryStore {
 
     pub(crate) async fn outbox_backlog(&self) -> Result<u64> {
         Ok(self.lock().outbox.len() as u64)
+    }
+
+    /// The outbox's waiting entries, and how long the oldest has waited
+    /// by the store's clock.
+    pub(crate) async fn outbox_waiting(&self) -> Result<(u64, Duration)> {
+        let inner = self.lock();
+        let oldest = inner.outbox.values().next().map_or(0, |(_, at)| *at);
+        let age = if inner.outbox.is_empty() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(self.clock.now_ms().saturating_sub(oldest))
+        };
+        Ok((inner.outbox.len() as u64, age))
     }
 
     pub(crate) async fn inbox_begin(
@@ -647,6 +658,35 @@ mod tests {
         assert!(
             waited.elapsed() >= Duration::from_millis(40),
             "an empty outbox is waited on"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_outbox_says_how_long_its_oldest_entry_waited() {
+        let s = MemoryStore::new();
+        assert_eq!(s.outbox_waiting().await.expect("waiting"), (0, Duration::ZERO));
+        for id in ["e1", "e2"] {
+            let c = Commit {
+                events: vec![entry(id)],
+                ..Commit::default()
+            };
+            s.commit(&c).await.expect("commit");
+            s.clock().advance(Duration::from_secs(3));
+        }
+        let (n, oldest) = s.outbox_waiting().await.expect("waiting");
+        assert_eq!(n, 2);
+        assert!(
+            oldest >= Duration::from_secs(6) && oldest < Duration::from_secs(7),
+            "{oldest:?}"
+        );
+        // e1 went out: the age is e2's.
+        let read = s.outbox_read(1, Duration::ZERO).await.expect("read");
+        s.outbox_remove(&[read[0].0.clone()]).await.expect("remove");
+        let (n, oldest) = s.outbox_waiting().await.expect("waiting");
+        assert_eq!(n, 1);
+        assert!(
+            oldest >= Duration::from_secs(3) && oldest < Duration::from_secs(4),
+            "{oldest:?}"
         );
     }
 

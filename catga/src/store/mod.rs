@@ -120,6 +120,20 @@ pub(crate) struct OutboxEntry {
     pub due_ms: Option<u64>,
 }
 
+/// One shard's outbox, as [`Runtime::outbox_shards`](crate::Runtime::outbox_shards)
+/// reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxShard {
+    /// The shard's number, from 0.
+    pub shard: u32,
+    /// Events saved in this shard and not yet published.
+    pub waiting: u64,
+    /// How long the oldest of them has waited, by the clock of the
+    /// shard's master (zero when none waits): how far this shard's relay
+    /// lags behind its commits.
+    pub oldest: Duration,
+}
+
 /// One state write of a commit: the key, the version it must still be
 /// at, and the new value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -571,12 +585,55 @@ impl Store {
         }
     }
 
-    /// Whether the store answers.
-    pub(crate) async fn ping(&self) -> Result<()> {
+    /// Whether each shard answers within `limit`, in shard order: `None`
+    /// when it does, or why not (one entry for one server or the memory
+    /// store). A store written with another shard count fails them all.
+    pub(crate) async fn ping_shards(&self, limit: Duration) -> Vec<Option<String>> {
         self.pass().await;
         match &self.0.kind {
-            Kind::Redis(s) => s.ping().await,
-            Kind::Memory(s) => s.ping().await,
+            Kind::Redis(s) => {
+                let answers = s.ping_shards(limit).await;
+                if answers.iter().all(Option::is_none)
+                    && let Err(e) = s.check_layout().await
+                {
+                    return vec![Some(e.message().to_owned()); answers.len()];
+                }
+                answers
+            }
+            Kind::Memory(_) => vec![None],
+        }
+    }
+
+    /// Each shard's outbox, in shard order: how many entries wait and
+    /// how long the oldest has waited, or why the shard did not answer
+    /// within `limit`.
+    pub(crate) async fn outbox_waiting(&self, limit: Duration) -> Vec<Result<OutboxShard>> {
+        self.pass().await;
+        let shard = |shard: u32, asked: Result<(u64, Duration)>| {
+            asked
+                .map(|(waiting, oldest)| OutboxShard {
+                    shard,
+                    waiting,
+                    oldest,
+                })
+                .map_err(|e| Error::new(e.kind(), format!("shard {shard}: {}", e.message())))
+        };
+        match &self.0.kind {
+            Kind::Redis(s) => {
+                futures_util::future::join_all((0..s.shard_count()).map(|n| async move {
+                    let asked = tokio::time::timeout(limit, s.outbox_waiting(n))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Error::unavailable(format!(
+                                "no answer within {} ms",
+                                limit.as_millis()
+                            )))
+                        });
+                    shard(n, asked)
+                }))
+                .await
+            }
+            Kind::Memory(s) => vec![shard(0, s.outbox_waiting().await)],
         }
     }
 

@@ -85,6 +85,7 @@ pub(crate) struct RedisStore {
     mark_layout: Script,
     delayed_release: Script,
     delayed_cancel: Script,
+    outbox_waiting: Script,
 }
 
 /// A connection to Redis, whichever the topology; cheap to clone, and
@@ -454,6 +455,19 @@ for _, id in ipairs(ids) do
 end
 local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#ids, tonumber(next[2] or '-1'), now}
+";
+
+/// How many entries wait in an outbox (KEYS[1]), the time its oldest was
+/// appended (the unix ms of its stream id, or -1 when none waits), and
+/// now, both by the master's clock: the age needs no clock of the
+/// replica's.
+const OUTBOX_WAITING: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+local at = -1
+if first then at = tonumber(string.match(first[1], '^(%d+)')) end
+return {redis.call('XLEN', KEYS[1]), at, now}
 ";
 
 /// Cancels the delayed entry `ARGV[1]` (KEYS: its set and hash): 1 if it
@@ -996,6 +1010,7 @@ impl RedisStore {
             mark_layout: Script::new(MARK_LAYOUT),
             delayed_release: Script::new(DELAYED_RELEASE),
             delayed_cancel: Script::new(DELAYED_CANCEL),
+            outbox_waiting: Script::new(OUTBOX_WAITING),
         })
     }
 
@@ -1438,26 +1453,6 @@ impl RedisStore {
         format!("{}:inbox:{scope}:{id}", self.shard(shard))
     }
 
-    pub(crate) async fn ping(&self) -> Result<()> {
-        let mut c = self.conn.clone();
-        match &c {
-            Conn::Server(_) | Conn::Sentinel(_) => {
-                redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ())
-            }
-            // A cluster's PING goes to any node; the nodes that matter are
-            // those holding this service's slots, which keyed commands
-            // reach.
-            Conn::Cluster(_) => futures_util::future::try_join_all(self.outboxes.iter().map(|o| {
-                let mut c = self.conn.clone();
-                async move { redis::cmd("EXISTS").arg(o).query_async::<i64>(&mut c).await }
-            }))
-            .await
-            .map(|_| ()),
-        }
-        .map_err(map_err)?;
-        self.check_layout().await
-    }
-
     pub(crate) async fn load(&self, shard: u32, kind: &str, key: &str) -> Result<Option<(u64, Bytes)>> {
         let mut c = self.conn.clone();
         let (v, d): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
@@ -1640,6 +1635,60 @@ impl RedisStore {
         .await
         .map_err(map_err)?;
         Ok(lengths.into_iter().sum())
+    }
+
+    /// How many entries wait in a shard's outbox, and how long the oldest
+    /// has waited, by its master's clock.
+    pub(crate) async fn outbox_waiting(&self, shard: u32) -> Result<(u64, Duration)> {
+        let mut c = self.conn.clone();
+        let (n, at, now): (u64, i64, i64) = self
+            .outbox_waiting
+            .key(self.outbox(shard))
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        // A stream id's time is never behind the one before it, even when
+        // the master's clock went back: the age saturates at zero.
+        let age = u64::try_from(now.saturating_sub(at)).unwrap_or(0);
+        Ok((
+            n,
+            if at < 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(age)
+            },
+        ))
+    }
+
+    /// Whether each shard's master answers within `limit`: `None` when
+    /// it does, or why not, in shard order. On one server (or behind
+    /// Sentinel) one ping speaks for every shard.
+    pub(crate) async fn ping_shards(&self, limit: Duration) -> Vec<Option<String>> {
+        let asked = |cmd: redis::Cmd| {
+            let mut c = self.conn.clone();
+            async move {
+                match tokio::time::timeout(limit, cmd.query_async::<redis::Value>(&mut c)).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(map_err(e).message().to_owned()),
+                    Err(_) => Some(format!("no answer within {} ms", limit.as_millis())),
+                }
+            }
+        };
+        match &self.conn {
+            Conn::Server(_) | Conn::Sentinel(_) => {
+                vec![asked(redis::cmd("PING")).await; self.outboxes.len().max(1)]
+            }
+            // A cluster's PING goes to any node; each shard's master is
+            // reached by a keyed command on its outbox.
+            Conn::Cluster(_) => {
+                futures_util::future::join_all(self.outboxes.iter().map(|o| {
+                    let mut cmd = redis::cmd("EXISTS");
+                    cmd.arg(o);
+                    asked(cmd)
+                }))
+                .await
+            }
+        }
     }
 
     pub(crate) async fn inbox_begin(
