@@ -564,7 +564,14 @@ async fn outbox(config: Config, json: bool) -> Result<String> {
             oldest(one).unwrap_or_default()
         ),
         (Some(n), _) => format!("{n} events saved and not yet published"),
-        (None, _) => "some shards do not answer: the events waiting in them are not counted".to_owned(),
+        (None, _) => format!(
+            "at least {} events saved and not yet published (the shards that do not answer are not counted)",
+            shards
+                .iter()
+                .filter_map(|s| s.as_ref().ok())
+                .map(|s| s.waiting)
+                .sum::<u64>()
+        ),
     };
     if shards.len() > 1 {
         for (n, s) in shards.iter().enumerate() {

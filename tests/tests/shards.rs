@@ -240,28 +240,39 @@ async fn a_master_killed_under_load_stops_only_its_shard() {
         .expect("client")
         .with_request_timeout(Duration::from_secs(1));
     let run = run_id();
-    // The master of shard 1: the one holding the state of an account of
-    // that shard.
-    let victim_shard = 1;
-    let probe = (0..)
-        .map(|i| format!("{run}-{i}"))
-        .find(|a| shard_of(a, SHARDS) == victim_shard)
-        .expect("an account in shard 1");
-    client
-        .send(Deposit {
-            account: probe.clone(),
-            cents: 0,
-        })
-        .await
-        .expect("a first deposit");
-    let pattern = format!("catga:{{{SERVICE}~*}}:state:account:{probe}");
-    let victim = (0..cluster.nodes.len())
-        .find(|&i| {
-            !cli(cluster.nodes[i].port(), &["--scan", "--pattern", &pattern])
-                .trim()
-                .is_empty()
-        })
-        .expect("a master holds the probe account");
+    let holding = |pattern: &str| {
+        (0..cluster.nodes.len())
+            .find(|&i| {
+                !cli(cluster.nodes[i].port(), &["--scan", "--pattern", pattern])
+                    .trim()
+                    .is_empty()
+            })
+            .unwrap_or_else(|| panic!("no master holds {pattern}"))
+    };
+    // The master of the service's own keys (leases, dead letters, the
+    // shard-count mark), which every shard's work needs.
+    let control = holding(&format!("catga:{{{SERVICE}}}:*"));
+    // The victim: the master of a shard, one that does not hold them (the
+    // one holding the state of an account of that shard).
+    let mut chosen = None;
+    for shard in 0..SHARDS {
+        let probe = (0..)
+            .map(|i| format!("{run}-{i}"))
+            .find(|a| shard_of(a, SHARDS) == shard)
+            .expect("an account in the shard");
+        client
+            .send(Deposit {
+                account: probe.clone(),
+                cents: 0,
+            })
+            .await
+            .expect("a first deposit");
+        let node = holding(&format!("catga:{{{SERVICE}~*}}:state:account:{probe}"));
+        if node != control && chosen.is_none() {
+            chosen = Some((shard, node));
+        }
+    }
+    let (victim_shard, victim) = chosen.expect("a shard whose master does not hold the service's keys");
 
     let stop = Arc::new(AtomicBool::new(false));
     let down = Arc::new(AtomicBool::new(false));
@@ -303,23 +314,28 @@ async fn a_master_killed_under_load_stops_only_its_shard() {
     eprintln!("killed master {victim} (shard {victim_shard})");
     // The replica stays ready: it serves the other shards. The shard that
     // does not answer is named as a warning, and its outbox as unknown.
-    let named = format!("shards {victim_shard} of {SHARDS} do not answer");
+    let names_victim = |w: &String| {
+        w.strip_prefix("store shards: shards ")
+            .and_then(|w| w.split_once(" of "))
+            .is_some_and(|(list, _)| list.split(", ").any(|n| n == victim_shard.to_string()))
+    };
     let seen = loop {
         let r = rt.readiness();
-        if r.warnings.iter().any(|w| w.contains(&named)) {
+        if r.warnings.iter().any(names_victim) {
             break r;
         }
         assert!(
-            killed.elapsed() < Duration::from_secs(4),
+            killed.elapsed() < Duration::from_secs(10),
             "no warning names the shard: {r:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(seen.ready, "one master away fails no readiness check: {seen:?}");
+    assert!(
+        seen.ready,
+        "a shard's master away fails no readiness check: {seen:?}"
+    );
     let outboxes = rt.outbox_shards().await;
-    for (n, o) in outboxes.iter().enumerate() {
-        assert_eq!(o.is_err(), n == victim_shard as usize, "shard {n}: {o:?}");
-    }
+    assert!(outboxes[victim_shard as usize].is_err(), "{outboxes:?}");
     tokio::time::sleep(Duration::from_secs(4).saturating_sub(killed.elapsed())).await;
     cluster.nodes[victim].resume();
     cluster.wait_ok();
@@ -402,6 +418,23 @@ async fn a_master_killed_under_load_stops_only_its_shard() {
             .expect("balance");
         assert_eq!(got, n, "{account}: every deposit once");
     }
+
+    // The master of the service's own keys away: the leases, the relays
+    // and the dead letters pause in every shard, so the replica is not
+    // ready, and it is again once that master is back.
+    cluster.nodes[control].kill();
+    let killed = Instant::now();
+    loop {
+        let r = rt.readiness();
+        if !r.ready && r.failing.iter().any(|f| f.starts_with("store: ")) {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "still ready: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.nodes[control].resume();
+    cluster.wait_ok();
+    catga_tests::ready_within(&rt, Duration::from_secs(20)).await;
     rt.shutdown().await.expect("clean shutdown");
 }
 
@@ -418,7 +451,7 @@ async fn a_relay_held_up_shows_as_its_shards_lag() {
     let lease = format!("catga:{{{SERVICE}}}:relay:1");
     let port = cluster.nodes[0].port();
     assert_eq!(
-        cli(port, &["-c", "SET", &lease, "gone", "PX", "60000"]).trim(),
+        cli(port, &["-c", "SET", &lease, "gone", "PX", "600000"]).trim(),
         "OK"
     );
     let rt = builder(SHARDS)
@@ -466,11 +499,23 @@ async fn a_relay_held_up_shows_as_its_shards_lag() {
     assert!(held[1].oldest >= Duration::from_secs(1), "{held:?}");
     assert!(held[1].oldest < Duration::from_secs(30), "{held:?}");
     assert_eq!(held[0].oldest, Duration::ZERO, "{held:?}");
+    // A scrape gives each shard 500 ms: one that took longer on a busy
+    // host reads NaN, and is scraped again.
     let addr = rt.http_addr().expect("endpoint");
-    let page = tokio::task::spawn_blocking(move || catga_tests::http::get(addr, "/metrics"))
-        .await
-        .expect("GET")
-        .1;
+    let scraped = Instant::now();
+    let page = loop {
+        let page = tokio::task::spawn_blocking(move || catga_tests::http::get(addr, "/metrics"))
+            .await
+            .expect("GET")
+            .1;
+        if !page
+            .lines()
+            .any(|l| l.starts_with("catga_outbox") && l.ends_with("NaN"))
+        {
+            break page;
+        }
+        assert!(scraped.elapsed() < Duration::from_secs(10), "{page}");
+    };
     let sample = |series: &str| -> f64 {
         page.lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
@@ -481,7 +526,9 @@ async fn a_relay_held_up_shows_as_its_shards_lag() {
     assert_eq!(sample("catga_outbox_shard_backlog{shard=\"2\"} "), 0.0);
     assert!(sample("catga_outbox_oldest_seconds{shard=\"1\"} ") >= 1.0);
     assert_eq!(sample("catga_outbox_oldest_seconds{shard=\"0\"} "), 0.0);
-    assert_eq!(sample("catga_store_shard_up{shard=\"1\"} "), 1.0);
+    // Present; its value is not asserted: the metrics are the process's,
+    // and under plain `cargo test` another test's replica may write it.
+    sample("catga_store_shard_up{shard=\"1\"} ");
     let mut c = catga::Config::default();
     c.nats_url = Some(nats.url());
     c.service = SERVICE.to_owned();

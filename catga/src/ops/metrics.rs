@@ -149,7 +149,7 @@ fn describe() {
     );
     describe_gauge!(
         "catga_outbox_oldest_seconds",
-        "How long the oldest event waiting in this shard's outbox has waited: the relay's lag (0 when none waits)"
+        "How long the oldest event waiting in this shard's outbox has waited: the relay's lag (0 when none waits, NaN while the shard does not answer)"
     );
     describe_gauge!(
         "catga_delayed_pending",

@@ -77,25 +77,30 @@ pub(crate) async fn watch_store(shared: Arc<Shared>) {
                 shared.health.set_warning("store", risk);
             }
         }
-        let answers = shared.store.ping_shards(std::time::Duration::from_secs(2)).await;
-        crate::ops::metrics::store_shards(&answers);
-        let away: Vec<(usize, &String)> = answers
+        let pinged = shared.store.ping_shards(std::time::Duration::from_secs(2)).await;
+        crate::ops::metrics::store_shards(&pinged.shards);
+        let away: Vec<(usize, &String)> = pinged
+            .shards
             .iter()
             .enumerate()
             .filter_map(|(shard, why)| why.as_ref().map(|why| (shard, why)))
             .collect();
-        // Not ready only when no shard answers: a master that is away
-        // fails the keys of its shards on every replica alike, and the
-        // others are still served here. It is named as a warning.
-        let now = (away.len() == answers.len())
-            .then(|| away.first().map(|(_, why)| (*why).clone()))
-            .flatten();
+        // Not ready when the service's own keys do not answer (the leases,
+        // the relays' and the dead letters' records: every shard's work
+        // pauses), or no shard does. A shard's master that is away fails
+        // the keys of that shard on every replica alike, and the others
+        // are still served here: a warning.
+        let now = match &pinged.control {
+            Some(why) => Some(why.clone()),
+            None if away.len() == pinged.shards.len() => away.first().map(|(_, why)| (*why).clone()),
+            None => None,
+        };
         let partly = (!away.is_empty() && now.is_none()).then(|| {
             let shards: Vec<String> = away.iter().map(|(shard, _)| shard.to_string()).collect();
             format!(
                 "shards {} of {} do not answer ({}): their keys fail until they do, the others are served",
                 shards.join(", "),
-                answers.len(),
+                pinged.shards.len(),
                 away.first().map_or("", |(_, why)| why.as_str())
             )
         });
@@ -108,7 +113,7 @@ pub(crate) async fn watch_store(shared: Arc<Shared>) {
         }
         match (&was_partly, &partly) {
             (None, Some(why)) => tracing::error!(error = %why, "store shards fail"),
-            (Some(_), None) => tracing::info!("every store shard answers again"),
+            (Some(_), None) if away.is_empty() => tracing::info!("every store shard answers again"),
             _ => {}
         }
         shared.health.set_warning("store shards", partly.clone());

@@ -120,6 +120,15 @@ pub(crate) struct OutboxEntry {
     pub due_ms: Option<u64>,
 }
 
+/// What a ping of the store found: `None` where it answered, or why not.
+pub(crate) struct Pinged {
+    /// The service's own keys (leases, fences, members, dead letters, the
+    /// shard-count mark), in one slot; the shard count's check included.
+    pub control: Option<String>,
+    /// Each shard, in shard order.
+    pub shards: Vec<Option<String>>,
+}
+
 /// One shard's outbox, as [`Runtime::outbox_shards`](crate::Runtime::outbox_shards)
 /// reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -456,7 +465,18 @@ pub(crate) async fn open_from(config: &crate::config::Config, to_write: bool) ->
         return Ok(None);
     };
     let store = RedisStore::connect(&redis, &config.service, config.store_shards)?;
-    Ok(Some(match store.marked_count().await? {
+    // Bounded: the mark sits with the service's own keys, and a master
+    // that is away must not hang an operator's command.
+    let limit = Duration::from_secs(5);
+    let marked = tokio::time::timeout(limit, store.marked_count())
+        .await
+        .map_err(|_| {
+            Error::unavailable(format!(
+                "{}: the service's own keys (the shard count, leases, dead letters) are out of reach",
+                self::redis::not_within(limit)
+            ))
+        })??;
+    Ok(Some(match marked {
         Some(n) if n != config.store_shards => RedisStore::connect(&redis, &config.service, n)?.into(),
         Some(_) => store.into(),
         None if to_write => {
@@ -585,30 +605,38 @@ impl Store {
         }
     }
 
-    /// Whether each shard answers within `limit`, in shard order: `None`
-    /// when it does, or why not (one entry for one server or the memory
-    /// store). A store written with another shard count fails them all.
-    pub(crate) async fn ping_shards(&self, limit: Duration) -> Vec<Option<String>> {
-        self.pass().await;
-        match &self.0.kind {
-            Kind::Redis(s) => {
-                let answers = s.ping_shards(limit).await;
-                if answers.iter().all(Option::is_none)
-                    && let Err(e) = s.check_layout().await
-                {
-                    return vec![Some(e.message().to_owned()); answers.len()];
-                }
-                answers
-            }
-            Kind::Memory(_) => vec![None],
+    /// Whether the store answers within `limit`: its control keys (the
+    /// leases, fences, members, dead letters and the shard-count mark,
+    /// checked against this runtime's count once they answer), and each
+    /// shard, in shard order (one for one server or the memory store);
+    /// `None` when it does, or why not.
+    pub(crate) async fn ping_shards(&self, limit: Duration) -> Pinged {
+        let all = |why: Option<String>| Pinged {
+            control: why.clone(),
+            shards: vec![why; self.outbox_shards().max(1) as usize],
+        };
+        if tokio::time::timeout(limit, self.pass()).await.is_err() {
+            return all(Some(self::redis::not_within(limit)));
         }
+        let s = match &self.0.kind {
+            Kind::Redis(s) => s,
+            Kind::Memory(_) => return all(None),
+        };
+        let (mut control, shards) = s.ping_shards(limit).await;
+        if control.is_none() {
+            control = match tokio::time::timeout(limit, s.check_layout()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.message().to_owned()),
+                Err(_) => Some(self::redis::not_within(limit)),
+            };
+        }
+        Pinged { control, shards }
     }
 
     /// Each shard's outbox, in shard order: how many entries wait and
     /// how long the oldest has waited, or why the shard did not answer
     /// within `limit`.
     pub(crate) async fn outbox_waiting(&self, limit: Duration) -> Vec<Result<OutboxShard>> {
-        self.pass().await;
         let shard = |shard: u32, asked: Result<(u64, Duration)>| {
             asked
                 .map(|(waiting, oldest)| OutboxShard {
@@ -621,19 +649,30 @@ impl Store {
         match &self.0.kind {
             Kind::Redis(s) => {
                 futures_util::future::join_all((0..s.shard_count()).map(|n| async move {
-                    let asked = tokio::time::timeout(limit, s.outbox_waiting(n))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(Error::unavailable(format!(
-                                "no answer within {} ms",
-                                limit.as_millis()
-                            )))
-                        });
+                    let asked = async {
+                        self.pass().await;
+                        s.outbox_waiting(n).await
+                    };
+                    let asked = tokio::time::timeout(limit, asked).await.unwrap_or_else(|_| {
+                        Err(Error::unavailable(format!(
+                            "no answer within {} ms",
+                            limit.as_millis()
+                        )))
+                    });
                     shard(n, asked)
                 }))
                 .await
             }
-            Kind::Memory(s) => vec![shard(0, s.outbox_waiting().await)],
+            Kind::Memory(s) => {
+                let asked = async {
+                    self.pass().await;
+                    s.outbox_waiting().await
+                };
+                let asked = tokio::time::timeout(limit, asked)
+                    .await
+                    .unwrap_or_else(|_| Err(Error::unavailable(self::redis::not_within(limit))));
+                vec![shard(0, asked)]
+            }
         }
     }
 

@@ -227,6 +227,11 @@ impl ConnectionLike for Conn {
 /// retryable "unavailable" (a 503 whose text stays in the log), and the
 /// text (which names the cause and never the secret) is what readiness
 /// reports.
+/// Why a call found no answer: none came within `limit`.
+pub(crate) fn not_within(limit: Duration) -> String {
+    format!("the state store does not answer within {} s", limit.as_secs_f64())
+}
+
 fn map_err(e: RedisError) -> Error {
     if e.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
@@ -1660,33 +1665,40 @@ impl RedisStore {
         ))
     }
 
-    /// Whether each shard's master answers within `limit`: `None` when
-    /// it does, or why not, in shard order. On one server (or behind
-    /// Sentinel) one ping speaks for every shard.
-    pub(crate) async fn ping_shards(&self, limit: Duration) -> Vec<Option<String>> {
+    /// Whether the masters answer within `limit`: the one holding the
+    /// service's own keys (leases, fences, members, dead letters, the
+    /// shard-count mark), then each shard's, in shard order; `None` when
+    /// it does, or why not. On one server (or behind Sentinel) one ping
+    /// speaks for all of them.
+    pub(crate) async fn ping_shards(&self, limit: Duration) -> (Option<String>, Vec<Option<String>>) {
         let asked = |cmd: redis::Cmd| {
             let mut c = self.conn.clone();
             async move {
                 match tokio::time::timeout(limit, cmd.query_async::<redis::Value>(&mut c)).await {
                     Ok(Ok(_)) => None,
                     Ok(Err(e)) => Some(map_err(e).message().to_owned()),
-                    Err(_) => Some(format!("no answer within {} ms", limit.as_millis())),
+                    Err(_) => Some(not_within(limit)),
                 }
             }
         };
+        let exists = |key: &str| {
+            let mut cmd = redis::cmd("EXISTS");
+            cmd.arg(key);
+            asked(cmd)
+        };
         match &self.conn {
             Conn::Server(_) | Conn::Sentinel(_) => {
-                vec![asked(redis::cmd("PING")).await; self.outboxes.len().max(1)]
+                let why = asked(redis::cmd("PING")).await;
+                (why.clone(), vec![why; self.outboxes.len().max(1)])
             }
-            // A cluster's PING goes to any node; each shard's master is
-            // reached by a keyed command on its outbox.
+            // A cluster's PING goes to any node; each master that matters
+            // is reached by a keyed command in its slot.
             Conn::Cluster(_) => {
-                futures_util::future::join_all(self.outboxes.iter().map(|o| {
-                    let mut cmd = redis::cmd("EXISTS");
-                    cmd.arg(o);
-                    asked(cmd)
-                }))
-                .await
+                let control = format!("{}:shards", self.prefix);
+                tokio::join!(
+                    exists(&control),
+                    futures_util::future::join_all(self.outboxes.iter().map(|o| exists(o)))
+                )
             }
         }
     }
