@@ -986,7 +986,9 @@ async fn invoices_follow_each_customers_payments_while_replicas_die_and_join(lay
 
 /// Orders left unpaid get their reminder (a delayed message committed
 /// with the order) and are expired by the job, once each across two
-/// replicas; a paid order is left alone.
+/// replicas; a paid order is left alone. More than a batch of them wait
+/// in one overdue list, so the job goes back to that list until it is
+/// done.
 async fn unpaid_orders_are_reminded_then_expired_once(layout: Layout) {
     // The reminder comes 2 s after an order: time enough for the paid
     // one to be paid first on a loaded host.
@@ -999,15 +1001,28 @@ async fn unpaid_orders_are_reminded_then_expired_once(layout: Layout) {
     );
     let replicas = servers.replicas(&["e1", "e2"]).await;
     let client = servers.client().await;
+    // 3 orders anywhere, then a batch and 5 more in one overdue list.
+    let crowded = order_system::expiry::overdue_list_of(&order_system::orders::order_id("create-crowded"));
+    let mut create_ids: Vec<String> = (0..3)
+        .map(|n| format!("create-{n}-{}", catga::new_message_id()))
+        .collect();
+    create_ids.extend(
+        (3..)
+            .map(|n| format!("create-{n}-{}", catga::new_message_id()))
+            .filter(|id| {
+                order_system::expiry::overdue_list_of(&order_system::orders::order_id(id)) == crowded
+            })
+            .take(order_system::expiry::EXPIRE_BATCH + 5),
+    );
     let mut unpaid = Vec::new();
-    for n in 0..3 {
-        let create_id = format!("create-{n}-{}", catga::new_message_id());
+    for (n, create_id) in create_ids.iter().enumerate() {
+        let n = n as u32 % 5;
         let cmd = CreateOrder {
             customer: format!("late-{n}"),
             lines: lines(n),
         };
         unpaid.push(
-            with_retry(|| client.send_with_id(cmd.clone(), &create_id))
+            with_retry(|| client.send_with_id(cmd.clone(), create_id))
                 .await
                 .expect("create"),
         );
@@ -1048,7 +1063,11 @@ async fn unpaid_orders_are_reminded_then_expired_once(layout: Layout) {
         .filter_map(|l| l.split("order=").nth(1))
         .filter_map(|rest| rest.split_whitespace().next())
         .collect();
-    assert_eq!(reminded.len(), 3, "one reminder per unpaid order: {reminded:?}");
+    assert_eq!(
+        reminded.len(),
+        unpaid.len(),
+        "one reminder per unpaid order: {reminded:?}"
+    );
     assert!(
         !reminded.iter().any(|o| paid.0.contains(o)),
         "the paid order is not reminded"
