@@ -22,8 +22,8 @@ use catga_tests::{NatsServer, RedisCluster, RedisServer};
 use order_system::fulfilment::{Fulfilment, GetFulfilment, refused_at};
 use order_system::invoicing::GetInvoices;
 use order_system::orders::{
-    CancelOrder, CreateOrder, GetOrder, GetRevenue, Line, MAX_TOTAL_CENTS, OrderId, OrderPaid, PayOrder,
-    Revenue, ShipOrder, Status,
+    CancelOrder, CountPayment, CreateOrder, GetOrder, GetRevenue, Line, MAX_TOTAL_CENTS, OrderId, OrderPaid,
+    PayOrder, Revenue, ShipOrder, Status, ledger_of,
 };
 
 /// Short leases and ack waits, so that the work of a killed replica is
@@ -549,6 +549,52 @@ async fn payments_are_counted_exactly_once_while_replicas_are_killed(layout: Lay
     tokio::time::sleep(Duration::from_millis(3 * 1500)).await;
     let later = with_retry(|| client.send(GetRevenue)).await.expect("revenue");
     assert_eq!(later, expected, "and no redelivery counted again");
+
+    // Counts sent from outside, as anyone on the bus may: a paid order's
+    // count under another id (as a replayed dead letter past the inbox
+    // window sends it) finds the order counted; a wrong amount, a wrong
+    // ledger, an unpaid order and an unknown one are refused.
+    let (id, amount) = paid[0].clone();
+    let count = |id: &OrderId, ledger: String, amount_cents: u64| CountPayment {
+        ledger,
+        id: id.clone(),
+        amount_cents,
+    };
+    with_retry(|| client.send_with_id(count(&id, ledger_of(&id), amount), "count-again"))
+        .await
+        .expect("a payment counted already");
+    let refusal = |e: catga::Error| e.kind();
+    let wrong_amount = client.send(count(&id, ledger_of(&id), amount + 1)).await;
+    assert_eq!(wrong_amount.map_err(refusal), Err(ErrorKind::Invalid));
+    let other = (0..)
+        .map(|n| format!("ledger-{n}"))
+        .find(|l| *l != ledger_of(&id));
+    let wrong_ledger = client
+        .send(count(&id, other.expect("another ledger"), amount))
+        .await;
+    assert_eq!(wrong_ledger.map_err(refusal), Err(ErrorKind::Invalid));
+    let unpaid = with_retry(|| {
+        client.send_with_id(
+            CreateOrder {
+                customer: "never-pays".into(),
+                lines: lines(1),
+            },
+            "create-never-pays",
+        )
+    })
+    .await
+    .expect("create");
+    let total = with_retry(|| client.send(GetOrder { id: unpaid.clone() }))
+        .await
+        .expect("get")
+        .total_cents;
+    let not_paid = client.send(count(&unpaid, ledger_of(&unpaid), total)).await;
+    assert_eq!(not_paid.map_err(refusal), Err(ErrorKind::Invalid));
+    let nobody = OrderId("ord-{nobody}".into());
+    let unknown = client.send(count(&nobody, ledger_of(&nobody), 300)).await;
+    assert_eq!(unknown.map_err(refusal), Err(ErrorKind::NotFound));
+    let last = with_retry(|| client.send(GetRevenue)).await.expect("revenue");
+    assert_eq!(last, expected, "nothing sent from outside was counted");
 }
 
 /// The order rules hold across replicas: of a ship and a cancel racing on
