@@ -71,6 +71,24 @@ macro_rules! on_both {
     };
 }
 
+/// `redis_sharded::name` alone: the scenario on NATS with the state store
+/// on a 3-master Redis Cluster in 3 shards (`CATGA_STORE_SHARDS=3`), beside
+/// an [`on_both!`] of the same names, for the scenarios whose store work
+/// matters on the sharded layout but not on the other stores.
+#[macro_export]
+macro_rules! on_sharded {
+    ($($name:ident),+ $(,)?) => {
+        mod redis_sharded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(&$crate::Backend::redis_sharded()).await;
+                }
+            )+
+        }
+    };
+}
+
 /// [`on_both!`], plus `redis_cluster::name`, `redis_sentinel::name` and
 /// `redis_sharded::name`: the same scenario on NATS with the state store
 /// on a 3-master Redis Cluster, on a master found through Redis Sentinel,

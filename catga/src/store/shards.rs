@@ -16,7 +16,8 @@
 //!   the shard count mark) stay under `catga:{<service>}`.
 //! - A value's shard comes from its key: `xxh3(key) % n`, the hash keyed
 //!   sagas use for partitions, so with `n` dividing the partition count a
-//!   partition's keys are all in one shard. A key containing `{…}` is
+//!   partition's keys without `{…}` are all in one shard (partitions hash
+//!   the whole key). A key containing `{…}` is
 //!   placed by the part inside the braces (as Redis places keys by their
 //!   hash tag): `order-{acct-7}-line-3` is in the shard of `acct-7`, so an
 //!   aggregate and its children commit together.

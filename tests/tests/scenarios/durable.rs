@@ -180,6 +180,15 @@ catga_tests::on_both!(
     a_downstream_failure_for_now_is_delivered_again_and_a_refusal_is_final
 );
 
+// The scenarios with an inbox or dead letters to keep, on the sharded
+// store too.
+catga_tests::on_sharded!(
+    durable_events_are_handled_and_redelivered,
+    poison_and_exhausted_messages_are_dead_lettered,
+    dead_letters_can_be_replayed_and_purged,
+    a_downstream_failure_for_now_is_delivered_again_and_a_refusal_is_final
+);
+
 /// An idempotent event handler that passes on the failure of an
 /// idempotent command it sent fails with the downstream kind: a 503 is
 /// delivered again until the command goes through, a 400 is dead-lettered

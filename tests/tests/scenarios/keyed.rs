@@ -92,19 +92,16 @@ catga_tests::on_both!(
     a_keyed_saga_is_stopped_and_started_by_name
 );
 
-/// Partitions handed over while replicas leave and join, with the store in
-/// 3 shards of a 3-master cluster: each partition's fence is copied to
-/// every shard when granted, and the journals (in the shards of the
-/// sagas' ids) check the copy in theirs.
-mod redis_sharded {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn keyed_sagas_keep_key_order_while_replicas_leave_and_join() {
-        super::keyed_sagas_keep_key_order_while_replicas_leave_and_join(
-            &catga_tests::Backend::redis_sharded(),
-        )
-        .await;
-    }
-}
+// With the store in 3 shards of a 3-master cluster too: each partition's
+// fence is copied to every shard when granted, and the journals (in the
+// shards of the sagas' ids) check the copy in theirs.
+catga_tests::on_sharded!(
+    keyed_sagas_keep_key_order_while_replicas_leave_and_join,
+    over_three_streams_keyed_sagas_keep_key_order_while_replicas_leave_and_join,
+    three_router_shares_spread_and_a_new_share_starts_where_routing_stood,
+    a_replica_without_the_saga_is_not_in_its_ring,
+    a_keyed_saga_is_stopped_and_started_by_name
+);
 
 const ACCOUNTS: [&str; 6] = ["acct-a", "acct-b", "acct-c", "acct-d", "acct-e", "acct-f"];
 

@@ -165,6 +165,12 @@ catga_tests::on_both!(
     the_last_delivery_compensates_instead_of_dead_lettering
 );
 
+catga_tests::on_sharded!(
+    a_saga_past_its_timeout_is_compensated,
+    a_durable_timer_waits_and_the_saga_resumes,
+    the_last_delivery_compensates_instead_of_dead_lettering
+);
+
 async fn replica(b: &Backend) -> Runtime {
     b.started(
         b.builder(module_path!(), "r1")
