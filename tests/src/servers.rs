@@ -487,10 +487,13 @@ pub fn ping_redis(port: u16) -> bool {
     stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
-/// A Redis Cluster of three masters (no replicas) on loopback: every slot
-/// assigned, `cluster_state:ok` on each node before it is handed out.
+/// A Redis Cluster of three masters (no replicas, unless
+/// [`start_replicated`](RedisCluster::start_replicated)) on loopback:
+/// every slot assigned, `cluster_state:ok` on each node before it is
+/// handed out.
 pub struct RedisCluster {
-    /// The nodes, in the order their slots were assigned.
+    /// The nodes: the masters in the order their slots were assigned,
+    /// then their replicas, if any.
     pub nodes: Vec<RedisServer>,
 }
 
@@ -508,7 +511,40 @@ impl RedisCluster {
         RedisCluster::start_with(&["--cluster-require-full-coverage", "no"])
     }
 
+    /// Three masters with a replica each, which keep serving their slots
+    /// while another master is down: a master that dies is replaced by its
+    /// replica after `cluster-node-timeout` (2 s here), as in production.
+    /// Replication is asynchronous: a write a master acknowledged just
+    /// before it died may not have reached its replica.
+    pub fn start_replicated() -> RedisCluster {
+        let cluster = RedisCluster::start_nodes(6, &["--cluster-require-full-coverage", "no"]);
+        // Every replica has its first copy of its master's data.
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        for n in &cluster.nodes[3..] {
+            loop {
+                let info = std::process::Command::new("redis-cli")
+                    .args(["-p", &n.port().to_string(), "info", "replication"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                if info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < until,
+                    "a replica did not sync: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        cluster
+    }
+
     fn start_with(more: &[&str]) -> RedisCluster {
+        RedisCluster::start_nodes(3, more)
+    }
+
+    fn start_nodes(count: usize, more: &[&str]) -> RedisCluster {
         let mut args = vec![
             "--cluster-enabled",
             "yes",
@@ -518,12 +554,13 @@ impl RedisCluster {
             "2000",
         ];
         args.extend_from_slice(more);
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(true, &args)).collect();
+        let nodes: Vec<RedisServer> = (0..count).map(|_| RedisServer::start_with(true, &args)).collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        let replicas = if count > 3 { "1" } else { "0" };
         let out = std::process::Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", replicas, "--cluster-yes"])
             .output()
             .expect("redis-cli (it comes with redis-server)");
         assert!(
