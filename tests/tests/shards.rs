@@ -725,7 +725,8 @@ async fn a_relay_held_up_shows_as_its_shards_lag() {
 
 /// Every replica of a service must split its store the same way: a store
 /// written in 3 shards refuses a runtime with 2 or 1 at start-up, with an
-/// error that names both counts; a store written before shards existed
+/// error that names both counts, also once its mark is lost (the fences
+/// of its shards' relay leases tell the count); a store written before shards existed
 /// (no mark, but an outbox under the old tag) counts as 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_written_with_another_shard_count_is_refused() {
@@ -737,8 +738,22 @@ async fn a_store_written_with_another_shard_count_is_refused() {
         cents: 1,
     };
     client.send(d.clone()).await.expect("deposit");
+    let start = Instant::now();
+    while rt.relayed_shards().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the replica relays every shard"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     rt.shutdown().await.expect("clean shutdown");
-    for other in [2, 1] {
+    // Refused with the mark, and with the mark lost: the fences of the
+    // shards' relay leases still tell the count.
+    for (other, lose_mark) in [(2, false), (1, false), (2, true), (1, true)] {
+        if lose_mark {
+            let mark = format!("catga:{{{SERVICE}}}:shards");
+            assert_eq!(cli(redis.port(), &["DEL", &mark]).trim(), "1");
+        }
         let refused = builder(other)
             .redis_url(redis.url())
             .start()

@@ -641,8 +641,12 @@ return 1
 /// of one shard: its outbox stream, saga index, or the fence of its relay
 /// or leader lease (KEYS[2..5], in the service's own slot; every runtime
 /// with a store took the relay lease) says it was used, and it is marked
-/// as one shard. No lease is taken before the mark (see `lease_sync`), so
-/// a new store's fences never pass for an old store's.
+/// as one shard. A sharded store whose mark was lost (evicted, deleted)
+/// still holds the fences of its shards' relay leases (`<ARGV[2]><i>:fence`,
+/// in the same slot; every shard's relay lease is granted soon after a
+/// start): it is marked with as many shards as it has fences, up to
+/// `ARGV[3]`. No lease is taken before the mark (see `lease_sync`), so a
+/// new store's fences never pass for an old store's.
 const MARK_LAYOUT: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
@@ -651,7 +655,17 @@ end
 if redis.call('EXISTS', KEYS[2], KEYS[3], KEYS[4], KEYS[5]) > 0 then
   v = '1'
 else
-  v = ARGV[1]
+  local found = 0
+  for i = 0, tonumber(ARGV[3]) - 1 do
+    if redis.call('EXISTS', ARGV[2] .. i .. ':fence') == 1 then
+      found = i + 1
+    end
+  end
+  if found > 0 then
+    v = tostring(found)
+  else
+    v = ARGV[1]
+  end
 end
 redis.call('SET', KEYS[1], v)
 return v
@@ -1167,6 +1181,9 @@ impl RedisStore {
                     .key(self.fence_key("relay")) // the outbox relay's lease
                     .key(self.fence_key(LEADER_LEASE))
                     .arg(self.shard_count())
+                    // The shards' relay leases, `relay:<shard>`.
+                    .arg(self.lease_key("relay:"))
+                    .arg(crate::config::MAX_STORE_SHARDS)
                     .invoke_async(&mut c)
                     .await
                     .map_err(map_err)?;
