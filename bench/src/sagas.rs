@@ -44,8 +44,9 @@ pub struct SagaStep {
 /// N replicas' 2N steps landed at random on N handlers of 2 slots each
 /// (a queue group does not look at who is free), so a step often waited
 /// for a slot on its replica while another stood idle: one replica never
-/// waits (its 2 sagas have its 2 slots), and the sagas of 3 and 5 took
-/// 30-34 ms each instead of 24 with a 20 ms step, 0.68-0.75 x N.
+/// waits (its 2 sagas have its 2 slots), and the sagas of 5 replicas
+/// took 30-34 ms each instead of 24 with a 20 ms step (3 replicas reached
+/// 0.75 x N, 5 replicas 0.68 x N).
 #[command(queue_group = "bench-saga-step", concurrency = 256)]
 async fn saga_step(_s: SagaStep) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(step_ms())).await;

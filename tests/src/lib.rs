@@ -89,6 +89,15 @@ macro_rules! on_sharded {
     };
 }
 
+/// [`on_both!`] and [`on_sharded!`] of the same scenarios.
+#[macro_export]
+macro_rules! on_both_and_sharded {
+    ($($name:ident),+ $(,)?) => {
+        $crate::on_both!($($name),+);
+        $crate::on_sharded!($($name),+);
+    };
+}
+
 /// [`on_both!`], plus `redis_cluster::name`, `redis_sentinel::name` and
 /// `redis_sharded::name`: the same scenario on NATS with the state store
 /// on a 3-master Redis Cluster, on a master found through Redis Sentinel,

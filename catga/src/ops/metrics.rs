@@ -129,7 +129,7 @@ fn describe() {
     describe_gauge!("catga_broker_connected", "1 while the broker connection is up");
     describe_gauge!(
         "catga_store_up",
-        "1 while the state store answers (with shards over a cluster: while one of them does)"
+        "1 while the state store answers (with shards over a cluster: its master of the service's own keys and one shard's)"
     );
     describe_gauge!(
         "catga_store_shard_up",

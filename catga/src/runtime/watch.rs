@@ -57,9 +57,11 @@ pub(crate) async fn check_broker(shared: Arc<Shared>) {
     }
 }
 
-/// Pings the store's shards once a second: readiness requires one of them
-/// to answer, so that Kubernetes stops routing to a replica that cannot
-/// reach Redis; shards that do not answer while others do are a warning.
+/// Pings the store once a second: readiness requires the service's own
+/// keys (leases, fences, dead-letter records, the shard-count mark) and
+/// one shard to answer, so that Kubernetes stops routing to a replica
+/// that cannot reach Redis; shards that do not answer while others do
+/// are a warning.
 pub(crate) async fn watch_store(shared: Arc<Shared>) {
     let mut was: Option<String> = None;
     let mut was_partly: Option<String> = None;

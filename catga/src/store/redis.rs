@@ -219,6 +219,11 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Why a call found no answer: none came within `limit`.
+pub(crate) fn not_within(limit: Duration) -> String {
+    format!("the state store does not answer within {} s", limit.as_secs_f64())
+}
+
 /// A Redis failure: unavailable (retryable) while Redis is away, refuses
 /// the credentials or fails the TLS handshake; anything else internal.
 ///
@@ -227,11 +232,6 @@ impl ConnectionLike for Conn {
 /// retryable "unavailable" (a 503 whose text stays in the log), and the
 /// text (which names the cause and never the secret) is what readiness
 /// reports.
-/// Why a call found no answer: none came within `limit`.
-pub(crate) fn not_within(limit: Duration) -> String {
-    format!("the state store does not answer within {} s", limit.as_secs_f64())
-}
-
 fn map_err(e: RedisError) -> Error {
     if e.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
@@ -636,36 +636,37 @@ end
 return 1
 ";
 
-/// The store's shard count (KEYS[1]), marked with `ARGV[1]` the first
-/// time. A store written by a release without the mark holds the layout
-/// of one shard: its outbox stream, saga index, or the fence of its relay
-/// or leader lease (KEYS[2..5], in the service's own slot; every runtime
-/// with a store took the relay lease) says it was used, and it is marked
-/// as one shard. A sharded store whose mark was lost (evicted, deleted)
-/// still holds the fences of its shards' relay leases (`<ARGV[2]><i>:fence`,
-/// in the same slot; every shard's relay lease is granted soon after a
-/// start): it is marked with as many shards as it has fences, up to
-/// `ARGV[3]`. No lease is taken before the mark (see `lease_sync`), so a
-/// new store's fences never pass for an old store's.
+/// The store's shard count (KEYS[1], `<prefix>:shards`), marked with
+/// `ARGV[1]` the first time. A sharded store whose mark was lost
+/// (evicted, deleted) still holds the fences of its shards' relay leases
+/// (`<prefix>:relay:<i>:fence`, in the same slot; every shard's relay
+/// lease is granted soon after a start): it is marked with the count its
+/// highest one gives (up to 256, `MAX_STORE_SHARDS`). Looked at first, since such a store may also hold the
+/// marks of one shard below (a `leader` lease's fence, or what a move from
+/// one shard left). A store written by a release without the mark holds
+/// the layout of one shard: its outbox stream, saga index, or the fence
+/// of its relay or leader lease (KEYS[2..5], in the service's own slot;
+/// every runtime with a store took the relay lease) says it was used, and
+/// it is marked as one shard. No lease is taken before the mark (see
+/// `lease_sync`), so a new store's fences never pass for an old store's.
 const MARK_LAYOUT: &str = r"
 local v = redis.call('GET', KEYS[1])
 if v then
   return v
 end
-if redis.call('EXISTS', KEYS[2], KEYS[3], KEYS[4], KEYS[5]) > 0 then
+local relay = string.sub(KEYS[1], 1, -8) .. ':relay:'
+local found = 0
+for i = 0, 255 do
+  if redis.call('EXISTS', relay .. i .. ':fence') == 1 then
+    found = i + 1
+  end
+end
+if found > 0 then
+  v = tostring(found)
+elseif redis.call('EXISTS', KEYS[2], KEYS[3], KEYS[4], KEYS[5]) > 0 then
   v = '1'
 else
-  local found = 0
-  for i = 0, tonumber(ARGV[3]) - 1 do
-    if redis.call('EXISTS', ARGV[2] .. i .. ':fence') == 1 then
-      found = i + 1
-    end
-  end
-  if found > 0 then
-    v = tostring(found)
-  else
-    v = ARGV[1]
-  end
+  v = ARGV[1]
 end
 redis.call('SET', KEYS[1], v)
 return v
@@ -1180,10 +1181,14 @@ impl RedisStore {
                     .key(format!("{}:sagas", self.prefix))
                     .key(self.fence_key("relay")) // the outbox relay's lease
                     .key(self.fence_key(LEADER_LEASE))
+                    // No more arguments: Redis drops an unauthenticated
+                    // connection that sends a command of more than 10
+                    // parts (its protocol guard), and this is the first
+                    // call a replica with wrong credentials makes, whose
+                    // refusal (NOAUTH) readiness must name. 11 parts made
+                    // `secured::redis_password_in_the_url` read
+                    // "Connection reset by peer" instead.
                     .arg(self.shard_count())
-                    // The shards' relay leases, `relay:<shard>`.
-                    .arg(self.lease_key("relay:"))
-                    .arg(crate::config::MAX_STORE_SHARDS)
                     .invoke_async(&mut c)
                     .await
                     .map_err(map_err)?;
@@ -1849,6 +1854,19 @@ fn checked_in_shards(lease: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::checked_in_shards;
+
+    #[test]
+    fn the_mark_script_looks_at_every_shard_count_and_takes_few_arguments() {
+        // Its loop covers every count a runtime may have, and the prefix it
+        // cuts from KEYS[1] is the mark's name.
+        let last = crate::config::MAX_STORE_SHARDS - 1;
+        assert!(super::MARK_LAYOUT.contains(&format!("for i = 0, {last} do")));
+        assert!(super::MARK_LAYOUT.contains("string.sub(KEYS[1], 1, -8)"));
+        assert_eq!(":shards".len(), 7);
+        // EVALSHA, the hash, the key count, 5 keys and 1 argument: at most
+        // the 10 parts Redis takes from an unauthenticated connection.
+        assert!(!super::MARK_LAYOUT.contains("ARGV[2]"));
+    }
 
     #[test]
     fn only_leases_writes_are_made_under_have_their_fences_copied() {

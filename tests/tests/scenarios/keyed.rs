@@ -84,18 +84,10 @@ async fn audit(saga: &Saga, e: Audited) -> Result<()> {
     Ok(())
 }
 
-catga_tests::on_both!(
-    keyed_sagas_keep_key_order_while_replicas_leave_and_join,
-    over_three_streams_keyed_sagas_keep_key_order_while_replicas_leave_and_join,
-    three_router_shares_spread_and_a_new_share_starts_where_routing_stood,
-    a_replica_without_the_saga_is_not_in_its_ring,
-    a_keyed_saga_is_stopped_and_started_by_name
-);
-
-// With the store in 3 shards of a 3-master cluster too: each partition's
-// fence is copied to every shard when granted, and the journals (in the
-// shards of the sagas' ids) check the copy in theirs.
-catga_tests::on_sharded!(
+// Also with the store in 3 shards of a 3-master cluster: each
+// partition's fence is copied to every shard when granted, and the
+// journals (in the shards of the sagas' ids) check the copy in theirs.
+catga_tests::on_both_and_sharded!(
     keyed_sagas_keep_key_order_while_replicas_leave_and_join,
     over_three_streams_keyed_sagas_keep_key_order_while_replicas_leave_and_join,
     three_router_shares_spread_and_a_new_share_starts_where_routing_stood,

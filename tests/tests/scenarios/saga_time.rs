@@ -159,13 +159,7 @@ async fn persistent(saga: &Saga, e: Persistent) -> Result<()> {
     Ok(())
 }
 
-catga_tests::on_both!(
-    a_saga_past_its_timeout_is_compensated,
-    a_durable_timer_waits_and_the_saga_resumes,
-    the_last_delivery_compensates_instead_of_dead_lettering
-);
-
-catga_tests::on_sharded!(
+catga_tests::on_both_and_sharded!(
     a_saga_past_its_timeout_is_compensated,
     a_durable_timer_waits_and_the_saga_resumes,
     the_last_delivery_compensates_instead_of_dead_lettering

@@ -238,16 +238,7 @@ async fn opening(saga: &Saga, o: Opened) -> Result<()> {
     Ok(())
 }
 
-catga_tests::on_both!(
-    keyed_writes_commit_in_their_shard_and_their_events_leave,
-    a_save_in_another_shard_is_refused_with_nothing_written,
-    keys_with_one_tag_commit_together,
-    sagas_are_listed_across_shards,
-    the_shards_outboxes_are_relayed_by_every_replica,
-    events_sent_again_are_stored_once_and_in_order
-);
-
-catga_tests::on_sharded!(
+catga_tests::on_both_and_sharded!(
     keyed_writes_commit_in_their_shard_and_their_events_leave,
     a_save_in_another_shard_is_refused_with_nothing_written,
     keys_with_one_tag_commit_together,
