@@ -554,7 +554,18 @@ impl RedisCluster {
             "2000",
         ];
         args.extend_from_slice(more);
-        let nodes: Vec<RedisServer> = (0..count).map(|_| RedisServer::start_with(true, &args)).collect();
+        // Each node's cluster bus on a free port of its own: by default it
+        // is the client port + 10000, which nothing checked was free (a
+        // node failed to start on "Address already in use" once, with many
+        // tests' servers starting in one process under plain `cargo test`).
+        let nodes: Vec<RedisServer> = (0..count)
+            .map(|_| {
+                let bus = free_port().to_string();
+                let mut node = args.clone();
+                node.extend(["--cluster-port", bus.as_str()]);
+                RedisServer::start_with(true, &node)
+            })
+            .collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
         let replicas = if count > 3 { "1" } else { "0" };
         let out = std::process::Command::new("redis-cli")

@@ -563,7 +563,8 @@ async fn payments_are_counted_exactly_once_while_replicas_are_killed(layout: Lay
     with_retry(|| client.send_with_id(count(&id, ledger_of(&id), amount), "count-again"))
         .await
         .expect("a payment counted already");
-    // Refusals are not retried: `with_retry` only rides out time-outs.
+    // Refusals are not retryable, so they come back at once; `with_retry`
+    // rides out what is (a time-out, no responder), each try a new message.
     let refusal = |e: catga::Error| e.kind();
     let wrong_amount = with_retry(|| client.send(count(&id, ledger_of(&id), amount + 1))).await;
     assert_eq!(wrong_amount.map_err(refusal), Err(ErrorKind::Invalid));
