@@ -269,30 +269,39 @@ pub(crate) async fn embedded(duration: Duration, data: &'static str) {
     // The bus alone, without the multi-thread scheduler waking its idle
     // worker on every hand-over: client and runtime on one current-thread
     // runtime.
-    let single = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("current-thread runtime");
-        rt.block_on(async move {
-            let bus = MemoryBus::new();
-            let served = up(serving(&["reqreply::echo"]).memory(bus.clone())).await;
-            let client = Client::memory(&bus);
-            for _ in 0..1000 {
-                client.send(Echo { data: data.into() }).await.expect("warm-up");
-            }
-            let n = 200_000u64;
-            let start = Instant::now();
-            for _ in 0..n {
-                client.send(Echo { data: data.into() }).await.expect("round trip");
-            }
-            let per = start.elapsed() / n as u32;
-            served.shutdown().await.expect("shutdown");
-            per
+    // Named, so that a profile can pick this thread out
+    // (`perf report --comm embedded-single`).
+    let single = std::thread::Builder::new()
+        .name("embedded-single".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("current-thread runtime");
+            rt.block_on(async move {
+                let bus = MemoryBus::new();
+                let served = up(serving(&["reqreply::echo"]).memory(bus.clone())).await;
+                let client = Client::memory(&bus);
+                for _ in 0..1000 {
+                    client.send(Echo { data: data.into() }).await.expect("warm-up");
+                }
+                // `BENCH_EMBEDDED_TRIPS` lengthens the run for a profile.
+                let n: u64 = std::env::var("BENCH_EMBEDDED_TRIPS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(200_000);
+                let start = Instant::now();
+                for _ in 0..n {
+                    client.send(Echo { data: data.into() }).await.expect("round trip");
+                }
+                let per = start.elapsed() / n as u32;
+                served.shutdown().await.expect("shutdown");
+                per
+            })
         })
-    })
-    .join()
-    .expect("current-thread bench");
+        .expect("current-thread thread")
+        .join()
+        .expect("current-thread bench");
     println!(
         "| 1, current-thread runtime | {:.0} | {:.2} | - | - |",
         1.0 / single.as_secs_f64(),
