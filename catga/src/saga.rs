@@ -364,6 +364,7 @@ impl Context {
         // Counted before it is asked for (see `Orphans::is_stale`).
         let mut running = work.orphans.hold(&claim.attempt);
         let mut waited = false;
+        let mut doubted = None;
         loop {
             let ttl = Duration::from_secs(24 * 3600);
             // Dropped while the claim is asked for, or failed without an
@@ -399,7 +400,16 @@ impl Context {
                         .await?;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                crate::store::Inbox::Busy(_) => {
+                crate::store::Inbox::Busy(mark) => {
+                    // Another replica's run claim may be one whose end a
+                    // store failover lost, which only it can tell.
+                    let shard = work.store.shard_of(id);
+                    let (me, every) = (&work.member, work.alive_for);
+                    Box::pin(
+                        work.store
+                            .doubt_claim(shard, RUNS, id, &mark, me, every, &mut doubted),
+                    )
+                    .await;
                     if !waited {
                         tracing::info!(saga = %id, "another run of this saga is in progress: waiting for it");
                         waited = true;

@@ -671,6 +671,7 @@ async fn claim(
     // Counted before it is asked for: a claim of this replica's that no
     // attempt here holds is one whose end the store lost.
     let mut running = shared.plain_work.orphans.hold(&claim.attempt);
+    let mut doubted = None;
     loop {
         let (ttl, alive_for) = (shared.config.inbox_window, shared.config.inbox_lease);
         // Dropped while the claim is asked for (a drain deadline), or
@@ -724,6 +725,15 @@ async fn claim(
                     digest.is_empty() || digest == claim.digest
                 } =>
             {
+                // Another replica's claim: it may be one whose end a store
+                // failover lost, which only that replica can tell.
+                let (me, every) = (shared.leadership.owner(), shared.config.inbox_lease);
+                Box::pin(
+                    shared
+                        .store
+                        .doubt_claim(at, scope, &id, &mark, me, every, &mut doubted),
+                )
+                .await;
                 let waits = match spec.kind() {
                     HandlerKind::Command => meta
                         .deadline()

@@ -21,7 +21,38 @@ pub(crate) async fn keep_alive(shared: Arc<Shared>) {
         if let Err(e) = Box::pin(shared.store.alive(&me, ttl, true)).await {
             tracing::debug!(error = %e, "could not say this replica is alive; its claims lapse unless it can");
         }
+        Box::pin(answer_doubts(&shared, &me)).await;
         tokio::time::sleep_until(asked + ttl / 3).await;
+    }
+}
+
+/// Gives up the claims of this replica's that other replicas found
+/// keeping a message busy and that nothing here holds: their end was
+/// written, then lost (a store failover to a copy that lagged, as Redis'
+/// asynchronous replication can). Such a claim names a live replica, so
+/// it would keep the message busy for as long as this replica lives; the
+/// replica waiting on it cannot tell a lost end from a slow handler, only
+/// this one can. A claim an attempt here holds, or whose id an attempt
+/// here owns, is kept (see `Orphans::is_stale`).
+pub(crate) async fn answer_doubts(shared: &Shared, me: &str) {
+    let orphans = &shared.plain_work.orphans;
+    for (shard, doubt) in shared.store.take_doubts(me).await {
+        if !orphans.is_stale(&doubt.mark, me, &doubt.scope, &doubt.id) {
+            continue;
+        }
+        tracing::warn!(
+            message_id = %doubt.id,
+            "a claim of this replica's that nothing here holds keeps the message busy on another replica \
+             (its end was lost, as in a store failover): given up"
+        );
+        let given_up = shared
+            .store
+            .inbox_abandon_mark(shard, &doubt.scope, &doubt.id, &doubt.mark)
+            .await;
+        if let Err(e) = given_up {
+            // The other replica doubts it again while it waits.
+            tracing::debug!(error = %e, "a claim nothing here holds is not given up yet");
+        }
     }
 }
 

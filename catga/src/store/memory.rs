@@ -53,6 +53,8 @@ pub(crate) struct Inner {
     alive: HashMap<String, Instant>,
     /// Dead letters written, by letter id: their digest and until when.
     letters: HashMap<String, (String, Instant)>,
+    /// Doubts about each member's claims (see `Store::doubt`).
+    doubts: HashMap<String, std::collections::BTreeSet<String>>,
 }
 
 #[derive(Clone)]
@@ -443,6 +445,36 @@ impl MemoryStore {
             inner.alive.remove(member);
         }
         Ok(())
+    }
+
+    /// Adds `doubt` to `member`'s doubts (kept until it looks: a member
+    /// that never looks is a test's, gone with the store).
+    pub(crate) fn doubt(&self, member: &str, doubt: String) -> Result<()> {
+        let mut inner = self.lock();
+        let doubts = inner.doubts.entry(member.to_owned()).or_default();
+        // Bounded as a Redis set is by its expiry.
+        if doubts.len() < 4 * super::DOUBTS {
+            doubts.insert(doubt);
+        }
+        Ok(())
+    }
+
+    /// Takes up to [`DOUBTS`](super::DOUBTS) of `member`'s doubts.
+    pub(crate) fn take_doubts(&self, member: &str) -> Vec<String> {
+        let mut inner = self.lock();
+        let Some(doubts) = inner.doubts.get_mut(member) else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        while taken.len() < super::DOUBTS
+            && let Some(d) = doubts.pop_first()
+        {
+            taken.push(d);
+        }
+        if doubts.is_empty() {
+            inner.doubts.remove(member);
+        }
+        taken
     }
 
     pub(crate) async fn record_letter(&self, id: &str, digest: &str, keep: Duration) -> Result<()> {

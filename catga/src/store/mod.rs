@@ -207,6 +207,53 @@ impl Claim {
     }
 }
 
+/// A claim another replica found keeping a message busy (see
+/// [`Store::doubt`]): what its holder needs to tell whether anything in
+/// it still holds the claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Doubt {
+    pub scope: String,
+    pub id: String,
+    /// The claim as the inbox keeps it ([`Claim::mark`]).
+    pub mark: String,
+}
+
+/// Doubts taken per shard and look, at most: a look every third of the
+/// inbox lease clears far more than the busy messages a failover can
+/// leave.
+pub(crate) const DOUBTS: usize = 256;
+
+impl Doubt {
+    /// `scope`, `id` and `mark`, each after its length (a scope is any
+    /// subject, an id any visible ASCII: no separator is safe).
+    fn encode(&self) -> String {
+        format!(
+            "{}:{}{}:{}{}",
+            self.scope.len(),
+            self.scope,
+            self.id.len(),
+            self.id,
+            self.mark
+        )
+    }
+
+    fn decode(raw: &str) -> Option<Doubt> {
+        fn field(raw: &str) -> Option<(&str, &str)> {
+            let (len, rest) = raw.split_once(':')?;
+            let len: usize = len.parse().ok()?;
+            Some((rest.get(..len)?, rest.get(len..)?))
+        }
+        let (scope, rest) = field(raw)?;
+        let (id, mark) = field(rest)?;
+        Claim::holder(mark)?;
+        Some(Doubt {
+            scope: scope.to_owned(),
+            id: id.to_owned(),
+            mark: mark.to_owned(),
+        })
+    }
+}
+
 /// The digest of a message's payload that its answer and claims are bound
 /// to: SHA-256, in hex (a fast hash would let whoever may send a command
 /// craft another payload with the same digest). A different payload under
@@ -916,6 +963,68 @@ impl Store {
         }
     }
 
+    /// Tells `member` that its claim `mark` on `id` (in `scope`, `shard`)
+    /// keeps a message busy here: kept for `keep`, until the member's next
+    /// look (see [`Store::take_doubts`]). A store failover can bring back
+    /// a claim its live replica had already finished; only that replica
+    /// knows whether anything in it still holds the claim.
+    pub(crate) async fn doubt(&self, shard: u32, member: &str, doubt: &Doubt, keep: Duration) -> Result<()> {
+        self.pass().await;
+        match &self.0.kind {
+            Kind::Redis(s) => s.doubt(shard, member, &doubt.encode(), keep).await,
+            Kind::Memory(s) => s.doubt(member, doubt.encode()),
+        }
+    }
+
+    /// While claim `mark` on `id` keeps a message busy here: tells its
+    /// holder, unless it is `me`, at most once per `every` (`last` is when
+    /// this wait last told it). Best-effort: a doubt not written is
+    /// written at the next wait.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn doubt_claim(
+        &self,
+        shard: u32,
+        scope: &str,
+        id: &str,
+        mark: &str,
+        me: &str,
+        every: Duration,
+        last: &mut Option<tokio::time::Instant>,
+    ) {
+        let Some((_, holder)) = Claim::holder(mark) else {
+            return;
+        };
+        if holder == me || last.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        *last = Some(tokio::time::Instant::now());
+        let doubt = Doubt {
+            scope: scope.to_owned(),
+            id: id.to_owned(),
+            mark: mark.to_owned(),
+        };
+        // Kept a few of the holder's looks: a holder that is gone has no
+        // use for it (its claims lapse with its liveness).
+        if let Err(e) = Box::pin(self.doubt(shard, holder, &doubt, 3 * every)).await {
+            tracing::debug!(error = %e, message_id = %id, "the holder of a busy claim is not told yet");
+        }
+    }
+
+    /// Takes the doubts other replicas wrote about `member`'s claims (at
+    /// most [`DOUBTS`] per shard per look), with their shard; a shard
+    /// that does not answer keeps its doubts for the next look.
+    pub(crate) async fn take_doubts(&self, member: &str) -> Vec<(u32, Doubt)> {
+        self.pass().await;
+        let taken = match &self.0.kind {
+            Kind::Redis(s) => s.take_doubts(member).await,
+            Kind::Memory(s) => s.take_doubts(member).into_iter().map(|d| (0, d)).collect(),
+        };
+        taken
+            .into_iter()
+            .filter_map(|(shard, raw)| Doubt::decode(&raw).map(|d| (shard, d)))
+            .collect()
+    }
+
     /// Records that this replica wrote dead letter `id` with `digest`, for
     /// `keep` (as long as the letter is kept).
     pub(crate) async fn record_letter(&self, id: &str, digest: &str, keep: Duration) -> Result<()> {
@@ -1406,6 +1515,40 @@ mod tests {
         let old = Answer::decode(&reply.encode()).expect("decodes");
         assert_eq!(old.digest, None);
         assert!(old.fits(&d));
+    }
+
+    /// A doubt reads back as written whatever its scope and id hold
+    /// (separators, digits, the longest id); anything else is dropped.
+    #[test]
+    fn doubts_read_back_as_written() {
+        let mark = Claim {
+            digest: "d1".into(),
+            attempt: "a1".into(),
+            member: "r1/x".into(),
+        }
+        .mark();
+        for (scope, id) in [
+            ("tests.idem.deposit", "m-1"),
+            ("12:ab", "3:4:P:x"),
+            ("", &"~".repeat(crate::wire::MAX_ID_LEN)),
+        ] {
+            let doubt = Doubt {
+                scope: scope.into(),
+                id: id.into(),
+                mark: mark.clone(),
+            };
+            assert_eq!(Doubt::decode(&doubt.encode()), Some(doubt));
+        }
+        for forged in [
+            "",
+            "5:abc",
+            "x:abc",
+            "3:abc2:idP:x",
+            "3:abc2:idnot-a-claim",
+            "99999999999999999999:a",
+        ] {
+            assert_eq!(Doubt::decode(forged), None, "{forged}");
+        }
     }
 
     #[test]

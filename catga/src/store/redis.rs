@@ -1824,6 +1824,47 @@ impl RedisStore {
             .map_err(map_err)
     }
 
+    fn doubt_key(&self, shard: u32, member: &str) -> String {
+        format!("{}:doubt:{member}", self.shard(shard))
+    }
+
+    /// Adds `doubt` to `member`'s doubts in `shard` (beside the claims it
+    /// is about), kept for `keep`.
+    pub(crate) async fn doubt(&self, shard: u32, member: &str, doubt: &str, keep: Duration) -> Result<()> {
+        let key = self.doubt_key(shard, member);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD")
+            .arg(&key)
+            .arg(doubt)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(keep.as_millis().max(1) as u64)
+            .ignore();
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await.map_err(map_err)
+    }
+
+    /// Takes up to [`DOUBTS`](super::DOUBTS) of `member`'s doubts from
+    /// each shard; a shard that fails keeps its doubts for the next look.
+    pub(crate) async fn take_doubts(&self, member: &str) -> Vec<(u32, String)> {
+        let taken = futures_util::future::join_all((0..self.shard_count()).map(|shard| {
+            let mut c = self.conn.clone();
+            let mut cmd = redis::cmd("SPOP");
+            cmd.arg(self.doubt_key(shard, member)).arg(super::DOUBTS);
+            async move { (shard, cmd.query_async::<Vec<String>>(&mut c).await) }
+        }))
+        .await;
+        let mut all = Vec::new();
+        for (shard, got) in taken {
+            match got {
+                Ok(doubts) => all.extend(doubts.into_iter().map(|d| (shard, d))),
+                Err(e) => tracing::debug!(shard, error = %e, "doubts about this replica's claims not read"),
+            }
+        }
+        all
+    }
+
     pub(crate) async fn inbox_abandon(&self, shard: u32, scope: &str, id: &str, claim: &str) -> Result<()> {
         let mut c = self.conn.clone();
         self.delete_if_held

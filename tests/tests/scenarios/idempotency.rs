@@ -433,3 +433,91 @@ async fn stalled(
     }
     first
 }
+
+/// A store failover can bring back a claim whose end its live replica
+/// had written (Redis replicates asynchronously; the fault simulator
+/// found it). Such a claim names a replica that lives, so the replica
+/// the message comes to next finds it busy for as long as that one
+/// lives. It now tells the claimer, which finds that nothing in it holds
+/// the claim and gives it up: the retry runs once, within an inbox lease
+/// or so. Here the claimer serves no deposits, so only the doubt can
+/// free the message; the claim is the one the failover would bring back
+/// (this payload's digest, an attempt the claimer no longer runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_a_failover_brought_back_is_given_up_for_another_replica() {
+    let b = Backend::nats();
+    let Backend::Nats(_, redis) = &b else {
+        unreachable!("nats backend")
+    };
+    let mut con = redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let lease = Duration::from_millis(600);
+    let claimer = b
+        .started(
+            b.builder(module_path!(), "claimer")
+                .handlers(|s| s.name().ends_with("::balance"))
+                .inbox(Duration::from_secs(60), lease),
+        )
+        .await;
+    let server = b
+        .started(
+            b.builder(module_path!(), "server")
+                .handlers(|s| s.name().ends_with("::deposit"))
+                .inbox(Duration::from_secs(60), lease),
+        )
+        .await;
+    // The claimer's name in the store, from its liveness key.
+    let alive: Vec<String> = redis::cmd("KEYS")
+        .arg("*:alive:claimer/*")
+        .query_async(&mut con)
+        .await
+        .expect("liveness keys");
+    let [alive] = alive.as_slice() else {
+        panic!("one liveness key for the claimer: {alive:?}")
+    };
+    let (prefix, member) = alive.split_once(":alive:").expect("a liveness key");
+    let account = run_id();
+    let d = Deposit {
+        account: account.clone(),
+        cents: 9,
+        hold_ms: 0,
+    };
+    let payload = serde_json::to_vec(&d).expect("json");
+    let digest: String = ring::digest::digest(&ring::digest::SHA256, &payload)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let id = "brought-back-1";
+    let () = redis::cmd("SET")
+        .arg(format!("{prefix}:inbox:tests.idem.deposit:{id}"))
+        .arg(format!("P:{digest}:an-attempt-long-finished:{member}"))
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut con)
+        .await
+        .expect("the claim a failover brought back");
+    let client = b.client().await;
+    let started = std::time::Instant::now();
+    let answer = client
+        .send_with_id(d.clone(), id)
+        .await
+        .expect("answered once the claimer gave its claim up");
+    let waited = started.elapsed();
+    assert_eq!(answer, 9);
+    assert_eq!(
+        client.send_with_id(d, id).await.expect("a retry"),
+        9,
+        "the retry gets the same answer"
+    );
+    assert_eq!(RUNS.get(&account), 1, "ran once");
+    assert!(
+        waited < Duration::from_secs(3),
+        "freed about an inbox lease after the wait began, not when the claimer stops: {waited:?}"
+    );
+    server.shutdown().await.expect("clean shutdown");
+    claimer.shutdown().await.expect("clean shutdown");
+}
