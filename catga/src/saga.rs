@@ -405,11 +405,8 @@ impl Context {
                     // store failover lost, which only it can tell.
                     let shard = work.store.shard_of(id);
                     let (me, every) = (&work.member, work.alive_for);
-                    Box::pin(
-                        work.store
-                            .doubt_claim(shard, RUNS, id, &mark, me, every, &mut doubted),
-                    )
-                    .await;
+                    work.store
+                        .doubt_claim(shard, RUNS, id, &mark, me, every, &mut doubted);
                     if !waited {
                         tracing::info!(saga = %id, "another run of this saga is in progress: waiting for it");
                         waited = true;

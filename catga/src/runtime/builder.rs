@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use super::handlers::{log_table, spawn_handler};
-use super::watch::{check_broker, keep_alive, watch_refusals, watch_store};
+use super::watch::{check_broker, keep_alive, keep_answering_doubts, watch_refusals, watch_store};
 use super::{Runtime, Shared, ready::Health};
 use crate::client::Client;
 use crate::config::{Config, redact_url};
@@ -399,6 +399,7 @@ impl RuntimeBuilder {
                 Arc::clone(&shared.relay).keep(shared.store.clone(), shared.config.member_heartbeat),
             ),
             tokio::spawn(keep_alive(Arc::clone(&shared))),
+            tokio::spawn(keep_answering_doubts(Arc::clone(&shared))),
             tokio::spawn(crate::store::clean_orphans(shared.store.clone(), orphan_queue)),
             tokio::spawn(super::outbox::run(Arc::clone(&shared), Arc::clone(&shared.relay))),
             tokio::spawn(super::discovery::serve(Arc::clone(&shared))),

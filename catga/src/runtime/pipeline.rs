@@ -728,12 +728,9 @@ async fn claim(
                 // Another replica's claim: it may be one whose end a store
                 // failover lost, which only that replica can tell.
                 let (me, every) = (shared.leadership.owner(), shared.config.inbox_lease);
-                Box::pin(
-                    shared
-                        .store
-                        .doubt_claim(at, scope, &id, &mark, me, every, &mut doubted),
-                )
-                .await;
+                shared
+                    .store
+                    .doubt_claim(at, scope, &id, &mark, me, every, &mut doubted);
                 let waits = match spec.kind() {
                     HandlerKind::Command => meta
                         .deadline()

@@ -21,8 +21,22 @@ pub(crate) async fn keep_alive(shared: Arc<Shared>) {
         if let Err(e) = Box::pin(shared.store.alive(&me, ttl, true)).await {
             tracing::debug!(error = %e, "could not say this replica is alive; its claims lapse unless it can");
         }
-        Box::pin(answer_doubts(&shared, &me)).await;
         tokio::time::sleep_until(asked + ttl / 3).await;
+    }
+}
+
+/// Every third of `CATGA_INBOX_LEASE_MS`, [`answer_doubts`]: in a loop of
+/// its own, so that a slow store or many claims to give up never hold up
+/// the liveness write (its claims would lapse, and handlers still running
+/// start again elsewhere). A round cut short leaves the rest to the
+/// waiting replicas, which tell this one again.
+pub(crate) async fn keep_answering_doubts(shared: Arc<Shared>) {
+    let every = shared.config.inbox_lease / 3;
+    let me = shared.leadership.owner().to_owned();
+    loop {
+        let asked = tokio::time::Instant::now();
+        let _ = tokio::time::timeout(every, Box::pin(answer_doubts(&shared, &me))).await;
+        tokio::time::sleep_until(asked + every).await;
     }
 }
 

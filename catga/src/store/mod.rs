@@ -978,10 +978,11 @@ impl Store {
 
     /// While claim `mark` on `id` keeps a message busy here: tells its
     /// holder, unless it is `me`, at most once per `every` (`last` is when
-    /// this wait last told it). Best-effort: a doubt not written is
+    /// this wait last told it), in the background so that a slow shard
+    /// does not hold the wait up. Best-effort: a doubt not written is
     /// written at the next wait.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn doubt_claim(
+    pub(crate) fn doubt_claim(
         &self,
         shard: u32,
         scope: &str,
@@ -1003,11 +1004,14 @@ impl Store {
             id: id.to_owned(),
             mark: mark.to_owned(),
         };
-        // Kept a few of the holder's looks: a holder that is gone has no
-        // use for it (its claims lapse with its liveness).
-        if let Err(e) = Box::pin(self.doubt(shard, holder, &doubt, 3 * every)).await {
-            tracing::debug!(error = %e, message_id = %id, "the holder of a busy claim is not told yet");
-        }
+        let (store, holder) = (self.clone(), holder.to_owned());
+        tokio::spawn(async move {
+            // Kept a few of the holder's looks: a holder that is gone has
+            // no use for it (its claims lapse with its liveness).
+            if let Err(e) = Box::pin(store.doubt(shard, &holder, &doubt, 3 * every)).await {
+                tracing::debug!(error = %e, message_id = %doubt.id, "the holder of a busy claim is not told yet");
+            }
+        });
     }
 
     /// Takes the doubts other replicas wrote about `member`'s claims (at

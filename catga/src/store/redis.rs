@@ -1833,7 +1833,9 @@ impl RedisStore {
     pub(crate) async fn doubt(&self, shard: u32, member: &str, doubt: &str, keep: Duration) -> Result<()> {
         let key = self.doubt_key(shard, member);
         let mut pipe = redis::pipe();
-        pipe.cmd("SADD")
+        // Atomic: a set left without its expiry would outlive its member.
+        pipe.atomic()
+            .cmd("SADD")
             .arg(&key)
             .arg(doubt)
             .ignore()
@@ -1852,14 +1854,21 @@ impl RedisStore {
             let mut c = self.conn.clone();
             let mut cmd = redis::cmd("SPOP");
             cmd.arg(self.doubt_key(shard, member)).arg(super::DOUBTS);
-            async move { (shard, cmd.query_async::<Vec<String>>(&mut c).await) }
+            async move { (shard, cmd.query_async::<Vec<Vec<u8>>>(&mut c).await) }
         }))
         .await;
         let mut all = Vec::new();
         for (shard, got) in taken {
             match got {
-                Ok(doubts) => all.extend(doubts.into_iter().map(|d| (shard, d))),
-                Err(e) => tracing::debug!(shard, error = %e, "doubts about this replica's claims not read"),
+                // Each read alone: one that is not text (not catga's)
+                // does not cost the others.
+                Ok(doubts) => all.extend(
+                    doubts
+                        .into_iter()
+                        .filter_map(|d| String::from_utf8(d).ok())
+                        .map(|d| (shard, d)),
+                ),
+                Err(e) => tracing::warn!(shard, error = %e, "doubts about this replica's claims not read"),
             }
         }
         all
