@@ -225,7 +225,7 @@ fn take_waiting<F, B>(
         if batch == BATCH || (durable && inflight.len() >= served.limit) {
             break;
         }
-        taken = sub.as_mut().and_then(|s| s.next().now_or_never()).flatten();
+        taken = sub.as_mut().and_then(|s| s.ready_now(cx));
     }
 }
 

@@ -554,6 +554,20 @@ impl MemorySubscription {
         self.held.take()
     }
 
+    /// A delivery already waiting, without building [`next`]'s future
+    /// (see `NatsSubscription::ready_now`): `Some(None)` when none waits,
+    /// and `None` on a gated bus (the fault simulator's), where
+    /// [`next`](Self::next) decides.
+    pub(crate) fn ready_now(&mut self, cx: &mut std::task::Context<'_>) -> Option<Option<Delivery>> {
+        if self.held.is_some() || self.bus.gate.is_some() {
+            return None;
+        }
+        Some(match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(d) => d,
+            std::task::Poll::Pending => None,
+        })
+    }
+
     /// Leaves the routes at once (the bus is in this process, so nothing is
     /// in flight); what is buffered is still returned.
     pub(crate) fn drain(&mut self) {
@@ -667,6 +681,40 @@ mod tests {
             .expect_err("too large");
         assert_eq!(err.kind(), ErrorKind::TooLarge);
         assert!(!err.is_retryable());
+    }
+
+    /// What is waiting is taken at once, in order, as `next` takes it;
+    /// then "none now"; after a drain, what was buffered and then the
+    /// end, which `next` sees too.
+    #[tokio::test]
+    async fn ready_deliveries_are_taken_without_waiting() {
+        let bus = MemoryBus::new();
+        let mut s = bus.subscribe(&to("s", None)).expect("sub");
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(s.ready_now(&mut cx), Some(None)), "nothing waits yet");
+        for i in 0..3u8 {
+            bus.publish(&"s".into(), HeaderMap::new(), Bytes::from(vec![i]))
+                .expect("publish");
+        }
+        for i in 0..2u8 {
+            let d = s.ready_now(&mut cx).flatten().expect("waiting");
+            assert_eq!(d.split().0.payload, Bytes::from(vec![i]));
+        }
+        assert!(matches!(s.ready_now(&mut cx), Some(Some(_))), "the third");
+        assert!(matches!(s.ready_now(&mut cx), Some(None)));
+        bus.publish(&"s".into(), HeaderMap::new(), Bytes::from_static(b"last"))
+            .expect("publish");
+        s.drain();
+        assert!(
+            s.ready_now(&mut cx).flatten().is_some(),
+            "buffered before the drain"
+        );
+        assert!(matches!(s.ready_now(&mut cx), Some(None)), "then the end");
+        assert!(s.next().await.is_none(), "which next sees too");
+        // On a gated bus (the simulator's), `next` decides.
+        let gated = bus.gated(Arc::new(crate::stall::Gate::new()));
+        let mut g = gated.subscribe(&to("g", None)).expect("sub");
+        assert!(g.ready_now(&mut cx).is_none());
     }
 
     #[tokio::test]

@@ -1079,6 +1079,24 @@ impl Subscription {
         }
     }
 
+    /// A message already waiting, taken at once: [`next`](Self::next)
+    /// without its future where the subscription allows (a plain one),
+    /// else `next` polled once. `None` when none waits (or it ended: the
+    /// next `next` says so). May register `cx` for the next arrival, or
+    /// not (the fallback polls with a no-op waker): wait on `next`.
+    pub(crate) fn ready_now(&mut self, cx: &mut std::task::Context<'_>) -> Option<Delivery> {
+        use futures_util::FutureExt;
+        let fast = match &mut self.0 {
+            Sub::Nats(s) => s.ready_now(cx),
+            Sub::Memory(s) => s.ready_now(cx),
+            Sub::Js(_) | Sub::MemoryDurable(_) => None,
+        };
+        match fast {
+            Some(taken) => taken,
+            None => self.next().now_or_never().flatten(),
+        }
+    }
+
     /// Whether the broker keeps what this subscription has not taken
     /// (a durable consumer): then it is read only as fast as it is handled,
     /// and nothing is ever dropped for lack of room.
