@@ -228,12 +228,26 @@ async fn left(
             what.join(", ")
         ));
     }
-    let in_flight = tap.in_flight();
-    if in_flight > 0 {
-        left.push(format!("{in_flight} messages being handled"));
-    }
+    being_handled(tap, &mut left);
     Ok(left)
 }
+
+/// How many deliveries were handed out and not settled yet, in `left`,
+/// naming the oldest few: which message a settle that timed out waited
+/// on.
+fn being_handled(tap: &Tap, left: &mut Vec<String>) {
+    let in_flight = tap.in_flight();
+    if in_flight > 0 {
+        left.push(format!(
+            "{in_flight} messages being handled, the oldest {}",
+            tap.stuck(STUCK_NAMED).join(", ")
+        ));
+    }
+}
+
+/// How many of the deliveries being handled a settle that timed out
+/// names.
+const STUCK_NAMED: usize = 5;
 
 /// Names in `left` each durable consumer `runtime` serves that
 /// `is_bound(subject, durable)` says is not bound yet.
@@ -370,10 +384,7 @@ async fn left_on_servers(runtime: &Runtime, tap: &Arc<Tap>, until: std::time::Sy
             ));
         }
     }
-    let in_flight = tap.in_flight();
-    if in_flight > 0 {
-        left.push(format!("{in_flight} messages being handled"));
-    }
+    being_handled(tap, &mut left);
     left
 }
 

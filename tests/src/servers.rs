@@ -321,6 +321,19 @@ impl NatsCluster {
     }
 }
 
+impl Drop for NatsCluster {
+    /// A test that failed with the cluster up prints the end of each
+    /// node's log (all its runs): what the nodes said while a stream went
+    /// missing or a leader was not elected is the only trace of it.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (i, n) in self.nodes.iter().enumerate() {
+                eprintln!("---- node {i}'s log, last lines ----\n{}", n.log_tail(200));
+            }
+        }
+    }
+}
+
 /// True when something accepts TCP connections on `port`.
 fn accepts_tcp(port: u16) -> bool {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();

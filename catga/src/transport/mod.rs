@@ -1150,7 +1150,7 @@ pub(crate) struct Incoming {
 impl Delivery {
     /// Counted as in flight by `tap` (if it is on) until settled.
     pub(crate) fn tracked(mut self, tap: &std::sync::Arc<tap::Tap>) -> Delivery {
-        self.settler.track = tap.enter();
+        self.settler.track = tap.enter(&self.subject, self.headers.as_ref(), self.delivered);
         self
     }
 

@@ -3,7 +3,9 @@
 //! are handed out and not yet settled (and, on NATS, which durable
 //! consumers were bound). Off unless the test kit (`catga::testing`)
 //! turns it on: then one atomic add per delivery and one record per
-//! message; off, one atomic load each.
+//! message; off, one atomic load each. While on, each delivery handed
+//! out is also named until it settles, so that a test that does not
+//! settle says which message is stuck.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -102,6 +104,11 @@ pub(crate) struct Slot(usize);
 pub(crate) struct Tap {
     on: AtomicBool,
     in_flight: AtomicUsize,
+    /// The deliveries handed out and not yet settled, by a number of
+    /// their own: what a settle that timed out names.
+    handed: Mutex<std::collections::BTreeMap<u64, Handed>>,
+    /// The number the next delivery handed out is named by.
+    next_handed: AtomicU64,
     /// Bumped by every message put on the bus and every delivery handed
     /// out or settled: equal before and after a look at every backlog, it
     /// says nothing moved while the look was taken (work only flows from
@@ -125,14 +132,55 @@ impl Tap {
         self.on.load(Ordering::Acquire)
     }
 
-    /// A delivery is handed out: counted until the guard drops (with the
-    /// delivery's settler, once it is answered or acknowledged).
-    pub(crate) fn enter(self: &Arc<Self>) -> Option<InFlight> {
+    /// A delivery is handed out: counted (and named, for
+    /// [`stuck`](Self::stuck)) until the guard drops (with the delivery's
+    /// settler, once it is answered or acknowledged).
+    pub(crate) fn enter(
+        self: &Arc<Self>,
+        subject: &str,
+        headers: Option<&HeaderMap>,
+        delivered: u64,
+    ) -> Option<InFlight> {
         self.is_on().then(|| {
+            let number = self.next_handed.fetch_add(1, Ordering::AcqRel);
+            let handed = Handed {
+                subject: subject.to_owned(),
+                message_id: headers
+                    .and_then(|h| h.get(headers::MESSAGE_ID))
+                    .map(|v| v.as_str().to_owned()),
+                delivered,
+                since: std::time::Instant::now(),
+            };
+            self.handed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(number, handed);
             self.in_flight.fetch_add(1, Ordering::AcqRel);
             self.activity.fetch_add(1, Ordering::AcqRel);
-            InFlight(Arc::clone(self))
+            InFlight(Arc::clone(self), number)
         })
+    }
+
+    /// The first `at_most` deliveries handed out and not yet settled, the
+    /// oldest first, in words: subject, message id, which delivery, and
+    /// how long ago it was handed out.
+    pub(crate) fn stuck(&self, at_most: usize) -> Vec<String> {
+        let now = std::time::Instant::now();
+        self.handed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .take(at_most)
+            .map(|h| {
+                format!(
+                    "{} (id {}, delivery {}, handed out {:.1?} ago)",
+                    h.subject,
+                    h.message_id.as_deref().unwrap_or("none"),
+                    h.delivered,
+                    now.saturating_duration_since(h.since)
+                )
+            })
+            .collect()
     }
 
     /// How much has moved on the bus so far (see `activity`).
@@ -263,11 +311,25 @@ impl Tap {
     }
 }
 
-/// A delivery handed out and not yet settled.
-pub(crate) struct InFlight(Arc<Tap>);
+/// A delivery handed out and not yet settled, and its number in the
+/// tap's `handed`.
+pub(crate) struct InFlight(Arc<Tap>, u64);
+
+/// What names a delivery handed out (see [`Tap::stuck`]).
+struct Handed {
+    subject: String,
+    message_id: Option<String>,
+    delivered: u64,
+    since: std::time::Instant,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.0
+            .handed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.1);
         self.0.activity.fetch_add(1, Ordering::AcqRel);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
