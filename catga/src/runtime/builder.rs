@@ -601,6 +601,7 @@ fn shared(
         expired: AtomicU64::new(0),
         handlers: selected.to_vec(),
         asyncapi: std::sync::OnceLock::new(),
+        tasks: super::shared::Tasks::default(),
     });
     (shared, orphan_queue)
 }

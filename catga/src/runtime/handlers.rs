@@ -180,7 +180,7 @@ pub(crate) async fn spawn_served(served: Arc<Served>, shared: &Arc<Shared>) -> R
             // binding its stream when `start()` returned (an event
             // published right then was lost, once in a CI run).
             let slot = elective.then(|| shared.health.elective_slot());
-            tokio::spawn(serve::serve(
+            shared.tasks.spawn(serve::serve(
                 Arc::clone(&served),
                 Arc::clone(shared),
                 sub,

@@ -297,23 +297,6 @@ impl Owned {
         }
         (serving, draining, leases)
     }
-
-    /// Aborts every serve loop (the runtime was dropped).
-    pub(crate) fn abort_all(&self) {
-        for slot in self.slots.values() {
-            match slot {
-                Slot::Serving {
-                    run: Running::Loops(serving),
-                    ..
-                } => serving.tasks.iter().for_each(JoinHandle::abort),
-                Slot::Serving {
-                    run: Running::Router { task, .. },
-                    ..
-                } => task.abort(),
-                Slot::Draining { drain, .. } => drain.abort(),
-            }
-        }
-    }
 }
 
 /// The keyed sagas a runtime serves: the loop that owns their partitions,
@@ -370,7 +353,7 @@ impl Keyed {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if task.is_none() {
-            *task = Some(tokio::spawn(run(
+            *task = Some(shared.tasks.spawn(run(
                 Arc::clone(shared),
                 Arc::clone(&self.owned),
                 Arc::clone(&self.sagas),
@@ -489,21 +472,6 @@ impl Keyed {
         }
         if !specs.is_empty() {
             leave(shared, &specs).await;
-        }
-    }
-
-    /// Aborts everything (the runtime was dropped).
-    pub(crate) fn abort(&self) {
-        if let Some(task) = self
-            .task
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-        {
-            task.abort();
-        }
-        if let Ok(owned) = self.owned.try_lock() {
-            owned.abort_all();
         }
     }
 }
@@ -926,7 +894,7 @@ impl Keeper {
         if let Some(share) = router_share(partition.index) {
             let (stop, stop_rx) = watch::channel(false);
             let trouble = Trouble::default();
-            let task = tokio::spawn(route(
+            let task = self.shared.tasks.spawn(route(
                 Arc::clone(&self.shared),
                 spec,
                 (Arc::clone(partition), share),
@@ -1091,14 +1059,14 @@ fn give_up(shared: &Arc<Shared>, owned: &mut Owned, saga: &'static str, p: u32, 
             tracing::info!(saga, partition = p, reason = why, "giving a saga partition up");
             // Its loops leave readiness's count themselves (see
             // `ElectiveSlot`).
-            tokio::spawn(async move {
+            shared.tasks.spawn(async move {
                 super::shutdown::stop_serving(vec![serving], deadline).await;
             })
         }
         Running::Router { stop, mut task, .. } => {
             tracing::info!(saga, reason = why, "giving the routing of a saga's triggers up");
             let _ = stop.send(true);
-            tokio::spawn(async move {
+            shared.tasks.spawn(async move {
                 if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                     task.abort();
                 }

@@ -433,13 +433,8 @@ impl Drop for Runtime {
         if let Some(leader) = &self.leader {
             leader.abort();
         }
-        self.keyed.abort();
-        if let Ok(serving) = self.serving.try_lock() {
-            for s in serving.values() {
-                for t in &s.tasks {
-                    t.abort();
-                }
-            }
-        }
+        // The serve loops, and the keyed sagas' ownership loop, routers
+        // and drains (see `Tasks`).
+        self.shared.tasks.abort_all();
     }
 }
