@@ -528,3 +528,205 @@ async fn events_saved_with_state_reach_their_stream_in_order_while_nodes_die() {
     r1.shutdown().await.expect("r1 shutdown");
     r2.shutdown().await.expect("r2 shutdown");
 }
+
+/// Another writer cuts into the chains of the outbox relay (into the
+/// events' stream) and of the keyed saga's router (into a partition's
+/// stream) on a 3-node cluster, with replicated streams: each account's
+/// events are stored in order, its saga runs each, and the streams go on
+/// taking messages. When the chains expected the last message id, one
+/// cut stopped the stream on every replica (nats-server checks that
+/// expectation only when each replica applies the message, and takes a
+/// mismatch there for a critical write error): the outbox never emptied
+/// and every later publish timed out. With the relay's messages expecting
+/// sequences instead, another writer's message in the place of one that
+/// was refused let the next one through: events stored out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_writer_cutting_into_a_chain_leaves_the_replicated_streams_working() {
+    let cluster = NatsCluster::start();
+    let redis = RedisServer::start_persistent();
+    let r1 = accounts_replica(&cluster.url(), &redis, "c1").await;
+    let client = Client::connect(&cluster.url())
+        .await
+        .expect("client")
+        .with_request_timeout(Duration::from_secs(5));
+    let urls: Vec<async_nats::ServerAddr> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.url().parse().expect("a server address"))
+        .collect();
+    let nc = async_nats::connect(urls.as_slice()).await.expect("nats");
+    let js = async_nats::jetstream::new(nc);
+    let run = run_id();
+    const ACCOUNTS: u64 = 3;
+    const DEPOSITS: u64 = 150;
+
+    // A first deposit makes the events' stream (the relay does, for the
+    // first event).
+    let first = Deposit {
+        run: format!("{run}-first"),
+        account: "first".into(),
+        seq: 1,
+    };
+    let first_id = format!("{run}-first");
+    retrying(|| client.send_with_id(first.clone(), &first_id))
+        .await
+        .expect("a first deposit");
+    js_retry("the events' stream", || js.stream_by_subject("cluster.deposited")).await;
+
+    // The other writer, while the deposits go: a message every
+    // millisecond or so into the events' stream (as a client publishing
+    // the same events durably would), and every twentieth of them into
+    // partition 0's stream (which only the router writes otherwise: each
+    // such cut makes its router start again); a publish that fails is
+    // counted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let other = {
+        let (js, stop, failed, run) = (js.clone(), stop.clone(), failed.clone(), run.clone());
+        // An account in partition 0 of 4, so that the saga takes its copy.
+        let account = (0..)
+            .map(|i| format!("other-{i}"))
+            .find(|a| catga::ring::partition_of(a, 4) == 0)
+            .expect("an account in partition 0");
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let e = Deposited {
+                    run: format!("{run}-other"),
+                    account: account.clone(),
+                    seq: n,
+                };
+                let payload: bytes::Bytes = serde_json::to_vec(&e).expect("json").into();
+                let partition = n
+                    .is_multiple_of(20)
+                    .then_some("catga.saga.cluster-accounts.book.0");
+                for subject in std::iter::once("cluster.deposited").chain(partition) {
+                    // Sent again while the broker answers "no stream"
+                    // for a moment (a stream just made, its interest on
+                    // its way across the cluster); a stream stopped
+                    // times out for good.
+                    let until = Instant::now() + Duration::from_secs(10);
+                    let stored = loop {
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("Nats-Msg-Id", format!("{run}-other-{subject}-{n}").as_str());
+                        let stored = match js.publish_with_headers(subject, h, payload.clone()).await {
+                            Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack).await,
+                            Err(e) => Ok(Err(e)),
+                        };
+                        if matches!(stored, Ok(Ok(_))) || Instant::now() >= until {
+                            break stored;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    };
+                    if !matches!(stored, Ok(Ok(_))) && failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                        eprintln!("the other writer's publish {n} on {subject}: {stored:?}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            n
+        })
+    };
+
+    // Deposits, each account's one after another, the accounts side by
+    // side: their events go through the outbox relay, their sagas'
+    // triggers through the router.
+    let senders: Vec<_> = (0..ACCOUNTS)
+        .map(|a| {
+            let (client, run) = (client.clone(), run.clone());
+            tokio::spawn(async move {
+                let account = format!("acct-{a}");
+                for seq in 1..=DEPOSITS {
+                    let id = format!("{run}-{account}-{seq}");
+                    let until = Instant::now() + Duration::from_secs(60);
+                    loop {
+                        let d = Deposit {
+                            run: run.clone(),
+                            account: account.clone(),
+                            seq,
+                        };
+                        match client.send_with_id(d, &id).await {
+                            Ok(()) => break,
+                            Err(e) if e.is_retryable() && Instant::now() < until => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            Err(e) => panic!("deposit {id} failed for good: {e}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await.expect("sender");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let others = other.await.expect("the other writer");
+    let failed = failed.load(Ordering::Relaxed);
+    eprintln!("the other writer sent {others} messages; {failed} failed");
+    assert!(others > 50, "the other writer ran alongside: {others}");
+    assert_eq!(failed, 0, "the streams took every message of the other writer");
+
+    // The outbox empties.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let backlog = r1.outbox_backlog().await.unwrap_or(u64::MAX);
+        if backlog == 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "the outbox still holds {backlog} entries");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every account's saga ran each of its deposits.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let booked = BOOKED.lock().expect("booked").clone();
+        let ran = |a: u64| {
+            booked
+                .get(&(run.clone(), format!("acct-{a}")))
+                .map_or(0, |b| b.iter().collect::<BTreeSet<_>>().len() as u64)
+        };
+        if (0..ACCOUNTS).all(|a| ran(a) == DEPOSITS) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the sagas ran {:?} of {DEPOSITS} deposits each",
+            (0..ACCOUNTS).map(ran).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The events' stream holds each account's events once, in order.
+    let name = js_retry("the events' stream", || js.stream_by_subject("cluster.deposited")).await;
+    let stream = js_retry("the stream", || js.get_stream(&name)).await;
+    let last = js_retry("its info", || {
+        let mut stream = stream.clone();
+        async move { stream.info().await.map(|i| i.state.last_sequence) }
+    })
+    .await;
+    let mut in_stream: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for seq in 1..=last {
+        let got = js_retry_unless("a stored event", Some("no message found"), || {
+            stream.get_raw_message(seq)
+        })
+        .await;
+        let Some(m) = got else {
+            continue;
+        };
+        let e: Deposited = serde_json::from_slice(&m.payload).expect("an event");
+        if e.run == run {
+            in_stream.entry(e.account).or_default().push(e.seq);
+        }
+    }
+    for a in 0..ACCOUNTS {
+        let got = in_stream.remove(&format!("acct-{a}")).unwrap_or_default();
+        assert_eq!(
+            got,
+            (1..=DEPOSITS).collect::<Vec<_>>(),
+            "acct-{a}'s events in the stream"
+        );
+    }
+    r1.shutdown().await.expect("shutdown");
+}

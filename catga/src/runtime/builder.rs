@@ -547,8 +547,10 @@ fn shared(
     store: Store,
     selected: &[&'static HandlerSpec],
 ) -> (Arc<Shared>, crate::store::OrphanQueue) {
-    // Several relays then write each stream: they send atomic batches.
-    transport.want_batches(store.outbox_shards() > 1);
+    // The outbox relay sends each stream's events as atomic batches
+    // (others may write the same stream: the relays of other shards, a
+    // durable publish of the same event; see `Transport::store_in_order`).
+    transport.want_batches(true);
     let client = Client::from_transport(
         transport,
         config.service.clone(),

@@ -1576,13 +1576,14 @@ struct Router<'a> {
     /// Each routing in flight: its acknowledgement, the trigger's settler,
     /// and the trigger (for a dead letter if its copy is refused).
     inflight: VecDeque<Routing>,
-    /// Per partition stream, the id of the copy routed to it last in this
-    /// run: the next one is stored only right after it (the expectation
-    /// is the stream's, so each stream has its own chain). The first of a
-    /// run follows whatever the stream holds, which is right: every
-    /// trigger before it was stored (or is being given back and comes
-    /// first).
-    last: Vec<Option<String>>,
+    /// Per partition stream, the sequence the copy routed to it last in
+    /// this run gets if it is stored: the next one is stored only right
+    /// after it (the expectation is the stream's, so each stream has its
+    /// own chain). The first of a run follows whatever the stream holds,
+    /// which is right: every trigger before it was stored (or is being
+    /// given back and comes first); it is waited for, since the next one
+    /// expects its sequence.
+    last: Vec<Option<u64>>,
     failed: Option<Error>,
 }
 
@@ -1685,9 +1686,15 @@ impl Router<'_> {
         }
         headers.insert(crate::wire::headers::MESSAGE_ID, id.as_str());
         // Each copy is stored only right after the one routed
-        // before it to the same stream: a copy lost while a node
+        // before it to the same stream (by sequence, see
+        // `transport::EXPECTED_LAST_SEQ`): a copy lost while a node
         // dies fails the ones sent to its stream after it,
-        // which are given back and routed again in order.
+        // which are given back and routed again in order. The
+        // first of a chain expects the stream's last message as
+        // the stream's leader gives it: no copy goes without an
+        // expectation, so one sent late by a router that lost its
+        // share (stalled past its lease) is refused, and cannot
+        // take the place the next copy of this router expects.
         // A trigger delivered again (its router died, or did not
         // settle it in time) may have its copy stored already: the
         // stream drops the repeat, and its last message is then
@@ -1697,9 +1704,34 @@ impl Router<'_> {
         // (everything before it is stored). Chained on a repeat,
         // the next copy was refused, and each new router made one
         // step per ack wait.
-        if incoming.delivered > 1 {
+        let awaited = incoming.delivered > 1;
+        if awaited {
             self.settle_inflight().await;
-            if self.failed.is_some() {
+        }
+        let subject = format!("{}.{p}", self.base);
+        let after = match self.last[at] {
+            Some(seq) => Ok(seq),
+            None if self.failed.is_none() => {
+                self.settle_inflight().await;
+                tokio::time::timeout(ASK, transport.stream_last_seq(&subject))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "the last sequence of the stream of {subject} was not told within {ASK:?}"
+                            ),
+                        ))
+                    })
+            }
+            None => Err(Error::new(
+                ErrorKind::Unavailable,
+                "a routing before this one failed",
+            )),
+        };
+        let after = match after {
+            Ok(seq) if self.failed.is_none() => seq,
+            Ok(_) => {
                 let _ = settler
                     .settle(Settle::Retry {
                         delay: Duration::ZERO,
@@ -1707,22 +1739,31 @@ impl Router<'_> {
                     .await;
                 return;
             }
-        }
+            Err(e) => {
+                let _ = settler
+                    .settle(Settle::Retry {
+                        delay: Duration::ZERO,
+                    })
+                    .await;
+                self.failed.get_or_insert(e);
+                return;
+            }
+        };
         match transport
             .publish_durable_start(
-                &format!("{}.{p}", self.base),
+                &subject,
                 headers,
                 incoming.payload.clone(),
-                self.last[at].as_deref(),
+                Some(after),
                 self.timeout,
             )
             .await
         {
-            Ok(stored) if incoming.delivered > 1 => {
+            Ok(stored) if awaited => {
                 let stored = stored.await;
                 match &stored {
-                    Ok(true) => self.last[at] = None,
-                    Ok(false) => self.last[at] = Some(id),
+                    Ok(a) if a.repeat => self.last[at] = None,
+                    Ok(a) => self.last[at] = Some(a.seq),
                     Err(_) => {}
                 }
                 let trigger = (meta, incoming.payload);
@@ -1737,7 +1778,7 @@ impl Router<'_> {
                 .await;
             }
             Ok(stored) => {
-                self.last[at] = Some(id);
+                self.last[at] = Some(after + 1);
                 self.inflight
                     .push_back((stored, settler, Box::new((meta, incoming.payload))));
             }
@@ -2028,9 +2069,8 @@ async fn recorded(shared: &Shared, mut letter: crate::transport::DeadLetter) -> 
 /// A trigger routed and not yet acknowledged by its partition's stream.
 type Routing = (Stored, Settler, Box<(crate::wire::MessageMeta, Bytes)>);
 
-/// Waits for the oldest routing in flight to be stored (or not); whether
-/// the stream had it already.
-async fn front(inflight: &mut VecDeque<Routing>) -> Result<bool> {
+/// Waits for the oldest routing in flight to be stored (or not).
+async fn front(inflight: &mut VecDeque<Routing>) -> Result<crate::transport::Acked> {
     match inflight.front_mut() {
         Some((stored, _, _)) => stored.await,
         None => std::future::pending().await,

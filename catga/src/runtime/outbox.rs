@@ -354,8 +354,8 @@ const STEPWISE_COVER: usize = BATCH * PAGES;
 #[derive(Default)]
 struct Relay {
     /// The lease token under which what this relay reads is known not to
-    /// be stored yet (0: not known). With store shards, rounds until then
-    /// go a message at a time ([`Order::Stepwise`]): what they read may
+    /// be stored yet (0: not known). Rounds until then go a message at a
+    /// time ([`Order::Stepwise`]): what they read may
     /// have been stored by the relay before it (it died, or stalled past
     /// its lease, before it removed what it sent), and JetStream refuses
     /// an atomic batch holding a message it stored already, whole, after
@@ -478,12 +478,10 @@ impl Relay {
         let outgoing: Vec<Outgoing> = sent.iter().map(outgoing).collect();
         // Under the token what this round decided was decided under.
         let go_on = || lease.held() == Some(token);
-        // With several shards, the relays of the others write to the same
-        // streams at the same time.
-        let stepwise = store.outbox_shards() > 1 && self.settled_under != token;
-        let order = if store.outbox_shards() == 1 {
-            Order::Chained
-        } else if stepwise {
+        // Other writers may write the same streams at the same time (the
+        // relays of other shards, a durable publish of the same event).
+        let stepwise = self.settled_under != token;
+        let order = if stepwise {
             Order::Stepwise
         } else {
             Order::Batched {

@@ -784,13 +784,13 @@ impl NatsTransport {
     /// acknowledgement: messages sent one after another on this connection
     /// are stored in that order; the returned future is the
     /// acknowledgement. With `after`, the stream stores it only if its last
-    /// message has that id (see [`super::Transport::store_in_order`]).
+    /// message has that sequence (see [`super::Transport::store_in_order`]).
     pub(crate) async fn publish_durable_start(
         &self,
         subject: &str,
         mut headers: HeaderMap,
         payload: Bytes,
-        after: Option<&str>,
+        after: Option<u64>,
         timeout: Duration,
     ) -> Result<super::Stored> {
         if !self.has_stream(subject).await? {
@@ -800,7 +800,7 @@ impl NatsTransport {
             ));
         }
         if let Some(after) = after {
-            headers.insert(super::EXPECTED_LAST_ID, after);
+            headers.insert(super::EXPECTED_LAST_SEQ, after.to_string());
         }
         let ack = self
             .jetstream()
@@ -810,8 +810,8 @@ impl NatsTransport {
         let subject = subject.to_owned();
         Ok(Box::pin(async move {
             match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(stored)) => stored_at(&subject, &stored).map(|()| stored.duplicate),
-                Ok(Err(e)) => Err(publish_error(&subject, e)),
+                Ok(Ok(stored)) => stored_at(&subject, &stored).map(|()| acked(&stored)),
+                Ok(Err(e)) => Err(chain_error(&subject, e)),
                 Err(_) => Err(Error::new(
                     ErrorKind::Timeout,
                     format!("no acknowledgement from JetStream for {subject} within {timeout:?}"),
@@ -856,74 +856,18 @@ impl NatsTransport {
         order: super::Order<'_>,
     ) -> Vec<Result<()>> {
         match order {
-            super::Order::Chained => {}
             super::Order::Batched { stepwise } => {
-                return self
-                    .store_beside_others(messages, timeout, go_on, Some(stepwise))
-                    .await;
+                self.store_beside_others(messages, timeout, go_on, Some(stepwise))
+                    .await
             }
-            super::Order::Stepwise => return self.store_beside_others(messages, timeout, go_on, None).await,
+            super::Order::Stepwise => self.store_beside_others(messages, timeout, go_on, None).await,
         }
-        let js = self.jetstream();
-        let deadline = tokio::time::Instant::now() + timeout;
-        // The id of the message sent last on each chain (a stream, or a
-        // subject whose stream no acknowledgement named yet).
-        let mut last: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
-        let mut acks = Vec::with_capacity(messages.len());
-        // Where a test kit recorded each message sent.
-        let mut slots = Vec::with_capacity(messages.len());
-        for m in messages {
-            if !go_on() {
-                acks.push(Err(super::not_sent()));
-                slots.push(None);
-                continue;
-            }
-            let chain = self.stream_of(&m.subject).unwrap_or_else(|| m.subject.clone());
-            let mut headers = m.headers.clone();
-            headers.insert(crate::wire::headers::MESSAGE_ID, m.id.as_str());
-            slots.push(self.record_outgoing(m, &headers));
-            if let Some(after) = last.get(&chain) {
-                headers.insert(super::EXPECTED_LAST_ID, *after);
-            }
-            let sent = tokio::time::timeout_at(
-                deadline,
-                js.publish_with_headers(m.subject.clone(), headers, m.payload.clone()),
-            )
-            .await;
-            acks.push(match sent {
-                Ok(Ok(ack)) => {
-                    last.insert(chain, m.id.as_str());
-                    Ok(ack)
-                }
-                // Not sent (over the limit, or the connection is gone):
-                // the next one follows the last one sent.
-                Ok(Err(e)) => Err(publish_error(&m.subject, e)),
-                Err(_) => Err(no_ack(&m.subject, timeout)),
-            });
-        }
-        let mut out = Vec::with_capacity(messages.len());
-        for ((m, ack), slot) in messages.iter().zip(acks).zip(slots) {
-            let result = match ack {
-                Ok(ack) => match tokio::time::timeout_at(deadline, ack).await {
-                    Ok(Ok(stored)) => stored_at(&m.subject, &stored).map(|()| {
-                        self.learn_stream_of(&m.subject, &stored.stream);
-                    }),
-                    Ok(Err(e)) => Err(publish_error(&m.subject, e)),
-                    Err(_) => Err(no_ack(&m.subject, timeout)),
-                },
-                Err(e) => Err(e),
-            };
-            if result.is_err() {
-                self.tap().unrecord(slot);
-            }
-            out.push(result);
-        }
-        out
     }
 
-    /// [`store_in_order`](Self::store_in_order) for a stream with other
-    /// writers (the relays of other store shards). `Nats-Expected-Last-Msg-Id`
-    /// names the last message of the whole stream, so another writer's
+    /// [`store_in_order`](Self::store_in_order): a stream may have other
+    /// writers (the relays of other store shards, a durable publish of the
+    /// same event). An expected last sequence names the last message of
+    /// the whole stream, so another writer's
     /// message in between would refuse the rest of a chain after the
     /// server delivered it to plain subscribers; instead each chain (a
     /// stream) goes as atomic batches where the stream takes them
@@ -1321,6 +1265,29 @@ impl NatsTransport {
         }
     }
 
+    /// The sequence of the last message in the stream of `subject` (0 when
+    /// it is empty), from the stream's leader.
+    pub(crate) async fn stream_last_seq(&self, subject: &str) -> Result<u64> {
+        let name = match self.stream_of(subject) {
+            Some(name) => name,
+            None => {
+                let name = self
+                    .jetstream()
+                    .stream_by_subject(subject)
+                    .await
+                    .map_err(|e| js_error("stream lookup", e))?;
+                self.learn_stream_of(subject, &name);
+                name
+            }
+        };
+        let stream = self
+            .jetstream()
+            .get_stream(&name)
+            .await
+            .map_err(|e| js_error("stream info", e))?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
     /// Creates the stream of a recurring job's subject, or brings its
     /// settings in line: kept without an age limit (the last occurrence
     /// tells when the job last ran, however long its period), at most
@@ -1475,6 +1442,28 @@ fn stored_at(subject: &str, ack: &jetstream::publish::PublishAck) -> Result<()> 
     Ok(())
 }
 
+/// What a stream's acknowledgement says to a chain.
+fn acked(ack: &jetstream::publish::PublishAck) -> super::Acked {
+    super::Acked {
+        seq: ack.sequence,
+        repeat: ack.duplicate,
+    }
+}
+
+/// [`publish_error`] for a message sent with an expected last sequence of
+/// catga's own (a chain's): a refusal of the expectation means another
+/// message was stored since the one it follows, or that one was not, and
+/// it is sent again later, in order.
+fn chain_error(subject: &str, e: jetstream::context::PublishError) -> Error {
+    match e.kind() {
+        jetstream::context::PublishErrorKind::WrongLastSequence => Error::new(
+            ErrorKind::Unavailable,
+            format!("JetStream did not store a message on {subject} out of its turn: {e}"),
+        ),
+        _ => publish_error(subject, e),
+    }
+}
+
 fn no_ack(subject: &str, timeout: Duration) -> Error {
     Error::new(
         ErrorKind::Timeout,
@@ -1578,12 +1567,6 @@ fn refused_for_good(e: &jetstream::context::PublishError) -> bool {
 fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
     use jetstream::context::PublishErrorKind as K;
     match e.kind() {
-        // Another message was stored since the one this one follows (or
-        // that one was not): sent again later, in order.
-        K::WrongLastMessageId => Error::new(
-            ErrorKind::Unavailable,
-            format!("JetStream did not store a message on {subject} out of its turn: {e}"),
-        ),
         K::StreamNotFound => Error::new(
             ErrorKind::NoHandler,
             format!("no stream stores subject {subject}"),
@@ -1592,9 +1575,8 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
             Error::new(ErrorKind::TooLarge, format!("message on {subject} refused: {e}"))
         }
         K::TimedOut => Error::new(ErrorKind::Timeout, format!("JetStream publish on {subject}: {e}")),
-        // catga asks for a last sequence only when it publishes a job's
-        // occurrence, which reads this refusal itself: only a forged
-        // header gets here.
+        // catga's own expectations are read by `chain_error` and the
+        // jobs' publish: only a forged header gets here.
         K::WrongLastSequence => Error::new(
             ErrorKind::Invalid,
             format!("JetStream refused the message on {subject}: {e}"),

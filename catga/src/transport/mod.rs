@@ -25,18 +25,41 @@ use crate::wire::deadline::Deadline;
 /// The payload limit of the embedded bus and the default of nats-server.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
-/// A message sent to a stream, resolving once the stream stored it: true
-/// if the stream had it already (a repeated message id).
-pub(crate) type Stored = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send>>;
+/// A message sent to a stream, resolving once the stream stored it.
+pub(crate) type Stored = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Acked>> + Send>>;
 
-/// The header with which a publish says which message must be the last
+/// A stream's acknowledgement of a message sent to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Acked {
+    /// Its sequence in the stream (0 on the embedded bus, whose streams
+    /// keep order by construction and take no expectation). For a repeat,
+    /// the sequence the stream stored it at the first time.
+    pub seq: u64,
+    /// Whether the stream had it already (a repeated message id).
+    pub repeat: bool,
+}
+
+/// The header with which a publish says which sequence must be the last
 /// one of its stream for it to be stored (JetStream's optimistic
-/// concurrency on message ids).
-pub(crate) const EXPECTED_LAST_ID: &str = "Nats-Expected-Last-Msg-Id";
+/// concurrency on sequences).
+///
+/// Not `Nats-Expected-Last-Msg-Id`, which catga used before: a replicated
+/// stream checks that one only when each replica applies the message, not
+/// before its leader proposes it, and nats-server (2.15.1 here) takes a
+/// mismatch there for a critical write error that stops the stream on
+/// every replica until they restart. One chain broken by a node dying
+/// (the message before it lost) stopped the whole stream: a CI run of
+/// `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`
+/// left 8,031 events in the outbox, "no stream stores subject" for 60 s.
+/// The leader checks an expected last sequence against what it proposed
+/// so far, and refuses a mismatch with an error reply.
+pub(crate) const EXPECTED_LAST_SEQ: &str = "Nats-Expected-Last-Sequence";
 
 /// Room kept in the payload limit for the headers catga adds on the way
-/// to a stream: a message id and an expected last message id of up to
-/// [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN) characters each.
+/// to a stream: a message id of up to
+/// [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN) characters and an expected last
+/// sequence (the room is that of two ids, as when the expectation was
+/// one).
 pub(crate) const ROUTING_HEADROOM: usize = 2 * (crate::wire::MAX_ID_LEN + 32);
 
 /// The largest header block JetStream stores with a message.
@@ -58,11 +81,9 @@ pub(crate) struct Outgoing {
 /// order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Order<'a> {
-    /// The only writer of its streams: pipelined, each message expecting
-    /// the one before it (`Nats-Expected-Last-Msg-Id`).
-    Chained,
-    /// One of several writers of a stream (the relays of other store
-    /// shards): each stream's messages as atomic batches where the stream
+    /// One of possibly several writers of a stream (the relays of other
+    /// store shards, a durable publish of the same event): each stream's
+    /// messages as atomic batches where the stream
     /// takes them, else a message at a time; the streams in `stepwise`
     /// (some of whose messages may be stored already, as after a failure)
     /// a message at a time.
@@ -70,8 +91,7 @@ pub(crate) enum Order<'a> {
         /// Streams (chains) sent a message at a time.
         stepwise: &'a std::collections::HashSet<String>,
     },
-    /// One of several writers, a message at a time, each once the one
-    /// before it was stored: for messages some of which may be stored
+    /// A message at a time, each once the one before it was stored: for messages some of which may be stored
     /// already (a relay's first round after it took a shard over, or
     /// after a failure), which would make JetStream refuse a batch of
     /// them whole, after plain subscribers got each.
@@ -668,14 +688,15 @@ impl Transport {
     /// Sends to the stream of `subject` without waiting: what is sent one
     /// after another is stored in that order; the returned future resolves
     /// once the stream acknowledged the message. With `after`, the stream
-    /// stores it only right after the message with that id (see
-    /// [`store_in_order`](Self::store_in_order)).
+    /// stores it only if its last message is the one with that sequence
+    /// (see [`store_in_order`](Self::store_in_order)); refused, it fails
+    /// with a retryable error.
     pub(crate) async fn publish_durable_start(
         &self,
         subject: &str,
         headers: HeaderMap,
         payload: Bytes,
-        after: Option<&str>,
+        after: Option<u64>,
         timeout: Duration,
     ) -> Result<Stored> {
         match &self.0 {
@@ -685,11 +706,15 @@ impl Transport {
             }
             Kind::Memory(bus) => {
                 bus.pass().await;
-                // The embedded bus keeps order by construction: whether it
-                // was a repeat does not matter to a chain there.
+                // The embedded bus keeps order by construction: neither
+                // the sequence nor whether it was a repeat matter to a
+                // chain there.
                 let stored = bus
                     .publish_durable_internal(subject, headers, payload)
-                    .map(|()| false);
+                    .map(|()| Acked {
+                        seq: 0,
+                        repeat: false,
+                    });
                 Ok(Box::pin(async move { stored }))
             }
         }
@@ -738,30 +763,26 @@ impl Transport {
     /// whether it was stored (a repeated id counts as stored: the stream
     /// had it).
     ///
-    /// They are sent one after another without waiting (pipelined), and
-    /// each one but the first of its chain (its stream, or its subject
-    /// until the stream is known) carries the id of the one before it as
-    /// `Nats-Expected-Last-Msg-Id`: the stream stores it only right after
-    /// that one. A message lost on the way (its stream's leader died, a
-    /// node restarted) therefore makes the rest of its chain fail too,
-    /// instead of letting later ones be stored first; sent again in the
-    /// same order, they are stored in order (the first of a chain carries
-    /// no expectation, which is right when everything before it is
-    /// stored, the caller's part). Found on a 3-node cluster with nodes
-    /// killed under load: without the expectation, a router's pipelined
-    /// publishes stored 42 of 1,800 triggers of a key after later ones.
+    /// A stream may have other writers (the relays of other store shards,
+    /// a durable publish of the same event), so no message may expect
+    /// another's place in it: [`Order::Batched`] sends each stream's
+    /// messages as atomic batches, each stored whole or not at all, where
+    /// the stream takes them; [`Order::Stepwise`] (and a stream that takes
+    /// no batches) sends each message only once the one before it was
+    /// stored: one round trip per message and stream. Either way no other
+    /// writer's message can cut a chain short, and a message not stored
+    /// leaves the rest of its chain (its stream) unsent.
+    ///
+    /// The relay of a single shard sent its messages pipelined, each
+    /// expecting the one before it (`Nats-Expected-Last-Msg-Id`), until a
+    /// broken chain was found to stop a replicated stream for good (see
+    /// [`EXPECTED_LAST_SEQ`]); an expected sequence cannot replace it
+    /// there: another writer's message in the place one of the chain was
+    /// refused from lets the next one through, out of order (seen in
+    /// `cluster::another_writer_cutting_into_a_chain_leaves_the_replicated_streams_working`).
     ///
     /// `go_on` is asked before each message is sent (the relay still holds
     /// its lease): once it says no, the rest is not sent.
-    ///
-    /// That is [`Order::Chained`]. A stream with other writers (the relays
-    /// of other store shards) cannot take the expectation, which names the
-    /// last message of the whole stream: [`Order::Batched`] sends each
-    /// stream's messages as atomic batches, each stored whole or not at
-    /// all, where the stream takes them; [`Order::Stepwise`] (and a stream
-    /// that takes no batches) sends each message only once the one before
-    /// it was stored: one round trip per message and stream. Either way no
-    /// other writer's message can cut a chain short.
     pub(crate) async fn store_in_order(
         &self,
         messages: &[Outgoing],
@@ -782,6 +803,20 @@ impl Transport {
                     bus.publish_durable(&m.subject, headers, m.payload.clone())
                 })
                 .collect(),
+        }
+    }
+
+    /// The sequence of the last message in the stream of `subject` (0 when
+    /// it is empty; always 0 on the embedded bus, which takes no
+    /// expectation): where a chain of messages expecting their places
+    /// starts (see [`publish_durable_start`](Self::publish_durable_start)).
+    pub(crate) async fn stream_last_seq(&self, subject: &str) -> Result<u64> {
+        match &self.0 {
+            Kind::Nats(t) => t.stream_last_seq(subject).await,
+            Kind::Memory(bus) => {
+                bus.pass().await;
+                Ok(0)
+            }
         }
     }
 
