@@ -14,11 +14,13 @@
 //!   this subject" never sends an event anywhere else (a cluster gives
 //!   that answer while a node restarts, which lost 8.8 % of the events of
 //!   a 120 s run when the relay then published on core NATS).
-//! - Order: a round reads the oldest entries and sends them pipelined,
-//!   each chained to the one before it on its stream (see
+//! - Order: a round reads the oldest entries and sends each stream's as
+//!   one atomic batch, or one at a time where a stream takes no batches
+//!   (see
 //!   [`Transport::store_in_order`](crate::transport::Transport::store_in_order)),
-//!   so one that is not stored holds back the rest of its stream's chain
-//!   until the next round sends them again, in order, from the oldest.
+//!   so one that is not stored holds back the rest of its stream's
+//!   entries until the next round sends them again, in order, from the
+//!   oldest.
 //! - An entry that can never be stored (over the broker's limit) becomes a
 //!   dead letter instead of holding back the entries behind it forever.
 //! - Plain (core NATS) subscribers of a subject receive every publish of

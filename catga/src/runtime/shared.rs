@@ -56,7 +56,7 @@ pub(crate) struct Shared {
 /// loaded host). A drain's task dropped its loops' handles when aborted,
 /// which leaves tasks running too.
 #[derive(Default)]
-pub(crate) struct Tasks(std::sync::Mutex<TaskList>);
+pub(crate) struct Tasks(std::sync::Mutex<TaskList>, Arc<std::sync::atomic::AtomicBool>);
 
 #[derive(Default)]
 struct TaskList {
@@ -74,7 +74,16 @@ impl Tasks {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let handle = tokio::spawn(task);
+        // A task spawned while the runtime is dropped may be polled on
+        // another thread before its abort lands: it waits instead of
+        // taking a message.
+        let aborted = Arc::clone(&self.1);
+        let handle = tokio::spawn(async move {
+            if aborted.load(Ordering::Acquire) {
+                std::future::pending::<()>().await;
+            }
+            task.await
+        });
         let mut list = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if list.aborted {
             handle.abort();
@@ -90,6 +99,7 @@ impl Tasks {
     /// Aborts every task spawned so far and every one spawned after.
     pub(crate) fn abort_all(&self) {
         let mut list = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.1.store(true, Ordering::Release);
         list.aborted = true;
         for t in list.running.drain(..) {
             t.abort();

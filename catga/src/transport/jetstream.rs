@@ -191,10 +191,8 @@ impl NatsTransport {
             settings,
             settings.max_age,
         );
-        // The relays of several store shards write one stream each in
-        // atomic batches (see `store_beside_others`): only a service with
-        // store shards asks for them, so that no other stream needs a
-        // server that knows them.
+        // Outbox relays write a stream's events in atomic batches (see
+        // `store_beside_others`), where the server knows them.
         config.allow_atomic_publish = self.wants_batches() && Box::pin(self.takes_batches()).await;
         self.ensure(config).await?;
         self.remember_stream(subject, true);
@@ -427,8 +425,7 @@ impl NatsTransport {
                 tracing::warn!(
                     stream = %updated.name,
                     error = %e,
-                    "the stream could not be given allow_atomic: the relays of the store shards send its events one \
-                     at a time"
+                    "the stream could not be given allow_atomic: the outbox relays send its events one at a time"
                 );
                 if !needed {
                     return Ok(false);
@@ -783,14 +780,12 @@ impl NatsTransport {
     /// Sends a message to a stream without waiting for its
     /// acknowledgement: messages sent one after another on this connection
     /// are stored in that order; the returned future is the
-    /// acknowledgement. With `after`, the stream stores it only if its last
-    /// message has that sequence (see [`super::Transport::store_in_order`]).
+    /// acknowledgement.
     pub(crate) async fn publish_durable_start(
         &self,
         subject: &str,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         payload: Bytes,
-        after: Option<u64>,
         timeout: Duration,
     ) -> Result<super::Stored> {
         if !self.has_stream(subject).await? {
@@ -798,9 +793,6 @@ impl NatsTransport {
                 ErrorKind::NoHandler,
                 format!("no stream stores subject {subject}"),
             ));
-        }
-        if let Some(after) = after {
-            headers.insert(super::EXPECTED_LAST_SEQ, after.to_string());
         }
         let ack = self
             .jetstream()
@@ -810,8 +802,8 @@ impl NatsTransport {
         let subject = subject.to_owned();
         Ok(Box::pin(async move {
             match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(stored)) => stored_at(&subject, &stored).map(|()| acked(&stored)),
-                Ok(Err(e)) => Err(chain_error(&subject, e)),
+                Ok(Ok(stored)) => stored_at(&subject, &stored).map(|()| stored.duplicate),
+                Ok(Err(e)) => Err(publish_error(&subject, e)),
                 Err(_) => Err(Error::new(
                     ErrorKind::Timeout,
                     format!("no acknowledgement from JetStream for {subject} within {timeout:?}"),
@@ -1265,29 +1257,6 @@ impl NatsTransport {
         }
     }
 
-    /// The sequence of the last message in the stream of `subject` (0 when
-    /// it is empty), from the stream's leader.
-    pub(crate) async fn stream_last_seq(&self, subject: &str) -> Result<u64> {
-        let name = match self.stream_of(subject) {
-            Some(name) => name,
-            None => {
-                let name = self
-                    .jetstream()
-                    .stream_by_subject(subject)
-                    .await
-                    .map_err(|e| js_error("stream lookup", e))?;
-                self.learn_stream_of(subject, &name);
-                name
-            }
-        };
-        let stream = self
-            .jetstream()
-            .get_stream(&name)
-            .await
-            .map_err(|e| js_error("stream info", e))?;
-        Ok(stream.cached_info().state.last_sequence)
-    }
-
     /// Creates the stream of a recurring job's subject, or brings its
     /// settings in line: kept without an age limit (the last occurrence
     /// tells when the job last ran, however long its period), at most
@@ -1442,28 +1411,6 @@ fn stored_at(subject: &str, ack: &jetstream::publish::PublishAck) -> Result<()> 
     Ok(())
 }
 
-/// What a stream's acknowledgement says to a chain.
-fn acked(ack: &jetstream::publish::PublishAck) -> super::Acked {
-    super::Acked {
-        seq: ack.sequence,
-        repeat: ack.duplicate,
-    }
-}
-
-/// [`publish_error`] for a message sent with an expected last sequence of
-/// catga's own (a chain's): a refusal of the expectation means another
-/// message was stored since the one it follows, or that one was not, and
-/// it is sent again later, in order.
-fn chain_error(subject: &str, e: jetstream::context::PublishError) -> Error {
-    match e.kind() {
-        jetstream::context::PublishErrorKind::WrongLastSequence => Error::new(
-            ErrorKind::Unavailable,
-            format!("JetStream did not store a message on {subject} out of its turn: {e}"),
-        ),
-        _ => publish_error(subject, e),
-    }
-}
-
 fn no_ack(subject: &str, timeout: Duration) -> Error {
     Error::new(
         ErrorKind::Timeout,
@@ -1575,8 +1522,9 @@ fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
             Error::new(ErrorKind::TooLarge, format!("message on {subject} refused: {e}"))
         }
         K::TimedOut => Error::new(ErrorKind::Timeout, format!("JetStream publish on {subject}: {e}")),
-        // catga's own expectations are read by `chain_error` and the
-        // jobs' publish: only a forged header gets here.
+        // catga asks for a last sequence only when it publishes a job's
+        // occurrence, which reads this refusal itself: only a forged
+        // header gets here.
         K::WrongLastSequence => Error::new(
             ErrorKind::Invalid,
             format!("JetStream refused the message on {subject}: {e}"),

@@ -25,41 +25,15 @@ use crate::wire::deadline::Deadline;
 /// The payload limit of the embedded bus and the default of nats-server.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
-/// A message sent to a stream, resolving once the stream stored it.
-pub(crate) type Stored = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Acked>> + Send>>;
-
-/// A stream's acknowledgement of a message sent to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Acked {
-    /// Its sequence in the stream (0 on the embedded bus, whose streams
-    /// keep order by construction and take no expectation). For a repeat,
-    /// the sequence the stream stored it at the first time.
-    pub seq: u64,
-    /// Whether the stream had it already (a repeated message id).
-    pub repeat: bool,
-}
-
-/// The header with which a publish says which sequence must be the last
-/// one of its stream for it to be stored (JetStream's optimistic
-/// concurrency on sequences).
-///
-/// Not `Nats-Expected-Last-Msg-Id`, which catga used before: a replicated
-/// stream checks that one only when each replica applies the message, not
-/// before its leader proposes it, and nats-server (2.15.1 here) takes a
-/// mismatch there for a critical write error that stops the stream on
-/// every replica until they restart. One chain broken by a node dying
-/// (the message before it lost) stopped the whole stream: a CI run of
-/// `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`
-/// left 8,031 events in the outbox, "no stream stores subject" for 60 s.
-/// The leader checks an expected last sequence against what it proposed
-/// so far, and refuses a mismatch with an error reply.
-pub(crate) const EXPECTED_LAST_SEQ: &str = "Nats-Expected-Last-Sequence";
+/// A message sent to a stream, resolving once the stream stored it: true
+/// if the stream had it already (a repeated message id).
+pub(crate) type Stored = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool>> + Send>>;
 
 /// Room kept in the payload limit for the headers catga adds on the way
 /// to a stream: a message id of up to
-/// [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN) characters and an expected last
-/// sequence (the room is that of two ids, as when the expectation was
-/// one).
+/// [`MAX_ID_LEN`](crate::wire::MAX_ID_LEN) characters, and room for as
+/// much again (what catga's releases before this one added: an expected
+/// last message id).
 pub(crate) const ROUTING_HEADROOM: usize = 2 * (crate::wire::MAX_ID_LEN + 32);
 
 /// The largest header block JetStream stores with a message.
@@ -70,8 +44,7 @@ pub(crate) const MAX_HEADERS: usize = 65_535;
 #[derive(Debug, Clone)]
 pub(crate) struct Outgoing {
     pub subject: String,
-    /// Its message id: what the stream drops a repeated publish by, and
-    /// what the next message of its chain expects to follow.
+    /// Its message id: what the stream drops a repeated publish by.
     pub id: String,
     pub headers: HeaderMap,
     pub payload: Bytes,
@@ -442,13 +415,19 @@ impl DeadLetter {
         cut
     }
 
-    /// The headers to send it again with: the original ones and a new
-    /// message id (the original one would be dropped as a duplicate by
-    /// JetStream, and never succeeded anyway).
+    /// The headers to send it again with: the original ones but the
+    /// broker's (`Nats-*`), and a new message id (the original one would
+    /// be dropped as a duplicate by JetStream, and never succeeded
+    /// anyway). A forged `Nats-Expected-Last-Msg-Id` on a letter replayed
+    /// into a replicated stream would stop the stream on every replica
+    /// (see `Transport::store_in_order`); other expectations would have
+    /// it refused for good.
     pub(crate) fn replay_headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in &self.headers {
-            h.append(k.as_str(), v.as_str());
+            if !crate::wire::is_broker_header(k) {
+                h.append(k.as_str(), v.as_str());
+            }
         }
         // Bounded: an id at its length limit plus the suffix would be
         // refused on arrival.
@@ -687,34 +666,23 @@ impl Transport {
 
     /// Sends to the stream of `subject` without waiting: what is sent one
     /// after another is stored in that order; the returned future resolves
-    /// once the stream acknowledged the message. With `after`, the stream
-    /// stores it only if its last message is the one with that sequence
-    /// (see [`store_in_order`](Self::store_in_order)); refused, it fails
-    /// with a retryable error.
+    /// once the stream acknowledged the message.
     pub(crate) async fn publish_durable_start(
         &self,
         subject: &str,
         headers: HeaderMap,
         payload: Bytes,
-        after: Option<u64>,
         timeout: Duration,
     ) -> Result<Stored> {
         match &self.0 {
-            Kind::Nats(t) => {
-                t.publish_durable_start(subject, headers, payload, after, timeout)
-                    .await
-            }
+            Kind::Nats(t) => t.publish_durable_start(subject, headers, payload, timeout).await,
             Kind::Memory(bus) => {
                 bus.pass().await;
-                // The embedded bus keeps order by construction: neither
-                // the sequence nor whether it was a repeat matter to a
-                // chain there.
+                // The embedded bus keeps order by construction: whether it
+                // was a repeat does not matter there.
                 let stored = bus
                     .publish_durable_internal(subject, headers, payload)
-                    .map(|()| Acked {
-                        seq: 0,
-                        repeat: false,
-                    });
+                    .map(|()| false);
                 Ok(Box::pin(async move { stored }))
             }
         }
@@ -775,10 +743,16 @@ impl Transport {
     ///
     /// The relay of a single shard sent its messages pipelined, each
     /// expecting the one before it (`Nats-Expected-Last-Msg-Id`), until a
-    /// broken chain was found to stop a replicated stream for good (see
-    /// [`EXPECTED_LAST_SEQ`]); an expected sequence cannot replace it
-    /// there: another writer's message in the place one of the chain was
-    /// refused from lets the next one through, out of order (seen in
+    /// broken chain was found to stop a replicated stream for good:
+    /// nats-server (2.15.1 here) checks that expectation only as each
+    /// replica applies the message, not before its leader proposes it,
+    /// and takes a mismatch there for a critical write error that stops
+    /// the stream on every replica until they restart (a CI run of
+    /// `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`
+    /// left 8,031 events in the outbox, "no stream stores subject" for
+    /// 60 s). An expected sequence, which the leader checks, cannot
+    /// replace it: another writer's message in the place of one the chain
+    /// was refused lets the next one through, out of order (seen in
     /// `cluster::another_writer_cutting_into_a_chain_leaves_the_replicated_streams_working`).
     ///
     /// `go_on` is asked before each message is sent (the relay still holds
@@ -806,24 +780,10 @@ impl Transport {
         }
     }
 
-    /// The sequence of the last message in the stream of `subject` (0 when
-    /// it is empty; always 0 on the embedded bus, which takes no
-    /// expectation): where a chain of messages expecting their places
-    /// starts (see [`publish_durable_start`](Self::publish_durable_start)).
-    pub(crate) async fn stream_last_seq(&self, subject: &str) -> Result<u64> {
-        match &self.0 {
-            Kind::Nats(t) => t.stream_last_seq(subject).await,
-            Kind::Memory(bus) => {
-                bus.pass().await;
-                Ok(0)
-            }
-        }
-    }
-
     /// Asks that the streams this transport makes take atomic batches
-    /// (`allow_atomic`, where JetStream has them): the relays of a
-    /// service's store shards send each stream's events that way (see
-    /// [`Order::Batched`]). Nothing on the embedded bus.
+    /// (`allow_atomic`, where JetStream has them): the outbox relays send
+    /// each stream's events that way (see [`Order::Batched`]). Nothing on
+    /// the embedded bus.
     pub(crate) fn want_batches(&self, wanted: bool) {
         if let Kind::Nats(t) = &self.0 {
             t.want_batches(wanted);
@@ -1454,6 +1414,37 @@ impl Drop for Settler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replayed_letter_goes_without_the_brokers_headers() {
+        let letter = DeadLetter {
+            seq: 7,
+            subject: "orders.paid".into(),
+            service: "orders".into(),
+            handler: "h".into(),
+            error_kind: crate::error::ErrorKind::Internal,
+            error: "boom".into(),
+            deliveries: 5,
+            message_id: Some("m-1".into()),
+            headers: vec![
+                ("Nats-Expected-Last-Msg-Id".into(), "forged".into()),
+                ("nats-expected-last-sequence".into(), "3".into()),
+                ("Catga-Correlation-Id".into(), "c-1".into()),
+            ],
+            payload: Bytes::from_static(b"{}"),
+            letter_id: None,
+            authentic: Some(true),
+            truncated: None,
+        };
+        let h = letter.replay_headers();
+        assert!(h.get("Nats-Expected-Last-Msg-Id").is_none());
+        assert!(h.get("Nats-Expected-Last-Sequence").is_none());
+        assert_eq!(h.get("Catga-Correlation-Id").map(|v| v.as_str()), Some("c-1"));
+        assert_eq!(
+            h.get(crate::wire::headers::MESSAGE_ID).map(|v| v.as_str()),
+            Some("m-1.replay7")
+        );
+    }
 
     #[test]
     fn one_partition_stream_keeps_the_layout_from_before() {
