@@ -13,10 +13,10 @@
 //!   A key's triggers all go through the one share of its partition's
 //!   stream. It sends one trigger after another on one connection without
 //!   waiting for each acknowledgement, except that a copy waits until the
-//!   copies of its key in flight were stored, and acks the triggers in
-//!   order as their copies are stored: a key's triggers reach their
-//!   partition in the order they were published, whoever else writes the
-//!   stream. A new router whose
+//!   copy of its key in flight was stored (the router goes on with other
+//!   keys meanwhile), and acks each trigger once its copy is stored: a
+//!   key's triggers reach their partition in the order they were
+//!   published, whoever else writes the stream. A new router whose
 //!   consumer still has unacknowledged deliveries (the old router died)
 //!   waits an ack wait first, so that those come back before newer ones.
 //! - Every replica heartbeats into the store; the live members make a
@@ -35,7 +35,7 @@
 //! - `concurrency = N` bounds the sagas one replica runs at once, over all
 //!   its partitions.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -1561,8 +1561,8 @@ async fn settle_triggers(
     }
 }
 
-/// One router run's state: the routings in flight, the chain per
-/// partition stream, and the first failure.
+/// One router run's state: the routings in flight, the copies that wait
+/// for their key's, and the first failure.
 struct Router<'a> {
     shared: &'a Shared,
     served: &'a Served,
@@ -1577,38 +1577,120 @@ struct Router<'a> {
     /// Each routing in flight: its acknowledgement, the trigger's settler,
     /// and the trigger (for a dead letter if its copy is refused).
     inflight: VecDeque<Routing>,
+    /// Per key (a hash of it), the copies that wait for the one of their
+    /// key in flight, in the order of their triggers; and how many.
+    parked: HashMap<u64, VecDeque<Copy>>,
+    parked_count: usize,
+    /// The run ends (told to stop, its lease lost, or a failure): no
+    /// waiting copy is sent any more.
+    stopping: bool,
     failed: Option<Error>,
 }
 
+/// A trigger's copy, ready to send to its partition's stream.
+struct Copy {
+    subject: String,
+    headers: async_nats::HeaderMap,
+    settler: Settler,
+    trigger: Box<(crate::wire::MessageMeta, Bytes)>,
+}
+
 impl Router<'_> {
-    /// Waits for the routings in flight, oldest first, and settles each,
-    /// until none of key `key_of` (a hash of the key) is left.
-    async fn settle_key(&mut self, key_of: u64) {
-        while self.inflight.iter().any(|(.., k)| *k == key_of) {
-            self.settle_front().await;
+    /// Settles a routing whose copy's fate is known, and sends the next
+    /// copy of its key, if one waits and nothing failed.
+    async fn settled(
+        &mut self,
+        settler: Settler,
+        trigger: &(crate::wire::MessageMeta, Bytes),
+        stored: Result<()>,
+        key_of: u64,
+    ) {
+        routed(
+            self.shared,
+            self.served,
+            settler,
+            trigger,
+            stored,
+            &mut self.failed,
+        )
+        .await;
+        if self.failed.is_some() || self.stopping {
+            return;
+        }
+        let next = self.parked.get_mut(&key_of).and_then(VecDeque::pop_front);
+        if self.parked.get(&key_of).is_some_and(VecDeque::is_empty) {
+            self.parked.remove(&key_of);
+        }
+        if let Some(copy) = next {
+            self.parked_count -= 1;
+            self.send(copy, key_of).await;
         }
     }
 
-    /// Waits for every routing in flight, oldest first, and settles each.
-    async fn settle_inflight(&mut self) {
-        while !self.inflight.is_empty() {
-            self.settle_front().await;
-        }
+    /// The settlers of every trigger this run holds: in flight and
+    /// waiting for their key's (for progress acks).
+    fn settlers(&self) -> Vec<&Settler> {
+        self.inflight
+            .iter()
+            .map(|(_, settler, ..)| settler)
+            .chain(self.parked.values().flatten().map(|c| &c.settler))
+            .collect()
     }
 
-    /// Waits for the oldest routing in flight, and settles it.
-    async fn settle_front(&mut self) {
-        if let Some((stored, settler, trigger, _)) = self.inflight.pop_front() {
-            let stored = stored.await;
-            routed(
-                self.shared,
-                self.served,
-                settler,
-                &trigger,
-                stored.map(|_| ()),
-                &mut self.failed,
+    /// Gives back every copy that waits for its key's (the run ends).
+    async fn give_back_parked(&mut self) {
+        for (_, copies) in std::mem::take(&mut self.parked) {
+            for copy in copies {
+                let _ = copy
+                    .settler
+                    .settle(Settle::Retry {
+                        delay: Duration::ZERO,
+                    })
+                    .await;
+            }
+        }
+        self.parked_count = 0;
+    }
+
+    /// Sends a copy (its key has none in flight), or dead-letters its
+    /// trigger if it can never be stored; after another failure it waits
+    /// with the copies parked, to be given back once what is in flight
+    /// was settled.
+    async fn send(&mut self, copy: Copy, key_of: u64) {
+        let (shared, served) = (self.shared, self.served);
+        let transport = shared.client.transport();
+        let sent = transport
+            .publish_durable_start(
+                &copy.subject,
+                copy.headers.clone(),
+                copy.trigger.1.clone(),
+                self.timeout,
             )
             .await;
+        match sent {
+            Ok(stored) => self
+                .inflight
+                .push_back((stored, copy.settler, copy.trigger, key_of)),
+            // It can never be routed (its copy is over the broker's
+            // limit): a dead letter, not a retry forever.
+            Err(e) if !e.is_retryable() => {
+                tracing::error!(saga = served.spec.name(), error = %e, "a trigger cannot be routed: dead-lettered");
+                let (meta, payload) = &*copy.trigger;
+                let letter = super::pipeline::dead_letter(served, shared, meta, payload, &e);
+                let _ = copy.settler.settle(recorded(shared, letter).await).await;
+            }
+            Err(e) => {
+                // What was sent before it is settled first: given back
+                // ahead of them, it would come back first and be routed
+                // ahead of them (seen in
+                // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
+                // a trigger ran before the 43 sent ahead of it when a
+                // node died). It waits with the parked copies, given
+                // back when the run ends.
+                self.parked.entry(key_of).or_default().push_front(copy);
+                self.parked_count += 1;
+                self.failed.get_or_insert(e);
+            }
         }
     }
 
@@ -1617,7 +1699,6 @@ impl Router<'_> {
     async fn take(&mut self, d: crate::transport::Delivery) {
         let (shared, served) = (self.shared, self.served);
         let spec = served.spec;
-        let transport = shared.client.transport();
         let (incoming, settler) = d.split();
         // A trigger published without an id (by a plain client) is named
         // after its place in the stream, when it was stored and its
@@ -1694,12 +1775,13 @@ impl Router<'_> {
         }
         headers.insert(crate::wire::headers::MESSAGE_ID, id.as_str());
         // A key's copies are stored in the order of its triggers: a
-        // copy is sent only once every copy of its key in flight was
-        // stored. A copy lost while a node dies fails before the next
-        // one of its key is sent; it and what follows are given back
-        // and routed again in order. Copies of other keys go on side
-        // by side (the order between keys does not matter to a
-        // saga). Without it, a router's pipelined copies stored 42 of
+        // copy is sent only once the copy of its key in flight was
+        // stored, and waits (parked) meanwhile while the router goes
+        // on with other keys. A copy lost while a node dies fails
+        // before the next one of its key is sent; it and what follows
+        // are given back and routed again in order. Copies of other
+        // keys go on side by side (the order between keys does not
+        // matter to a saga). Without it, a router's pipelined copies stored 42 of
         // 1,800 triggers of a key after later ones, on a 3-node
         // cluster with nodes killed under load.
         //
@@ -1716,51 +1798,28 @@ impl Router<'_> {
         // lost its share (stalled past its lease) is one of a trigger
         // this router routes again: the stream drops the repeat.
         let key_of = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
-        self.settle_key(key_of).await;
+        let copy = Copy {
+            subject: format!("{}.{p}", self.base),
+            headers,
+            settler,
+            trigger: Box::new((meta, incoming.payload)),
+        };
         if self.failed.is_some() {
-            let _ = settler
+            let _ = copy
+                .settler
                 .settle(Settle::Retry {
                     delay: Duration::ZERO,
                 })
                 .await;
             return;
         }
-        match transport
-            .publish_durable_start(
-                &format!("{}.{p}", self.base),
-                headers,
-                incoming.payload.clone(),
-                self.timeout,
-            )
-            .await
-        {
-            Ok(stored) => {
-                self.inflight
-                    .push_back((stored, settler, Box::new((meta, incoming.payload)), key_of));
-            }
-            // It can never be routed (its copy is over the
-            // broker's limit): a dead letter, not a retry forever.
-            Err(e) if !e.is_retryable() => {
-                tracing::error!(saga = spec.name(), error = %e, "a trigger cannot be routed: dead-lettered");
-                let letter = super::pipeline::dead_letter(served, shared, &meta, &incoming.payload, &e);
-                let _ = settler.settle(recorded(shared, letter).await).await;
-            }
-            Err(e) => {
-                // What was sent before it is settled first, in
-                // order: given back ahead of them, it would come
-                // back first and be routed ahead of them (seen in
-                // `cluster::events_saved_with_state_reach_their_stream_in_order_while_nodes_die`:
-                // a trigger ran before the 43 sent ahead of it
-                // when a node died).
-                self.settle_inflight().await;
-                let _ = settler
-                    .settle(Settle::Retry {
-                        delay: Duration::ZERO,
-                    })
-                    .await;
-                self.failed = Some(e);
-            }
+        // The copy waits while one of its key is in flight (or waits).
+        if self.parked.contains_key(&key_of) || self.inflight.iter().any(|(.., k)| *k == key_of) {
+            self.parked.entry(key_of).or_default().push_back(copy);
+            self.parked_count += 1;
+            return;
         }
+        self.send(copy, key_of).await;
     }
 }
 
@@ -1802,6 +1861,9 @@ async fn route_from(
         streams: crate::transport::partition_stream_count(partitions, shared.config.streams.saga_streams),
         timeout: shared.config.request_timeout,
         inflight: VecDeque::new(),
+        parked: HashMap::new(),
+        parked_count: 0,
+        stopping: false,
         failed: None,
     };
     let mut next = floor + 1;
@@ -1821,9 +1883,11 @@ async fn route_from(
     keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let stopping = *stop.borrow() || lease.fence().is_err() || r.failed.is_some();
+        r.stopping = stopping;
         if stopping && r.inflight.is_empty() {
-            // What waits for an earlier trigger goes back, to come again
-            // after it.
+            // What waits for an earlier trigger, or for its key's copy,
+            // goes back, to come again after it.
+            r.give_back_parked().await;
             for (_, d) in std::mem::take(&mut held) {
                 let _ = d
                     .settler
@@ -1837,8 +1901,8 @@ async fn route_from(
         tokio::select! {
             biased;
             stored = front(&mut r.inflight), if !r.inflight.is_empty() => {
-                let Some((_, settler, trigger, _)) = r.inflight.pop_front() else { continue };
-                routed(shared, served, settler, &trigger, stored.map(|_| ()), &mut r.failed).await;
+                let Some((_, settler, trigger, key_of)) = r.inflight.pop_front() else { continue };
+                r.settled(settler, &trigger, stored.map(|_| ()), key_of).await;
                 // Triggers acknowledged before this run, above a gap, are
                 // never delivered again: once the gap is acknowledged the
                 // floor jumps past them, and the held ones go on. Asked at
@@ -1848,15 +1912,11 @@ async fn route_from(
                     catch_up(&mut r, &mut held, &mut next, &mut gap_since).await;
                 }
             }
-            _ = keep.tick(), if !r.inflight.is_empty() || !held.is_empty() => {
+            _ = keep.tick(), if !r.inflight.is_empty() || r.parked_count > 0 || !held.is_empty() => {
                 // Collected first (the original code's shape): the
                 // iterator over the in-flight futures is not `Send`.
-                let settlers: Vec<&Settler> = r
-                    .inflight
-                    .iter()
-                    .map(|(_, settler, ..)| settler)
-                    .chain(held.values().map(|d| &d.settler))
-                    .collect();
+                let mut settlers = r.settlers();
+                settlers.extend(held.values().map(|d| &d.settler));
                 for settler in settlers {
                     if let Err(e) = settler.progress().await {
                         tracing::debug!(error = %e, "progress ack of a trigger not sent");
@@ -1889,7 +1949,7 @@ async fn route_from(
             // Held triggers do not stop the pulls: the one they wait for
             // comes back only to a pull request (the broker's ack pending
             // limit bounds how many are held).
-            d = sub.next(), if !stopping && r.inflight.len() < ROUTER_WINDOW => {
+            d = sub.next(), if !stopping && r.inflight.len() + r.parked_count < ROUTER_WINDOW => {
                 let Some(d) = d else {
                     r.failed = Some(Error::new(ErrorKind::Transport, "the trigger consumer's subscription ended"));
                     continue;

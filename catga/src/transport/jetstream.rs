@@ -800,8 +800,12 @@ impl NatsTransport {
             .await
             .map_err(|e| publish_error(subject, e))?;
         let subject = subject.to_owned();
+        // From when it was sent, not from when the future is first polled:
+        // a router polls its oldest routing first, and a deadline started
+        // then made k lost acknowledgements ahead of one cost k time-outs.
+        let deadline = tokio::time::Instant::now() + timeout;
         Ok(Box::pin(async move {
-            match tokio::time::timeout(timeout, ack).await {
+            match tokio::time::timeout_at(deadline, ack).await {
                 Ok(Ok(stored)) => stored_at(&subject, &stored).map(|()| stored.duplicate),
                 Ok(Err(e)) => Err(publish_error(&subject, e)),
                 Err(_) => Err(Error::new(
