@@ -1579,7 +1579,7 @@ struct Router<'a> {
     inflight: VecDeque<Routing>,
     /// Per key (a hash of it), the copies that wait for the one of their
     /// key in flight, in the order of their triggers; and how many.
-    parked: HashMap<u64, VecDeque<Copy>>,
+    parked: HashMap<u64, VecDeque<Pending>>,
     parked_count: usize,
     /// The run ends (told to stop, its lease lost, or a failure): no
     /// waiting copy is sent any more.
@@ -1588,7 +1588,7 @@ struct Router<'a> {
 }
 
 /// A trigger's copy, ready to send to its partition's stream.
-struct Copy {
+struct Pending {
     subject: String,
     headers: async_nats::HeaderMap,
     settler: Settler,
@@ -1617,13 +1617,16 @@ impl Router<'_> {
         if self.failed.is_some() || self.stopping {
             return;
         }
-        let next = self.parked.get_mut(&key_of).and_then(VecDeque::pop_front);
+        // The next copy of its key goes in flight; one dead-lettered
+        // (refused for good) lets the one after it go.
+        while let Some(copy) = self.parked.get_mut(&key_of).and_then(VecDeque::pop_front) {
+            self.parked_count -= 1;
+            if self.send(copy, key_of).await || self.failed.is_some() {
+                break;
+            }
+        }
         if self.parked.get(&key_of).is_some_and(VecDeque::is_empty) {
             self.parked.remove(&key_of);
-        }
-        if let Some(copy) = next {
-            self.parked_count -= 1;
-            self.send(copy, key_of).await;
         }
     }
 
@@ -1655,8 +1658,8 @@ impl Router<'_> {
     /// Sends a copy (its key has none in flight), or dead-letters its
     /// trigger if it can never be stored; after another failure it waits
     /// with the copies parked, to be given back once what is in flight
-    /// was settled.
-    async fn send(&mut self, copy: Copy, key_of: u64) {
+    /// was settled. Whether it went in flight.
+    async fn send(&mut self, copy: Pending, key_of: u64) -> bool {
         let (shared, served) = (self.shared, self.served);
         let transport = shared.client.transport();
         let sent = transport
@@ -1668,9 +1671,11 @@ impl Router<'_> {
             )
             .await;
         match sent {
-            Ok(stored) => self
-                .inflight
-                .push_back((stored, copy.settler, copy.trigger, key_of)),
+            Ok(stored) => {
+                self.inflight
+                    .push_back((stored, copy.settler, copy.trigger, key_of));
+                return true;
+            }
             // It can never be routed (its copy is over the broker's
             // limit): a dead letter, not a retry forever.
             Err(e) if !e.is_retryable() => {
@@ -1692,6 +1697,7 @@ impl Router<'_> {
                 self.failed.get_or_insert(e);
             }
         }
+        false
     }
 
     /// Routes one trigger: sends its copy to its partition's stream (or
@@ -1798,7 +1804,7 @@ impl Router<'_> {
         // lost its share (stalled past its lease) is one of a trigger
         // this router routes again: the stream drops the repeat.
         let key_of = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
-        let copy = Copy {
+        let copy = Pending {
             subject: format!("{}.{p}", self.base),
             headers,
             settler,
@@ -1882,8 +1888,12 @@ async fn route_from(
     let mut keep = tokio::time::interval(ack_wait(&shared.config) / 3);
     keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let stopping = *stop.borrow() || lease.fence().is_err() || r.failed.is_some();
-        r.stopping = stopping;
+        // Once stopping, for good: a lease that comes back (a slow
+        // renewal that then succeeded) does not start sending the parked
+        // copies of keys that settled meanwhile; the run ends, and the
+        // next one takes what it gave back.
+        r.stopping |= *stop.borrow() || lease.fence().is_err() || r.failed.is_some();
+        let stopping = r.stopping;
         if stopping && r.inflight.is_empty() {
             // What waits for an earlier trigger, or for its key's copy,
             // goes back, to come again after it.
