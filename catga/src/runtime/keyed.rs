@@ -1578,9 +1578,8 @@ struct Router<'a> {
     /// and the trigger (for a dead letter if its copy is refused).
     inflight: VecDeque<Routing>,
     /// Per key (a hash of it), the copies that wait for the one of their
-    /// key in flight, in the order of their triggers; and how many.
+    /// key in flight, in the order of their triggers.
     parked: HashMap<u64, VecDeque<Pending>>,
-    parked_count: usize,
     /// The run ends (told to stop, its lease lost, or a failure): no
     /// waiting copy is sent any more.
     stopping: bool,
@@ -1620,7 +1619,6 @@ impl Router<'_> {
         // The next copy of its key goes in flight; one dead-lettered
         // (refused for good) lets the one after it go.
         while let Some(copy) = self.parked.get_mut(&key_of).and_then(VecDeque::pop_front) {
-            self.parked_count -= 1;
             if self.send(copy, key_of).await || self.failed.is_some() {
                 break;
             }
@@ -1628,6 +1626,11 @@ impl Router<'_> {
         if self.parked.get(&key_of).is_some_and(VecDeque::is_empty) {
             self.parked.remove(&key_of);
         }
+    }
+
+    /// How many copies wait for their key's.
+    fn parked_count(&self) -> usize {
+        self.parked.values().map(VecDeque::len).sum()
     }
 
     /// The settlers of every trigger this run holds: in flight and
@@ -1652,23 +1655,19 @@ impl Router<'_> {
                     .await;
             }
         }
-        self.parked_count = 0;
     }
 
     /// Sends a copy (its key has none in flight), or dead-letters its
     /// trigger if it can never be stored; after another failure it waits
     /// with the copies parked, to be given back once what is in flight
     /// was settled. Whether it went in flight.
-    async fn send(&mut self, copy: Pending, key_of: u64) -> bool {
+    async fn send(&mut self, mut copy: Pending, key_of: u64) -> bool {
         let (shared, served) = (self.shared, self.served);
         let transport = shared.client.transport();
+        // Moved out: a copy that is not sent now is only given back.
+        let headers = std::mem::take(&mut copy.headers);
         let sent = transport
-            .publish_durable_start(
-                &copy.subject,
-                copy.headers.clone(),
-                copy.trigger.1.clone(),
-                self.timeout,
-            )
+            .publish_durable_start(&copy.subject, headers, copy.trigger.1.clone(), self.timeout)
             .await;
         match sent {
             Ok(stored) => {
@@ -1693,7 +1692,6 @@ impl Router<'_> {
                 // node died). It waits with the parked copies, given
                 // back when the run ends.
                 self.parked.entry(key_of).or_default().push_front(copy);
-                self.parked_count += 1;
                 self.failed.get_or_insert(e);
             }
         }
@@ -1822,7 +1820,6 @@ impl Router<'_> {
         // The copy waits while one of its key is in flight (or waits).
         if self.parked.contains_key(&key_of) || self.inflight.iter().any(|(.., k)| *k == key_of) {
             self.parked.entry(key_of).or_default().push_back(copy);
-            self.parked_count += 1;
             return;
         }
         self.send(copy, key_of).await;
@@ -1868,7 +1865,6 @@ async fn route_from(
         timeout: shared.config.request_timeout,
         inflight: VecDeque::new(),
         parked: HashMap::new(),
-        parked_count: 0,
         stopping: false,
         failed: None,
     };
@@ -1922,7 +1918,7 @@ async fn route_from(
                     catch_up(&mut r, &mut held, &mut next, &mut gap_since).await;
                 }
             }
-            _ = keep.tick(), if !r.inflight.is_empty() || r.parked_count > 0 || !held.is_empty() => {
+            _ = keep.tick(), if !r.inflight.is_empty() || r.parked_count() > 0 || !held.is_empty() => {
                 // Collected first (the original code's shape): the
                 // iterator over the in-flight futures is not `Send`.
                 let mut settlers = r.settlers();
@@ -1959,7 +1955,7 @@ async fn route_from(
             // Held triggers do not stop the pulls: the one they wait for
             // comes back only to a pull request (the broker's ack pending
             // limit bounds how many are held).
-            d = sub.next(), if !stopping && r.inflight.len() + r.parked_count < ROUTER_WINDOW => {
+            d = sub.next(), if !stopping && r.inflight.len() + r.parked_count() < ROUTER_WINDOW => {
                 let Some(d) = d else {
                     r.failed = Some(Error::new(ErrorKind::Transport, "the trigger consumer's subscription ended"));
                     continue;
